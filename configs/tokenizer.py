@@ -1,0 +1,198 @@
+"""SEED tokenizer training: stage I (causal Q-Former) then stage II (VQ + decoders).
+
+Run (the default preset is `demo`):
+
+  python -m seed_jax.main --config=configs/tokenizer.py
+  python -m seed_jax.main --config=configs/tokenizer.py:seed1,gpu8 --workdir=/ckpt/seed1
+
+`demo` trains a small model on the embedded synthetic shapes world on CPU in about
+ten minutes; its final stage-1 eval reaches retrieval/i2t_r1 >= 0.5 and its final
+stage-2 eval retrieval_codes/i2t_r1 >= 0.3 with >= 256 codes in use, on 1024
+held-out pairs. `seed1` is the paper's recipe (ViT-g, BERT-base Q-Former, 224 px);
+`tiny` is for tests. Layout presets (`cpu`, `gpu8`, `gpu8x8`, `tpu_v4_32`) set the
+mesh and combine with a model preset after a comma. Every field can be overridden,
+e.g. `--config.stage1.num_steps=100 --config.mesh.data=2 --config.mesh.fsdp=4`.
+"""
+
+import ml_collections
+
+from seed_jax.parallel import DEFAULT_RULES
+
+MODEL_PRESETS = ("demo", "seed1", "tiny")
+LAYOUT_PRESETS = {
+    "cpu": dict(data=-1, fsdp=1, tensor=1),
+    "gpu8": dict(data=1, fsdp=-1, tensor=1),  # one 8-GPU host, FSDP across it
+    "gpu8x8": dict(data=8, fsdp=8, tensor=1),  # 8 hosts: data-parallel across hosts, FSDP within
+    "tpu_v4_32": dict(data=4, fsdp=4, tensor=1),
+}
+
+
+def _vit(image_size, patch_size, width, depth, num_heads, mlp_dim):
+    return ml_collections.ConfigDict(dict(image_size=image_size, patch_size=patch_size, width=width,
+                                          depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, eps=1e-6))
+
+
+def _qformer(width, num_layers, num_heads, mlp_dim, encoder_width, num_queries, causal, with_text,
+             vocab_size=30523, max_positions=512, dropout=0.1):
+    return ml_collections.ConfigDict(dict(
+        width=width, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim, cross_attention_freq=2,
+        encoder_width=encoder_width, num_queries=num_queries, causal_queries=causal, with_text=with_text,
+        vocab_size=vocab_size, max_positions=max_positions, eps=1e-12, dropout=dropout))
+
+
+def _clip_text(vocab_size, width, depth, num_heads, mlp_dim):
+    return ml_collections.ConfigDict(dict(vocab_size=vocab_size, max_length=77, width=width, depth=depth,
+                                          num_heads=num_heads, mlp_dim=mlp_dim, eps=1e-5))
+
+
+def _model(vit, qformer, reverse_qformer, num_codes, decoder_depth, decoder_heads, decoder_mlp_dim,
+           generation_width, proj_dim=256):
+    return ml_collections.ConfigDict(dict(
+        vit=vit, qformer=qformer, reverse_qformer=reverse_qformer, num_codes=num_codes, code_dim=32,
+        decoder_depth=decoder_depth, decoder_heads=decoder_heads, decoder_mlp_dim=decoder_mlp_dim,
+        generation_width=generation_width, proj_dim=proj_dim, with_itc_heads=True, init_temperature=0.07,
+        vq_beta=0.25))
+
+
+def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay=0.05):
+    return ml_collections.ConfigDict(dict(num_steps=num_steps, lr=lr, init_lr=init_lr, end_lr=end_lr,
+                                          warmup_steps=warmup_steps, weight_decay=weight_decay,
+                                          b1=0.9, b2=0.999, trainable=trainable))
+
+
+STAGE1_TRAINABLE = ("qformer", "vision_proj", "text_proj", "temp")
+STAGE2_TRAINABLE = ("encode_task_layer", "quantize", "decode_task_layer", "pos_embed_text", "blocks_text",
+                    "reverse_qformer", "distill_text_proj")
+
+
+def _base():
+    c = ml_collections.ConfigDict()
+    c.trainer = "tokenizer"
+    c.seed = 0
+    c.batch_size = 1024  # global
+    c.dtype = "float32"  # compute dtype; parameters stay float32
+    c.remat = False
+    c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS["cpu"])
+    c.axis_rules = DEFAULT_RULES
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 2
+    c.label_smoothing = 0.1
+    c.loss_weights = ml_collections.ConfigDict(dict(vq=5.0, recon=2.0, distill=0.5))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=5000, batch_size=256))
+    c.init = ml_collections.ConfigDict(dict(qformer="", clip_text="", stage1=""))
+    c.data = ml_collections.ConfigDict(dict(
+        source="array_record",  # or "synthetic"
+        train_dir="", train_prefix="train", eval_dir="", eval_prefix="eval",
+        synthetic=ml_collections.ConfigDict(dict(num_train=0, num_eval=0, image_size=64, seed=0, num_shards=4)),
+        crop_scale=(0.5, 1.0), flip=True, max_text_length=32,
+        tokenizer=ml_collections.ConfigDict(dict(kind="bert_vocab", vocab_file="", clip_vocab_file="",
+                                                 clip_merges_file="")),
+        num_threads=8, prefetch=4))
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    names = [a for a in (arg or "demo").split(",") if a]
+    model_presets = [n for n in names if n in MODEL_PRESETS]
+    layouts = [n for n in names if n in LAYOUT_PRESETS]
+    unknown = [n for n in names if n not in MODEL_PRESETS and n not in LAYOUT_PRESETS]
+    if unknown or len(model_presets) > 1 or len(layouts) > 1:
+        raise ValueError(f"config arg {arg!r}: expected one of {MODEL_PRESETS} optionally with one layout "
+                         f"from {sorted(LAYOUT_PRESETS)}, comma-separated")
+    preset = model_presets[0] if model_presets else "demo"
+    c = _base()
+    c.preset = preset
+    {"demo": _demo, "seed1": _seed1, "tiny": _tiny}[preset](c)
+    if layouts:
+        c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS[layouts[0]])
+    return c
+
+
+def _seed1(c):
+    """The SEED v1 recipe: frozen EVA ViT-g and BLIP-2 init, 224 px, BERT / CLIP tokenizers."""
+    c.model = _model(
+        _vit(224, 14, 1408, 39, 16, 6144),
+        _qformer(768, 12, 12, 3072, 1408, 32, causal=True, with_text=True),
+        _qformer(768, 4, 12, 3072, 768, 77, causal=False, with_text=False),
+        num_codes=8192, decoder_depth=4, decoder_heads=12, decoder_mlp_dim=3072, generation_width=768)
+    c.clip_text = _clip_text(49408, 768, 12, 12, 3072)
+    c.dtype = "bfloat16"
+    c.remat = True
+    c.stage1 = _stage(num_steps=50_000, lr=3e-5, init_lr=3e-7, end_lr=3e-6, warmup_steps=2000,
+                      trainable=STAGE1_TRAINABLE)
+    c.stage2 = _stage(num_steps=50_000, lr=1e-4, init_lr=1e-6, end_lr=1e-5, warmup_steps=2000,
+                      trainable=STAGE2_TRAINABLE)
+    c.data.train_dir = "/data/cc3m/array_record"
+    c.data.eval_dir = "/data/coco_karpathy_test/array_record"
+    c.data.tokenizer.vocab_file = "/data/tokenizers/bert-base-uncased/vocab.txt"
+    c.data.tokenizer.clip_vocab_file = "/data/tokenizers/clip-vit-large-patch14/vocab.json"
+    c.data.tokenizer.clip_merges_file = "/data/tokenizers/clip-vit-large-patch14/merges.txt"
+    c.init.qformer = "/ckpt/blip2_stage1_converted"
+    c.init.clip_text = "/ckpt/sd15_clip_text_converted"
+
+
+def _demo_data(c, num_train, num_eval, image_size):
+    c.data.source = "synthetic"
+    c.data.synthetic.num_train = num_train
+    c.data.synthetic.num_eval = num_eval
+    c.data.synthetic.image_size = image_size
+    c.data.tokenizer.kind = "wordpiece_trained"
+    # Captions name positions ("at the top left"): a flip or a deep crop would
+    # contradict them, so the shapes world trains with mild crops and no flips.
+    c.data.crop_scale = (0.8, 1.0)
+    c.data.flip = False
+    c.data.max_text_length = 20  # the longest shapes caption is 17 words
+    c.data.num_threads = 2
+
+
+def _demo(c):
+    """Small model, same code path, embedded synthetic data, CPU in ~10 minutes.
+
+    No BLIP-2 weights exist here, so stage I also trains the ViT (standing in for
+    BLIP-2's pre-training); the demo CLIP text encoder has seeded frozen weights and
+    defines the space stage II distils into.
+    """
+    _demo_data(c, num_train=20_000, num_eval=1024, image_size=64)
+    c.model = _model(
+        _vit(64, 16, 128, 4, 4, 512),
+        _qformer(128, 4, 4, 512, 128, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
+                 dropout=0.0),
+        _qformer(128, 2, 4, 512, 128, 77, causal=False, with_text=False, dropout=0.0),
+        num_codes=1024, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
+        proj_dim=128)
+    c.clip_text = _clip_text(128, 128, 1, 4, 512)
+    c.batch_size = 128
+    c.stage1 = _stage(num_steps=1000, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=100,
+                      trainable=("visual_encoder",) + STAGE1_TRAINABLE)
+    c.stage2 = _stage(num_steps=600, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=50,
+                      trainable=STAGE2_TRAINABLE)
+    c.log_every_steps = 50
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 200
+    c.eval.num_examples = 1024
+    c.eval.batch_size = 256
+
+
+def _tiny(c):
+    """Test size: everything runs in seconds."""
+    _demo_data(c, num_train=256, num_eval=64, image_size=32)
+    c.data.synthetic.num_shards = 2
+    c.model = _model(
+        _vit(32, 8, 32, 2, 2, 64),
+        _qformer(32, 2, 2, 64, 32, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
+                 dropout=0.0),
+        _qformer(32, 2, 2, 64, 32, 77, causal=False, with_text=False, dropout=0.0),
+        num_codes=64, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, generation_width=16, proj_dim=16)
+    c.clip_text = _clip_text(128, 16, 1, 2, 32)
+    c.batch_size = 16
+    c.stage1 = _stage(num_steps=4, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=2,
+                      trainable=("visual_encoder",) + STAGE1_TRAINABLE)
+    c.stage2 = _stage(num_steps=4, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=2,
+                      trainable=STAGE2_TRAINABLE)
+    c.log_every_steps = 2
+    c.eval_every_steps = 4
+    c.checkpoint_every_steps = 2
+    c.eval.num_examples = 64
+    c.eval.batch_size = 32

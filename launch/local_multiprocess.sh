@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Two (or N) JAX processes on this machine talking over loopback, each with 4 fake CPU
+# devices: exercises the multi-host code path (per-process data slices, global arrays).
+#   bash launch/local_multiprocess.sh [N] [extra flags...]
+set -euo pipefail
+n=${1:-2}; shift || true
+port=${PORT:-12355}
+workdir=${WORKDIR:-workdirs/tokenizer_multiprocess}
+for ((i = 0; i < n; i++)); do
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m seed_jax.main \
+    --config=configs/tokenizer.py:tiny --workdir="$workdir" --distributed \
+    --coordinator_address=127.0.0.1:$port --num_processes="$n" --process_id=$i "$@" &
+done
+wait

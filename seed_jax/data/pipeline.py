@@ -1,0 +1,127 @@
+"""grain pipelines over ArrayRecord shards of `{"image", "caption", "id"}` records.
+
+Each process reads its own slice of the records and yields its part of the global
+batch: `image` float32 (b,S,S,3), `text_ids` / `text_mask` int32 (b,L) for the
+Q-Former, `clip_ids` int32 (b,77) for the CLIP text encoder, `index` int32 (b,).
+A record that cannot be decoded is skipped (train) or padded (eval), and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from seed_jax.data import preprocess, records
+from seed_jax.data.text import TextTokenizer
+
+
+class SkipCounter:
+    """Thread-safe count of records that could not be decoded."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """Turns a raw record into a model example; None when the record is corrupt."""
+    image_size: int
+    text: TextTokenizer
+    clip_text: TextTokenizer
+    skipped: SkipCounter
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flip: bool = True
+
+    def decode(self, raw: bytes):
+        try:
+            record = records.decode_record(raw)
+            return record, preprocess.decode_image(record["image"])
+        except ValueError:
+            self.skipped.add()
+            return None, None
+
+    def finish(self, pixels: np.ndarray, caption: str, index: int) -> dict:
+        text_ids, text_mask = self.text([caption])
+        clip_ids, _ = self.clip_text([caption])
+        return {"image": preprocess.normalize(pixels), "text_ids": text_ids[0], "text_mask": text_mask[0],
+                "clip_ids": clip_ids[0], "index": np.int32(index)}
+
+    def train(self, item: tuple[int, bytes], rng: np.random.Generator) -> dict | None:
+        index, raw = item
+        record, image = self.decode(raw)
+        if record is None:
+            return None
+        pixels = preprocess.train_image(image, self.image_size, rng, self.crop_scale, self.flip)
+        return self.finish(pixels, record["caption"], index)
+
+    def eval(self, item: tuple[int, bytes | None]) -> dict:
+        index, raw = item
+        record, image = (None, None) if raw is None else self.decode(raw)
+        if record is None:  # padding or corrupt: a masked-out row
+            pixels = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            return self.finish(pixels, "", -1)
+        return self.finish(preprocess.resize(image, self.image_size), record["caption"], index)
+
+
+def _source(paths: Sequence[str]) -> grain.MapDataset:
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+
+
+def _process_slice() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size: int, seed: int,
+                   num_threads: int = 8, prefetch: int = 4):
+    """Endless shuffled, augmented batches of this process's slice; a checkpointable
+    grain iterator (`get_state` / `set_state`)."""
+    index, count = _process_slice()
+    if global_batch_size % count:
+        raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
+    source = _source(paths)
+    indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))
+    ds = indexed[index::count].shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    return iter(ds.batch(global_batch_size // count, drop_remainder=True))
+
+
+def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, global_batch_size: int,
+                 num_threads: int = 8) -> list[dict]:
+    """The first `num_examples` records, padded to whole global batches (padding has
+    index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
+    index, count = _process_slice()
+    if global_batch_size % count:
+        raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
+    source = _source(paths)
+    if num_examples > len(source):
+        raise ValueError(f"eval.num_examples: {num_examples} requested, the eval split has {len(source)}")
+    per_process = global_batch_size // count
+    num_batches = -(-num_examples // global_batch_size)
+    rows = [g * global_batch_size + index * per_process + r
+            for g in range(num_batches) for r in range(per_process)]
+    ds = grain.MapDataset.source(rows).map(
+        lambda i: example.eval((i, source[i] if i < num_examples else None)))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+    return list(ds.batch(per_process))
+
+
+def read_captions(paths: Sequence[str], num_examples: int) -> list[str | None]:
+    """Captions of the first `num_examples` records (None where a record is corrupt)."""
+    source = _source(paths)
+    captions = []
+    for i in range(num_examples):
+        try:
+            captions.append(records.decode_record(source[i])["caption"])
+        except ValueError:
+            captions.append(None)
+    return captions

@@ -1,0 +1,136 @@
+"""Binary record format for captioned images and ArrayRecord shard helpers.
+
+A record is a dict ``{"image": bytes, "caption": str, "id": str}`` where
+``image`` holds an encoded PNG or JPEG. On disk a record is
+
+    <4-byte little-endian header length> <UTF-8 JSON header> <image bytes>
+
+The header carries the caption, the id, and the image's length and CRC32, so
+truncated or corrupted records are detected by ``decode_record``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import zlib
+from typing import Iterable
+
+from array_record.python import array_record_module
+
+FORMAT_VERSION = 1
+_HEADER_LENGTH = struct.Struct("<I")
+_SHARD_SUFFIX = ".array_record"
+
+
+def encode_record(record: dict) -> bytes:
+    """Serialises a record dict to bytes."""
+    image = bytes(record["image"])
+    caption, record_id = record["caption"], record["id"]
+    if not isinstance(caption, str) or not isinstance(record_id, str):
+        raise TypeError("record 'caption' and 'id' must be str")
+    header = json.dumps(
+        {
+            "format": FORMAT_VERSION,
+            "caption": caption,
+            "id": record_id,
+            "image_length": len(image),
+            "image_crc32": zlib.crc32(image),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return _HEADER_LENGTH.pack(len(header)) + header + image
+
+
+def decode_record(data: bytes) -> dict:
+    """Parses bytes written by ``encode_record``; raises ValueError if corrupt."""
+    data = bytes(data)
+    if len(data) < _HEADER_LENGTH.size:
+        raise ValueError(f"corrupt record: only {len(data)} bytes, too short for a header")
+    (header_length,) = _HEADER_LENGTH.unpack_from(data)
+    image_start = _HEADER_LENGTH.size + header_length
+    if image_start > len(data):
+        raise ValueError(
+            f"corrupt record: header claims {header_length} bytes but only "
+            f"{len(data) - _HEADER_LENGTH.size} follow"
+        )
+    try:
+        header = json.loads(data[_HEADER_LENGTH.size : image_start].decode("utf-8"))
+    except ValueError as error:  # covers UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"corrupt record: header is not UTF-8 JSON ({error})") from error
+    if not (
+        isinstance(header, dict)
+        and header.get("format") == FORMAT_VERSION
+        and isinstance(header.get("caption"), str)
+        and isinstance(header.get("id"), str)
+        and isinstance(header.get("image_length"), int)
+        and isinstance(header.get("image_crc32"), int)
+    ):
+        raise ValueError(f"corrupt record: unexpected header {header!r}")
+    image = data[image_start:]
+    if len(image) != header["image_length"]:
+        raise ValueError(
+            f"corrupt record {header['id']!r}: image has {len(image)} bytes, "
+            f"header says {header['image_length']}"
+        )
+    if zlib.crc32(image) != header["image_crc32"]:
+        raise ValueError(f"corrupt record {header['id']!r}: image checksum mismatch")
+    return {"image": image, "caption": header["caption"], "id": header["id"]}
+
+
+def shard_path(directory: str, prefix: str, index: int, num_shards: int) -> str:
+    """Path of shard ``index`` out of ``num_shards`` for ``prefix``."""
+    return os.path.join(directory, f"{prefix}-{index:05d}-of-{num_shards:05d}{_SHARD_SUFFIX}")
+
+
+def _existing_shards(directory: str, prefix: str) -> list[str]:
+    digits = "[0-9]" * 5
+    pattern = f"{glob.escape(prefix)}-{digits}-of-{digits}{_SHARD_SUFFIX}"
+    return sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
+
+
+def write_array_record_shards(
+    records: Iterable[dict], directory: str, prefix: str, num_shards: int
+) -> list[str]:
+    """Writes records round-robin into ``num_shards`` ArrayRecord files.
+
+    Shards are written under temporary names and renamed only once all of them
+    are complete; older shards with the same prefix are then replaced.
+    Returns the shard paths in shard order.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    os.makedirs(directory, exist_ok=True)
+    paths = [shard_path(directory, prefix, i, num_shards) for i in range(num_shards)]
+    temp_paths = [path + ".partial" for path in paths]
+    writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in temp_paths]
+    try:
+        try:
+            for i, record in enumerate(records):
+                writers[i % num_shards].write(encode_record(record))
+        finally:
+            for writer in writers:
+                writer.close()
+    except BaseException:
+        for temp_path in temp_paths:
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
+        raise
+    for stale in set(_existing_shards(directory, prefix)) - set(paths):
+        os.remove(stale)
+    for temp_path, path in zip(temp_paths, paths):
+        os.replace(temp_path, path)
+    return paths
+
+
+def shard_paths(directory: str, prefix: str) -> list[str]:
+    """Sorted paths of the complete shards for ``prefix`` in ``directory``."""
+    paths = _existing_shards(directory, prefix)
+    if not paths:
+        raise FileNotFoundError(
+            f"no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
+        )
+    return paths

@@ -1,0 +1,86 @@
+"""Caption tokenizers: a fixed-length wrapper over `tokenizers.Tokenizer`.
+
+The demo trains a WordPiece vocabulary on the caption grammar; real runs read BERT
+uncased WordPiece (`vocab.txt`) and CLIP BPE (`vocab.json` + `merges.txt`) files
+from local paths.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class TextTokenizer:
+    """Encodes captions to fixed-length int32 ids and a 1/0 mask, (B,L) each."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int, pad_id: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self._ready = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+        self._ready.enable_truncation(max_length)
+        self._ready.enable_padding(length=max_length, pad_id=pad_id,
+                                   pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str):
+            raise TypeError("texts: expected a sequence of strings, got one str")
+        encodings = self._ready.encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encodings], np.int32)
+        mask = np.asarray([e.attention_mask for e in encodings], np.int32)
+        return ids, mask
+
+    def save(self, path: str) -> None:
+        self.tokenizer.save(path)
+
+
+def _bert_pipeline(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    return tokenizer
+
+
+def _add_cls_sep(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tokenizer
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """A BERT-style WordPiece tokenizer trained on `texts`; [PAD] is id 0."""
+    tokenizer = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(texts, trainer)
+    return _add_cls_sep(tokenizer)
+
+
+def bert_wordpiece(vocab_file: str) -> tokenizers.Tokenizer:
+    """BERT uncased WordPiece from a local `vocab.txt`."""
+    if not os.path.exists(vocab_file):
+        raise FileNotFoundError(f"vocab_file: {vocab_file!r} does not exist (BERT uncased vocab.txt)")
+    tokenizer = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece.from_file(vocab_file, unk_token="[UNK]")))
+    return _add_cls_sep(tokenizer)
+
+
+def clip_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
+    """CLIP's byte-level BPE from local `vocab.json` / `merges.txt` (SD v1's tokenizer)."""
+    from transformers import CLIPTokenizerFast
+
+    for name, path in (("clip_vocab_file", vocab_file), ("clip_merges_file", merges_file)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: {path!r} does not exist")
+    return CLIPTokenizerFast(vocab_file=vocab_file, merges_file=merges_file).backend_tokenizer

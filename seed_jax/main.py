@@ -1,0 +1,58 @@
+"""Entry point: `python -m seed_jax.main --config=configs/tokenizer.py[:preset] [--workdir=DIR]`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tokenizer.py:demo.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go "
+                               "(default: ./workdirs/<trainer>_<preset>).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host); "
+                                 "coordinator and process ids come from the flags below or the cluster (SLURM, TPU).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+
+
+def _trainers():
+    from seed_jax.trainers import tokenizer
+
+    return {"tokenizer": tokenizer.train}
+
+
+def _quiet_libraries(record) -> bool:
+    """Keeps orbax's and grain's per-save INFO chatter out of the log (warnings stay)."""
+    noisy = ("/orbax/", "/grain/", "/jax/_src/")
+    return record.levelno >= 30 or not any(part in record.pathname for part in noisy)
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_quiet_libraries)
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
+    workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", f"{config.trainer}_{config.preset}"))
+    trainers = _trainers()
+    if config.trainer not in trainers:
+        raise ValueError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")
+    logging.info("workdir: %s", workdir)
+    print(f"workdir: {workdir}", flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    completed = trainers[config.trainer](config, workdir)
+    print("done" if completed else "preempted: checkpoint saved; re-run the same command to resume", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,233 @@
+"""Building blocks shared by the models: dense layers, norms, attention, MLPs,
+pre-LN transformer blocks and scanned layer stacks.
+
+Shape letters: B batch, L query length, S key length, D model width, N heads,
+H head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seed_jax import parallel
+
+MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter carrying logical axis names for sharding."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param: axes {axes} do not match shape {shape}")
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+                     out_sharding=tuple(axes), eager_sharding=False)
+
+
+normal = nnx.initializers.normal
+zeros = nnx.initializers.zeros
+ones = nnx.initializers.ones
+
+
+def fan_in(in_axes: Sequence[int] = (0,)):
+    """Truncated normal with variance 1/fan_in over `in_axes` (weights trained from
+    scratch; released checkpoints overwrite them)."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes),
+                                             out_axis=-1)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `rng` is None or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
+    return [None] * num if rng is None else list(jax.random.split(rng, num))
+
+
+class Dense(nnx.Module):
+    """y = x W + b with W (in, out), computed in `dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes=("embed", "mlp"),
+                 use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = param(rngs, fan_in(), (in_features, out_features), axes)
+        self.bias = param(rngs, zeros, (out_features,), axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32, returned in `dtype`."""
+
+    def __init__(self, width: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, ones, (width,), ("embed",))
+        self.bias = param(rngs, zeros, (width,), ("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+class Mlp(nnx.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, width: int, hidden: int, *, activation: str = "gelu", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.fc1 = Dense(width, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with separate q/k/v projections (self or cross).
+
+    q: (D_q -> N, H), k/v: (D_kv -> N, H), out: (N, H -> D_q). `bias` says which of
+    q, k, v carry a bias (EVA has none on k); the output projection always has one.
+    """
+
+    def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
+                 bias: str = "qkv", dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"num_heads: {num_heads} must divide width {width}")
+        kv_width = kv_width or width
+        head_dim = width // num_heads
+        self.query = param(rngs, fan_in(), (width, num_heads, head_dim), ("embed", "heads", "kv"))
+        self.key = param(rngs, fan_in(), (kv_width, num_heads, head_dim), ("embed", "heads", "kv"))
+        self.value = param(rngs, fan_in(), (kv_width, num_heads, head_dim), ("embed", "heads", "kv"))
+        for name in "qkv":
+            bias_param = (param(rngs, zeros, (num_heads, head_dim), ("heads", "kv"))
+                          if name in bias else None)
+            setattr(self, f"{name}_bias", bias_param)
+        self.out = param(rngs, fan_in((0, 1)), (num_heads, head_dim, width), ("heads", "kv", "embed"))
+        self.out_bias = param(rngs, zeros, (width,), ("embed",))
+        self.head_dim = head_dim
+        self.dtype = dtype
+
+    def _project(self, x, kernel, bias):
+        y = jnp.einsum("BLD,DNH->BLNH", x.astype(self.dtype), kernel[...].astype(self.dtype))
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None,
+                 mask: jax.Array | None = None, dropout_rate: float = 0.0,
+                 rng: jax.Array | None = None) -> jax.Array:
+        """x (B,L,D), context (B,S,D_kv) or None for self-attention, mask broadcastable
+        to (B,N,L,S) with True = attend. Returns (B,L,D)."""
+        context = x if context is None else context
+        q = self._project(x, self.query, self.q_bias) * self.head_dim ** -0.5
+        k = self._project(context, self.key, self.k_bias)
+        v = self._project(context, self.value, self.v_bias)
+        scores = jnp.einsum("BLNH,BSNH->BNLS", q, k).astype(jnp.float32)
+        if mask is not None:
+            scores = scores + jnp.where(mask, 0.0, MASK_VALUE)
+        probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(self.dtype)
+        y = jnp.einsum("BNLS,BSNH->BLNH", probs, v)
+        return (jnp.einsum("BLNH,NHD->BLD", y, self.out[...].astype(self.dtype))
+                + self.out_bias[...].astype(self.dtype))
+
+
+def causal_mask(length: int) -> jax.Array:
+    """(1,1,L,L) lower-triangular mask, diagonal included."""
+    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def padding_mask(token_mask: jax.Array) -> jax.Array:
+    """(B,S) 1/0 key mask -> (B,1,1,S) boolean attention mask."""
+    return token_mask.astype(bool)[:, None, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """A pre-LN transformer block (ViT / CLIP style)."""
+    width: int
+    num_heads: int
+    mlp_dim: int
+    eps: float = 1e-6
+    qkv_bias: str = "qkv"  # which of q, k, v have a bias: "qkv", "qv" (EVA), ""
+    activation: str = "gelu"
+    causal: bool = False
+
+
+class PreLNBlock(nnx.Module):
+    """x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, config: BlockConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.norm1 = LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(c.width, c.num_heads, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(c.width, c.mlp_dim, activation=c.activation, dtype=dtype, rngs=rngs)
+        self.causal = c.causal
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = parallel.constrain(x, ("batch", "length", "embed"))
+        mask = causal_mask(x.shape[1]) if self.causal else None
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num_layers` copies of a layer with parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return make_layer(rngs)
+
+    return create(rngs)
+
+
+def scan(layers: nnx.Module, step: Callable, carry, xs=None, *, remat: bool = False):
+    """Runs `step(layer, carry, x) -> carry` over stacked `layers` with lax.scan.
+
+    `xs` is an optional pytree with a leading layers axis (e.g. per-layer rngs).
+    Returns the final carry.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        return step(nnx.merge(graphdef, layer_state), carry, x), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, carry, (state, xs))[0]
+
+
+class BlockStack(nnx.Module):
+    """`depth` scanned pre-LN blocks. (B,L,D) -> (B,L,D)."""
+
+    def __init__(self, config: BlockConfig, depth: int, *, dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.blocks = stacked(lambda r: PreLNBlock(config, dtype=dtype, rngs=r), depth, rngs)
+        self.remat = remat
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return scan(self.blocks, lambda block, h, _: block(h), x, remat=self.remat)

@@ -1,0 +1,140 @@
+"""Device meshes and logical-axis sharding, all driven by config.
+
+Model code names the axes of its parameters and activations logically (`embed`,
+`mlp`, `heads`, `batch`, ...); a config names the mesh axes and the rules mapping
+logical names to mesh axes. This module turns those into `NamedSharding`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. Batch is split over every data-parallel axis; weights
+# are split over `fsdp` along their embedding dimension and over `tensor` along
+# heads / MLP width.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("codes", None),
+    ("layers", None),
+    ("length", None),
+    ("patch", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes in MESH_AXES order.
+
+    `axis_sizes` maps axis name to size; one size may be -1 to take the remaining
+    devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; expected names from {MESH_AXES}")
+    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+            f"{len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes_for(logical: str | None, rules: Rules) -> tuple[str, ...]:
+    if logical is None:
+        return ()
+    for name, target in rules:
+        if name == logical:
+            if target is None:
+                return ()
+            return (target,) if isinstance(target, str) else tuple(target)
+    return ()
+
+
+def logical_to_mesh(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> PartitionSpec:
+    """Maps logical axis names to a mesh PartitionSpec for an array of `shape`.
+
+    A dimension stays replicated where its size does not divide by the mesh axes'
+    product, or where those mesh axes are already used by an earlier dimension.
+    """
+    used: set[str] = set()
+    spec = []
+    for logical, size in zip(logical_axes, shape):
+        axes = tuple(a for a in _mesh_axes_for(logical, rules) if a not in used and mesh.shape[a] > 1)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: Rules):
+    """Shardings for a pytree mixing nnx Variables (sharded by their logical
+    `out_sharding` names) and plain arrays (replicated): parameters, optimizer
+    state, train state. Returned as a prefix tree usable as jit in/out shardings."""
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            names = leaf.get_metadata().get("out_sharding") or (None,) * np.ndim(leaf.value)
+            return NamedSharding(mesh, logical_to_mesh(names, np.shape(leaf.value), mesh, rules))
+        return replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> NamedSharding:
+    """Sharding for an array whose leading axis is the batch."""
+    shape = (batch_size,) + (1,) * (ndim - 1)
+    return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+_ACTIVE = contextvars.ContextVar("seed_jax_axis_rules", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules: Rules):
+    """Within this context, `constrain` pins activations to the mesh by logical names."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical axis names; a no-op outside `axis_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_mesh(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,287 @@
+"""Pieces every trainer shares: optimizer, sharded state, checkpoints with the data
+iterator, preemption (SIGTERM), metrics (jsonl + TensorBoard) and progress lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from seed_jax import parallel
+
+NO_DECAY_NAMES = ("bias", "scale", "q_bias", "k_bias", "v_bias", "out_bias", "patch_bias", "temp")
+
+
+def decay_mask(params: nnx.State):
+    """True for parameters that take weight decay: matrices and embeddings, not
+    biases, norm scales or the temperature (as LAVIS does)."""
+    def decays(path, _):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        return name not in NO_DECAY_NAMES
+
+    return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(stage) -> optax.GradientTransformation:
+    """AdamW with linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=stage.init_lr, peak_value=stage.lr, warmup_steps=stage.warmup_steps,
+        decay_steps=max(stage.num_steps, stage.warmup_steps + 1), end_value=stage.end_lr)
+    return optax.adamw(schedule, b1=stage.b1, b2=stage.b2, weight_decay=stage.weight_decay, mask=decay_mask)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded on the batch axis."""
+    def one(x):
+        global_size = x.shape[0] * jax.process_count()
+        sharding = parallel.batch_sharding(mesh, rules, x.ndim, global_size)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return {k: one(v) for k, v in local.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array gathered on every host as numpy."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Preemption:
+    """Records SIGTERM (how SLURM and TPU maintenance announce preemption)."""
+
+    def __init__(self):
+        self._requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: will checkpoint and exit")
+        self._requested = True
+
+    def requested(self) -> bool:
+        """True on every process once any process received SIGTERM."""
+        if jax.process_count() == 1:
+            return self._requested
+        return bool(multihost_utils.process_allgather(np.asarray(self._requested)).any())
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+    """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard under WORKDIR/tb."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, stage: str, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "stage": stage, "split": split,
+                  **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{stage}/{split}/{k}", float(v), int(step))
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+class Checkpointer:
+    """orbax CheckpointManager holding the train state and the grain iterator state."""
+
+    def __init__(self, directory: str, *, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return restored["state"]
+
+    def restore_state(self, step: int, abstract_state):
+        """The train state alone (e.g. a finished stage's parameters)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+class Progress:
+    """Log lines with step, loss, steps/s and ETA."""
+
+    def __init__(self, name: str, start_step: int, num_steps: int):
+        self.name, self.num_steps = name, num_steps
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, float]) -> float:
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.num_steps - step) / max(rate, 1e-9)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        logging.info("%s step %d/%d %s | %.2f steps/s | ETA %dm%02ds", self.name, step, self.num_steps, shown,
+                     rate, eta // 60, eta % 60)
+        return rate
+
+
+def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Averages per-step device metrics after one transfer to host."""
+    host = jax.device_get(history)
+    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules):
+    """A pure step (state, frozen, batch) -> (state, metrics).
+
+    state = {"params", "opt_state", "step"}; `frozen` holds the parameters that do
+    not train. `loss_fn(model, batch, rng) -> (loss, metrics)`.
+    """
+
+    def step_fn(state, frozen, batch):
+        with parallel.axis_rules(mesh, rules):
+            rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+            def loss_of(params):
+                return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return step_fn
+
+
+def jit_train_step(step_fn, state_sharding, frozen_sharding, mesh):
+    """Jits a step with explicit state shardings (the batch keeps its own) and donated state."""
+    return jax.jit(step_fn, in_shardings=(state_sharding, frozen_sharding, None),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def trainable_filter(prefix: tuple[str, ...], names) -> Callable:
+    """nnx filter: Params under `prefix + (name,)` for any name in `names`."""
+    names = tuple(names)
+
+    def accept(path, value):
+        keys = tuple(str(k) for k in path)
+        return (isinstance(value, nnx.Param) and keys[:len(prefix)] == prefix
+                and len(keys) > len(prefix) and keys[len(prefix)] in names)
+
+    return accept
+
+
+@dataclasses.dataclass
+class StageSetup:
+    train_step: Callable  # (state, frozen, batch) -> (state, metrics), jitted, state donated
+    state: dict  # {"params", "opt_state", "step"}, sharded
+    frozen: nnx.State  # parameters that do not train, sharded
+
+
+def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh) -> StageSetup:
+    """Splits `model` into trainable and frozen parameters, builds the optimizer
+    state (for trainable parameters only) and the jitted, sharded train step."""
+    rules = config.axis_rules
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    tx = make_optimizer(stage)
+    state_sharding = {"params": parallel.state_shardings(params, mesh, rules),
+                      "opt_state": parallel.state_shardings(jax.eval_shape(tx.init, params), mesh, rules),
+                      "step": parallel.replicated(mesh)}
+    frozen_sharding = parallel.state_shardings(frozen, mesh, rules)
+    state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sharding)(params)
+    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules)
+    return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,
+                      jax.device_put(frozen, frozen_sharding))
+
+
+def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
+              train_iter, evaluate: Callable[[nnx.Module, int], None], writer: MetricsWriter,
+              preemption: Preemption, checkpoint_dir: str,
+              extra_metrics: Callable[[], dict[str, float]] = dict) -> bool:
+    """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
+    `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
+    saving), True when the stage is complete. `extra_metrics()` joins each train log line."""
+    setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh)
+    state = setup.state
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = checkpointer.restore(latest, abstract, train_iter)
+        logging.info("%s: resumed from step %d", name, latest)
+    start = int(state["step"])
+    if start >= stage.num_steps:
+        nnx.update(model, state["params"])
+        checkpointer.close()
+        return True
+
+    progress = Progress(name, start, stage.num_steps)
+    history: list[dict] = []
+    completed = True
+    for step in range(start + 1, stage.num_steps + 1):
+        batch = global_batch(next(train_iter), mesh, config.axis_rules)
+        state, metrics = setup.train_step(state, setup.frozen, batch)
+        history.append(metrics)
+        last = step == stage.num_steps
+        if step % config.log_every_steps == 0 or last:
+            summary = mean_metrics(history)
+            history = []
+            if not np.isfinite(summary["loss"]):
+                raise FloatingPointError(f"{name} step {step}: non-finite loss {summary['loss']}; "
+                                         "the last good checkpoint is kept")
+            rate = progress.log(step, summary)
+            writer.write(step, name, "train", {**summary, "steps_per_sec": rate, **extra_metrics()})
+        if step % config.eval_every_steps == 0 or last:
+            nnx.update(model, state["params"])
+            evaluate(model, step)
+        preempted = preemption.requested()
+        if step % config.checkpoint_every_steps == 0 or last or preempted:
+            if not np.isfinite(float(metrics["loss"])):
+                raise FloatingPointError(f"{name} step {step}: non-finite loss; checkpoint not written")
+            checkpointer.save(step, state, train_iter)
+        if preempted and not last:
+            logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
+            completed = False
+            break
+    checkpointer.wait()
+    checkpointer.close()
+    nnx.update(model, state["params"])
+    return completed

@@ -1,0 +1,239 @@
+"""SEED tokenizer training: stage I (causal Q-Former, contrastive) then stage II
+(quantiser, decode blocks and reverse Q-Former; 5 L_vq + 2 L_recon + 0.5 L_distill)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from seed_jax import parallel
+from seed_jax.data import pipeline, records, synthetic, text
+from seed_jax.evaluators.codebook import codebook_usage
+from seed_jax.evaluators.retrieval import recall_at_k
+from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
+from seed_jax.trainers import loop
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainModel(nnx.Module):
+    """The tokenizer plus the frozen CLIP text encoder that defines stage II's targets."""
+
+    def __init__(self, tokenizer: SeedTokenizerConfig, clip_text: CLIPTextConfig, *, dtype, remat: bool,
+                 rngs: nnx.Rngs):
+        self.tokenizer = SeedTokenizer(tokenizer, dtype=dtype, remat=remat, rngs=rngs)
+        self.clip_text = CLIPTextEncoder(clip_text, dtype=dtype, rngs=rngs)
+
+
+def contrastive_loss(image_features, text_features, temperature, label_smoothing):
+    """Symmetric InfoNCE over the (global) batch with label smoothing; (B,F) each."""
+    logits = image_features @ text_features.T / temperature
+    labels = optax.smooth_labels(jnp.eye(logits.shape[0]), label_smoothing)
+    loss = (optax.softmax_cross_entropy(logits, labels).mean()
+            + optax.softmax_cross_entropy(logits.T, labels).mean()) / 2
+    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+    return loss, accuracy
+
+
+def stage1_loss(label_smoothing: float):
+    def loss_fn(model: TrainModel, batch, rng):
+        r_image, r_text = jax.random.split(rng)
+        tok = model.tokenizer
+        causal = tok.causal_embeddings(batch["image"], rng=r_image)
+        loss, accuracy = contrastive_loss(tok.image_features(causal),
+                                          tok.text_features(batch["text_ids"], batch["text_mask"], rng=r_text),
+                                          tok.temperature(), label_smoothing)
+        return loss, {"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temperature()}
+
+    return loss_fn
+
+
+def stage2_losses(model: TrainModel, image, clip_ids) -> dict[str, jax.Array]:
+    """L_vq, L_recon = 1 - cos(reconstruction, causal embedding), L_distill = MSE to CLIP text output."""
+    tok = model.tokenizer
+    causal = jax.lax.stop_gradient(tok.causal_embeddings(image)).astype(jnp.float32)
+    quant = tok.quantize_embeddings(causal)
+    recon = tok.reconstruct(quant["quantized"]).astype(jnp.float32)
+    cosine = jnp.sum(recon * causal, -1) / (
+        jnp.maximum(jnp.linalg.norm(recon, axis=-1) * jnp.linalg.norm(causal, axis=-1), 1e-8))
+    target = jax.lax.stop_gradient(model.clip_text(clip_ids))
+    generated = tok.generation_embeddings(recon)
+    return {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
+            "distill_loss": jnp.mean(jnp.square(generated - target))}
+
+
+def stage2_loss(weights):
+    def loss_fn(model: TrainModel, batch, rng):
+        del rng  # stage II has no dropout: everything stochastic is frozen
+        parts = stage2_losses(model, batch["image"], batch["clip_ids"])
+        loss = (weights.vq * parts["vq_loss"] + weights.recon * parts["recon_loss"]
+                + weights.distill * parts["distill_loss"])
+        return loss, parts
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- data
+def _dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
+    d = config.data
+    if d.source == "synthetic":
+        directory = os.path.join(workdir, "data")
+        s = d.synthetic
+        if jax.process_index() == 0:
+            for split, n in (("train", s.num_train), ("eval", s.num_eval)):
+                synthetic.write_shapes_dataset(directory, split=split, num_examples=n, seed=s.seed,
+                                               image_size=s.image_size, num_shards=s.num_shards)
+        multihost_utils.sync_global_devices("shapes_world_written")
+        return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
+    if d.source == "array_record":
+        return records.shard_paths(d.train_dir, d.train_prefix), records.shard_paths(d.eval_dir, d.eval_prefix)
+    raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {d.source!r}")
+
+
+def _tokenizers(config, workdir, train_paths) -> tuple[text.TextTokenizer, text.TextTokenizer]:
+    """(Q-Former caption tokenizer, CLIP text tokenizer)."""
+    t = config.data.tokenizer
+    clip_length = config.clip_text.max_length
+    if t.kind == "wordpiece_trained":
+        path = os.path.join(workdir, "tokenizer.json")
+        if not os.path.exists(path):
+            if jax.process_index() == 0:
+                captions = [c for c in pipeline.read_captions(train_paths, config.data.synthetic.num_train) if c]
+                vocab_size = min(config.model.qformer.vocab_size, config.clip_text.vocab_size)
+                text.train_wordpiece(captions, vocab_size).save(path)
+            multihost_utils.sync_global_devices("tokenizer_trained")
+        wordpiece = text.tokenizers.Tokenizer.from_file(path)
+        pad = wordpiece.token_to_id("[PAD]")
+        return (text.TextTokenizer(wordpiece, config.data.max_text_length, pad),
+                text.TextTokenizer(wordpiece, clip_length, pad))
+    if t.kind == "bert_vocab":
+        bert = text.bert_wordpiece(t.vocab_file)
+        clip = text.clip_bpe(t.clip_vocab_file, t.clip_merges_file)
+        return (text.TextTokenizer(bert, config.data.max_text_length, bert.token_to_id("[PAD]")),
+                text.TextTokenizer(clip, clip_length, clip.token_to_id("<|endoftext|>")))
+    raise ValueError(f"data.tokenizer.kind: expected 'wordpiece_trained' or 'bert_vocab', got {t.kind!r}")
+
+
+# ---------------------------------------------------------------- evaluation
+class Evaluator:
+    """Retrieval recall@K (causal embeddings; in stage II also from the codes) and
+    codebook usage on the held-out split."""
+
+    def __init__(self, model: TrainModel, batches, captions, writer: loop.MetricsWriter, mesh, rules):
+        self.batches, self.captions, self.writer = batches, captions, writer
+        self.mesh, self.rules = mesh, rules
+        self.num_codes = model.tokenizer.config.num_codes
+        graphdef = nnx.graphdef(model)
+
+        def features(state, batch, with_codes: bool):
+            with parallel.axis_rules(mesh, rules):
+                model = nnx.merge(graphdef, state)
+                tok = model.tokenizer
+                causal = tok.causal_embeddings(batch["image"])
+                out = {"image": tok.image_features(causal),
+                       "text": tok.text_features(batch["text_ids"], batch["text_mask"]),
+                       "index": batch["index"]}
+                if with_codes:
+                    codes = tok.quantize.nearest(tok.encode_task_layer(causal))
+                    out["codes"] = codes
+                    out["image_from_codes"] = tok.image_features(tok.reconstruct(tok.quantize.lookup(codes)))
+                return out
+
+        self.features = jax.jit(features, static_argnums=2)
+
+    def __call__(self, model: TrainModel, step: int, stage: str) -> dict[str, float]:
+        with_codes = stage == "stage2"
+        state = nnx.state(model)
+        parts = [self.features(state, loop.global_batch(b, self.mesh, self.rules), with_codes)
+                 for b in self.batches]
+        host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
+        valid = host["index"] >= 0
+        index = host["index"][valid]
+        captions = [self.captions[i] for i in index]
+        metrics = {f"retrieval/{k}": v for k, v in
+                   recall_at_k(host["image"][valid], host["text"][valid], captions).items()}
+        if with_codes:
+            metrics.update({f"retrieval_codes/{k}": v for k, v in
+                            recall_at_k(host["image_from_codes"][valid], host["text"][valid], captions).items()})
+            metrics.update({f"codebook/{k}": v for k, v in
+                            codebook_usage(host["codes"][valid], self.num_codes).items()})
+        metrics["num_examples"] = float(valid.sum())
+        self.writer.write(step, stage, "eval", metrics)
+        logging.info("%s eval at step %d: %s", stage, step,
+                     " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "r1" in k or "codebook" in k))
+        return metrics
+
+
+# ---------------------------------------------------------------- driver
+def build_model(config) -> TrainModel:
+    """The TrainModel, initialised under jit directly into its shardings."""
+    tokenizer_config = SeedTokenizerConfig.from_dict(config.model.to_dict())
+    clip_config = CLIPTextConfig(**config.clip_text.to_dict())
+    dtype = DTYPES[config.dtype]
+
+    def create():
+        return TrainModel(tokenizer_config, clip_config, dtype=dtype, remat=config.remat,
+                          rngs=nnx.Rngs(config.seed))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    return graphdef, abstract, create
+
+
+def train(config, workdir: str) -> bool:
+    """Runs stage I then stage II into `workdir`, resuming whatever is there.
+    Returns False if preempted (a checkpoint was saved), True when both stages are done."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    rules = config.axis_rules
+    logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    train_paths, eval_paths = _dataset_paths(config, workdir)
+    qformer_text, clip_text = _tokenizers(config, workdir, train_paths)
+    if qformer_text.vocab_size > config.model.qformer.vocab_size:
+        raise ValueError(f"model.qformer.vocab_size {config.model.qformer.vocab_size} is smaller than the "
+                         f"caption tokenizer's vocabulary ({qformer_text.vocab_size})")
+    skipped = pipeline.SkipCounter()
+    d = config.data
+    example = pipeline.Example(config.model.vit.image_size, qformer_text, clip_text, skipped,
+                               tuple(d.crop_scale), d.flip)
+    eval_batches = pipeline.eval_batches(eval_paths, example, num_examples=config.eval.num_examples,
+                                         global_batch_size=config.eval.batch_size, num_threads=d.num_threads)
+    captions = pipeline.read_captions(eval_paths, config.eval.num_examples)
+
+    graphdef, abstract, create = build_model(config)
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
+
+    writer = loop.MetricsWriter(workdir)
+    evaluator = Evaluator(model, eval_batches, captions, writer, mesh, rules)
+    preemption = loop.Preemption()
+    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing)),
+              ("stage2", config.stage2, stage2_loss(config.loss_weights)))
+    try:
+        for name, stage, loss_fn in stages:
+            train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.batch_size,
+                                                 seed=config.seed + (name == "stage2"),
+                                                 num_threads=d.num_threads, prefetch=d.prefetch)
+            done = loop.run_stage(
+                name=name, model=model, trainable=loop.trainable_filter(("tokenizer",), stage.trainable),
+                loss_fn=loss_fn, stage=stage, config=config, mesh=mesh, train_iter=train_iter,
+                evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
+                preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
+                extra_metrics=lambda: {"data/skipped_records": skipped.count})
+            if not done:
+                return False
+    finally:
+        preemption.close()
+        writer.close()
+    with open(os.path.join(workdir, "DONE.json"), "w") as f:
+        json.dump({"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps}, f)
+    return True

@@ -1,0 +1,37 @@
+"""seed_jax: SEED image tokenizer and SEED-OPT in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="seed_jax",
+    version="0.1.0",
+    description="SEED (Ge et al., 2023) image tokenizer and SEED-OPT in JAX / Flax NNX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["seed_jax", "seed_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "ml-collections>=1.0",
+        "chex>=0.1.90",
+        "transformers>=4.50",
+        "tokenizers>=0.21",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # Exactly this CPU build: an open range pulls gigabytes of CUDA wheels.
+        "torch": ["torch==2.13.0"],
+        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
+        "notebooks": ["jupyter>=1.0", "nbconvert>=7", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.8"],
+    },
+)

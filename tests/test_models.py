@@ -1,0 +1,133 @@
+"""Shapes of every module, causality of the Q-Formers, and clear input errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import TINY_QFORMER, TINY_REVERSE, TINY_TOKENIZER, TINY_VIT
+from seed_jax.models import layers
+from seed_jax.models.clip_text import CLIP_TEXT_PRESETS, CLIPTextEncoder
+from seed_jax.models.qformer import QFormer
+from seed_jax.models.tokenizer import SeedTokenizer
+from seed_jax.models.vit import VIT_PRESETS, VisionTransformer
+
+
+def test_eva_vit_g_preset_matches_design():
+    c = VIT_PRESETS["eva_vit_g"]
+    assert (c.image_size, c.patch_size, c.width, c.depth, c.num_heads, c.mlp_dim) == (224, 14, 1408, 39, 16, 6144)
+    assert c.num_patches + 1 == 257 and c.width // c.num_heads == 88 and c.mlp_dim == int(1408 * 4.3637)
+
+
+def test_vit_shapes_and_no_k_bias():
+    vit = VisionTransformer(TINY_VIT, rngs=nnx.Rngs(0))
+    out = vit(jnp.ones((3, 32, 32, 3)))
+    chex.assert_shape(out, (3, 1 + 16, 32))
+    attn = vit.blocks.blocks.attn
+    assert attn.q_bias is not None and attn.v_bias is not None and attn.k_bias is None
+    chex.assert_shape(attn.query[...], (2, 32, 2, 16))  # stacked over 2 layers
+
+
+def test_vit_rejects_wrong_image_size():
+    vit = VisionTransformer(TINY_VIT, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="pixels: expected"):
+        vit(jnp.ones((1, 48, 48, 3)))
+
+
+def test_block_stack_scans_once_and_matches_loop():
+    config = layers.BlockConfig(16, 2, 32)
+    stack = layers.BlockStack(config, 3, rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    graphdef, state = nnx.split(stack.blocks)
+    manual = x
+    for i in range(3):
+        manual = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))(manual)
+    np.testing.assert_allclose(stack(x), manual, rtol=1e-5, atol=1e-5)
+
+
+def test_qformer_shapes():
+    qf = QFormer(TINY_QFORMER, rngs=nnx.Rngs(0))
+    image = jnp.ones((2, 17, 32))
+    chex.assert_shape(qf.queries(image), (2, 32, 32))
+    ids = jnp.ones((2, 7), jnp.int32)
+    chex.assert_shape(qf.text(ids, jnp.ones_like(ids)), (2, 7, 32))
+    # cross-attention on the first layer of every group of cross_attention_freq=2
+    group = qf.groups.layers
+    assert group[0].cross_attn is not None and group[1].cross_attn is None
+
+
+def _perturb_query(qf, k):
+    """Changes query token k (not by a constant: the embedding LayerNorm would remove it)."""
+    tokens = qf.query_tokens[...]
+    qf.query_tokens[...] = tokens.at[k].add(jax.random.normal(jax.random.key(7), tokens.shape[1:]))
+
+
+def test_causal_qformer_is_causal():
+    qf = QFormer(TINY_QFORMER, rngs=nnx.Rngs(0))
+    image = jax.random.normal(jax.random.key(1), (2, 17, 32))
+    before = qf.queries(image)
+    k = 10
+    _perturb_query(qf, k)
+    after = qf.queries(image)
+    np.testing.assert_allclose(after[:, :k], before[:, :k], rtol=0, atol=1e-6)
+    assert np.abs(after[:, k:] - before[:, k:]).max() > 1e-3
+
+
+def test_reverse_qformer_is_bidirectional():
+    qf = QFormer(TINY_REVERSE, rngs=nnx.Rngs(0))
+    context = jax.random.normal(jax.random.key(1), (2, 32, 32))
+    before = qf.queries(context)
+    _perturb_query(qf, 60)
+    after = qf.queries(context)
+    assert np.abs(after[:, :60] - before[:, :60]).max() > 1e-3
+
+
+def test_text_padding_does_not_leak():
+    qf = QFormer(TINY_QFORMER, rngs=nnx.Rngs(0))
+    ids = jnp.array([[2, 5, 6, 3, 0, 0]])
+    mask = (ids != 0).astype(jnp.int32)
+    other = ids.at[0, 5].set(9)  # change a padded token
+    np.testing.assert_allclose(qf.text(ids, mask)[:, :4], qf.text(other, mask)[:, :4], atol=1e-6)
+
+
+def test_clip_text_shapes_and_causality():
+    enc = CLIPTextEncoder(CLIP_TEXT_PRESETS["tiny"], rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(0), (2, 77), 0, 128)
+    out = enc(ids)
+    chex.assert_shape(out, (2, 77, 32))
+    changed = enc(ids.at[:, 40].set((ids[:, 40] + 1) % 128))
+    np.testing.assert_allclose(changed[:, :40], out[:, :40], atol=1e-6)
+    with pytest.raises(ValueError, match="input_ids"):
+        enc(jnp.ones((2, 78), jnp.int32))
+
+
+def test_seed_tokenizer_encode_and_embed_codes_shapes():
+    tok = SeedTokenizer(TINY_TOKENIZER, rngs=nnx.Rngs(0))
+    out = tok.encode(jnp.ones((2, 32, 32, 3)))
+    chex.assert_shape(out["vit_features"], (2, 17, 32))
+    chex.assert_shape(out["image_embeds"], (2, 17, 32))
+    chex.assert_shape(out["causal_embeddings"], (2, 32, 32))
+    chex.assert_shape(out["quant_input"], (2, 32, 8))
+    chex.assert_shape(out["codes"], (2, 32))
+    chex.assert_type(out["codes"], jnp.int32)
+    chex.assert_shape(out["quantized"], (2, 32, 8))
+    chex.assert_shape(tok.reconstruct(out["quantized"]), (2, 32, 32))
+    chex.assert_shape(tok.embed_codes(out["codes"]), (2, 77, 24))
+    feats = tok.image_features(out["causal_embeddings"])
+    chex.assert_shape(feats, (2, 16))
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-5)
+    ids = jnp.ones((2, 6), jnp.int32)
+    chex.assert_shape(tok.text_features(ids, ids), (2, 16))
+
+
+def test_encode_is_jittable_and_bf16_close():
+    tok = SeedTokenizer(TINY_TOKENIZER, rngs=nnx.Rngs(0))
+    pixels = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    graphdef, state = nnx.split(tok)
+    f32 = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))(state, pixels)["causal_embeddings"]
+    bf16_tok = SeedTokenizer(TINY_TOKENIZER, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    bf16 = bf16_tok.encode(pixels)["causal_embeddings"]
+    rel = np.linalg.norm(np.asarray(bf16, np.float32) - f32) / np.linalg.norm(f32)
+    assert rel < 0.05, rel

@@ -1,0 +1,44 @@
+"""Meshes from config and logical-to-mesh sharding rules."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from seed_jax import parallel
+
+
+def test_make_mesh_fills_minus_one():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_make_mesh_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown axis"):
+        parallel.make_mesh({"model": 8})
+    with pytest.raises(ValueError, match="need 6 devices"):
+        parallel.make_mesh({"data": 2, "fsdp": 3})
+
+
+def test_logical_to_mesh_rules_and_fallbacks():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = parallel.DEFAULT_RULES
+    assert parallel.logical_to_mesh(("embed", "mlp"), (64, 128), mesh, rules) == P("fsdp", "tensor")
+    assert parallel.logical_to_mesh(("batch", None), (8, 3), mesh, rules) == P(("data", "fsdp"), None)
+    # 33 does not divide by 2: replicated instead of failing
+    assert parallel.logical_to_mesh(("vocab", "embed"), (33, 64), mesh, rules) == P(None, "fsdp")
+    # a mesh axis is used once per array
+    assert parallel.logical_to_mesh(("embed", "embed"), (64, 64), mesh, rules) == P("fsdp", None)
+
+
+def test_constrain_is_noop_outside_rules_and_shards_inside():
+    x = np.ones((8, 4), np.float32)
+    assert parallel.constrain(x, ("batch", None)) is x
+    mesh = parallel.make_mesh({"data": -1})
+
+    @jax.jit
+    def f(x):
+        with parallel.axis_rules(mesh, parallel.DEFAULT_RULES):
+            return parallel.constrain(x * 2, ("batch", None))
+
+    assert f(x).sharding.spec == P("data", None)

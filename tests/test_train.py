@@ -1,0 +1,128 @@
+"""Train steps of both stages: 1 device vs an 8-device mesh, resume equality, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.tokenizer import get_config
+from seed_jax import parallel
+from seed_jax.trainers import loop
+from seed_jax.trainers import tokenizer as trainer
+
+
+def _tiny(**overrides):
+    config = get_config("tiny")
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def _batch(config, rng):
+    b, s = config.batch_size, config.model.vit.image_size
+    keys = jax.random.split(jax.random.key(rng), 3)
+    return {"image": np.asarray(jax.random.normal(keys[0], (b, s, s, 3))),
+            "text_ids": np.asarray(jax.random.randint(keys[1], (b, 12), 5, 60), np.int32),
+            "text_mask": np.ones((b, 12), np.int32),
+            "clip_ids": np.asarray(jax.random.randint(keys[2], (b, 77), 0, 128), np.int32),
+            "index": np.arange(b, dtype=np.int32)}
+
+
+def _losses(config, mesh, stage_name, num_steps=3):
+    graphdef, _, create = trainer.build_model(config)
+    model = create()
+    stage = config[stage_name]
+    loss_fn = (trainer.stage1_loss(config.label_smoothing) if stage_name == "stage1"
+               else trainer.stage2_loss(config.loss_weights))
+    setup = loop.prepare_stage(model, loop.trainable_filter(("tokenizer",), stage.trainable), loss_fn, stage,
+                               config, mesh)
+    state, losses = setup.state, []
+    for i in range(num_steps):
+        batch = loop.global_batch(_batch(config, i), mesh, config.axis_rules)
+        state, metrics = setup.train_step(state, setup.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+def test_train_step_same_loss_on_1_and_8_devices(stage_name):
+    config = _tiny()
+    one = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    eight = parallel.make_mesh({"data": 2, "fsdp": 4})
+    losses_1, _ = _losses(config, one, stage_name)
+    losses_8, state_8 = _losses(config, eight, stage_name)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
+    assert losses_1[-1] != losses_1[0]  # the steps did train
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
+    assert any("fsdp" in str(spec) for spec in specs), "no parameter is sharded over fsdp"
+
+
+def _final_state(workdir, stage="stage2"):
+    directory = os.path.join(workdir, "checkpoints", stage)
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+    return ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), "state"))
+
+
+def _eval_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"split": "eval"' in line]
+
+
+def test_preempted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    config = _tiny(**{"stage1.num_steps": 6, "stage2.num_steps": 6, "eval_every_steps": 6})
+    assert trainer.train(config, str(tmp_path / "straight"))
+
+    calls = {"n": 0}
+
+    def preempt_at_step_5(self):
+        calls["n"] += 1
+        return calls["n"] == 5  # stage 1, step 5: not a checkpoint step
+
+    monkeypatch.setattr(loop.Preemption, "requested", preempt_at_step_5)
+    resumed = str(tmp_path / "resumed")
+    assert not trainer.train(config, resumed)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints", "stage1"))) == ["4", "5"]
+    monkeypatch.setattr(loop.Preemption, "requested", lambda self: False)
+    assert trainer.train(config, resumed)
+
+    straight, again = _final_state(str(tmp_path / "straight")), _final_state(resumed)
+    jax.tree.map(np.testing.assert_array_equal, straight, again)
+    assert _eval_lines(str(tmp_path / "straight"))[-1] == _eval_lines(resumed)[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
+    workdir = tmp_path / "wd"
+    command = [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
+               f"--workdir={workdir}", "--config.stage1.num_steps=400", "--config.stage2.num_steps=2",
+               "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1",
+               "--config.eval_every_steps=1000", "--config.mesh.data=1"]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": repo_root}
+    proc = subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "preempted" in output
+    saved = [int(d) for d in os.listdir(workdir / "checkpoints" / "stage1") if d.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 400
+    rerun = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from step {saved[0]}" in rerun.stderr
+    assert (workdir / "DONE.json").exists()

@@ -54,10 +54,15 @@ def _model(vit, qformer, reverse_qformer, num_codes, decoder_depth, decoder_head
         vq_beta=0.25))
 
 
-def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay=0.05):
+def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay=0.05, restart_every=0,
+           restart_until=0.0):
+    """One training stage. `restart_unused_codes_every` > 0 (stage II only) restarts
+    codes a batch left unused at random encoder outputs, every that many steps until
+    the `restart_until` fraction of the stage; the paper's recipe has none."""
     return ml_collections.ConfigDict(dict(num_steps=num_steps, lr=lr, init_lr=init_lr, end_lr=end_lr,
                                           warmup_steps=warmup_steps, weight_decay=weight_decay,
-                                          b1=0.9, b2=0.999, trainable=trainable))
+                                          b1=0.9, b2=0.999, trainable=trainable,
+                                          restart_unused_codes_every=restart_every, restart_until=restart_until))
 
 
 STAGE1_TRAINABLE = ("qformer", "vision_proj", "text_proj", "temp")
@@ -157,17 +162,19 @@ def _demo(c):
     _demo_data(c, num_train=20_000, num_eval=1024, image_size=64)
     c.model = _model(
         _vit(64, 16, 128, 4, 4, 512),
-        _qformer(128, 4, 4, 512, 128, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
+        _qformer(128, 4, 4, 256, 128, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
                  dropout=0.0),
-        _qformer(128, 2, 4, 512, 128, 77, causal=False, with_text=False, dropout=0.0),
+        _qformer(128, 2, 4, 256, 128, 77, causal=False, with_text=False, dropout=0.0),
         num_codes=1024, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
         proj_dim=128)
     c.clip_text = _clip_text(128, 128, 1, 4, 512)
     c.batch_size = 128
     c.stage1 = _stage(num_steps=1000, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=100,
                       trainable=("visual_encoder",) + STAGE1_TRAINABLE)
-    c.stage2 = _stage(num_steps=600, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=50,
-                      trainable=STAGE2_TRAINABLE)
+    # A codebook trained from scratch in a few hundred steps collapses onto a few
+    # dozen codes; restarting unused ones keeps it spread over the data.
+    c.stage2 = _stage(num_steps=300, lr=5e-4, init_lr=1e-5, end_lr=5e-5, warmup_steps=30,
+                      trainable=STAGE2_TRAINABLE, restart_every=10, restart_until=0.8)
     c.log_every_steps = 50
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 200
@@ -190,7 +197,7 @@ def _tiny(c):
     c.stage1 = _stage(num_steps=4, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=2,
                       trainable=("visual_encoder",) + STAGE1_TRAINABLE)
     c.stage2 = _stage(num_steps=4, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=2,
-                      trainable=STAGE2_TRAINABLE)
+                      trainable=STAGE2_TRAINABLE, restart_every=2, restart_until=0.5)
     c.log_every_steps = 2
     c.eval_every_steps = 4
     c.checkpoint_every_steps = 2

@@ -70,3 +70,16 @@ def test_codebook_usage():
     assert codebook_usage(np.zeros(10, int), 8)["perplexity"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="codes"):
         codebook_usage(np.array([8]), 8)
+
+
+def test_restart_unused_codes_keeps_used_and_reseeds_unused_from_the_batch():
+    from seed_jax.models.quantizer import restart_unused_codes
+
+    codebook = jnp.arange(12.0).reshape(6, 2)
+    z = jax.random.normal(jax.random.key(0), (2, 3, 2))
+    codes = jnp.array([[0, 0, 2], [2, 5, 0]])
+    out = np.asarray(restart_unused_codes(codebook, z, codes, jax.random.key(1)))
+    np.testing.assert_array_equal(out[[0, 2, 5]], np.asarray(codebook)[[0, 2, 5]])
+    rows = np.asarray(z).reshape(-1, 2)
+    for k in (1, 3, 4):
+        assert any(np.array_equal(out[k], r) for r in rows)

@@ -45,8 +45,10 @@ def _losses(config, mesh, stage_name, num_steps=3):
     stage = config[stage_name]
     loss_fn = (trainer.stage1_loss(config.label_smoothing) if stage_name == "stage1"
                else trainer.stage2_loss(config.loss_weights))
+    post_update = (trainer.restart_unused_codes(stage.restart_unused_codes_every, num_steps)
+                   if stage_name == "stage2" else None)
     setup = loop.prepare_stage(model, loop.trainable_filter(("tokenizer",), stage.trainable), loss_fn, stage,
-                               config, mesh)
+                               config, mesh, post_update)
     state, losses = setup.state, []
     for i in range(num_steps):
         batch = loop.global_batch(_batch(config, i), mesh, config.axis_rules)
@@ -126,3 +128,21 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from step {saved[0]}" in rerun.stderr
     assert (workdir / "DONE.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_train_both_stages(tmp_path, repo_root):
+    """The multi-host path: per-process data slices, global arrays, gathered evals."""
+    workdir = tmp_path / "wd"
+    port = 12000 + os.getpid() % 1000
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": repo_root}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
+         f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    evals = _eval_lines(str(workdir))
+    assert [e["stage"] for e in evals] == ["stage1", "stage2"]
+    assert evals[-1]["num_examples"] == 64 and "codebook/used_codes" in evals[-1]

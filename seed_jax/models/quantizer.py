@@ -45,3 +45,13 @@ class VectorQuantizer(nnx.Module):
                 + self.beta * jnp.mean(jnp.square(e - jax.lax.stop_gradient(z))))
         quantized = z + jax.lax.stop_gradient(e - z)
         return {"codes": codes, "quantized": quantized, "loss": loss}
+
+
+def restart_unused_codes(codebook: jax.Array, z: jax.Array, codes: jax.Array, rng: jax.Array) -> jax.Array:
+    """Codes (K,C) that no vector of this batch chose are replaced by random encoder
+    outputs z (...,C) of the batch: a training-time remedy for codebook collapse."""
+    num_codes, dim = codebook.shape
+    counts = jnp.zeros((num_codes,), jnp.int32).at[codes.reshape(-1)].add(1)
+    flat = jax.lax.stop_gradient(z).reshape(-1, dim).astype(codebook.dtype)
+    picks = jax.random.randint(rng, (num_codes,), 0, flat.shape[0])
+    return jnp.where(counts[:, None] > 0, codebook, flat[picks])

@@ -10,9 +10,32 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from seed_jax.models import layers
+
+
+def sincos_position_init(grid: int):
+    """Initialiser for learned positions (1,1+grid*grid,D): 2D sine-cosine values
+    (MAE's choice), zero for CLS, so a ViT trained from scratch starts with a
+    position signal as strong as its patch embeddings."""
+
+    def init(key, shape, dtype):
+        del key
+        width = shape[-1]
+        quarter = width // 4
+        freqs = 1.0 / 10000 ** (np.arange(quarter) / max(quarter, 1))
+        ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+        parts = []
+        for coord in (ys.reshape(-1), xs.reshape(-1)):
+            angles = coord[:, None] * freqs[None]
+            parts += [np.sin(angles), np.cos(angles)]
+        table = np.concatenate(parts, axis=1)
+        table = np.pad(table, ((1, 0), (0, width - table.shape[1])))
+        return jnp.asarray(table[None], dtype)
+
+    return init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +76,8 @@ class VisionTransformer(nnx.Module):
                                          ("patch", "patch", None, "embed"))
         self.patch_bias = layers.param(rngs, layers.zeros, (c.width,), ("embed",))
         self.cls_token = layers.param(rngs, layers.normal(0.02), (1, 1, c.width), (None, None, "embed"))
-        self.pos_embed = layers.param(rngs, layers.normal(0.02), (1, c.num_patches + 1, c.width),
-                                      (None, "length", "embed"))
+        self.pos_embed = layers.param(rngs, sincos_position_init(c.image_size // c.patch_size),
+                                      (1, c.num_patches + 1, c.width), (None, "length", "embed"))
         self.blocks = layers.BlockStack(c.block, c.depth, dtype=dtype, remat=remat, rngs=rngs)
         self.dtype = dtype
 

@@ -164,25 +164,32 @@ def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
-def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules):
+def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules,
+                    post_update: Callable | None = None):
     """A pure step (state, frozen, batch) -> (state, metrics).
 
     state = {"params", "opt_state", "step"}; `frozen` holds the parameters that do
-    not train. `loss_fn(model, batch, rng) -> (loss, metrics)`.
+    not train. `loss_fn(model, batch, rng) -> (loss, (metrics, aux))`;
+    `post_update(params, aux, rng, step) -> params` may edit parameters after the
+    optimizer update (e.g. restart unused codes).
     """
 
     def step_fn(state, frozen, batch):
         with parallel.axis_rules(mesh, rules):
             rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+            loss_rng, update_rng = jax.random.split(rng)
 
             def loss_of(params):
-                return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+                return loss_fn(nnx.merge(graphdef, params, frozen), batch, loss_rng)
 
-            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            (loss, (metrics, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
+            step = state["step"] + 1
+            if post_update is not None:
+                params = post_update(params, aux, update_rng, step)
             metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
-            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+            return {"params": params, "opt_state": opt_state, "step": step}, metrics
 
     return step_fn
 
@@ -216,7 +223,8 @@ class StageSetup:
     frozen: nnx.State  # parameters that do not train, sharded
 
 
-def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh) -> StageSetup:
+def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
+                  post_update: Callable | None = None) -> StageSetup:
     """Splits `model` into trainable and frozen parameters, builds the optimizer
     state (for trainable parameters only) and the jitted, sharded train step."""
     rules = config.axis_rules
@@ -227,7 +235,7 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
                       "step": parallel.replicated(mesh)}
     frozen_sharding = parallel.state_shardings(frozen, mesh, rules)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sharding)(params)
-    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules)
+    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update)
     return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,
                       jax.device_put(frozen, frozen_sharding))
 
@@ -235,11 +243,12 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
 def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
               train_iter, evaluate: Callable[[nnx.Module, int], None], writer: MetricsWriter,
               preemption: Preemption, checkpoint_dir: str,
-              extra_metrics: Callable[[], dict[str, float]] = dict) -> bool:
+              extra_metrics: Callable[[], dict[str, float]] = dict, post_update: Callable | None = None) -> bool:
     """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
-    saving), True when the stage is complete. `extra_metrics()` joins each train log line."""
-    setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh)
+    saving), True when the stage is complete. `extra_metrics()` joins each train log line;
+    `post_update` is passed to the train step (see `make_train_step`)."""
+    setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()

@@ -18,6 +18,7 @@ from seed_jax import parallel
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
+from seed_jax.models import quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_jax.trainers import loop
@@ -52,7 +53,7 @@ def stage1_loss(label_smoothing: float):
         loss, accuracy = contrastive_loss(tok.image_features(causal),
                                           tok.text_features(batch["text_ids"], batch["text_mask"], rng=r_text),
                                           tok.temperature(), label_smoothing)
-        return loss, {"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temperature()}
+        return loss, ({"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temperature()}, {})
 
     return loss_fn
 
@@ -67,19 +68,33 @@ def stage2_losses(model: TrainModel, image, clip_ids) -> dict[str, jax.Array]:
         jnp.maximum(jnp.linalg.norm(recon, axis=-1) * jnp.linalg.norm(causal, axis=-1), 1e-8))
     target = jax.lax.stop_gradient(model.clip_text(clip_ids))
     generated = tok.generation_embeddings(recon)
-    return {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
-            "distill_loss": jnp.mean(jnp.square(generated - target))}
+    losses = {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
+              "distill_loss": jnp.mean(jnp.square(generated - target))}
+    return losses, {"quant_input": quant["quant_input"], "codes": quant["codes"]}
 
 
 def stage2_loss(weights):
     def loss_fn(model: TrainModel, batch, rng):
         del rng  # stage II has no dropout: everything stochastic is frozen
-        parts = stage2_losses(model, batch["image"], batch["clip_ids"])
+        parts, aux = stage2_losses(model, batch["image"], batch["clip_ids"])
         loss = (weights.vq * parts["vq_loss"] + weights.recon * parts["recon_loss"]
                 + weights.distill * parts["distill_loss"])
-        return loss, parts
+        return loss, (parts, aux)
 
     return loss_fn
+
+
+def restart_unused_codes(every: int, until_step: int):
+    """post_update for stage II: every `every` steps before `until_step`, codes this
+    batch left unused restart at random encoder outputs of the batch."""
+
+    def post_update(params, aux, rng, step):
+        codebook = params["tokenizer"]["quantize"]["codebook"]
+        restarted = quantizer.restart_unused_codes(codebook[...], aux["quant_input"], aux["codes"], rng)
+        codebook[...] = jnp.where((step % every == 0) & (step <= until_step), restarted, codebook[...])
+        return params
+
+    return post_update
 
 
 # ---------------------------------------------------------------- data
@@ -174,8 +189,10 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- driver
-def build_model(config) -> TrainModel:
-    """The TrainModel, initialised under jit directly into its shardings."""
+def build_model(config):
+    """(graphdef, abstract state, create) for the TrainModel of `config`; `create()`
+    builds it with initial weights (call it under jit with out_shardings to
+    initialise directly into a mesh)."""
     tokenizer_config = SeedTokenizerConfig.from_dict(config.model.to_dict())
     clip_config = CLIPTextConfig(**config.clip_text.to_dict())
     dtype = DTYPES[config.dtype]
@@ -216,10 +233,13 @@ def train(config, workdir: str) -> bool:
     writer = loop.MetricsWriter(workdir)
     evaluator = Evaluator(model, eval_batches, captions, writer, mesh, rules)
     preemption = loop.Preemption()
-    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing)),
-              ("stage2", config.stage2, stage2_loss(config.loss_weights)))
+    restart = config.stage2.restart_unused_codes_every
+    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), None),
+              ("stage2", config.stage2, stage2_loss(config.loss_weights),
+               restart_unused_codes(restart, int(config.stage2.restart_until * config.stage2.num_steps))
+               if restart else None))
     try:
-        for name, stage, loss_fn in stages:
+        for name, stage, loss_fn, post_update in stages:
             train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.batch_size,
                                                  seed=config.seed + (name == "stage2"),
                                                  num_threads=d.num_threads, prefetch=d.prefetch)
@@ -228,7 +248,7 @@ def train(config, workdir: str) -> bool:
                 loss_fn=loss_fn, stage=stage, config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
-                extra_metrics=lambda: {"data/skipped_records": skipped.count})
+                extra_metrics=lambda: {"data/skipped_records": skipped.count}, post_update=post_update)
             if not done:
                 return False
     finally:

@@ -1,0 +1,35 @@
+"""configs/tokenizer.py presets and their model configs."""
+
+import pytest
+
+from configs.tokenizer import get_config
+from seed_jax.models.tokenizer import SeedTokenizerConfig
+
+
+def test_default_preset_is_demo_on_cpu():
+    c = get_config()
+    assert c.preset == "demo" and c.data.source == "synthetic"
+    assert c.data.synthetic.num_eval >= 1000 and c.eval.num_examples >= 1000
+
+
+def test_seed1_matches_the_paper_recipe():
+    c = get_config("seed1,gpu8x8")
+    m = SeedTokenizerConfig.from_dict(c.model.to_dict())
+    assert (m.vit.width, m.vit.depth, m.vit.image_size, m.vit.patch_size) == (1408, 39, 224, 14)
+    assert (m.qformer.width, m.qformer.num_layers, m.qformer.num_queries, m.qformer.causal_queries) == (
+        768, 12, 32, True)
+    assert (m.reverse_qformer.num_layers, m.reverse_qformer.num_queries, m.reverse_qformer.causal_queries) == (
+        4, 77, False)
+    assert (m.num_codes, m.code_dim, m.decoder_depth) == (8192, 32, 4)
+    assert (c.stage1.lr, c.stage1.init_lr, c.stage1.end_lr, c.stage1.warmup_steps) == (3e-5, 3e-7, 3e-6, 2000)
+    assert (c.stage2.lr, c.stage2.init_lr, c.stage2.end_lr) == (1e-4, 1e-6, 1e-5)
+    assert c.stage1.weight_decay == c.stage2.weight_decay == 0.05
+    assert "visual_encoder" not in c.stage1.trainable and "qformer" not in c.stage2.trainable
+    assert c.data.crop_scale == (0.5, 1.0) and c.data.flip and c.data.max_text_length == 32
+    assert (c.loss_weights.vq, c.loss_weights.recon, c.loss_weights.distill) == (5.0, 2.0, 0.5)
+    assert dict(c.mesh) == {"data": 8, "fsdp": 8, "tensor": 1}
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="bogus"):
+        get_config("demo,bogus")

@@ -28,7 +28,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # Exactly this CPU build: an open range pulls gigabytes of CUDA wheels.
+        # Pinned: an open range can pull a newer build with gigabytes of CUDA wheels.
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],

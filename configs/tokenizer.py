@@ -33,9 +33,10 @@ def _vit(image_size, patch_size, width, depth, num_heads, mlp_dim):
 
 
 def _qformer(width, num_layers, num_heads, mlp_dim, encoder_width, num_queries, causal, with_text,
-             vocab_size=30523, max_positions=512, dropout=0.1):
+             vocab_size=30523, max_positions=512, dropout=0.1, cross_attention_freq=2):
     return ml_collections.ConfigDict(dict(
-        width=width, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim, cross_attention_freq=2,
+        width=width, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+        cross_attention_freq=cross_attention_freq,
         encoder_width=encoder_width, num_queries=num_queries, causal_queries=causal, with_text=with_text,
         vocab_size=vocab_size, max_positions=max_positions, eps=1e-12, dropout=dropout))
 
@@ -55,11 +56,13 @@ def _model(vit, qformer, reverse_qformer, num_codes, decoder_depth, decoder_head
 
 
 def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay=0.05, restart_every=0,
-           restart_until=0.0):
-    """One training stage. `restart_unused_codes_every` > 0 (stage II only) restarts
-    codes a batch left unused at random encoder outputs, every that many steps until
-    the `restart_until` fraction of the stage; the paper's recipe has none."""
-    return ml_collections.ConfigDict(dict(num_steps=num_steps, lr=lr, init_lr=init_lr, end_lr=end_lr,
+           restart_until=0.0, batch_size=0):
+    """One training stage. `batch_size` 0 takes the global `config.batch_size`.
+    `restart_unused_codes_every` > 0 (stage II only) restarts codes a batch left
+    unused at random encoder outputs, every that many steps until the
+    `restart_until` fraction of the stage; the paper's recipe has none."""
+    return ml_collections.ConfigDict(dict(num_steps=num_steps, batch_size=batch_size, lr=lr, init_lr=init_lr,
+                                          end_lr=end_lr,
                                           warmup_steps=warmup_steps, weight_decay=weight_decay,
                                           b1=0.9, b2=0.999, trainable=trainable,
                                           restart_unused_codes_every=restart_every, restart_until=restart_until))
@@ -116,7 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _seed1(c):
-    """The SEED v1 recipe: frozen EVA ViT-g and BLIP-2 init, 224 px, BERT / CLIP tokenizers."""
+    """The SEED v1 recipe: frozen EVA ViT-g and BLIP-2 init, 224 px, BERT / CLIP tokenizers.
+
+    It needs released weights (`init.*`): until the converters land the trainer
+    refuses these paths rather than silently training on random ViT / CLIP weights."""
     c.model = _model(
         _vit(224, 14, 1408, 39, 16, 6144),
         _qformer(768, 12, 12, 3072, 1408, 32, causal=True, with_text=True),
@@ -153,30 +159,32 @@ def _demo_data(c, num_train, num_eval, image_size):
 
 
 def _demo(c):
-    """Small model, same code path, embedded synthetic data, CPU in ~10 minutes.
+    """Small model, same code path, embedded synthetic data, CPU in ~13 minutes.
 
     No BLIP-2 weights exist here, so stage I also trains the ViT (standing in for
     BLIP-2's pre-training); the demo CLIP text encoder has seeded frozen weights and
-    defines the space stage II distils into.
+    defines the space stage II distils into. Stage II runs many small batches: the
+    reconstruction it learns is a regression that gains from updates more than from
+    batch size, unlike stage I's contrastive loss.
     """
     _demo_data(c, num_train=20_000, num_eval=1024, image_size=64)
     c.model = _model(
         _vit(64, 16, 128, 4, 4, 512),
         _qformer(128, 4, 4, 256, 128, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
                  dropout=0.0),
-        _qformer(128, 2, 4, 256, 128, 77, causal=False, with_text=False, dropout=0.0),
-        num_codes=1024, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
+        _qformer(128, 1, 4, 256, 128, 77, causal=False, with_text=False, dropout=0.0, cross_attention_freq=1),
+        num_codes=8192, decoder_depth=4, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
         proj_dim=128)
     c.clip_text = _clip_text(128, 128, 1, 4, 512)
     c.batch_size = 128
-    c.stage1 = _stage(num_steps=1000, lr=1e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=100,
+    c.stage1 = _stage(num_steps=400, lr=5e-4, init_lr=1e-5, end_lr=1e-4, warmup_steps=50,
                       trainable=("visual_encoder",) + STAGE1_TRAINABLE)
     # A codebook trained from scratch in a few hundred steps collapses onto a few
-    # dozen codes; restarting unused ones keeps it spread over the data.
-    c.stage2 = _stage(num_steps=300, lr=5e-4, init_lr=1e-5, end_lr=5e-5, warmup_steps=30,
-                      trainable=STAGE2_TRAINABLE, restart_every=10, restart_until=0.8)
+    # dozen codes; restarting unused ones early on keeps it spread over the data.
+    c.stage2 = _stage(num_steps=1200, lr=2e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=50, batch_size=32,
+                      trainable=STAGE2_TRAINABLE, restart_every=10, restart_until=0.3)
     c.log_every_steps = 50
-    c.eval_every_steps = 500
+    c.eval_every_steps = 2000  # evaluations at the end of each stage
     c.checkpoint_every_steps = 200
     c.eval.num_examples = 1024
     c.eval.batch_size = 256

@@ -81,6 +81,8 @@ def logical_to_mesh(logical_axes: Sequence[str | None], shape: Sequence[int], me
     A dimension stays replicated where its size does not divide by the mesh axes'
     product, or where those mesh axes are already used by an earlier dimension.
     """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
     used: set[str] = set()
     spec = []
     for logical, size in zip(logical_axes, shape):

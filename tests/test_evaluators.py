@@ -13,6 +13,8 @@ def test_perfect_and_shifted_retrieval():
     shifted = np.roll(feats, 1, axis=0)  # image i matches text i+1
     out = recall_at_k(feats, shifted, captions, ks=(1, 2))
     assert out["i2t_r1"] == 0.0 and out["t2i_r1"] == 0.0
+    # the one match with cos 1 first, then ties broken by the lowest index
+    assert out["i2t_r2"] == 0.25 and out["t2i_r2"] == 0.5
 
 
 def test_duplicate_captions_count_as_hits():

@@ -41,4 +41,4 @@ def test_constrain_is_noop_outside_rules_and_shards_inside():
         with parallel.axis_rules(mesh, parallel.DEFAULT_RULES):
             return parallel.constrain(x * 2, ("batch", None))
 
-    assert f(x).sharding.spec == P("data", None)
+    assert f(x).sharding.spec[0] == "data"

@@ -93,17 +93,6 @@ _SIZE_NAMES = tuple(SIZES)
 
 
 @dataclasses.dataclass(frozen=True)
-class ShapesWorldConfig:
-    """Settings of the shapes-world train and eval splits."""
-
-    image_size: int = 64
-    seed: int = 0
-    num_train_examples: int = 30_000
-    num_eval_examples: int = 1_000
-    num_shards: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
 class SceneObject:
     """One shape; ``cell`` indexes the 3x3 grid in reading order (0 = top left)."""
 
@@ -309,19 +298,3 @@ def write_shapes_dataset(
         json.dump(settings, f, indent=2)
     os.replace(marker + ".partial", marker)
     return paths
-
-
-def write_shapes_world(directory: str, config: ShapesWorldConfig) -> dict[str, list[str]]:
-    """Writes (or reuses) the train and eval splits described by ``config``."""
-    sizes = {"train": config.num_train_examples, "eval": config.num_eval_examples}
-    return {
-        split: write_shapes_dataset(
-            directory,
-            split=split,
-            num_examples=num_examples,
-            seed=config.seed,
-            image_size=config.image_size,
-            num_shards=config.num_shards,
-        )
-        for split, num_examples in sizes.items()
-    }

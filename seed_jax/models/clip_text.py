@@ -30,7 +30,6 @@ class CLIPTextConfig:
 
 CLIP_TEXT_PRESETS = {
     "vit_l14": CLIPTextConfig(),
-    "small": CLIPTextConfig(vocab_size=512, width=128, depth=2, num_heads=4, mlp_dim=512),
     "tiny": CLIPTextConfig(vocab_size=128, width=32, depth=1, num_heads=2, mlp_dim=64),
 }
 

@@ -132,6 +132,8 @@ class QFormer(nnx.Module):
     def queries(self, image: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """image (B,S,E) -> query outputs (B,Q,D). `rng` enables dropout."""
         c = self.config
+        if image.ndim != 3 or image.shape[-1] != c.encoder_width:
+            raise ValueError(f"image: expected (B,S,{c.encoder_width}), got {image.shape}")
         b = image.shape[0]
         r_embed, r_layers = layers.split_rng(rng, 2)
         x = self.embed_norm(jnp.broadcast_to(self.query_tokens[...], (b, c.num_queries, c.width)))

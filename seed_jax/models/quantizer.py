@@ -24,7 +24,7 @@ class VectorQuantizer(nnx.Module):
         return self.codebook.value.shape[0]
 
     def nearest(self, z: jax.Array) -> jax.Array:
-        """z (..., C) -> int32 codes (...), distances in float32."""
+        """z (..., C) -> int32 codes (...) of the nearest codebook rows (distances in float32)."""
         z = z.astype(jnp.float32)
         e = self.codebook[...]
         dist = (jnp.sum(z * z, -1, keepdims=True) + jnp.sum(e * e, -1)

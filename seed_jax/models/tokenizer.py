@@ -125,9 +125,9 @@ class SeedTokenizer(nnx.Module):
         x = self.decode_task_layer(quantized) + self.pos_embed_text[...]
         return self.blocks_text(x)
 
-    def generation_embeddings(self, reconstructed: jax.Array) -> jax.Array:
-        """(B,32,D) -> reverse Q-Former -> distill_text_proj -> (B,77,G)."""
-        return self.distill_text_proj(self.reverse_qformer.queries(reconstructed)).astype(jnp.float32)
+    def generation_embeddings(self, reconstructed: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """(B,32,D) -> reverse Q-Former -> distill_text_proj -> (B,77,G). `rng` enables dropout."""
+        return self.distill_text_proj(self.reverse_qformer.queries(reconstructed, rng=rng)).astype(jnp.float32)
 
     def embed_codes(self, codes: jax.Array) -> jax.Array:
         """int codes (B,32) -> generation embeddings (B,77,G)."""
@@ -142,6 +142,3 @@ class SeedTokenizer(nnx.Module):
                       rng: jax.Array | None = None) -> jax.Array:
         """(B,L) -> L2-normalised text_proj of the text [CLS] output (B,256)."""
         return l2_normalize(self.text_proj(self.qformer.text(input_ids, attention_mask, rng=rng)[:, 0]))
-
-    def temperature(self) -> jax.Array:
-        return jnp.clip(self.temp[...], 0.001, 0.5)

@@ -60,7 +60,6 @@ class ViTConfig:
 VIT_PRESETS = {
     # BLIP-2's EVA ViT-g/14 with the last of its 40 blocks dropped.
     "eva_vit_g": ViTConfig(),
-    "small": ViTConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
     "tiny": ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
 }
 
@@ -84,9 +83,9 @@ class VisionTransformer(nnx.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels (B,S,S,3), normalised -> (B,1+P,D)."""
         c = self.config
-        b, h, w, _ = pixels.shape
-        if (h, w) != (c.image_size, c.image_size):
+        if pixels.ndim != 4 or pixels.shape[1:] != (c.image_size, c.image_size, 3):
             raise ValueError(f"pixels: expected (B,{c.image_size},{c.image_size},3), got {pixels.shape}")
+        b = pixels.shape[0]
         g = c.image_size // c.patch_size
         patches = pixels.reshape(b, g, c.patch_size, g, c.patch_size, 3).astype(self.dtype)
         x = jnp.einsum("BgPhQC,PQCD->BghD", patches, self.patch_kernel[...].astype(self.dtype))

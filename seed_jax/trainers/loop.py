@@ -48,6 +48,9 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
     def one(x):
         global_size = x.shape[0] * jax.process_count()
         sharding = parallel.batch_sharding(mesh, rules, x.ndim, global_size)
+        if sharding.spec[0] is None and jax.process_count() > 1:
+            raise ValueError(f"batch size {global_size} does not divide over the mesh's batch axes "
+                             f"{dict(mesh.shape)}: choose batch_size / eval.batch_size accordingly")
         return jax.make_array_from_process_local_data(sharding, x)
 
     return {k: one(v) for k, v in local.items()}
@@ -69,11 +72,12 @@ class Preemption:
         logging.warning("SIGTERM received: will checkpoint and exit")
         self._requested = True
 
-    def requested(self) -> bool:
-        """True on every process once any process received SIGTERM."""
+    def requested(self, sync: bool) -> bool:
+        """Whether to stop now. With several processes they agree (one collective),
+        only when `sync` is True, so that all stop at the same step."""
         if jax.process_count() == 1:
             return self._requested
-        return bool(multihost_utils.process_allgather(np.asarray(self._requested)).any())
+        return sync and bool(multihost_utils.process_allgather(np.asarray(self._requested)).any())
 
     def close(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -127,11 +131,6 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
         return restored["state"]
-
-    def restore_state(self, step: int, abstract_state):
-        """The train state alone (e.g. a finished stage's parameters)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -204,9 +203,16 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def trainable_filter(prefix: tuple[str, ...], names) -> Callable:
-    """nnx filter: Params under `prefix + (name,)` for any name in `names`."""
+def trainable_filter(model: nnx.Module, prefix: tuple[str, ...], names) -> Callable:
+    """nnx filter: Params under `prefix + (name,)` for any name in `names`; each name
+    must exist in `model` (a typo would silently freeze a module)."""
     names = tuple(names)
+    present = {str(path[len(prefix)]) for path, _ in nnx.iter_graph(model)
+               if len(path) > len(prefix) and tuple(str(k) for k in path[:len(prefix)]) == prefix}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"trainable: {missing} are not modules of the model under {'/'.join(prefix)}; "
+                         f"expected names from {sorted(present)}")
 
     def accept(path, value):
         keys = tuple(str(k) for k in path)
@@ -251,6 +257,20 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+    try:
+        state, completed = _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter,
+                                       evaluate, writer, preemption, extra_metrics)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+    nnx.update(model, state["params"])
+    return completed
+
+
+def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter, evaluate, writer,
+                preemption, extra_metrics):
+    """The body of `run_stage`: restore, then step / log / eval / checkpoint until done
+    or preempted. Returns (state, completed)."""
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -258,19 +278,17 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
     if start >= stage.num_steps:
-        nnx.update(model, state["params"])
-        checkpointer.close()
-        return True
+        return state, True
 
     progress = Progress(name, start, stage.num_steps)
     history: list[dict] = []
-    completed = True
     for step in range(start + 1, stage.num_steps + 1):
         batch = global_batch(next(train_iter), mesh, config.axis_rules)
         state, metrics = setup.train_step(state, setup.frozen, batch)
         history.append(metrics)
         last = step == stage.num_steps
-        if step % config.log_every_steps == 0 or last:
+        logged = step % config.log_every_steps == 0
+        if logged or last:
             summary = mean_metrics(history)
             history = []
             if not np.isfinite(summary["loss"]):
@@ -281,16 +299,12 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
         if step % config.eval_every_steps == 0 or last:
             nnx.update(model, state["params"])
             evaluate(model, step)
-        preempted = preemption.requested()
+        preempted = preemption.requested(sync=logged)
         if step % config.checkpoint_every_steps == 0 or last or preempted:
             if not np.isfinite(float(metrics["loss"])):
                 raise FloatingPointError(f"{name} step {step}: non-finite loss; checkpoint not written")
             checkpointer.save(step, state, train_iter)
         if preempted and not last:
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
-            completed = False
-            break
-    checkpointer.wait()
-    checkpointer.close()
-    nnx.update(model, state["params"])
-    return completed
+            return state, False
+    return state, True

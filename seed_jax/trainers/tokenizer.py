@@ -52,14 +52,23 @@ def stage1_loss(label_smoothing: float):
         causal = tok.causal_embeddings(batch["image"], rng=r_image)
         loss, accuracy = contrastive_loss(tok.image_features(causal),
                                           tok.text_features(batch["text_ids"], batch["text_mask"], rng=r_text),
-                                          tok.temperature(), label_smoothing)
-        return loss, ({"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temperature()}, {})
+                                          tok.temp[...], label_smoothing)
+        return loss, ({"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temp[...]}, {})
 
     return loss_fn
 
 
-def stage2_losses(model: TrainModel, image, clip_ids) -> dict[str, jax.Array]:
-    """L_vq, L_recon = 1 - cos(reconstruction, causal embedding), L_distill = MSE to CLIP text output."""
+def clamp_temperature(params, aux, rng, step):
+    """post_update for stage I: keep the temperature in [0.001, 0.5] (as BLIP-2 clamps it)."""
+    del aux, rng, step
+    temp = params["tokenizer"]["temp"]
+    temp[...] = jnp.clip(temp[...], 0.001, 0.5)
+    return params
+
+
+def stage2_losses(model: TrainModel, image, clip_ids, rng=None) -> tuple[dict, dict]:
+    """({L_vq, L_recon = 1 - cos(reconstruction, causal embedding), L_distill = MSE to
+    the CLIP text output}, {quant_input, codes}). `rng` enables reverse Q-Former dropout."""
     tok = model.tokenizer
     causal = jax.lax.stop_gradient(tok.causal_embeddings(image)).astype(jnp.float32)
     quant = tok.quantize_embeddings(causal)
@@ -67,7 +76,7 @@ def stage2_losses(model: TrainModel, image, clip_ids) -> dict[str, jax.Array]:
     cosine = jnp.sum(recon * causal, -1) / (
         jnp.maximum(jnp.linalg.norm(recon, axis=-1) * jnp.linalg.norm(causal, axis=-1), 1e-8))
     target = jax.lax.stop_gradient(model.clip_text(clip_ids))
-    generated = tok.generation_embeddings(recon)
+    generated = tok.generation_embeddings(recon, rng=rng)
     losses = {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
               "distill_loss": jnp.mean(jnp.square(generated - target))}
     return losses, {"quant_input": quant["quant_input"], "codes": quant["codes"]}
@@ -75,8 +84,7 @@ def stage2_losses(model: TrainModel, image, clip_ids) -> dict[str, jax.Array]:
 
 def stage2_loss(weights):
     def loss_fn(model: TrainModel, batch, rng):
-        del rng  # stage II has no dropout: everything stochastic is frozen
-        parts, aux = stage2_losses(model, batch["image"], batch["clip_ids"])
+        parts, aux = stage2_losses(model, batch["image"], batch["clip_ids"], rng)
         loss = (weights.vq * parts["vq_loss"] + weights.recon * parts["recon_loss"]
                 + weights.distill * parts["distill_loss"])
         return loss, (parts, aux)
@@ -120,12 +128,11 @@ def _tokenizers(config, workdir, train_paths) -> tuple[text.TextTokenizer, text.
     clip_length = config.clip_text.max_length
     if t.kind == "wordpiece_trained":
         path = os.path.join(workdir, "tokenizer.json")
-        if not os.path.exists(path):
-            if jax.process_index() == 0:
-                captions = [c for c in pipeline.read_captions(train_paths, config.data.synthetic.num_train) if c]
-                vocab_size = min(config.model.qformer.vocab_size, config.clip_text.vocab_size)
-                text.train_wordpiece(captions, vocab_size).save(path)
-            multihost_utils.sync_global_devices("tokenizer_trained")
+        if jax.process_index() == 0 and not os.path.exists(path):
+            captions = [c for c in pipeline.read_captions(train_paths) if c]
+            vocab_size = min(config.model.qformer.vocab_size, config.clip_text.vocab_size)
+            text.train_wordpiece(captions, vocab_size).save(path)
+        multihost_utils.sync_global_devices("tokenizer_ready")
         wordpiece = text.tokenizers.Tokenizer.from_file(path)
         pad = wordpiece.token_to_id("[PAD]")
         return (text.TextTokenizer(wordpiece, config.data.max_text_length, pad),
@@ -208,6 +215,12 @@ def build_model(config):
 def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
+    for key, path in config.init.items():
+        if path:
+            raise ValueError(
+                f"config.init.{key}={path!r}: starting from converted released weights needs the weight "
+                "converters (seed_jax.convert), which this version does not have yet; clear it "
+                f"(--config.init.{key}=) to train from random initialisation")
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
@@ -234,17 +247,18 @@ def train(config, workdir: str) -> bool:
     evaluator = Evaluator(model, eval_batches, captions, writer, mesh, rules)
     preemption = loop.Preemption()
     restart = config.stage2.restart_unused_codes_every
-    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), None),
+    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),
               ("stage2", config.stage2, stage2_loss(config.loss_weights),
                restart_unused_codes(restart, int(config.stage2.restart_until * config.stage2.num_steps))
                if restart else None))
     try:
         for name, stage, loss_fn, post_update in stages:
-            train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.batch_size,
+            train_iter = pipeline.train_iterator(train_paths, example,
+                                                 global_batch_size=stage.batch_size or config.batch_size,
                                                  seed=config.seed + (name == "stage2"),
                                                  num_threads=d.num_threads, prefetch=d.prefetch)
             done = loop.run_stage(
-                name=name, model=model, trainable=loop.trainable_filter(("tokenizer",), stage.trainable),
+                name=name, model=model, trainable=loop.trainable_filter(model, ("tokenizer",), stage.trainable),
                 loss_fn=loss_fn, stage=stage, config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
@@ -254,6 +268,7 @@ def train(config, workdir: str) -> bool:
     finally:
         preemption.close()
         writer.close()
-    with open(os.path.join(workdir, "DONE.json"), "w") as f:
-        json.dump({"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps}, f)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "DONE.json"), "w") as f:
+            json.dump({"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps}, f)
     return True

@@ -149,7 +149,7 @@ def _demo_data(c, num_train, num_eval, image_size):
     c.data.synthetic.num_train = num_train
     c.data.synthetic.num_eval = num_eval
     c.data.synthetic.image_size = image_size
-    c.data.tokenizer.kind = "wordpiece_trained"
+    c.data.tokenizer.kind = "wordpiece_grammar"
     # Captions name positions ("at the top left"): a flip or a deep crop would
     # contradict them, so the shapes world trains with mild crops and no flips.
     c.data.crop_scale = (0.8, 1.0)

@@ -1,6 +1,6 @@
 """Caption tokenizers: a fixed-length wrapper over `tokenizers.Tokenizer`.
 
-The demo trains a WordPiece vocabulary on the caption grammar; real runs read BERT
+The demo builds a WordPiece vocabulary from its caption grammar; real runs read BERT
 uncased WordPiece (`vocab.txt`) and CLIP BPE (`vocab.json` + `merges.txt`) files
 from local paths.
 """
@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -60,12 +60,15 @@ def _add_cls_sep(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
-    """A BERT-style WordPiece tokenizer trained on `texts`; [PAD] is id 0."""
-    tokenizer = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]")))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(texts, trainer)
-    return _add_cls_sep(tokenizer)
+def grammar_wordpiece(words: Sequence[str]) -> tokenizers.Tokenizer:
+    """A BERT-style WordPiece tokenizer whose vocabulary is the special tokens, every
+    word of a closed grammar, and single letters (with their ## forms) for anything
+    else. Built deterministically (the `tokenizers` trainer breaks frequency ties
+    differently from run to run, which would make runs irreproducible); [PAD] is 0."""
+    letters = sorted({ch for w in words for ch in w.lower()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    tokens = list(SPECIAL_TOKENS) + sorted({w.lower() for w in words}) + letters + ["##" + ch for ch in letters]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return _add_cls_sep(_bert_pipeline(tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))))
 
 
 def bert_wordpiece(vocab_file: str) -> tokenizers.Tokenizer:

@@ -122,16 +122,14 @@ def _dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
     raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {d.source!r}")
 
 
-def _tokenizers(config, workdir, train_paths) -> tuple[text.TextTokenizer, text.TextTokenizer]:
+def _tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:
     """(Q-Former caption tokenizer, CLIP text tokenizer)."""
     t = config.data.tokenizer
     clip_length = config.clip_text.max_length
-    if t.kind == "wordpiece_trained":
+    if t.kind == "wordpiece_grammar":
         path = os.path.join(workdir, "tokenizer.json")
         if jax.process_index() == 0 and not os.path.exists(path):
-            captions = [c for c in pipeline.read_captions(train_paths) if c]
-            vocab_size = min(config.model.qformer.vocab_size, config.clip_text.vocab_size)
-            text.train_wordpiece(captions, vocab_size).save(path)
+            text.grammar_wordpiece(synthetic.caption_vocabulary()).save(path)
         multihost_utils.sync_global_devices("tokenizer_ready")
         wordpiece = text.tokenizers.Tokenizer.from_file(path)
         pad = wordpiece.token_to_id("[PAD]")
@@ -142,7 +140,7 @@ def _tokenizers(config, workdir, train_paths) -> tuple[text.TextTokenizer, text.
         clip = text.clip_bpe(t.clip_vocab_file, t.clip_merges_file)
         return (text.TextTokenizer(bert, config.data.max_text_length, bert.token_to_id("[PAD]")),
                 text.TextTokenizer(clip, clip_length, clip.token_to_id("<|endoftext|>")))
-    raise ValueError(f"data.tokenizer.kind: expected 'wordpiece_trained' or 'bert_vocab', got {t.kind!r}")
+    raise ValueError(f"data.tokenizer.kind: expected 'wordpiece_grammar' or 'bert_vocab', got {t.kind!r}")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -227,10 +225,11 @@ def train(config, workdir: str) -> bool:
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     train_paths, eval_paths = _dataset_paths(config, workdir)
-    qformer_text, clip_text = _tokenizers(config, workdir, train_paths)
-    if qformer_text.vocab_size > config.model.qformer.vocab_size:
-        raise ValueError(f"model.qformer.vocab_size {config.model.qformer.vocab_size} is smaller than the "
-                         f"caption tokenizer's vocabulary ({qformer_text.vocab_size})")
+    qformer_text, clip_text = _tokenizers(config, workdir)
+    for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
+                            ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
+        if tok.vocab_size > size:
+            raise ValueError(f"{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
     skipped = pipeline.SkipCounter()
     d = config.data
     example = pipeline.Example(config.model.vit.image_size, qformer_text, clip_text, skipped,

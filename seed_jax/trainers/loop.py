@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import jax

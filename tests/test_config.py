@@ -9,6 +9,7 @@ from seed_jax.models.tokenizer import SeedTokenizerConfig
 def test_default_preset_is_demo_on_cpu():
     c = get_config()
     assert c.preset == "demo" and c.data.source == "synthetic"
+    assert dict(c.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
     assert c.data.synthetic.num_eval >= 1000 and c.eval.num_examples >= 1000
 
 

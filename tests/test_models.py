@@ -36,7 +36,7 @@ def test_vit_rejects_wrong_image_size():
         vit(jnp.ones((1, 48, 48, 3)))
 
 
-def test_block_stack_scans_once_and_matches_loop():
+def test_block_stack_scan_matches_a_python_loop():
     config = layers.BlockConfig(16, 2, 32)
     stack = layers.BlockStack(config, 3, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))

@@ -115,12 +115,11 @@ def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, g
     return list(ds.batch(per_process))
 
 
-def read_captions(paths: Sequence[str], num_examples: int | None = None) -> list[str | None]:
-    """Captions of the first `num_examples` records, all by default (None where a
-    record is corrupt)."""
+def read_captions(paths: Sequence[str], num_examples: int) -> list[str | None]:
+    """Captions of the first `num_examples` records (None where a record is corrupt)."""
     source = _source(paths)
     captions = []
-    for i in range(len(source) if num_examples is None else num_examples):
+    for i in range(num_examples):
         try:
             captions.append(records.decode_record(source[i])["caption"])
         except ValueError:

@@ -21,6 +21,7 @@ setup(
         "chex>=0.1.90",
         "transformers>=4.50",
         "tokenizers>=0.21",
+        "safetensors>=0.4",
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=2.1",

@@ -52,7 +52,7 @@ def _model(vit, qformer, reverse_qformer, num_codes, decoder_depth, decoder_head
         vit=vit, qformer=qformer, reverse_qformer=reverse_qformer, num_codes=num_codes, code_dim=32,
         decoder_depth=decoder_depth, decoder_heads=decoder_heads, decoder_mlp_dim=decoder_mlp_dim,
         generation_width=generation_width, proj_dim=proj_dim, with_itc_heads=True, init_temperature=0.07,
-        vq_beta=0.25))
+        vq_beta=0.25, ln_vision_eps=1e-5))
 
 
 def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay=0.05, restart_every=0,
@@ -121,8 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _seed1(c):
     """The SEED v1 recipe: frozen EVA ViT-g and BLIP-2 init, 224 px, BERT / CLIP tokenizers.
 
-    It needs released weights (`init.*`): until the converters land the trainer
-    refuses these paths rather than silently training on random ViT / CLIP weights."""
+    It starts from converted released weights:
+      python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth --vit=eva_vit_g.pth \\
+          --out=/ckpt/blip2_stage1_converted
+      python -m seed_jax.convert hf_clip_text --checkpoint=SD15/text_encoder --out=/ckpt/sd15_clip_text_converted
+    Stage II alone from a stage-I export: --config.init.qformer= --config.init.stage1=EXPORT
+    (`python -m seed_jax.export --workdir=W --stage=stage1 --out=EXPORT`)."""
     c.model = _model(
         _vit(224, 14, 1408, 39, 16, 6144),
         _qformer(768, 12, 12, 3072, 1408, 32, causal=True, with_text=True),

@@ -45,10 +45,6 @@ def main(argv):
         raise ValueError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")
     logging.info("workdir: %s", workdir)
     print(f"workdir: {workdir}", flush=True)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
     completed = trainers[config.trainer](config, workdir)
     print("done" if completed else "preempted: checkpoint saved; re-run the same command to resume", flush=True)
 

@@ -21,11 +21,12 @@ class CLIPTextConfig:
     num_heads: int = 12
     mlp_dim: int = 3072
     eps: float = 1e-5
+    activation: str = "quick_gelu"
 
     @property
     def block(self) -> layers.BlockConfig:
         return layers.BlockConfig(self.width, self.num_heads, self.mlp_dim, eps=self.eps,
-                                  activation="quick_gelu", causal=True)
+                                  activation=self.activation, causal=True)
 
 
 CLIP_TEXT_PRESETS = {

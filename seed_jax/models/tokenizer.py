@@ -37,6 +37,7 @@ class SeedTokenizerConfig:
     with_itc_heads: bool = True  # vision_proj, text_proj, temperature (stage I)
     init_temperature: float = 0.07
     vq_beta: float = 0.25
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; Hugging Face's BLIP-2 uses the ViT's eps
 
     @property
     def decoder_block(self) -> layers.BlockConfig:
@@ -79,7 +80,7 @@ class SeedTokenizer(nnx.Module):
             raise ValueError(f"reverse_qformer.encoder_width {c.reverse_qformer.encoder_width} != qformer.width {d}")
         self.config = c
         self.visual_encoder = VisionTransformer(c.vit, dtype=dtype, remat=remat, rngs=rngs)
-        self.ln_vision = layers.LayerNorm(c.vit.width, eps=1e-5, dtype=jnp.float32, rngs=rngs)
+        self.ln_vision = layers.LayerNorm(c.vit.width, eps=c.ln_vision_eps, dtype=jnp.float32, rngs=rngs)
         self.qformer = QFormer(c.qformer, dtype=dtype, remat=remat, rngs=rngs)
         self.encode_task_layer = TaskLayer(d, d, c.code_dim, dtype=dtype, rngs=rngs)
         self.quantize = VectorQuantizer(c.num_codes, c.code_dim, beta=c.vq_beta, rngs=rngs)

@@ -127,6 +127,11 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
+    def restore_state(self, step: int, abstract_state):
+        """The train state alone (no data iterator), e.g. to export parameters."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
     def restore(self, step: int, abstract_state, data_iterator):
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
@@ -244,6 +249,29 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
     step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update)
     return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,
                       jax.device_put(frozen, frozen_sharding))
+
+
+def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: str, *, keep: int = 1) -> int | None:
+    """Sets the parameters a stage trains from its latest checkpoint in `checkpoint_dir`;
+    returns that step (None, model untouched, if there is no checkpoint)."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    checkpointer = Checkpointer(checkpoint_dir, keep=keep)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return None
+        _, params, _ = nnx.split(model, trainable, ...)
+        tx = make_optimizer(stage)
+        first = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # optimizer state is read, then dropped
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=getattr(x, "sharding", None) or first),
+                                {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                                 "step": jnp.zeros((), jnp.int32)})
+        nnx.update(model, checkpointer.restore_state(step, abstract)["params"])
+        return step
+    finally:
+        checkpointer.close()
 
 
 def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,

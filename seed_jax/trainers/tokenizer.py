@@ -22,6 +22,7 @@ from seed_jax.models import quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_jax.trainers import loop
+from seed_jax.trainers import warm_start as warm_start_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -210,16 +211,47 @@ def build_model(config):
     return graphdef, abstract, create
 
 
+def warm_start(model: TrainModel, config, shardings) -> None:
+    """Loads `config.init.*` exports into the sharded model: `qformer` (a converted
+    BLIP-2: ViT, ln_vision, Q-Former, heads) and `stage1` (a stage-I tokenizer export)
+    into the tokenizer, `clip_text` into the CLIP text encoder."""
+    init = config.init
+    if init.qformer and init.stage1:
+        raise ValueError("config.init: set either qformer (start stage I) or stage1 (start stage II), not both")
+    tokenizer = warm_start_lib.flat_shardings(model.tokenizer, shardings["tokenizer"])
+    image_path = ("visual_encoder", "ln_vision", "qformer.query_tokens", "qformer.embed_norm", "qformer.groups")
+    if init.qformer:
+        warm_start_lib.load_into(model.tokenizer, init.qformer, kinds=("blip2",), shardings=tokenizer,
+                                 require=image_path)
+    if init.stage1:
+        warm_start_lib.load_into(model.tokenizer, init.stage1, kinds=("seed_tokenizer",), shardings=tokenizer,
+                                 require=image_path)
+    if init.clip_text:
+        warm_start_lib.load_into(model.clip_text, init.clip_text, kinds=("clip_text",), require_all=True,
+                                 shardings=warm_start_lib.flat_shardings(model.clip_text, shardings["clip_text"]))
+
+
+def create_model(config, mesh) -> TrainModel:
+    """The TrainModel initialised straight into its shardings, then warm-started."""
+    graphdef, abstract, create = build_model(config)
+    shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
+    warm_start(model, config, shardings)
+    return model
+
+
+def stages_to_run(config) -> tuple[str, ...]:
+    """Stage I is skipped when training starts from a stage-I export."""
+    return ("stage2",) if config.init.stage1 else ("stage1", "stage2")
+
+
 def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
-    for key, path in config.init.items():
-        if path:
-            raise ValueError(
-                f"config.init.{key}={path!r}: starting from converted released weights needs the weight "
-                "converters (seed_jax.convert), which this version does not have yet; clear it "
-                f"(--config.init.{key}=) to train from random initialisation")
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
@@ -237,10 +269,7 @@ def train(config, workdir: str) -> bool:
     eval_batches = pipeline.eval_batches(eval_paths, example, num_examples=config.eval.num_examples,
                                          global_batch_size=config.eval.batch_size, num_threads=d.num_threads)
     captions = pipeline.read_captions(eval_paths, config.eval.num_examples)
-
-    graphdef, abstract, create = build_model(config)
-    shardings = parallel.state_shardings(abstract, mesh, rules)
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
+    model = create_model(config, mesh)
 
     writer = loop.MetricsWriter(workdir)
     evaluator = Evaluator(model, eval_batches, captions, writer, mesh, rules)
@@ -252,6 +281,8 @@ def train(config, workdir: str) -> bool:
                if restart else None))
     try:
         for name, stage, loss_fn, post_update in stages:
+            if name not in stages_to_run(config):
+                continue
             train_iter = pipeline.train_iterator(train_paths, example,
                                                  global_batch_size=stage.batch_size or config.batch_size,
                                                  seed=config.seed + (name == "stage2"),

@@ -1,0 +1,134 @@
+"""Images/s of our `SeedTokenizer.encode` against the PyTorch reference, side by side
+in one run: same random weights (the reference's state dict goes through
+`python -m seed_jax.convert seed_v1`), same batch, same device kind.
+
+  python benchmarks/tokenize.py                      # tiny and full size, float32
+  python benchmarks/tokenize.py --sizes=full --batch=32 --bf16   # on a GPU: also bf16 and MFU
+
+Both sides are timed host to host (numpy pixels in, codes back on the host), after
+a warm-up call, as the median of `--iters` calls. On a GPU, `--bf16` adds bf16
+compute on both sides (torch autocast; ours `dtype="bfloat16"`) and the fraction of
+peak FLOP/s that our bf16 encode reaches (model FLOPs counted from the config,
+over the datasheet's dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's name shadows the standard library's `tokenize` when Python puts its
+# folder first on sys.path: take the folder off, put the repository root on.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from seed_jax.api import SeedTokenizer  # noqa: E402
+from seed_jax.convert.__main__ import convert  # noqa: E402
+from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize  # noqa: E402
+
+SIZES = {"tiny": TINY, "full": ReferenceConfig()}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, datasheet
+
+
+def median_seconds(fn, iters: int) -> float:
+    fn()  # warm-up: compilation, allocator, autotuning
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):
+    def run():
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            codes = model.encode(x)["codes"]
+        return codes.cpu().numpy()
+    return run
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+
+
+def encode_flops(c) -> float:
+    """Model FLOPs of one image's encode (matmuls and attention, 2 per multiply-add),
+    from a SeedTokenizerConfig. XLA's cost analysis counts a scanned layer once, so
+    it cannot be used for scanned stacks."""
+    v, q = c.vit, c.qformer
+    t, d = v.num_patches + 1, v.width
+    vit = 2 * (t - 1) * v.patch_size ** 2 * 3 * d + v.depth * (
+        2 * t * d * 4 * d + 4 * t * t * d + 4 * t * d * v.mlp_dim)
+    n, w = q.num_queries, q.width
+    per_layer = 2 * n * w * 4 * w + 4 * n * n * w + 4 * n * w * q.mlp_dim
+    cross = 2 * n * w * 2 * w + 4 * t * d * w + 4 * n * t * w
+    qformer = q.num_layers * per_layer + (q.num_layers // q.cross_attention_freq) * cross
+    quantize = 2 * n * w * w + 2 * n * w * c.code_dim + 2 * n * c.code_dim * c.num_codes
+    return float(vit + qformer + quantize)
+
+
+def bench(name: str, config: ReferenceConfig, batch: int, iters: int, bf16: bool, workdir: str) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = randomize(SeedV1Reference(config), 0).eval()
+    path = os.path.join(workdir, f"{name}.pth")
+    torch.save({"model": model.state_dict()}, path)
+    heads = [f"--vit_heads={config.vit_heads}", f"--qformer_heads={config.qformer_heads}",
+             f"--blocks_heads={config.blocks_heads}"]
+    out = os.path.join(workdir, name)
+    convert(["seed_v1", f"--checkpoint={path}", f"--out={out}", *heads])
+    os.remove(path)
+    model = model.to(device)
+    pixels = np.random.default_rng(0).standard_normal((batch, config.image_size, config.image_size, 3),
+                                                      dtype=np.float32)
+    rows = []
+    for dtype in ("float32", "bfloat16") if bf16 else ("float32",):
+        ours = SeedTokenizer.load(out, dtype=dtype, batch_size=batch)
+        ref_fn = torch_encode(model, pixels, device, autocast=dtype == "bfloat16")
+        ours_fn = lambda: np.asarray(ours.encode(pixels))  # noqa: E731
+        agreement = float(np.mean(ours_fn() == ref_fn()))
+        t_ref, t_ours = median_seconds(ref_fn, iters), median_seconds(ours_fn, iters)
+        row = {"size": name, "dtype": dtype, "batch": batch, "ours_img_s": batch / t_ours,
+               "torch_img_s": batch / t_ref, "speedup": t_ref / t_ours, "code_agreement": agreement}
+        peak = peak_flops()
+        if dtype == "bfloat16" and peak:
+            row["mfu"] = batch * encode_flops(ours.config) / t_ours / peak
+        rows.append(row)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="tiny,full")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="also bf16 compute (meant for GPUs)")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
+          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.sizes.split(","):
+            rows += bench(name, SIZES[name], args.batch, args.iters, args.bf16, workdir)
+    print(f"{'size':5} {'dtype':9} {'batch':>5} {'ours img/s':>11} {'torch img/s':>12} {'ours/torch':>10} "
+          f"{'codes equal':>11} {'MFU':>6}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"{r['size']:5} {r['dtype']:9} {r['batch']:5d} {r['ours_img_s']:11.2f} {r['torch_img_s']:12.2f} "
+              f"{r['speedup']:10.2f} {r['code_agreement']:11.3f} {mfu:>6}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Weight converters: released checkpoints -> our export format (see `__main__`)."""

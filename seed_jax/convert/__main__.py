@@ -1,0 +1,111 @@
+"""Converts released weights into our export format (orbax params + model.json).
+
+  python -m seed_jax.convert seed_v1 --checkpoint=DIR/seed_tokenizer.pth \
+      [--qformer=DIR/causal_qformer.pth] [--vit=DIR/eva_vit_g.pth] --out=OUT \
+      [--vit_heads=16 --qformer_heads=12 --blocks_heads=12]
+  python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth [--vit=eva_vit_g.pth] --out=OUT
+  python -m seed_jax.convert hf_blip2 --checkpoint=HF_FOLDER --out=OUT
+  python -m seed_jax.convert hf_clip_text --checkpoint=SD_FOLDER/text_encoder --out=OUT
+
+Dimensions are read from the checkpoint; head counts (no shape tells them) are
+flags for the .pth layouts and config.json entries for Hugging Face folders. Every
+parameter of our model must be found (a missing key fails, naming it); source keys
+left unused are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from seed_jax import weights
+from seed_jax.convert import blip2, clip_text, seed_v1, sources
+from seed_jax.convert.rules import Source, apply
+
+
+def _seed_v1(args):
+    checkpoint = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
+    extra = {name: sources.read_file(path, allow_pickle=args.allow_pickle) if path else None
+             for name, path in (("qformer", args.qformer), ("vit", args.vit))}
+    merged, overridden = seed_v1.merge_sources(checkpoint, extra["qformer"], extra["vit"])
+    source = Source(merged, "seed_v1 checkpoint (with --qformer / --vit)")
+    config = seed_v1.config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads,
+                            blocks_heads=args.blocks_heads)
+    return "seed_tokenizer", config, seed_v1.table(config), source, {"overridden_by_checkpoint": overridden}
+
+
+def _lavis_blip2(args):
+    arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
+    vit = sources.read_file(args.vit, allow_pickle=args.allow_pickle) if args.vit else {}
+    merged, overridden = seed_v1.merge_sources(arrays, None, vit)
+    source = Source(merged, "LAVIS BLIP-2 checkpoint (with --vit)")
+    config = blip2.lavis_config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads)
+    return "blip2", config, blip2.lavis_table(config), source, {"overridden_by_checkpoint": overridden}
+
+
+def _hf_blip2(args):
+    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    config = blip2.hf_config(source, sources.read_hf_config(args.checkpoint))
+    return "blip2", config, blip2.hf_table(config), source, {}
+
+
+def _hf_clip_text(args):
+    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    config = clip_text.config(source, sources.read_hf_config(args.checkpoint))
+    return "clip_text", config, clip_text.table(config, source), source, {}
+
+
+CONVERTERS = {"seed_v1": _seed_v1, "lavis_blip2": _lavis_blip2, "hf_blip2": _hf_blip2,
+              "hf_clip_text": _hf_clip_text}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seed_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="layout", required=True)
+    for name in CONVERTERS:
+        s = sub.add_parser(name)
+        s.add_argument("--checkpoint", required=True,
+                       help="checkpoint file (.pth/.bin/.safetensors) or Hugging Face folder (hf_*)")
+        s.add_argument("--out", required=True, help="new export directory")
+        s.add_argument("--allow_pickle", action="store_true",
+                       help="load .pth files that torch's weights_only loader refuses (trusted files only)")
+        if name in ("seed_v1", "lavis_blip2"):
+            s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT")
+            s.add_argument("--vit_heads", type=int, default=16)
+            s.add_argument("--qformer_heads", type=int, default=12)
+        if name == "seed_v1":
+            s.add_argument("--qformer", default="", help="causal_qformer.pth")
+            s.add_argument("--blocks_heads", type=int, default=12)
+    return p
+
+
+def convert(argv: list[str]) -> dict:
+    """Runs one conversion; returns a report {kind, num_params, unused_keys, ...}."""
+    args = parser().parse_args(argv)
+    kind, config, table, source, info = CONVERTERS[args.layout](args)
+    params = apply(table, source)
+    report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}
+    del source, table  # the source arrays are no longer needed: free them before writing
+    weights.save(args.out, kind, config, params, info=report)
+    return {"kind": kind, "num_params": int(sum(v.size for v in params.values())), **report}
+
+
+def main(argv=None) -> int:
+    try:
+        report = convert(sys.argv[1:] if argv is None else argv)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    print(f"wrote {report['kind']} export ({report['num_params']:,} parameters) from {report['checkpoint']}")
+    if report["unused_keys"]:
+        print(f"{len(report['unused_keys'])} source keys unused:")
+        for key in report["unused_keys"]:
+            print(f"  {key}")
+    overridden = report.get("overridden_by_checkpoint", [])
+    if overridden:
+        print(f"{len(overridden)} keys present in both --checkpoint and an extra file: --checkpoint's were used")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

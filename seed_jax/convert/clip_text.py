@@ -1,0 +1,38 @@
+"""A transformers `CLIPTextModel` (e.g. an SD v1 `text_encoder/` folder) -> a
+`clip_text` export. Heads, epsilon and activation come from config.json."""
+
+from __future__ import annotations
+
+from seed_jax.convert import tables
+from seed_jax.convert.infer import need
+from seed_jax.convert.rules import Source
+from seed_jax.models.clip_text import CLIPTextConfig
+
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def prefix(source: Source) -> str:
+    """Key prefix in front of `embeddings.token_embedding.weight`."""
+    for candidate in ("text_model.", "", "cond_stage_model.transformer.text_model."):
+        if f"{candidate}embeddings.token_embedding.weight" in source:
+            return candidate
+    raise KeyError(f"{source.name}: missing key 'text_model.embeddings.token_embedding.weight' "
+                   "(not a CLIP text encoder)")
+
+
+def config(source: Source, hf: dict) -> CLIPTextConfig:
+    p = prefix(source)
+    vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
+    max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
+    depth = source.count(f"{p}encoder.layers.{{i}}.layer_norm1.weight")
+    mlp_dim = need(source, f"{p}encoder.layers.0.mlp.fc1.weight", "MLP width")[0]
+    act = hf.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"config.json hidden_act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
+    return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
+                          num_heads=hf.get("num_attention_heads", 12), mlp_dim=mlp_dim,
+                          eps=hf.get("layer_norm_eps", 1e-5), activation=ACTIVATIONS[act])
+
+
+def table(c: CLIPTextConfig, source: Source) -> dict:
+    return tables.clip_text("", prefix(source), c.depth, c.num_heads)

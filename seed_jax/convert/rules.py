@@ -1,0 +1,117 @@
+"""Mapping tables from source checkpoints to our parameters, and the hooks they use.
+
+A table maps each of our parameters (dotted path) to a `Rule`: the source key(s),
+a hook that turns the source arrays into our layout, and, for scanned stacks, the
+source layer indices whose results are stacked on a leading axis. Source keys may
+hold `{i}`, the layer index. PyTorch stores a Linear weight as (out, in); we store
+(in, out), and attention kernels split into heads: (in, N, H) and (N, H, out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    sources: tuple[str, ...]
+    hook: Callable[..., np.ndarray] = lambda x: x
+    layers: tuple[int, ...] | None = None  # stack over these source layer indices
+
+
+def rule(*sources: str, hook: Callable = lambda x: x, layers: Sequence[int] | None = None) -> Rule:
+    return Rule(tuple(sources), hook, None if layers is None else tuple(layers))
+
+
+class Source:
+    """A state dict that remembers which keys were read."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], name: str):
+        self.arrays, self.name, self.used = arrays, name, set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.arrays
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.arrays:
+            raise KeyError(f"{self.name}: missing key {key!r}")
+        self.used.add(key)
+        return self.arrays[key]
+
+    def count(self, template: str) -> int:
+        """How many consecutive layers `template` (with `{i}`) has, from 0."""
+        n = 0
+        while template.format(i=n) in self.arrays:
+            n += 1
+        return n
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.arrays) - self.used)
+
+
+def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
+    """Our dotted path -> array, every rule evaluated against `source`."""
+    out = {}
+    for target, r in table.items():
+        try:
+            if r.layers is None:
+                out[target] = np.asarray(r.hook(*(source[k] for k in r.sources)), np.float32)
+            else:
+                out[target] = np.stack([r.hook(*(source[k.format(i=i)] for k in r.sources)) for i in r.layers]
+                                       ).astype(np.float32)
+        except KeyError as e:
+            raise KeyError(f"{e.args[0]} (needed for {target})") from None
+    return out
+
+
+# ---- hooks (source arrays -> our layout)
+def linear(w):
+    """torch Linear weight (out, in) -> kernel (in, out)."""
+    return w.T
+
+
+def squeeze_leading(x):
+    """(1, ...) -> (...), e.g. query tokens (1, Q, D) -> (Q, D)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"expected a leading axis of 1, got shape {x.shape}")
+    return x[0]
+
+
+def scalar(x):
+    return np.asarray(x, np.float32).reshape(())
+
+
+def patch_conv(w):
+    """Conv2d weight (D, 3, P, P) -> patch kernel (P, P, 3, D)."""
+    return w.transpose(2, 3, 1, 0)
+
+
+def heads_in(num_heads: int):
+    """(N*H, in) -> (in, N, H): a q/k/v projection."""
+    def hook(w):
+        out, width = w.shape
+        return w.T.reshape(width, num_heads, out // num_heads)
+    return hook
+
+
+def heads_bias(num_heads: int):
+    """(N*H,) -> (N, H)."""
+    return lambda b: b.reshape(num_heads, -1)
+
+
+def heads_out(num_heads: int):
+    """(out, N*H) -> (N, H, out): the attention output projection."""
+    def hook(w):
+        out, inner = w.shape
+        return w.T.reshape(num_heads, inner // num_heads, out)
+    return hook
+
+
+def fused_part(part: int, hook: Callable):
+    """Part `part` (0 q, 1 k, 2 v) of a fused qkv weight (3*D, ...) or bias (3*D,), then `hook`."""
+    def split(x):
+        return hook(np.split(x, 3, axis=0)[part])
+    return split

@@ -1,0 +1,85 @@
+"""SEED v1 release layout (`seed_tokenizer.pth`, optionally `causal_qformer.pth` and
+LAVIS's `eva_vit_g.pth`) -> a `seed_tokenizer` export.
+
+The reference builds the ViT from `eva_vit_g.pth` and the Q-Former from
+`causal_qformer.pth`, then loads `seed_tokenizer.pth` over them; here the same
+precedence holds: a key of the main checkpoint wins over the same key elsewhere.
+"""
+
+from __future__ import annotations
+
+from seed_jax.convert import infer, tables
+from seed_jax.convert.rules import Source, rule, scalar, squeeze_leading
+from seed_jax.models.tokenizer import SeedTokenizerConfig
+
+VIT = "visual_encoder."
+QFORMER_LAYER = "Qformer.bert.encoder.layer.{i}."
+REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
+
+
+def merge_sources(checkpoint: dict, qformer: dict | None, vit: dict | None) -> tuple[dict, list[str]]:
+    """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it.
+    Returns (merged, keys the main checkpoint overrode)."""
+    merged: dict = {}
+    for extra in ((VIT, vit), ("", qformer)):
+        prefix, arrays = extra
+        for k, v in (arrays or {}).items():
+            merged[prefix + k] = v
+    overridden = sorted(k for k in checkpoint if k in merged)
+    merged.update(checkpoint)
+    return merged, overridden
+
+
+def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: int) -> SeedTokenizerConfig:
+    vit = infer.vit_config(source, patch_weight=f"{VIT}patch_embed.proj.weight", pos_embed=f"{VIT}pos_embed",
+                           block=f"{VIT}blocks.{{i}}.norm1.weight", fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight",
+                           heads=vit_heads)
+    common = dict(self_key="attention.self.query.weight", cross_key="crossattention.self.key.weight",
+                  heads=qformer_heads)
+    qformer = infer.qformer_config(source, layer=QFORMER_LAYER, query_tokens="query_tokens", causal=True,
+                                   word_embeddings="Qformer.bert.embeddings.word_embeddings.weight",
+                                   position_embeddings="Qformer.bert.embeddings.position_embeddings.weight",
+                                   **common)
+    reverse = infer.qformer_config(source, layer=REVERSE_LAYER, query_tokens="reverse_tokens", causal=False,
+                                   word_embeddings=None, position_embeddings=None, **common)
+    num_codes, code_dim = infer.need(source, "quantize.embedding.weight", "the codebook")
+    decoder_depth = source.count("blocks_text.{i}.norm1.weight")
+    if decoder_depth == 0:
+        raise KeyError(f"{source.name}: missing key 'blocks_text.0.norm1.weight' (the decode blocks)")
+    decoder_mlp = source.arrays["blocks_text.0.mlp.fc1.weight"].shape[0]
+    generation_width = infer.need(source, "distill_text_proj.weight", "the generation projection")[0]
+    with_itc = all(k in source for k in ("vision_proj.weight", "text_proj.weight", "temp"))
+    proj_dim = source.arrays["vision_proj.weight"].shape[0] if with_itc else 256
+    if qformer.width % blocks_heads:
+        raise ValueError(f"blocks heads {blocks_heads} do not divide the width {qformer.width}")
+    return SeedTokenizerConfig(vit=vit, qformer=qformer, reverse_qformer=reverse, num_codes=num_codes,
+                               code_dim=code_dim, decoder_depth=decoder_depth, decoder_heads=blocks_heads,
+                               decoder_mlp_dim=decoder_mlp, generation_width=generation_width,
+                               proj_dim=proj_dim, with_itc_heads=with_itc)
+
+
+def table(c: SeedTokenizerConfig) -> dict:
+    t = {
+        **tables.eva_vit_lavis("visual_encoder", VIT, c.vit.depth, c.vit.num_heads),
+        **tables.norm("ln_vision", "ln_vision"),
+        **tables.qformer("qformer", QFORMER_LAYER, c.qformer, names=tables.LAVIS_BERT,
+                         query_tokens="query_tokens", embed_norm="Qformer.bert.embeddings.LayerNorm",
+                         word_embeddings="Qformer.bert.embeddings.word_embeddings.weight",
+                         position_embeddings="Qformer.bert.embeddings.position_embeddings.weight"),
+        **tables.dense("encode_task_layer.fc1", "encode_task_layer.0"),
+        **tables.dense("encode_task_layer.fc2", "encode_task_layer.2"),
+        "quantize.codebook": rule("quantize.embedding.weight"),
+        **tables.dense("decode_task_layer.fc1", "decode_task_layer.0"),
+        **tables.dense("decode_task_layer.fc2", "decode_task_layer.2"),
+        "pos_embed_text": rule("pos_embed_text", hook=squeeze_leading),
+        **tables.timm_blocks("blocks_text.blocks", "blocks_text", c.decoder_depth, c.decoder_heads),
+        **tables.qformer("reverse_qformer", REVERSE_LAYER, c.reverse_qformer, names=tables.LAVIS_BERT,
+                         query_tokens="reverse_tokens", embed_norm="Reverse_Qformer.bert.embeddings.LayerNorm"),
+        **tables.dense("distill_text_proj", "distill_text_proj"),
+    }
+    if c.with_itc_heads:
+        t.update(tables.dense("vision_proj", "vision_proj"))
+        t.update(tables.dense("text_proj", "text_proj"))
+        t["temp"] = rule("temp", hook=scalar)
+    return t
+

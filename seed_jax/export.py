@@ -1,0 +1,75 @@
+"""Exports a tokenizer training workdir to the inference format (orbax params +
+model.json), the same format the converters write.
+
+  python -m seed_jax.export --workdir=workdirs/tokenizer_demo --out=exports/demo [--stage=stage2]
+
+The model is rebuilt as training built it (config.json of the workdir, its
+`init.*` exports), then each stage's latest checkpoint sets what that stage
+trained. `--stage=stage1` exports after stage I (to start stage II elsewhere with
+`--config.init.stage1`); the default takes every stage that has a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from seed_jax import parallel, weights
+from seed_jax.trainers import loop
+from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "New export directory.")
+_STAGE = flags.DEFINE_enum("stage", "stage2", ["stage1", "stage2"], "Last stage to take parameters from.")
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"workdir {workdir}: no config.json (is it a training workdir?)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
+    """Writes the tokenizer of `workdir` to `out`; returns {stage: restored step or None}."""
+    config = read_workdir_config(workdir)
+    if config.trainer != "tokenizer":
+        raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    model = tokenizer_trainer.create_model(config, mesh)
+    stages = tokenizer_trainer.stages_to_run(config)
+    stages = stages[:stages.index(last_stage) + 1] if last_stage in stages else stages
+    restored = {}
+    for name in stages:
+        stage = config[name]
+        trainable = loop.trainable_filter(model, ("tokenizer",), stage.trainable)
+        restored[name] = loop.restore_trained_params(model, trainable, stage,
+                                                     os.path.join(workdir, "checkpoints", name))
+    if all(step is None for step in restored.values()):
+        raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
+    tokenizer = model.tokenizer
+    weights.save(out, "seed_tokenizer", tokenizer.config, weights.flat_params(tokenizer),
+                 info={"workdir": os.path.abspath(workdir), "restored_steps": restored})
+    return restored
+
+
+def main(argv):
+    del argv
+    if not _WORKDIR.value or not _OUT.value:
+        raise app.UsageError("--workdir and --out are required")
+    restored = export(_WORKDIR.value, _OUT.value, _STAGE.value)
+    for name, step in restored.items():
+        if step is None:
+            logging.warning("%s has no checkpoint: its parameters are the initial ones", name)
+    print(f"exported {_WORKDIR.value} ({', '.join(f'{k} step {v}' for k, v in restored.items())}) to {_OUT.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

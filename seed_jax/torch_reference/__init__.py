@@ -1,0 +1,1 @@
+"""PyTorch re-statements of reference models, for parity tests and benchmarks (needs torch)."""

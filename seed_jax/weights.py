@@ -1,0 +1,178 @@
+"""Inference exports: a model's parameters (orbax) plus its config as JSON.
+
+    OUT/model.json   {"kind": "seed_tokenizer" | "blip2" | "clip_text", "config": {...}, "info": {...}}
+    OUT/params/      orbax checkpoint, a nested dict of float32 arrays keyed like the
+                     model's nnx state (stacked layers keep their leading axis)
+
+Converters, `seed_jax.export` and training workdirs all write this format; the API
+and the trainer's `config.init.*` read it. Parameters are addressed by dotted paths
+("qformer.groups.layers.0.self_attn.query").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
+from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
+
+MODEL_KINDS = {
+    "seed_tokenizer": (SeedTokenizerConfig.from_dict, SeedTokenizer),
+    "blip2": (Blip2Config.from_dict, Blip2QFormer),
+    "clip_text": (lambda d: CLIPTextConfig(**d), CLIPTextEncoder),
+}
+CONFIG_FILE = "model.json"
+PARAMS_DIR = "params"
+
+
+def config_from_dict(kind: str, config: dict):
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind: expected one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    return MODEL_KINDS[kind][0](config)
+
+
+def build(kind: str, config, *, dtype=jnp.float32, remat: bool = False, abstract: bool = False, seed: int = 0):
+    """The model of `kind` (abstract: shapes only, no memory)."""
+    cls = MODEL_KINDS[kind][1]
+    kwargs = {} if kind == "clip_text" else {"remat": remat}
+    make = lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)  # noqa: E731
+    return nnx.eval_shape(make) if abstract else make()
+
+
+def flat_params(module: nnx.Module) -> dict[str, Any]:
+    """Dotted path -> parameter value (array or ShapeDtypeStruct)."""
+    return {".".join(str(k) for k in path): var.get_value()
+            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None = None) -> None:
+    """Writes `params` (dotted path -> array, all of the model's parameters) and the
+    config to the export directory `out`, which must not hold an export yet."""
+    expected = flat_params(build(kind, config, abstract=True))
+    check_params(params, expected, what="params")
+    out = os.path.abspath(out)
+    if os.path.exists(os.path.join(out, PARAMS_DIR)):
+        raise FileExistsError(f"out: {out} already holds an export; choose a new directory")
+    os.makedirs(out, exist_ok=True)
+    arrays = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(out, PARAMS_DIR), _nest(arrays))
+    checkpointer.wait_until_finished()
+    with open(os.path.join(out, CONFIG_FILE), "w") as f:
+        json.dump({"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, f, indent=2)
+
+
+def read_config(out: str) -> tuple[str, Any, dict]:
+    """(kind, config, info) of the export at `out`."""
+    path = os.path.join(out, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{out}: not an export ({CONFIG_FILE} missing); write one with "
+                                "`python -m seed_jax.convert ...` or `python -m seed_jax.export ...`")
+    with open(path) as f:
+        meta = json.load(f)
+    return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
+
+
+def check_params(params: dict[str, Any], expected: dict[str, Any], *, what: str) -> None:
+    """Raises naming every missing, unexpected or mis-shaped parameter."""
+    missing = sorted(set(expected) - set(params))
+    unexpected = sorted(set(params) - set(expected))
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(np.shape(params[k]))}"
+             for k in sorted(set(expected) & set(params)) if tuple(np.shape(params[k])) != tuple(expected[k].shape)]
+    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
+    if problems:
+        raise ValueError(f"{what} do not match the model ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | None = None) -> dict[str, Any]:
+    """Dotted path -> array from the export at `out`.
+
+    `keys` (dotted path -> shape holder) selects parameters and checks their shapes
+    first; `shardings` (same keys) places them on a mesh directly. Without either,
+    everything is read to host numpy arrays.
+    """
+    path = os.path.join(os.path.abspath(out), PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = stored_shapes(out)
+    if keys is not None:
+        absent = sorted(set(keys) - set(stored))
+        if absent:
+            raise KeyError(f"{out}: export has no parameter(s) {absent}")
+        wrong = [f"{k}: model {tuple(keys[k].shape)}, export {stored[k]}"
+                 for k in keys if tuple(keys[k].shape) != stored[k]]
+        if wrong:
+            raise ValueError(f"{out}: parameter shapes do not match the model:\n  " + "\n  ".join(wrong))
+    shardings = shardings or {}
+    target = {k: jax.ShapeDtypeStruct(shape, np.float32, sharding=shardings.get(k)) for k, shape in stored.items()}
+    restored = _flatten(checkpointer.restore(path, _nest(target)))
+    return restored if keys is None else {k: restored[k] for k in keys}
+
+
+def stored_shapes(out: str) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every parameter in the export at `out` (nothing is read)."""
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(out), PARAMS_DIR))
+    return {k: tuple(m.shape) for k, m in _flatten(dict(metadata.item_metadata)).items()}
+
+
+def materialize(abstract: nnx.Module, params: dict[str, Any]) -> nnx.Module:
+    """The abstract model (from `build(..., abstract=True)`) with every parameter set
+    from `params` (dotted path -> array)."""
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(k) for k in path)
+        if name not in params:
+            raise KeyError(f"{name}: no value given for this parameter of {type(abstract).__name__}")
+        var.set_value(jnp.asarray(params[name], var.get_value().dtype))
+    return nnx.merge(graphdef, state)
+
+
+def assign(module: nnx.Module, params: dict[str, Any]) -> None:
+    """Sets the listed parameters of `module` (dotted paths) in place."""
+    state = nnx.state(module, nnx.Param)
+    flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+    for name, value in params.items():
+        if name not in flat:
+            raise KeyError(f"{name}: not a parameter of {type(module).__name__}")
+        flat[name].set_value(jnp.asarray(value, flat[name].get_value().dtype))
+    nnx.update(module, state)
+
+
+def load_model(out: str, *, dtype=jnp.float32, kind: str | None = None):
+    """(model, kind, config) from the export at `out`, every parameter checked."""
+    found, config, _ = read_config(out)
+    if kind is not None and found != kind:
+        raise ValueError(f"{out}: holds a {found!r} model, expected {kind!r}")
+    abstract = build(found, config, dtype=dtype, abstract=True)
+    expected = flat_params(abstract)
+    check_params({k: jax.ShapeDtypeStruct(v, np.float32) for k, v in stored_shapes(out).items()}, expected,
+                 what=f"{out} parameters")
+    return materialize(abstract, load_params(out)), found, config

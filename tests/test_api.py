@@ -1,0 +1,121 @@
+"""SeedTokenizer API: preprocessing, chunked batches, input checks, bf16 mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from helpers import TINY_TOKENIZER
+from parity import relative_error
+from seed_jax import weights
+from seed_jax.api import SeedTokenizer
+from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "tiny"
+    model = SeedTokenizerModel(TINY_TOKENIZER, rngs=nnx.Rngs(0))
+    # A codebook spread like the encoder outputs, so that codes are well separated.
+    codebook = model.quantize.codebook
+    codebook[...] = jax.random.normal(jax.random.key(1), codebook.shape)
+    weights.save(str(out), "seed_tokenizer", TINY_TOKENIZER, weights.flat_params(model))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(export_dir):
+    return SeedTokenizer.load(export_dir, batch_size=4)
+
+
+def _pixels(n, size=32, seed=0):
+    return np.asarray(jax.random.normal(jax.random.key(seed), (n, size, size, 3)))
+
+
+def test_preprocess_resizes_bicubic_and_normalises(tokenizer):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 56, 3), np.uint8), rng.integers(0, 256, (20, 20, 3), np.uint8)]
+    pixels = tokenizer.preprocess(images)
+    assert pixels.shape == (2, 32, 32, 3) and pixels.dtype == np.float32
+    expected = (np.asarray(Image.fromarray(images[0]).resize((32, 32), Image.BICUBIC), np.float32) / 255
+                - CLIP_MEAN) / CLIP_STD
+    np.testing.assert_allclose(pixels[0], expected, rtol=1e-6)
+    assert tokenizer.preprocess(np.stack([images[1]] * 3)).shape == (3, 32, 32, 3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 8, 8, 3), np.float32), "images[0]: expected uint8"),
+    (np.zeros((2, 8, 8, 4), np.uint8), "images[0]: expected uint8 (H,W,3)"),
+    (np.zeros((8, 8), np.uint8), "images: expected uint8 (B,H,W,3)"),
+])
+def test_preprocess_rejects_bad_images(tokenizer, bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        tokenizer.preprocess(bad)
+
+
+def test_encode_any_batch_size_equals_one_at_a_time(tokenizer):
+    pixels = _pixels(6)
+    out = tokenizer.encode(pixels, return_intermediates=True)  # chunks of 4: one full, one padded
+    assert out["codes"].shape == (6, 32) and out["codes"].dtype == jnp.int32
+    assert out["vit_features"].shape == (6, 17, 32) and out["image_embeds"].shape == (6, 17, 32)
+    assert out["causal_embeddings"].shape == (6, 32, 32)
+    assert out["quant_input"].shape == out["quantized"].shape == (6, 32, 8)
+    for i in (0, 5):
+        single = tokenizer.encode(pixels[i:i + 1], return_intermediates=True)
+        np.testing.assert_array_equal(single["codes"][0], out["codes"][i])
+        np.testing.assert_allclose(single["causal_embeddings"][0], out["causal_embeddings"][i], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(tokenizer.encode(pixels), out["codes"])
+    embeds = tokenizer.embed_codes(out["codes"])
+    assert embeds.shape == (6, 77, 24) and embeds.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("pixels, message", [
+    (np.zeros((2, 16, 16, 3), np.float32), r"pixels: expected \(B,32,32,3\)"),
+    (np.zeros((2, 32, 32, 3), np.uint8), "pass uint8 images through preprocess"),
+    (np.full((1, 32, 32, 3), 200.0, np.float32), r"values in \[200, 200\]"),
+    (np.full((1, 32, 32, 3), np.nan, np.float32), "pixels: values"),
+])
+def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer.encode(pixels)
+
+
+@pytest.mark.parametrize("codes, message", [
+    (np.full((2, 32), 64), r"codes: values must lie in \[0, 64\)"),
+    (np.full((2, 32), -1), r"codes: values must lie in \[0, 64\)"),
+    (np.zeros((2, 31), np.int32), r"codes: expected \(B,32\)"),
+    (np.zeros((2, 32), np.float32), "codes: expected integers"),
+])
+def test_embed_codes_rejects_bad_codes(tokenizer, codes, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer.embed_codes(codes)
+
+
+def test_load_rejects_what_is_not_a_tokenizer_export(tmp_path, export_dir):
+    with pytest.raises(FileNotFoundError, match="not an export"):
+        SeedTokenizer.load(str(tmp_path))
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        SeedTokenizer.load(export_dir, dtype="float16")
+
+
+def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):
+    """bf16 compute (float32 parameters, LayerNorm, softmax and VQ distances): its
+    error against float32 is reported here and bounded."""
+    bf16 = SeedTokenizer.load(export_dir, dtype="bfloat16", batch_size=4)
+    pixels = _pixels(8, seed=3)
+    ref = tokenizer.encode(pixels, return_intermediates=True)
+    low = bf16.encode(pixels, return_intermediates=True)
+    errors = {k: relative_error(low[k], ref[k]) for k in ("vit_features", "causal_embeddings", "quant_input")}
+    errors["generation"] = relative_error(bf16.embed_codes(ref["codes"]), tokenizer.embed_codes(ref["codes"]))
+    agreement = float(np.mean(np.asarray(low["codes"]) == np.asarray(ref["codes"])))
+    for k, v in {**errors, "code_agreement": agreement}.items():
+        record_property(k, v)
+    print("bf16 vs float32:", {k: f"{v:.1e}" for k, v in errors.items()}, f"code agreement {agreement:.3f}")
+    assert low["vit_features"].dtype == jnp.bfloat16
+    for k, v in errors.items():
+        assert 0 < v < 3e-2, f"{k}: bf16 relative error {v:.2e}"
+    assert agreement > 0.8

@@ -1,0 +1,205 @@
+"""Hugging Face and LAVIS layouts -> our models, against transformers' Blip2VisionModel,
+Blip2QFormerModel (no causal mask) and CLIPTextModel with the same random weights."""
+
+import jax
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, CLIPTextConfig,
+                          CLIPTextModel, OPTConfig)
+
+from parity import INTERMEDIATE_TOLERANCE, relative_error
+from seed_jax import weights
+from seed_jax.convert.__main__ import convert
+
+pytestmark = pytest.mark.torch
+
+TINY_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    encoder_hidden_size=48, vocab_size=100, max_position_embeddings=40, use_qformer_text_input=True)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norm scales near 1 and non-zero biases (HF initialises them to 1 and 0, which
+    would hide a swapped or dropped tensor), matrices and embeddings as initialised."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and "norm" in name.lower() and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        elif "query_tokens" in name or "embedding" in name:
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _blip2_config(vision=TINY_VISION, qformer=TINY_QFORMER, **kw):
+    return Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=8, image_text_hidden_size=16,
+                       **kw)
+
+
+@torch.no_grad()
+def _hf_reference(hf, batch, seed=0):
+    c = hf.config.vision_config
+    pixels = torch.randn(batch, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed))
+    vision = hf.vision_model(pixel_values=pixels, output_hidden_states=True)
+    queries = hf.qformer(query_embeds=hf.query_tokens.expand(batch, -1, -1),
+                         encoder_hidden_states=vision.last_hidden_state).last_hidden_state
+    ref = {"vit_features": vision.hidden_states[-1], "image_embeds": vision.last_hidden_state, "queries": queries,
+           "pixels": pixels.permute(0, 2, 3, 1)}
+    return {k: v.numpy() for k, v in ref.items()}
+
+
+def _ours(out_dir, pixels):
+    model, kind, config = weights.load_model(str(out_dir), kind="blip2")
+    vit_features, image_embeds = jax.jit(model.image_embeds)(pixels)
+    return model, config, {"vit_features": vit_features, "image_embeds": image_embeds,
+                           "queries": jax.jit(model.qformer.queries)(image_embeds)}
+
+
+def _assert_close(ours, ref, keys):
+    errors = {k: relative_error(ours[k], ref[k]) for k in keys}
+    for k, e in errors.items():
+        assert e <= INTERMEDIATE_TOLERANCE, f"{k}: relative error {e:.2e}"
+    return errors
+
+
+@torch.no_grad()
+def _text_reference(hf, ids, mask):
+    tokens = hf.qformer(query_embeds=hf.embeddings(input_ids=ids), query_length=0,
+                        attention_mask=mask).last_hidden_state
+    return F.normalize(hf.text_projection(tokens[:, 0]), dim=-1).numpy()
+
+
+def _text_inputs(vocab, batch=3, length=9):
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 6:] = 0  # a padded caption
+    return ids, mask
+
+
+def test_hf_blip2_retrieval_folder_matches_transformers(tmp_path):
+    hf = randomize(Blip2ForImageTextRetrieval(_blip2_config()), 0).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ref = _hf_reference(hf, batch=2)
+    report = convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+    assert report["kind"] == "blip2" and any(k.startswith("itm_head") for k in report["unused_keys"])
+    model, config, ours = _ours(tmp_path / "out", ref["pixels"])
+    assert config.qformer.with_text and config.with_itc_heads and config.qformer.cross_attention_freq == 2
+    assert not config.qformer.causal_queries and config.qformer.num_queries == 8
+    _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+
+    with torch.no_grad():
+        image_ref = F.normalize(hf.vision_projection(torch.from_numpy(ref["queries"])), dim=-1).numpy()
+    assert relative_error(model.image_features(ours["queries"]), image_ref) <= INTERMEDIATE_TOLERANCE
+    ids, mask = _text_inputs(TINY_QFORMER["vocab_size"])
+    text = model.text_features(ids.numpy(), mask.numpy())
+    assert relative_error(text, _text_reference(hf, ids, mask)) <= INTERMEDIATE_TOLERANCE
+
+
+def test_hf_blip2_generation_folder_converts_without_the_language_model(tmp_path):
+    opt = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                    word_embed_proj_dim=16, max_position_embeddings=32)
+    qformer = dict(TINY_QFORMER, use_qformer_text_input=False)
+    hf = randomize(Blip2ForConditionalGeneration(_blip2_config(qformer=qformer, text_config=opt.to_dict())), 1).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ref = _hf_reference(hf, batch=2, seed=1)
+    report = convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+    assert any(k.startswith("language_model.") for k in report["unused_keys"])
+    _, config, ours = _ours(tmp_path / "out", ref["pixels"])
+    assert not config.qformer.with_text and not config.with_itc_heads
+    _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+
+
+def _lavis_state_dict(hf_state: dict, temp: float) -> dict:
+    """The LAVIS blip2_pretrained.pth names for a transformers BLIP-2 state dict
+    (the inverse of transformers' conversion script)."""
+    out = {}
+    for key, value in hf_state.items():
+        k = key
+        for old, new in (("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+                         ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+                         ("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
+                         ("vision_model.encoder.layers.", "visual_encoder.blocks."),
+                         ("vision_model.post_layernorm", "ln_vision"),
+                         (".layer_norm1", ".norm1"), (".layer_norm2", ".norm2"),
+                         (".self_attn.projection", ".attn.proj"), (".self_attn.qkv", ".attn.qkv"),
+                         ("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm"),
+                         ("qformer.encoder.", "Qformer.bert.encoder."),
+                         ("attention.attention.", "attention.self."),
+                         ("embeddings.word_embeddings", "Qformer.bert.embeddings.word_embeddings"),
+                         ("embeddings.position_embeddings", "Qformer.bert.embeddings.position_embeddings"),
+                         ("vision_projection", "vision_proj"), ("text_projection", "text_proj")):
+            if old in k and not (old.startswith("embeddings.") and k.startswith("Qformer.")):
+                k = k.replace(old, new)
+        if k.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = q, v
+        else:
+            out[k] = value
+    out["temp"] = torch.tensor(temp)
+    return out
+
+
+def test_lavis_blip2_checkpoint_matches_transformers(tmp_path):
+    hf = randomize(Blip2ForImageTextRetrieval(_blip2_config()), 2).eval()
+    ref = _hf_reference(hf, batch=2, seed=2)
+    lavis = _lavis_state_dict(hf.state_dict(), temp=0.05)
+    vit = {k[len("visual_encoder."):]: v for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    torch.save({"model": {k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}},
+               tmp_path / "blip2_pretrained.pth")
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    convert(["lavis_blip2", f"--checkpoint={tmp_path / 'blip2_pretrained.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
+             f"--out={tmp_path / 'out'}", "--vit_heads=4", "--qformer_heads=4"])
+    model, config, ours = _ours(tmp_path / "out", ref["pixels"])
+    assert config.with_temperature and abs(float(model.temp[...]) - 0.05) < 1e-7
+    # LAVIS's ln_vision eps is 1e-5 where transformers' post_layernorm has 1e-6: well inside the tolerance.
+    _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+    ids, mask = _text_inputs(TINY_QFORMER["vocab_size"])
+    text = model.text_features(ids.numpy(), mask.numpy())
+    assert relative_error(text, _text_reference(hf, ids, mask)) <= INTERMEDIATE_TOLERANCE
+
+
+def _clip_parity(tmp_path, config: CLIPTextConfig, seed: int) -> float:
+    hf = randomize(CLIPTextModel(config), seed).eval()
+    hf.save_pretrained(tmp_path / "text_encoder")
+    ids = torch.randint(0, config.vocab_size, (2, config.max_position_embeddings),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).last_hidden_state.numpy()
+    convert(["hf_clip_text", f"--checkpoint={tmp_path / 'text_encoder'}", f"--out={tmp_path / 'out'}"])
+    model, _, _ = weights.load_model(str(tmp_path / "out"), kind="clip_text")
+    error = relative_error(jax.jit(model.__call__)(ids.numpy()), ref)
+    assert error <= INTERMEDIATE_TOLERANCE, f"relative error {error:.2e}"
+    return error
+
+
+def test_hf_clip_text_folder_matches_transformers(tmp_path):
+    _clip_parity(tmp_path, CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=77), seed=0)
+
+
+@pytest.mark.slow
+def test_full_size_clip_vit_l14_text_encoder_matches_transformers(tmp_path):
+    error = _clip_parity(tmp_path, CLIPTextConfig(), seed=1)  # SD v1's text encoder shape
+    print(f"CLIP ViT-L/14 text relative error {error:.1e}")
+
+
+@pytest.mark.slow
+def test_full_size_hf_blip2_matches_transformers(tmp_path):
+    """ViT-g/14 at 224 px and the BERT-base Q-Former (transformers' defaults)."""
+    hf = randomize(Blip2ForImageTextRetrieval(Blip2Config(qformer_config=dict(use_qformer_text_input=True))), 3).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ref = _hf_reference(hf, batch=1, seed=3)
+    ids, mask = _text_inputs(hf.config.qformer_config.vocab_size)
+    text_ref = _text_reference(hf, ids, mask)
+    del hf
+    convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+    model, config, ours = _ours(tmp_path / "out", ref["pixels"])
+    assert config.vit.depth == 39 and config.vit.width == 1408 and config.qformer.num_queries == 32
+    errors = _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+    errors["text"] = relative_error(model.text_features(ids.numpy(), mask.numpy()), text_ref)
+    assert errors["text"] <= INTERMEDIATE_TOLERANCE
+    print("full-size hf_blip2 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})

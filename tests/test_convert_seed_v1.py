@@ -1,0 +1,131 @@
+"""SEED v1 release layout -> `python -m seed_jax.convert seed_v1` -> SeedTokenizer,
+against our PyTorch re-statement of the reference with the same random weights."""
+
+import gc
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from parity import INTERMEDIATE_TOLERANCE, assert_codes_match, relative_error
+from seed_jax.api import INTERMEDIATES, SeedTokenizer
+from seed_jax.convert.__main__ import main as convert_main
+from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize
+
+pytestmark = pytest.mark.torch
+
+
+def _heads(c: ReferenceConfig) -> list[str]:
+    return [f"--vit_heads={c.vit_heads}", f"--qformer_heads={c.qformer_heads}", f"--blocks_heads={c.blocks_heads}"]
+
+
+def _reference(c: ReferenceConfig, batch: int, seed: int = 0):
+    """(state dict, pixels NHWC, reference outputs) with random weights."""
+    torch.manual_seed(seed)
+    model = randomize(SeedV1Reference(c), seed).eval()
+    pixels = torch.randn(batch, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed + 1))
+    ref = {k: v.numpy() for k, v in model.encode(pixels).items()}
+    ref["generation"] = model.embed_codes(torch.from_numpy(ref["codes"])).numpy()
+    return model.state_dict(), pixels.permute(0, 2, 3, 1).numpy(), ref
+
+
+def _compare(tokenizer: SeedTokenizer, pixels, ref) -> dict[str, float]:
+    out = tokenizer.encode(pixels, return_intermediates=True)
+    assert set(out) == set(INTERMEDIATES)
+    errors = {k: relative_error(out[k], ref[k]) for k in INTERMEDIATES if k != "codes"}
+    assert_codes_match(out["codes"], ref["codes"], ref["distances"])
+    assert np.asarray(out["codes"]).dtype == np.int32
+    errors["generation"] = relative_error(tokenizer.embed_codes(ref["codes"]), ref["generation"])
+    for name, error in errors.items():
+        assert error <= INTERMEDIATE_TOLERANCE, f"{name}: relative error {error:.2e}"
+    return errors
+
+
+def test_tiny_release_checkpoint_matches_the_reference(tmp_path):
+    state, pixels, ref = _reference(TINY, batch=3)
+    torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                         f"--out={tmp_path / 'out'}", *_heads(TINY)]) == 0
+    tokenizer = SeedTokenizer.load(str(tmp_path / "out"), batch_size=2)  # 3 images: a full and a padded chunk
+    errors = _compare(tokenizer, pixels, ref)
+    print("tiny seed_v1 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
+
+
+def test_split_release_files_convert_like_one_file(tmp_path):
+    """ViT from LAVIS's eva_vit_g.pth (no prefix), Q-Former from causal_qformer.pth,
+    the rest from seed_tokenizer.pth; the main file wins where keys overlap."""
+    state, pixels, ref = _reference(TINY, batch=2, seed=3)
+    vit = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    qformer = {k: v for k, v in state.items() if k.startswith("Qformer.") or k == "query_tokens"}
+    main = {k: v for k, v in state.items() if not k.startswith("visual_encoder.") and k not in qformer}
+    main["ln_vision.weight"] = state["ln_vision.weight"]
+    qformer["ln_vision.weight"] = torch.zeros_like(state["ln_vision.weight"])  # overridden by the main file
+    for name, d in (("seed_tokenizer", main), ("causal_qformer", qformer), ("eva_vit_g", vit)):
+        torch.save({"model": d} if name != "eva_vit_g" else d, tmp_path / f"{name}.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                         f"--qformer={tmp_path / 'causal_qformer.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
+                         f"--out={tmp_path / 'out'}", *_heads(TINY)]) == 0
+    _compare(SeedTokenizer.load(str(tmp_path / "out")), pixels, ref)
+
+
+def test_missing_key_fails_naming_it_and_unused_keys_are_listed(tmp_path, capsys):
+    state, _, _ = _reference(TINY, batch=1)
+    state = dict(state)
+    del state["blocks_text.1.attn.proj.weight"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'broken.pth'}", f"--out={tmp_path / 'a'}",
+                         *_heads(TINY)]) == 1
+    err = capsys.readouterr().err
+    assert "blocks_text.1.attn.proj.weight" in err and "blocks_text.blocks.attn.out" in err
+    assert not os.path.exists(tmp_path / "a" / "params")
+
+    state["blocks_text.1.attn.proj.weight"] = torch.zeros(TINY.width, TINY.width)
+    state["Qformer.cls.predictions.bias"] = torch.zeros(5)
+    torch.save({"model": state}, tmp_path / "extra.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'extra.pth'}", f"--out={tmp_path / 'b'}",
+                         *_heads(TINY)]) == 0
+    out = capsys.readouterr().out
+    assert "Qformer.cls.predictions.bias" in out and "Qformer.bert.embeddings.position_ids" in out
+
+
+def test_wrong_head_count_is_a_clear_error(tmp_path, capsys):
+    state, _, _ = _reference(TINY, batch=1)
+    torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'o'}",
+                         "--vit_heads=5", "--qformer_heads=4", "--blocks_heads=2"]) == 1
+    assert "vit heads 5 do not divide the ViT width 48" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module(tmp_path, repo_root):
+    state, pixels, ref = _reference(TINY, batch=2, seed=5)
+    torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
+    result = subprocess.run([sys.executable, "-m", "seed_jax.convert", "seed_v1",
+                             f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'out'}",
+                             *_heads(TINY)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote seed_tokenizer export" in result.stdout
+    _compare(SeedTokenizer.load(str(tmp_path / "out")), pixels, ref)
+
+
+FULL = ReferenceConfig()  # ViT-g/14 at 224 px, BERT-base Q-Former, 8192 codes
+
+
+@pytest.mark.slow
+def test_full_size_release_checkpoint_matches_the_reference(tmp_path, repo_root):
+    state, pixels, ref = _reference(FULL, batch=2)
+    torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
+    del state
+    gc.collect()
+    result = subprocess.run([sys.executable, "-m", "seed_jax.convert", "seed_v1",
+                             f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'out'}"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    os.remove(tmp_path / "seed_tokenizer.pth")
+    tokenizer = SeedTokenizer.load(str(tmp_path / "out"))
+    assert tokenizer.config.vit.depth == 39 and tokenizer.config.vit.image_size == 224
+    assert tokenizer.config.qformer.cross_attention_freq == 2 and tokenizer.num_codes == 8192
+    errors = _compare(tokenizer, pixels, ref)
+    print("full-size seed_v1 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})

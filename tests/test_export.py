@@ -1,0 +1,112 @@
+"""Training workdirs -> exports (`seed_jax.export`), and training started from
+exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs.tokenizer import get_config
+from seed_jax import parallel, weights
+from seed_jax.api import SeedTokenizer
+from seed_jax.export import export
+from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
+from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from seed_jax.models.qformer import QFormerConfig
+from seed_jax.models.vit import ViTConfig
+from seed_jax.trainers import tokenizer as trainer
+
+
+def _checkpoint_params(workdir, stage):
+    directory = os.path.join(workdir, "checkpoints", stage)
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    flat = weights._flatten(state["params"]["tokenizer"])  # raw nnx state: each leaf under "value"
+    return {name.removesuffix(".value"): value for name, value in flat.items()}
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("export") / "tiny")
+    assert trainer.train(get_config("tiny"), workdir)
+    return workdir
+
+
+def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_root):
+    out = str(tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "seed_jax.export", f"--workdir={trained_workdir}", f"--out={out}"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    exported = weights.load_params(out)
+    for stage in ("stage1", "stage2"):
+        for name, value in _checkpoint_params(trained_workdir, stage).items():
+            np.testing.assert_array_equal(exported[name], value, err_msg=f"{stage} {name}")
+    tokenizer = SeedTokenizer.load(out)
+    codes = tokenizer.encode(np.zeros((2, 32, 32, 3), np.float32))
+    assert codes.shape == (2, 32) and tokenizer.embed_codes(codes).shape == (2, 77, 16)
+
+
+def _create(config):
+    return trainer.create_model(config, parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+
+
+def _tiny_blip2(width=32) -> Blip2Config:
+    """The image side of configs/tokenizer.py:tiny as a BLIP-2 checkpoint would have it."""
+    return Blip2Config(vit=ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
+                       qformer=QFormerConfig(width=width, num_layers=2, num_heads=2, mlp_dim=64, encoder_width=32,
+                                             num_queries=32, causal_queries=False, vocab_size=128, max_positions=64),
+                       proj_dim=16, with_itc_heads=True, with_temperature=True)
+
+
+def _save(out, kind, config, module):
+    weights.save(str(out), kind, config, weights.flat_params(module))
+    return str(out)
+
+
+def test_stage1_starts_from_a_converted_blip2_and_clip_text(tmp_path):
+    blip2 = _save(tmp_path / "blip2", "blip2", _tiny_blip2(), Blip2QFormer(_tiny_blip2(), rngs=nnx.Rngs(5)))
+    clip_config = CLIPTextConfig(vocab_size=128, width=16, depth=1, num_heads=2, mlp_dim=32)
+    clip = _save(tmp_path / "clip", "clip_text", clip_config, CLIPTextEncoder(clip_config, rngs=nnx.Rngs(6)))
+    config = get_config("tiny")
+    config.init.qformer, config.init.clip_text = blip2, clip
+    model = _create(config)
+    ours = weights.flat_params(model.tokenizer)
+    loaded = weights.load_params(blip2)
+    assert "visual_encoder.patch_kernel" in loaded and "temp" in loaded and "qformer.word_embeddings" in loaded
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    for name, value in weights.load_params(clip).items():
+        np.testing.assert_array_equal(weights.flat_params(model.clip_text)[name], value, err_msg=name)
+
+
+def test_warm_start_errors_name_the_problem(tmp_path):
+    config = get_config("tiny")
+    config.init.qformer = _save(tmp_path / "wide", "blip2", _tiny_blip2(width=48),
+                                Blip2QFormer(_tiny_blip2(width=48), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"qformer.query_tokens: model \(32, 32\), export \(32, 48\)"):
+        _create(config)
+    clip_config = CLIPTextConfig(vocab_size=128, width=16, depth=1, num_heads=2, mlp_dim=32)
+    config.init.qformer = _save(tmp_path / "clip", "clip_text", clip_config,
+                                CLIPTextEncoder(clip_config, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="holds a 'clip_text' export, expected one of"):
+        _create(config)
+
+
+def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
+    out = str(tmp_path / "stage1")
+    restored = export(trained_workdir, out, "stage1")
+    assert restored == {"stage1": 4}
+    config = get_config("tiny")
+    config.init.stage1 = out
+    assert trainer.stages_to_run(config) == ("stage2",)
+    ours = weights.flat_params(_create(config).tokenizer)
+    for name, value in _checkpoint_params(trained_workdir, "stage1").items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    # stage II's parameters did not come from the stage-II checkpoint
+    codebook = _checkpoint_params(trained_workdir, "stage2")["quantize.codebook"]
+    assert not np.array_equal(np.asarray(ours["quantize.codebook"]), codebook)
+    assert all(np.isfinite(np.asarray(v)).all() for v in ours.values())

@@ -77,8 +77,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None = None) -> None:
     """Writes `params` (dotted path -> array, all of the model's parameters) and the
     config to the export directory `out`, which must not hold an export yet."""
-    expected = flat_params(build(kind, config, abstract=True))
-    check_params(params, expected, what="params")
+    check_shapes(shapes(params), shapes(flat_params(build(kind, config, abstract=True))), what="params")
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, PARAMS_DIR)):
         raise FileExistsError(f"out: {out} already holds an export; choose a new directory")
@@ -102,15 +101,19 @@ def read_config(out: str) -> tuple[str, Any, dict]:
     return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
 
 
-def check_params(params: dict[str, Any], expected: dict[str, Any], *, what: str) -> None:
-    """Raises naming every missing, unexpected or mis-shaped parameter."""
-    missing = sorted(set(expected) - set(params))
-    unexpected = sorted(set(params) - set(expected))
-    wrong = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(np.shape(params[k]))}"
-             for k in sorted(set(expected) & set(params)) if tuple(np.shape(params[k])) != tuple(expected[k].shape)]
+def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], *, what: str) -> None:
+    """Raises naming every missing, unexpected or mis-shaped parameter (dotted path -> shape)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: expected {expected[k]}, got {found[k]}"
+             for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
     problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
     if problems:
         raise ValueError(f"{what} do not match the model ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+def shapes(params: dict[str, Any]) -> dict[str, tuple]:
+    return {k: tuple(np.shape(v)) for k, v in params.items()}
 
 
 def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | None = None) -> dict[str, Any]:
@@ -172,7 +175,5 @@ def load_model(out: str, *, dtype=jnp.float32, kind: str | None = None):
     if kind is not None and found != kind:
         raise ValueError(f"{out}: holds a {found!r} model, expected {kind!r}")
     abstract = build(found, config, dtype=dtype, abstract=True)
-    expected = flat_params(abstract)
-    check_params({k: jax.ShapeDtypeStruct(v, np.float32) for k, v in stored_shapes(out).items()}, expected,
-                 what=f"{out} parameters")
+    check_shapes(stored_shapes(out), shapes(flat_params(abstract)), what=f"{out} parameters")
     return materialize(abstract, load_params(out)), found, config

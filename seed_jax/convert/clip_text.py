@@ -8,7 +8,7 @@ from seed_jax.convert.infer import need
 from seed_jax.convert.rules import Source
 from seed_jax.models.clip_text import CLIPTextConfig
 
-ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+ACTIVATIONS = ("quick_gelu", "gelu")  # transformers names that mean what ours do
 
 
 def prefix(source: Source) -> str:
@@ -31,7 +31,7 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
         raise ValueError(f"config.json hidden_act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
                           num_heads=hf.get("num_attention_heads", 12), mlp_dim=mlp_dim,
-                          eps=hf.get("layer_norm_eps", 1e-5), activation=ACTIVATIONS[act])
+                          eps=hf.get("layer_norm_eps", 1e-5), activation=act)
 
 
 def table(c: CLIPTextConfig, source: Source) -> dict:

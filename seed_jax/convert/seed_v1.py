@@ -20,11 +20,8 @@ REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
 def merge_sources(checkpoint: dict, qformer: dict | None, vit: dict | None) -> tuple[dict, list[str]]:
     """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it.
     Returns (merged, keys the main checkpoint overrode)."""
-    merged: dict = {}
-    for extra in ((VIT, vit), ("", qformer)):
-        prefix, arrays = extra
-        for k, v in (arrays or {}).items():
-            merged[prefix + k] = v
+    merged = {VIT + k: v for k, v in (vit or {}).items()}
+    merged.update(qformer or {})
     overridden = sorted(k for k in checkpoint if k in merged)
     merged.update(checkpoint)
     return merged, overridden

@@ -1,10 +1,13 @@
-"""User-facing inference: `SeedTokenizer.load(OUT)` then `preprocess`, `encode`,
-`embed_codes`. Batches of any size run through one compiled program per chunk
-size (the last chunk is padded), and inputs are checked before anything runs.
+"""User-facing inference. `SeedTokenizer.load(OUT, diffusion=SD_OUT)` then
+`preprocess`, `encode`, `embed_codes`, `decode`, `reconstruct`;
+`StableDiffusion.load(SD_OUT)` then `sample`. Batches of any size run through one
+compiled program per chunk size (the last chunk is padded), and inputs are checked
+before anything runs.
 
-    tokenizer = SeedTokenizer.load("exports/seed_v1")
+    tokenizer = SeedTokenizer.load("exports/seed_v1", diffusion="exports/sd_v1_4")
     codes = tokenizer.encode(tokenizer.preprocess(images))   # uint8 (B,H,W,3) -> int32 (B,32)
     prompt_embeds = tokenizer.embed_codes(codes)               # (B,77,768)
+    images = tokenizer.decode(codes)                           # uint8 (B,512,512,3)
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from PIL import Image
 
 from seed_jax import weights
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from seed_jax.diffusion import pipeline, samplers
+from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -33,12 +38,17 @@ class SeedTokenizer:
     """Image <-> SEED codes. `dtype` is the compute dtype ("float32" or "bfloat16");
     parameters stay float32 and the codebook distances are always float32."""
 
-    def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32):
+    def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32,
+                 diffusion: "StableDiffusion | None" = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        if diffusion is not None and diffusion.context_shape[1] != model.config.generation_width:
+            raise ValueError(f"diffusion: its UNet takes {diffusion.context_shape[1]}-wide context, the tokenizer's "
+                             f"generation embeddings are {model.config.generation_width}-wide")
+        self.diffusion = diffusion
         graphdef, state = nnx.split(model)
         # float32 means float32 on every backend (GPUs otherwise round matmul inputs to TF32).
         precision = "highest" if dtype == "float32" else "default"
@@ -56,12 +66,15 @@ class SeedTokenizer:
         self._embed_codes = jax.jit(embed_codes)
 
     @classmethod
-    def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 32) -> "SeedTokenizer":
-        """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`)."""
+    def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32",
+             batch_size: int = 32) -> "SeedTokenizer":
+        """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
+        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="seed_tokenizer")
-        return cls(model, dtype=dtype, batch_size=batch_size)
+        sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
+        return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd)
 
     @property
     def image_size(self) -> int:
@@ -129,17 +142,153 @@ class SeedTokenizer:
         return self._chunked(self._embed_codes, codes.astype(np.int32))
 
     def _chunked(self, fn, inputs: np.ndarray):
-        """Runs `fn(state, chunk)` over chunks of `batch_size` rows (the last padded
-        with copies of row 0) and joins the results."""
-        n = inputs.shape[0]
-        if n == 0:
-            raise ValueError("inputs: the batch is empty")
-        size = min(self.batch_size, n)
-        parts = []
-        for start in range(0, n, size):
-            chunk = inputs[start:start + size]
-            real = chunk.shape[0]
-            if real < size:
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - real, axis=0)])
-            parts.append(jax.tree.map(lambda x, real=real: x[:real], fn(self._state, chunk)))
-        return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return run_in_chunks(lambda *chunk: fn(self._state, *chunk), (inputs,), self.batch_size)
+
+    # ---- codes -> images (needs the diffusion model given to `load`)
+    def decode(self, codes, num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "plms",
+               seed: int = 0) -> np.ndarray:
+        """int codes (B,32) -> uint8 images (B,S,S,3) (S = 512 for SD v1): the codes'
+        generation embeddings condition the diffusion model, the empty prompt is the
+        unconditional side of guidance, and image i starts from noise seeded by
+        (seed, i)."""
+        if self.diffusion is None:
+            raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
+        embeds = self.embed_codes(codes)
+        latents = self.diffusion.initial_noise(embeds.shape[0], seed)
+        images = self.diffusion.sample(embeds, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
+                                       sampler=sampler)
+        return to_uint8(images)
+
+    def reconstruct(self, images, **decode_options) -> np.ndarray:
+        """uint8 images (see preprocess) -> encode -> decode (options as `decode`)."""
+        return self.decode(self.encode(self.preprocess(images)), **decode_options)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in [-1,1] -> uint8 [0,255]."""
+    return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def run_in_chunks(fn, inputs: tuple, batch_size: int):
+    """Runs `fn(*chunk)` over chunks of `batch_size` rows of every array in `inputs`
+    (the last chunk padded with copies of row 0, so one program serves all) and
+    joins the results."""
+    n = inputs[0].shape[0]
+    if n == 0:
+        raise ValueError("inputs: the batch is empty")
+    size = min(batch_size, n)
+    parts = []
+    for start in range(0, n, size):
+        chunk = tuple(x[start:start + size] for x in inputs)
+        real = chunk[0].shape[0]
+        if real < size:
+            chunk = tuple(np.concatenate([x, np.repeat(x[:1], size - real, axis=0)]) for x in chunk)
+        parts.append(jax.tree.map(lambda x, real=real: x[:real], fn(*chunk)))
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+class StableDiffusion:
+    """Prompt embeddings -> images with a converted Stable Diffusion (or a model from
+    `configs/decoder.py`). The whole sampling loop, classifier-free guidance and the
+    VAE decoder run as one jitted program per (sampler, steps, chunk size)."""
+
+    def __init__(self, model: StableDiffusionModel, *, dtype: str = "float32", batch_size: int = 8):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        graphdef, self._state = nnx.split(model)
+        precision = "highest" if dtype == "float32" else "default"
+
+        def sample(state, plan, prompt_embeds, negative_embeds, latents, guidance_scale, sampler):
+            with jax.default_matmul_precision(precision):
+                return pipeline.sample(nnx.merge(graphdef, state), prompt_embeds, negative_embeds, latents,
+                                       guidance_scale, sampler=sampler, plan=plan)
+
+        def encode_text(state, ids):
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).text_encoder(ids)
+
+        self._sample = jax.jit(sample, static_argnames="sampler")
+        self._encode_text = jax.jit(encode_text)
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
+        """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="stable_diffusion")
+        return cls(model, dtype=dtype, batch_size=batch_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, Z) of the default initial noise (the size the UNet was trained at)."""
+        unet = self.config.unet
+        return unet.sample_size, unet.sample_size, unet.in_channels
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        length = self.config.text_encoder.max_length if self.config.text_encoder else 77
+        return length, self.config.unet.cross_attention_dim
+
+    def initial_noise(self, batch: int, seed: int = 0) -> np.ndarray:
+        """(B,h,w,Z) standard normal; row i depends only on (seed, i)."""
+        key = jax.random.key(seed)
+        return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.latent_shape))(
+            jnp.arange(batch)))
+
+    def encode_text(self, input_ids) -> np.ndarray:
+        """Token ids (B,L) -> the text encoder's last hidden state (B,L,X)."""
+        if self.model.text_encoder is None:
+            raise ValueError("this model has no text encoder")
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids: expected integer (B,L), got {ids.dtype} {ids.shape}")
+        return np.asarray(run_in_chunks(lambda x: self._encode_text(self._state, x), (ids.astype(np.int32),),
+                                        self.batch_size))
+
+    def empty_prompt_embeds(self, batch: int) -> np.ndarray:
+        """(B,L,X): the text encoder's output for the empty prompt (the unconditional side)."""
+        if self.config.empty_prompt_ids is None or self.model.text_encoder is None:
+            raise ValueError("this model has no text encoder or empty-prompt ids: pass negative_embeds")
+        return np.repeat(self.encode_text(np.asarray([self.config.empty_prompt_ids])), batch, axis=0)
+
+    def sample(self, prompt_embeds, negative_embeds=None, *, latents=None, num_steps: int = 50,
+               guidance_scale: float = 7.5, sampler: str = "plms", seed: int = 0) -> np.ndarray:
+        """prompt_embeds (B,L,X) -> float32 images (B,H,W,3) in [-1,1].
+
+        `negative_embeds` (B,L,X) defaults to the empty prompt's embedding; guidance
+        applies when `guidance_scale` > 1. `latents` (B,h,w,Z) is the initial noise
+        (default: `initial_noise(B, seed)`). `sampler`: "plms", "ddim" or "dpm++2m"."""
+        prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds, None)
+        batch = prompt_embeds.shape[0]
+        guided = guidance_scale > 1.0
+        if guided:
+            negative_embeds = (self.empty_prompt_embeds(batch) if negative_embeds is None
+                               else self._check_embeds("negative_embeds", negative_embeds, batch))
+        latents = self.initial_noise(batch, seed) if latents is None else np.asarray(latents, np.float32)
+        factor = 2 ** (len(self.config.unet.block_channels) - 1)
+        if (latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]
+                or latents.shape[1] % factor or latents.shape[2] % factor):
+            raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) with h and w multiples of "
+                             f"{factor} (default size {self.latent_shape[:2]}), got {latents.shape}")
+        plan = samplers.get(sampler).plan(self.config.schedule, num_steps)
+        scale = np.float32(guidance_scale)
+        inputs = (prompt_embeds, negative_embeds, latents) if guided else (prompt_embeds, latents)
+
+        def run(*chunk):
+            prompt, negative, noise = chunk if guided else (chunk[0], None, chunk[1])
+            return self._sample(self._state, plan, prompt, negative, noise, scale, sampler)
+
+        return np.asarray(run_in_chunks(run, inputs, self.batch_size))
+
+    def _check_embeds(self, name: str, embeds, batch: int | None) -> np.ndarray:
+        embeds = np.asarray(embeds, np.float32)
+        width = self.config.unet.cross_attention_dim
+        if embeds.ndim != 3 or embeds.shape[-1] != width or (batch is not None and embeds.shape[0] != batch):
+            expected = f"({batch if batch is not None else 'B'},L,{width})"
+            raise ValueError(f"{name}: expected {expected}, got {embeds.shape}")
+        if not np.isfinite(embeds).all():
+            raise ValueError(f"{name}: contains NaN or infinity")
+        return embeds

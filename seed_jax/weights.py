@@ -1,6 +1,6 @@
 """Inference exports: a model's parameters (orbax) plus its config as JSON.
 
-    OUT/model.json   {"kind": "seed_tokenizer" | "blip2" | "clip_text", "config": {...}, "info": {...}}
+    OUT/model.json   {"kind": "seed_tokenizer" | "blip2" | "clip_text" | "stable_diffusion", "config": {...}, "info": {...}}
     OUT/params/      orbax checkpoint, a nested dict of float32 arrays keyed like the
                      model's nnx state (stacked layers keep their leading axis)
 
@@ -24,13 +24,16 @@ from flax import nnx
 
 from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 
 MODEL_KINDS = {
     "seed_tokenizer": (SeedTokenizerConfig.from_dict, SeedTokenizer),
     "blip2": (Blip2Config.from_dict, Blip2QFormer),
     "clip_text": (lambda d: CLIPTextConfig(**d), CLIPTextEncoder),
+    "stable_diffusion": (StableDiffusionConfig.from_dict, StableDiffusion),
 }
+SCANNED_KINDS = ("seed_tokenizer", "blip2")  # the kinds whose layer stacks take `remat`
 CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
 
@@ -44,7 +47,7 @@ def config_from_dict(kind: str, config: dict):
 def build(kind: str, config, *, dtype=jnp.float32, remat: bool = False, abstract: bool = False, seed: int = 0):
     """The model of `kind` (abstract: shapes only, no memory)."""
     cls = MODEL_KINDS[kind][1]
-    kwargs = {} if kind == "clip_text" else {"remat": remat}
+    kwargs = {"remat": remat} if kind in SCANNED_KINDS else {}
     make = lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)  # noqa: E731
     return nnx.eval_shape(make) if abstract else make()
 

@@ -6,6 +6,7 @@
   python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth [--vit=eva_vit_g.pth] --out=OUT
   python -m seed_jax.convert hf_blip2 --checkpoint=HF_FOLDER --out=OUT
   python -m seed_jax.convert hf_clip_text --checkpoint=SD_FOLDER/text_encoder --out=OUT
+  python -m seed_jax.convert sd --checkpoint=SD_FOLDER|sd-v1-4.ckpt --out=OUT [--unet_heads=8]
 
 Dimensions are read from the checkpoint; head counts (no shape tells them) are
 flags for the .pth layouts and config.json entries for Hugging Face folders. Every
@@ -16,10 +17,12 @@ left unused are listed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from seed_jax import weights
 from seed_jax.convert import blip2, clip_text, seed_v1, sources
+from seed_jax.convert import stable_diffusion as sd
 from seed_jax.convert.rules import Source, apply
 
 
@@ -55,8 +58,25 @@ def _hf_clip_text(args):
     return "clip_text", config, clip_text.table(config, source), source, {}
 
 
+def _sd(args):
+    if os.path.isdir(args.checkpoint):
+        source, configs = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle)
+        layout = "diffusers"
+    else:
+        source = sd.compvis_to_diffusers(sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle),
+                                         args.checkpoint)
+        configs, layout = {}, "compvis"
+    text_length = source.arrays.get("text_encoder.text_model.embeddings.position_embedding.weight")
+    empty = sd.empty_prompt_ids(args.checkpoint if layout == "diffusers" else None,
+                                77 if text_length is None else text_length.shape[0])
+    config = sd.config(source, configs, empty_prompt=empty, unet_heads=args.unet_heads,
+                       scaling_factor=args.scaling_factor, norm_groups=args.norm_groups,
+                       text_heads=args.text_heads)
+    return "stable_diffusion", config, sd.table(config, source), source, {"source_layout": layout}
+
+
 CONVERTERS = {"seed_v1": _seed_v1, "lavis_blip2": _lavis_blip2, "hf_blip2": _hf_blip2,
-              "hf_clip_text": _hf_clip_text}
+              "hf_clip_text": _hf_clip_text, "sd": _sd}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     for name in CONVERTERS:
         s = sub.add_parser(name)
         s.add_argument("--checkpoint", required=True,
-                       help="checkpoint file (.pth/.bin/.safetensors) or Hugging Face folder (hf_*)")
+                       help="checkpoint file (.pth/.bin/.safetensors/.ckpt) or Hugging Face / diffusers folder")
         s.add_argument("--out", required=True, help="new export directory")
         s.add_argument("--allow_pickle", action="store_true",
                        help="load .pth files that torch's weights_only loader refuses (trusted files only)")
@@ -73,6 +93,15 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT")
             s.add_argument("--vit_heads", type=int, default=16)
             s.add_argument("--qformer_heads", type=int, default=12)
+        if name == "sd":
+            s.add_argument("--unet_heads", type=int, default=None,
+                           help="UNet attention heads (default: the folder's unet/config.json, else 8 as SD v1)")
+            s.add_argument("--scaling_factor", type=float, default=None,
+                           help="latent scale (default: vae/config.json, else 0.18215)")
+            s.add_argument("--norm_groups", type=int, default=None,
+                           help="GroupNorm groups of UNet and VAE (default: the config.json files, else 32)")
+            s.add_argument("--text_heads", type=int, default=None,
+                           help="text encoder heads (default: text_encoder/config.json, else 12)")
         if name == "seed_v1":
             s.add_argument("--qformer", default="", help="causal_qformer.pth")
             s.add_argument("--blocks_heads", type=int, default=12)

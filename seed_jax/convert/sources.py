@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -34,11 +35,15 @@ def read_file(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]
 
 
 def read_folder(folder: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """A Hugging Face model folder (model*.safetensors or pytorch_model*.bin, sharded or not)."""
+    """A Hugging Face / diffusers model folder (*.safetensors or *pytorch_model*.bin,
+    sharded or not; reduced-precision variants such as *.fp16.safetensors are used
+    only when they are all there is)."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a Hugging Face model folder")
-    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+    for pattern in ("*.safetensors", "*pytorch_model*.bin"):
         files = sorted(glob.glob(os.path.join(folder, pattern)))
+        full_precision = [f for f in files if not re.search(r"\.(fp16|bf16)\.", os.path.basename(f))]
+        files = full_precision or files
         if files:
             out: dict[str, np.ndarray] = {}
             for f in files:

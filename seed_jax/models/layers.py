@@ -148,8 +148,21 @@ class Attention(nnx.Module):
             scores = scores + jnp.where(mask, 0.0, MASK_VALUE)
         probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(self.dtype)
         y = jnp.einsum("BNLS,BSNH->BLNH", probs, v)
+        return self._output(y)
+
+    def _output(self, y: jax.Array) -> jax.Array:
         return (jnp.einsum("BLNH,NHD->BLD", y, self.out[...].astype(self.dtype))
                 + self.out_bias[...].astype(self.dtype))
+
+    def dot_product(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """Unmasked attention through `jax.nn.dot_product_attention`, which uses the
+        backend's fused kernel (cuDNN flash attention on GPUs) where the shapes allow.
+        x (B,L,D), context (B,S,D_kv) or None -> (B,L,D)."""
+        context = x if context is None else context
+        y = jax.nn.dot_product_attention(self._project(x, self.query, self.q_bias),
+                                         self._project(context, self.key, self.k_bias),
+                                         self._project(context, self.value, self.v_bias))
+        return self._output(y)
 
 
 def causal_mask(length: int) -> jax.Array:

@@ -1,0 +1,34 @@
+"""Embeddings -> images: classifier-free guided denoising with a sampler, then the
+autoencoder's decoder. Everything here is traced into one jitted program."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seed_jax.diffusion import samplers
+from seed_jax.models.stable_diffusion import StableDiffusion
+
+
+def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: jax.Array | None,
+                    guidance_scale: jax.Array):
+    """denoise(x, t) = eps(x | negative) + g (eps(x | prompt) - eps(x | negative)),
+    both halves in one UNet call; without `negative_embeds`, the plain conditional
+    estimate. Embeddings (B,S,X)."""
+    if negative_embeds is None:
+        return lambda x, t: model.unet(x, t, prompt_embeds)
+    context = jnp.concatenate([negative_embeds, prompt_embeds])
+
+    def denoise(x, t):
+        unconditional, conditional = jnp.split(model.unet(jnp.concatenate([x, x]), t, context), 2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return denoise
+
+
+def sample(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: jax.Array | None,
+           latents: jax.Array, guidance_scale: jax.Array, *, sampler: str, plan: samplers.Plan) -> jax.Array:
+    """Initial noise latents (B,h,w,Z) -> images (B,H,W,3) clipped to [-1,1], float32."""
+    denoise = guided_denoiser(model, prompt_embeds, negative_embeds, guidance_scale)
+    final = samplers.run(samplers.get(sampler), plan, denoise, latents.astype(jnp.float32))
+    return jnp.clip(model.latents_to_images(final), -1.0, 1.0)

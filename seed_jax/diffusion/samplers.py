@@ -1,0 +1,188 @@
+"""Deterministic samplers for an epsilon-predicting model: PLMS, DDIM and
+DPM-Solver++(2M), each matching its diffusers scheduler (PNDMScheduler with
+skip_prk_steps, DDIMScheduler with eta 0, DPMSolverMultistepScheduler) under SD
+v1's scheduler config.
+
+Each sampler splits into a host part and a device part. `plan(schedule, num_steps)`
+runs the scheduler's bookkeeping on the host (timesteps, which history to combine,
+every coefficient) and returns per-step arrays; `init / current / update` form a
+branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
+Spacing is each scheduler's default: "leading" (+ steps_offset) for PLMS and DDIM,
+"linspace" for DPM-Solver++.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seed_jax.diffusion.schedule import NoiseSchedule
+
+Plan = dict[str, np.ndarray]  # per-step arrays, leading axis = number of model evaluations
+
+
+def _check_steps(schedule: NoiseSchedule, num_steps: int) -> None:
+    if not 1 <= num_steps <= schedule.num_train_timesteps:
+        raise ValueError(f"num_steps: expected 1..{schedule.num_train_timesteps}, got {num_steps}")
+
+
+def _leading(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+    """Ascending int timesteps k * (T // n) + steps_offset."""
+    return np.arange(num_steps) * (schedule.num_train_timesteps // num_steps) + schedule.steps_offset
+
+
+class DDIM:
+    """x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t);  x <- sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
+
+    @staticmethod
+    def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
+        _check_steps(schedule, num_steps)
+        abar = schedule.alphas_cumprod().astype(np.float64)
+        timesteps = _leading(schedule, num_steps)[::-1]
+        prev = timesteps - schedule.num_train_timesteps // num_steps
+        a_t = abar[timesteps]
+        a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], schedule.final_alpha_cumprod())
+        return {"timestep": timesteps, "a_t": a_t, "a_prev": a_prev}
+
+    @staticmethod
+    def init(x):
+        return x
+
+    @staticmethod
+    def current(carry):
+        return carry
+
+    @staticmethod
+    def update(x, eps, step):
+        x0 = (x - jnp.sqrt(1 - step["a_t"]) * eps) / jnp.sqrt(step["a_t"])
+        return jnp.sqrt(step["a_prev"]) * x0 + jnp.sqrt(1 - step["a_prev"]) * eps
+
+
+class PLMS:
+    """Pseudo linear multistep (PNDM without Runge-Kutta warm-up): n + 1 model
+    evaluations. The second evaluation redoes the first step from the saved start
+    with the mean of both noise estimates; later steps combine the newest estimate
+    with up to three earlier ones (Adams-Bashforth weights)."""
+
+    HISTORY = 3
+    WEIGHTS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+    @classmethod
+    def plan(cls, schedule: NoiseSchedule, num_steps: int) -> Plan:
+        _check_steps(schedule, num_steps)
+        abar = schedule.alphas_cumprod().astype(np.float64)
+        ratio = schedule.num_train_timesteps // num_steps
+        base = _leading(schedule, num_steps)
+        timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+        alpha = lambda t: abar[t] if t >= 0 else schedule.final_alpha_cumprod()  # noqa: E731
+        rows = {k: [] for k in ("timestep", "weights", "push", "from_saved", "save", "a_from", "a_to")}
+        num_pushed = 0  # how many estimates the reference keeps (it trims to the last four)
+        for counter, t in enumerate(int(t) for t in timesteps):
+            t_from, t_to = (t + ratio, t) if counter == 1 else (t, t - ratio)
+            if counter == 1:  # averaged with the first estimate; not kept
+                weights, push = [0.5, 0.5], False
+            else:
+                num_pushed = min(num_pushed + 1, 4)
+                weights, push = cls.WEIGHTS[num_pushed], True
+            rows["timestep"].append(t)
+            rows["weights"].append(np.pad(weights, (0, 1 + cls.HISTORY - len(weights))))
+            rows["push"].append(push)
+            rows["from_saved"].append(counter == 1)
+            rows["save"].append(counter == 0)
+            rows["a_from"].append(alpha(t_from))
+            rows["a_to"].append(alpha(t_to))
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    @classmethod
+    def init(cls, x):
+        return {"x": x, "saved": x, "history": jnp.zeros((cls.HISTORY,) + x.shape, x.dtype)}
+
+    @staticmethod
+    def current(carry):
+        return carry["x"]
+
+    @staticmethod
+    def update(carry, eps, step):
+        """weights over [eps, newest kept estimate, ..., oldest]."""
+        x, history = carry["x"], carry["history"]
+        w = step["weights"]
+        combined = w[0] * eps + jnp.tensordot(w[1:], history, axes=1)
+        start = jnp.where(step["from_saved"], carry["saved"], x)
+        a_t, a_prev = step["a_from"], step["a_to"]
+        denominator = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
+        new_x = jnp.sqrt(a_prev / a_t) * start - (a_prev - a_t) * combined / denominator
+        pushed = jnp.concatenate([eps[None], history[:-1]])
+        return {"x": new_x, "saved": jnp.where(step["save"], x, carry["saved"]),
+                "history": jnp.where(step["push"], pushed, history)}
+
+
+class DPMSolverPP:
+    """DPM-Solver++(2M) in data prediction: first order on the first and the final
+    step (the final sigma is 0), second order (midpoint) in between."""
+
+    @staticmethod
+    def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
+        _check_steps(schedule, num_steps)
+        abar = schedule.alphas_cumprod().astype(np.float64)
+        n = schedule.num_train_timesteps
+        timesteps = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        all_sigmas = ((1 - abar) / abar) ** 0.5
+        sigmas = np.concatenate([np.interp(timesteps, np.arange(n), all_sigmas), [0.0]])
+        alphas = 1.0 / np.sqrt(sigmas ** 2 + 1)
+        sigmas_t = sigmas * alphas
+        with np.errstate(divide="ignore"):
+            lambdas = np.log(alphas) - np.log(sigmas_t)  # +inf at the final sigma 0
+        rows = {k: [] for k in ("timestep", "alpha_s", "sigma_s", "x_coef", "m0_coef", "m1_coef")}
+        for i, t in enumerate(timesteps):
+            h = lambdas[i + 1] - lambdas[i]
+            decay = np.exp(-h) - 1.0  # -1 at the final step
+            first_order = i == 0 or i == num_steps - 1
+            r = None if first_order else (lambdas[i] - lambdas[i - 1]) / h
+            rows["timestep"].append(t)
+            rows["alpha_s"].append(alphas[i])
+            rows["sigma_s"].append(sigmas_t[i])
+            rows["x_coef"].append(sigmas_t[i + 1] / sigmas_t[i])
+            rows["m0_coef"].append(-alphas[i + 1] * decay * (1.0 if first_order else 1.0 + 0.5 / r))
+            rows["m1_coef"].append(0.0 if first_order else 0.5 * alphas[i + 1] * decay / r)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    @staticmethod
+    def init(x):
+        return {"x": x, "previous": jnp.zeros_like(x)}
+
+    @staticmethod
+    def current(carry):
+        return carry["x"]
+
+    @staticmethod
+    def update(carry, eps, step):
+        x = carry["x"]
+        data = (x - step["sigma_s"] * eps) / step["alpha_s"]
+        new_x = step["x_coef"] * x + step["m0_coef"] * data + step["m1_coef"] * carry["previous"]
+        return {"x": new_x, "previous": data}
+
+
+SAMPLERS = {"plms": PLMS, "ddim": DDIM, "dpm++2m": DPMSolverPP}
+
+
+def get(name: str):
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]
+
+
+def run(sampler, plan: Plan, denoise: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Runs the whole loop as one lax.scan (call under jit). `denoise(x, timestep)`
+    gives the noise estimate for x (B,...) at a scalar timestep; x starts as the
+    initial noise. The plan's arrays are cast to float32."""
+    steps = {k: jnp.asarray(v, jnp.int32 if k == "timestep" else
+                            (jnp.bool_ if v.dtype == bool else jnp.float32)) for k, v in plan.items()}
+
+    def body(carry, step):
+        eps = denoise(sampler.current(carry), step["timestep"]).astype(x.dtype)
+        return sampler.update(carry, eps, step), None
+
+    return sampler.current(jax.lax.scan(body, sampler.init(x), steps)[0])

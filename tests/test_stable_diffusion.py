@@ -1,0 +1,225 @@
+"""Stable Diffusion in NNX against diffusers with the same random weights: the UNet,
+the VAE encoder and decoder, whole sampling runs per scheduler, the diffusers
+folder and CompVis single-file converters, and the StableDiffusion API."""
+
+import numpy as np
+import pytest
+import torch
+
+from parity import relative_error
+from sd_fixtures import CONTEXT_WIDTH, diffusers_scheduler, tiny_pipeline
+from seed_jax.api import StableDiffusion
+from seed_jax.convert.__main__ import convert
+
+pytestmark = pytest.mark.torch
+
+MODULE_TOLERANCE = 1e-4
+RUN_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(diffusers pipeline, our StableDiffusion) from one saved pipeline folder."""
+    root = tmp_path_factory.mktemp("sd")
+    pipe = tiny_pipeline(str(root / "pipeline"))
+    report = convert(["sd", f"--checkpoint={root / 'pipeline'}", f"--out={root / 'export'}"])
+    assert report["kind"] == "stable_diffusion"
+    assert not [k for k in report["unused_keys"] if not k.endswith("position_ids")], report["unused_keys"]
+    return pipe, StableDiffusion.load(str(root / "export"))
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def _nhwc(x: torch.Tensor):
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def test_unet_matches_diffusers(converted):
+    pipe, sd = converted
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, CONTEXT_WIDTH)).astype(np.float32)
+    timesteps = np.array([981, 17])
+    with torch.no_grad():
+        ref = pipe.unet(_nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+    ours = sd.model.unet(latents, timesteps, context)
+    assert ours.shape == (2, 8, 8, 4)
+    assert relative_error(ours, _nhwc(ref)) <= MODULE_TOLERANCE
+
+
+def test_vae_encoder_and_decoder_match_diffusers(converted):
+    pipe, sd = converted
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(_nchw(images)).latent_dist
+        decoded = pipe.vae.decode(_nchw(latents)).sample
+    mean, logvar = sd.model.vae.encode(images)
+    assert relative_error(mean, _nhwc(posterior.mean)) <= MODULE_TOLERANCE
+    assert relative_error(logvar, _nhwc(posterior.logvar)) <= MODULE_TOLERANCE
+    assert relative_error(sd.model.vae.decode(latents), _nhwc(decoded)) <= MODULE_TOLERANCE
+
+
+def test_empty_prompt_embedding_matches_pipeline(converted):
+    pipe, sd = converted
+    ids = pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert tuple(ids[0].tolist()) == sd.config.empty_prompt_ids
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids).last_hidden_state.numpy()
+    assert relative_error(sd.empty_prompt_embeds(1), ref) <= MODULE_TOLERANCE
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim", "dpm++2m"])
+def test_sampling_run_matches_diffusers_pipeline(converted, sampler):
+    """The whole guided run and the VAE decode against StableDiffusionPipeline with
+    the matching scheduler; the negative side is the pipeline's own empty prompt."""
+    pipe, sd = converted
+    pipe.scheduler = diffusers_scheduler(sampler)
+    rng = np.random.default_rng(2)
+    prompt = rng.standard_normal((2, 77, CONTEXT_WIDTH)).astype(np.float32)
+    latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=torch.from_numpy(prompt), latents=_nchw(latents), num_inference_steps=12,
+                   guidance_scale=7.5, output_type="np").images
+    ours = sd.sample(prompt, latents=latents, num_steps=12, guidance_scale=7.5, sampler=sampler)
+    assert ours.shape == ref.shape == (2, 16, 16, 3)
+    assert relative_error((ours + 1) / 2, ref) <= RUN_TOLERANCE
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim", "dpm++2m"])
+def test_sampler_matches_scheduler_on_latents(converted, sampler):
+    """Latents after a run with explicit negative embeddings and few steps (PLMS's
+    warm-up and DPM's first/last-order switches dominate), before the decoder."""
+    pipe, sd = converted
+    rng = np.random.default_rng(3)
+    prompt = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    negative = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    for steps in (1, 2, 5):
+        scheduler = diffusers_scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        x = _nchw(latents)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                eps = pipe.unet(torch.cat([x, x]), t, torch.from_numpy(np.concatenate([negative, prompt]))).sample
+                uncond, cond = eps.chunk(2)
+                x = scheduler.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
+        ref = pipe.vae.decode(x / 0.18215).sample.clamp(-1, 1)
+        ours = sd.sample(prompt, negative, latents=latents, num_steps=steps, guidance_scale=3.0, sampler=sampler)
+        assert relative_error(ours, _nhwc(ref)) <= RUN_TOLERANCE, steps
+
+
+def _compvis_state_dict(pipe) -> dict:
+    """The pipeline's weights under CompVis LDM names, built key by key from the
+    LDM module structure (resnets in_layers/out_layers, input/output_blocks, the
+    VAE's down/up/mid with levels counted from the bottom)."""
+    out = {}
+    unet, levels, per_level = pipe.unet.state_dict(), 2, 3
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+    def put_resnet(dst, src):
+        for k, v in unet.items():
+            if k.startswith(src + "."):
+                name, rest = k[len(src) + 1:].split(".", 1)
+                out[f"model.diffusion_model.{dst}.{resnet[name]}.{rest}"] = v
+
+    def put_all(dst, src, state, prefix):
+        for k, v in state.items():
+            if k.startswith(src + "."):
+                out[f"{prefix}{dst}{k[len(src):]}"] = v
+
+    put_all("time_embed.0", "time_embedding.linear_1", unet, "model.diffusion_model.")
+    put_all("time_embed.2", "time_embedding.linear_2", unet, "model.diffusion_model.")
+    put_all("input_blocks.0.0", "conv_in", unet, "model.diffusion_model.")
+    put_all("out.0", "conv_norm_out", unet, "model.diffusion_model.")
+    put_all("out.2", "conv_out", unet, "model.diffusion_model.")
+    for i in range(levels):
+        for j in range(2):
+            put_resnet(f"input_blocks.{1 + i * per_level + j}.0", f"down_blocks.{i}.resnets.{j}")
+            put_all(f"input_blocks.{1 + i * per_level + j}.1", f"down_blocks.{i}.attentions.{j}", unet,
+                    "model.diffusion_model.")
+        put_all(f"input_blocks.{1 + i * per_level + 2}.0.op", f"down_blocks.{i}.downsamplers.0.conv", unet,
+                "model.diffusion_model.")
+        for j in range(3):
+            put_resnet(f"output_blocks.{i * per_level + j}.0", f"up_blocks.{i}.resnets.{j}")
+            has_attention = f"up_blocks.{i}.attentions.0.norm.weight" in unet
+            put_all(f"output_blocks.{i * per_level + j}.1", f"up_blocks.{i}.attentions.{j}", unet,
+                    "model.diffusion_model.")
+            if j == 2:
+                put_all(f"output_blocks.{i * per_level + j}.{2 if has_attention else 1}.conv",
+                        f"up_blocks.{i}.upsamplers.0.conv", unet, "model.diffusion_model.")
+    put_resnet("middle_block.0", "mid_block.resnets.0")
+    put_all("middle_block.1", "mid_block.attentions.0", unet, "model.diffusion_model.")
+    put_resnet("middle_block.2", "mid_block.resnets.1")
+
+    vae, vae_levels = pipe.vae.state_dict(), 2
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for k, v in vae.items():
+        new = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        new = new.replace("down_blocks.", "down.").replace(".resnets.", ".block.").replace("downsamplers.0", "downsample")
+        new = new.replace("upsamplers.0", "upsample").replace("mid_block.block.0", "mid.block_1")
+        new = new.replace("mid_block.block.1", "mid.block_2")
+        if "mid_block.attentions.0." in new:
+            name = new.split("mid_block.attentions.0.")[1].rsplit(".", 1)[0]
+            new = new.replace(f"mid_block.attentions.0.{name}", f"mid.attn_1.{attention[name]}")
+            v = v[:, :, None, None] if v.ndim == 2 else v  # LDM's attention projections are 1x1 convs
+        if new.startswith("decoder.up_blocks."):
+            level = int(new.split(".")[2])
+            new = new.replace(f"decoder.up_blocks.{level}.", f"decoder.up.{vae_levels - 1 - level}.")
+        out[f"first_stage_model.{new}"] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        out[f"cond_stage_model.transformer.{k}"] = v
+    out["model_ema.decay"] = torch.tensor(0.9999)  # present in the release; must be reported unused
+    return out
+
+
+def test_compvis_single_file_converts_to_the_same_model(converted, tmp_path):
+    """The CompVis layout written here is checked against diffusers' own LDM
+    converters first, then our CLI must give the same images as the folder."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    pipe, sd = converted
+    state = _compvis_state_dict(pipe)
+    unet_back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
+    assert set(unet_back) == set(pipe.unet.state_dict())
+    assert all(torch.equal(unet_back[k], v) for k, v in pipe.unet.state_dict().items())
+    vae_back = convert_ldm_vae_checkpoint(state, dict(pipe.vae.config))
+    assert set(vae_back) == set(pipe.vae.state_dict())
+    assert all(torch.equal(vae_back[k].reshape(v.shape), v) for k, v in pipe.vae.state_dict().items())
+
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "sd-tiny.ckpt")
+    report = convert(["sd", f"--checkpoint={tmp_path / 'sd-tiny.ckpt'}", f"--out={tmp_path / 'export'}",
+                      "--unet_heads=2", "--norm_groups=8", "--text_heads=2"])
+    assert report["source_layout"] == "compvis"
+    assert "model_ema.decay" in report["unused_keys"]
+    from_ckpt = StableDiffusion.load(str(tmp_path / "export"))
+    rng = np.random.default_rng(4)
+    prompt = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    options = dict(latents=latents, num_steps=3, guidance_scale=7.5, sampler="ddim")
+    # The CompVis file has no tokenizer: the empty prompt is SD v1's ids, out of this
+    # tiny vocabulary, so both sides take the folder's empty-prompt embedding.
+    negative = sd.empty_prompt_embeds(1)
+    np.testing.assert_allclose(from_ckpt.sample(prompt, negative, **options), sd.sample(prompt, negative, **options),
+                               atol=1e-6)
+
+
+def test_sample_rejects_bad_inputs(converted):
+    _, sd = converted
+    good = np.zeros((1, 77, CONTEXT_WIDTH), np.float32)
+    with pytest.raises(ValueError, match="prompt_embeds: expected"):
+        sd.sample(np.zeros((1, 77, 5), np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="negative_embeds: expected"):
+        sd.sample(good, np.zeros((2, 77, CONTEXT_WIDTH), np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="latents: expected"):
+        sd.sample(good, latents=np.zeros((1, 4, 4, 3), np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="sampler: expected"):
+        sd.sample(good, num_steps=2, sampler="euler")
+    with pytest.raises(ValueError, match="num_steps: expected"):
+        sd.sample(good, num_steps=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sd.sample(np.full((1, 77, CONTEXT_WIDTH), np.nan, np.float32), num_steps=2)

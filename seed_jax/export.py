@@ -23,11 +23,6 @@ from seed_jax import parallel, weights
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "New export directory.")
-_STAGE = flags.DEFINE_enum("stage", "stage2", ["stage1", "stage2"], "Last stage to take parameters from.")
-
-
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -59,17 +54,26 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     return restored
 
 
+def define_flags() -> None:
+    """Flags of the command line (defined only there: trainers import `export`)."""
+    flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+    flags.DEFINE_string("out", None, "New export directory.")
+    flags.DEFINE_enum("stage", "stage2", ["stage1", "stage2"], "Last stage to take parameters from.")
+
+
 def main(argv):
     del argv
-    if not _WORKDIR.value or not _OUT.value:
+    workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+    if not workdir or not out:
         raise app.UsageError("--workdir and --out are required")
-    restored = export(_WORKDIR.value, _OUT.value, _STAGE.value)
+    restored = export(workdir, out, flags.FLAGS.stage)
     for name, step in restored.items():
         if step is None:
             logging.warning("%s has no checkpoint: its parameters are the initial ones", name)
-    print(f"exported {_WORKDIR.value} ({', '.join(f'{k} step {v}' for k, v in restored.items())}) to {_OUT.value}")
+    print(f"exported {workdir} ({', '.join(f'{k} step {v}' for k, v in restored.items())}) to {out}")
     return 0
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(main))

@@ -20,9 +20,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
 
 
 def _trainers():
-    from seed_jax.trainers import tokenizer
+    from seed_jax.trainers import decoder, tokenizer
 
-    return {"tokenizer": tokenizer.train}
+    return {"tokenizer": tokenizer.train, "decoder": decoder.train}
 
 
 def _quiet_libraries(record) -> bool:

@@ -58,9 +58,9 @@ def tiny_vae(seed=1):
         layers_per_block=1, latent_channels=4, norm_num_groups=8), seed).eval()
 
 
-def tiny_text_encoder(seed=2, vocab_size=64):
+def tiny_text_encoder(seed=2, vocab_size=64, width=CONTEXT_WIDTH):
     return randomize(CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=CONTEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)), seed).eval()
 

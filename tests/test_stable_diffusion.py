@@ -2,12 +2,16 @@
 the VAE encoder and decoder, whole sampling runs per scheduler, the diffusers
 folder and CompVis single-file converters, and the StableDiffusion API."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from parity import relative_error
-from sd_fixtures import CONTEXT_WIDTH, diffusers_scheduler, tiny_pipeline
+from sd_fixtures import (CONTEXT_WIDTH, diffusers_scheduler, randomize, tiny_pipeline, tiny_text_encoder,
+                         tiny_tokenizer)
+from seed_jax import weights
 from seed_jax.api import StableDiffusion
 from seed_jax.convert.__main__ import convert
 
@@ -110,6 +114,32 @@ def test_sampler_matches_scheduler_on_latents(converted, sampler):
         ref = pipe.vae.decode(x / 0.18215).sample.clamp(-1, 1)
         ours = sd.sample(prompt, negative, latents=latents, num_steps=steps, guidance_scale=3.0, sampler=sampler)
         assert relative_error(ours, _nhwc(ref)) <= RUN_TOLERANCE, steps
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_v_prediction_sampling_matches_diffusers(converted, sampler):
+    """The same UNet read as a v-predicting model, against the scheduler configured
+    with prediction_type="v_prediction"."""
+    pipe, sd = converted
+    config = dataclasses.replace(sd.config, schedule=dataclasses.replace(sd.config.schedule,
+                                                                         prediction_type="v_prediction"))
+    v_model = StableDiffusion(weights.materialize(weights.build("stable_diffusion", config, abstract=True),
+                                                  weights.flat_params(sd.model)))
+    rng = np.random.default_rng(5)
+    prompt, negative = rng.standard_normal((2, 1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    scheduler = type(diffusers_scheduler(sampler)).from_config(diffusers_scheduler(sampler).config,
+                                                               prediction_type="v_prediction")
+    scheduler.set_timesteps(6)
+    x = _nchw(latents)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = pipe.unet(torch.cat([x, x]), t, torch.from_numpy(np.concatenate([negative, prompt]))).sample
+            uncond, cond = out.chunk(2)
+            x = scheduler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+        ref = pipe.vae.decode(x / 0.18215).sample.clamp(-1, 1)
+    ours = v_model.sample(prompt, negative, latents=latents, num_steps=6, guidance_scale=2.0, sampler=sampler)
+    assert relative_error(ours, _nhwc(ref)) <= RUN_TOLERANCE
 
 
 def _compvis_state_dict(pipe) -> dict:
@@ -223,3 +253,41 @@ def test_sample_rejects_bad_inputs(converted):
         sd.sample(good, num_steps=0)
     with pytest.raises(ValueError, match="NaN"):
         sd.sample(np.full((1, 77, CONTEXT_WIDTH), np.nan, np.float32), num_steps=2)
+
+
+@pytest.mark.slow
+def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
+    """SD v1's UNet (one guided denoising step at 64x64 latents) and autoencoder
+    (512x512 encode and decode) with random weights, through the CLI."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = randomize(UNet2DConditionModel(), 10).eval()  # the defaults are SD v1's UNet
+    vae = randomize(AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4), 11).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny_text_encoder(width=768),
+                                   tokenizer=tiny_tokenizer(str(tmp_path / "tok")), unet=unet,
+                                   scheduler=diffusers_scheduler("plms"), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    convert(["sd", f"--checkpoint={tmp_path / 'pipeline'}", f"--out={tmp_path / 'export'}"])
+    sd = StableDiffusion.load(str(tmp_path / "export"))
+    assert sd.config.unet.block_channels == (320, 640, 1280, 1280) and sd.config.unet.num_heads == (8,) * 4
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 64, 64, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, 768)).astype(np.float32)
+    with torch.no_grad():
+        ref = pipe.unet(_nchw(latents), torch.tensor([981, 981]), torch.from_numpy(context)).sample
+    error = relative_error(sd.model.unet(latents, np.array([981, 981]), context), _nhwc(ref))
+    print(f"full SD v1 UNet relative error {error:.2e}")
+    assert error <= MODULE_TOLERANCE
+    del ref
+
+    images = rng.uniform(-1, 1, (1, 512, 512, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = pipe.vae.encode(_nchw(images)).latent_dist.mean
+        decoded = pipe.vae.decode(_nchw(latents[:1])).sample
+    errors = (relative_error(sd.model.vae.encode(images)[0], _nhwc(mean)),
+              relative_error(sd.model.vae.decode(latents[:1]), _nhwc(decoded)))
+    print(f"full SD v1 VAE relative error: encoder {errors[0]:.2e}, decoder {errors[1]:.2e}")
+    assert max(errors) <= MODULE_TOLERANCE

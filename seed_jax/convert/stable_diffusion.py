@@ -95,8 +95,6 @@ def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetCo
     for key, supported in UNSUPPORTED_UNET.items():
         if hf.get(key, supported) != supported:
             raise ValueError(f"unet config.json {key}={hf[key]!r}: only {supported!r} is supported (SD v1/v2 UNets)")
-    if hf.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError("only epsilon-prediction models are supported")
     s = _part(source, "unet")
     levels = s.count("down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:
@@ -137,12 +135,10 @@ def vae_config(source: Source, hf: dict, *, scaling_factor: float | None = None)
 
 
 def schedule_config(hf: dict) -> NoiseSchedule:
-    if hf.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"scheduler prediction_type={hf['prediction_type']!r}: only 'epsilon' is supported")
     defaults = NoiseSchedule()
     return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
-                             "set_alpha_to_one")})
+                             "set_alpha_to_one", "prediction_type")})
 
 
 def _old_vae_attention_names(arrays: dict) -> dict:

@@ -73,6 +73,41 @@ class Example:
         return self.finish(preprocess.resize(image, self.image_size), record["caption"], index)
 
 
+@dataclasses.dataclass(frozen=True)
+class PixelExample:
+    """A record -> `image` float32 (S,S,3) in [-1,1] (bicubic resize, no crop or flip:
+    captions name positions), `clip_ids` int32 (L,), `index`; what a diffusion model
+    trains on. Same `train` / `eval` interface as `Example`."""
+    image_size: int
+    clip_text: TextTokenizer
+    skipped: SkipCounter
+
+    def _finish(self, image: np.ndarray, caption: str, index: int) -> dict:
+        clip_ids, _ = self.clip_text([caption])
+        return {"image": image.astype(np.float32) / 127.5 - 1.0, "clip_ids": clip_ids[0], "index": np.int32(index)}
+
+    def _decode(self, raw: bytes | None):
+        if raw is None:
+            return None, None
+        try:
+            record = records.decode_record(raw)
+            return record, preprocess.resize(preprocess.decode_image(record["image"]), self.image_size)
+        except ValueError:
+            self.skipped.add()
+            return None, None
+
+    def train(self, item: tuple[int, bytes], rng: np.random.Generator) -> dict | None:
+        del rng
+        record, image = self._decode(item[1])
+        return None if record is None else self._finish(image, record["caption"], item[0])
+
+    def eval(self, item: tuple[int, bytes | None]) -> dict:
+        record, image = self._decode(item[1])
+        if record is None:
+            return self._finish(np.zeros((self.image_size, self.image_size, 3), np.uint8), "", -1)
+        return self._finish(image, record["caption"], item[0])
+
+
 def _source(paths: Sequence[str]) -> grain.MapDataset:
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
 
@@ -113,6 +148,14 @@ def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, g
         lambda i: example.eval((i, source[i] if i < num_examples else None)))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     return list(ds.batch(per_process))
+
+
+def read_records(paths: Sequence[str], num_examples: int) -> list[bytes]:
+    """The first `num_examples` raw records."""
+    source = _source(paths)
+    if num_examples > len(source):
+        raise ValueError(f"num_examples: {num_examples} requested, the split has {len(source)}")
+    return [source[i] for i in range(num_examples)]
 
 
 def read_captions(paths: Sequence[str], num_examples: int) -> list[str | None]:

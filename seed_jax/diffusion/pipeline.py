@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from seed_jax.diffusion import samplers
+from seed_jax.diffusion.schedule import noise_estimate
 from seed_jax.models.stable_diffusion import StableDiffusion
 
 
@@ -14,14 +15,19 @@ def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_e
                     guidance_scale: jax.Array):
     """denoise(x, t) = eps(x | negative) + g (eps(x | prompt) - eps(x | negative)),
     both halves in one UNet call; without `negative_embeds`, the plain conditional
-    estimate. Embeddings (B,S,X)."""
-    if negative_embeds is None:
-        return lambda x, t: model.unet(x, t, prompt_embeds)
-    context = jnp.concatenate([negative_embeds, prompt_embeds])
+    estimate. Embeddings (B,S,X). A v-predicting model's guided output becomes a
+    noise estimate (guidance and that conversion are both linear, so their order
+    does not matter)."""
+    schedule = model.config.schedule
 
     def denoise(x, t):
-        unconditional, conditional = jnp.split(model.unet(jnp.concatenate([x, x]), t, context), 2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        if negative_embeds is None:
+            output = model.unet(x, t, prompt_embeds)
+        else:
+            unconditional, conditional = jnp.split(
+                model.unet(jnp.concatenate([x, x]), t, jnp.concatenate([negative_embeds, prompt_embeds])), 2)
+            output = unconditional + guidance_scale * (conditional - unconditional)
+        return noise_estimate(schedule, output, x, t)
 
     return denoise
 

@@ -8,7 +8,10 @@ runs the scheduler's bookkeeping on the host (timesteps, which history to combin
 every coefficient) and returns per-step arrays; `init / current / update` form a
 branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
 Spacing is each scheduler's default: "leading" (+ steps_offset) for PLMS and DDIM,
-"linspace" for DPM-Solver++.
+"linspace" for DPM-Solver++. A v-predicting model's output is turned into a noise
+estimate before the sampler sees it (`schedule.noise_estimate`): the same as
+diffusers for DDIM and DPM-Solver++; diffusers' PNDM instead converts after
+combining estimates, so PLMS on v models differs from it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,10 +20,15 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"
     steps_offset: int = 1  # added to "leading" inference timesteps (SD v1's scheduler config)
     set_alpha_to_one: bool = False  # alpha-bar after the last step: 1, or that of timestep 0
+    # What the model predicts: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0
+    # (better behaved at high noise; samplers turn it into the noise estimate).
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) alpha-bar, computed in float32 as the reference schedulers do."""
@@ -37,7 +43,30 @@ class NoiseSchedule:
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
 
 
+def _abar(schedule: NoiseSchedule, timesteps: jax.Array, ndim: int) -> jax.Array:
+    """alpha-bar at int `timesteps` (B,) or (), shaped to broadcast over (B, ...) of rank `ndim`."""
+    abar = jnp.asarray(schedule.alphas_cumprod())[timesteps]
+    return abar.reshape(abar.shape + (1,) * (ndim - abar.ndim))
+
+
 def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
     """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0/noise (B,...), timesteps (B,) int."""
-    abar = jnp.asarray(schedule.alphas_cumprod())[timesteps].reshape((-1,) + (1,) * (x0.ndim - 1))
+    abar = _abar(schedule, timesteps, x0.ndim)
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """What the model learns to output for x_t = add_noise(x0, noise, t): the noise, or v."""
+    if schedule.prediction_type == "epsilon":
+        return noise
+    abar = _abar(schedule, timesteps, x0.ndim)
+    return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
+
+
+def noise_estimate(schedule: NoiseSchedule, output: jax.Array, x: jax.Array, timestep: jax.Array) -> jax.Array:
+    """The model's output at x_t -> its noise estimate (identity for epsilon models;
+    sqrt(abar) v + sqrt(1 - abar) x_t for v models)."""
+    if schedule.prediction_type == "epsilon":
+        return output
+    abar = _abar(schedule, timestep, x.ndim)
+    return jnp.sqrt(abar) * output + jnp.sqrt(1.0 - abar) * x

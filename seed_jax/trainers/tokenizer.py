@@ -123,7 +123,7 @@ def _dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
     raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {d.source!r}")
 
 
-def _tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:
+def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:
     """(Q-Former caption tokenizer, CLIP text tokenizer)."""
     t = config.data.tokenizer
     clip_length = config.clip_text.max_length
@@ -257,7 +257,7 @@ def train(config, workdir: str) -> bool:
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     train_paths, eval_paths = _dataset_paths(config, workdir)
-    qformer_text, clip_text = _tokenizers(config, workdir)
+    qformer_text, clip_text = text_tokenizers(config, workdir)
     for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
                             ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
         if tok.vocab_size > size:

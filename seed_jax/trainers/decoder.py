@@ -1,0 +1,176 @@
+"""De-tokenizer training: a text-conditioned diffusion UNet on the tokenizer's data,
+conditioned on the tokenizer's frozen CLIP text encoder, then SEED reconstruction
+measured with the tokenizer's stage-I image features.
+
+The tokenizer comes from `config.tokenizer_workdir` (trained first, with
+`config.tokenizer`, when that workdir holds no finished run); its CLIP text encoder
+is rebuilt exactly as tokenizer training built it (seeded, frozen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from seed_jax import api, export, parallel, weights
+from seed_jax.data import pipeline, preprocess, records
+from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from seed_jax.evaluators.reconstruction import image_grid, reconstruction_similarity
+from seed_jax.models.clip_text import CLIPTextConfig
+from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
+from seed_jax.models.unet import UNetConfig
+from seed_jax.trainers import loop
+from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids: np.ndarray):
+    """MSE to the schedule's target (noise or v) at uniform timesteps; a caption is replaced by the empty
+    prompt with `uncond_probability` (so guidance has an unconditional model)."""
+    empty_ids = jnp.asarray(empty_ids)[None]
+
+    def loss_fn(model: StableDiffusion, batch, rng):
+        r_time, r_noise, r_drop = jax.random.split(rng, 3)
+        x0 = model.images_to_latents(batch["image"])
+        batch_size = x0.shape[0]
+        context = jax.lax.stop_gradient(model.text_encoder(batch["clip_ids"]))
+        empty = jax.lax.stop_gradient(model.text_encoder(empty_ids))
+        dropped = jax.random.bernoulli(r_drop, uncond_probability, (batch_size,))
+        context = jnp.where(dropped[:, None, None], empty, context)
+        timesteps = jax.random.randint(r_time, (batch_size,), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(r_noise, x0.shape)
+        predicted = model.unet(add_noise(schedule, x0, noise, timesteps), timesteps, context)
+        loss = jnp.mean(jnp.square(predicted - training_target(schedule, x0, noise, timesteps)))
+        return loss, ({"mse": loss}, {})
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- the tokenizer this decoder serves
+def tokenizer_workdir(config, workdir: str) -> str:
+    return os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
+
+
+def ensure_tokenizer(config, workdir: str) -> tuple[str, str]:
+    """(tokenizer workdir, its export): trains the tokenizer first if its workdir has
+    no finished run, and exports it once."""
+    directory = tokenizer_workdir(config, workdir)
+    if not os.path.exists(os.path.join(directory, "DONE.json")):
+        logging.info("no finished tokenizer run in %s: training it first", directory)
+        if not tokenizer_trainer.train(config.tokenizer, directory):
+            raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
+    out = os.path.join(directory, "export")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
+        export.export(directory, out)
+    multihost_utils.sync_global_devices("tokenizer_exported")
+    return directory, out
+
+
+def diffusion_config(config, clip_config: CLIPTextConfig, empty_ids: np.ndarray) -> StableDiffusionConfig:
+    unet = UNetConfig.from_dict({**config.unet.to_dict(), "cross_attention_dim": clip_config.width})
+    return StableDiffusionConfig(unet=unet, vae=None, pixel_patch=config.pixel_patch, text_encoder=clip_config,
+                                 schedule=NoiseSchedule(**config.schedule.to_dict()),
+                                 empty_prompt_ids=tuple(int(i) for i in empty_ids))
+
+
+def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules, dtype, seed: int):
+    """The diffusion model initialised into its shardings, with the tokenizer run's
+    CLIP text encoder weights."""
+    create = lambda: StableDiffusion(sd_config, dtype=dtype, rngs=nnx.Rngs(seed))  # noqa: E731
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
+    clip_text = tokenizer_trainer.create_model(tokenizer_config, mesh).clip_text
+    weights.assign(model.text_encoder, weights.flat_params(clip_text))
+    return model
+
+
+# ---------------------------------------------------------------- evaluation
+class Evaluator:
+    """Reconstructs held-out images from their SEED codes and generates from their
+    captions; writes the similarities and an image grid."""
+
+    def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str):
+        self.config, self.writer, self.workdir = config, writer, workdir
+        self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
+        n = config.eval.num_examples
+        source = [records.decode_record(r) for r in pipeline.read_records(eval_paths, n)]
+        self.images = np.stack([preprocess.resize(preprocess.decode_image(r["image"]),
+                                                           self.tokenizer.image_size) for r in source])
+        self.captions = [r["caption"] for r in source]
+        self.caption_ids = clip_tokenizer(self.captions)[0]
+
+    def __call__(self, model: StableDiffusion, step: int) -> dict[str, float]:
+        e = self.config.eval
+        diffusion = api.StableDiffusion(model, batch_size=e.batch_size)
+        options = dict(num_steps=e.num_steps, guidance_scale=e.guidance_scale, sampler=e.sampler)
+        self.tokenizer.diffusion = diffusion
+        reconstructions = self.tokenizer.reconstruct(self.images, seed=step, **options)
+        from_captions = api.to_uint8(diffusion.sample(diffusion.encode_text(self.caption_ids), seed=step, **options))
+        metrics = reconstruction_similarity(self.tokenizer, self.images, reconstructions, from_captions)
+        self.writer.write(step, "decoder", "eval", metrics)
+        logging.info("decoder eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if jax.process_index() == 0:
+            k = e.grid_examples
+            grid = image_grid([self.images[:k], reconstructions[:k], from_captions[:k]], self.tokenizer.image_size)
+            preprocess.Image.fromarray(grid).save(os.path.join(self.workdir, "samples.png"))
+            self.writer.tb.add_image("decoder/samples", grid, step, dataformats="HWC")
+            with open(os.path.join(self.workdir, "samples.json"), "w") as f:
+                json.dump({"rows": ["original", "reconstruction from SEED codes", "generated from the caption"],
+                           "captions": self.captions[:k], "step": step}, f, indent=2)
+        return metrics
+
+
+# ---------------------------------------------------------------- driver
+def train(config, workdir: str) -> bool:
+    """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
+    Returns False if preempted."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    tok_dir, tok_export = ensure_tokenizer(config, workdir)
+    tok_config = config.tokenizer
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    rules = config.axis_rules
+    train_paths, eval_paths = (records.shard_paths(os.path.join(tok_dir, "data"), split) for split in ("train", "eval"))
+    _, clip_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)
+    empty_ids = clip_tokenizer([""])[0][0]
+    clip_config = CLIPTextConfig(**tok_config.clip_text.to_dict())
+    sd_config = diffusion_config(config, clip_config, empty_ids)
+    model = create_model(sd_config, tok_config, mesh, rules, DTYPES[config.dtype], config.seed)
+
+    skipped = pipeline.SkipCounter()
+    example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped)
+    train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.train.batch_size,
+                                         seed=config.seed, num_threads=2, prefetch=4)
+    writer = loop.MetricsWriter(workdir)
+    evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir)
+    preemption = loop.Preemption()
+    try:
+        done = loop.run_stage(
+            name="decoder", model=model, trainable=loop.trainable_filter(model, (), config.train.trainable),
+            loss_fn=diffusion_loss(sd_config.schedule, config.uncond_probability, empty_ids), stage=config.train,
+            config=config, mesh=mesh, train_iter=train_iter, evaluate=evaluator, writer=writer,
+            preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", "decoder"),
+            extra_metrics=lambda: {"data/skipped_records": skipped.count})
+        if not done:
+            return False
+    finally:
+        preemption.close()
+        writer.close()
+    out = os.path.join(workdir, "export")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
+        weights.save(out, "stable_diffusion", sd_config, weights.flat_params(model),
+                     info={"workdir": workdir, "tokenizer_export": tok_export, "steps": config.train.num_steps})
+        with open(os.path.join(workdir, "DONE.json"), "w") as f:
+            json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
+    return True

@@ -1,0 +1,107 @@
+"""The de-tokenizer demo trainer end to end at tiny size, the codes -> image API on
+its export, the pixel-space latent rearrangement and the noise schedule."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs.decoder import get_config
+from seed_jax import api, parallel
+from seed_jax.diffusion.schedule import NoiseSchedule, add_noise
+from seed_jax.models.clip_text import CLIPTextConfig
+from seed_jax.models.stable_diffusion import depth_to_space, space_to_depth
+from seed_jax.trainers import decoder, loop
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny decoder run (which trains its tiny tokenizer first)."""
+    workdir = str(tmp_path_factory.mktemp("decoder"))
+    assert decoder.train(get_config("tiny"), workdir)
+    return workdir
+
+
+def test_run_writes_metrics_grid_and_export(trained):
+    with open(os.path.join(trained, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if r["stage"] == "decoder" and r["split"] == "eval"]
+    assert len(evals) == 1
+    for key in ("recon/similarity", "recon/text_to_image_similarity", "recon/unrelated_similarity"):
+        assert -1.0 <= evals[0][key] <= 1.0
+    assert [r["step"] for r in records if r["stage"] == "decoder" and r["split"] == "train"] == [2, 4]
+    assert os.path.getsize(os.path.join(trained, "samples.png")) > 0
+    assert os.listdir(os.path.join(trained, "tb"))
+    with open(os.path.join(trained, "DONE.json")) as f:
+        assert json.load(f)["steps"] == 4
+
+
+def test_decode_and_reconstruct_through_the_api(trained):
+    with open(os.path.join(trained, "DONE.json")) as f:
+        done = json.load(f)
+    tokenizer = api.SeedTokenizer.load(done["tokenizer_export"], diffusion=done["export"], batch_size=4)
+    size = tokenizer.diffusion.config.image_size
+    codes = np.random.default_rng(0).integers(0, tokenizer.num_codes, (3, 32))
+    images = tokenizer.decode(codes, num_steps=3, guidance_scale=2.0, sampler="ddim", seed=5)
+    assert images.dtype == np.uint8 and images.shape == (3, size, size, 3)
+    # Image i depends on (seed, i) alone: the same codes give the same image in a smaller batch.
+    np.testing.assert_array_equal(tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim",
+                                                   seed=5), images[:1])
+    assert not np.array_equal(tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim", seed=6),
+                              images[:1])
+    originals = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    assert tokenizer.reconstruct(originals, num_steps=2, sampler="plms").shape == (2, size, size, 3)
+
+
+def test_decode_needs_a_diffusion_model(trained):
+    with open(os.path.join(trained, "DONE.json")) as f:
+        tokenizer = api.SeedTokenizer.load(json.load(f)["tokenizer_export"])
+    with pytest.raises(ValueError, match="diffusion="):
+        tokenizer.decode(np.zeros((1, 32), np.int32))
+
+
+def test_space_to_depth_round_trip():
+    x = np.random.default_rng(0).standard_normal((2, 8, 12, 3)).astype(np.float32)
+    patches = space_to_depth(x, 4)
+    assert patches.shape == (2, 2, 3, 48)
+    np.testing.assert_array_equal(patches[1, 1, 2].reshape(4, 4, 3), x[1, 4:8, 8:12])
+    np.testing.assert_array_equal(depth_to_space(patches, 4), x)
+
+
+def test_add_noise_follows_the_schedule():
+    schedule = NoiseSchedule()
+    abar = schedule.alphas_cumprod()
+    assert abar[0] == pytest.approx(1 - 0.00085) and abar[-1] == pytest.approx(0.0047, rel=0.01)
+    x0, noise = np.ones((2, 3)), np.full((2, 3), 2.0)
+    noisy = np.asarray(add_noise(schedule, x0, noise, jax.numpy.asarray([0, 999])))
+    np.testing.assert_allclose(noisy[:, 0], np.sqrt(abar[[0, 999]]) + 2 * np.sqrt(1 - abar[[0, 999]]), rtol=1e-6)
+
+
+def _decoder_losses(mesh, num_steps=3):
+    config = get_config("tiny")
+    clip_config = CLIPTextConfig(**config.tokenizer.clip_text.to_dict())
+    empty = np.zeros(clip_config.max_length, np.int32)
+    sd_config = decoder.diffusion_config(config, clip_config, empty)
+    model = decoder.create_model(sd_config, config.tokenizer, mesh, config.axis_rules, jax.numpy.float32, 0)
+    setup = loop.prepare_stage(model, loop.trainable_filter(model, (), config.train.trainable),
+                               decoder.diffusion_loss(sd_config.schedule, 0.5, empty), config.train, config, mesh)
+    rng = np.random.default_rng(0)
+    state, losses = setup.state, []
+    size = sd_config.image_size
+    for _ in range(num_steps):
+        batch = {"image": rng.uniform(-1, 1, (8, size, size, 3)).astype(np.float32),
+                 "clip_ids": rng.integers(0, 64, (8, clip_config.max_length)).astype(np.int32)}
+        state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(batch, mesh, config.axis_rules))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def test_decoder_train_step_same_loss_on_1_and_8_devices():
+    losses_1, _ = _decoder_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    losses_8, state_8 = _decoder_losses(parallel.make_mesh({"data": 2, "fsdp": 4}))
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
+    assert losses_1[-1] < losses_1[0]
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
+    assert any("fsdp" in str(spec) for spec in specs), "no parameter is sharded over fsdp"

@@ -261,7 +261,7 @@ def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
     (512x512 encode and decode) with random weights, through the CLI."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    unet = randomize(UNet2DConditionModel(), 10).eval()  # the defaults are SD v1's UNet
+    unet = randomize(UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8), 10).eval()
     vae = randomize(AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4), 11).eval()

@@ -106,7 +106,7 @@ def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetCo
     heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * levels
     context = need(s, _first_attention(s, attention) + ".attn2.to_k.weight", "cross-attention width")[1]
     out_channels, in_channels = need(s, "conv_out.weight", "output channels")[0], need(s, "conv_in.weight", "")[1]
-    return UNetConfig(in_channels=in_channels, out_channels=out_channels, sample_size=hf.get("sample_size", 64),
+    return UNetConfig(in_channels=in_channels, out_channels=out_channels, sample_size=hf.get("sample_size") or 64,
                       block_channels=channels, layers_per_block=s.count("down_blocks.0.resnets.{i}.conv1.weight"),
                       attention_levels=attention, num_heads=heads, cross_attention_dim=context,
                       norm_groups=hf.get("norm_num_groups", 32), norm_eps=hf.get("norm_eps", 1e-5),

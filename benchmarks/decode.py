@@ -3,7 +3,7 @@ side by side in one run: the same random weights (the pipeline is saved and conv
 with `python -m seed_jax.convert sd`), prompt embeddings, initial latents, sampler,
 steps and guidance.
 
-  python benchmarks/decode.py                                   # CPU: a small model at 64x64
+  python benchmarks/decode.py                                   # CPU: a small model, 64x64 images
   python benchmarks/decode.py --size=sd_v1 --steps=50 --batch=4 --bf16   # GPU: SD v1 at 512x512
 
 Both sides are timed host to host (embeddings in, decoded images on the host) after a
@@ -14,27 +14,32 @@ difference between the two sides' images is printed as a sanity check.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
 
-import numpy as np
-import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+# benchmarks/tokenize.py shadows the standard library's `tokenize` while this folder
+# is first on sys.path: take the folder off, put the repository root and tests/ on.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT, os.path.join(_ROOT, "tests")] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from seed_jax.api import StableDiffusion  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
 SIZES = {
     # name: (UNet block channels, attention levels, heads, latent side, VAE channels, text width, text layers)
-    "small": ((64, 128), (True, True), 4, 8, (32, 64), 128, 2),
+    "small": ((64, 128), (True, True), 4, 16, (32, 64, 64), 128, 2),
     "sd_v1": ((320, 640, 1280, 1280), (True, True, True, False), 8, 64, (128, 256, 512, 512), 768, 12),
 }
 

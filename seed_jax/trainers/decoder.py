@@ -111,11 +111,11 @@ class Evaluator:
     def __call__(self, model: StableDiffusion, step: int) -> dict[str, float]:
         e = self.config.eval
         diffusion = api.StableDiffusion(model, batch_size=e.batch_size)
+        tokenizer = api.SeedTokenizer(self.tokenizer.model, batch_size=e.batch_size, diffusion=diffusion)
         options = dict(num_steps=e.num_steps, guidance_scale=e.guidance_scale, sampler=e.sampler)
-        self.tokenizer.diffusion = diffusion
-        reconstructions = self.tokenizer.reconstruct(self.images, seed=step, **options)
+        reconstructions = tokenizer.reconstruct(self.images, seed=step, **options)
         from_captions = api.to_uint8(diffusion.sample(diffusion.encode_text(self.caption_ids), seed=step, **options))
-        metrics = reconstruction_similarity(self.tokenizer, self.images, reconstructions, from_captions)
+        metrics = reconstruction_similarity(tokenizer, self.images, reconstructions, from_captions)
         self.writer.write(step, "decoder", "eval", metrics)
         logging.info("decoder eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:

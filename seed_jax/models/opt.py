@@ -1,0 +1,157 @@
+"""OPT (Zhang et al., 2022) decoder-only language model in NNX.
+
+ids (B,L) -> token embedding (V,W) [-> project_in W->D] + learned positions
+(offset 2, counted over the attention mask) -> scanned decoder layers (pre-LN for
+every size but 350M, which is post-LN) -> final LayerNorm (pre-LN only)
+[-> project_out D->W] -> logits through the tied token embedding (B,L,V).
+
+Generation keeps a key/value cache per layer: `(B,N,S,H)` arrays stacked on a leading
+layers axis, written at each step's position (see `init_cache`).
+
+Shape letters: B batch, L new tokens, S cache length, D width, N heads, H head dim,
+F MLP width, V vocabulary, W embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seed_jax import parallel
+from seed_jax.models import layers
+
+POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    width: int = 2560
+    depth: int = 32
+    num_heads: int = 32
+    mlp_dim: int = 10240
+    max_positions: int = 2048
+    embed_width: int | None = None  # word_embed_proj_dim when it differs from `width` (350M)
+    pre_layer_norm: bool = True  # do_layer_norm_before
+    eps: float = 1e-5
+
+    @property
+    def token_width(self) -> int:
+        return self.embed_width or self.width
+
+
+OPT_PRESETS = {
+    "opt_2.7b": OPTConfig(),
+    "opt_350m": OPTConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096, embed_width=512, pre_layer_norm=False),
+    "opt_125m": OPTConfig(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "tiny": OPTConfig(vocab_size=128, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64),
+}
+
+
+class DecoderLayer(nnx.Module):
+
+    def __init__(self, c: OPTConfig, *, dtype, rngs: nnx.Rngs):
+        self.self_attn_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.self_attn = layers.Attention(c.width, c.num_heads, dtype=dtype, rngs=rngs)
+        self.final_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.fc1 = layers.Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.pre_layer_norm = c.pre_layer_norm
+        self.dtype = dtype
+
+    def _attend(self, x, mask, cache, index):
+        """x (B,L,D), mask (B,1,L,S) -> (B,L,D) and the updated cache {k, v} (B,N,S,H)."""
+        attn = self.self_attn
+        q = attn._project(x, attn.query, attn.q_bias) * attn.head_dim ** -0.5
+        k = attn._project(x, attn.key, attn.k_bias).transpose(0, 2, 1, 3)
+        v = attn._project(x, attn.value, attn.v_bias).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
+            cache = {"k": k, "v": v}
+        scores = jnp.einsum("BLNH,BNSH->BNLS", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        y = jnp.einsum("BNLS,BNSH->BLNH", probs, v.astype(self.dtype))
+        return attn._output(y), cache
+
+    def __call__(self, x, mask, cache=None, index=0):
+        x = parallel.constrain(x, ("batch", "length", "embed"))
+        if self.pre_layer_norm:
+            h, cache = self._attend(self.self_attn_layer_norm(x), mask, cache, index)
+            x = x + h
+            return x + self.fc2(jax.nn.relu(self.fc1(self.final_layer_norm(x)))), cache
+        h, cache = self._attend(x, mask, cache, index)
+        x = self.self_attn_layer_norm(x + h)
+        return self.final_layer_norm(x + self.fc2(jax.nn.relu(self.fc1(x)))), cache
+
+
+class OPT(nnx.Module):
+
+    def __init__(self, config: OPTConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        c = self.config = config
+        self.embed_tokens = layers.param(rngs, layers.normal(0.02), (c.vocab_size, c.token_width), ("vocab", "embed"))
+        self.embed_positions = layers.param(rngs, layers.normal(0.02), (c.max_positions + POSITION_OFFSET, c.width),
+                                            ("length", "embed"))
+        self.project_in = (layers.Dense(c.token_width, c.width, axes=(None, "embed"), use_bias=False, dtype=dtype,
+                                        rngs=rngs) if c.embed_width else None)
+        self.layers = layers.stacked(lambda r: DecoderLayer(c, dtype=dtype, rngs=r), c.depth, rngs)
+        self.final_layer_norm = (layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+                                 if c.pre_layer_norm else None)
+        self.project_out = (layers.Dense(c.width, c.token_width, axes=("embed", None), use_bias=False, dtype=dtype,
+                                         rngs=rngs) if c.embed_width else None)
+        self.remat, self.dtype = remat, dtype
+
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+        """Empty key/value cache for `length` positions: {k, v} (layers,B,N,S,H)."""
+        c = self.config
+        shape = (c.depth, batch, c.num_heads, length, c.width // c.num_heads)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions=None,
+                 cache: dict | None = None, cache_index: jax.Array | int = 0):
+        """input_ids (B,L) -> (logits (B,L,V) float32, updated cache or None).
+
+        Without a cache: `attention_mask` (B,L) 1/0 (default all ones) masks padding,
+        positions count the mask as transformers does. With a cache of S positions:
+        the new tokens go to [cache_index, cache_index+L), `attention_mask` (B,S)
+        covers the whole cache, and `positions` (B,L) must be given."""
+        c = self.config
+        batch, length = input_ids.shape
+        if cache is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32) if attention_mask is None else attention_mask
+            if positions is None:
+                positions = jnp.cumsum(attention_mask, axis=1) * attention_mask - 1
+            key_mask = attention_mask.astype(bool)
+            query_index = jnp.arange(length)
+        else:
+            if positions is None or attention_mask is None:
+                raise ValueError("with a cache, pass `positions` (B,L) and `attention_mask` over the cache (B,S)")
+            key_mask = attention_mask.astype(bool)
+            query_index = cache_index + jnp.arange(length)
+        key_index = jnp.arange(key_mask.shape[1])
+        mask = (key_index[None, :] <= query_index[:, None])[None, None] & key_mask[:, None, None, :]
+        x = self.embed_tokens[...][input_ids].astype(self.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions[...][positions + POSITION_OFFSET].astype(self.dtype)
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, inputs):
+            layer_state, layer_cache = inputs
+            h, layer_cache = nnx.merge(graphdef, layer_state)(h, mask, layer_cache, cache_index)
+            return h, layer_cache
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        x, cache = jax.lax.scan(body, x, (state, cache))
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), self.embed_tokens[...].astype(self.dtype))
+        return logits.astype(jnp.float32), cache

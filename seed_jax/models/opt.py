@@ -119,7 +119,6 @@ class OPT(nnx.Module):
         positions count the mask as transformers does. With a cache of S positions:
         the new tokens go to [cache_index, cache_index+L), `attention_mask` (B,S)
         covers the whole cache, and `positions` (B,L) must be given."""
-        c = self.config
         batch, length = input_ids.shape
         if cache is None:
             attention_mask = jnp.ones((batch, length), jnp.int32) if attention_mask is None else attention_mask

@@ -1,6 +1,6 @@
 """Inference exports: a model's parameters (orbax) plus its config as JSON.
 
-    OUT/model.json   {"kind": "seed_tokenizer" | "blip2" | "clip_text" | "stable_diffusion", "config": {...}, "info": {...}}
+    OUT/model.json   {"kind": "seed_tokenizer" | "blip2" | "clip_text" | "stable_diffusion" | "opt", "config": {...}, "info": {...}}
     OUT/params/      orbax checkpoint, a nested dict of float32 arrays keyed like the
                      model's nnx state (stacked layers keep their leading axis)
 
@@ -24,6 +24,7 @@ from flax import nnx
 
 from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from seed_jax.models.opt import OPT, OPTConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 
@@ -32,8 +33,9 @@ MODEL_KINDS = {
     "blip2": (Blip2Config.from_dict, Blip2QFormer),
     "clip_text": (lambda d: CLIPTextConfig(**d), CLIPTextEncoder),
     "stable_diffusion": (StableDiffusionConfig.from_dict, StableDiffusion),
+    "opt": (OPTConfig.from_dict, OPT),
 }
-SCANNED_KINDS = ("seed_tokenizer", "blip2")  # the kinds whose layer stacks take `remat`
+SCANNED_KINDS = ("seed_tokenizer", "blip2", "opt")  # the kinds whose layer stacks take `remat`
 CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
 

@@ -7,6 +7,7 @@
   python -m seed_jax.convert hf_blip2 --checkpoint=HF_FOLDER --out=OUT
   python -m seed_jax.convert hf_clip_text --checkpoint=SD_FOLDER/text_encoder --out=OUT
   python -m seed_jax.convert sd --checkpoint=SD_FOLDER|sd-v1-4.ckpt --out=OUT [--unet_heads=8]
+  python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=OUT [--image_tokens=8192]
 
 Dimensions are read from the checkpoint; head counts (no shape tells them) are
 flags for the .pth layouts and config.json entries for Hugging Face folders. Every
@@ -21,7 +22,7 @@ import os
 import sys
 
 from seed_jax import weights
-from seed_jax.convert import blip2, clip_text, seed_v1, sources
+from seed_jax.convert import blip2, clip_text, opt, seed_v1, sources
 from seed_jax.convert import stable_diffusion as sd
 from seed_jax.convert.rules import Source, apply
 
@@ -75,8 +76,18 @@ def _sd(args):
     return "stable_diffusion", config, sd.table(config, source), source, {"source_layout": layout}
 
 
+def _hf_opt(args):
+    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    config = opt.config(source, sources.read_hf_config(args.checkpoint), image_tokens=args.image_tokens)
+    info = {"image_tokens": args.image_tokens}
+    if args.image_tokens:  # ids of the appended rows
+        info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
+                     "first_code_id": config.vocab_size + 2})
+    return "opt", config, opt.table(config, seed=args.seed), source, info
+
+
 CONVERTERS = {"seed_v1": _seed_v1, "lavis_blip2": _lavis_blip2, "hf_blip2": _hf_blip2,
-              "hf_clip_text": _hf_clip_text, "sd": _sd}
+              "hf_clip_text": _hf_clip_text, "sd": _sd, "hf_opt": _hf_opt}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
                            help="GroupNorm groups of UNet and VAE (default: the config.json files, else 32)")
             s.add_argument("--text_heads", type=int, default=None,
                            help="text encoder heads (default: text_encoder/config.json, else 12)")
+        if name == "hf_opt":
+            s.add_argument("--image_tokens", type=int, default=8192,
+                           help="append <img>, </img> and this many code tokens to the vocabulary (0: keep it)")
+            s.add_argument("--seed", type=int, default=0, help="noise seed of the appended rows")
         if name == "seed_v1":
             s.add_argument("--qformer", default="", help="causal_qformer.pth")
             s.add_argument("--blocks_heads", type=int, default=12)

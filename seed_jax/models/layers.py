@@ -27,6 +27,26 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
                      out_sharding=tuple(axes), eager_sharding=False)
 
 
+def lora_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.LoRAParam:
+    """A float32 low-rank adapter factor (trains while the base weights stay frozen)."""
+    return nnx.LoRAParam(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
+                         eager_sharding=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters W + (alpha / rank) A B on the named projections
+    (Attention: query, key, value, out; MLP: fc1, fc2). B starts at zero, so an
+    adapted model starts equal to its base."""
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("query", "key", "value", "out", "fc1", "fc2")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 normal = nnx.initializers.normal
 zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
@@ -55,13 +75,20 @@ class Dense(nnx.Module):
     """y = x W + b with W (in, out), computed in `dtype`."""
 
     def __init__(self, in_features: int, out_features: int, *, axes=("embed", "mlp"),
-                 use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = True, lora: LoRA | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = param(rngs, fan_in(), (in_features, out_features), axes)
         self.bias = param(rngs, zeros, (out_features,), axes[1:]) if use_bias else None
+        self.lora_a = lora_param(rngs, fan_in(), (in_features, lora.rank), (axes[0], None)) if lora else None
+        self.lora_b = lora_param(rngs, zeros, (lora.rank, out_features), (None, axes[1])) if lora else None
+        self.lora_scale = lora.scale if lora else 0.0
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:
+            low = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -113,7 +140,7 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
-                 bias: str = "qkv", dtype=jnp.float32, rngs: nnx.Rngs):
+                 bias: str = "qkv", lora: LoRA | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"num_heads: {num_heads} must divide width {width}")
         kv_width = kv_width or width
@@ -127,11 +154,30 @@ class Attention(nnx.Module):
             setattr(self, f"{name}_bias", bias_param)
         self.out = param(rngs, fan_in((0, 1)), (num_heads, head_dim, width), ("heads", "kv", "embed"))
         self.out_bias = param(rngs, zeros, (width,), ("embed",))
+        targets = lora.targets if lora else ()
+        for name, d_in in (("query", width), ("key", kv_width), ("value", kv_width)):
+            adapted = name in targets
+            setattr(self, f"{name}_lora_a", lora_param(rngs, fan_in(), (d_in, lora.rank), ("embed", None))
+                    if adapted else None)
+            setattr(self, f"{name}_lora_b", lora_param(rngs, zeros, (lora.rank, num_heads, head_dim),
+                                                       (None, "heads", "kv")) if adapted else None)
+        self.out_lora_a = (lora_param(rngs, fan_in((0, 1)), (num_heads, head_dim, lora.rank), ("heads", "kv", None))
+                           if "out" in targets else None)
+        self.out_lora_b = lora_param(rngs, zeros, (lora.rank, width), (None, "embed")) if "out" in targets else None
+        self.lora_scale = lora.scale if lora else 0.0
         self.head_dim = head_dim
         self.dtype = dtype
 
-    def _project(self, x, kernel, bias):
-        y = jnp.einsum("BLD,DNH->BLNH", x.astype(self.dtype), kernel[...].astype(self.dtype))
+    def project(self, x: jax.Array, name: str) -> jax.Array:
+        """The `name` ("query", "key" or "value") projection: (B,L,D) -> (B,L,N,H)."""
+        x = x.astype(self.dtype)
+        y = jnp.einsum("BLD,DNH->BLNH", x, getattr(self, name)[...].astype(self.dtype))
+        lora_a = getattr(self, f"{name}_lora_a")
+        if lora_a is not None:
+            low = jnp.einsum("BLD,DR->BLR", x, lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum("BLR,RNH->BLNH", low,
+                                                 getattr(self, f"{name}_lora_b")[...].astype(self.dtype))
+        bias = getattr(self, f"{name[0]}_bias")
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -140,29 +186,32 @@ class Attention(nnx.Module):
         """x (B,L,D), context (B,S,D_kv) or None for self-attention, mask broadcastable
         to (B,N,L,S) with True = attend. Returns (B,L,D)."""
         context = x if context is None else context
-        q = self._project(x, self.query, self.q_bias) * self.head_dim ** -0.5
-        k = self._project(context, self.key, self.k_bias)
-        v = self._project(context, self.value, self.v_bias)
+        q = self.project(x, "query") * self.head_dim ** -0.5
+        k = self.project(context, "key")
+        v = self.project(context, "value")
         scores = jnp.einsum("BLNH,BSNH->BNLS", q, k).astype(jnp.float32)
         if mask is not None:
             scores = scores + jnp.where(mask, 0.0, MASK_VALUE)
         probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(self.dtype)
         y = jnp.einsum("BNLS,BSNH->BLNH", probs, v)
-        return self._output(y)
+        return self.output(y)
 
-    def _output(self, y: jax.Array) -> jax.Array:
-        return (jnp.einsum("BLNH,NHD->BLD", y, self.out[...].astype(self.dtype))
-                + self.out_bias[...].astype(self.dtype))
+    def output(self, y: jax.Array) -> jax.Array:
+        """The output projection: (B,L,N,H) -> (B,L,D)."""
+        out = jnp.einsum("BLNH,NHD->BLD", y, self.out[...].astype(self.dtype))
+        if self.out_lora_a is not None:
+            low = jnp.einsum("BLNH,NHR->BLR", y, self.out_lora_a[...].astype(self.dtype))
+            out = out + self.lora_scale * jnp.einsum("BLR,RD->BLD", low, self.out_lora_b[...].astype(self.dtype))
+        return out + self.out_bias[...].astype(self.dtype)
 
     def dot_product(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """Unmasked attention through `jax.nn.dot_product_attention`, which uses the
         backend's fused kernel (cuDNN flash attention on GPUs) where the shapes allow.
         x (B,L,D), context (B,S,D_kv) or None -> (B,L,D)."""
         context = x if context is None else context
-        y = jax.nn.dot_product_attention(self._project(x, self.query, self.q_bias),
-                                         self._project(context, self.key, self.k_bias),
-                                         self._project(context, self.value, self.v_bias))
-        return self._output(y)
+        y = jax.nn.dot_product_attention(self.project(x, "query"), self.project(context, "key"),
+                                         self.project(context, "value"))
+        return self.output(y)
 
 
 def causal_mask(length: int) -> jax.Array:

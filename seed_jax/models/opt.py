@@ -37,10 +37,26 @@ class OPTConfig:
     embed_width: int | None = None  # word_embed_proj_dim when it differs from `width` (350M)
     pre_layer_norm: bool = True  # do_layer_norm_before
     eps: float = 1e-5
+    extra_tokens: int = 0  # rows appended to the vocabulary (SEED-OPT: <img>, </img>, 8192 codes), trainable
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("query", "key", "value", "out", "fc1", "fc2")
 
     @property
     def token_width(self) -> int:
         return self.embed_width or self.width
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.vocab_size + self.extra_tokens
+
+    @property
+    def lora(self) -> layers.LoRA | None:
+        return layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OPTConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 OPT_PRESETS = {
@@ -55,19 +71,23 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, c: OPTConfig, *, dtype, rngs: nnx.Rngs):
         self.self_attn_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
-        self.self_attn = layers.Attention(c.width, c.num_heads, dtype=dtype, rngs=rngs)
+        lora = c.lora
+        self.self_attn = layers.Attention(c.width, c.num_heads, lora=lora, dtype=dtype, rngs=rngs)
         self.final_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
-        self.fc1 = layers.Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        mlp_lora = lambda name: lora if lora and name in lora.targets else None  # noqa: E731
+        self.fc1 = layers.Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), lora=mlp_lora("fc1"), dtype=dtype,
+                                rngs=rngs)
+        self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), lora=mlp_lora("fc2"), dtype=dtype,
+                                rngs=rngs)
         self.pre_layer_norm = c.pre_layer_norm
         self.dtype = dtype
 
     def _attend(self, x, mask, cache, index):
         """x (B,L,D), mask (B,1,L,S) -> (B,L,D) and the updated cache {k, v} (B,N,S,H)."""
         attn = self.self_attn
-        q = attn._project(x, attn.query, attn.q_bias) * attn.head_dim ** -0.5
-        k = attn._project(x, attn.key, attn.k_bias).transpose(0, 2, 1, 3)
-        v = attn._project(x, attn.value, attn.v_bias).transpose(0, 2, 1, 3)
+        q = attn.project(x, "query") * attn.head_dim ** -0.5
+        k = attn.project(x, "key").transpose(0, 2, 1, 3)
+        v = attn.project(x, "value").transpose(0, 2, 1, 3)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
@@ -76,7 +96,7 @@ class DecoderLayer(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         y = jnp.einsum("BNLS,BNSH->BLNH", probs, v.astype(self.dtype))
-        return attn._output(y), cache
+        return attn.output(y), cache
 
     def __call__(self, x, mask, cache=None, index=0):
         x = parallel.constrain(x, ("batch", "length", "embed"))
@@ -94,6 +114,8 @@ class OPT(nnx.Module):
     def __init__(self, config: OPTConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         c = self.config = config
         self.embed_tokens = layers.param(rngs, layers.normal(0.02), (c.vocab_size, c.token_width), ("vocab", "embed"))
+        self.embed_extra = (layers.param(rngs, layers.normal(0.02), (c.extra_tokens, c.token_width), ("vocab", "embed"))
+                            if c.extra_tokens else None)
         self.embed_positions = layers.param(rngs, layers.normal(0.02), (c.max_positions + POSITION_OFFSET, c.width),
                                             ("length", "embed"))
         self.project_in = (layers.Dense(c.token_width, c.width, axes=(None, "embed"), use_bias=False, dtype=dtype,
@@ -133,7 +155,8 @@ class OPT(nnx.Module):
             query_index = cache_index + jnp.arange(length)
         key_index = jnp.arange(key_mask.shape[1])
         mask = (key_index[None, :] <= query_index[:, None])[None, None] & key_mask[:, None, None, :]
-        x = self.embed_tokens[...][input_ids].astype(self.dtype)
+        table = self.token_table()
+        x = table[input_ids].astype(self.dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions[...][positions + POSITION_OFFSET].astype(self.dtype)
@@ -152,5 +175,39 @@ class OPT(nnx.Module):
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), self.embed_tokens[...].astype(self.dtype))
+        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype))
         return logits.astype(jnp.float32), cache
+
+    def token_table(self) -> jax.Array:
+        """(V + extra, W): the vocabulary's rows then the appended ones (input and tied output)."""
+        if self.embed_extra is None:
+            return self.embed_tokens[...]
+        return jnp.concatenate([self.embed_tokens[...], self.embed_extra[...]])
+
+
+def trainable_filter(path, value) -> bool:
+    """nnx filter for SEED-OPT training: the adapters and the appended token rows."""
+    return isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[-1] == "embed_extra")
+
+
+def merge_lora(config: OPTConfig, params: dict) -> tuple[OPTConfig, dict]:
+    """(config, dotted-path params) of an adapted model -> the same model without
+    adapters: every W becomes W + (alpha / rank) A B."""
+    if not config.lora_rank:
+        return config, dict(params)
+    scale = config.lora_alpha / config.lora_rank
+    merged = {k: v for k, v in params.items() if "lora_" not in k}
+    for key in [k for k in params if k.endswith("lora_a")]:
+        # Dense: "fc1.lora_a" adapts "fc1.kernel"; Attention: "query_lora_a" adapts "query".
+        base = key[:-len(".lora_a")] + ".kernel" if key.endswith(".lora_a") else key[:-len("_lora_a")]
+        delta = _low_rank_product(jnp.asarray(params[key]), jnp.asarray(params[key[:-1] + "b"]))
+        merged[base] = jnp.asarray(params[base]) + scale * delta
+    return dataclasses.replace(config, lora_rank=0), merged
+
+
+def _low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Stacked factors a (Lyr, *in, R) and b (Lyr, R, *out) -> (Lyr, *in, *out)."""
+    layers_, rank = a.shape[0], a.shape[-1]
+    in_shape, out_shape = a.shape[1:-1], b.shape[2:]
+    product = jnp.einsum("lir,lro->lio", a.reshape(layers_, -1, rank), b.reshape(layers_, rank, -1))
+    return product.reshape((layers_,) + in_shape + out_shape)

@@ -1,0 +1,69 @@
+"""A transformers `OPTForCausalLM` folder -> an `opt` export. Dimensions come from
+shapes; head count, layer-norm placement and the embedding width from config.json."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from seed_jax.convert import tables
+from seed_jax.convert.infer import need
+from seed_jax.convert.rules import Rule, Source, rule
+from seed_jax.models.opt import POSITION_OFFSET, OPTConfig
+
+PREFIX = "model.decoder."
+
+
+def extra_tokens(image_tokens: int) -> int:
+    """Rows appended for `image_tokens` codes: <img>, </img>, then one per code (0: none)."""
+    return image_tokens + 2 if image_tokens else 0
+
+
+def new_rows(count: int, seed: int):
+    """Hook: the token table (V,W) -> `count` rows, each the mean of the old rows
+    plus noise of a tenth of their per-dimension spread (so the new tokens start
+    distinct but in distribution)."""
+    def hook(table):
+        rng = np.random.default_rng(seed)
+        return table.mean(0) + 0.1 * table.std(0) * rng.standard_normal((count, table.shape[1]))
+    return hook
+
+
+def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
+    if hf.get("activation_function", "relu") != "relu":
+        raise ValueError(f"config.json activation_function={hf['activation_function']!r}: OPT uses 'relu'")
+    if hf.get("_remove_final_layer_norm", False):
+        raise ValueError("config.json _remove_final_layer_norm=True is not supported")
+    vocab_size, token_width = need(source, f"{PREFIX}embed_tokens.weight", "token embedding")
+    if "lm_head.weight" in source and not (source["lm_head.weight"] == source[f"{PREFIX}embed_tokens.weight"]).all():
+        raise ValueError("lm_head.weight differs from model.decoder.embed_tokens.weight: our OPT ties them")
+    positions, width = need(source, f"{PREFIX}embed_positions.weight", "position embedding")
+    depth = source.count(f"{PREFIX}layers.{{i}}.fc1.weight")
+    return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 32),
+                     mlp_dim=need(source, f"{PREFIX}layers.0.fc1.weight", "MLP width")[0],
+                     max_positions=positions - POSITION_OFFSET,
+                     embed_width=token_width if token_width != width else None,
+                     pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens))
+
+
+def table(c: OPTConfig, seed: int = 0) -> dict[str, Rule]:
+    layers = range(c.depth)
+    b = f"{PREFIX}layers.{{i}}."
+    a = f"{b}self_attn."
+    out = {
+        "embed_tokens": rule(f"{PREFIX}embed_tokens.weight"),
+        "embed_positions": rule(f"{PREFIX}embed_positions.weight"),
+        **tables.norm("layers.self_attn_layer_norm", f"{b}self_attn_layer_norm", layers),
+        **tables.attention("layers.self_attn", f"{a}q_proj", f"{a}k_proj", f"{a}v_proj", f"{a}out_proj", c.num_heads,
+                           layers),
+        **tables.norm("layers.final_layer_norm", f"{b}final_layer_norm", layers),
+        **tables.dense("layers.fc1", f"{b}fc1", layers),
+        **tables.dense("layers.fc2", f"{b}fc2", layers),
+    }
+    if c.extra_tokens:
+        out["embed_extra"] = rule(f"{PREFIX}embed_tokens.weight", hook=new_rows(c.extra_tokens, seed))
+    if c.pre_layer_norm:
+        out.update(tables.norm("final_layer_norm", f"{PREFIX}final_layer_norm"))
+    if c.embed_width:
+        out["project_in.kernel"] = tables.dense("x", f"{PREFIX}project_in")["x.kernel"]
+        out["project_out.kernel"] = tables.dense("x", f"{PREFIX}project_out")["x.kernel"]
+    return out

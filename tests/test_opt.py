@@ -1,0 +1,146 @@
+"""OPT in NNX against transformers' OPTForCausalLM with the same random weights:
+logits (pre-LN and post-LN with project_in/out, padded batches), the KV cache
+against full recomputation, and greedy decoding against `generate()`."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from transformers import OPTConfig, OPTForCausalLM
+
+from parity import INTERMEDIATE_TOLERANCE, relative_error
+from sd_fixtures import randomize
+from seed_jax import generation, weights
+from seed_jax.convert.__main__ import convert
+from seed_jax.models.opt import merge_lora, trainable_filter
+
+pytestmark = pytest.mark.torch
+
+TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+            max_position_embeddings=64, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+VARIANTS = {"pre_ln": dict(do_layer_norm_before=True, word_embed_proj_dim=32),
+            "post_ln": dict(do_layer_norm_before=False, word_embed_proj_dim=16)}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def converted(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    hf = randomize(OPTForCausalLM(OPTConfig(**TINY, **VARIANTS[request.param])), 0).eval()
+    hf.save_pretrained(root / "hf")
+    report = convert(["hf_opt", f"--checkpoint={root / 'hf'}", f"--out={root / 'export'}", "--image_tokens=0"])
+    assert report["kind"] == "opt"
+    model, _, config = weights.load_model(str(root / "export"), kind="opt")
+    assert config.pre_layer_norm == VARIANTS[request.param]["do_layer_norm_before"]
+    return hf, model
+
+
+def test_vocabulary_extension_keeps_the_model_and_appends_code_rows(converted, tmp_path):
+    hf, model = converted
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    report = convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'export'}", "--image_tokens=16"])
+    assert (report["image_start_id"], report["image_end_id"], report["first_code_id"]) == (100, 101, 102)
+    extended, _, config = weights.load_model(str(tmp_path / "export"), kind="opt")
+    assert config.total_vocab_size == 100 + 18
+    ids, mask = _prompts()
+    logits, _ = extended(ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[..., :100][real], np.asarray(model(ids, mask)[0])[real], atol=1e-5)
+    rows = np.asarray(extended.embed_extra[...])
+    old = np.asarray(extended.embed_tokens[...])
+    assert rows.shape == (18, old.shape[1]) and len(np.unique(rows.round(6), axis=0)) == 18
+    np.testing.assert_allclose(rows.mean(0), old.mean(0), atol=0.1 * old.std(0).max())
+
+
+def _prompts():
+    """Two left-padded prompts (B,8) and their mask."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, (2, 8))
+    mask = np.ones((2, 8), np.int64)
+    ids[1, :3], mask[1, :3] = 1, 0
+    return ids, mask
+
+
+def test_logits_match_transformers(converted):
+    hf, model = converted
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    ours, _ = model(ids, mask)
+    real = mask.astype(bool)  # padded positions' logits are meaningless on both sides
+    assert relative_error(np.asarray(ours)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+
+
+def test_cached_decoding_equals_full_recomputation(converted):
+    _, model = converted
+    ids, mask = _prompts()
+    full, _ = model(ids, mask)
+    cache = model.init_cache(2, 8)
+    positions = np.cumsum(mask, 1) * mask - 1
+    prefix, cache = model(ids[:, :5], mask, positions=positions[:, :5], cache=cache, cache_index=0)
+    steps = [prefix]
+    for i in range(5, 8):
+        logits, cache = model(ids[:, i:i + 1], mask, positions=positions[:, i:i + 1], cache=cache, cache_index=i)
+        steps.append(logits)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.concatenate(steps, 1)[real], np.asarray(full)[real], atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers_generate(converted):
+    hf, model = converted
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=20,
+                          do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=1).numpy()[:, 8:]
+    ours = jax.jit(lambda i, m: generation.greedy(model, i, m, max_new_tokens=20))(ids, mask)
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def _adapted(model, config, rank=4, extra=6):
+    """`model` with LoRA on every target and `extra` appended token rows, all set to
+    non-zero random values (B starts at zero; that would hide a wrong merge)."""
+    adapted_config = dataclasses.replace(config, lora_rank=rank, extra_tokens=extra)
+    adapted = weights.build("opt", adapted_config)
+    weights.assign(adapted, weights.flat_params(model))
+    rng = np.random.default_rng(3)
+    extra_params = {k: 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+                    for k, v in weights.flat_params(adapted).items() if "lora_" in k or k == "embed_extra"}
+    weights.assign(adapted, extra_params)
+    return adapted, adapted_config
+
+
+def test_lora_merge_gives_the_adapted_model(converted):
+    _, model = converted
+    adapted, config = _adapted(model, model.config)
+    ids = np.random.default_rng(0).integers(0, config.total_vocab_size, (2, 9))
+    merged_config, merged_params = merge_lora(config, weights.flat_params(adapted))
+    assert merged_config.lora_rank == 0 and not [k for k in merged_params if "lora" in k]
+    merged = weights.materialize(weights.build("opt", merged_config, abstract=True), merged_params)
+    np.testing.assert_allclose(merged(ids)[0], adapted(ids)[0], atol=1e-4)
+    assert not np.allclose(adapted(ids)[0][..., :100], model(np.minimum(ids, 99))[0])
+
+
+def test_only_adapters_and_new_token_rows_train(converted):
+    """A train step with the SEED-OPT split (LoRA factors and appended rows trainable,
+    the rest frozen) changes exactly those parameters."""
+    _, model = converted
+    adapted, config = _adapted(model, model.config)
+    graphdef, trainable, frozen = nnx.split(adapted, trainable_filter, ...)
+    tx = optax.adam(1e-2)
+    ids = np.random.default_rng(1).integers(0, config.total_vocab_size, (2, 9))
+
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params, frozen)(ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    grads = jax.grad(loss)(trainable)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    new = optax.apply_updates(trainable, updates)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert names == {k for k in weights.flat_params(adapted) if "lora_" in k or k == "embed_extra"}
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trainable, new))
+    assert all(changed)

@@ -1,6 +1,7 @@
 """User-facing inference. `SeedTokenizer.load(OUT, diffusion=SD_OUT)` then
 `preprocess`, `encode`, `embed_codes`, `decode`, `reconstruct`;
-`StableDiffusion.load(SD_OUT)` then `sample`. Batches of any size run through one
+`StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
+`logits`, `generate`. Batches of any size run through one
 compiled program per chunk size (the last chunk is padded), and inputs are checked
 before anything runs.
 
@@ -20,9 +21,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from seed_jax import weights
+from seed_jax import generation, weights
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from seed_jax.diffusion import pipeline, samplers
+from seed_jax.models.opt import OPT as OPTModel
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 
@@ -292,3 +294,70 @@ class StableDiffusion:
         if not np.isfinite(embeds).all():
             raise ValueError(f"{name}: contains NaN or infinity")
         return embeds
+
+
+class SeedOPT:
+    """An OPT language model (a converted Hugging Face OPT, with or without SEED's
+    appended image tokens): `logits` and jitted, cached `generate`."""
+
+    def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model, self.config, self.dtype = model, model.config, dtype
+        self.image_token_ids = image_token_ids or {}
+        graphdef, self._state = nnx.split(model)
+        precision = "highest" if dtype == "float32" else "default"
+
+        def logits(state, ids, mask):
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state)(ids, mask)[0]
+
+        def generate(state, ids, mask, rng, allowed, max_new_tokens, sampling, eos_id, pad_id):
+            with jax.default_matmul_precision(precision):
+                return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
+                                           sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
+
+        self._logits = jax.jit(logits)
+        self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32") -> "SeedOPT":
+        """From an `opt` export (`python -m seed_jax.convert hf_opt`)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="opt")
+        info = weights.read_config(path)[2]
+        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
+        return cls(model, dtype=dtype, image_token_ids=ids)
+
+    def _check_ids(self, input_ids, attention_mask):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected integer (B,L) with L >= 1, got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.total_vocab_size:
+            raise ValueError(f"input_ids: values must lie in [0, {self.config.total_vocab_size}), "
+                             f"got [{ids.min()}, {ids.max()}]")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected {ids.shape} like input_ids, got {mask.shape}")
+        return ids.astype(np.int32), mask.astype(np.int32)
+
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """(B,L) ids (left-padded, with `attention_mask`) -> (B,L,V) float32 logits."""
+        ids, mask = self._check_ids(input_ids, attention_mask)
+        return np.asarray(self._logits(self._state, ids, mask))
+
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """(B,P) left-padded prompts -> (B,max_new_tokens) int32: greedy at temperature
+        0, else sampled (top-k / top-p). `allowed[t] = (low, high)` restricts step t."""
+        ids, mask = self._check_ids(input_ids, attention_mask)
+        if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.config.max_positions:
+            raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1]} "
+                             f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
+        ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
+        return np.asarray(self._generate(self._state, ids, mask, jax.random.key(seed), ranges,
+                                         max_new_tokens=max_new_tokens,
+                                         sampling=generation.Sampling(temperature, top_k, top_p),
+                                         eos_id=eos_id, pad_id=pad_id))

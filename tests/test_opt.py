@@ -15,6 +15,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
 from seed_jax import generation, weights
+from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
 from seed_jax.models.opt import merge_lora, trainable_filter
 
@@ -35,11 +36,11 @@ def converted(request, tmp_path_factory):
     assert report["kind"] == "opt"
     model, _, config = weights.load_model(str(root / "export"), kind="opt")
     assert config.pre_layer_norm == VARIANTS[request.param]["do_layer_norm_before"]
-    return hf, model
+    return hf, model, str(root / "export")
 
 
 def test_vocabulary_extension_keeps_the_model_and_appends_code_rows(converted, tmp_path):
-    hf, model = converted
+    hf, model, export = converted
     folder = tmp_path / "hf"
     hf.save_pretrained(folder)
     report = convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'export'}", "--image_tokens=16"])
@@ -66,7 +67,7 @@ def _prompts():
 
 
 def test_logits_match_transformers(converted):
-    hf, model = converted
+    hf, model, export = converted
     ids, mask = _prompts()
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
@@ -76,7 +77,7 @@ def test_logits_match_transformers(converted):
 
 
 def test_cached_decoding_equals_full_recomputation(converted):
-    _, model = converted
+    _, model, _ = converted
     ids, mask = _prompts()
     full, _ = model(ids, mask)
     cache = model.init_cache(2, 8)
@@ -91,13 +92,55 @@ def test_cached_decoding_equals_full_recomputation(converted):
 
 
 def test_greedy_generation_matches_transformers_generate(converted):
-    hf, model = converted
+    hf, model, export = converted
     ids, mask = _prompts()
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=20,
                           do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=1).numpy()[:, 8:]
-    ours = jax.jit(lambda i, m: generation.greedy(model, i, m, max_new_tokens=20))(ids, mask)
+    ours = jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=20))(ids, mask)
     np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_seed_opt_api_logits_and_generate(converted):
+    hf, model, export = converted
+    lm = SeedOPT.load(export)
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=5,
+                          do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=1).numpy()[:, 8:]
+    np.testing.assert_array_equal(lm.generate(ids, 5, attention_mask=mask), ref)
+    np.testing.assert_allclose(lm.logits(ids[:1]), np.asarray(model(ids[:1])[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="input_ids: values must lie"):
+        lm.logits(np.full((1, 3), 500))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(ids, 100)
+    with pytest.raises(ValueError, match="attention_mask"):
+        lm.generate(ids, 2, attention_mask=mask[:, :3])
+
+
+def test_sampling_top_k_1_is_greedy_and_constraints_hold(converted):
+    _, model, _ = converted
+    ids, mask = _prompts()
+    run = jax.jit(lambda i, m, key, allowed, sampling: generation.generate(
+        model, i, m, max_new_tokens=6, sampling=sampling, rng=key, allowed=allowed), static_argnums=4)
+    free = generation.allowed_ranges(6, None, 100)
+    greedy = run(ids, mask, jax.random.key(0), free, generation.Sampling())
+    top1 = run(ids, mask, jax.random.key(1), free, generation.Sampling(temperature=0.7, top_k=1))
+    np.testing.assert_array_equal(top1, greedy)
+    sampling = generation.Sampling(temperature=1.5, top_p=0.95)
+    a, b = (run(ids, mask, jax.random.key(k), free, sampling) for k in (2, 2))
+    np.testing.assert_array_equal(a, b)
+    constrained = np.asarray(run(ids, mask, jax.random.key(3), generation.allowed_ranges(
+        6, [(10, 20)] * 5 + [(7, 8)], 100), sampling))
+    assert ((constrained[:, :5] >= 10) & (constrained[:, :5] < 20)).all() and (constrained[:, 5] == 7).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = generation.filter_logits(np.log(probs), generation.Sampling(temperature=1.0, top_p=0.8))
+    assert np.isfinite(np.asarray(logits)).tolist() == [[True, True, False, False]]
+    logits = generation.filter_logits(np.log(probs), generation.Sampling(temperature=1.0, top_k=3))
+    assert np.isfinite(np.asarray(logits)).tolist() == [[True, True, True, False]]
 
 
 def _adapted(model, config, rank=4, extra=6):
@@ -114,7 +157,7 @@ def _adapted(model, config, rank=4, extra=6):
 
 
 def test_lora_merge_gives_the_adapted_model(converted):
-    _, model = converted
+    _, model, _ = converted
     adapted, config = _adapted(model, model.config)
     ids = np.random.default_rng(0).integers(0, config.total_vocab_size, (2, 9))
     merged_config, merged_params = merge_lora(config, weights.flat_params(adapted))
@@ -127,7 +170,7 @@ def test_lora_merge_gives_the_adapted_model(converted):
 def test_only_adapters_and_new_token_rows_train(converted):
     """A train step with the SEED-OPT split (LoRA factors and appended rows trainable,
     the rest frozen) changes exactly those parameters."""
-    _, model = converted
+    _, model, _ = converted
     adapted, config = _adapted(model, model.config)
     graphdef, trainable, frozen = nnx.split(adapted, trainable_filter, ...)
     tx = optax.adam(1e-2)

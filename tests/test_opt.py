@@ -5,6 +5,7 @@ against full recomputation, and greedy decoding against `generate()`."""
 import dataclasses
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,10 +15,12 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
-from seed_jax import generation, weights
+from seed_jax import generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
+from seed_jax.models.opt import OPTConfig as OPTConfigOurs
 from seed_jax.models.opt import merge_lora, trainable_filter
+from seed_jax.trainers import loop
 
 pytestmark = pytest.mark.torch
 
@@ -187,3 +190,35 @@ def test_only_adapters_and_new_token_rows_train(converted):
     assert names == {k for k in weights.flat_params(adapted) if "lora_" in k or k == "embed_extra"}
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trainable, new))
     assert all(changed)
+
+
+def _lora_losses(mesh, num_steps=3):
+    config = OPTConfigOurs(vocab_size=100, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64,
+                           extra_tokens=10, lora_rank=4)
+    model = weights.build("opt", config)
+    stage = ml_collections.ConfigDict(dict(lr=1e-2, init_lr=1e-3, end_lr=1e-3, warmup_steps=1, num_steps=num_steps,
+                                           weight_decay=0.0, b1=0.9, b2=0.999))
+    run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
+
+    def loss_fn(model, batch, rng):
+        logits, _ = model(batch["ids"][:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, 1:]).mean()
+        return loss, ({}, {})
+
+    setup = loop.prepare_stage(model, trainable_filter, loss_fn, stage, run, mesh)
+    rng = np.random.default_rng(0)
+    state, losses = setup.state, []
+    for _ in range(num_steps):
+        batch = loop.global_batch({"ids": rng.integers(0, 110, (8, 12)).astype(np.int32)}, mesh, run.axis_rules)
+        state, metrics = setup.train_step(state, setup.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def test_lora_train_step_same_loss_on_1_and_8_devices():
+    losses_1, _ = _lora_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    losses_8, state_8 = _lora_losses(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
+    assert losses_1[-1] < losses_1[0]
+    specs = " ".join(str(leaf.sharding.spec) for leaf in jax.tree.leaves(state_8["params"]))
+    assert "fsdp" in specs and "tensor" in specs, specs

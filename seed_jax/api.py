@@ -317,8 +317,14 @@ class SeedOPT:
                 return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
                                            sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
 
+        def beam_search(state, ids, mask, max_new_tokens, num_beams):
+            with jax.default_matmul_precision(precision):
+                return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
+                                              num_beams=num_beams)
+
         self._logits = jax.jit(logits)
         self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
+        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32") -> "SeedOPT":
@@ -349,13 +355,20 @@ class SeedOPT:
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None) -> np.ndarray:
+                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None, num_beams: int = 1) -> np.ndarray:
         """(B,P) left-padded prompts -> (B,max_new_tokens) int32: greedy at temperature
-        0, else sampled (top-k / top-p). `allowed[t] = (low, high)` restricts step t."""
+        0, else sampled (top-k / top-p). `allowed[t] = (low, high)` restricts step t.
+        `num_beams` > 1: beam search over exactly `max_new_tokens` tokens (no sampling,
+        eos or constraints)."""
         ids, mask = self._check_ids(input_ids, attention_mask)
         if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.config.max_positions:
             raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1]} "
                              f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
+        if num_beams > 1:
+            if temperature or allowed or eos_id is not None:
+                raise ValueError("num_beams > 1 takes no temperature, allowed or eos_id")
+            return np.asarray(self._beam_search(self._state, ids, mask, max_new_tokens=max_new_tokens,
+                                                num_beams=num_beams))
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
         return np.asarray(self._generate(self._state, ids, mask, jax.random.key(seed), ranges,
                                          max_new_tokens=max_new_tokens,

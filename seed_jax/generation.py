@@ -93,3 +93,41 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     state = (0, logits[:, -1], cache, mask, positions[:, -1] + 1, jnp.zeros((batch,), bool),
              jnp.zeros((batch, max_new_tokens), jnp.int32))
     return jax.lax.while_loop(lambda s: s[0] < max_new_tokens, step, state)[-1]
+
+
+def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
+                num_beams: int) -> jax.Array:
+    """(B,P) left-padded prompts -> (B,max_new_tokens) int32: the beam of highest
+    total log-probability after exactly `max_new_tokens` tokens (no early end; all
+    hypotheses have the same length, so no length penalty applies)."""
+    batch, prompt_length = input_ids.shape
+    k = num_beams
+    repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (B,...) -> (B*K,...), beams of a row adjacent
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
+    positions = jnp.cumsum(mask[:, :prompt_length], axis=1) * mask[:, :prompt_length] - 1
+    logits, cache = model(input_ids, mask, positions=positions,
+                          cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
+    cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # cache batch axis is 1 (after layers)
+    # Only the first beam of each row is live at the start, so the first step picks K distinct tokens.
+    scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1)), batch)
+    # New positions are written in order and the causal mask hides those not yet written.
+    beam_mask = repeat(mask.at[:, prompt_length:].set(1))
+
+    def step(state):
+        i, logits, cache, scores, position, out = state
+        vocab = logits.shape[-1]
+        total = (scores[:, None] + jax.nn.log_softmax(logits, -1)).reshape(batch, k * vocab)
+        scores, flat = jax.lax.top_k(total, k)  # (B,K)
+        parent = (flat // vocab + jnp.arange(batch)[:, None] * k).reshape(-1)
+        token = (flat % vocab).reshape(-1).astype(jnp.int32)
+        cache = jax.tree.map(lambda c: c[:, parent], cache)
+        out = out[parent].at[:, i].set(token)
+        logits, cache = model(token[:, None], beam_mask, positions=position[:, None], cache=cache,
+                              cache_index=prompt_length + i)
+        return i + 1, logits[:, -1], cache, scores.reshape(-1), position + 1, out
+
+    state = (0, repeat(logits[:, -1]), cache, scores, repeat(positions[:, -1] + 1),
+             jnp.zeros((batch * k, max_new_tokens), jnp.int32))
+    _, _, _, scores, _, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens, step, state)
+    best = jnp.argmax(scores.reshape(batch, k), -1) + jnp.arange(batch) * k
+    return out[best]

@@ -121,6 +121,20 @@ def test_seed_opt_api_logits_and_generate(converted):
         lm.generate(ids, 2, attention_mask=mask[:, :3])
 
 
+def test_beam_search_matches_transformers(converted):
+    hf, model, export = converted
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=8,
+                          do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=1, early_stopping=False,
+                          length_penalty=1.0).numpy()[:, 8:]
+    ours = jax.jit(lambda i, m: generation.beam_search(model, i, m, max_new_tokens=8, num_beams=3))(ids, mask)
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+    greedy = jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=8))(ids, mask)
+    assert not np.array_equal(np.asarray(greedy), ref), "beam search found the greedy path: the check is vacuous"
+    np.testing.assert_array_equal(SeedOPT.load(export).generate(ids, 8, attention_mask=mask, num_beams=3), ref)
+
+
 def test_sampling_top_k_1_is_greedy_and_constraints_hold(converted):
     _, model, _ = converted
     ids, mask = _prompts()

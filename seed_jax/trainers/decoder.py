@@ -103,8 +103,8 @@ class Evaluator:
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
         n = config.eval.num_examples
         source = [records.decode_record(r) for r in pipeline.read_records(eval_paths, n)]
-        self.images = np.stack([preprocess.resize(preprocess.decode_image(r["image"]),
-                                                           self.tokenizer.image_size) for r in source])
+        self.images = np.stack([preprocess.resize(preprocess.decode_image(r["image"]), self.tokenizer.image_size)
+                                for r in source])
         self.captions = [r["caption"] for r in source]
         self.caption_ids = clip_tokenizer(self.captions)[0]
 

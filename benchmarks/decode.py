@@ -24,9 +24,7 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT, os.path.join(_ROOT, "tests")] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,6 +32,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax.api import StableDiffusion  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
@@ -66,15 +65,6 @@ def build_pipeline(size: str) -> StableDiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def median_seconds(fn, iters: int) -> float:
-    fn()  # warm-up: compilation, allocator, autotuning
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -23,14 +23,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize  # noqa: E402
@@ -38,15 +37,6 @@ from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Refere
 SIZES = {"tiny": TINY, "full": ReferenceConfig()}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, datasheet
 
-
-def median_seconds(fn, iters: int) -> float:
-    fn()  # warm-up: compilation, allocator, autotuning
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):

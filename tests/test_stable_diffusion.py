@@ -103,17 +103,22 @@ def test_sampler_matches_scheduler_on_latents(converted, sampler):
     negative = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
     latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     for steps in (1, 2, 5):
-        scheduler = diffusers_scheduler(sampler)
-        scheduler.set_timesteps(steps)
-        x = _nchw(latents)
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                eps = pipe.unet(torch.cat([x, x]), t, torch.from_numpy(np.concatenate([negative, prompt]))).sample
-                uncond, cond = eps.chunk(2)
-                x = scheduler.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
-        ref = pipe.vae.decode(x / 0.18215).sample.clamp(-1, 1)
+        ref = _scheduler_run(pipe, diffusers_scheduler(sampler), steps, prompt, negative, latents, 3.0)
         ours = sd.sample(prompt, negative, latents=latents, num_steps=steps, guidance_scale=3.0, sampler=sampler)
-        assert relative_error(ours, _nhwc(ref)) <= RUN_TOLERANCE, steps
+        assert relative_error(ours, ref) <= RUN_TOLERANCE, steps
+
+
+@torch.no_grad()
+def _scheduler_run(pipe, scheduler, steps, prompt, negative, latents, guidance):
+    """diffusers' UNet and `scheduler` stepped by hand with guidance, then the VAE
+    decoder: images (B,H,W,3) in [-1,1]."""
+    scheduler.set_timesteps(steps)
+    x = _nchw(latents)
+    context = torch.from_numpy(np.concatenate([negative, prompt]))
+    for t in scheduler.timesteps:
+        uncond, cond = pipe.unet(torch.cat([x, x]), t, context).sample.chunk(2)
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return _nhwc(pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample.clamp(-1, 1))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
@@ -130,16 +135,9 @@ def test_v_prediction_sampling_matches_diffusers(converted, sampler):
     latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     scheduler = type(diffusers_scheduler(sampler)).from_config(diffusers_scheduler(sampler).config,
                                                                prediction_type="v_prediction")
-    scheduler.set_timesteps(6)
-    x = _nchw(latents)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = pipe.unet(torch.cat([x, x]), t, torch.from_numpy(np.concatenate([negative, prompt]))).sample
-            uncond, cond = out.chunk(2)
-            x = scheduler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
-        ref = pipe.vae.decode(x / 0.18215).sample.clamp(-1, 1)
+    ref = _scheduler_run(pipe, scheduler, 6, prompt, negative, latents, 2.0)
     ours = v_model.sample(prompt, negative, latents=latents, num_steps=6, guidance_scale=2.0, sampler=sampler)
-    assert relative_error(ours, _nhwc(ref)) <= RUN_TOLERANCE
+    assert relative_error(ours, ref) <= RUN_TOLERANCE
 
 
 def _compvis_state_dict(pipe) -> dict:

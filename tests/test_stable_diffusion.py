@@ -289,3 +289,15 @@ def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
               relative_error(sd.model.vae.decode(latents[:1]), _nhwc(decoded)))
     print(f"full SD v1 VAE relative error: encoder {errors[0]:.2e}, decoder {errors[1]:.2e}")
     assert max(errors) <= MODULE_TOLERANCE
+
+
+def test_unsupported_unet_options_are_named():
+    from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.convert.rules import Source
+
+    with pytest.raises(ValueError, match="transformer_layers_per_block=2"):
+        sd_convert.unet_config(Source({}, "folder"), {"transformer_layers_per_block": 2})
+    with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+        sd_convert.unet_config(Source({}, "folder"), {"class_embed_type": "timestep"})
+    with pytest.raises(KeyError, match="not an SD UNet"):  # per-block lists of the supported value pass the check
+        sd_convert.unet_config(Source({}, "folder"), {"transformer_layers_per_block": [1, 1, 1, 1]})

@@ -93,8 +93,10 @@ def _part(source: Source, part: str) -> Source:
 # ---------------------------------------------------------------- configs from shapes (+ config.json)
 def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetConfig:
     for key, supported in UNSUPPORTED_UNET.items():
-        if hf.get(key, supported) != supported:
-            raise ValueError(f"unet config.json {key}={hf[key]!r}: only {supported!r} is supported (SD v1/v2 UNets)")
+        value = hf.get(key, supported)
+        values = value if isinstance(value, (list, tuple)) else [value]  # per-block lists must agree throughout
+        if any(v != supported for v in values):
+            raise ValueError(f"unet config.json {key}={value!r}: only {supported!r} is supported (SD v1/v2 UNets)")
     s = _part(source, "unet")
     levels = s.count("down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:

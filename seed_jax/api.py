@@ -213,6 +213,7 @@ class StableDiffusion:
                 return nnx.merge(graphdef, state).text_encoder(ids)
 
         self._sample = jax.jit(sample, static_argnames="sampler")
+        self._empty_prompt = None
         self._encode_text = jax.jit(encode_text)
 
     @classmethod
@@ -254,7 +255,9 @@ class StableDiffusion:
         """(B,L,X): the text encoder's output for the empty prompt (the unconditional side)."""
         if self.config.empty_prompt_ids is None or self.model.text_encoder is None:
             raise ValueError("this model has no text encoder or empty-prompt ids: pass negative_embeds")
-        return np.repeat(self.encode_text(np.asarray([self.config.empty_prompt_ids])), batch, axis=0)
+        if self._empty_prompt is None:  # the weights are fixed: encode once
+            self._empty_prompt = self.encode_text(np.asarray([self.config.empty_prompt_ids]))
+        return np.repeat(self._empty_prompt, batch, axis=0)
 
     def sample(self, prompt_embeds, negative_embeds=None, *, latents=None, num_steps: int = 50,
                guidance_scale: float = 7.5, sampler: str = "plms", seed: int = 0) -> np.ndarray:

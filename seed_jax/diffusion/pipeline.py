@@ -19,13 +19,13 @@ def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_e
     noise estimate (guidance and that conversion are both linear, so their order
     does not matter)."""
     schedule = model.config.schedule
+    context = None if negative_embeds is None else jnp.concatenate([negative_embeds, prompt_embeds])
 
     def denoise(x, t):
-        if negative_embeds is None:
+        if context is None:
             output = model.unet(x, t, prompt_embeds)
         else:
-            unconditional, conditional = jnp.split(
-                model.unet(jnp.concatenate([x, x]), t, jnp.concatenate([negative_embeds, prompt_embeds])), 2)
+            unconditional, conditional = jnp.split(model.unet(jnp.concatenate([x, x]), t, context), 2)
             output = unconditional + guidance_scale * (conditional - unconditional)
         return noise_estimate(schedule, output, x, t)
 

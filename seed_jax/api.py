@@ -1,7 +1,7 @@
 """User-facing inference. `SeedTokenizer.load(OUT, diffusion=SD_OUT)` then
 `preprocess`, `encode`, `embed_codes`, `decode`, `reconstruct`;
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
-`logits`, `generate`. Batches of any size run through one
+`logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run through one
 compiled program per chunk size (the last chunk is padded), and inputs are checked
 before anything runs.
 
@@ -13,6 +13,7 @@ before anything runs.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -22,6 +23,8 @@ from flax import nnx
 from PIL import Image
 
 from seed_jax import generation, weights
+from seed_jax.data import opt_text, sequences
+from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from seed_jax.diffusion import pipeline, samplers
 from seed_jax.models.opt import OPT as OPTModel
@@ -301,13 +304,19 @@ class StableDiffusion:
 
 class SeedOPT:
     """An OPT language model (a converted Hugging Face OPT, with or without SEED's
-    appended image tokens): `logits` and jitted, cached `generate`."""
+    appended image tokens, or a SEED-OPT training export): `logits` and jitted,
+    cached `generate`; with a text tokenizer and image tokens also `caption_codes` /
+    `answer_codes` / `image_codes`, and with a `SeedTokenizer` `caption`, `answer`
+    and `generate_image` on images."""
 
-    def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None):
+    def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
+                 text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
+                 prompts: sequences.Prompts = sequences.Prompts()):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         self.model, self.config, self.dtype = model, model.config, dtype
         self.image_token_ids = image_token_ids or {}
+        self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
         graphdef, self._state = nnx.split(model)
         precision = "highest" if dtype == "float32" else "default"
 
@@ -330,14 +339,26 @@ class SeedOPT:
         self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
 
     @classmethod
-    def load(cls, path: str, *, dtype: str = "float32") -> "SeedOPT":
-        """From an `opt` export (`python -m seed_jax.convert hf_opt`)."""
+    def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
+             diffusion: str | None = None, text_tokenizer: str | None = None) -> "SeedOPT":
+        """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
+        training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
+        or a folder with OPT's vocab.json + merges.txt) or the export's own
+        text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
+        for images) enables the image methods."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="opt")
         info = weights.read_config(path)[2]
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
-        return cls(model, dtype=dtype, image_token_ids=ids)
+        if isinstance(tokenizer, str):
+            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype)
+        if text_tokenizer is not None and not os.path.exists(text_tokenizer):
+            raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
+        own = os.path.join(path, opt_text.FILE_NAME)
+        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer,
+                   text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
+                   else None)
 
     def _check_ids(self, input_ids, attention_mask):
         ids = np.asarray(input_ids)
@@ -377,3 +398,106 @@ class SeedOPT:
                                          max_new_tokens=max_new_tokens,
                                          sampling=generation.Sampling(temperature, top_k, top_p),
                                          eos_id=eos_id, pad_id=pad_id))
+
+    # ---- SEED: codes <-> text
+    @property
+    def builder(self) -> sequences.SequenceBuilder:
+        if self.text_tokenizer is None:
+            raise ValueError("this SeedOPT has no text tokenizer: load(..., text_tokenizer=PATH)")
+        ids = self.image_token_ids
+        if not ids:
+            raise ValueError("this model has no image tokens: convert it with --image_tokens, or train SEED-OPT")
+        num_codes = self.config.total_vocab_size - ids["first_code_id"]
+        image = sequences.ImageTokens(ids["image_start_id"], ids["image_end_id"], ids["first_code_id"], num_codes)
+        return sequences.SequenceBuilder(self.text_tokenizer, image, self.prompts)
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        length = max(len(p) for p in prompts)
+        pad = self.text_tokenizer.pad_id
+        ids = np.asarray([[pad] * (length - len(p)) + p for p in prompts], np.int32)
+        mask = np.asarray([[0] * (length - len(p)) + [1] * len(p) for p in prompts], np.int32)
+        return ids, mask
+
+    def _answers(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int, **sampling) -> list[str]:
+        ids, mask = self._left_padded(prompts)
+        eos = self.text_tokenizer.eos_id
+        if num_beams > 1:
+            tokens = self.generate(ids, max_new_tokens, attention_mask=mask, num_beams=num_beams)
+        else:
+            tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos,
+                                   pad_id=self.text_tokenizer.pad_id, **sampling)
+        out = []
+        for row in tokens.tolist():
+            row = row[:row.index(eos)] if eos in row else row
+            out.append(self.text_tokenizer.decode(row).strip())
+        return out
+
+    def caption_codes(self, codes, *, max_new_tokens: int = 30, num_beams: int = 1, **sampling) -> list[str]:
+        """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
+        `sampling`: temperature, top_k, top_p, seed."""
+        builder = self.builder
+        return self._answers([builder.caption_prompt(row) for row in _codes(codes)], max_new_tokens, num_beams,
+                             **sampling)
+
+    def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int = 10, num_beams: int = 1,
+                     **sampling) -> list[str]:
+        """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.")."""
+        codes = _codes(codes)
+        if isinstance(questions, str) or len(questions) != len(codes):
+            raise ValueError(f"questions: expected a list of {len(codes)} strings, one per image")
+        builder = self.builder
+        prompts = [builder.question_prompt(row, q) for row, q in zip(codes, questions)]
+        return self._answers(prompts, max_new_tokens, num_beams, **sampling)
+
+    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> np.ndarray:
+        """Text prompts -> int32 codes (B,32): after "Generate an image: {prompt}" and
+        <img>, each of 32 steps may only emit a code token, then </img>."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of strings")
+        builder = self.builder
+        image = builder.image
+        ids, mask = self._left_padded([builder.generation_prompt(p) for p in prompts])
+        num_queries = self.tokenizer.num_queries if self.tokenizer is not None else 32
+        allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
+        tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed)
+        return image.to_codes(tokens[:, :num_queries])
+
+    # ---- SEED: images <-> text (need the SEED tokenizer)
+    def _seed_tokenizer(self) -> SeedTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("images need the SEED tokenizer: SeedOPT.load(..., tokenizer=SEED_EXPORT)")
+        return self.tokenizer
+
+    def caption(self, images, **options) -> list[str]:
+        """uint8 images (B,H,W,3) or a list of (H,W,3) -> captions (options as `caption_codes`)."""
+        tokenizer = self._seed_tokenizer()
+        return self.caption_codes(tokenizer.encode(tokenizer.preprocess(images)), **options)
+
+    def answer(self, images, questions: Sequence[str], **options) -> list[str]:
+        """uint8 images and one question each -> short answers (options as `answer_codes`)."""
+        tokenizer = self._seed_tokenizer()
+        return self.answer_codes(tokenizer.encode(tokenizer.preprocess(images)), questions, **options)
+
+    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:
+        """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
+        `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
+        `decode_options` as `SeedTokenizer.decode`."""
+        codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return self._seed_tokenizer().decode(codes, seed=seed, **decode_options)
+
+
+def _codes(codes) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or not codes.size:
+        raise ValueError(f"codes: expected integer (B,32), got {codes.dtype} {codes.shape}")
+    return codes
+
+
+def _load_text_tokenizer(path: str) -> OPTTextTokenizer:
+    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt."""
+    if os.path.isdir(path):
+        return OPTTextTokenizer(opt_text.gpt2_bpe(path))
+    return OPTTextTokenizer.load(path)

@@ -20,9 +20,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
 
 
 def _trainers():
-    from seed_jax.trainers import decoder, tokenizer
+    from seed_jax.trainers import decoder, pretokenize, seed_opt, tokenizer
 
-    return {"tokenizer": tokenizer.train, "decoder": decoder.train}
+    return {"tokenizer": tokenizer.train, "decoder": decoder.train, "pretokenize": pretokenize.run,
+            "seed_opt": seed_opt.train}
 
 
 def _quiet_libraries(record) -> bool:

@@ -16,6 +16,18 @@ def repo_root() -> str:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder_run(tmp_path_factory) -> str:
+    """Workdir of a tiny decoder run, which trains its tiny tokenizer first (in
+    WORKDIR/tokenizer); shared by the decoder and SEED-OPT tests."""
+    from configs.decoder import get_config
+    from seed_jax.trainers import decoder
+
+    workdir = str(tmp_path_factory.mktemp("decoder"))
+    assert decoder.train(get_config("tiny"), workdir)
+    return workdir
+
+
 def pytest_collection_modifyitems(config, items):
     """`accelerator` tests run only where JAX sees a GPU or TPU."""
     if jax.default_backend() in ("gpu", "tpu"):

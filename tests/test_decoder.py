@@ -17,11 +17,8 @@ from seed_jax.trainers import decoder, loop
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny decoder run (which trains its tiny tokenizer first)."""
-    workdir = str(tmp_path_factory.mktemp("decoder"))
-    assert decoder.train(get_config("tiny"), workdir)
-    return workdir
+def trained(tiny_decoder_run):
+    return tiny_decoder_run
 
 
 def test_run_writes_metrics_grid_and_export(trained):

@@ -134,14 +134,21 @@ class OPT(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions=None,
-                 cache: dict | None = None, cache_index: jax.Array | int = 0):
+                 segment_ids: jax.Array | None = None, cache: dict | None = None,
+                 cache_index: jax.Array | int = 0):
         """input_ids (B,L) -> (logits (B,L,V) float32, updated cache or None).
 
         Without a cache: `attention_mask` (B,L) 1/0 (default all ones) masks padding,
-        positions count the mask as transformers does. With a cache of S positions:
+        positions count the mask as transformers does. Packed rows instead pass
+        `segment_ids` (B,L) (0 = padding; a token attends only within its segment)
+        and `positions` (B,L) counted from 0 in each segment. With a cache of S positions:
         the new tokens go to [cache_index, cache_index+L), `attention_mask` (B,S)
         covers the whole cache, and `positions` (B,L) must be given."""
         batch, length = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None or positions is None:
+                raise ValueError("segment_ids (packed rows) take `positions` and no attention_mask or cache")
+            attention_mask = (segment_ids > 0).astype(jnp.int32)
         if cache is None:
             attention_mask = jnp.ones((batch, length), jnp.int32) if attention_mask is None else attention_mask
             if positions is None:
@@ -155,6 +162,8 @@ class OPT(nnx.Module):
             query_index = cache_index + jnp.arange(length)
         key_index = jnp.arange(key_mask.shape[1])
         mask = (key_index[None, :] <= query_index[:, None])[None, None] & key_mask[:, None, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         table = self.token_table()
         x = table[input_ids].astype(self.dtype)
         if self.project_in is not None:

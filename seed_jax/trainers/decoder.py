@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from seed_jax import api, export, parallel, weights
+from seed_jax import api, parallel, weights
 from seed_jax.data import pipeline, preprocess, records
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from seed_jax.evaluators.reconstruction import image_grid, reconstruction_similarity
@@ -52,26 +51,6 @@ def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids
         return loss, ({"mse": loss}, {})
 
     return loss_fn
-
-
-# ---------------------------------------------------------------- the tokenizer this decoder serves
-def tokenizer_workdir(config, workdir: str) -> str:
-    return os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
-
-
-def ensure_tokenizer(config, workdir: str) -> tuple[str, str]:
-    """(tokenizer workdir, its export): trains the tokenizer first if its workdir has
-    no finished run, and exports it once."""
-    directory = tokenizer_workdir(config, workdir)
-    if not os.path.exists(os.path.join(directory, "DONE.json")):
-        logging.info("no finished tokenizer run in %s: training it first", directory)
-        if not tokenizer_trainer.train(config.tokenizer, directory):
-            raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
-    out = os.path.join(directory, "export")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        export.export(directory, out)
-    multihost_utils.sync_global_devices("tokenizer_exported")
-    return directory, out
 
 
 def diffusion_config(config, clip_config: CLIPTextConfig, empty_ids: np.ndarray) -> StableDiffusionConfig:
@@ -137,7 +116,7 @@ def train(config, workdir: str) -> bool:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
-    tok_dir, tok_export = ensure_tokenizer(config, workdir)
+    tok_dir, tok_export = tokenizer_trainer.ensure_trained(config, workdir)
     tok_config = config.tokenizer
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules

@@ -14,7 +14,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from seed_jax import parallel
+from seed_jax import parallel, weights
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
@@ -302,3 +302,22 @@ def train(config, workdir: str) -> bool:
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps}, f)
     return True
+
+
+# ---------------------------------------------------------------- for the trainers built on a tokenizer
+def ensure_trained(config, workdir: str) -> tuple[str, str]:
+    """(tokenizer workdir, its export) for a trainer whose config has `tokenizer` (a
+    tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer): trains the
+    tokenizer first if that workdir has no finished run, and exports it once."""
+    directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
+    if not os.path.exists(os.path.join(directory, "DONE.json")):
+        logging.info("no finished tokenizer run in %s: training it first", directory)
+        if not train(config.tokenizer, directory):
+            raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
+    out = os.path.join(directory, "export")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
+        from seed_jax import export  # export reads tokenizer runs through this module
+
+        export.export(directory, out)
+    multihost_utils.sync_global_devices("tokenizer_exported")
+    return directory, out

@@ -1,0 +1,27 @@
+"""Pre-tokenization: image-caption ArrayRecord shards -> SEED code records.
+
+  python -m seed_jax.main --config=configs/pretokenize.py \
+      --config.tokenizer_export=/ckpt/seed_v1_converted \
+      --config.splits.train.dir=/data/cc3m/array_record --config.out_dir=/data/cc3m/seed_codes
+
+On several hosts add `--distributed`: process p writes `train-{p:05d}-of-{P:05d}`.
+Each split is `{dir, prefix}`; the output keeps the prefix.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.trainer = "pretokenize"
+    c.preset = "default"
+    c.tokenizer_export = ""
+    c.out_dir = ""  # "" = WORKDIR/codes
+    c.splits = ml_collections.ConfigDict(dict(
+        train=ml_collections.ConfigDict(dict(dir="", prefix="train")),
+        eval=ml_collections.ConfigDict(dict(dir="", prefix="eval"))))
+    c.batch_size = 256  # per process, split over its local devices
+    c.dtype = "float32"
+    c.num_threads = 8
+    return c

@@ -1,0 +1,34 @@
+"""Records of pre-tokenized images: `{"id": str, "caption": str, "codes": int32 (32,)}`,
+one UTF-8 JSON object each (with the format version), in ArrayRecord shards named
+as `records.shard_path` names them. `decode_code_record` raises ValueError on
+anything malformed, so readers can skip and count it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def encode_code_record(record_id: str, caption: str, codes) -> bytes:
+    codes = np.asarray(codes)
+    if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes: expected integer (N,), got {codes.dtype} {codes.shape}")
+    return json.dumps({"format": FORMAT_VERSION, "id": record_id, "caption": caption,
+                       "codes": [int(c) for c in codes]}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_code_record(data: bytes) -> dict:
+    """Bytes from `encode_code_record` -> {"id", "caption", "codes" int32 (N,)}."""
+    try:
+        record = json.loads(bytes(data).decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"corrupt code record: not UTF-8 JSON ({error})") from error
+    if not (isinstance(record, dict) and record.get("format") == FORMAT_VERSION
+            and isinstance(record.get("id"), str) and isinstance(record.get("caption"), str)
+            and isinstance(record.get("codes"), list) and record["codes"]
+            and all(isinstance(c, int) and c >= 0 for c in record["codes"])):
+        raise ValueError(f"corrupt code record: unexpected content {str(record)[:200]!r}")
+    return {"id": record["id"], "caption": record["caption"], "codes": np.asarray(record["codes"], np.int32)}

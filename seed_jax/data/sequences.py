@@ -1,0 +1,166 @@
+"""SEED-OPT token sequences and the packed training pipeline.
+
+An image is `<img> <img_c0> ... <img_c31> </img>`: the code tokens follow the text
+vocabulary (`ImageTokens`). Each sequence starts with `</s>` (OPT's BOS):
+
+  image -> text:  </s> IMAGE "A photo of" " {caption}" </s>            loss on the caption and </s>
+  text -> image:  </s> "Generate an image: {caption}" <img> CODES </img>  loss on the codes and </img>
+  question:       </s> IMAGE "Question: {q} Short answer." " {answer}" </s>
+
+Training rows pack several sequences to a fixed length (grain's first-fit packing):
+`inputs`, `targets` (inputs shifted by one), `loss_mask`, `segment_ids` (0 = padding)
+and `positions` (from 0 in each sequence), int32 (T,) each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import grain.experimental
+import jax
+import numpy as np
+
+from seed_jax.data import code_records
+from seed_jax.data.opt_text import OPTTextTokenizer
+from seed_jax.data.pipeline import SkipCounter
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokens:
+    """Ids of `<img>`, `</img>` and code 0 (codes are consecutive) in the model's vocabulary."""
+    start: int
+    end: int
+    first_code: int
+    num_codes: int
+
+    @classmethod
+    def after_vocabulary(cls, vocab_size: int, num_codes: int) -> "ImageTokens":
+        """The layout `convert hf_opt --image_tokens` appends: <img>, </img>, codes."""
+        return cls(vocab_size, vocab_size + 1, vocab_size + 2, num_codes)
+
+    def wrap(self, codes) -> list[int]:
+        codes = np.asarray(codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
+            raise ValueError(f"codes: values must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
+        return [self.start] + [self.first_code + int(c) for c in codes] + [self.end]
+
+    def to_codes(self, ids) -> np.ndarray:
+        """Code-token ids -> codes."""
+        return np.asarray(ids, np.int32) - self.first_code
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    caption: str = "A photo of"
+    generate: str = "Generate an image: {caption}"
+    question: str = "Question: {question} Short answer."
+
+
+class SequenceBuilder:
+    """Prompts (what generation starts from) and full training sequences with their loss masks."""
+
+    def __init__(self, text: OPTTextTokenizer, image: ImageTokens, prompts: Prompts = Prompts(),
+                 max_text_tokens: int = 64):
+        self.text, self.image, self.prompts, self.max_text_tokens = text, image, prompts, max_text_tokens
+
+    def _words(self, text: str) -> list[int]:
+        return self.text.encode(text)[:self.max_text_tokens]
+
+    # ---- prompts
+    def caption_prompt(self, codes) -> list[int]:
+        return [self.text.bos_id] + self.image.wrap(codes) + self.text.encode(self.prompts.caption)
+
+    def question_prompt(self, codes, question: str) -> list[int]:
+        return ([self.text.bos_id] + self.image.wrap(codes)
+                + self._words(self.prompts.question.format(question=question)))
+
+    def generation_prompt(self, caption: str) -> list[int]:
+        return [self.text.bos_id] + self._words(self.prompts.generate.format(caption=caption)) + [self.image.start]
+
+    # ---- training sequences: (ids, loss_mask) where loss_mask[i] = 1 if ids[i] is a target
+    def caption_sequence(self, codes, caption: str) -> tuple[list[int], list[int]]:
+        return self._answered(self.caption_prompt(codes), " " + caption)
+
+    def answer_sequence(self, codes, question: str, answer: str) -> tuple[list[int], list[int]]:
+        return self._answered(self.question_prompt(codes, question), " " + answer)
+
+    def generation_sequence(self, caption: str, codes) -> tuple[list[int], list[int]]:
+        prompt = self.generation_prompt(caption)
+        image = self.image.wrap(codes)[1:]  # the prompt ends with <img>
+        return prompt + image, [0] * len(prompt) + [1] * len(image)
+
+    def _answered(self, prompt: list[int], answer: str) -> tuple[list[int], list[int]]:
+        answer_ids = self._words(answer) + [self.text.eos_id]
+        return prompt + answer_ids, [0] * len(prompt) + [1] * len(answer_ids)
+
+
+def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarray]:
+    """A sequence -> next-token training arrays (L-1,) each."""
+    ids, loss_mask = np.asarray(ids, np.int32), np.asarray(loss_mask, np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": loss_mask[1:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeExample:
+    """A code record -> one training sequence: text -> image with probability
+    `text_to_image_fraction`, else image -> text. None (counted) for a corrupt
+    record or one longer than `max_length`."""
+    builder: SequenceBuilder
+    text_to_image_fraction: float
+    max_length: int
+    skipped: SkipCounter
+
+    def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
+        try:
+            record = code_records.decode_code_record(raw)
+            if rng.random() < self.text_to_image_fraction:
+                ids, mask = self.builder.generation_sequence(record["caption"], record["codes"])
+            else:
+                ids, mask = self.builder.caption_sequence(record["codes"], record["caption"])
+        except ValueError:
+            self.skipped.add()
+            return None
+        if len(ids) - 1 > self.max_length:
+            self.skipped.add()
+            return None
+        return shifted(ids, mask)
+
+
+def _packed_row(row: dict) -> dict:
+    return {"inputs": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
+            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_batch_size: int, seed: int,
+                          num_packing_bins: int = 64, num_threads: int = 2, prefetch: int = 4):
+    """Endless shuffled, packed batches (b,T) of this process's slice of the code
+    records (T = `example.max_length`); a checkpointable grain iterator."""
+    index, count = jax.process_index(), jax.process_count()
+    if global_batch_size % count:
+        raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    ds = source[index::count].shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    length = example.max_length
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"inputs": length, "targets": length, "loss_mask": length},
+        num_packing_bins=num_packing_bins, seed=seed)
+    return iter(ds.map(_packed_row).batch(global_batch_size // count, drop_remainder=True))
+
+
+def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter) -> list[dict]:
+    """The first `num_examples` decodable code records (corrupt ones skipped and counted)."""
+    source = grain.sources.ArrayRecordDataSource(list(paths))
+    out = []
+    for i in range(len(source)):
+        if len(out) == num_examples:
+            break
+        try:
+            out.append(code_records.decode_code_record(source[i]))
+        except ValueError:
+            skipped.add()
+    if len(out) < num_examples:
+        raise ValueError(f"num_examples: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
+    return out

@@ -1,0 +1,49 @@
+"""Captions retrieved from SEED codes through the tokenizer's stage-I heads: codes are
+embedded as the tokenizer's `retrieval_codes` evaluation embeds them (codebook
+lookup -> reconstruction -> ITC image head), captions through the Q-Former text
+head, and recall@K counts a hit when the retrieved caption equals the true one."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from seed_jax.api import run_in_chunks
+from seed_jax.evaluators.retrieval import recall_at_k
+from seed_jax.models.tokenizer import SeedTokenizer
+
+
+class CodeRetrieval:
+    """`tokenizer` must have the ITC heads; `caption_tokenizer` is its Q-Former text
+    tokenizer (`data.text.TextTokenizer`)."""
+
+    def __init__(self, tokenizer: SeedTokenizer, caption_tokenizer, batch_size: int = 256):
+        graphdef, state = nnx.split(tokenizer)
+        self.caption_tokenizer, self.batch_size = caption_tokenizer, batch_size
+
+        def from_codes(state, codes):
+            model = nnx.merge(graphdef, state)
+            return model.image_features(model.reconstruct(model.quantize.lookup(codes)))
+
+        def from_text(state, ids, mask):
+            return nnx.merge(graphdef, state).text_features(ids, mask)
+
+        self._from_codes = jax.jit(lambda codes: from_codes(state, codes))
+        self._from_text = jax.jit(lambda ids, mask: from_text(state, ids, mask))
+
+    def code_features(self, codes: np.ndarray) -> np.ndarray:
+        """int codes (N,32) -> L2-normalised features (N,F)."""
+        return np.asarray(run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size))
+
+    def caption_features(self, captions: Sequence[str]) -> np.ndarray:
+        ids, mask = self.caption_tokenizer(list(captions))
+        return np.asarray(run_in_chunks(self._from_text, (ids, mask), self.batch_size))
+
+    def recall(self, codes: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+        """Row i of `codes` against all `captions` (its own is row i): recall@1/5/10 of
+        the true caption among them."""
+        out = recall_at_k(self.code_features(codes), self.caption_features(captions), captions)
+        return {k.replace("i2t_", ""): v for k, v in out.items() if k.startswith("i2t_")}

@@ -1,0 +1,131 @@
+"""Pre-tokenization: image-caption records -> SEED code records, as SEED-LLaMA
+prepares its LLM data (images are tokenized once, not at every training step).
+
+Process p of P takes the contiguous slice [p*N/P, (p+1)*N/P) of a split's N records
+and writes `{prefix}-{p:05d}-of-{P:05d}.array_record` of code records
+(`data/code_records.py`); its local devices split each batch. A finished shard
+(written under a temporary name, renamed at the end) is not redone, so a rerun
+resumes. Undecodable records are skipped and counted in `{prefix}.summary-{p}.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from seed_jax import weights
+from seed_jax.data import code_records, preprocess, records
+from seed_jax.models.tokenizer import SeedTokenizer
+
+DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
+
+
+class LocalEncoder:
+    """pixels (B,S,S,3) -> codes (B,32) with the batch split over this process's devices."""
+
+    def __init__(self, model: SeedTokenizer):
+        self.mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        self.image_size = model.config.vit.image_size
+        graphdef, state = nnx.split(model)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self.state = jax.device_put(state, replicated)
+        self._encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x)["codes"],
+                               in_shardings=(replicated, self.batch_sharding))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        rows = len(pixels)
+        padded = -(-rows // self.mesh.size) * self.mesh.size
+        pixels = np.concatenate([pixels, np.zeros((padded - rows,) + pixels.shape[1:], pixels.dtype)])
+        return np.asarray(self._encode(self.state, jax.device_put(pixels, self.batch_sharding)))[:rows]
+
+
+def _decode(raw: bytes, image_size: int) -> dict:
+    """A raw image record -> {"id", "caption", "pixels"} (None pixels if undecodable)."""
+    try:
+        record = records.decode_record(raw)
+        image = preprocess.resize(preprocess.decode_image(record["image"]), image_size)
+        return {"id": record["id"], "caption": record["caption"], "pixels": preprocess.normalize(image)}
+    except ValueError:
+        return {"id": "", "caption": "", "pixels": None}
+
+
+def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
+                   num_threads: int = 4) -> dict:
+    """Writes this process's shard of code records for one split; returns its summary."""
+    index, count = jax.process_index(), jax.process_count()
+    path = records.shard_path(out_dir, prefix, index, count)
+    summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}.json")
+    if os.path.exists(path) and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    source = grain.sources.ArrayRecordDataSource(list(in_paths))
+    start, stop = index * len(source) // count, (index + 1) * len(source) // count
+    ds = grain.MapDataset.range(start, stop).map(lambda i: _decode(source[i], encoder.image_size))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
+    os.makedirs(out_dir, exist_ok=True)
+    from array_record.python import array_record_module
+
+    written = skipped = 0
+    writer = array_record_module.ArrayRecordWriter(path + ".partial", "group_size:1")
+    try:
+        batch: list[dict] = []
+        for item in ds:
+            if item["pixels"] is None:
+                skipped += 1
+                continue
+            batch.append(item)
+            if len(batch) == batch_size:
+                written += _write_batch(encoder, batch, writer)
+                batch = []
+        if batch:
+            written += _write_batch(encoder, batch, writer)
+    finally:
+        writer.close()
+    os.replace(path + ".partial", path)
+    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start}
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
+    logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
+    return summary
+
+
+def _write_batch(encoder: LocalEncoder, batch: list[dict], writer) -> int:
+    codes = encoder(np.stack([item["pixels"] for item in batch]))
+    for item, row in zip(batch, codes):
+        writer.write(code_records.encode_code_record(item["id"], item["caption"], row))
+    return len(batch)
+
+
+def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: str, *, batch_size: int,
+                dtype: str = "float32", num_threads: int = 4) -> dict[str, dict]:
+    """Every split (prefix -> image-record shard paths) -> code records in `out_dir`;
+    all processes take part. Returns {prefix: this process's summary}."""
+    model, _, _ = weights.load_model(tokenizer_export, dtype=DTYPES[dtype], kind="seed_tokenizer")
+    encoder = LocalEncoder(model)
+    out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads)
+           for prefix, paths in splits.items()}
+    multihost_utils.sync_global_devices("pretokenized")
+    return out
+
+
+def run(config, workdir: str) -> bool:
+    """Entry point for `configs/pretokenize.py`."""
+    out_dir = config.out_dir or os.path.join(workdir, "codes")
+    if not config.tokenizer_export:
+        raise ValueError("config.tokenizer_export: the SEED tokenizer export to encode with is required")
+    splits = {s.prefix: records.shard_paths(s.dir, s.prefix) for s in config.splits.values() if s.dir}
+    if not splits:
+        raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
+    summaries = pretokenize(config.tokenizer_export, splits, out_dir, batch_size=config.batch_size,
+                            dtype=config.dtype, num_threads=config.num_threads)
+    print(json.dumps({"out_dir": out_dir, "process": jax.process_index(), "summaries": summaries}), flush=True)
+    return True

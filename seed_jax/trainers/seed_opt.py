@@ -1,0 +1,253 @@
+"""SEED-OPT training: OPT learns to read and write SEED codes.
+
+Data are code records (`trainers/pretokenize.py`): the demo pre-tokenizes its
+tokenizer run's images itself; real runs point `config.data.codes_dir` at a
+pre-tokenized corpus. Training has two phases, each a stage of the shared loop
+(own checkpoints, resumable): image -> text only, then both directions
+(`data/sequences.py` for the formats), on packed rows with next-token loss on the
+answer part only. The demo trains a small OPT from scratch; `seed_opt_2.7b` loads a
+converted OPT-2.7B (`convert hf_opt --image_tokens=8192`) and trains LoRA adapters
+and the appended token rows. Evaluation on held-out records: caption exact match
+(greedy captions from codes) and text -> image retrieval (greedy codes from a
+caption, 32 code tokens then </img>, scored through the tokenizer's code features).
+The result is exported to WORKDIR/export with LoRA merged (`api.SeedOPT.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from seed_jax import api, parallel, weights
+from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
+from seed_jax.evaluators.code_retrieval import CodeRetrieval
+from seed_jax.evaluators.reconstruction import image_grid
+from seed_jax.models import opt
+from seed_jax.trainers import loop, pretokenize
+from seed_jax.trainers import tokenizer as tokenizer_trainer
+from seed_jax.trainers import warm_start as warm_start_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
+
+
+def lm_loss(model: opt.OPT, batch, rng):
+    """Mean cross-entropy over the tokens `loss_mask` marks, on packed rows."""
+    del rng
+    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_loss = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    count = jnp.maximum(mask.sum(), 1.0)
+    loss = (token_loss * mask).sum() / count
+    accuracy = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum() / count
+    return loss, ({"token_accuracy": accuracy, "target_tokens": mask.sum()}, {})
+
+
+# ---------------------------------------------------------------- text tokenizer and model
+def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
+    t = config.text_tokenizer
+    if t.kind == "word_bpe":  # the demo: the shapes captions' words and the prompts' words
+        path = os.path.join(workdir, opt_text.FILE_NAME)
+        if jax.process_index() == 0 and not os.path.exists(path):
+            prompt_words = " ".join(config.prompts.values()).replace("{caption}", "").replace("{question}", "")
+            words = synthetic.caption_vocabulary() + prompt_words.replace(":", " ").replace(".", " ").split()
+            opt_text.word_bpe(words).save(path)
+        multihost_utils.sync_global_devices("text_tokenizer_ready")
+        return opt_text.OPTTextTokenizer.load(path)
+    if t.kind == "gpt2_bpe":
+        return opt_text.OPTTextTokenizer(opt_text.gpt2_bpe(t.folder))
+    raise ValueError(f"text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got {t.kind!r}")
+
+
+def model_config(config, text_vocab_size: int, num_codes: int) -> opt.OPTConfig:
+    """The trained model: the converted OPT's shape (`init.opt`) or `config.model`,
+    with the image tokens appended and `config.lora`'s adapters."""
+    extra = num_codes + 2
+    lora = dict(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_targets=tuple(config.lora.targets))
+    if config.init.opt:
+        kind, base, _ = weights.read_config(config.init.opt)
+        if kind != "opt":
+            raise ValueError(f"init.opt: {config.init.opt} holds a {kind!r} export, expected 'opt'")
+        if base.extra_tokens != extra:
+            raise ValueError(f"init.opt: the export has {base.extra_tokens} appended tokens, the tokenizer's "
+                             f"{num_codes} codes need {extra}; convert with --image_tokens={num_codes}")
+        return opt.OPTConfig.from_dict({**base.__dict__, **lora})
+    if text_vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the text tokenizer's "
+                         f"vocabulary ({text_vocab_size})")
+    return opt.OPTConfig.from_dict({**config.model.to_dict(), "extra_tokens": extra, **lora})
+
+
+def create_model(model_config: opt.OPTConfig, config, mesh) -> opt.OPT:
+    """The model initialised into its shardings; base weights from `init.opt` if set."""
+    dtype = DTYPES[config.dtype]
+    create = lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=nnx.Rngs(config.seed))  # noqa: E731
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
+    if config.init.opt:
+        base = [k for k in weights.flat_params(model) if "lora_" not in k]
+        warm_start_lib.load_into(model, config.init.opt, kinds=("opt",), require=tuple(base),
+                                 shardings=warm_start_lib.flat_shardings(model, shardings))
+    return model
+
+
+def trainable(config):
+    """Every parameter (a model trained from scratch) or SEED-OPT's: adapters and appended rows."""
+    return nnx.Param if config.train_all else opt.trainable_filter
+
+
+# ---------------------------------------------------------------- evaluation
+class Evaluator:
+    """Captions and codes generated for held-out code records, scored and sampled."""
+
+    def __init__(self, config, eval_records: list[dict], image_tokens: sequences.ImageTokens,
+                 text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval, writer: loop.MetricsWriter,
+                 workdir: str, tokenizer_export: str):
+        self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
+        self.retrieval, self.writer, self.workdir = retrieval, writer, workdir
+        self.captions = [r["caption"] for r in eval_records]
+        self.codes = np.stack([r["codes"] for r in eval_records])
+        self.tokenizer_export = tokenizer_export
+        self.true_code_recall = retrieval.recall(self.codes, self.captions)
+
+    def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
+        e = self.config.eval
+        ids = {"image_start_id": self.image_tokens.start, "image_end_id": self.image_tokens.end,
+               "first_code_id": self.image_tokens.first_code}
+        seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids, text_tokenizer=self.text,
+                               prompts=sequences.Prompts(**self.config.prompts.to_dict()))
+        captions, generated = [], []
+        for start in range(0, len(self.captions), e.batch_size):
+            rows = slice(start, start + e.batch_size)
+            captions += seed_opt.caption_codes(self.codes[rows], max_new_tokens=e.max_caption_tokens)
+            generated.append(seed_opt.image_codes(self.captions[rows]))
+        generated = np.concatenate(generated)
+        recall = self.retrieval.recall(generated, self.captions)
+        metrics = {"caption/exact_match": float(np.mean([c == t for c, t in zip(captions, self.captions)])),
+                   "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
+                   "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
+                   "num_examples": float(len(self.captions))}
+        self.writer.write(step, phase, "eval", metrics)
+        logging.info("%s eval at step %d: %s", phase, step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if jax.process_index() == 0:
+            self._save_samples(step, captions, generated)
+        return metrics
+
+    def _save_samples(self, step: int, captions: list[str], generated: np.ndarray) -> None:
+        k = self.config.eval.num_samples
+        samples = [{"id": r["id"], "caption": r["caption"], "generated_caption": c,
+                    "codes_generated_from_caption": g.tolist()}
+                   for r, c, g in zip(self.records[:k], captions[:k], generated[:k])]
+        with open(os.path.join(self.workdir, "samples.json"), "w") as f:
+            json.dump({"step": step, "samples": samples}, f, indent=1)
+        decoder = self.config.decoder_export
+        if decoder:  # images from the generated codes, beside the originals' reconstructions
+            tokenizer = api.SeedTokenizer.load(self.tokenizer_export, diffusion=decoder)
+            d = self.config.eval.decode
+            options = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
+            rows = [tokenizer.decode(self.codes[:k], **options), tokenizer.decode(generated[:k], **options)]
+            Image.fromarray(image_grid(rows, rows[0].shape[1])).save(os.path.join(self.workdir, "samples.png"))
+
+
+# ---------------------------------------------------------------- data
+def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str) -> tuple[list[str], list[str]]:
+    """(train, eval) code-record shards: `data.codes_dir`, or the tokenizer run's own
+    images pre-tokenized into WORKDIR/codes."""
+    d = config.data
+    directory = d.codes_dir
+    if not directory:
+        if tok_dir is None:
+            raise ValueError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
+        directory = os.path.join(workdir, "codes")
+        image_dir = os.path.join(tok_dir, "data")
+        splits = {d.train_prefix: records.shard_paths(image_dir, "train"),
+                  d.eval_prefix: records.shard_paths(image_dir, "eval")}
+        pretokenize.pretokenize(tok_export, splits, directory, batch_size=256, num_threads=d.num_threads)
+    return records.shard_paths(directory, d.train_prefix), records.shard_paths(directory, d.eval_prefix)
+
+
+# ---------------------------------------------------------------- driver
+def train(config, workdir: str) -> bool:
+    """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    if config.tokenizer_export:
+        tok_dir, tok_export = None, config.tokenizer_export
+    else:
+        tok_dir, tok_export = tokenizer_trainer.ensure_trained(config, workdir)
+    tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
+    num_codes = tokenizer_model.config.num_codes
+    train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export)
+
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    text = text_tokenizer(config, workdir)
+    m_config = model_config(config, text.vocab_size, num_codes)
+    model = create_model(m_config, config, mesh)
+    logging.info("SEED-OPT: %s", m_config)
+    image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
+    builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),
+                                        config.data.max_text_tokens)
+
+    skipped = pipeline.SkipCounter()
+    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, skipped)
+    caption_tokenizer = (tokenizer_trainer.text_tokenizers(config.tokenizer, tok_dir)[0] if tok_dir
+                         else _caption_tokenizer(config))
+    writer = loop.MetricsWriter(workdir)
+    evaluator = Evaluator(config, eval_records, image_tokens, text, CodeRetrieval(tokenizer_model, caption_tokenizer),
+                          writer, workdir, tok_export)
+    preemption = loop.Preemption()
+    try:
+        for index, (name, key) in enumerate(PHASES):
+            phase = config[key]
+            example = sequences.CodeExample(builder, phase.text_to_image_fraction, config.data.seq_length, skipped)
+            train_iter = sequences.packed_train_iterator(
+                train_paths, example, global_batch_size=phase.batch_size, seed=config.seed + index,
+                num_packing_bins=config.data.num_packing_bins, num_threads=config.data.num_threads)
+            done = loop.run_stage(
+                name=name, model=model, trainable=trainable(config), loss_fn=lm_loss, stage=phase, config=config,
+                mesh=mesh, train_iter=train_iter, evaluate=lambda m, step, name=name: evaluator(m, step, name),
+                writer=writer, preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
+                extra_metrics=lambda: {"data/skipped_records": skipped.count})
+            if not done:
+                return False
+    finally:
+        preemption.close()
+        writer.close()
+    out = os.path.join(workdir, "export")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
+        export(model, image_tokens, text, out, info={"workdir": workdir, "tokenizer_export": tok_export})
+        with open(os.path.join(workdir, "DONE.json"), "w") as f:
+            json.dump({"export": out, "tokenizer_export": tok_export}, f)
+    return True
+
+
+def export(model: opt.OPT, image_tokens: sequences.ImageTokens, text: opt_text.OPTTextTokenizer, out: str,
+           info: dict) -> None:
+    """The model with LoRA merged into its base weights, as an `opt` export with the
+    image token ids and the text tokenizer (`api.SeedOPT.load(out)`)."""
+    merged_config, params = opt.merge_lora(model.config, weights.flat_params(model))
+    weights.save(out, "opt", merged_config, params,
+                 info={**info, "image_start_id": image_tokens.start, "image_end_id": image_tokens.end,
+                       "first_code_id": image_tokens.first_code})
+    text.save(os.path.join(out, opt_text.FILE_NAME))
+
+
+def _caption_tokenizer(config):
+    """The Q-Former caption tokenizer of a tokenizer trained elsewhere (BERT WordPiece)."""
+    from seed_jax.data import text as caption_text
+
+    vocab = config.caption_tokenizer.vocab_file
+    bert = caption_text.bert_wordpiece(vocab)
+    return caption_text.TextTokenizer(bert, config.caption_tokenizer.max_length, bert.token_to_id("[PAD]"))

@@ -104,7 +104,7 @@ def _demo(c):
     """A small OPT from scratch on the demo tokenizer's codes and the shapes captions."""
     c.model = _opt(vocab_size=640, width=128, depth=4, num_heads=4, mlp_dim=512, max_positions=128)
     c.phase1 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.0, warmup_steps=50)
-    c.phase2 = _phase(num_steps=1000, batch_size=32, lr=2e-3, text_to_image_fraction=0.5, warmup_steps=50)
+    c.phase2 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.5, warmup_steps=50)
 
 
 def _seed_opt_2_7b(c):

@@ -79,12 +79,14 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
             return jnp.argmax(logits, -1).astype(jnp.int32)
         return jax.random.categorical(jax.random.fold_in(rng, i), filter_logits(logits, sampling)).astype(jnp.int32)
 
-    def step(state):
-        i, logits, cache, mask, position, done, out = state
+    def emit(i, logits, done, out):
         token = choose(logits, i)
         out = out.at[:, i].set(jnp.where(done, pad_id, token))
-        if eos_id is not None:
-            done = done | (token == eos_id)
+        return token, (done | (token == eos_id)) if eos_id is not None else done, out
+
+    def step(state):
+        i, logits, cache, mask, position, done, out = state
+        token, done, out = emit(i, logits, done, out)
         mask = mask.at[:, prompt_length + i].set(1)
         logits, cache = model(token[:, None], mask, positions=position[:, None], cache=cache,
                               cache_index=prompt_length + i)
@@ -92,7 +94,9 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
 
     state = (0, logits[:, -1], cache, mask, positions[:, -1] + 1, jnp.zeros((batch,), bool),
              jnp.zeros((batch, max_new_tokens), jnp.int32))
-    return jax.lax.while_loop(lambda s: s[0] < max_new_tokens, step, state)[-1]
+    # every step but the last feeds its token back; the last token needs no forward pass
+    i, logits, _, _, _, done, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens - 1, step, state)
+    return emit(i, logits, done, out)[2]
 
 
 def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
@@ -113,21 +117,30 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     # New positions are written in order and the causal mask hides those not yet written.
     beam_mask = repeat(mask.at[:, prompt_length:].set(1))
 
-    def step(state):
-        i, logits, cache, scores, position, out = state
+    def select(logits, scores):
+        """(B*K,V) logits -> the K best continuations of each row: parents (B*K,), tokens, scores."""
         vocab = logits.shape[-1]
         total = (scores[:, None] + jax.nn.log_softmax(logits, -1)).reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(total, k)  # (B,K)
         parent = (flat // vocab + jnp.arange(batch)[:, None] * k).reshape(-1)
-        token = (flat % vocab).reshape(-1).astype(jnp.int32)
+        return parent, (flat % vocab).reshape(-1).astype(jnp.int32), scores.reshape(-1)
+
+    def extend(i, logits, scores, out):
+        parent, token, scores = select(logits, scores)
+        return scores, out[parent].at[:, i].set(token)
+
+    def step(state):
+        i, logits, cache, scores, position, out = state
+        parent, token, scores = select(logits, scores)
         cache = jax.tree.map(lambda c: c[:, parent], cache)
         out = out[parent].at[:, i].set(token)
         logits, cache = model(token[:, None], beam_mask, positions=position[:, None], cache=cache,
                               cache_index=prompt_length + i)
-        return i + 1, logits[:, -1], cache, scores.reshape(-1), position + 1, out
+        return i + 1, logits[:, -1], cache, scores, position + 1, out
 
     state = (0, repeat(logits[:, -1]), cache, scores, repeat(positions[:, -1] + 1),
              jnp.zeros((batch * k, max_new_tokens), jnp.int32))
-    _, _, _, scores, _, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens, step, state)
+    i, logits, _, scores, _, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens - 1, step, state)
+    scores, out = extend(i, logits, scores, out)  # the last token needs no forward pass
     best = jnp.argmax(scores.reshape(batch, k), -1) + jnp.arange(batch) * k
     return out[best]

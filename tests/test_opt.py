@@ -237,3 +237,44 @@ def test_lora_train_step_same_loss_on_1_and_8_devices():
     assert losses_1[-1] < losses_1[0]
     specs = " ".join(str(leaf.sharding.spec) for leaf in jax.tree.leaves(state_8["params"]))
     assert "fsdp" in specs and "tensor" in specs, specs
+
+
+MID_SIZE = {  # opt_125m's shape; a 350m-like post-LN one with project_in/out at a third of its depth
+    "pre_ln_125m": dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                        word_embed_proj_dim=768, do_layer_norm_before=True),
+    "post_ln_350m_shallow": dict(vocab_size=50272, hidden_size=1024, num_hidden_layers=8, ffn_dim=4096,
+                                 num_attention_heads=16, word_embed_proj_dim=512, do_layer_norm_before=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(MID_SIZE))
+def test_mid_size_logits_and_greedy_tokens_match_transformers(variant, tmp_path):
+    """A mid-size Hugging Face OPT folder from random weights, through the CLI with
+    the SEED vocabulary extension: transformers' logits on the original vocabulary
+    (relative error <= 1e-4) and its greedy tokens for 20 steps."""
+    hf_config = OPTConfig(**MID_SIZE[variant], max_position_embeddings=2048, pad_token_id=1, bos_token_id=2,
+                          eos_token_id=2)
+    hf = randomize(OPTForCausalLM(hf_config), 1).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}"])
+    model = SeedOPT.load(str(tmp_path / "export"))
+    assert model.config.total_vocab_size == 50272 + 8194
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 50272, (2, 24)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 1
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        ref_tokens = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                 max_new_tokens=20, do_sample=False, num_beams=1, eos_token_id=None,
+                                 pad_token_id=1).numpy()[:, 24:]
+    ours = model.logits(ids, mask)[..., :50272]
+    real = mask.astype(bool)
+    error = relative_error(ours[real], ref[real])
+    print(f"{variant}: logits relative error {error:.2e}")
+    assert error <= INTERMEDIATE_TOLERANCE
+    # greedy over the extended vocabulary: appended rows must not win, as the reference has none
+    tokens = model.generate(ids, 20, attention_mask=mask, allowed=[(0, 50272)] * 20)
+    np.testing.assert_array_equal(tokens, ref_tokens)

@@ -79,7 +79,7 @@ def extend_torch_vocabulary(model: OPTForCausalLM, table: np.ndarray) -> None:
     """The converted export's full token table (with the appended rows) into torch, tied."""
     model.resize_token_embeddings(table.shape[0])
     with torch.no_grad():
-        model.model.decoder.embed_tokens.weight.copy_(torch.from_numpy(table))
+        model.model.decoder.embed_tokens.weight.copy_(torch.from_numpy(np.array(table)))
 
 
 def ours_train_step(model, ids):
@@ -166,7 +166,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     torch_train = median_seconds(torch_step, args.iters)
 

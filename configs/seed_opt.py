@@ -16,7 +16,10 @@ the 8194 appended token rows of OPT-2.7B converted with
 `python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=/ckpt/opt_2.7b_seed`,
 on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
-MLP width. Measured figures: README.md.
+MLP width.
+
+Measured (2-core CPU, tokenizer demo reused, 14 minutes): on 256 held-out images
+t2i/retrieval_r1 0.42 and caption/exact_match 0.21 (see README.md).
 """
 
 import importlib.util
@@ -78,8 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer_export = ""  # a SEED tokenizer export instead (real runs); then data.codes_dir is required
     c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32))  # with tokenizer_export
     c.decoder_export = ""  # optional: a diffusion export for images in samples.png
+    # A packed row holds seq_length tokens of which at most max_targets_per_row take loss
+    # (logits are computed for those only).
     c.data = ml_collections.ConfigDict(dict(codes_dir="", train_prefix="train", eval_prefix="eval", seq_length=128,
-                                            num_packing_bins=64, max_text_tokens=64, num_threads=2))
+                                            max_targets_per_row=80, num_packing_bins=64, max_text_tokens=64,
+                                            num_threads=2))
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="word_bpe", folder=""))
     c.prompts = ml_collections.ConfigDict(dict(caption="A photo of", generate="Generate an image: {caption}",
                                                question="Question: {question} Short answer."))
@@ -115,6 +121,7 @@ def _seed_opt_2_7b(c):
     c.decoder_export = ""
     c.data.codes_dir = "/data/seed_codes"
     c.data.seq_length = 256
+    c.data.max_targets_per_row = 160
     c.data.num_threads = 8
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="gpt2_bpe", folder="/ckpt/opt-2.7b"))
     c.init.opt = "/ckpt/opt_2.7b_seed"

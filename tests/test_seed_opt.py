@@ -57,7 +57,9 @@ def test_caption_and_generation_sequences_and_loss_masks(builder, text):
     assert builder.generation_prompt("a small red star at the top") == prompt
 
     shifted = sequences.shifted(ids, mask)
-    np.testing.assert_array_equal(shifted["targets"][:-1], shifted["inputs"][1:])
+    np.testing.assert_array_equal(shifted["inputs"], ids[:-1])
+    np.testing.assert_array_equal(shifted["target_index"], np.arange(len(prompt) - 1, len(ids) - 1))
+    np.testing.assert_array_equal(shifted["target_ids"], ids[len(prompt):])
     with pytest.raises(ValueError, match=r"codes: values must lie in \[0, 64\)"):
         builder.caption_prompt(np.asarray([64]))
 
@@ -75,6 +77,9 @@ def test_packed_rows_give_the_logits_of_separate_sequences():
     packed = np.asarray(model(row, positions=positions, segment_ids=segments)[0])
     np.testing.assert_allclose(packed[:, :7], model(first)[0], atol=1e-5)
     np.testing.assert_allclose(packed[:, 7:12], model(second)[0], atol=1e-5)
+    at = np.asarray([[2, 6, 9, 11]])
+    selected = model(row, positions=positions, segment_ids=segments, logits_at=at)[0]
+    np.testing.assert_allclose(selected, packed[:, at[0]], atol=1e-6)
     unpacked = np.asarray(model(row)[0])  # without segments the second sequence sees the first
     assert not np.allclose(unpacked[:, 7:12], packed[:, 7:12], atol=1e-3)
 
@@ -89,38 +94,43 @@ def _write_code_records(path, rows, corrupt=0):
     return str(path)
 
 
-def test_packed_pipeline_rows_masks_and_skipped_records(builder, tmp_path):
+def test_packed_pipeline_rows_rebuild_the_sequences_and_count_skipped_records(builder, tmp_path):
+    """Every segment of every packed row, with its targets, is exactly one record's
+    image -> text or text -> image sequence and loss mask; both directions occur."""
     rng = np.random.default_rng(0)
     rows = [(f"r{i}", synthetic.caption(synthetic.sample_scene(rng)), rng.integers(0, 64, 32)) for i in range(40)]
     path = _write_code_records(tmp_path / "train-00000-of-00001.array_record", rows, corrupt=3)
     skipped = pipeline.SkipCounter()
-    example = sequences.CodeExample(builder, 0.5, 128, skipped)
+    example = sequences.CodeExample(builder, 0.5, 128, 80, skipped)
     iterator = sequences.packed_train_iterator([path], example, global_batch_size=4, seed=0, num_packing_bins=4,
                                                num_threads=1)
-    by_caption = {c: codes for _, c, codes in rows}
+    expected = {}
+    for _, caption, codes in rows:
+        for ids, mask in (builder.caption_sequence(codes, caption), builder.generation_sequence(caption, codes)):
+            expected[tuple(ids)] = mask
     directions = set()
     for _ in range(6):
         batch = next(iterator)
-        assert {k: v.shape for k, v in batch.items()} == {k: (4, 128) for k in
-                                                          ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-        assert np.all(batch["segment_ids"][batch["loss_mask"] > 0] > 0)
+        assert {k: v.shape for k, v in batch.items()} == {
+            "inputs": (4, 128), "segment_ids": (4, 128), "positions": (4, 128),
+            "target_ids": (4, 80), "target_index": (4, 80), "target_mask": (4, 80)}
         for b in range(4):
-            for segment in set(batch["segment_ids"][b][batch["segment_ids"][b] > 0]):
-                at = batch["segment_ids"][b] == segment
-                inputs, targets = batch["inputs"][b][at], batch["targets"][b][at]
-                np.testing.assert_array_equal(batch["positions"][b][at], np.arange(at.sum()))
-                np.testing.assert_array_equal(targets[:-1], inputs[1:])
-                targeted = targets[batch["loss_mask"][b][at] > 0]
-                if targeted[-1] == builder.image.end:  # text -> image: loss on 32 codes and </img>
-                    directions.add("t2i")
-                    caption = builder.text.decode(inputs).split(": ", 1)[1]
-                    np.testing.assert_array_equal(builder.image.to_codes(targeted[:32]), by_caption[caption])
-                else:  # image -> text: loss on the caption and </s>
-                    directions.add("i2t")
-                    assert targeted[-1] == builder.text.eos_id
-                    codes = builder.image.to_codes(inputs[2:34])
-                    assert builder.text.decode(targeted).strip() in [c for c, v in by_caption.items()
-                                                                      if np.array_equal(v, codes)]
+            segments, valid = batch["segment_ids"][b], batch["target_mask"][b] > 0
+            target_segments = segments[batch["target_index"][b][valid]]
+            assert np.all(target_segments > 0)
+            for segment in set(segments[segments > 0]):
+                at = np.nonzero(segments == segment)[0]
+                np.testing.assert_array_equal(batch["positions"][b][at], np.arange(len(at)))
+                mine = target_segments == segment
+                index = batch["target_index"][b][valid][mine] - at[0]
+                targets = batch["target_ids"][b][valid][mine]
+                ids = list(batch["inputs"][b][at]) + [targets[-1]]  # the last token is only a target
+                mask = [0] * len(ids)
+                for i, t in zip(index, targets):
+                    assert ids[i + 1] == t
+                    mask[i + 1] = 1
+                assert expected[tuple(int(i) for i in ids)] == mask
+                directions.add("t2i" if targets[-1] == builder.image.end else "i2t")
     assert directions == {"i2t", "t2i"}
     # 24 rows of two or more sequences pass the 40 good records: a whole epoch, all 3 corrupt ones
     # skipped (reads run ahead into the next epoch, which may skip them again)
@@ -238,13 +248,15 @@ def _lm_losses(mesh, num_steps=3):
     setup = loop.prepare_stage(model, seed_opt.trainable(ml_collections.ConfigDict({"train_all": False})),
                                seed_opt.lm_loss, stage, run, mesh)
     rng = np.random.default_rng(0)
-    segments = np.asarray([[1] * 10 + [2] * 12 + [0] * 2] * 8)
-    positions = np.asarray([list(range(10)) + list(range(12)) + [0, 0]] * 8)
+    segments = np.asarray([[1] * 10 + [2] * 12 + [0] * 2] * 8, np.int32)
+    positions = np.asarray([list(range(10)) + list(range(12)) + [0, 0]] * 8, np.int32)
     ids = rng.integers(0, 70, (8, 25)).astype(np.int32)  # one batch: its loss must fall
+    index = np.asarray([[3, 4, 5, 8, 15, 16, 20, 0]] * 8, np.int32)  # the last is padding
     state, losses = setup.state, []
     for _ in range(num_steps):
-        batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": (segments > 0).astype(np.int32),
-                 "segment_ids": segments.astype(np.int32), "positions": positions.astype(np.int32)}
+        batch = {"inputs": ids[:, :-1], "segment_ids": segments, "positions": positions, "target_index": index,
+                 "target_ids": np.take_along_axis(ids, index + 1, 1),
+                 "target_mask": np.asarray([[1] * 7 + [0]] * 8, np.int32)}
         state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(batch, mesh, run.axis_rules))
         losses.append(float(metrics["loss"]))
     return losses

@@ -7,9 +7,12 @@ vocabulary (`ImageTokens`). Each sequence starts with `</s>` (OPT's BOS):
   text -> image:  </s> "Generate an image: {caption}" <img> CODES </img>  loss on the codes and </img>
   question:       </s> IMAGE "Question: {q} Short answer." " {answer}" </s>
 
-Training rows pack several sequences to a fixed length (grain's first-fit packing):
-`inputs`, `targets` (inputs shifted by one), `loss_mask`, `segment_ids` (0 = padding)
-and `positions` (from 0 in each sequence), int32 (T,) each.
+Training rows pack several sequences to a fixed length T (grain's first-fit packing):
+`inputs`, `segment_ids` (0 = padding) and `positions` (from 0 in each sequence), int32
+(T,) each; and the next-token targets that take loss, at most K per row: `target_ids`,
+their row positions `target_index` and `target_mask` (0 = padding), int32 (K,) each.
+The model computes logits at those K positions only (on the demo's image -> text rows
+about a quarter of all positions).
 """
 
 from __future__ import annotations
@@ -97,19 +100,22 @@ class SequenceBuilder:
 
 
 def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarray]:
-    """A sequence -> next-token training arrays (L-1,) each."""
+    """A sequence -> `inputs` (L-1,), and for the N tokens that take loss `target_ids`
+    (N,) with their input positions `target_index` (N,)."""
     ids, loss_mask = np.asarray(ids, np.int32), np.asarray(loss_mask, np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": loss_mask[1:]}
+    target_index = np.nonzero(loss_mask[1:])[0].astype(np.int32)
+    return {"inputs": ids[:-1], "target_ids": ids[1:][target_index], "target_index": target_index}
 
 
 @dataclasses.dataclass(frozen=True)
 class CodeExample:
     """A code record -> one training sequence: text -> image with probability
     `text_to_image_fraction`, else image -> text. None (counted) for a corrupt
-    record or one longer than `max_length`."""
+    record, one longer than `max_length` or with more than `max_targets` targets."""
     builder: SequenceBuilder
     text_to_image_fraction: float
     max_length: int
+    max_targets: int
     skipped: SkipCounter
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
@@ -122,30 +128,38 @@ class CodeExample:
         except ValueError:
             self.skipped.add()
             return None
-        if len(ids) - 1 > self.max_length:
+        if len(ids) - 1 > self.max_length or sum(mask[1:]) > self.max_targets:
             self.skipped.add()
             return None
         return shifted(ids, mask)
 
 
 def _packed_row(row: dict) -> dict:
-    return {"inputs": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
-            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+    """grain's packed features -> the row layout above (target positions move from
+    their sequence's frame to the row's)."""
+    segments, target_segments = row["inputs_segment_ids"], row["target_index_segment_ids"]
+    starts = np.zeros(segments.max() + 1, np.int32)
+    for segment in np.unique(segments[segments > 0]):
+        starts[segment] = np.argmax(segments == segment)
+    valid = target_segments > 0
+    return {"inputs": row["inputs"], "segment_ids": segments, "positions": row["inputs_positions"],
+            "target_ids": row["target_ids"], "target_mask": valid.astype(np.int32),
+            "target_index": np.where(valid, row["target_index"] + starts[target_segments], 0).astype(np.int32)}
 
 
 def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_batch_size: int, seed: int,
                           num_packing_bins: int = 64, num_threads: int = 2, prefetch: int = 4):
-    """Endless shuffled, packed batches (b,T) of this process's slice of the code
-    records (T = `example.max_length`); a checkpointable grain iterator."""
+    """Endless shuffled, packed batches of this process's slice of the code records
+    (T = `example.max_length`, K = `example.max_targets`); a checkpointable grain iterator."""
     index, count = jax.process_index(), jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
     source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
     ds = source[index::count].shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-    length = example.max_length
+    length, targets = example.max_length, example.max_targets
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": length, "targets": length, "loss_mask": length},
+        ds, length_struct={"inputs": length, "target_ids": targets, "target_index": targets},
         num_packing_bins=num_packing_bins, seed=seed)
     return iter(ds.map(_packed_row).batch(global_batch_size // count, drop_remainder=True))
 

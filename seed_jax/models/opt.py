@@ -135,8 +135,9 @@ class OPT(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions=None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | int = 0):
-        """input_ids (B,L) -> (logits (B,L,V) float32, updated cache or None).
+                 cache_index: jax.Array | int = 0, logits_at: jax.Array | None = None):
+        """input_ids (B,L) -> (logits (B,L,V) float32, updated cache or None);
+        `logits_at` (B,K) positions give logits (B,K,V) at those positions only.
 
         Without a cache: `attention_mask` (B,L) 1/0 (default all ones) masks padding,
         positions count the mask as transformers does. Packed rows instead pass
@@ -182,6 +183,8 @@ class OPT(nnx.Module):
         x, cache = jax.lax.scan(body, x, (state, cache))
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if self.project_out is not None:
             x = self.project_out(x)
         logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype))

@@ -40,15 +40,16 @@ PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 
 
 def lm_loss(model: opt.OPT, batch, rng):
-    """Mean cross-entropy over the tokens `loss_mask` marks, on packed rows."""
+    """Mean cross-entropy of the packed rows' targets (logits only at their positions)."""
     del rng
-    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    mask = batch["loss_mask"].astype(jnp.float32)
+    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                      logits_at=batch["target_index"])
+    mask = batch["target_mask"].astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    token_loss = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    token_loss = -jnp.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
     count = jnp.maximum(mask.sum(), 1.0)
     loss = (token_loss * mask).sum() / count
-    accuracy = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum() / count
+    accuracy = ((jnp.argmax(logits, -1) == batch["target_ids"]) * mask).sum() / count
     return loss, ({"token_accuracy": accuracy, "target_tokens": mask.sum()}, {})
 
 
@@ -211,7 +212,8 @@ def train(config, workdir: str) -> bool:
     try:
         for index, (name, key) in enumerate(PHASES):
             phase = config[key]
-            example = sequences.CodeExample(builder, phase.text_to_image_fraction, config.data.seq_length, skipped)
+            example = sequences.CodeExample(builder, phase.text_to_image_fraction, config.data.seq_length,
+                                            config.data.max_targets_per_row, skipped)
             train_iter = sequences.packed_train_iterator(
                 train_paths, example, global_batch_size=phase.batch_size, seed=config.seed + index,
                 num_packing_bins=config.data.num_packing_bins, num_threads=config.data.num_threads)

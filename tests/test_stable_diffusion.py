@@ -255,8 +255,9 @@ def test_sample_rejects_bad_inputs(converted):
 
 @pytest.mark.slow
 def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
-    """SD v1's UNet (one guided denoising step at 64x64 latents) and autoencoder
-    (512x512 encode and decode) with random weights, through the CLI."""
+    """SD v1's UNet (one denoising step at 64x64 latents) and autoencoder (256x256
+    encode and decode: the same weights and code paths as at 512, a quarter of the
+    CPU time) with random weights, through the CLI."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     unet = randomize(UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8), 10).eval()
@@ -272,21 +273,22 @@ def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
     sd = StableDiffusion.load(str(tmp_path / "export"))
     assert sd.config.unet.block_channels == (320, 640, 1280, 1280) and sd.config.unet.num_heads == (8,) * 4
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((2, 64, 64, 4)).astype(np.float32)
-    context = rng.standard_normal((2, 77, 768)).astype(np.float32)
+    latents = rng.standard_normal((1, 64, 64, 4)).astype(np.float32)
+    context = rng.standard_normal((1, 77, 768)).astype(np.float32)
     with torch.no_grad():
-        ref = pipe.unet(_nchw(latents), torch.tensor([981, 981]), torch.from_numpy(context)).sample
-    error = relative_error(sd.model.unet(latents, np.array([981, 981]), context), _nhwc(ref))
+        ref = pipe.unet(_nchw(latents), torch.tensor([981]), torch.from_numpy(context)).sample
+    error = relative_error(sd.model.unet(latents, np.array([981]), context), _nhwc(ref))
     print(f"full SD v1 UNet relative error {error:.2e}")
     assert error <= MODULE_TOLERANCE
     del ref
 
-    images = rng.uniform(-1, 1, (1, 512, 512, 3)).astype(np.float32)
+    images = rng.uniform(-1, 1, (1, 256, 256, 3)).astype(np.float32)
+    small_latents = latents[:, :32, :32]
     with torch.no_grad():
         mean = pipe.vae.encode(_nchw(images)).latent_dist.mean
-        decoded = pipe.vae.decode(_nchw(latents[:1])).sample
+        decoded = pipe.vae.decode(_nchw(small_latents)).sample
     errors = (relative_error(sd.model.vae.encode(images)[0], _nhwc(mean)),
-              relative_error(sd.model.vae.decode(latents[:1]), _nhwc(decoded)))
+              relative_error(sd.model.vae.decode(small_latents), _nhwc(decoded)))
     print(f"full SD v1 VAE relative error: encoder {errors[0]:.2e}, decoder {errors[1]:.2e}")
     assert max(errors) <= MODULE_TOLERANCE
 

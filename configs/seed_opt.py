@@ -19,7 +19,8 @@ on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 MLP width.
 
 Measured (2-core CPU, tokenizer demo reused, 14 minutes): on 256 held-out images
-t2i/retrieval_r1 0.42 and caption/exact_match 0.21 (see README.md).
+t2i/retrieval_r1 0.42 and caption/exact_match 0.21, held back by the demo tokenizer's
+codes, which carry shape weakly (README.md; `seed_jax/evaluators/feature_probe.py`).
 """
 
 import importlib.util

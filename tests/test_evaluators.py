@@ -1,9 +1,11 @@
-"""Retrieval recall@K: hits are retrieved captions equal to the true one."""
+"""Retrieval recall@K (hits are retrieved captions equal to the true one) and the
+shapes-world caption attribute scores."""
 
 import numpy as np
 import pytest
 
 from seed_jax.evaluators.retrieval import recall_at_k
+from seed_jax.evaluators.shapes_captions import all_shapes_captions, attribute_scores
 
 
 def test_perfect_and_shifted_retrieval():
@@ -29,3 +31,30 @@ def test_duplicate_captions_count_as_hits():
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="features"):
         recall_at_k(np.eye(3), np.eye(2), ["a", "b", "c"])
+
+
+def test_attribute_scores_compare_objects_by_cell():
+    references = ["a small red star at the top and a large blue circle in the centre",
+                  "a large green cross on the left",
+                  "a small white diamond at the bottom"]
+    generated = ["a small red square at the top and a large blue circle in the centre",  # shape wrong once
+                 "a large green cross at the bottom right",  # wrong cell
+                 "a small white"]  # off the grammar
+    scores = attribute_scores(generated, references)
+    assert scores["grammatical"] == pytest.approx(2 / 3)
+    assert scores["object_count"] == pytest.approx(2 / 3)
+    assert scores["cell_recall"] == pytest.approx(2 / 4)  # 2 of the 4 reference objects found in their cell
+    assert scores["size_accuracy"] == 1.0 and scores["colour_accuracy"] == 1.0
+    assert scores["shape_accuracy"] == pytest.approx(1 / 2)
+    perfect = attribute_scores(references, references)
+    assert perfect == {"grammatical": 1.0, "object_count": 1.0, "cell_recall": 1.0, "size_accuracy": 1.0,
+                       "colour_accuracy": 1.0, "shape_accuracy": 1.0}
+    assert "shape_accuracy" not in attribute_scores(["nothing"] * 3, references)  # no object to compare
+
+
+def test_attribute_scores_name_bad_references():
+    assert all_shapes_captions(["a small red star at the top"]) and not all_shapes_captions(["a red bus"])
+    with pytest.raises(ValueError, match="references: 'a red bus' is not a shapes-world caption"):
+        attribute_scores(["a red bus"], ["a red bus"])
+    with pytest.raises(ValueError, match="generated: 1 captions for 2 references"):
+        attribute_scores(["a"], ["a small red star at the top"] * 2)

@@ -196,6 +196,7 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     assert set(evals) == {"image_to_text", "both_directions"}
     for metrics in evals.values():
         assert 0 <= metrics["caption/exact_match"] <= 1 and 0 <= metrics["t2i/retrieval_r1"] <= 1
+        assert 0 <= metrics["caption/grammatical"] <= 1 and 0 <= metrics["caption/cell_recall"] <= 1
         assert metrics["num_examples"] == config.eval.num_examples
     train = [r for r in records_ if r["split"] == "train"]
     assert all(r["target_tokens"] > 0 and np.isfinite(r["loss"]) for r in train)

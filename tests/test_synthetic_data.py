@@ -69,6 +69,22 @@ def test_caption_example():
     )
 
 
+@pytest.mark.parametrize("text", [
+    "a large red circle",  # no position
+    "a huge red circle at the top",  # unknown size
+    "a small blue star at the top and",  # dangling conjunction
+    "a small blue star in the centre and a large red circle at the top",  # cells out of reading order
+    "the small blue star at the top",
+])
+def test_parse_caption_rejects_text_off_the_grammar(text):
+    assert synthetic.parse_caption(text) is None
+
+
+def test_parse_caption_inverts_caption():
+    for scene in _scenes(600, seed=3):
+        assert synthetic.parse_caption(synthetic.caption(scene)) == scene.objects
+
+
 def test_objects_are_in_distinct_cells_in_reading_order():
     for scene in _scenes(2000, seed=1):
         cells = [obj.cell for obj in scene.objects]

@@ -188,9 +188,27 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarra
 
 def caption(scene: Scene) -> str:
     """English description of all objects in reading order."""
-    return " and ".join(
-        f"a {obj.size} {obj.colour} {obj.shape} {POSITIONS[obj.cell]}" for obj in scene.objects
-    )
+    return objects_caption(scene.objects)
+
+
+def objects_caption(objects: tuple[SceneObject, ...]) -> str:
+    """The caption of objects sorted by cell."""
+    return " and ".join(f"a {obj.size} {obj.colour} {obj.shape} {POSITIONS[obj.cell]}" for obj in objects)
+
+
+def parse_caption(text: str) -> tuple[SceneObject, ...] | None:
+    """The objects a caption names (the inverse of `caption`), or None when the text
+    does not follow the caption grammar."""
+    objects = []
+    for phrase in text.split(" and "):
+        words = phrase.split(" ")
+        position = " ".join(words[4:])
+        if (len(words) < 6 or words[0] != "a" or words[1] not in SIZES or words[2] not in COLOURS
+                or words[3] not in SHAPES or position not in POSITIONS):
+            return None
+        objects.append(SceneObject(shape=words[3], colour=words[2], size=words[1], cell=POSITIONS.index(position)))
+    cells = [obj.cell for obj in objects]
+    return tuple(objects) if cells == sorted(set(cells)) else None
 
 
 def caption_vocabulary() -> list[str]:

@@ -48,7 +48,7 @@ class LocalEncoder:
         return np.asarray(self._encode(self.state, jax.device_put(pixels, self.batch_sharding)))[:rows]
 
 
-def _decode(raw: bytes, image_size: int) -> dict:
+def decode_image_record(raw: bytes, image_size: int) -> dict:
     """A raw image record -> {"id", "caption", "pixels"} (None pixels if undecodable)."""
     try:
         record = records.decode_record(raw)
@@ -69,7 +69,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
             return json.load(f)
     source = grain.sources.ArrayRecordDataSource(list(in_paths))
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
-    ds = grain.MapDataset.range(start, stop).map(lambda i: _decode(source[i], encoder.image_size))
+    ds = grain.MapDataset.range(start, stop).map(lambda i: decode_image_record(source[i], encoder.image_size))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
     os.makedirs(out_dir, exist_ok=True)
     from array_record.python import array_record_module

@@ -28,6 +28,7 @@ from PIL import Image
 
 from seed_jax import api, parallel, weights
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
+from seed_jax.evaluators import shapes_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import opt
@@ -120,6 +121,7 @@ class Evaluator:
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export = tokenizer_export
         self.true_code_recall = retrieval.recall(self.codes, self.captions)
+        self.shapes_world = shapes_captions.all_shapes_captions(self.captions)
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
         e = self.config.eval
@@ -138,6 +140,9 @@ class Evaluator:
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
                    "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
                    "num_examples": float(len(self.captions))}
+        if self.shapes_world:  # the demo: which parts of the captions are right
+            scores = shapes_captions.attribute_scores(captions, self.captions)
+            metrics.update({f"caption/{name}": value for name, value in scores.items()})
         self.writer.write(step, phase, "eval", metrics)
         logging.info("%s eval at step %d: %s", phase, step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:

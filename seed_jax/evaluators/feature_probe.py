@@ -1,0 +1,162 @@
+"""How much of a shapes-world caption a tokenizer's intermediates carry.
+
+An MLP probe per intermediate (flattened (L,F) features -> 9 grid cells, each empty
+or one of size x colour x shape) is trained on a finished tokenizer run's training
+images and scored on its held-out images: exact caption match and the per-attribute
+scores of `shapes_captions`. `quantized` are the codes' codebook vectors, so its row
+bounds what any reader of the codes can get out of them with this much data.
+
+  python -m seed_jax.evaluators.feature_probe --tokenizer_workdir=workdirs/tokenizer_demo
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from typing import Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from seed_jax import api
+from seed_jax.data import records, synthetic
+from seed_jax.evaluators import shapes_captions
+from seed_jax.trainers.pretokenize import decode_image_record
+
+OBJECT_CLASSES = tuple(itertools.product(synthetic.SIZES, synthetic.COLOURS, synthetic.SHAPES))
+NUM_CELLS = len(synthetic.POSITIONS)
+NUM_LABELS = 1 + len(OBJECT_CLASSES)  # 0 = empty cell
+DEFAULT_INTERMEDIATES = ("vit_features", "causal_embeddings", "quant_input", "quantized")
+
+
+def cell_labels(captions: Sequence[str]) -> np.ndarray:
+    """Shapes captions -> int32 (N,9): 0 for an empty cell, else 1 + the object's class."""
+    labels = np.zeros((len(captions), NUM_CELLS), np.int32)
+    for row, text in enumerate(captions):
+        objects = synthetic.parse_caption(text)
+        if objects is None:
+            raise ValueError(f"captions: {text!r} is not a shapes-world caption")
+        for obj in objects:
+            labels[row, obj.cell] = 1 + OBJECT_CLASSES.index((obj.size, obj.colour, obj.shape))
+    return labels
+
+
+def labels_caption(labels: np.ndarray) -> str:
+    """int (9,) cell labels -> the caption they describe ("" for an empty grid)."""
+    objects = tuple(synthetic.SceneObject(shape=OBJECT_CLASSES[k - 1][2], colour=OBJECT_CLASSES[k - 1][1],
+                                          size=OBJECT_CLASSES[k - 1][0], cell=cell)
+                    for cell, k in enumerate(labels) if k > 0)
+    return synthetic.objects_caption(objects)
+
+
+def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_examples: int,
+                 intermediates: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F)}, captions)."""
+    source = grain.sources.ArrayRecordDataSource(list(paths))
+    items = []
+    for i in range(len(source)):
+        if len(items) == num_examples:
+            break
+        item = decode_image_record(source[i], tokenizer.image_size)
+        if item["pixels"] is not None:
+            items.append(item)
+    features = {name: [] for name in intermediates}
+    for start in range(0, len(items), 1024):
+        out = tokenizer.encode(np.stack([item["pixels"] for item in items[start:start + 1024]]),
+                               return_intermediates=True)
+        for name in intermediates:
+            features[name].append(np.asarray(out[name], np.float32))
+    return {k: np.concatenate(v) for k, v in features.items()}, [item["caption"] for item in items]
+
+
+def _mlp_logits(params, x):
+    hidden = jax.nn.gelu(x @ params["w1"] + params["b1"])
+    return (hidden @ params["w2"] + params["b2"]).reshape(x.shape[0], NUM_CELLS, NUM_LABELS)
+
+
+def train_probe(features: np.ndarray, labels: np.ndarray, *, epochs: int, hidden: int = 512, batch_size: int = 128,
+                lr: float = 1e-3, seed: int = 0):
+    """features (N,L,F), labels (N,9) -> predict(features) -> labels (M,9)."""
+    mean, std = features.mean((0, 1)), features.std((0, 1)) + 1e-6
+    flat = lambda x: ((x - mean) / std).reshape(len(x), -1)  # noqa: E731
+    x = flat(features)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    params = {"w1": jax.random.normal(k1, (x.shape[1], hidden)) / np.sqrt(x.shape[1]), "b1": jnp.zeros(hidden),
+              "w2": jax.random.normal(k2, (hidden, NUM_CELLS * NUM_LABELS)) / np.sqrt(hidden),
+              "b2": jnp.zeros(NUM_CELLS * NUM_LABELS)}
+    optimizer = optax.adamw(lr, weight_decay=0.05)
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state, x, y):
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(_mlp_logits(p, x), y).mean()  # noqa: E731
+        grads = jax.grad(loss)(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(seed)
+    batch_size = min(batch_size, len(x))
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            params, state = step(params, state, x[rows], labels[rows])
+    return lambda f: np.asarray(jnp.argmax(_mlp_logits(params, flat(f)), -1))
+
+
+def probe_scores(predict, features: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+    """Exact caption match and attribute scores of the probe's captions."""
+    generated = [labels_caption(row) for row in predict(features)]
+    scores = {"exact_match": float(np.mean([g == c for g, c in zip(generated, captions)]))}
+    return {**scores, **shapes_captions.attribute_scores(generated, captions)}
+
+
+def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INTERMEDIATES, *,
+              num_train: int = 20_000, num_eval: int = 1024, epochs: int = 20) -> dict[str, dict]:
+    """{intermediate: {"train": scores on up to 2000 training images, "eval": held-out scores}}."""
+    tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
+    data = os.path.join(tokenizer_workdir, "data")
+    train, train_captions = encode_split(tokenizer, records.shard_paths(data, "train"), num_train, intermediates)
+    held_out, eval_captions = encode_split(tokenizer, records.shard_paths(data, "eval"), num_eval, intermediates)
+    labels = cell_labels(train_captions)
+    results = {}
+    for name in intermediates:
+        predict = train_probe(train[name], labels, epochs=epochs)
+        results[name] = {"train": probe_scores(predict, train[name][:2000], train_captions[:2000]),
+                         "eval": probe_scores(predict, held_out[name], eval_captions)}
+    return results
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+flags.DEFINE_list("intermediates", list(DEFAULT_INTERMEDIATES), "api.INTERMEDIATES to probe.")
+flags.DEFINE_integer("num_train", 20_000, "Training images for the probes.")
+flags.DEFINE_integer("epochs", 20, "Probe training epochs.")
+flags.DEFINE_string("out", "", "Optional JSON file for the scores.")
+
+
+def main(argv):
+    del argv
+    allowed = [name for name in api.INTERMEDIATES if name != "codes"]
+    unknown = sorted(set(FLAGS.intermediates) - set(allowed))
+    if unknown:
+        raise ValueError(f"--intermediates: {unknown} are not among {allowed}")
+    results = probe_run(FLAGS.tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train,
+                        epochs=FLAGS.epochs)
+    for name, splits in results.items():
+        for split, scores in splits.items():
+            print(f"{name:18s} {split:5s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("tokenizer_workdir")
+    app.run(main, argv=sys.argv)

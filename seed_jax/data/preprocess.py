@@ -9,6 +9,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from seed_jax.data import records
+
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -65,3 +67,14 @@ def train_image(image: Image.Image, size: int, rng: np.random.Generator, scale=(
     if flip and rng.random() < 0.5:
         out = out[:, ::-1]
     return out
+
+
+def eval_record(raw: bytes, image_size: int) -> dict:
+    """A raw image record -> {"id", "caption", "pixels" (S,S,3) CLIP-normalised, resized
+    without a crop}; "pixels" is None when the record or its image does not decode."""
+    try:
+        record = records.decode_record(raw)
+        image = resize(decode_image(record["image"]), image_size)
+        return {"id": record["id"], "caption": record["caption"], "pixels": normalize(image)}
+    except ValueError:
+        return {"id": "", "caption": "", "pixels": None}

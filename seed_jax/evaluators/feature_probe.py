@@ -3,8 +3,8 @@
 An MLP probe per intermediate (flattened (L,F) features -> 9 grid cells, each empty
 or one of size x colour x shape) is trained on a finished tokenizer run's training
 images and scored on its held-out images: exact caption match and the per-attribute
-scores of `shapes_captions`. `quantized` are the codes' codebook vectors, so its row
-bounds what any reader of the codes can get out of them with this much data.
+scores of `shapes_captions`. `quantized` are the codes' codebook vectors: what a
+simple reader of the codes gets out of them from this much data.
 
   python -m seed_jax.evaluators.feature_probe --tokenizer_workdir=workdirs/tokenizer_demo
 """
@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
 from seed_jax import api
-from seed_jax.data import records, synthetic
+from seed_jax.data import preprocess, records, synthetic
 from seed_jax.evaluators import shapes_captions
-from seed_jax.trainers.pretokenize import decode_image_record
 
 OBJECT_CLASSES = tuple(itertools.product(synthetic.SIZES, synthetic.COLOURS, synthetic.SHAPES))
 NUM_CELLS = len(synthetic.POSITIONS)
@@ -57,15 +56,20 @@ def labels_caption(labels: np.ndarray) -> str:
 
 def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_examples: int,
                  intermediates: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F)}, captions)."""
+    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F)}, captions);
+    undecodable records are skipped and their count logged."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
-    items = []
+    items, skipped = [], 0
     for i in range(len(source)):
         if len(items) == num_examples:
             break
-        item = decode_image_record(source[i], tokenizer.image_size)
-        if item["pixels"] is not None:
+        item = preprocess.eval_record(source[i], tokenizer.image_size)
+        if item["pixels"] is None:
+            skipped += 1
+        else:
             items.append(item)
+    if skipped:
+        logging.warning("feature probe: skipped %d undecodable records of %s", skipped, paths[0])
     features = {name: [] for name in intermediates}
     for start in range(0, len(items), 1024):
         out = tokenizer.encode(np.stack([item["pixels"] for item in items[start:start + 1024]]),

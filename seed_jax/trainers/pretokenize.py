@@ -48,16 +48,6 @@ class LocalEncoder:
         return np.asarray(self._encode(self.state, jax.device_put(pixels, self.batch_sharding)))[:rows]
 
 
-def decode_image_record(raw: bytes, image_size: int) -> dict:
-    """A raw image record -> {"id", "caption", "pixels"} (None pixels if undecodable)."""
-    try:
-        record = records.decode_record(raw)
-        image = preprocess.resize(preprocess.decode_image(record["image"]), image_size)
-        return {"id": record["id"], "caption": record["caption"], "pixels": preprocess.normalize(image)}
-    except ValueError:
-        return {"id": "", "caption": "", "pixels": None}
-
-
 def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
                    num_threads: int = 4) -> dict:
     """Writes this process's shard of code records for one split; returns its summary."""
@@ -69,7 +59,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
             return json.load(f)
     source = grain.sources.ArrayRecordDataSource(list(in_paths))
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
-    ds = grain.MapDataset.range(start, stop).map(lambda i: decode_image_record(source[i], encoder.image_size))
+    ds = grain.MapDataset.range(start, stop).map(lambda i: preprocess.eval_record(source[i], encoder.image_size))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
     os.makedirs(out_dir, exist_ok=True)
     from array_record.python import array_record_module

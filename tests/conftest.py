@@ -1,10 +1,23 @@
-"""Test set-up: 8 fake CPU devices for sharding tests (must precede JAX's backend start)."""
+"""Test set-up: 8 fake CPU devices for sharding tests (must precede JAX's backend start),
+and one compilation cache for the session, shared with the subprocesses tests start:
+many tests compile the same tiny programs, and on a 2-core machine compiling is most
+of their time."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="seed_jax_test_compilation_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE  # inherited by subprocesses
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import pytest  # noqa: E402
 

@@ -1,10 +1,10 @@
 """Hugging Face and LAVIS layouts -> our models, against transformers' Blip2VisionModel,
 Blip2QFormerModel (no causal mask) and CLIPTextModel with the same random weights."""
 
-import jax
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, CLIPTextConfig,
                           CLIPTextModel, OPTConfig)
 
@@ -54,9 +54,10 @@ def _hf_reference(hf, batch, seed=0):
 
 def _ours(out_dir, pixels):
     model, kind, config = weights.load_model(str(out_dir), kind="blip2")
-    vit_features, image_embeds = jax.jit(model.image_embeds)(pixels)
+    # Parameters go in as arguments (nnx.jit), not as captured constants.
+    vit_features, image_embeds = nnx.jit(lambda m, x: m.image_embeds(x))(model, pixels)
     return model, config, {"vit_features": vit_features, "image_embeds": image_embeds,
-                           "queries": jax.jit(model.qformer.queries)(image_embeds)}
+                           "queries": nnx.jit(lambda m, x: m.qformer.queries(x))(model, image_embeds)}
 
 
 def _assert_close(ours, ref, keys):
@@ -171,7 +172,7 @@ def _clip_parity(tmp_path, config: CLIPTextConfig, seed: int) -> float:
         ref = hf(input_ids=ids).last_hidden_state.numpy()
     convert(["hf_clip_text", f"--checkpoint={tmp_path / 'text_encoder'}", f"--out={tmp_path / 'out'}"])
     model, _, _ = weights.load_model(str(tmp_path / "out"), kind="clip_text")
-    error = relative_error(jax.jit(model.__call__)(ids.numpy()), ref)
+    error = relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref)
     assert error <= INTERMEDIATE_TOLERANCE, f"relative error {error:.2e}"
     return error
 

@@ -138,11 +138,16 @@ def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INT
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
-flags.DEFINE_list("intermediates", list(DEFAULT_INTERMEDIATES), "api.INTERMEDIATES to probe.")
-flags.DEFINE_integer("num_train", 20_000, "Training images for the probes.")
-flags.DEFINE_integer("epochs", 20, "Probe training epochs.")
-flags.DEFINE_string("out", "", "Optional JSON file for the scores.")
+
+
+def _define_flags():
+    """The CLI's flags (defined only when run as a program: other tools import this module)."""
+    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+    flags.DEFINE_list("intermediates", list(DEFAULT_INTERMEDIATES), "api.INTERMEDIATES to probe.")
+    flags.DEFINE_integer("num_train", 20_000, "Training images for the probes.")
+    flags.DEFINE_integer("epochs", 20, "Probe training epochs.")
+    flags.DEFINE_string("out", "", "Optional JSON file for the scores.")
+    flags.mark_flag_as_required("tokenizer_workdir")
 
 
 def main(argv):
@@ -162,5 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("tokenizer_workdir")
+    _define_flags()
     app.run(main, argv=sys.argv)

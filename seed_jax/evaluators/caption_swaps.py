@@ -1,0 +1,112 @@
+"""Which caption parts a tokenizer's stage-I features tell apart, on the shapes world.
+
+Each held-out image is scored (the stage-I image-text similarity that retrieval uses)
+against its own caption and against a copy with one part of one object changed: its
+size, colour or shape, or its grid cell (moved to a free one). Per part, the score is
+how often the own caption wins (chance 0.5). It shows what stage I learned to see,
+apart from how well a probe or a language model reads it out.
+
+  python -m seed_jax.evaluators.caption_swaps --tokenizer_workdir=workdirs/tokenizer_demo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from seed_jax import api
+from seed_jax.data import records, synthetic
+from seed_jax.evaluators import feature_probe
+from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+PARTS = ("size", "colour", "shape", "cell")
+_CHOICES = {"size": tuple(synthetic.SIZES), "colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES}
+
+
+def swap_part(objects: Sequence[synthetic.SceneObject], part: str,
+              rng: np.random.Generator) -> tuple[synthetic.SceneObject, ...]:
+    """`objects` with `part` of one random object set to another random value (a
+    moved object goes to a free cell), sorted by cell again."""
+    if part not in PARTS:
+        raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
+    index = int(rng.integers(len(objects)))
+    obj = objects[index]
+    if part == "cell":
+        taken = {o.cell for o in objects}
+        choices = [cell for cell in range(len(synthetic.POSITIONS)) if cell not in taken]
+    else:
+        choices = [value for value in _CHOICES[part] if value != getattr(obj, part)]
+    changed = dataclasses.replace(obj, **{part: choices[int(rng.integers(len(choices)))]})
+    rest = tuple(objects[:index]) + tuple(objects[index + 1:])
+    return tuple(sorted(rest + (changed,), key=lambda o: o.cell))
+
+
+def own_caption_wins(image_features: np.ndarray, caption_features: np.ndarray,
+                     swapped_features: np.ndarray) -> float:
+    """Fraction of rows whose image feature (N,F) is closer (dot product) to its
+    caption's feature (N,F) than to the swapped caption's (N,F)."""
+    own = np.sum(image_features * caption_features, axis=-1)
+    swapped = np.sum(image_features * swapped_features, axis=-1)
+    return float(np.mean(own > swapped))
+
+
+def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = "eval",
+              seed: int = 0) -> dict[str, float]:
+    """{part: own-caption win rate} on the first `num_examples` images of a finished
+    shapes-world tokenizer run's `split`."""
+    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.data.source != "synthetic":
+        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {config.data.source!r} data; "
+                         "caption swaps need the synthetic shapes world")
+    tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
+    if not (tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads):
+        raise ValueError(f"tokenizer_workdir: the export in {tokenizer_workdir} has no Q-Former text branch "
+                         "and contrastive heads to score captions with")
+    paths = records.shard_paths(os.path.join(tokenizer_workdir, "data"), split)
+    features, captions = feature_probe.encode_split(tokenizer, paths, num_examples, ("causal_embeddings",))
+    graphdef, state = nnx.split(tokenizer.model)
+    image_features = np.asarray(jax.jit(lambda s, c: nnx.merge(graphdef, s).image_features(c))(
+        state, features["causal_embeddings"]))
+    caption_text, _ = tokenizer_trainer.text_tokenizers(config, tokenizer_workdir)
+    text_features = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s).text_features(ids, mask))
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        ids, mask = caption_text(list(texts))
+        return np.asarray(text_features(state, ids, mask))
+
+    objects = [synthetic.parse_caption(text) for text in captions]
+    if any(o is None for o in objects):
+        raise ValueError(f"tokenizer_workdir: {split} captions of {tokenizer_workdir} are not shapes-world captions")
+    own = embed(captions)
+    rng = np.random.default_rng(seed)
+    return {part: own_caption_wins(image_features, own,
+                                   embed([synthetic.objects_caption(swap_part(o, part, rng)) for o in objects]))
+            for part in PARTS}
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+flags.DEFINE_string("split", "eval", "`eval` (held out) or `train`.")
+flags.DEFINE_integer("num_examples", 1024, "Images scored.")
+
+
+def main(argv):
+    del argv
+    scores = score_run(FLAGS.tokenizer_workdir, num_examples=FLAGS.num_examples, split=FLAGS.split)
+    json.dump(scores, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("tokenizer_workdir")
+    app.run(main)

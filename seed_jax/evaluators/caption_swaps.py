@@ -95,9 +95,14 @@ def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = 
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
-flags.DEFINE_string("split", "eval", "`eval` (held out) or `train`.")
-flags.DEFINE_integer("num_examples", 1024, "Images scored.")
+
+
+def _define_flags():
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+    flags.DEFINE_enum("split", "eval", ["eval", "train"], "Held-out (`eval`) or training images.")
+    flags.DEFINE_integer("num_examples", 1024, "Images scored.")
+    flags.mark_flag_as_required("tokenizer_workdir")
 
 
 def main(argv):
@@ -108,5 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("tokenizer_workdir")
+    _define_flags()
     app.run(main)

@@ -19,7 +19,7 @@ from seed_jax import generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
-from seed_jax.models.opt import merge_lora, trainable_filter
+from seed_jax.models.opt import merge_lora, train_all_filter, trainable_filter
 from seed_jax.trainers import loop
 
 pytestmark = pytest.mark.torch
@@ -205,6 +205,67 @@ def test_only_adapters_and_new_token_rows_train(converted):
     assert names == {k for k in weights.flat_params(adapted) if "lora_" in k or k == "embed_extra"}
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trainable, new))
     assert all(changed)
+
+
+def _projected(rank=4, num_codes=12, code_dim=8):
+    """A tiny OPT with LoRA whose code tokens go through the codebook projection,
+    every parameter (code vectors included) set to non-zero random values."""
+    config = OPTConfigOurs(vocab_size=100, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64,
+                           extra_tokens=2 + num_codes, code_dim=code_dim, lora_rank=rank)
+    model = weights.build("opt", config)
+    rng = np.random.default_rng(5)
+    weights.assign(model, {k: 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+                           for k, v in weights.flat_params(model).items()})
+    return model, config
+
+
+def test_codebook_projection_embeds_codes_as_a_linear_map_of_the_codebook():
+    model, config = _projected()
+    params = {k: np.asarray(v) for k, v in weights.flat_params(model).items()}
+    assert params["embed_extra"].shape == (2, 32) and params["code_vectors"].shape == (12, 8)
+    expected = params["code_vectors"] @ params["code_projection.kernel"] + params["code_projection.bias"]
+    table = np.asarray(model.token_table())
+    assert table.shape == (config.total_vocab_size, 32)
+    np.testing.assert_allclose(table[102:], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(table[100:102], params["embed_extra"])
+    ids = np.asarray([[5, 100, 102, 113, 101]])  # text, <img>, codes 0 and 11, </img>
+    logits, _ = model(ids)
+    assert logits.shape == (1, 5, 114)
+    with pytest.raises(ValueError, match="code_dim: needs codes appended"):
+        weights.build("opt", dataclasses.replace(config, extra_tokens=2))
+
+
+@pytest.mark.parametrize("split", ["lora", "train_all"])
+def test_codebook_projection_trains_and_the_codebook_stays_frozen(split):
+    model, config = _projected()
+    filter_ = trainable_filter if split == "lora" else train_all_filter
+    graphdef, trainable, frozen = nnx.split(model, filter_, ...)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    every = set(weights.flat_params(model))
+    if split == "lora":
+        assert names == {k for k in every if "lora_" in k or k == "embed_extra" or k.startswith("code_projection")}
+    else:
+        assert names == every - {"code_vectors"}
+    ids = np.random.default_rng(1).integers(0, config.total_vocab_size, (2, 9))
+
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params, frozen)(ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    tx = optax.adam(1e-2)
+    updates, _ = tx.update(jax.grad(loss)(trainable), tx.init(trainable), trainable)
+    new = optax.apply_updates(trainable, updates)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trainable, new)))
+
+
+def test_codebook_projection_survives_lora_merge_and_export(tmp_path):
+    model, config = _projected()
+    ids = np.random.default_rng(2).integers(0, config.total_vocab_size, (2, 9))
+    merged_config, merged_params = merge_lora(config, weights.flat_params(model))
+    weights.save(str(tmp_path / "export"), "opt", merged_config, merged_params)
+    loaded, _, loaded_config = weights.load_model(str(tmp_path / "export"), kind="opt")
+    assert loaded_config.code_dim == 8 and loaded_config.lora_rank == 0
+    np.testing.assert_allclose(loaded(ids)[0], model(ids)[0], atol=1e-4)
 
 
 def _lora_losses(mesh, num_steps=3):

@@ -14,6 +14,7 @@ from array_record.python import array_record_module
 from configs.seed_opt import get_config
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
+from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
 from seed_jax.trainers import loop, pretokenize, seed_opt
 
@@ -183,6 +184,7 @@ def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config.tokenizer_workdir = os.path.join(tiny_decoder_run, "tokenizer")
     config.decoder_export = os.path.join(tiny_decoder_run, "export")
     config.eval.decode.num_steps = 2
+    config.image_embedding = "codebook_projection"  # the path with more parts (rows: the demo, tests above)
     workdir = str(tmp_path_factory.mktemp("seed_opt"))
     assert seed_opt.train(config, workdir)
     return workdir, config
@@ -225,6 +227,22 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     assert seed_opt.train(config, workdir)  # a finished run resumes to the end at once
 
 
+def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
+    references = ["a large red circle at the top left", "a small blue star in the centre"]
+    generated = ["a large red circle at the top left", "a small blue cross in the centre"]
+    scores = caption_codes.score_captions(generated, references)
+    assert scores["caption/exact_match"] == 0.5 and scores["caption/shape_accuracy"] == 0.5
+    assert scores["caption/colour_accuracy"] == scores["caption/cell_recall"] == 1.0
+    assert caption_codes.score_captions(["a dog", "a cat"], ["a dog", "a bird"]) == {"caption/exact_match": 0.5}
+    workdir, _ = seed_opt_run
+    model = api.SeedOPT.load(os.path.join(workdir, "export"))
+    for split in ("train", "eval"):
+        scores = caption_codes.score_split(model, os.path.join(workdir, "codes"), split, num_examples=8,
+                                           batch_size=4, max_new_tokens=8)
+        assert scores["num_examples"] == 8 and scores["skipped_records"] == 0
+        assert 0 <= scores["caption/exact_match"] <= 1 and 0 <= scores["caption/grammatical"] <= 1
+
+
 def test_image_codes_emit_32_codes_then_the_end_token(seed_opt_run):
     workdir, _ = seed_opt_run
     model = api.SeedOPT.load(os.path.join(workdir, "export"))
@@ -238,11 +256,14 @@ def test_image_codes_emit_32_codes_then_the_end_token(seed_opt_run):
         model.caption(np.zeros((1, 32, 32, 3), np.uint8))
 
 
-def _lm_losses(mesh, num_steps=3):
-    """lm_loss on packed rows, through the shared train step."""
+def _lm_losses(mesh, code_dim, num_steps=3):
+    """lm_loss on packed rows, through the shared train step (codes as rows, or
+    through the codebook projection when `code_dim` > 0)."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32,
-                       extra_tokens=10, lora_rank=4)
+                       extra_tokens=10, code_dim=code_dim, lora_rank=4)
     model = weights.build("opt", config)
+    if code_dim:
+        weights.assign(model, {"code_vectors": np.random.default_rng(1).standard_normal((8, code_dim))})
     stage = ml_collections.ConfigDict(dict(lr=1e-2, init_lr=1e-3, end_lr=1e-3, warmup_steps=1, num_steps=num_steps,
                                            weight_decay=0.0, b1=0.9, b2=0.999))
     run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
@@ -263,8 +284,40 @@ def _lm_losses(mesh, num_steps=3):
     return losses
 
 
-def test_packed_lora_step_same_loss_on_1_and_8_devices():
-    losses_1 = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-    losses_8 = _lm_losses(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+@pytest.mark.parametrize("code_dim", [0, 4])
+def test_packed_lora_step_same_loss_on_1_and_8_devices(code_dim):
+    losses_1 = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), code_dim)
+    losses_8 = _lm_losses(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), code_dim)
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
     assert losses_1[-1] < losses_1[0]
+
+
+def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):
+    """init.opt + image_embedding="codebook_projection": the export must keep its vocabulary
+    (--image_tokens=0); its weights load, the code vectors are the tokenizer's codebook at unit RMS."""
+    base = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32)
+    base_model = weights.build("opt", base, seed=3)
+    plain, with_rows = str(tmp_path / "plain"), str(tmp_path / "with_rows")
+    weights.save(plain, "opt", base, weights.flat_params(base_model))
+    extended = weights.build("opt", OPTConfig(**{**base.__dict__, "extra_tokens": 6}))
+    weights.save(with_rows, "opt", extended.config, weights.flat_params(extended))
+    config = get_config("tiny")
+    config.unlock()
+    config.image_embedding, config.lora.rank, config.train_all = "codebook_projection", 2, False
+    config.init.opt = with_rows
+    with pytest.raises(ValueError, match="convert with --image_tokens=0"):
+        seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
+    config.init.opt = plain
+    m_config = seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
+    assert (m_config.extra_tokens, m_config.code_dim, m_config.lora_rank) == (6, 8, 2)
+    codebook = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32) * 0.1
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    model = seed_opt.create_model(m_config, config, mesh, codebook)
+    np.testing.assert_allclose(model.embed_tokens[...], base_model.embed_tokens[...])
+    vectors = np.asarray(model.code_vectors[...])
+    np.testing.assert_allclose(vectors, codebook / np.sqrt(np.mean(codebook ** 2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="codebook: expected shape"):
+        seed_opt.create_model(m_config, config, mesh, codebook[:3])
+    config.image_embedding = "pixels"
+    with pytest.raises(ValueError, match="image_embedding: expected 'rows' or 'codebook_projection'"):
+        seed_opt.model_config(config, 50, num_codes=4, code_dim=8)

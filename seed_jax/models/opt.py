@@ -5,6 +5,12 @@ ids (B,L) -> token embedding (V,W) [-> project_in W->D] + learned positions
 every size but 350M, which is post-LN) -> final LayerNorm (pre-LN only)
 [-> project_out D->W] -> logits through the tied token embedding (B,L,V).
 
+SEED-OPT appends `extra_tokens` ids to the vocabulary: <img>, </img> and the K codes.
+They are plain trainable rows, or (`code_dim` > 0, SEED-OPT's "codebook projection")
+<img> and </img> are rows and code k is `code_projection(code_vectors[k])`: a linear
+map of the tokenizer's frozen (K,C) codebook, so codes near in the codebook start
+near in the model. Either way the appended ids are part of the tied output table.
+
 Generation keeps a key/value cache per layer: `(B,N,S,H)` arrays stacked on a leading
 layers axis, written at each step's position (see `init_cache`).
 
@@ -24,6 +30,7 @@ from seed_jax import parallel
 from seed_jax.models import layers
 
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
+IMAGE_MARKERS = 2  # <img> and </img>, the appended ids before the codes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +44,8 @@ class OPTConfig:
     embed_width: int | None = None  # word_embed_proj_dim when it differs from `width` (350M)
     pre_layer_norm: bool = True  # do_layer_norm_before
     eps: float = 1e-5
-    extra_tokens: int = 0  # rows appended to the vocabulary (SEED-OPT: <img>, </img>, 8192 codes), trainable
+    extra_tokens: int = 0  # ids appended to the vocabulary (SEED-OPT: <img>, </img>, 8192 codes), trainable
+    code_dim: int = 0  # > 0: the appended ids after the first two embed as code_projection(code_vectors)
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ("query", "key", "value", "out", "fc1", "fc2")
@@ -45,6 +53,11 @@ class OPTConfig:
     @property
     def token_width(self) -> int:
         return self.embed_width or self.width
+
+    @property
+    def num_projected_codes(self) -> int:
+        """Appended ids embedded through the codebook projection (0 without it)."""
+        return self.extra_tokens - IMAGE_MARKERS if self.code_dim else 0
 
     @property
     def total_vocab_size(self) -> int:
@@ -114,8 +127,15 @@ class OPT(nnx.Module):
     def __init__(self, config: OPTConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         c = self.config = config
         self.embed_tokens = layers.param(rngs, layers.normal(0.02), (c.vocab_size, c.token_width), ("vocab", "embed"))
-        self.embed_extra = (layers.param(rngs, layers.normal(0.02), (c.extra_tokens, c.token_width), ("vocab", "embed"))
-                            if c.extra_tokens else None)
+        if c.code_dim and c.extra_tokens <= IMAGE_MARKERS:
+            raise ValueError(f"code_dim: needs codes appended after <img>, </img>; extra_tokens is {c.extra_tokens}")
+        rows = c.extra_tokens - c.num_projected_codes
+        self.embed_extra = (layers.param(rngs, layers.normal(0.02), (rows, c.token_width), ("vocab", "embed"))
+                            if rows else None)
+        # The tokenizer's codebook (frozen: see `trainable_filter`), set by whoever builds SEED-OPT.
+        self.code_vectors = (layers.param(rngs, layers.zeros, (c.num_projected_codes, c.code_dim), ("vocab", None))
+                             if c.code_dim else None)
+        self.code_projection = self._code_projection(c, rngs) if c.code_dim else None
         self.embed_positions = layers.param(rngs, layers.normal(0.02), (c.max_positions + POSITION_OFFSET, c.width),
                                             ("length", "embed"))
         self.project_in = (layers.Dense(c.token_width, c.width, axes=(None, "embed"), use_bias=False, dtype=dtype,
@@ -126,6 +146,15 @@ class OPT(nnx.Module):
         self.project_out = (layers.Dense(c.width, c.token_width, axes=("embed", None), use_bias=False, dtype=dtype,
                                          rngs=rngs) if c.embed_width else None)
         self.remat, self.dtype = remat, dtype
+
+    @staticmethod
+    def _code_projection(c: OPTConfig, rngs: nnx.Rngs) -> layers.Dense:
+        """(C -> W) map of the code vectors, which have unit RMS: projected rows start at
+        the plain rows' scale (std 0.02)."""
+        projection = layers.Dense(c.code_dim, c.token_width, axes=(None, "embed"), dtype=jnp.float32, rngs=rngs)
+        projection.kernel = layers.param(rngs, layers.normal(0.02 / c.code_dim ** 0.5), (c.code_dim, c.token_width),
+                                         (None, "embed"))
+        return projection
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
         """Empty key/value cache for `length` positions: {k, v} (layers,B,N,S,H)."""
@@ -191,15 +220,25 @@ class OPT(nnx.Module):
         return logits.astype(jnp.float32), cache
 
     def token_table(self) -> jax.Array:
-        """(V + extra, W): the vocabulary's rows then the appended ones (input and tied output)."""
-        if self.embed_extra is None:
-            return self.embed_tokens[...]
-        return jnp.concatenate([self.embed_tokens[...], self.embed_extra[...]])
+        """(V + extra, W) float32: the vocabulary's rows then the appended ones (input and tied output)."""
+        parts = [self.embed_tokens[...]]
+        if self.embed_extra is not None:
+            parts.append(self.embed_extra[...])
+        if self.code_projection is not None:
+            parts.append(self.code_projection(self.code_vectors[...]))
+        return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def trainable_filter(path, value) -> bool:
-    """nnx filter for SEED-OPT training: the adapters and the appended token rows."""
-    return isinstance(value, nnx.LoRAParam) or (isinstance(value, nnx.Param) and path[-1] == "embed_extra")
+    """nnx filter for SEED-OPT training: the adapters, the appended token rows and
+    the codebook projection (not the codebook itself)."""
+    return isinstance(value, nnx.LoRAParam) or (
+        isinstance(value, nnx.Param) and ("embed_extra" in path or "code_projection" in path))
+
+
+def train_all_filter(path, value) -> bool:
+    """nnx filter for a model trained from scratch: every parameter but the tokenizer's codebook."""
+    return isinstance(value, nnx.Param) and "code_vectors" not in path
 
 
 def merge_lora(config: OPTConfig, params: dict) -> tuple[OPTConfig, dict]:

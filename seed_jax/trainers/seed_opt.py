@@ -28,7 +28,7 @@ from PIL import Image
 
 from seed_jax import api, parallel, weights
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
-from seed_jax.evaluators import shapes_captions
+from seed_jax.evaluators.caption_codes import score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import opt
@@ -70,42 +70,59 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
     raise ValueError(f"text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got {t.kind!r}")
 
 
-def model_config(config, text_vocab_size: int, num_codes: int) -> opt.OPTConfig:
+def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) -> opt.OPTConfig:
     """The trained model: the converted OPT's shape (`init.opt`) or `config.model`,
-    with the image tokens appended and `config.lora`'s adapters."""
-    extra = num_codes + 2
-    lora = dict(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_targets=tuple(config.lora.targets))
+    with the image tokens appended (as rows, or through the codebook projection of
+    the tokenizer's `code_dim`-wide codebook) and `config.lora`'s adapters."""
+    if config.image_embedding not in ("rows", "codebook_projection"):
+        raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
+    extra = num_codes + opt.IMAGE_MARKERS
+    projected = config.image_embedding == "codebook_projection"
+    added = dict(extra_tokens=extra, code_dim=code_dim if projected else 0, lora_rank=config.lora.rank,
+                 lora_alpha=config.lora.alpha, lora_targets=tuple(config.lora.targets))
     if config.init.opt:
         kind, base, _ = weights.read_config(config.init.opt)
         if kind != "opt":
             raise ValueError(f"init.opt: {config.init.opt} holds a {kind!r} export, expected 'opt'")
-        if base.extra_tokens != extra:
-            raise ValueError(f"init.opt: the export has {base.extra_tokens} appended tokens, the tokenizer's "
-                             f"{num_codes} codes need {extra}; convert with --image_tokens={num_codes}")
-        return opt.OPTConfig.from_dict({**base.__dict__, **lora})
+        expected = 0 if projected else extra
+        if base.extra_tokens != expected:
+            raise ValueError(f"init.opt: the export has {base.extra_tokens} appended tokens; with image_embedding="
+                             f"{config.image_embedding!r} and the tokenizer's {num_codes} codes convert with "
+                             f"--image_tokens={0 if projected else num_codes}")
+        return opt.OPTConfig.from_dict({**base.__dict__, **added})
     if text_vocab_size > config.model.vocab_size:
         raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the text tokenizer's "
                          f"vocabulary ({text_vocab_size})")
-    return opt.OPTConfig.from_dict({**config.model.to_dict(), "extra_tokens": extra, **lora})
+    return opt.OPTConfig.from_dict({**config.model.to_dict(), **added})
 
 
-def create_model(model_config: opt.OPTConfig, config, mesh) -> opt.OPT:
-    """The model initialised into its shardings; base weights from `init.opt` if set."""
+def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:
+    """The model initialised into its shardings; base weights from `init.opt` if set;
+    with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
     dtype = DTYPES[config.dtype]
     create = lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=nnx.Rngs(config.seed))  # noqa: E731
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
     if config.init.opt:
-        base = [k for k in weights.flat_params(model) if "lora_" not in k]
+        appended = ("lora_", "embed_extra", "code_vectors", "code_projection")
+        base = [k for k in weights.flat_params(model) if not any(a in k for a in appended)]
         warm_start_lib.load_into(model, config.init.opt, kinds=("opt",), require=tuple(base),
                                  shardings=warm_start_lib.flat_shardings(model, shardings))
+    if model_config.code_dim:
+        if codebook is None or codebook.shape != (model_config.num_projected_codes, model_config.code_dim):
+            raise ValueError(f"codebook: expected shape {(model_config.num_projected_codes, model_config.code_dim)} "
+                             f"for the codebook projection, got {None if codebook is None else codebook.shape}")
+        vectors = codebook / np.sqrt(np.mean(np.square(codebook)))
+        model.code_vectors.set_value(jax.device_put(vectors.astype(np.float32),
+                                                    model.code_vectors.get_value().sharding))
     return model
 
 
 def trainable(config):
-    """Every parameter (a model trained from scratch) or SEED-OPT's: adapters and appended rows."""
-    return nnx.Param if config.train_all else opt.trainable_filter
+    """Every parameter but the tokenizer's codebook (a model trained from scratch) or
+    SEED-OPT's: adapters, appended rows and the codebook projection."""
+    return opt.train_all_filter if config.train_all else opt.trainable_filter
 
 
 # ---------------------------------------------------------------- evaluation
@@ -121,7 +138,6 @@ class Evaluator:
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export = tokenizer_export
         self.true_code_recall = retrieval.recall(self.codes, self.captions)
-        self.shapes_world = shapes_captions.all_shapes_captions(self.captions)
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
         e = self.config.eval
@@ -136,13 +152,10 @@ class Evaluator:
             generated.append(seed_opt.image_codes(self.captions[rows]))
         generated = np.concatenate(generated)
         recall = self.retrieval.recall(generated, self.captions)
-        metrics = {"caption/exact_match": float(np.mean([c == t for c, t in zip(captions, self.captions)])),
+        metrics = {**score_captions(captions, self.captions),  # by part too on the shapes world (the demo)
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
                    "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
                    "num_examples": float(len(self.captions))}
-        if self.shapes_world:  # the demo: which parts of the captions are right
-            scores = shapes_captions.attribute_scores(captions, self.captions)
-            metrics.update({f"caption/{name}": value for name, value in scores.items()})
         self.writer.write(step, phase, "eval", metrics)
         logging.info("%s eval at step %d: %s", phase, step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:
@@ -195,12 +208,13 @@ def train(config, workdir: str) -> bool:
         tok_dir, tok_export = tokenizer_trainer.ensure_trained(config, workdir)
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
     num_codes = tokenizer_model.config.num_codes
+    codebook = np.asarray(tokenizer_model.quantize.codebook[...])
     train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export)
 
     mesh = parallel.make_mesh(config.mesh.to_dict())
     text = text_tokenizer(config, workdir)
-    m_config = model_config(config, text.vocab_size, num_codes)
-    model = create_model(m_config, config, mesh)
+    m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
+    model = create_model(m_config, config, mesh, codebook)
     logging.info("SEED-OPT: %s", m_config)
     image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
     builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),

@@ -1,0 +1,73 @@
+"""How well a SEED-OPT export captions the code records of a split.
+
+Greedy captions from each record's 32 codes, scored against the record's caption:
+exact match and, on the shapes world, per part (`shapes_captions`). Scoring the
+training split beside the held-out one tells underfitting (both low) from
+overfitting (training far higher).
+
+  python -m seed_jax.evaluators.caption_codes --export=WORKDIR/export --codes_dir=WORKDIR/codes --split=train
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from seed_jax import api
+from seed_jax.data import pipeline, records, sequences
+from seed_jax.evaluators import shapes_captions
+
+
+def score_captions(generated: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """`caption/exact_match`, plus `caption/{part}` scores when every reference is a shapes caption."""
+    if len(generated) != len(references):
+        raise ValueError(f"generated: {len(generated)} captions for {len(references)} references")
+    scores = {"caption/exact_match": float(np.mean([g == r for g, r in zip(generated, references)]))}
+    if shapes_captions.all_shapes_captions(references):
+        parts = shapes_captions.attribute_scores(generated, references)
+        scores.update({f"caption/{name}": value for name, value in parts.items()})
+    return scores
+
+
+def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
+                batch_size: int = 128, max_new_tokens: int = 24) -> dict[str, float]:
+    """Caption scores of `model` on the first `num_examples` readable records of
+    `codes_dir`'s `split` shards (corrupt records skipped and counted)."""
+    skipped = pipeline.SkipCounter()
+    rows = sequences.read_code_records(records.shard_paths(codes_dir, split), num_examples, skipped)
+    codes = np.stack([r["codes"] for r in rows])
+    captions = []
+    for start in range(0, len(rows), batch_size):
+        captions += model.caption_codes(codes[start:start + batch_size], max_new_tokens=max_new_tokens)
+    return {**score_captions(captions, [r["caption"] for r in rows]), "num_examples": float(len(rows)),
+            "skipped_records": float(skipped.count)}
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string("export", None, "A SEED-OPT export (WORKDIR/export of configs/seed_opt.py).")
+    flags.DEFINE_string("codes_dir", None, "Code-record shards (WORKDIR/codes, or configs/pretokenize.py's out_dir).")
+    flags.DEFINE_string("split", "eval", "Shard prefix: `eval` (held out) or `train`.")
+    flags.DEFINE_integer("num_examples", 256, "Records captioned.")
+    flags.DEFINE_integer("max_new_tokens", 24, "Longest caption, in tokens.")
+    flags.mark_flags_as_required(["export", "codes_dir"])
+
+
+def main(argv):
+    del argv
+    scores = score_split(api.SeedOPT.load(FLAGS.export), FLAGS.codes_dir, FLAGS.split,
+                         num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
+    json.dump(scores, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -33,16 +33,22 @@ def score_captions(generated: Sequence[str], references: Sequence[str]) -> dict[
     return scores
 
 
+def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy captions of int codes (N,32), `batch_size` rows at a time."""
+    captions = []
+    for start in range(0, len(codes), batch_size):
+        captions += model.caption_codes(codes[start:start + batch_size], max_new_tokens=max_new_tokens)
+    return captions
+
+
 def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
                 batch_size: int = 128, max_new_tokens: int = 24) -> dict[str, float]:
     """Caption scores of `model` on the first `num_examples` readable records of
     `codes_dir`'s `split` shards (corrupt records skipped and counted)."""
     skipped = pipeline.SkipCounter()
     rows = sequences.read_code_records(records.shard_paths(codes_dir, split), num_examples, skipped)
-    codes = np.stack([r["codes"] for r in rows])
-    captions = []
-    for start in range(0, len(rows), batch_size):
-        captions += model.caption_codes(codes[start:start + batch_size], max_new_tokens=max_new_tokens)
+    captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
     return {**score_captions(captions, [r["caption"] for r in rows]), "num_examples": float(len(rows)),
             "skipped_records": float(skipped.count)}
 

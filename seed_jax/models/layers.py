@@ -75,8 +75,9 @@ class Dense(nnx.Module):
     """y = x W + b with W (in, out), computed in `dtype`."""
 
     def __init__(self, in_features: int, out_features: int, *, axes=("embed", "mlp"),
-                 use_bias: bool = True, lora: LoRA | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(rngs, fan_in(), (in_features, out_features), axes)
+                 use_bias: bool = True, lora: LoRA | None = None, dtype=jnp.float32, kernel_init=None,
+                 rngs: nnx.Rngs):
+        self.kernel = param(rngs, kernel_init or fan_in(), (in_features, out_features), axes)
         self.bias = param(rngs, zeros, (out_features,), axes[1:]) if use_bias else None
         self.lora_a = lora_param(rngs, fan_in(), (in_features, lora.rank), (axes[0], None)) if lora else None
         self.lora_b = lora_param(rngs, zeros, (lora.rank, out_features), (None, axes[1])) if lora else None

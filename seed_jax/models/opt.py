@@ -135,7 +135,10 @@ class OPT(nnx.Module):
         # The tokenizer's codebook (frozen: see `trainable_filter`), set by whoever builds SEED-OPT.
         self.code_vectors = (layers.param(rngs, layers.zeros, (c.num_projected_codes, c.code_dim), ("vocab", None))
                              if c.code_dim else None)
-        self.code_projection = self._code_projection(c, rngs) if c.code_dim else None
+        # Code vectors have unit RMS: projected rows start at the plain rows' scale (std 0.02).
+        self.code_projection = (layers.Dense(c.code_dim, c.token_width, axes=(None, "embed"), dtype=jnp.float32,
+                                             kernel_init=layers.normal(0.02 / c.code_dim ** 0.5), rngs=rngs)
+                                if c.code_dim else None)
         self.embed_positions = layers.param(rngs, layers.normal(0.02), (c.max_positions + POSITION_OFFSET, c.width),
                                             ("length", "embed"))
         self.project_in = (layers.Dense(c.token_width, c.width, axes=(None, "embed"), use_bias=False, dtype=dtype,
@@ -146,15 +149,6 @@ class OPT(nnx.Module):
         self.project_out = (layers.Dense(c.width, c.token_width, axes=("embed", None), use_bias=False, dtype=dtype,
                                          rngs=rngs) if c.embed_width else None)
         self.remat, self.dtype = remat, dtype
-
-    @staticmethod
-    def _code_projection(c: OPTConfig, rngs: nnx.Rngs) -> layers.Dense:
-        """(C -> W) map of the code vectors, which have unit RMS: projected rows start at
-        the plain rows' scale (std 0.02)."""
-        projection = layers.Dense(c.code_dim, c.token_width, axes=(None, "embed"), dtype=jnp.float32, rngs=rngs)
-        projection.kernel = layers.param(rngs, layers.normal(0.02 / c.code_dim ** 0.5), (c.code_dim, c.token_width),
-                                         (None, "embed"))
-        return projection
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
         """Empty key/value cache for `length` positions: {k, v} (layers,B,N,S,H)."""

@@ -28,7 +28,7 @@ from PIL import Image
 
 from seed_jax import api, parallel, weights
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
-from seed_jax.evaluators.caption_codes import score_captions
+from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import opt
@@ -145,12 +145,9 @@ class Evaluator:
                "first_code_id": self.image_tokens.first_code}
         seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids, text_tokenizer=self.text,
                                prompts=sequences.Prompts(**self.config.prompts.to_dict()))
-        captions, generated = [], []
-        for start in range(0, len(self.captions), e.batch_size):
-            rows = slice(start, start + e.batch_size)
-            captions += seed_opt.caption_codes(self.codes[rows], max_new_tokens=e.max_caption_tokens)
-            generated.append(seed_opt.image_codes(self.captions[rows]))
-        generated = np.concatenate(generated)
+        captions = caption_all(seed_opt, self.codes, batch_size=e.batch_size, max_new_tokens=e.max_caption_tokens)
+        generated = np.concatenate([seed_opt.image_codes(self.captions[start:start + e.batch_size])
+                                    for start in range(0, len(self.captions), e.batch_size)])
         recall = self.retrieval.recall(generated, self.captions)
         metrics = {**score_captions(captions, self.captions),  # by part too on the shapes world (the demo)
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],

@@ -18,10 +18,11 @@ on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, tokenizer demo reused, 14 minutes): on 256 held-out images
-t2i/retrieval_r1 0.42 and caption/exact_match 0.21, held back by the demo tokenizer's
-codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`), and by the small
-OPT underfitting them (exact match 0.25 on its own training images; README.md).
+Measured (2-core CPU, tokenizer demo reused, 14 minutes; 22m45s on a slower machine): on
+256 held-out images t2i/retrieval_r1 0.42 and caption/exact_match 0.21, held back by the
+demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`),
+and by the small OPT underfitting them (exact match 0.25 on its own training images;
+README.md).
 """
 
 import importlib.util
@@ -49,12 +50,16 @@ def _tokenizer_configs():
     return module
 
 
-def _phase(num_steps, batch_size, lr, text_to_image_fraction, warmup_steps, weight_decay=0.0):
+def _phase(num_steps, batch_size, lr, text_to_image_fraction, warmup_steps, max_targets_per_row,
+           weight_decay=0.0):
     """One phase: `batch_size` packed rows; `text_to_image_fraction` of sequences are
-    text -> image (0 in phase 1)."""
+    text -> image (0 in phase 1). A row holds `data.seq_length` tokens of which at most
+    `max_targets_per_row` take loss; logits are computed for those only, so a bound that
+    fits the phase's rows and no more saves output-layer work."""
     return ml_collections.ConfigDict(dict(num_steps=num_steps, batch_size=batch_size, lr=lr, init_lr=lr / 100,
                                           end_lr=lr / 10, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                                          b1=0.9, b2=0.98, text_to_image_fraction=text_to_image_fraction))
+                                          b1=0.9, b2=0.98, text_to_image_fraction=text_to_image_fraction,
+                                          max_targets_per_row=max_targets_per_row))
 
 
 def _opt(vocab_size, width, depth, num_heads, mlp_dim, max_positions):
@@ -83,11 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer_export = ""  # a SEED tokenizer export instead (real runs); then data.codes_dir is required
     c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32))  # with tokenizer_export
     c.decoder_export = ""  # optional: a diffusion export for images in samples.png
-    # A packed row holds seq_length tokens of which at most max_targets_per_row take loss
-    # (logits are computed for those only).
     c.data = ml_collections.ConfigDict(dict(codes_dir="", train_prefix="train", eval_prefix="eval", seq_length=128,
-                                            max_targets_per_row=80, num_packing_bins=64, max_text_tokens=64,
-                                            num_threads=2))
+                                            num_packing_bins=64, max_text_tokens=64, num_threads=2))
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="word_bpe", folder=""))
     c.prompts = ml_collections.ConfigDict(dict(caption="A photo of", generate="Generate an image: {caption}",
                                                question="Question: {question} Short answer."))
@@ -116,8 +118,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _demo(c):
     """A small OPT from scratch on the demo tokenizer's codes and the shapes captions."""
     c.model = _opt(vocab_size=640, width=128, depth=4, num_heads=4, mlp_dim=512, max_positions=128)
-    c.phase1 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.0, warmup_steps=50)
-    c.phase2 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.5, warmup_steps=50)
+    # A row holds at most two sequences (45-55 tokens each): two captions take at most 36
+    # targets, two sets of codes 66.
+    c.phase1 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.0, warmup_steps=50,
+                      max_targets_per_row=40)
+    c.phase2 = _phase(num_steps=500, batch_size=32, lr=2e-3, text_to_image_fraction=0.5, warmup_steps=50,
+                      max_targets_per_row=72)
 
 
 def _seed_opt_2_7b(c):
@@ -128,7 +134,6 @@ def _seed_opt_2_7b(c):
     c.decoder_export = ""
     c.data.codes_dir = "/data/seed_codes"
     c.data.seq_length = 256
-    c.data.max_targets_per_row = 160
     c.data.num_threads = 8
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="gpt2_bpe", folder="/ckpt/opt-2.7b"))
     c.init.opt = "/ckpt/opt_2.7b_seed"
@@ -138,8 +143,10 @@ def _seed_opt_2_7b(c):
     c.dtype = "bfloat16"
     c.remat = True
     c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS["gpu8"])
-    c.phase1 = _phase(num_steps=10_000, batch_size=256, lr=2e-4, text_to_image_fraction=0.0, warmup_steps=500)
-    c.phase2 = _phase(num_steps=20_000, batch_size=256, lr=2e-4, text_to_image_fraction=0.5, warmup_steps=500)
+    c.phase1 = _phase(num_steps=10_000, batch_size=256, lr=2e-4, text_to_image_fraction=0.0, warmup_steps=500,
+                      max_targets_per_row=160)
+    c.phase2 = _phase(num_steps=20_000, batch_size=256, lr=2e-4, text_to_image_fraction=0.5, warmup_steps=500,
+                      max_targets_per_row=160)
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     c.eval.update(num_examples=5000, batch_size=64, max_caption_tokens=30)
@@ -148,8 +155,10 @@ def _seed_opt_2_7b(c):
 def _tiny(c):
     """Test size: the tiny tokenizer, a tiny OPT, a few steps."""
     c.model = _opt(vocab_size=640, width=32, depth=2, num_heads=2, mlp_dim=64, max_positions=128)
-    c.phase1 = _phase(num_steps=3, batch_size=8, lr=1e-3, text_to_image_fraction=0.0, warmup_steps=1)
-    c.phase2 = _phase(num_steps=3, batch_size=8, lr=1e-3, text_to_image_fraction=0.5, warmup_steps=1)
+    c.phase1 = _phase(num_steps=3, batch_size=8, lr=1e-3, text_to_image_fraction=0.0, warmup_steps=1,
+                      max_targets_per_row=40)
+    c.phase2 = _phase(num_steps=3, batch_size=8, lr=1e-3, text_to_image_fraction=0.5, warmup_steps=1,
+                      max_targets_per_row=72)
     c.data.num_packing_bins = 8
     c.log_every_steps = 1
     c.checkpoint_every_steps = 2

@@ -229,7 +229,7 @@ def train(config, workdir: str) -> bool:
         for index, (name, key) in enumerate(PHASES):
             phase = config[key]
             example = sequences.CodeExample(builder, phase.text_to_image_fraction, config.data.seq_length,
-                                            config.data.max_targets_per_row, skipped)
+                                            phase.max_targets_per_row, skipped)
             train_iter = sequences.packed_train_iterator(
                 train_paths, example, global_batch_size=phase.batch_size, seed=config.seed + index,
                 num_packing_bins=config.data.num_packing_bins, num_threads=config.data.num_threads)

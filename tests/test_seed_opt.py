@@ -321,3 +321,25 @@ def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_p
     config.image_embedding = "pixels"
     with pytest.raises(ValueError, match="image_embedding: expected 'rows' or 'codebook_projection'"):
         seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
+
+
+def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
+    config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32, extra_tokens=10)
+    model = weights.build("opt", config)
+    rng = np.random.default_rng(3)
+    segments = np.asarray([[1] * 9 + [2] * 5] * 2, np.int32)
+    batch = {"inputs": rng.integers(0, 70, (2, 14)).astype(np.int32), "segment_ids": segments,
+             "positions": np.asarray([list(range(9)) + list(range(5))] * 2, np.int32),
+             "target_index": np.asarray([[2, 7, 10, 0], [1, 3, 12, 13]], np.int32),
+             "target_ids": rng.integers(0, 70, (2, 4)).astype(np.int32),
+             "target_mask": np.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)}
+    loss, (metrics, _) = seed_opt.lm_loss(model, batch, None)
+    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=segments,
+                      logits_at=batch["target_index"])
+    logits = np.asarray(logits, np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(log_probs, batch["target_ids"][..., None], -1)[..., 0]
+    mask = batch["target_mask"].astype(bool)
+    np.testing.assert_allclose(float(loss), -picked[mask].mean(), rtol=1e-5)
+    assert float(metrics["target_tokens"]) == 7

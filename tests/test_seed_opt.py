@@ -336,9 +336,8 @@ def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
     loss, (metrics, _) = seed_opt.lm_loss(model, batch, None)
     logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=segments,
                       logits_at=batch["target_index"])
-    logits = np.asarray(logits, np.float64)
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    shifted = np.asarray(logits, np.float64) - np.asarray(logits, np.float64).max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     picked = np.take_along_axis(log_probs, batch["target_ids"][..., None], -1)[..., 0]
     mask = batch["target_mask"].astype(bool)
     np.testing.assert_allclose(float(loss), -picked[mask].mean(), rtol=1e-5)

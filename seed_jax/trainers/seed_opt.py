@@ -47,7 +47,7 @@ def lm_loss(model: opt.OPT, batch, rng):
                       logits_at=batch["target_index"])
     mask = batch["target_mask"].astype(jnp.float32)
     # The target's logit picked by comparison, not gathered: a gather's gradient is a
-    # scatter into a (B,K,V) buffer, a sixth of the demo's train step on CPU.
+    # scatter into a (B,K,V) buffer, a quarter of the demo's train step on CPU.
     is_target = jnp.arange(logits.shape[-1]) == batch["target_ids"][..., None]
     token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     count = jnp.maximum(mask.sum(), 1.0)

@@ -32,7 +32,9 @@ setup(
         # Pinned: an open range can pull a newer build with gigabytes of CUDA wheels.
         "torch": ["torch==2.13.0"],
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "diffusers>=0.30"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "diffusers>=0.30",
+                 # executes notebooks/ in a kernel
+                 "nbclient>=0.10", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.8"],
         "notebooks": ["jupyter>=1.0", "nbconvert>=7", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.8"],
     },
 )

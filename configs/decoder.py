@@ -21,21 +21,10 @@ WORKDIR/export (`StableDiffusion.load`, `SeedTokenizer.load(..., diffusion=...)`
 Measured on a 2-core CPU: see README.md.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from seed_jax import config_files
 from seed_jax.parallel import DEFAULT_RULES
-
-
-def _tokenizer_configs():
-    """configs/tokenizer.py (the tokenizer this decoder serves), loaded by path."""
-    spec = importlib.util.spec_from_file_location(
-        "seed_jax_tokenizer_configs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 PRESETS = ("demo", "tiny")
 
@@ -58,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = DEFAULT_RULES
-    c.tokenizer = _tokenizer_configs().get_config(preset)
+    c.tokenizer = config_files.sibling(__file__, "tokenizer.py").get_config(preset)
     c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer
     c.schedule = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                                 beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,

@@ -25,11 +25,9 @@ and by the small OPT underfitting them (exact match 0.25 on its own training ima
 README.md).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from seed_jax import config_files
 from seed_jax.parallel import DEFAULT_RULES
 
 MODEL_PRESETS = ("demo", "seed_opt_2.7b", "tiny")
@@ -39,15 +37,6 @@ LAYOUT_PRESETS = {
     "gpu8x8": dict(data=8, fsdp=4, tensor=2),  # 8 hosts: data-parallel across hosts
     "tpu_v4_32": dict(data=2, fsdp=4, tensor=2),
 }
-
-
-def _tokenizer_configs():
-    """configs/tokenizer.py (the tokenizer whose codes are read), loaded by path."""
-    spec = importlib.util.spec_from_file_location(
-        "seed_jax_tokenizer_configs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _phase(num_steps, batch_size, lr, text_to_image_fraction, warmup_steps, max_targets_per_row,
@@ -83,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.remat = False
     c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS["cpu"])
     c.axis_rules = DEFAULT_RULES
-    c.tokenizer = _tokenizer_configs().get_config("tiny" if preset == "tiny" else "demo")
+    c.tokenizer = config_files.sibling(__file__, "tokenizer.py").get_config("tiny" if preset == "tiny" else "demo")
     c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer (trained there first if needed)
     c.tokenizer_export = ""  # a SEED tokenizer export instead (real runs); then data.codes_dir is required
     c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32))  # with tokenizer_export

@@ -34,3 +34,12 @@ def test_seed1_matches_the_paper_recipe():
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="bogus"):
         get_config("demo,bogus")
+
+
+def test_config_files_load_by_path_and_name_a_missing_one(repo_root, tmp_path):
+    from seed_jax import config_files
+
+    config = config_files.load(f"{repo_root}/configs/seed_opt.py", "tiny")
+    assert config.preset == "tiny" and config.tokenizer.preset == "tiny"  # its tokenizer config, loaded as a sibling
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        config_files.load(str(tmp_path / "nope.py"))

@@ -1,0 +1,68 @@
+"""The notebooks in notebooks/ run top to bottom at the `tiny` preset, in a Jupyter
+kernel, with their parameter cell overridden the way papermill does it."""
+
+import json
+import os
+import shutil
+
+import nbformat
+from nbclient import NotebookClient
+
+from conftest import REPO
+
+NOTEBOOKS = os.path.join(REPO, "notebooks")
+
+
+def execute(name: str, parameters: dict) -> nbformat.NotebookNode:
+    """Runs notebooks/`name` with `parameters` assigned after its "parameters" cell;
+    returns the executed notebook (a failing cell raises, naming it)."""
+    notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters', found {len(tagged)}"
+    source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
+    return notebook
+
+
+def outputs(notebook: nbformat.NotebookNode) -> tuple[str, int]:
+    """(all printed text, number of images displayed)."""
+    text, images = [], 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            text.append(output.get("text", ""))
+            images += "image/png" in output.get("data", {})
+    return "".join(text), images
+
+
+def test_notebooks_have_no_stored_outputs():
+    for name in sorted(os.listdir(NOTEBOOKS)):
+        notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        nbformat.validate(notebook)
+        assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), name
+
+
+def test_tokenizer_notebook_trains_encodes_and_retrieves(tmp_path):
+    workdir = str(tmp_path / "tokenizer")
+    notebook = execute("tokenizer_demo.ipynb", dict(PRESET="tiny", WORKDIR=workdir, NUM_SHOWN=4, NUM_RETRIEVAL=32))
+    text, images = outputs(notebook)
+    assert images == 2  # the training curves and the images with their codes
+    assert "stage2 {'retrieval/i2t_r1'" in text and "generation embeddings: (4, 77, 16)" in text
+    with open(os.path.join(workdir, "DONE.json")) as f:
+        assert json.load(f)
+    assert os.path.exists(os.path.join(workdir, "export", "model.json"))
+
+
+def test_seed_opt_notebook_trains_captions_writes_codes_and_paints(tiny_decoder_run, tmp_path):
+    tokenizer_workdir = str(tmp_path / "tokenizer")  # a copy, so the shared run stays untouched
+    shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), tokenizer_workdir)
+    workdir = str(tmp_path / "seed_opt")
+    parameters = dict(PRESET="tiny", WORKDIR=workdir, TOKENIZER_WORKDIR=tokenizer_workdir, NUM_SHOWN=3,
+                      DECODE_STEPS=2)
+    for decoder_workdir, num_images in ((tiny_decoder_run, 3), (str(tmp_path / "no_decoder"), 2)):
+        # the second run finds SEED-OPT trained and no decoder: codes only, no painted images
+        text, images = outputs(execute("seed_opt_demo.ipynb", dict(parameters, DECODER_WORKDIR=decoder_workdir)))
+        assert images == num_images  # loss curves, held-out images (and painted ones)
+        assert "both_directions {'caption/exact_match'" in text
+        assert "'caption/exact_match'" in text.split("generated:")[-1] and text.count("prompt: ") == 3
+    assert os.path.exists(os.path.join(workdir, "export", "model.json"))

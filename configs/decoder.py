@@ -4,8 +4,9 @@ Run (the default preset is `demo`):
 
   python -m seed_jax.main --config=configs/decoder.py [--workdir=workdirs/decoder_demo]
 
-It reuses a finished tokenizer demo (`--config.tokenizer_workdir`, default
-WORKDIR/tokenizer, trained first when it holds no finished run), trains a
+It reuses the tokenizer demo's run (`--config.tokenizer_workdir`, default
+workdirs/tokenizer_demo, where `python -m seed_jax.main --config=configs/tokenizer.py`
+writes it; trained there first when it holds no finished run), trains a
 pixel-space UNet on the synthetic shapes at 16x16 (each 2x2 patch
 one 12-channel position, so the UNet runs at 8x8; in the CPU budget a small, fast
 model that takes many steps learns the text conditioning, a larger or higher-resolution
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = DEFAULT_RULES
     c.tokenizer = config_files.sibling(__file__, "tokenizer.py").get_config(preset)
-    c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer
+    # "" = WORKDIR/tokenizer; trained there first when it holds no finished run
+    c.tokenizer_workdir = config_files.default_workdir("tokenizer", "demo") if preset == "demo" else ""
     c.schedule = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                                 beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
                                                 # v is bounded at high noise, where a briefly trained

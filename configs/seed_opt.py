@@ -5,13 +5,15 @@ Run (the default preset is `demo`):
   python -m seed_jax.main --config=configs/seed_opt.py [--workdir=workdirs/seed_opt_demo]
   python -m seed_jax.main --config=configs/seed_opt.py:seed_opt_2.7b,gpu8 --workdir=/ckpt/seed_opt
 
-`demo` reuses a finished tokenizer demo (`--config.tokenizer_workdir`, default
-WORKDIR/tokenizer, trained first when it holds no finished run), pre-tokenizes that
+`demo` reuses the tokenizer demo's run (`--config.tokenizer_workdir`, default
+workdirs/tokenizer_demo, where `python -m seed_jax.main --config=configs/tokenizer.py`
+writes it; trained there first when it holds no finished run), pre-tokenizes that
 run's synthetic shapes into code records, and trains a small OPT from scratch:
 phase 1 image -> text, phase 2 both directions. WORKDIR/metrics.jsonl gets
 caption/exact_match and t2i/retrieval_r1 on held-out images, WORKDIR/samples.json
-captions and generated codes (images too in samples.png when `decoder_export` names
-a decoder export, e.g. the decoder demo's). `seed_opt_2.7b` trains LoRA adapters and
+captions and generated codes, and samples.png images painted from the codes when the
+decoder demo has run (`--config.decoder_export`, default workdirs/decoder_demo/export,
+where `python -m seed_jax.main --config=configs/decoder.py` exports it). `seed_opt_2.7b` trains LoRA adapters and
 the 8194 appended token rows of OPT-2.7B converted with
 `python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=/ckpt/opt_2.7b_seed`,
 on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
@@ -24,6 +26,8 @@ demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_p
 and by the small OPT underfitting them (exact match 0.25 on its own training images;
 README.md).
 """
+
+import os
 
 import ml_collections
 
@@ -73,10 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS["cpu"])
     c.axis_rules = DEFAULT_RULES
     c.tokenizer = config_files.sibling(__file__, "tokenizer.py").get_config("tiny" if preset == "tiny" else "demo")
-    c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer (trained there first if needed)
+    c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer; trained there first when it holds no finished run
     c.tokenizer_export = ""  # a SEED tokenizer export instead (real runs); then data.codes_dir is required
     c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32))  # with tokenizer_export
     c.decoder_export = ""  # optional: a diffusion export for images in samples.png
+    c.decoder_export_required = True  # False: a missing decoder_export only means no images
     c.data = ml_collections.ConfigDict(dict(codes_dir="", train_prefix="train", eval_prefix="eval", seq_length=128,
                                             num_packing_bins=64, max_text_tokens=64, num_threads=2))
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="word_bpe", folder=""))
@@ -105,7 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _demo(c):
-    """A small OPT from scratch on the demo tokenizer's codes and the shapes captions."""
+    """A small OPT from scratch on the demo tokenizer's codes and the shapes captions;
+    the tokenizer and decoder demos' runs are used where their commands write them."""
+    c.tokenizer_workdir = config_files.default_workdir("tokenizer", "demo")
+    c.decoder_export = os.path.join(config_files.default_workdir("decoder", "demo"), "export")
+    c.decoder_export_required = False
     c.model = _opt(vocab_size=640, width=128, depth=4, num_heads=4, mlp_dim=512, max_positions=128)
     # A row holds at most two sequences (45-55 tokens each): two captions take at most 36
     # targets, two sets of codes 66.

@@ -27,6 +27,12 @@ def sibling(config_file: str, name: str) -> types.ModuleType:
     return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
 
 
+def default_workdir(trainer: str, preset: str) -> str:
+    """Where `python -m seed_jax.main` writes a run given no --workdir, relative to the
+    current directory: workdirs/<trainer>_<preset>."""
+    return os.path.join("workdirs", f"{trainer}_{preset}")
+
+
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the config file at `path`, e.g. ("configs/tokenizer.py", "tiny")."""
     return load_module(path).get_config(arg)

@@ -8,6 +8,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from seed_jax import config_files
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tokenizer.py:demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go "
@@ -40,7 +42,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
-    workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", f"{config.trainer}_{config.preset}"))
+    workdir = os.path.abspath(_WORKDIR.value or config_files.default_workdir(config.trainer, config.preset))
     trainers = _trainers()
     if config.trainer not in trainers:
         raise ValueError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")

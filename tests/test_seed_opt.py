@@ -17,6 +17,7 @@ from seed_jax.data import code_records, opt_text, pipeline, preprocess, records,
 from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
 from seed_jax.trainers import loop, pretokenize, seed_opt
+from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 WORDS = synthetic.caption_vocabulary() + ["A", "photo", "of", "Generate", "an", "image"]
 
@@ -241,6 +242,43 @@ def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
                                            batch_size=4, max_new_tokens=8)
         assert scores["num_examples"] == 8 and scores["skipped_records"] == 0
         assert 0 <= scores["caption/exact_match"] <= 1 and 0 <= scores["caption/grammatical"] <= 1
+
+
+def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run, tmp_path):
+    config = get_config("tiny")
+    config.unlock()
+    config.tokenizer_workdir = os.path.join(tiny_decoder_run, "tokenizer")
+    config.tokenizer.data.max_text_length = 7  # not how that run was trained
+    directory, export, run_config = tokenizer_trainer.ensure_trained(config, str(tmp_path))
+    assert directory == config.tokenizer_workdir and export == os.path.join(directory, "export")
+    assert run_config.data.max_text_length == get_config("tiny").tokenizer.data.max_text_length != 7
+    assert run_config.clip_text.to_dict() == config.tokenizer.clip_text.to_dict()
+    assert not os.listdir(tmp_path)  # nothing trained here
+
+
+def test_decoder_export_is_required_unless_the_config_says_otherwise(tiny_decoder_run, tmp_path):
+    config = get_config("tiny")
+    config.unlock()
+    assert seed_opt.decoder_export(config) == ""
+    config.decoder_export = os.path.join(tiny_decoder_run, "export")
+    assert seed_opt.decoder_export(config) == config.decoder_export
+    config.decoder_export = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="decoder_export: no diffusion export at .*missing"):
+        seed_opt.decoder_export(config)
+    config.decoder_export_required = False  # the demo's: the decoder demo may not have run
+    assert seed_opt.decoder_export(config) == ""
+
+
+def test_demo_presets_share_the_tokenizer_and_decoder_demos_default_workdirs():
+    from configs.decoder import get_config as decoder_config
+    from seed_jax import config_files
+
+    tokenizer_demo = config_files.default_workdir("tokenizer", "demo")
+    assert tokenizer_demo == os.path.join("workdirs", "tokenizer_demo")
+    assert get_config().tokenizer_workdir == decoder_config().tokenizer_workdir == tokenizer_demo
+    assert get_config().decoder_export == os.path.join(config_files.default_workdir("decoder", "demo"), "export")
+    assert not get_config().decoder_export_required
+    assert get_config("tiny").tokenizer_workdir == decoder_config("tiny").tokenizer_workdir == ""
 
 
 def test_image_codes_emit_32_codes_then_the_end_token(seed_opt_run):

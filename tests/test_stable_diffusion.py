@@ -3,6 +3,7 @@ the VAE encoder and decoder, whole sampling runs per scheduler, the diffusers
 folder and CompVis single-file converters, and the StableDiffusion API."""
 
 import dataclasses
+import gc
 
 import numpy as np
 import pytest
@@ -268,27 +269,26 @@ def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
                                    tokenizer=tiny_tokenizer(str(tmp_path / "tok")), unet=unet,
                                    scheduler=diffusers_scheduler("plms"), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "pipeline")
-    convert(["sd", f"--checkpoint={tmp_path / 'pipeline'}", f"--out={tmp_path / 'export'}"])
-    sd = StableDiffusion.load(str(tmp_path / "export"))
-    assert sd.config.unet.block_channels == (320, 640, 1280, 1280) and sd.config.unet.num_heads == (8,) * 4
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, 64, 64, 4)).astype(np.float32)
     context = rng.standard_normal((1, 77, 768)).astype(np.float32)
-    with torch.no_grad():
-        ref = pipe.unet(_nchw(latents), torch.tensor([981]), torch.from_numpy(context)).sample
-    error = relative_error(sd.model.unet(latents, np.array([981]), context), _nhwc(ref))
-    print(f"full SD v1 UNet relative error {error:.2e}")
-    assert error <= MODULE_TOLERANCE
-    del ref
-
     images = rng.uniform(-1, 1, (1, 256, 256, 3)).astype(np.float32)
     small_latents = latents[:, :32, :32]
-    with torch.no_grad():
-        mean = pipe.vae.encode(_nchw(images)).latent_dist.mean
-        decoded = pipe.vae.decode(_nchw(small_latents)).sample
-    errors = (relative_error(sd.model.vae.encode(images)[0], _nhwc(mean)),
-              relative_error(sd.model.vae.decode(small_latents), _nhwc(decoded)))
+    with torch.no_grad():  # the references first, so the torch models are gone before ours load
+        ref_unet = _nhwc(pipe.unet(_nchw(latents), torch.tensor([981]), torch.from_numpy(context)).sample)
+        ref_mean = _nhwc(pipe.vae.encode(_nchw(images)).latent_dist.mean)
+        ref_decoded = _nhwc(pipe.vae.decode(_nchw(small_latents)).sample)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    del pipe, unet, vae
+    gc.collect()
+    convert(["sd", f"--checkpoint={tmp_path / 'pipeline'}", f"--out={tmp_path / 'export'}"])
+    sd = StableDiffusion.load(str(tmp_path / "export"))
+    assert sd.config.unet.block_channels == (320, 640, 1280, 1280) and sd.config.unet.num_heads == (8,) * 4
+    error = relative_error(sd.model.unet(latents, np.array([981]), context), ref_unet)
+    print(f"full SD v1 UNet relative error {error:.2e}")
+    assert error <= MODULE_TOLERANCE
+    errors = (relative_error(sd.model.vae.encode(images)[0], ref_mean),
+              relative_error(sd.model.vae.decode(small_latents), ref_decoded))
     print(f"full SD v1 VAE relative error: encoder {errors[0]:.2e}, decoder {errors[1]:.2e}")
     assert max(errors) <= MODULE_TOLERANCE
 

@@ -4,7 +4,7 @@ measured with the tokenizer's stage-I image features.
 
 The tokenizer comes from `config.tokenizer_workdir` (trained first, with
 `config.tokenizer`, when that workdir holds no finished run); its CLIP text encoder
-is rebuilt exactly as tokenizer training built it (seeded, frozen).
+is rebuilt exactly as that run built it (its own config; seeded, frozen).
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ def train(config, workdir: str) -> bool:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
-    tok_dir, tok_export = tokenizer_trainer.ensure_trained(config, workdir)
-    tok_config = config.tokenizer
+    tok_dir, tok_export, tok_config = tokenizer_trainer.ensure_trained(config, workdir)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
     train_paths, eval_paths = (records.shard_paths(os.path.join(tok_dir, "data"), split) for split in ("train", "eval"))

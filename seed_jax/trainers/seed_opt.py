@@ -133,12 +133,13 @@ class Evaluator:
 
     def __init__(self, config, eval_records: list[dict], image_tokens: sequences.ImageTokens,
                  text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval, writer: loop.MetricsWriter,
-                 workdir: str, tokenizer_export: str):
+                 workdir: str, tokenizer_export: str, decoder_export: str):
+        """`decoder_export`: a diffusion export for sample images, "" for none."""
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
         self.retrieval, self.writer, self.workdir = retrieval, writer, workdir
         self.captions = [r["caption"] for r in eval_records]
         self.codes = np.stack([r["codes"] for r in eval_records])
-        self.tokenizer_export = tokenizer_export
+        self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
         self.true_code_recall = retrieval.recall(self.codes, self.captions)
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
@@ -168,13 +169,26 @@ class Evaluator:
                    for r, c, g in zip(self.records[:k], captions[:k], generated[:k])]
         with open(os.path.join(self.workdir, "samples.json"), "w") as f:
             json.dump({"step": step, "samples": samples}, f, indent=1)
-        decoder = self.config.decoder_export
-        if decoder:  # images from the generated codes, beside the originals' reconstructions
-            tokenizer = api.SeedTokenizer.load(self.tokenizer_export, diffusion=decoder)
+        if self.decoder_export:  # images from the generated codes, beside the originals' reconstructions
+            tokenizer = api.SeedTokenizer.load(self.tokenizer_export, diffusion=self.decoder_export)
             d = self.config.eval.decode
             options = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
             rows = [tokenizer.decode(self.codes[:k], **options), tokenizer.decode(generated[:k], **options)]
             Image.fromarray(image_grid(rows, rows[0].shape[1])).save(os.path.join(self.workdir, "samples.png"))
+
+
+def decoder_export(config) -> str:
+    """The diffusion export that paints sample images, or "" for none. A missing
+    `decoder_export` is an error, unless `decoder_export_required` is off (the demo
+    points at the decoder demo's default workdir, which may not have been trained)."""
+    path = config.decoder_export
+    if path and not os.path.exists(os.path.join(path, weights.CONFIG_FILE)):
+        if config.decoder_export_required:
+            raise FileNotFoundError(f"decoder_export: no diffusion export at {path!r}")
+        logging.warning("decoder_export %s does not exist: samples get no images (train the decoder demo, "
+                        "python -m seed_jax.main --config=configs/decoder.py, for them)", path)
+        return ""
+    return os.path.abspath(path) if path else ""
 
 
 # ---------------------------------------------------------------- data
@@ -201,10 +215,11 @@ def train(config, workdir: str) -> bool:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
+    decoder = decoder_export(config)
     if config.tokenizer_export:
-        tok_dir, tok_export = None, config.tokenizer_export
+        tok_dir, tok_export, tok_config = None, config.tokenizer_export, None
     else:
-        tok_dir, tok_export = tokenizer_trainer.ensure_trained(config, workdir)
+        tok_dir, tok_export, tok_config = tokenizer_trainer.ensure_trained(config, workdir)
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])
@@ -221,11 +236,11 @@ def train(config, workdir: str) -> bool:
 
     skipped = pipeline.SkipCounter()
     eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, skipped)
-    caption_tokenizer = (tokenizer_trainer.text_tokenizers(config.tokenizer, tok_dir)[0] if tok_dir
+    caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
     writer = loop.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, CodeRetrieval(tokenizer_model, caption_tokenizer),
-                          writer, workdir, tok_export)
+                          writer, workdir, tok_export, decoder)
     preemption = loop.Preemption()
     try:
         for index, (name, key) in enumerate(PHASES):

@@ -8,6 +8,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -305,10 +306,15 @@ def train(config, workdir: str) -> bool:
 
 
 # ---------------------------------------------------------------- for the trainers built on a tokenizer
-def ensure_trained(config, workdir: str) -> tuple[str, str]:
-    """(tokenizer workdir, its export) for a trainer whose config has `tokenizer` (a
-    tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer): trains the
-    tokenizer first if that workdir has no finished run, and exports it once."""
+def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.ConfigDict]:
+    """(tokenizer workdir, its export, its config) for a trainer whose config has
+    `tokenizer` (a tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer):
+    trains the tokenizer first, with `config.tokenizer`, if that workdir has no finished
+    run, and exports it once. A finished run is reused as it was trained: callers take
+    its settings (text tokenizers, CLIP text encoder) from the returned config, which
+    may differ from `config.tokenizer`."""
+    from seed_jax import export  # export reads tokenizer runs through this module
+
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
     if not os.path.exists(os.path.join(directory, "DONE.json")):
         logging.info("no finished tokenizer run in %s: training it first", directory)
@@ -316,8 +322,6 @@ def ensure_trained(config, workdir: str) -> tuple[str, str]:
             raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
     out = os.path.join(directory, "export")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        from seed_jax import export  # export reads tokenizer runs through this module
-
         export.export(directory, out)
     multihost_utils.sync_global_devices("tokenizer_exported")
-    return directory, out
+    return directory, out, export.read_workdir_config(directory)

@@ -56,7 +56,8 @@ def test_tiny_release_checkpoint_matches_the_reference(tmp_path):
 
 def test_split_release_files_convert_like_one_file(tmp_path):
     """ViT from LAVIS's eva_vit_g.pth (no prefix), Q-Former from causal_qformer.pth,
-    the rest from seed_tokenizer.pth; the main file wins where keys overlap."""
+    the rest from seed_tokenizer.pth; the main file wins where keys overlap. The ViT
+    file is in torch's legacy (pre-zip) format, which cannot be memory-mapped."""
     state, pixels, ref = _reference(TINY, batch=2, seed=3)
     vit = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
     qformer = {k: v for k, v in state.items() if k.startswith("Qformer.") or k == "query_tokens"}
@@ -64,7 +65,8 @@ def test_split_release_files_convert_like_one_file(tmp_path):
     main["ln_vision.weight"] = state["ln_vision.weight"]
     qformer["ln_vision.weight"] = torch.zeros_like(state["ln_vision.weight"])  # overridden by the main file
     for name, d in (("seed_tokenizer", main), ("causal_qformer", qformer), ("eva_vit_g", vit)):
-        torch.save({"model": d} if name != "eva_vit_g" else d, tmp_path / f"{name}.pth")
+        torch.save({"model": d} if name != "eva_vit_g" else d, tmp_path / f"{name}.pth",
+                   _use_new_zipfile_serialization=name != "eva_vit_g")
     assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
                          f"--qformer={tmp_path / 'causal_qformer.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
                          f"--out={tmp_path / 'out'}", *_heads(TINY)]) == 0

@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
                f"--workdir={workdir}", "--config.stage1.num_steps=400", "--config.stage2.num_steps=2",
                "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1",
                "--config.eval_every_steps=1000", "--config.mesh.data=1"]
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": repo_root}
+    env = {**os.environ, "PYTHONPATH": repo_root}
     proc = subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics = workdir / "metrics.jsonl"
@@ -137,7 +137,8 @@ def test_two_processes_on_loopback_train_both_stages(tmp_path, repo_root):
     """The multi-host path: per-process data slices, global arrays, gathered evals."""
     workdir = tmp_path / "wd"
     port = 12000 + os.getpid() % 1000
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": repo_root}
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
+           "PYTHONPATH": repo_root}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
          f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",

@@ -130,6 +130,8 @@ def convert(argv: list[str]) -> dict:
     params = apply(table, source)
     report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}
     del source, table  # the source arrays are no longer needed: free them before writing
+    # One array at a time into the form orbax writes, so two copies are never held.
+    params = {k: weights.host_array(params.pop(k)) for k in list(params)}
     weights.save(args.out, kind, config, params, info=report)
     return {"kind": kind, "num_params": int(sum(v.size for v in params.values())), **report}
 

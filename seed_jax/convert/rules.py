@@ -61,7 +61,7 @@ def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
                 out[target] = np.asarray(r.hook(*(source[k] for k in r.sources)), np.float32)
             else:
                 out[target] = np.stack([r.hook(*(source[k.format(i=i)] for k in r.sources)) for i in r.layers]
-                                       ).astype(np.float32)
+                                       ).astype(np.float32, copy=False)
         except KeyError as e:
             raise KeyError(f"{e.args[0]} (needed for {target})") from None
     return out

@@ -135,8 +135,8 @@ def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | 
     """Dotted path -> array from the export at `out`.
 
     `keys` (dotted path -> shape holder) selects parameters and checks their shapes
-    first; `shardings` (same keys) places them on a mesh directly. Without either,
-    everything is read to host numpy arrays.
+    first; `shardings` (same keys) places them on a mesh directly; the others are read
+    to host numpy arrays.
     """
     path = os.path.join(os.path.abspath(out), PARAMS_DIR)
     checkpointer = ocp.StandardCheckpointer()
@@ -150,8 +150,11 @@ def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | 
         if wrong:
             raise ValueError(f"{out}: parameter shapes do not match the model:\n  " + "\n  ".join(wrong))
     shardings = shardings or {}
-    target = {k: jax.ShapeDtypeStruct(shape, np.float32, sharding=shardings.get(k)) for k, shape in stored.items()}
-    restored = _flatten(checkpointer.restore(path, _nest(target)))
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = {k: jax.ShapeDtypeStruct(shape, np.float32, sharding=shardings.get(k, host))
+              for k, shape in stored.items()}
+    restored = {k: v if k in shardings else np.asarray(v)
+                for k, v in _flatten(checkpointer.restore(path, _nest(target))).items()}
     return restored if keys is None else {k: restored[k] for k in keys}
 
 

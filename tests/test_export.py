@@ -110,3 +110,16 @@ def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
     codebook = _checkpoint_params(trained_workdir, "stage2")["quantize.codebook"]
     assert not np.array_equal(np.asarray(ours["quantize.codebook"]), codebook)
     assert all(np.isfinite(np.asarray(v)).all() for v in ours.values())
+
+
+def test_a_sharded_model_exports_and_reads_back_to_host_numpy(tmp_path, recwarn):
+    model = trainer.create_model(get_config("tiny"), parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
+    params = weights.flat_params(model.tokenizer)
+    assert any(len(v.sharding.device_set) > 1 for v in params.values()), "nothing is sharded"
+    weights.save(str(tmp_path / "out"), "seed_tokenizer", model.tokenizer.config, params)
+    loaded = weights.load_params(str(tmp_path / "out"))
+    assert set(loaded) == set(params)
+    for name, value in loaded.items():
+        assert isinstance(value, np.ndarray) and value.dtype == np.float32, name
+        np.testing.assert_array_equal(value, np.asarray(params[name]), err_msg=name)
+    assert not [w for w in recwarn if "Sharding info" in str(w.message)]

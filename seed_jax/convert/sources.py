@@ -65,20 +65,15 @@ def _float32(x) -> np.ndarray:
     return np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x)
 
 
-def _torch_load(torch, path: str, allow_pickle: bool):
-    """torch.load, memory-mapped when the file is in torch's zip format (the tensors then
-    live in the page cache, which the kernel can reclaim, not in a private copy);
-    legacy-format files are read whole."""
-    return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
-
-
 def _read_with_torch(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"reading {path} needs torch: pip install -e '.[torch]'") from e
     try:
-        obj = _torch_load(torch, path, allow_pickle)
+        # Memory-mapped when the file is in torch's zip format: the tensors then live in the
+        # page cache, which the kernel can reclaim; legacy-format files are read whole.
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         if allow_pickle:
             raise

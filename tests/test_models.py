@@ -36,6 +36,23 @@ def test_vit_rejects_wrong_image_size():
         vit(jnp.ones((1, 48, 48, 3)))
 
 
+def test_parameter_keys_drawn_inside_a_trace_stay_concrete_and_unchanged():
+    """Models built under jit / eval_shape draw their keys eagerly (the speed of an
+    abstract build depends on it), and draw the same keys as a traced stream."""
+    drawn = []
+
+    def draw(rngs):
+        keys = [layers.next_key(rngs) for _ in range(3)]
+        drawn.append(keys)
+        return [jax.random.key_data(k) for k in keys]
+
+    eager = jax.jit(lambda: draw(layers.seeded_rngs(0)))()
+    traced = jax.jit(lambda: draw(nnx.Rngs(0)))()
+    assert not any(isinstance(k, jax.core.Tracer) for k in drawn[0])
+    assert all(isinstance(k, jax.core.Tracer) for k in drawn[1])  # the stream the check is against
+    np.testing.assert_array_equal(eager, traced)
+
+
 def test_block_stack_scan_matches_a_python_loop():
     config = layers.BlockConfig(16, 2, 32)
     stack = layers.BlockStack(config, 3, rngs=nnx.Rngs(1))

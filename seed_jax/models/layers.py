@@ -19,17 +19,36 @@ from seed_jax import parallel
 MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
 
 
+def seeded_rngs(seed: int) -> nnx.Rngs:
+    """`nnx.Rngs(seed)` whose keys stay concrete when a model is built inside a trace
+    (`nnx.eval_shape`, a jitted init); see `next_key`."""
+    with jax.ensure_compile_time_eval():
+        return nnx.Rngs(seed)
+
+
+def next_key(rngs: nnx.Rngs) -> jax.Array:
+    """The params stream's next key, drawn eagerly when the stream holds concrete keys.
+
+    Drawn inside a trace, each draw costs time in proportion to the trace so far
+    (flax compares the new count's sharding, and a tracer's missing `.sharding`
+    builds its error message by walking the trace), which makes building a model
+    with hundreds of parameters quadratic: 30 s to trace SD v1's init. The keys, and
+    so the initial weights, are the same either way."""
+    with jax.ensure_compile_time_eval():
+        return rngs.params()
+
+
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
     """A float32 parameter carrying logical axis names for sharding."""
     if len(axes) != len(shape):
         raise ValueError(f"param: axes {axes} do not match shape {shape}")
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+    return nnx.Param(init(next_key(rngs), tuple(shape), jnp.float32),
                      out_sharding=tuple(axes), eager_sharding=False)
 
 
 def lora_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.LoRAParam:
     """A float32 low-rank adapter factor (trains while the base weights stay frozen)."""
-    return nnx.LoRAParam(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
+    return nnx.LoRAParam(init(next_key(rngs), tuple(shape), jnp.float32), out_sharding=tuple(axes),
                          eager_sharding=False)
 
 

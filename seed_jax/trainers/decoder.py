@@ -22,6 +22,7 @@ from seed_jax import api, parallel, weights
 from seed_jax.data import pipeline, preprocess, records
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from seed_jax.evaluators.reconstruction import image_grid, reconstruction_similarity
+from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.unet import UNetConfig
@@ -63,7 +64,7 @@ def diffusion_config(config, clip_config: CLIPTextConfig, empty_ids: np.ndarray)
 def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules, dtype, seed: int):
     """The diffusion model initialised into its shardings, with the tokenizer run's
     CLIP text encoder weights."""
-    create = lambda: StableDiffusion(sd_config, dtype=dtype, rngs=nnx.Rngs(seed))  # noqa: E731
+    create = lambda: StableDiffusion(sd_config, dtype=dtype, rngs=layers.seeded_rngs(seed))  # noqa: E731
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())

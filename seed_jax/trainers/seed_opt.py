@@ -31,7 +31,7 @@ from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
-from seed_jax.models import opt
+from seed_jax.models import layers, opt
 from seed_jax.trainers import loop, pretokenize
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
@@ -102,7 +102,7 @@ def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray
     """The model initialised into its shardings; base weights from `init.opt` if set;
     with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
     dtype = DTYPES[config.dtype]
-    create = lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=nnx.Rngs(config.seed))  # noqa: E731
+    create = lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))  # noqa: E731
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())

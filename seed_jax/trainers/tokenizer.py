@@ -19,7 +19,7 @@ from seed_jax import parallel, weights
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
-from seed_jax.models import quantizer
+from seed_jax.models import layers, quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_jax.trainers import loop
@@ -206,7 +206,7 @@ def build_model(config):
 
     def create():
         return TrainModel(tokenizer_config, clip_config, dtype=dtype, remat=config.remat,
-                          rngs=nnx.Rngs(config.seed))
+                          rngs=layers.seeded_rngs(config.seed))
 
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     return graphdef, abstract, create

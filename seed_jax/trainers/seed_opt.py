@@ -102,7 +102,10 @@ def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray
     """The model initialised into its shardings; base weights from `init.opt` if set;
     with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
     dtype = DTYPES[config.dtype]
-    create = lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))  # noqa: E731
+
+    def create():
+        return opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))
+
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())

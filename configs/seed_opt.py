@@ -20,11 +20,10 @@ on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, tokenizer demo reused, 13m22s): on
-256 held-out images t2i/retrieval_r1 0.45 and caption/exact_match 0.21, held back by the
-demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`),
-and by the small OPT underfitting them (exact match 0.25 on its own training images;
-README.md).
+Measured (2-core CPU, tokenizer demo reused, 11m29s): on
+256 held-out images t2i/retrieval_r1 0.41 and caption/exact_match 0.20, held back by the
+demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`):
+four times the phase-1 steps plateau at exact match 0.24 (README.md).
 """
 
 import os

@@ -20,8 +20,8 @@ on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, tokenizer demo reused, 11m29s): on
-256 held-out images t2i/retrieval_r1 0.41 and caption/exact_match 0.20, held back by the
+Measured (2-core CPU, tokenizer demo reused, 9m05s): on
+256 held-out images t2i/retrieval_r1 0.58 and caption/exact_match 0.21, held back by the
 demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`):
 four times the phase-1 steps plateau at exact match 0.24 (README.md).
 """

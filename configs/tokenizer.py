@@ -7,8 +7,8 @@ Run (the default preset is `demo`):
 
 `demo` trains a small model on the embedded synthetic shapes world on CPU (11
 minutes on 2 cores); on 1024 held-out pairs its final stage-1 eval reached
-retrieval/i2t_r1 0.79 and its final stage-2 eval retrieval_codes/i2t_r1 0.47 with
-2886 of 8192 codes in use. `seed1` is the paper's recipe (ViT-g, BERT-base Q-Former, 224 px);
+retrieval/i2t_r1 0.79 and its final stage-2 eval retrieval_codes/i2t_r1 0.51 with
+943 of 1024 codes in use. `seed1` is the paper's recipe (ViT-g, BERT-base Q-Former, 224 px);
 `tiny` is for tests. Layout presets (`cpu`, `gpu8`, `gpu8x8`, `tpu_v4_32`) set the
 mesh and combine with a model preset after a comma. Every field can be overridden,
 e.g. `--config.stage1.num_steps=100 --config.mesh.data=2 --config.mesh.fsdp=4`.
@@ -169,7 +169,9 @@ def _demo(c):
     BLIP-2's pre-training); the demo CLIP text encoder has seeded frozen weights and
     defines the space stage II distils into. Stage II runs many small batches: the
     reconstruction it learns is a regression that gains from updates more than from
-    batch size, unlike stage I's contrastive loss.
+    batch size, unlike stage I's contrastive loss. The codebook has 1024 codes, not
+    SEED's 8192: the demo OPT learns to write 1024 codes from 20k images far better
+    (README.md, SEED-OPT).
     """
     _demo_data(c, num_train=20_000, num_eval=1024, image_size=64)
     c.model = _model(
@@ -177,7 +179,7 @@ def _demo(c):
         _qformer(128, 4, 4, 256, 128, 32, causal=True, with_text=True, vocab_size=128, max_positions=64,
                  dropout=0.0),
         _qformer(128, 1, 4, 256, 128, 77, causal=False, with_text=False, dropout=0.0, cross_attention_freq=1),
-        num_codes=8192, decoder_depth=4, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
+        num_codes=1024, decoder_depth=4, decoder_heads=4, decoder_mlp_dim=512, generation_width=128,
         proj_dim=128)
     c.clip_text = _clip_text(128, 128, 1, 4, 512)
     c.batch_size = 128

@@ -2,9 +2,10 @@
 
 import os
 
+import grain
 import numpy as np
 
-from seed_jax.data import synthetic
+from seed_jax.data import records, synthetic
 from seed_jax.evaluators import feature_probe
 
 
@@ -26,3 +27,17 @@ def test_probes_fit_their_training_images_and_score_held_out_ones(tiny_decoder_r
         assert all(0 <= v <= 1 for v in splits["eval"].values())
     # A probe with 512 hidden units memorises 256 training images from the ViT's features.
     assert results["vit_features"]["train"]["exact_match"] > 0.9
+
+
+def test_more_training_images_extend_the_runs_own(tiny_decoder_run, tmp_path):
+    run = os.path.join(tiny_decoder_run, "tokenizer")
+    own = feature_probe.training_shards(run, 256)
+    assert own == records.shard_paths(os.path.join(run, "data"), "train")
+    extended = feature_probe.training_shards(run, 300, str(tmp_path))
+    own_records = grain.sources.ArrayRecordDataSource(own)
+    extended_records = grain.sources.ArrayRecordDataSource(extended)
+    assert (len(own_records), len(extended_records)) == (256, 300)
+    by_id = lambda source: {r["id"]: (r["caption"], r["image"])  # noqa: E731
+                            for r in (records.decode_record(source[i]) for i in range(len(source)))}
+    own_examples, extended_examples = by_id(own_records), by_id(extended_records)
+    assert all(extended_examples[k] == v for k, v in own_examples.items())  # the run's images come first

@@ -4,9 +4,13 @@ An MLP probe per intermediate (flattened (L,F) features -> 9 grid cells, each em
 or one of size x colour x shape) is trained on a finished tokenizer run's training
 images and scored on its held-out images: exact caption match and the per-attribute
 scores of `shapes_captions`. `quantized` are the codes' codebook vectors: what a
-simple reader of the codes gets out of them from this much data.
+simple reader of the codes gets out of them from this much data. With `--num_train`
+above the run's training images, the probes also read further images of the same
+shapes world (its first images are the run's own), written once to `--extra_data_dir`:
+whether a reader is short of data or the features are short of information.
 
   python -m seed_jax.evaluators.feature_probe --tokenizer_workdir=workdirs/tokenizer_demo
+  python -m seed_jax.evaluators.feature_probe --tokenizer_workdir=workdirs/tokenizer_demo --num_train=100000
 """
 
 from __future__ import annotations
@@ -121,12 +125,31 @@ def probe_scores(predict, features: np.ndarray, captions: Sequence[str]) -> dict
     return {**scores, **shapes_captions.attribute_scores(generated, captions)}
 
 
+def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str = "") -> list[str]:
+    """The run's training shards; for more than its `data.synthetic.num_train` images,
+    the shapes world's training split extended to `num_train` examples, written once to
+    `extra_data_dir` (default WORKDIR/probe_data). Example i is the same image in both."""
+    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
+        data_config = json.load(f)["data"]
+    if data_config["source"] != "synthetic":
+        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {data_config['source']!r} data; "
+                         "the probes need the synthetic shapes world")
+    world = data_config["synthetic"]
+    if num_train <= world["num_train"]:
+        return records.shard_paths(os.path.join(tokenizer_workdir, "data"), "train")
+    return synthetic.write_shapes_dataset(extra_data_dir or os.path.join(tokenizer_workdir, "probe_data"),
+                                          split="train", num_examples=num_train, seed=world["seed"],
+                                          image_size=world["image_size"], num_shards=world["num_shards"])
+
+
 def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INTERMEDIATES, *,
-              num_train: int = 20_000, num_eval: int = 1024, epochs: int = 20) -> dict[str, dict]:
+              num_train: int = 20_000, num_eval: int = 1024, epochs: int = 20,
+              extra_data_dir: str = "") -> dict[str, dict]:
     """{intermediate: {"train": scores on up to 2000 training images, "eval": held-out scores}}."""
     tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
     data = os.path.join(tokenizer_workdir, "data")
-    train, train_captions = encode_split(tokenizer, records.shard_paths(data, "train"), num_train, intermediates)
+    train_paths = training_shards(tokenizer_workdir, num_train, extra_data_dir)
+    train, train_captions = encode_split(tokenizer, train_paths, num_train, intermediates)
     held_out, eval_captions = encode_split(tokenizer, records.shard_paths(data, "eval"), num_eval, intermediates)
     labels = cell_labels(train_captions)
     results = {}
@@ -144,7 +167,9 @@ def _define_flags():
     """The CLI's flags (defined only when run as a program: other tools import this module)."""
     flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
     flags.DEFINE_list("intermediates", list(DEFAULT_INTERMEDIATES), "api.INTERMEDIATES to probe.")
-    flags.DEFINE_integer("num_train", 20_000, "Training images for the probes.")
+    flags.DEFINE_integer("num_train", 20_000, "Training images for the probes; beyond the run's own, more "
+                         "images of its shapes world are generated.")
+    flags.DEFINE_string("extra_data_dir", "", "Where those are written (default TOKENIZER_WORKDIR/probe_data).")
     flags.DEFINE_integer("epochs", 20, "Probe training epochs.")
     flags.DEFINE_string("out", "", "Optional JSON file for the scores.")
     flags.mark_flag_as_required("tokenizer_workdir")
@@ -157,7 +182,7 @@ def main(argv):
     if unknown:
         raise ValueError(f"--intermediates: {unknown} are not among {allowed}")
     results = probe_run(FLAGS.tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train,
-                        epochs=FLAGS.epochs)
+                        epochs=FLAGS.epochs, extra_data_dir=FLAGS.extra_data_dir)
     for name, splits in results.items():
         for split, scores in splits.items():
             print(f"{name:18s} {split:5s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))

@@ -40,4 +40,5 @@ def test_more_training_images_extend_the_runs_own(tiny_decoder_run, tmp_path):
     by_id = lambda source: {r["id"]: (r["caption"], r["image"])  # noqa: E731
                             for r in (records.decode_record(source[i]) for i in range(len(source)))}
     own_examples, extended_examples = by_id(own_records), by_id(extended_records)
-    assert all(extended_examples[k] == v for k, v in own_examples.items())  # the run's images come first
+    assert set(own_examples) < set(extended_examples)
+    assert all(extended_examples[k] == v for k, v in own_examples.items())  # the same images, unchanged

@@ -18,7 +18,6 @@ import sys
 from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -63,11 +62,7 @@ def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = 
               seed: int = 0) -> dict[str, float]:
     """{part: own-caption win rate} on the first `num_examples` images of a finished
     shapes-world tokenizer run's `split`."""
-    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.data.source != "synthetic":
-        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {config.data.source!r} data; "
-                         "caption swaps need the synthetic shapes world")
+    config = feature_probe.shapes_run_config(tokenizer_workdir, "caption swaps")
     tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
     if not (tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads):
         raise ValueError(f"tokenizer_workdir: the export in {tokenizer_workdir} has no Q-Former text branch "

@@ -24,6 +24,7 @@ from typing import Sequence
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
@@ -125,21 +126,27 @@ def probe_scores(predict, features: np.ndarray, captions: Sequence[str]) -> dict
     return {**scores, **shapes_captions.attribute_scores(generated, captions)}
 
 
+def shapes_run_config(tokenizer_workdir: str, needed_by: str) -> ml_collections.ConfigDict:
+    """The run's config; a run not trained on the synthetic shapes world is refused,
+    naming `needed_by` (what needs it)."""
+    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.data.source != "synthetic":
+        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {config.data.source!r} data; "
+                         f"{needed_by} need the synthetic shapes world")
+    return config
+
+
 def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str = "") -> list[str]:
     """The run's training shards; for more than its `data.synthetic.num_train` images,
     the shapes world's training split extended to `num_train` examples, written once to
     `extra_data_dir` (default WORKDIR/probe_data). Example i is the same image in both."""
-    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
-        data_config = json.load(f)["data"]
-    if data_config["source"] != "synthetic":
-        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {data_config['source']!r} data; "
-                         "the probes need the synthetic shapes world")
-    world = data_config["synthetic"]
-    if num_train <= world["num_train"]:
+    world = shapes_run_config(tokenizer_workdir, "the probes").data.synthetic
+    if num_train <= world.num_train:
         return records.shard_paths(os.path.join(tokenizer_workdir, "data"), "train")
     return synthetic.write_shapes_dataset(extra_data_dir or os.path.join(tokenizer_workdir, "probe_data"),
-                                          split="train", num_examples=num_train, seed=world["seed"],
-                                          image_size=world["image_size"], num_shards=world["num_shards"])
+                                          split="train", num_examples=num_train, seed=world.seed,
+                                          image_size=world.image_size, num_shards=world.num_shards)
 
 
 def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INTERMEDIATES, *,

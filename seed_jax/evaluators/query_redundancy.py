@@ -1,0 +1,94 @@
+"""How different a tokenizer's 32 causal queries, and so its 32 codes, are.
+
+Two numbers per query position, on images of any ArrayRecord split:
+- `r2_from_last`: held-out R^2 of a least-squares map from the last query's causal
+  embedding to this query's (each query centred on its mean over the images). Near 1
+  means the query repeats what the last one says: its code adds little information.
+- `codes_used`: distinct codes chosen at this position; and, over the codebook, at how
+  many positions each used code is chosen. Codes chosen at one position only mean the
+  codebook is split between positions rather than shared.
+
+  python -m seed_jax.evaluators.query_redundancy --export=workdirs/tokenizer_demo/export \\
+      --data_dir=workdirs/tokenizer_demo/data --prefix=train
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from seed_jax import api
+from seed_jax.data import records
+from seed_jax.evaluators import feature_probe
+
+
+def r2_from_query(features: np.ndarray, source: int = -1, train_fraction: float = 0.75) -> np.ndarray:
+    """features (N,Q,D) -> (Q,) held-out R^2 of each query's features predicted
+    linearly from query `source`'s, fitted on the first `train_fraction` of the rows."""
+    features = np.asarray(features, np.float64)
+    n, _, width = features.shape
+    num_fit = int(n * train_fraction)
+    if num_fit <= width + 1 or num_fit == n:
+        raise ValueError(f"features: {n} rows with train_fraction {train_fraction} leave {num_fit} to fit a map "
+                         f"from {width} features (need more than {width + 1}) and {n - num_fit} to score it")
+    centred = features - features[:num_fit].mean(0)
+    fit, held_out = centred[:num_fit], centred[num_fit:]
+    design = lambda x: np.concatenate([x, np.ones((len(x), 1))], axis=1)  # noqa: E731
+    weights, *_ = np.linalg.lstsq(design(fit[:, source]), fit.reshape(num_fit, -1), rcond=None)
+    residual = (design(held_out[:, source]) @ weights).reshape(held_out.shape) - held_out
+    return 1.0 - np.sum(residual ** 2, axis=(0, 2)) / np.sum(held_out ** 2, axis=(0, 2))
+
+
+def code_sharing(codes: np.ndarray) -> dict:
+    """codes int (N,Q) -> {"codes_used": per position (Q,), "positions_per_code":
+    {k: how many used codes are chosen at exactly k positions}}."""
+    codes = np.asarray(codes)
+    per_position = [set(codes[:, q].tolist()) for q in range(codes.shape[1])]
+    positions = np.bincount(np.concatenate([np.fromiter(s, np.int64) for s in per_position]))
+    histogram = np.bincount(positions[positions > 0])
+    return {"codes_used": [len(s) for s in per_position],
+            "positions_per_code": {k: int(v) for k, v in enumerate(histogram) if v}}
+
+
+def measure(export: str, data_dir: str, prefix: str, num_examples: int) -> dict:
+    """Encodes the first `num_examples` images of the `prefix` shards in `data_dir` with
+    the tokenizer `export`: {"num_examples", "r2_from_last", **code_sharing}."""
+    tokenizer = api.SeedTokenizer.load(export, batch_size=256)
+    features, _ = feature_probe.encode_split(tokenizer, records.shard_paths(data_dir, prefix), num_examples,
+                                             ("causal_embeddings", "codes"))
+    return {"num_examples": len(features["codes"]),
+            "r2_from_last": r2_from_query(features["causal_embeddings"]).round(3).tolist(),
+            **code_sharing(features["codes"].astype(np.int64))}
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string("export", None, "A SEED tokenizer export (converted or from seed_jax.export).")
+    flags.DEFINE_string("data_dir", None, "Folder of image-caption ArrayRecord shards.")
+    flags.DEFINE_string("prefix", "eval", "Shard name prefix in --data_dir.")
+    flags.DEFINE_integer("num_examples", 4096, "Images to encode (a quarter are held out for R^2).")
+    flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+    flags.mark_flags_as_required(["export", "data_dir"])
+
+
+def main(argv):
+    del argv
+    result = measure(FLAGS.export, FLAGS.data_dir, FLAGS.prefix, FLAGS.num_examples)
+    print(f"{result['num_examples']} images")
+    print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))
+    print("codes used per position:", " ".join(str(v) for v in result["codes_used"]))
+    print("used codes by how many positions choose them:", result["positions_per_code"])
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main, argv=sys.argv)

@@ -61,8 +61,8 @@ def labels_caption(labels: np.ndarray) -> str:
 
 def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_examples: int,
                  intermediates: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F)}, captions);
-    undecodable records are skipped and their count logged."""
+    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F) float32,
+    or (N,L) int for codes}, captions); undecodable records are skipped and their count logged."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
     items, skipped = [], 0
     for i in range(len(source)):
@@ -80,7 +80,8 @@ def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_example
         out = tokenizer.encode(np.stack([item["pixels"] for item in items[start:start + 1024]]),
                                return_intermediates=True)
         for name in intermediates:
-            features[name].append(np.asarray(out[name], np.float32))
+            array = np.asarray(out[name])
+            features[name].append(array if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32))
     return {k: np.concatenate(v) for k, v in features.items()}, [item["caption"] for item in items]
 
 

@@ -46,8 +46,8 @@ def code_sharing(codes: np.ndarray) -> dict:
     """codes int (N,Q) -> {"codes_used": per position (Q,), "positions_per_code":
     {k: how many used codes are chosen at exactly k positions}}."""
     codes = np.asarray(codes)
-    per_position = [set(codes[:, q].tolist()) for q in range(codes.shape[1])]
-    positions = np.bincount(np.concatenate([np.fromiter(s, np.int64) for s in per_position]))
+    per_position = [np.unique(codes[:, q]) for q in range(codes.shape[1])]
+    positions = np.bincount(np.concatenate(per_position))
     histogram = np.bincount(positions[positions > 0])
     return {"codes_used": [len(s) for s in per_position],
             "positions_per_code": {k: int(v) for k, v in enumerate(histogram) if v}}
@@ -61,7 +61,7 @@ def measure(export: str, data_dir: str, prefix: str, num_examples: int) -> dict:
                                              ("causal_embeddings", "codes"))
     return {"num_examples": len(features["codes"]),
             "r2_from_last": r2_from_query(features["causal_embeddings"]).round(3).tolist(),
-            **code_sharing(features["codes"].astype(np.int64))}
+            **code_sharing(features["codes"])}
 
 
 FLAGS = flags.FLAGS

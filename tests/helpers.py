@@ -1,5 +1,14 @@
-"""Tiny model configs shared by the tests."""
+"""Tiny model configs and checks shared by the tests."""
 
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from seed_jax import weights
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.tokenizer import SeedTokenizerConfig
 from seed_jax.models.vit import ViTConfig
@@ -12,3 +21,29 @@ TINY_REVERSE = QFormerConfig(width=32, num_layers=2, num_heads=2, mlp_dim=64, en
 TINY_TOKENIZER = SeedTokenizerConfig(vit=TINY_VIT, qformer=TINY_QFORMER, reverse_qformer=TINY_REVERSE,
                                      num_codes=64, code_dim=8, decoder_depth=2, decoder_heads=2,
                                      decoder_mlp_dim=64, generation_width=24, proj_dim=16)
+
+
+def checkpoint_params(workdir, stage) -> dict:
+    """{dotted name: array} of the tokenizer parameters in `stage`'s latest checkpoint."""
+    directory = os.path.join(workdir, "checkpoints", stage)
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    # As host numpy, whatever devices wrote it (a multi-process run's included).
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            checkpointer.metadata(path).item_metadata.tree)
+    state = checkpointer.restore(path, restore_args=as_numpy)
+    flat = weights._flatten(state["params"]["tokenizer"])  # raw nnx state: each leaf under "value"
+    return {name.removesuffix(".value"): value for name, value in flat.items()}
+
+
+def assert_export_holds_both_stages(workdir, out, repo_root) -> None:
+    """Runs `python -m seed_jax.export` on `workdir` and checks that every parameter
+    each stage's latest checkpoint holds is exported unchanged."""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.export", f"--workdir={workdir}", f"--out={out}"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    exported = weights.load_params(out)
+    for stage in ("stage1", "stage2"):
+        for name, value in checkpoint_params(workdir, stage).items():
+            np.testing.assert_array_equal(exported[name], value, err_msg=f"{stage} {name}")

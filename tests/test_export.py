@@ -1,16 +1,12 @@
 """Training workdirs -> exports (`seed_jax.export`), and training started from
 exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from configs.tokenizer import get_config
+from helpers import assert_export_holds_both_stages, checkpoint_params
 from seed_jax import parallel, weights
 from seed_jax.api import SeedTokenizer
 from seed_jax.export import export
@@ -19,14 +15,6 @@ from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
 from seed_jax.trainers import tokenizer as trainer
-
-
-def _checkpoint_params(workdir, stage):
-    directory = os.path.join(workdir, "checkpoints", stage)
-    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
-    state = ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), "state"))
-    flat = weights._flatten(state["params"]["tokenizer"])  # raw nnx state: each leaf under "value"
-    return {name.removesuffix(".value"): value for name, value in flat.items()}
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +26,7 @@ def trained_workdir(tmp_path_factory):
 
 def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_root):
     out = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, "-m", "seed_jax.export", f"--workdir={trained_workdir}", f"--out={out}"],
-                            cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    exported = weights.load_params(out)
-    for stage in ("stage1", "stage2"):
-        for name, value in _checkpoint_params(trained_workdir, stage).items():
-            np.testing.assert_array_equal(exported[name], value, err_msg=f"{stage} {name}")
+    assert_export_holds_both_stages(trained_workdir, out, repo_root)
     tokenizer = SeedTokenizer.load(out)
     codes = tokenizer.encode(np.zeros((2, 32, 32, 3), np.float32))
     assert codes.shape == (2, 32) and tokenizer.embed_codes(codes).shape == (2, 77, 16)
@@ -104,10 +86,10 @@ def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
     config.init.stage1 = out
     assert trainer.stages_to_run(config) == ("stage2",)
     ours = weights.flat_params(_create(config).tokenizer)
-    for name, value in _checkpoint_params(trained_workdir, "stage1").items():
+    for name, value in checkpoint_params(trained_workdir, "stage1").items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
     # stage II's parameters did not come from the stage-II checkpoint
-    codebook = _checkpoint_params(trained_workdir, "stage2")["quantize.codebook"]
+    codebook = checkpoint_params(trained_workdir, "stage2")["quantize.codebook"]
     assert not np.array_equal(np.asarray(ours["quantize.codebook"]), codebook)
     assert all(np.isfinite(np.asarray(v)).all() for v in ours.values())
 

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.tokenizer import get_config
+from helpers import assert_export_holds_both_stages
 from seed_jax import parallel
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
@@ -133,8 +134,9 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
 
 
 @pytest.mark.slow
-def test_two_processes_on_loopback_train_both_stages(tmp_path, repo_root):
-    """The multi-host path: per-process data slices, global arrays, gathered evals."""
+def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_root):
+    """The multi-host path: per-process data slices, global arrays, gathered evals;
+    one process then exports what both wrote."""
     workdir = tmp_path / "wd"
     port = 12000 + os.getpid() % 1000
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
@@ -149,3 +151,4 @@ def test_two_processes_on_loopback_train_both_stages(tmp_path, repo_root):
     evals = _eval_lines(str(workdir))
     assert [e["stage"] for e in evals] == ["stage1", "stage2"]
     assert evals[-1]["num_examples"] == 64 and "codebook/used_codes" in evals[-1]
+    assert_export_holds_both_stages(str(workdir), str(tmp_path / "export"), repo_root)

@@ -92,6 +92,13 @@ def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
     codebook = checkpoint_params(trained_workdir, "stage2")["quantize.codebook"]
     assert not np.array_equal(np.asarray(ours["quantize.codebook"]), codebook)
     assert all(np.isfinite(np.asarray(v)).all() for v in ours.values())
+    # stage II's modules start afresh, so they may be configured otherwise than in the export
+    config.model.num_codes = 32
+    config.model.decoder_depth = 2
+    other = weights.flat_params(_create(config).tokenizer)
+    assert other["quantize.codebook"].shape == (32, config.model.code_dim)
+    for name, value in checkpoint_params(trained_workdir, "stage1").items():
+        np.testing.assert_array_equal(other[name], value, err_msg=name)
 
 
 def test_a_sharded_model_exports_and_reads_back_to_host_numpy(tmp_path, recwarn):

@@ -215,7 +215,7 @@ def build_model(config):
 def warm_start(model: TrainModel, config, shardings) -> None:
     """Loads `config.init.*` exports into the sharded model: `qformer` (a converted
     BLIP-2: ViT, ln_vision, Q-Former, heads) and `stage1` (a stage-I tokenizer export)
-    into the tokenizer, `clip_text` into the CLIP text encoder."""
+    into the tokenizer (all but what stage II trains), `clip_text` into the CLIP text encoder."""
     init = config.init
     if init.qformer and init.stage1:
         raise ValueError("config.init: set either qformer (start stage I) or stage1 (start stage II), not both")
@@ -224,9 +224,9 @@ def warm_start(model: TrainModel, config, shardings) -> None:
     if init.qformer:
         warm_start_lib.load_into(model.tokenizer, init.qformer, kinds=("blip2",), shardings=tokenizer,
                                  require=image_path)
-    if init.stage1:
+    if init.stage1:  # what stage II trains starts afresh, so its shapes may differ from the export's
         warm_start_lib.load_into(model.tokenizer, init.stage1, kinds=("seed_tokenizer",), shardings=tokenizer,
-                                 require=image_path)
+                                 require=image_path, skip=tuple(config.stage2.trainable))
     if init.clip_text:
         warm_start_lib.load_into(model.clip_text, init.clip_text, kinds=("clip_text",), require_all=True,
                                  shardings=warm_start_lib.flat_shardings(model.clip_text, shardings["clip_text"]))

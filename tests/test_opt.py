@@ -2,6 +2,7 @@
 logits (pre-LN and post-LN with project_in/out, padded batches), the KV cache
 against full recomputation, and greedy decoding against `generate()`."""
 
+import copy
 import dataclasses
 
 import jax
@@ -339,3 +340,18 @@ def test_mid_size_logits_and_greedy_tokens_match_transformers(variant, tmp_path)
     # greedy over the extended vocabulary: appended rows must not win, as the reference has none
     tokens = model.generate(ids, 20, attention_mask=mask, allowed=[(0, 50272)] * 20)
     np.testing.assert_array_equal(tokens, ref_tokens)
+
+
+def test_sharded_bfloat16_folder_converts_to_the_bfloat16_weights(converted, tmp_path):
+    """Hub OPT checkpoints are half precision and often sharded: read without torch,
+    bfloat16 widens exactly to the float32 export of the same weights."""
+    hf, _, _ = converted
+    half = copy.deepcopy(hf).to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 1
+    half.float().save_pretrained(tmp_path / "f32")
+    for name in ("bf16", "f32"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / name}", f"--out={tmp_path / name}_export", "--image_tokens=0"])
+    exported = [nnx.state(weights.load_model(str(tmp_path / f"{name}_export"), kind="opt")[0])
+                for name in ("bf16", "f32")]
+    jax.tree.map(np.testing.assert_array_equal, *exported)

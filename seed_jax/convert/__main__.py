@@ -67,9 +67,9 @@ def _sd(args):
         source = sd.compvis_to_diffusers(sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle),
                                          args.checkpoint)
         configs, layout = {}, "compvis"
-    text_length = source.arrays.get("text_encoder.text_model.embeddings.position_embedding.weight")
+    positions = "text_encoder.text_model.embeddings.position_embedding.weight"
     empty = sd.empty_prompt_ids(args.checkpoint if layout == "diffusers" else None,
-                                77 if text_length is None else text_length.shape[0])
+                                source.shape(positions)[0] if positions in source else 77)
     config = sd.config(source, configs, empty_prompt=empty, unet_heads=args.unet_heads,
                        scaling_factor=args.scaling_factor, norm_groups=args.norm_groups,
                        text_heads=args.text_heads)

@@ -31,7 +31,7 @@ def lavis_config(source: Source, *, vit_heads: int, qformer_heads: int) -> Blip2
         position_embeddings="Qformer.bert.embeddings.position_embeddings.weight")
     with_heads = "vision_proj.weight" in source and "text_proj.weight" in source
     return Blip2Config(vit=vit, qformer=qformer, ln_vision_eps=1e-5,
-                       proj_dim=source.arrays["vision_proj.weight"].shape[0] if with_heads else 256,
+                       proj_dim=source.shape("vision_proj.weight")[0] if with_heads else 256,
                        with_itc_heads=with_heads, with_temperature="temp" in source)
 
 
@@ -60,7 +60,7 @@ def hf_config(source: Source, hf: dict) -> Blip2Config:
         position_embeddings="embeddings.position_embeddings.weight", eps=qf.get("layer_norm_eps", 1e-12))
     with_heads = "vision_projection.weight" in source and "text_projection.weight" in source
     return Blip2Config(vit=vit, qformer=qformer, ln_vision_eps=vit_eps,
-                       proj_dim=source.arrays["vision_projection.weight"].shape[0] if with_heads else 256,
+                       proj_dim=source.shape("vision_projection.weight")[0] if with_heads else 256,
                        with_itc_heads=with_heads, with_temperature=False)
 
 

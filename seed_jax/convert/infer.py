@@ -17,7 +17,7 @@ from seed_jax.models.vit import ViTConfig
 def need(source: Source, key: str, why: str):
     if key not in source:
         raise KeyError(f"{source.name}: missing key {key!r} ({why})")
-    return source.arrays[key].shape
+    return source.shape(key)
 
 
 def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str, fc1: str, heads: int,
@@ -54,13 +54,13 @@ def qformer_config(source: Source, *, layer: str, query_tokens: str, self_key: s
     freq = cross[1] - cross[0] if len(cross) > 1 else num_layers
     if cross != list(range(0, num_layers, freq)):
         raise ValueError(f"{source.name}: cross-attention on layers {cross} is not every {freq}th layer from 0")
-    encoder_width = source.arrays[(layer + cross_key).format(i=0)].shape[1]
+    encoder_width = source.shape((layer + cross_key).format(i=0))[1]
     mlp_dim = need(source, (layer + "intermediate_query.dense.weight").format(i=0), "the query MLP width")[0]
     with_text = (word_embeddings is not None and word_embeddings in source
                  and (layer + "intermediate.dense.weight").format(i=0) in source)
     vocab_size, max_positions = 30523, 512
     if with_text:
-        vocab_size = source.arrays[word_embeddings].shape[0]
+        vocab_size = source.shape(word_embeddings)[0]
         max_positions = need(source, position_embeddings, "the text position embeddings")[0]
     if width % heads:
         raise ValueError(f"qformer heads {heads} do not divide the Q-Former width {width}")

@@ -10,9 +10,11 @@ hold `{i}`, the layer index. PyTorch stores a Linear weight as (out, in); we sto
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from seed_jax.convert.lazy_arrays import LazyArrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +29,11 @@ def rule(*sources: str, hook: Callable = lambda x: x, layers: Sequence[int] | No
 
 
 class Source:
-    """A state dict that remembers which keys were read."""
+    """A state dict that remembers which keys were read; arrays are read from the
+    checkpoint only when looked up (`LazyArrays`)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], name: str):
-        self.arrays, self.name, self.used = arrays, name, set()
+    def __init__(self, arrays: Mapping[str, np.ndarray], name: str):
+        self.arrays, self.name, self.used = LazyArrays.of(arrays), name, set()
 
     def __contains__(self, key: str) -> bool:
         return key in self.arrays
@@ -40,6 +43,12 @@ class Source:
             raise KeyError(f"{self.name}: missing key {key!r}")
         self.used.add(key)
         return self.arrays[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of `key`'s array, without reading it."""
+        if key not in self.arrays:
+            raise KeyError(f"{self.name}: missing key {key!r}")
+        return self.arrays.shape(key)
 
     def count(self, template: str) -> int:
         """How many consecutive layers `template` (with `{i}`) has, from 0."""
@@ -60,11 +69,27 @@ def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
             if r.layers is None:
                 out[target] = np.asarray(r.hook(*(source[k] for k in r.sources)), np.float32)
             else:
-                out[target] = np.stack([r.hook(*(source[k.format(i=i)] for k in r.sources)) for i in r.layers]
-                                       ).astype(np.float32, copy=False)
+                out[target] = _stack(target, r, source)
         except KeyError as e:
             raise KeyError(f"{e.args[0]} (needed for {target})") from None
     return out
+
+
+def _stack(target: str, r: Rule, source: Source) -> np.ndarray:
+    """Each of `r.layers` through the hook, written into one float32 (L, ...) array as
+    it comes: never a list of all layers next to their stack."""
+    stack = None
+    for n, i in enumerate(r.layers):
+        layer = r.hook(*(source[k.format(i=i)] for k in r.sources))
+        if stack is None:
+            stack = np.empty((len(r.layers),) + np.shape(layer), np.float32)
+        if np.shape(layer) != stack.shape[1:]:
+            raise ValueError(f"{target}: layer {i} gives shape {np.shape(layer)}, layer {r.layers[0]} gave "
+                             f"{stack.shape[1:]}")
+        stack[n] = layer
+    if stack is None:
+        raise ValueError(f"{target}: a stacked parameter with no layers")
+    return stack
 
 
 # ---- hooks (source arrays -> our layout)

@@ -8,7 +8,10 @@ precedence holds: a key of the main checkpoint wins over the same key elsewhere.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from seed_jax.convert import infer, tables
+from seed_jax.convert.lazy_arrays import LazyArrays
 from seed_jax.convert.rules import Source, rule, scalar, squeeze_leading
 from seed_jax.models.tokenizer import SeedTokenizerConfig
 
@@ -17,14 +20,12 @@ QFORMER_LAYER = "Qformer.bert.encoder.layer.{i}."
 REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
 
 
-def merge_sources(checkpoint: dict, qformer: dict | None, vit: dict | None) -> tuple[dict, list[str]]:
+def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | None) -> tuple[LazyArrays, list[str]]:
     """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it.
-    Returns (merged, keys the main checkpoint overrode)."""
-    merged = {VIT + k: v for k, v in (vit or {}).items()}
-    merged.update(qformer or {})
-    overridden = sorted(k for k in checkpoint if k in merged)
-    merged.update(checkpoint)
-    return merged, overridden
+    Returns (merged, keys the main checkpoint overrode); nothing is read."""
+    extras = LazyArrays.merged(LazyArrays.of(vit or {}).rekeyed(lambda k: VIT + k), qformer)
+    overridden = sorted(k for k in checkpoint if k in extras)
+    return LazyArrays.merged(extras, checkpoint), overridden
 
 
 def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: int) -> SeedTokenizerConfig:
@@ -43,10 +44,10 @@ def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: 
     decoder_depth = source.count("blocks_text.{i}.norm1.weight")
     if decoder_depth == 0:
         raise KeyError(f"{source.name}: missing key 'blocks_text.0.norm1.weight' (the decode blocks)")
-    decoder_mlp = source.arrays["blocks_text.0.mlp.fc1.weight"].shape[0]
+    decoder_mlp = source.shape("blocks_text.0.mlp.fc1.weight")[0]
     generation_width = infer.need(source, "distill_text_proj.weight", "the generation projection")[0]
     with_itc = all(k in source for k in ("vision_proj.weight", "text_proj.weight", "temp"))
-    proj_dim = source.arrays["vision_proj.weight"].shape[0] if with_itc else 256
+    proj_dim = source.shape("vision_proj.weight")[0] if with_itc else 256
     if qformer.width % blocks_heads:
         raise ValueError(f"blocks heads {blocks_heads} do not divide the width {qformer.width}")
     return SeedTokenizerConfig(vit=vit, qformer=qformer, reverse_qformer=reverse, num_codes=num_codes,

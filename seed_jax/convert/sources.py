@@ -1,41 +1,83 @@
-"""Reading source checkpoints into {key: float32 numpy array}.
+"""Reading source checkpoints into lazy {key: float32 numpy array} mappings.
 
-safetensors files are read without torch; .pth / .pt / .bin / .ckpt need torch
-(the `torch` extra) and are loaded with `weights_only=True` unless pickles are
-explicitly allowed.
+Each array is read when a converter looks it up (`LazyArrays`). safetensors files
+are memory-mapped and read without torch, bfloat16 included; .pth / .pt / .bin /
+.ckpt need torch (the `torch` extra) and are loaded with `weights_only=True` unless
+pickles are explicitly allowed.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import math
 import os
 import re
+import struct
 import zipfile
 
 import numpy as np
 
+from seed_jax.convert.lazy_arrays import LazyArrays, as_float32
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "module")
+# safetensors dtype names -> little-endian numpy dtypes; BF16 is widened to float32 by hand.
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
-def read_file(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """One checkpoint file -> {key: float32 array}; a {"model": state_dict} (or
-    "state_dict") wrapper is unwrapped."""
+def read_file(path: str, *, allow_pickle: bool = False) -> LazyArrays:
+    """One checkpoint file -> lazy {key: float32 array}; a {"model": state_dict}
+    (or "state_dict") wrapper is unwrapped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            return {k: _float32(v) for k, v in load_file(path).items()}
-        except TypeError:  # bfloat16 tensors have no numpy dtype in safetensors.numpy
-            return _read_with_torch(path, allow_pickle)
+        return read_safetensors(path)
     if path.endswith(TORCH_SUFFIXES):
         return _read_with_torch(path, allow_pickle)
     raise ValueError(f"checkpoint {path!r}: expected a .safetensors, .pth, .pt, .bin or .ckpt file")
 
 
-def read_folder(folder: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_safetensors(path: str) -> LazyArrays:
+    """A .safetensors file (an 8-byte header length, a JSON header of dtype, shape and
+    byte range per tensor, then the data); each tensor is copied out of a memory map
+    of its bytes when it is looked up, and the map closed."""
+    with open(path, "rb") as f:
+        try:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > os.path.getsize(path) - 8:
+                raise ValueError(f"a {header_size}-byte header")
+            header = json.loads(f.read(header_size))
+        except (struct.error, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    header.pop("__metadata__", None)
+    data_size = os.path.getsize(path) - 8 - header_size
+    entries = {}
+    for key, info in header.items():
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+        if end - begin != math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize or end > data_size:
+            raise ValueError(f"{path}: tensor {key!r} ({dtype}, shape {shape}) has a byte range "
+                             f"[{begin}, {end}) that does not fit it or the file (truncated?)")
+        entries[key] = (shape, functools.partial(_safetensors_tensor, path, 8 + header_size + begin, dtype, shape))
+    return LazyArrays(entries)
+
+
+def _safetensors_tensor(path: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    numpy_dtype = SAFETENSORS_DTYPES[dtype]
+    if math.prod(shape) == 0:  # nothing to map
+        raw = np.zeros(shape, numpy_dtype)
+    else:  # unmapped again once the copy below is made
+        raw = np.memmap(path, numpy_dtype, mode="r", offset=offset, shape=shape)
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return as_float32(raw)
+
+
+def read_folder(folder: str, *, allow_pickle: bool = False) -> LazyArrays:
     """A Hugging Face / diffusers model folder (*.safetensors or *pytorch_model*.bin,
     sharded or not; reduced-precision variants such as *.fp16.safetensors are used
     only when they are all there is)."""
@@ -46,10 +88,7 @@ def read_folder(folder: str, *, allow_pickle: bool = False) -> dict[str, np.ndar
         full_precision = [f for f in files if not re.search(r"\.(fp16|bf16)\.", os.path.basename(f))]
         files = full_precision or files
         if files:
-            out: dict[str, np.ndarray] = {}
-            for f in files:
-                out.update(read_file(f, allow_pickle=allow_pickle))
-            return out
+            return LazyArrays.merged(*(read_file(f, allow_pickle=allow_pickle) for f in files))
     raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
 
 
@@ -61,11 +100,7 @@ def read_hf_config(folder: str) -> dict:
         return json.load(f)
 
 
-def _float32(x) -> np.ndarray:
-    return np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x)
-
-
-def _read_with_torch(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
     try:
         import torch
     except ImportError as e:
@@ -85,5 +120,10 @@ def _read_with_torch(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return {k: _float32(v.detach().float().numpy() if v.is_floating_point() else v.numpy())
-            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return LazyArrays({k: (tuple(v.shape), functools.partial(_torch_to_numpy, v))
+                       for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    return as_float32(tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy())

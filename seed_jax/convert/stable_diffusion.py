@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Mapping
 
 import numpy as np
 
 from seed_jax.convert import clip_text, sources, tables
 from seed_jax.convert.infer import need
+from seed_jax.convert.lazy_arrays import LazyArrays
 from seed_jax.convert.rules import Rule, Source, heads_bias, heads_in, heads_out, linear, patch_conv, rule
 from seed_jax.diffusion.schedule import NoiseSchedule
 from seed_jax.models.stable_diffusion import StableDiffusionConfig
@@ -87,7 +89,8 @@ def table(config: StableDiffusionConfig, source: Source) -> dict[str, Rule]:
 def _part(source: Source, part: str) -> Source:
     """The keys of one part with its prefix removed (for shape lookups)."""
     prefix = f"{part}."
-    return Source({k[len(prefix):]: v for k, v in source.arrays.items() if k.startswith(prefix)}, f"{source.name} {part}")
+    return Source(source.arrays.rekeyed(lambda k: k[len(prefix):] if k.startswith(prefix) else None),
+                  f"{source.name} {part}")
 
 
 # ---------------------------------------------------------------- configs from shapes (+ config.json)
@@ -143,16 +146,16 @@ def schedule_config(hf: dict) -> NoiseSchedule:
                              "set_alpha_to_one", "prediction_type")})
 
 
-def _old_vae_attention_names(arrays: dict) -> dict:
+def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:
     """diffusers < 0.14 named the VAE attention query/key/value/proj_attn."""
     renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-    out = {}
-    for k, v in arrays.items():
+
+    def new_name(k):
         if k.startswith("vae.") and ".attentions." in k:
             for old, new in renames.items():
                 k = k.replace(old, new)
-        out[k] = v
-    return out
+        return k
+    return arrays.rekeyed(new_name)
 
 
 # ---------------------------------------------------------------- diffusers folder
@@ -160,16 +163,16 @@ def read_diffusers_folder(folder: str, *, allow_pickle: bool = False) -> tuple[S
     """(one Source with `unet.` / `vae.` / `text_encoder.` prefixed keys, each part's config.json)."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a diffusers folder or a CompVis .ckpt/.safetensors")
-    arrays, configs = {}, {}
+    parts, configs = [], {}
     for part in PARTS:
         path = os.path.join(folder, part)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{folder}: no {part}/ folder (a diffusers pipeline has unet/, vae/, text_encoder/)")
-        arrays.update({f"{part}.{k}": v for k, v in sources.read_folder(path, allow_pickle=allow_pickle).items()})
+        parts.append(sources.read_folder(path, allow_pickle=allow_pickle).rekeyed(lambda k, p=part: f"{p}.{k}"))
         configs[part] = sources.read_hf_config(path)
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     configs["scheduler"] = json.load(open(scheduler)) if os.path.exists(scheduler) else {}
-    return Source(_old_vae_attention_names(arrays), folder), configs
+    return Source(_old_vae_attention_names(LazyArrays.merged(*parts)), folder), configs
 
 
 def empty_prompt_ids(folder: str | None, max_length: int) -> tuple[int, ...]:
@@ -248,7 +251,7 @@ def _compvis_vae_key(key: str, num_levels: int) -> str | None:
     return None
 
 
-def compvis_to_diffusers(arrays: dict[str, np.ndarray], name: str) -> Source:
+def compvis_to_diffusers(arrays: Mapping[str, np.ndarray], name: str) -> Source:
     """A CompVis LDM state dict -> a Source with diffusers names (prefixed by part).
     Keys that map to nothing (EMA copies, schedule buffers, ...) stay under their
     own names, so they are reported as unused."""
@@ -258,8 +261,8 @@ def compvis_to_diffusers(arrays: dict[str, np.ndarray], name: str) -> Source:
     first_level = [k for k in arrays if re.match(rf"{re.escape(unet_prefix)}input_blocks\.\d+\.0\.op\.weight", k)]
     layers_per_block = min(int(k[len(unet_prefix):].split(".")[1]) for k in first_level) - 1 if first_level else 2
     num_vae_levels = len({k.split(".")[3] for k in arrays if k.startswith(f"{vae_prefix}decoder.up.")})
-    out = {}
-    for key, value in arrays.items():
+
+    def new_name(key):
         new = None
         if key.startswith(unet_prefix):
             new = _compvis_unet_key(key[len(unet_prefix):], layers_per_block)
@@ -269,8 +272,8 @@ def compvis_to_diffusers(arrays: dict[str, np.ndarray], name: str) -> Source:
             new = new and f"vae.{new}"
         elif m := re.fullmatch(r"cond_stage_model\.transformer\.(text_model\.)?(.*)", key):
             new = f"text_encoder.text_model.{m[2]}"
-        out[new or key] = value
-    return Source(out, name)
+        return new or key
+    return Source(LazyArrays.of(arrays).rekeyed(new_name), name)
 
 
 def config(source: Source, configs: dict[str, dict], *, empty_prompt: tuple[int, ...],

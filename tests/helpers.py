@@ -23,11 +23,16 @@ TINY_TOKENIZER = SeedTokenizerConfig(vit=TINY_VIT, qformer=TINY_QFORMER, reverse
                                      decoder_mlp_dim=64, generation_width=24, proj_dim=16)
 
 
-def checkpoint_params(workdir, stage) -> dict:
-    """{dotted name: array} of the tokenizer parameters in `stage`'s latest checkpoint."""
+def latest_state_path(workdir, stage) -> str:
+    """The train-state directory of `stage`'s latest checkpoint in `workdir`."""
     directory = os.path.join(workdir, "checkpoints", stage)
     step = max(int(d) for d in os.listdir(directory) if d.isdigit())
-    path = os.path.join(directory, str(step), "state")
+    return os.path.join(directory, str(step), "state")
+
+
+def checkpoint_params(workdir, stage) -> dict:
+    """{dotted name: array} of the tokenizer parameters in `stage`'s latest checkpoint."""
+    path = latest_state_path(workdir, stage)
     checkpointer = ocp.PyTreeCheckpointer()
     # As host numpy, whatever devices wrote it (a multi-process run's included).
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),

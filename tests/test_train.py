@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.tokenizer import get_config
-from helpers import assert_export_holds_both_stages
+from helpers import assert_export_holds_both_stages, latest_state_path
 from seed_jax import parallel
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
@@ -74,9 +74,7 @@ def test_train_step_same_loss_on_1_and_8_devices(stage_name):
 
 
 def _final_state(workdir, stage="stage2"):
-    directory = os.path.join(workdir, "checkpoints", stage)
-    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
-    return ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    return ocp.PyTreeCheckpointer().restore(latest_state_path(workdir, stage))
 
 
 def _eval_lines(workdir):

@@ -39,16 +39,18 @@ class Source:
         return key in self.arrays
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self.arrays:
-            raise KeyError(f"{self.name}: missing key {key!r}")
+        self._check(key)
         self.used.add(key)
         return self.arrays[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of `key`'s array, without reading it."""
+        self._check(key)
+        return self.arrays.shape(key)
+
+    def _check(self, key: str) -> None:
         if key not in self.arrays:
             raise KeyError(f"{self.name}: missing key {key!r}")
-        return self.arrays.shape(key)
 
     def count(self, template: str) -> int:
         """How many consecutive layers `template` (with `{i}`) has, from 0."""

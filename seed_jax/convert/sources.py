@@ -44,16 +44,17 @@ def read_safetensors(path: str) -> LazyArrays:
     """A .safetensors file (an 8-byte header length, a JSON header of dtype, shape and
     byte range per tensor, then the data); each tensor is copied out of a memory map
     of its bytes when it is looked up, and the map closed."""
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         try:
             (header_size,) = struct.unpack("<Q", f.read(8))
-            if header_size > os.path.getsize(path) - 8:
+            if header_size > file_size - 8:
                 raise ValueError(f"a {header_size}-byte header")
             header = json.loads(f.read(header_size))
         except (struct.error, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
             raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
     header.pop("__metadata__", None)
-    data_size = os.path.getsize(path) - 8 - header_size
+    data_size = file_size - 8 - header_size
     entries = {}
     for key, info in header.items():
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]

@@ -1,7 +1,10 @@
 """Training workdirs -> exports (`seed_jax.export`), and training started from
 exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
 
+import shutil
+
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -63,6 +66,42 @@ def test_stage1_starts_from_a_converted_blip2_and_clip_text(tmp_path):
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
     for name, value in weights.load_params(clip).items():
         np.testing.assert_array_equal(weights.flat_params(model.clip_text)[name], value, err_msg=name)
+
+
+def test_the_clip_text_encoder_alone_is_the_train_models(tmp_path):
+    """`create_clip_text` (the decoder trainer's text encoder) gives the TrainModel's:
+    the same random weights, or those of `init.clip_text`."""
+    config = get_config("tiny")
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    expected = weights.flat_params(_create(config).clip_text)
+    alone = weights.flat_params(trainer.create_clip_text(config, mesh))
+    assert alone.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(alone[name], value, err_msg=name)
+    clip_config = CLIPTextConfig(**config.clip_text.to_dict())
+    config.init.clip_text = _save(tmp_path / "clip", "clip_text", clip_config,
+                                  CLIPTextEncoder(clip_config, rngs=nnx.Rngs(6)))
+    alone = weights.flat_params(trainer.create_clip_text(config, mesh))
+    for name, value in weights.load_params(config.init.clip_text).items():
+        np.testing.assert_array_equal(alone[name], value, err_msg=name)
+
+
+def test_an_export_written_compressed_still_loads(tmp_path):
+    """Exports are written uncompressed; those written before, with orbax's default
+    zstd compression, read back the same."""
+    config = CLIPTextConfig(vocab_size=128, width=16, depth=1, num_heads=2, mlp_dim=32)
+    params = weights.flat_params(CLIPTextEncoder(config, rngs=nnx.Rngs(7)))
+    _save(tmp_path / "plain", "clip_text", config, CLIPTextEncoder(config, rngs=nnx.Rngs(7)))
+    compressed = tmp_path / "compressed"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(compressed / weights.PARAMS_DIR, weights._nest(params))
+    checkpointer.wait_until_finished()
+    shutil.copy(tmp_path / "plain" / weights.CONFIG_FILE, compressed / weights.CONFIG_FILE)
+    for out in ("plain", "compressed"):
+        loaded = weights.load_params(str(tmp_path / out))
+        assert loaded.keys() == params.keys()
+        for name, value in params.items():
+            np.testing.assert_array_equal(loaded[name], value, err_msg=f"{out}: {name}")
 
 
 def test_warm_start_errors_name_the_problem(tmp_path):

@@ -108,7 +108,7 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     workdir = tmp_path / "wd"
     command = [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
-               f"--workdir={workdir}", "--config.stage1.num_steps=400", "--config.stage2.num_steps=2",
+               f"--workdir={workdir}", "--config.stage1.num_steps=100", "--config.stage2.num_steps=2",
                "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1",
                "--config.eval_every_steps=1000", "--config.mesh.data=1"]
     env = {**os.environ, "PYTHONPATH": repo_root}
@@ -124,7 +124,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     assert proc.returncode == 0, output
     assert "preempted" in output
     saved = [int(d) for d in os.listdir(workdir / "checkpoints" / "stage1") if d.isdigit()]
-    assert len(saved) == 1 and 3 <= saved[0] < 400
+    assert len(saved) == 1 and 3 <= saved[0] < 100
     rerun = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from step {saved[0]}" in rerun.stderr

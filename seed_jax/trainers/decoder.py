@@ -68,7 +68,7 @@ def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
-    clip_text = tokenizer_trainer.create_model(tokenizer_config, mesh).clip_text
+    clip_text = tokenizer_trainer.create_clip_text(tokenizer_config, mesh)
     weights.assign(model.text_encoder, weights.flat_params(clip_text))
     return model
 

@@ -227,9 +227,14 @@ def warm_start(model: TrainModel, config, shardings) -> None:
     if init.stage1:  # what stage II trains starts afresh, so its shapes may differ from the export's
         warm_start_lib.load_into(model.tokenizer, init.stage1, kinds=("seed_tokenizer",), shardings=tokenizer,
                                  require=image_path, skip=tuple(config.stage2.trainable))
-    if init.clip_text:
-        warm_start_lib.load_into(model.clip_text, init.clip_text, kinds=("clip_text",), require_all=True,
-                                 shardings=warm_start_lib.flat_shardings(model.clip_text, shardings["clip_text"]))
+    _warm_start_clip_text(model.clip_text, init.clip_text, shardings["clip_text"])
+
+
+def _warm_start_clip_text(clip_text: CLIPTextEncoder, export: str, shardings) -> None:
+    """Loads `config.init.clip_text` (a converted CLIP text encoder; "" = keep the random weights)."""
+    if export:
+        warm_start_lib.load_into(clip_text, export, kinds=("clip_text",), require_all=True,
+                                 shardings=warm_start_lib.flat_shardings(clip_text, shardings))
 
 
 def create_model(config, mesh) -> TrainModel:
@@ -239,6 +244,18 @@ def create_model(config, mesh) -> TrainModel:
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())
     warm_start(model, config, shardings)
     return model
+
+
+def create_clip_text(config, mesh) -> CLIPTextEncoder:
+    """`create_model(config, mesh).clip_text` (the same random weights, or
+    `config.init.clip_text`) without initialising the tokenizer: its initialisers are
+    traced, to draw the same keys, but dropped before compiling."""
+    graphdef, abstract, create = build_model(config)
+    shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)["clip_text"]
+    state = jax.jit(lambda: nnx.state(create().clip_text), out_shardings=shardings)()
+    clip_text = nnx.merge(nnx.graphdef(nnx.merge(graphdef, abstract).clip_text), state)
+    _warm_start_clip_text(clip_text, config.init.clip_text, shardings)
+    return clip_text
 
 
 def stages_to_run(config) -> tuple[str, ...]:

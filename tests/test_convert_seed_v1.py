@@ -116,15 +116,15 @@ FULL = ReferenceConfig()  # ViT-g/14 at 224 px, BERT-base Q-Former, 8192 codes
 
 
 @pytest.mark.slow
-def test_full_size_release_checkpoint_matches_the_reference(tmp_path, repo_root):
-    state, pixels, ref = _reference(FULL, batch=2)
+def test_full_size_release_checkpoint_matches_the_reference(tmp_path):
+    """One image (batches and padding: the tiny tests), converted in this process
+    (`python -m`: test_cli_runs_as_a_module)."""
+    state, pixels, ref = _reference(FULL, batch=1)
     torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
     del state
     gc.collect()
-    result = subprocess.run([sys.executable, "-m", "seed_jax.convert", "seed_v1",
-                             f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'out'}"],
-                            cwd=repo_root, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                         f"--out={tmp_path / 'out'}"]) == 0
     os.remove(tmp_path / "seed_tokenizer.pth")
     tokenizer = SeedTokenizer.load(str(tmp_path / "out"))
     assert tokenizer.config.vit.depth == 39 and tokenizer.config.vit.image_size == 224

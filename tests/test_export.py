@@ -90,8 +90,9 @@ def test_an_export_written_compressed_still_loads(tmp_path):
     """Exports are written uncompressed; those written before, with orbax's default
     zstd compression, read back the same."""
     config = CLIPTextConfig(vocab_size=128, width=16, depth=1, num_heads=2, mlp_dim=32)
-    params = weights.flat_params(CLIPTextEncoder(config, rngs=nnx.Rngs(7)))
-    _save(tmp_path / "plain", "clip_text", config, CLIPTextEncoder(config, rngs=nnx.Rngs(7)))
+    module = CLIPTextEncoder(config, rngs=nnx.Rngs(7))
+    params = weights.flat_params(module)
+    _save(tmp_path / "plain", "clip_text", config, module)
     compressed = tmp_path / "compressed"
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(compressed / weights.PARAMS_DIR, weights._nest(params))

@@ -59,30 +59,38 @@ def labels_caption(labels: np.ndarray) -> str:
     return synthetic.objects_caption(objects)
 
 
-def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_examples: int,
-                 intermediates: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F) float32,
-    or (N,L) int for codes}, captions); undecodable records are skipped and their count logged."""
+def read_split(paths: Sequence[str], num_examples: int, image_size: int) -> tuple[np.ndarray, list[str]]:
+    """The first `num_examples` decodable images of `paths` -> (pixels (N,S,S,3) float32,
+    CLIP-normalised, captions); undecodable records are skipped and their count logged."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
-    items, skipped = [], 0
+    pixels = np.zeros((min(num_examples, len(source)), image_size, image_size, 3), np.float32)
+    captions, skipped = [], 0
     for i in range(len(source)):
-        if len(items) == num_examples:
+        if len(captions) == len(pixels):
             break
-        item = preprocess.eval_record(source[i], tokenizer.image_size)
+        item = preprocess.eval_record(source[i], image_size)
         if item["pixels"] is None:
             skipped += 1
         else:
-            items.append(item)
+            pixels[len(captions)] = item["pixels"]
+            captions.append(item["caption"])
     if skipped:
-        logging.warning("feature probe: skipped %d undecodable records of %s", skipped, paths[0])
+        logging.warning("skipped %d undecodable records of %s", skipped, paths[0])
+    return pixels[:len(captions)], captions
+
+
+def encode_split(tokenizer: api.SeedTokenizer, paths: Sequence[str], num_examples: int,
+                 intermediates: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The first `num_examples` decodable images of `paths` -> ({name: (N,L,F) float32,
+    or (N,L) int for codes}, captions)."""
+    pixels, captions = read_split(paths, num_examples, tokenizer.image_size)
     features = {name: [] for name in intermediates}
-    for start in range(0, len(items), 1024):
-        out = tokenizer.encode(np.stack([item["pixels"] for item in items[start:start + 1024]]),
-                               return_intermediates=True)
+    for start in range(0, len(pixels), 1024):
+        out = tokenizer.encode(pixels[start:start + 1024], return_intermediates=True)
         for name in intermediates:
             array = np.asarray(out[name])
             features[name].append(array if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32))
-    return {k: np.concatenate(v) for k, v in features.items()}, [item["caption"] for item in items]
+    return {k: np.concatenate(v) for k, v in features.items()}, captions
 
 
 def _mlp_logits(params, x):
@@ -168,6 +176,16 @@ def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INT
     return results
 
 
+def report(results: dict[str, dict], out: str = "") -> None:
+    """Prints {name: {split: scores}} a line per split, and writes it to `out` as JSON if given."""
+    for name, splits in results.items():
+        for split, scores in splits.items():
+            print(f"{name:18s} {split:5s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -191,12 +209,7 @@ def main(argv):
         raise ValueError(f"--intermediates: {unknown} are not among {allowed}")
     results = probe_run(FLAGS.tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train,
                         epochs=FLAGS.epochs, extra_data_dir=FLAGS.extra_data_dir)
-    for name, splits in results.items():
-        for split, scores in splits.items():
-            print(f"{name:18s} {split:5s} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=1)
+    report(results, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ all its tokens, trains from scratch on the run's training images (resized, no cr
 against their cell labels (`feature_probe.cell_labels`: each grid cell empty or one
 size x colour x shape), AdamW with a linear warm-up and a cosine decay to a fifth of
 `lr`, then captions the held-out images: the feature probes' scores. A budget in which
-the labels themselves do not teach shape bounds what any stage-I loss teaches in it.
+even the labels teach little shape leaves a stage-I loss, which names shape only through
+captions, little hope of teaching more.
 
   python -m seed_jax.evaluators.vit_from_labels --tokenizer_workdir=workdirs/tokenizer_demo \\
       --steps=400 --batch_size=128 --lr=5e-4

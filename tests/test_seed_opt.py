@@ -139,6 +139,64 @@ def test_packed_pipeline_rows_rebuild_the_sequences_and_count_skipped_records(bu
     assert skipped.count >= 3
 
 
+def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tmp_path):
+    """A record of 31 codes, one of booleans and a corrupt one are skipped and counted,
+    by the training example and by the evaluation reader alike."""
+    good = ("good", "a small red star at the top", np.arange(32))
+    short = code_records.encode_code_record("short", "a big blue circle", np.arange(31))
+    booleans = json.dumps({"format": code_records.FORMAT_VERSION, "id": "bools", "caption": "a small red star",
+                           "codes": [True] * 32}).encode()
+    skipped = pipeline.SkipCounter()
+    example = sequences.CodeExample(builder, 0.0, 128, 80, skipped)
+    rng = np.random.default_rng(0)
+    assert example(code_records.encode_code_record(*good), rng) is not None
+    assert [example(raw, rng) for raw in (short, booleans, b"\x00")] == [None] * 3
+    assert skipped.count == 3
+    path = tmp_path / "eval-00000-of-00001.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for raw in (short, booleans, code_records.encode_code_record(*good)):
+        writer.write(raw)
+    writer.close()
+    skipped = pipeline.SkipCounter()
+    assert [r["id"] for r in sequences.read_code_records([str(path)], 1, skipped)] == ["good"]
+    assert skipped.count == 2
+
+
+def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(f"r{i}", synthetic.caption(synthetic.sample_scene(rng)), rng.integers(0, 64, 32)) for i in range(20)]
+    path = _write_code_records(tmp_path / "train-00000-of-00001.array_record", rows)
+    too_short = sequences.CodeExample(builder, 0.0, 32, 80, pipeline.SkipCounter())  # image -> text needs ~50
+    iterator = sequences.packed_train_iterator([path], too_short, global_batch_size=2, seed=0, num_packing_bins=2,
+                                               num_threads=1)
+    with pytest.raises(ValueError, match="skipped 100.00 %"):
+        next(iterator)
+
+
+def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
+    config = get_config("tiny")
+    model = OPTConfig(vocab_size=64, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=config.data.seq_length)
+    seed_opt.check_lengths(config, model, 32)
+    with pytest.raises(ValueError, match="data.seq_length .* exceeds the model's"):
+        seed_opt.check_lengths(config, OPTConfig(**{**model.__dict__, "max_positions": 64}), 32)
+    config.phase2.max_targets_per_row = 32
+    with pytest.raises(ValueError, match="phase2.max_targets_per_row 32: a text -> image sequence has 33 targets"):
+        seed_opt.check_lengths(config, model, 32)
+
+
+def test_shard_sets_of_two_counts_or_with_a_gap_are_refused(tmp_path):
+    for count in (2, 3):
+        for index in range(count):
+            open(records.shard_path(str(tmp_path), "train", index, count), "wb").close()
+    with pytest.raises(ValueError, match=r"shards of 'train' written as \[2, 3\] shards"):
+        records.shard_paths(str(tmp_path), "train")
+    os.remove(records.shard_path(str(tmp_path), "train", 0, 2))
+    os.remove(records.shard_path(str(tmp_path), "train", 1, 2))
+    os.remove(records.shard_path(str(tmp_path), "train", 1, 3))
+    with pytest.raises(ValueError, match=r"missing \[1\]"):
+        records.shard_paths(str(tmp_path), "train")
+
+
 @pytest.fixture(scope="module")
 def tokenizer_export(tiny_decoder_run):
     return os.path.join(tiny_decoder_run, "tokenizer", "export")
@@ -176,6 +234,10 @@ def test_pretokenize_slices_cover_the_split_and_match_the_api(tokenizer_export, 
     pixels = np.stack([preprocess.normalize(preprocess.resize(preprocess.decode_image(e["image"]), 32))
                        for e in kept])
     np.testing.assert_array_equal(np.stack([r["codes"] for r in written]), tokenizer.encode(pixels))
+    # A rerun on one process replaces the two processes' shards and summaries.
+    assert pretokenize.tokenize_split(encoder, paths, out, "eval", batch_size=4, num_threads=1)["records"] == 8
+    assert [os.path.basename(p) for p in records.shard_paths(out, "eval")] == ["eval-00000-of-00001.array_record"]
+    assert sorted(f for f in os.listdir(out) if "summary" in f) == ["eval.summary-00000-of-00001.json"]
 
 
 @pytest.fixture(scope="module")

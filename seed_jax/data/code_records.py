@@ -20,8 +20,9 @@ def encode_code_record(record_id: str, caption: str, codes) -> bytes:
                        "codes": [int(c) for c in codes]}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def decode_code_record(data: bytes) -> dict:
-    """Bytes from `encode_code_record` -> {"id", "caption", "codes" int32 (N,)}."""
+def decode_code_record(data: bytes, codes_per_image: int | None = None) -> dict:
+    """Bytes from `encode_code_record` -> {"id", "caption", "codes" int32 (N,)};
+    with `codes_per_image`, a record of another N is malformed too."""
     try:
         record = json.loads(bytes(data).decode("utf-8"))
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
@@ -29,6 +30,8 @@ def decode_code_record(data: bytes) -> dict:
     if not (isinstance(record, dict) and record.get("format") == FORMAT_VERSION
             and isinstance(record.get("id"), str) and isinstance(record.get("caption"), str)
             and isinstance(record.get("codes"), list) and record["codes"]
-            and all(isinstance(c, int) and c >= 0 for c in record["codes"])):
+            and all(type(c) is int and c >= 0 for c in record["codes"])):
         raise ValueError(f"corrupt code record: unexpected content {str(record)[:200]!r}")
+    if codes_per_image is not None and len(record["codes"]) != codes_per_image:
+        raise ValueError(f"code record {record['id']!r}: {len(record['codes'])} codes, expected {codes_per_image}")
     return {"id": record["id"], "caption": record["caption"], "codes": np.asarray(record["codes"], np.int32)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 import zlib
 from typing import Iterable
@@ -127,10 +128,23 @@ def write_array_record_shards(
 
 
 def shard_paths(directory: str, prefix: str) -> list[str]:
-    """Sorted paths of the complete shards for ``prefix`` in ``directory``."""
+    """Sorted paths of the shards for ``prefix`` in ``directory``: one complete set
+    ``prefix-00000-of-N`` ... ``prefix-(N-1)-of-N``, else an error saying what is wrong
+    (sets of two shard counts would read records twice; a missing shard loses records)."""
     paths = _existing_shards(directory, prefix)
     if not paths:
         raise FileNotFoundError(
             f"no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
         )
+    numbers = [re.fullmatch(r"-(\d{5})-of-(\d{5})", os.path.basename(p)[len(prefix):-len(_SHARD_SUFFIX)])
+               for p in paths]
+    counts = sorted({int(m.group(2)) for m in numbers})
+    if len(counts) > 1:
+        raise ValueError(f"{directory!r} holds shards of {prefix!r} written as {counts} shards: "
+                         "remove the stale set")
+    indices = [int(m.group(1)) for m in numbers]
+    if indices != list(range(counts[0])):
+        missing = sorted(set(range(counts[0])) - set(indices))
+        raise ValueError(f"{directory!r}: the shards of {prefix!r} numbered {indices} are not the set 0..{counts[0] - 1}"
+                         f" (missing {missing})")
     return paths

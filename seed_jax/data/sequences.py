@@ -29,6 +29,11 @@ from seed_jax.data import code_records
 from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.pipeline import SkipCounter
 
+CODES_PER_IMAGE = 32  # SEED's causal queries
+# A training pipeline that skips more than this fraction of 1000 consecutive records
+# raises (grain's filter check) instead of reading on forever for rows it cannot fill.
+MAX_SKIPPED_FRACTION = 0.9
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTokens:
@@ -111,16 +116,18 @@ def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarra
 class CodeExample:
     """A code record -> one training sequence: text -> image with probability
     `text_to_image_fraction`, else image -> text. None (counted) for a corrupt
-    record, one longer than `max_length` or with more than `max_targets` targets."""
+    record, one without `codes_per_image` codes, one longer than `max_length` or with
+    more than `max_targets` targets."""
     builder: SequenceBuilder
     text_to_image_fraction: float
     max_length: int
     max_targets: int
     skipped: SkipCounter
+    codes_per_image: int = CODES_PER_IMAGE
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
         try:
-            record = code_records.decode_code_record(raw)
+            record = code_records.decode_code_record(raw, self.codes_per_image)
             if rng.random() < self.text_to_image_fraction:
                 ids, mask = self.builder.generation_sequence(record["caption"], record["codes"])
             else:
@@ -154,9 +161,13 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     index, count = jax.process_index(), jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
-    ds = source[index::count].shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))[index::count]
+    if not len(source):
+        raise ValueError(f"{paths[0]}...: no code records for process {index} of {count}")
+    ds = source.shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
     length, targets = example.max_length, example.max_targets
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"inputs": length, "target_ids": targets, "target_index": targets},
@@ -164,15 +175,17 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     return iter(ds.map(_packed_row).batch(global_batch_size // count, drop_remainder=True))
 
 
-def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter) -> list[dict]:
-    """The first `num_examples` decodable code records (corrupt ones skipped and counted)."""
+def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter,
+                      codes_per_image: int = CODES_PER_IMAGE) -> list[dict]:
+    """The first `num_examples` decodable code records of `codes_per_image` codes
+    (others skipped and counted)."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
     out = []
     for i in range(len(source)):
         if len(out) == num_examples:
             break
         try:
-            out.append(code_records.decode_code_record(source[i]))
+            out.append(code_records.decode_code_record(source[i], codes_per_image))
         except ValueError:
             skipped.add()
     if len(out) < num_examples:

@@ -5,11 +5,14 @@ Process p of P takes the contiguous slice [p*N/P, (p+1)*N/P) of a split's N reco
 and writes `{prefix}-{p:05d}-of-{P:05d}.array_record` of code records
 (`data/code_records.py`); its local devices split each batch. A finished shard
 (written under a temporary name, renamed at the end) is not redone, so a rerun
-resumes. Undecodable records are skipped and counted in `{prefix}.summary-{p}.json`.
+resumes; a rerun on another number of processes first removes the shards (and
+summaries) of the earlier count. Undecodable records are skipped and counted in
+`{prefix}.summary-{p:05d}-of-{P:05d}.json`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -53,7 +56,9 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     """Writes this process's shard of code records for one split; returns its summary."""
     index, count = jax.process_index(), jax.process_count()
     path = records.shard_path(out_dir, prefix, index, count)
-    summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}.json")
+    summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json")
+    if index == 0:
+        _remove_other_counts(out_dir, prefix, count)
     if os.path.exists(path) and os.path.exists(summary_path):
         with open(summary_path) as f:
             return json.load(f)
@@ -86,6 +91,15 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
         json.dump(summary, f)
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
+
+
+def _remove_other_counts(out_dir: str, prefix: str, count: int) -> None:
+    """Removes the shards and summaries of `prefix` written by a run on other than `count` processes."""
+    keep, digits, name = f"-of-{count:05d}", "[0-9]" * 5, glob.escape(prefix)
+    for pattern in (f"{name}-{digits}-of-{digits}.array_record", f"{name}.summary-{digits}*.json"):
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            if keep not in os.path.basename(path):
+                os.remove(path)
 
 
 def _write_batch(encoder: LocalEncoder, batch: list[dict], writer) -> int:

@@ -211,6 +211,19 @@ def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str) -> tu
     return records.shard_paths(directory, d.train_prefix), records.shard_paths(directory, d.eval_prefix)
 
 
+def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None:
+    """Rows the model can read (`data.seq_length` positions) and phases whose text -> image
+    sequences fit their rows (the codes and </img> are targets), else a ValueError."""
+    if config.data.seq_length > m_config.max_positions:
+        raise ValueError(f"data.seq_length {config.data.seq_length} exceeds the model's {m_config.max_positions} "
+                         "positions")
+    for _, key in PHASES:
+        phase = config[key]
+        if phase.text_to_image_fraction > 0 and phase.max_targets_per_row < codes_per_image + 1:
+            raise ValueError(f"{key}.max_targets_per_row {phase.max_targets_per_row}: a text -> image sequence has "
+                             f"{codes_per_image + 1} targets (its codes and </img>)")
+
+
 # ---------------------------------------------------------------- driver
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
@@ -233,12 +246,14 @@ def train(config, workdir: str) -> bool:
     m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
     model = create_model(m_config, config, mesh, codebook)
     logging.info("SEED-OPT: %s", m_config)
+    codes_per_image = tokenizer_model.config.qformer.num_queries
+    check_lengths(config, m_config, codes_per_image)
     image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
     builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),
                                         config.data.max_text_tokens)
 
     skipped = pipeline.SkipCounter()
-    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, skipped)
+    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, skipped, codes_per_image)
     caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
     writer = loop.MetricsWriter(workdir)
@@ -249,7 +264,7 @@ def train(config, workdir: str) -> bool:
         for index, (name, key) in enumerate(PHASES):
             phase = config[key]
             example = sequences.CodeExample(builder, phase.text_to_image_fraction, config.data.seq_length,
-                                            phase.max_targets_per_row, skipped)
+                                            phase.max_targets_per_row, skipped, codes_per_image)
             train_iter = sequences.packed_train_iterator(
                 train_paths, example, global_batch_size=phase.batch_size, seed=config.seed + index,
                 num_packing_bins=config.data.num_packing_bins, num_threads=config.data.num_threads)

@@ -1,6 +1,10 @@
 """Reading source checkpoints: safetensors memory-mapped (every dtype, bfloat16
 without torch), torch files, corrupt files named, no array read before a converter
-looks it up, and layer stacks built one layer at a time."""
+looks it up, layer stacks built one layer at a time, gaps in layers named, DDP /
+compile prefixes removed, and folders read file by file as transformers and diffusers
+read them (shard indexes, variants)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -86,3 +90,78 @@ def test_stacked_layers_are_written_in_order_and_a_misfit_is_named():
     source = Source({"l.0.w": np.zeros((2, 3)), "l.1.w": np.zeros((2, 4))}, "ckpt")
     with pytest.raises(ValueError, match=r"layers.kernel: layer 1 gives shape \(4, 2\), layer 0 gave \(3, 2\)"):
         apply({"layers.kernel": rule("l.{i}.w", hook=linear, layers=[0, 1])}, source)
+
+
+def test_a_missing_middle_layer_is_named_not_counted_as_the_end():
+    layers = {f"p.l.{i}.{name}": np.zeros(1) for i in range(4) for name in ("a", "b")}
+    assert Source(layers, "ckpt").count("p.l.{i}.a") == 4
+    del layers["p.l.1.a"], layers["p.l.1.b"]
+    with pytest.raises(KeyError, match=r"ckpt: missing key 'p.l.1.a', though layer 3 has keys"):
+        Source(layers, "ckpt").count("p.l.{i}.a")
+    del layers["p.l.2.a"], layers["p.l.2.b"], layers["p.l.3.a"]  # layer 3 partly there
+    with pytest.raises(KeyError, match=r"missing key 'p.l.1.a', though layer 3 has keys"):
+        Source(layers, "ckpt").count("p.l.{i}.a")
+    del layers["p.l.3.b"]
+    layers.update({"q.p.l.5.a": np.zeros(1), "p.l.x": np.zeros(1)})  # other prefixes, no layer index
+    assert Source(layers, "ckpt").count("p.l.{i}.a") == 1
+
+
+def test_ddp_and_compile_prefixes_every_key_has_are_removed(tmp_path):
+    torch.save({"model": {"module._orig_mod.a": torch.ones(2), "module._orig_mod.b.c": torch.zeros(1)}},
+               tmp_path / "ddp.pth")
+    assert sorted(sources.read_file(str(tmp_path / "ddp.pth"))) == ["a", "b.c"]
+    save_file({"module.a": torch.ones(2), "b": torch.zeros(1)}, tmp_path / "some.safetensors")
+    assert sorted(sources.read_file(str(tmp_path / "some.safetensors"))) == ["b", "module.a"]
+
+
+def _save(path, value: float):
+    """A one-tensor file {"w": value} (safetensors or torch by suffix)."""
+    tensors = {"w": torch.full((2,), float(value))}
+    if str(path).endswith(".safetensors"):
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+
+
+def test_a_folder_is_read_as_transformers_and_diffusers_read_it(tmp_path):
+    """The first of model/diffusion_pytorch_model .safetensors, then .bin; a variant
+    only when asked for or alone; never a merge of variants."""
+    def w(folder, **kw):
+        return sources.read_folder(str(folder), **kw)["w"][0]
+
+    (unet := tmp_path / "unet").mkdir()
+    for name, value in (("", 1), (".non_ema", 2), (".fp16", 3)):
+        _save(unet / f"diffusion_pytorch_model{name}.bin", value)
+    assert w(unet) == 1 and w(unet, variant="non_ema") == 2
+    _save(unet / "diffusion_pytorch_model.fp16.safetensors", 4)
+    assert w(unet) == 1 and w(unet, variant="fp16") == 4  # safetensors first, within a variant too
+    _save(unet / "diffusion_pytorch_model.safetensors", 5)
+    assert w(unet) == 5
+    with pytest.raises(FileNotFoundError, match=r"no model.bf16.safetensors or .* diffusion_pytorch_model.bf16.bin"):
+        w(unet, variant="bf16")
+
+    (variants := tmp_path / "variants").mkdir()
+    _save(variants / "model.fp16.safetensors", 6)
+    assert w(variants) == 6  # the only variant there
+    _save(variants / "pytorch_model.non_ema.bin", 7)
+    with pytest.raises(ValueError, match="the variants fp16, non_ema: choose one with --variant"):
+        w(variants)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or"):
+        w(tmp_path / "empty")
+
+
+def test_a_sharded_folder_reads_the_shards_its_index_lists(tmp_path):
+    shards = {"model-00001-of-00002.safetensors": {"a": torch.ones(2)},
+              "model-00002-of-00002.safetensors": {"b": torch.zeros(3)}}
+    for name, tensors in shards.items():
+        save_file(tensors, tmp_path / name)
+    save_file({"a": torch.full((2,), 9.0)}, tmp_path / "model.fp16-00001-of-00001.safetensors")  # a stray variant
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    arrays = sources.read_folder(str(tmp_path))
+    assert sorted(arrays) == ["a", "b"] and arrays["a"].tolist() == [1, 1]
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors.index.json lists shards that are missing: "
+                                                r"model-00002-of-00002.safetensors"):
+        sources.read_folder(str(tmp_path))

@@ -153,7 +153,8 @@ def test_lavis_blip2_checkpoint_matches_transformers(tmp_path):
                tmp_path / "blip2_pretrained.pth")
     torch.save(vit, tmp_path / "eva_vit_g.pth")
     convert(["lavis_blip2", f"--checkpoint={tmp_path / 'blip2_pretrained.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
-             f"--out={tmp_path / 'out'}", "--vit_heads=4", "--qformer_heads=4"])
+             f"--out={tmp_path / 'out'}", "--vit_heads=4", "--qformer_heads=4",
+             f"--vit_depth={TINY_VISION['num_hidden_layers']}"])
     model, config, ours = _ours(tmp_path / "out", ref["pixels"])
     assert config.with_temperature and abs(float(model.temp[...]) - 0.05) < 1e-7
     # LAVIS's ln_vision eps is 1e-5 where transformers' post_layernorm has 1e-6: well inside the tolerance.

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from parity import INTERMEDIATE_TOLERANCE, assert_codes_match, relative_error
+from seed_jax import weights
 from seed_jax.api import INTERMEDIATES, SeedTokenizer
+from seed_jax.convert.__main__ import convert
 from seed_jax.convert.__main__ import main as convert_main
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize
 
@@ -54,12 +56,22 @@ def test_tiny_release_checkpoint_matches_the_reference(tmp_path):
     print("tiny seed_v1 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
 
 
-def test_split_release_files_convert_like_one_file(tmp_path):
+def _with_extra_vit_blocks(vit: dict, depth: int) -> dict:
+    """The ViT state dict (keys `blocks.N.*`) grown to `depth` blocks, copies of its last plus one."""
+    last = max(int(k.split(".")[1]) for k in vit if k.startswith("blocks."))
+    extra = {k.replace(f"blocks.{last}.", f"blocks.{i}.", 1): v + 1 for k, v in vit.items()
+             if k.startswith(f"blocks.{last}.") for i in range(last + 1, depth)}
+    return {**vit, **extra}
+
+
+def test_split_release_files_convert_like_one_file(tmp_path, capsys):
     """ViT from LAVIS's eva_vit_g.pth (no prefix), Q-Former from causal_qformer.pth,
     the rest from seed_tokenizer.pth; the main file wins where keys overlap. The ViT
-    file is in torch's legacy (pre-zip) format, which cannot be memory-mapped."""
+    file is in torch's legacy (pre-zip) format, which cannot be memory-mapped; it holds
+    one block more than --vit_depth builds (as eva_vit_g.pth's 40 for 39), left unused."""
     state, pixels, ref = _reference(TINY, batch=2, seed=3)
     vit = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    vit = _with_extra_vit_blocks(vit, TINY.vit_depth + 1)
     qformer = {k: v for k, v in state.items() if k.startswith("Qformer.") or k == "query_tokens"}
     main = {k: v for k, v in state.items() if not k.startswith("visual_encoder.") and k not in qformer}
     main["ln_vision.weight"] = state["ln_vision.weight"]
@@ -69,8 +81,35 @@ def test_split_release_files_convert_like_one_file(tmp_path):
                    _use_new_zipfile_serialization=name != "eva_vit_g")
     assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
                          f"--qformer={tmp_path / 'causal_qformer.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
-                         f"--out={tmp_path / 'out'}", *_heads(TINY)]) == 0
+                         f"--out={tmp_path / 'out'}", *_heads(TINY), f"--vit_depth={TINY.vit_depth}"]) == 0
+    assert f"visual_encoder.blocks.{TINY.vit_depth}.mlp.fc1.weight" in capsys.readouterr().out
     _compare(SeedTokenizer.load(str(tmp_path / "out")), pixels, ref)
+
+
+def test_vit_depth_is_the_references_39_or_the_main_checkpoints(tmp_path):
+    """A ViT from a 40-block eva_vit_g.pth alone builds 39 blocks, as LAVIS's
+    create_eva_vit_g; ViT blocks in the main checkpoint set the depth; a missing
+    middle block fails naming it."""
+    state, _, _ = _reference(TINY, batch=1)
+    vit = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    torch.save(_with_extra_vit_blocks(vit, 40), tmp_path / "eva_vit_g.pth")
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}},
+               tmp_path / "seed_tokenizer.pth")
+    report = convert(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                      f"--vit={tmp_path / 'eva_vit_g.pth'}", f"--out={tmp_path / 'a'}", *_heads(TINY)])
+    assert weights.read_config(str(tmp_path / "a"))[1].vit.depth == 39
+    assert {k for k in report["unused_keys"] if "blocks." in k} == {f"visual_encoder.blocks.39.{k[len('blocks.0.'):]}"
+                                                                    for k in vit if k.startswith("blocks.0.")}
+
+    torch.save({"model": state}, tmp_path / "full.pth")  # its own TINY.vit_depth blocks win over 40 in --vit
+    convert(["seed_v1", f"--checkpoint={tmp_path / 'full.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
+             f"--out={tmp_path / 'b'}", *_heads(TINY)])
+    assert weights.read_config(str(tmp_path / "b"))[1].vit.depth == TINY.vit_depth
+
+    gap = {k: v for k, v in state.items() if not k.startswith("visual_encoder.blocks.0.")}
+    torch.save({"model": gap}, tmp_path / "gap.pth")
+    with pytest.raises(KeyError, match=r"missing key 'visual_encoder.blocks.0.norm1.weight', though layer 1"):
+        convert(["seed_v1", f"--checkpoint={tmp_path / 'gap.pth'}", f"--out={tmp_path / 'c'}", *_heads(TINY)])
 
 
 def test_missing_key_fails_naming_it_and_unused_keys_are_listed(tmp_path, capsys):

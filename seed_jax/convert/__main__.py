@@ -2,7 +2,7 @@
 
   python -m seed_jax.convert seed_v1 --checkpoint=DIR/seed_tokenizer.pth \
       [--qformer=DIR/causal_qformer.pth] [--vit=DIR/eva_vit_g.pth] --out=OUT \
-      [--vit_heads=16 --qformer_heads=12 --blocks_heads=12]
+      [--vit_heads=16 --qformer_heads=12 --blocks_heads=12 --vit_depth=39]
   python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth [--vit=eva_vit_g.pth] --out=OUT
   python -m seed_jax.convert hf_blip2 --checkpoint=HF_FOLDER --out=OUT
   python -m seed_jax.convert hf_clip_text --checkpoint=SD_FOLDER/text_encoder --out=OUT
@@ -12,7 +12,8 @@
 Dimensions are read from the checkpoint; head counts (no shape tells them) are
 flags for the .pth layouts and config.json entries for Hugging Face folders. Every
 parameter of our model must be found (a missing key fails, naming it); source keys
-left unused are listed.
+left unused are listed. Folders are read as transformers / diffusers read them
+(`--variant=fp16` for a variant's weights).
 """
 
 from __future__ import annotations
@@ -31,37 +32,46 @@ def _seed_v1(args):
     checkpoint = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
     extra = {name: sources.read_file(path, allow_pickle=args.allow_pickle) if path else None
              for name, path in (("qformer", args.qformer), ("vit", args.vit))}
+    depth = seed_v1.vit_depth(Source(checkpoint, args.checkpoint), args.vit_depth)
     merged, overridden = seed_v1.merge_sources(checkpoint, extra["qformer"], extra["vit"])
     source = Source(merged, "seed_v1 checkpoint (with --qformer / --vit)")
     config = seed_v1.config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads,
-                            blocks_heads=args.blocks_heads)
+                            blocks_heads=args.blocks_heads, vit_depth=depth)
     return "seed_tokenizer", config, seed_v1.table(config), source, {"overridden_by_checkpoint": overridden}
 
 
 def _lavis_blip2(args):
     arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
     vit = sources.read_file(args.vit, allow_pickle=args.allow_pickle) if args.vit else {}
+    depth = seed_v1.vit_depth(Source(arrays, args.checkpoint), args.vit_depth)
     merged, overridden = seed_v1.merge_sources(arrays, None, vit)
     source = Source(merged, "LAVIS BLIP-2 checkpoint (with --vit)")
-    config = blip2.lavis_config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads)
+    config = blip2.lavis_config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads,
+                                vit_depth=depth)
     return "blip2", config, blip2.lavis_table(config), source, {"overridden_by_checkpoint": overridden}
 
 
+def _read_folder(args) -> Source:
+    return Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle, variant=args.variant),
+                  args.checkpoint)
+
+
 def _hf_blip2(args):
-    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    source = _read_folder(args)
     config = blip2.hf_config(source, sources.read_hf_config(args.checkpoint))
     return "blip2", config, blip2.hf_table(config), source, {}
 
 
 def _hf_clip_text(args):
-    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    source = _read_folder(args)
     config = clip_text.config(source, sources.read_hf_config(args.checkpoint))
     return "clip_text", config, clip_text.table(config, source), source, {}
 
 
 def _sd(args):
     if os.path.isdir(args.checkpoint):
-        source, configs = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle)
+        source, configs = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle,
+                                                   variant=args.variant)
         layout = "diffusers"
     else:
         source = sd.compvis_to_diffusers(sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle),
@@ -77,13 +87,13 @@ def _sd(args):
 
 
 def _hf_opt(args):
-    source = Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle), args.checkpoint)
+    source = _read_folder(args)
     config = opt.config(source, sources.read_hf_config(args.checkpoint), image_tokens=args.image_tokens)
     info = {"image_tokens": args.image_tokens}
     if args.image_tokens:  # ids of the appended rows
         info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
                      "first_code_id": config.vocab_size + 2})
-    return "opt", config, opt.table(config, seed=args.seed), source, info
+    return "opt", config, opt.table(config, source, seed=args.seed), source, info
 
 
 CONVERTERS = {"seed_v1": _seed_v1, "lavis_blip2": _lavis_blip2, "hf_blip2": _hf_blip2,
@@ -104,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT")
             s.add_argument("--vit_heads", type=int, default=16)
             s.add_argument("--qformer_heads", type=int, default=12)
+            s.add_argument("--vit_depth", type=int, default=None,
+                           help="ViT blocks to build (default: as many as --checkpoint holds, else 39: "
+                                "what LAVIS builds from eva_vit_g.pth's 40); later blocks are left unused")
+        else:
+            s.add_argument("--variant", default=None,
+                           help="read this weights variant of the folder (e.g. fp16: model.fp16.safetensors); "
+                                "default: the main weights, else the only variant there")
         if name == "sd":
             s.add_argument("--unet_heads", type=int, default=None,
                            help="UNet attention heads (default: the folder's unet/config.json, else 8 as SD v1)")

@@ -1,8 +1,9 @@
 """BLIP-2 stage-1 checkpoints -> a `blip2` export (ViT, ln_vision, Q-Former, heads),
 the starting point of SEED's stage I.
 
-- LAVIS `blip2_pretrained.pth`: `visual_encoder.*` (or a separate `eva_vit_g.pth`),
-  `ln_vision`, `query_tokens`, `Qformer.bert.*`, `vision_proj`, `text_proj`, `temp`.
+- LAVIS `blip2_pretrained.pth`: `visual_encoder.*` (or a separate `eva_vit_g.pth`,
+  of whose 40 blocks LAVIS builds 39), `ln_vision`, `query_tokens`, `Qformer.bert.*`,
+  `vision_proj`, `text_proj`, `temp`.
 - Hugging Face `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration`
   folders: `vision_model.*` (its `post_layernorm` is LAVIS's `ln_vision`),
   `query_tokens`, `qformer.*`, and for retrieval `embeddings.*`,
@@ -13,17 +14,17 @@ from __future__ import annotations
 
 from seed_jax.convert import infer, tables
 from seed_jax.convert.rules import Source, rule, scalar
-from seed_jax.convert.seed_v1 import QFORMER_LAYER, VIT
+from seed_jax.convert.seed_v1 import QFORMER_LAYER, VIT, VIT_BLOCK
 from seed_jax.models.blip2 import Blip2Config
 
 HF_LAYER = "qformer.encoder.layer.{i}."
 HF_VIT = "vision_model."
 
 
-def lavis_config(source: Source, *, vit_heads: int, qformer_heads: int) -> Blip2Config:
+def lavis_config(source: Source, *, vit_heads: int, qformer_heads: int, vit_depth: int | None = None) -> Blip2Config:
     vit = infer.vit_config(source, patch_weight=f"{VIT}patch_embed.proj.weight", pos_embed=f"{VIT}pos_embed",
-                           block=f"{VIT}blocks.{{i}}.norm1.weight", fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight",
-                           heads=vit_heads)
+                           block=VIT_BLOCK, fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight", heads=vit_heads,
+                           depth=vit_depth)
     qformer = infer.qformer_config(
         source, layer=QFORMER_LAYER, query_tokens="query_tokens", self_key="attention.self.query.weight",
         cross_key="crossattention.self.key.weight", heads=qformer_heads, causal=False,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from seed_jax.convert import tables
+from seed_jax.convert import infer, tables
 from seed_jax.convert.infer import need
 from seed_jax.convert.rules import Source
 from seed_jax.models.clip_text import CLIPTextConfig
@@ -13,11 +13,8 @@ ACTIVATIONS = ("quick_gelu", "gelu")  # transformers names that mean what ours d
 
 def prefix(source: Source) -> str:
     """Key prefix in front of `embeddings.token_embedding.weight`."""
-    for candidate in ("text_model.", "", "cond_stage_model.transformer.text_model."):
-        if f"{candidate}embeddings.token_embedding.weight" in source:
-            return candidate
-    raise KeyError(f"{source.name}: missing key 'text_model.embeddings.token_embedding.weight' "
-                   "(not a CLIP text encoder)")
+    return infer.prefix(source, "embeddings.token_embedding.weight",
+                        ("text_model.", "", "cond_stage_model.transformer.text_model."), "a CLIP text encoder")
 
 
 def config(source: Source, hf: dict) -> CLIPTextConfig:

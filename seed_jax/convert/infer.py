@@ -8,6 +8,7 @@ tells, come from the caller.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from seed_jax.convert.rules import Source
 from seed_jax.models.qformer import QFormerConfig
@@ -20,17 +21,31 @@ def need(source: Source, key: str, why: str):
     return source.shape(key)
 
 
+def prefix(source: Source, key: str, candidates: Sequence[str], what: str) -> str:
+    """The first of `candidates` under which `source` holds `key`."""
+    for candidate in candidates:
+        if candidate + key in source:
+            return candidate
+    raise KeyError(f"{source.name}: missing key {candidates[0] + key!r} (also tried the prefixes "
+                   f"{', '.join(repr(c) for c in candidates[1:])}; not {what})")
+
+
 def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str, fc1: str, heads: int,
-               eps: float = 1e-6) -> ViTConfig:
-    """`block` is a template with `{i}` whose presence counts the layers."""
+               eps: float = 1e-6, depth: int | None = None) -> ViTConfig:
+    """`block` is a template with `{i}` whose presence counts the layers; `depth`
+    (default: all of them) builds the first `depth` (later ones are left unused)."""
     width, _, patch, _ = need(source, patch_weight, "the ViT patch embedding")
     num_tokens = need(source, pos_embed, "the ViT position embedding")[-2]
     grid = math.isqrt(num_tokens - 1)
     if grid * grid != num_tokens - 1:
         raise ValueError(f"{pos_embed}: {num_tokens} positions is not 1 + a square grid")
-    depth = source.count(block)
-    if depth == 0:
+    available = source.count(block)
+    if available == 0:
         raise KeyError(f"{source.name}: no ViT blocks ({block.format(i=0)!r} missing)")
+    depth = available if depth is None else depth
+    if available < depth:
+        raise KeyError(f"{source.name}: missing key {block.format(i=available)!r} (a ViT of depth {depth}, "
+                       "see --vit_depth)")
     mlp_dim = need(source, fc1.format(i=0), "the ViT MLP width")[0]
     if width % heads:
         raise ValueError(f"vit heads {heads} do not divide the ViT width {width}")

@@ -1,16 +1,20 @@
-"""A transformers `OPTForCausalLM` folder -> an `opt` export. Dimensions come from
-shapes; head count, layer-norm placement and the embedding width from config.json."""
+"""A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
+one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
+come from shapes; head count and layer-norm placement from config.json."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from seed_jax.convert import tables
+from seed_jax.convert import infer, tables
 from seed_jax.convert.infer import need
 from seed_jax.convert.rules import Rule, Source, rule
 from seed_jax.models.opt import POSITION_OFFSET, OPTConfig
 
-PREFIX = "model.decoder."
+
+def prefix(source: Source) -> str:
+    """`model.decoder.` (OPTForCausalLM) or `decoder.` (OPTModel)."""
+    return infer.prefix(source, "decoder.embed_tokens.weight", ("model.", ""), "an OPT model") + "decoder."
 
 
 def extra_tokens(image_tokens: int) -> int:
@@ -33,25 +37,27 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
         raise ValueError(f"config.json activation_function={hf['activation_function']!r}: OPT uses 'relu'")
     if hf.get("_remove_final_layer_norm", False):
         raise ValueError("config.json _remove_final_layer_norm=True is not supported")
-    vocab_size, token_width = need(source, f"{PREFIX}embed_tokens.weight", "token embedding")
-    if "lm_head.weight" in source and not (source["lm_head.weight"] == source[f"{PREFIX}embed_tokens.weight"]).all():
-        raise ValueError("lm_head.weight differs from model.decoder.embed_tokens.weight: our OPT ties them")
-    positions, width = need(source, f"{PREFIX}embed_positions.weight", "position embedding")
-    depth = source.count(f"{PREFIX}layers.{{i}}.fc1.weight")
+    p = prefix(source)
+    vocab_size, token_width = need(source, f"{p}embed_tokens.weight", "token embedding")
+    if "lm_head.weight" in source and not (source["lm_head.weight"] == source[f"{p}embed_tokens.weight"]).all():
+        raise ValueError(f"lm_head.weight differs from {p}embed_tokens.weight: our OPT ties them")
+    positions, width = need(source, f"{p}embed_positions.weight", "position embedding")
+    depth = source.count(f"{p}layers.{{i}}.fc1.weight")
     return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 32),
-                     mlp_dim=need(source, f"{PREFIX}layers.0.fc1.weight", "MLP width")[0],
+                     mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,
                      embed_width=token_width if token_width != width else None,
                      pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens))
 
 
-def table(c: OPTConfig, seed: int = 0) -> dict[str, Rule]:
+def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:
     layers = range(c.depth)
-    b = f"{PREFIX}layers.{{i}}."
+    p = prefix(source)
+    b = f"{p}layers.{{i}}."
     a = f"{b}self_attn."
     out = {
-        "embed_tokens": rule(f"{PREFIX}embed_tokens.weight"),
-        "embed_positions": rule(f"{PREFIX}embed_positions.weight"),
+        "embed_tokens": rule(f"{p}embed_tokens.weight"),
+        "embed_positions": rule(f"{p}embed_positions.weight"),
         **tables.norm("layers.self_attn_layer_norm", f"{b}self_attn_layer_norm", layers),
         **tables.attention("layers.self_attn", f"{a}q_proj", f"{a}k_proj", f"{a}v_proj", f"{a}out_proj", c.num_heads,
                            layers),
@@ -60,10 +66,10 @@ def table(c: OPTConfig, seed: int = 0) -> dict[str, Rule]:
         **tables.dense("layers.fc2", f"{b}fc2", layers),
     }
     if c.extra_tokens:
-        out["embed_extra"] = rule(f"{PREFIX}embed_tokens.weight", hook=new_rows(c.extra_tokens, seed))
+        out["embed_extra"] = rule(f"{p}embed_tokens.weight", hook=new_rows(c.extra_tokens, seed))
     if c.pre_layer_norm:
-        out.update(tables.norm("final_layer_norm", f"{PREFIX}final_layer_norm"))
+        out.update(tables.norm("final_layer_norm", f"{p}final_layer_norm"))
     if c.embed_width:
-        out["project_in.kernel"] = tables.dense("x", f"{PREFIX}project_in")["x.kernel"]
-        out["project_out.kernel"] = tables.dense("x", f"{PREFIX}project_out")["x.kernel"]
+        out["project_in.kernel"] = tables.dense("x", f"{p}project_in")["x.kernel"]
+        out["project_out.kernel"] = tables.dense("x", f"{p}project_out")["x.kernel"]
     return out

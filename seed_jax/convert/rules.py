@@ -10,6 +10,7 @@ hold `{i}`, the layer index. PyTorch stores a Linear weight as (out, in); we sto
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -53,10 +54,17 @@ class Source:
             raise KeyError(f"{self.name}: missing key {key!r}")
 
     def count(self, template: str) -> int:
-        """How many consecutive layers `template` (with `{i}`) has, from 0."""
+        """How many consecutive layers `template` (with `{i}`) has, from 0. A gap is a
+        KeyError naming the first missing key: layer n lacks it while keys of layer n
+        or later exist under the template's prefix (a missing layer or shard)."""
         n = 0
         while template.format(i=n) in self.arrays:
             n += 1
+        layer = re.compile(re.escape(template.split("{i}")[0]) + r"(\d+)\.")
+        later = [int(m[1]) for key in self.arrays if (m := layer.match(key)) and int(m[1]) >= n]
+        if later:
+            raise KeyError(f"{self.name}: missing key {template.format(i=n)!r}, though layer {max(later)} "
+                           "has keys (a missing layer or shard?)")
         return n
 
     def unused(self) -> list[str]:

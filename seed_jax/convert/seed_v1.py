@@ -4,6 +4,7 @@ LAVIS's `eva_vit_g.pth`) -> a `seed_tokenizer` export.
 The reference builds the ViT from `eva_vit_g.pth` and the Q-Former from
 `causal_qformer.pth`, then loads `seed_tokenizer.pth` over them; here the same
 precedence holds: a key of the main checkpoint wins over the same key elsewhere.
+The ViT has the reference's depth: 39 blocks of `eva_vit_g.pth`'s 40 (`vit_depth`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from seed_jax.models.tokenizer import SeedTokenizerConfig
 VIT = "visual_encoder."
 QFORMER_LAYER = "Qformer.bert.encoder.layer.{i}."
 REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
+VIT_BLOCK = f"{VIT}blocks.{{i}}.norm1.weight"
+# LAVIS's create_eva_vit_g builds 39 blocks and loads eva_vit_g.pth's 40 into them with strict=False.
+EVA_G_DEPTH = 39
 
 
 def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | None) -> tuple[LazyArrays, list[str]]:
@@ -28,10 +32,21 @@ def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | N
     return LazyArrays.merged(extras, checkpoint), overridden
 
 
-def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: int) -> SeedTokenizerConfig:
+def vit_depth(checkpoint: Source, requested: int | None) -> int:
+    """The ViT depth the reference builds: `requested` (--vit_depth), else the blocks
+    the main checkpoint holds, else 39 (a ViT from eva_vit_g.pth alone)."""
+    if requested is None:
+        return checkpoint.count(VIT_BLOCK) or EVA_G_DEPTH
+    if requested < 1:
+        raise ValueError(f"--vit_depth={requested}: expected at least 1")
+    return requested
+
+
+def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: int,
+           vit_depth: int | None = None) -> SeedTokenizerConfig:
     vit = infer.vit_config(source, patch_weight=f"{VIT}patch_embed.proj.weight", pos_embed=f"{VIT}pos_embed",
-                           block=f"{VIT}blocks.{{i}}.norm1.weight", fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight",
-                           heads=vit_heads)
+                           block=VIT_BLOCK, fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight", heads=vit_heads,
+                           depth=vit_depth)
     common = dict(self_key="attention.self.query.weight", cross_key="crossattention.self.key.weight",
                   heads=qformer_heads)
     qformer = infer.qformer_config(source, layer=QFORMER_LAYER, query_tokens="query_tokens", causal=True,

@@ -9,7 +9,6 @@ pickles are explicitly allowed.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import math
 import os
@@ -23,6 +22,10 @@ from seed_jax.convert.lazy_arrays import LazyArrays, as_float32
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "module")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+# What transformers and diffusers load from a model folder, in their order of preference.
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                "diffusion_pytorch_model.bin")
 # safetensors dtype names -> little-endian numpy dtypes; BF16 is widened to float32 by hand.
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -30,14 +33,27 @@ SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "
 
 def read_file(path: str, *, allow_pickle: bool = False) -> LazyArrays:
     """One checkpoint file -> lazy {key: float32 array}; a {"model": state_dict}
-    (or "state_dict") wrapper is unwrapped."""
+    (or "state_dict") wrapper is unwrapped, and a `module.` (DDP) or `_orig_mod.`
+    (torch.compile) prefix that every key has is removed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    if path.endswith(TORCH_SUFFIXES):
-        return _read_with_torch(path, allow_pickle)
-    raise ValueError(f"checkpoint {path!r}: expected a .safetensors, .pth, .pt, .bin or .ckpt file")
+        arrays = read_safetensors(path)
+    elif path.endswith(TORCH_SUFFIXES):
+        arrays = _read_with_torch(path, allow_pickle)
+    else:
+        raise ValueError(f"checkpoint {path!r}: expected a .safetensors, .pth, .pt, .bin or .ckpt file")
+    return _without_wrapper_prefixes(arrays)
+
+
+def _without_wrapper_prefixes(arrays: LazyArrays) -> LazyArrays:
+    """Keys without the WRAPPER_PREFIXES every key has (`module._orig_mod.x` -> `x`)."""
+    while arrays:
+        shared = [p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in arrays)]
+        if not shared:
+            break
+        arrays = arrays.rekeyed(lambda k, n=len(shared[0]): k[n:])
+    return arrays
 
 
 def read_safetensors(path: str) -> LazyArrays:
@@ -78,19 +94,63 @@ def _safetensors_tensor(path: str, offset: int, dtype: str, shape: tuple[int, ..
     return as_float32(raw)
 
 
-def read_folder(folder: str, *, allow_pickle: bool = False) -> LazyArrays:
-    """A Hugging Face / diffusers model folder (*.safetensors or *pytorch_model*.bin,
-    sharded or not; reduced-precision variants such as *.fp16.safetensors are used
-    only when they are all there is)."""
+def read_folder(folder: str, *, allow_pickle: bool = False, variant: str | None = None) -> LazyArrays:
+    """The weights of a Hugging Face / diffusers model folder, chosen as transformers and
+    diffusers choose them: the first of WEIGHT_NAMES there, one file or the shards its
+    `.index.json` lists. A variant (`model.fp16.safetensors`, ...) is read when asked for,
+    or when it is the only one there; variants are never merged."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a Hugging Face model folder")
-    for pattern in ("*.safetensors", "*pytorch_model*.bin"):
-        files = sorted(glob.glob(os.path.join(folder, pattern)))
-        full_precision = [f for f in files if not re.search(r"\.(fp16|bf16)\.", os.path.basename(f))]
-        files = full_precision or files
-        if files:
-            return LazyArrays.merged(*(read_file(f, allow_pickle=allow_pickle) for f in files))
-    raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    files = _weight_files(folder, variant)
+    if not files and variant is None:
+        variants = _variants(folder)
+        if len(variants) > 1:
+            raise ValueError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} (or index), but the variants "
+                             f"{', '.join(variants)}: choose one with --variant")
+        files = _weight_files(folder, variants[0]) if variants else []
+    if not files:
+        wanted = [_variant_name(name, variant) for name in WEIGHT_NAMES]
+        raise FileNotFoundError(f"{folder}: no {' or '.join(wanted)}, nor a sharded .index.json of one")
+    return LazyArrays.merged(*(read_file(f, allow_pickle=allow_pickle) for f in files))
+
+
+def _variant_name(name: str, variant: str | None) -> str:
+    """model.safetensors -> model.fp16.safetensors; the same for an index's .json."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _weight_files(folder: str, variant: str | None) -> list[str]:
+    """The files of the first of WEIGHT_NAMES (as `variant`) in `folder`: the file,
+    or the shards its index lists, each of which must be there."""
+    for name in WEIGHT_NAMES:
+        path = os.path.join(folder, _variant_name(name, variant))
+        index = os.path.join(folder, _variant_name(f"{name}.index.json", variant))
+        if os.path.isfile(path):
+            return [path]
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [os.path.join(folder, s) for s in shards]
+    return []
+
+
+def _variants(folder: str) -> list[str]:
+    """Variants of WEIGHT_NAMES in `folder`: `model.fp16.safetensors` and
+    `model.safetensors.index.fp16.json` are the variant fp16."""
+    found = set()
+    for name in WEIGHT_NAMES:
+        stem, ext = (re.escape(part) for part in name.rsplit(".", 1))
+        pattern = re.compile(rf"{stem}\.(\w+)\.{ext}|{stem}\.{ext}\.index\.(\w+)\.json")
+        for file in os.listdir(folder):
+            if m := pattern.fullmatch(file):
+                found.add(m[1] or m[2])
+    return sorted(found)
 
 
 def read_hf_config(folder: str) -> dict:

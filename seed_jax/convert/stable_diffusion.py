@@ -159,8 +159,10 @@ def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:
 
 
 # ---------------------------------------------------------------- diffusers folder
-def read_diffusers_folder(folder: str, *, allow_pickle: bool = False) -> tuple[Source, dict[str, dict]]:
-    """(one Source with `unet.` / `vae.` / `text_encoder.` prefixed keys, each part's config.json)."""
+def read_diffusers_folder(folder: str, *, allow_pickle: bool = False,
+                          variant: str | None = None) -> tuple[Source, dict[str, dict]]:
+    """(one Source with `unet.` / `vae.` / `text_encoder.` prefixed keys, each part's config.json);
+    `variant` as in `sources.read_folder`."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a diffusers folder or a CompVis .ckpt/.safetensors")
     parts, configs = [], {}
@@ -168,7 +170,8 @@ def read_diffusers_folder(folder: str, *, allow_pickle: bool = False) -> tuple[S
         path = os.path.join(folder, part)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{folder}: no {part}/ folder (a diffusers pipeline has unet/, vae/, text_encoder/)")
-        parts.append(sources.read_folder(path, allow_pickle=allow_pickle).rekeyed(lambda k, p=part: f"{p}.{k}"))
+        arrays = sources.read_folder(path, allow_pickle=allow_pickle, variant=variant)
+        parts.append(arrays.rekeyed(lambda k, p=part: f"{p}.{k}"))
         configs[part] = sources.read_hf_config(path)
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     configs["scheduler"] = json.load(open(scheduler)) if os.path.exists(scheduler) else {}

@@ -1,9 +1,10 @@
 """User-facing inference. `SeedTokenizer.load(OUT, diffusion=SD_OUT)` then
 `preprocess`, `encode`, `embed_codes`, `decode`, `reconstruct`;
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
-`logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run through one
-compiled program per chunk size (the last chunk is padded), and inputs are checked
-before anything runs.
+`logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run in chunks
+of `batch_size` rows through one compiled program per chunk size (the last chunk is
+padded; SeedOPT's also per prompt length and decoding options), and inputs are
+checked before anything runs.
 
     tokenizer = SeedTokenizer.load("exports/seed_v1", diffusion="exports/sd_v1_4")
     codes = tokenizer.encode(tokenizer.preprocess(images))   # uint8 (B,H,W,3) -> int32 (B,32)
@@ -307,14 +308,17 @@ class SeedOPT:
     appended image tokens, or a SEED-OPT training export): `logits` and jitted,
     cached `generate`; with a text tokenizer and image tokens also `caption_codes` /
     `answer_codes` / `image_codes`, and with a `SeedTokenizer` `caption`, `answer`
-    and `generate_image` on images."""
+    and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
+    cache holds batch_size * num_beams rows)."""
 
     def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
-                 prompts: sequences.Prompts = sequences.Prompts()):
+                 prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model, self.config, self.dtype = model, model.config, dtype
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         self.image_token_ids = image_token_ids or {}
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
         graphdef, self._state = nnx.split(model)
@@ -329,18 +333,18 @@ class SeedOPT:
                 return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
                                            sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
 
-        def beam_search(state, ids, mask, max_new_tokens, num_beams):
+        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id):
             with jax.default_matmul_precision(precision):
                 return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
-                                              num_beams=num_beams)
+                                              num_beams=num_beams, eos_id=eos_id, pad_id=pad_id)
 
         self._logits = jax.jit(logits)
         self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
-        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
+        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id"))
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
-             diffusion: str | None = None, text_tokenizer: str | None = None) -> "SeedOPT":
+             diffusion: str | None = None, text_tokenizer: str | None = None, batch_size: int = 32) -> "SeedOPT":
         """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt) or the export's own
@@ -356,48 +360,71 @@ class SeedOPT:
         if text_tokenizer is not None and not os.path.exists(text_tokenizer):
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)
-        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer,
+        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size,
                    text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
                    else None)
 
-    def _check_ids(self, input_ids, attention_mask):
+    def _check_ids(self, input_ids, attention_mask, *, left_padded: bool):
+        """(B,L) ids and their 0/1 mask (default all ones) -> int32 arrays; prompts to
+        continue (`left_padded`) must end in a real token."""
         ids = np.asarray(input_ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected integer (B,L) with L >= 1, got {ids.dtype} {ids.shape}")
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+            raise ValueError(f"input_ids: expected integer (B,L) with B, L >= 1, got {ids.dtype} {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.total_vocab_size:
             raise ValueError(f"input_ids: values must lie in [0, {self.config.total_vocab_size}), "
                              f"got [{ids.min()}, {ids.max()}]")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: expected {ids.shape} like input_ids, got {mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask: expected values 0 and 1, got {np.unique(mask).tolist()}")
+        if not mask.any(1).all():
+            raise ValueError(f"attention_mask: expected a 1 in every row, rows {np.flatnonzero(~mask.any(1)).tolist()} "
+                             "are all 0")
+        if left_padded and not mask[:, -1].all():
+            raise ValueError(f"attention_mask: expected left-padded prompts (1 in the last column), rows "
+                             f"{np.flatnonzero(mask[:, -1] == 0).tolist()} end in padding")
         return ids.astype(np.int32), mask.astype(np.int32)
 
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
-        """(B,L) ids (left-padded, with `attention_mask`) -> (B,L,V) float32 logits."""
-        ids, mask = self._check_ids(input_ids, attention_mask)
-        return np.asarray(self._logits(self._state, ids, mask))
+        """(B,L) ids (padded, with `attention_mask`) -> (B,L,V) float32 logits."""
+        ids, mask = self._check_ids(input_ids, attention_mask, left_padded=False)
+        if ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
+                             "positions")
+        return np.asarray(run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size))
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
                  pad_id: int = 1, allowed: list[tuple[int, int]] | None = None, num_beams: int = 1) -> np.ndarray:
-        """(B,P) left-padded prompts -> (B,max_new_tokens) int32: greedy at temperature
-        0, else sampled (top-k / top-p). `allowed[t] = (low, high)` restricts step t.
-        `num_beams` > 1: beam search over exactly `max_new_tokens` tokens (no sampling,
-        eos or constraints)."""
-        ids, mask = self._check_ids(input_ids, attention_mask)
+        """(B,P) left-padded prompts -> (B,max_new_tokens) int32, `pad_id` after
+        `eos_id`: greedy at temperature 0, else sampled (top-k / top-p; `seed`
+        defaults to 0). `allowed[t] = (low, high)` restricts step t. `num_beams` > 1:
+        beam search as transformers' `generate(num_beams=..., do_sample=False)`
+        (no sampling options or `allowed`)."""
+        ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
         if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.config.max_positions:
             raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1]} "
                              f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams: expected >= 1 (1: no beam search), got {num_beams}")
         if num_beams > 1:
-            if temperature or allowed or eos_id is not None:
-                raise ValueError("num_beams > 1 takes no temperature, allowed or eos_id")
-            return np.asarray(self._beam_search(self._state, ids, mask, max_new_tokens=max_new_tokens,
-                                                num_beams=num_beams))
+            given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 0),
+                     ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
+            if given:
+                raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
+            return np.asarray(run_in_chunks(lambda i, m: self._beam_search(
+                self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id),
+                (ids, mask), self.batch_size))
+        sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
-        return np.asarray(self._generate(self._state, ids, mask, jax.random.key(seed), ranges,
-                                         max_new_tokens=max_new_tokens,
-                                         sampling=generation.Sampling(temperature, top_k, top_p),
-                                         eos_id=eos_id, pad_id=pad_id))
+        key = jax.random.key(0 if seed is None else seed)
+
+        def run(ids, mask, rows):  # each chunk samples with its own key
+            return self._generate(self._state, ids, mask, jax.random.fold_in(key, rows[0]), ranges,
+                                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+
+        return np.asarray(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size))
 
     # ---- SEED: codes <-> text
     @property
@@ -421,28 +448,37 @@ class SeedOPT:
     def _answers(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int, **sampling) -> list[str]:
         ids, mask = self._left_padded(prompts)
         eos = self.text_tokenizer.eos_id
-        if num_beams > 1:
-            tokens = self.generate(ids, max_new_tokens, attention_mask=mask, num_beams=num_beams)
-        else:
-            tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos,
-                                   pad_id=self.text_tokenizer.pad_id, **sampling)
+        tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos, pad_id=self.text_tokenizer.pad_id,
+                               num_beams=num_beams, **sampling)
         out = []
         for row in tokens.tolist():
             row = row[:row.index(eos)] if eos in row else row
             out.append(self.text_tokenizer.decode(row).strip())
         return out
 
+    @property
+    def num_queries(self) -> int:
+        """Codes per image: the SEED tokenizer's, else SEED's 32."""
+        return self.tokenizer.num_queries if self.tokenizer is not None else 32
+
+    def _codes(self, codes) -> np.ndarray:
+        codes = np.asarray(codes)
+        if (codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or not codes.size
+                or codes.shape[1] != self.num_queries):
+            raise ValueError(f"codes: expected integer (B,{self.num_queries}), got {codes.dtype} {codes.shape}")
+        return codes
+
     def caption_codes(self, codes, *, max_new_tokens: int = 30, num_beams: int = 1, **sampling) -> list[str]:
         """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
-        `sampling`: temperature, top_k, top_p, seed."""
+        `sampling`: temperature, top_k, top_p, seed (not with num_beams > 1)."""
         builder = self.builder
-        return self._answers([builder.caption_prompt(row) for row in _codes(codes)], max_new_tokens, num_beams,
+        return self._answers([builder.caption_prompt(row) for row in self._codes(codes)], max_new_tokens, num_beams,
                              **sampling)
 
     def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int = 10, num_beams: int = 1,
                      **sampling) -> list[str]:
         """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.")."""
-        codes = _codes(codes)
+        codes = self._codes(codes)
         if isinstance(questions, str) or len(questions) != len(codes):
             raise ValueError(f"questions: expected a list of {len(codes)} strings, one per image")
         builder = self.builder
@@ -458,7 +494,7 @@ class SeedOPT:
         builder = self.builder
         image = builder.image
         ids, mask = self._left_padded([builder.generation_prompt(p) for p in prompts])
-        num_queries = self.tokenizer.num_queries if self.tokenizer is not None else 32
+        num_queries = self.num_queries
         allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
         tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed)
@@ -487,13 +523,6 @@ class SeedOPT:
         `decode_options` as `SeedTokenizer.decode`."""
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return self._seed_tokenizer().decode(codes, seed=seed, **decode_options)
-
-
-def _codes(codes) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or not codes.size:
-        raise ValueError(f"codes: expected integer (B,32), got {codes.dtype} {codes.shape}")
-    return codes
 
 
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:

@@ -5,12 +5,14 @@ Prompts are left-padded (B,P) with a 1/0 mask; positions count the mask as OPT's
 learned positions expect, so padded and unpadded prompts give the same tokens.
 Each step picks a token greedily (temperature 0) or samples it after temperature,
 top-k and top-p (nucleus) filtering; `allowed` ranges can force which tokens a step
-may emit (SEED-OPT's text -> image: exactly 32 code tokens, then </img>).
+may emit (SEED-OPT's text -> image: exactly 32 code tokens, then </img>). Beam
+search follows transformers' (finished hypotheses at eos, length-normalised scores).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,8 @@ class Sampling:
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """(B,V) float32 -> the same with filtered-out tokens at -inf, divided by the temperature."""
     logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    if sampling.top_k:  # a top_k beyond the vocabulary keeps everything, as in transformers
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -49,8 +51,14 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 def allowed_ranges(max_new_tokens: int, ranges: list[tuple[int, int]] | None, vocab_size: int) -> np.ndarray:
     """Per step [low, high) token ids, (T,2) int32; steps past `ranges` allow everything."""
+    ranges = list(ranges or [])
+    if len(ranges) > max_new_tokens:
+        raise ValueError(f"allowed: expected at most max_new_tokens={max_new_tokens} ranges, got {len(ranges)}")
     out = np.tile(np.asarray([[0, vocab_size]], np.int32), (max_new_tokens, 1))
-    for i, (low, high) in enumerate((ranges or [])[:max_new_tokens]):
+    for i, (low, high) in enumerate(ranges):
+        if not 0 <= low < high <= vocab_size:
+            raise ValueError(f"allowed[{i}]: expected (low, high) with 0 <= low < high <= {vocab_size} (the "
+                             f"vocabulary size), got {(low, high)}")
         out[i] = (low, high)
     return out
 
@@ -99,48 +107,77 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     return emit(i, logits, done, out)[2]
 
 
+class Beams(NamedTuple):
+    """Beam search state: live beams (B*K rows) and each row's K finished hypotheses."""
+    scores: jax.Array           # (B*K,) float32 total log-probability of each live beam
+    tokens: jax.Array           # (B*K,T) int32 its new tokens so far, pad_id after
+    finished_scores: jax.Array  # (B,K) float32 length-normalised; -inf for an empty slot
+    finished_tokens: jax.Array  # (B,K,T) int32
+    active: jax.Array           # (B,) bool: the row still takes finished hypotheses
+
+
 def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
-                num_beams: int) -> jax.Array:
-    """(B,P) left-padded prompts -> (B,max_new_tokens) int32: the beam of highest
-    total log-probability after exactly `max_new_tokens` tokens (no early end; all
-    hypotheses have the same length, so no length penalty applies)."""
+                num_beams: int, eos_id: int | None = None, pad_id: int = 1, length_penalty: float = 1.0) -> jax.Array:
+    """(B,P) left-padded prompts -> (B,max_new_tokens) int32, as transformers'
+    `generate(num_beams=K, do_sample=False)` with its default `early_stopping=False`.
+
+    Each step takes the 2K best continuations of a row's K live beams. Those ending
+    (with `eos_id`, or at the last step) among the first K are finished hypotheses,
+    scored sum log-prob / length**length_penalty (length: new tokens, eos included)
+    into a K-slot buffer; the K best others stay live. A row stops taking hypotheses
+    once its buffer is full and its best live beam, scored at its current length, does
+    not beat the buffer's worst; the loop ends when no row takes any. Returns each
+    row's best hypothesis, `pad_id` after its eos."""
     batch, prompt_length = input_ids.shape
     k = num_beams
+    eos = -1 if eos_id is None else eos_id  # -1: no token ends a beam early
     repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (B,...) -> (B*K,...), beams of a row adjacent
+    take = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
     mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
     positions = jnp.cumsum(mask[:, :prompt_length], axis=1) * mask[:, :prompt_length] - 1
     logits, cache = model(input_ids, mask, positions=positions,
                           cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
     cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # cache batch axis is 1 (after layers)
-    # Only the first beam of each row is live at the start, so the first step picks K distinct tokens.
-    scores = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1)), batch)
     # New positions are written in order and the causal mask hides those not yet written.
     beam_mask = repeat(mask.at[:, prompt_length:].set(1))
+    # length**length_penalty for lengths 1..T, rounded to float32 once as transformers' divisor is
+    penalty = jnp.asarray(np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty, jnp.float32)
 
-    def select(logits, scores):
-        """(B*K,V) logits -> the K best continuations of each row: parents (B*K,), tokens, scores."""
+    def select(i, logits, beams: Beams):
+        """Step i on the live beams' (B*K,V) logits -> their parents (B*K,), new tokens (B*K,), next Beams."""
         vocab = logits.shape[-1]
-        total = (scores[:, None] + jax.nn.log_softmax(logits, -1)).reshape(batch, k * vocab)
-        scores, flat = jax.lax.top_k(total, k)  # (B,K)
-        parent = (flat // vocab + jnp.arange(batch)[:, None] * k).reshape(-1)
-        return parent, (flat % vocab).reshape(-1).astype(jnp.int32), scores.reshape(-1)
-
-    def extend(i, logits, scores, out):
-        parent, token, scores = select(logits, scores)
-        return scores, out[parent].at[:, i].set(token)
+        total = (beams.scores[:, None] + jax.nn.log_softmax(logits, -1)).reshape(batch, k * vocab)
+        scores, flat = jax.lax.top_k(total, 2 * k)  # (B,2K), best first
+        parent = flat // vocab + jnp.arange(batch)[:, None] * k
+        token = (flat % vocab).astype(jnp.int32)
+        tokens = beams.tokens[parent].at[:, :, i].set(token)  # (B,2K,T)
+        ends = (token == eos) | (i == max_new_tokens - 1)
+        live = jax.lax.top_k(jnp.where(ends, -jnp.inf, scores), k)[1]  # (B,K)
+        finishing = ends & (jnp.arange(2 * k) < k) & beams.active[:, None]
+        merged = jnp.concatenate([beams.finished_scores, jnp.where(finishing, scores / penalty[i], -jnp.inf)], 1)
+        best = jax.lax.top_k(merged, k)[1]
+        finished_scores = take(merged, best)
+        live_scores = take(scores, live)
+        # the worst of a buffer with an empty slot is -inf: the row stays active
+        active = beams.active & (live_scores[:, 0] / penalty[i] > finished_scores.min(1))
+        return take(parent, live).reshape(-1), take(token, live).reshape(-1), Beams(
+            live_scores.reshape(-1), take(tokens, live).reshape(batch * k, -1), finished_scores,
+            take(jnp.concatenate([beams.finished_tokens, tokens], 1), best), active)
 
     def step(state):
-        i, logits, cache, scores, position, out = state
-        parent, token, scores = select(logits, scores)
+        i, logits, cache, position, beams = state
+        parent, token, beams = select(i, logits, beams)
         cache = jax.tree.map(lambda c: c[:, parent], cache)
-        out = out[parent].at[:, i].set(token)
         logits, cache = model(token[:, None], beam_mask, positions=position[:, None], cache=cache,
                               cache_index=prompt_length + i)
-        return i + 1, logits[:, -1], cache, scores, position + 1, out
+        return i + 1, logits[:, -1], cache, position + 1, beams
 
-    state = (0, repeat(logits[:, -1]), cache, scores, repeat(positions[:, -1] + 1),
-             jnp.zeros((batch * k, max_new_tokens), jnp.int32))
-    i, logits, _, scores, _, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens - 1, step, state)
-    scores, out = extend(i, logits, scores, out)  # the last token needs no forward pass
-    best = jnp.argmax(scores.reshape(batch, k), -1) + jnp.arange(batch) * k
-    return out[best]
+    # Only the first beam of each row is live at the start, so the first step picks K distinct tokens.
+    beams = Beams(jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1)), batch),
+                  jnp.full((batch * k, max_new_tokens), pad_id, jnp.int32), jnp.full((batch, k), -jnp.inf),
+                  jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32), jnp.ones((batch,), bool))
+    state = (0, repeat(logits[:, -1]), cache, repeat(positions[:, -1] + 1), beams)
+    i, logits, _, _, beams = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & s[4].active.any(), step,
+                                                state)
+    # The last step needs no forward pass; after an early stop no row is active and it changes nothing.
+    return select(i, logits, beams)[2].finished_tokens[:, 0]

@@ -2,8 +2,10 @@
 logits (pre-LN and post-LN with project_in/out, padded batches), the KV cache
 against full recomputation, and greedy decoding against `generate()`."""
 
+import contextlib
 import copy
 import dataclasses
+import json
 
 import jax
 import ml_collections
@@ -12,13 +14,15 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from transformers import OPTConfig, OPTForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
 from seed_jax import generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
+from seed_jax.data import opt_text
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
 from seed_jax.models.opt import merge_lora, train_all_filter, trainable_filter
 from seed_jax.trainers import loop
@@ -59,6 +63,38 @@ def test_vocabulary_extension_keeps_the_model_and_appends_code_rows(converted, t
     old = np.asarray(extended.embed_tokens[...])
     assert rows.shape == (18, old.shape[1]) and len(np.unique(rows.round(6), axis=0)) == 18
     np.testing.assert_allclose(rows.mean(0), old.mean(0), atol=0.1 * old.std(0).max())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_opt_model_folder_without_lm_head_matches_transformers(variant, tmp_path):
+    """The Hub's facebook/opt-* folders hold an `OPTModel` (keys `decoder.*`, no
+    lm_head), which transformers loads into OPTForCausalLM with the head tied."""
+    randomize(OPTModel(OPTConfig(**TINY, **VARIANTS[variant])), 0).save_pretrained(tmp_path / "hf")
+    assert "decoder.embed_tokens.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
+    model, _, _ = weights.load_model(str(tmp_path / "export"), kind="opt")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask.astype(bool)
+    assert relative_error(np.asarray(model(ids, mask)[0])[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+
+
+def test_a_missing_shard_or_layer_fails_naming_it(tmp_path):
+    hf = OPTForCausalLM(OPTConfig(**dict(TINY, num_hidden_layers=4)))
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = index["model.decoder.layers.2.fc1.weight"]
+    (tmp_path / "sharded" / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists shards that are missing: {shard}"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'sharded'}", f"--out={tmp_path / 'a'}", "--image_tokens=0"])
+    hf.save_pretrained(tmp_path / "gap")
+    state = load_file(tmp_path / "gap" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, tmp_path / "gap" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="missing key 'model.decoder.layers.1.fc1.weight', though layer 3 has keys"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'gap'}", f"--out={tmp_path / 'b'}", "--image_tokens=0"])
 
 
 def _prompts():
@@ -114,6 +150,10 @@ def test_seed_opt_api_logits_and_generate(converted):
                           do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=1).numpy()[:, 8:]
     np.testing.assert_array_equal(lm.generate(ids, 5, attention_mask=mask), ref)
     np.testing.assert_allclose(lm.logits(ids[:1]), np.asarray(model(ids[:1])[0]), atol=1e-5)
+    one_at_a_time = SeedOPT.load(export, batch_size=1)  # chunks of one row
+    np.testing.assert_array_equal(one_at_a_time.generate(ids, 5, attention_mask=mask), ref)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(one_at_a_time.logits(ids, mask)[real], np.asarray(model(ids, mask)[0])[real], atol=1e-5)
     with pytest.raises(ValueError, match="input_ids: values must lie"):
         lm.logits(np.full((1, 3), 500))
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -134,6 +174,48 @@ def test_beam_search_matches_transformers(converted):
     greedy = jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=8))(ids, mask)
     assert not np.array_equal(np.asarray(greedy), ref), "beam search found the greedy path: the check is vacuous"
     np.testing.assert_array_equal(SeedOPT.load(export).generate(ids, 8, attention_mask=mask, num_beams=3), ref)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Tiny torch models run ~20x faster on one thread than on two contended cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_beam_search_with_eos_matches_transformers(converted):
+    """With an end token, beams ending among the best are finished hypotheses scored by
+    length, as transformers' beam search (length_penalty 0.0 stops the loop early).
+    The end tokens tried are those the beams without one emit first."""
+    hf, model, export = converted
+    ids, mask = _prompts()
+    steps, beams = 10, 3
+    without = np.asarray(jax.jit(lambda i, m: generation.beam_search(model, i, m, max_new_tokens=steps,
+                                                                     num_beams=beams))(ids, mask))
+    changed, stopped_early = 0, 0
+    for length_penalty in (1.0, 0.0):
+        run = jax.jit(lambda i, m, eos: generation.beam_search(
+            model, i, m, max_new_tokens=steps, num_beams=beams, eos_id=eos, length_penalty=length_penalty))
+        for eos in np.unique(without[:, :3]).tolist():
+            with torch.no_grad(), _one_torch_thread():
+                ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                  max_new_tokens=steps, do_sample=False, num_beams=beams, eos_token_id=eos,
+                                  pad_token_id=1, length_penalty=length_penalty).numpy()[:, 8:]
+            stopped_early += ref.shape[1] < steps
+            ref = np.pad(ref, ((0, 0), (0, steps - ref.shape[1])), constant_values=1)
+            np.testing.assert_array_equal(np.asarray(run(ids, mask, eos)), ref,
+                                          err_msg=f"eos_id={eos} length_penalty={length_penalty}")
+            after_eos = np.cumsum(np.cumsum(without == eos, 1) > 0, 1) > 1
+            changed += not np.array_equal(np.where(after_eos, 1, without), ref)
+            if length_penalty == 1.0 and eos == without[0, 0]:  # the API (its length_penalty), one row per chunk
+                np.testing.assert_array_equal(SeedOPT.load(export, batch_size=1).generate(
+                    ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos), ref)
+    assert changed, "cutting beams without an end token at eos gives the same tokens: the check is vacuous"
+    assert stopped_early, "no batch stopped before max_new_tokens: the early stop is untested"
 
 
 def test_sampling_top_k_1_is_greedy_and_constraints_hold(converted):
@@ -159,6 +241,55 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert np.isfinite(np.asarray(logits)).tolist() == [[True, True, False, False]]
     logits = generation.filter_logits(np.log(probs), generation.Sampling(temperature=1.0, top_k=3))
     assert np.isfinite(np.asarray(logits)).tolist() == [[True, True, True, False]]
+    logits = generation.filter_logits(np.log(probs), generation.Sampling(temperature=1.0, top_k=10))
+    assert np.isfinite(np.asarray(logits)).all()  # top_k beyond the vocabulary keeps everything
+
+
+def _tiny_seed_opt(**options):
+    """A random SeedOPT with a word-level text tokenizer and 16 codes."""
+    text = opt_text.OPTTextTokenizer(opt_text.word_bpe(["a", "red", "star"]))
+    config = OPTConfigOurs(vocab_size=text.vocab_size, width=16, depth=1, num_heads=2, mlp_dim=32, max_positions=64,
+                           extra_tokens=2 + 16)
+    ids = dict(image_start_id=text.vocab_size, image_end_id=text.vocab_size + 1, first_code_id=text.vocab_size + 2)
+    return SeedOPT(weights.build("opt", config), image_token_ids=ids, text_tokenizer=text, **options)
+
+
+def test_seed_opt_rejects_inputs_it_would_mishandle():
+    lm = _tiny_seed_opt()
+    vocab = lm.config.total_vocab_size
+    ids = np.full((2, 4), 5)
+    mask = np.ones_like(ids)
+    for bad, message in [([[1, 1, 1, 0], [1, 1, 1, 1]], r"expected left-padded prompts .* rows \[0\] end in padding"),
+                         ([[0, 2, 2, 2], [1, 1, 1, 1]], r"expected values 0 and 1, got \[0, 1, 2\]"),
+                         ([[0, 0, 0, 0], [1, 1, 1, 1]], r"expected a 1 in every row, rows \[0\] are all 0")]:
+        with pytest.raises(ValueError, match="attention_mask: " + message):
+            lm.generate(ids, 2, attention_mask=np.asarray(bad))
+    words = np.asarray([[5, 6, 7, 8]] * 2)  # right padding is fine for logits, not for generation
+    right = lm.logits(words, np.asarray([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    left = lm.logits(np.roll(words, 2, 1), np.asarray([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    np.testing.assert_allclose(right[0, :2], left[0, 2:], atol=1e-5)
+    with pytest.raises(ValueError, match="attention_mask: expected a 1 in every row"):
+        lm.logits(ids, np.asarray([[1, 1, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"input_ids: expected integer \(B,L\) with B, L >= 1"):
+        lm.generate(np.zeros((0, 4), int), 2)
+    with pytest.raises(ValueError, match="input_ids: length 65 exceeds the model's 64 positions"):
+        lm.logits(np.full((1, 65), 5))
+    for allowed, message in [([(5, 5)], r"allowed\[0\]: expected .* 0 <= low < high <= " + str(vocab)),
+                             ([(0, 3), (vocab, vocab + 2)], r"allowed\[1\]: expected"),
+                             ([(0, 3)] * 3, "allowed: expected at most max_new_tokens=2 ranges, got 3")]:
+        with pytest.raises(ValueError, match=message):
+            lm.generate(ids, 2, attention_mask=mask, allowed=allowed)
+    with pytest.raises(ValueError, match="num_beams: expected >= 1"):
+        lm.generate(ids, 2, num_beams=0)
+    for option in [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(seed=3), dict(allowed=[(0, 3)])]:
+        with pytest.raises(ValueError, match=f"num_beams > 1 \\(beam search\\) takes no {next(iter(option))}"):
+            lm.generate(ids, 2, num_beams=2, **option)
+    with pytest.raises(ValueError, match="takes no temperature"):
+        lm.caption_codes(np.zeros((1, 32), int), max_new_tokens=3, num_beams=2, temperature=1.0)
+    with pytest.raises(ValueError, match=r"codes: expected integer \(B,32\), got int64 \(1, 5\)"):
+        lm.caption_codes(np.zeros((1, 5), np.int64))
+    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+        _tiny_seed_opt(batch_size=0)
 
 
 def _adapted(model, config, rank=4, extra=6):

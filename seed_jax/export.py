@@ -32,11 +32,12 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
-    """Writes the tokenizer of `workdir` to `out`; returns {stage: restored step or None}."""
+    """Writes the tokenizer of `workdir` to `out`; returns {stage: restored step or None}.
+    Runs on this process alone (in a multi-host run, one process calls it)."""
     config = read_workdir_config(workdir)
     if config.trainer != "tokenizer":
         raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     model = tokenizer_trainer.create_model(config, mesh)
     stages = tokenizer_trainer.stages_to_run(config)
     stages = stages[:stages.index(last_stage) + 1] if last_stage in stages else stages

@@ -115,6 +115,16 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> Name
     return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
 
 
+def axes_spanning_processes(processes: np.ndarray, axis_names: Sequence[str],
+                            sharded: str | Sequence[str]) -> list[str]:
+    """The mesh axes, other than `sharded`, along which the process changes
+    (`processes`: the process index of each mesh position): for an array sharded over
+    `sharded` alone, the devices holding one shard then belong to several processes."""
+    sharded = (sharded,) if isinstance(sharded, str) else tuple(sharded)
+    return [name for i, name in enumerate(axis_names)
+            if name not in sharded and np.any(np.diff(processes, axis=i))]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -42,3 +42,13 @@ def test_constrain_is_noop_outside_rules_and_shards_inside():
             return parallel.constrain(x * 2, ("batch", None))
 
     assert f(x).sharding.spec[0] == "data"
+
+
+def test_axes_spanning_processes_from_the_device_to_process_map():
+    axes = parallel.MESH_AXES
+    # 2 processes x 2 devices, mesh data 2 x tensor 2: each tensor pair sits in one process
+    assert parallel.axes_spanning_processes(np.array([0, 0, 1, 1]).reshape(2, 1, 2), axes, "data") == []
+    # 4 processes x 1 device: a tensor pair spans 2 processes, which feed different rows
+    assert parallel.axes_spanning_processes(np.arange(4).reshape(2, 1, 2), axes, "data") == ["tensor"]
+    assert parallel.axes_spanning_processes(np.arange(4).reshape(2, 2, 1), axes, ("data", "fsdp")) == []
+    assert parallel.axes_spanning_processes(np.arange(4).reshape(1, 1, 4), axes, ()) == ["tensor"]

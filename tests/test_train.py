@@ -6,11 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
+import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configs.tokenizer import get_config
 from helpers import assert_export_holds_both_stages, latest_state_path
@@ -102,6 +107,43 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     straight, again = _final_state(str(tmp_path / "straight")), _final_state(resumed)
     jax.tree.map(np.testing.assert_array_equal, straight, again)
     assert _eval_lines(str(tmp_path / "straight"))[-1] == _eval_lines(resumed)[-1]
+
+
+class _Line(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.full((4,), 0.1))
+        self.b = nnx.Param(jnp.zeros(()))
+
+
+def _nan_gradient_at_step_4(model, batch, rng):
+    """A finite loss whose gradient is NaN for the batch of step 4 (sqrt'(0) * 0)."""
+    y = batch["x"] @ model.w[...] + model.b[...]
+    at_step_4 = (batch["x"][0, 0] == 4).astype(jnp.float32)
+    return jnp.mean((y - 1.0) ** 2) + jnp.sqrt(model.b[...] * 0.0 + 1.0 - at_step_4), ({}, {})
+
+
+def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
+    """Step 4's loss is finite but its gradient is not: its checkpoint is not
+    written (the updated parameters are NaN), the step-2 one stays."""
+    config = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=5,
+                                            eval_every_steps=100, checkpoint_every_steps=2, keep_checkpoints=5))
+    stage = types.SimpleNamespace(init_lr=0.1, lr=0.1, end_lr=0.1, warmup_steps=1, num_steps=6, b1=0.9, b2=0.999,
+                                  weight_decay=0.0)
+    rows = grain.MapDataset.range(1, 100).map(lambda i: {"x": np.full((2, 4), i, np.float32)})
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    preemption, writer = loop.Preemption(), loop.MetricsWriter(str(tmp_path))
+    try:
+        with pytest.raises(FloatingPointError, match="step 4: non-finite"):
+            loop.run_stage(name="s", model=_Line(), trainable=nnx.Param, loss_fn=_nan_gradient_at_step_4,
+                           stage=stage, config=config, mesh=mesh, train_iter=iter(rows.to_iter_dataset()),
+                           evaluate=lambda model, step: None, writer=writer, preemption=preemption,
+                           checkpoint_dir=str(tmp_path / "ckpt"))
+    finally:
+        preemption.close()
+        writer.close()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]
+    saved = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ckpt" / "2" / "state"))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
 @pytest.mark.slow

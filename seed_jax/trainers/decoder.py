@@ -147,8 +147,9 @@ def train(config, workdir: str) -> bool:
         preemption.close()
         writer.close()
     out = os.path.join(workdir, "export")
+    params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
     if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        weights.save(out, "stable_diffusion", sd_config, weights.flat_params(model),
+        weights.save(out, "stable_diffusion", sd_config, params,
                      info={"workdir": workdir, "tokenizer_export": tok_export, "steps": config.train.num_steps})
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)

@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from seed_jax import parallel
+from seed_jax import parallel, weights
 
 NO_DECAY_NAMES = ("bias", "scale", "q_bias", "k_bias", "v_bias", "out_bias", "patch_bias", "temp")
 
@@ -47,14 +47,30 @@ def make_optimizer(stage) -> optax.GradientTransformation:
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded on the batch axis."""
     def one(x):
-        global_size = x.shape[0] * jax.process_count()
-        sharding = parallel.batch_sharding(mesh, rules, x.ndim, global_size)
-        if sharding.spec[0] is None and jax.process_count() > 1:
-            raise ValueError(f"batch size {global_size} does not divide over the mesh's batch axes "
-                             f"{dict(mesh.shape)}: choose batch_size / eval.batch_size accordingly")
-        return jax.make_array_from_process_local_data(sharding, x)
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        sharding = parallel.batch_sharding(mesh, rules, x.ndim, global_shape[0])
+        if jax.process_count() > 1:
+            _check_rows_per_process(sharding, global_shape[0])
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return {k: one(v) for k, v in local.items()}
+
+
+def _check_rows_per_process(sharding, global_size: int) -> None:
+    """Each process feeds rows of its own, so the devices holding one batch shard must
+    belong to one process: the batch is sharded, and no other mesh axis spans processes."""
+    mesh, batch_axes = sharding.mesh, sharding.spec[0]
+    if batch_axes is None:
+        raise ValueError(f"batch size {global_size} is not sharded over mesh {dict(mesh.shape)} (its batch axes "
+                         f"have size 1 or do not divide it), but {jax.process_count()} processes each feed rows "
+                         "of their own: choose batch_size / eval.batch_size or the mesh accordingly")
+    processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    spanning = parallel.axes_spanning_processes(processes, mesh.axis_names, batch_axes)
+    if spanning:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: axes {spanning} span processes but do not shard the batch, so processes "
+            f"feeding different rows would share batch shards; expected the mesh axes other than {batch_axes} "
+            f"to fit within one process's {jax.local_device_count()} devices")
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -126,14 +142,18 @@ def _copy_whole_arrays_to_host_on_cpu() -> None:
 
 
 class Checkpointer:
-    """orbax CheckpointManager holding the train state and the grain iterator state."""
+    """orbax CheckpointManager holding the train state and the grain iterator state.
+    `read_alone`: only restores, on this process alone (e.g. to export on process 0 of a
+    multi-host run)."""
 
-    def __init__(self, directory: str, *, keep: int):
+    def __init__(self, directory: str, *, keep: int, read_alone: bool = False):
         _copy_whole_arrays_to_host_on_cpu()
+        processes = weights.this_process_only() if read_alone else ocp.options.MultiprocessingOptions()
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_alone, read_only=read_alone,
+                                                 multiprocessing_options=processes),
+            item_handlers={"state": ocp.StandardCheckpointHandler(multiprocessing_options=processes),
                            "data": grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -178,6 +198,15 @@ class Progress:
         return rate
 
 
+def summed_over_processes(counts: dict[str, float]) -> dict[str, float]:
+    """`counts` (the same keys on every process) summed over processes."""
+    if jax.process_count() == 1 or not counts:
+        return counts
+    keys = sorted(counts)
+    totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.float32)).sum(axis=0)
+    return {k: float(v) for k, v in zip(keys, totals)}
+
+
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Averages per-step device metrics after one transfer to host."""
     host = jax.device_get(history)
@@ -191,7 +220,8 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     state = {"params", "opt_state", "step"}; `frozen` holds the parameters that do
     not train. `loss_fn(model, batch, rng) -> (loss, (metrics, aux))`;
     `post_update(params, aux, rng, step) -> params` may edit parameters after the
-    optimizer update (e.g. restart unused codes).
+    optimizer update (e.g. restart unused codes). metrics["finite"] is True when the
+    loss, the gradient norm and the new state are all finite.
     """
 
     def step_fn(state, frozen, batch):
@@ -208,10 +238,27 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
             step = state["step"] + 1
             if post_update is not None:
                 params = post_update(params, aux, update_rng, step)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+            grad_norm = optax.global_norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((params, opt_state))
+            metrics = {"loss": loss, "grad_norm": grad_norm, **metrics, "finite": finite}
             return {"params": params, "opt_state": opt_state, "step": step}, metrics
 
     return step_fn
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite (a scalar bool)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
+
+
+def _raise_if_non_finite(name: str, step: int, finite: list[jax.Array]) -> None:
+    """`finite`: the steps' "finite" flags up to `step`; raises at the first False one."""
+    flags = np.asarray(jax.device_get(finite))
+    if not flags.all():
+        bad = step - len(flags) + 1 + int(np.argmin(flags))
+        raise FloatingPointError(f"{name} step {bad}: non-finite loss, gradients, parameters or optimizer "
+                                 f"state; stopped at step {step} without a checkpoint (the earlier ones are kept)")
 
 
 def jit_train_step(step_fn, state_sharding, frozen_sharding, mesh):
@@ -269,17 +316,18 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
 
 def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: str, *, keep: int = 1) -> int | None:
     """Sets the parameters a stage trains from its latest checkpoint in `checkpoint_dir`;
-    returns that step (None, model untouched, if there is no checkpoint)."""
+    returns that step (None, model untouched, if there is no checkpoint). Reads on this
+    process alone (in a multi-host run, one process exports)."""
     if not os.path.isdir(checkpoint_dir):
         return None
-    checkpointer = Checkpointer(checkpoint_dir, keep=keep)
+    checkpointer = Checkpointer(checkpoint_dir, keep=keep, read_alone=True)
     try:
         step = checkpointer.latest_step()
         if step is None:
             return None
         _, params, _ = nnx.split(model, trainable, ...)
         tx = make_optimizer(stage)
-        first = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # optimizer state is read, then dropped
+        first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # optimizer state is read, then dropped
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=getattr(x, "sharding", None) or first),
                                 {"params": params, "opt_state": jax.eval_shape(tx.init, params),
@@ -296,8 +344,10 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
               extra_metrics: Callable[[], dict[str, float]] = dict, post_update: Callable | None = None) -> bool:
     """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
-    saving), True when the stage is complete. `extra_metrics()` joins each train log line;
-    `post_update` is passed to the train step (see `make_train_step`)."""
+    saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
+    of a non-finite state, at the first log or checkpoint step after a non-finite step.
+    `extra_metrics()` (counts of this process, summed over processes) joins each train log
+    line; `post_update` is passed to the train step (see `make_train_step`)."""
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
@@ -326,27 +376,29 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
 
     progress = Progress(name, start, stage.num_steps)
     history: list[dict] = []
+    unchecked: list[jax.Array] = []  # the "finite" flags of the steps since the last check
     for step in range(start + 1, stage.num_steps + 1):
         batch = global_batch(next(train_iter), mesh, config.axis_rules)
         state, metrics = setup.train_step(state, setup.frozen, batch)
+        unchecked.append(metrics.pop("finite"))
         history.append(metrics)
         last = step == stage.num_steps
         logged = step % config.log_every_steps == 0
         if logged or last:
+            _raise_if_non_finite(name, step, unchecked)
+            unchecked = []
             summary = mean_metrics(history)
             history = []
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(f"{name} step {step}: non-finite loss {summary['loss']}; "
-                                         "the last good checkpoint is kept")
             rate = progress.log(step, summary)
-            writer.write(step, name, "train", {**summary, "steps_per_sec": rate, **extra_metrics()})
+            writer.write(step, name, "train", {**summary, "steps_per_sec": rate,
+                                               **summed_over_processes(extra_metrics())})
         if step % config.eval_every_steps == 0 or last:
             nnx.update(model, state["params"])
             evaluate(model, step)
         preempted = preemption.requested(sync=logged)
         if step % config.checkpoint_every_steps == 0 or last or preempted:
-            if not np.isfinite(float(metrics["loss"])):
-                raise FloatingPointError(f"{name} step {step}: non-finite loss; checkpoint not written")
+            _raise_if_non_finite(name, step, unchecked)
+            unchecked = []
             checkpointer.save(step, state, train_iter)
         if preempted and not last:
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)

@@ -279,18 +279,20 @@ def train(config, workdir: str) -> bool:
         preemption.close()
         writer.close()
     out = os.path.join(workdir, "export")
+    params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
     if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        export(model, image_tokens, text, out, info={"workdir": workdir, "tokenizer_export": tok_export})
+        export(model.config, params, image_tokens, text, out, info={"workdir": workdir, "tokenizer_export": tok_export})
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"export": out, "tokenizer_export": tok_export}, f)
     return True
 
 
-def export(model: opt.OPT, image_tokens: sequences.ImageTokens, text: opt_text.OPTTextTokenizer, out: str,
-           info: dict) -> None:
-    """The model with LoRA merged into its base weights, as an `opt` export with the
-    image token ids and the text tokenizer (`api.SeedOPT.load(out)`)."""
-    merged_config, params = opt.merge_lora(model.config, weights.flat_params(model))
+def export(config: opt.OPTConfig, params: dict, image_tokens: sequences.ImageTokens,
+           text: opt_text.OPTTextTokenizer, out: str, info: dict) -> None:
+    """The model (`config`, this process's whole dotted-path `params`) with LoRA merged
+    into its base weights, as an `opt` export with the image token ids and the text
+    tokenizer (`api.SeedOPT.load(out)`)."""
+    merged_config, params = opt.merge_lora(config, params)
     weights.save(out, "opt", merged_config, params,
                  info={**info, "image_start_id": image_tokens.start, "image_end_id": image_tokens.end,
                        "first_code_id": image_tokens.first_code})

@@ -81,3 +81,16 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     batches = pipeline.eval_batches([path], counted, num_examples=6, global_batch_size=6, num_threads=1)
     assert sorted(batches[0]["index"].tolist()) == [-1, -1, 0, 2, 3, 5]
     assert counted.skipped.count == 2
+
+
+def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, example):
+    path = str(tmp_path / "corrupt.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i in range(8):
+        writer.write(records.encode_record(synthetic.make_example(i, 0, 32))[:40])
+    writer.close()
+    ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    it = pipeline.train_iterator([path], ex, global_batch_size=4, seed=0, num_threads=1)
+    with pytest.raises(ValueError, match="skipped 100.00 %"):
+        next(it)
+    assert ex.skipped.count >= 8

@@ -3,7 +3,8 @@
 Each process reads its own slice of the records and yields its part of the global
 batch: `image` float32 (b,S,S,3), `text_ids` / `text_mask` int32 (b,L) for the
 Q-Former, `clip_ids` int32 (b,77) for the CLIP text encoder, `index` int32 (b,).
-A record that cannot be decoded is skipped (train) or padded (eval), and counted.
+A record that cannot be decoded is skipped (train) or padded (eval), and counted; a
+training pipeline that skips nearly all it reads raises instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import threading
 from typing import Sequence
 
 import grain
+import grain.experimental
 import jax
 import numpy as np
 
 from seed_jax.data import preprocess, records
 from seed_jax.data.text import TextTokenizer
+
+# A training pipeline that skips more than this fraction of 1000 consecutive records
+# raises (grain's filter check) instead of reading on forever for batches it cannot fill.
+MAX_SKIPPED_FRACTION = 0.9
 
 
 class SkipCounter:
@@ -127,7 +133,14 @@ def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size:
     indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))
     ds = indexed[index::count].shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-    return iter(ds.batch(global_batch_size // count, drop_remainder=True))
+    return iter(raise_when_mostly_skipped(ds).batch(global_batch_size // count, drop_remainder=True))
+
+
+def raise_when_mostly_skipped(ds: grain.IterDataset) -> grain.IterDataset:
+    """`ds` (whose skipped records are None) raising a ValueError once it skips more
+    than MAX_SKIPPED_FRACTION of its records."""
+    return grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
 
 
 def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, global_batch_size: int,

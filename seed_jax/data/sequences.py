@@ -25,14 +25,11 @@ import grain.experimental
 import jax
 import numpy as np
 
-from seed_jax.data import code_records
+from seed_jax.data import code_records, pipeline
 from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.pipeline import SkipCounter
 
 CODES_PER_IMAGE = 32  # SEED's causal queries
-# A training pipeline that skips more than this fraction of 1000 consecutive records
-# raises (grain's filter check) instead of reading on forever for rows it cannot fill.
-MAX_SKIPPED_FRACTION = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +163,7 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
         raise ValueError(f"{paths[0]}...: no code records for process {index} of {count}")
     ds = source.shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-    ds = grain.experimental.WithOptionsIterDataset(
-        ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
+    ds = pipeline.raise_when_mostly_skipped(ds)
     length, targets = example.max_length, example.max_targets
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"inputs": length, "target_ids": targets, "target_index": targets},

@@ -1,6 +1,7 @@
 """Tiny model configs and checks shared by the tests."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,16 +31,33 @@ def latest_state_path(workdir, stage) -> str:
     return os.path.join(directory, str(step), "state")
 
 
-def checkpoint_params(workdir, stage) -> dict:
-    """{dotted name: array} of the tokenizer parameters in `stage`'s latest checkpoint."""
+def checkpoint_params(workdir, stage, module: str | None = "tokenizer") -> dict:
+    """{dotted name: array} of the trained parameters in `stage`'s latest checkpoint,
+    those under `module` (None: all of them)."""
     path = latest_state_path(workdir, stage)
     checkpointer = ocp.PyTreeCheckpointer()
     # As host numpy, whatever devices wrote it (a multi-process run's included).
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             checkpointer.metadata(path).item_metadata.tree)
-    state = checkpointer.restore(path, restore_args=as_numpy)
-    flat = weights._flatten(state["params"]["tokenizer"])  # raw nnx state: each leaf under "value"
+    params = checkpointer.restore(path, restore_args=as_numpy)["params"]
+    flat = weights._flatten(params[module] if module else params)  # raw nnx state: each leaf under "value"
     return {name.removesuffix(".value"): value for name, value in flat.items()}
+
+
+def run_two_processes(repo_root, args: list[str]) -> None:
+    """`python -m seed_jax.main *args` as two JAX processes on loopback, 4 CPU devices
+    each; both must exit 0."""
+    with socket.socket() as free:  # a port no one holds now
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
+           "PYTHONPATH": repo_root}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "seed_jax.main", *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
 
 
 def assert_export_holds_both_stages(workdir, out, repo_root) -> None:

@@ -4,17 +4,15 @@ tiny trainer end to end with its export, and the image/text API."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from array_record.python import array_record_module
 
 from configs.seed_opt import get_config
+from helpers import checkpoint_params, run_two_processes
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -453,35 +451,17 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
     processes' devices): each process pre-tokenizes its slice, trains on its rows, and
     the export holds the last checkpoint's whole parameters."""
     workdir = tmp_path / "wd"
-    port = 13000 + os.getpid() % 1000
-    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
-           "PYTHONPATH": repo_root}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/seed_opt.py:tiny",
-         f"--workdir={workdir}", f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",
-         "--config.mesh.data=1", "--config.mesh.fsdp=8", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    run_two_processes(repo_root, [f"--config={repo_root}/configs/seed_opt.py:tiny", f"--workdir={workdir}",
+                                  f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",
+                                  "--config.mesh.data=1", "--config.mesh.fsdp=8"])
     assert sorted(f for f in os.listdir(workdir / "codes") if f.startswith("train-")) == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
     with open(workdir / "metrics.jsonl") as f:
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
     assert [e["stage"] for e in evals] == ["image_to_text", "both_directions"]
-    state = str(workdir / "checkpoints" / "both_directions" / "3" / "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    stored = dict(checkpointer.metadata(state).item_metadata)
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-    trained = _dotted(checkpointer.restore(state, args=ocp.args.PyTreeRestore(restore_args=as_numpy))["params"])
+    trained = checkpoint_params(str(workdir), "both_directions", module=None)
     exported = weights.load_params(str(workdir / "export"))
     assert "layers.fc1.kernel" in trained and set(trained) <= set(exported)
     for key, value in trained.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
-
-def _dotted(state: dict, prefix: str = "") -> dict:
-    """A restored nnx state {"a": {"b": {"value": x}}} -> {"a.b": x}."""
-    if set(state) == {"value"}:
-        return {prefix[:-1]: state["value"]}
-    return {k: v for name, sub in state.items() for k, v in _dotted(sub, f"{prefix}{name}.").items()}

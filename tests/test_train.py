@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from configs.tokenizer import get_config
-from helpers import assert_export_holds_both_stages, latest_state_path
+from helpers import assert_export_holds_both_stages, latest_state_path, run_two_processes
 from seed_jax import parallel
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
@@ -178,16 +178,7 @@ def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_r
     """The multi-host path: per-process data slices, global arrays, gathered evals;
     one process then exports what both wrote."""
     workdir = tmp_path / "wd"
-    port = 12000 + os.getpid() % 1000
-    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
-           "PYTHONPATH": repo_root}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
-         f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    run_two_processes(repo_root, [f"--config={repo_root}/configs/tokenizer.py:tiny", f"--workdir={workdir}"])
     evals = _eval_lines(str(workdir))
     assert [e["stage"] for e in evals] == ["stage1", "stage2"]
     assert evals[-1]["num_examples"] == 64 and "codebook/used_codes" in evals[-1]

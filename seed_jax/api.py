@@ -333,14 +333,16 @@ class SeedOPT:
                 return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
                                            sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
 
-        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id):
+        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty):
             with jax.default_matmul_precision(precision):
                 return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
-                                              num_beams=num_beams, eos_id=eos_id, pad_id=pad_id)
+                                              num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
+                                              length_penalty=length_penalty)
 
         self._logits = jax.jit(logits)
         self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
-        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id"))
+        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id",
+                                                                  "length_penalty"))
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
@@ -396,25 +398,30 @@ class SeedOPT:
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None, num_beams: int = 1) -> np.ndarray:
+                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> np.ndarray:
         """(B,P) left-padded prompts -> (B,max_new_tokens) int32, `pad_id` after
         `eos_id`: greedy at temperature 0, else sampled (top-k / top-p; `seed`
         defaults to 0). `allowed[t] = (low, high)` restricts step t. `num_beams` > 1:
         beam search as transformers' `generate(num_beams=..., do_sample=False)`
-        (no sampling options or `allowed`)."""
+        (no sampling options or `allowed`), finished hypotheses scored by
+        log-probability / length**`length_penalty`."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
         if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.config.max_positions:
             raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1]} "
                              f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
         if num_beams < 1:
             raise ValueError(f"num_beams: expected >= 1 (1: no beam search), got {num_beams}")
+        if num_beams == 1 and length_penalty != 1.0:
+            raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
         if num_beams > 1:
             given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 0),
                      ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
             return np.asarray(run_in_chunks(lambda i, m: self._beam_search(
-                self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id),
+                self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
+                length_penalty=float(length_penalty)),
                 (ids, mask), self.batch_size))
         sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)

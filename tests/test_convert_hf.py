@@ -1,6 +1,8 @@
 """Hugging Face and LAVIS layouts -> our models, against transformers' Blip2VisionModel,
 Blip2QFormerModel (no causal mask) and CLIPTextModel with the same random weights."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,18 @@ def test_hf_blip2_generation_folder_converts_without_the_language_model(tmp_path
     _, config, ours = _ours(tmp_path / "out", ref["pixels"])
     assert not config.qformer.with_text and not config.with_itc_heads
     _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+
+    # The ViT's depth is config.json's, as transformers builds it: later layers go unused.
+    settings = json.loads((tmp_path / "hf" / "config.json").read_text())
+    settings["vision_config"]["num_hidden_layers"] = 1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(settings))
+    report = convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'one_layer'}"])
+    assert weights.load_model(str(tmp_path / "one_layer"), kind="blip2")[2].vit.depth == 1
+    assert "vision_model.encoder.layers.1.mlp.fc1.weight" in report["unused_keys"]
+    settings["vision_config"]["num_hidden_layers"] = 3
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(KeyError, match="missing key 'vision_model.encoder.layers.2.layer_norm1.weight'"):
+        convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'three_layers'}"])
 
 
 def _lavis_state_dict(hf_state: dict, temp: float) -> dict:

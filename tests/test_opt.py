@@ -211,9 +211,9 @@ def test_beam_search_with_eos_matches_transformers(converted):
                                           err_msg=f"eos_id={eos} length_penalty={length_penalty}")
             after_eos = np.cumsum(np.cumsum(without == eos, 1) > 0, 1) > 1
             changed += not np.array_equal(np.where(after_eos, 1, without), ref)
-            if length_penalty == 1.0 and eos == without[0, 0]:  # the API (its length_penalty), one row per chunk
+            if eos == without[0, 0]:  # the API, one row per chunk
                 np.testing.assert_array_equal(SeedOPT.load(export, batch_size=1).generate(
-                    ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos), ref)
+                    ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos, length_penalty=length_penalty), ref)
     assert changed, "cutting beams without an end token at eos gives the same tokens: the check is vacuous"
     assert stopped_early, "no batch stopped before max_new_tokens: the early stop is untested"
 
@@ -281,6 +281,8 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
             lm.generate(ids, 2, attention_mask=mask, allowed=allowed)
     with pytest.raises(ValueError, match="num_beams: expected >= 1"):
         lm.generate(ids, 2, num_beams=0)
+    with pytest.raises(ValueError, match="length_penalty=2.0 applies to beam search only"):
+        lm.generate(ids, 2, length_penalty=2.0)
     for option in [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(seed=3), dict(allowed=[(0, 3)])]:
         with pytest.raises(ValueError, match=f"num_beams > 1 \\(beam search\\) takes no {next(iter(option))}"):
             lm.generate(ids, 2, num_beams=2, **option)

@@ -50,16 +50,17 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
         global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
         sharding = parallel.batch_sharding(mesh, rules, x.ndim, global_shape[0])
         if jax.process_count() > 1:
-            _check_rows_per_process(sharding, global_shape[0])
+            _check_rows_per_process(mesh, sharding.spec[0], global_shape[0])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return {k: one(v) for k, v in local.items()}
 
 
-def _check_rows_per_process(sharding, global_size: int) -> None:
+@functools.lru_cache  # once per mesh and batch layout, not every step
+def _check_rows_per_process(mesh, batch_axes: str | tuple[str, ...] | None, global_size: int) -> None:
     """Each process feeds rows of its own, so the devices holding one batch shard must
-    belong to one process: the batch is sharded, and no other mesh axis spans processes."""
-    mesh, batch_axes = sharding.mesh, sharding.spec[0]
+    belong to one process: the batch is sharded (over `batch_axes`), and no other mesh
+    axis spans processes."""
     if batch_axes is None:
         raise ValueError(f"batch size {global_size} is not sharded over mesh {dict(mesh.shape)} (its batch axes "
                          f"have size 1 or do not divide it), but {jax.process_count()} processes each feed rows "

@@ -60,8 +60,16 @@ def test_eval_batches_pad_to_whole_batches(shards, example):
     assert len(batches) == 3 and list(index[:20]) == list(range(20)) and (index[20:] == -1).all()
     captions = pipeline.read_captions(paths, 20)
     assert all(isinstance(c, str) and c for c in captions)
-    with pytest.raises(ValueError, match="num_examples"):
-        pipeline.eval_batches(paths, example, num_examples=1000, global_batch_size=8)
+    for bad in (1000, 0):  # more than the split holds; none, which would fail at the first evaluation
+        with pytest.raises(ValueError, match=f"eval.num_examples: {bad} requested"):
+            pipeline.eval_batches(paths, example, num_examples=bad, global_batch_size=8)
+
+
+def test_a_train_split_with_no_records_for_this_process_fails_naming_it(tmp_path, example):
+    path = str(tmp_path / "empty.array_record")
+    array_record_module.ArrayRecordWriter(path, "group_size:1").close()
+    with pytest.raises(ValueError, match="no records for process 0 of 1"):
+        pipeline.train_iterator([path], example, global_batch_size=4, seed=0, num_threads=1)
 
 
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):

@@ -161,6 +161,8 @@ def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tm
     skipped = pipeline.SkipCounter()
     assert [r["id"] for r in sequences.read_code_records([str(path)], 1, skipped)] == ["good"]
     assert skipped.count == 2
+    with pytest.raises(ValueError, match="num_examples: expected at least 1, got 0"):
+        sequences.read_code_records([str(path)], 0, skipped)
 
 
 def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path):

@@ -130,8 +130,10 @@ def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size:
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
     source = _source(paths)
-    indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))
-    ds = indexed[index::count].shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
+    indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))[index::count]
+    if not len(indexed):  # repeat(None) over nothing would end the stream at once
+        raise ValueError(f"{paths[0]}...: no records for process {index} of {count} ({len(source)} in all)")
+    ds = indexed.shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     return iter(raise_when_mostly_skipped(ds).batch(global_batch_size // count, drop_remainder=True))
 
@@ -151,7 +153,7 @@ def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, g
     if global_batch_size % count:
         raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
     source = _source(paths)
-    if num_examples > len(source):
+    if not 0 < num_examples <= len(source):
         raise ValueError(f"eval.num_examples: {num_examples} requested, the eval split has {len(source)}")
     per_process = global_batch_size // count
     num_batches = -(-num_examples // global_batch_size)

@@ -175,6 +175,8 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
                       codes_per_image: int = CODES_PER_IMAGE) -> list[dict]:
     """The first `num_examples` decodable code records of `codes_per_image` codes
     (others skipped and counted)."""
+    if num_examples < 1:
+        raise ValueError(f"num_examples: expected at least 1, got {num_examples}")
     source = grain.sources.ArrayRecordDataSource(list(paths))
     out = []
     for i in range(len(source)):

@@ -36,6 +36,21 @@ def test_ties_go_to_the_lowest_index():
     np.testing.assert_array_equal(codes, [[0, 1, 0]])
 
 
+def test_distances_ask_for_full_float32_matmuls_whatever_the_ambient_precision():
+    """On GPUs (TF32) and TPUs (bfloat16 passes) a float32 matmul at DEFAULT precision
+    rounds its inputs, which flips ~0.1% (TF32) to ~1% (bf16) of the nearest codes of
+    8192; the bf16 API mode and training run at DEFAULT. The distances' matmul pins
+    HIGHEST, so the codes match the reference on every backend (CPU cannot show the
+    flips: it always computes float32, hence the check on the lowered program)."""
+    vq = VectorQuantizer(64, 8, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(2), (3, 5, 8))
+    for precision in ("default", "bfloat16", "tensorfloat32"):
+        with jax.default_matmul_precision(precision):
+            text = jax.jit(vq.nearest).lower(z).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots), (precision, dots)
+
+
 def test_straight_through_and_commitment_gradients():
     vq = VectorQuantizer(16, 4, beta=0.25, rngs=nnx.Rngs(0))
     vq.codebook[...] = jax.random.normal(jax.random.key(1), (16, 4))

@@ -14,6 +14,7 @@ checked before anything runs.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -59,16 +60,19 @@ class SeedTokenizer:
         # float32 means float32 on every backend (GPUs otherwise round matmul inputs to TF32).
         precision = "highest" if dtype == "float32" else "default"
 
-        def encode(state, pixels):
+        def encode(state, pixels, intermediates: bool):
             with jax.default_matmul_precision(precision):
-                return nnx.merge(graphdef, state).encode(pixels)
+                out = nnx.merge(graphdef, state).encode(pixels)
+            # Codes alone unless asked: each chunk's outputs stay on the device until
+            # the chunks are joined (ViT-g's features are 1.4 MB an image).
+            return {k: out[k] for k in INTERMEDIATES} if intermediates else {"codes": out["codes"]}
 
         def embed_codes(state, codes):
             with jax.default_matmul_precision(precision):
                 return nnx.merge(graphdef, state).embed_codes(codes)
 
         self._state = state
-        self._encode = jax.jit(encode)
+        self._encode = jax.jit(encode, static_argnames="intermediates")
         self._embed_codes = jax.jit(embed_codes)
 
     @classmethod
@@ -132,8 +136,8 @@ class SeedTokenizer:
         """pixels float (B,S,S,3) -> int32 codes (B,32); with `return_intermediates`
         a dict of `INTERMEDIATES` (each with leading B)."""
         pixels = self._check_pixels(pixels)
-        out = self._chunked(self._encode, pixels)
-        return {k: out[k] for k in INTERMEDIATES} if return_intermediates else out["codes"]
+        out = self._chunked(functools.partial(self._encode, intermediates=return_intermediates), pixels)
+        return out if return_intermediates else out["codes"]
 
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> jax.Array:

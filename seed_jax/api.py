@@ -123,7 +123,7 @@ class SeedTokenizer:
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
             raise ValueError(f"pixels: expected (B,{s},{s},3) (see preprocess), got {pixels.shape}")
-        if not np.issubdtype(pixels.dtype, np.floating):
+        if not jnp.issubdtype(pixels.dtype, jnp.floating):  # numpy's says no to bfloat16
             raise ValueError(f"pixels: expected floating point CLIP-normalised values, got {pixels.dtype}; "
                              "pass uint8 images through preprocess() first")
         low, high = float(pixels.min()), float(pixels.max())

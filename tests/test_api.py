@@ -94,6 +94,13 @@ def test_encode_of_codes_alone_keeps_no_intermediates_per_chunk(export_dir):
     np.testing.assert_array_equal(codes, tokenizer.encode(_pixels(6), return_intermediates=True)["codes"])
 
 
+def test_encode_takes_bfloat16_pixels(tokenizer):
+    """bfloat16 is floating point (numpy's issubdtype says otherwise for ml_dtypes'
+    bfloat16, which rejected such pixels as if they were unnormalised uint8)."""
+    pixels = jnp.asarray(_pixels(2), jnp.bfloat16)
+    np.testing.assert_array_equal(tokenizer.encode(pixels), tokenizer.encode(np.asarray(pixels, np.float32)))
+
+
 @pytest.mark.parametrize("pixels, message", [
     (np.zeros((2, 16, 16, 3), np.float32), r"pixels: expected \(B,32,32,3\)"),
     (np.zeros((2, 32, 32, 3), np.uint8), "pass uint8 images through preprocess"),

@@ -113,6 +113,8 @@ class SeedTokenizer:
             image = np.asarray(image)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(f"images[{i}]: expected uint8 (H,W,3), got {image.dtype} {image.shape}")
+            if not image.size:  # PIL would resize it to a black image
+                raise ValueError(f"images[{i}]: expected a non-empty image, got shape {image.shape}")
             pil = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC)
             out.append((np.asarray(pil, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
         return np.stack(out)
@@ -123,6 +125,8 @@ class SeedTokenizer:
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
             raise ValueError(f"pixels: expected (B,{s},{s},3) (see preprocess), got {pixels.shape}")
+        if not pixels.shape[0]:
+            raise ValueError(f"pixels: the batch is empty, got {pixels.shape}")
         if not jnp.issubdtype(pixels.dtype, jnp.floating):  # numpy's says no to bfloat16
             raise ValueError(f"pixels: expected floating point CLIP-normalised values, got {pixels.dtype}; "
                              "pass uint8 images through preprocess() first")
@@ -145,9 +149,11 @@ class SeedTokenizer:
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.num_queries:
             raise ValueError(f"codes: expected (B,{self.num_queries}), got {codes.shape}")
+        if not codes.shape[0]:
+            raise ValueError(f"codes: the batch is empty, got {codes.shape}")
         if not np.issubdtype(codes.dtype, np.integer):
             raise ValueError(f"codes: expected integers, got {codes.dtype}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
+        if codes.min() < 0 or codes.max() >= self.num_codes:
             raise ValueError(f"codes: values must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
         return self._chunked(self._embed_codes, codes.astype(np.int32))
 

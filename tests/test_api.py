@@ -50,6 +50,8 @@ def test_preprocess_resizes_bicubic_and_normalises(tokenizer):
     (np.zeros((2, 8, 8, 3), np.float32), "images[0]: expected uint8"),
     (np.zeros((2, 8, 8, 4), np.uint8), "images[0]: expected uint8 (H,W,3)"),
     (np.zeros((8, 8), np.uint8), "images: expected uint8 (B,H,W,3)"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((0, 8, 3), np.uint8)], "images[1]: expected a non-empty"),
+    (np.zeros((2, 8, 0, 3), np.uint8), "images[0]: expected a non-empty"),
 ])
 def test_preprocess_rejects_bad_images(tokenizer, bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
@@ -106,6 +108,7 @@ def test_encode_takes_bfloat16_pixels(tokenizer):
     (np.zeros((2, 32, 32, 3), np.uint8), "pass uint8 images through preprocess"),
     (np.full((1, 32, 32, 3), 200.0, np.float32), r"values in \[200, 200\]"),
     (np.full((1, 32, 32, 3), np.nan, np.float32), "pixels: values"),
+    (np.zeros((0, 32, 32, 3), np.float32), "pixels: the batch is empty"),
 ])
 def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
     with pytest.raises(ValueError, match=message):
@@ -117,6 +120,7 @@ def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
     (np.full((2, 32), -1), r"codes: values must lie in \[0, 64\)"),
     (np.zeros((2, 31), np.int32), r"codes: expected \(B,32\)"),
     (np.zeros((2, 32), np.float32), "codes: expected integers"),
+    (np.zeros((0, 32), np.int32), "codes: the batch is empty"),
 ])
 def test_embed_codes_rejects_bad_codes(tokenizer, codes, message):
     with pytest.raises(ValueError, match=message):

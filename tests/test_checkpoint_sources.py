@@ -6,6 +6,7 @@ read them (shard indexes, variants)."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -78,6 +79,12 @@ def test_nothing_is_read_until_looked_up():
     assert reads == [2] and source.unused() == ["extra", "part.layer.0.w", "part.layer.1.w"]
     with pytest.raises(KeyError, match="ckpt: missing key 'layer.0.w'"):
         source.shape("layer.0.w")
+
+
+def test_in_memory_arrays_are_read_as_float32_bfloat16_included():
+    arrays = {"half": np.ones(2, np.float16), "brain": np.ones(2, jnp.bfloat16), "ids": np.arange(2)}
+    read = {k: v for k, v in LazyArrays.of(arrays).items()}
+    assert {k: v.dtype for k, v in read.items()} == {"half": np.float32, "brain": np.float32, "ids": np.int64}
 
 
 def test_stacked_layers_are_written_in_order_and_a_misfit_is_named():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 # One entry: (shape, reader); the reader returns the array, float32 when it is floating point.
@@ -20,8 +21,8 @@ Entry = tuple[tuple[int, ...], Callable[[], np.ndarray]]
 def as_float32(x: np.ndarray) -> np.ndarray:
     """Floating arrays as a float32 copy (never a view of a memory-mapped file);
     integer and boolean arrays as they are."""
-    x = np.asarray(x)
-    return np.array(x, np.float32) if np.issubdtype(x.dtype, np.floating) else np.array(x)
+    x = np.asarray(x)  # jnp's issubdtype: numpy's does not count ml_dtypes' bfloat16 as floating
+    return np.array(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else np.array(x)
 
 
 class LazyArrays(Mapping[str, np.ndarray]):

@@ -68,7 +68,9 @@ def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay
                                           restart_unused_codes_every=restart_every, restart_until=restart_until))
 
 
-STAGE1_TRAINABLE = ("qformer", "vision_proj", "text_proj", "temp")
+# LAVIS's BLIP-2 stage 1 freezes the ViT alone: ln_vision trains with the Q-Former
+# (stage II freezes it, DESIGN §Training).
+STAGE1_TRAINABLE = ("ln_vision", "qformer", "vision_proj", "text_proj", "temp")
 STAGE2_TRAINABLE = ("encode_task_layer", "quantize", "decode_task_layer", "pos_embed_text", "blocks_text",
                     "reverse_qformer", "distill_text_proj")
 

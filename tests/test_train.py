@@ -76,6 +76,9 @@ def test_train_step_same_loss_on_1_and_8_devices(stage_name):
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
     assert any("fsdp" in str(spec) for spec in specs), "no parameter is sharded over fsdp"
+    trained = {str(path[1].key) for path, _ in jax.tree_util.tree_flatten_with_path(state_8["params"])[0]}
+    # Stage I trains ln_vision with the Q-Former, as LAVIS's BLIP-2 stage 1; stage II freezes both.
+    assert ({"ln_vision", "qformer"} <= trained) == (stage_name == "stage1"), trained
 
 
 def _final_state(workdir, stage="stage2"):

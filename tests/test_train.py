@@ -149,6 +149,50 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
+def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, **config):
+    """`loop.run_stage` on `_Line` (step i's batch is filled with i / 100), logging and
+    evaluating every step, checkpointing every 4; returns the model."""
+    config = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
+                                            eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5,
+                                            **config))
+    stage = types.SimpleNamespace(init_lr=0.1, lr=0.1, end_lr=0.01, warmup_steps=1, num_steps=num_steps, b1=0.9,
+                                  b2=0.999, weight_decay=0.0)
+    rows = grain.MapDataset.range(1, 100).map(lambda i: {"x": np.full((2, 4), i / 100, np.float32)})
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    preemption, writer, model = loop.Preemption(), loop.MetricsWriter(str(workdir)), _Line()
+
+    def fit(model, batch, rng):
+        return jnp.mean((batch["x"] @ model.w[...] + model.b[...] - 1.0) ** 2), ({}, {})
+
+    try:
+        loop.run_stage(name="s", model=model, trainable=nnx.Param, loss_fn=fit, stage=stage, config=config,
+                       mesh=mesh, train_iter=iter(rows.to_iter_dataset()), evaluate=evaluate, writer=writer,
+                       preemption=preemption, checkpoint_dir=str(checkpoint_dir))
+    finally:
+        preemption.close()
+        writer.close()
+    return model
+
+
+def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
+    """A crash at step 6 (checkpoint at 4) then a resumed run: steps 5 and 6 are in
+    metrics.jsonl once, from the resumed run, which ends where a straight run does."""
+    def crash_at_6(model, step):
+        if step == 6:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_6)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "sta')  # a line cut short by a kill
+    resumed = _run_line_stage(tmp_path / "ckpt", tmp_path)
+    with open(tmp_path / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, 9))
+    straight = _run_line_stage(tmp_path / "straight", tmp_path / "straight")
+    np.testing.assert_array_equal(resumed.w[...], straight.w[...])
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     workdir = tmp_path / "wd"

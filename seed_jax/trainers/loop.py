@@ -123,6 +123,30 @@ class MetricsWriter:
             self.tb.add_scalar(f"{stage}/{split}/{k}", float(v), int(step))
         self.tb.flush()
 
+    def forget_after(self, stage: str, step: int) -> None:
+        """Drops the lines of `stage` past `step` (the step a run resumes from): a run that
+        stopped without a checkpoint at its last logged step (a crash, a kill) logged steps
+        that the resumed run logs again. A line cut short by a kill goes too. (TensorBoard's
+        event files stay as they are.)"""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+
+        def dropped(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # cut short
+                return True
+            return record["stage"] == stage and record["step"] > step
+
+        kept = [line for line in lines if not dropped(line)]
+        if len(kept) < len(lines):
+            logging.info("%s: dropped %d lines of metrics.jsonl past step %d", stage, len(lines) - len(kept), step)
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
     def close(self):
         if self.enabled:
             self.tb.close()
@@ -372,6 +396,7 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
         state = checkpointer.restore(latest, abstract, train_iter)
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
+    writer.forget_after(name, start)
     if start >= stage.num_steps:
         return state, True
 

@@ -149,9 +149,10 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
-def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, **config):
-    """`loop.run_stage` on `_Line` (step i's batch is filled with i / 100), logging and
-    evaluating every step, checkpointing every 4; returns the model."""
+def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, model=None,
+                    **config):
+    """`loop.run_stage` on `model` (default `_Line()`; step i's batch is filled with
+    i / 100), logging and evaluating every step, checkpointing every 4; returns the model."""
     config = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
                                             eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5,
                                             **config))
@@ -159,7 +160,7 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
                                   b2=0.999, weight_decay=0.0)
     rows = grain.MapDataset.range(1, 100).map(lambda i: {"x": np.full((2, 4), i / 100, np.float32)})
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    preemption, writer, model = loop.Preemption(), loop.MetricsWriter(str(workdir)), _Line()
+    preemption, writer, model = loop.Preemption(), loop.MetricsWriter(str(workdir)), model or _Line()
 
     def fit(model, batch, rng):
         return jnp.mean((batch["x"] @ model.w[...] + model.b[...] - 1.0) ** 2), ({}, {})
@@ -191,6 +192,14 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     assert steps == list(range(1, 9))
     straight = _run_line_stage(tmp_path / "straight", tmp_path / "straight")
     np.testing.assert_array_equal(resumed.w[...], straight.w[...])
+
+
+def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):
+    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
+    wider = _Line()
+    wider.w = nnx.Param(jnp.full((5,), 0.1))
+    with pytest.raises(ValueError, match=r"(?s)step 4: .*params\.w\.value: expected \(5,\), got \(4,\)"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8, model=wider)
 
 
 @pytest.mark.slow

@@ -188,12 +188,31 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
+    def check_fits(self, step: int, abstract_state) -> None:
+        """Raises naming each array of the train state whose shape differs between the
+        checkpoint at `step` and `abstract_state` (or that only one of them has), before
+        orbax would fail naming none."""
+        def flat_shapes(tree):
+            return {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(tree, sep=".").items() if v is not None}
+
+        stored = flat_shapes(self.manager.item_metadata(step)["state"].tree)
+        try:
+            weights.check_shapes(stored, flat_shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)),
+                                 what=f"{self.manager.directory} step {step}: the train state's arrays")
+        except ValueError as e:
+            raise ValueError(f"{e}\n(expected, missing: what the config builds; got, unexpected: what the "
+                             "checkpoint holds.) The checkpoint was written with another model config or "
+                             "`trainable` list: resume with the config that wrote it, or train into a new "
+                             "workdir") from None
+
     def restore_state(self, step: int, abstract_state):
         """The train state alone (no data iterator), e.g. to export parameters."""
+        self.check_fits(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
     def restore(self, step: int, abstract_state, data_iterator):
+        self.check_fits(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
         return restored["state"]

@@ -48,6 +48,9 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axis {sorted(unknown)}; expected names from {MESH_AXES}")
+    bad = {k: v for k, v in axis_sizes.items() if not (isinstance(v, (int, np.integer)) and (v >= 1 or v == -1))}
+    if bad:
+        raise ValueError(f"mesh: axis sizes {bad} must be positive integers (or -1 for the remaining devices)")
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")

@@ -18,6 +18,11 @@ def test_make_mesh_errors_name_the_problem():
         parallel.make_mesh({"model": 8})
     with pytest.raises(ValueError, match="need 6 devices"):
         parallel.make_mesh({"data": 2, "fsdp": 3})
+    for sizes in ({"data": 0, "fsdp": -1}, {"data": -2, "fsdp": -4}, {"fsdp": 2.5, "data": -1}):
+        with pytest.raises(ValueError, match="must be positive integers"):
+            parallel.make_mesh(sizes)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        parallel.make_mesh({"data": -1, "fsdp": -1})
 
 
 def test_logical_to_mesh_rules_and_fallbacks():

@@ -37,10 +37,13 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     config = read_workdir_config(workdir)
     if config.trainer != "tokenizer":
         raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
+    stages = tokenizer_trainer.stages_to_run(config)
+    if last_stage not in stages:
+        raise ValueError(f"stage: {last_stage!r} was not trained in workdir {workdir} (it trained {stages}, "
+                         f"starting from init.stage1={config.init.stage1!r})")
+    stages = stages[:stages.index(last_stage) + 1]
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     model = tokenizer_trainer.create_model(config, mesh)
-    stages = tokenizer_trainer.stages_to_run(config)
-    stages = stages[:stages.index(last_stage) + 1] if last_stage in stages else stages
     restored = {}
     for name in stages:
         stage = config[name]

@@ -139,6 +139,14 @@ def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
     assert other["quantize.codebook"].shape == (32, config.model.code_dim)
     for name, value in checkpoint_params(trained_workdir, "stage1").items():
         np.testing.assert_array_equal(other[name], value, err_msg=name)
+    # a workdir that started from that export trained no stage I to export
+    started = tmp_path / "from_stage1"
+    shutil.copytree(f"{trained_workdir}/checkpoints/stage2", started / "checkpoints" / "stage2")
+    config = get_config("tiny")
+    config.init.stage1 = out
+    (started / "config.json").write_text(config.to_json())
+    with pytest.raises(ValueError, match="stage: 'stage1' was not trained in workdir"):
+        export(str(started), str(tmp_path / "not_stage1"), "stage1")
 
 
 def test_a_sharded_model_exports_and_reads_back_to_host_numpy(tmp_path, recwarn):

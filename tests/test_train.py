@@ -20,6 +20,7 @@ from flax import nnx
 from configs.tokenizer import get_config
 from helpers import assert_export_holds_both_stages, latest_state_path, run_two_processes
 from seed_jax import parallel
+from seed_jax.data import pipeline
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
 
@@ -150,15 +151,23 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
 
 
 def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, model=None,
-                    **config):
+                    skipped=None, **config):
     """`loop.run_stage` on `model` (default `_Line()`; step i's batch is filled with
-    i / 100), logging and evaluating every step, checkpointing every 4; returns the model."""
+    i / 100), logging and evaluating every step, checkpointing every 4; returns the model.
+    `skipped` (a SkipCounter) counts a skipped record for every third batch read."""
     config = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
                                             eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5,
                                             **config))
     stage = types.SimpleNamespace(init_lr=0.1, lr=0.1, end_lr=0.01, warmup_steps=1, num_steps=num_steps, b1=0.9,
                                   b2=0.999, weight_decay=0.0)
-    rows = grain.MapDataset.range(1, 100).map(lambda i: {"x": np.full((2, 4), i / 100, np.float32)})
+    skipped = skipped or pipeline.SkipCounter()
+
+    def row(i):
+        if i % 3 == 0:
+            skipped.add()
+        return {"x": np.full((2, 4), i / 100, np.float32)}
+
+    rows = grain.MapDataset.range(1, 100).map(row).to_iter_dataset(grain.ReadOptions(num_threads=0))
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     preemption, writer, model = loop.Preemption(), loop.MetricsWriter(str(workdir)), model or _Line()
 
@@ -167,8 +176,8 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
 
     try:
         loop.run_stage(name="s", model=model, trainable=nnx.Param, loss_fn=fit, stage=stage, config=config,
-                       mesh=mesh, train_iter=iter(rows.to_iter_dataset()), evaluate=evaluate, writer=writer,
-                       preemption=preemption, checkpoint_dir=str(checkpoint_dir))
+                       mesh=mesh, train_iter=iter(rows), evaluate=evaluate, writer=writer, preemption=preemption,
+                       checkpoint_dir=str(checkpoint_dir), counters={"data/skipped_records": skipped})
     finally:
         preemption.close()
         writer.close()
@@ -177,7 +186,8 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
 
 def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     """A crash at step 6 (checkpoint at 4) then a resumed run: steps 5 and 6 are in
-    metrics.jsonl once, from the resumed run, which ends where a straight run does."""
+    metrics.jsonl once, from the resumed run, which ends where a straight run does and
+    counts the skipped records from the start."""
     def crash_at_6(model, step):
         if step == 6:
             raise RuntimeError("crash")
@@ -186,12 +196,16 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
         _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_6)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "sta')  # a line cut short by a kill
-    resumed = _run_line_stage(tmp_path / "ckpt", tmp_path)
+    counted_before_resuming = pipeline.SkipCounter()
+    counted_before_resuming.add(5)  # e.g. while reading the eval split: the checkpoint's count holds those
+    resumed = _run_line_stage(tmp_path / "ckpt", tmp_path, skipped=counted_before_resuming)
     with open(tmp_path / "metrics.jsonl") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == list(range(1, 9))
+        lines = [json.loads(line) for line in f]
+    assert [line["step"] for line in lines] == list(range(1, 9))
     straight = _run_line_stage(tmp_path / "straight", tmp_path / "straight")
     np.testing.assert_array_equal(resumed.w[...], straight.w[...])
+    # the skipped records of the run, not of the resumed part alone
+    assert [line["data/skipped_records"] for line in lines] == [i // 3 for i in range(1, 9)]
 
 
 def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):

@@ -33,9 +33,9 @@ class SkipCounter:
         self._lock = threading.Lock()
         self.count = 0
 
-    def add(self) -> None:
+    def add(self, n: int = 1) -> None:
         with self._lock:
-            self.count += 1
+            self.count += n
 
 
 @dataclasses.dataclass(frozen=True)

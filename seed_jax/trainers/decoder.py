@@ -140,7 +140,7 @@ def train(config, workdir: str) -> bool:
             loss_fn=diffusion_loss(sd_config.schedule, config.uncond_probability, empty_ids), stage=config.train,
             config=config, mesh=mesh, train_iter=train_iter, evaluate=evaluator, writer=writer,
             preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", "decoder"),
-            extra_metrics=lambda: {"data/skipped_records": skipped.count})
+            counters={"data/skipped_records": skipped})
         if not done:
             return False
     finally:

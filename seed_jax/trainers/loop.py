@@ -167,9 +167,9 @@ def _copy_whole_arrays_to_host_on_cpu() -> None:
 
 
 class Checkpointer:
-    """orbax CheckpointManager holding the train state and the grain iterator state.
-    `read_alone`: only restores, on this process alone (e.g. to export on process 0 of a
-    multi-host run)."""
+    """orbax CheckpointManager holding the train state, the grain iterator state and
+    the run's counts (summed over processes, e.g. skipped records). `read_alone`: only
+    restores, on this process alone (e.g. to export on process 0 of a multi-host run)."""
 
     def __init__(self, directory: str, *, keep: int, read_alone: bool = False):
         _copy_whole_arrays_to_host_on_cpu()
@@ -179,14 +179,16 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_alone, read_only=read_alone,
                                                  multiprocessing_options=processes),
             item_handlers={"state": ocp.StandardCheckpointHandler(multiprocessing_options=processes),
-                           "data": grain.checkpoint.CheckpointHandler()})
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "counts": ocp.JsonCheckpointHandler(multiprocessing_options=processes)})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator) -> None:
+    def save(self, step: int, state, data_iterator, counts: dict[str, float]) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+            counts=ocp.args.JsonSave(counts)), force=True)
 
     def check_fits(self, step: int, abstract_state) -> None:
         """Raises naming each array of the train state whose shape differs between the
@@ -211,11 +213,16 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
+        """(train state, counts); sets `data_iterator`'s state. Checkpoints written before
+        counts were saved give none."""
         self.check_fits(step, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored["state"]
+        items = {"state": ocp.args.StandardRestore(abstract_state),
+                 "data": grain.checkpoint.CheckpointRestore(data_iterator)}
+        if os.path.isdir(os.path.join(str(self.manager.directory), str(step), "counts")):
+            items["counts"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored.get("counts") or {})
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -384,20 +391,22 @@ def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: 
 
 def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
               train_iter, evaluate: Callable[[nnx.Module, int], None], writer: MetricsWriter,
-              preemption: Preemption, checkpoint_dir: str,
-              extra_metrics: Callable[[], dict[str, float]] = dict, post_update: Callable | None = None) -> bool:
+              preemption: Preemption, checkpoint_dir: str, counters: dict | None = None,
+              post_update: Callable | None = None) -> bool:
     """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
     saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
     of a non-finite state, at the first log or checkpoint step after a non-finite step.
-    `extra_metrics()` (counts of this process, summed over processes) joins each train log
-    line; `post_update` is passed to the train step (see `make_train_step`)."""
+    `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
+    summed over processes; their sums are saved with each checkpoint and set again on
+    resume (on process 0's counters), so they count the whole run. `post_update` is
+    passed to the train step (see `make_train_step`)."""
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     try:
         state, completed = _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter,
-                                       evaluate, writer, preemption, extra_metrics)
+                                       evaluate, writer, preemption, counters or {})
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -405,14 +414,31 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     return completed
 
 
+def _summed_counts(counters: dict) -> dict[str, float]:
+    return summed_over_processes({k: c.count for k, c in counters.items()})
+
+
+def _restore_counts(counters: dict, totals: dict[str, float]) -> None:
+    """Sets `counters` so that their sums over processes equal the saved `totals`; what
+    this run counted before (e.g. records skipped while reading the eval split, which
+    `totals` hold already) is replaced. Process 0's counters take the difference. A
+    counter the checkpoint lacks (one written before counts were saved) stays as it is."""
+    now = _summed_counts(counters)
+    if jax.process_index() == 0:
+        for k, counter in counters.items():
+            if k in totals:
+                counter.add(int(totals[k] - now[k]))
+
+
 def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter, evaluate, writer,
-                preemption, extra_metrics):
+                preemption, counters):
     """The body of `run_stage`: restore, then step / log / eval / checkpoint until done
     or preempted. Returns (state, completed)."""
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = checkpointer.restore(latest, abstract, train_iter)
+        state, totals = checkpointer.restore(latest, abstract, train_iter)
+        _restore_counts(counters, totals)
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
     writer.forget_after(name, start)
@@ -435,8 +461,7 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
             summary = mean_metrics(history)
             history = []
             rate = progress.log(step, summary)
-            writer.write(step, name, "train", {**summary, "steps_per_sec": rate,
-                                               **summed_over_processes(extra_metrics())})
+            writer.write(step, name, "train", {**summary, "steps_per_sec": rate, **_summed_counts(counters)})
         if step % config.eval_every_steps == 0 or last:
             nnx.update(model, state["params"])
             evaluate(model, step)
@@ -444,7 +469,7 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
         if step % config.checkpoint_every_steps == 0 or last or preempted:
             _raise_if_non_finite(name, step, unchecked)
             unchecked = []
-            checkpointer.save(step, state, train_iter)
+            checkpointer.save(step, state, train_iter, _summed_counts(counters))
         if preempted and not last:
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
             return state, False

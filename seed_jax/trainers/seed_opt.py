@@ -272,7 +272,7 @@ def train(config, workdir: str) -> bool:
                 name=name, model=model, trainable=trainable(config), loss_fn=lm_loss, stage=phase, config=config,
                 mesh=mesh, train_iter=train_iter, evaluate=lambda m, step, name=name: evaluator(m, step, name),
                 writer=writer, preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
-                extra_metrics=lambda: {"data/skipped_records": skipped.count})
+                counters={"data/skipped_records": skipped})
             if not done:
                 return False
     finally:

@@ -310,7 +310,7 @@ def train(config, workdir: str) -> bool:
                 loss_fn=loss_fn, stage=stage, config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
-                extra_metrics=lambda: {"data/skipped_records": skipped.count}, post_update=post_update)
+                counters={"data/skipped_records": skipped}, post_update=post_update)
             if not done:
                 return False
     finally:

@@ -219,7 +219,7 @@ class Checkpointer:
         self.check_fits(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state),
                  "data": grain.checkpoint.CheckpointRestore(data_iterator)}
-        if os.path.isdir(os.path.join(str(self.manager.directory), str(step), "counts")):
+        if (self.manager.directory / str(step) / "counts").exists():  # epath: local or cloud storage
             items["counts"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored.get("counts") or {})

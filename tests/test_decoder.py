@@ -102,3 +102,20 @@ def test_decoder_train_step_same_loss_on_1_and_8_devices():
     assert losses_1[-1] < losses_1[0]
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
     assert any("fsdp" in str(spec) for spec in specs), "no parameter is sharded over fsdp"
+
+
+def test_sampler_plans_reject_step_counts_past_the_schedule():
+    """With steps_offset 1, 1000 "leading" steps reach timestep 1000 and 1000
+    "linspace" steps repeat a timestep (NaN coefficients): named errors, while 999
+    steps give finite plans inside the schedule."""
+    from seed_jax.diffusion import samplers
+
+    schedule = NoiseSchedule()
+    for name in ("plms", "ddim", "dpm++2m"):
+        sampler = samplers.get(name)
+        plan = sampler.plan(schedule, 999)
+        assert plan["timestep"].max() < 1000 and len(np.unique(plan["timestep"])) == 999
+        assert all(np.isfinite(v.astype(np.float64)).all() for v in plan.values()), name
+        for bad in (1000, 2.0):
+            with pytest.raises(ValueError, match="num_steps: "):
+                sampler.plan(schedule, bad)

@@ -28,13 +28,21 @@ Plan = dict[str, np.ndarray]  # per-step arrays, leading axis = number of model 
 
 
 def _check_steps(schedule: NoiseSchedule, num_steps: int) -> None:
-    if not 1 <= num_steps <= schedule.num_train_timesteps:
-        raise ValueError(f"num_steps: expected 1..{schedule.num_train_timesteps}, got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
+            or not 1 <= num_steps <= schedule.num_train_timesteps:
+        raise ValueError(f"num_steps: expected an int in 1..{schedule.num_train_timesteps}, got {num_steps!r}")
 
 
 def _leading(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
-    """Ascending int timesteps k * (T // n) + steps_offset."""
-    return np.arange(num_steps) * (schedule.num_train_timesteps // num_steps) + schedule.steps_offset
+    """Ascending int timesteps k * (T // n) + steps_offset; all must be < T (with
+    steps_offset 1, n = T would reach timestep T, past the schedule)."""
+    n = schedule.num_train_timesteps
+    timesteps = np.arange(num_steps) * (n // num_steps) + schedule.steps_offset
+    if timesteps[-1] >= n:
+        raise ValueError(f"num_steps: {num_steps} steps spaced by {n // num_steps} from steps_offset "
+                         f"{schedule.steps_offset} reach timestep {timesteps[-1]}, past the schedule's {n}; "
+                         "use fewer steps")
+    return timesteps
 
 
 class DDIM:
@@ -132,6 +140,9 @@ class DPMSolverPP:
         abar = schedule.alphas_cumprod().astype(np.float64)
         n = schedule.num_train_timesteps
         timesteps = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        if num_steps > n - 1:  # rounding repeats a timestep: a zero step size, NaN coefficients
+            raise ValueError(f"num_steps: expected 1..{n - 1} for dpm++2m (linspace spacing over {n} timesteps), "
+                             f"got {num_steps}")
         all_sigmas = ((1 - abar) / abar) ** 0.5
         sigmas = np.concatenate([np.interp(timesteps, np.arange(n), all_sigmas), [0.0]])
         alphas = 1.0 / np.sqrt(sigmas ** 2 + 1)

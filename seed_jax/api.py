@@ -284,8 +284,15 @@ class StableDiffusion:
         batch = prompt_embeds.shape[0]
         guided = guidance_scale > 1.0
         if guided:
-            negative_embeds = (self.empty_prompt_embeds(batch) if negative_embeds is None
-                               else self._check_embeds("negative_embeds", negative_embeds, batch))
+            if negative_embeds is None:
+                negative_embeds = self.empty_prompt_embeds(batch)
+                if negative_embeds.shape[1] != prompt_embeds.shape[1]:  # both halves share one UNet batch
+                    raise ValueError(f"prompt_embeds: {prompt_embeds.shape[1]} tokens long, the empty prompt's "
+                                     f"embedding (the default negative_embeds) is {negative_embeds.shape[1]}; "
+                                     "pass negative_embeds of the same length")
+            else:
+                negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
+                                                     prompt_embeds.shape[1])
         latents = self.initial_noise(batch, seed) if latents is None else np.asarray(latents, np.float32)
         factor = 2 ** (len(self.config.unet.block_channels) - 1)
         if (latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]
@@ -302,11 +309,12 @@ class StableDiffusion:
 
         return np.asarray(run_in_chunks(run, inputs, self.batch_size))
 
-    def _check_embeds(self, name: str, embeds, batch: int | None) -> np.ndarray:
+    def _check_embeds(self, name: str, embeds, batch: int | None, length: int | None = None) -> np.ndarray:
         embeds = np.asarray(embeds, np.float32)
         width = self.config.unet.cross_attention_dim
-        if embeds.ndim != 3 or embeds.shape[-1] != width or (batch is not None and embeds.shape[0] != batch):
-            expected = f"({batch if batch is not None else 'B'},L,{width})"
+        if embeds.ndim != 3 or embeds.shape[-1] != width or (batch is not None and embeds.shape[0] != batch) \
+                or (length is not None and embeds.shape[1] != length):
+            expected = f"({batch if batch is not None else 'B'},{length or 'L'},{width})"
             raise ValueError(f"{name}: expected {expected}, got {embeds.shape}")
         if not np.isfinite(embeds).all():
             raise ValueError(f"{name}: contains NaN or infinity")

@@ -244,6 +244,12 @@ def test_sample_rejects_bad_inputs(converted):
         sd.sample(np.zeros((1, 77, 5), np.float32), num_steps=2)
     with pytest.raises(ValueError, match="negative_embeds: expected"):
         sd.sample(good, np.zeros((2, 77, CONTEXT_WIDTH), np.float32), num_steps=2)
+    # Both halves of guidance run as one UNet batch: their lengths must agree.
+    with pytest.raises(ValueError, match=r"negative_embeds: expected \(1,77,"):
+        sd.sample(good, np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="prompt_embeds: 20 tokens long, the empty prompt's"):
+        sd.sample(np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=2)
+    assert sd.sample(np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=1.0).shape[0] == 1
     with pytest.raises(ValueError, match="latents: expected"):
         sd.sample(good, latents=np.zeros((1, 4, 4, 3), np.float32), num_steps=2)
     with pytest.raises(ValueError, match="sampler: expected"):

@@ -308,3 +308,17 @@ def test_unsupported_unet_options_are_named():
         sd_convert.unet_config(Source({}, "folder"), {"class_embed_type": "timestep"})
     with pytest.raises(KeyError, match="not an SD UNet"):  # per-block lists of the supported value pass the check
         sd_convert.unet_config(Source({}, "folder"), {"transformer_layers_per_block": [1, 1, 1, 1]})
+
+
+def test_unfollowed_scheduler_settings_are_named():
+    """Settings that would make the folder's own scheduler sample another schedule or
+    other timesteps than ours are refused; what diffusers saves for SD v1 passes."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+
+    saved = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "steps_offset": 1,
+             "timestep_spacing": "leading", "trained_betas": None, "prediction_type": "v_prediction"}
+    assert sd_convert.schedule_config(saved).prediction_type == "v_prediction"
+    for key, value in (("timestep_spacing", "trailing"), ("rescale_betas_zero_snr", True),
+                       ("trained_betas", [1e-4] * 1000)):
+        with pytest.raises(ValueError, match=f"scheduler_config.json {key}="):
+            sd_convert.schedule_config({**saved, key: value})

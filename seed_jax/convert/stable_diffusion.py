@@ -33,6 +33,8 @@ UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only
                     "dual_cross_attention": False, "transformer_layers_per_block": 1, "time_embedding_type": "positional",
                     "resnet_time_scale_shift": "default", "mid_block_type": "UNetMidBlock2DCrossAttn"}
 
+UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
+
 
 # ---------------------------------------------------------------- our names -> diffusers names
 _RENAMES = ((r"\.downsample\.", ".downsamplers.0."), (r"\.upsample\.", ".upsamplers.0."),
@@ -140,6 +142,13 @@ def vae_config(source: Source, hf: dict, *, scaling_factor: float | None = None)
 
 
 def schedule_config(hf: dict) -> NoiseSchedule:
+    """scheduler_config.json -> our schedule; settings the samplers do not follow
+    (they would silently sample another schedule or other timesteps) are refused."""
+    for key, supported in UNSUPPORTED_SCHEDULER.items():
+        if hf.get(key, supported) != supported:
+            raise ValueError(f"scheduler_config.json {key}={hf[key]!r:.60}: only {supported!r} is supported "
+                             "(the SD v1/v2 schedule; PLMS and DDIM space timesteps 'leading' + steps_offset, "
+                             "dpm++2m 'linspace')")
     defaults = NoiseSchedule()
     return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",

@@ -119,3 +119,22 @@ def test_sampler_plans_reject_step_counts_past_the_schedule():
         for bad in (1000, 2.0):
             with pytest.raises(ValueError, match="num_steps: "):
                 sampler.plan(schedule, bad)
+
+
+def test_export_is_rewritten_when_the_run_was_extended(tmp_path):
+    """A finished run resumed with more steps must replace its export (it used to
+    keep the older weights and DONE.json); the same or fewer steps keep it."""
+    from seed_jax import weights
+
+    config = get_config("tiny")
+    clip_config = CLIPTextConfig(**config.tokenizer.clip_text.to_dict())
+    sd_config = decoder.diffusion_config(config, clip_config, np.zeros(clip_config.max_length, np.int32))
+    out = str(tmp_path / "export")
+    params = {seed: weights.flat_params(weights.build("stable_diffusion", sd_config, seed=seed)) for seed in (0, 1)}
+    assert decoder.write_export(out, sd_config, params[0], {"steps": 4})
+    assert not decoder.write_export(out, sd_config, params[1], {"steps": 4})
+    assert decoder.write_export(out, sd_config, params[1], {"steps": 6})
+    assert not decoder.write_export(out, sd_config, params[0], {"steps": 5})
+    assert weights.read_config(out)[2]["steps"] == 6
+    loaded = weights.flat_params(weights.load_model(out, kind="stable_diffusion")[0])
+    np.testing.assert_array_equal(loaded["unet.conv_in.kernel"], params[1]["unet.conv_in.kernel"])

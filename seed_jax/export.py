@@ -54,7 +54,7 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
         raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
     tokenizer = model.tokenizer
     weights.save(out, "seed_tokenizer", tokenizer.config, weights.flat_params(tokenizer),
-                 info={"workdir": os.path.abspath(workdir), "restored_steps": restored})
+                 info={"workdir": os.path.abspath(workdir), "steps": restored})
     return restored
 
 

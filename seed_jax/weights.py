@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,21 @@ def host_array(value) -> jax.Array:
     if isinstance(value, jax.Array):
         return jax.device_put(value if value.dtype == jnp.float32 else value.astype(jnp.float32), cpu)
     return jax.device_put(np.asarray(value, np.float32), cpu)
+
+
+def write_unless_current(out: str, steps: dict[str, int], write: Callable[[], None]) -> bool:
+    """Calls `write()` to write the export of a finished run to `out` (its info["steps"]
+    = `steps`, stage -> training steps) unless `out` holds one trained at least as far
+    in every stage: a run resumed with more steps replaces its older export, while a
+    rerun, or one with fewer steps (whose checkpoints are the later ones), keeps it.
+    Returns whether it wrote."""
+    if os.path.exists(os.path.join(out, CONFIG_FILE)):
+        held = read_config(out)[2].get("steps")
+        if isinstance(held, dict) and all((held.get(k) or 0) >= v for k, v in steps.items()):
+            return False
+    shutil.rmtree(out, ignore_errors=True)  # an older export, or one cut short
+    write()
+    return True
 
 
 def read_config(out: str) -> tuple[str, Any, dict]:

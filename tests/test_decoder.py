@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.decoder import get_config
-from seed_jax import api, parallel
+from seed_jax import api, parallel, weights
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import depth_to_space, space_to_depth
@@ -33,6 +33,7 @@ def test_run_writes_metrics_grid_and_export(trained):
     assert os.listdir(os.path.join(trained, "tb"))
     with open(os.path.join(trained, "DONE.json")) as f:
         assert json.load(f)["steps"] == 4
+    assert weights.read_config(os.path.join(trained, "export"))[2]["steps"] == {"decoder": 4}
 
 
 def test_decode_and_reconstruct_through_the_api(trained):
@@ -122,19 +123,24 @@ def test_sampler_plans_reject_step_counts_past_the_schedule():
 
 
 def test_export_is_rewritten_when_the_run_was_extended(tmp_path):
-    """A finished run resumed with more steps must replace its export (it used to
-    keep the older weights and DONE.json); the same or fewer steps keep it."""
-    from seed_jax import weights
-
+    """A finished run resumed with more steps replaces its export (it used to keep the
+    older weights and DONE.json); the same or fewer steps, in every stage, keep it."""
     config = get_config("tiny")
     clip_config = CLIPTextConfig(**config.tokenizer.clip_text.to_dict())
     sd_config = decoder.diffusion_config(config, clip_config, np.zeros(clip_config.max_length, np.int32))
     out = str(tmp_path / "export")
     params = {seed: weights.flat_params(weights.build("stable_diffusion", sd_config, seed=seed)) for seed in (0, 1)}
-    assert decoder.write_export(out, sd_config, params[0], {"steps": 4})
-    assert not decoder.write_export(out, sd_config, params[1], {"steps": 4})
-    assert decoder.write_export(out, sd_config, params[1], {"steps": 6})
-    assert not decoder.write_export(out, sd_config, params[0], {"steps": 5})
-    assert weights.read_config(out)[2]["steps"] == 6
+
+    def write(seed, **steps):
+        return weights.write_unless_current(out, steps, lambda: weights.save(
+            out, "stable_diffusion", sd_config, params[seed], info={"steps": steps}))
+
+    assert write(0, a=4, b=2)
+    assert not write(1, a=4, b=2)
+    assert write(1, a=6, b=2)
+    assert not write(0, a=5, b=2)
+    assert write(0, a=6, b=3)  # one stage longer is enough
+    assert write(1, a=6, b=3, c=1)  # a stage the export lacks
+    assert weights.read_config(out)[2]["steps"] == {"a": 6, "b": 3, "c": 1}
     loaded = weights.flat_params(weights.load_model(out, kind="stable_diffusion")[0])
     np.testing.assert_array_equal(loaded["unet.conv_in.kernel"], params[1]["unet.conv_in.kernel"])

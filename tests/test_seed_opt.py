@@ -314,8 +314,12 @@ def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run
     config.unlock()
     config.tokenizer_workdir = os.path.join(tiny_decoder_run, "tokenizer")
     config.tokenizer.data.max_text_length = 7  # not how that run was trained
+    written = os.path.getmtime(os.path.join(config.tokenizer_workdir, "export", weights.CONFIG_FILE))
     directory, export, run_config = tokenizer_trainer.ensure_trained(config, str(tmp_path))
     assert directory == config.tokenizer_workdir and export == os.path.join(directory, "export")
+    assert os.path.getmtime(os.path.join(export, weights.CONFIG_FILE)) == written  # current: not written again
+    assert weights.read_config(export)[2]["steps"] == {name: run_config[name].num_steps
+                                                       for name in ("stage1", "stage2")}
     assert run_config.data.max_text_length == get_config("tiny").tokenizer.data.max_text_length != 7
     assert run_config.clip_text.to_dict() == config.tokenizer.clip_text.to_dict()
     assert not os.listdir(tmp_path)  # nothing trained here

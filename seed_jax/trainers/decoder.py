@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -111,18 +110,6 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- driver
-def write_export(out: str, sd_config: StableDiffusionConfig, params: dict, info: dict) -> bool:
-    """Writes the export to `out` unless it holds one of at least `info["steps"]`
-    steps: a run resumed with more steps replaces its older export. Returns whether
-    it wrote."""
-    if os.path.exists(os.path.join(out, weights.CONFIG_FILE)) and \
-            weights.read_config(out)[2].get("steps", -1) >= info["steps"]:
-        return False
-    shutil.rmtree(out, ignore_errors=True)  # an older export, or a partial one
-    weights.save(out, "stable_diffusion", sd_config, params, info=info)
-    return True
-
-
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
@@ -161,8 +148,10 @@ def train(config, workdir: str) -> bool:
         writer.close()
     out = os.path.join(workdir, "export")
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
-    if jax.process_index() == 0 and write_export(out, sd_config, params, {
-            "workdir": workdir, "tokenizer_export": tok_export, "steps": config.train.num_steps}):
+    steps = {"decoder": config.train.num_steps}
+    if jax.process_index() == 0 and weights.write_unless_current(out, steps, lambda: weights.save(
+            out, "stable_diffusion", sd_config, params,
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
     return True

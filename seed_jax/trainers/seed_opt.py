@@ -280,8 +280,10 @@ def train(config, workdir: str) -> bool:
         writer.close()
     out = os.path.join(workdir, "export")
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        export(model.config, params, image_tokens, text, out, info={"workdir": workdir, "tokenizer_export": tok_export})
+    steps = {key: config[key].num_steps for _, key in PHASES}
+    if jax.process_index() == 0 and weights.write_unless_current(out, steps, lambda: export(
+            model.config, params, image_tokens, text, out,
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"export": out, "tokenizer_export": tok_export}, f)
     return True

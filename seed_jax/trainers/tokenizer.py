@@ -327,9 +327,9 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
     """(tokenizer workdir, its export, its config) for a trainer whose config has
     `tokenizer` (a tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer):
     trains the tokenizer first, with `config.tokenizer`, if that workdir has no finished
-    run, and exports it once. A finished run is reused as it was trained: callers take
-    its settings (text tokenizers, CLIP text encoder) from the returned config, which
-    may differ from `config.tokenizer`."""
+    run, and exports it (again if the run was resumed with more steps since). A finished
+    run is reused as it was trained: callers take its settings (text tokenizers, CLIP
+    text encoder) from the returned config, which may differ from `config.tokenizer`."""
     from seed_jax import export  # export reads tokenizer runs through this module
 
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
@@ -338,7 +338,9 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
         if not train(config.tokenizer, directory):
             raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
     out = os.path.join(directory, "export")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, weights.CONFIG_FILE)):
-        export.export(directory, out)
+    trained = export.read_workdir_config(directory)
+    if jax.process_index() == 0:  # (again when the run was resumed with more steps)
+        weights.write_unless_current(out, {name: trained[name].num_steps for name in stages_to_run(trained)},
+                                     lambda: export.export(directory, out))
     multihost_utils.sync_global_devices("tokenizer_exported")
-    return directory, out, export.read_workdir_config(directory)
+    return directory, out, trained

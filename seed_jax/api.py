@@ -282,6 +282,10 @@ class StableDiffusion:
         (default: `initial_noise(B, seed)`). `sampler`: "plms", "ddim" or "dpm++2m"."""
         prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds, None)
         batch = prompt_embeds.shape[0]
+        if not batch:
+            raise ValueError(f"prompt_embeds: the batch is empty, got {prompt_embeds.shape}")
+        if not np.isfinite(guidance_scale):  # NaN > 1 is False: guidance would silently be off
+            raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale}")
         guided = guidance_scale > 1.0
         if guided:
             if negative_embeds is None:
@@ -299,6 +303,8 @@ class StableDiffusion:
                 or latents.shape[1] % factor or latents.shape[2] % factor):
             raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) with h and w multiples of "
                              f"{factor} (default size {self.latent_shape[:2]}), got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise ValueError("latents: contains NaN or infinity")
         plan = samplers.get(sampler).plan(self.config.schedule, num_steps)
         scale = np.float32(guidance_scale)
         inputs = (prompt_embeds, negative_embeds, latents) if guided else (prompt_embeds, latents)

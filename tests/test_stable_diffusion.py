@@ -258,6 +258,12 @@ def test_sample_rejects_bad_inputs(converted):
         sd.sample(good, num_steps=0)
     with pytest.raises(ValueError, match="NaN"):
         sd.sample(np.full((1, 77, CONTEXT_WIDTH), np.nan, np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="latents: contains NaN"):
+        sd.sample(good, latents=np.full((1, *sd.latent_shape), np.nan, np.float32), num_steps=2)
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite number, got nan"):
+        sd.sample(good, num_steps=2, guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="prompt_embeds: the batch is empty"):
+        sd.sample(np.zeros((0, 77, CONTEXT_WIDTH), np.float32), num_steps=2)
 
 
 @pytest.mark.slow

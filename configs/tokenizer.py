@@ -5,10 +5,10 @@ Run (the default preset is `demo`):
   python -m seed_jax.main --config=configs/tokenizer.py
   python -m seed_jax.main --config=configs/tokenizer.py:seed1,gpu8 --workdir=/ckpt/seed1
 
-`demo` trains a small model on the embedded synthetic shapes world on CPU (11
+`demo` trains a small model on the embedded synthetic shapes world on CPU (10
 minutes on 2 cores); on 1024 held-out pairs its final stage-1 eval reached
-retrieval/i2t_r1 0.79 and its final stage-2 eval retrieval_codes/i2t_r1 0.51 with
-943 of 1024 codes in use. `seed1` is the paper's recipe (ViT-g, BERT-base Q-Former, 224 px);
+retrieval/i2t_r1 0.78 and its final stage-2 eval retrieval_codes/i2t_r1 0.48 with
+957 of 1024 codes in use. `seed1` is the paper's recipe (ViT-g, BERT-base Q-Former, 224 px);
 `tiny` is for tests. Layout presets (`cpu`, `gpu8`, `gpu8x8`, `tpu_v4_32`) set the
 mesh and combine with a model preset after a comma. Every field can be overridden,
 e.g. `--config.stage1.num_steps=100 --config.mesh.data=2 --config.mesh.fsdp=4`.
@@ -165,7 +165,7 @@ def _demo_data(c, num_train, num_eval, image_size):
 
 
 def _demo(c):
-    """Small model, same code path, embedded synthetic data, CPU in ~11 minutes.
+    """Small model, same code path, embedded synthetic data, CPU in ~10 minutes.
 
     No BLIP-2 weights exist here, so stage I also trains the ViT (standing in for
     BLIP-2's pre-training); the demo CLIP text encoder has seeded frozen weights and

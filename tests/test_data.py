@@ -102,3 +102,29 @@ def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, examp
     with pytest.raises(ValueError, match="skipped 100.00 %"):
         next(it)
     assert ex.skipped.count >= 8
+
+
+def test_clip_bpe_reads_its_files_and_matches_transformers(tmp_path):
+    """SD's CLIP tokenizer from vocab.json + merges.txt: the same ids as transformers'
+    CLIPTokenizer (start, BPE tokens, end, padded with end-of-text; truncated keeping the end)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\nr e\nre d</w>\n")
+    bpe = text.clip_bpe(vocab_file, merges_file)
+    assert bpe.get_vocab_size() == len(tokens)
+    ours = text.TextTokenizer(bpe, 12, bpe.token_to_id("<|endoftext|>"))
+    captions = ["A red dog", "", "red " * 20]
+    ids, mask = ours(captions)
+    want = CLIPTokenizer(vocab_file, merges_file)(captions, padding="max_length", truncation=True, max_length=12,
+                                                 return_tensors="np")
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["attention_mask"])
+    assert ids[0, 2] == tokens.index("red</w>") and ids[2, -1] == tokens.index("<|endoftext|>")

@@ -7,6 +7,7 @@ from local paths.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -86,4 +87,12 @@ def clip_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
     for name, path in (("clip_vocab_file", vocab_file), ("clip_merges_file", merges_file)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name}: {path!r} does not exist")
-    return CLIPTokenizerFast(vocab_file=vocab_file, merges_file=merges_file).backend_tokenizer
+    # Positional: transformers 4 names these vocab_file/merges_file, 5 names them vocab/merges
+    # and silently ignores the old keywords (an empty vocabulary that maps every word to one id).
+    tokenizer = CLIPTokenizerFast(vocab_file, merges_file).backend_tokenizer
+    with open(vocab_file, encoding="utf-8") as f:
+        expected = len(json.load(f))
+    if tokenizer.get_vocab_size() < expected:
+        raise ValueError(f"clip_vocab_file: {vocab_file!r} holds {expected} tokens but the tokenizer built from it "
+                         f"has {tokenizer.get_vocab_size()}")
+    return tokenizer

@@ -128,3 +128,23 @@ def test_clip_bpe_reads_its_files_and_matches_transformers(tmp_path):
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
     assert ids[0, 2] == tokens.index("red</w>") and ids[2, -1] == tokens.index("<|endoftext|>")
+
+
+def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
+    """OPT's text tokenizer from a folder's vocab.json + merges.txt reads both files
+    (transformers 5 ignored the vocab_file/merges_file keywords: an empty vocabulary)."""
+    import json
+
+    from tokenizers import pre_tokenizers
+
+    from seed_jax.data import opt_text
+
+    tokens = list(opt_text.SPECIAL_TOKENS) + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġr", "Ġre", "Ġred"]
+    with open(tmp_path / "vocab.json", "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(tmp_path / "merges.txt", "w") as f:
+        f.write("#version: 0.2\nĠ r\nĠr e\nĠre d\n")
+    tok = opt_text.OPTTextTokenizer(opt_text.gpt2_bpe(str(tmp_path)))
+    assert tok.tokenizer.token_to_id("Ġred") == len(tokens) - 1 and (tok.bos_id, tok.pad_id) == (2, 1)
+    assert tok.encode("a red") == [tokens.index("a"), tokens.index("Ġred")]
+    assert tok.decode(tok.encode("a red dog")) == "a red dog"

@@ -148,3 +148,18 @@ def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
     assert tok.tokenizer.token_to_id("Ġred") == len(tokens) - 1 and (tok.bos_id, tok.pad_id) == (2, 1)
     assert tok.encode("a red") == [tokens.index("a"), tokens.index("Ġred")]
     assert tok.decode(tok.encode("a red dog")) == "a red dog"
+
+
+def test_processes_do_not_shuffle_their_slices_in_lockstep(shards, example, monkeypatch):
+    """Process p of P reads records p, p+P, ...; with one shuffle seed on every process the
+    records k*P .. k*P+P-1 always met in the same global batch (consecutive captions of one
+    image as each other's contrastive negatives) and got the same crop and flip."""
+    _, paths = shards
+    local = []
+    for p in range(2):
+        monkeypatch.setattr(pipeline, "_process_slice", lambda p=p: (p, 2))
+        it = pipeline.train_iterator(paths, example, global_batch_size=16, seed=3, num_threads=1)
+        local.append([next(it) for _ in range(3)])
+    first, second = (np.concatenate([b["index"] for b in batches]) for batches in local)
+    assert (first % 2 == 0).all() and (second % 2 == 1).all()
+    assert np.mean(second == first + 1) < 0.25  # 1.0 in lockstep

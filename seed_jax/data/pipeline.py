@@ -122,6 +122,15 @@ def _process_slice() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def process_seed(seed: int, index: int) -> int:
+    """The shuffle / augmentation seed of process `index`: `seed` on process 0, its own
+    stream on every other. One seed everywhere would walk every process's slice
+    (records p, p+P, p+2P, ...) in the same permutation, so the records k*P .. k*P+P-1
+    always shared a global batch (a COCO image's consecutive captions became each
+    other's in-batch negatives) and got the same crop and flip."""
+    return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size: int, seed: int,
                    num_threads: int = 8, prefetch: int = 4):
     """Endless shuffled, augmented batches of this process's slice; a checkpointable
@@ -133,6 +142,7 @@ def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size:
     indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))[index::count]
     if not len(indexed):  # repeat(None) over nothing would end the stream at once
         raise ValueError(f"{paths[0]}...: no records for process {index} of {count} ({len(source)} in all)")
+    seed = process_seed(seed, index)
     ds = indexed.shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     return iter(raise_when_mostly_skipped(ds).batch(global_batch_size // count, drop_remainder=True))

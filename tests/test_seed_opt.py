@@ -243,6 +243,25 @@ def test_pretokenize_slices_cover_the_split_and_match_the_api(tokenizer_export, 
     assert sorted(f for f in os.listdir(out) if "summary" in f) == ["eval.summary-00000-of-00001.json"]
 
 
+def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_path):
+    """out_dir = the split's dir: the code shards share the image shards' names, so process 0
+    removed the image shards of another count (and a same-count run replaced them)."""
+    paths = synthetic.write_shapes_dataset(str(tmp_path), split="train", num_examples=3, seed=0, image_size=16,
+                                           num_shards=2, num_workers=1)
+
+    class Encoder:
+        image_size = 16
+
+        def __call__(self, pixels):
+            return np.zeros((len(pixels), 32), np.int32)
+
+    with pytest.raises(ValueError, match="out_dir: .* the 'train' image records are read from"):
+        pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "train", batch_size=2, num_threads=1)
+    assert records.shard_paths(str(tmp_path), "train") == paths
+    summary = pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "codes", batch_size=2, num_threads=1)
+    assert summary["records"] == 3  # another prefix in the same folder is fine
+
+
 @pytest.fixture(scope="module")
 def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config = get_config("tiny")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import grain
 import jax
@@ -55,6 +56,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
                    num_threads: int = 4) -> dict:
     """Writes this process's shard of code records for one split; returns its summary."""
     index, count = jax.process_index(), jax.process_count()
+    _refuse_to_overwrite_inputs(in_paths, out_dir, prefix)
     path = records.shard_path(out_dir, prefix, index, count)
     summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json")
     if index == 0:
@@ -91,6 +93,17 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
         json.dump(summary, f)
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
+
+
+def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) -> None:
+    """Raises when `out_dir` holds input shards named like this split's code shards (the
+    same folder and prefix): they would be removed (another count) or replaced."""
+    names = re.compile(rf"{re.escape(prefix)}-\d{{5}}-of-\d{{5}}\.array_record")
+    out = os.path.realpath(out_dir)
+    for path in in_paths:
+        if os.path.realpath(os.path.dirname(path)) == out and names.fullmatch(os.path.basename(path)):
+            raise ValueError(f"out_dir: {out_dir!r} is where the {prefix!r} image records are read from ({path}); "
+                             f"its code shards would replace them: choose another out_dir")
 
 
 def _remove_other_counts(out_dir: str, prefix: str, count: int) -> None:

@@ -488,3 +488,17 @@ def test_sharded_bfloat16_folder_converts_to_the_bfloat16_weights(converted, tmp
     exported = [nnx.state(weights.load_model(str(tmp_path / f"{name}_export"), kind="opt")[0])
                 for name in ("bf16", "f32")]
     jax.tree.map(np.testing.assert_array_equal, *exported)
+
+
+def test_unknown_lora_targets_or_rank_fail_naming_them():
+    """A misspelled target (or PEFT's q_proj naming) used to build a model without
+    that adapter, silently; an empty or string target list, or a negative rank, too."""
+    base = dict(vocab_size=100, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64, lora_rank=4)
+    for targets in [("query", "valu"), ("q_proj", "v_proj"), (), "query"]:
+        with pytest.raises(ValueError, match="lora targets: .*expected .*names from"):
+            OPTConfigOurs(**base, lora_targets=targets)
+    with pytest.raises(ValueError, match="lora rank: expected a positive integer, got -2"):
+        OPTConfigOurs(**{**base, "lora_rank": -2})
+    model = weights.build("opt", OPTConfigOurs(**base, lora_targets=("value", "fc2")))
+    assert sorted(k for k in weights.flat_params(model) if "lora" in k) == [
+        "layers.fc2.lora_a", "layers.fc2.lora_b", "layers.self_attn.value_lora_a", "layers.self_attn.value_lora_b"]

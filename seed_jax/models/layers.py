@@ -53,14 +53,29 @@ def lora_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Seque
                          eager_sharding=False)
 
 
+LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     """Low-rank adapters W + (alpha / rank) A B on the named projections
     (Attention: query, key, value, out; MLP: fc1, fc2). B starts at zero, so an
-    adapted model starts equal to its base."""
+    adapted model starts equal to its base. An unknown target name raises: it
+    would otherwise leave that projection without an adapter, silently."""
     rank: int = 16
     alpha: float = 32.0
-    targets: tuple[str, ...] = ("query", "key", "value", "out", "fc1", "fc2")
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora rank: expected a positive integer, got {self.rank!r}")
+        if isinstance(self.targets, str) or not self.targets:
+            raise ValueError(f"lora targets: expected a non-empty sequence of names from {LORA_TARGETS}, "
+                             f"got {self.targets!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora targets: {unknown} are not adaptable projections; expected names from "
+                             f"{LORA_TARGETS}")
 
     @property
     def scale(self) -> float:

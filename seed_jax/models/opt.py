@@ -48,7 +48,11 @@ class OPTConfig:
     code_dim: int = 0  # > 0: the appended ids after the first two embed as code_projection(code_vectors)
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("query", "key", "value", "out", "fc1", "fc2")
+    lora_targets: tuple[str, ...] = layers.LORA_TARGETS
+
+    def __post_init__(self):
+        if self.lora_rank:  # checks the rank and the targets: a misspelled one would add no adapter
+            layers.LoRA(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def token_width(self) -> int:

@@ -81,7 +81,7 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
     extra = num_codes + opt.IMAGE_MARKERS
     projected = config.image_embedding == "codebook_projection"
     added = dict(extra_tokens=extra, code_dim=code_dim if projected else 0, lora_rank=config.lora.rank,
-                 lora_alpha=config.lora.alpha, lora_targets=tuple(config.lora.targets))
+                 lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
     if config.init.opt:
         kind, base, _ = weights.read_config(config.init.opt)
         if kind != "opt":

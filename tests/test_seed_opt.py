@@ -434,7 +434,11 @@ def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_p
     with pytest.raises(ValueError, match="convert with --image_tokens=0"):
         seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
     config.init.opt = plain
-    m_config = seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
+    # a text tokenizer wider than the export's vocabulary: its last ids would be read as <img>, </img>, codes
+    with pytest.raises(ValueError, match=r"init.opt: the export's vocabulary \(60\) is smaller than the text "
+                                         r"tokenizer's \(61"):
+        seed_opt.model_config(config, 61, num_codes=4, code_dim=8)
+    m_config = seed_opt.model_config(config, 60, num_codes=4, code_dim=8)
     assert (m_config.extra_tokens, m_config.code_dim, m_config.lora_rank) == (6, 8, 2)
     codebook = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32) * 0.1
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])

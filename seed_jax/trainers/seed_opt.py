@@ -91,6 +91,10 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
             raise ValueError(f"init.opt: the export has {base.extra_tokens} appended tokens; with image_embedding="
                              f"{config.image_embedding!r} and the tokenizer's {num_codes} codes convert with "
                              f"--image_tokens={0 if projected else num_codes}")
+        # The image tokens' ids follow the model's vocabulary: text ids beyond it would be read as them.
+        if text_vocab_size > base.vocab_size:
+            raise ValueError(f"init.opt: the export's vocabulary ({base.vocab_size}) is smaller than the text "
+                             f"tokenizer's ({text_vocab_size}, text_tokenizer {config.text_tokenizer.to_dict()})")
         return opt.OPTConfig.from_dict({**base.__dict__, **added})
     if text_vocab_size > config.model.vocab_size:
         raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the text tokenizer's "

@@ -494,3 +494,23 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
     for key, value in trained.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("dtype", "bf16", "dtype: expected one of"),
+    ("image_embedding", "codebook", "image_embedding: expected 'rows' or 'codebook_projection'"),
+    ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj")), r"lora targets: \['q_proj'\]"),
+])
+def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
+                                                                              monkeypatch):
+    """dtype (read as DTYPES[...], a KeyError), image_embedding and lora targets were
+    checked only after training the demo tokenizer and pre-tokenizing its images."""
+    def prepared(*args, **kwargs):
+        raise AssertionError("the tokenizer was prepared before the config was checked")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", prepared)
+    config = get_config("tiny")
+    config.unlock()
+    config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    with pytest.raises(ValueError, match=message):
+        seed_opt.train(config, str(tmp_path / "wd"))

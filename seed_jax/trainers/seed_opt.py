@@ -72,6 +72,18 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
     raise ValueError(f"text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got {t.kind!r}")
 
 
+def check_config(config) -> None:
+    """The model settings `train` reads only after the tokenizer and the codes are ready
+    (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
+    `dtype`, `image_embedding` and `lora`, else a ValueError naming them."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {config.dtype!r}")
+    if config.image_embedding not in ("rows", "codebook_projection"):
+        raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
+    if config.lora.rank:
+        layers.LoRA(config.lora.rank, config.lora.alpha, config.lora.targets)
+
+
 def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) -> opt.OPTConfig:
     """The trained model: the converted OPT's shape (`init.opt`) or `config.model`,
     with the image tokens appended (as rows, or through the codebook projection of
@@ -231,6 +243,7 @@ def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None
 # ---------------------------------------------------------------- driver
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

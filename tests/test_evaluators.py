@@ -1,11 +1,17 @@
 """Retrieval recall@K (hits are retrieved captions equal to the true one) and the
 shapes-world caption attribute scores."""
 
+import os
+
 import numpy as np
 import pytest
 
+from conftest import REPO
+from seed_jax import config_files
+from seed_jax.evaluators.reconstruction import derangement, reconstruction_similarity
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.evaluators.shapes_captions import all_shapes_captions, attribute_scores
+from seed_jax.trainers import decoder
 
 
 def test_perfect_and_shifted_retrieval():
@@ -58,3 +64,19 @@ def test_attribute_scores_name_bad_references():
         attribute_scores(["a red bus"], ["a red bus"])
     with pytest.raises(ValueError, match="generated: 1 captions for 2 references"):
         attribute_scores(["a"], ["a small red star at the top"] * 2)
+
+
+def test_unrelated_similarity_needs_two_images_and_the_decoder_says_so_before_training(tmp_path):
+    """derangement(1) has no answer: it used to search forever, hanging the decoder's
+    evaluation after its whole training when eval.num_examples was 1."""
+    assert sorted(derangement(2)) == [0, 1] and not np.any(derangement(5) == np.arange(5))
+    for n in (0, 1):
+        with pytest.raises(ValueError, match=f"n: .* needs n >= 2, got {n}"):
+            derangement(n)
+    with pytest.raises(ValueError, match="images: .* at least 2 are needed, got 1"):
+        reconstruction_similarity(None, np.zeros((1, 8, 8, 3), np.uint8), None, None)
+    config = config_files.load(os.path.join(REPO, "configs", "decoder.py"), "tiny")
+    config.eval.num_examples = 1
+    with pytest.raises(ValueError, match="eval.num_examples: expected at least 2"):
+        decoder.train(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "tokenizer")  # nothing was trained

@@ -15,7 +15,10 @@ def image_features(tokenizer, images: np.ndarray) -> np.ndarray:
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:
-    """A random permutation of range(n) with no fixed point (n >= 2)."""
+    """A random permutation of range(n) with no fixed point; n < 2 has none and
+    raises (a search would never end)."""
+    if n < 2:
+        raise ValueError(f"n: a permutation without fixed points needs n >= 2, got {n}")
     rng = np.random.default_rng(seed)
     while True:
         perm = rng.permutation(n)
@@ -27,7 +30,10 @@ def reconstruction_similarity(tokenizer, images: np.ndarray, reconstructions: np
                               from_captions: np.ndarray) -> dict[str, float]:
     """Mean cosine similarity of each image (uint8, B rows each) to its reconstruction
     from SEED codes, to the image generated from its caption, and to the
-    reconstruction of another, random image."""
+    reconstruction of another, random image (so at least 2 images)."""
+    if len(images) < 2:
+        raise ValueError(f"images: the unrelated similarity pairs each image with another's reconstruction, "
+                         f"so at least 2 are needed, got {len(images)}")
     original = image_features(tokenizer, images)
     recon = image_features(tokenizer, reconstructions)
     generated = image_features(tokenizer, from_captions)

@@ -113,6 +113,9 @@ class Evaluator:
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
+    if config.eval.num_examples < 2:  # before training, not at its end
+        raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
+                         f"image's reconstruction), got {config.eval.num_examples}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

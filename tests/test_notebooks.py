@@ -1,6 +1,7 @@
 """The notebooks in notebooks/ run top to bottom at the `tiny` preset, in a Jupyter
 kernel, with their parameter cell overridden the way papermill does it."""
 
+import json
 import os
 import shutil
 
@@ -42,17 +43,26 @@ def test_notebooks_have_no_stored_outputs():
 
 
 def test_tokenizer_notebook_exports_encodes_and_retrieves(tiny_decoder_run, tmp_path):
-    """On a copy of the session's finished tiny tokenizer run, less its export: the
-    training cell resumes it at its end (training itself: test_train.py), the rest
-    exports it, loads it and reads held-out images."""
+    """On a copy of the session's finished tiny tokenizer run whose export is marked as
+    trained fewer steps (as after a resume with more steps): the training cell resumes
+    the run at its end (training itself: test_train.py), the rest exports it again
+    (the stale export was once loaded as it was), loads it and reads held-out images."""
     workdir = str(tmp_path / "tokenizer")
-    shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), workdir, ignore=shutil.ignore_patterns("export"))
+    shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), workdir)
+    model_json = os.path.join(workdir, "export", "model.json")
+    with open(model_json) as f:
+        meta = json.load(f)
+    trained = dict(meta["info"]["steps"])
+    meta["info"]["steps"] = {**trained, "stage2": trained["stage2"] - 1}
+    with open(model_json, "w") as f:
+        json.dump(meta, f)
     notebook = execute("tokenizer_demo.ipynb", dict(PRESET="tiny", WORKDIR=workdir, NUM_SHOWN=4, NUM_RETRIEVAL=32))
     text, images = outputs(notebook)
     assert images == 2  # the training curves and the images with their codes
     assert "stage2 {'retrieval/i2t_r1'" in text and "generation embeddings: (4, 77, 16)" in text
     assert text.count("found: ") == 4
-    assert os.path.exists(os.path.join(workdir, "export", "model.json"))
+    with open(model_json) as f:
+        assert json.load(f)["info"]["steps"] == trained  # written again from the run's checkpoints
 
 
 def test_seed_opt_notebook_trains_captions_writes_codes_and_paints(tiny_decoder_run, tmp_path):

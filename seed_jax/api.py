@@ -375,7 +375,8 @@ class SeedOPT:
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt) or the export's own
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
-        for images) enables the image methods."""
+        for images) enables the image methods. The prompts are those SEED-OPT was
+        trained with (the export's info), else `sequences.Prompts()`."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="opt")
@@ -386,7 +387,8 @@ class SeedOPT:
         if text_tokenizer is not None and not os.path.exists(text_tokenizer):
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)
-        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size,
+        prompts = sequences.Prompts(**info.get("prompts", {}))
+        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
                    else None)
 

@@ -270,6 +270,7 @@ def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config.decoder_export = os.path.join(tiny_decoder_run, "export")
     config.eval.decode.num_steps = 2
     config.image_embedding = "codebook_projection"  # the path with more parts (rows: the demo, tests above)
+    config.prompts.caption = "A picture of"  # not the default: the export must carry it
     workdir = str(tmp_path_factory.mktemp("seed_opt"))
     assert seed_opt.train(config, workdir)
     return workdir, config
@@ -319,8 +320,10 @@ def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
     assert scores["caption/exact_match"] == 0.5 and scores["caption/shape_accuracy"] == 0.5
     assert scores["caption/colour_accuracy"] == scores["caption/cell_recall"] == 1.0
     assert caption_codes.score_captions(["a dog", "a cat"], ["a dog", "a bird"]) == {"caption/exact_match": 0.5}
-    workdir, _ = seed_opt_run
+    workdir, config = seed_opt_run
     model = api.SeedOPT.load(os.path.join(workdir, "export"))
+    # captioned with the prompts it was trained with (once always the defaults)
+    assert model.prompts == sequences.Prompts(**config.prompts.to_dict()) and model.prompts.caption == "A picture of"
     for split in ("train", "eval"):
         scores = caption_codes.score_split(model, os.path.join(workdir, "codes"), split, num_examples=8,
                                            batch_size=4, max_new_tokens=8)
@@ -370,8 +373,10 @@ def test_demo_presets_share_the_tokenizer_and_decoder_demos_default_workdirs():
 
 
 def test_image_codes_emit_32_codes_then_the_end_token(seed_opt_run):
-    workdir, _ = seed_opt_run
+    workdir, config = seed_opt_run
     model = api.SeedOPT.load(os.path.join(workdir, "export"))
+    # captioned with the prompts it was trained with (once always the defaults)
+    assert model.prompts == sequences.Prompts(**config.prompts.to_dict()) and model.prompts.caption == "A picture of"
     image = model.builder.image
     ids, mask = model._left_padded([model.builder.generation_prompt("a small red star")])
     allowed = [(image.first_code, image.first_code + image.num_codes)] * 32 + [(image.end, image.end + 1)]

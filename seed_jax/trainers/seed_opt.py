@@ -300,7 +300,8 @@ def train(config, workdir: str) -> bool:
     steps = {key: config[key].num_steps for _, key in PHASES}
     if jax.process_index() == 0 and weights.write_unless_current(out, steps, lambda: export(
             model.config, params, image_tokens, text, out,
-            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
+                  "prompts": config.prompts.to_dict()})):
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"export": out, "tokenizer_export": tok_export}, f)
     return True

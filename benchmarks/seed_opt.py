@@ -9,7 +9,8 @@ appends SEED's 8194 image tokens).
 Training: one LoRA step (rank 16, alpha 32 on q/k/v/out/fc1/fc2; only the adapters
 train on both sides: torch has no per-row trainable embedding, so the appended rows
 stay frozen here) on (batch, seq) tokens, AdamW, next-token loss over the whole
-extended vocabulary; ours is the jitted step with donated state, torch runs
+extended vocabulary, without dropout (ours has none; transformers' default 0.1 is set
+to 0); ours is the jitted step with donated state, torch runs
 forward + backward + optimizer step. Generation: greedy decoding of `--new_tokens`
 tokens after a `--prompt` token prompt with the KV cache (ours: one jitted
 `lax.while_loop`; torch: `generate(do_sample=False)`), timed host to host. Each
@@ -122,7 +123,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = randomize(OPTForCausalLM(OPTConfig(vocab_size=50272, max_position_embeddings=2048, pad_token_id=1,
-                                                **SIZES[args.size])), 0).eval()
+                                                dropout=0.0, attention_dropout=0.0, **SIZES[args.size])), 0).eval()
         hf.save_pretrained(os.path.join(tmp, "hf"))
         convert(["hf_opt", f"--checkpoint={os.path.join(tmp, 'hf')}", f"--out={os.path.join(tmp, 'export')}"])
         generator = SeedOPT.load(os.path.join(tmp, "export"), dtype=dtype)

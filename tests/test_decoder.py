@@ -144,3 +144,42 @@ def test_export_is_rewritten_when_the_run_was_extended(tmp_path):
     assert weights.read_config(out)[2]["steps"] == {"a": 6, "b": 3, "c": 1}
     loaded = weights.flat_params(weights.load_model(out, kind="stable_diffusion")[0])
     np.testing.assert_array_equal(loaded["unet.conv_in.kernel"], params[1]["unet.conv_in.kernel"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
+    """A tokenizer run on `data.source="array_record"` read its shards from
+    data.train_dir / data.eval_dir; the decoder looked for them in TOKENIZER_WORKDIR/data
+    (only the synthetic source writes there) and failed with FileNotFoundError. It now
+    trains and evaluates on the tokenizer run's own splits, whatever their source."""
+    from seed_jax.data import pipeline, synthetic
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    config = get_config("tiny")
+    tok_config = config.tokenizer.copy_and_resolve_references()
+    data_dir = str(tmp_path / "elsewhere")
+    for split, prefix in (("train", "shapes_train"), ("eval", "shapes_eval")):
+        for path in synthetic.write_shapes_dataset(data_dir, split=split, num_examples=4, seed=0, image_size=16,
+                                                   num_shards=1):
+            os.rename(path, path.replace(f"{split}-", f"{prefix}-"))
+    tok_config.data.update(source="array_record", train_dir=data_dir, train_prefix="shapes_train",
+                           eval_dir=data_dir, eval_prefix="shapes_eval")
+    tok_dir = str(tmp_path / "tokenizer")
+    os.makedirs(tok_dir)
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", lambda *_: (tok_dir, "unused", tok_config))
+    monkeypatch.setattr(decoder, "create_model", lambda *_: None)
+    read = {}
+
+    def evaluator(config, tokenizer_export, eval_paths, *_):
+        read["eval"] = eval_paths
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "train_iterator", lambda paths, *_, **__: read.setdefault("train", paths))
+    monkeypatch.setattr(decoder, "Evaluator", evaluator)
+    with pytest.raises(_Stop):
+        decoder.train(config, str(tmp_path / "decoder"))
+    assert {split: [os.path.basename(p) for p in paths] for split, paths in read.items()} == {
+        "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}

@@ -108,7 +108,10 @@ def restart_unused_codes(every: int, until_step: int):
 
 
 # ---------------------------------------------------------------- data
-def _dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
+def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
+    """(train, eval) shards of the tokenizer run of `config` in `workdir`: the synthetic
+    shapes in WORKDIR/data (written there unless already written), else `data.train_dir`
+    / `data.eval_dir`. The decoder trains on the same splits."""
     d = config.data
     if d.source == "synthetic":
         directory = os.path.join(workdir, "data")
@@ -274,7 +277,7 @@ def train(config, workdir: str) -> bool:
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    train_paths, eval_paths = _dataset_paths(config, workdir)
+    train_paths, eval_paths = dataset_paths(config, workdir)
     qformer_text, clip_text = text_tokenizers(config, workdir)
     for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
                             ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):

@@ -183,3 +183,32 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
         decoder.train(config, str(tmp_path / "decoder"))
     assert {split: [os.path.basename(p) for p in paths] for split, paths in read.items()} == {
         "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}
+
+
+def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
+    """A record of the eval split that cannot be decoded crashed the decoder run when its
+    evaluator was built (the project's rule: skipped and counted, never fatal); it is
+    now left out and counted in data/skipped_records, with the others evaluated."""
+    from types import SimpleNamespace
+
+    from array_record.python import array_record_module
+
+    from seed_jax.data import pipeline, records, synthetic
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    config = get_config("tiny")
+    config.eval.num_examples = 4
+    path = str(tmp_path / "eval-00000-of-00001.array_record")
+    examples = [synthetic.make_example(i, 0, 16) for i in range(5)]
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i, example in enumerate(examples):
+        data = records.encode_record(example)
+        writer.write(data[:len(data) // 2] if i == 1 else data)
+    writer.close()
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *_, **__: SimpleNamespace(image_size=16))
+    _, clip_tokenizer = tokenizer_trainer.text_tokenizers(config.tokenizer, str(tmp_path))
+    skipped = pipeline.SkipCounter()
+    evaluator = decoder.Evaluator(config, "unused", [path], clip_tokenizer, None, str(tmp_path), skipped=skipped)
+    assert evaluator.captions == [examples[i]["caption"] for i in (0, 2, 3)]
+    assert evaluator.images.shape == (3, 16, 16, 3) and evaluator.caption_ids.shape[0] == 3
+    assert skipped.count == 1

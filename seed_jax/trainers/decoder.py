@@ -78,14 +78,28 @@ class Evaluator:
     """Reconstructs held-out images from their SEED codes and generates from their
     captions; writes the similarities and an image grid."""
 
-    def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str):
+    def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str,
+                 skipped: pipeline.SkipCounter | None = None):
+        """Reads the first `eval.num_examples` records; corrupt ones are left out and
+        counted in `skipped`."""
         self.config, self.writer, self.workdir = config, writer, workdir
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
-        n = config.eval.num_examples
-        source = [records.decode_record(r) for r in pipeline.read_records(eval_paths, n)]
-        self.images = np.stack([preprocess.resize(preprocess.decode_image(r["image"]), self.tokenizer.image_size)
-                                for r in source])
-        self.captions = [r["caption"] for r in source]
+        images, self.captions = [], []
+        for raw in pipeline.read_records(eval_paths, config.eval.num_examples):
+            try:
+                record = records.decode_record(raw)
+                image = preprocess.resize(preprocess.decode_image(record["image"]), self.tokenizer.image_size)
+            except ValueError as error:
+                logging.warning("decoder eval: skipping a corrupt record (%s)", error)
+                if skipped is not None:
+                    skipped.add()
+                continue
+            images.append(image)
+            self.captions.append(record["caption"])
+        if len(images) < 2:
+            raise ValueError(f"eval.num_examples: of the first {config.eval.num_examples} eval records "
+                             f"{len(images)} could be decoded; the evaluation needs at least 2")
+        self.images = np.stack(images)
         self.caption_ids = clip_tokenizer(self.captions)[0]
 
     def __call__(self, model: StableDiffusion, step: int) -> dict[str, float]:
@@ -135,7 +149,7 @@ def train(config, workdir: str) -> bool:
     train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.train.batch_size,
                                          seed=config.seed, num_threads=2, prefetch=4)
     writer = loop.MetricsWriter(workdir)
-    evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir)
+    evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir, skipped)
     preemption = loop.Preemption()
     try:
         done = loop.run_stage(

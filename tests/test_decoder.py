@@ -212,3 +212,22 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
     assert evaluator.captions == [examples[i]["caption"] for i in (0, 2, 3)]
     assert evaluator.images.shape == (3, 16, 16, 3) and evaluator.caption_ids.shape[0] == 3
     assert skipped.count == 1
+
+
+@pytest.mark.parametrize("key, value, match", [("sampler", "ddpm", "eval.sampler: "),
+                                               ("num_steps", 1000, "eval.num_steps: "),
+                                               ("guidance_scale", float("nan"), "eval.guidance_scale: ")])
+def test_bad_eval_sampling_options_fail_before_training(tmp_path, monkeypatch, key, value, match):
+    """The evaluation's sampling options were first used at the end of training (and
+    there before the last checkpoint was saved): a bad one cost the whole run. They are
+    now checked before the tokenizer is even looked for."""
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    def ensure_trained(*_):
+        raise AssertionError("reached training")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", ensure_trained)
+    config = get_config("tiny")
+    config.eval[key] = value
+    with pytest.raises(ValueError, match=match):
+        decoder.train(config, str(tmp_path))

@@ -20,6 +20,7 @@ from flax import nnx
 
 from seed_jax import api, parallel, weights
 from seed_jax.data import pipeline, preprocess, records
+from seed_jax.diffusion import samplers
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from seed_jax.evaluators.reconstruction import image_grid, reconstruction_similarity
 from seed_jax.models import layers
@@ -124,12 +125,26 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- driver
+def check_eval_options(config) -> None:
+    """The evaluation's sampling options, first used at the end of training: checked
+    before it, naming the config key."""
+    e = config.eval
+    if not np.isfinite(e.guidance_scale):
+        raise ValueError(f"eval.guidance_scale: expected a finite number, got {e.guidance_scale}")
+    schedule = NoiseSchedule(**config.schedule.to_dict())
+    try:
+        samplers.get(e.sampler).plan(schedule, e.num_steps)
+    except ValueError as error:  # "sampler: ..." / "num_steps: ..."
+        raise ValueError(f"eval.{error}") from None
+
+
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
     if config.eval.num_examples < 2:  # before training, not at its end
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction), got {config.eval.num_examples}")
+    check_eval_options(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

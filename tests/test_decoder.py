@@ -216,11 +216,14 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key, value, match", [("sampler", "ddpm", "eval.sampler: "),
                                                ("num_steps", 1000, "eval.num_steps: "),
-                                               ("guidance_scale", float("nan"), "eval.guidance_scale: ")])
-def test_bad_eval_sampling_options_fail_before_training(tmp_path, monkeypatch, key, value, match):
+                                               ("guidance_scale", float("nan"), "eval.guidance_scale: "),
+                                               (None, 1.5, "uncond_probability: "),
+                                               (None, -0.1, "uncond_probability: ")])
+def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value, match):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
-    now checked before the tokenizer is even looked for."""
+    now checked before the tokenizer is even looked for, as is `uncond_probability`
+    (outside [0, 1], every caption or none was silently dropped)."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):
@@ -228,6 +231,9 @@ def test_bad_eval_sampling_options_fail_before_training(tmp_path, monkeypatch, k
 
     monkeypatch.setattr(tokenizer_trainer, "ensure_trained", ensure_trained)
     config = get_config("tiny")
-    config.eval[key] = value
+    if key is None:
+        config.uncond_probability = value
+    else:
+        config.eval[key] = value
     with pytest.raises(ValueError, match=match):
         decoder.train(config, str(tmp_path))

@@ -125,9 +125,11 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- driver
-def check_eval_options(config) -> None:
-    """The evaluation's sampling options, first used at the end of training: checked
-    before it, naming the config key."""
+def check_options(config) -> None:
+    """`uncond_probability` and the evaluation's sampling options (first used at the
+    end of training): checked before training, naming the config key."""
+    if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
+        raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval
     if not np.isfinite(e.guidance_scale):
         raise ValueError(f"eval.guidance_scale: expected a finite number, got {e.guidance_scale}")
@@ -144,7 +146,7 @@ def train(config, workdir: str) -> bool:
     if config.eval.num_examples < 2:  # before training, not at its end
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction), got {config.eval.num_examples}")
-    check_eval_options(config)
+    check_options(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -262,6 +262,32 @@ def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_
     assert summary["records"] == 3  # another prefix in the same folder is fine
 
 
+def test_the_demo_pretokenizes_a_tokenizer_runs_own_array_record_images(tmp_path, monkeypatch):
+    """A reused tokenizer run trained on ArrayRecord shards elsewhere (data.source=array_record):
+    its images were once looked for in TOKENIZER_WORKDIR/data, which only the synthetic
+    source writes (a FileNotFoundError)."""
+    config = get_config("tiny")
+    tok_config = config.tokenizer.copy_and_resolve_references()
+    data_dir = str(tmp_path / "elsewhere")
+    for split, prefix in (("train", "shapes_train"), ("eval", "shapes_eval")):
+        for path in synthetic.write_shapes_dataset(data_dir, split=split, num_examples=2, seed=0, image_size=16,
+                                                   num_shards=1, num_workers=1):
+            os.rename(path, path.replace(f"{split}-", f"{prefix}-"))
+    tok_config.data.update(source="array_record", train_dir=data_dir, train_prefix="shapes_train",
+                           eval_dir=data_dir, eval_prefix="shapes_eval")
+    read = {}
+
+    def pretokenize_splits(export, splits, out_dir, **_):
+        read.update({prefix: [os.path.basename(p) for p in paths] for prefix, paths in splits.items()})
+        for prefix in splits:
+            records.write_array_record_shards([], out_dir, prefix, 1)
+
+    monkeypatch.setattr(pretokenize, "pretokenize", pretokenize_splits)
+    seed_opt.code_paths(config, str(tmp_path / "run"), str(tmp_path / "tokenizer"), "unused", tok_config)
+    assert read == {config.data.train_prefix: ["shapes_train-00000-of-00001.array_record"],
+                    config.data.eval_prefix: ["shapes_eval-00000-of-00001.array_record"]}
+
+
 @pytest.fixture(scope="module")
 def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config = get_config("tiny")

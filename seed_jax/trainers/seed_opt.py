@@ -211,18 +211,19 @@ def decoder_export(config) -> str:
 
 
 # ---------------------------------------------------------------- data
-def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str) -> tuple[list[str], list[str]]:
-    """(train, eval) code-record shards: `data.codes_dir`, or the tokenizer run's own
-    images pre-tokenized into WORKDIR/codes."""
+def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
+               tok_config) -> tuple[list[str], list[str]]:
+    """(train, eval) code-record shards: `data.codes_dir`, or the images of the tokenizer
+    run in `tok_dir` (trained with `tok_config`: its synthetic shapes or its own
+    shards) pre-tokenized into WORKDIR/codes."""
     d = config.data
     directory = d.codes_dir
     if not directory:
         if tok_dir is None:
             raise ValueError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
         directory = os.path.join(workdir, "codes")
-        image_dir = os.path.join(tok_dir, "data")
-        splits = {d.train_prefix: records.shard_paths(image_dir, "train"),
-                  d.eval_prefix: records.shard_paths(image_dir, "eval")}
+        image_train, image_eval = tokenizer_trainer.dataset_paths(tok_config, tok_dir)
+        splits = {d.train_prefix: image_train, d.eval_prefix: image_eval}
         pretokenize.pretokenize(tok_export, splits, directory, batch_size=256, num_threads=d.num_threads)
     return records.shard_paths(directory, d.train_prefix), records.shard_paths(directory, d.eval_prefix)
 
@@ -256,7 +257,7 @@ def train(config, workdir: str) -> bool:
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])
-    train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export)
+    train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
 
     mesh = parallel.make_mesh(config.mesh.to_dict())
     text = text_tokenizer(config, workdir)

@@ -29,11 +29,11 @@ from seed_jax.data import opt_text, sequences
 from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from seed_jax.diffusion import pipeline, samplers
+from seed_jax.models import layers
 from seed_jax.models.opt import OPT as OPTModel
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # CLIP-normalised pixels of uint8 images lie in [-1.80, 2.15]. The bound is wide
 # (standard-normal test inputs pass) but catches 0..255 images that skipped
 # normalisation.
@@ -47,8 +47,7 @@ class SeedTokenizer:
 
     def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32,
                  diffusion: "StableDiffusion | None" = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        layers.compute_dtype(dtype)  # checks the name
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
@@ -80,9 +79,7 @@ class SeedTokenizer:
              batch_size: int = 32) -> "SeedTokenizer":
         """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
         `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="seed_tokenizer")
+        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
         sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
         return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd)
 
@@ -209,8 +206,7 @@ class StableDiffusion:
     VAE decoder run as one jitted program per (sampler, steps, chunk size)."""
 
     def __init__(self, model: StableDiffusionModel, *, dtype: str = "float32", batch_size: int = 8):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        layers.compute_dtype(dtype)  # checks the name
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
@@ -233,9 +229,7 @@ class StableDiffusion:
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
         """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export)."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="stable_diffusion")
+        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="stable_diffusion")
         return cls(model, dtype=dtype, batch_size=batch_size)
 
     @property
@@ -338,8 +332,7 @@ class SeedOPT:
     def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        layers.compute_dtype(dtype)  # checks the name
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
@@ -377,9 +370,7 @@ class SeedOPT:
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
         for images) enables the image methods. The prompts are those SEED-OPT was
         trained with (the export's info), else `sequences.Prompts()`."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        model, _, _ = weights.load_model(path, dtype=DTYPES[dtype], kind="opt")
+        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="opt")
         info = weights.read_config(path)[2]
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
         if isinstance(tokenizer, str):

@@ -214,16 +214,15 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
     assert skipped.count == 1
 
 
-@pytest.mark.parametrize("key, value, match", [("sampler", "ddpm", "eval.sampler: "),
-                                               ("num_steps", 1000, "eval.num_steps: "),
-                                               ("guidance_scale", float("nan"), "eval.guidance_scale: "),
-                                               (None, 1.5, "uncond_probability: "),
-                                               (None, -0.1, "uncond_probability: ")])
-def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value, match):
+@pytest.mark.parametrize("key, value", [("eval.sampler", "ddpm"), ("eval.num_steps", 1000),
+                                        ("eval.guidance_scale", float("nan")), ("uncond_probability", 1.5),
+                                        ("uncond_probability", -0.1), ("dtype", "bf16")])
+def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
-    now checked before the tokenizer is even looked for, as is `uncond_probability`
-    (outside [0, 1], every caption or none was silently dropped)."""
+    now checked before the tokenizer is even looked for, as are `uncond_probability`
+    (outside [0, 1], every caption or none was silently dropped) and `dtype` (a bare
+    KeyError once the tokenizer was ready)."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):
@@ -231,9 +230,10 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value, mat
 
     monkeypatch.setattr(tokenizer_trainer, "ensure_trained", ensure_trained)
     config = get_config("tiny")
-    if key is None:
-        config.uncond_probability = value
-    else:
-        config.eval[key] = value
-    with pytest.raises(ValueError, match=match):
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=f"{key}: "):
         decoder.train(config, str(tmp_path))

@@ -531,7 +531,7 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):
-    """dtype (read as DTYPES[...], a KeyError), image_embedding and lora targets were
+    """dtype (once a bare KeyError), image_embedding and lora targets were
     checked only after training the demo tokenizer and pre-tokenizing its images."""
     def prepared(*args, **kwargs):
         raise AssertionError("the tokenizer was prepared before the config was checked")

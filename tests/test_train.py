@@ -216,6 +216,15 @@ def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_pat
         _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8, model=wider)
 
 
+def test_a_bad_dtype_fails_before_the_data_is_made(tmp_path):
+    """An unknown `dtype` was a bare KeyError, once the shapes world was generated."""
+    config = get_config("tiny")
+    config.dtype = "bf16"
+    with pytest.raises(ValueError, match=r"dtype: expected one of \['bfloat16', 'float32'\], got 'bf16'"):
+        trainer.train(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     workdir = tmp_path / "wd"

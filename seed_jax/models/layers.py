@@ -16,6 +16,16 @@ from flax import nnx
 
 from seed_jax import parallel
 
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The compute dtype called `name`, else a ValueError naming `dtype`."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
 MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
 
 

@@ -30,8 +30,6 @@ from seed_jax.models.unet import UNetConfig
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids: np.ndarray):
     """MSE to the schedule's target (noise or v) at uniform timesteps; a caption is replaced by the empty
@@ -126,8 +124,9 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`uncond_probability` and the evaluation's sampling options (first used at the
-    end of training): checked before training, naming the config key."""
+    """`dtype`, `uncond_probability` and the evaluation's sampling options (first used
+    at the end of training): checked before training, naming the config key."""
+    layers.compute_dtype(config.dtype)
     if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
         raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval
@@ -159,7 +158,7 @@ def train(config, workdir: str) -> bool:
     empty_ids = clip_tokenizer([""])[0][0]
     clip_config = CLIPTextConfig(**tok_config.clip_text.to_dict())
     sd_config = diffusion_config(config, clip_config, empty_ids)
-    model = create_model(sd_config, tok_config, mesh, rules, DTYPES[config.dtype], config.seed)
+    model = create_model(sd_config, tok_config, mesh, rules, layers.compute_dtype(config.dtype), config.seed)
 
     skipped = pipeline.SkipCounter()
     example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped)

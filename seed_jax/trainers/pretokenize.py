@@ -27,9 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seed_jax import weights
 from seed_jax.data import code_records, preprocess, records
+from seed_jax.models import layers
 from seed_jax.models.tokenizer import SeedTokenizer
-
-DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
 
 
 class LocalEncoder:
@@ -126,7 +125,7 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
                 dtype: str = "float32", num_threads: int = 4) -> dict[str, dict]:
     """Every split (prefix -> image-record shard paths) -> code records in `out_dir`;
     all processes take part. Returns {prefix: this process's summary}."""
-    model, _, _ = weights.load_model(tokenizer_export, dtype=DTYPES[dtype], kind="seed_tokenizer")
+    model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
     encoder = LocalEncoder(model)
     out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads)
            for prefix, paths in splits.items()}

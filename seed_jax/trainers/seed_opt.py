@@ -36,7 +36,6 @@ from seed_jax.trainers import loop, pretokenize
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 
 
@@ -76,8 +75,7 @@ def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
     `dtype`, `image_embedding` and `lora`, else a ValueError naming them."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {config.dtype!r}")
+    layers.compute_dtype(config.dtype)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
     if config.lora.rank:
@@ -117,7 +115,7 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
 def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:
     """The model initialised into its shardings; base weights from `init.opt` if set;
     with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
-    dtype = DTYPES[config.dtype]
+    dtype = layers.compute_dtype(config.dtype)
 
     def create():
         return opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))

@@ -25,8 +25,6 @@ from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_jax.trainers import loop
 from seed_jax.trainers import warm_start as warm_start_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class TrainModel(nnx.Module):
     """The tokenizer plus the frozen CLIP text encoder that defines stage II's targets."""
@@ -205,7 +203,7 @@ def build_model(config):
     initialise directly into a mesh)."""
     tokenizer_config = SeedTokenizerConfig.from_dict(config.model.to_dict())
     clip_config = CLIPTextConfig(**config.clip_text.to_dict())
-    dtype = DTYPES[config.dtype]
+    dtype = layers.compute_dtype(config.dtype)
 
     def create():
         return TrainModel(tokenizer_config, clip_config, dtype=dtype, remat=config.remat,
@@ -269,6 +267,7 @@ def stages_to_run(config) -> tuple[str, ...]:
 def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
+    layers.compute_dtype(config.dtype)  # a bad name fails before the data is made
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

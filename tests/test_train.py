@@ -262,3 +262,13 @@ def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_r
     assert [e["stage"] for e in evals] == ["stage1", "stage2"]
     assert evals[-1]["num_examples"] == 64 and "codebook/used_codes" in evals[-1]
     assert_export_holds_both_stages(str(workdir), str(tmp_path / "export"), repo_root)
+
+
+def test_stage1_trains_with_the_temperature_frozen():
+    """`temp` left out of stage1.trainable: the clamp has nothing to clamp (it raised
+    KeyError 'temp'); the temperature keeps its initial value."""
+    trainable = tuple(n for n in get_config("tiny").stage1.trainable if n != "temp")
+    config = _tiny(**{"stage1.trainable": trainable})
+    losses, state = _losses(config, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), "stage1",
+                            num_steps=2)
+    assert np.isfinite(losses).all() and "temp" not in state["params"]["tokenizer"]

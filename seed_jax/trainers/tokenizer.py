@@ -59,8 +59,11 @@ def stage1_loss(label_smoothing: float):
 
 
 def clamp_temperature(params, aux, rng, step):
-    """post_update for stage I: keep the temperature in [0.001, 0.5] (as BLIP-2 clamps it)."""
+    """post_update for stage I: keep the temperature in [0.001, 0.5] (as BLIP-2 clamps it).
+    A temperature left out of `stage1.trainable` is not among `params`: it stays as it is."""
     del aux, rng, step
+    if "temp" not in params["tokenizer"]:
+        return params
     temp = params["tokenizer"]["temp"]
     temp[...] = jnp.clip(temp[...], 0.001, 0.5)
     return params

@@ -272,3 +272,14 @@ def test_stage1_trains_with_the_temperature_frozen():
     losses, state = _losses(config, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), "stage1",
                             num_steps=2)
     assert np.isfinite(losses).all() and "temp" not in state["params"]["tokenizer"]
+
+
+def test_restarting_codes_of_a_frozen_codebook_fails_naming_the_fields(tmp_path):
+    """Restarts with 'quantize' left out of stage2.trainable failed at stage II's first
+    step with a bare KeyError 'quantize'; now before anything runs, naming both fields."""
+    trainable = tuple(n for n in get_config("tiny").stage2.trainable if n != "quantize")
+    with pytest.raises(ValueError, match=r"restart_unused_codes_every=2 .*'quantize' is not in stage2.trainable"):
+        trainer.train(_tiny(**{"stage2.trainable": trainable}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"restart_unused_codes_every: expected an integer >= 0 .* got -2"):
+        trainer.train(_tiny(**{"stage2.restart_unused_codes_every": -2}), str(tmp_path))
+    assert not os.listdir(tmp_path)

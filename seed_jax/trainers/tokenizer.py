@@ -108,6 +108,18 @@ def restart_unused_codes(every: int, until_step: int):
     return post_update
 
 
+def check_stages(config) -> None:
+    """Raises, naming the fields, for stage settings that cannot run: restarting unused
+    codes edits the codebook, so it must be among what stage II trains."""
+    every = config.stage2.restart_unused_codes_every
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(f"stage2.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")
+    if every and "quantize" not in config.stage2.trainable:
+        raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes of the codebook, but 'quantize' "
+                         f"is not in stage2.trainable {tuple(config.stage2.trainable)}: add it, or set "
+                         "restart_unused_codes_every=0")
+
+
 # ---------------------------------------------------------------- data
 def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
     """(train, eval) shards of the tokenizer run of `config` in `workdir`: the synthetic
@@ -271,6 +283,7 @@ def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
     layers.compute_dtype(config.dtype)  # a bad name fails before the data is made
+    check_stages(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,5 +1,7 @@
 """Shapes of every module, causality of the Q-Formers, and clear input errors."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import TINY_QFORMER, TINY_REVERSE, TINY_TOKENIZER, TINY_VIT
+from seed_jax import weights
 from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIP_TEXT_PRESETS, CLIPTextEncoder
 from seed_jax.models.qformer import QFormer
@@ -118,6 +121,27 @@ def test_clip_text_shapes_and_causality():
     np.testing.assert_allclose(changed[:, :40], out[:, :40], atol=1e-6)
     with pytest.raises(ValueError, match="input_ids"):
         enc(jnp.ones((2, 78), jnp.int32))
+
+
+def test_the_reconstruction_head_is_the_generation_blocks_design_and_leaves_the_rest_alone():
+    """`recon_head` adds pos_embed + blocks (training only; the release has none): the
+    other parameters draw the same values with or without it, the generation path
+    ignores it, and with blocks_text's weights it gives what blocks_text gives."""
+    plain = SeedTokenizer(TINY_TOKENIZER, rngs=nnx.Rngs(0))
+    headed = SeedTokenizer(dataclasses.replace(TINY_TOKENIZER, recon_head=True), rngs=nnx.Rngs(0))
+    plain_params, headed_params = weights.flat_params(plain), weights.flat_params(headed)
+    added = sorted({k.split(".")[0] for k in set(headed_params) - set(plain_params)})
+    assert added == ["blocks", "pos_embed"]
+    for key, value in plain_params.items():
+        np.testing.assert_array_equal(headed_params[key], value, err_msg=key)
+    codes = jax.random.randint(jax.random.key(1), (2, 32), 0, TINY_TOKENIZER.num_codes)
+    quantized = plain.quantize.lookup(codes)
+    np.testing.assert_array_equal(plain.reconstruct(quantized), plain.generation_tokens(quantized))
+    np.testing.assert_array_equal(headed.embed_codes(codes), plain.embed_codes(codes))
+    assert np.abs(headed.reconstruct(quantized) - plain.reconstruct(quantized)).max() > 1e-3
+    nnx.update(headed.blocks, nnx.state(headed.blocks_text))
+    headed.pos_embed[...] = headed.pos_embed_text[...]
+    np.testing.assert_array_equal(headed.reconstruct(quantized), plain.reconstruct(quantized))
 
 
 def test_seed_tokenizer_encode_and_embed_codes_shapes():

@@ -19,7 +19,7 @@ from flax import nnx
 
 from configs.tokenizer import get_config
 from helpers import assert_export_holds_both_stages, latest_state_path, run_two_processes
-from seed_jax import parallel
+from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
@@ -214,6 +214,33 @@ def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_pat
     wider.w = nnx.Param(jnp.full((5,), 0.1))
     with pytest.raises(ValueError, match=r"(?s)step 4: .*params\.w\.value: expected \(5,\), got \(4,\)"):
         _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8, model=wider)
+
+
+def test_stage2_reconstructs_through_its_own_head_and_distils_through_blocks_text():
+    """As SEED's training code: L_recon through decode_task_layer + pos_embed -> blocks,
+    L_distill through decode_task_layer + pos_embed_text -> blocks_text -> reverse
+    Q-Former; the two heads share only decode_task_layer (and what feeds it)."""
+    config = _tiny()
+    _, _, create = trainer.build_model(config)
+    model = create()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = _batch(config, 0)
+
+    def gradient_norms(part):
+        def loss(params):
+            losses, _ = trainer.stage2_losses(nnx.merge(graphdef, params, rest), batch["image"], batch["clip_ids"])
+            return losses[part]
+
+        grads = weights.flat_params(nnx.merge(graphdef, jax.grad(loss)(params), rest))
+        modules = ("blocks", "pos_embed", "blocks_text", "pos_embed_text", "decode_task_layer", "reverse_qformer")
+        return {m: sum(float(np.sum(np.square(g))) for k, g in grads.items() if k.split(".")[1] == m)
+                for m in modules}
+
+    recon, distill = gradient_norms("recon_loss"), gradient_norms("distill_loss")
+    assert recon["blocks"] > 0 and recon["pos_embed"] > 0 and recon["decode_task_layer"] > 0
+    assert recon["blocks_text"] == recon["pos_embed_text"] == recon["reverse_qformer"] == 0
+    assert distill["blocks_text"] > 0 and distill["pos_embed_text"] > 0 and distill["decode_task_layer"] > 0
+    assert distill["blocks"] == distill["pos_embed"] == 0
 
 
 def test_a_bad_dtype_fails_before_the_data_is_made(tmp_path):

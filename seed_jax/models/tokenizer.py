@@ -5,6 +5,9 @@ pixels (B,S,S,3) -> EVA ViT (B,1+P,E) -> ln_vision -> causal Q-Former (B,32,D)
 -> + pos_embed_text -> blocks_text (B,32,D) -> reverse Q-Former (B,77,D)
 -> distill_text_proj (B,77,G).
 Stage-I heads: vision_proj / text_proj (D -> 256) and a learnable temperature.
+Stage-II reconstruction head (`recon_head`, training only: the release has none):
+decode_task_layer (B,32,D) -> + pos_embed -> blocks (B,32,D), the causal embeddings
+rebuilt from the codes, apart from the generation path as in SEED's training code.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class SeedTokenizerConfig:
     generation_width: int = 768
     proj_dim: int = 256
     with_itc_heads: bool = True  # vision_proj, text_proj, temperature (stage I)
+    recon_head: bool = False  # pos_embed + blocks for L_recon (training); False: reconstruct via blocks_text
     init_temperature: float = 0.07
     vq_beta: float = 0.25
     ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; Hugging Face's BLIP-2 uses the ViT's eps
@@ -95,6 +99,10 @@ class SeedTokenizer(nnx.Module):
             self.text_proj = layers.Dense(d, c.proj_dim, axes=("embed", None), dtype=dtype, rngs=rngs)
             self.temp = nnx.Param(jnp.asarray(c.init_temperature, jnp.float32), out_sharding=(),
                                   eager_sharding=False)
+        if c.recon_head:  # built last: the other parameters draw the same keys with or without it
+            self.pos_embed = layers.param(rngs, layers.normal(0.02), (c.qformer.num_queries, d),
+                                          ("length", "embed"))
+            self.blocks = layers.BlockStack(c.decoder_block, c.decoder_depth, dtype=dtype, remat=remat, rngs=rngs)
 
     # ---- image -> causal embeddings -> codes
     def image_embeds(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -121,18 +129,25 @@ class SeedTokenizer(nnx.Module):
                 "causal_embeddings": causal, **out}
 
     # ---- codes -> embeddings
-    def reconstruct(self, quantized: jax.Array) -> jax.Array:
-        """code vectors (B,32,C) -> reconstructed causal embeddings (B,32,D)."""
-        x = self.decode_task_layer(quantized) + self.pos_embed_text[...]
-        return self.blocks_text(x)
+    def generation_tokens(self, quantized: jax.Array) -> jax.Array:
+        """code vectors (B,32,C) -> decode_task_layer + pos_embed_text -> blocks_text (B,32,D)."""
+        return self.blocks_text(self.decode_task_layer(quantized) + self.pos_embed_text[...])
 
-    def generation_embeddings(self, reconstructed: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """(B,32,D) -> reverse Q-Former -> distill_text_proj -> (B,77,G). `rng` enables dropout."""
-        return self.distill_text_proj(self.reverse_qformer.queries(reconstructed, rng=rng)).astype(jnp.float32)
+    def reconstruct(self, quantized: jax.Array) -> jax.Array:
+        """code vectors (B,32,C) -> reconstructed causal embeddings (B,32,D): through the
+        reconstruction head when the model has one, else the generation path's blocks."""
+        if not self.config.recon_head:
+            return self.generation_tokens(quantized)
+        return self.blocks(self.decode_task_layer(quantized) + self.pos_embed[...])
+
+    def generation_embeddings(self, tokens: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`generation_tokens` (B,32,D) -> reverse Q-Former -> distill_text_proj -> (B,77,G).
+        `rng` enables dropout."""
+        return self.distill_text_proj(self.reverse_qformer.queries(tokens, rng=rng)).astype(jnp.float32)
 
     def embed_codes(self, codes: jax.Array) -> jax.Array:
         """int codes (B,32) -> generation embeddings (B,77,G)."""
-        return self.generation_embeddings(self.reconstruct(self.quantize.lookup(codes)))
+        return self.generation_embeddings(self.generation_tokens(self.quantize.lookup(codes)))
 
     # ---- stage-I contrastive heads
     def image_features(self, causal: jax.Array) -> jax.Array:

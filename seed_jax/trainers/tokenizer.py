@@ -79,7 +79,8 @@ def stage2_losses(model: TrainModel, image, clip_ids, rng=None) -> tuple[dict, d
     cosine = jnp.sum(recon * causal, -1) / (
         jnp.maximum(jnp.linalg.norm(recon, axis=-1) * jnp.linalg.norm(causal, axis=-1), 1e-8))
     target = jax.lax.stop_gradient(model.clip_text(clip_ids))
-    generated = tok.generation_embeddings(recon, rng=rng)
+    tokens = recon if not tok.config.recon_head else tok.generation_tokens(quant["quantized"])
+    generated = tok.generation_embeddings(tokens, rng=rng)
     losses = {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
               "distill_loss": jnp.mean(jnp.square(generated - target))}
     return losses, {"quant_input": quant["quant_input"], "codes": quant["codes"]}

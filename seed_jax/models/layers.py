@@ -16,8 +16,8 @@ from flax import nnx
 
 from seed_jax import parallel
 
-
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
 
 
 def compute_dtype(name: str):
@@ -25,8 +25,6 @@ def compute_dtype(name: str):
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
     return COMPUTE_DTYPES[name]
-
-MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
 
 
 def seeded_rngs(seed: int) -> nnx.Rngs:

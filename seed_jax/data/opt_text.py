@@ -10,12 +10,13 @@ every word of the shapes captions is one token and any other text still encodes
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from seed_jax.data.text import read_bpe_files
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 FILE_NAME = "text_tokenizer.json"  # beside an export's model.json
@@ -95,12 +96,4 @@ def gpt2_bpe(folder: str) -> tokenizers.Tokenizer:
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"text tokenizer folder: {path!r} does not exist (OPT's GPT-2 BPE files)")
-    # Positional: transformers 4 names these vocab_file/merges_file, 5 names them vocab/merges
-    # and silently ignores the old keywords (an empty vocabulary).
-    tokenizer = GPT2TokenizerFast(paths[0], paths[1]).backend_tokenizer
-    with open(paths[0], encoding="utf-8") as f:
-        expected = len(json.load(f))
-    if tokenizer.get_vocab_size() < expected:
-        raise ValueError(f"text tokenizer folder: {paths[0]!r} holds {expected} tokens but the tokenizer built "
-                         f"from it has {tokenizer.get_vocab_size()}")
-    return tokenizer
+    return read_bpe_files(GPT2TokenizerFast, paths[0], paths[1], "text tokenizer folder")

@@ -87,7 +87,8 @@ def shard_path(directory: str, prefix: str, index: int, num_shards: int) -> str:
     return os.path.join(directory, f"{prefix}-{index:05d}-of-{num_shards:05d}{_SHARD_SUFFIX}")
 
 
-def _existing_shards(directory: str, prefix: str) -> list[str]:
+def existing_shards(directory: str, prefix: str) -> list[str]:
+    """Sorted paths in `directory` named as shards of `prefix`, of any count."""
     digits = "[0-9]" * 5
     pattern = f"{glob.escape(prefix)}-{digits}-of-{digits}{_SHARD_SUFFIX}"
     return sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
@@ -120,7 +121,7 @@ def write_array_record_shards(
             if os.path.exists(temp_path):
                 os.remove(temp_path)
         raise
-    for stale in set(_existing_shards(directory, prefix)) - set(paths):
+    for stale in set(existing_shards(directory, prefix)) - set(paths):
         os.remove(stale)
     for temp_path, path in zip(temp_paths, paths):
         os.replace(temp_path, path)
@@ -131,7 +132,7 @@ def shard_paths(directory: str, prefix: str) -> list[str]:
     """Sorted paths of the shards for ``prefix`` in ``directory``: one complete set
     ``prefix-00000-of-N`` ... ``prefix-(N-1)-of-N``, else an error saying what is wrong
     (sets of two shard counts would read records twice; a missing shard loses records)."""
-    paths = _existing_shards(directory, prefix)
+    paths = existing_shards(directory, prefix)
     if not paths:
         raise FileNotFoundError(
             f"no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"

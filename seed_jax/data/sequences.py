@@ -161,8 +161,8 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))[index::count]
     if not len(source):
         raise ValueError(f"{paths[0]}...: no code records for process {index} of {count}")
-    ds = source.shuffle(seed=pipeline.process_seed(seed, index)).repeat(None)
-    ds = ds.random_map(example, seed=pipeline.process_seed(seed, index))
+    seed = pipeline.process_seed(seed, index)
+    ds = source.shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     ds = pipeline.raise_when_mostly_skipped(ds)
     length, targets = example.max_length, example.max_targets

@@ -87,12 +87,19 @@ def clip_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
     for name, path in (("clip_vocab_file", vocab_file), ("clip_merges_file", merges_file)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name}: {path!r} does not exist")
-    # Positional: transformers 4 names these vocab_file/merges_file, 5 names them vocab/merges
-    # and silently ignores the old keywords (an empty vocabulary that maps every word to one id).
-    tokenizer = CLIPTokenizerFast(vocab_file, merges_file).backend_tokenizer
+    return read_bpe_files(CLIPTokenizerFast, vocab_file, merges_file, "clip_vocab_file")
+
+
+def read_bpe_files(fast_tokenizer_class, vocab_file: str, merges_file: str, name: str) -> tokenizers.Tokenizer:
+    """The `tokenizers` BPE that transformers' `fast_tokenizer_class` builds from
+    `vocab.json` + `merges.txt`, else a ValueError naming `name` when the vocabulary was
+    not read. The files go positionally: transformers 4 names them vocab_file /
+    merges_file, 5 names them vocab / merges and ignores the old keywords (an empty
+    vocabulary that maps every word to one id)."""
+    tokenizer = fast_tokenizer_class(vocab_file, merges_file).backend_tokenizer
     with open(vocab_file, encoding="utf-8") as f:
         expected = len(json.load(f))
     if tokenizer.get_vocab_size() < expected:
-        raise ValueError(f"clip_vocab_file: {vocab_file!r} holds {expected} tokens but the tokenizer built from it "
+        raise ValueError(f"{name}: {vocab_file!r} holds {expected} tokens but the tokenizer built from it "
                          f"has {tokenizer.get_vocab_size()}")
     return tokenizer

@@ -78,7 +78,7 @@ class Evaluator:
     captions; writes the similarities and an image grid."""
 
     def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str,
-                 skipped: pipeline.SkipCounter | None = None):
+                 skipped: pipeline.SkipCounter):
         """Reads the first `eval.num_examples` records; corrupt ones are left out and
         counted in `skipped`."""
         self.config, self.writer, self.workdir = config, writer, workdir
@@ -90,8 +90,7 @@ class Evaluator:
                 image = preprocess.resize(preprocess.decode_image(record["image"]), self.tokenizer.image_size)
             except ValueError as error:
                 logging.warning("decoder eval: skipping a corrupt record (%s)", error)
-                if skipped is not None:
-                    skipped.add()
+                skipped.add()
                 continue
             images.append(image)
             self.captions.append(record["caption"])
@@ -124,9 +123,12 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`dtype`, `uncond_probability` and the evaluation's sampling options (first used
-    at the end of training): checked before training, naming the config key."""
+    """`dtype`, `uncond_probability` and the evaluation's options (first used at the
+    end of training): checked before training, naming the config key."""
     layers.compute_dtype(config.dtype)
+    if config.eval.num_examples < 2:
+        raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
+                         f"image's reconstruction), got {config.eval.num_examples}")
     if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
         raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval
@@ -142,9 +144,6 @@ def check_options(config) -> None:
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
-    if config.eval.num_examples < 2:  # before training, not at its end
-        raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
-                         f"image's reconstruction), got {config.eval.num_examples}")
     check_options(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 
 import grain
 import jax
@@ -97,10 +96,9 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
 def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) -> None:
     """Raises when `out_dir` holds input shards named like this split's code shards (the
     same folder and prefix): they would be removed (another count) or replaced."""
-    names = re.compile(rf"{re.escape(prefix)}-\d{{5}}-of-\d{{5}}\.array_record")
-    out = os.path.realpath(out_dir)
+    named_as_outputs = {os.path.realpath(p) for p in records.existing_shards(out_dir, prefix)}
     for path in in_paths:
-        if os.path.realpath(os.path.dirname(path)) == out and names.fullmatch(os.path.basename(path)):
+        if os.path.realpath(path) in named_as_outputs:
             raise ValueError(f"out_dir: {out_dir!r} is where the {prefix!r} image records are read from ({path}); "
                              f"its code shards would replace them: choose another out_dir")
 

@@ -109,9 +109,11 @@ def restart_unused_codes(every: int, until_step: int):
     return post_update
 
 
-def check_stages(config) -> None:
-    """Raises, naming the fields, for stage settings that cannot run: restarting unused
-    codes edits the codebook, so it must be among what stage II trains."""
+def check_config(config) -> None:
+    """Raises, naming the fields, for settings that cannot run, before the data is made:
+    an unknown `dtype`; restarting unused codes edits the codebook, so it must be among
+    what stage II trains."""
+    layers.compute_dtype(config.dtype)
     every = config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
         raise ValueError(f"stage2.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")
@@ -283,8 +285,7 @@ def stages_to_run(config) -> tuple[str, ...]:
 def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
-    layers.compute_dtype(config.dtype)  # a bad name fails before the data is made
-    check_stages(config)
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

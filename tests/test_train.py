@@ -208,6 +208,34 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     assert [line["data/skipped_records"] for line in lines] == [i // 3 for i in range(1, 9)]
 
 
+def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
+    """The last step is saved before it is evaluated: a crash in that evaluation costs
+    the evaluation alone, which the resumed run does first and only once."""
+    def crash_at_8(model, step):
+        if step == 8:
+            raise RuntimeError("crash")
+        return {"w0": float(model.w[0])}
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_8)
+    assert "8" in os.listdir(tmp_path / "ckpt")
+    evaluated = []
+
+    def record(model, step):
+        evaluated.append(step)
+        return {"w0": float(model.w[0])}
+
+    resumed = _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=record)
+    assert evaluated == [8]
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    for split in ("train", "eval"):
+        assert [line["step"] for line in lines if line["split"] == split] == list(range(1, 9))
+    assert lines[-1]["w0"] == pytest.approx(float(resumed.w[0]))
+    _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=record)
+    assert evaluated == [8]  # evaluated already: not again
+
+
 def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):
     _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
     wider = _Line()

@@ -108,7 +108,6 @@ class Evaluator:
         reconstructions = tokenizer.reconstruct(self.images, seed=step, **options)
         from_captions = api.to_uint8(diffusion.sample(diffusion.encode_text(self.caption_ids), seed=step, **options))
         metrics = reconstruction_similarity(tokenizer, self.images, reconstructions, from_captions)
-        self.writer.write(step, "decoder", "eval", metrics)
         logging.info("decoder eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:
             k = e.grid_examples

@@ -147,6 +147,24 @@ class MetricsWriter:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
 
+    def holds(self, stage: str, step: int, split: str) -> bool:
+        """Whether metrics.jsonl has a `split` line of `stage` at `step`: process 0 reads
+        it, every process gets its answer."""
+        found = False
+        if self.enabled and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # cut short
+                        continue
+                    if (record["stage"], record["step"], record["split"]) == (stage, step, split):
+                        found = True
+                        break
+        if jax.process_count() > 1:
+            found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
+        return found
+
     def close(self):
         if self.enabled:
             self.tb.close()
@@ -390,13 +408,17 @@ def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: 
 
 
 def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
-              train_iter, evaluate: Callable[[nnx.Module, int], None], writer: MetricsWriter,
+              train_iter, evaluate: Callable[[nnx.Module, int], dict | None], writer: MetricsWriter,
               preemption: Preemption, checkpoint_dir: str, counters: dict | None = None,
               post_update: Callable | None = None) -> bool:
     """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
     saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
     of a non-finite state, at the first log or checkpoint step after a non-finite step.
+    `evaluate(model, step)` runs every `config.eval_every_steps` and at the last step,
+    after that step's checkpoint is saved; the metrics it returns are written as the
+    stage's "eval" line. A run resumed at an evaluation step without that line (the run
+    before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on
     resume (on process 0's counters), so they count the whole run. `post_update` is
@@ -442,6 +464,9 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
     writer.forget_after(name, start)
+    if start and _evaluates_at(start, stage, config) and not writer.holds(name, start, "eval"):
+        logging.info("%s: evaluating step %d, saved but not evaluated by the run before", name, start)
+        _evaluate(name, model, state, start, evaluate, writer)
     if start >= stage.num_steps:
         return state, True
 
@@ -462,15 +487,25 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
             history = []
             rate = progress.log(step, summary)
             writer.write(step, name, "train", {**summary, "steps_per_sec": rate, **_summed_counts(counters)})
-        if step % config.eval_every_steps == 0 or last:
-            nnx.update(model, state["params"])
-            evaluate(model, step)
         preempted = preemption.requested(sync=logged)
         if step % config.checkpoint_every_steps == 0 or last or preempted:
             _raise_if_non_finite(name, step, unchecked)
             unchecked = []
             checkpointer.save(step, state, train_iter, _summed_counts(counters))
-        if preempted and not last:
+        if preempted:  # an evaluation due at this step runs when the run resumes
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
             return state, False
+        if _evaluates_at(step, stage, config):
+            _evaluate(name, model, state, step, evaluate, writer)
     return state, True
+
+
+def _evaluates_at(step: int, stage, config) -> bool:
+    return step % config.eval_every_steps == 0 or step == stage.num_steps
+
+
+def _evaluate(name: str, model: nnx.Module, state, step: int, evaluate: Callable, writer: MetricsWriter) -> None:
+    nnx.update(model, state["params"])
+    metrics = evaluate(model, step)
+    if metrics:
+        writer.write(step, name, "eval", metrics)

@@ -149,11 +149,11 @@ class Evaluator:
     """Captions and codes generated for held-out code records, scored and sampled."""
 
     def __init__(self, config, eval_records: list[dict], image_tokens: sequences.ImageTokens,
-                 text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval, writer: loop.MetricsWriter,
-                 workdir: str, tokenizer_export: str, decoder_export: str):
+                 text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval, workdir: str,
+                 tokenizer_export: str, decoder_export: str):
         """`decoder_export`: a diffusion export for sample images, "" for none."""
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
-        self.retrieval, self.writer, self.workdir = retrieval, writer, workdir
+        self.retrieval, self.workdir = retrieval, workdir
         self.captions = [r["caption"] for r in eval_records]
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
@@ -173,7 +173,6 @@ class Evaluator:
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
                    "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
                    "num_examples": float(len(self.captions))}
-        self.writer.write(step, phase, "eval", metrics)
         logging.info("%s eval at step %d: %s", phase, step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:
             self._save_samples(step, captions, generated)
@@ -274,7 +273,7 @@ def train(config, workdir: str) -> bool:
                          else _caption_tokenizer(config))
     writer = loop.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, CodeRetrieval(tokenizer_model, caption_tokenizer),
-                          writer, workdir, tok_export, decoder)
+                          workdir, tok_export, decoder)
     preemption = loop.Preemption()
     try:
         for index, (name, key) in enumerate(PHASES):

@@ -169,8 +169,8 @@ class Evaluator:
     """Retrieval recall@K (causal embeddings; in stage II also from the codes) and
     codebook usage on the held-out split."""
 
-    def __init__(self, model: TrainModel, batches, captions, writer: loop.MetricsWriter, mesh, rules):
-        self.batches, self.captions, self.writer = batches, captions, writer
+    def __init__(self, model: TrainModel, batches, captions, mesh, rules):
+        self.batches, self.captions = batches, captions
         self.mesh, self.rules = mesh, rules
         self.num_codes = model.tokenizer.config.num_codes
         graphdef = nnx.graphdef(model)
@@ -208,7 +208,6 @@ class Evaluator:
             metrics.update({f"codebook/{k}": v for k, v in
                             codebook_usage(host["codes"][valid], self.num_codes).items()})
         metrics["num_examples"] = float(valid.sum())
-        self.writer.write(step, stage, "eval", metrics)
         logging.info("%s eval at step %d: %s", stage, step,
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "r1" in k or "codebook" in k))
         return metrics
@@ -310,7 +309,7 @@ def train(config, workdir: str) -> bool:
     model = create_model(config, mesh)
 
     writer = loop.MetricsWriter(workdir)
-    evaluator = Evaluator(model, eval_batches, captions, writer, mesh, rules)
+    evaluator = Evaluator(model, eval_batches, captions, mesh, rules)
     preemption = loop.Preemption()
     restart = config.stage2.restart_unused_codes_every
     stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),

@@ -5,6 +5,8 @@ compile prefixes removed, and folders read file by file as transformers and diff
 read them (shard indexes, variants)."""
 
 import json
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,40 @@ def test_a_missing_middle_layer_is_named_not_counted_as_the_end():
     del layers["p.l.3.b"]
     layers.update({"q.p.l.5.a": np.zeros(1), "p.l.x": np.zeros(1)})  # other prefixes, no layer index
     assert Source(layers, "ckpt").count("p.l.{i}.a") == 1
+
+
+def test_pickled_objects_of_modules_not_installed_load_with_allow_pickle(tmp_path, monkeypatch):
+    """A CompVis/Lightning .ckpt pickles pytorch_lightning callbacks and numpy scalars
+    beside the state dict: weights_only refuses it, naming them; --allow_pickle used to
+    fail with ModuleNotFoundError where pytorch_lightning is not installed."""
+    lightning = types.ModuleType("not_installed_lightning")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_path = "last.ckpt"
+
+    class Hparams(dict):
+        pass
+
+    for cls in (ModelCheckpoint, Hparams):
+        cls.__module__, cls.__qualname__ = lightning.__name__, cls.__name__
+        setattr(lightning, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, lightning.__name__, lightning)
+    state = {"a.weight": torch.ones(2, 3), "b": torch.zeros(1).half()}
+    checkpoint = {"state_dict": state, "global_step": np.int64(470000), "hparams": Hparams(lr=1e-4),
+                  "callbacks": {ModelCheckpoint: {"best": ModelCheckpoint(), "score": np.float64(0.5)}}}
+    torch.save(checkpoint, tmp_path / "new.ckpt")
+    torch.save(checkpoint, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    monkeypatch.delitem(sys.modules, lightning.__name__)
+    with pytest.raises(ValueError, match=r"refused it \(it pickles .*not_installed_lightning.ModelCheckpoint.*"
+                                         r"pass --allow_pickle"):
+        sources.read_file(str(tmp_path / "new.ckpt"))
+    for name in ("new.ckpt", "legacy.ckpt"):
+        with pytest.raises(ValueError, match="pass --allow_pickle"):
+            sources.read_file(str(tmp_path / name))
+        arrays = sources.read_file(str(tmp_path / name), allow_pickle=True)
+        assert sorted(arrays) == ["a.weight", "b"]
+        np.testing.assert_array_equal(arrays["a.weight"], np.ones((2, 3), np.float32))
 
 
 def test_ddp_and_compile_prefixes_every_key_has_are_removed(tmp_path):

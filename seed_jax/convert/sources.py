@@ -12,8 +12,10 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import struct
+import types
 import zipfile
 
 import numpy as np
@@ -169,12 +171,14 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
     try:
         # Memory-mapped when the file is in torch's zip format: the tensors then live in the
         # page cache, which the kernel can reclaim; legacy-format files are read whole.
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
+        # Pickles are read with stand-ins for classes that are not installed (see _StandIn).
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path),
+                         **({"pickle_module": _STAND_IN_PICKLE} if allow_pickle else {}))
     except Exception as e:
         if allow_pickle:
             raise
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}); if you trust the file, pass --allow_pickle") from e
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_refusal(torch, path, e)}); "
+                         "if you trust the file, pass --allow_pickle") from e
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -183,6 +187,55 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return LazyArrays({k: (tuple(v.shape), functools.partial(_torch_to_numpy, v))
                        for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def _refusal(torch, path: str, error: Exception) -> str:
+    """Why weights_only refused `path`: the classes and functions it pickles beyond
+    tensors (numpy scalars, pytorch_lightning callbacks, ...), else torch's error."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (pre-zip) files are not inspected
+        names = []
+    if names:
+        return f"it pickles {', '.join(names)}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+
+
+class _StandIn:
+    """Unpickles as anything and holds nothing: what `--allow_pickle` reads in place of
+    a class whose module is not installed. Such objects sit beside the weights (a CompVis
+    .ckpt's pytorch_lightning ModelCheckpoint callbacks, OmegaConf or argparse configs)
+    and are dropped with every other non-tensor entry."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):  # a dict subclass's items
+        pass
+
+    def append(self, value):  # a list subclass's items
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_StandIn,), {"__module__": module})
+
+
+_STAND_IN_PICKLE = types.SimpleNamespace(__name__="seed_jax_stand_in_pickle", Unpickler=_StandInUnpickler,
+                                         load=pickle.load)
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, CLIPTextConfig,
-                          CLIPTextModel, OPTConfig)
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, CLIPConfig,
+                          CLIPModel, CLIPTextConfig, CLIPTextModel, OPTConfig)
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from seed_jax import weights
@@ -195,6 +195,26 @@ def _clip_parity(tmp_path, config: CLIPTextConfig, seed: int) -> float:
 def test_hf_clip_text_folder_matches_transformers(tmp_path):
     _clip_parity(tmp_path, CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, max_position_embeddings=77), seed=0)
+
+
+def test_hf_clip_model_folder_converts_its_text_tower_by_its_text_config(tmp_path):
+    """A whole CLIPModel folder (as openai/clip-vit-large-patch14): heads, activation
+    and epsilon are in config.json's text_config; they used to fall back to 12 heads,
+    quick_gelu and 1e-5, silently."""
+    text = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-6)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+    hf = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision)), 4).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    report = convert(["hf_clip_text", f"--checkpoint={tmp_path / 'clip'}", f"--out={tmp_path / 'out'}"])
+    assert any(k.startswith("vision_model.") for k in report["unused_keys"])
+    model, _, config = weights.load_model(str(tmp_path / "out"), kind="clip_text")
+    assert (config.num_heads, config.activation, config.eps) == (4, "gelu", 1e-6)
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf.text_model(input_ids=ids).last_hidden_state.numpy()
+    assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ def prefix(source: Source) -> str:
 
 
 def config(source: Source, hf: dict) -> CLIPTextConfig:
+    """`hf`: config.json, a CLIPTextModel's or a whole CLIPModel's (whose text tower's
+    settings are its `text_config`)."""
+    hf = hf.get("text_config") or hf
     p = prefix(source)
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]

@@ -140,6 +140,17 @@ def test_wrong_head_count_is_a_clear_error(tmp_path, capsys):
     assert "vit heads 5 do not divide the ViT width 48" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout, flag", [("seed_v1", "--vit_heads=0"), ("lavis_blip2", "--qformer_heads=-4"),
+                                           ("seed_v1", "--blocks_heads=0"), ("sd", "--unet_heads=0"),
+                                           ("sd", "--text_heads=-1"), ("sd", "--norm_groups=0"),
+                                           ("sd", "--scaling_factor=-0.5"), ("hf_opt", "--image_tokens=-2")])
+def test_a_non_positive_count_or_scale_fails_naming_it_before_reading(layout, flag, tmp_path, capsys):
+    """Zero heads crashed with ZeroDivisionError; a zero --norm_groups or --scaling_factor
+    was taken as not given; --image_tokens=-2 appended no rows but reported image ids."""
+    assert convert_main([layout, f"--checkpoint={tmp_path / 'absent'}", f"--out={tmp_path / 'out'}", flag]) == 1
+    assert f"error: {flag}: expected" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_module(tmp_path, repo_root):
     state, pixels, ref = _reference(TINY, batch=2, seed=5)
     torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")

@@ -140,9 +140,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Counts and scales given on the command line are positive (--image_tokens may be
+    0), before anything is read."""
+    for name, value in sorted(vars(args).items()):
+        if value is None or not (name.endswith(("_heads", "_depth")) or name in ("norm_groups", "scaling_factor")):
+            continue
+        if value <= 0:
+            raise ValueError(f"--{name}={value}: expected a positive value")
+    if getattr(args, "image_tokens", 0) < 0:
+        raise ValueError(f"--image_tokens={args.image_tokens}: expected the number of image codes to append "
+                         "(0: keep the vocabulary)")
+
+
 def convert(argv: list[str]) -> dict:
     """Runs one conversion; returns a report {kind, num_params, unused_keys, ...}."""
     args = parser().parse_args(argv)
+    check_args(args)
     kind, config, table, source, info = CONVERTERS[args.layout](args)
     params = apply(table, source)
     report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}

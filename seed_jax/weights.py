@@ -89,6 +89,12 @@ def this_process_only() -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
 
 
+def check_free(out: str) -> None:
+    """Raises if the directory `out` already holds an export."""
+    if os.path.exists(os.path.join(out, PARAMS_DIR)):
+        raise FileExistsError(f"out: {os.path.abspath(out)} already holds an export; choose a new directory")
+
+
 def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None = None) -> None:
     """Writes `params` (dotted path -> array, all of the model's parameters) and the
     config to the export directory `out`, which must not hold an export yet. One
@@ -96,8 +102,7 @@ def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None 
     hold this process's whole copies (see `gathered`)."""
     check_shapes(shapes(params), shapes(flat_params(build(kind, config, abstract=True))), what="params")
     out = os.path.abspath(out)
-    if os.path.exists(os.path.join(out, PARAMS_DIR)):
-        raise FileExistsError(f"out: {out} already holds an export; choose a new directory")
+    check_free(out)
     os.makedirs(out, exist_ok=True)
     # In a multi-host run orbax writes jax.Arrays only as global arrays, from all processes:
     # this process's copies go as numpy arrays.

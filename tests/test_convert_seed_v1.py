@@ -151,6 +151,13 @@ def test_a_non_positive_count_or_scale_fails_naming_it_before_reading(layout, fl
     assert f"error: {flag}: expected" in capsys.readouterr().err
 
 
+def test_an_out_that_holds_an_export_fails_before_reading(tmp_path, capsys):
+    """It was found only when writing, after the whole conversion (minutes for ViT-g)."""
+    (tmp_path / "out" / weights.PARAMS_DIR).mkdir(parents=True)
+    assert convert_main(["hf_opt", f"--checkpoint={tmp_path / 'absent'}", f"--out={tmp_path / 'out'}"]) == 1
+    assert "already holds an export" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_module(tmp_path, repo_root):
     state, pixels, ref = _reference(TINY, batch=2, seed=5)
     torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")

@@ -157,6 +157,7 @@ def convert(argv: list[str]) -> dict:
     """Runs one conversion; returns a report {kind, num_params, unused_keys, ...}."""
     args = parser().parse_args(argv)
     check_args(args)
+    weights.check_free(args.out)  # before minutes of reading and converting
     kind, config, table, source, info = CONVERTERS[args.layout](args)
     params = apply(table, source)
     report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}

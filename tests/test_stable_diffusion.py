@@ -15,6 +15,7 @@ from sd_fixtures import (CONTEXT_WIDTH, diffusers_scheduler, randomize, tiny_pip
 from seed_jax import weights
 from seed_jax.api import StableDiffusion
 from seed_jax.convert.__main__ import convert
+from seed_jax.convert.__main__ import main as convert_main
 
 pytestmark = pytest.mark.torch
 
@@ -235,6 +236,37 @@ def test_compvis_single_file_converts_to_the_same_model(converted, tmp_path):
     negative = sd.empty_prompt_embeds(1)
     np.testing.assert_allclose(from_ckpt.sample(prompt, negative, **options), sd.sample(prompt, negative, **options),
                                atol=1e-6)
+
+
+def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):
+    """A training checkpoint holds LitEma's copy of each UNet weight (`model_ema.` + its
+    name without dots) beside the raw one: the raw weights convert by default, with a
+    notice, and the EMA copy with --ema."""
+    pipe, _ = converted
+    raw = _compvis_state_dict(pipe)
+    state = dict(raw)
+    for k, v in raw.items():
+        if k.startswith("model.diffusion_model."):
+            state["model_ema." + k[len("model."):].replace(".", "")] = v * 0.5 + 0.01
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # the same EMA names as diffusers
+    ema_back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config), extract_ema=True)
+    assert all(torch.equal(ema_back[k], v * 0.5 + 0.01) for k, v in pipe.unet.state_dict().items())
+    torch.save({"state_dict": state}, tmp_path / "sd-ema.ckpt")
+    args = [f"--checkpoint={tmp_path / 'sd-ema.ckpt'}", "--unet_heads=2", "--norm_groups=8", "--text_heads=2"]
+    assert convert_main(["sd", *args, f"--out={tmp_path / 'raw'}"]) == 0
+    assert "--ema converts those" in capsys.readouterr().out
+    assert convert_main(["sd", *args, f"--out={tmp_path / 'ema'}", "--ema"]) == 0
+    from_raw, from_ema = (weights.load_params(str(tmp_path / d)) for d in ("raw", "ema"))
+    conv_in = "unet.conv_in.kernel"
+    expected = raw["model.diffusion_model.input_blocks.0.0.weight"].permute(2, 3, 1, 0).numpy()
+    np.testing.assert_array_equal(from_raw[conv_in], expected)
+    np.testing.assert_allclose(from_ema[conv_in], expected * 0.5 + 0.01, rtol=1e-6)
+    np.testing.assert_array_equal(from_ema["vae.decoder.conv_out.kernel"], from_raw["vae.decoder.conv_out.kernel"])
+    del state["model_ema.diffusion_modelout2bias"]
+    torch.save({"state_dict": state}, tmp_path / "sd-ema-gap.ckpt")
+    assert convert_main(["sd", f"--checkpoint={tmp_path / 'sd-ema-gap.ckpt'}", "--unet_heads=2", "--norm_groups=8",
+                         "--text_heads=2", f"--out={tmp_path / 'gap'}", "--ema"]) == 1
+    assert "missing key 'model_ema.diffusion_modelout2bias'" in capsys.readouterr().err
 
 
 def test_sample_rejects_bad_inputs(converted):

@@ -6,7 +6,7 @@
   python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth [--vit=eva_vit_g.pth] --out=OUT
   python -m seed_jax.convert hf_blip2 --checkpoint=HF_FOLDER --out=OUT
   python -m seed_jax.convert hf_clip_text --checkpoint=SD_FOLDER/text_encoder --out=OUT
-  python -m seed_jax.convert sd --checkpoint=SD_FOLDER|sd-v1-4.ckpt --out=OUT [--unet_heads=8]
+  python -m seed_jax.convert sd --checkpoint=SD_FOLDER|sd-v1-4.ckpt --out=OUT [--unet_heads=8] [--ema]
   python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=OUT [--image_tokens=8192]
 
 Dimensions are read from the checkpoint; head counts (no shape tells them) are
@@ -69,13 +69,19 @@ def _hf_clip_text(args):
 
 
 def _sd(args):
+    info = {}
     if os.path.isdir(args.checkpoint):
+        if args.ema:
+            raise ValueError("--ema: a diffusers folder holds one set of UNet weights; --ema reads the EMA "
+                             "copy of a CompVis .ckpt")
         source, configs = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle,
                                                    variant=args.variant)
         layout = "diffusers"
     else:
-        source = sd.compvis_to_diffusers(sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle),
-                                         args.checkpoint)
+        arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
+        info["unet_weights"] = "ema" if args.ema else "raw"
+        info["ema_weights_unread"] = not args.ema and any(k in arrays for k in sd.compvis_ema_keys(arrays))
+        source = sd.compvis_to_diffusers(arrays, args.checkpoint, ema=args.ema)
         configs, layout = {}, "compvis"
     positions = "text_encoder.text_model.embeddings.position_embedding.weight"
     empty = sd.empty_prompt_ids(args.checkpoint if layout == "diffusers" else None,
@@ -83,7 +89,7 @@ def _sd(args):
     config = sd.config(source, configs, empty_prompt=empty, unet_heads=args.unet_heads,
                        scaling_factor=args.scaling_factor, norm_groups=args.norm_groups,
                        text_heads=args.text_heads)
-    return "stable_diffusion", config, sd.table(config, source), source, {"source_layout": layout}
+    return "stable_diffusion", config, sd.table(config, source), source, {"source_layout": layout, **info}
 
 
 def _hf_opt(args):
@@ -130,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
                            help="GroupNorm groups of UNet and VAE (default: the config.json files, else 32)")
             s.add_argument("--text_heads", type=int, default=None,
                            help="text encoder heads (default: text_encoder/config.json, else 12)")
+            s.add_argument("--ema", action="store_true",
+                           help="a CompVis .ckpt holding EMA weights beside the raw ones (model_ema.*, e.g. "
+                                "v1-5-pruned.ckpt): convert the UNet's EMA copy, as diffusers' folders hold")
         if name == "hf_opt":
             s.add_argument("--image_tokens", type=int, default=8192,
                            help="append <img>, </img> and this many code tokens to the vocabulary (0: keep it)")
@@ -179,6 +188,9 @@ def main(argv=None) -> int:
         print(f"{len(report['unused_keys'])} source keys unused:")
         for key in report["unused_keys"]:
             print(f"  {key}")
+    if report.get("ema_weights_unread"):
+        print("the checkpoint also holds the UNet's EMA weights (model_ema.*), usually the better ones for "
+              "sampling: --ema converts those instead")
     overridden = report.get("overridden_by_checkpoint", [])
     if overridden:
         print(f"{len(overridden)} keys present in both --checkpoint and an extra file: --checkpoint's were used")

@@ -27,6 +27,7 @@ from seed_jax.models.unet import UNetConfig
 from seed_jax.models.vae import VAEConfig
 
 PARTS = ("unet", "vae", "text_encoder")
+COMPVIS_UNET = "model.diffusion_model."
 # CLIP ViT-L/14's tokenizer (what SD v1 used): <|startoftext|>, then <|endoftext|> as end and padding.
 SD_V1_EMPTY_PROMPT = (49406,) + (49407,) * 76
 UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only_cross_attention": False,
@@ -263,19 +264,35 @@ def _compvis_vae_key(key: str, num_levels: int) -> str | None:
     return None
 
 
-def compvis_to_diffusers(arrays: Mapping[str, np.ndarray], name: str) -> Source:
+def compvis_ema_keys(arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """{EMA key: UNet key} of a CompVis LDM state dict: LDM's LitEma keeps a copy of each
+    `model.diffusion_model.*` weight under `model_ema.` + its name without dots."""
+    return {"model_ema." + k[len("model."):].replace(".", ""): k for k in arrays if k.startswith(COMPVIS_UNET)}
+
+
+def compvis_to_diffusers(arrays: Mapping[str, np.ndarray], name: str, *, ema: bool = False) -> Source:
     """A CompVis LDM state dict -> a Source with diffusers names (prefixed by part).
-    Keys that map to nothing (EMA copies, schedule buffers, ...) stay under their
-    own names, so they are reported as unused."""
-    unet_prefix, vae_prefix = "model.diffusion_model.", "first_stage_model."
+    `ema`: the UNet from its EMA copy (`model_ema.*`, which a training checkpoint such
+    as v1-5-pruned.ckpt holds beside the raw weights) instead of `model.diffusion_model.*`.
+    Keys that map to nothing (the other UNet copy, schedule buffers, ...) stay under
+    their own names, so they are reported as unused."""
+    unet_prefix, vae_prefix = COMPVIS_UNET, "first_stage_model."
     if f"{unet_prefix}input_blocks.0.0.weight" not in arrays:
         raise KeyError(f"{name}: missing key '{unet_prefix}input_blocks.0.0.weight' (not a CompVis SD checkpoint)")
+    ema_keys = compvis_ema_keys(arrays) if ema else {}
+    if ema and (missing := [k for k in ema_keys if k not in arrays]):
+        raise KeyError(f"{name}: --ema: missing key '{missing[0]}' ({len(missing)} of the UNet's {len(ema_keys)} "
+                       "EMA weights are absent)")
     first_level = [k for k in arrays if re.match(rf"{re.escape(unet_prefix)}input_blocks\.\d+\.0\.op\.weight", k)]
     layers_per_block = min(int(k[len(unet_prefix):].split(".")[1]) for k in first_level) - 1 if first_level else 2
     num_vae_levels = len({k.split(".")[3] for k in arrays if k.startswith(f"{vae_prefix}decoder.up.")})
 
-    def new_name(key):
-        new = None
+    def new_name(original):
+        new, key = None, original
+        if ema:  # the EMA copy takes the UNet's names; the raw weights stay unused
+            if key.startswith(unet_prefix):
+                return key
+            key = ema_keys.get(key, key)
         if key.startswith(unet_prefix):
             new = _compvis_unet_key(key[len(unet_prefix):], layers_per_block)
             new = new and f"unet.{new}"
@@ -284,7 +301,7 @@ def compvis_to_diffusers(arrays: Mapping[str, np.ndarray], name: str) -> Source:
             new = new and f"vae.{new}"
         elif m := re.fullmatch(r"cond_stage_model\.transformer\.(text_model\.)?(.*)", key):
             new = f"text_encoder.text_model.{m[2]}"
-        return new or key
+        return new or original
     return Source(LazyArrays.of(arrays).rekeyed(new_name), name)
 
 

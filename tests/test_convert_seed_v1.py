@@ -1,11 +1,13 @@
 """SEED v1 release layout -> `python -m seed_jax.convert seed_v1` -> SeedTokenizer,
 against our PyTorch re-statement of the reference with the same random weights."""
 
+import dataclasses
 import gc
 import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,28 @@ def test_tiny_release_checkpoint_matches_the_reference(tmp_path):
     tokenizer = SeedTokenizer.load(str(tmp_path / "out"), batch_size=2)  # 3 images: a full and a padded chunk
     errors = _compare(tokenizer, pixels, ref)
     print("tiny seed_v1 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
+
+
+def test_a_checkpoint_with_the_reconstruction_head_converts_it(tmp_path):
+    """SEED's training model also holds `pos_embed` + `blocks.N.*`, the stage-II head
+    that rebuilds the causal embeddings from the codes: it converts with the rest."""
+    c = dataclasses.replace(TINY, recon_head=True)
+    torch.manual_seed(0)
+    model = randomize(SeedV1Reference(c), 0).eval()
+    codes = torch.randint(0, c.num_codes, (2, c.num_queries), generator=torch.Generator().manual_seed(1))
+    state = model.state_dict()
+    torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")
+    report = convert(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'out'}",
+                      *_heads(c)])
+    assert [k for k in report["unused_keys"] if k.startswith(("pos_embed", "blocks."))] == []
+    tokenizer = SeedTokenizer.load(str(tmp_path / "out"))
+    assert tokenizer.config.recon_head
+    ours = tokenizer.model.reconstruct(tokenizer.model.quantize.lookup(jnp.asarray(codes.numpy())))
+    assert relative_error(ours, model.reconstruct(codes).numpy()) <= INTERMEDIATE_TOLERANCE
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    torch.save({"model": state}, tmp_path / "gap.pth")
+    with pytest.raises(KeyError, match="reconstruction head .* has 1 blocks"):
+        convert(["seed_v1", f"--checkpoint={tmp_path / 'gap.pth'}", f"--out={tmp_path / 'gap'}", *_heads(c)])
 
 
 def _with_extra_vit_blocks(vit: dict, depth: int) -> dict:

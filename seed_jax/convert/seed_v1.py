@@ -60,6 +60,10 @@ def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: 
     if decoder_depth == 0:
         raise KeyError(f"{source.name}: missing key 'blocks_text.0.norm1.weight' (the decode blocks)")
     decoder_mlp = source.shape("blocks_text.0.mlp.fc1.weight")[0]
+    recon_head = "pos_embed" in source  # SEED's training model's reconstruction head: pos_embed + blocks
+    if recon_head and (depth := source.count("blocks.{i}.norm1.weight")) != decoder_depth:
+        raise KeyError(f"{source.name}: the reconstruction head ('pos_embed') has {depth} blocks "
+                       f"('blocks.N.*'); expected as many as blocks_text, {decoder_depth}")
     generation_width = infer.need(source, "distill_text_proj.weight", "the generation projection")[0]
     with_itc = all(k in source for k in ("vision_proj.weight", "text_proj.weight", "temp"))
     proj_dim = source.shape("vision_proj.weight")[0] if with_itc else 256
@@ -68,7 +72,7 @@ def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: 
     return SeedTokenizerConfig(vit=vit, qformer=qformer, reverse_qformer=reverse, num_codes=num_codes,
                                code_dim=code_dim, decoder_depth=decoder_depth, decoder_heads=blocks_heads,
                                decoder_mlp_dim=decoder_mlp, generation_width=generation_width,
-                               proj_dim=proj_dim, with_itc_heads=with_itc)
+                               proj_dim=proj_dim, with_itc_heads=with_itc, recon_head=recon_head)
 
 
 def table(c: SeedTokenizerConfig) -> dict:
@@ -90,6 +94,9 @@ def table(c: SeedTokenizerConfig) -> dict:
                          query_tokens="reverse_tokens", embed_norm="Reverse_Qformer.bert.embeddings.LayerNorm"),
         **tables.dense("distill_text_proj", "distill_text_proj"),
     }
+    if c.recon_head:
+        t["pos_embed"] = rule("pos_embed", hook=squeeze_leading)
+        t.update(tables.timm_blocks("blocks.blocks", "blocks", c.decoder_depth, c.decoder_heads))
     if c.with_itc_heads:
         t.update(tables.dense("vision_proj", "vision_proj"))
         t.update(tables.dense("text_proj", "text_proj"))

@@ -5,7 +5,8 @@ pixels (B,S,S,3) -> EVA ViT (B,1+P,E) -> ln_vision -> causal Q-Former (B,32,D)
 -> + pos_embed_text -> blocks_text (B,32,D) -> reverse Q-Former (B,77,D)
 -> distill_text_proj (B,77,G).
 Stage-I heads: vision_proj / text_proj (D -> 256) and a learnable temperature.
-Stage-II reconstruction head (`recon_head`, training only: the release has none):
+Stage-II reconstruction head (`recon_head`, training only; DESIGN's release keys have
+none, and `convert seed_v1` builds it when a checkpoint has `pos_embed` + `blocks.*`):
 decode_task_layer (B,32,D) -> + pos_embed -> blocks (B,32,D), the causal embeddings
 rebuilt from the codes, apart from the generation path as in SEED's training code.
 """

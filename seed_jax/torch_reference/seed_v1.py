@@ -40,6 +40,7 @@ class ReferenceConfig:
     blocks_heads: int = 12
     blocks_mlp: int = 3072
     generation_width: int = 768
+    recon_head: bool = False  # SEED's training model: pos_embed + blocks rebuild the causal embeddings
 
 
 TINY = ReferenceConfig(image_size=32, patch_size=8, vit_width=48, vit_depth=2, vit_heads=4, vit_mlp=96, width=32,
@@ -243,6 +244,9 @@ class SeedV1Reference(nn.Module):
         self.Reverse_Qformer = QFormer(d, c.reverse_layers, c.qformer_heads, c.qformer_mlp, d, c.cross_attention_freq)
         self.reverse_tokens = nn.Parameter(torch.zeros(1, c.reverse_queries, d))
         self.distill_text_proj = nn.Linear(d, c.generation_width)
+        if c.recon_head:
+            self.pos_embed = nn.Parameter(torch.zeros(1, c.num_queries, d))
+            self.blocks = nn.ModuleList(Block(d, c.blocks_heads, c.blocks_mlp, eva=False) for _ in range(c.blocks))
 
     @torch.no_grad()
     def encode(self, pixels):
@@ -268,6 +272,16 @@ class SeedV1Reference(nn.Module):
             x = block(x)
         tokens = self.reverse_tokens.expand(codes.shape[0], -1, -1)
         return self.distill_text_proj(self.Reverse_Qformer.bert(tokens, x, causal=False))
+
+
+    @torch.no_grad()
+    def reconstruct(self, codes):
+        """codes (B,32) -> the causal embeddings rebuilt for L_recon (B,32,D), through the
+        reconstruction head."""
+        x = self.decode_task_layer(self.quantize.embedding(codes)) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 @torch.no_grad()

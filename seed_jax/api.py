@@ -444,8 +444,9 @@ class SeedOPT:
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
         key = jax.random.key(0 if seed is None else seed)
 
-        def run(ids, mask, rows):  # each chunk samples with its own key
-            return self._generate(self._state, ids, mask, jax.random.fold_in(key, rows[0]), ranges,
+        def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
+            keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)
+            return self._generate(self._state, ids, mask, keys, ranges,
                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
 
         return np.asarray(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size))

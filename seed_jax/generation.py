@@ -68,7 +68,9 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
              eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32 new tokens. After
     `eos_id` a row emits `pad_id`. `allowed` (T,2) restricts step t to ids in
-    [allowed[t,0], allowed[t,1]). `rng` is needed when sampling (temperature > 0)."""
+    [allowed[t,0], allowed[t,1]). `rng` is needed when sampling (temperature > 0):
+    one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
+    its key and prompt alone, not on the batch it runs in)."""
     if sampling.temperature > 0 and rng is None:
         raise ValueError("rng: sampling with temperature > 0 needs a PRNG key")
     batch, prompt_length = input_ids.shape
@@ -79,13 +81,17 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     logits, cache = model(input_ids, mask, positions=positions,
                           cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
     rng = jax.random.key(0) if rng is None else rng
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw uint32 data (jax.random.PRNGKey)
+        rng = jax.random.wrap_key_data(rng)
+    keys = rng if rng.ndim else jax.random.split(rng, batch)  # (B,)
 
     def choose(logits, i):
         ids = jnp.arange(logits.shape[-1])
         logits = jnp.where((ids >= allowed[i, 0]) & (ids < allowed[i, 1]), logits, -jnp.inf)
         if sampling.temperature == 0:
             return jnp.argmax(logits, -1).astype(jnp.int32)
-        return jax.random.categorical(jax.random.fold_in(rng, i), filter_logits(logits, sampling)).astype(jnp.int32)
+        sample = lambda key, row: jax.random.categorical(jax.random.fold_in(key, i), row)  # noqa: E731
+        return jax.vmap(sample)(keys, filter_logits(logits, sampling)).astype(jnp.int32)
 
     def emit(i, logits, done, out):
         token = choose(logits, i)

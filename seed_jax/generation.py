@@ -29,8 +29,13 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling: expected temperature >= 0, top_k >= 0, 0 < top_p <= 1, got {self}")
+        # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf.
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected 0 < top_p <= 1 (1: no top-p), got {self.top_p}")
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:

@@ -307,6 +307,24 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
         _tiny_seed_opt(batch_size=0)
 
 
+@pytest.mark.parametrize("option, message", [
+    (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature: expected a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature: expected a finite number >= 0"),
+    (dict(temperature=1.0, top_k=2.5), "top_k: expected an integer >= 0"),
+    (dict(temperature=1.0, top_k=-1), "top_k: expected an integer >= 0"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p: expected 0 < top_p <= 1"),
+    (dict(temperature=1.0, top_p=0.0), "top_p: expected 0 < top_p <= 1"),
+])
+def test_sampling_options_outside_their_range_fail_naming_them(option, message):
+    """A NaN temperature sampled token 0 at every step, an infinite one turned the
+    `allowed` ranges' -inf into NaN and emitted token 0 outside them (an image code
+    that is not a code token); a fractional top_k failed inside lax.top_k."""
+    lm = _tiny_seed_opt()
+    with pytest.raises(ValueError, match=message):
+        lm.generate(np.full((2, 4), 5), 3, allowed=[(10, 20)] * 3, **option)
+
+
 def _adapted(model, config, rank=4, extra=6):
     """`model` with LoRA on every target and `extra` appended token rows, all set to
     non-zero random values (B starts at zero; that would hide a wrong merge)."""

@@ -337,6 +337,11 @@ class SeedOPT:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         self.image_token_ids = image_token_ids or {}
+        if tokenizer is not None and self.image_token_ids:  # else codes of one would read as the other's
+            num_codes = self.config.total_vocab_size - self.image_token_ids["first_code_id"]
+            if tokenizer.num_codes != num_codes:
+                raise ValueError(f"tokenizer: its {tokenizer.num_codes} codes, the model's image tokens hold "
+                                 f"{num_codes} codes: expected the SEED tokenizer SEED-OPT was trained on")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
         graphdef, self._state = nnx.split(model)
         precision = "highest" if dtype == "float32" else "default"

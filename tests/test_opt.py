@@ -325,6 +325,20 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
         lm.generate(np.full((2, 4), 5), 3, allowed=[(10, 20)] * 3, **option)
 
 
+def test_a_seed_tokenizer_with_another_number_of_codes_is_rejected():
+    """generate_image painted the model's 16 code tokens as the first 16 of the SEED
+    tokenizer's 64 codes, and caption failed with "codes: values must lie in [0, 16)"
+    for images: the pair must agree on the number of codes."""
+    from helpers import TINY_TOKENIZER
+    from seed_jax.api import SeedTokenizer
+    from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+
+    tokenizer = SeedTokenizer(SeedTokenizerModel(TINY_TOKENIZER, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="tokenizer: its 64 codes, the model's image tokens hold 16 codes"):
+        _tiny_seed_opt(tokenizer=tokenizer)
+    assert _tiny_seed_opt().image_codes(["a red star"]).shape == (1, 32)  # without a tokenizer: no check
+
+
 def _adapted(model, config, rank=4, extra=6):
     """`model` with LoRA on every target and `extra` appended token rows, all set to
     non-zero random values (B starts at zero; that would hide a wrong merge)."""

@@ -373,8 +373,11 @@ class SeedOPT:
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt) or the export's own
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
-        for images) enables the image methods. The prompts are those SEED-OPT was
-        trained with (the export's info), else `sequences.Prompts()`."""
+        for images, or a `SeedTokenizer`) enables the image methods. The prompts are
+        those SEED-OPT was trained with (the export's info), else `sequences.Prompts()`."""
+        if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
+            raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
+                             "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
         model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="opt")
         info = weights.read_config(path)[2]
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}

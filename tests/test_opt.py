@@ -162,6 +162,22 @@ def test_seed_opt_api_logits_and_generate(converted):
         lm.generate(ids, 2, attention_mask=mask[:, :3])
 
 
+def test_load_rejects_a_diffusion_export_it_would_ignore(converted, tmp_path):
+    """`diffusion` is loaded with a SEED tokenizer given as a path; without one, or
+    beside a SeedTokenizer already loaded, it was dropped without a word (generate_image
+    then asked for what had been passed)."""
+    _, _, export = converted
+    with pytest.raises(ValueError, match="diffusion: given without a SEED tokenizer export path"):
+        SeedOPT.load(export, diffusion=str(tmp_path))
+    from helpers import TINY_TOKENIZER
+    from seed_jax.api import SeedTokenizer
+    from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+    tokenizer = SeedTokenizer(SeedTokenizerModel(TINY_TOKENIZER, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="diffusion: given without a SEED tokenizer export path"):
+        SeedOPT.load(export, tokenizer=tokenizer, diffusion=str(tmp_path))
+    assert SeedOPT.load(export, tokenizer=tokenizer).tokenizer is tokenizer
+
+
 def test_beam_search_matches_transformers(converted):
     hf, model, export = converted
     ids, mask = _prompts()

@@ -373,8 +373,9 @@ class SeedOPT:
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt) or the export's own
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
-        for images, or a `SeedTokenizer`) enables the image methods. The prompts are
-        those SEED-OPT was trained with (the export's info), else `sequences.Prompts()`."""
+        for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
+        here runs `batch_size` rows at a time too. The prompts are those SEED-OPT was
+        trained with (the export's info), else `sequences.Prompts()`."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
@@ -382,7 +383,7 @@ class SeedOPT:
         info = weights.read_config(path)[2]
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
         if isinstance(tokenizer, str):
-            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype)
+            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
         if text_tokenizer is not None and not os.path.exists(text_tokenizer):
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)

@@ -321,8 +321,9 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 0
 
     model = api.SeedOPT.load(os.path.join(workdir, "export"), tokenizer=tokenizer_export,
-                             diffusion=os.path.join(os.path.dirname(tokenizer_export), "..", "export"))
+                             diffusion=os.path.join(os.path.dirname(tokenizer_export), "..", "export"), batch_size=2)
     assert model.text_tokenizer is not None and model.image_token_ids["first_code_id"] == 640 + 2
+    assert model.tokenizer.batch_size == 2 and model.tokenizer.diffusion.batch_size == 2  # one memory setting
     images = [synthetic.make_example(i, 9, 32) for i in range(3)]
     pixels = [np.asarray(preprocess.decode_image(e["image"])) for e in images]
     captions = model.caption(pixels, max_new_tokens=8)

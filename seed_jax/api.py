@@ -177,6 +177,14 @@ class SeedTokenizer:
         return self.decode(self.encode(self.preprocess(images)), **decode_options)
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a user's `seed`, an integer in [0, 2**32): with 64-bit mode off
+    jax keeps only a seed's low 32 bits, so 2**32 would silently give seed 0's key."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
+    return jax.random.key(int(seed))
+
+
 def to_uint8(images) -> np.ndarray:
     """Float images in [-1,1] -> uint8 [0,255]."""
     return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
@@ -245,7 +253,7 @@ class StableDiffusion:
 
     def initial_noise(self, batch: int, seed: int = 0) -> np.ndarray:
         """(B,h,w,Z) standard normal; row i depends only on (seed, i)."""
-        key = jax.random.key(seed)
+        key = seed_key(seed)
         return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.latent_shape))(
             jnp.arange(batch)))
 
@@ -451,7 +459,7 @@ class SeedOPT:
                 (ids, mask), self.batch_size))
         sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
-        key = jax.random.key(0 if seed is None else seed)
+        key = seed_key(0 if seed is None else seed)
 
         def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
             keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)

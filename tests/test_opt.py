@@ -19,7 +19,7 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
-from seed_jax import generation, parallel, weights
+from seed_jax import api, generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
 from seed_jax.data import opt_text
@@ -262,6 +262,15 @@ def test_sampled_rows_do_not_depend_on_batch_size():
     assert len(np.unique(runs[0], axis=0)) == 6, "rows sampled alike: the check is vacuous"
     same = _tiny_seed_opt(batch_size=4).generate(ids[[0] * 5], 6, temperature=1.0, seed=7)
     assert len(np.unique(same, axis=0)) > 1, "rows of one prompt share their samples"
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**40, -1, 1.5, True])
+def test_a_seed_jax_would_truncate_fails_naming_it(seed):
+    """With 64-bit mode off jax keeps a seed's low 32 bits: 2**32 sampled as seed 0."""
+    with pytest.raises(ValueError, match="seed: expected an integer in"):
+        _tiny_seed_opt().generate(np.full((1, 3), 4), 2, temperature=1.0, seed=seed)
+    with pytest.raises(ValueError, match="seed: expected an integer in"):
+        api.seed_key(seed)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

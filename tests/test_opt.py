@@ -292,6 +292,20 @@ def _tiny_seed_opt(**options):
     return SeedOPT(weights.build("opt", config), image_token_ids=ids, text_tokenizer=text, **options)
 
 
+def test_an_api_built_once_reads_the_parameters_training_writes_into_the_model():
+    """Training evaluators keep one SeedOPT across evaluations, compiled once: it holds
+    the model's variables, so it reads what `nnx.update` (the train loop) writes."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (2, 4))
+    before, generated = lm.logits(ids), lm.generate(ids, 4)
+    nnx.update(lm.model, jax.tree.map(lambda x: x * 1.5 + 0.1, nnx.state(lm.model, nnx.Param)))
+    fresh = SeedOPT(lm.model, image_token_ids=lm.image_token_ids, text_tokenizer=lm.text_tokenizer)
+    np.testing.assert_array_equal(lm.logits(ids), fresh.logits(ids))
+    assert not np.allclose(lm.logits(ids), before)
+    np.testing.assert_array_equal(lm.generate(ids, 4), fresh.generate(ids, 4))
+    assert lm._generate._cache_size() == 1 and generated.shape == (2, 4)
+
+
 def test_seed_opt_rejects_inputs_it_would_mishandle():
     lm = _tiny_seed_opt()
     vocab = lm.config.total_vocab_size

@@ -83,6 +83,7 @@ class Evaluator:
         counted in `skipped`."""
         self.config, self.writer, self.workdir = config, writer, workdir
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
+        self._apis = None  # built at the first evaluation, then kept with their programs
         images, self.captions = [], []
         for raw in pipeline.read_records(eval_paths, config.eval.num_examples):
             try:
@@ -100,10 +101,19 @@ class Evaluator:
         self.images = np.stack(images)
         self.caption_ids = clip_tokenizer(self.captions)[0]
 
+    def apis(self, model: StableDiffusion) -> tuple[api.StableDiffusion, api.SeedTokenizer]:
+        """`model` behind the API, and the tokenizer painting through it; their programs
+        are compiled once across evaluations (the API holds the model's variables, so it
+        reads what training writes into them)."""
+        if self._apis is None or self._apis[0].model is not model:
+            diffusion = api.StableDiffusion(model, batch_size=self.config.eval.batch_size)
+            self._apis = diffusion, api.SeedTokenizer(self.tokenizer.model, batch_size=self.config.eval.batch_size,
+                                                      diffusion=diffusion)
+        return self._apis
+
     def __call__(self, model: StableDiffusion, step: int) -> dict[str, float]:
         e = self.config.eval
-        diffusion = api.StableDiffusion(model, batch_size=e.batch_size)
-        tokenizer = api.SeedTokenizer(self.tokenizer.model, batch_size=e.batch_size, diffusion=diffusion)
+        diffusion, tokenizer = self.apis(model)
         options = dict(num_steps=e.num_steps, guidance_scale=e.guidance_scale, sampler=e.sampler)
         reconstructions = tokenizer.reconstruct(self.images, seed=step, **options)
         from_captions = api.to_uint8(diffusion.sample(diffusion.encode_text(self.caption_ids), seed=step, **options))

@@ -158,13 +158,22 @@ class Evaluator:
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
         self.true_code_recall = retrieval.recall(self.codes, self.captions)
+        self._seed_opt = self._painter = None  # built at the first evaluation, then kept with their programs
+
+    def seed_opt(self, model: opt.OPT) -> api.SeedOPT:
+        """`model` behind the API, its programs compiled once across evaluations (the API
+        holds the model's variables, so it reads what training writes into them)."""
+        if self._seed_opt is None or self._seed_opt.model is not model:
+            ids = {"image_start_id": self.image_tokens.start, "image_end_id": self.image_tokens.end,
+                   "first_code_id": self.image_tokens.first_code}
+            self._seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids,
+                                         text_tokenizer=self.text,
+                                         prompts=sequences.Prompts(**self.config.prompts.to_dict()))
+        return self._seed_opt
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
         e = self.config.eval
-        ids = {"image_start_id": self.image_tokens.start, "image_end_id": self.image_tokens.end,
-               "first_code_id": self.image_tokens.first_code}
-        seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids, text_tokenizer=self.text,
-                               prompts=sequences.Prompts(**self.config.prompts.to_dict()))
+        seed_opt = self.seed_opt(model)
         captions = caption_all(seed_opt, self.codes, batch_size=e.batch_size, max_new_tokens=e.max_caption_tokens)
         generated = np.concatenate([seed_opt.image_codes(self.captions[start:start + e.batch_size])
                                     for start in range(0, len(self.captions), e.batch_size)])
@@ -186,10 +195,11 @@ class Evaluator:
         with open(os.path.join(self.workdir, "samples.json"), "w") as f:
             json.dump({"step": step, "samples": samples}, f, indent=1)
         if self.decoder_export:  # images from the generated codes, beside the originals' reconstructions
-            tokenizer = api.SeedTokenizer.load(self.tokenizer_export, diffusion=self.decoder_export)
+            if self._painter is None:
+                self._painter = api.SeedTokenizer.load(self.tokenizer_export, diffusion=self.decoder_export)
             d = self.config.eval.decode
             options = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
-            rows = [tokenizer.decode(self.codes[:k], **options), tokenizer.decode(generated[:k], **options)]
+            rows = [self._painter.decode(self.codes[:k], **options), self._painter.decode(generated[:k], **options)]
             Image.fromarray(image_grid(rows, rows[0].shape[1])).save(os.path.join(self.workdir, "samples.png"))
 
 

@@ -1,0 +1,112 @@
+"""One image with its captions -> records `{"image", "caption", "id"}`, or the reasons
+its captions were skipped. What `make_records` runs per image (in worker processes).
+
+Images stay as their original bytes when they are JPEG or PNG and decode; any other
+format (WebP, BMP, GIF, TIFF, ...), and any image that `resize` shrinks, is re-encoded
+as an RGB JPEG (the pipeline decodes every image to RGB, dropping alpha as
+`preprocess.decode_image` does, so RGB is all a record needs to keep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+from PIL import Image
+
+from seed_jax.data import preprocess
+
+KEPT_FORMATS = ("JPEG", "PNG")
+JPEG_QUALITY = 95
+# Why a caption (one record) was skipped.
+SKIP_REASONS = ("missing_image", "undecodable_image", "empty_caption", "missing_caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """An image and its captions, before reading. `image` is a file path or encoded
+    bytes ("" when there is none); captions come from `captions` or, when set, the
+    text file `caption_file`. Caption k gets the record id `id` (k = 0) or `id#k`."""
+    id: str
+    image: str | bytes
+    captions: tuple = ()
+    caption_file: str = ""
+
+
+@dataclasses.dataclass
+class Prepared:
+    records: list[dict]
+    skipped: dict[str, list[str]]  # reason -> ids of the records skipped for it
+    reencoded: bool = False
+
+
+def record_id(base: str, k: int) -> str:
+    return base if k == 0 else f"{base}#{k}"
+
+
+def encode_image(data: bytes, resize: int = 0, quality: int = JPEG_QUALITY) -> tuple[bytes, bool]:
+    """(bytes to store, re-encoded?): `data` itself when it is a JPEG or PNG that decodes
+    and needs no resize, else an RGB JPEG, shrunk so its shorter side is `resize` when it
+    is longer (0: no resize). Raises ValueError when `data` does not decode."""
+    image = preprocess.decode_image(data)  # RGB, fully decoded: what the pipeline will see
+    width, height = image.size
+    if resize and min(width, height) > resize:
+        if width <= height:
+            size = (resize, max(1, round(height * resize / width)))
+        else:
+            size = (max(1, round(width * resize / height)), resize)
+        image = image.resize(size, Image.BICUBIC)
+    else:
+        with Image.open(io.BytesIO(data)) as probe:
+            if probe.format in KEPT_FORMATS:
+                return data, False
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue(), True
+
+
+def _read_captions(entry: Entry) -> tuple:
+    if not entry.caption_file:
+        return tuple(entry.captions)
+    try:
+        with open(entry.caption_file, "rb") as f:
+            return (f.read().decode("utf-8"),)
+    except UnicodeDecodeError:
+        return (None,)  # not text: skipped as an empty caption
+    except OSError:
+        return ()
+
+
+def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepared:
+    """Reads and checks `entry`: a record per non-empty caption (stripped of surrounding
+    whitespace) when the image reads and decodes; every skipped caption under its reason."""
+    skipped: dict[str, list[str]] = {}
+    captions = _read_captions(entry)
+    if not captions:
+        return Prepared([], {"missing_caption": [entry.id]})
+    kept = []
+    for k, caption in enumerate(captions):
+        text = caption.strip() if isinstance(caption, str) else ""
+        if text:
+            kept.append((record_id(entry.id, k), text))
+        else:
+            skipped.setdefault("empty_caption", []).append(record_id(entry.id, k))
+    if not kept:
+        return Prepared([], skipped)
+    data = entry.image
+    if isinstance(data, str):
+        try:
+            if not data or not os.path.isfile(data):
+                raise FileNotFoundError(data)
+            with open(data, "rb") as f:
+                data = f.read()
+        except OSError:
+            skipped["missing_image"] = [i for i, _ in kept]
+            return Prepared([], skipped)
+    try:
+        image, reencoded = encode_image(bytes(data), resize, quality)
+    except ValueError:
+        skipped["undecodable_image"] = [i for i, _ in kept]
+        return Prepared([], skipped)
+    return Prepared([{"image": image, "caption": text, "id": i} for i, text in kept], skipped, reencoded)

@@ -1,0 +1,126 @@
+"""An image folder with captions -> `captioned.Entry`s, in a stable order.
+
+Layouts:
+  * a JSON Lines captions file, one `{"image": "relative/path.jpg", "caption": "..."}`
+    per line (`caption` may be a list; `id` optional, else the image path is the id and
+    lines naming the same image are its captions 0, 1, ...);
+  * a COCO captions file `{"images": [{"id", "file_name"}], "annotations": [{"image_id",
+    "caption"}]}`: one record per caption, as BLIP-2 trains on COCO;
+  * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
+    `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order).
+Image paths are relative to the folder; ids are those paths (with `/`), `#k` added for
+an image's k-th caption from k = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from seed_jax.data.captioned import Entry
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def folder_entries(input_dir: str, captions: str = "") -> list[Entry]:
+    """The entries of `input_dir`, captioned by the file `captions` (.jsonl or COCO .json)
+    or, without one, by sidecar .txt files."""
+    if not os.path.isdir(input_dir):
+        raise NotADirectoryError(f"--input: {input_dir!r} is not a directory")
+    if not captions:
+        return sidecar_entries(input_dir)
+    if not os.path.isfile(captions):
+        raise FileNotFoundError(f"--captions: no file {captions!r}")
+    if captions.endswith(".jsonl"):
+        return jsonl_entries(input_dir, captions)
+    if captions.endswith(".json"):
+        return coco_entries(input_dir, captions)
+    raise ValueError(f"--captions: {captions!r}: expected a .jsonl file (one {{\"image\", \"caption\"}} object "
+                     "a line) or a COCO captions .json file")
+
+
+def _image_path(input_dir: str, relative: str) -> str:
+    return os.path.join(input_dir, relative) if relative else ""
+
+
+def _normalized(relative: str) -> str:
+    return relative.replace(os.sep, "/")
+
+
+def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
+    """One entry per image (lines without an `id` merged by image path) or per line with an `id`."""
+    by_image: dict[str, list] = {}  # image path -> captions, for lines without an id
+    order: list = []  # image paths (str) and explicit-id entries, in first-seen order
+    ids: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"--captions {path}:{number}: not JSON ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                raise ValueError(f"--captions {path}:{number}: expected an object with a string \"image\" "
+                                 f"(and \"caption\"), got {line.strip()[:200]}")
+            caption = row.get("caption")
+            captions = tuple(caption) if isinstance(caption, list) else (caption,)
+            image = _normalized(row["image"])
+            if row.get("id") is None:
+                if image not in by_image:
+                    by_image[image] = []
+                    order.append(image)
+                by_image[image].extend(captions)
+                continue
+            record_id = str(row["id"])
+            if record_id in ids:
+                raise ValueError(f"--captions {path}:{number}: id {record_id!r} is used twice; ids must be unique")
+            ids.add(record_id)
+            order.append(Entry(record_id, _image_path(input_dir, row["image"]), captions))
+    return [item if isinstance(item, Entry) else Entry(item, _image_path(input_dir, item), tuple(by_image[item]))
+            for item in order]
+
+
+def coco_entries(input_dir: str, path: str) -> list[Entry]:
+    """One entry per listed image with its captions in annotation order; captions of an
+    image id not listed become an entry whose image is missing."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        raise ValueError(f"--captions {path}: expected a COCO captions file, an object with lists \"images\" "
+                         "and \"annotations\"")
+    captions: dict = {}
+    for annotation in data["annotations"]:
+        captions.setdefault(annotation.get("image_id"), []).append(annotation.get("caption"))
+    entries = []
+    for image in data["images"]:
+        name = image.get("file_name")
+        if not isinstance(name, str):
+            raise ValueError(f"--captions {path}: an image without a string \"file_name\": {image}")
+        entries.append(Entry(_normalized(name), _image_path(input_dir, name), tuple(captions.pop(image.get("id"), ()))))
+    entries += [Entry(f"image_id:{image_id}", "", tuple(texts)) for image_id, texts in captions.items()]
+    return entries
+
+
+def sidecar_entries(input_dir: str) -> list[Entry]:
+    """Each image with its same-named .txt; a .txt without an image is an entry whose image is missing."""
+    entries = []
+    for root, dirs, files in os.walk(input_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files = [f for f in files if not f.startswith(".")]
+        texts = {f[:-4]: f for f in files if f.endswith(".txt")}
+        captioned = set()
+        for name in sorted(files):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() not in IMAGE_EXTENSIONS:
+                continue
+            relative = _normalized(os.path.relpath(os.path.join(root, name), input_dir))
+            text = texts.get(stem)
+            captioned.add(stem)
+            entries.append(Entry(relative, os.path.join(root, name),
+                                 caption_file=os.path.join(root, text) if text else ""))
+        for stem in sorted(set(texts) - captioned):
+            relative = _normalized(os.path.relpath(os.path.join(root, texts[stem]), input_dir))
+            entries.append(Entry(relative, "", caption_file=os.path.join(root, texts[stem])))
+    return entries

@@ -1,0 +1,203 @@
+"""Builds image-caption ArrayRecord shards (`records.py`) from an image folder or a
+prepared TFDS dataset: what `configs/tokenizer.py`'s `data.train_dir` / `data.eval_dir`
+and `configs/pretokenize.py`'s splits read.
+
+  python -m seed_jax.data.make_records --source=folder --input=DIR [--captions=FILE] --out=OUT \\
+      [--prefix=train] [--num_shards=N] [--resize=SHORTER_SIDE] [--num_workers=K] [--overwrite]
+  python -m seed_jax.data.make_records --source=tfds --name=coco_captions --split=train --out=OUT \\
+      [--data_dir=DIR] [--image_key=image] [--caption_key=captions/text] [--id_key=image/id]
+
+Folder layouts (`image_folder.py`): `--captions=captions.jsonl` (`{"image", "caption"}`
+a line), `--captions=captions_train2014.json` (COCO), or none: `00001.jpg` + `00001.txt`
+sidecars in any subfolder. One record per caption; ids are the image's path relative
+to --input (TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption
+(k >= 1). JPEG and PNG bytes are kept as they are; other formats, and images that
+`--resize` shrinks to that shorter side, become RGB JPEGs (`captioned.py`). A missing or
+undecodable image and an empty or missing caption are skipped and counted, in
+OUT/{prefix}.summary.json beside the shards. The same input gives byte-identical
+shards, whatever --num_workers. An --out that already holds shards of --prefix is
+refused unless --overwrite: the new set then replaces them once it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import multiprocessing
+import os
+import sys
+from typing import Iterable, Iterator
+
+import tqdm
+
+from seed_jax.data import captioned, records
+from seed_jax.data.captioned import SKIP_REASONS, Entry, Prepared
+
+FOLDER_FLAGS = ("input", "captions")
+TFDS_FLAGS = ("name", "split", "data_dir", "image_key", "caption_key", "id_key")
+TFDS_DEFAULTS = {"split": "train", "data_dir": "", "image_key": "image", "caption_key": "captions/text",
+                 "id_key": ""}
+SKIPPED_IDS_KEPT = 20  # ids listed per skip reason in the summary
+_CHUNK = 16  # entries per task sent to a worker, at most
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seed_jax.data.make_records", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, choices=("folder", "tfds"))
+    p.add_argument("--out", required=True, help="directory for the shards and the summary")
+    p.add_argument("--prefix", default="train", help="shards are PREFIX-00000-of-N.array_record")
+    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--resize", type=int, default=0,
+                   help="shrink images whose shorter side is longer to this shorter side (0: keep sizes)")
+    p.add_argument("--quality", type=int, default=captioned.JPEG_QUALITY, help="JPEG quality of re-encoded images")
+    p.add_argument("--num_workers", type=int, default=0, help="decoding processes (0: one per usable CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of --prefix already in --out")
+    folder = p.add_argument_group("--source=folder")
+    folder.add_argument("--input", help="the image folder")
+    folder.add_argument("--captions", help=".jsonl or COCO .json captions file (default: sidecar .txt files)")
+    tfds = p.add_argument_group("--source=tfds")
+    tfds.add_argument("--name", help="prepared TFDS dataset, e.g. coco_captions or coco_captions/2014:1.1.0")
+    for flag, default in TFDS_DEFAULTS.items():
+        tfds.add_argument(f"--{flag}", help=f"default {default!r}")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the flag that is wrong; fills in the per-source defaults."""
+    for flag, minimum in (("num_shards", 1), ("resize", 0), ("num_workers", 0), ("quality", 1)):
+        if getattr(args, flag) < minimum:
+            raise ValueError(f"--{flag}={getattr(args, flag)}: expected an integer >= {minimum}")
+    if args.quality > 100:
+        raise ValueError(f"--quality={args.quality}: expected a JPEG quality in 1..100")
+    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
+        raise ValueError(f"--prefix={args.prefix!r}: expected a non-empty file name prefix without '/'")
+    own, other = (FOLDER_FLAGS, TFDS_FLAGS) if args.source == "folder" else (TFDS_FLAGS, FOLDER_FLAGS)
+    for flag in other:
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag} is a flag of --source={'tfds' if args.source == 'folder' else 'folder'}, "
+                             f"not of --source={args.source}")
+    required = "input" if args.source == "folder" else "name"
+    if not getattr(args, required):
+        raise ValueError(f"--{required} is required with --source={args.source}")
+    if args.source == "tfds":
+        for flag in own:
+            if getattr(args, flag) is None:
+                setattr(args, flag, TFDS_DEFAULTS[flag])
+    if records.existing_shards(args.out, args.prefix) and not args.overwrite:
+        raise FileExistsError(f"--out: {args.out!r} already holds shards of --prefix={args.prefix!r}: pass "
+                              "--overwrite to replace them (once the new set is complete), or choose another "
+                              "--out or --prefix")
+
+
+def entries(args: argparse.Namespace) -> tuple[int, Iterable[Entry]]:
+    """(number of entries, the entries in order) of the source the flags name."""
+    if args.source == "folder":
+        from seed_jax.data import image_folder
+
+        found = image_folder.folder_entries(args.input, args.captions or "")
+        return len(found), found
+    from seed_jax.data import tfds_source
+
+    return tfds_source.tfds_entries(args.name, args.split, args.data_dir, args.image_key, args.caption_key,
+                                    args.id_key)
+
+
+def _prepare_chunk(chunk: list[Entry], resize: int, quality: int) -> list[Prepared]:
+    return [captioned.prepare(entry, resize, quality) for entry in chunk]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepared(items: Iterable[Entry], count: int, num_workers: int, resize: int, quality: int) -> Iterator[Prepared]:
+    """`captioned.prepare` of each entry, in order; on `num_workers` spawned processes
+    when more than one (a bounded window of chunks in flight, so memory stays flat)."""
+    work = functools.partial(_prepare_chunk, resize=resize, quality=quality)
+    num_workers = num_workers or len(os.sched_getaffinity(0))
+    size = max(1, min(_CHUNK, count // (4 * num_workers)))
+    num_workers = min(num_workers, -(-count // size))
+    if num_workers <= 1:
+        for chunk in _chunks(items, size):
+            yield from work(chunk)
+        return
+    context = multiprocessing.get_context("spawn")  # safe in a process that runs threads
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        for window in _chunks(_chunks(items, size), 4 * num_workers):
+            for done in pool.map(work, window):
+                yield from done
+
+
+def make_records(argv: list[str]) -> dict:
+    """Runs the command line `argv`; returns the summary it writes."""
+    args = parser().parse_args(argv)
+    check_args(args)
+    count, items = entries(args)
+    stats = {"records": 0, "images": 0, "reencoded_images": 0}
+    skipped: dict[str, list[str]] = {reason: [] for reason in SKIP_REASONS}
+    counts = dict.fromkeys(SKIP_REASONS, 0)
+
+    def to_write() -> Iterator[dict]:
+        seen: set[str] = set()
+        progress = tqdm.tqdm(total=count, unit="image", desc=f"{args.prefix} records", mininterval=10)
+        for result in prepared(items, count, args.num_workers, args.resize, args.quality):
+            progress.update()
+            for reason, ids in result.skipped.items():
+                counts[reason] += len(ids)
+                skipped[reason] += ids[:SKIPPED_IDS_KEPT - len(skipped[reason])]
+            if result.records:
+                stats["images"] += 1
+                stats["reencoded_images"] += result.reencoded
+            for record in result.records:
+                if record["id"] in seen:
+                    raise ValueError(f"record id {record['id']!r} occurs twice: ids must be unique")
+                seen.add(record["id"])
+                stats["records"] += 1
+                yield record
+        progress.close()
+        if not stats["records"]:  # raised inside the writer: no shards are written
+            raise ValueError(f"no records: all {count} images' captions were skipped ({counts}); see --input / "
+                             "--captions (or --name / --split)")
+
+    paths = records.write_array_record_shards(to_write(), args.out, args.prefix, args.num_shards)
+    source = {flag: getattr(args, flag) for flag in ("source",) + (FOLDER_FLAGS if args.source == "folder"
+                                                                  else TFDS_FLAGS)}
+    summary = {**stats, "skipped_records": sum(counts.values()), "skipped": counts,
+               "skipped_ids": {reason: ids for reason, ids in skipped.items() if ids},
+               "num_shards": args.num_shards, "shards": [os.path.basename(p) for p in paths],
+               "resize": args.resize, "source": source}
+    path = summary_path(args.out, args.prefix)
+    with open(path + ".partial", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".partial", path)
+    return {**summary, "summary": path}
+
+
+def summary_path(directory: str, prefix: str) -> str:
+    return os.path.join(directory, f"{prefix}.summary.json")
+
+
+def main(argv=None) -> int:
+    try:
+        summary = make_records(sys.argv[1:] if argv is None else argv)
+    except (KeyError, ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items() if n) or "none"
+    print(f"wrote {summary['records']} records of {summary['images']} images "
+          f"({summary['reencoded_images']} re-encoded) to {summary['num_shards']} shards; "
+          f"skipped {summary['skipped_records']} records ({skipped}); summary in {summary['summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

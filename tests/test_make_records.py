@@ -1,0 +1,281 @@
+"""make_records: image folders (JSON Lines, COCO, sidecar captions) and TFDS -> image-caption shards."""
+
+import io
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from array_record.python import array_record_module
+from PIL import Image
+
+from seed_jax.data import make_records, pipeline, preprocess, records, synthetic, text
+
+
+def _image(path, size=(32, 24), seed=0, fmt=None, mode="RGB"):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels, mode).save(path, format=fmt)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(content)
+
+
+def _run(*argv):
+    return make_records.main([str(a) for a in argv])
+
+
+def _read(out, prefix="train"):
+    """{id: record} of every shard of `prefix` in `out`."""
+    result = {}
+    for path in records.shard_paths(str(out), prefix):
+        reader = array_record_module.ArrayRecordReader(path)
+        for raw in reader.read_all():
+            record = records.decode_record(raw)
+            result[record["id"]] = record
+        reader.close()
+    return result
+
+
+def _summary(out, prefix="train"):
+    with open(os.path.join(out, f"{prefix}.summary.json")) as f:
+        return json.load(f)
+
+
+def _pixels(data):
+    return np.asarray(preprocess.decode_image(data))
+
+
+def test_jsonl_captions_round_trip(tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    jpeg = _image(str(folder / "a" / "x.jpg"), seed=1)
+    png = _image(str(folder / "b" / "y.png"), seed=2)
+    rgba = _image(str(folder / "c.png"), seed=3, mode="RGBA")
+    lines = [{"image": "a/x.jpg", "caption": "a first caption"}, {"image": "b/y.png", "caption": "a png", "id": 7},
+             {"image": "a/x.jpg", "caption": "  a second caption\n"}, {"image": "c.png", "caption": ["one", "two"]}]
+    _write(str(folder / "captions.jsonl"), "\n".join(json.dumps(line) for line in lines) + "\n")
+    assert _run("--source=folder", f"--input={folder}", f"--captions={folder / 'captions.jsonl'}", f"--out={out}",
+                "--num_shards=2", "--num_workers=1") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {
+        "a/x.jpg": "a first caption", "a/x.jpg#1": "a second caption", "7": "a png", "c.png": "one", "c.png#1": "two"}
+    assert got["a/x.jpg"]["image"] == got["a/x.jpg#1"]["image"] == jpeg  # JPEG and PNG bytes kept as they are
+    assert got["7"]["image"] == png and got["c.png"]["image"] == rgba
+    summary = _summary(out)
+    assert summary["records"] == 5 and summary["images"] == 3 and summary["skipped_records"] == 0
+    assert summary["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+
+
+def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
+    folder, out = tmp_path / "coco", tmp_path / "out"
+    jpeg = _image(str(folder / "train2014" / "COCO_1.jpg"), seed=1)
+    _image(str(folder / "train2014" / "COCO_2.jpg"), seed=2)
+    coco = {"images": [{"id": 1, "file_name": "COCO_1.jpg"}, {"id": 2, "file_name": "COCO_2.jpg"}],
+            "annotations": [{"id": 10, "image_id": 1, "caption": "a dog"}, {"id": 11, "image_id": 9, "caption": "lost"},
+                            {"id": 12, "image_id": 1, "caption": "a brown dog"}]}
+    _write(str(folder / "annotations" / "captions_train2014.json"), json.dumps(coco))
+    assert _run("--source=folder", f"--input={folder / 'train2014'}", "--num_workers=1", f"--out={out}",
+                f"--captions={folder / 'annotations' / 'captions_train2014.json'}") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {"COCO_1.jpg": "a dog", "COCO_1.jpg#1": "a brown dog"}
+    assert got["COCO_1.jpg"]["image"] == jpeg
+    summary = _summary(out)  # COCO_2 has no caption; image 9 is not listed
+    assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 0, "empty_caption": 0,
+                                  "missing_caption": 1}
+    assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
+
+
+def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
+    folder, out = tmp_path / "extracted", tmp_path / "out"
+    jpeg = _image(str(folder / "00000" / "000001.jpg"), seed=1)
+    _write(str(folder / "00000" / "000001.txt"), "a red square\n")
+    _image(str(folder / "00000" / "000002.webp"), seed=2, fmt="WEBP")  # re-encoded as JPEG
+    _write(str(folder / "00000" / "000002.txt"), "a webp image")
+    _write(str(folder / "00000" / "000002.json"), "{}")  # other sidecars are ignored
+    _write(str(folder / "00001" / "000003.jpg"), "not an image")  # corrupt
+    _write(str(folder / "00001" / "000003.txt"), "corrupt")
+    _write(str(folder / "00001" / "000004.txt"), "no image beside it")  # missing image
+    _image(str(folder / "00001" / "000005.png"), seed=5)
+    _write(str(folder / "00001" / "000005.txt"), " \n")  # empty caption
+    _image(str(folder / "00001" / "000006.png"), seed=6)  # no caption file
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {"00000/000001.jpg": "a red square",
+                                                         "00000/000002.webp": "a webp image"}
+    assert got["00000/000001.jpg"]["image"] == jpeg
+    webp = got["00000/000002.webp"]["image"]
+    assert Image.open(io.BytesIO(webp)).format == "JPEG"
+    with open(folder / "00000" / "000002.webp", "rb") as f:
+        original = _pixels(f.read()).astype(np.int32)
+    assert np.abs(_pixels(webp).astype(np.int32) - original).mean() < 12  # JPEG of noise at quality 95
+    summary = _summary(out)
+    assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_caption": 1,
+                                  "missing_caption": 1}
+    assert summary["skipped_ids"]["undecodable_image"] == ["00001/000003.jpg"]
+    assert summary["records"] == 2 and summary["reencoded_images"] == 1 and summary["skipped_records"] == 4
+    printed = capsys.readouterr().out
+    assert "wrote 2 records" in printed and "missing_image 1" in printed and "undecodable_image 1" in printed
+
+
+def test_resize_gives_the_shorter_side_and_keeps_smaller_images(tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _image(str(folder / "wide.png"), size=(64, 40), seed=1)
+    _image(str(folder / "tall.jpg"), size=(30, 50), seed=2)
+    small = _image(str(folder / "small.jpg"), size=(12, 10), seed=3)
+    for name in ("wide.png", "tall.jpg", "small.jpg"):
+        _write(str(folder / (name.split(".")[0] + ".txt")), name)
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--resize=16", "--num_workers=1") == 0
+    got = _read(out)
+    sizes = {k: Image.open(io.BytesIO(v["image"])).size for k, v in got.items()}
+    assert sizes == {"wide.png": (26, 16), "tall.jpg": (16, 27), "small.jpg": (12, 10)}
+    assert Image.open(io.BytesIO(got["wide.png"]["image"])).format == "JPEG"
+    assert got["small.jpg"]["image"] == small
+    assert _summary(out)["reencoded_images"] == 2
+
+
+def _sidecar_folder(folder, n):
+    for i in range(n):
+        _image(str(folder / f"{i // 4:02d}" / f"{i:04d}.{'png' if i % 3 else 'jpg'}"), seed=i)
+        _write(str(folder / f"{i // 4:02d}" / f"{i:04d}.txt"), f"caption number {i}")
+
+
+def test_output_is_byte_identical_whatever_the_workers(tmp_path):
+    folder = tmp_path / "images"
+    _sidecar_folder(folder, 10)
+    _image(str(folder / "02" / "odd.bmp"), seed=99, fmt="BMP")
+    _write(str(folder / "02" / "odd.txt"), "a bmp")
+    for name, workers in (("a", 1), ("b", 2)):
+        assert _run("--source=folder", f"--input={folder}", f"--out={tmp_path / name}", "--num_shards=3",
+                    f"--num_workers={workers}") == 0
+    for path in records.shard_paths(str(tmp_path / "a"), "train"):
+        with open(path, "rb") as a, open(str(tmp_path / "b" / os.path.basename(path)), "rb") as b:
+            assert a.read() == b.read()
+    assert len(_read(tmp_path / "b")) == 11
+
+
+def test_shards_feed_the_tokenizer_pipeline(tmp_path):
+    """The tokenizer trainer finds the shards (`data.train_dir` / `train_prefix`) and its
+    train and eval pipelines read them (the decoder and pretokenize read the same)."""
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _sidecar_folder(folder, 12)
+    for prefix in ("cc_train", "cc_eval"):
+        assert _run("--source=folder", f"--input={folder}", f"--out={out}", f"--prefix={prefix}", "--num_shards=2",
+                    "--num_workers=1") == 0
+    data = ml_collections.ConfigDict(dict(source="array_record", train_dir=str(out), train_prefix="cc_train",
+                                          eval_dir=str(out), eval_prefix="cc_eval"))
+    train, evals = tokenizer_trainer.dataset_paths(ml_collections.ConfigDict(dict(data=data)), str(tmp_path))
+    assert [os.path.basename(p) for p in train] == ["cc_train-00000-of-00002.array_record",
+                                                    "cc_train-00001-of-00002.array_record"]
+    wordpiece = text.grammar_wordpiece(synthetic.caption_vocabulary())
+    pad = wordpiece.token_to_id("[PAD]")
+    example = pipeline.Example(16, text.TextTokenizer(wordpiece, 8, pad), text.TextTokenizer(wordpiece, 77, pad),
+                               pipeline.SkipCounter())
+    batch = next(pipeline.train_iterator(train, example, global_batch_size=4, seed=0, num_threads=1))
+    assert batch["image"].shape == (4, 16, 16, 3)
+    batches = pipeline.eval_batches(evals, example, num_examples=12, global_batch_size=8, num_threads=1)
+    assert sorted(int(i) for b in batches for i in b["index"] if i >= 0) == list(range(12))
+    assert example.skipped.count == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--source=folder"], "--input is required"),
+    (["--source=folder", "--input={folder}", "--num_shards=0"], "--num_shards=0"),
+    (["--source=folder", "--input={folder}", "--resize=-3"], "--resize=-3"),
+    (["--source=folder", "--input={folder}", "--name=coco_captions"], "--name is a flag of --source=tfds"),
+    (["--source=tfds", "--input={folder}", "--name=coco_captions"], "--input is a flag of --source=folder"),
+    (["--source=tfds"], "--name is required"),
+    (["--source=folder", "--input={folder}/nowhere"], "--input"),
+    (["--source=folder", "--input={folder}", "--captions={folder}/0000.txt"], "--captions"),
+    (["--source=folder", "--input={folder}", "--prefix=a/b"], "--prefix"),
+])
+def test_bad_flags_fail_naming_the_flag(tmp_path, capsys, flags, message):
+    folder = tmp_path / "images"
+    _sidecar_folder(folder, 1)
+    assert _run(*[f.format(folder=folder) for f in flags], f"--out={tmp_path / 'out'}") == 1
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_existing_shards_are_refused_unless_overwrite(tmp_path, capsys):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _sidecar_folder(folder, 3)
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_shards=2", "--num_workers=1") == 0
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_shards=3", "--num_workers=1") == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert len(records.shard_paths(str(out), "train")) == 2  # untouched
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_shards=3", "--num_workers=1",
+                "--overwrite") == 0
+    assert len(records.shard_paths(str(out), "train")) == 3 and len(_read(out)) == 3  # the set of 2 is gone
+
+
+def test_a_folder_with_no_usable_record_writes_nothing(tmp_path, capsys):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _write(str(folder / "x.jpg"), "not an image")
+    _write(str(folder / "x.txt"), "a caption")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 1
+    assert "no records" in capsys.readouterr().err
+    assert records.existing_shards(str(out), "train") == [] and os.listdir(out) == []
+
+
+def _tiny_tfds_dataset(data_dir):
+    """A coco_captions-shaped dataset (image, image/id, captions {id, text}) prepared in the
+    array_record format without TensorFlow: images are given encoded, so no TF encoder runs."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class CocoCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.1.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"), "image/id": np.int64,
+                "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64})}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(3), "val": self._generate_examples(1)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                data = _image(os.path.join(data_dir, "src", f"{i}.jpg"), seed=i)
+                texts = [f"picture {i} caption {k}" for k in range(2)] + ([""] if i == 2 else [])
+                yield i, {"image": data, "image/id": 100 + i,
+                          "captions": {"text": texts, "id": [10 * i + k for k in range(len(texts))]}}
+
+    CocoCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_tfds_dataset_gives_a_record_per_caption(tmp_path):
+    data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
+    _tiny_tfds_dataset(data_dir)
+    assert _run("--source=tfds", "--name=coco_captions/2014", "--split=train", f"--data_dir={data_dir}",
+                "--id_key=image/id", f"--out={out}", "--num_workers=1") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {
+        f"{100 + i}{'#1' if k else ''}": f"picture {i} caption {k}" for i in range(3) for k in range(2)}
+    with open(os.path.join(data_dir, "src", "1.jpg"), "rb") as f:
+        assert got["101#1"]["image"] == f.read()  # the encoded JPEG as the dataset holds it
+    assert _summary(out)["skipped"]["empty_caption"] == 1
+    assert _run("--source=tfds", "--name=coco_captions", "--split=val", f"--data_dir={data_dir}",
+                f"--out={out}", "--prefix=eval", "--num_workers=1") == 0
+    assert sorted(_read(out, "eval")) == ["val/0", "val/0#1"]
+
+
+@pytest.mark.parametrize("flag, message", [("--image_key=captions", "--image_key='captions': expected an Image"),
+                                           ("--caption_key=caption", "--caption_key='caption': no feature"),
+                                           ("--split=test", "--split='test'"),
+                                           ("--name=coco", "--name='coco'")])
+def test_tfds_bad_flags_name_the_flag(tmp_path, capsys, flag, message):
+    data_dir = str(tmp_path / "tfds")
+    _tiny_tfds_dataset(data_dir)
+    argv = {"--name": "--name=coco_captions", "--split": "--split=train"}
+    argv[flag.split("=")[0]] = flag
+    assert _run("--source=tfds", f"--data_dir={data_dir}", f"--out={tmp_path / 'out'}", *argv.values()) == 1
+    assert message in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""A prepared TFDS dataset -> `captioned.Entry`s, read without TensorFlow.
+
+The dataset is opened from its files (`builder_from_files`, not the dataset's code,
+which may need TensorFlow, as coco_captions' does) and read through
+`as_data_source`, so it must have been prepared in the array_record file format
+(`tfds build coco_captions --file_format=array_record`, which itself needs TensorFlow).
+Images are taken as their encoded bytes. Keys name features, nested ones with `/`
+(`captions/text`); a caption feature that is a list gives one record per caption.
+tensorflow-datasets is optional: `pip install -e ".[tfds]"`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from seed_jax.data.captioned import Entry
+
+
+def import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError("--source=tfds needs tensorflow-datasets: pip install -e \".[tfds]\" "
+                          "(or pip install tensorflow-datasets)") from e
+    return tfds
+
+
+def _find(mapping, key: str):
+    """mapping[key], with `a/b` looked up as mapping["a"]["b"] unless "a/b" is a key itself;
+    a tfds Sequence feature is looked through. Returns (value, nested key path)."""
+    if hasattr(mapping, "feature") and not hasattr(mapping, "keys"):  # tfds Sequence
+        mapping = mapping.feature
+    if not hasattr(mapping, "keys"):
+        raise KeyError(f"{key!r} is below a feature that has no parts")
+    if key in mapping:
+        return mapping[key], [key]
+    head, _, rest = key.partition("/")
+    while rest:
+        if head in mapping:
+            value, path = _find(mapping[head], rest)
+            return value, [head] + path
+        more, _, rest = rest.partition("/")
+        head = f"{head}/{more}"
+    raise KeyError(f"no feature {key!r} among {sorted(mapping.keys())}")
+
+
+def _feature(features, key: str, flag: str):
+    try:
+        return _find(features, key)
+    except KeyError as e:
+        raise KeyError(f"--{flag}={key!r}: {e.args[0]}") from None
+
+
+def _get(example, path: list[str]):
+    for key in path:
+        example = example[key]
+    return example
+
+
+def _texts(value) -> list:
+    """A text feature, a list of them, or a scalar (an id) -> a list of str (None: not UTF-8)."""
+    if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) == 0:
+        value = [value]
+    texts = []
+    for text in value:
+        try:
+            texts.append(bytes(text).decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else str(text))
+        except UnicodeDecodeError:
+            texts.append(None)
+    return texts
+
+
+def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "image",
+                 caption_key: str = "captions/text", id_key: str = "") -> tuple[int, Iterator[Entry]]:
+    """(number of examples, their entries in order). Ids are the `id_key` feature, or
+    `{split}/{index}` without one."""
+    tfds = import_tfds()
+    from tensorflow_datasets.core import read_only_builder
+
+    try:
+        builder = read_only_builder.builder_from_files(name, **({"data_dir": data_dir} if data_dir else {}))
+    except tfds.core.DatasetNotFoundError as e:
+        raise FileNotFoundError(f"--name={name!r}: no prepared dataset of that name in "
+                                f"{data_dir or 'the default TFDS data dir'} (--data_dir): {e}") from e
+    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    if file_format != "array_record":
+        raise ValueError(f"--name={name!r}: prepared as {file_format}; reading without TensorFlow needs the "
+                         f"array_record format (tfds build {name} --file_format=array_record)")
+    features = builder.info.features
+    image_feature, image_path = _feature(features, image_key, "image_key")
+    if not isinstance(image_feature, tfds.features.Image):
+        raise ValueError(f"--image_key={image_key!r}: expected an Image feature, got {type(image_feature).__name__}")
+    _, caption_path = _feature(features, caption_key, "caption_key")
+    id_path = _feature(features, id_key, "id_key")[1] if id_key else None
+    decoders = tfds.decode.SkipDecoding()
+    for key in reversed(image_path):
+        decoders = {key: decoders}
+    try:
+        source = builder.as_data_source(split=split, decoders=decoders)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--split={split!r}: {e}") from e
+
+    def entries() -> Iterator[Entry]:
+        for index in range(len(source)):
+            example = source[index]
+            base = _texts(_get(example, id_path))[0] if id_path else f"{split}/{index}"
+            yield Entry(base, bytes(_get(example, image_path)), tuple(_texts(_get(example, caption_path))))
+
+    return len(source), entries()

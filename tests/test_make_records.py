@@ -91,6 +91,28 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
 
 
+def test_lavis_annotation_list_gives_a_record_per_caption(tmp_path, capsys):
+    """LAVIS's annotation files (BLIP-2's and SEED's COCO Karpathy splits) are a JSON list
+    of {"image", "caption"} objects, the caption a string or a list."""
+    folder, out = tmp_path / "coco", tmp_path / "out"
+    jpeg = _image(str(folder / "val2014" / "COCO_1.jpg"), seed=1)
+    png = _image(str(folder / "val2014" / "COCO_2.png"), seed=2)
+    rows = [{"image": "val2014/COCO_1.jpg", "caption": ["a dog", "a brown dog"], "image_id": "1"},
+            {"image": "val2014/COCO_2.png", "caption": "a cat"}]
+    _write(str(tmp_path / "coco_karpathy_test.json"), json.dumps(rows))
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'coco_karpathy_test.json'}",
+                "--num_workers=1", f"--out={out}") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {"val2014/COCO_1.jpg": "a dog",
+                                                         "val2014/COCO_1.jpg#1": "a brown dog",
+                                                         "val2014/COCO_2.png": "a cat"}
+    assert got["val2014/COCO_1.jpg#1"]["image"] == jpeg and got["val2014/COCO_2.png"]["image"] == png
+    _write(str(tmp_path / "bad.json"), json.dumps([{"image": "val2014/COCO_1.jpg"}, {"caption": "no image"}]))
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'bad.json'}",
+                f"--out={tmp_path / 'bad'}") == 1
+    assert 'item 1: expected an object with a string "image"' in capsys.readouterr().err
+
+
 def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     folder, out = tmp_path / "extracted", tmp_path / "out"
     jpeg = _image(str(folder / "00000" / "000001.jpg"), seed=1)

@@ -4,6 +4,8 @@ Layouts:
   * a JSON Lines captions file, one `{"image": "relative/path.jpg", "caption": "..."}`
     per line (`caption` may be a list; `id` optional, else the image path is the id and
     lines naming the same image are its captions 0, 1, ...);
+  * a JSON list of the same objects, as LAVIS's annotation files are (e.g.
+    `coco_karpathy_test.json`: `{"image": "val2014/....jpg", "caption": [5 captions]}`);
   * a COCO captions file `{"images": [{"id", "file_name"}], "annotations": [{"image_id",
     "caption"}]}`: one record per caption, as BLIP-2 trains on COCO;
   * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
@@ -34,9 +36,13 @@ def folder_entries(input_dir: str, captions: str = "") -> list[Entry]:
     if captions.endswith(".jsonl"):
         return jsonl_entries(input_dir, captions)
     if captions.endswith(".json"):
-        return coco_entries(input_dir, captions)
+        with open(captions, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, list):  # LAVIS's annotations
+            return rows_entries(input_dir, captions, ((f"item {i}", row) for i, row in enumerate(data)))
+        return coco_entries(input_dir, captions, data)
     raise ValueError(f"--captions: {captions!r}: expected a .jsonl file (one {{\"image\", \"caption\"}} object "
-                     "a line) or a COCO captions .json file")
+                     "a line), a .json list of such objects or a COCO captions .json file")
 
 
 def _image_path(input_dir: str, relative: str) -> str:
@@ -48,44 +54,52 @@ def _normalized(relative: str) -> str:
 
 
 def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
-    """One entry per image (lines without an `id` merged by image path) or per line with an `id`."""
-    by_image: dict[str, list] = {}  # image path -> captions, for lines without an id
+    """The entries of a JSON Lines captions file (see `rows_entries`)."""
+    def rows():
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {number}", json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"--captions {path}: line {number}: not JSON ({e})") from e
+
+    return rows_entries(input_dir, path, rows())
+
+
+def rows_entries(input_dir: str, path: str, rows) -> list[Entry]:
+    """(where, `{"image", "caption", "id"?}`) rows -> one entry per image (rows without an
+    `id` merged by image path) or per row with an `id`."""
+    by_image: dict[str, list] = {}  # image path -> captions, for rows without an id
     order: list = []  # image paths (str) and explicit-id entries, in first-seen order
     ids: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"--captions {path}:{number}: not JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                raise ValueError(f"--captions {path}:{number}: expected an object with a string \"image\" "
-                                 f"(and \"caption\"), got {line.strip()[:200]}")
-            caption = row.get("caption")
-            captions = tuple(caption) if isinstance(caption, list) else (caption,)
-            image = _normalized(row["image"])
-            if row.get("id") is None:
-                if image not in by_image:
-                    by_image[image] = []
-                    order.append(image)
-                by_image[image].extend(captions)
-                continue
-            record_id = str(row["id"])
-            if record_id in ids:
-                raise ValueError(f"--captions {path}:{number}: id {record_id!r} is used twice; ids must be unique")
-            ids.add(record_id)
-            order.append(Entry(record_id, _image_path(input_dir, row["image"]), captions))
+    for where, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise ValueError(f"--captions {path}: {where}: expected an object with a string \"image\" "
+                             f"(and \"caption\"), got {json.dumps(row)[:200]}")
+        caption = row.get("caption")
+        captions = tuple(caption) if isinstance(caption, list) else (caption,)
+        image = _normalized(row["image"])
+        if row.get("id") is None:
+            if image not in by_image:
+                by_image[image] = []
+                order.append(image)
+            by_image[image].extend(captions)
+            continue
+        record_id = str(row["id"])
+        if record_id in ids:
+            raise ValueError(f"--captions {path}: {where}: id {record_id!r} is used twice; ids must be unique")
+        ids.add(record_id)
+        order.append(Entry(record_id, _image_path(input_dir, row["image"]), captions))
     return [item if isinstance(item, Entry) else Entry(item, _image_path(input_dir, item), tuple(by_image[item]))
             for item in order]
 
 
-def coco_entries(input_dir: str, path: str) -> list[Entry]:
-    """One entry per listed image with its captions in annotation order; captions of an
-    image id not listed become an entry whose image is missing."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+def coco_entries(input_dir: str, path: str, data) -> list[Entry]:
+    """One entry per listed image of the COCO captions file `path` (its JSON: `data`) with
+    its captions in annotation order; captions of an image id not listed become an entry
+    whose image is missing."""
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
         raise ValueError(f"--captions {path}: expected a COCO captions file, an object with lists \"images\" "

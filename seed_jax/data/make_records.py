@@ -8,8 +8,9 @@ and `configs/pretokenize.py`'s splits read.
       [--data_dir=DIR] [--image_key=image] [--caption_key=captions/text] [--id_key=image/id]
 
 Folder layouts (`image_folder.py`): `--captions=captions.jsonl` (`{"image", "caption"}`
-a line), `--captions=captions_train2014.json` (COCO), or none: `00001.jpg` + `00001.txt`
-sidecars in any subfolder. One record per caption; ids are the image's path relative
+a line), `--captions=coco_karpathy_test.json` (a list of those, as LAVIS's annotations),
+`--captions=captions_train2014.json` (COCO), or none: `00001.jpg` + `00001.txt` sidecars
+in any subfolder. One record per caption; ids are the image's path relative
 to --input (TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption
 (k >= 1). JPEG and PNG bytes are kept as they are; other formats, and images that
 `--resize` shrinks to that shorter side, become RGB JPEGs (`captioned.py`). A missing or

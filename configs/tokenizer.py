@@ -132,6 +132,11 @@ def _seed1(c):
       python -m seed_jax.convert lavis_blip2 --checkpoint=blip2_pretrained.pth --vit=eva_vit_g.pth \\
           --out=/ckpt/blip2_stage1_converted
       python -m seed_jax.convert hf_clip_text --checkpoint=SD15/text_encoder --out=/ckpt/sd15_clip_text_converted
+    and reads image-caption shards written by `python -m seed_jax.data.make_records`:
+      python -m seed_jax.data.make_records --source=folder --input=/data/cc3m/images --resize=256 \
+          --num_shards=64 --out=/data/cc3m/array_record --prefix=train
+      python -m seed_jax.data.make_records --source=folder --input=/data/coco \
+          --captions=coco_karpathy_test.json --out=/data/coco_karpathy_test/array_record --prefix=eval
     Stage II alone from a stage-I export: --config.init.qformer= --config.init.stage1=EXPORT
     (`python -m seed_jax.export --workdir=W --stage=stage1 --out=EXPORT`)."""
     c.model = _model(

@@ -44,20 +44,22 @@ def checkpoint_params(workdir, stage, module: str | None = "tokenizer") -> dict:
     return {name.removesuffix(".value"): value for name, value in flat.items()}
 
 
-def run_two_processes(repo_root, args: list[str]) -> None:
-    """`python -m seed_jax.main *args` as two JAX processes on loopback, 4 CPU devices
-    each; both must exit 0."""
+def run_two_processes(repo_root, args: list[str], program: tuple[str, ...] = ("-m", "seed_jax.main")) -> list[str]:
+    """`python -m seed_jax.main *args` (or `python *program *args`) as two JAX processes
+    on loopback, 4 CPU devices each, given main's flags for them; both must exit 0.
+    Returns their outputs."""
     with socket.socket() as free:  # a port no one holds now
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
            "PYTHONPATH": repo_root}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "seed_jax.main", *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+        [sys.executable, *program, *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}"],
         cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
 
 
 def assert_export_holds_both_stages(workdir, out, repo_root) -> None:

@@ -319,6 +319,44 @@ def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_r
     assert_export_holds_both_stages(str(workdir), str(tmp_path / "export"), repo_root)
 
 
+_SAVES_AFTER_AN_EXPORT_BY_PROCESS_0 = """
+import sys
+import jax
+flags = dict(a.split("=") for a in sys.argv[2:] if "=" in a)
+jax.distributed.initialize(flags["--coordinator_address"], int(flags["--num_processes"]), int(flags["--process_id"]))
+import grain
+import numpy as np
+from orbax.checkpoint._src.futures.synchronization import OperationIdGenerator
+from seed_jax import parallel, weights
+from seed_jax.models.clip_text import CLIPTextConfig
+from seed_jax.trainers import loop
+workdir = sys.argv[1]
+if jax.process_index() == 0:  # as ensure_trained exports the tokenizer the decoder then trains on
+    config = CLIPTextConfig(vocab_size=16, max_length=4, width=8, depth=1, num_heads=1, mlp_dim=8)
+    weights.save(workdir + "/export", "clip_text", config, weights.flat_params(weights.build("clip_text", config)))
+data = iter(grain.MapDataset.range(8).to_iter_dataset())
+state = {"x": jax.device_put(np.zeros(4, np.float32), parallel.replicated(parallel.make_mesh({"data": -1})))}
+checkpointer = loop.Checkpointer(workdir + "/checkpoints", keep=3)
+for step in (1, 2, 3):
+    checkpointer.save(step, state, data, {})
+    checkpointer.wait()
+checkpointer.close()
+print("operation id", OperationIdGenerator.get_current_operation_id())
+"""
+
+
+def test_two_processes_checkpoint_after_process_0_alone_wrote_an_export(tmp_path, repo_root):
+    """orbax keys a save's cross-process signals by a counter that every save advances,
+    process 0's export alone included: the run's next saves were keyed apart, process 1
+    wrote the data iterator's state before process 0 had made its directory
+    (FileNotFoundError; the decoder demo on two processes crashed at its first checkpoint)."""
+    outputs = run_two_processes(repo_root, [str(tmp_path)], program=("-c", _SAVES_AFTER_AN_EXPORT_BY_PROCESS_0))
+    ids = [line for out in outputs for line in out.splitlines() if line.startswith("operation id")]
+    assert len(ids) == 2 and ids[0] == ids[1], outputs
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "3" / "data")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+
 def test_stage1_trains_with_the_temperature_frozen():
     """`temp` left out of stage1.trainable: the clamp has nothing to clamp (it raised
     KeyError 'temp'); the temperature keeps its initial value."""

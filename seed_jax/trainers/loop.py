@@ -184,6 +184,24 @@ def _copy_whole_arrays_to_host_on_cpu() -> None:
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+def _align_orbax_operation_ids() -> None:
+    """Brings orbax's save counter (its "operation id") on every process to the highest
+    one. orbax keys the signals of a save across processes by it (e.g. "the primary host
+    has created the checkpoint's directories"), and each save advances it, also a save by
+    one process alone, such as process 0 writing an export (`weights.save`): then the
+    next save of the run was keyed apart on process 0 and the others, whose processes did
+    not wait for the directories and crashed writing into them (FileNotFoundError for the
+    grain iterator's state; process 0 then waited out the coordination timeout)."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint._src.futures.synchronization import OperationIdGenerator
+
+    highest = int(multihost_utils.process_allgather(np.asarray(int(OperationIdGenerator.get_current_operation_id())))
+                  .max())
+    while int(OperationIdGenerator.get_current_operation_id()) < highest:
+        OperationIdGenerator.next_operation_id()
+
+
 class Checkpointer:
     """orbax CheckpointManager holding the train state, the grain iterator state and
     the run's counts (summed over processes, e.g. skipped records). `read_alone`: only
@@ -204,6 +222,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, counts: dict[str, float]) -> None:
+        _align_orbax_operation_ids()
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
             counts=ocp.args.JsonSave(counts)), force=True)

@@ -185,10 +185,13 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
         "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}
 
 
-def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
+@pytest.mark.parametrize("process_index, counted", [(0, 1), (1, 0)])
+def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted, tmp_path, monkeypatch):
     """A record of the eval split that cannot be decoded crashed the decoder run when its
     evaluator was built (the project's rule: skipped and counted, never fatal); it is
-    now left out and counted in data/skipped_records, with the others evaluated."""
+    now left out and counted in data/skipped_records, with the others evaluated. Every
+    process reads the eval records: process 0 counts them (the sum over two processes
+    counted one corrupt record twice)."""
     from types import SimpleNamespace
 
     from array_record.python import array_record_module
@@ -207,11 +210,12 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(tmp_path, monkeypatch):
     writer.close()
     monkeypatch.setattr(api.SeedTokenizer, "load", lambda *_, **__: SimpleNamespace(image_size=16))
     _, clip_tokenizer = tokenizer_trainer.text_tokenizers(config.tokenizer, str(tmp_path))
+    monkeypatch.setattr(jax, "process_index", lambda: process_index)
     skipped = pipeline.SkipCounter()
     evaluator = decoder.Evaluator(config, "unused", [path], clip_tokenizer, None, str(tmp_path), skipped=skipped)
     assert evaluator.captions == [examples[i]["caption"] for i in (0, 2, 3)]
     assert evaluator.images.shape == (3, 16, 16, 3) and evaluator.caption_ids.shape[0] == 3
-    assert skipped.count == 1
+    assert skipped.count == counted
 
 
 @pytest.mark.parametrize("key, value", [("eval.sampler", "ddpm"), ("eval.num_steps", 1000),

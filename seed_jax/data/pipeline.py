@@ -38,6 +38,13 @@ class SkipCounter:
             self.count += n
 
 
+def counted_once(counter: SkipCounter) -> SkipCounter:
+    """`counter` on process 0, a counter of its own on every other: for records that
+    every process reads alike (the decoder's and SEED-OPT's eval records), which a
+    counter summed over processes would count once per process."""
+    return counter if jax.process_index() == 0 else SkipCounter()
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """Turns a raw record into a model example; None when the record is corrupt."""

@@ -80,8 +80,9 @@ class Evaluator:
     def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str,
                  skipped: pipeline.SkipCounter):
         """Reads the first `eval.num_examples` records; corrupt ones are left out and
-        counted in `skipped`."""
+        counted in `skipped` (on process 0: every process reads them all)."""
         self.config, self.writer, self.workdir = config, writer, workdir
+        skipped = pipeline.counted_once(skipped)
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
         self._apis = None  # built at the first evaluation, then kept with their programs
         images, self.captions = [], []

@@ -278,7 +278,8 @@ def train(config, workdir: str) -> bool:
                                         config.data.max_text_tokens)
 
     skipped = pipeline.SkipCounter()
-    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, skipped, codes_per_image)
+    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
+                                               codes_per_image)
     caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
     writer = loop.MetricsWriter(workdir)

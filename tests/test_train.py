@@ -236,6 +236,28 @@ def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     assert evaluated == [8]  # evaluated already: not again
 
 
+def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path, caplog):
+    """The data iterator's state is saved per process (grain: process_I-of-N.json): a
+    checkpoint of two processes resumed on one (or the reverse) raised that its file
+    does not exist, even where the stage was finished. The train state and counts are
+    restored; the data starts afresh."""
+    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
+    data = tmp_path / "ckpt" / "4" / "data"
+    for i in range(2):  # as two processes write it
+        (data / f"process_{i}-of-2.json").write_text((data / "process_0-of-1.json").read_text())
+    (data / "process_0-of-1.json").unlink()
+    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)  # finished: nothing to do
+    with caplog.at_level("INFO"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8)
+    assert "s: resumed from step 4" in caplog.text
+    assert "(process_0-of-1.json): the train data starts afresh" in caplog.text
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["step"] for line in lines] == list(range(1, 9))
+    # the run's count carried on (row 3 at step 3), then rows 1, 2, 3 again: row 3 at step 7
+    assert [line["data/skipped_records"] for line in lines[3:]] == [1, 1, 1, 2, 2]
+
+
 def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):
     _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
     wider = _Line()

@@ -252,11 +252,21 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
         """(train state, counts); sets `data_iterator`'s state. Checkpoints written before
-        counts were saved give none."""
+        counts were saved give none. A checkpoint written by another number of processes
+        (a run resumed on fewer or more hosts) holds no position in this process's slice
+        of the data: the iterator then starts afresh, with a warning."""
         self.check_fits(step, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state),
-                 "data": grain.checkpoint.CheckpointRestore(data_iterator)}
-        if (self.manager.directory / str(step) / "counts").exists():  # epath: local or cloud storage
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        directory = self.manager.directory / str(step)  # epath: local or cloud storage
+        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
+        if (directory / "data" / data_file).exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:
+            written = sorted(p.name for p in (directory / "data").glob("process_*.json"))
+            logging.warning("%s step %d: the data iterator's state was written by other processes (%s), not for "
+                            "this one (%s): the train data starts afresh for this process's slice",
+                            self.manager.directory, step, ", ".join(written), data_file)
+        if (directory / "counts").exists():
             items["counts"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored.get("counts") or {})

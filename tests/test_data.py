@@ -1,5 +1,6 @@
 """grain pipelines: determinism, resumable iterator state, eval padding, corrupt records."""
 
+import jax
 import numpy as np
 import pytest
 from array_record.python import array_record_module
@@ -68,8 +69,29 @@ def test_eval_batches_pad_to_whole_batches(shards, example):
 def test_a_train_split_with_no_records_for_this_process_fails_naming_it(tmp_path, example):
     path = str(tmp_path / "empty.array_record")
     array_record_module.ArrayRecordWriter(path, "group_size:1").close()
-    with pytest.raises(ValueError, match="no records for process 0 of 1"):
+    with pytest.raises(ValueError, match="0 records, fewer than the 1 processes"):
         pipeline.train_iterator([path], example, global_batch_size=4, seed=0, num_threads=1)
+
+
+@pytest.mark.parametrize("read", ["images", "codes"])
+def test_a_train_split_with_no_records_for_some_process_fails_on_every_process(read, tmp_path, example,
+                                                                               monkeypatch):
+    """One record, two processes: process 1 alone raised (it has none), and process 0,
+    which has one, waited for it at the first step until both were killed."""
+    from seed_jax.data import code_records, sequences
+
+    path = str(tmp_path / "one.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    writer.write(records.encode_record(synthetic.make_example(0, 0, 32)) if read == "images"
+                 else code_records.encode_code_record("a", "a caption", np.zeros(32, np.int32)))
+    writer.close()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="1 records, fewer than the 2 processes"):
+        if read == "images":
+            pipeline.train_iterator([path], example, global_batch_size=4, seed=0, num_threads=1)
+        else:
+            sequences.packed_train_iterator([path], None, global_batch_size=4, seed=0)
 
 
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):

@@ -146,13 +146,21 @@ def train_iterator(paths: Sequence[str], example: Example, *, global_batch_size:
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
     source = _source(paths)
+    check_a_record_per_process(paths, len(source), count)
     indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, source[i]))[index::count]
-    if not len(indexed):  # repeat(None) over nothing would end the stream at once
-        raise ValueError(f"{paths[0]}...: no records for process {index} of {count} ({len(source)} in all)")
     seed = process_seed(seed, index)
     ds = indexed.shuffle(seed=seed).repeat(None).random_map(example.train, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     return iter(raise_when_mostly_skipped(ds).batch(global_batch_size // count, drop_remainder=True))
+
+
+def check_a_record_per_process(paths: Sequence[str], num_records: int, count: int) -> None:
+    """Raises unless each of `count` processes gets records of the split (repeat(None)
+    over none would end its stream at once). On every process alike: were only those
+    left without records to raise, the others would wait for them at their first step."""
+    if num_records < count:
+        raise ValueError(f"{paths[0]}...: {num_records} records, fewer than the {count} processes that each "
+                         "train on a slice of them")
 
 
 def raise_when_mostly_skipped(ds: grain.IterDataset) -> grain.IterDataset:

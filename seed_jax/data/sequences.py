@@ -158,9 +158,9 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     index, count = jax.process_index(), jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))[index::count]
-    if not len(source):
-        raise ValueError(f"{paths[0]}...: no code records for process {index} of {count}")
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    pipeline.check_a_record_per_process(paths, len(source), count)
+    source = source[index::count]
     seed = pipeline.process_seed(seed, index)
     ds = source.shuffle(seed=seed).repeat(None).random_map(example, seed=seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

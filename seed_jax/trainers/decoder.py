@@ -75,7 +75,8 @@ def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules
 # ---------------------------------------------------------------- evaluation
 class Evaluator:
     """Reconstructs held-out images from their SEED codes and generates from their
-    captions; writes the similarities and an image grid."""
+    captions; returns the similarities (the train loop writes them) and saves an image
+    grid."""
 
     def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str,
                  skipped: pipeline.SkipCounter):

@@ -20,7 +20,7 @@ on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, tokenizer demo reused, 9m05s): on
+Measured (2-core CPU, 17m10s from a clean clone, 8m00s of it SEED-OPT's): on
 256 held-out images t2i/retrieval_r1 0.58 and caption/exact_match 0.21, held back by the
 demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`)
 and repeat one another: each causal query's output is a linear function of the last's

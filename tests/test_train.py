@@ -302,6 +302,19 @@ def test_a_bad_dtype_fails_before_the_data_is_made(tmp_path):
     assert not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
+def test_a_preempted_tokenizer_run_under_another_trainer_returns_preempted(tmp_path, monkeypatch, trainer_name):
+    """The decoder and SEED-OPT train their tokenizer first (`ensure_trained`): its
+    preemption raised a RuntimeError (exit 1), not the False (exit 0) of a preempted run."""
+    import importlib
+
+    module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
+    monkeypatch.setattr(trainer, "train", lambda config, workdir: False)  # SIGTERM while the tokenizer trains
+    assert module.train(config, str(tmp_path)) is False
+    assert not os.path.exists(tmp_path / "DONE.json")
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     workdir = tmp_path / "wd"

@@ -160,7 +160,10 @@ def train(config, workdir: str) -> bool:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
-    tok_dir, tok_export, tok_config = tokenizer_trainer.ensure_trained(config, workdir)
+    trained = tokenizer_trainer.ensure_trained(config, workdir)
+    if trained is None:  # the tokenizer's training was preempted
+        return False
+    tok_dir, tok_export, tok_config = trained
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
     train_paths, eval_paths = tokenizer_trainer.dataset_paths(tok_config, tok_dir)  # its synthetic or own shards

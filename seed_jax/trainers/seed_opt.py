@@ -260,7 +260,10 @@ def train(config, workdir: str) -> bool:
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None
     else:
-        tok_dir, tok_export, tok_config = tokenizer_trainer.ensure_trained(config, workdir)
+        trained = tokenizer_trainer.ensure_trained(config, workdir)
+        if trained is None:  # the tokenizer's training was preempted
+            return False
+        tok_dir, tok_export, tok_config = trained
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])

@@ -342,20 +342,22 @@ def train(config, workdir: str) -> bool:
 
 
 # ---------------------------------------------------------------- for the trainers built on a tokenizer
-def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.ConfigDict]:
+def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.ConfigDict] | None:
     """(tokenizer workdir, its export, its config) for a trainer whose config has
     `tokenizer` (a tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer):
     trains the tokenizer first, with `config.tokenizer`, if that workdir has no finished
     run, and exports it (again if the run was resumed with more steps since). A finished
     run is reused as it was trained: callers take its settings (text tokenizers, CLIP
-    text encoder) from the returned config, which may differ from `config.tokenizer`."""
+    text encoder) from the returned config, which may differ from `config.tokenizer`.
+    None when that training was preempted (its checkpoint saved): the caller returns
+    False, as a preempted run does."""
     from seed_jax import export  # export reads tokenizer runs through this module
 
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
     if not os.path.exists(os.path.join(directory, "DONE.json")):
         logging.info("no finished tokenizer run in %s: training it first", directory)
         if not train(config.tokenizer, directory):
-            raise RuntimeError("tokenizer training was preempted; re-run the same command to resume")
+            return None
     out = os.path.join(directory, "export")
     trained = export.read_workdir_config(directory)
     if jax.process_index() == 0:  # (again when the run was resumed with more steps)

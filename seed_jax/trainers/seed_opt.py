@@ -158,7 +158,7 @@ class Evaluator:
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
         self.true_code_recall = retrieval.recall(self.codes, self.captions)
-        self._seed_opt = self._painter = None  # built at the first evaluation, then kept with their programs
+        self._seed_opt = None  # built at the first evaluation, then kept with its programs
 
     def seed_opt(self, model: opt.OPT) -> api.SeedOPT:
         """`model` behind the API, its programs compiled once across evaluations (the API
@@ -195,11 +195,12 @@ class Evaluator:
         with open(os.path.join(self.workdir, "samples.json"), "w") as f:
             json.dump({"step": step, "samples": samples}, f, indent=1)
         if self.decoder_export:  # images from the generated codes, beside the originals' reconstructions
-            if self._painter is None:
-                self._painter = api.SeedTokenizer.load(self.tokenizer_export, diffusion=self.decoder_export)
+            # Loaded for each evaluation and freed after: held through training, a SEED tokenizer
+            # and a Stable Diffusion model would take device memory the training needs.
+            tokenizer = api.SeedTokenizer.load(self.tokenizer_export, diffusion=self.decoder_export)
             d = self.config.eval.decode
             options = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
-            rows = [self._painter.decode(self.codes[:k], **options), self._painter.decode(generated[:k], **options)]
+            rows = [tokenizer.decode(self.codes[:k], **options), tokenizer.decode(generated[:k], **options)]
             Image.fromarray(image_grid(rows, rows[0].shape[1])).save(os.path.join(self.workdir, "samples.png"))
 
 

@@ -145,6 +145,21 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     assert "wrote 2 records" in printed and "missing_image 1" in printed and "undecodable_image 1" in printed
 
 
+def test_sidecar_walk_follows_symlinked_folders_without_looping(tmp_path):
+    """A folder assembled from links to others (mydata/cc3m -> /data/cc3m/images) is read
+    through them (they were skipped, uncounted); a link to a folder containing it is not."""
+    folder, elsewhere, out = tmp_path / "images", tmp_path / "elsewhere", tmp_path / "out"
+    _image(str(folder / "own.jpg"), seed=1)
+    _write(str(folder / "own.txt"), "in the folder")
+    _image(str(elsewhere / "00000" / "000001.jpg"), seed=2)
+    _write(str(elsewhere / "00000" / "000001.txt"), "behind a link")
+    os.symlink(elsewhere, folder / "linked")
+    os.symlink(folder, folder / "linked" / "00000" / "back")  # a cycle
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0
+    assert {k: v["caption"] for k, v in _read(out).items()} == {"own.jpg": "in the folder",
+                                                              "linked/00000/000001.jpg": "behind a link"}
+
+
 def test_resize_gives_the_shorter_side_and_keeps_smaller_images(tmp_path):
     folder, out = tmp_path / "images", tmp_path / "out"
     _image(str(folder / "wide.png"), size=(64, 40), seed=1)

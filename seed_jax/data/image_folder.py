@@ -9,7 +9,8 @@ Layouts:
   * a COCO captions file `{"images": [{"id", "file_name"}], "annotations": [{"image_id",
     "caption"}]}`: one record per caption, as BLIP-2 trains on COCO;
   * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
-    `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order).
+    `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order, symlinked
+    folders included).
 Image paths are relative to the folder; ids are those paths (with `/`), `#k` added for
 an image's k-th caption from k = 1.
 """
@@ -118,10 +119,20 @@ def coco_entries(input_dir: str, path: str, data) -> list[Entry]:
 
 
 def sidecar_entries(input_dir: str) -> list[Entry]:
-    """Each image with its same-named .txt; a .txt without an image is an entry whose image is missing."""
+    """Each image with its same-named .txt; a .txt without an image is an entry whose image is missing.
+    Symlinked folders are walked (a folder assembled from links to others), except a link
+    to a folder that contains it, which would loop."""
     entries = []
-    for root, dirs, files in os.walk(input_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    ancestors = {input_dir: (os.path.realpath(input_dir),)}  # folder -> real paths of it and its parents
+    for root, dirs, files in os.walk(input_dir, followlinks=True):
+        chain = ancestors.pop(root)
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in chain:
+                kept.append(d)
+                ancestors[os.path.join(root, d)] = chain + (real,)
+        dirs[:] = kept
         files = [f for f in files if not f.startswith(".")]
         texts = {f[:-4]: f for f in files if f.endswith(".txt")}
         captioned = set()

@@ -176,6 +176,26 @@ def test_resize_gives_the_shorter_side_and_keeps_smaller_images(tmp_path):
     assert _summary(out)["reencoded_images"] == 2
 
 
+def test_16_bit_grayscale_png_keeps_its_shades(tmp_path):
+    """PIL's convert("RGB") of a 16-bit grayscale image clips every value above 255 to
+    white; the kept PNG and the --resize JPEG decode to the top 8 bits of each value."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    shades = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (24, 1))
+    os.makedirs(folder)
+    Image.fromarray(shades).save(folder / "deep.png")
+    assert Image.open(folder / "deep.png").mode == "I;16"
+    _write(str(folder / "deep.txt"), "a 16-bit grey ramp")
+    expected = np.repeat((shades >> 8)[..., None], 3, axis=2)
+    for resize, prefix in ((0, "train"), (12, "small")):
+        assert _run("--source=folder", f"--input={folder}", f"--out={out}", f"--prefix={prefix}",
+                    f"--resize={resize}", "--num_workers=1") == 0
+        pixels = _pixels(_read(out, prefix)["deep.png"]["image"]).astype(np.int32)
+        if not resize:
+            np.testing.assert_array_equal(pixels, expected)
+        else:  # a JPEG of the ramp shrunk to 20x12: dark on the left, light on the right
+            assert pixels[:, :4].mean() < 40 and pixels[:, -4:].mean() > 215
+
+
 def _sidecar_folder(folder, n):
     for i in range(n):
         _image(str(folder / f"{i // 4:02d}" / f"{i:04d}.{'png' if i % 3 else 'jpg'}"), seed=i)

@@ -13,15 +13,18 @@ from seed_jax.data import records
 
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit grayscale PNGs and TIFFs
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image; raises ValueError if undecodable."""
+    """Encoded bytes -> RGB PIL image (16-bit grayscale: its top 8 bits); raises ValueError if undecodable."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as e:  # PIL raises many types for corrupt data
         raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from e
+    if image.mode in SIXTEEN_BIT_GRAY:  # convert() would clip every value above 255 to white
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
     return image.convert("RGB")
 
 

@@ -160,6 +160,28 @@ def test_sidecar_walk_follows_symlinked_folders_without_looping(tmp_path):
                                                               "linked/00000/000001.jpg": "behind a link"}
 
 
+def test_captions_written_with_a_byte_order_mark(tmp_path, capsys):
+    """Windows editors start UTF-8 text with a BOM: not part of a sidecar caption, and no
+    reason to refuse a .jsonl / .json captions file; a .json that is not JSON names --captions."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _image(str(folder / "a.jpg"), seed=1)
+    with open(folder / "a.txt", "w", encoding="utf-8-sig") as f:
+        f.write("a caption from Notepad\n")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0
+    assert _read(out)["a.jpg"]["caption"] == "a caption from Notepad"
+    row = {"image": "a.jpg", "caption": "from a file"}
+    for name, content in (("c.jsonl", json.dumps(row) + "\n"), ("c.json", json.dumps([row]))):
+        with open(tmp_path / name, "w", encoding="utf-8-sig") as f:
+            f.write(content)
+        assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / name}", f"--out={out}",
+                    f"--prefix={name[2:]}", "--num_workers=1") == 0, capsys.readouterr().err
+        assert _read(out, name[2:])["a.jpg"]["caption"] == "from a file"
+    _write(str(tmp_path / "bad.json"), "{not json")
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'bad.json'}", f"--out={out}",
+                "--prefix=bad", "--num_workers=1") == 1
+    assert f"--captions {tmp_path / 'bad.json'}: not JSON" in capsys.readouterr().err
+
+
 def test_resize_gives_the_shorter_side_and_keeps_smaller_images(tmp_path):
     folder, out = tmp_path / "images", tmp_path / "out"
     _image(str(folder / "wide.png"), size=(64, 40), seed=1)

@@ -71,7 +71,7 @@ def _read_captions(entry: Entry) -> tuple:
         return tuple(entry.captions)
     try:
         with open(entry.caption_file, "rb") as f:
-            return (f.read().decode("utf-8"),)
+            return (f.read().decode("utf-8-sig"),)  # a byte order mark (Windows editors) is not text
     except UnicodeDecodeError:
         return (None,)  # not text: skipped as an empty caption
     except OSError:

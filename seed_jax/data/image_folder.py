@@ -37,8 +37,11 @@ def folder_entries(input_dir: str, captions: str = "") -> list[Entry]:
     if captions.endswith(".jsonl"):
         return jsonl_entries(input_dir, captions)
     if captions.endswith(".json"):
-        with open(captions, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(captions, encoding="utf-8-sig") as f:
+            try:
+                data = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--captions {captions}: not JSON ({e})") from e
         if isinstance(data, list):  # LAVIS's annotations
             return rows_entries(input_dir, captions, ((f"item {i}", row) for i, row in enumerate(data)))
         return coco_entries(input_dir, captions, data)
@@ -57,7 +60,7 @@ def _normalized(relative: str) -> str:
 def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
     """The entries of a JSON Lines captions file (see `rows_entries`)."""
     def rows():
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: also without a byte order mark
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -218,6 +218,22 @@ def test_16_bit_grayscale_png_keeps_its_shades(tmp_path):
             assert pixels[:, :4].mean() < 40 and pixels[:, -4:].mean() > 215
 
 
+def test_an_image_too_wide_for_jpeg_is_stored_as_png(tmp_path):
+    """A BMP 65600 px wide (a panorama strip) re-encoded as JPEG made PIL raise OSError
+    (JPEG holds at most 65500 px a side), which ended the whole run; it is stored as PNG."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _image(str(folder / "strip.bmp"), size=(65600, 2), seed=1, fmt="BMP")
+    _write(str(folder / "strip.txt"), "a very wide strip")
+    _image(str(folder / "ok.jpg"), seed=2)
+    _write(str(folder / "ok.txt"), "an ordinary image")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0
+    stored = _read(out)["strip.bmp"]["image"]
+    assert Image.open(io.BytesIO(stored)).format == "PNG"
+    with open(folder / "strip.bmp", "rb") as f:
+        np.testing.assert_array_equal(_pixels(stored), _pixels(f.read()))
+    assert _summary(out)["records"] == 2
+
+
 def _sidecar_folder(folder, n):
     for i in range(n):
         _image(str(folder / f"{i // 4:02d}" / f"{i:04d}.{'png' if i % 3 else 'jpg'}"), seed=i)

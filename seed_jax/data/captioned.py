@@ -3,8 +3,9 @@ its captions were skipped. What `make_records` runs per image (in worker process
 
 Images stay as their original bytes when they are JPEG or PNG and decode; any other
 format (WebP, BMP, GIF, TIFF, ...), and any image that `resize` shrinks, is re-encoded
-as an RGB JPEG (the pipeline decodes every image to RGB, dropping alpha as
-`preprocess.decode_image` does, so RGB is all a record needs to keep).
+as an RGB JPEG, or PNG when a side is too long for JPEG (the pipeline decodes every
+image to RGB, dropping alpha as `preprocess.decode_image` does, so RGB is all a record
+needs to keep).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from seed_jax.data import preprocess
 
 KEPT_FORMATS = ("JPEG", "PNG")
 JPEG_QUALITY = 95
+JPEG_MAX_SIDE = 65500  # the longest side PIL writes as JPEG
 # Why a caption (one record) was skipped.
 SKIP_REASONS = ("missing_image", "undecodable_image", "empty_caption", "missing_caption")
 
@@ -47,8 +49,9 @@ def record_id(base: str, k: int) -> str:
 
 def encode_image(data: bytes, resize: int = 0, quality: int = JPEG_QUALITY) -> tuple[bytes, bool]:
     """(bytes to store, re-encoded?): `data` itself when it is a JPEG or PNG that decodes
-    and needs no resize, else an RGB JPEG, shrunk so its shorter side is `resize` when it
-    is longer (0: no resize). Raises ValueError when `data` does not decode."""
+    and needs no resize, else an RGB JPEG (PNG when a side is over `JPEG_MAX_SIDE`), shrunk
+    so its shorter side is `resize` when it is longer (0: no resize). Raises ValueError
+    when `data` does not decode."""
     image = preprocess.decode_image(data)  # RGB, fully decoded: what the pipeline will see
     width, height = image.size
     if resize and min(width, height) > resize:
@@ -62,7 +65,10 @@ def encode_image(data: bytes, resize: int = 0, quality: int = JPEG_QUALITY) -> t
             if probe.format in KEPT_FORMATS:
                 return data, False
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
+    if max(image.size) > JPEG_MAX_SIDE:  # PIL's JPEG encoder raises OSError: lossless PNG instead
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=quality)
     return out.getvalue(), True
 
 

@@ -34,6 +34,25 @@ def test_duplicate_captions_count_as_hits():
     assert out["i2t_r1"] == pytest.approx(1 / 3)
 
 
+def test_records_of_one_image_are_one_image():
+    """COCO's Karpathy test split is 5 records per image (one per caption): a perfect model
+    scored R@1 0.2, only one of an image's 5 captions counting as its own."""
+    rng = np.random.default_rng(0)
+    features = np.repeat(np.eye(8)[:6], 5, axis=0)  # 6 images, 5 records each
+    captions = [f"image {i} caption {k}" for i in range(6) for k in range(5)]
+    images = [f"val2014/{i}.jpg" for i in range(6) for _ in range(5)]
+    texts = features + 1e-3 * rng.normal(size=features.shape)
+    assert recall_at_k(features, texts, captions, ks=(1,)) == {"i2t_r1": 0.2, "t2i_r1": 0.2}
+    assert recall_at_k(features, texts, captions, ks=(1,), images=images) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    # t2i ranks images, not their copies: a text whose image is second is a hit at 2
+    swapped = texts.copy()
+    swapped[0] = features[5] + 0.1 * features[0]
+    out = recall_at_k(features, swapped, captions, ks=(1, 2), images=images)
+    assert out["t2i_r1"] == pytest.approx(29 / 30) and out["t2i_r2"] == 1.0
+    with pytest.raises(ValueError, match="images: expected 30"):
+        recall_at_k(features, texts, captions, images=images[:-1])
+
+
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="features"):
         recall_at_k(np.eye(3), np.eye(2), ["a", "b", "c"])

@@ -72,6 +72,24 @@ def test_jsonl_captions_round_trip(tmp_path):
     assert summary["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
 
 
+def test_eval_labels_group_an_images_captions(tmp_path):
+    """The tokenizer's retrieval eval reads each record's image from its id (`path#k`), so
+    an image's captions (a record each) are one image to retrieval."""
+    folder, out = tmp_path / "coco", tmp_path / "out"
+    rows = []
+    for i in range(3):
+        _image(str(folder / "val2014" / f"{i}.jpg"), seed=i)
+        rows.append({"image": f"val2014/{i}.jpg", "caption": [f"image {i} caption {k}" for k in range(3)]})
+    _write(str(tmp_path / "test.json"), json.dumps(rows))
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'test.json'}", f"--out={out}",
+                "--prefix=eval", "--num_workers=1") == 0
+    captions, images = zip(*pipeline.read_labels(records.shard_paths(str(out), "eval"), 9))
+    assert images == tuple(f"val2014/{i}.jpg" for i in range(3) for _ in range(3))
+    assert captions == tuple(f"image {i} caption {k}" for i in range(3) for k in range(3))
+    assert [records.image_id(i) for i in ("a.jpg#0", "a.jpg#01", "a#b", "x#2", "x#12")] == [
+        "a.jpg#0", "a.jpg#01", "a#b", "x", "x"]
+
+
 def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     folder, out = tmp_path / "coco", tmp_path / "out"
     jpeg = _image(str(folder / "train2014" / "COCO_1.jpg"), seed=1)

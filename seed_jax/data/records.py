@@ -82,6 +82,13 @@ def decode_record(data: bytes) -> dict:
     return {"image": image, "caption": header["caption"], "id": header["id"]}
 
 
+def image_id(record_id: str) -> str:
+    """The image a record's caption belongs to: its id less a trailing `#k` (k >= 1), as
+    `make_records` names caption k of an image with several (COCO's 5 are 5 records)."""
+    base, sep, k = record_id.rpartition("#")
+    return base if sep and re.fullmatch(r"[1-9][0-9]*", k) else record_id
+
+
 def shard_path(directory: str, prefix: str, index: int, num_shards: int) -> str:
     """Path of shard ``index`` out of ``num_shards`` for ``prefix``."""
     return os.path.join(directory, f"{prefix}-{index:05d}-of-{num_shards:05d}{_SHARD_SUFFIX}")

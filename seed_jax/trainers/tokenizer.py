@@ -169,8 +169,10 @@ class Evaluator:
     """Retrieval recall@K (causal embeddings; in stage II also from the codes) and
     codebook usage on the held-out split."""
 
-    def __init__(self, model: TrainModel, batches, captions, mesh, rules):
-        self.batches, self.captions = batches, captions
+    def __init__(self, model: TrainModel, batches, captions, mesh, rules, images=None):
+        # images: each eval record's image (`records.image_id`), so that the records of one
+        # image's several captions are one image to retrieval; None: every record its own
+        self.batches, self.captions, self.images = batches, captions, images
         self.mesh, self.rules = mesh, rules
         self.num_codes = model.tokenizer.config.num_codes
         graphdef = nnx.graphdef(model)
@@ -200,11 +202,13 @@ class Evaluator:
         valid = host["index"] >= 0
         index = host["index"][valid]
         captions = [self.captions[i] for i in index]
+        images = None if self.images is None else [self.images[i] for i in index]
         metrics = {f"retrieval/{k}": v for k, v in
-                   recall_at_k(host["image"][valid], host["text"][valid], captions).items()}
+                   recall_at_k(host["image"][valid], host["text"][valid], captions, images=images).items()}
         if with_codes:
             metrics.update({f"retrieval_codes/{k}": v for k, v in
-                            recall_at_k(host["image_from_codes"][valid], host["text"][valid], captions).items()})
+                            recall_at_k(host["image_from_codes"][valid], host["text"][valid], captions,
+                                        images=images).items()})
             metrics.update({f"codebook/{k}": v for k, v in
                             codebook_usage(host["codes"][valid], self.num_codes).items()})
         metrics["num_examples"] = float(valid.sum())
@@ -305,11 +309,11 @@ def train(config, workdir: str) -> bool:
                                tuple(d.crop_scale), d.flip)
     eval_batches = pipeline.eval_batches(eval_paths, example, num_examples=config.eval.num_examples,
                                          global_batch_size=config.eval.batch_size, num_threads=d.num_threads)
-    captions = pipeline.read_captions(eval_paths, config.eval.num_examples)
+    captions, images = zip(*pipeline.read_labels(eval_paths, config.eval.num_examples))
     model = create_model(config, mesh)
 
     writer = loop.MetricsWriter(workdir)
-    evaluator = Evaluator(model, eval_batches, captions, mesh, rules)
+    evaluator = Evaluator(model, eval_batches, captions, mesh, rules, images)
     preemption = loop.Preemption()
     restart = config.stage2.restart_unused_codes_every
     stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),

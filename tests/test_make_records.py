@@ -109,6 +109,22 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
 
 
+def test_a_cameras_multi_picture_jpeg_is_kept_as_it_is(tmp_path):
+    """Phones save MPO: a JPEG with further pictures after the first, which PIL reports
+    as format "MPO". Its bytes are a JPEG that decoders read: kept, not re-encoded."""
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    first, second = (Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (40, 200))
+    os.makedirs(folder)
+    first.save(folder / "phone.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(folder / "phone.jpg") as probe:
+        assert probe.format == "MPO"
+    _write(str(folder / "phone.txt"), "a photo")
+    assert _run("--source=folder", f"--input={folder}", "--num_workers=1", f"--out={out}") == 0
+    record = _read(out)["phone.jpg"]
+    assert record["image"] == (folder / "phone.jpg").read_bytes()
+    assert abs(_pixels(record["image"]).mean() - 40) < 3 and _summary(out)["reencoded_images"] == 0
+
+
 def test_lavis_annotation_list_gives_a_record_per_caption(tmp_path, capsys):
     """LAVIS's annotation files (BLIP-2's and SEED's COCO Karpathy splits) are a JSON list
     of {"image", "caption"} objects, the caption a string or a list."""

@@ -1,8 +1,8 @@
 """One image with its captions -> records `{"image", "caption", "id"}`, or the reasons
 its captions were skipped. What `make_records` runs per image (in worker processes).
 
-Images stay as their original bytes when they are JPEG or PNG and decode; any other
-format (WebP, BMP, GIF, TIFF, ...), and any image that `resize` shrinks, is re-encoded
+Images stay as their original bytes when they are JPEG (MPO included) or PNG and
+decode; any other format (WebP, BMP, GIF, TIFF, ...), and any image `resize` shrinks, is re-encoded
 as an RGB JPEG, or PNG when a side is too long for JPEG (the pipeline decodes every
 image to RGB, dropping alpha as `preprocess.decode_image` does, so RGB is all a record
 needs to keep).
@@ -18,7 +18,7 @@ from PIL import Image
 
 from seed_jax.data import preprocess
 
-KEPT_FORMATS = ("JPEG", "PNG")
+KEPT_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a camera's multi-picture JPEG; decoders read its first
 JPEG_QUALITY = 95
 JPEG_MAX_SIDE = 65500  # the longest side PIL writes as JPEG
 # Why a caption (one record) was skipped.

@@ -124,7 +124,7 @@ def prepared(items: Iterable[Entry], count: int, num_workers: int, resize: int, 
     """`captioned.prepare` of each entry, in order; on `num_workers` spawned processes
     when more than one (a bounded window of chunks in flight, so memory stays flat)."""
     work = functools.partial(_prepare_chunk, resize=resize, quality=quality)
-    num_workers = num_workers or len(os.sched_getaffinity(0))
+    num_workers = num_workers or records.usable_cpus()
     size = max(1, min(_CHUNK, count // (4 * num_workers)))
     num_workers = min(num_workers, -(-count // size))
     if num_workers <= 1:

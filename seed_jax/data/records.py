@@ -26,6 +26,13 @@ _HEADER_LENGTH = struct.Struct("<I")
 _SHARD_SUFFIX = ".array_record"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (the parallel shard writers' default worker count)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def encode_record(record: dict) -> bytes:
     """Serialises a record dict to bytes."""
     image = bytes(record["image"])

@@ -228,12 +228,6 @@ def make_example(index: int, seed: int, image_size: int) -> dict:
     return {"image": buffer.getvalue(), "caption": caption(scene), "id": f"shapes-{seed}-{index:07d}"}
 
 
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _make_examples(indices: range, seed: int, image_size: int) -> list[dict]:
     return [make_example(i, seed, image_size) for i in indices]
 
@@ -251,7 +245,7 @@ def generate_examples(
         range(start, min(start + _EXAMPLES_PER_TASK, num_examples))
         for start in range(0, num_examples, _EXAMPLES_PER_TASK)
     ]
-    num_workers = min(num_workers or _usable_cpus(), len(tasks))
+    num_workers = min(num_workers or records.usable_cpus(), len(tasks))
     if num_workers <= 1:
         for indices in tasks:
             yield from _make_examples(indices, seed, image_size)

@@ -53,6 +53,22 @@ def test_records_of_one_image_are_one_image():
         recall_at_k(features, texts, captions, images=images[:-1])
 
 
+def test_rows_kept_apart_count_their_images_captions():
+    """SEED-OPT generates codes from each caption, so rows of one image differ and stay
+    queries of their own (`group_rows=False`); a caption of the row's image is a hit."""
+    rng = np.random.default_rng(1)
+    captions = [f"image {i} caption {k}" for i in range(4) for k in range(3)]
+    images = [f"{i}.jpg" for i in range(4) for _ in range(3)]
+    texts = np.repeat(np.eye(6)[:4], 3, axis=0) + 1e-3 * rng.normal(size=(12, 6))
+    rows = np.roll(texts, 1, axis=0)  # row r is nearest to the caption before it
+    rows[::3] = texts[::3]  # except each image's first row, nearest to its own
+    assert recall_at_k(rows, texts, captions, ks=(1,))["i2t_r1"] == pytest.approx(4 / 12)
+    kept_apart = recall_at_k(rows, texts, captions, ks=(1,), images=images, group_rows=False)
+    assert kept_apart["i2t_r1"] == 1.0  # the caption before is its image's, for 8 of 12 rows too
+    same = recall_at_k(rows, texts, captions, ks=(1, 5), images=[str(i) for i in range(12)], group_rows=False)
+    assert same == recall_at_k(rows, texts, captions, ks=(1, 5))  # one row per image: as without images
+
+
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="features"):
         recall_at_k(np.eye(3), np.eye(2), ["a", "b", "c"])

@@ -42,8 +42,11 @@ class CodeRetrieval:
         ids, mask = self.caption_tokenizer(list(captions))
         return np.asarray(run_in_chunks(self._from_text, (ids, mask), self.batch_size))
 
-    def recall(self, codes: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+    def recall(self, codes: np.ndarray, captions: Sequence[str], images: Sequence[str] | None = None
+               ) -> dict[str, float]:
         """Row i of `codes` against all `captions` (its own is row i): recall@1/5/10 of
-        the true caption among them."""
-        out = recall_at_k(self.code_features(codes), self.caption_features(captions), captions)
+        the true caption among them, or of any caption of row i's image when `images`
+        names each row's image (an image's several captions, one row each)."""
+        out = recall_at_k(self.code_features(codes), self.caption_features(captions), captions, images=images,
+                          group_rows=False)
         return {k.replace("i2t_", ""): v for k, v in out.items() if k.startswith("i2t_")}

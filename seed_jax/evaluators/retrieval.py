@@ -8,14 +8,17 @@ import numpy as np
 
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions: Sequence[str],
-                ks: Sequence[int] = (1, 5, 10), images: Sequence[str] | None = None) -> dict[str, float]:
+                ks: Sequence[int] = (1, 5, 10), images: Sequence[str] | None = None,
+                group_rows: bool = True) -> dict[str, float]:
     """image_features (N,F), text_features (N,F) for N pairs with `captions`.
 
-    `images` names each pair's image (None: every pair its own): pairs of one image (a
-    COCO image's 5 captions, one record each) are one image, its first row's features, whose
-    captions are all of theirs. i2t: for each image, a hit at K if one of its K most similar
-    texts has one of the image's captions; t2i: for each text, if one of its K most similar
-    images has that text's caption. Returns {"i2t_r1": ..., "t2i_r1": ..., ...}.
+    `images` names each pair's image (None: every pair its own); an image's captions are
+    all of its pairs'. With `group_rows`, the pairs of one image (a COCO image's 5 captions,
+    one record each) are one image, its first row's features; without, each row stays an
+    image of its own whose captions are its image's (e.g. codes generated from each
+    caption). i2t: for each image, a hit at K if one of its K most similar texts has one
+    of the image's captions; t2i: for each text, if one of its K most similar images has
+    that text's caption. Returns {"i2t_r1": ..., "t2i_r1": ..., ...}.
     """
     n = len(captions)
     if image_features.shape[0] != n or text_features.shape[0] != n:
@@ -29,16 +32,18 @@ def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions:
         _, first, image_ids = np.unique(np.asarray(images, dtype=object), return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")
         first, image_ids = first[order], np.argsort(order)[image_ids]
+    rows = first if group_rows else np.arange(n)  # the rows ranked as images
+    row_images = image_ids[rows]  # the image each of them is
     num_captions = int(caption_ids.max()) + 1 if n else 0
     pairs = np.unique(image_ids * num_captions + caption_ids)  # (image, caption) pairs that belong
-    sim = np.asarray(image_features, np.float64)[first] @ np.asarray(text_features, np.float64).T
+    sim = np.asarray(image_features, np.float64)[rows] @ np.asarray(text_features, np.float64).T
     # Stable ordering: ties broken by index, so results do not depend on the backend.
     i2t = np.argsort(-sim, axis=1, kind="stable")
     t2i = np.argsort(-sim.T, axis=1, kind="stable")
     out = {}
     for k in ks:
-        i2t_hits = np.isin(np.arange(len(first))[:, None] * num_captions + caption_ids[i2t[:, :k]], pairs)
-        t2i_hits = np.isin(t2i[:, :k] * num_captions + caption_ids[:, None], pairs)
+        i2t_hits = np.isin(row_images[:, None] * num_captions + caption_ids[i2t[:, :k]], pairs)
+        t2i_hits = np.isin(row_images[t2i[:, :k]] * num_captions + caption_ids[:, None], pairs)
         out[f"i2t_r{k}"] = float(np.mean(np.any(i2t_hits, axis=1)))
         out[f"t2i_r{k}"] = float(np.mean(np.any(t2i_hits, axis=1)))
     return out

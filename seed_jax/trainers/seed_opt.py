@@ -155,9 +155,10 @@ class Evaluator:
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
         self.retrieval, self.workdir = retrieval, workdir
         self.captions = [r["caption"] for r in eval_records]
+        self.images = [records.image_id(r["id"]) for r in eval_records]  # an image's captions are all its own
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
-        self.true_code_recall = retrieval.recall(self.codes, self.captions)
+        self.true_code_recall = retrieval.recall(self.codes, self.captions, self.images)
         self._seed_opt = None  # built at the first evaluation, then kept with its programs
 
     def seed_opt(self, model: opt.OPT) -> api.SeedOPT:
@@ -177,7 +178,7 @@ class Evaluator:
         captions = caption_all(seed_opt, self.codes, batch_size=e.batch_size, max_new_tokens=e.max_caption_tokens)
         generated = np.concatenate([seed_opt.image_codes(self.captions[start:start + e.batch_size])
                                     for start in range(0, len(self.captions), e.batch_size)])
-        recall = self.retrieval.recall(generated, self.captions)
+        recall = self.retrieval.recall(generated, self.captions, self.images)
         metrics = {**score_captions(captions, self.captions),  # by part too on the shapes world (the demo)
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
                    "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],

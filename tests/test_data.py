@@ -59,8 +59,8 @@ def test_eval_batches_pad_to_whole_batches(shards, example):
     batches = pipeline.eval_batches(paths, example, num_examples=20, global_batch_size=8, num_threads=2)
     index = np.concatenate([b["index"] for b in batches])
     assert len(batches) == 3 and list(index[:20]) == list(range(20)) and (index[20:] == -1).all()
-    captions = pipeline.read_captions(paths, 20)
-    assert all(isinstance(c, str) and c for c in captions)
+    labels = pipeline.read_labels(paths, 20)
+    assert len(labels) == 20 and all(isinstance(c, str) and c and isinstance(i, str) for c, i in labels)
     for bad in (1000, 0):  # more than the split holds; none, which would fail at the first evaluation
         with pytest.raises(ValueError, match=f"eval.num_examples: {bad} requested"):
             pipeline.eval_batches(paths, example, num_examples=bad, global_batch_size=8)

@@ -23,17 +23,14 @@ refused unless --overwrite: the new set then replaces them once it is complete.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
-import json
-import multiprocessing
 import os
 import sys
 from typing import Iterable, Iterator
 
 import tqdm
 
-from seed_jax.data import captioned, records
+from seed_jax.data import captioned, records, workers
 from seed_jax.data.captioned import SKIP_REASONS, Entry, Prepared
 
 FOLDER_FLAGS = ("input", "captions")
@@ -109,33 +106,14 @@ def _prepare_chunk(chunk: list[Entry], resize: int, quality: int) -> list[Prepar
     return [captioned.prepare(entry, resize, quality) for entry in chunk]
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def prepared(items: Iterable[Entry], count: int, num_workers: int, resize: int, quality: int) -> Iterator[Prepared]:
-    """`captioned.prepare` of each entry, in order; on `num_workers` spawned processes
-    when more than one (a bounded window of chunks in flight, so memory stays flat)."""
+    """`captioned.prepare` of each entry, in order, in chunks on `num_workers` processes."""
     work = functools.partial(_prepare_chunk, resize=resize, quality=quality)
-    num_workers = num_workers or records.usable_cpus()
+    num_workers = num_workers or workers.usable_cpus()
     size = max(1, min(_CHUNK, count // (4 * num_workers)))
     num_workers = min(num_workers, -(-count // size))
-    if num_workers <= 1:
-        for chunk in _chunks(items, size):
-            yield from work(chunk)
-        return
-    context = multiprocessing.get_context("spawn")  # safe in a process that runs threads
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        for window in _chunks(_chunks(items, size), 4 * num_workers):
-            for done in pool.map(work, window):
-                yield from done
+    for done in workers.map_in_order(work, workers.chunks(items, size), num_workers):
+        yield from done
 
 
 def make_records(argv: list[str]) -> dict:
@@ -177,9 +155,7 @@ def make_records(argv: list[str]) -> dict:
                "num_shards": args.num_shards, "shards": [os.path.basename(p) for p in paths],
                "resize": args.resize, "source": source}
     path = summary_path(args.out, args.prefix)
-    with open(path + ".partial", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".partial", path)
+    records.write_json(path, summary)
     return {**summary, "summary": path}
 
 

@@ -198,19 +198,13 @@ def read_records(paths: Sequence[str], num_examples: int) -> list[bytes]:
     return [source[i] for i in range(num_examples)]
 
 
-def read_captions(paths: Sequence[str], num_examples: int) -> list[str | None]:
-    """Captions of the first `num_examples` records (None where a record is corrupt)."""
-    return [caption for caption, _ in read_labels(paths, num_examples)]
-
-
 def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:
     """(caption, `records.image_id`) of the first `num_examples` records ((None, None) where
     a record is corrupt): what retrieval needs to count an image's other captions as hits."""
-    source = _source(paths)
     labels = []
-    for i in range(num_examples):
+    for raw in read_records(paths, num_examples):
         try:
-            record = records.decode_record(source[i])
+            record = records.decode_record(raw)
             labels.append((record["caption"], records.image_id(record["id"])))
         except ValueError:
             labels.append((None, None))

@@ -26,11 +26,12 @@ _HEADER_LENGTH = struct.Struct("<I")
 _SHARD_SUFFIX = ".array_record"
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (the parallel shard writers' default worker count)."""
-    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def write_json(path: str, data) -> None:
+    """Writes `data` as JSON to `path` whole or not at all (a summary or marker beside
+    shards): through a `.partial` file renamed once written."""
+    with open(path + ".partial", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".partial", path)
 
 
 def encode_record(record: dict) -> bytes:

@@ -9,12 +9,10 @@ Every example is fully determined by ``(seed, index)``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import io
-import itertools
 import json
-import multiprocessing
 import os
 import zlib
 from typing import Iterator
@@ -22,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from seed_jax.data import records
+from seed_jax.data import records, workers
 
 # Bump when rendering or captions change, so cached datasets are regenerated.
 GENERATOR_VERSION = 1
@@ -235,30 +233,16 @@ def _make_examples(indices: range, seed: int, image_size: int) -> list[dict]:
 def generate_examples(
     num_examples: int, seed: int, image_size: int, num_workers: int | None = None
 ) -> Iterator[dict]:
-    """Yields examples ``0 .. num_examples - 1`` in order.
-
-    Work is spread over ``num_workers`` processes (default: all usable CPUs).
-    Workers are spawned rather than forked, which is safe in a process that
-    already runs threads (e.g. JAX).
-    """
+    """Yields examples ``0 .. num_examples - 1`` in order, made on ``num_workers``
+    spawned processes (default: all usable CPUs; see ``workers.map_in_order``)."""
     tasks = [
         range(start, min(start + _EXAMPLES_PER_TASK, num_examples))
         for start in range(0, num_examples, _EXAMPLES_PER_TASK)
     ]
-    num_workers = min(num_workers or records.usable_cpus(), len(tasks))
-    if num_workers <= 1:
-        for indices in tasks:
-            yield from _make_examples(indices, seed, image_size)
-        return
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
-    try:
-        for chunk in pool.map(
-            _make_examples, tasks, itertools.repeat(seed), itertools.repeat(image_size)
-        ):
-            yield from chunk
-    finally:
-        pool.shutdown(cancel_futures=True)
+    num_workers = min(num_workers or workers.usable_cpus(), len(tasks))
+    make = functools.partial(_make_examples, seed=seed, image_size=image_size)
+    for chunk in workers.map_in_order(make, tasks, num_workers):
+        yield from chunk
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -306,7 +290,5 @@ def write_shapes_dataset(
         os.remove(marker)
     examples = generate_examples(num_examples, split_seed(seed, split), image_size, num_workers)
     paths = records.write_array_record_shards(examples, directory, split, num_shards)
-    with open(marker + ".partial", "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(marker + ".partial", marker)
+    records.write_json(marker, settings)
     return paths

@@ -123,24 +123,28 @@ class MetricsWriter:
             self.tb.add_scalar(f"{stage}/{split}/{k}", float(v), int(step))
         self.tb.flush()
 
+    def _lines(self) -> list[tuple[str, dict | None]]:
+        """metrics.jsonl's lines with their records (None for a line cut short by a kill)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            lines = f.readlines()
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                parsed.append((line, None))
+        return parsed
+
     def forget_after(self, stage: str, step: int) -> None:
         """Drops the lines of `stage` past `step` (the step a run resumes from): a run that
         stopped without a checkpoint at its last logged step (a crash, a kill) logged steps
         that the resumed run logs again. A line cut short by a kill goes too. (TensorBoard's
         event files stay as they are.)"""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.readlines()
-
-        def dropped(line: str) -> bool:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # cut short
-                return True
-            return record["stage"] == stage and record["step"] > step
-
-        kept = [line for line in lines if not dropped(line)]
+        lines = self._lines()
+        kept = [line for line, record in lines
+                if record is not None and not (record["stage"] == stage and record["step"] > step)]
         if len(kept) < len(lines):
             logging.info("%s: dropped %d lines of metrics.jsonl past step %d", stage, len(lines) - len(kept), step)
             with open(self.path + ".tmp", "w") as f:
@@ -150,17 +154,8 @@ class MetricsWriter:
     def holds(self, stage: str, step: int, split: str) -> bool:
         """Whether metrics.jsonl has a `split` line of `stage` at `step`: process 0 reads
         it, every process gets its answer."""
-        found = False
-        if self.enabled and os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # cut short
-                        continue
-                    if (record["stage"], record["step"], record["split"]) == (stage, step, split):
-                        found = True
-                        break
+        found = any(record is not None and (record["stage"], record["step"], record["split"]) == (stage, step, split)
+                    for _, record in self._lines())
         if jax.process_count() > 1:
             found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
         return found

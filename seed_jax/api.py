@@ -370,7 +370,7 @@ class SeedOPT:
                                               length_penalty=length_penalty)
 
         self._logits = jax.jit(logits)
-        self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
+        self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "eos_id", "pad_id"))
         self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id",
                                                                   "length_penalty"))
 
@@ -441,8 +441,9 @@ class SeedOPT:
         (no sampling options or `allowed`), finished hypotheses scored by
         log-probability / length**`length_penalty`."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
-        if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.config.max_positions:
-            raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1]} "
+        # the last new token is not fed back, so it needs no position of its own
+        if max_new_tokens < 1 or ids.shape[1] + max_new_tokens - 1 > self.config.max_positions:
+            raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1] + 1} "
                              f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
         if num_beams < 1:
             raise ValueError(f"num_beams: expected >= 1 (1: no beam search), got {num_beams}")

@@ -23,10 +23,16 @@ from seed_jax.models.opt import OPT
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0: greedy. top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0: greedy. top_k 0 and top_p 1.0 disable those filters.
+
+    A pytree: under jit `temperature` and `top_p` are traced, so new values run
+    the compiled program again; `top_k` and the mode (`greedy`, `nucleus`: top-p
+    on) are static and compile once each."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    greedy: bool = dataclasses.field(init=False)
+    nucleus: bool = dataclasses.field(init=False)
 
     def __post_init__(self):
         # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf.
@@ -36,15 +42,33 @@ class Sampling:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected 0 < top_p <= 1 (1: no top-p), got {self.top_p}")
+        object.__setattr__(self, "greedy", bool(self.temperature == 0))
+        object.__setattr__(self, "nucleus", bool(self.top_p < 1))
+
+
+def _unflatten_sampling(static, values) -> Sampling:
+    """Rebuilds a checked Sampling around (possibly traced) values, unchecked."""
+    sampling = object.__new__(Sampling)
+    for name, value in zip(("top_k", "greedy", "nucleus", "temperature", "top_p"), (*static, *values)):
+        object.__setattr__(sampling, name, value)
+    return sampling
+
+
+jax.tree_util.register_pytree_node(
+    Sampling, lambda s: ((s.temperature, s.top_p), (s.top_k, s.greedy, s.nucleus)), _unflatten_sampling)
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """(B,V) float32 -> the same with filtered-out tokens at -inf, divided by the temperature."""
-    logits = logits / sampling.temperature
+    """(B,V) float32 -> the same with filtered-out tokens at -inf, divided by the
+    temperature after the row's maximum is subtracted: a tiny temperature tends to
+    greedy instead of overflowing to inf (it is clamped to float32's smallest normal
+    number, as one below that reads as 0 in float32)."""
+    temperature = jnp.maximum(jnp.asarray(sampling.temperature, jnp.float32), jnp.finfo(jnp.float32).tiny)
+    logits = (logits - logits.max(-1, keepdims=True)) / temperature
     if sampling.top_k:  # a top_k beyond the vocabulary keeps everything, as in transformers
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
+    if sampling.nucleus:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -76,7 +100,7 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     [allowed[t,0], allowed[t,1]). `rng` is needed when sampling (temperature > 0):
     one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
     its key and prompt alone, not on the batch it runs in)."""
-    if sampling.temperature > 0 and rng is None:
+    if not sampling.greedy and rng is None:
         raise ValueError("rng: sampling with temperature > 0 needs a PRNG key")
     batch, prompt_length = input_ids.shape
     vocab = model.config.total_vocab_size
@@ -93,7 +117,7 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     def choose(logits, i):
         ids = jnp.arange(logits.shape[-1])
         logits = jnp.where((ids >= allowed[i, 0]) & (ids < allowed[i, 1]), logits, -jnp.inf)
-        if sampling.temperature == 0:
+        if sampling.greedy:
             return jnp.argmax(logits, -1).astype(jnp.int32)
         sample = lambda key, row: jax.random.categorical(jax.random.fold_in(key, i), row)  # noqa: E731
         return jax.vmap(sample)(keys, filter_logits(logits, sampling)).astype(jnp.int32)

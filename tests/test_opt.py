@@ -141,6 +141,22 @@ def test_greedy_generation_matches_transformers_generate(converted):
     np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+def test_generation_may_fill_every_position(converted):
+    """The last new token is never fed back, so a prompt of P tokens may take
+    max_positions - P + 1 of them, as in transformers; one more is refused."""
+    hf, _, export = converted
+    steps = 6
+    ids = np.random.default_rng(1).integers(3, 100, (1, TINY["max_position_embeddings"] - steps + 1))
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=steps, do_sample=False, num_beams=1,
+                          eos_token_id=None, pad_token_id=1).numpy()[:, ids.shape[1]:]
+    lm = SeedOPT.load(export)
+    np.testing.assert_array_equal(lm.generate(ids, steps), ref)
+    assert lm.generate(ids, steps, num_beams=2).shape == (1, steps)
+    with pytest.raises(ValueError, match=f"max_new_tokens: expected 1..{steps} .* got {steps + 1}"):
+        lm.generate(ids, steps + 1)
+
+
 def test_seed_opt_api_logits_and_generate(converted):
     hf, model, export = converted
     lm = SeedOPT.load(export)
@@ -238,7 +254,7 @@ def test_sampling_top_k_1_is_greedy_and_constraints_hold(converted):
     _, model, _ = converted
     ids, mask = _prompts()
     run = jax.jit(lambda i, m, key, allowed, sampling: generation.generate(
-        model, i, m, max_new_tokens=6, sampling=sampling, rng=key, allowed=allowed), static_argnums=4)
+        model, i, m, max_new_tokens=6, sampling=sampling, rng=key, allowed=allowed))
     free = generation.allowed_ranges(6, None, 100)
     greedy = run(ids, mask, jax.random.key(0), free, generation.Sampling())
     top1 = run(ids, mask, jax.random.key(1), free, generation.Sampling(temperature=0.7, top_k=1))
@@ -262,6 +278,33 @@ def test_sampled_rows_do_not_depend_on_batch_size():
     assert len(np.unique(runs[0], axis=0)) == 6, "rows sampled alike: the check is vacuous"
     same = _tiny_seed_opt(batch_size=4).generate(ids[[0] * 5], 6, temperature=1.0, seed=7)
     assert len(np.unique(same, axis=0)) > 1, "rows of one prompt share their samples"
+
+
+def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
+    """temperature and top_p are traced: a sweep over them compiles once per mode
+    (greedy; sampling; sampling with top-p), and the values still act."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (4, 5))
+    greedy = lm.generate(ids, 6)
+    sampled = {t: lm.generate(ids, 6, temperature=t, seed=1) for t in (0.5, 1.0, 50.0)}
+    assert lm._generate._cache_size() == 2
+    assert not np.array_equal(sampled[0.5], sampled[50.0]), "the temperature did not reach the compiled decoder"
+    nucleus = {p: lm.generate(ids, 6, temperature=50.0, top_p=p, seed=1) for p in (0.999, 1e-6)}
+    assert lm._generate._cache_size() == 3
+    np.testing.assert_array_equal(nucleus[1e-6], greedy)  # only the most likely token is left
+    assert not np.array_equal(nucleus[0.999], greedy), "top_p did not reach the compiled decoder"
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50])
+def test_a_tiny_temperature_samples_greedily(temperature):
+    """Logits divided by 1e-40 overflowed to inf, and sampling among the infs took
+    the lowest allowed token; 1e-50 is 0 in float32 and divided by zero."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (4, 5))
+    allowed = [(3, lm.config.total_vocab_size)] * 6
+    greedy = lm.generate(ids, 6, allowed=allowed)
+    assert (greedy != 3).any(), "greedy picks the lowest allowed token: the check is vacuous"
+    np.testing.assert_array_equal(lm.generate(ids, 6, allowed=allowed, temperature=temperature, seed=2), greedy)
 
 
 @pytest.mark.parametrize("seed", [2**32, 2**40, -1, 1.5, True])

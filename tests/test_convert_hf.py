@@ -217,9 +217,31 @@ def test_hf_clip_model_folder_converts_its_text_tower_by_its_text_config(tmp_pat
     assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
 
 
+def test_a_clip_config_json_without_heads_or_activation_reads_as_transformers_does(tmp_path):
+    """Keys config.json lacks take transformers' defaults (8 heads, quick_gelu, 1e-5),
+    as `from_pretrained` builds the model; they used to fall back to 12 heads."""
+    folder = tmp_path / "text_encoder"
+    randomize(CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=8, max_position_embeddings=77)), 5).save_pretrained(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    for key in ("num_attention_heads", "hidden_act", "layer_norm_eps"):
+        del settings[key]
+    (folder / "config.json").write_text(json.dumps(settings))
+    hf = CLIPTextModel.from_pretrained(folder).eval()
+    convert(["hf_clip_text", f"--checkpoint={folder}", f"--out={tmp_path / 'out'}"])
+    model, _, config = weights.load_model(str(tmp_path / "out"), kind="clip_text")
+    assert config.num_heads == hf.config.num_attention_heads == 8
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).last_hidden_state.numpy()
+    assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
+
+
 @pytest.mark.slow
 def test_full_size_clip_vit_l14_text_encoder_matches_transformers(tmp_path):
-    error = _clip_parity(tmp_path, CLIPTextConfig(), seed=1)  # SD v1's text encoder shape
+    # SD v1's text encoder shape (CLIPTextConfig's defaults are ViT-B/32's: 512 wide, 8 heads)
+    error = _clip_parity(tmp_path, CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                  projection_dim=768), seed=1)
     print(f"CLIP ViT-L/14 text relative error {error:.1e}")
 
 

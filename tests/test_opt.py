@@ -81,6 +81,26 @@ def test_opt_model_folder_without_lm_head_matches_transformers(variant, tmp_path
     assert relative_error(np.asarray(model(ids, mask)[0])[real], ref[real]) <= INTERMEDIATE_TOLERANCE
 
 
+def test_an_opt_config_json_without_heads_reads_as_transformers_does(tmp_path):
+    """A key config.json lacks takes transformers' default (12 heads), as
+    `from_pretrained` builds the model; it used to fall back to 32."""
+    folder = tmp_path / "hf"
+    randomize(OPTForCausalLM(OPTConfig(**{**TINY, "hidden_size": 48, "num_attention_heads": 12},
+                                       **VARIANTS["pre_ln"])), 3).save_pretrained(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    del settings["num_attention_heads"]
+    (folder / "config.json").write_text(json.dumps(settings))
+    hf = OPTForCausalLM.from_pretrained(folder).eval()
+    convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
+    model, _, config = weights.load_model(str(tmp_path / "export"), kind="opt")
+    assert config.num_heads == hf.config.num_attention_heads == 12
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask.astype(bool)
+    assert relative_error(np.asarray(model(ids, mask)[0])[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+
+
 def test_a_missing_shard_or_layer_fails_naming_it(tmp_path):
     hf = OPTForCausalLM(OPTConfig(**dict(TINY, num_hidden_layers=4)))
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")

@@ -1,5 +1,6 @@
 """A transformers `CLIPTextModel` (e.g. an SD v1 `text_encoder/` folder) -> a
-`clip_text` export. Heads, epsilon and activation come from config.json."""
+`clip_text` export. Heads, epsilon and activation come from config.json; a key it
+lacks takes transformers' `CLIPTextConfig` default, as `from_pretrained` would."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from seed_jax.convert.rules import Source
 from seed_jax.models.clip_text import CLIPTextConfig
 
 ACTIVATIONS = ("quick_gelu", "gelu")  # transformers names that mean what ours do
+TRANSFORMERS_DEFAULTS = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
 def prefix(source: Source) -> str:
@@ -20,18 +22,18 @@ def prefix(source: Source) -> str:
 def config(source: Source, hf: dict) -> CLIPTextConfig:
     """`hf`: config.json, a CLIPTextModel's or a whole CLIPModel's (whose text tower's
     settings are its `text_config`)."""
-    hf = hf.get("text_config") or hf
+    hf = {**TRANSFORMERS_DEFAULTS, **(hf.get("text_config") or hf)}
     p = prefix(source)
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
     depth = source.count(f"{p}encoder.layers.{{i}}.layer_norm1.weight")
     mlp_dim = need(source, f"{p}encoder.layers.0.mlp.fc1.weight", "MLP width")[0]
-    act = hf.get("hidden_act", "quick_gelu")
+    act = hf["hidden_act"]
     if act not in ACTIVATIONS:
         raise ValueError(f"config.json hidden_act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
-                          num_heads=hf.get("num_attention_heads", 12), mlp_dim=mlp_dim,
-                          eps=hf.get("layer_norm_eps", 1e-5), activation=act)
+                          num_heads=hf["num_attention_heads"], mlp_dim=mlp_dim,
+                          eps=hf["layer_norm_eps"], activation=act)
 
 
 def table(c: CLIPTextConfig, source: Source) -> dict:

@@ -1,6 +1,7 @@
 """A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
 one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
-come from shapes; head count and layer-norm placement from config.json."""
+come from shapes; head count and layer-norm placement from config.json (a key it
+lacks takes transformers' `OPTConfig` default, as `from_pretrained` would)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
         raise ValueError(f"lm_head.weight differs from {p}embed_tokens.weight: our OPT ties them")
     positions, width = need(source, f"{p}embed_positions.weight", "position embedding")
     depth = source.count(f"{p}layers.{{i}}.fc1.weight")
-    return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 32),
+    return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 12),
                      mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,
                      embed_width=token_width if token_width != width else None,

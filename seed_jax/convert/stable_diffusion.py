@@ -28,6 +28,8 @@ from seed_jax.models.vae import VAEConfig
 
 PARTS = ("unet", "vae", "text_encoder")
 COMPVIS_UNET = "model.diffusion_model."
+# SD v1's text encoder (CLIP ViT-L/14's), for a CompVis checkpoint, which has no config.json
+SD_V1_TEXT_ENCODER = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 # CLIP ViT-L/14's tokenizer (what SD v1 used): <|startoftext|>, then <|endoftext|> as end and padding.
 SD_V1_EMPTY_PROMPT = (49406,) + (49407,) * 76
 UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only_cross_attention": False,
@@ -311,6 +313,7 @@ def config(source: Source, configs: dict[str, dict], *, empty_prompt: tuple[int,
     """Given values (no shape tells them) override the config.json files; without
     either, SD v1's: 8 UNet heads, 32 groups, 12 text-encoder heads."""
     configs = {k: dict(v) for k, v in configs.items()}
+    configs.setdefault("text_encoder", dict(SD_V1_TEXT_ENCODER))
     for part, key, value in (("unet", "norm_num_groups", norm_groups), ("vae", "norm_num_groups", norm_groups),
                              ("text_encoder", "num_attention_heads", text_heads)):
         if value:

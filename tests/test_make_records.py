@@ -109,6 +109,37 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
 
 
+@pytest.mark.parametrize("captions, content, message", [
+    ("c.jsonl", "\n".join(json.dumps(row) for row in [{"image": "a.jpg", "caption": ["one", "two"]},
+                                                      {"image": "b.jpg", "caption": "three"},
+                                                      {"image": "b.jpg", "caption": "four", "id": "a.jpg#1"}]),
+     "record id 'a.jpg#1' occurs twice (line 1 and line 3)"),
+    ("c.json", json.dumps([{"image": "a.jpg", "caption": "one", "id": 7}, {"image": "b.jpg", "caption": "two"},
+                           {"image": "b.jpg", "caption": [], "id": 7}]),
+     "record id '7' occurs twice (item 0 and item 2)"),
+    ("captions.json", json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"},
+                                             {"id": 3, "file_name": "a.jpg"}],
+                                  "annotations": [{"image_id": k, "caption": "x"} for k in (1, 2, 3)]}),
+     "record id 'a.jpg' occurs twice (images[0] and images[2])"),
+])
+def test_duplicate_ids_fail_before_any_image_is_read(tmp_path, capsys, monkeypatch, captions, content, message):
+    """Two entries giving one record id were found only as the second was written, after
+    every image before it was read; now when the entries are listed, naming both places."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    for i, name in enumerate(("a.jpg", "b.jpg")):
+        _image(str(folder / name), seed=i)
+    _write(str(tmp_path / captions), content)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was read before the duplicate id was found")
+
+    monkeypatch.setattr(make_records.captioned, "prepare", no_reading)
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / captions}", f"--out={out}",
+                "--num_workers=1") == 1
+    assert f"--captions {tmp_path / captions}: {message}: ids must be unique" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def test_a_cameras_multi_picture_jpeg_is_kept_as_it_is(tmp_path):
     """Phones save MPO: a JPEG with further pictures after the first, which PIL reports
     as format "MPO". Its bytes are a JPEG that decoders read: kept, not re-encoded."""

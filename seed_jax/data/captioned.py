@@ -29,11 +29,19 @@ SKIP_REASONS = ("missing_image", "undecodable_image", "empty_caption", "missing_
 class Entry:
     """An image and its captions, before reading. `image` is a file path or encoded
     bytes ("" when there is none); captions come from `captions` or, when set, the
-    text file `caption_file`. Caption k gets the record id `id` (k = 0) or `id#k`."""
+    text file `caption_file`. Caption k gets the record id `id` (k = 0) or `id#k`.
+    `where` says where a captions file names it ("line 3", "images[4]"), for errors."""
     id: str
     image: str | bytes
     captions: tuple = ()
     caption_file: str = ""
+    where: str = ""
+
+    def record_ids(self) -> tuple[str, ...]:
+        """The ids its records, or its skipped ones, get: `id` (also when it has no
+        caption, as a missing caption is counted), then `id#1`, ... a caption each."""
+        count = 1 if self.caption_file else max(1, len(self.captions))
+        return tuple(record_id(self.id, k) for k in range(count))
 
 
 @dataclasses.dataclass

@@ -12,7 +12,9 @@ Layouts:
     `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order, symlinked
     folders included).
 Image paths are relative to the folder; ids are those paths (with `/`), `#k` added for
-an image's k-th caption from k = 1.
+an image's k-th caption from k = 1. Two entries of a captions file that would give one
+record id are an error naming the id and where the file names each, raised before any
+image is read.
 """
 
 from __future__ import annotations
@@ -26,27 +28,50 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def folder_entries(input_dir: str, captions: str = "") -> list[Entry]:
-    """The entries of `input_dir`, captioned by the file `captions` (.jsonl or COCO .json)
-    or, without one, by sidecar .txt files."""
+    """The entries of `input_dir`, captioned by the file `captions` (.jsonl or .json) or,
+    without one, by sidecar .txt files."""
     if not os.path.isdir(input_dir):
         raise NotADirectoryError(f"--input: {input_dir!r} is not a directory")
     if not captions:
         return sidecar_entries(input_dir)
-    if not os.path.isfile(captions):
-        raise FileNotFoundError(f"--captions: no file {captions!r}")
-    if captions.endswith(".jsonl"):
-        return jsonl_entries(input_dir, captions)
-    if captions.endswith(".json"):
-        with open(captions, encoding="utf-8-sig") as f:
-            try:
-                data = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"--captions {captions}: not JSON ({e})") from e
-        if isinstance(data, list):  # LAVIS's annotations
-            return rows_entries(input_dir, captions, ((f"item {i}", row) for i, row in enumerate(data)))
-        return coco_entries(input_dir, captions, data)
-    raise ValueError(f"--captions: {captions!r}: expected a .jsonl file (one {{\"image\", \"caption\"}} object "
-                     "a line), a .json list of such objects or a COCO captions .json file")
+    entries = captions_file_entries(input_dir, captions)
+    check_unique_ids(entries, captions)
+    return entries
+
+
+def captions_file_entries(input_dir: str, path: str) -> list[Entry]:
+    """The entries of the captions file `path`, its format told by its name and shape."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--captions: no file {path!r}")
+    if path.endswith(".jsonl"):
+        return jsonl_entries(input_dir, path)
+    if not path.endswith(".json"):
+        raise ValueError(f"--captions: {path!r}: expected a .jsonl file (one {{\"image\", \"caption\"}} object "
+                         "a line), a .json list of such objects or a COCO captions .json file")
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"--captions {path}: not JSON ({e})") from e
+    if isinstance(data, list):  # LAVIS's annotations
+        return rows_entries(input_dir, path, ((f"item {i}", row) for i, row in enumerate(data)))
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        raise ValueError(f"--captions {path}: expected a COCO captions file, an object with lists \"images\" "
+                         "and \"annotations\"")
+    return coco_entries(input_dir, path, data)
+
+
+def check_unique_ids(entries: list[Entry], path: str) -> None:
+    """Raises ValueError naming a record id two entries of the captions file `path`
+    would both give, and where the file names each."""
+    first: dict[str, Entry] = {}
+    for entry in entries:
+        for record_id in entry.record_ids():
+            earlier = first.setdefault(record_id, entry)
+            if earlier is not entry:
+                raise ValueError(f"--captions {path}: record id {record_id!r} occurs twice ({earlier.where} and "
+                                 f"{entry.where}): ids must be unique")
 
 
 def _image_path(input_dir: str, relative: str) -> str:
@@ -74,10 +99,9 @@ def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
 
 def rows_entries(input_dir: str, path: str, rows) -> list[Entry]:
     """(where, `{"image", "caption", "id"?}`) rows -> one entry per image (rows without an
-    `id` merged by image path) or per row with an `id`."""
-    by_image: dict[str, list] = {}  # image path -> captions, for rows without an id
+    `id` merged by image path, where the first names it) or per row with an `id`."""
+    by_image: dict[str, tuple[str, list]] = {}  # image path -> (first where, captions), for rows without an id
     order: list = []  # image paths (str) and explicit-id entries, in first-seen order
-    ids: set[str] = set()
     for where, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise ValueError(f"--captions {path}: {where}: expected an object with a string \"image\" "
@@ -87,16 +111,13 @@ def rows_entries(input_dir: str, path: str, rows) -> list[Entry]:
         image = _normalized(row["image"])
         if row.get("id") is None:
             if image not in by_image:
-                by_image[image] = []
+                by_image[image] = (where, [])
                 order.append(image)
-            by_image[image].extend(captions)
+            by_image[image][1].extend(captions)
             continue
-        record_id = str(row["id"])
-        if record_id in ids:
-            raise ValueError(f"--captions {path}: {where}: id {record_id!r} is used twice; ids must be unique")
-        ids.add(record_id)
-        order.append(Entry(record_id, _image_path(input_dir, row["image"]), captions))
-    return [item if isinstance(item, Entry) else Entry(item, _image_path(input_dir, item), tuple(by_image[item]))
+        order.append(Entry(str(row["id"]), _image_path(input_dir, row["image"]), captions, where=where))
+    return [item if isinstance(item, Entry) else
+            Entry(item, _image_path(input_dir, item), tuple(by_image[item][1]), where=by_image[item][0])
             for item in order]
 
 
@@ -104,20 +125,20 @@ def coco_entries(input_dir: str, path: str, data) -> list[Entry]:
     """One entry per listed image of the COCO captions file `path` (its JSON: `data`) with
     its captions in annotation order; captions of an image id not listed become an entry
     whose image is missing."""
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
-            and isinstance(data.get("annotations"), list)):
-        raise ValueError(f"--captions {path}: expected a COCO captions file, an object with lists \"images\" "
-                         "and \"annotations\"")
     captions: dict = {}
-    for annotation in data["annotations"]:
+    first_annotation: dict = {}  # image id -> index of its first annotation
+    for index, annotation in enumerate(data["annotations"]):
         captions.setdefault(annotation.get("image_id"), []).append(annotation.get("caption"))
+        first_annotation.setdefault(annotation.get("image_id"), index)
     entries = []
-    for image in data["images"]:
+    for index, image in enumerate(data["images"]):
         name = image.get("file_name")
         if not isinstance(name, str):
             raise ValueError(f"--captions {path}: an image without a string \"file_name\": {image}")
-        entries.append(Entry(_normalized(name), _image_path(input_dir, name), tuple(captions.pop(image.get("id"), ()))))
-    entries += [Entry(f"image_id:{image_id}", "", tuple(texts)) for image_id, texts in captions.items()]
+        entries.append(Entry(_normalized(name), _image_path(input_dir, name), tuple(captions.pop(image.get("id"), ())),
+                             where=f"images[{index}]"))
+    entries += [Entry(f"image_id:{image_id}", "", tuple(texts), where=f"annotations[{first_annotation[image_id]}]")
+                for image_id, texts in captions.items()]
     return entries
 
 

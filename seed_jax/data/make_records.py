@@ -12,12 +12,15 @@ a line), `--captions=coco_karpathy_test.json` (a list of those, as LAVIS's annot
 `--captions=captions_train2014.json` (COCO), or none: `00001.jpg` + `00001.txt` sidecars
 in any subfolder. One record per caption; ids are the image's path relative
 to --input (TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption
-(k >= 1). JPEG and PNG bytes are kept as they are; other formats, and images that
-`--resize` shrinks to that shorter side, become RGB JPEGs (`captioned.py`). A missing or
-undecodable image and an empty or missing caption are skipped and counted, in
-OUT/{prefix}.summary.json beside the shards. The same input gives byte-identical
-shards, whatever --num_workers. An --out that already holds shards of --prefix is
-refused unless --overwrite: the new set then replaces them once it is complete.
+(k >= 1). Two entries of a captions file that give one id are an error naming it and
+where the file names each, raised before any image is read (TFDS ids are checked as
+they are written: no shard is kept either way). JPEG and PNG bytes are kept as they are;
+other formats, and images that `--resize` shrinks to that shorter side, become RGB JPEGs
+(`captioned.py`). A missing or undecodable image and an empty or missing caption are
+skipped and counted, in OUT/{prefix}.summary.json beside the shards. The same input
+gives byte-identical shards, whatever --num_workers. An --out that already holds shards
+of --prefix is refused unless --overwrite: the new set then replaces them once it is
+complete.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def make_records(argv: list[str]) -> dict:
                 stats["images"] += 1
                 stats["reencoded_images"] += result.reencoded
             for record in result.records:
-                if record["id"] in seen:
+                if record["id"] in seen:  # a folder's ids were checked before reading; TFDS ids are here
                     raise ValueError(f"record id {record['id']!r} occurs twice: ids must be unique")
                 seen.add(record["id"])
                 stats["records"] += 1

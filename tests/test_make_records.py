@@ -1,4 +1,5 @@
-"""make_records: image folders (JSON Lines, COCO, sidecar captions) and TFDS -> image-caption shards."""
+"""make_records: image folders (JSON Lines, LAVIS lists, COCO, Karpathy splits, sidecar captions) and TFDS ->
+image-caption shards."""
 
 import io
 import json
@@ -109,6 +110,75 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
 
 
+def _karpathy_file(folder, path):
+    """A Karpathy split file (dataset_coco.json's shape) over images written in `folder`:
+    COCO's entries with a "filepath", Flickr's without; returns {relative path: bytes}."""
+    rows = [("val2014", "COCO_val_1.jpg", "train"), ("val2014", "COCO_val_2.png", "restval"),
+            (None, "flickr_3.jpg", "train"), ("val2014", "COCO_val_4.jpg", "test"), (None, "flickr_5.jpg", "val")]
+    images, data = {}, []
+    for i, (filepath, filename, split) in enumerate(rows):
+        relative = f"{filepath}/{filename}" if filepath else filename
+        images[relative] = _image(str(folder / relative), seed=i)
+        sentences = [{"raw": f" {split} image {i} caption {k}\n", "tokens": ["x"]} for k in range(3)]
+        data.append({"filename": filename, "split": split, "sentences": sentences, "imgid": i, "sentids": [0, 1, 2],
+                     **({"filepath": filepath, "cocoid": 100 + i} if filepath else {})})
+    data[0]["sentences"][1]["raw"] = "  "
+    _write(str(path), json.dumps({"images": data, "dataset": "coco"}))
+    return images
+
+
+def test_karpathy_split_file_gives_the_chosen_splits(tmp_path):
+    """Karpathy's dataset_coco.json / dataset_flickr30k.json: the images of --splits, in
+    file order, at filepath/filename (filename alone without a filepath), a record per
+    sentence's raw text; an image's captions are one image to retrieval."""
+    folder, out = tmp_path / "coco", tmp_path / "out"
+    images = _karpathy_file(folder, tmp_path / "dataset_coco.json")
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'dataset_coco.json'}",
+                "--splits=train, restval", f"--out={out}", "--num_workers=1") == 0
+    got = _read(out)
+    assert {k: v["caption"] for k, v in got.items()} == {
+        "val2014/COCO_val_1.jpg": "train image 0 caption 0", "val2014/COCO_val_1.jpg#2": "train image 0 caption 2",
+        "val2014/COCO_val_2.png": "restval image 1 caption 0", "val2014/COCO_val_2.png#1": "restval image 1 caption 1",
+        "val2014/COCO_val_2.png#2": "restval image 1 caption 2", "flickr_3.jpg": "train image 2 caption 0",
+        "flickr_3.jpg#1": "train image 2 caption 1", "flickr_3.jpg#2": "train image 2 caption 2"}
+    assert all(record["image"] == images[records.image_id(i)] for i, record in got.items())
+    summary = _summary(out)
+    assert summary["skipped_ids"] == {"empty_caption": ["val2014/COCO_val_1.jpg#1"]}
+    assert summary["images"] == 3 and summary["source"]["splits"] == "train, restval"
+    _, ids = zip(*pipeline.read_labels(records.shard_paths(str(out), "train"), 8))
+    assert ids == ("val2014/COCO_val_1.jpg",) * 2 + ("val2014/COCO_val_2.png",) * 3 + ("flickr_3.jpg",) * 3
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'dataset_coco.json'}",
+                "--splits=test,val", f"--out={out}", "--prefix=eval", "--num_workers=1") == 0
+    assert sorted(_read(out, "eval")) == sorted(f"{path}{suffix}" for path in ("val2014/COCO_val_4.jpg", "flickr_5.jpg")
+                                                for suffix in ("", "#1", "#2"))
+
+
+@pytest.mark.parametrize("captions, splits, message", [
+    ("dataset_coco.json", None, "--splits is required with the Karpathy split file"),
+    ("dataset_coco.json", "train,tset", "--splits=train,tset: --captions {tmp}/dataset_coco.json has no images in "
+                                        "split tset; its splits: restval (1 images), test (1 images), "
+                                        "train (2 images), val (1 images)"),
+    ("dataset_coco.json", "train,", "--splits='train,': expected split names"),
+    (None, "train", "--splits chooses the splits of a Karpathy split file"),
+    ("c.jsonl", "train", "--splits=train: --captions {tmp}/c.jsonl is a JSON Lines captions file, which has no splits"),
+    ("c.json", "train", "is a JSON list of {\"image\", \"caption\"} objects, which has no splits"),
+    ("captions_train2014.json", "train", "is a COCO captions file, which has no splits"),
+    ("no_sentences.json", None, "images[0]: expected an object with a string \"filename\""),
+])
+def test_karpathy_splits_errors_name_the_flag(tmp_path, capsys, captions, splits, message):
+    folder = tmp_path / "coco"
+    _karpathy_file(folder, tmp_path / "dataset_coco.json")
+    row = {"image": "flickr_3.jpg", "caption": "a caption"}
+    _write(str(tmp_path / "c.jsonl"), json.dumps(row))
+    _write(str(tmp_path / "c.json"), json.dumps([row]))
+    _write(str(tmp_path / "captions_train2014.json"), json.dumps({"images": [], "annotations": []}))
+    _write(str(tmp_path / "no_sentences.json"), json.dumps({"images": [{"filename": "a.jpg"}, {"sentences": []}]}))
+    flags = ([f"--captions={tmp_path / captions}"] if captions else []) + ([f"--splits={splits}"] if splits else [])
+    assert _run("--source=folder", f"--input={folder}", *flags, f"--out={tmp_path / 'out'}") == 1
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("captions, content, message", [
     ("c.jsonl", "\n".join(json.dumps(row) for row in [{"image": "a.jpg", "caption": ["one", "two"]},
                                                       {"image": "b.jpg", "caption": "three"},
@@ -120,6 +190,10 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     ("captions.json", json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"},
                                              {"id": 3, "file_name": "a.jpg"}],
                                   "annotations": [{"image_id": k, "caption": "x"} for k in (1, 2, 3)]}),
+     "record id 'a.jpg' occurs twice (images[0] and images[2])"),
+    ("dataset_coco.json", json.dumps({"images": [
+        {"filename": name, "split": split, "sentences": [{"raw": "x"}]}
+        for name, split in (("a.jpg", "train"), ("b.jpg", "train"), ("a.jpg", "restval"))]}),
      "record id 'a.jpg' occurs twice (images[0] and images[2])"),
 ])
 def test_duplicate_ids_fail_before_any_image_is_read(tmp_path, capsys, monkeypatch, captions, content, message):
@@ -134,8 +208,9 @@ def test_duplicate_ids_fail_before_any_image_is_read(tmp_path, capsys, monkeypat
         raise AssertionError("an image was read before the duplicate id was found")
 
     monkeypatch.setattr(make_records.captioned, "prepare", no_reading)
-    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / captions}", f"--out={out}",
-                "--num_workers=1") == 1
+    argv = ["--source=folder", f"--input={folder}", f"--captions={tmp_path / captions}", f"--out={out}",
+            "--num_workers=1"] + (["--splits=train,restval"] if captions == "dataset_coco.json" else [])
+    assert _run(*argv) == 1
     assert f"--captions {tmp_path / captions}: {message}: ids must be unique" in capsys.readouterr().err
     assert not os.path.exists(out)
 
@@ -351,6 +426,7 @@ def test_shards_feed_the_tokenizer_pipeline(tmp_path):
     (["--source=folder", "--input={folder}", "--resize=-3"], "--resize=-3"),
     (["--source=folder", "--input={folder}", "--name=coco_captions"], "--name is a flag of --source=tfds"),
     (["--source=tfds", "--input={folder}", "--name=coco_captions"], "--input is a flag of --source=folder"),
+    (["--source=tfds", "--splits=train", "--name=coco_captions"], "--splits is a flag of --source=folder"),
     (["--source=tfds"], "--name is required"),
     (["--source=folder", "--input={folder}/nowhere"], "--input"),
     (["--source=folder", "--input={folder}", "--captions={folder}/0000.txt"], "--captions"),

@@ -8,6 +8,11 @@ Layouts:
     `coco_karpathy_test.json`: `{"image": "val2014/....jpg", "caption": [5 captions]}`);
   * a COCO captions file `{"images": [{"id", "file_name"}], "annotations": [{"image_id",
     "caption"}]}`: one record per caption, as BLIP-2 trains on COCO;
+  * Karpathy's split file (`dataset_coco.json`, `dataset_flickr30k.json`): `{"images":
+    [{"filepath"?, "filename", "split", "sentences": [{"raw"}, ...]}]}`, read for the
+    splits chosen (`splits`, make_records' `--splits`: e.g. train,restval), in file order;
+    the image is `filepath/filename` (`filename` without a filepath, as Flickr's), its
+    captions the sentences' `raw` text;
   * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
     `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order, symlinked
     folders included).
@@ -19,47 +24,63 @@ image is read.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import posixpath
 
 from seed_jax.data.captioned import Entry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def folder_entries(input_dir: str, captions: str = "") -> list[Entry]:
-    """The entries of `input_dir`, captioned by the file `captions` (.jsonl or .json) or,
-    without one, by sidecar .txt files."""
+def folder_entries(input_dir: str, captions: str = "", splits: tuple[str, ...] = ()) -> list[Entry]:
+    """The entries of `input_dir`, captioned by the file `captions` (.jsonl or .json; of a
+    Karpathy split file, the images of `splits`) or, without one, by sidecar .txt files."""
     if not os.path.isdir(input_dir):
         raise NotADirectoryError(f"--input: {input_dir!r} is not a directory")
     if not captions:
         return sidecar_entries(input_dir)
-    entries = captions_file_entries(input_dir, captions)
+    entries = captions_file_entries(input_dir, captions, splits)
     check_unique_ids(entries, captions)
     return entries
 
 
-def captions_file_entries(input_dir: str, path: str) -> list[Entry]:
+def captions_file_entries(input_dir: str, path: str, splits: tuple[str, ...] = ()) -> list[Entry]:
     """The entries of the captions file `path`, its format told by its name and shape."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--captions: no file {path!r}")
     if path.endswith(".jsonl"):
+        _refuse_splits(splits, path, "a JSON Lines captions file")
         return jsonl_entries(input_dir, path)
     if not path.endswith(".json"):
         raise ValueError(f"--captions: {path!r}: expected a .jsonl file (one {{\"image\", \"caption\"}} object "
-                         "a line), a .json list of such objects or a COCO captions .json file")
+                         "a line), a .json list of such objects, a COCO captions .json file or a Karpathy split "
+                         ".json file")
     with open(path, encoding="utf-8-sig") as f:
         try:
             data = json.load(f)
         except ValueError as e:
             raise ValueError(f"--captions {path}: not JSON ({e})") from e
+    if is_karpathy_split_file(data):
+        return karpathy_entries(input_dir, path, data, splits)
     if isinstance(data, list):  # LAVIS's annotations
+        _refuse_splits(splits, path, "a JSON list of {\"image\", \"caption\"} objects")
         return rows_entries(input_dir, path, ((f"item {i}", row) for i, row in enumerate(data)))
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
         raise ValueError(f"--captions {path}: expected a COCO captions file, an object with lists \"images\" "
-                         "and \"annotations\"")
+                         "and \"annotations\"; a Karpathy split file, an object with a list \"images\" of "
+                         "{\"filename\", \"split\", \"sentences\"} objects; or a list of {\"image\", \"caption\"} "
+                         "objects")
+    _refuse_splits(splits, path, "a COCO captions file")
     return coco_entries(input_dir, path, data)
+
+
+def _refuse_splits(splits: tuple[str, ...], path: str, kind: str) -> None:
+    if splits:
+        raise ValueError(f"--splits={','.join(splits)}: --captions {path} is {kind}, which has no splits; "
+                         "--splits chooses those of a Karpathy split file (dataset_coco.json)")
 
 
 def check_unique_ids(entries: list[Entry], path: str) -> None:
@@ -140,6 +161,51 @@ def coco_entries(input_dir: str, path: str, data) -> list[Entry]:
     entries += [Entry(f"image_id:{image_id}", "", tuple(texts), where=f"annotations[{first_annotation[image_id]}]")
                 for image_id, texts in captions.items()]
     return entries
+
+
+def is_karpathy_split_file(data) -> bool:
+    """Karpathy's split files are an object with a list "images" of objects with "sentences"
+    (and no "annotations", which COCO captions files have)."""
+    return (isinstance(data, dict) and isinstance(data.get("images"), list) and "annotations" not in data
+            and any(isinstance(image, dict) and "sentences" in image for image in data["images"]))
+
+
+def karpathy_entries(input_dir: str, path: str, data, splits: tuple[str, ...]) -> list[Entry]:
+    """One entry per image of `splits` in Karpathy's split file `path` (its JSON: `data`),
+    in file order: image `filepath/filename` (`filename` when there is no filepath),
+    captions its sentences' `raw` text."""
+    for index, image in enumerate(data["images"]):
+        _check_karpathy_image(path, index, image)
+    _check_splits(path, splits, collections.Counter(image["split"] for image in data["images"]))
+    entries = []
+    for index, image in enumerate(data["images"]):
+        if image["split"] in splits:
+            relative = _normalized(posixpath.join(image.get("filepath") or "", image["filename"]))
+            entries.append(Entry(relative, _image_path(input_dir, relative),
+                                 tuple(sentence.get("raw") for sentence in image["sentences"]), where=f"images[{index}]"))
+    return entries
+
+
+def _check_karpathy_image(path: str, index: int, image) -> None:
+    if not (isinstance(image, dict) and isinstance(image.get("filename"), str) and isinstance(image.get("split"), str)
+            and isinstance(image.get("filepath") or "", str) and isinstance(image.get("sentences"), list)
+            and all(isinstance(sentence, dict) for sentence in image["sentences"])):
+        raise ValueError(f"--captions {path}: images[{index}]: expected an object with a string \"filename\" (and "
+                         "\"filepath\"), a string \"split\" and a list \"sentences\" of {\"raw\"} objects, got "
+                         f"{json.dumps(image)[:200]}")
+
+
+def _check_splits(path: str, splits: tuple[str, ...], counts: collections.Counter) -> None:
+    """Raises ValueError naming --splits and the splits of `path` (`counts`: split -> images)
+    unless `splits` is non-empty and each has images."""
+    have = ", ".join(f"{split} ({n} images)" for split, n in sorted(counts.items())) or "none"
+    if not splits:
+        raise ValueError(f"--splits is required with the Karpathy split file --captions {path}: choose from its "
+                         f"splits {have}, e.g. --splits=train,restval")
+    empty = [split for split in splits if not counts[split]]
+    if empty:
+        raise ValueError(f"--splits={','.join(splits)}: --captions {path} has no images in split "
+                         f"{', '.join(empty)}; its splits: {have}")
 
 
 def sidecar_entries(input_dir: str) -> list[Entry]:

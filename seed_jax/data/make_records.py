@@ -2,20 +2,23 @@
 prepared TFDS dataset: what `configs/tokenizer.py`'s `data.train_dir` / `data.eval_dir`
 and `configs/pretokenize.py`'s splits read.
 
-  python -m seed_jax.data.make_records --source=folder --input=DIR [--captions=FILE] --out=OUT \\
+  python -m seed_jax.data.make_records --source=folder --input=DIR [--captions=FILE [--splits=A,B]] --out=OUT \\
       [--prefix=train] [--num_shards=N] [--resize=SHORTER_SIDE] [--num_workers=K] [--overwrite]
   python -m seed_jax.data.make_records --source=tfds --name=coco_captions --split=train --out=OUT \\
       [--data_dir=DIR] [--image_key=image] [--caption_key=captions/text] [--id_key=image/id]
 
 Folder layouts (`image_folder.py`): `--captions=captions.jsonl` (`{"image", "caption"}`
 a line), `--captions=coco_karpathy_test.json` (a list of those, as LAVIS's annotations),
-`--captions=captions_train2014.json` (COCO), or none: `00001.jpg` + `00001.txt` sidecars
-in any subfolder. One record per caption; ids are the image's path relative
-to --input (TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption
-(k >= 1). Two entries of a captions file that give one id are an error naming it and
-where the file names each, raised before any image is read (TFDS ids are checked as
-they are written: no shard is kept either way). JPEG and PNG bytes are kept as they are;
-other formats, and images that `--resize` shrinks to that shorter side, become RGB JPEGs
+`--captions=captions_train2014.json` (COCO), `--captions=dataset_coco.json
+--splits=train,restval` (Karpathy's split file, dataset_flickr30k.json too: --splits
+names the splits to read, comma-separated, and is required with it and refused with any
+other file; images keep the file's order), or none: `00001.jpg` + `00001.txt` sidecars
+in any subfolder. One record per caption; ids are the image's path relative to --input
+(TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption (k >= 1).
+Two entries of a captions file that give one id are an error naming it and where the
+file names each, raised before any image is read (TFDS ids are checked as they are
+written: no shard is kept either way). JPEG and PNG bytes are kept as they are; other
+formats, and images that `--resize` shrinks to that shorter side, become RGB JPEGs
 (`captioned.py`). A missing or undecodable image and an empty or missing caption are
 skipped and counted, in OUT/{prefix}.summary.json beside the shards. The same input
 gives byte-identical shards, whatever --num_workers. An --out that already holds shards
@@ -36,7 +39,7 @@ import tqdm
 from seed_jax.data import captioned, records, workers
 from seed_jax.data.captioned import SKIP_REASONS, Entry, Prepared
 
-FOLDER_FLAGS = ("input", "captions")
+FOLDER_FLAGS = ("input", "captions", "splits")
 TFDS_FLAGS = ("name", "split", "data_dir", "image_key", "caption_key", "id_key")
 TFDS_DEFAULTS = {"split": "train", "data_dir": "", "image_key": "image", "caption_key": "captions/text",
                  "id_key": ""}
@@ -57,7 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards of --prefix already in --out")
     folder = p.add_argument_group("--source=folder")
     folder.add_argument("--input", help="the image folder")
-    folder.add_argument("--captions", help=".jsonl or COCO .json captions file (default: sidecar .txt files)")
+    folder.add_argument("--captions", help=".jsonl, .json list, COCO .json or Karpathy split .json captions file "
+                        "(default: sidecar .txt files)")
+    folder.add_argument("--splits", help="the splits of a Karpathy split file to read, comma-separated, e.g. "
+                        "train,restval (required with one)")
     tfds = p.add_argument_group("--source=tfds")
     tfds.add_argument("--name", help="prepared TFDS dataset, e.g. coco_captions or coco_captions/2014:1.1.0")
     for flag, default in TFDS_DEFAULTS.items():
@@ -82,7 +88,9 @@ def check_args(args: argparse.Namespace) -> None:
     required = "input" if args.source == "folder" else "name"
     if not getattr(args, required):
         raise ValueError(f"--{required} is required with --source={args.source}")
-    if args.source == "tfds":
+    if args.source == "folder":
+        check_splits_flag(args)
+    else:
         for flag in own:
             if getattr(args, flag) is None:
                 setattr(args, flag, TFDS_DEFAULTS[flag])
@@ -92,12 +100,28 @@ def check_args(args: argparse.Namespace) -> None:
                               "--out or --prefix")
 
 
+def split_names(splits: str | None) -> tuple[str, ...]:
+    """--splits=train,restval -> ("train", "restval"); () when it is not given."""
+    return () if splits is None else tuple(name.strip() for name in splits.split(","))
+
+
+def check_splits_flag(args: argparse.Namespace) -> None:
+    """Raises ValueError when --splits names no split or comes without --captions."""
+    if args.splits is None:
+        return
+    if not all(split_names(args.splits)):
+        raise ValueError(f"--splits={args.splits!r}: expected split names separated by commas, e.g. train,restval")
+    if not args.captions:
+        raise ValueError("--splits chooses the splits of a Karpathy split file (--captions=dataset_coco.json): "
+                         "there is no --captions")
+
+
 def entries(args: argparse.Namespace) -> tuple[int, Iterable[Entry]]:
     """(number of entries, the entries in order) of the source the flags name."""
     if args.source == "folder":
         from seed_jax.data import image_folder
 
-        found = image_folder.folder_entries(args.input, args.captions or "")
+        found = image_folder.folder_entries(args.input, args.captions or "", split_names(args.splits))
         return len(found), found
     from seed_jax.data import tfds_source
 

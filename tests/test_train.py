@@ -240,13 +240,17 @@ def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path
     """The data iterator's state is saved per process (grain: process_I-of-N.json): a
     checkpoint of two processes resumed on one (or the reverse) raised that its file
     does not exist, even where the stage was finished. The train state and counts are
-    restored; the data starts afresh."""
+    restored; the data starts afresh (with a warning, unless the stage was finished)."""
     _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
     data = tmp_path / "ckpt" / "4" / "data"
     for i in range(2):  # as two processes write it
         (data / f"process_{i}-of-2.json").write_text((data / "process_0-of-1.json").read_text())
     (data / "process_0-of-1.json").unlink()
-    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)  # finished: nothing to do
+    with caplog.at_level("INFO"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)  # finished: nothing to do
+    assert "s: resumed from step 4" in caplog.text
+    assert "starts afresh" not in caplog.text  # a finished stage reads no data: no warning
+    caplog.clear()
     with caplog.at_level("INFO"):
         _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8)
     assert "s: resumed from step 4" in caplog.text

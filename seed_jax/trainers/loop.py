@@ -246,17 +246,19 @@ class Checkpointer:
         return restored["state"]
 
     def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
-        """(train state, counts); sets `data_iterator`'s state. Checkpoints written before
-        counts were saved give none. A checkpoint written by another number of processes
-        (a run resumed on fewer or more hosts) holds no position in this process's slice
-        of the data: the iterator then starts afresh, with a warning."""
+        """(train state, counts); sets `data_iterator`'s state (None: a finished stage,
+        which reads no more data). Checkpoints written before counts were saved give none.
+        A checkpoint written by another number of processes (a run resumed on fewer or
+        more hosts) holds no position in this process's slice of the data: the iterator
+        then starts afresh, with a warning."""
         self.check_fits(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         directory = self.manager.directory / str(step)  # epath: local or cloud storage
         data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
-        if (directory / "data" / data_file).exists():
+        has_position = (directory / "data" / data_file).exists()
+        if data_iterator is not None and has_position:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        else:
+        elif data_iterator is not None:
             written = sorted(p.name for p in (directory / "data").glob("process_*.json"))
             logging.warning("%s step %d: the data iterator's state was written by other processes (%s), not for "
                             "this one (%s): the train data starts afresh for this process's slice",
@@ -483,7 +485,8 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, totals = checkpointer.restore(latest, abstract, train_iter)
+        finished = latest >= stage.num_steps
+        state, totals = checkpointer.restore(latest, abstract, None if finished else train_iter)
         _restore_counts(counters, totals)
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])

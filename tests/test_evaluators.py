@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO
 from seed_jax import config_files
-from seed_jax.evaluators.reconstruction import derangement, reconstruction_similarity
+from seed_jax.evaluators import reconstruction
+from seed_jax.evaluators.reconstruction import derangement, other_image_rows, reconstruction_similarity
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.evaluators.shapes_captions import all_shapes_captions, attribute_scores
 from seed_jax.trainers import decoder
@@ -115,3 +116,26 @@ def test_unrelated_similarity_needs_two_images_and_the_decoder_says_so_before_tr
     with pytest.raises(ValueError, match="eval.num_examples: expected at least 2"):
         decoder.train(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "tokenizer")  # nothing was trained
+
+
+def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_their_own(monkeypatch):
+    """Real eval splits hold a record per caption (COCO: 5 per image); the unrelated
+    similarity paired a row with a random other row, about 3% of them a record of its own
+    image (128 records, 5 per image), whose reconstruction is its own."""
+    image_ids = [f"val2014/{i}.jpg" for i in range(26) for _ in range(5)][:128]
+    names = sorted(set(image_ids))
+    images = np.array([names.index(i) for i in image_ids], np.uint8)[:, None, None, None].repeat(3, -1)
+    # features: one-hot of the image, so a row and its own image's reconstruction have cosine 1, others 0
+    monkeypatch.setattr(reconstruction, "image_features", lambda tokenizer, x: np.eye(len(names))[x[:, 0, 0, 0]])
+    scores = reconstruction_similarity(None, images, images, images, image_ids)
+    assert scores["recon/similarity"] == 1.0 and scores["recon/unrelated_similarity"] == 0.0
+    for seed in range(5):
+        other = other_image_rows(image_ids, seed)
+        assert not any(image_ids[o] == image_ids[i] for i, o in enumerate(other))
+        assert len(set(other)) > len(names) // 2  # rows of many images, not one per image
+    distinct = [f"{i}.png" for i in range(7)]  # one row per image: the derangement as before
+    np.testing.assert_array_equal(other_image_rows(distinct, 3), derangement(7, 3))
+    with pytest.raises(ValueError, match="images: .* at least 2 different images, got 1 in 5 rows"):
+        other_image_rows(["a.jpg"] * 5)
+    with pytest.raises(ValueError, match="image_ids: expected one per image"):
+        reconstruction_similarity(None, images, images, images, image_ids[:-1])

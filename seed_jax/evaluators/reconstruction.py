@@ -4,6 +4,8 @@ image features (the ITC head on the last causal query)."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -26,18 +28,40 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
             return perm
 
 
+def other_image_rows(images: Sequence[str], seed: int = 0) -> np.ndarray:
+    """For each row, a row of another image: `images` names each row's image (an image's
+    several caption records share one, `records.image_id`); the distinct images are
+    deranged (`derangement`) and each row takes a random row of the image it is sent to.
+    With every row its own image this is `derangement(len(images), seed)`."""
+    names = list(dict.fromkeys(images))  # in first-row order
+    if len(names) < 2:
+        raise ValueError(f"images: pairing each row with another image's needs at least 2 different images, "
+                         f"got {len(names)} in {len(images)} rows")
+    index = {name: i for i, name in enumerate(names)}
+    image_of_row = np.array([index[name] for name in images])
+    rows_of_image = [np.flatnonzero(image_of_row == i) for i in range(len(names))]
+    target = derangement(len(names), seed)[image_of_row]
+    rng = np.random.default_rng([seed, 1])
+    return np.array([rng.choice(rows_of_image[t]) for t in target])
+
+
 def reconstruction_similarity(tokenizer, images: np.ndarray, reconstructions: np.ndarray,
-                              from_captions: np.ndarray) -> dict[str, float]:
+                              from_captions: np.ndarray, image_ids: Sequence[str] | None = None
+                              ) -> dict[str, float]:
     """Mean cosine similarity of each image (uint8, B rows each) to its reconstruction
     from SEED codes, to the image generated from its caption, and to the
-    reconstruction of another, random image (so at least 2 images)."""
+    reconstruction of another, random image (so at least 2 images). `image_ids` names
+    each row's image, so that rows of one image's several captions are not each
+    other's other image (None: every row its own image)."""
     if len(images) < 2:
         raise ValueError(f"images: the unrelated similarity pairs each image with another's reconstruction, "
                          f"so at least 2 are needed, got {len(images)}")
+    if image_ids is not None and len(image_ids) != len(images):
+        raise ValueError(f"image_ids: expected one per image ({len(images)}), got {len(image_ids)}")
+    other = other_image_rows(range(len(images)) if image_ids is None else image_ids)
     original = image_features(tokenizer, images)
     recon = image_features(tokenizer, reconstructions)
     generated = image_features(tokenizer, from_captions)
-    other = derangement(len(images))
     return {"recon/similarity": float(np.mean(np.sum(original * recon, -1))),
             "recon/text_to_image_similarity": float(np.mean(np.sum(original * generated, -1))),
             "recon/unrelated_similarity": float(np.mean(np.sum(original * recon[other], -1)))}

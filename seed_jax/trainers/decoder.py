@@ -86,7 +86,7 @@ class Evaluator:
         skipped = pipeline.counted_once(skipped)
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
         self._apis = None  # built at the first evaluation, then kept with their programs
-        images, self.captions = [], []
+        images, self.captions, self.image_ids = [], [], []
         for raw in pipeline.read_records(eval_paths, config.eval.num_examples):
             try:
                 record = records.decode_record(raw)
@@ -97,9 +97,10 @@ class Evaluator:
                 continue
             images.append(image)
             self.captions.append(record["caption"])
-        if len(images) < 2:
-            raise ValueError(f"eval.num_examples: of the first {config.eval.num_examples} eval records "
-                             f"{len(images)} could be decoded; the evaluation needs at least 2")
+            self.image_ids.append(records.image_id(record["id"]))  # an image's captions are records of it
+        if len(set(self.image_ids)) < 2:
+            raise ValueError(f"eval.num_examples: the first {config.eval.num_examples} eval records hold "
+                             f"{len(set(self.image_ids))} decodable images; the evaluation needs at least 2")
         self.images = np.stack(images)
         self.caption_ids = clip_tokenizer(self.captions)[0]
 
@@ -119,7 +120,7 @@ class Evaluator:
         options = dict(num_steps=e.num_steps, guidance_scale=e.guidance_scale, sampler=e.sampler)
         reconstructions = tokenizer.reconstruct(self.images, seed=step, **options)
         from_captions = api.to_uint8(diffusion.sample(diffusion.encode_text(self.caption_ids), seed=step, **options))
-        metrics = reconstruction_similarity(tokenizer, self.images, reconstructions, from_captions)
+        metrics = reconstruction_similarity(tokenizer, self.images, reconstructions, from_captions, self.image_ids)
         logging.info("decoder eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:
             k = e.grid_examples

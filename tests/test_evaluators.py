@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 from seed_jax import config_files
 from seed_jax.evaluators import reconstruction
+from seed_jax.evaluators.caption_codes import score_captions
 from seed_jax.evaluators.reconstruction import derangement, other_image_rows, reconstruction_similarity
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.evaluators.shapes_captions import all_shapes_captions, attribute_scores
@@ -139,3 +140,18 @@ def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_th
         other_image_rows(["a.jpg"] * 5)
     with pytest.raises(ValueError, match="image_ids: expected one per image"):
         reconstruction_similarity(None, images, images, images, image_ids[:-1])
+
+
+def test_exact_match_counts_any_caption_of_the_rows_image():
+    """A split with a record per caption (COCO: 5 per image) gives one greedy caption per
+    image, from its codes, for each of its records: scored against each record's own
+    caption alone, a captioner writing one of each image's captions scored 0.2."""
+    references = [f"image {i} caption {k}" for i in range(4) for k in range(5)]
+    images = [f"val2014/{i}.jpg" for i in range(4) for _ in range(5)]
+    generated = [f"image {i} caption 0" for i in range(4) for _ in range(5)]
+    assert score_captions(generated, references, images) == {"caption/exact_match": 1.0}
+    assert score_captions(generated, references) == {"caption/exact_match": 0.2}  # each row its own image
+    generated[5:10] = ["image 0 caption 0"] * 5  # another image's caption is no match
+    assert score_captions(generated, references, images) == {"caption/exact_match": 0.75}
+    with pytest.raises(ValueError, match="images: expected one per reference"):
+        score_captions(generated, references, images[:-1])

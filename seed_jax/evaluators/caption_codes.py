@@ -1,9 +1,9 @@
 """How well a SEED-OPT export captions the code records of a split.
 
 Greedy captions from each record's 32 codes, scored against the record's caption:
-exact match and, on the shapes world, per part (`shapes_captions`). Scoring the
-training split beside the held-out one tells underfitting (both low) from
-overfitting (training far higher).
+exact match (any caption of the record's image counts) and, on the shapes world, per
+part (`shapes_captions`). Scoring the training split beside the held-out one tells
+underfitting (both low) from overfitting (training far higher).
 
   python -m seed_jax.evaluators.caption_codes --export=WORKDIR/export --codes_dir=WORKDIR/codes --split=train
 """
@@ -22,11 +22,26 @@ from seed_jax.data import pipeline, records, sequences
 from seed_jax.evaluators import shapes_captions
 
 
-def score_captions(generated: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """`caption/exact_match`, plus `caption/{part}` scores when every reference is a shapes caption."""
+def exact_match(generated: Sequence[str], references: Sequence[str], images: Sequence[str] | None = None) -> float:
+    """Fraction of generated captions equal to one of their image's references: `images`
+    names each row's image (`records.image_id`: an image's several caption records share
+    one, and the codes of its records give one greedy caption); None: each row its own."""
+    row_images = range(len(references)) if images is None else images
+    if len(row_images) != len(references):
+        raise ValueError(f"images: expected one per reference ({len(references)}), got {len(row_images)}")
+    captions_of = {}  # image -> its references
+    for image, reference in zip(row_images, references):
+        captions_of.setdefault(image, set()).add(reference)
+    return float(np.mean([g in captions_of[image] for g, image in zip(generated, row_images)]))
+
+
+def score_captions(generated: Sequence[str], references: Sequence[str],
+                   images: Sequence[str] | None = None) -> dict[str, float]:
+    """`caption/exact_match` (`exact_match`), plus `caption/{part}` scores against each
+    row's own reference when every reference is a shapes caption."""
     if len(generated) != len(references):
         raise ValueError(f"generated: {len(generated)} captions for {len(references)} references")
-    scores = {"caption/exact_match": float(np.mean([g == r for g, r in zip(generated, references)]))}
+    scores = {"caption/exact_match": exact_match(generated, references, images)}
     if shapes_captions.all_shapes_captions(references):
         parts = shapes_captions.attribute_scores(generated, references)
         scores.update({f"caption/{name}": value for name, value in parts.items()})
@@ -49,7 +64,8 @@ def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples:
     rows = sequences.read_code_records(records.shard_paths(codes_dir, split), num_examples, skipped)
     captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
-    return {**score_captions(captions, [r["caption"] for r in rows]), "num_examples": float(len(rows)),
+    scores = score_captions(captions, [r["caption"] for r in rows], [records.image_id(r["id"]) for r in rows])
+    return {**scores, "num_examples": float(len(rows)),
             "skipped_records": float(skipped.count)}
 
 

@@ -179,7 +179,7 @@ class Evaluator:
         generated = np.concatenate([seed_opt.image_codes(self.captions[start:start + e.batch_size])
                                     for start in range(0, len(self.captions), e.batch_size)])
         recall = self.retrieval.recall(generated, self.captions, self.images)
-        metrics = {**score_captions(captions, self.captions),  # by part too on the shapes world (the demo)
+        metrics = {**score_captions(captions, self.captions, self.images),  # by part too on the shapes world
                    "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
                    "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
                    "num_examples": float(len(self.captions))}

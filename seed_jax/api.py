@@ -493,11 +493,21 @@ class SeedOPT:
         eos = self.text_tokenizer.eos_id
         tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos, pad_id=self.text_tokenizer.pad_id,
                                num_beams=num_beams, **sampling)
-        out = []
-        for row in tokens.tolist():
-            row = row[:row.index(eos)] if eos in row else row
-            out.append(self.text_tokenizer.decode(row).strip())
-        return out
+        return [self._decode_answer(row[:row.index(eos)] if eos in row else row).strip() for row in tokens.tolist()]
+
+    def _decode_answer(self, ids: list[int]) -> str:
+        """Generated ids -> text, image tokens written by name (`<img_00012>`): an answer
+        that holds them reads so (and is no caption's exact match), as a tokenizer with
+        them added decodes it."""
+        image, pieces, text = self.builder.image, [], []
+        for token in ids:
+            name = image.name(token)
+            if name is None:
+                text.append(token)
+            else:
+                pieces += [self.text_tokenizer.decode(text), name]
+                text = []
+        return "".join(pieces + [self.text_tokenizer.decode(text)])
 
     @property
     def num_queries(self) -> int:

@@ -355,6 +355,18 @@ def _tiny_seed_opt(**options):
     return SeedOPT(weights.build("opt", config), image_token_ids=ids, text_tokenizer=text, **options)
 
 
+def test_an_answer_holding_image_tokens_shows_them(monkeypatch):
+    """Image tokens in a generated caption used to be dropped in decoding, so a caption
+    with a code token inside it read as (and scored as an exact match of) the clean one."""
+    lm = _tiny_seed_opt()
+    text, image = lm.text_tokenizer, lm.builder.image
+    words = text.encode(" a red star")
+    generated = [words[:1] + [image.first_code + 3] + words[1:] + [image.end, text.eos_id],
+                 words + [text.eos_id, image.start, text.pad_id]]
+    monkeypatch.setattr(lm, "generate", lambda ids, *args, **kwargs: np.asarray(generated))
+    assert lm.caption_codes(np.zeros((2, 32), int)) == ["a<img_00003> red star</img>", "a red star"]
+
+
 def test_an_api_built_once_reads_the_parameters_training_writes_into_the_model():
     """Training evaluators keep one SeedOPT across evaluations, compiled once: it holds
     the model's variables, so it reads what `nnx.update` (the train loop) writes."""

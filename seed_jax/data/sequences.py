@@ -55,6 +55,16 @@ class ImageTokens:
         """Code-token ids -> codes."""
         return np.asarray(ids, np.int32) - self.first_code
 
+    def name(self, token: int) -> str | None:
+        """`<img>`, `</img>` or a code's `<img_00012>` for an image token; None for any other id."""
+        if token == self.start:
+            return "<img>"
+        if token == self.end:
+            return "</img>"
+        if 0 <= token - self.first_code < self.num_codes:
+            return f"<img_{token - self.first_code:05d}>"
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:

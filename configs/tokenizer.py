@@ -16,6 +16,7 @@ e.g. `--config.stage1.num_steps=100 --config.mesh.data=2 --config.mesh.fsdp=4`.
 
 import ml_collections
 
+from seed_jax.data.pipeline import ALL_RECORDS
 from seed_jax.parallel import DEFAULT_RULES
 
 MODEL_PRESETS = ("demo", "seed1", "tiny")
@@ -133,9 +134,9 @@ def _seed1(c):
           --out=/ckpt/blip2_stage1_converted
       python -m seed_jax.convert hf_clip_text --checkpoint=SD15/text_encoder --out=/ckpt/sd15_clip_text_converted
     and reads image-caption shards written by `python -m seed_jax.data.make_records`:
-      python -m seed_jax.data.make_records --source=folder --input=/data/cc3m/images --resize=256 \
+      python -m seed_jax.data.make_records --source=folder --input=/data/cc3m/images --resize=256 \\
           --num_shards=64 --out=/data/cc3m/array_record --prefix=train
-      python -m seed_jax.data.make_records --source=folder --input=/data/coco \
+      python -m seed_jax.data.make_records --source=folder --input=/data/coco \\
           --captions=coco_karpathy_test.json --out=/data/coco_karpathy_test/array_record --prefix=eval
     Stage II alone from a stage-I export: --config.init.qformer= --config.init.stage1=EXPORT
     (`python -m seed_jax.export --workdir=W --stage=stage1 --out=EXPORT`)."""
@@ -153,6 +154,8 @@ def _seed1(c):
                       trainable=STAGE2_TRAINABLE)
     c.data.train_dir = "/data/cc3m/array_record"
     c.data.eval_dir = "/data/coco_karpathy_test/array_record"
+    # all of Karpathy's test split (5000 images, a record per caption), as BLIP-2 and SEED report retrieval
+    c.eval.num_examples = ALL_RECORDS
     c.data.tokenizer.vocab_file = "/data/tokenizers/bert-base-uncased/vocab.txt"
     c.data.tokenizer.clip_vocab_file = "/data/tokenizers/clip-vit-large-patch14/vocab.json"
     c.data.tokenizer.clip_merges_file = "/data/tokenizers/clip-vit-large-patch14/merges.txt"

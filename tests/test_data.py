@@ -61,9 +61,15 @@ def test_eval_batches_pad_to_whole_batches(shards, example):
     assert len(batches) == 3 and list(index[:20]) == list(range(20)) and (index[20:] == -1).all()
     labels = pipeline.read_labels(paths, 20)
     assert len(labels) == 20 and all(isinstance(c, str) and c and isinstance(i, str) for c, i in labels)
-    for bad in (1000, 0):  # more than the split holds; none, which would fail at the first evaluation
-        with pytest.raises(ValueError, match=f"eval.num_examples: {bad} requested"):
+    for bad in (1000, 0, -2):  # more than the split holds; none, which would fail at the first evaluation
+        with pytest.raises(ValueError, match=f"eval.num_examples: {bad} requested, the eval split has"):
             pipeline.eval_batches(paths, example, num_examples=bad, global_batch_size=8)
+    # ALL_RECORDS: the whole split (seed1 evaluates on all of Karpathy's test split)
+    every = pipeline.eval_batches(paths, example, num_examples=pipeline.ALL_RECORDS, global_batch_size=8)
+    size = len(pipeline.read_records(paths, pipeline.ALL_RECORDS))
+    index = np.concatenate([b["index"] for b in every])
+    assert size > 20 and list(index[:size]) == list(range(size)) and (index[size:] == -1).all()
+    assert len(pipeline.read_labels(paths, pipeline.ALL_RECORDS)) == size
 
 
 def test_a_train_split_with_no_records_for_this_process_fails_naming_it(tmp_path, example):

@@ -161,7 +161,10 @@ def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tm
     skipped = pipeline.SkipCounter()
     assert [r["id"] for r in sequences.read_code_records([str(path)], 1, skipped)] == ["good"]
     assert skipped.count == 2
-    with pytest.raises(ValueError, match="num_examples: expected at least 1, got 0"):
+    skipped = pipeline.SkipCounter()
+    every = sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped)
+    assert [r["id"] for r in every] == ["good"] and skipped.count == 2
+    with pytest.raises(ValueError, match=r"num_examples: expected at least 1 \(-1: all\), got 0"):
         sequences.read_code_records([str(path)], 0, skipped)
 
 

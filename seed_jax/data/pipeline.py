@@ -170,16 +170,28 @@ def raise_when_mostly_skipped(ds: grain.IterDataset) -> grain.IterDataset:
         ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_SKIPPED_FRACTION))
 
 
+ALL_RECORDS = -1  # as `num_examples`: every record of the split
+
+
+def first_count(num_examples: int, available: int) -> int:
+    """How many records `num_examples` asks for (ALL_RECORDS: all `available`); raises
+    naming eval.num_examples unless that is 1..available."""
+    count = available if num_examples == ALL_RECORDS else num_examples
+    if not 0 < count <= available:
+        raise ValueError(f"eval.num_examples: {num_examples} requested, the eval split has {available} "
+                         f"({ALL_RECORDS}: all of them)")
+    return count
+
+
 def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, global_batch_size: int,
                  num_threads: int = 8) -> list[dict]:
-    """The first `num_examples` records, padded to whole global batches (padding has
-    index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
+    """The first `num_examples` records (ALL_RECORDS: every one), padded to whole global
+    batches (padding has index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
     index, count = _process_slice()
     if global_batch_size % count:
         raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
     source = _source(paths)
-    if not 0 < num_examples <= len(source):
-        raise ValueError(f"eval.num_examples: {num_examples} requested, the eval split has {len(source)}")
+    num_examples = first_count(num_examples, len(source))
     per_process = global_batch_size // count
     num_batches = -(-num_examples // global_batch_size)
     rows = [g * global_batch_size + index * per_process + r
@@ -191,16 +203,15 @@ def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, g
 
 
 def read_records(paths: Sequence[str], num_examples: int) -> list[bytes]:
-    """The first `num_examples` raw records."""
+    """The first `num_examples` raw records (ALL_RECORDS: every one)."""
     source = _source(paths)
-    if num_examples > len(source):
-        raise ValueError(f"num_examples: {num_examples} requested, the split has {len(source)}")
-    return [source[i] for i in range(num_examples)]
+    return [source[i] for i in range(first_count(num_examples, len(source)))]
 
 
 def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:
-    """(caption, `records.image_id`) of the first `num_examples` records ((None, None) where
-    a record is corrupt): what retrieval needs to count an image's other captions as hits."""
+    """(caption, `records.image_id`) of the first `num_examples` records (ALL_RECORDS: every
+    one; (None, None) where a record is corrupt): what retrieval needs to count an image's
+    other captions as hits."""
     labels = []
     for raw in read_records(paths, num_examples):
         try:

@@ -185,9 +185,10 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
 def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter,
                       codes_per_image: int = CODES_PER_IMAGE) -> list[dict]:
     """The first `num_examples` decodable code records of `codes_per_image` codes
-    (others skipped and counted)."""
-    if num_examples < 1:
-        raise ValueError(f"num_examples: expected at least 1, got {num_examples}")
+    (others skipped and counted); `pipeline.ALL_RECORDS`: every decodable one."""
+    every = num_examples == pipeline.ALL_RECORDS
+    if num_examples < 1 and not every:
+        raise ValueError(f"num_examples: expected at least 1 ({pipeline.ALL_RECORDS}: all), got {num_examples}")
     source = grain.sources.ArrayRecordDataSource(list(paths))
     out = []
     for i in range(len(source)):
@@ -197,6 +198,6 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
             out.append(code_records.decode_code_record(source[i], codes_per_image))
         except ValueError:
             skipped.add()
-    if len(out) < num_examples:
+    if len(out) < num_examples or not out:
         raise ValueError(f"num_examples: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
     return out

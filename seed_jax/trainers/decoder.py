@@ -138,9 +138,9 @@ def check_options(config) -> None:
     """`dtype`, `uncond_probability` and the evaluation's options (first used at the
     end of training): checked before training, naming the config key."""
     layers.compute_dtype(config.dtype)
-    if config.eval.num_examples < 2:
+    if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
-                         f"image's reconstruction), got {config.eval.num_examples}")
+                         f"image's reconstruction) or {pipeline.ALL_RECORDS} (all), got {config.eval.num_examples}")
     if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
         raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval

@@ -87,11 +87,15 @@ def test_attribute_scores_compare_objects_by_cell():
     assert scores["grammatical"] == pytest.approx(2 / 3)
     assert scores["object_count"] == pytest.approx(2 / 3)
     assert scores["cell_recall"] == pytest.approx(2 / 4)  # 2 of the 4 reference objects found in their cell
+    assert scores["cell_precision"] == pytest.approx(2 / 3)  # 2 of the 3 generated objects in a reference's cell
     assert scores["size_accuracy"] == 1.0 and scores["colour_accuracy"] == 1.0
     assert scores["shape_accuracy"] == pytest.approx(1 / 2)
     perfect = attribute_scores(references, references)
-    assert perfect == {"grammatical": 1.0, "object_count": 1.0, "cell_recall": 1.0, "size_accuracy": 1.0,
-                       "colour_accuracy": 1.0, "shape_accuracy": 1.0}
+    assert perfect == {"grammatical": 1.0, "object_count": 1.0, "cell_recall": 1.0, "cell_precision": 1.0,
+                       "size_accuracy": 1.0, "colour_accuracy": 1.0, "shape_accuracy": 1.0}
+    # an object added in another cell keeps cell recall at 1; precision falls
+    extra = attribute_scores(["a large green cross on the left and a small red star in the centre"], references[1:2])
+    assert extra["cell_recall"] == 1.0 and extra["cell_precision"] == pytest.approx(1 / 2)
     assert "shape_accuracy" not in attribute_scores(["nothing"] * 3, references)  # no object to compare
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -24,7 +25,7 @@ from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
 from seed_jax.data import opt_text
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
-from seed_jax.models.opt import merge_lora, train_all_filter, trainable_filter
+from seed_jax.models.opt import OPT, merge_lora, train_all_filter, trainable_filter
 from seed_jax.trainers import loop
 
 pytestmark = pytest.mark.torch
@@ -632,6 +633,17 @@ def test_mid_size_logits_and_greedy_tokens_match_transformers(variant, tmp_path)
     # greedy over the extended vocabulary: appended rows must not win, as the reference has none
     tokens = model.generate(ids, 20, attention_mask=mask, allowed=[(0, 50272)] * 20)
     np.testing.assert_array_equal(tokens, ref_tokens)
+
+
+def test_bfloat16_logits_are_accumulated_and_kept_in_float32():
+    """With bfloat16 compute the logits came out rounded to bfloat16 (8 significant bits),
+    what the loss and sampling then read."""
+    config = OPTConfigOurs(vocab_size=100, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=16)
+    model = OPT(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    logits = np.asarray(model(np.arange(3, 11)[None], np.ones((1, 8), np.int32))[0])
+    assert logits.dtype == np.float32
+    rounded = logits.astype(jnp.bfloat16).astype(np.float32)
+    assert (logits != rounded).mean() > 0.5
 
 
 def test_sharded_bfloat16_folder_converts_to_the_bfloat16_weights(converted, tmp_path):

@@ -214,8 +214,10 @@ class OPT(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if self.project_out is not None:
             x = self.project_out(x)
-        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype))
-        return logits.astype(jnp.float32), cache
+        # accumulated and returned in float32, not rounded to bfloat16 (a loss over ~50k logits needs them exact)
+        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits, cache
 
     def token_table(self) -> jax.Array:
         """(V + extra, W) float32: the vocabulary's rows then the appended ones (input and tied output)."""

@@ -1,6 +1,7 @@
-"""SEED reconstruction quality in the paper's Table 2 sense: cosine similarity
-between an image and a generated one, both seen through the tokenizer's stage-I
-image features (the ITC head on the last causal query)."""
+"""SEED reconstruction quality after the paper's Table 2: cosine similarity between
+an image and a generated one. The paper judges with an outside CLIP image encoder;
+here the judge is the tokenizer's own stage-I image features (the ITC head on the
+last causal query), so scores compare runs of one tokenizer, not with the paper's."""
 
 from __future__ import annotations
 

@@ -4,18 +4,17 @@
 #   bash launch/local_multiprocess.sh [N] [extra flags...]
 # When one process fails, the others are killed at once: they would otherwise wait in
 # their next collective until JAX's coordination timeout (minutes). The script exits
-# with the failed process's status.
+# with the failed process's status. Only processes still running are signalled: the
+# ids of those already waited for may belong to other processes by then.
 set -euo pipefail
 n=${1:-2}; shift || true
 port=${PORT:-12355}
 workdir=${WORKDIR:-workdirs/tokenizer_multiprocess}
-pids=()
-trap 'kill -KILL "${pids[@]}" 2>/dev/null || true' EXIT
+trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m seed_jax.main \
     --config=configs/tokenizer.py:tiny --workdir="$workdir" --distributed \
     --coordinator_address=127.0.0.1:$port --num_processes="$n" --process_id=$i "$@" &
-  pids+=($!)
 done
 for ((left = n; left > 0; left--)); do
   wait -n || { status=$?; echo "a process exited with status $status: stopping the others" >&2; exit "$status"; }

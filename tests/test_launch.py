@@ -24,16 +24,28 @@ exec sleep 600
 """
 
 
+# Sourced by every bash the test starts (BASH_ENV): `kill` also writes its arguments to $KILL_LOG.
+LOGGED_KILL = 'kill() { echo "$*" >> "$KILL_LOG"; builtin kill "$@"; }\n'
+
+
 def _launch(tmp_path, n: int, **exit_statuses) -> tuple[subprocess.CompletedProcess, float]:
     bin_dir, pids = tmp_path / "bin", tmp_path / "pids"
     bin_dir.mkdir()
     pids.mkdir()
     (bin_dir / "python").write_text(STAND_IN)
     (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PIDS": str(pids), **exit_statuses}
+    (tmp_path / "logged_kill.sh").write_text(LOGGED_KILL)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PIDS": str(pids), **exit_statuses,
+           "BASH_ENV": str(tmp_path / "logged_kill.sh"), "KILL_LOG": str(tmp_path / "kill.log")}
     start = time.perf_counter()
     done = subprocess.run(["bash", SCRIPT, str(n)], env=env, capture_output=True, text=True, timeout=60)
     return done, time.perf_counter() - start
+
+
+def _signalled(tmp_path) -> set[int]:
+    """The process ids the script passed to `kill`."""
+    log = tmp_path / "kill.log"
+    return {int(word) for word in log.read_text().split() if word.isdigit()} if log.exists() else set()
 
 
 def _running(pid: int) -> bool:
@@ -54,9 +66,12 @@ def test_one_failed_process_stops_the_others(tmp_path):
     waiting = [int((tmp_path / "pids" / str(i)).read_text()) for i in (0, 2)]
     time.sleep(0.5)
     assert not any(_running(pid) for pid in waiting)
+    # the failed process was waited for: its id may be another process's by now
+    assert _signalled(tmp_path) == set(waiting)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_processes_that_all_succeed_exit_0(tmp_path):
     done, _ = _launch(tmp_path, 2, EXIT_0="0", EXIT_1="0")
     assert done.returncode == 0, done.stderr
+    assert not _signalled(tmp_path)  # every process was waited for: their ids may be others' by now

@@ -27,7 +27,8 @@ class Sampling:
 
     A pytree: under jit `temperature` and `top_p` are traced, so new values run
     the compiled program again; `top_k` and the mode (`greedy`, `nucleus`: top-p
-    on) are static and compile once each."""
+    on) are static and compile once each. The mode is told from the values, so
+    build it outside jit and pass it in."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -35,6 +36,10 @@ class Sampling:
     nucleus: bool = dataclasses.field(init=False)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):  # the mode is told from their values
+            if isinstance(getattr(self, name), jax.core.Tracer):
+                raise ValueError(f"{name}: expected a number, got a traced value: build the Sampling outside "
+                                 "jit and pass it in (its temperature and top_p are traced there)")
         # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf.
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {self.temperature}")

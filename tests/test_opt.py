@@ -440,6 +440,17 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
         lm.generate(np.full((2, 4), 5), 3, allowed=[(10, 20)] * 3, **option)
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+def test_a_sampling_built_from_traced_values_fails_naming_them(name):
+    """Whether it samples and whether top-p is on are told from the values when a
+    Sampling is built, so it cannot be built inside jit from traced ones: that failed
+    with a tracer conversion error naming neither."""
+    build = {"temperature": lambda value: generation.Sampling(temperature=value),
+             "top_p": lambda value: generation.Sampling(temperature=1.0, top_p=value)}[name]
+    with pytest.raises(ValueError, match=f"{name}: expected a number, got a traced value: build the Sampling outside"):
+        jax.jit(lambda value: build(value).top_k)(0.5)
+
+
 def test_a_seed_tokenizer_with_another_number_of_codes_is_rejected():
     """generate_image painted the model's 16 code tokens as the first 16 of the SEED
     tokenizer's 64 codes, and caption failed with "codes: values must lie in [0, 16)"

@@ -171,9 +171,12 @@ def test_generation_may_fill_every_position(converted):
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=steps, do_sample=False, num_beams=1,
                           eos_token_id=None, pad_token_id=1).numpy()[:, ids.shape[1]:]
+    with torch.no_grad():
+        beams = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=steps, do_sample=False, num_beams=2,
+                            eos_token_id=None, pad_token_id=1, early_stopping=False).numpy()[:, ids.shape[1]:]
     lm = SeedOPT.load(export)
     np.testing.assert_array_equal(lm.generate(ids, steps), ref)
-    assert lm.generate(ids, steps, num_beams=2).shape == (1, steps)
+    np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2), beams)
     with pytest.raises(ValueError, match=f"max_new_tokens: expected 1..{steps} .* got {steps + 1}"):
         lm.generate(ids, steps + 1)
 

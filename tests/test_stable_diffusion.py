@@ -238,6 +238,20 @@ def test_compvis_single_file_converts_to_the_same_model(converted, tmp_path):
                                atol=1e-6)
 
 
+def test_a_compvis_file_takes_sd_v1s_text_encoder_heads(converted):
+    """A CompVis checkpoint has no config.json: without --text_heads its text encoder
+    has SD v1's 12 heads (CLIP ViT-L/14's), not CLIPTextConfig's default 8."""
+    from seed_jax.convert import stable_diffusion
+
+    pipe, _ = converted
+    source = stable_diffusion.compvis_to_diffusers({k: v.numpy() for k, v in _compvis_state_dict(pipe).items()},
+                                                   "sd-tiny.ckpt")
+    build = lambda **heads: stable_diffusion.config(source, {}, empty_prompt=(0,) * 77, unet_heads=2,  # noqa: E731
+                                                    norm_groups=8, **heads)
+    assert build().text_encoder.num_heads == 12
+    assert build(text_heads=2).text_encoder.num_heads == 2
+
+
 def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):
     """A training checkpoint holds LitEma's copy of each UNet weight (`model_ema.` + its
     name without dots) beside the raw one: the raw weights convert by default, with a

@@ -1,13 +1,17 @@
 """Retrieval recall@K (hits are retrieved captions equal to the true one) and the
 shapes-world caption attribute scores."""
 
+import io
 import os
+import types
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO
-from seed_jax import config_files
+from seed_jax import api, config_files
+from seed_jax.data import captioned, pipeline, records
 from seed_jax.evaluators import reconstruction
 from seed_jax.evaluators.caption_codes import score_captions
 from seed_jax.evaluators.reconstruction import derangement, other_image_rows, reconstruction_similarity
@@ -144,6 +148,28 @@ def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_th
         other_image_rows(["a.jpg"] * 5)
     with pytest.raises(ValueError, match="image_ids: expected one per image"):
         reconstruction_similarity(None, images, images, images, image_ids[:-1])
+
+
+def test_the_decoder_evaluation_needs_two_images_not_two_records(tmp_path, monkeypatch):
+    """Eval records of one image's captions passed the check of 2 records, then the
+    evaluation failed after the whole training, finding no other image to pair with."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
+    rows = [{"image": png.getvalue(), "caption": f"caption {k}", "id": captioned.record_id("a.jpg", k)}
+            for k in range(3)]
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: types.SimpleNamespace(image_size=8))
+    config = config_files.load(os.path.join(REPO, "configs", "decoder.py"), "tiny")
+    config.eval.num_examples = pipeline.ALL_RECORDS
+
+    def evaluator(rows, prefix):
+        paths = records.write_array_record_shards(rows, str(tmp_path), prefix, 1)
+        return decoder.Evaluator(config, "tokenizer_export", paths, lambda captions: (np.zeros(len(captions)),),
+                                 None, str(tmp_path), pipeline.SkipCounter())
+
+    with pytest.raises(ValueError, match="eval records hold 1 decodable images; the evaluation needs at least 2"):
+        evaluator(rows, "one_image")
+    two = evaluator(rows + [{**rows[0], "id": "b.jpg"}], "two_images")
+    assert two.image_ids == ["a.jpg"] * 3 + ["b.jpg"]
 
 
 def test_exact_match_counts_any_caption_of_the_rows_image():

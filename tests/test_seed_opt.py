@@ -361,6 +361,24 @@ def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
         assert 0 <= scores["caption/exact_match"] <= 1 and 0 <= scores["caption/grammatical"] <= 1
 
 
+def test_score_split_counts_any_caption_of_a_records_image(tmp_path):
+    """On a split with a record per caption (COCO: 5 per image) an image's records give
+    one greedy caption; it matches when it is any caption of the record's image."""
+    writer = array_record_module.ArrayRecordWriter(str(tmp_path / "eval-00000-of-00001.array_record"), "group_size:1")
+    for image, name in enumerate(("a.jpg", "b.jpg")):
+        for k in range(2):
+            writer.write(code_records.encode_code_record(name if k == 0 else f"{name}#{k}", f"{name} caption {k}",
+                                                         np.full(32, image)))
+    writer.close()
+
+    class FirstCaption:  # writes the first caption of the image whose codes it reads
+        def caption_codes(self, codes, max_new_tokens):
+            return [f"{'ab'[row[0]]}.jpg caption 0" for row in codes]
+
+    scores = caption_codes.score_split(FirstCaption(), str(tmp_path), "eval", num_examples=pipeline.ALL_RECORDS)
+    assert scores == {"caption/exact_match": 1.0, "num_examples": 4.0, "skipped_records": 0.0}
+
+
 def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run, tmp_path):
     config = get_config("tiny")
     config.unlock()

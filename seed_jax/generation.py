@@ -67,7 +67,7 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """(B,V) float32 -> the same with filtered-out tokens at -inf, divided by the
     temperature after the row's maximum is subtracted: a tiny temperature tends to
     greedy instead of overflowing to inf (it is clamped to float32's smallest normal
-    number, as one below that reads as 0 in float32)."""
+    number, so that one float32 rounds to 0, such as 1e-50, does not divide by 0)."""
     temperature = jnp.maximum(jnp.asarray(sampling.temperature, jnp.float32), jnp.finfo(jnp.float32).tiny)
     logits = (logits - logits.max(-1, keepdims=True)) / temperature
     if sampling.top_k:  # a top_k beyond the vocabulary keeps everything, as in transformers

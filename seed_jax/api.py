@@ -441,6 +441,9 @@ class SeedOPT:
         (no sampling options or `allowed`), finished hypotheses scored by
         log-probability / length**`length_penalty`."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
+        if ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
+                             "positions")
         # the last new token is not fed back, so it needs no position of its own
         if max_new_tokens < 1 or ids.shape[1] + max_new_tokens - 1 > self.config.max_positions:
             raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1] + 1} "

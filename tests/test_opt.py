@@ -179,6 +179,10 @@ def test_generation_may_fill_every_position(converted):
     np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2), beams)
     with pytest.raises(ValueError, match=f"max_new_tokens: expected 1..{steps} .* got {steps + 1}"):
         lm.generate(ids, steps + 1)
+    # a prompt longer than the positions is the prompt's fault (it read "max_new_tokens: expected 1..0")
+    positions = TINY["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"input_ids: length {positions + 1} exceeds the model's {positions} "):
+        lm.generate(np.ones((1, positions + 1), np.int64), 1)
 
 
 def test_seed_opt_api_logits_and_generate(converted):

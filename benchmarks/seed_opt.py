@@ -15,8 +15,9 @@ forward + backward + optimizer step. Generation: greedy decoding of `--new_token
 tokens after a `--prompt` token prompt with the KV cache (ours: one jitted
 `lax.while_loop`; torch: `generate(do_sample=False)`), timed host to host. Each
 figure is the median of `--iters` calls after a warm-up. On a GPU the training MFU
-counts 4 x parameters FLOPs per token (forward and activation gradients; the frozen
-base has no weight gradients) plus attention, over the device's dense bf16 peak.
+counts the step's matmul FLOPs (`benchmarks/flops.py`: forward and activation
+gradients of the frozen base, both gradients of the adapters, attention's backward
+twice its forward) over the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flax import nnx  # noqa: E402
 from sd_fixtures import randomize  # noqa: E402
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
+from benchmarks.flops import opt_lora_step_flops  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax import weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
@@ -181,9 +183,7 @@ def main():
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
     if peak and args.bf16:
-        params = sum(np.prod(v.shape) for k, v in weights.flat_params(model).items() if "lora_" not in k)
-        attention = 4 * config.depth * args.seq * config.width  # QK^T and PV, forward + activation gradients
-        flops = (4 * params + attention) * tokens_per_step
+        flops = opt_lora_step_flops(model.config, args.batch, args.seq)
         print(f"train MFU {flops / ours_train / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
 
 

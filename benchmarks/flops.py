@@ -1,0 +1,36 @@
+"""Model FLOPs behind the benchmarks' MFU figures: 2 per multiply-add of every matmul
+the computation needs, counted from the model config (XLA's cost analysis counts a
+scanned layer once, so it cannot be used for scanned stacks)."""
+
+from __future__ import annotations
+
+from seed_jax.models.opt import OPTConfig
+
+ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+
+
+def opt_lora_step_flops(config: OPTConfig, batch: int, seq: int) -> float:
+    """FLOPs of one LoRA training step of OPT `config` on (batch, seq) input tokens
+    with a next-token loss over the whole (extended) vocabulary.
+
+    The base weights are frozen, so they get no weight gradients, but every matmul
+    after the embedding still needs its activation gradient: forward 2 and backward 2
+    per weight and token. The adapters (rank r on `config.lora_targets`) get both
+    gradients: 6 per adapter weight and token. Attention's two matmuls (QK^T and PV,
+    2 * seq * width each per token and layer, the causal mask applied after the full
+    product) have both operands computed from the adapters' outputs, so their
+    backward costs twice their forward. `project_in` reads the frozen embedding rows
+    and so has no backward."""
+    if config.code_dim:
+        raise ValueError(f"config.code_dim: expected 0 (code tokens as plain rows), got {config.code_dim}; the "
+                         "codebook projection's per-step FLOPs are not counted here")
+    w, f = config.width, config.mlp_dim
+    shapes = {**{name: (w, w) for name in ATTENTION_PROJECTIONS}, "fc1": (w, f), "fc2": (f, w)}
+    layer_weights = sum(i * o for i, o in shapes.values())
+    adapters = sum(config.lora_rank * (i + o) for name, (i, o) in shapes.items() if name in config.lora_targets)
+    attention = 12 * seq * w
+    head = config.total_vocab_size * config.token_width  # the tied output layer
+    projection = config.width * config.token_width if config.embed_width else 0  # project_in's, project_out's
+    per_token = (config.depth * (4 * layer_weights + 6 * adapters + attention)
+                 + 4 * (head + projection) + 2 * projection)
+    return float(batch * seq * per_token)

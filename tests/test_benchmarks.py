@@ -1,0 +1,70 @@
+"""The benchmarks' FLOP counts (benchmarks/flops.py) against the matmuls our programs
+actually trace: every dot_general in the jaxpr, a scanned body counted once per
+iteration."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+from jax.extend import core as jax_core
+
+from benchmarks import flops
+from seed_jax.models import layers
+from seed_jax.models.opt import OPT, OPTConfig
+
+
+def dot_flops(jaxpr) -> int:
+    """2 per multiply-add of every dot_general in `jaxpr` and the jaxprs inside it."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracted)
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        total += sum(repeats * dot_flops(inner) for inner in _inner_jaxprs(eqn))
+    return total
+
+
+def _inner_jaxprs(eqn):
+    """The jaxprs an equation runs (scan, jit, remat, custom_vjp bodies)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, jax_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax_core.Jaxpr):
+                yield item
+
+
+def lora_step_jaxpr(config: OPTConfig, batch: int, seq: int):
+    """The gradient of benchmarks/seed_opt.py's loss with respect to the adapters."""
+    model = OPT(config, rngs=layers.seeded_rngs(0))
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss_fn(lora, ids):
+        logits, _ = nnx.merge(graphdef, lora, frozen)(ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    return jax.make_jaxpr(jax.grad(loss_fn))(lora, jnp.zeros((batch, seq + 1), jnp.int32)).jaxpr
+
+
+BASE = OPTConfig(vocab_size=100, extra_tokens=10, width=32, depth=3, num_heads=2, mlp_dim=96, max_positions=64,
+                 lora_rank=4)
+
+
+@pytest.mark.parametrize("config", [
+    BASE,
+    dataclasses.replace(BASE, embed_width=16, pre_layer_norm=False, lora_targets=("query", "fc2")),
+], ids=["pre_ln_all_targets", "projected_embeddings_two_targets"])
+def test_opt_lora_step_flops_count_every_matmul_of_the_step(config):
+    batch, seq = 2, 24
+    assert flops.opt_lora_step_flops(config, batch, seq) == dot_flops(lora_step_jaxpr(config, batch, seq))
+
+
+def test_opt_lora_step_flops_refuse_the_codebook_projection():
+    with pytest.raises(ValueError, match="config.code_dim"):
+        flops.opt_lora_step_flops(dataclasses.replace(BASE, code_dim=8), 2, 24)

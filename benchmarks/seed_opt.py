@@ -12,10 +12,10 @@ stay frozen here) on (batch, seq) tokens, AdamW, next-token loss over the whole
 extended vocabulary, without dropout (ours has none; transformers' default 0.1 is set
 to 0); ours is the jitted step with donated state, torch runs
 forward + backward + optimizer step. Generation: greedy decoding of `--new_tokens`
-tokens after a `--prompt` token prompt with the KV cache (ours: one jitted
-`lax.while_loop`; torch: `generate(do_sample=False)`), timed host to host. Each
-figure is the median of `--iters` calls after a warm-up. On a GPU the training MFU
-counts the step's matmul FLOPs (`benchmarks/flops.py`: forward and activation
+tokens after a `--prompt` token prompt with the KV cache, all `--batch` rows at once
+(ours: one jitted `lax.while_loop`; torch: `generate(do_sample=False)`), timed host
+to host. Each figure is the median of `--iters` calls after a warm-up. On a GPU the
+training MFU counts the step's matmul FLOPs (`benchmarks/flops.py`: forward and activation
 gradients of the frozen base, both gradients of the adapters, attention's backward
 twice its forward) over the device's dense bf16 peak.
 """
@@ -128,7 +128,7 @@ def main():
                                                 dropout=0.0, attention_dropout=0.0, **SIZES[args.size])), 0).eval()
         hf.save_pretrained(os.path.join(tmp, "hf"))
         convert(["hf_opt", f"--checkpoint={os.path.join(tmp, 'hf')}", f"--out={os.path.join(tmp, 'export')}"])
-        generator = SeedOPT.load(os.path.join(tmp, "export"), dtype=dtype)
+        generator = SeedOPT.load(os.path.join(tmp, "export"), dtype=dtype, batch_size=args.batch)
         table = np.asarray(generator.model.token_table())
         _, config, _ = weights.read_config(os.path.join(tmp, "export"))
     extend_torch_vocabulary(hf, table)

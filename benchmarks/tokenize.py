@@ -106,6 +106,9 @@ def main():
     p.add_argument("--bf16", action="store_true", help="also bf16 compute (meant for GPUs)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    # float32 is float32 on both sides: ours runs at "highest" matmul precision, and on
+    # GPUs PyTorch's cuDNN convolutions would round float32 inputs to TF32 by default.
+    torch.backends.cudnn.allow_tf32 = False
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
           f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
     rows = []

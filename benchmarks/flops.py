@@ -34,3 +34,18 @@ def opt_lora_step_flops(config: OPTConfig, batch: int, seq: int) -> float:
     per_token = (config.depth * (4 * layer_weights + 6 * adapters + attention)
                  + 4 * (head + projection) + 2 * projection)
     return float(batch * seq * per_token)
+
+
+def encode_flops(c) -> float:
+    """FLOPs of one image's `SeedTokenizer.encode` (ViT, causal Q-Former's queries,
+    encode_task_layer and the codebook distances) from a SeedTokenizerConfig."""
+    v, q = c.vit, c.qformer
+    t, d = v.num_patches + 1, v.width
+    vit = 2 * (t - 1) * v.patch_size ** 2 * 3 * d + v.depth * (
+        2 * t * d * 4 * d + 4 * t * t * d + 4 * t * d * v.mlp_dim)
+    n, w = q.num_queries, q.width
+    per_layer = 2 * n * w * 4 * w + 4 * n * n * w + 4 * n * w * q.mlp_dim
+    cross = 2 * n * w * 2 * w + 4 * t * d * w + 4 * n * t * w
+    qformer = q.num_layers * per_layer + (q.num_layers // q.cross_attention_freq) * cross
+    quantize = 2 * n * w * w + 2 * n * w * c.code_dim + 2 * n * c.code_dim * c.num_codes
+    return float(vit + qformer + quantize)

@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.flops import encode_flops  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
@@ -51,22 +52,6 @@ def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):
 def peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
-
-
-def encode_flops(c) -> float:
-    """Model FLOPs of one image's encode (matmuls and attention, 2 per multiply-add),
-    from a SeedTokenizerConfig. XLA's cost analysis counts a scanned layer once, so
-    it cannot be used for scanned stacks."""
-    v, q = c.vit, c.qformer
-    t, d = v.num_patches + 1, v.width
-    vit = 2 * (t - 1) * v.patch_size ** 2 * 3 * d + v.depth * (
-        2 * t * d * 4 * d + 4 * t * t * d + 4 * t * d * v.mlp_dim)
-    n, w = q.num_queries, q.width
-    per_layer = 2 * n * w * 4 * w + 4 * n * n * w + 4 * n * w * q.mlp_dim
-    cross = 2 * n * w * 2 * w + 4 * t * d * w + 4 * n * t * w
-    qformer = q.num_layers * per_layer + (q.num_layers // q.cross_attention_freq) * cross
-    quantize = 2 * n * w * w + 2 * n * w * c.code_dim + 2 * n * c.code_dim * c.num_codes
-    return float(vit + qformer + quantize)
 
 
 def bench(name: str, config: ReferenceConfig, batch: int, iters: int, bf16: bool, workdir: str) -> list[dict]:

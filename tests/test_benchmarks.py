@@ -13,8 +13,10 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from benchmarks import flops
+from helpers import TINY_TOKENIZER
 from seed_jax.models import layers
 from seed_jax.models.opt import OPT, OPTConfig
+from seed_jax.models.tokenizer import SeedTokenizer
 
 
 def dot_flops(jaxpr) -> int:
@@ -68,3 +70,15 @@ def test_opt_lora_step_flops_count_every_matmul_of_the_step(config):
 def test_opt_lora_step_flops_refuse_the_codebook_projection():
     with pytest.raises(ValueError, match="config.code_dim"):
         flops.opt_lora_step_flops(dataclasses.replace(BASE, code_dim=8), 2, 24)
+
+
+def test_encode_flops_count_every_matmul_of_encode():
+    # the ViT wider than the Q-Former: cross-attention's key/value projections map 48 -> 32
+    vit = dataclasses.replace(TINY_TOKENIZER.vit, width=48, num_heads=4, mlp_dim=96)
+    config = dataclasses.replace(TINY_TOKENIZER, vit=vit,
+                                 qformer=dataclasses.replace(TINY_TOKENIZER.qformer, encoder_width=48))
+    graphdef, state = nnx.split(SeedTokenizer(config, rngs=layers.seeded_rngs(0)))
+    batch, size = 3, config.vit.image_size
+    jaxpr = jax.make_jaxpr(lambda s, pixels: nnx.merge(graphdef, s).encode(pixels)["codes"])(
+        state, jnp.zeros((batch, size, size, 3)))
+    assert batch * flops.encode_flops(config) == dot_flops(jaxpr.jaxpr)

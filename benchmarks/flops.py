@@ -7,6 +7,15 @@ from __future__ import annotations
 from seed_jax.models.opt import OPTConfig
 
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+# Dense bf16 peaks (datasheets), the first name a device kind contains: the PCIe and NVL
+# H100s before the SXM one, whose kind says only "H100".
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12))
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a `jax.Device.device_kind`, None for a device not listed."""
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name.lower() in device_kind.lower()), None)
 
 
 def opt_lora_step_flops(config: OPTConfig, batch: int, seq: int) -> float:

@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 from sd_fixtures import randomize  # noqa: E402
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
-from benchmarks.flops import opt_lora_step_flops  # noqa: E402
+from benchmarks.flops import opt_lora_step_flops, peak_bf16_flops  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax import weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
@@ -52,7 +52,6 @@ SIZES = {  # transformers OPTConfig fields
     "small": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4),
     "opt_2.7b": dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32),
 }
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -180,8 +179,7 @@ def main():
     print(f"generate ({args.prompt}+{args.new_tokens}): ours {gen_tokens / ours_gen:9.1f} tok/s  torch "
           f"{gen_tokens / torch_gen:9.1f} tok/s  ratio {torch_gen / ours_gen:.2f}  "
           f"latency ours {ours_gen * 1e3:.0f} ms torch {torch_gen * 1e3:.0f} ms  same tokens: {same}")
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+    peak = peak_bf16_flops(jax.devices()[0].device_kind)
     if peak and args.bf16:
         flops = opt_lora_step_flops(model.config, args.batch, args.seq)
         print(f"train MFU {flops / ours_train / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")

@@ -29,14 +29,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.flops import encode_flops  # noqa: E402
+from benchmarks.flops import encode_flops, peak_bf16_flops  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize  # noqa: E402
 
 SIZES = {"tiny": TINY, "full": ReferenceConfig()}
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, datasheet
 
 
 
@@ -47,11 +46,6 @@ def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):
             codes = model.encode(x)["codes"]
         return codes.cpu().numpy()
     return run
-
-
-def peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
 
 
 def bench(name: str, config: ReferenceConfig, batch: int, iters: int, bf16: bool, workdir: str) -> list[dict]:
@@ -76,7 +70,7 @@ def bench(name: str, config: ReferenceConfig, batch: int, iters: int, bf16: bool
         t_ref, t_ours = median_seconds(ref_fn, iters), median_seconds(ours_fn, iters)
         row = {"size": name, "dtype": dtype, "batch": batch, "ours_img_s": batch / t_ours,
                "torch_img_s": batch / t_ref, "speedup": t_ref / t_ours, "code_agreement": agreement}
-        peak = peak_flops()
+        peak = peak_bf16_flops(jax.devices()[0].device_kind)
         if dtype == "bfloat16" and peak:
             row["mfu"] = batch * encode_flops(ours.config) / t_ours / peak
         rows.append(row)

@@ -379,6 +379,22 @@ def test_score_split_counts_any_caption_of_a_records_image(tmp_path):
     assert scores == {"caption/exact_match": 1.0, "num_examples": 4.0, "skipped_records": 0.0}
 
 
+def test_rows_with_the_same_codes_are_captioned_once_in_order_of_first_appearance():
+    """An image's several caption records (COCO: 5) hold its codes each; they were
+    captioned once per record, the same greedy caption five times."""
+    calls = []
+
+    class Numbering:  # captions a row by its first code, recording each call's rows
+        def caption_codes(self, codes, max_new_tokens):
+            calls.append(codes[:, 0].tolist())
+            return [f"caption {row[0]}" for row in codes]
+
+    codes = np.repeat(np.array([7, 3, 7, 9, 3, 5])[:, None], 32, axis=1)
+    captions = caption_codes.caption_all(Numbering(), codes, batch_size=2, max_new_tokens=4)
+    assert captions == [f"caption {c}" for c in (7, 3, 7, 9, 3, 5)]
+    assert calls == [[7, 3], [9, 5]]  # distinct rows, in the order they first appear
+
+
 def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run, tmp_path):
     config = get_config("tiny")
     config.unlock()

@@ -49,11 +49,17 @@ def score_captions(generated: Sequence[str], references: Sequence[str],
 
 
 def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy captions of int codes (N,32), `batch_size` rows at a time."""
+    """Greedy captions of int codes (N,32), `batch_size` rows at a time. Rows with the
+    same codes (the records of an image's several captions) are captioned once, in
+    order of their first row: greedy decoding gives them one caption anyway."""
+    _, first, inverse = np.unique(codes, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # distinct rows in the order they first appear
+    distinct = codes[first[order]]
     captions = []
-    for start in range(0, len(codes), batch_size):
-        captions += model.caption_codes(codes[start:start + batch_size], max_new_tokens=max_new_tokens)
-    return captions
+    for start in range(0, len(distinct), batch_size):
+        captions += model.caption_codes(distinct[start:start + batch_size], max_new_tokens=max_new_tokens)
+    position = np.argsort(order)  # a distinct row's index in `distinct`
+    return [captions[position[i]] for i in inverse.reshape(-1)]
 
 
 def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,

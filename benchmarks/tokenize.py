@@ -38,7 +38,6 @@ from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Refere
 SIZES = {"tiny": TINY, "full": ReferenceConfig()}
 
 
-
 def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):
     def run():
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)

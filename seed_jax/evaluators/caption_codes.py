@@ -20,6 +20,7 @@ from absl import app, flags
 from seed_jax import api
 from seed_jax.data import pipeline, records, sequences
 from seed_jax.evaluators import shapes_captions
+from seed_jax.evaluators.retrieval import groups_in_order
 
 
 def exact_match(generated: Sequence[str], references: Sequence[str], images: Sequence[str] | None = None) -> float:
@@ -52,14 +53,12 @@ def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_n
     """Greedy captions of int codes (N,32), `batch_size` rows at a time. Rows with the
     same codes (the records of an image's several captions) are captioned once, in
     order of their first row: greedy decoding gives them one caption anyway."""
-    _, first, inverse = np.unique(codes, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # distinct rows in the order they first appear
-    distinct = codes[first[order]]
+    first, group = groups_in_order([row.tobytes() for row in np.ascontiguousarray(codes)])
+    distinct = codes[first]
     captions = []
     for start in range(0, len(distinct), batch_size):
         captions += model.caption_codes(distinct[start:start + batch_size], max_new_tokens=max_new_tokens)
-    position = np.argsort(order)  # a distinct row's index in `distinct`
-    return [captions[position[i]] for i in inverse.reshape(-1)]
+    return [captions[g] for g in group]
 
 
 def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from seed_jax.evaluators.retrieval import groups_in_order
+
 
 def image_features(tokenizer, images: np.ndarray) -> np.ndarray:
     """uint8 images (B,H,W,3) -> L2-normalised stage-I features (B,F); `tokenizer`
@@ -34,14 +36,12 @@ def other_image_rows(images: Sequence[str], seed: int = 0) -> np.ndarray:
     several caption records share one, `records.image_id`); the distinct images are
     deranged (`derangement`) and each row takes a random row of the image it is sent to.
     With every row its own image this is `derangement(len(images), seed)`."""
-    names = list(dict.fromkeys(images))  # in first-row order
-    if len(names) < 2:
+    first, image_of_row = groups_in_order(images)
+    if len(first) < 2:
         raise ValueError(f"images: pairing each row with another image's needs at least 2 different images, "
-                         f"got {len(names)} in {len(images)} rows")
-    index = {name: i for i, name in enumerate(names)}
-    image_of_row = np.array([index[name] for name in images])
-    rows_of_image = [np.flatnonzero(image_of_row == i) for i in range(len(names))]
-    target = derangement(len(names), seed)[image_of_row]
+                         f"got {len(first)} in {len(images)} rows")
+    rows_of_image = [np.flatnonzero(image_of_row == i) for i in range(len(first))]
+    target = derangement(len(first), seed)[image_of_row]
     rng = np.random.default_rng([seed, 1])
     return np.array([rng.choice(rows_of_image[t]) for t in target])
 

@@ -7,6 +7,15 @@ from typing import Sequence
 import numpy as np
 
 
+def groups_in_order(keys: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(first, group) for N rows' hashable, sortable `keys` (an image's name; a code row's
+    bytes): each distinct key's first row, in row order, and each row's group, its
+    key's index in `first`."""
+    _, first, group = np.unique(np.asarray(keys, dtype=object), return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    return first[order], np.argsort(order)[group.reshape(-1)]
+
+
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions: Sequence[str],
                 ks: Sequence[int] = (1, 5, 10), images: Sequence[str] | None = None,
                 group_rows: bool = True) -> dict[str, float]:
@@ -26,12 +35,7 @@ def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions:
     if images is not None and len(images) != n:
         raise ValueError(f"images: expected {n} image names, got {len(images)}")
     _, caption_ids = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
-    if images is None:
-        first, image_ids = np.arange(n), np.arange(n)
-    else:  # each image's first row, in row order
-        _, first, image_ids = np.unique(np.asarray(images, dtype=object), return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")
-        first, image_ids = first[order], np.argsort(order)[image_ids]
+    first, image_ids = (np.arange(n), np.arange(n)) if images is None else groups_in_order(images)
     rows = first if group_rows else np.arange(n)  # the rows ranked as images
     row_images = image_ids[rows]  # the image each of them is
     num_captions = int(caption_ids.max()) + 1 if n else 0

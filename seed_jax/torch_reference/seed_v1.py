@@ -273,7 +273,6 @@ class SeedV1Reference(nn.Module):
         tokens = self.reverse_tokens.expand(codes.shape[0], -1, -1)
         return self.distill_text_proj(self.Reverse_Qformer.bert(tokens, x, causal=False))
 
-
     @torch.no_grad()
     def reconstruct(self, codes):
         """codes (B,32) -> the causal embeddings rebuilt for L_recon (B,32,D), through the

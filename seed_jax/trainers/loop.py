@@ -255,8 +255,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         directory = self.manager.directory / str(step)  # epath: local or cloud storage
         data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
-        has_position = (directory / "data" / data_file).exists()
-        if data_iterator is not None and has_position:
+        if data_iterator is not None and (directory / "data" / data_file).exists():
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         elif data_iterator is not None:
             written = sorted(p.name for p in (directory / "data").glob("process_*.json"))

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import REPO
 from seed_jax import api, config_files
 from seed_jax.data import captioned, pipeline, records
-from seed_jax.evaluators import reconstruction
+from seed_jax.evaluators import reconstruction, retrieval
 from seed_jax.evaluators.caption_codes import score_captions
 from seed_jax.evaluators.reconstruction import derangement, other_image_rows, reconstruction_similarity
 from seed_jax.evaluators.retrieval import recall_at_k
@@ -73,6 +73,39 @@ def test_rows_kept_apart_count_their_images_captions():
     assert kept_apart["i2t_r1"] == 1.0  # the caption before is its image's, for 8 of 12 rows too
     same = recall_at_k(rows, texts, captions, ks=(1, 5), images=[str(i) for i in range(12)], group_rows=False)
     assert same == recall_at_k(rows, texts, captions, ks=(1, 5))  # one row per image: as without images
+
+
+def test_retrieval_scored_in_chunks_ranks_as_the_whole_matrix(monkeypatch):
+    """Queries are ranked CHUNK_ROWS at a time (a whole 5000 x 25k similarity matrix and
+    its argsorts took gigabytes); ranks, ties included, are those of the whole matrix."""
+    rng = np.random.default_rng(2)
+    images = [f"{i}.jpg" for i in range(9) for _ in range(3)]
+    captions = [f"caption {i % 11}" for i in range(27)]  # some captions shared across images
+    ks = (1, 2, 5, 40)  # 40 > 27 texts: every text
+    small_integers = (rng.integers(0, 3, (27, 4)).astype(float), rng.integers(0, 3, (27, 4)).astype(float))
+    for features, texts in (small_integers, (rng.normal(size=(27, 6)), rng.normal(size=(27, 6)))):  # ties; none
+        whole = _recall_from_the_whole_matrix(features, texts, captions, ks, images)
+        for chunk_rows in (1, 4, 27, 1000):
+            monkeypatch.setattr(retrieval, "CHUNK_ROWS", chunk_rows)
+            assert recall_at_k(features, texts, captions, ks=ks, images=images) == whole
+
+
+def _recall_from_the_whole_matrix(image_features, text_features, captions, ks, images):
+    """recall_at_k restated with one similarity matrix, its argsorts and loops."""
+    first = {}
+    for row, image in enumerate(images):
+        first.setdefault(image, row)
+    rows = sorted(first.values())
+    own = {image: {captions[r] for r in range(len(images)) if images[r] == image} for image in first}
+    sim = image_features[rows] @ text_features.T
+    i2t, t2i = np.argsort(-sim, axis=1, kind="stable"), np.argsort(-sim.T, axis=1, kind="stable")
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float(np.mean([any(captions[t] in own[images[r]] for t in i2t[q, :k])
+                                          for q, r in enumerate(rows)]))
+        out[f"t2i_r{k}"] = float(np.mean([any(captions[t] in own[images[rows[q]]] for q in t2i[t, :k])
+                                          for t in range(len(captions))]))
+    return out
 
 
 def test_shape_mismatch_is_named():

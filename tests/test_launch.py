@@ -1,15 +1,18 @@
-"""launch/local_multiprocess.sh with a stand-in `python` on PATH: when one process
-fails, the others are killed at once and the script exits with its status (they used
-to wait in their next collective until JAX's coordination timeout)."""
+"""The launch scripts with stand-ins on PATH: launch/local_multiprocess.sh with a
+`python`, launch/tpu_vm.sh with a `gcloud` simulating the workers. When one process
+(worker) fails, the others are killed at once and the script exits with its status
+(they used to wait in their next collective until JAX's coordination timeout)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launch", "local_multiprocess.sh")
+LAUNCH = os.path.join(os.path.dirname(__file__), "..", "launch")
+SCRIPT = os.path.join(LAUNCH, "local_multiprocess.sh")
 
 # Records its pid, then exits a second later with the status EXIT_<process id> gives
 # (so that the others have started), or without one waits ten minutes.
@@ -75,3 +78,101 @@ def test_processes_that_all_succeed_exit_0(tmp_path):
     done, _ = _launch(tmp_path, 2, EXIT_0="0", EXIT_1="0")
     assert done.returncode == 0, done.stderr
     assert not _signalled(tmp_path)  # every process was waited for: their ids may be others' by now
+
+
+# Writes its arguments (NUL-separated) to a file of its own under $CALLS, then simulates:
+# `describe` prints $ENDPOINTS; `ssh --worker=I` runs worker I's training, which exits with
+# EXIT_I once the trainings of the workers in $WAITING run, or, without EXIT_I, is a
+# process on the "worker" (its pid in $PIDS/remote-I) that runs ten minutes, ignores
+# SIGTERM as the real training does, and has the command as its command line;
+# `ssh --worker=all` runs a `pkill` command restricted to the test's session.
+GCLOUD_STAND_IN = r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$CALLS/$(date +%s%N).$$"
+for arg in "$@"; do
+  case $arg in --worker=*) worker=${arg#--worker=} ;; --command=*) command=${arg#--command=} ;; esac
+done
+case $4 in
+  describe) echo "$ENDPOINTS" ;;
+  ssh)
+    if [ "$worker" = all ]; then
+      [[ $command == "pkill "* ]] || { echo "stand-in gcloud: unexpected command on all workers" >&2; exit 99; }
+      exec bash -c "pkill() { command pkill --session 0 \"\$@\"; }; $command"
+    fi
+    status_var=EXIT_$worker
+    if [ -n "${!status_var:-}" ]; then
+      for other in $WAITING; do until [ -s "$PIDS/remote-$other" ]; do sleep 0.1; done; done
+      exit "${!status_var}"
+    fi
+    (trap '' TERM; exec -a "$command" sleep 600) &
+    echo $! > "$PIDS/remote-$worker.tmp" && mv "$PIDS/remote-$worker.tmp" "$PIDS/remote-$worker"
+    wait $! ;;
+  *) echo "stand-in gcloud: unexpected verb $4" >&2; exit 99 ;;
+esac
+"""
+
+TPU_ARGS = ["my-tpu", "zone-b", "configs/tokenizer.py:seed1,tpu_v4_32", "/mnt/shared/run"]
+TRAINING = ("python -m seed_jax.main --config=configs/tokenizer.py:seed1,tpu_v4_32 "
+            "--workdir=/mnt/shared/run --distributed")
+
+
+def _launch_tpu(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, float, list[list[str]]]:
+    """Runs tpu_vm.sh in a session of its own (killed whole if it outlives 60 s).
+    Returns its result, its seconds and the stand-in gcloud's calls (argument lists) in order."""
+    bin_dir, calls, pids = tmp_path / "bin", tmp_path / "calls", tmp_path / "pids"
+    for folder in (bin_dir, calls, pids):
+        folder.mkdir()
+    (bin_dir / "gcloud").write_text(GCLOUD_STAND_IN)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "PIDS": str(pids),
+           **env_vars}
+    start = time.perf_counter()
+    process = subprocess.Popen(["bash", os.path.join(LAUNCH, "tpu_vm.sh"), *TPU_ARGS], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("tpu_vm.sh still ran after 60 s (the waiting workers' trainings run 600 s)")
+    seconds = time.perf_counter() - start
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    ordered = sorted(calls.iterdir(), key=lambda f: int(f.name.split(".")[0]))
+    return done, seconds, [f.read_text().rstrip("\0").split("\0") for f in ordered]
+
+
+def _worker_calls(calls: list[list[str]]) -> dict[str, str]:
+    """The command each `ssh --worker=W` call ran, by W."""
+    ssh = [dict(arg[2:].split("=", 1) for arg in call[5:]) for call in calls if call[3] == "ssh"]
+    return {options["worker"]: options["command"] for options in ssh}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_tpu_vm_one_failed_worker_stops_the_others_on_the_workers(tmp_path):
+    done, seconds, calls = _launch_tpu(tmp_path, ENDPOINTS="10.0.0.2;10.0.0.3;10.0.0.4", EXIT_1="3", WAITING="0 2")
+    assert done.returncode == 3, done.stderr
+    assert "a worker exited with status 3: stopping the others" in done.stderr
+    assert seconds < 60  # the others' trainings run 600 s
+    assert all(call[4:6] == ["my-tpu", "--zone=zone-b"] for call in calls)
+    assert calls[0][3] == "describe" and "networkEndpoints" in calls[0][-1]
+    commands = _worker_calls(calls)
+    assert set(commands) == {"0", "1", "2", "all"}  # one ssh per worker, then the stop on all
+    for worker in "012":
+        assert "pip install -e ." in commands[worker] and TRAINING in commands[worker]
+    remote = [int((tmp_path / "pids" / f"remote-{i}").read_text()) for i in (0, 2)]
+    time.sleep(0.5)
+    assert not any(_running(pid) for pid in remote)  # stopped on the "workers", despite ignoring SIGTERM
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_tpu_vm_workers_that_all_succeed_exit_0(tmp_path):
+    done, _, calls = _launch_tpu(tmp_path, WORKERS="2", EXIT_0="0", EXIT_1="0", WAITING="")
+    assert done.returncode == 0, done.stderr
+    assert [call[3] for call in calls] == ["ssh", "ssh"]  # WORKERS set: no describe; no stop
+    assert set(_worker_calls(calls)) == {"0", "1"}
+
+
+def test_tpu_vm_without_endpoints_names_the_worker_count(tmp_path):
+    done, _, calls = _launch_tpu(tmp_path, ENDPOINTS="", WAITING="")
+    assert done.returncode == 2
+    assert "expected a positive worker count (WORKERS or the TPU's networkEndpoints), got '0'" in done.stderr
+    assert [call[3] for call in calls] == ["describe"]

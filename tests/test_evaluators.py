@@ -177,8 +177,11 @@ def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_th
         assert len(set(other)) > len(names) // 2  # rows of many images, not one per image
     distinct = [f"{i}.png" for i in range(7)]  # one row per image: the derangement as before
     np.testing.assert_array_equal(other_image_rows(distinct, 3), derangement(7, 3))
-    with pytest.raises(ValueError, match="images: .* at least 2 different images, got 1 in 5 rows"):
+    with pytest.raises(ValueError, match="image_ids: .* at least 2 distinct image ids, got 1 in 5 rows"):
         other_image_rows(["a.jpg"] * 5)
+    # 3 images, all of one image id: the error named `images` (there are 3), not `image_ids`
+    with pytest.raises(ValueError, match="image_ids: .* at least 2 distinct image ids, got 1 in 3 rows"):
+        reconstruction_similarity(None, images[:3], images[:3], images[:3], ["a.jpg"] * 3)
     with pytest.raises(ValueError, match="image_ids: expected one per image"):
         reconstruction_similarity(None, images, images, images, image_ids[:-1])
 

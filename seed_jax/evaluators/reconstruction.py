@@ -31,15 +31,15 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
             return perm
 
 
-def other_image_rows(images: Sequence[str], seed: int = 0) -> np.ndarray:
-    """For each row, a row of another image: `images` names each row's image (an image's
+def other_image_rows(image_ids: Sequence[str], seed: int = 0) -> np.ndarray:
+    """For each row, a row of another image: `image_ids` names each row's image (an image's
     several caption records share one, `records.image_id`); the distinct images are
     deranged (`derangement`) and each row takes a random row of the image it is sent to.
-    With every row its own image this is `derangement(len(images), seed)`."""
-    first, image_of_row = groups_in_order(images)
+    With every row its own image this is `derangement(len(image_ids), seed)`."""
+    first, image_of_row = groups_in_order(image_ids)
     if len(first) < 2:
-        raise ValueError(f"images: pairing each row with another image's needs at least 2 different images, "
-                         f"got {len(first)} in {len(images)} rows")
+        raise ValueError(f"image_ids: pairing each row with another image's needs at least 2 distinct image ids, "
+                         f"got {len(first)} in {len(image_ids)} rows")
     rows_of_image = [np.flatnonzero(image_of_row == i) for i in range(len(first))]
     target = derangement(len(first), seed)[image_of_row]
     rng = np.random.default_rng([seed, 1])
@@ -51,9 +51,9 @@ def reconstruction_similarity(tokenizer, images: np.ndarray, reconstructions: np
                               ) -> dict[str, float]:
     """Mean cosine similarity of each image (uint8, B rows each) to its reconstruction
     from SEED codes, to the image generated from its caption, and to the
-    reconstruction of another, random image (so at least 2 images). `image_ids` names
-    each row's image, so that rows of one image's several captions are not each
-    other's other image (None: every row its own image)."""
+    reconstruction of another, random image (so at least 2 images, and 2 distinct
+    `image_ids`). `image_ids` names each row's image, so that rows of one image's
+    several captions are not each other's other image (None: every row its own image)."""
     if len(images) < 2:
         raise ValueError(f"images: the unrelated similarity pairs each image with another's reconstruction, "
                          f"so at least 2 are needed, got {len(images)}")

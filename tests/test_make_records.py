@@ -179,6 +179,18 @@ def test_karpathy_splits_errors_name_the_flag(tmp_path, capsys, captions, splits
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_tfds_split_flag_with_a_karpathy_file_points_to_splits(tmp_path, capsys):
+    """--split (TFDS's) with a Karpathy split file was refused as a flag of --source=tfds,
+    without naming --splits, the flag meant."""
+    folder = tmp_path / "coco"
+    _karpathy_file(folder, tmp_path / "dataset_coco.json")
+    assert _run("--source=folder", f"--input={folder}", f"--captions={tmp_path / 'dataset_coco.json'}",
+                "--split=train", f"--out={tmp_path / 'out'}") == 1
+    assert ("--split is a flag of --source=tfds, not of --source=folder; did you mean --splits, the splits of a "
+            "Karpathy split file to read (e.g. --splits=train,restval)?") in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("captions, content, message", [
     ("c.jsonl", "\n".join(json.dumps(row) for row in [{"image": "a.jpg", "caption": ["one", "two"]},
                                                       {"image": "b.jpg", "caption": "three"},
@@ -426,7 +438,8 @@ def test_shards_feed_the_tokenizer_pipeline(tmp_path):
     (["--source=folder", "--input={folder}", "--resize=-3"], "--resize=-3"),
     (["--source=folder", "--input={folder}", "--name=coco_captions"], "--name is a flag of --source=tfds"),
     (["--source=tfds", "--input={folder}", "--name=coco_captions"], "--input is a flag of --source=folder"),
-    (["--source=tfds", "--splits=train", "--name=coco_captions"], "--splits is a flag of --source=folder"),
+    (["--source=tfds", "--splits=train", "--name=coco_captions"], "--splits is a flag of --source=folder, not of "
+     "--source=tfds; did you mean --split, the TFDS split to read (e.g. --split=train)?"),
     (["--source=tfds"], "--name is required"),
     (["--source=folder", "--input={folder}/nowhere"], "--input"),
     (["--source=folder", "--input={folder}", "--captions={folder}/0000.txt"], "--captions"),

@@ -43,6 +43,9 @@ FOLDER_FLAGS = ("input", "captions", "splits")
 TFDS_FLAGS = ("name", "split", "data_dir", "image_key", "caption_key", "id_key")
 TFDS_DEFAULTS = {"split": "train", "data_dir": "", "image_key": "image", "caption_key": "captions/text",
                  "id_key": ""}
+# A flag of the other source that is one letter from a flag of this one: what was meant.
+MEANT = {"split": "--splits, the splits of a Karpathy split file to read (e.g. --splits=train,restval)",
+         "splits": "--split, the TFDS split to read (e.g. --split=train)"}
 SKIPPED_IDS_KEPT = 20  # ids listed per skip reason in the summary
 _CHUNK = 16  # entries per task sent to a worker, at most
 
@@ -83,8 +86,9 @@ def check_args(args: argparse.Namespace) -> None:
     own, other = (FOLDER_FLAGS, TFDS_FLAGS) if args.source == "folder" else (TFDS_FLAGS, FOLDER_FLAGS)
     for flag in other:
         if getattr(args, flag) is not None:
+            meant = f"; did you mean {MEANT[flag]}?" if flag in MEANT else ""
             raise ValueError(f"--{flag} is a flag of --source={'tfds' if args.source == 'folder' else 'folder'}, "
-                             f"not of --source={args.source}")
+                             f"not of --source={args.source}{meant}")
     required = "input" if args.source == "folder" else "name"
     if not getattr(args, required):
         raise ValueError(f"--{required} is required with --source={args.source}")

@@ -69,12 +69,16 @@ class LoRA:
     """Low-rank adapters W + (alpha / rank) A B on the named projections
     (Attention: query, key, value, out; MLP: fc1, fc2). B starts at zero, so an
     adapted model starts equal to its base. An unknown target name raises: it
-    would otherwise leave that projection without an adapter, silently."""
+    would otherwise leave that projection without an adapter, silently. `dropout`
+    drops the adapter's input x in x A B when a call passes an rng (peft's
+    lora_dropout; the frozen path x W sees all of x)."""
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
 
     def __post_init__(self):
+        check_rate("lora dropout", self.dropout)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora rank: expected a positive integer, got {self.rank!r}")
         if isinstance(self.targets, str) or not self.targets:
@@ -102,6 +106,12 @@ def fan_in(in_axes: Sequence[int] = (0,)):
                                              out_axis=-1)
 
 
+def check_rate(name: str, rate) -> None:
+    """A ValueError naming `name` unless `rate` is a dropout rate in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}: expected a dropout rate in [0, 1), got {rate!r}")
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `rng` is None or rate is 0."""
     if rng is None or rate == 0.0:
@@ -125,13 +135,15 @@ class Dense(nnx.Module):
         self.lora_a = lora_param(rngs, fan_in(), (in_features, lora.rank), (axes[0], None)) if lora else None
         self.lora_b = lora_param(rngs, zeros, (lora.rank, out_features), (None, axes[1])) if lora else None
         self.lora_scale = lora.scale if lora else 0.0
+        self.lora_dropout = lora.dropout if lora else 0.0
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """x (..., in) -> (..., out); `rng` drops the adapter's input at the LoRA dropout rate."""
         x = x.astype(self.dtype)
         y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
         if self.lora_a is not None:
-            low = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.dtype))
+            low = jnp.einsum("...i,ir->...r", dropout(x, self.lora_dropout, rng), self.lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -209,16 +221,18 @@ class Attention(nnx.Module):
                            if "out" in targets else None)
         self.out_lora_b = lora_param(rngs, zeros, (lora.rank, width), (None, "embed")) if "out" in targets else None
         self.lora_scale = lora.scale if lora else 0.0
+        self.lora_dropout = lora.dropout if lora else 0.0
         self.head_dim = head_dim
         self.dtype = dtype
 
-    def project(self, x: jax.Array, name: str) -> jax.Array:
-        """The `name` ("query", "key" or "value") projection: (B,L,D) -> (B,L,N,H)."""
+    def project(self, x: jax.Array, name: str, rng: jax.Array | None = None) -> jax.Array:
+        """The `name` ("query", "key" or "value") projection: (B,L,D) -> (B,L,N,H);
+        `rng` drops the adapter's input at the LoRA dropout rate."""
         x = x.astype(self.dtype)
         y = jnp.einsum("BLD,DNH->BLNH", x, getattr(self, name)[...].astype(self.dtype))
         lora_a = getattr(self, f"{name}_lora_a")
         if lora_a is not None:
-            low = jnp.einsum("BLD,DR->BLR", x, lora_a[...].astype(self.dtype))
+            low = jnp.einsum("BLD,DR->BLR", dropout(x, self.lora_dropout, rng), lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.einsum("BLR,RNH->BLNH", low,
                                                  getattr(self, f"{name}_lora_b")[...].astype(self.dtype))
         bias = getattr(self, f"{name[0]}_bias")
@@ -240,11 +254,13 @@ class Attention(nnx.Module):
         y = jnp.einsum("BNLS,BSNH->BLNH", probs, v)
         return self.output(y)
 
-    def output(self, y: jax.Array) -> jax.Array:
-        """The output projection: (B,L,N,H) -> (B,L,D)."""
+    def output(self, y: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """The output projection: (B,L,N,H) -> (B,L,D); `rng` drops the adapter's
+        input at the LoRA dropout rate."""
         out = jnp.einsum("BLNH,NHD->BLD", y, self.out[...].astype(self.dtype))
         if self.out_lora_a is not None:
-            low = jnp.einsum("BLNH,NHR->BLR", y, self.out_lora_a[...].astype(self.dtype))
+            low = jnp.einsum("BLNH,NHR->BLR", dropout(y, self.lora_dropout, rng),
+                             self.out_lora_a[...].astype(self.dtype))
             out = out + self.lora_scale * jnp.einsum("BLR,RD->BLD", low, self.out_lora_b[...].astype(self.dtype))
         return out + self.out_bias[...].astype(self.dtype)
 

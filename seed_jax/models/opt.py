@@ -11,6 +11,12 @@ They are plain trainable rows, or (`code_dim` > 0, SEED-OPT's "codebook projecti
 map of the tokenizer's frozen (K,C) codebook, so codes near in the codebook start
 near in the model. Either way the appended ids are part of the tied output table.
 
+Training-time dropout (as transformers' OPT in train mode), only when a call passes
+`dropout_rng`: `dropout` on the attention block's output and on fc2's output before
+each residual add, `attention_dropout` on the attention probabilities, and
+`lora_dropout` on each adapter's input; none on the embeddings. Each scanned layer
+gets its own key, each of its dropout sites a subkey of it.
+
 Generation keeps a key/value cache per layer: `(B,N,S,H)` arrays stacked on a leading
 layers axis, written at each step's position (see `init_cache`).
 
@@ -44,13 +50,18 @@ class OPTConfig:
     embed_width: int | None = None  # word_embed_proj_dim when it differs from `width` (350M)
     pre_layer_norm: bool = True  # do_layer_norm_before
     eps: float = 1e-5
+    dropout: float = 0.0  # training only: the attention block's and fc2's outputs, before the residual add
+    attention_dropout: float = 0.0  # training only: the attention probabilities
     extra_tokens: int = 0  # ids appended to the vocabulary (SEED-OPT: <img>, </img>, 8192 codes), trainable
     code_dim: int = 0  # > 0: the appended ids after the first two embed as code_projection(code_vectors)
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = layers.LORA_TARGETS
+    lora_dropout: float = 0.0  # training only: each adapter's input
 
     def __post_init__(self):
+        for name in ("dropout", "attention_dropout", "lora_dropout"):
+            layers.check_rate(name, getattr(self, name))
         if self.lora_rank:  # checks the rank and the targets: a misspelled one would add no adapter
             layers.LoRA(self.lora_rank, self.lora_alpha, self.lora_targets)
 
@@ -69,7 +80,13 @@ class OPTConfig:
 
     @property
     def lora(self) -> layers.LoRA | None:
-        return layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
+        return (layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.lora_dropout)
+                if self.lora_rank else None)
+
+    @property
+    def drops(self) -> bool:
+        """Whether a call with a `dropout_rng` drops anything (some rate is above 0)."""
+        return bool(self.dropout or self.attention_dropout or (self.lora_rank and self.lora_dropout))
 
     @classmethod
     def from_dict(cls, d: dict) -> "OPTConfig":
@@ -82,6 +99,9 @@ OPT_PRESETS = {
     "opt_125m": OPTConfig(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "tiny": OPTConfig(vocab_size=128, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64),
 }
+
+
+DROPOUT_SITES = ("probs", "attention", "mlp") + layers.LORA_TARGETS  # each takes its own subkey of a layer's key
 
 
 class DecoderLayer(nnx.Module):
@@ -97,33 +117,42 @@ class DecoderLayer(nnx.Module):
         self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), lora=mlp_lora("fc2"), dtype=dtype,
                                 rngs=rngs)
         self.pre_layer_norm = c.pre_layer_norm
+        self.dropout, self.attention_dropout = c.dropout, c.attention_dropout
         self.dtype = dtype
 
-    def _attend(self, x, mask, cache, index):
-        """x (B,L,D), mask (B,1,L,S) -> (B,L,D) and the updated cache {k, v} (B,N,S,H)."""
+    def _attend(self, x, mask, cache, index, keys):
+        """x (B,L,D), mask (B,1,L,S) -> (B,L,D) and the updated cache {k, v} (B,N,S,H);
+        `keys`: a key (or None) per dropout site."""
         attn = self.self_attn
-        q = attn.project(x, "query") * attn.head_dim ** -0.5
-        k = attn.project(x, "key").transpose(0, 2, 1, 3)
-        v = attn.project(x, "value").transpose(0, 2, 1, 3)
+        q = attn.project(x, "query", keys["query"]) * attn.head_dim ** -0.5
+        k = attn.project(x, "key", keys["key"]).transpose(0, 2, 1, 3)
+        v = attn.project(x, "value", keys["value"]).transpose(0, 2, 1, 3)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
             cache = {"k": k, "v": v}
         scores = jnp.einsum("BLNH,BNSH->BNLS", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        y = jnp.einsum("BNLS,BNSH->BLNH", probs, v.astype(self.dtype))
-        return attn.output(y), cache
+        probs = layers.dropout(jax.nn.softmax(scores, axis=-1), self.attention_dropout, keys["probs"])
+        y = jnp.einsum("BNLS,BNSH->BLNH", probs.astype(self.dtype), v.astype(self.dtype))
+        return attn.output(y, keys["out"]), cache
 
-    def __call__(self, x, mask, cache=None, index=0):
+    def _mlp(self, x, keys):
+        """x (B,L,D) -> fc2(relu(fc1(x))) (B,L,D)."""
+        return self.fc2(jax.nn.relu(self.fc1(x, keys["fc1"])), keys["fc2"])
+
+    def __call__(self, x, mask, cache=None, index=0, rng=None):
+        """x (B,L,D) -> (B,L,D) and the updated cache; `rng` (this layer's key) enables dropout."""
         x = parallel.constrain(x, ("batch", "length", "embed"))
+        keys = dict(zip(DROPOUT_SITES, layers.split_rng(rng, len(DROPOUT_SITES))))
+        drop = lambda h, site: layers.dropout(h, self.dropout, keys[site])  # noqa: E731
         if self.pre_layer_norm:
-            h, cache = self._attend(self.self_attn_layer_norm(x), mask, cache, index)
-            x = x + h
-            return x + self.fc2(jax.nn.relu(self.fc1(self.final_layer_norm(x)))), cache
-        h, cache = self._attend(x, mask, cache, index)
-        x = self.self_attn_layer_norm(x + h)
-        return self.final_layer_norm(x + self.fc2(jax.nn.relu(self.fc1(x)))), cache
+            h, cache = self._attend(self.self_attn_layer_norm(x), mask, cache, index, keys)
+            x = x + drop(h, "attention")
+            return x + drop(self._mlp(self.final_layer_norm(x), keys), "mlp"), cache
+        h, cache = self._attend(x, mask, cache, index, keys)
+        x = self.self_attn_layer_norm(x + drop(h, "attention"))
+        return self.final_layer_norm(x + drop(self._mlp(x, keys), "mlp")), cache
 
 
 class OPT(nnx.Module):
@@ -162,7 +191,8 @@ class OPT(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions=None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None,
-                 cache_index: jax.Array | int = 0, logits_at: jax.Array | None = None):
+                 cache_index: jax.Array | int = 0, logits_at: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None):
         """input_ids (B,L) -> (logits (B,L,V) float32, updated cache or None);
         `logits_at` (B,K) positions give logits (B,K,V) at those positions only.
 
@@ -171,7 +201,9 @@ class OPT(nnx.Module):
         `segment_ids` (B,L) (0 = padding; a token attends only within its segment)
         and `positions` (B,L) counted from 0 in each segment. With a cache of S positions:
         the new tokens go to [cache_index, cache_index+L), `attention_mask` (B,S)
-        covers the whole cache, and `positions` (B,L) must be given."""
+        covers the whole cache, and `positions` (B,L) must be given. `dropout_rng` (a
+        key; training) enables the config's dropout; None (evaluation, generation) or
+        every rate 0 computes exactly as without it."""
         batch, length = input_ids.shape
         if segment_ids is not None:
             if cache is not None or attention_mask is not None or positions is None:
@@ -201,13 +233,13 @@ class OPT(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def body(h, inputs):
-            layer_state, layer_cache = inputs
-            h, layer_cache = nnx.merge(graphdef, layer_state)(h, mask, layer_cache, cache_index)
+            layer_state, layer_cache, layer_rng = inputs
+            h, layer_cache = nnx.merge(graphdef, layer_state)(h, mask, layer_cache, cache_index, layer_rng)
             return h, layer_cache
 
         if self.remat:
             body = jax.checkpoint(body)
-        x, cache = jax.lax.scan(body, x, (state, cache))
+        x, cache = jax.lax.scan(body, x, (state, cache, self._layer_rngs(dropout_rng)))
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if logits_at is not None:
@@ -218,6 +250,12 @@ class OPT(nnx.Module):
         logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         return logits, cache
+
+    def _layer_rngs(self, dropout_rng: jax.Array | None) -> jax.Array | None:
+        """One key per layer (depth,), or None when nothing drops."""
+        if dropout_rng is None or not self.config.drops:
+            return None
+        return jax.random.split(dropout_rng, self.config.depth)
 
     def token_table(self) -> jax.Array:
         """(V + extra, W) float32: the vocabulary's rows then the appended ones (input and tied output)."""

@@ -153,14 +153,25 @@ def write_unless_current(out: str, steps: dict[str, int], write: Callable[[], No
 
 
 def read_config(out: str) -> tuple[str, Any, dict]:
-    """(kind, config, info) of the export at `out`."""
+    """(kind, config, info) of the export at `out`; config fields its model.json lacks
+    (an export written before they existed) take the config class's defaults."""
+    meta = _read_meta(out)
+    return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
+
+
+def stored_config_fields(out: str) -> set[str]:
+    """The config fields the export at `out` wrote (older exports lack newer fields)."""
+    return set(_read_meta(out)["config"])
+
+
+def _read_meta(out: str) -> dict:
+    """The export's model.json: {kind, config, info}."""
     path = os.path.join(out, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{out}: not an export ({CONFIG_FILE} missing); write one with "
                                 "`python -m seed_jax.convert ...` or `python -m seed_jax.export ...`")
     with open(path) as f:
-        meta = json.load(f)
-    return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
+        return json.load(f)
 
 
 def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], *, what: str) -> None:

@@ -846,3 +846,36 @@ def test_a_rate_outside_0_to_1_fails_naming_it(field, rate):
     with pytest.raises(ValueError, match=f"{field}: expected a dropout rate in \\[0, 1\\), got {rate}"):
         OPTConfigOurs(**{field: rate})
 
+
+def test_conversion_records_the_dropout_rates_of_config_json(tmp_path):
+    """config.json's dropout and attention_dropout are the export's; a folder without
+    them takes transformers' OPTConfig defaults, as `from_pretrained` reads it."""
+    folder = tmp_path / "hf"
+    OPTForCausalLM(OPTConfig(**TINY, dropout=0.2, attention_dropout=0.05)).save_pretrained(folder)
+    convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'set'}", "--image_tokens=0"])
+    _, config, _ = weights.read_config(str(tmp_path / "set"))
+    assert (config.dropout, config.attention_dropout, config.lora_dropout) == (0.2, 0.05, 0.0)
+    settings = json.loads((folder / "config.json").read_text())
+    del settings["dropout"], settings["attention_dropout"]
+    (folder / "config.json").write_text(json.dumps(settings))
+    hf = OPTForCausalLM.from_pretrained(folder)
+    convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'defaults'}", "--image_tokens=0"])
+    _, config, _ = weights.read_config(str(tmp_path / "defaults"))
+    assert (config.dropout, config.attention_dropout) == (hf.config.dropout, hf.config.attention_dropout) == (0.1, 0.0)
+
+
+def test_an_export_written_before_dropout_rates_loads_without_dropout(tmp_path):
+    """model.json without the rates (written before OPTConfig had them) loads with 0.0:
+    the computation that export had; the fields it lacks are reported."""
+    model = _random_opt(**RATES)
+    weights.save(str(tmp_path / "export"), "opt", model.config, weights.flat_params(model))
+    path = tmp_path / "export" / weights.CONFIG_FILE
+    meta = json.loads(path.read_text())
+    assert meta["config"]["dropout"] == 0.1
+    for name in RATES:
+        del meta["config"][name]
+    path.write_text(json.dumps(meta))
+    loaded, _, config = weights.load_model(str(tmp_path / "export"), kind="opt")
+    assert (config.dropout, config.attention_dropout, config.lora_dropout) == (0.0, 0.0, 0.0)
+    assert not set(RATES) & weights.stored_config_fields(str(tmp_path / "export"))
+    np.testing.assert_array_equal(loaded(IDS, dropout_rng=jax.random.key(0))[0], model(IDS)[0])

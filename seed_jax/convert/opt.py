@@ -1,7 +1,8 @@
 """A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
 one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
-come from shapes; head count and layer-norm placement from config.json (a key it
-lacks takes transformers' `OPTConfig` default, as `from_pretrained` would)."""
+come from shapes; head count, layer-norm placement and the training dropout rates
+(`dropout`, `attention_dropout`) from config.json (a key it lacks takes transformers'
+`OPTConfig` default, as `from_pretrained` would)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
                      mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,
                      embed_width=token_width if token_width != width else None,
-                     pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens))
+                     pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens),
+                     dropout=float(hf.get("dropout", 0.1)), attention_dropout=float(hf.get("attention_dropout", 0.0)))
 
 
 def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:

@@ -9,8 +9,8 @@ appends SEED's 8194 image tokens).
 Training: one LoRA step (rank 16, alpha 32 on q/k/v/out/fc1/fc2; only the adapters
 train on both sides: torch has no per-row trainable embedding, so the appended rows
 stay frozen here) on (batch, seq) tokens, AdamW, next-token loss over the whole
-extended vocabulary, without dropout (ours has none; transformers' default 0.1 is set
-to 0); ours is the jitted step with donated state, torch runs
+extended vocabulary, without dropout (ours is called without a dropout key;
+transformers' default 0.1 is set to 0); ours is the jitted step with donated state, torch runs
 forward + backward + optimizer step. Generation: greedy decoding of `--new_tokens`
 tokens after a `--prompt` token prompt with the KV cache, all `--batch` rows at once
 (ours: one jitted `lax.while_loop`; torch: `generate(do_sample=False)`), timed host

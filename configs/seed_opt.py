@@ -16,7 +16,13 @@ decoder demo has run (`--config.decoder_export`, default workdirs/decoder_demo/e
 where `python -m seed_jax.main --config=configs/decoder.py` exports it). `seed_opt_2.7b` trains LoRA adapters and
 the 8194 appended token rows of OPT-2.7B converted with
 `python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=/ckpt/opt_2.7b_seed`,
-on a corpus pre-tokenized with configs/pretokenize.py. Layout presets (`cpu`,
+on a corpus pre-tokenized with configs/pretokenize.py. Training drops as transformers'
+OPT does in train mode: `model.dropout` on the attention block's and fc2's outputs,
+`model.attention_dropout` on the attention probabilities, `lora.dropout` on the
+adapters' inputs (peft's lora_dropout); evaluation never drops. `demo` and `tiny`
+train without dropout (0.0 each); `seed_opt_2.7b` leaves the model's rates None, which
+takes the converted OPT's (its config.json's: 0.1 and 0.0 in the released ones), and
+`lora.dropout` 0.0 (SEED-OPT's LoRA settings were not published). Layout presets (`cpu`,
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
@@ -31,6 +37,7 @@ steps plateau at exact match 0.24 (README.md).
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from seed_jax import config_files
 from seed_jax.parallel import DEFAULT_RULES
@@ -56,9 +63,12 @@ def _phase(num_steps, batch_size, lr, text_to_image_fraction, warmup_steps, max_
                                           max_targets_per_row=max_targets_per_row))
 
 
-def _opt(vocab_size, width, depth, num_heads, mlp_dim, max_positions):
+def _opt(vocab_size, width, depth, num_heads, mlp_dim, max_positions, dropout=0.0, attention_dropout=0.0):
+    """An OPT trained from scratch (`OPTConfig`'s fields); with `init.opt` only the
+    dropout rates count, None taking the converted OPT's."""
     return ml_collections.ConfigDict(dict(vocab_size=vocab_size, width=width, depth=depth, num_heads=num_heads,
-                                          mlp_dim=mlp_dim, max_positions=max_positions, pre_layer_norm=True))
+                                          mlp_dim=mlp_dim, max_positions=max_positions, pre_layer_norm=True,
+                                          dropout=dropout, attention_dropout=attention_dropout))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -90,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                question="Question: {question} Short answer."))
     c.init = ml_collections.ConfigDict(dict(opt=""))  # a converted OPT export (`convert hf_opt`)
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=("query", "key", "value", "out", "fc1",
-                                                                          "fc2")))
+                                                                          "fc2"), dropout=0.0))
     c.train_all = True  # False: only the adapters and appended token rows train
     # How code tokens enter OPT: "rows" (one trainable row per code) or "codebook_projection"
     # (a trainable linear map of the tokenizer's frozen 32-d codebook vectors, as in the
@@ -136,7 +146,9 @@ def _seed_opt_2_7b(c):
     c.data.num_threads = 8
     c.text_tokenizer = ml_collections.ConfigDict(dict(kind="gpt2_bpe", folder="/ckpt/opt-2.7b"))
     c.init.opt = "/ckpt/opt_2.7b_seed"
-    c.model = _opt(vocab_size=50272, width=2560, depth=32, num_heads=32, mlp_dim=10240, max_positions=2048)
+    # The converted checkpoint's dropout rates (None): 0.1 on the residual branches, as transformers trains OPT
+    c.model = _opt(vocab_size=50272, width=2560, depth=32, num_heads=32, mlp_dim=10240, max_positions=2048,
+                   dropout=placeholder(float), attention_dropout=placeholder(float))
     c.lora.rank = 16
     c.train_all = False
     c.dtype = "bfloat16"

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -449,11 +450,24 @@ def test_image_codes_emit_32_codes_then_the_end_token(seed_opt_run):
         model.caption(np.zeros((1, 32, 32, 3), np.uint8))
 
 
-def _lm_losses(mesh, code_dim, num_steps=3):
-    """lm_loss on packed rows, through the shared train step (codes as rows, or
-    through the codebook projection when `code_dim` > 0)."""
+def _packed_batch() -> dict[str, np.ndarray]:
+    """Eight packed rows of two sequences each, 7 targets per row."""
+    rng = np.random.default_rng(0)
+    segments = np.asarray([[1] * 10 + [2] * 12 + [0] * 2] * 8, np.int32)
+    positions = np.asarray([list(range(10)) + list(range(12)) + [0, 0]] * 8, np.int32)
+    ids = rng.integers(0, 70, (8, 25)).astype(np.int32)
+    index = np.asarray([[3, 4, 5, 8, 15, 16, 20, 0]] * 8, np.int32)  # the last is padding
+    return {"inputs": ids[:, :-1], "segment_ids": segments, "positions": positions, "target_index": index,
+            "target_ids": np.take_along_axis(ids, index + 1, 1),
+            "target_mask": np.asarray([[1] * 7 + [0]] * 8, np.int32)}
+
+
+def _lm_stage(mesh, code_dim=0, num_steps=3, **rates):
+    """The shared train step with lm_loss for a tiny SEED-OPT with LoRA (codes as rows, or
+    through the codebook projection when `code_dim` > 0), `rates` its dropout rates;
+    returns (setup, run config)."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32,
-                       extra_tokens=10, code_dim=code_dim, lora_rank=4)
+                       extra_tokens=10, code_dim=code_dim, lora_rank=4, **rates)
     model = weights.build("opt", config)
     if code_dim:
         weights.assign(model, {"code_vectors": np.random.default_rng(1).standard_normal((8, code_dim))})
@@ -462,27 +476,51 @@ def _lm_losses(mesh, code_dim, num_steps=3):
     run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
     setup = loop.prepare_stage(model, seed_opt.trainable(ml_collections.ConfigDict({"train_all": False})),
                                seed_opt.lm_loss, stage, run, mesh)
-    rng = np.random.default_rng(0)
-    segments = np.asarray([[1] * 10 + [2] * 12 + [0] * 2] * 8, np.int32)
-    positions = np.asarray([list(range(10)) + list(range(12)) + [0, 0]] * 8, np.int32)
-    ids = rng.integers(0, 70, (8, 25)).astype(np.int32)  # one batch: its loss must fall
-    index = np.asarray([[3, 4, 5, 8, 15, 16, 20, 0]] * 8, np.int32)  # the last is padding
+    return setup, run
+
+
+def _lm_losses(mesh, code_dim, num_steps=3, **rates):
+    """lm_loss on packed rows (one batch: its loss must fall), through the shared train step."""
+    setup, run = _lm_stage(mesh, code_dim, num_steps, **rates)
+    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
     state, losses = setup.state, []
     for _ in range(num_steps):
-        batch = {"inputs": ids[:, :-1], "segment_ids": segments, "positions": positions, "target_index": index,
-                 "target_ids": np.take_along_axis(ids, index + 1, 1),
-                 "target_mask": np.asarray([[1] * 7 + [0]] * 8, np.int32)}
-        state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(batch, mesh, run.axis_rules))
+        state, metrics = setup.train_step(state, setup.frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses
 
 
-@pytest.mark.parametrize("code_dim", [0, 4])
-def test_packed_lora_step_same_loss_on_1_and_8_devices(code_dim):
-    losses_1 = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), code_dim)
-    losses_8 = _lm_losses(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), code_dim)
+DROPPING = dict(dropout=0.2, attention_dropout=0.2, lora_dropout=0.2)
+
+
+@pytest.mark.parametrize("code_dim, rates", [(0, {}), (4, {}), (0, DROPPING)], ids=["rows", "projected", "dropout"])
+def test_packed_lora_step_same_loss_on_1_and_8_devices(code_dim, rates):
+    """With dropout the 8-device step draws the masks the 1-device one does."""
+    losses_1 = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), code_dim, **rates)
+    losses_8 = _lm_losses(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), code_dim, **rates)
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
     assert losses_1[-1] < losses_1[0]
+    if rates:  # dropout is on: the losses are not those without it
+        plain = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), code_dim)
+        assert not np.allclose(losses_1, plain, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rates", [{}, DROPPING], ids=["plain", "dropout"])
+def test_the_train_step_draws_new_dropout_masks_at_each_step(rates):
+    """The same parameters and batch at steps 0, 0 and 1: with dropout the loss repeats
+    for the same step and changes with the step (its key folds the step in); without
+    dropout it is the same at every step."""
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    setup, run = _lm_stage(mesh, **rates)
+    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
+
+    def loss_at(step):  # the step donates its state: each call gets a copy
+        state = {**jax.tree.map(jnp.copy, setup.state), "step": jnp.asarray(step, jnp.int32)}
+        return float(setup.train_step(state, setup.frozen, batch)[1]["loss"])
+
+    first, again, second = loss_at(0), loss_at(0), loss_at(1)
+    assert first == again
+    assert (first != second) == bool(rates)
 
 
 def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):
@@ -518,6 +556,80 @@ def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_p
     config.image_embedding = "pixels"
     with pytest.raises(ValueError, match="image_embedding: expected 'rows' or 'codebook_projection'"):
         seed_opt.model_config(config, 50, num_codes=4, code_dim=8)
+
+
+def _opt_export(path: str, **fields) -> str:
+    """A tiny OPT export at `path` with 4 codes appended as rows (`fields`: its config's)."""
+    config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32, extra_tokens=6,
+                       **fields)
+    weights.save(path, "opt", config, weights.flat_params(weights.build("opt", config)))
+    return path
+
+
+def _rates(config: OPTConfig) -> tuple[float, float, float]:
+    return config.dropout, config.attention_dropout, config.lora_dropout
+
+
+def test_training_takes_the_converted_opts_dropout_rates_unless_the_config_sets_them(tmp_path, caplog):
+    """seed_opt_2.7b leaves model.dropout and attention_dropout None: the export's rates
+    (a conversion records config.json's); a rate the config sets wins. An export written
+    before exports recorded them trains at 0.0, with a warning saying so."""
+    config = get_config("seed_opt_2.7b")
+    assert config.model.dropout is None and config.model.attention_dropout is None and config.lora.dropout == 0.0
+    config.lora.dropout = 0.05
+    config.init.opt = _opt_export(str(tmp_path / "converted"), dropout=0.1)
+    with caplog.at_level("WARNING"):
+        assert _rates(seed_opt.model_config(config, 50, num_codes=4, code_dim=8)) == (0.1, 0.0, 0.05)
+        config.model.attention_dropout = 0.2
+        assert _rates(seed_opt.model_config(config, 50, num_codes=4, code_dim=8)) == (0.1, 0.2, 0.05)
+    assert "records no" not in caplog.text
+    old = _opt_export(str(tmp_path / "old"), dropout=0.1)
+    meta_path = os.path.join(old, weights.CONFIG_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for name in ("dropout", "attention_dropout", "lora_dropout"):
+        del meta["config"][name]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    config.init.opt = old
+    with caplog.at_level("WARNING"):
+        assert _rates(seed_opt.model_config(config, 50, num_codes=4, code_dim=8)) == (0.0, 0.2, 0.05)
+    assert f"init.opt: {old} records no dropout (written before" in caplog.text
+    caplog.clear()
+    config.model.dropout = 0.1
+    with caplog.at_level("WARNING"):
+        assert _rates(seed_opt.model_config(config, 50, num_codes=4, code_dim=8)) == (0.1, 0.2, 0.05)
+    assert "records no" not in caplog.text
+
+
+def test_models_trained_from_scratch_take_the_configs_rates_and_the_demos_are_0():
+    for preset in ("demo", "tiny"):
+        config = get_config(preset)
+        assert (config.model.dropout, config.model.attention_dropout, config.lora.dropout) == (0.0, 0.0, 0.0)
+    config.model.dropout, config.model.attention_dropout, config.lora.dropout = 0.1, 0.05, 0.2
+    assert _rates(seed_opt.model_config(config, 50, num_codes=4, code_dim=8)) == (0.1, 0.05, 0.2)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("model.dropout", 1.0, r"model.dropout: expected a dropout rate in \[0, 1\), got 1.0"),
+    ("model.attention_dropout", -0.5, r"model.attention_dropout: expected a dropout rate in \[0, 1\), got -0.5"),
+    ("lora.dropout", 1.5, r"lora.dropout: expected a dropout rate in \[0, 1\), got 1.5"),
+])
+def test_bad_dropout_rates_fail_with_the_other_model_settings(path, value, message):
+    """Checked up front with dtype, image_embedding and lora (`check_config`), as `train` does first."""
+    config = get_config("tiny")
+    group, name = path.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=message):
+        seed_opt.check_config(config)
+
+
+def test_without_init_opt_every_model_rate_must_be_set():
+    config = get_config("seed_opt_2.7b")
+    seed_opt.check_config(config)  # None: the converted OPT's
+    config.init.opt = ""
+    with pytest.raises(ValueError, match="model.dropout: expected a dropout rate in .*got None"):
+        seed_opt.check_config(config)
 
 
 def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
@@ -565,7 +677,7 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
 @pytest.mark.parametrize("key, value, message", [
     ("dtype", "bf16", "dtype: expected one of"),
     ("image_embedding", "codebook", "image_embedding: expected 'rows' or 'codebook_projection'"),
-    ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj")), r"lora targets: \['q_proj'\]"),
+    ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj"), dropout=0.0), r"lora targets: \['q_proj'\]"),
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):

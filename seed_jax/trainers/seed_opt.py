@@ -7,7 +7,10 @@ pre-tokenized corpus. Training has two phases, each a stage of the shared loop
 (`data/sequences.py` for the formats), on packed rows with next-token loss on the
 answer part only. The demo trains a small OPT from scratch; `seed_opt_2.7b` loads a
 converted OPT-2.7B (`convert hf_opt --image_tokens=8192`) and trains LoRA adapters
-and the appended token rows. Evaluation on held-out records: caption exact match
+and the appended token rows. Training steps drop at the model's rates (`config.model`'s,
+or the converted OPT's: its config.json's `dropout`, 0.1 in the released ones) and
+`lora.dropout` on the adapters' inputs, each step with its own key; evaluation and
+generation do not drop. Evaluation on held-out records: caption exact match
 (greedy captions from codes) and text -> image retrieval (greedy codes from a
 caption, 32 code tokens then </img>, scored through the tokenizer's code features).
 The result is exported to WORKDIR/export with LoRA merged (`api.SeedOPT.load`).
@@ -37,13 +40,14 @@ from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
 
 PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
+DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.model or the converted OPT
 
 
 def lm_loss(model: opt.OPT, batch, rng):
-    """Mean cross-entropy of the packed rows' targets (logits only at their positions)."""
-    del rng
+    """Mean cross-entropy of the packed rows' targets (logits only at their positions);
+    `rng` (the step's key, or None) is the model's dropout key."""
     logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                      logits_at=batch["target_index"])
+                      logits_at=batch["target_index"], dropout_rng=rng)
     mask = batch["target_mask"].astype(jnp.float32)
     # The target's logit picked by comparison, not gathered: a gather's gradient is a
     # scatter into a (B,K,V) buffer, a quarter of the demo's train step on CPU.
@@ -74,24 +78,34 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
 def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
-    `dtype`, `image_embedding` and `lora`, else a ValueError naming them."""
+    `dtype`, `image_embedding`, `lora` and the dropout rates, else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
+    layers.check_rate("lora.dropout", config.lora.dropout)
     if config.lora.rank:
         layers.LoRA(config.lora.rank, config.lora.alpha, config.lora.targets)
+    for name, rate in model_rates(config).items():
+        layers.check_rate(f"model.{name}", rate)
+
+
+def model_rates(config) -> dict[str, float]:
+    """The dropout rates `config.model` sets; with `init.opt` a rate left None takes the export's."""
+    return {name: config.model.get(name) for name in DROPOUT_RATES
+            if not (config.init.opt and config.model.get(name) is None)}
 
 
 def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) -> opt.OPTConfig:
-    """The trained model: the converted OPT's shape (`init.opt`) or `config.model`,
-    with the image tokens appended (as rows, or through the codebook projection of
-    the tokenizer's `code_dim`-wide codebook) and `config.lora`'s adapters."""
+    """The trained model: the converted OPT's shape and dropout rates (`init.opt`; rates
+    `config.model` sets override them) or `config.model`, with the image tokens
+    appended (as rows, or through the codebook projection of the tokenizer's
+    `code_dim`-wide codebook) and `config.lora`'s adapters."""
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
     extra = num_codes + opt.IMAGE_MARKERS
     projected = config.image_embedding == "codebook_projection"
     added = dict(extra_tokens=extra, code_dim=code_dim if projected else 0, lora_rank=config.lora.rank,
-                 lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
+                 lora_alpha=config.lora.alpha, lora_targets=config.lora.targets, lora_dropout=config.lora.dropout)
     if config.init.opt:
         kind, base, _ = weights.read_config(config.init.opt)
         if kind != "opt":
@@ -105,11 +119,23 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
         if text_vocab_size > base.vocab_size:
             raise ValueError(f"init.opt: the export's vocabulary ({base.vocab_size}) is smaller than the text "
                              f"tokenizer's ({text_vocab_size}, text_tokenizer {config.text_tokenizer.to_dict()})")
-        return opt.OPTConfig.from_dict({**base.__dict__, **added})
+        rates = model_rates(config)
+        warn_if_rates_unrecorded(config.init.opt, rates)
+        return opt.OPTConfig.from_dict({**base.__dict__, **rates, **added})
     if text_vocab_size > config.model.vocab_size:
         raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the text tokenizer's "
                          f"vocabulary ({text_vocab_size})")
     return opt.OPTConfig.from_dict({**config.model.to_dict(), **added})
+
+
+def warn_if_rates_unrecorded(export: str, rates: dict[str, float]) -> None:
+    """Logs a warning when the export at `export` predates recorded dropout rates (it
+    loads with 0.0) and `rates` does not set them either."""
+    missing = [name for name in DROPOUT_RATES if name not in rates and name not in weights.stored_config_fields(export)]
+    if missing:
+        logging.warning("init.opt: %s records no %s (written before exports recorded dropout): training takes 0.0; "
+                        "convert it again to train at the rates of its config.json, or set --config.model.%s",
+                        export, " or ".join(missing), missing[0])
 
 
 def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:

@@ -169,6 +169,27 @@ def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tm
         sequences.read_code_records([str(path)], 0, skipped)
 
 
+def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_reader_too(builder, tmp_path):
+    """A record whose codes lie outside the codebook: the training example skips and
+    counts it, and so does the evaluation reader (it once returned it, and the first
+    evaluation, after training up to it, raised when it built the record's prompt)."""
+    rng = np.random.default_rng(0)
+    beyond = code_records.encode_code_record("beyond", "a big blue circle", np.arange(32) + 40)  # 40..71, of 64
+    skipped = pipeline.SkipCounter()
+    assert sequences.CodeExample(builder, 0.0, 128, 80, skipped)(beyond, rng) is None and skipped.count == 1
+    path = tmp_path / "eval-00000-of-00001.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for raw in (beyond, code_records.encode_code_record("good", "a small red star", np.arange(32))):
+        writer.write(raw)
+    writer.close()
+    skipped = pipeline.SkipCounter()
+    read = sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped, num_codes=64)
+    assert [r["id"] for r in read] == ["good"] and skipped.count == 1
+    builder.caption_prompt(read[0]["codes"])  # what the evaluation builds from each record
+    with pytest.raises(ValueError, match=r"code record 'beyond': codes up to 71, the codebook has 64"):
+        code_records.decode_code_record(beyond, num_codes=64)
+
+
 def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path):
     rng = np.random.default_rng(0)
     rows = [(f"r{i}", synthetic.caption(synthetic.sample_scene(rng)), rng.integers(0, 64, 32)) for i in range(20)]

@@ -20,9 +20,10 @@ def encode_code_record(record_id: str, caption: str, codes) -> bytes:
                        "codes": [int(c) for c in codes]}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def decode_code_record(data: bytes, codes_per_image: int | None = None) -> dict:
+def decode_code_record(data: bytes, codes_per_image: int | None = None, num_codes: int | None = None) -> dict:
     """Bytes from `encode_code_record` -> {"id", "caption", "codes" int32 (N,)};
-    with `codes_per_image`, a record of another N is malformed too."""
+    with `codes_per_image`, a record of another N is malformed too, and with
+    `num_codes` (the codebook's size) one with a code outside [0, num_codes)."""
     try:
         record = json.loads(bytes(data).decode("utf-8"))
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
@@ -34,4 +35,7 @@ def decode_code_record(data: bytes, codes_per_image: int | None = None) -> dict:
         raise ValueError(f"corrupt code record: unexpected content {str(record)[:200]!r}")
     if codes_per_image is not None and len(record["codes"]) != codes_per_image:
         raise ValueError(f"code record {record['id']!r}: {len(record['codes'])} codes, expected {codes_per_image}")
+    if num_codes is not None and max(record["codes"]) >= num_codes:
+        raise ValueError(f"code record {record['id']!r}: codes up to {max(record['codes'])}, the codebook has "
+                         f"{num_codes}")
     return {"id": record["id"], "caption": record["caption"], "codes": np.asarray(record["codes"], np.int32)}

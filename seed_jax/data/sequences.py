@@ -183,9 +183,10 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
 
 
 def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter,
-                      codes_per_image: int = CODES_PER_IMAGE) -> list[dict]:
-    """The first `num_examples` decodable code records of `codes_per_image` codes
-    (others skipped and counted); `pipeline.ALL_RECORDS`: every decodable one."""
+                      codes_per_image: int = CODES_PER_IMAGE, num_codes: int | None = None) -> list[dict]:
+    """The first `num_examples` decodable code records of `codes_per_image` codes, each
+    in [0, `num_codes`) when it is given (others skipped and counted, as `CodeExample`
+    skips them); `pipeline.ALL_RECORDS`: every decodable one."""
     every = num_examples == pipeline.ALL_RECORDS
     if num_examples < 1 and not every:
         raise ValueError(f"num_examples: expected at least 1 ({pipeline.ALL_RECORDS}: all), got {num_examples}")
@@ -195,7 +196,7 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
         if len(out) == num_examples:
             break
         try:
-            out.append(code_records.decode_code_record(source[i], codes_per_image))
+            out.append(code_records.decode_code_record(source[i], codes_per_image, num_codes))
         except ValueError:
             skipped.add()
     if len(out) < num_examples or not out:

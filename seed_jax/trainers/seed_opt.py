@@ -310,7 +310,7 @@ def train(config, workdir: str) -> bool:
 
     skipped = pipeline.SkipCounter()
     eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
-                                               codes_per_image)
+                                               codes_per_image, num_codes)
     caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
     writer = loop.MetricsWriter(workdir)

@@ -176,6 +176,11 @@ def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
     assert tok.tokenizer.token_to_id("Ġred") == len(tokens) - 1 and (tok.bos_id, tok.pad_id) == (2, 1)
     assert tok.encode("a red") == [tokens.index("a"), tokens.index("Ġred")]
     assert tok.decode(tok.encode("a red dog")) == "a red dog"
+    # OPT's specials, not GPT-2's: no "<|endoftext|>" added beyond OPT's vocabulary (transformers'
+    # GPT-2 default), and "</s>" in text is OPT's end token, as transformers' OPT tokenizer reads it
+    assert tok.vocab_size == len(tokens)
+    assert max(tok.encode("a <|endoftext|> red")) < len(tokens)
+    assert tok.encode("a red</s>") == [tokens.index("a"), tokens.index("Ġred"), tok.eos_id]
 
 
 def test_processes_do_not_shuffle_their_slices_in_lockstep(shards, example, monkeypatch):

@@ -19,6 +19,9 @@ from tokenizers import decoders, models, pre_tokenizers
 from seed_jax.data.text import read_bpe_files
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+# The special tokens transformers' OPT tokenizer is configured with: GPT-2's default,
+# "<|endoftext|>", is not in OPT's vocabulary and would be added as one more token.
+OPT_SPECIAL_TOKENS = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
 FILE_NAME = "text_tokenizer.json"  # beside an export's model.json
 
 
@@ -96,4 +99,4 @@ def gpt2_bpe(folder: str) -> tokenizers.Tokenizer:
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"text tokenizer folder: {path!r} does not exist (OPT's GPT-2 BPE files)")
-    return read_bpe_files(GPT2TokenizerFast, paths[0], paths[1], "text tokenizer folder")
+    return read_bpe_files(GPT2TokenizerFast, paths[0], paths[1], "text tokenizer folder", **OPT_SPECIAL_TOKENS)

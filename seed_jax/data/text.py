@@ -90,13 +90,14 @@ def clip_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
     return read_bpe_files(CLIPTokenizerFast, vocab_file, merges_file, "clip_vocab_file")
 
 
-def read_bpe_files(fast_tokenizer_class, vocab_file: str, merges_file: str, name: str) -> tokenizers.Tokenizer:
+def read_bpe_files(fast_tokenizer_class, vocab_file: str, merges_file: str, name: str,
+                   **special_tokens: str) -> tokenizers.Tokenizer:
     """The `tokenizers` BPE that transformers' `fast_tokenizer_class` builds from
-    `vocab.json` + `merges.txt`, else a ValueError naming `name` when the vocabulary was
-    not read. The files go positionally: transformers 4 names them vocab_file /
-    merges_file, 5 names them vocab / merges and ignores the old keywords (an empty
-    vocabulary that maps every word to one id)."""
-    tokenizer = fast_tokenizer_class(vocab_file, merges_file).backend_tokenizer
+    `vocab.json` + `merges.txt` (and `special_tokens`, e.g. bos_token="</s>"), else a
+    ValueError naming `name` when the vocabulary was not read. The files go positionally:
+    transformers 4 names them vocab_file / merges_file, 5 names them vocab / merges and
+    ignores the old keywords (an empty vocabulary that maps every word to one id)."""
+    tokenizer = fast_tokenizer_class(vocab_file, merges_file, **special_tokens).backend_tokenizer
     with open(vocab_file, encoding="utf-8") as f:
         expected = len(json.load(f))
     if tokenizer.get_vocab_size() < expected:

@@ -334,6 +334,32 @@ def test_captions_written_with_a_byte_order_mark(tmp_path, capsys):
     assert f"--captions {tmp_path / 'bad.json'}: not JSON" in capsys.readouterr().err
 
 
+def test_file_names_and_captions_that_are_not_unicode_text(tmp_path, capsys):
+    r"""A file name that is not UTF-8 (Python reads its bytes as lone surrogates, which no
+    record can hold) gets an id with the bytes as \xNN; a caption with a lone surrogate
+    (a JSON escape) is skipped and counted as a caption file that is not text is; an id
+    with one fails naming its record. Each once ended the whole run with 'error: utf-8'."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _image(str(folder / "a.jpg"), seed=1)
+    _write(str(folder / "a.txt"), "plain")
+    latin = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")  # a Latin-1 name
+    Image.new("RGB", (8, 8)).save(latin, format="JPEG")
+    with open(latin[:-4] + b".txt", "w") as f:
+        f.write("a Latin-1 file name")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0, capsys.readouterr()
+    assert {k: v["caption"] for k, v in _read(out).items()} == {"a.jpg": "plain", "caf\\xe9.jpg": "a Latin-1 file name"}
+    captions = tmp_path / "captions.jsonl"
+    _write(str(captions), '{"image": "a.jpg", "caption": ["fine", "half a pair \\ud800 of surrogates"]}\n')
+    assert _run("--source=folder", f"--input={folder}", f"--captions={captions}", f"--out={out}", "--prefix=json",
+                "--num_workers=1") == 0, capsys.readouterr()
+    assert {k: v["caption"] for k, v in _read(out, "json").items()} == {"a.jpg": "fine"}
+    assert _summary(out, "json")["skipped_ids"] == {"empty_caption": ["a.jpg#1"]}
+    _write(str(captions), '{"image": "a.jpg", "caption": "fine", "id": "x\\ud800"}\n')
+    assert _run("--source=folder", f"--input={folder}", f"--captions={captions}", f"--out={out}", "--prefix=id",
+                "--num_workers=1") == 1
+    assert "record 'x\\ud800': its id or caption is not Unicode text" in capsys.readouterr().err
+
+
 def test_resize_gives_the_shorter_side_and_keeps_smaller_images(tmp_path):
     folder, out = tmp_path / "images", tmp_path / "out"
     _image(str(folder / "wide.png"), size=(64, 40), seed=1)

@@ -92,16 +92,28 @@ def _read_captions(entry: Entry) -> tuple:
         return ()
 
 
+def _is_text(caption) -> bool:
+    """A str that UTF-8 can hold: not one with a lone surrogate (a JSON escape such as \\ud800)."""
+    if not isinstance(caption, str):
+        return False
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepared:
     """Reads and checks `entry`: a record per non-empty caption (stripped of surrounding
-    whitespace) when the image reads and decodes; every skipped caption under its reason."""
+    whitespace) when the image reads and decodes; every skipped caption under its reason
+    (one that is not text, as a caption file that is not UTF-8, as an empty caption)."""
     skipped: dict[str, list[str]] = {}
     captions = _read_captions(entry)
     if not captions:
         return Prepared([], {"missing_caption": [entry.id]})
     kept = []
     for k, caption in enumerate(captions):
-        text = caption.strip() if isinstance(caption, str) else ""
+        text = caption.strip() if _is_text(caption) else ""
         if text:
             kept.append((record_id(entry.id, k), text))
         else:

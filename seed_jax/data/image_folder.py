@@ -16,10 +16,10 @@ Layouts:
   * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
     `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order, symlinked
     folders included).
-Image paths are relative to the folder; ids are those paths (with `/`), `#k` added for
-an image's k-th caption from k = 1. Two entries of a captions file that would give one
-record id are an error naming the id and where the file names each, raised before any
-image is read.
+Image paths are relative to the folder; ids are those paths (with `/`; a sidecar file
+name's bytes that are not UTF-8 as \\xNN), `#k` added for an image's k-th caption from
+k = 1. Two entries of a captions file that would give one record id are an error naming
+the id and where the file names each, raised before any image is read.
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ def _image_path(input_dir: str, relative: str) -> str:
 
 def _normalized(relative: str) -> str:
     return relative.replace(os.sep, "/")
+
+
+def _name_id(relative: str) -> str:
+    """A path found on disk as a record id: the bytes of a name that is not UTF-8 (which
+    Python reads as lone surrogates, text no record can hold) written as \\xNN."""
+    return os.fsencode(_normalized(relative)).decode("utf-8", "backslashreplace")
 
 
 def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
@@ -230,12 +236,12 @@ def sidecar_entries(input_dir: str) -> list[Entry]:
             stem, extension = os.path.splitext(name)
             if extension.lower() not in IMAGE_EXTENSIONS:
                 continue
-            relative = _normalized(os.path.relpath(os.path.join(root, name), input_dir))
+            relative = _name_id(os.path.relpath(os.path.join(root, name), input_dir))
             text = texts.get(stem)
             captioned.add(stem)
             entries.append(Entry(relative, os.path.join(root, name),
                                  caption_file=os.path.join(root, text) if text else ""))
         for stem in sorted(set(texts) - captioned):
-            relative = _normalized(os.path.relpath(os.path.join(root, texts[stem]), input_dir))
+            relative = _name_id(os.path.relpath(os.path.join(root, texts[stem]), input_dir))
             entries.append(Entry(relative, "", caption_file=os.path.join(root, texts[stem])))
     return entries

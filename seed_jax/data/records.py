@@ -40,17 +40,21 @@ def encode_record(record: dict) -> bytes:
     caption, record_id = record["caption"], record["id"]
     if not isinstance(caption, str) or not isinstance(record_id, str):
         raise TypeError("record 'caption' and 'id' must be str")
-    header = json.dumps(
-        {
-            "format": FORMAT_VERSION,
-            "caption": caption,
-            "id": record_id,
-            "image_length": len(image),
-            "image_crc32": zlib.crc32(image),
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode("utf-8")
+    try:
+        header = json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "caption": caption,
+                "id": record_id,
+                "image_length": len(image),
+                "image_crc32": zlib.crc32(image),
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"record {record_id!r}: its id or caption is not Unicode text ({e.reason}: "
+                         f"{e.object[e.start:e.end]!r})") from None
     return _HEADER_LENGTH.pack(len(header)) + header + image
 
 

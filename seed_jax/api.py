@@ -339,7 +339,8 @@ class SeedOPT:
 
     def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
-                 prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32):
+                 prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
+                 max_text_tokens: int = sequences.MAX_TEXT_TOKENS):
         layers.compute_dtype(dtype)  # checks the name
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -351,6 +352,7 @@ class SeedOPT:
                 raise ValueError(f"tokenizer: its {tokenizer.num_codes} codes, the model's image tokens hold "
                                  f"{num_codes} codes: expected the SEED tokenizer SEED-OPT was trained on")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
+        self.max_text_tokens = max_text_tokens
         graphdef, self._state = nnx.split(model)
         precision = "highest" if dtype == "float32" else "default"
 
@@ -382,8 +384,9 @@ class SeedOPT:
         or a folder with OPT's vocab.json + merges.txt) or the export's own
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
         for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
-        here runs `batch_size` rows at a time too. The prompts are those SEED-OPT was
-        trained with (the export's info), else `sequences.Prompts()`."""
+        here runs `batch_size` rows at a time too. The prompts, and the length their
+        text is cut to, are those SEED-OPT was trained with (the export's info), else
+        `sequences.Prompts()` and `sequences.MAX_TEXT_TOKENS`."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
@@ -397,6 +400,7 @@ class SeedOPT:
         own = os.path.join(path, opt_text.FILE_NAME)
         prompts = sequences.Prompts(**info.get("prompts", {}))
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
+                   max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
                    text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
                    else None)
 
@@ -482,7 +486,7 @@ class SeedOPT:
             raise ValueError("this model has no image tokens: convert it with --image_tokens, or train SEED-OPT")
         num_codes = self.config.total_vocab_size - ids["first_code_id"]
         image = sequences.ImageTokens(ids["image_start_id"], ids["image_end_id"], ids["first_code_id"], num_codes)
-        return sequences.SequenceBuilder(self.text_tokenizer, image, self.prompts)
+        return sequences.SequenceBuilder(self.text_tokenizer, image, self.prompts, self.max_text_tokens)
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         length = max(len(p) for p in prompts)

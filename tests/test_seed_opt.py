@@ -201,6 +201,31 @@ def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, t
         next(iterator)
 
 
+def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path):
+    """data.max_text_tokens cuts a text -> image prompt in training; the evaluation's
+    prompts and the export's were cut at SequenceBuilder's default (64) whatever it was."""
+    config = get_config("tiny")
+    config.data.max_text_tokens = 6
+    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
+                             max_positions=128, extra_tokens=64 + 2)
+    model = weights.build("opt", model_config)
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    trained = sequences.SequenceBuilder(text, image, max_text_tokens=config.data.max_text_tokens)
+    caption = "a small red star at the top left and a big blue circle in the centre"
+    record = {"id": "r", "caption": caption, "codes": np.arange(32)}
+
+    class Retrieval:
+        def recall(self, *args):
+            return {"r1": 0.0}
+
+    evaluator = seed_opt.Evaluator(config, [record], image, text, Retrieval(), str(tmp_path), "", "")
+    assert evaluator.seed_opt(model).builder.generation_prompt(caption) == trained.generation_prompt(caption)
+    out = str(tmp_path / "export")
+    seed_opt.export(model_config, weights.flat_params(model), image, text, out,
+                    info={"max_text_tokens": config.data.max_text_tokens})
+    assert api.SeedOPT.load(out).builder.generation_prompt(caption) == trained.generation_prompt(caption)
+
+
 def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
     config = get_config("tiny")
     model = OPTConfig(vocab_size=64, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=config.data.seq_length)
@@ -322,6 +347,7 @@ def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config.eval.decode.num_steps = 2
     config.image_embedding = "codebook_projection"  # the path with more parts (rows: the demo, tests above)
     config.prompts.caption = "A picture of"  # not the default: the export must carry it
+    config.data.max_text_tokens = 48  # not the default either
     workdir = str(tmp_path_factory.mktemp("seed_opt"))
     assert seed_opt.train(config, workdir)
     return workdir, config
@@ -348,6 +374,7 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     model = api.SeedOPT.load(os.path.join(workdir, "export"), tokenizer=tokenizer_export,
                              diffusion=os.path.join(os.path.dirname(tokenizer_export), "..", "export"), batch_size=2)
     assert model.text_tokenizer is not None and model.image_token_ids["first_code_id"] == 640 + 2
+    assert model.max_text_tokens == config.data.max_text_tokens
     assert model.tokenizer.batch_size == 2 and model.tokenizer.diffusion.batch_size == 2  # one memory setting
     images = [synthetic.make_example(i, 9, 32) for i in range(3)]
     pixels = [np.asarray(preprocess.decode_image(e["image"])) for e in images]

@@ -30,6 +30,7 @@ from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.pipeline import SkipCounter
 
 CODES_PER_IMAGE = 32  # SEED's causal queries
+MAX_TEXT_TOKENS = 64  # the longest caption, question or generation prompt text, in tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class SequenceBuilder:
     """Prompts (what generation starts from) and full training sequences with their loss masks."""
 
     def __init__(self, text: OPTTextTokenizer, image: ImageTokens, prompts: Prompts = Prompts(),
-                 max_text_tokens: int = 64):
+                 max_text_tokens: int = MAX_TEXT_TOKENS):
         self.text, self.image, self.prompts, self.max_text_tokens = text, image, prompts, max_text_tokens
 
     def _words(self, text: str) -> list[int]:

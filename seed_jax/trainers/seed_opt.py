@@ -195,7 +195,8 @@ class Evaluator:
                    "first_code_id": self.image_tokens.first_code}
             self._seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids,
                                          text_tokenizer=self.text,
-                                         prompts=sequences.Prompts(**self.config.prompts.to_dict()))
+                                         prompts=sequences.Prompts(**self.config.prompts.to_dict()),
+                                         max_text_tokens=self.config.data.max_text_tokens)
         return self._seed_opt
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
@@ -341,7 +342,7 @@ def train(config, workdir: str) -> bool:
     if jax.process_index() == 0 and weights.write_unless_current(out, steps, lambda: export(
             model.config, params, image_tokens, text, out,
             info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
-                  "prompts": config.prompts.to_dict()})):
+                  "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens})):
         with open(os.path.join(workdir, "DONE.json"), "w") as f:
             json.dump({"export": out, "tokenizer_export": tok_export}, f)
     return True

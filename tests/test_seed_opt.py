@@ -312,6 +312,30 @@ def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_
     assert summary["records"] == 3  # another prefix in the same folder is fine
 
 
+def test_pretokenize_killed_while_writing_a_summary_reruns_the_shard(tmp_path, monkeypatch):
+    """A run killed while it wrote a shard's summary left it cut short beside the finished
+    shard; every rerun then took the shard as done and failed reading the summary."""
+    paths = synthetic.write_shapes_dataset(str(tmp_path / "images"), split="train", num_examples=3, seed=0,
+                                           image_size=16, num_shards=1, num_workers=1)
+
+    class Encoder:
+        image_size = 16
+
+        def __call__(self, pixels):
+            return np.zeros((len(pixels), 32), np.int32)
+
+    def killed(data, f, **kwargs):
+        f.write(json.dumps(data)[:5])
+        raise KeyboardInterrupt  # how a kill (SIGINT, or the end of a job's time) stops a write
+
+    out = str(tmp_path / "codes")
+    monkeypatch.setattr(pretokenize.json, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize.tokenize_split(Encoder(), paths, out, "train", batch_size=2, num_threads=1)
+    monkeypatch.undo()
+    assert pretokenize.tokenize_split(Encoder(), paths, out, "train", batch_size=2, num_threads=1)["records"] == 3
+
+
 def test_the_demo_pretokenizes_a_tokenizer_runs_own_array_record_images(tmp_path, monkeypatch):
     """A reused tokenizer run trained on ArrayRecord shards elsewhere (data.source=array_record):
     its images were once looked for in TOKENIZER_WORKDIR/data, which only the synthetic

@@ -87,8 +87,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
         writer.close()
     os.replace(path + ".partial", path)
     summary = {"records": written, "skipped_records": skipped, "source_records": stop - start}
-    with open(summary_path, "w") as f:
-        json.dump(summary, f)
+    records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
 

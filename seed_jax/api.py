@@ -185,6 +185,13 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.key(int(seed))
 
 
+def _check_ids_in_vocabulary(name: str, ids: np.ndarray, vocab_size: int, hint: str = "") -> None:
+    """Refuses token ids outside [0, vocab_size), naming `name` (and adding `hint`)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name}: values must lie in [0, {vocab_size}) (the text encoder's vocabulary), "
+                         f"got [{ids.min()}, {ids.max()}]" + (f"; {hint}" if hint else ""))
+
+
 def to_uint8(images) -> np.ndarray:
     """Float images in [-1,1] -> uint8 [0,255]."""
     return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
@@ -258,12 +265,16 @@ class StableDiffusion:
             jnp.arange(batch)))
 
     def encode_text(self, input_ids) -> np.ndarray:
-        """Token ids (B,L) -> the text encoder's last hidden state (B,L,X)."""
+        """Token ids (B,L) in [0, vocab_size) -> the text encoder's last hidden state (B,L,X)."""
         if self.model.text_encoder is None:
             raise ValueError("this model has no text encoder")
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids: expected integer (B,L), got {ids.dtype} {ids.shape}")
+        if not ids.shape[0]:
+            raise ValueError(f"input_ids: the batch is empty, got {ids.shape}")
+        # the embedding lookup would clamp an id outside the vocabulary to its last row
+        _check_ids_in_vocabulary("input_ids", ids, self.config.text_encoder.vocab_size)
         return np.asarray(run_in_chunks(lambda x: self._encode_text(self._state, x), (ids.astype(np.int32),),
                                         self.batch_size))
 
@@ -272,7 +283,11 @@ class StableDiffusion:
         if self.config.empty_prompt_ids is None or self.model.text_encoder is None:
             raise ValueError("this model has no text encoder or empty-prompt ids: pass negative_embeds")
         if self._empty_prompt is None:  # the weights are fixed: encode once
-            self._empty_prompt = self.encode_text(np.asarray([self.config.empty_prompt_ids]))
+            ids = np.asarray([self.config.empty_prompt_ids])
+            _check_ids_in_vocabulary("empty_prompt_ids", ids, self.config.text_encoder.vocab_size,
+                                     hint="the model's tokenized empty prompt does not fit its text encoder; "
+                                          "pass negative_embeds")
+            self._empty_prompt = self.encode_text(ids)
         return np.repeat(self._empty_prompt, batch, axis=0)
 
     def sample(self, prompt_embeds, negative_embeds=None, *, latents=None, num_steps: int = 50,

@@ -312,6 +312,36 @@ def test_sample_rejects_bad_inputs(converted):
         sd.sample(np.zeros((0, 77, CONTEXT_WIDTH), np.float32), num_steps=2)
 
 
+def test_encode_text_rejects_ids_outside_the_vocabulary(converted):
+    """Ids past the text encoder's vocabulary (another tokenizer's, e.g. SD v1's 49406
+    given to a smaller one) were looked up clamped to its last row, and negative ids
+    wrapped around: silently wrong embeddings. They are refused, naming input_ids."""
+    _, sd = converted
+    vocab = sd.config.text_encoder.vocab_size
+    ids = np.asarray([sd.config.empty_prompt_ids])
+    assert sd.encode_text(ids).shape == (1, 77, CONTEXT_WIDTH)
+    for bad in (vocab, 49406, -1):
+        wrong = ids.copy()
+        wrong[0, 1] = bad
+        with pytest.raises(ValueError, match=rf"input_ids: values must lie in \[0, {vocab}\) \(the text encoder's "
+                                             rf"vocabulary\), got \[{wrong.min()}, {wrong.max()}\]"):
+            sd.encode_text(wrong)
+    with pytest.raises(ValueError, match=r"input_ids: the batch is empty, got \(0, 77\)"):
+        sd.encode_text(np.zeros((0, 77), np.int32))
+
+
+def test_empty_prompt_ids_outside_the_vocabulary_are_named(converted):
+    """A model whose empty-prompt ids do not fit its text encoder (SD v1's ids written for
+    a CompVis file whose text encoder has another vocabulary) gave a clamped, wrong
+    unconditional embedding as the default negative; it is now an error saying so."""
+    _, sd = converted
+    config = dataclasses.replace(sd.config, empty_prompt_ids=(49406,) + (49407,) * 76)
+    model = StableDiffusion(weights.materialize(weights.build("stable_diffusion", config, abstract=True),
+                                                weights.flat_params(sd.model)))
+    with pytest.raises(ValueError, match=r"empty_prompt_ids: .* \[0, 64\).*pass negative_embeds"):
+        model.sample(np.zeros((1, 77, CONTEXT_WIDTH), np.float32), num_steps=1)
+
+
 @pytest.mark.slow
 def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
     """SD v1's UNet (one denoising step) and autoencoder (encode and decode) with random

@@ -185,6 +185,15 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.key(int(seed))
 
 
+def _check_guidance_scale(guidance_scale) -> np.float32:
+    """One finite real number (NaN > 1 is False: guidance would silently be off)."""
+    scale = np.asarray(guidance_scale)
+    if scale.ndim or not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)) \
+            or not np.isfinite(scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    return np.float32(scale)
+
+
 def _check_ids_in_vocabulary(name: str, ids: np.ndarray, vocab_size: int, hint: str = "") -> None:
     """Refuses token ids outside [0, vocab_size), naming `name` (and adding `hint`)."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -301,9 +310,8 @@ class StableDiffusion:
         batch = prompt_embeds.shape[0]
         if not batch:
             raise ValueError(f"prompt_embeds: the batch is empty, got {prompt_embeds.shape}")
-        if not np.isfinite(guidance_scale):  # NaN > 1 is False: guidance would silently be off
-            raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale}")
-        guided = guidance_scale > 1.0
+        scale = _check_guidance_scale(guidance_scale)
+        guided = scale > 1.0
         if guided:
             if negative_embeds is None:
                 negative_embeds = self.empty_prompt_embeds(batch)
@@ -323,7 +331,6 @@ class StableDiffusion:
         if not np.isfinite(latents).all():
             raise ValueError("latents: contains NaN or infinity")
         plan = samplers.get(sampler).plan(self.config.schedule, num_steps)
-        scale = np.float32(guidance_scale)
         inputs = (prompt_embeds, negative_embeds, latents) if guided else (prompt_embeds, latents)
 
         def run(*chunk):

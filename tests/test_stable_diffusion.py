@@ -308,6 +308,9 @@ def test_sample_rejects_bad_inputs(converted):
         sd.sample(good, latents=np.full((1, *sd.latent_shape), np.nan, np.float32), num_steps=2)
     with pytest.raises(ValueError, match="guidance_scale: expected a finite number, got nan"):
         sd.sample(good, num_steps=2, guidance_scale=float("nan"))
+    for bad in (None, "7.5", [7.5, 2.0]):  # numpy's TypeError or "truth value ... is ambiguous" named nothing
+        with pytest.raises(ValueError, match="guidance_scale: expected a finite number"):
+            sd.sample(good, num_steps=2, guidance_scale=bad)
     with pytest.raises(ValueError, match="prompt_embeds: the batch is empty"):
         sd.sample(np.zeros((0, 77, CONTEXT_WIDTH), np.float32), num_steps=2)
 

@@ -144,6 +144,8 @@ def check_options(config) -> None:
     if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
         raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval
+    if e.batch_size < 1:  # else the evaluator, built once the tokenizer is trained, says "batch_size: ..."
+        raise ValueError(f"eval.batch_size: expected >= 1, got {e.batch_size}")
     if not np.isfinite(e.guidance_scale):
         raise ValueError(f"eval.guidance_scale: expected a finite number, got {e.guidance_scale}")
     schedule = NoiseSchedule(**config.schedule.to_dict())

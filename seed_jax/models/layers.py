@@ -265,8 +265,9 @@ class Attention(nnx.Module):
         return out + self.out_bias[...].astype(self.dtype)
 
     def dot_product(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        """Unmasked attention through `jax.nn.dot_product_attention`, which uses the
-        backend's fused kernel (cuDNN flash attention on GPUs) where the shapes allow.
+        """Unmasked attention through `jax.nn.dot_product_attention` with no
+        implementation named, which JAX 0.10 runs as its XLA path on every backend
+        (not cuDNN's fused kernel: that takes implementation="cudnn").
         x (B,L,D), context (B,S,D_kv) or None -> (B,L,D)."""
         context = x if context is None else context
         y = jax.nn.dot_product_attention(self.project(x, "query"), self.project(context, "key"),

@@ -184,22 +184,42 @@ def first_count(num_examples: int, available: int) -> int:
 
 
 def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, global_batch_size: int,
-                 num_threads: int = 8) -> list[dict]:
+                 num_threads: int = 8) -> "EvalBatches":
     """The first `num_examples` records (ALL_RECORDS: every one), padded to whole global
     batches (padding has index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
     index, count = _process_slice()
     if global_batch_size % count:
         raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
-    source = _source(paths)
-    num_examples = first_count(num_examples, len(source))
+    num_examples = first_count(num_examples, len(_source(paths)))
     per_process = global_batch_size // count
     num_batches = -(-num_examples // global_batch_size)
     rows = [g * global_batch_size + index * per_process + r
             for g in range(num_batches) for r in range(per_process)]
-    ds = grain.MapDataset.source(rows).map(
-        lambda i: example.eval((i, source[i] if i < num_examples else None)))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
-    return list(ds.batch(per_process))
+    return EvalBatches(paths, rows, num_examples, per_process, example, num_threads)
+
+
+class EvalBatches:
+    """This process's eval batches, decoded again at each pass rather than held: a whole
+    Karpathy test split at 224 px is 25k float32 images, 15 GB. The same batches every
+    pass; corrupt records are counted in the first pass only (`example.skipped`)."""
+
+    def __init__(self, paths: Sequence[str], rows: list[int], num_examples: int, per_process: int,
+                 example: Example, num_threads: int):
+        self._paths, self._rows, self._num_examples = list(paths), rows, num_examples
+        self._per_process, self._example, self._num_threads = per_process, example, num_threads
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return len(self._rows) // self._per_process
+
+    def __iter__(self):
+        example = self._example if self._passes == 0 else dataclasses.replace(self._example, skipped=SkipCounter())
+        self._passes += 1
+        source, num_examples = _source(self._paths), self._num_examples
+        ds = grain.MapDataset.source(self._rows).map(
+            lambda i: example.eval((i, source[i] if i < num_examples else None)))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=4))
+        return iter(ds.batch(self._per_process))
 
 
 def read_records(paths: Sequence[str], num_examples: int) -> list[bytes]:

@@ -166,6 +166,7 @@ class SeedTokenizer:
         (seed, i)."""
         if self.diffusion is None:
             raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
+        self.diffusion.check_sampling(num_steps, guidance_scale, sampler, seed)  # before the codes are embedded
         embeds = self.embed_codes(codes)
         latents = self.diffusion.initial_noise(embeds.shape[0], seed)
         images = self.diffusion.sample(embeds, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
@@ -310,7 +311,7 @@ class StableDiffusion:
         batch = prompt_embeds.shape[0]
         if not batch:
             raise ValueError(f"prompt_embeds: the batch is empty, got {prompt_embeds.shape}")
-        scale = _check_guidance_scale(guidance_scale)
+        scale, plan = self.check_sampling(num_steps, guidance_scale, sampler, seed)
         guided = scale > 1.0
         if guided:
             if negative_embeds is None:
@@ -330,7 +331,6 @@ class StableDiffusion:
                              f"{factor} (default size {self.latent_shape[:2]}), got {latents.shape}")
         if not np.isfinite(latents).all():
             raise ValueError("latents: contains NaN or infinity")
-        plan = samplers.get(sampler).plan(self.config.schedule, num_steps)
         inputs = (prompt_embeds, negative_embeds, latents) if guided else (prompt_embeds, latents)
 
         def run(*chunk):
@@ -338,6 +338,13 @@ class StableDiffusion:
             return self._sample(self._state, plan, prompt, negative, noise, scale, sampler)
 
         return np.asarray(run_in_chunks(run, inputs, self.batch_size))
+
+    def check_sampling(self, num_steps: int, guidance_scale: float, sampler: str, seed: int):
+        """(guidance scale float32, the sampler's plan) for `sample`'s options, else a
+        ValueError naming the bad one."""
+        scale = _check_guidance_scale(guidance_scale)
+        seed_key(seed)
+        return scale, samplers.get(sampler).plan(self.config.schedule, num_steps)
 
     def _check_embeds(self, name: str, embeds, batch: int | None, length: int | None = None) -> np.ndarray:
         embeds = np.asarray(embeds, np.float32)

@@ -60,6 +60,24 @@ def test_decode_needs_a_diffusion_model(trained):
         tokenizer.decode(np.zeros((1, 32), np.int32))
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(sampler="euler"), "sampler"), (dict(num_steps=0), "num_steps"), (dict(seed=-1), "seed"),
+    (dict(guidance_scale=None), "guidance_scale")])
+def test_decode_checks_its_options_before_embedding_the_codes(trained, monkeypatch, options, message):
+    """A bad option is named before the codes are embedded (a compile and a run of the
+    reverse Q-Former; it once came after them)."""
+    with open(os.path.join(trained, "DONE.json")) as f:
+        done = json.load(f)
+    tokenizer = api.SeedTokenizer.load(done["tokenizer_export"], diffusion=done["export"])
+
+    def embedded(codes):
+        raise AssertionError("the codes were embedded before the options were checked")
+
+    monkeypatch.setattr(tokenizer, "embed_codes", embedded)
+    with pytest.raises(ValueError, match=message):
+        tokenizer.decode(np.zeros((1, 32), np.int32), **options)
+
+
 def test_space_to_depth_round_trip():
     x = np.random.default_rng(0).standard_normal((2, 8, 12, 3)).astype(np.float32)
     patches = space_to_depth(x, 4)

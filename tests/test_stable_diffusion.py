@@ -14,6 +14,7 @@ from sd_fixtures import (CONTEXT_WIDTH, diffusers_scheduler, randomize, tiny_pip
                          tiny_tokenizer)
 from seed_jax import weights
 from seed_jax.api import StableDiffusion
+from seed_jax.diffusion.schedule import NoiseSchedule
 from seed_jax.convert.__main__ import convert
 from seed_jax.convert.__main__ import main as convert_main
 
@@ -407,3 +408,15 @@ def test_unfollowed_scheduler_settings_are_named():
                        ("trained_betas", [1e-4] * 1000)):
         with pytest.raises(ValueError, match=f"scheduler_config.json {key}="):
             sd_convert.schedule_config({**saved, key: value})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_train_timesteps=0), "num_train_timesteps: expected an integer >= 1, got 0"),
+    (dict(steps_offset=-1), r"steps_offset: expected an integer in \[0, num_train_timesteps = 1000\), got -1"),
+    (dict(steps_offset=1000), "steps_offset: .* got 1000"),
+    (dict(beta_schedule="cosine"), "beta_schedule: expected one of"),
+    (dict(prediction_type="sample"), "prediction_type: expected one of")])
+def test_a_bad_noise_schedule_is_named(fields, message):
+    """A negative steps_offset once indexed the schedule from its end, silently."""
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule(**fields)

@@ -25,6 +25,12 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {self.num_train_timesteps!r}")
+        # a negative offset would index alpha-bar from its end
+        if not isinstance(self.steps_offset, int) or not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ValueError(f"steps_offset: expected an integer in [0, num_train_timesteps = "
+                             f"{self.num_train_timesteps}), got {self.steps_offset!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:

@@ -4,6 +4,7 @@ tiny trainer end to end with its export, and the image/text API."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -190,15 +191,18 @@ def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_r
         code_records.decode_code_record(beyond, num_codes=64)
 
 
-def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path):
+def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path, caplog):
     rng = np.random.default_rng(0)
     rows = [(f"r{i}", synthetic.caption(synthetic.sample_scene(rng)), rng.integers(0, 64, 32)) for i in range(20)]
     path = _write_code_records(tmp_path / "train-00000-of-00001.array_record", rows)
     too_short = sequences.CodeExample(builder, 0.0, 32, 80, pipeline.SkipCounter())  # image -> text needs ~50
     iterator = sequences.packed_train_iterator([path], too_short, global_batch_size=2, seed=0, num_packing_bins=2,
                                                num_threads=1)
-    with pytest.raises(ValueError, match="skipped 100.00 %"):
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="skipped 100.00 %"):
         next(iterator)
+    # grain's error names no cause: the first skipped sequence said why
+    assert re.search(r"skipped a sequence of \d+ tokens with \d+ targets: a packed row holds 32 tokens "
+                     r"\(data.seq_length\) and 80 targets", caplog.text)
 
 
 def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path):

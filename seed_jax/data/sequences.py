@@ -18,12 +18,14 @@ about a quarter of all positions).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Sequence
 
 import grain
 import grain.experimental
 import jax
 import numpy as np
+from absl import logging
 
 from seed_jax.data import code_records, pipeline
 from seed_jax.data.opt_text import OPTTextTokenizer
@@ -132,6 +134,7 @@ class CodeExample:
     max_targets: int
     skipped: SkipCounter
     codes_per_image: int = CODES_PER_IMAGE
+    said_too_long: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False, repr=False)
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
         try:
@@ -144,6 +147,12 @@ class CodeExample:
             self.skipped.add()
             return None
         if len(ids) - 1 > self.max_length or sum(mask[1:]) > self.max_targets:
+            # said once: were every sequence too long, grain's error would say only "skipped 100.00 %"
+            if not self.said_too_long.is_set():
+                self.said_too_long.set()
+                logging.warning("skipped a sequence of %d tokens with %d targets: a packed row holds %d tokens "
+                                "(data.seq_length) and %d targets (the phase's max_targets_per_row)",
+                                len(ids) - 1, sum(mask[1:]), self.max_length, self.max_targets)
             self.skipped.add()
             return None
         return shifted(ids, mask)

@@ -754,11 +754,13 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
     ("dtype", "bf16", "dtype: expected one of"),
     ("image_embedding", "codebook", "image_embedding: expected 'rows' or 'codebook_projection'"),
     ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj"), dropout=0.0), r"lora targets: \['q_proj'\]"),
+    ("keep_checkpoints", 0, "keep_checkpoints: expected an integer >= 1, got 0"),
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):
     """dtype (once a bare KeyError), image_embedding and lora targets were
-    checked only after training the demo tokenizer and pre-tokenizing its images."""
+    checked only after training the demo tokenizer and pre-tokenizing its images;
+    keep_checkpoints 0 (no checkpoint kept) was not checked at all."""
     def prepared(*args, **kwargs):
         raise AssertionError("the tokenizer was prepared before the config was checked")
 

@@ -155,9 +155,9 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
     """`loop.run_stage` on `model` (default `_Line()`; step i's batch is filled with
     i / 100), logging and evaluating every step, checkpointing every 4; returns the model.
     `skipped` (a SkipCounter) counts a skipped record for every third batch read."""
-    config = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
-                                            eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5,
-                                            **config))
+    config = ml_collections.ConfigDict({**dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
+                                               eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5),
+                                        **config})
     stage = types.SimpleNamespace(init_lr=0.1, lr=0.1, end_lr=0.01, warmup_steps=1, num_steps=num_steps, b1=0.9,
                                   b2=0.999, weight_decay=0.0)
     skipped = skipped or pipeline.SkipCounter()
@@ -260,6 +260,21 @@ def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path
     assert [line["step"] for line in lines] == list(range(1, 9))
     # the run's count carried on (row 3 at step 3), then rows 1, 2, 3 again: row 3 at step 7
     assert [line["data/skipped_records"] for line in lines[3:]] == [1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("setting", loop.LOOP_SETTINGS)
+def test_loop_settings_below_1_are_refused_naming_them(tmp_path, setting):
+    """An interval of 0 failed at the first step, after compiling, as a bare 'integer
+    modulo by zero'; with keep_checkpoints 0 orbax deleted each checkpoint as it was
+    saved, so a preempted run started again from step 0. Each is refused by the loop
+    before it trains, and by the trainer before the data is made."""
+    message = rf"{setting}: expected an integer >= 1, got 0"
+    with pytest.raises(ValueError, match=message):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, **{setting: 0})
+    assert not os.path.exists(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=message):
+        trainer.train(_tiny(**{setting: 0}), str(tmp_path / "wd"))
+    assert not os.path.exists(tmp_path / "wd")
 
 
 def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):

@@ -135,9 +135,11 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`dtype`, `uncond_probability` and the evaluation's options (first used at the
-    end of training): checked before training, naming the config key."""
+    """`dtype`, the loop's intervals and `keep_checkpoints`, `uncond_probability` and the
+    evaluation's options (first used at the end of training): checked before training
+    (and before the tokenizer it needs is trained), naming the config key."""
     layers.compute_dtype(config.dtype)
+    loop.check_loop_settings(config)
     if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction) or {pipeline.ALL_RECORDS} (all), got {config.eval.num_examples}")

@@ -36,6 +36,20 @@ def decay_mask(params: nnx.State):
     return jax.tree.map_with_path(decays, params)
 
 
+LOOP_SETTINGS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+
+
+def check_loop_settings(config) -> None:
+    """Raises naming the field unless each of `LOOP_SETTINGS` is an integer >= 1: an
+    interval of 0 failed at the first step, after compiling, as a bare modulo by zero,
+    and orbax keeps no checkpoint at all with `keep_checkpoints` 0 (each save deleted at
+    once), so a preempted run started again from step 0."""
+    for name in LOOP_SETTINGS:
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
 def make_optimizer(stage) -> optax.GradientTransformation:
     """AdamW with linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -448,6 +462,7 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     summed over processes; their sums are saved with each checkpoint and set again on
     resume (on process 0's counters), so they count the whole run. `post_update` is
     passed to the train step (see `make_train_step`)."""
+    check_loop_settings(config)
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)

@@ -78,8 +78,10 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
 def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
-    `dtype`, `image_embedding`, `lora` and the dropout rates, else a ValueError naming them."""
+    `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora` and the
+    dropout rates, else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
+    loop.check_loop_settings(config)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
     layers.check_rate("lora.dropout", config.lora.dropout)

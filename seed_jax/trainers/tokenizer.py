@@ -111,9 +111,10 @@ def restart_unused_codes(every: int, until_step: int):
 
 def check_config(config) -> None:
     """Raises, naming the fields, for settings that cannot run, before the data is made:
-    an unknown `dtype`; restarting unused codes edits the codebook, so it must be among
-    what stage II trains."""
+    an unknown `dtype`, the loop's intervals and `keep_checkpoints`; restarting unused
+    codes edits the codebook, so it must be among what stage II trains."""
     layers.compute_dtype(config.dtype)
+    loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
         raise ValueError(f"stage2.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")

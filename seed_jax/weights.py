@@ -115,8 +115,11 @@ def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None 
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=alone),
                                     multiprocessing_options=alone)
     checkpointer.save(os.path.join(out, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(arrays)))
-    with open(os.path.join(out, CONFIG_FILE), "w") as f:
+    # Last and whole (renamed into place): model.json marks a complete export (`write_unless_current`).
+    path = os.path.join(out, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
         json.dump({"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def gathered(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Training workdirs -> exports (`seed_jax.export`), and training started from
 exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -103,6 +105,37 @@ def test_an_export_written_compressed_still_loads(tmp_path):
         assert loaded.keys() == params.keys()
         for name, value in params.items():
             np.testing.assert_array_equal(loaded[name], value, err_msg=f"{out}: {name}")
+
+
+class _Killed(Exception):
+    """The process killed at this point."""
+
+
+def test_an_export_killed_while_writing_its_model_json_is_written_again(tmp_path, monkeypatch):
+    """model.json marks a whole export (`write_unless_current` keeps one that has it):
+    written in place, a kill while writing it left a file cut short, which every later
+    run failed to read (a JSONDecodeError until it was deleted by hand)."""
+    config = CLIPTextConfig(vocab_size=16, max_length=4, width=8, depth=1, num_heads=1, mlp_dim=8)
+    params = weights.flat_params(CLIPTextEncoder(config, rngs=nnx.Rngs(0)))
+    out = str(tmp_path / "export")
+    dump = json.dump
+
+    def dump_killed_in_model_json(obj, f, **kwargs):
+        if os.path.basename(f.name).startswith(weights.CONFIG_FILE):
+            f.write(json.dumps(obj, **kwargs)[:20])
+            raise _Killed
+        dump(obj, f, **kwargs)
+
+    def write():
+        return weights.write_unless_current(out, {"s": 1}, lambda: weights.save(
+            out, "clip_text", config, params, info={"steps": {"s": 1}}))
+
+    monkeypatch.setattr(json, "dump", dump_killed_in_model_json)
+    with pytest.raises(_Killed):
+        write()
+    monkeypatch.undo()
+    assert write()
+    assert weights.read_config(out)[2]["steps"] == {"s": 1}
 
 
 def test_warm_start_errors_name_the_problem(tmp_path):

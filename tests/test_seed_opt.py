@@ -230,6 +230,35 @@ def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path
     assert api.SeedOPT.load(out).builder.generation_prompt(caption) == trained.generation_prompt(caption)
 
 
+class _Killed(Exception):
+    """The process killed at this point."""
+
+
+def test_an_export_killed_before_its_text_tokenizer_is_written_is_written_again(text, tmp_path, monkeypatch):
+    """The export wrote its text tokenizer after model.json, which marks a whole export:
+    killed in between, every later run kept it without the tokenizer
+    (`write_unless_current`), and `api.SeedOPT.load` loaded it with no text tokenizer."""
+    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
+                             max_positions=128, extra_tokens=64 + 2)
+    params = weights.flat_params(weights.build("opt", model_config))
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    out = str(tmp_path / "export")
+
+    def write():
+        return weights.write_unless_current(out, {"phase1": 3}, lambda: seed_opt.export(
+            model_config, params, image, text, out, info={"steps": {"phase1": 3}}))
+
+    def killed(self, path):
+        raise _Killed
+
+    monkeypatch.setattr(opt_text.OPTTextTokenizer, "save", killed)
+    with pytest.raises(_Killed):
+        write()
+    monkeypatch.undo()
+    assert write()
+    assert os.path.exists(os.path.join(out, opt_text.FILE_NAME))
+
+
 def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
     config = get_config("tiny")
     model = OPTConfig(vocab_size=64, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=config.data.seq_length)

@@ -356,10 +356,12 @@ def export(config: opt.OPTConfig, params: dict, image_tokens: sequences.ImageTok
     into its base weights, as an `opt` export with the image token ids and the text
     tokenizer (`api.SeedOPT.load(out)`)."""
     merged_config, params = opt.merge_lora(config, params)
+    weights.check_free(out)
+    os.makedirs(out, exist_ok=True)
+    text.save(os.path.join(out, opt_text.FILE_NAME))  # before model.json, which marks a whole export
     weights.save(out, "opt", merged_config, params,
                  info={**info, "image_start_id": image_tokens.start, "image_end_id": image_tokens.end,
                        "first_code_id": image_tokens.first_code})
-    text.save(os.path.join(out, opt_text.FILE_NAME))
 
 
 def _caption_tokenizer(config):

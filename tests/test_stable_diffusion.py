@@ -284,6 +284,33 @@ def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):
     assert "missing key 'model_ema.diffusion_modelout2bias'" in capsys.readouterr().err
 
 
+def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_path, capsys):
+    """SD v1.5's folder has `non_ema` weights for its UNet alone: diffusers'
+    from_pretrained(variant="non_ema") reads them there and the main weights of the
+    VAE and text encoder; --variant=non_ema failed on vae/ instead."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = tmp_path / "pipeline"
+    tiny_pipeline(str(folder))
+    non_ema = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        for p in non_ema.parameters():
+            p.mul_(0.5).add_(0.01)
+    non_ema.save_pretrained(folder / "unet", variant="non_ema")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, variant="non_ema", safety_checker=None)
+    report = convert(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'export'}", "--variant=non_ema"])
+    assert report["variants"] == {"unet": "non_ema", "vae": None, "text_encoder": None}
+    params = weights.load_params(str(tmp_path / "export"))
+    for ours, module, name in (("unet.conv_in.kernel", pipe.unet, "conv_in.weight"),
+                               ("vae.decoder.conv_out.kernel", pipe.vae, "decoder.conv_out.weight")):
+        expected = module.state_dict()[name].permute(2, 3, 1, 0).numpy()
+        np.testing.assert_allclose(params[ours], expected, rtol=1e-6, err_msg=ours)
+    np.testing.assert_allclose(params["unet.conv_in.kernel"],
+                               non_ema.conv_in.weight.detach().permute(2, 3, 1, 0).numpy(), rtol=1e-6)
+    assert convert_main(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'none'}", "--variant=bf16"]) == 1
+    assert "no part (unet, vae, text_encoder) has weights of the variant bf16" in capsys.readouterr().err
+
+
 def test_sample_rejects_bad_inputs(converted):
     _, sd = converted
     good = np.zeros((1, 77, CONTEXT_WIDTH), np.float32)

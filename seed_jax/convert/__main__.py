@@ -74,9 +74,11 @@ def _sd(args):
         if args.ema:
             raise ValueError("--ema: a diffusers folder holds one set of UNet weights; --ema reads the EMA "
                              "copy of a CompVis .ckpt")
-        source, configs = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle,
-                                                   variant=args.variant)
+        source, configs, variants = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle,
+                                                             variant=args.variant)
         layout = "diffusers"
+        if args.variant:
+            info["variants"] = variants
     else:
         arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
         info["unet_weights"] = "ema" if args.ema else "raw"
@@ -126,7 +128,9 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--variant", default=None,
                            help="read this weights variant of the folder (e.g. fp16: model.fp16.safetensors); "
-                                "default: the main weights, else the only variant there")
+                                "default: the main weights, else the only variant there"
+                                + ("; in a diffusers folder, for the parts that have it (as diffusers)"
+                                   if name == "sd" else ""))
         if name == "sd":
             s.add_argument("--unet_heads", type=int, default=None,
                            help="UNet attention heads (default: the folder's unet/config.json, else 8 as SD v1)")

@@ -105,7 +105,7 @@ def read_folder(folder: str, *, allow_pickle: bool = False, variant: str | None 
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a Hugging Face model folder")
     files = _weight_files(folder, variant)
     if not files and variant is None:
-        variants = _variants(folder)
+        variants = weight_variants(folder)
         if len(variants) > 1:
             raise ValueError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} (or index), but the variants "
                              f"{', '.join(variants)}: choose one with --variant")
@@ -142,7 +142,7 @@ def _weight_files(folder: str, variant: str | None) -> list[str]:
     return []
 
 
-def _variants(folder: str) -> list[str]:
+def weight_variants(folder: str) -> list[str]:
     """Variants of WEIGHT_NAMES in `folder`: `model.fp16.safetensors` and
     `model.safetensors.index.fp16.json` are the variant fp16."""
     found = set()

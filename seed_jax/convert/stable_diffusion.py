@@ -172,22 +172,35 @@ def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:
 
 # ---------------------------------------------------------------- diffusers folder
 def read_diffusers_folder(folder: str, *, allow_pickle: bool = False,
-                          variant: str | None = None) -> tuple[Source, dict[str, dict]]:
-    """(one Source with `unet.` / `vae.` / `text_encoder.` prefixed keys, each part's config.json);
-    `variant` as in `sources.read_folder`."""
+                          variant: str | None = None) -> tuple[Source, dict[str, dict], dict[str, str | None]]:
+    """(one Source with `unet.` / `vae.` / `text_encoder.` prefixed keys, each part's config.json,
+    the variant each part was read in: see `part_variants`)."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"checkpoint {folder!r}: expected a diffusers folder or a CompVis .ckpt/.safetensors")
+    for part in PARTS:
+        if not os.path.isdir(os.path.join(folder, part)):
+            raise FileNotFoundError(f"{folder}: no {part}/ folder (a diffusers pipeline has unet/, vae/, text_encoder/)")
+    variants = part_variants(folder, variant)
     parts, configs = [], {}
     for part in PARTS:
         path = os.path.join(folder, part)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{folder}: no {part}/ folder (a diffusers pipeline has unet/, vae/, text_encoder/)")
-        arrays = sources.read_folder(path, allow_pickle=allow_pickle, variant=variant)
+        arrays = sources.read_folder(path, allow_pickle=allow_pickle, variant=variants[part])
         parts.append(arrays.rekeyed(lambda k, p=part: f"{p}.{k}"))
         configs[part] = sources.read_hf_config(path)
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     configs["scheduler"] = json.load(open(scheduler)) if os.path.exists(scheduler) else {}
-    return Source(_old_vae_attention_names(LazyArrays.merged(*parts)), folder), configs
+    return Source(_old_vae_attention_names(LazyArrays.merged(*parts)), folder), configs, variants
+
+
+def part_variants(folder: str, variant: str | None) -> dict[str, str | None]:
+    """Part -> the variant its weights are read in, as diffusers' from_pretrained chooses:
+    `variant` for the parts that have weights of it (SD v1.5's `non_ema` is the UNet's
+    alone), the main weights (None) for the others; some part must have it."""
+    variants = {part: variant if variant in sources.weight_variants(os.path.join(folder, part)) else None
+                for part in PARTS}
+    if variant is not None and not any(variants.values()):
+        raise FileNotFoundError(f"{folder}: no part ({', '.join(PARTS)}) has weights of the variant {variant}")
+    return variants
 
 
 def empty_prompt_ids(folder: str | None, max_length: int) -> tuple[int, ...]:

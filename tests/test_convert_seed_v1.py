@@ -156,6 +156,27 @@ def test_missing_key_fails_naming_it_and_unused_keys_are_listed(tmp_path, capsys
     assert "Qformer.cls.predictions.bias" in out and "Qformer.bert.embeddings.position_ids" in out
 
 
+def test_a_seed2_checkpoint_is_named_as_such(tmp_path, capsys):
+    """SEED-LLaMA's seed_quantizer.pt (a bare state dict) shares the encoder side but
+    decodes the codes to one unCLIP image embedding (blocks_image, image_down,
+    distill_image_proj) and has no reverse Q-Former: its conversion failed on
+    'reverse_tokens', as if a v1 file had lost keys."""
+    state, _, _ = _reference(TINY, batch=1)
+    seed2 = {k: v for k, v in state.items()
+             if not k.startswith(("blocks_text.", "pos_embed_text", "Reverse_Qformer.", "reverse_tokens",
+                                  "distill_text_proj."))}
+    seed2.update({k.replace("blocks_text.", "blocks_image.", 1): v for k, v in state.items()
+                  if k.startswith("blocks_text.")})
+    seed2.update({"pos_embed_image": state["pos_embed_text"], "image_down.0.weight": torch.zeros(16, TINY.width),
+                  "distill_image_proj.weight": torch.zeros(1024, TINY.num_queries * 4),
+                  "distill_image_proj.bias": torch.zeros(1024)})
+    torch.save(seed2, tmp_path / "seed_quantizer.pt")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_quantizer.pt'}", f"--out={tmp_path / 'o'}",
+                         *_heads(TINY)]) == 1
+    err = capsys.readouterr().err
+    assert "'distill_image_proj.weight': a SEED-2 (SEED-LLaMA) tokenizer checkpoint" in err, err
+
+
 def test_wrong_head_count_is_a_clear_error(tmp_path, capsys):
     state, _, _ = _reference(TINY, batch=1)
     torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")

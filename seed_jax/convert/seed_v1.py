@@ -22,6 +22,8 @@ REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
 VIT_BLOCK = f"{VIT}blocks.{{i}}.norm1.weight"
 # LAVIS's create_eva_vit_g builds 39 blocks and loads eva_vit_g.pth's 40 into them with strict=False.
 EVA_G_DEPTH = 39
+# Keys of SEED-2's (SEED-LLaMA's) tokenizer, seed_quantizer.pt, whose codes decode to an unCLIP image embedding.
+SEED2_KEYS = ("distill_image_proj.weight", "blocks_image.0.norm1.weight", "image_down.0.weight")
 
 
 def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | None) -> tuple[LazyArrays, list[str]]:
@@ -44,6 +46,7 @@ def vit_depth(checkpoint: Source, requested: int | None) -> int:
 
 def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: int,
            vit_depth: int | None = None) -> SeedTokenizerConfig:
+    _refuse_seed2(source)
     vit = infer.vit_config(source, patch_weight=f"{VIT}patch_embed.proj.weight", pos_embed=f"{VIT}pos_embed",
                            block=VIT_BLOCK, fc1=f"{VIT}blocks.{{i}}.mlp.fc1.weight", heads=vit_heads,
                            depth=vit_depth)
@@ -73,6 +76,17 @@ def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: 
                                code_dim=code_dim, decoder_depth=decoder_depth, decoder_heads=blocks_heads,
                                decoder_mlp_dim=decoder_mlp, generation_width=generation_width,
                                proj_dim=proj_dim, with_itc_heads=with_itc, recon_head=recon_head)
+
+
+def _refuse_seed2(source: Source) -> None:
+    """Raises, naming the key, for a SEED-2 checkpoint: it shares v1's encoder side but not
+    the decoder (blocks_text, the reverse Q-Former, distill_text_proj), so it would fail on
+    a missing v1 key as if the file were damaged."""
+    found = [k for k in SEED2_KEYS if k in source]
+    if found and "distill_text_proj.weight" not in source:
+        raise ValueError(f"{source.name}: holds {found[0]!r}: a SEED-2 (SEED-LLaMA) tokenizer checkpoint "
+                         "(seed_quantizer.pt), whose codes decode to a 1024-d unCLIP image embedding; only "
+                         "SEED v1's layout (blocks_text, Reverse_Qformer, distill_text_proj) converts")
 
 
 def table(c: SeedTokenizerConfig) -> dict:

@@ -149,6 +149,24 @@ def test_pickled_objects_of_modules_not_installed_load_with_allow_pickle(tmp_pat
         np.testing.assert_array_equal(arrays["a.weight"], np.ones((2, 3), np.float32))
 
 
+def test_a_damaged_torch_file_is_named_as_damaged_not_as_refused(tmp_path):
+    """A partial download (zip or legacy format) or an HTML error page saved as .bin
+    was reported as refused by weights_only, with advice to pass --allow_pickle, which
+    then failed with torch's RuntimeError or UnpicklingError, uncaught by the CLI."""
+    state = {"model": {"w": torch.ones(300, 100)}}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("zip.pth", "legacy.pth"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"partial_{name}").write_bytes(data[:len(data) // 2])
+    (tmp_path / "page.bin").write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
+    for name in ("partial_zip.pth", "partial_legacy.pth", "page.bin"):
+        for allow_pickle in (False, True):
+            with pytest.raises(ValueError, match="not a readable torch checkpoint .*truncated or corrupt") as e:
+                sources.read_file(str(tmp_path / name), allow_pickle=allow_pickle)
+            assert "allow_pickle" not in str(e.value) and name in str(e.value)
+
+
 def test_ddp_and_compile_prefixes_every_key_has_are_removed(tmp_path):
     torch.save({"model": {"module._orig_mod.a": torch.ones(2), "module._orig_mod.b.c": torch.zeros(1)}},
                tmp_path / "ddp.pth")

@@ -175,8 +175,9 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path),
                          **({"pickle_module": _STAND_IN_PICKLE} if allow_pickle else {}))
     except Exception as e:
-        if allow_pickle:
-            raise
+        if allow_pickle or not _refused(path, e):
+            raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(e)}); truncated or corrupt "
+                             "(a partial download?)") from e
         raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_refusal(torch, path, e)}); "
                          "if you trust the file, pass --allow_pickle") from e
     for key in WRAPPER_KEYS:
@@ -189,6 +190,17 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
                        for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
+def _refused(path: str, error: Exception) -> bool:
+    """Whether torch.load(weights_only=True) failed on `path` because its unpickler refused
+    something (an UnpicklingError) in what is a torch file: a zip archive, or a legacy
+    file, which starts with a pickle's protocol opcode. A damaged file fails otherwise
+    (RuntimeError, OSError, EOFError), and so does an HTML error page saved as .bin."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return False
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(path) or f.read(1) == pickle.PROTO
+
+
 def _refusal(torch, path: str, error: Exception) -> str:
     """Why weights_only refused `path`: the classes and functions it pickles beyond
     tensors (numpy scalars, pytorch_lightning callbacks, ...), else torch's error."""
@@ -198,7 +210,11 @@ def _refusal(torch, path: str, error: Exception) -> str:
         names = []
     if names:
         return f"it pickles {', '.join(names)}"
-    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return _first_line(error)
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 class _StandIn:

@@ -167,6 +167,18 @@ def test_a_damaged_torch_file_is_named_as_damaged_not_as_refused(tmp_path):
             assert "allow_pickle" not in str(e.value) and name in str(e.value)
 
 
+def test_a_git_lfs_pointer_is_named(tmp_path):
+    """A repository cloned without git-lfs holds a small text pointer for each weights
+    file: it read as a safetensors file with a 2e18-byte header, or as a torch file."""
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4f1d0e2e\nsize 5312753599\n"
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text(pointer)
+        with pytest.raises(ValueError, match=f"{name}: a Git LFS pointer, not the weights"):
+            sources.read_folder(str(folder))
+
+
 def test_ddp_and_compile_prefixes_every_key_has_are_removed(tmp_path):
     torch.save({"model": {"module._orig_mod.a": torch.ones(2), "module._orig_mod.b.c": torch.zeros(1)}},
                tmp_path / "ddp.pth")

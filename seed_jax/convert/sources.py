@@ -23,6 +23,7 @@ import numpy as np
 from seed_jax.convert.lazy_arrays import LazyArrays, as_float32
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+LFS_POINTER = b"version https://git-lfs"  # what a repository cloned without git-lfs holds for each weights file
 WRAPPER_KEYS = ("model", "state_dict", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 # What transformers and diffusers load from a model folder, in their order of preference.
@@ -39,6 +40,9 @@ def read_file(path: str, *, allow_pickle: bool = False) -> LazyArrays:
     (torch.compile) prefix that every key has is removed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if _head(path, len(LFS_POINTER)) == LFS_POINTER:
+        raise ValueError(f"{path}: a Git LFS pointer, not the weights (a clone without git-lfs?): fetch them with "
+                         "`git lfs pull` or `huggingface-cli download`")
     if path.endswith(".safetensors"):
         arrays = read_safetensors(path)
     elif path.endswith(TORCH_SUFFIXES):
@@ -175,8 +179,10 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path),
                          **({"pickle_module": _STAND_IN_PICKLE} if allow_pickle else {}))
     except Exception as e:
-        if allow_pickle or not _refused(path, e):
-            raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(e)}); truncated or corrupt "
+        torch_file = _looks_like_torch_file(path)
+        if allow_pickle or not (torch_file and isinstance(e, pickle.UnpicklingError)):
+            reason = _first_line(e) if torch_file else f"it begins with {_head(path)!r}"
+            raise ValueError(f"{path}: not a readable torch checkpoint ({reason}); truncated or corrupt "
                              "(a partial download?)") from e
         raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_refusal(torch, path, e)}); "
                          "if you trust the file, pass --allow_pickle") from e
@@ -190,15 +196,18 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
                        for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
-def _refused(path: str, error: Exception) -> bool:
-    """Whether torch.load(weights_only=True) failed on `path` because its unpickler refused
-    something (an UnpicklingError) in what is a torch file: a zip archive, or a legacy
-    file, which starts with a pickle's protocol opcode. A damaged file fails otherwise
-    (RuntimeError, OSError, EOFError), and so does an HTML error page saved as .bin."""
-    if not isinstance(error, pickle.UnpicklingError):
-        return False
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (a local file header first, even when truncated), or a legacy torch
+    file (a pickle: its protocol opcode first). When weights_only fails on one with an
+    UnpicklingError, it refused something; a damaged one fails otherwise (RuntimeError,
+    OSError, EOFError)."""
+    head = _head(path, 4)
+    return head == b"PK\x03\x04" or head[:1] == pickle.PROTO
+
+
+def _head(path: str, size: int = 24) -> bytes:
     with open(path, "rb") as f:
-        return zipfile.is_zipfile(path) or f.read(1) == pickle.PROTO
+        return f.read(size)
 
 
 def _refusal(torch, path: str, error: Exception) -> str:

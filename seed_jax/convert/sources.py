@@ -180,10 +180,12 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
                          **({"pickle_module": _STAND_IN_PICKLE} if allow_pickle else {}))
     except Exception as e:
         torch_file = _looks_like_torch_file(path)
-        if allow_pickle or not (torch_file and isinstance(e, pickle.UnpicklingError)):
+        if not torch_file or isinstance(e, (RuntimeError, OSError, EOFError)):
             reason = _first_line(e) if torch_file else f"it begins with {_head(path)!r}"
             raise ValueError(f"{path}: not a readable torch checkpoint ({reason}); truncated or corrupt "
                              "(a partial download?)") from e
+        if allow_pickle:  # an object it pickles failed to rebuild: torch's error says which
+            raise
         raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_refusal(torch, path, e)}); "
                          "if you trust the file, pass --allow_pickle") from e
     for key in WRAPPER_KEYS:
@@ -198,9 +200,8 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
 
 def _looks_like_torch_file(path: str) -> bool:
     """A zip archive (a local file header first, even when truncated), or a legacy torch
-    file (a pickle: its protocol opcode first). When weights_only fails on one with an
-    UnpicklingError, it refused something; a damaged one fails otherwise (RuntimeError,
-    OSError, EOFError)."""
+    file (a pickle: its protocol opcode first). A damaged one fails to load with a
+    RuntimeError, OSError or EOFError; weights_only refuses with an UnpicklingError."""
     head = _head(path, 4)
     return head == b"PK\x03\x04" or head[:1] == pickle.PROTO
 

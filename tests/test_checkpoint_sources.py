@@ -167,6 +167,14 @@ def test_a_damaged_torch_file_is_named_as_damaged_not_as_refused(tmp_path):
             assert "allow_pickle" not in str(e.value) and name in str(e.value)
 
 
+def test_a_folder_given_for_a_checkpoint_file_is_named(tmp_path):
+    """`lavis_blip2 --checkpoint=HF_FOLDER` said the folder did not exist."""
+    with pytest.raises(ValueError, match="is a folder: expected a checkpoint file"):
+        sources.read_file(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sources.read_file(str(tmp_path / "absent.pth"))
+
+
 def test_a_git_lfs_pointer_is_named(tmp_path):
     """A repository cloned without git-lfs holds a small text pointer for each weights
     file: it read as a safetensors file with a 2e18-byte header, or as a torch file."""

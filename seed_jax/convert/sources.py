@@ -38,6 +38,9 @@ def read_file(path: str, *, allow_pickle: bool = False) -> LazyArrays:
     """One checkpoint file -> lazy {key: float32 array}; a {"model": state_dict}
     (or "state_dict") wrapper is unwrapped, and a `module.` (DDP) or `_orig_mod.`
     (torch.compile) prefix that every key has is removed."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder: expected a checkpoint file ({', '.join(TORCH_SUFFIXES)} "
+                         "or .safetensors)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     if _head(path, len(LFS_POINTER)) == LFS_POINTER:

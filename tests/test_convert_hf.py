@@ -217,6 +217,35 @@ def test_hf_clip_model_folder_converts_its_text_tower_by_its_text_config(tmp_pat
     assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
 
 
+def test_a_clip_model_config_json_with_text_config_dict_reads_as_transformers_does(tmp_path):
+    """Early CLIPModel config.json files (transformers 4.x before text_config) hold the
+    text settings in text_config_dict, which transformers still reads (over text_config's,
+    the rest at CLIPTextConfig's defaults); the converter took the defaults' 8 heads."""
+    text = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="gelu")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+    randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision)), 6).save_pretrained(tmp_path / "clip")
+    settings = json.loads((tmp_path / "clip" / "config.json").read_text())
+    settings["text_config_dict"] = text
+    settings["text_config"] = {**settings["text_config"], "num_attention_heads": 8, "hidden_act": "quick_gelu"}
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(settings))
+    hf = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    assert (hf.config.text_config.num_attention_heads, hf.config.text_config.hidden_act) == (4, "gelu")
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = hf.text_model(input_ids=ids).last_hidden_state.numpy()
+    for out in ("both", "dict_alone"):
+        if out == "dict_alone":  # the oldest files have text_config_dict alone
+            del settings["text_config"]
+            (tmp_path / "clip" / "config.json").write_text(json.dumps(settings))
+            assert CLIPModel.from_pretrained(tmp_path / "clip").config.text_config.num_attention_heads == 4
+        convert(["hf_clip_text", f"--checkpoint={tmp_path / 'clip'}", f"--out={tmp_path / out}"])
+        model, _, config = weights.load_model(str(tmp_path / out), kind="clip_text")
+        assert (config.num_heads, config.activation, config.eps) == (4, "gelu", 1e-5), out
+        assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
+
+
 def test_a_clip_config_json_without_heads_or_activation_reads_as_transformers_does(tmp_path):
     """Keys config.json lacks take transformers' defaults (8 heads, quick_gelu, 1e-5),
     as `from_pretrained` builds the model; they used to fall back to 12 heads."""

@@ -21,8 +21,8 @@ def prefix(source: Source) -> str:
 
 def config(source: Source, hf: dict) -> CLIPTextConfig:
     """`hf`: config.json, a CLIPTextModel's or a whole CLIPModel's (whose text tower's
-    settings are its `text_config`)."""
-    hf = {**TRANSFORMERS_DEFAULTS, **(hf.get("text_config") or hf)}
+    settings are its `text_config`, see `text_settings`)."""
+    hf = {**TRANSFORMERS_DEFAULTS, **text_settings(hf)}
     p = prefix(source)
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
@@ -34,6 +34,16 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
                           num_heads=hf["num_attention_heads"], mlp_dim=mlp_dim,
                           eps=hf["layer_norm_eps"], activation=act)
+
+
+def text_settings(hf: dict) -> dict:
+    """The text tower's settings in config.json, as transformers reads them: a
+    CLIPTextModel's own keys; a CLIPModel's `text_config`, unless it has the
+    `text_config_dict` of early files: then that, the rest at CLIPTextConfig's defaults
+    (transformers lets it replace text_config whole)."""
+    if hf.get("text_config_dict") is not None:
+        return hf["text_config_dict"]
+    return hf.get("text_config") or hf
 
 
 def table(c: CLIPTextConfig, source: Source) -> dict:

@@ -430,3 +430,17 @@ def test_restarting_codes_of_a_frozen_codebook_fails_naming_the_fields(tmp_path)
     with pytest.raises(ValueError, match=r"restart_unused_codes_every: expected an integer >= 0 .* got -2"):
         trainer.train(_tiny(**{"stage2.restart_unused_codes_every": -2}), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tmp_path):
+    """seed1 leaves stage2.restart_until at 0.0: turning restarts on with
+    --config.stage2.restart_unused_codes_every alone restarted no code, silently."""
+    config = get_config("seed1")
+    config.stage2.restart_unused_codes_every = 10
+    with pytest.raises(ValueError, match=r"restart_unused_codes_every=10 .*restart_until is 0\.0: no step"):
+        trainer.check_config(config)
+    config.stage2.restart_until = 0.3
+    trainer.check_config(config)
+    with pytest.raises(ValueError, match=r"restart_until is 0\.0"):
+        trainer.train(_tiny(**{"stage2.restart_until": 0.0}), str(tmp_path))
+    assert not os.listdir(tmp_path)

@@ -112,7 +112,8 @@ def restart_unused_codes(every: int, until_step: int):
 def check_config(config) -> None:
     """Raises, naming the fields, for settings that cannot run, before the data is made:
     an unknown `dtype`, the loop's intervals and `keep_checkpoints`; restarting unused
-    codes edits the codebook, so it must be among what stage II trains."""
+    codes edits the codebook, so it must be among what stage II trains, and it happens
+    only in the first `restart_until` fraction of stage II, so that must be > 0."""
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every
@@ -122,6 +123,11 @@ def check_config(config) -> None:
         raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes of the codebook, but 'quantize' "
                          f"is not in stage2.trainable {tuple(config.stage2.trainable)}: add it, or set "
                          "restart_unused_codes_every=0")
+    until = config.stage2.restart_until
+    if every and not until > 0:
+        raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes only in the first "
+                         f"stage2.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
+                         "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
 
 
 # ---------------------------------------------------------------- data

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from configs.tokenizer import get_config
+from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import assert_export_holds_both_stages, latest_state_path, run_two_processes
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
@@ -430,6 +430,20 @@ def test_restarting_codes_of_a_frozen_codebook_fails_naming_the_fields(tmp_path)
     with pytest.raises(ValueError, match=r"restart_unused_codes_every: expected an integer >= 0 .* got -2"):
         trainer.train(_tiny(**{"stage2.restart_unused_codes_every": -2}), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_a_reconstruction_head_left_untrained_fails_naming_it():
+    """The demo trains L_recon through the generation path's blocks; turning
+    model.recon_head on without training pos_embed and blocks kept that head at its
+    random init, silently."""
+    config = get_config("demo")
+    config.model.recon_head = True
+    with pytest.raises(ValueError, match=r"model.recon_head: .*pos_embed, blocks is not in stage2.trainable"):
+        trainer.check_config(config)
+    config.stage2.trainable = STAGE2_TRAINABLE
+    trainer.check_config(config)
+    seed1 = get_config("seed1")  # its own head, trained
+    trainer.check_config(seed1)
 
 
 def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tmp_path):

@@ -113,7 +113,8 @@ def check_config(config) -> None:
     """Raises, naming the fields, for settings that cannot run, before the data is made:
     an unknown `dtype`, the loop's intervals and `keep_checkpoints`; restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
-    only in the first `restart_until` fraction of stage II, so that must be > 0."""
+    only in the first `restart_until` fraction of stage II, so that must be > 0; a
+    reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it."""
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every
@@ -123,6 +124,11 @@ def check_config(config) -> None:
         raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes of the codebook, but 'quantize' "
                          f"is not in stage2.trainable {tuple(config.stage2.trainable)}: add it, or set "
                          "restart_unused_codes_every=0")
+    head = [name for name in ("pos_embed", "blocks") if name not in config.stage2.trainable]
+    if config.model.recon_head and head and not config.init.stage1:
+        raise ValueError(f"model.recon_head: L_recon reads its own head, but {', '.join(head)} is not in "
+                         f"stage2.trainable {tuple(config.stage2.trainable)}: it would stay at its random init; "
+                         "train it (configs/tokenizer.py STAGE2_TRAINABLE) or set model.recon_head=False")
     until = config.stage2.restart_until
     if every and not until > 0:
         raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes only in the first "

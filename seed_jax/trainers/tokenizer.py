@@ -59,8 +59,10 @@ def stage1_loss(label_smoothing: float):
 
 
 def clamp_temperature(params, aux, rng, step):
-    """post_update for stage I: keep the temperature in [0.001, 0.5] (as BLIP-2 clamps it).
-    A temperature left out of `stage1.trainable` is not among `params`: it stays as it is."""
+    """post_update for stage I: keep the temperature in [0.001, 0.5], the bounds BLIP (v1)
+    clamps it to before each forward pass (LAVIS's BLIP-2 and SEED's stage I divide by it
+    unclamped; from 0.07 the bounds are not reached in practice). A temperature left out
+    of `stage1.trainable` is not among `params`: it stays as it is."""
     del aux, rng, step
     if "temp" not in params["tokenizer"]:
         return params

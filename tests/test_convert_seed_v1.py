@@ -80,6 +80,53 @@ def test_a_checkpoint_with_the_reconstruction_head_converts_it(tmp_path):
         convert(["seed_v1", f"--checkpoint={tmp_path / 'gap.pth'}", f"--out={tmp_path / 'gap'}", *_heads(c)])
 
 
+QUIRK_TOLERANCE = 1e-5  # float32 noise here is < 1e-6; a wrong epsilon gives > 0.1, tanh GELU > 1e-4
+
+
+def _through(blocks, x: torch.Tensor) -> np.ndarray:
+    for block in blocks:
+        x = block(x)
+    return x.numpy()
+
+
+@torch.no_grad()
+def test_epsilons_and_exact_gelu_match_the_reference_where_they_show(tmp_path):
+    """DESIGN's LayerNorm epsilons (EVA blocks 1e-6, ln_vision 1e-5, both Q-Formers
+    1e-12, blocks_text 1e-6) and exact (erf) GELU move whole-model outputs by less than
+    INTERMEDIATE_TOLERANCE: a reference with ln_vision at 1e-6, BERT at 1e-5 or tanh
+    GELU in the ViT still passed the tests above. Here each converted module reads inputs
+    whose variance is near its epsilon (a wrong one is then an O(1) error), and GELU
+    inputs of unit scale (tanh's differs by ~1e-4)."""
+    c = TINY
+    torch.manual_seed(0)
+    ref = randomize(SeedV1Reference(c), 0).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "seed_tokenizer.pth")
+    convert(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}", f"--out={tmp_path / 'out'}",
+             *_heads(c)])
+    ours = SeedTokenizer.load(str(tmp_path / "out")).model
+    g = torch.Generator().manual_seed(1)
+    tiny_vit_tokens = 1e-3 * torch.randn(2, 1 + (c.image_size // c.patch_size) ** 2, c.vit_width, generator=g)
+    tiny_queries = 1e-4 * torch.randn(1, c.num_queries, c.width, generator=g)
+    tiny_reverse = 1e-4 * torch.randn(1, c.reverse_queries, c.width, generator=g)
+    image = torch.randn(2, tiny_vit_tokens.shape[1], c.vit_width, generator=g)
+    codes_up = 1e-3 * torch.randn(2, c.num_queries, c.width, generator=g)
+    ours.qformer.query_tokens[...] = jnp.asarray(tiny_queries[0].numpy())
+    ours.reverse_qformer.query_tokens[...] = jnp.asarray(tiny_reverse[0].numpy())
+    errors = {
+        "ln_vision": relative_error(ours.ln_vision(tiny_vit_tokens.numpy()), ref.ln_vision(tiny_vit_tokens).numpy()),
+        "vit blocks": relative_error(ours.visual_encoder.blocks(tiny_vit_tokens.numpy()),
+                                     _through(ref.visual_encoder.blocks, tiny_vit_tokens)),
+        "causal qformer": relative_error(ours.qformer.queries(image.numpy()),
+                                         ref.Qformer.bert(tiny_queries.expand(2, -1, -1), image, causal=True).numpy()),
+        "blocks_text": relative_error(ours.blocks_text(codes_up.numpy()), _through(ref.blocks_text, codes_up)),
+        "reverse qformer": relative_error(
+            ours.reverse_qformer.queries(codes_up.numpy()),
+            ref.Reverse_Qformer.bert(tiny_reverse.expand(2, -1, -1), codes_up, causal=False).numpy()),
+    }
+    wrong = {name: f"{error:.1e}" for name, error in errors.items() if error > QUIRK_TOLERANCE}
+    assert not wrong, f"relative errors over {QUIRK_TOLERANCE}: {wrong}"
+
+
 def _with_extra_vit_blocks(vit: dict, depth: int) -> dict:
     """The ViT state dict (keys `blocks.N.*`) grown to `depth` blocks, copies of its last plus one."""
     last = max(int(k.split(".")[1]) for k in vit if k.startswith("blocks."))

@@ -189,8 +189,7 @@ def seed_key(seed: int) -> jax.Array:
 def _check_guidance_scale(guidance_scale) -> np.float32:
     """One finite real number (NaN > 1 is False: guidance would silently be off)."""
     scale = np.asarray(guidance_scale)
-    if scale.ndim or not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)) \
-            or not np.isfinite(scale):
+    if scale.ndim or scale.dtype.kind not in "iuf" or not np.isfinite(scale):  # "iuf": int, uint, float
         raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
     return np.float32(scale)
 

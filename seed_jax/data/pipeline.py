@@ -209,9 +209,6 @@ class EvalBatches:
         self._per_process, self._example, self._num_threads = per_process, example, num_threads
         self._passes = 0
 
-    def __len__(self) -> int:
-        return len(self._rows) // self._per_process
-
     def __iter__(self):
         example = self._example if self._passes == 0 else dataclasses.replace(self._example, skipped=SkipCounter())
         self._passes += 1

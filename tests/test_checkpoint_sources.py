@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from seed_jax.convert import sources
 from seed_jax.convert.lazy_arrays import LazyArrays
-from seed_jax.convert.rules import Source, apply, linear, rule
+from seed_jax.convert.rules import Source, apply, heads_bias, linear, rule
 
 pytestmark = pytest.mark.torch
 
@@ -99,6 +99,16 @@ def test_stacked_layers_are_written_in_order_and_a_misfit_is_named():
     source = Source({"l.0.w": np.zeros((2, 3)), "l.1.w": np.zeros((2, 4))}, "ckpt")
     with pytest.raises(ValueError, match=r"layers.kernel: layer 1 gives shape \(4, 2\), layer 0 gave \(3, 2\)"):
         apply({"layers.kernel": rule("l.{i}.w", hook=linear, layers=[0, 1])}, source)
+
+
+def test_a_hook_that_does_not_fit_names_the_target_and_the_source_key():
+    """A reshape that does not fit raised numpy's bare 'cannot reshape array of size 6
+    into shape (4,newaxis)', naming neither the parameter nor the checkpoint key."""
+    source = Source({"attn.qkv.bias": np.zeros(6), "l.0.b": np.zeros(4), "l.1.b": np.zeros(6)}, "ckpt")
+    with pytest.raises(ValueError, match=r"^q\.bias: converting attn\.qkv\.bias \(6,\) failed: cannot reshape"):
+        apply({"q.bias": rule("attn.qkv.bias", hook=heads_bias(4))}, source)
+    with pytest.raises(ValueError, match=r"^layers\.bias: converting l\.1\.b \(6,\) failed: cannot reshape"):
+        apply({"layers.bias": rule("l.{i}.b", hook=heads_bias(4), layers=[0, 1])}, source)
 
 
 def test_a_missing_middle_layer_is_named_not_counted_as_the_end():

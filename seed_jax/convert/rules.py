@@ -77,7 +77,7 @@ def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
     for target, r in table.items():
         try:
             if r.layers is None:
-                out[target] = np.asarray(r.hook(*(source[k] for k in r.sources)), np.float32)
+                out[target] = np.asarray(_through_hook(target, r.hook, r.sources, source), np.float32)
             else:
                 out[target] = _stack(target, r, source)
         except KeyError as e:
@@ -85,12 +85,24 @@ def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
     return out
 
 
+def _through_hook(target: str, hook: Callable, keys: Sequence[str], source: Source) -> np.ndarray:
+    """`hook` over the source arrays at `keys`; a ValueError or IndexError it raises (a
+    reshape or split that does not fit) is raised again as a ValueError naming `target`
+    and each key with its shape."""
+    arrays = [source[k] for k in keys]
+    try:
+        return hook(*arrays)
+    except (ValueError, IndexError) as e:
+        read = ", ".join(f"{k} {tuple(np.shape(a))}" for k, a in zip(keys, arrays))
+        raise ValueError(f"{target}: converting {read} failed: {e}") from e
+
+
 def _stack(target: str, r: Rule, source: Source) -> np.ndarray:
     """Each of `r.layers` through the hook, written into one float32 (L, ...) array as
     it comes: never a list of all layers next to their stack."""
     stack = None
     for n, i in enumerate(r.layers):
-        layer = r.hook(*(source[k.format(i=i)] for k in r.sources))
+        layer = _through_hook(target, r.hook, [k.format(i=i) for k in r.sources], source)
         if stack is None:
             stack = np.empty((len(r.layers),) + np.shape(layer), np.float32)
         if np.shape(layer) != stack.shape[1:]:

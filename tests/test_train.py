@@ -21,6 +21,8 @@ from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import assert_export_holds_both_stages, latest_state_path, run_two_processes
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
+from seed_jax.evaluators.codebook import codebook_usage
+from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.trainers import loop
 from seed_jax.trainers import tokenizer as trainer
 
@@ -458,3 +460,67 @@ def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tm
     with pytest.raises(ValueError, match=r"restart_until is 0\.0"):
         trainer.train(_tiny(**{"stage2.restart_until": 0.0}), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def _multi_caption_split(path) -> int:
+    """An eval split of 7 images with 1 to 4 captions each (ids `img-j`, `img-j#k`), one
+    image's last caption far from its others, one caption record corrupt; returns the
+    record count."""
+    from array_record.python import array_record_module
+
+    from seed_jax.data import records, synthetic
+
+    counts = [3, 1, 4, 2, 3, 1, 2]
+    rows = [(j, k) for j, n in enumerate(counts) for k in range(n - (j == 0))] + [(0, counts[0] - 1)]
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for n, (j, k) in enumerate(rows):
+        image = synthetic.make_example(j, 0, 32)
+        caption = synthetic.make_example(100 * k + j, 1, 8)["caption"]  # other captions of the shapes grammar
+        data = records.encode_record({**image, "caption": caption, "id": f"img-{j}" + (f"#{k}" if k else "")})
+        writer.write(data[:len(data) // 2] if n == 5 else data)
+    writer.close()
+    return len(rows)
+
+
+def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path):
+    """The evaluation ran the ViT and Q-Former on each caption record's image: 5 times a
+    COCO image. It now encodes each image once; its metrics equal those of every record's
+    image encoded (as before), for images of several captions, and a corrupt record."""
+    config = _tiny(**{"eval.batch_size": 8, "eval.num_examples": pipeline.ALL_RECORDS})
+    path = tmp_path / "eval.array_record"
+    num_records = _multi_caption_split(path)
+    qformer_text, clip_text = trainer.text_tokenizers(config, str(tmp_path))
+    skipped = pipeline.SkipCounter()
+    example = pipeline.Example(32, qformer_text, clip_text, skipped)
+    mesh = parallel.make_mesh({"data": -1})
+    _, _, create = trainer.build_model(config)
+    model = create()
+    evaluator = trainer.Evaluator(model, *trainer.eval_inputs([str(path)], example, config), mesh,
+                                  config.axis_rules)
+    encoded = []
+    image_features = evaluator.image_features
+    evaluator.image_features = lambda *args: encoded.append(args[1]["index"]) or image_features(*args)
+    metrics = evaluator(model, 1, "stage2")
+    assert skipped.count == 1
+    encoded = np.concatenate([loop.to_host(i) for i in encoded])
+    assert len(encoded) == 8 and sorted(encoded[encoded >= 0]) == [0, 2, 3, 7, 9, 12, 13]  # 7 images, 1 batch
+
+    # as before: every record's image encoded, its features paired with its caption's
+    state = nnx.state(model)
+    every = pipeline.eval_batches([str(path)], example, num_examples=num_records, global_batch_size=8,
+                                   num_threads=1)
+    parts = [{**image_features(state, b, True), **evaluator.text_features(state, b)}
+             for b in (loop.global_batch(b, mesh, config.axis_rules) for b in every)]
+    assert len(parts) * 8 == 16 > len(encoded)  # 16 records: 2 batches of images before, 1 now
+    host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
+    valid = host["index"] >= 0
+    captions = [evaluator.captions[i] for i in host["index"][valid]]
+    images = [evaluator.images[i] for i in host["index"][valid]]
+    expected = {**{f"retrieval/{k}": v for k, v in recall_at_k(host["image"][valid], host["text"][valid], captions,
+                                                               images=images).items()},
+                **{f"retrieval_codes/{k}": v for k, v in recall_at_k(host["image_from_codes"][valid],
+                                                                     host["text"][valid], captions,
+                                                                     images=images).items()},
+                **{f"codebook/{k}": v for k, v in codebook_usage(host["codes"][valid], 64).items()},
+                "num_examples": float(num_records - 1)}
+    assert metrics == expected

@@ -87,6 +87,30 @@ class Example:
 
 
 @dataclasses.dataclass(frozen=True)
+class CaptionExample:
+    """A record -> its Q-Former caption tokens `text_ids` / `text_mask` int32 (L,) and
+    `index`, its image left undecoded: the captions of an evaluation that encodes each
+    image once, from another pass (`Example.eval`) over one record per image. Same
+    `eval` interface as `Example`."""
+    text: TextTokenizer
+    skipped: SkipCounter
+
+    def eval(self, item: tuple[int, bytes | None]) -> dict:
+        index, raw = item
+        caption = None if raw is None else self._caption(raw)
+        text_ids, text_mask = self.text(["" if caption is None else caption])
+        return {"text_ids": text_ids[0], "text_mask": text_mask[0],
+                "index": np.int32(-1 if caption is None else index)}
+
+    def _caption(self, raw: bytes) -> str | None:
+        try:
+            return records.decode_record(raw)["caption"]
+        except ValueError:
+            self.skipped.add()
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
 class PixelExample:
     """A record -> `image` float32 (S,S,3) in [-1,1] (bicubic resize, no crop or flip:
     captions name positions), `clip_ids` int32 (L,), `index`; what a diffusion model
@@ -183,38 +207,44 @@ def first_count(num_examples: int, available: int) -> int:
     return count
 
 
-def eval_batches(paths: Sequence[str], example: Example, *, num_examples: int, global_batch_size: int,
-                 num_threads: int = 8) -> "EvalBatches":
-    """The first `num_examples` records (ALL_RECORDS: every one), padded to whole global
+def eval_batches(paths: Sequence[str], example, *, num_examples: int, global_batch_size: int,
+                 num_threads: int = 8, record_indices: Sequence[int] | None = None) -> "EvalBatches":
+    """The first `num_examples` records (ALL_RECORDS: every one), or only those of them
+    at `record_indices` (in that order), through `example.eval`, padded to whole global
     batches (padding has index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
     index, count = _process_slice()
     if global_batch_size % count:
         raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
     num_examples = first_count(num_examples, len(_source(paths)))
+    chosen = list(range(num_examples)) if record_indices is None else [int(i) for i in record_indices]
+    if any(not 0 <= i < num_examples for i in chosen):
+        raise ValueError(f"record_indices: expected indices in [0, {num_examples}), got {min(chosen)}..{max(chosen)}")
     per_process = global_batch_size // count
-    num_batches = -(-num_examples // global_batch_size)
+    num_batches = -(-len(chosen) // global_batch_size)
     rows = [g * global_batch_size + index * per_process + r
             for g in range(num_batches) for r in range(per_process)]
-    return EvalBatches(paths, rows, num_examples, per_process, example, num_threads)
+    return EvalBatches(paths, [chosen[row] if row < len(chosen) else -1 for row in rows], per_process, example,
+                       num_threads)
 
 
 class EvalBatches:
     """This process's eval batches, decoded again at each pass rather than held: a whole
     Karpathy test split at 224 px is 25k float32 images, 15 GB. The same batches every
-    pass; corrupt records are counted in the first pass only (`example.skipped`)."""
+    pass; corrupt records are counted in the first pass only (`example.skipped`).
+    `record_indices`: the record of each of this process's rows, -1 for padding."""
 
-    def __init__(self, paths: Sequence[str], rows: list[int], num_examples: int, per_process: int,
-                 example: Example, num_threads: int):
-        self._paths, self._rows, self._num_examples = list(paths), rows, num_examples
+    def __init__(self, paths: Sequence[str], record_indices: list[int], per_process: int, example,
+                 num_threads: int):
+        self._paths, self._record_indices = list(paths), record_indices
         self._per_process, self._example, self._num_threads = per_process, example, num_threads
         self._passes = 0
 
     def __iter__(self):
         example = self._example if self._passes == 0 else dataclasses.replace(self._example, skipped=SkipCounter())
         self._passes += 1
-        source, num_examples = _source(self._paths), self._num_examples
-        ds = grain.MapDataset.source(self._rows).map(
-            lambda i: example.eval((i, source[i] if i < num_examples else None)))
+        source = _source(self._paths)
+        ds = grain.MapDataset.source(self._record_indices).map(
+            lambda i: example.eval((i, source[i] if i >= 0 else None)))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=4))
         return iter(ds.batch(self._per_process))
 
@@ -223,6 +253,15 @@ def read_records(paths: Sequence[str], num_examples: int) -> list[bytes]:
     """The first `num_examples` raw records (ALL_RECORDS: every one)."""
     source = _source(paths)
     return [source[i] for i in range(first_count(num_examples, len(source)))]
+
+
+def first_record_of_image(images: Sequence[str | None]) -> np.ndarray:
+    """int (N,): for each of N records (their `records.image_id`, as `read_labels` gives
+    them), the index of the first record of its image; a record that did not decode
+    (None) its own index."""
+    first: dict[str, int] = {}
+    return np.asarray([i if image is None else first.setdefault(image, i) for i, image in enumerate(images)],
+                      np.int64)
 
 
 def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:

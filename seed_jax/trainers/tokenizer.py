@@ -182,54 +182,99 @@ def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextToken
 # ---------------------------------------------------------------- evaluation
 class Evaluator:
     """Retrieval recall@K (causal embeddings; in stage II also from the codes) and
-    codebook usage on the held-out split."""
+    codebook usage on the held-out split.
 
-    def __init__(self, model: TrainModel, batches, captions, mesh, rules, images=None):
-        # images: each eval record's image (`records.image_id`), so that the records of one
-        # image's several captions are one image to retrieval; None: every record its own
-        self.batches, self.captions, self.images = batches, captions, images
+    Each image is encoded once, from the first of its records (a COCO image's 5 captions
+    are 5 records): `image_batches` hold those records, `caption_batches` every record's
+    caption, `captions` / `images` each record's caption and `records.image_id` (see
+    `eval_inputs`). Every record is then scored with its image's features, as when each
+    record's image was encoded: the metrics are those of all records. An image whose first
+    record does not decode is left out with all its captions."""
+
+    def __init__(self, model: TrainModel, image_batches, caption_batches, captions, images, mesh, rules):
+        self.image_batches, self.caption_batches = image_batches, caption_batches
+        self.captions, self.images = captions, images
+        self.first_record = pipeline.first_record_of_image(images)
         self.mesh, self.rules = mesh, rules
         self.num_codes = model.tokenizer.config.num_codes
         graphdef = nnx.graphdef(model)
 
-        def features(state, batch, with_codes: bool):
+        def image_features(state, batch, with_codes: bool):
             with parallel.axis_rules(mesh, rules):
-                model = nnx.merge(graphdef, state)
-                tok = model.tokenizer
+                tok = nnx.merge(graphdef, state).tokenizer
                 causal = tok.causal_embeddings(batch["image"])
-                out = {"image": tok.image_features(causal),
-                       "text": tok.text_features(batch["text_ids"], batch["text_mask"]),
-                       "index": batch["index"]}
+                out = {"image": tok.image_features(causal), "index": batch["index"]}
                 if with_codes:
                     codes = tok.quantize.nearest(tok.encode_task_layer(causal))
                     out["codes"] = codes
                     out["image_from_codes"] = tok.image_features(tok.reconstruct(tok.quantize.lookup(codes)))
                 return out
 
-        self.features = jax.jit(features, static_argnums=2)
+        def text_features(state, batch):
+            with parallel.axis_rules(mesh, rules):
+                tok = nnx.merge(graphdef, state).tokenizer
+                return {"text": tok.text_features(batch["text_ids"], batch["text_mask"]), "index": batch["index"]}
+
+        self.image_features = jax.jit(image_features, static_argnums=2)
+        self.text_features = jax.jit(text_features)
+
+    def _features(self, fn, batches, keys: tuple[str, ...], *args) -> dict[str, np.ndarray]:
+        """`fn(batch, *args)` over `batches` (their `keys`), gathered on the host; the rows
+        of records only (index >= 0)."""
+        parts = [fn(loop.global_batch({k: b[k] for k in keys}, self.mesh, self.rules), *args) for b in batches]
+        host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
+        valid = host["index"] >= 0
+        return {k: v[valid] for k, v in host.items()}
+
+    def image_rows(self, encoded: np.ndarray, records: np.ndarray) -> np.ndarray:
+        """For each of `records`, the row of its image among the `encoded` records (the
+        image pass's indices), -1 where its image's first record did not decode."""
+        rows = np.full(len(self.first_record), -1)
+        rows[encoded] = np.arange(len(encoded))
+        return rows[self.first_record[records]]
 
     def __call__(self, model: TrainModel, step: int, stage: str) -> dict[str, float]:
         with_codes = stage == "stage2"
         state = nnx.state(model)
-        parts = [self.features(state, loop.global_batch(b, self.mesh, self.rules), with_codes)
-                 for b in self.batches]
-        host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
-        valid = host["index"] >= 0
-        index = host["index"][valid]
+        image = self._features(lambda b: self.image_features(state, b, with_codes), self.image_batches,
+                               ("image", "index"))
+        text = self._features(lambda b: self.text_features(state, b), self.caption_batches,
+                              ("text_ids", "text_mask", "index"))
+        rows = self.image_rows(image["index"], text["index"])
+        paired = rows >= 0
+        index, rows = text["index"][paired], rows[paired]
+        texts = text["text"][paired]
         captions = [self.captions[i] for i in index]
-        images = None if self.images is None else [self.images[i] for i in index]
+        images = [self.images[i] for i in index]
         metrics = {f"retrieval/{k}": v for k, v in
-                   recall_at_k(host["image"][valid], host["text"][valid], captions, images=images).items()}
+                   recall_at_k(image["image"][rows], texts, captions, images=images).items()}
         if with_codes:
             metrics.update({f"retrieval_codes/{k}": v for k, v in
-                            recall_at_k(host["image_from_codes"][valid], host["text"][valid], captions,
-                                        images=images).items()})
+                            recall_at_k(image["image_from_codes"][rows], texts, captions, images=images).items()})
             metrics.update({f"codebook/{k}": v for k, v in
-                            codebook_usage(host["codes"][valid], self.num_codes).items()})
-        metrics["num_examples"] = float(valid.sum())
+                            codebook_usage(image["codes"][rows], self.num_codes).items()})
+        metrics["num_examples"] = float(len(index))
         logging.info("%s eval at step %d: %s", stage, step,
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "r1" in k or "codebook" in k))
         return metrics
+
+
+def eval_inputs(paths, example: pipeline.Example, config) -> tuple:
+    """(image batches, caption batches, captions, images) of `Evaluator` for the first
+    `config.eval.num_examples` records of the eval split `paths`: the image batches hold
+    the first record of each image (by `records.image_id`), the caption batches all."""
+    e = config.eval
+    captions, images = zip(*pipeline.read_labels(paths, e.num_examples))
+    first = pipeline.first_record_of_image(images)
+    encoded = [i for i, image in enumerate(images) if image is not None and first[i] == i]
+    if not encoded:
+        raise ValueError(f"{paths[0]}...: none of the eval split's first {len(images)} records decodes "
+                         "(eval.num_examples)")
+    batches = dict(global_batch_size=e.batch_size, num_threads=config.data.num_threads)
+    return (pipeline.eval_batches(paths, example, num_examples=e.num_examples, record_indices=encoded, **batches),
+            pipeline.eval_batches(paths, pipeline.CaptionExample(example.text, example.skipped),
+                                  num_examples=e.num_examples, **batches),
+            captions, images)
 
 
 # ---------------------------------------------------------------- driver
@@ -322,13 +367,11 @@ def train(config, workdir: str) -> bool:
     d = config.data
     example = pipeline.Example(config.model.vit.image_size, qformer_text, clip_text, skipped,
                                tuple(d.crop_scale), d.flip)
-    eval_batches = pipeline.eval_batches(eval_paths, example, num_examples=config.eval.num_examples,
-                                         global_batch_size=config.eval.batch_size, num_threads=d.num_threads)
-    captions, images = zip(*pipeline.read_labels(eval_paths, config.eval.num_examples))
+    evaluation = eval_inputs(eval_paths, example, config)
     model = create_model(config, mesh)
 
     writer = loop.MetricsWriter(workdir)
-    evaluator = Evaluator(model, eval_batches, captions, mesh, rules, images)
+    evaluator = Evaluator(model, *evaluation, mesh, rules)
     preemption = loop.Preemption()
     restart = config.stage2.restart_unused_codes_every
     stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),

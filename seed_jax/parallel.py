@@ -118,6 +118,18 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> Name
     return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
 
 
+def check_batch_size(field: str, batch_size: int, mesh: Mesh, rules: Rules) -> None:
+    """Raises naming the config `field` unless `batch_size` divides by the mesh axes the
+    logical `batch` axis maps to (`data` x `fsdp` by DEFAULT_RULES): `logical_to_mesh`
+    would leave such a batch replicated, every device computing all of it."""
+    axes = [a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1]
+    size = math.prod(mesh.shape[a] for a in axes)
+    if batch_size % size:
+        raise ValueError(f"{field}: {batch_size} does not divide by {size}, the devices along the mesh axes "
+                         f"{axes} that split the batch (mesh {dict(mesh.shape)}): every device would compute "
+                         f"the whole batch; choose a multiple of {size}, or another mesh")
+
+
 def axes_spanning_processes(processes: np.ndarray, axis_names: Sequence[str],
                             sharded: str | Sequence[str]) -> list[str]:
     """The mesh axes, other than `sharded`, along which the process changes

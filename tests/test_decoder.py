@@ -239,7 +239,8 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted,
 @pytest.mark.parametrize("key, value", [("eval.sampler", "ddpm"), ("eval.num_steps", 1000),
                                         ("eval.guidance_scale", float("nan")), ("uncond_probability", 1.5),
                                         ("uncond_probability", -0.1), ("dtype", "bf16"), ("eval.batch_size", 0),
-                                        ("keep_checkpoints", 0), ("eval_every_steps", 0)])
+                                        ("keep_checkpoints", 0), ("eval_every_steps", 0),
+                                        ("train.batch_size", 12)])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
@@ -248,7 +249,8 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     KeyError once the tokenizer was ready), `eval.batch_size` ('batch_size: expected
     >= 1' from the evaluator, built after the tokenizer was trained) and the loop's
     settings (`keep_checkpoints` 0 kept no checkpoint; an interval of 0 failed at the
-    first step)."""
+    first step), as is a `train.batch_size` that does not split over the mesh's 8 devices
+    (each computed the whole batch)."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):

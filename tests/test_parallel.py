@@ -57,3 +57,17 @@ def test_axes_spanning_processes_from_the_device_to_process_map():
     assert parallel.axes_spanning_processes(np.arange(4).reshape(2, 1, 2), axes, "data") == ["tensor"]
     assert parallel.axes_spanning_processes(np.arange(4).reshape(2, 2, 1), axes, ("data", "fsdp")) == []
     assert parallel.axes_spanning_processes(np.arange(4).reshape(1, 1, 4), axes, ()) == ["tensor"]
+
+
+def test_a_batch_that_does_not_split_over_the_batch_axes_is_refused_naming_its_field():
+    """Such a batch was left replicated by `logical_to_mesh`, silently: every device
+    computed all of it. Parameters of odd sizes stay replicated as before."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = parallel.DEFAULT_RULES
+    with pytest.raises(ValueError, match=r"^stage1\.batch_size: 6 does not divide by 4, the devices along the mesh "
+                                         r"axes \['data', 'fsdp'\] .*\(mesh \{'data': 2, 'fsdp': 2, 'tensor': 2\}\)"):
+        parallel.check_batch_size("stage1.batch_size", 6, mesh, rules)
+    parallel.check_batch_size("batch_size", 12, mesh, rules)
+    parallel.check_batch_size("batch_size", 6, mesh, (("batch", "data"),))  # the batch split over data alone
+    parallel.check_batch_size("batch_size", 3, parallel.make_mesh({"tensor": -1}), rules)  # no batch axis
+    assert parallel.logical_to_mesh(("vocab", "embed"), (33, 64), mesh, rules) == P(None, "fsdp")

@@ -729,6 +729,15 @@ def test_bad_dropout_rates_fail_with_the_other_model_settings(path, value, messa
         seed_opt.check_config(config)
 
 
+def test_a_phase_batch_size_that_does_not_split_over_the_mesh_fails_naming_it():
+    """On one process such a batch was replicated, silently: each of the 8 devices
+    computed the whole batch."""
+    config = get_config("tiny")
+    config.phase2.batch_size = 12
+    with pytest.raises(ValueError, match=r"^phase2\.batch_size: 12 does not divide by 8, "):
+        seed_opt.check_config(config)
+
+
 def test_without_init_opt_every_model_rate_must_be_set():
     config = get_config("seed_opt_2.7b")
     seed_opt.check_config(config)  # None: the converted OPT's

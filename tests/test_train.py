@@ -413,6 +413,18 @@ def test_two_processes_checkpoint_after_process_0_alone_wrote_an_export(tmp_path
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.parametrize("overrides, field", [({"batch_size": 12}, "batch_size"),
+                                              ({"stage2.batch_size": 4}, "stage2.batch_size"),
+                                              ({"eval.batch_size": 20}, "eval.batch_size")])
+def test_a_batch_size_that_does_not_split_over_the_mesh_fails_naming_it(tmp_path, overrides, field):
+    """On one process such a batch was replicated, silently: each of the 8 devices
+    computed the whole batch. It is refused before the data is made."""
+    size = next(iter(overrides.values()))
+    with pytest.raises(ValueError, match=rf"^{field}: {size} does not divide by 8, .*\(mesh \{{'data': 8, "):
+        trainer.train(_tiny(**overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_stage1_trains_with_the_temperature_frozen():
     """`temp` left out of stage1.trainable: the clamp has nothing to clamp (it raised
     KeyError 'temp'); the temperature keeps its initial value."""

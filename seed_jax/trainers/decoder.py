@@ -135,9 +135,10 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`dtype`, the loop's intervals and `keep_checkpoints`, `uncond_probability` and the
-    evaluation's options (first used at the end of training): checked before training
-    (and before the tokenizer it needs is trained), naming the config key."""
+    """`dtype`, the loop's intervals and `keep_checkpoints`, `uncond_probability`, the
+    evaluation's options (first used at the end of training) and `train.batch_size` (it
+    must split over the mesh's batch axes): checked before training (and before the
+    tokenizer it needs is trained), naming the config key."""
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
@@ -155,6 +156,7 @@ def check_options(config) -> None:
         samplers.get(e.sampler).plan(schedule, e.num_steps)
     except ValueError as error:  # "sampler: ..." / "num_steps: ..."
         raise ValueError(f"eval.{error}") from None
+    loop.check_batch_sizes(config, {"train.batch_size": config.train.batch_size})
 
 
 def train(config, workdir: str) -> bool:

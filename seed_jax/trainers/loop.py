@@ -50,6 +50,14 @@ def check_loop_settings(config) -> None:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
+def check_batch_sizes(config, batch_sizes: dict[str, int]) -> None:
+    """Raises naming the field unless each of `batch_sizes` (config field -> global batch
+    size) splits evenly over the batch axes of `config.mesh` (`parallel.check_batch_size`)."""
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    for field, size in batch_sizes.items():
+        parallel.check_batch_size(field, size, mesh, config.axis_rules)
+
+
 def make_optimizer(stage) -> optax.GradientTransformation:
     """AdamW with linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
     schedule = optax.warmup_cosine_decay_schedule(

@@ -78,8 +78,9 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
 def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
-    `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora` and the
-    dropout rates, else a ValueError naming them."""
+    `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
+    dropout rates and each phase's `batch_size` (it must split over the mesh's batch
+    axes), else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     if config.image_embedding not in ("rows", "codebook_projection"):
@@ -89,6 +90,7 @@ def check_config(config) -> None:
         layers.LoRA(config.lora.rank, config.lora.alpha, config.lora.targets)
     for name, rate in model_rates(config).items():
         layers.check_rate(f"model.{name}", rate)
+    loop.check_batch_sizes(config, {f"{key}.batch_size": config[key].batch_size for _, key in PHASES})
 
 
 def model_rates(config) -> dict[str, float]:

@@ -111,9 +111,18 @@ def restart_unused_codes(every: int, until_step: int):
     return post_update
 
 
+def batch_sizes(config) -> dict[str, int]:
+    """Config field -> global batch size, for each batch the run shards over the mesh:
+    each stage's (its own `batch_size`, else the global one) and the evaluation's."""
+    sizes = {f"{name}.batch_size" if config[name].batch_size else "batch_size":
+             config[name].batch_size or config.batch_size for name in stages_to_run(config)}
+    return {**sizes, "eval.batch_size": config.eval.batch_size}
+
+
 def check_config(config) -> None:
     """Raises, naming the fields, for settings that cannot run, before the data is made:
-    an unknown `dtype`, the loop's intervals and `keep_checkpoints`; restarting unused
+    an unknown `dtype`, the loop's intervals and `keep_checkpoints`, a batch size that does
+    not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it."""
@@ -136,6 +145,7 @@ def check_config(config) -> None:
         raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes only in the first "
                          f"stage2.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
+    loop.check_batch_sizes(config, batch_sizes(config))
 
 
 # ---------------------------------------------------------------- data

@@ -26,6 +26,7 @@ import ml_collections
 
 from seed_jax import config_files
 from seed_jax.parallel import DEFAULT_RULES
+from seed_jax.trainers.loop import AT_STAGE_END
 
 PRESETS = ("demo", "tiny")
 
@@ -73,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 2
         c.checkpoint_every_steps = 2
         c.eval.update(num_examples=8, batch_size=8, grid_examples=4, num_steps=3)
-    c.eval_every_steps = c.train.num_steps  # one evaluation, at the end
+    c.eval_every_steps = AT_STAGE_END  # one evaluation, at the end (also of a run given more steps)
     return c
 
 

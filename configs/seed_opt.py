@@ -41,6 +41,7 @@ from ml_collections.config_dict import placeholder
 
 from seed_jax import config_files
 from seed_jax.parallel import DEFAULT_RULES
+from seed_jax.trainers.loop import AT_STAGE_END
 
 MODEL_PRESETS = ("demo", "seed_opt_2.7b", "tiny")
 LAYOUT_PRESETS = {
@@ -114,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                             num_samples=16, decode=ml_collections.ConfigDict(
                                                 dict(num_steps=25, guidance_scale=3.0, sampler="ddim"))))
     {"demo": _demo, "seed_opt_2.7b": _seed_opt_2_7b, "tiny": _tiny}[preset](c)
-    c.eval_every_steps = max(c.phase1.num_steps, c.phase2.num_steps)  # evaluations at the end of each phase
+    c.eval_every_steps = AT_STAGE_END  # evaluations at the end of each phase (of any length)
     if layouts:
         c.mesh = ml_collections.ConfigDict(LAYOUT_PRESETS[layouts[0]])
     return c

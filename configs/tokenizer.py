@@ -18,6 +18,7 @@ import ml_collections
 
 from seed_jax.data.pipeline import ALL_RECORDS
 from seed_jax.parallel import DEFAULT_RULES
+from seed_jax.trainers.loop import AT_STAGE_END
 
 MODEL_PRESETS = ("demo", "seed1", "tiny")
 LAYOUT_PRESETS = {
@@ -207,7 +208,7 @@ def _demo(c):
     c.stage2 = _stage(num_steps=1200, lr=2e-3, init_lr=1e-5, end_lr=1e-4, warmup_steps=50, batch_size=32,
                       trainable=STAGE2_TRAINABLE_SHARED_HEAD, restart_every=10, restart_until=0.3)
     c.log_every_steps = 50
-    c.eval_every_steps = 2000  # evaluations at the end of each stage
+    c.eval_every_steps = AT_STAGE_END  # evaluations at the end of each stage (of any length)
     c.checkpoint_every_steps = 200
     c.eval.num_examples = 1024
     c.eval.batch_size = 256

@@ -239,7 +239,7 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted,
 @pytest.mark.parametrize("key, value", [("eval.sampler", "ddpm"), ("eval.num_steps", 1000),
                                         ("eval.guidance_scale", float("nan")), ("uncond_probability", 1.5),
                                         ("uncond_probability", -0.1), ("dtype", "bf16"), ("eval.batch_size", 0),
-                                        ("keep_checkpoints", 0), ("eval_every_steps", 0),
+                                        ("keep_checkpoints", 0), ("eval_every_steps", -1),
                                         ("train.batch_size", 12)])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
@@ -249,7 +249,7 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     KeyError once the tokenizer was ready), `eval.batch_size` ('batch_size: expected
     >= 1' from the evaluator, built after the tokenizer was trained) and the loop's
     settings (`keep_checkpoints` 0 kept no checkpoint; an interval of 0 failed at the
-    first step), as is a `train.batch_size` that does not split over the mesh's 8 devices
+    first step; `eval_every_steps` 0 is now AT_STAGE_END), as is a `train.batch_size` that does not split over the mesh's 8 devices
     (each computed the whole batch)."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 

@@ -238,6 +238,31 @@ def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     assert evaluated == [8]  # evaluated already: not again
 
 
+@pytest.mark.parametrize("every, evaluated", [(loop.AT_STAGE_END, [8]), (3, [3, 6, 8]), (1000, [8])])
+def test_a_stage_evaluates_and_saves_its_last_step_whatever_the_interval(tmp_path, every, evaluated):
+    """An interval longer than the stage (`num_steps` lowered on the command line) still
+    evaluates and saves its last step; AT_STAGE_END evaluates there only."""
+    steps = []
+    _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=lambda model, step: steps.append(step),
+                    eval_every_steps=every, checkpoint_every_steps=1000)
+    assert steps == evaluated and os.listdir(tmp_path / "ckpt") == ["8"]
+
+
+@pytest.mark.parametrize("trainer_name, stages", [("tokenizer", ("stage1", "stage2")), ("decoder", ("train",)),
+                                                  ("seed_opt", ("phase1", "phase2"))])
+def test_demo_configs_evaluate_at_the_end_of_each_stage_given_more_steps(trainer_name, stages):
+    """The demo configs meant to evaluate at the end of each stage fixed eval_every_steps
+    from their step counts: given more steps (`--config.train.num_steps=4500`) the decoder
+    also evaluated at steps 1500 and 3000, a SEED-OPT phase every 500 steps."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("demo")
+    for name in stages:
+        stage = config[name]
+        stage.num_steps *= 3
+        assert [s for s in range(1, stage.num_steps + 1) if loop.evaluates_at(s, stage, config)] == [stage.num_steps]
+
+
 def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path, caplog):
     """The data iterator's state is saved per process (grain: process_I-of-N.json): a
     checkpoint of two processes resumed on one (or the reverse) raised that its file
@@ -265,17 +290,19 @@ def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path
 
 
 @pytest.mark.parametrize("setting", loop.LOOP_SETTINGS)
-def test_loop_settings_below_1_are_refused_naming_them(tmp_path, setting):
+def test_loop_settings_out_of_range_are_refused_naming_them(tmp_path, setting):
     """An interval of 0 failed at the first step, after compiling, as a bare 'integer
-    modulo by zero'; with keep_checkpoints 0 orbax deleted each checkpoint as it was
-    saved, so a preempted run started again from step 0. Each is refused by the loop
-    before it trains, and by the trainer before the data is made."""
-    message = rf"{setting}: expected an integer >= 1, got 0"
+    modulo by zero' (`eval_every_steps` 0 is now AT_STAGE_END); with keep_checkpoints 0
+    orbax deleted each checkpoint as it was saved, so a preempted run started again from
+    step 0. Each is refused by the loop before it trains, and by the trainer before the
+    data is made."""
+    least = loop.AT_STAGE_END if setting == "eval_every_steps" else 1
+    message = rf"{setting}: expected an integer >= {least}.*, got {least - 1}"
     with pytest.raises(ValueError, match=message):
-        _run_line_stage(tmp_path / "ckpt", tmp_path, **{setting: 0})
+        _run_line_stage(tmp_path / "ckpt", tmp_path, **{setting: least - 1})
     assert not os.path.exists(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=message):
-        trainer.train(_tiny(**{setting: 0}), str(tmp_path / "wd"))
+        trainer.train(_tiny(**{setting: least - 1}), str(tmp_path / "wd"))
     assert not os.path.exists(tmp_path / "wd")
 
 

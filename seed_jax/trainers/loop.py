@@ -37,17 +37,23 @@ def decay_mask(params: nnx.State):
 
 
 LOOP_SETTINGS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+# As `eval_every_steps`: evaluate at the last step of each stage only, however many steps
+# it is given (a number fixed in the config would also evaluate mid-run once `num_steps`
+# is raised past it on the command line).
+AT_STAGE_END = 0
 
 
 def check_loop_settings(config) -> None:
-    """Raises naming the field unless each of `LOOP_SETTINGS` is an integer >= 1: an
-    interval of 0 failed at the first step, after compiling, as a bare modulo by zero,
-    and orbax keeps no checkpoint at all with `keep_checkpoints` 0 (each save deleted at
-    once), so a preempted run started again from step 0."""
+    """Raises naming the field unless each of `LOOP_SETTINGS` is an integer >= 1
+    (`eval_every_steps` >= 0: AT_STAGE_END): an interval of 0 failed at the first step,
+    after compiling, as a bare modulo by zero, and orbax keeps no checkpoint at all with
+    `keep_checkpoints` 0 (each save deleted at once), so a preempted run started again
+    from step 0."""
     for name in LOOP_SETTINGS:
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        value, least = config[name], AT_STAGE_END if name == "eval_every_steps" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            meaning = f" ({AT_STAGE_END}: at the last step of each stage only)" if least == AT_STAGE_END else ""
+            raise ValueError(f"{name}: expected an integer >= {least}{meaning}, got {value!r}")
 
 
 def check_batch_sizes(config, batch_sizes: dict[str, int]) -> None:
@@ -462,9 +468,9 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
     saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
     of a non-finite state, at the first log or checkpoint step after a non-finite step.
-    `evaluate(model, step)` runs every `config.eval_every_steps` and at the last step,
-    after that step's checkpoint is saved; the metrics it returns are written as the
-    stage's "eval" line. A run resumed at an evaluation step without that line (the run
+    `evaluate(model, step)` runs every `config.eval_every_steps` and at the last step
+    (there alone with AT_STAGE_END), after that step's checkpoint is saved; the metrics
+    it returns are written as the stage's "eval" line. A run resumed at an evaluation step without that line (the run
     before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on
@@ -513,7 +519,7 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
     writer.forget_after(name, start)
-    if start and _evaluates_at(start, stage, config) and not writer.holds(name, start, "eval"):
+    if start and evaluates_at(start, stage, config) and not writer.holds(name, start, "eval"):
         logging.info("%s: evaluating step %d, saved but not evaluated by the run before", name, start)
         _evaluate(name, model, state, start, evaluate, writer)
     if start >= stage.num_steps:
@@ -544,13 +550,16 @@ def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, tr
         if preempted:  # an evaluation due at this step runs when the run resumes
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
             return state, False
-        if _evaluates_at(step, stage, config):
+        if evaluates_at(step, stage, config):
             _evaluate(name, model, state, step, evaluate, writer)
     return state, True
 
 
-def _evaluates_at(step: int, stage, config) -> bool:
-    return step % config.eval_every_steps == 0 or step == stage.num_steps
+def evaluates_at(step: int, stage, config) -> bool:
+    """Whether `run_stage` evaluates after `step`: every `config.eval_every_steps` and at
+    the stage's last step (only there with AT_STAGE_END)."""
+    every = config.eval_every_steps
+    return step == stage.num_steps or (every != AT_STAGE_END and step % every == 0)
 
 
 def _evaluate(name: str, model: nnx.Module, state, step: int, evaluate: Callable, writer: MetricsWriter) -> None:

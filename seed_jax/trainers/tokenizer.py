@@ -198,8 +198,9 @@ class Evaluator:
     are 5 records): `image_batches` hold those records, `caption_batches` every record's
     caption, `captions` / `images` each record's caption and `records.image_id` (see
     `eval_inputs`). Every record is then scored with its image's features, as when each
-    record's image was encoded: the metrics are those of all records. An image whose first
-    record does not decode is left out with all its captions."""
+    record's image was encoded: the metrics are those of all records. (Where the image of
+    an image's first readable record does not decode, all its captions are left out, not
+    that record's alone.)"""
 
     def __init__(self, model: TrainModel, image_batches, caption_batches, captions, images, mesh, rules):
         self.image_batches, self.caption_batches = image_batches, caption_batches

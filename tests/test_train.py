@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,19 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]
     saved = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ckpt" / "2" / "state"))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
+
+
+def test_a_warmup_as_long_as_the_stage_is_warned_about(caplog):
+    """A preset's warm-up left longer than a shortened stage: the warning names the
+    stage and gives the last step's learning rate, below `lr`."""
+    stage = types.SimpleNamespace(init_lr=0.0, lr=1.0, end_lr=0.1, warmup_steps=100, num_steps=50)
+    with caplog.at_level("WARNING"):
+        loop.warn_if_warmup_outlasts("stage1", stage)
+    assert re.search(r"stage1: warmup_steps 100 is not below num_steps 50.* ends at 0.49\b", caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loop.warn_if_warmup_outlasts("stage1", types.SimpleNamespace(**{**vars(stage), "warmup_steps": 49}))
+    assert "warmup_steps" not in caplog.text
 
 
 def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, model=None,

@@ -64,12 +64,26 @@ def check_batch_sizes(config, batch_sizes: dict[str, int]) -> None:
         parallel.check_batch_size(field, size, mesh, config.axis_rules)
 
 
-def make_optimizer(stage) -> optax.GradientTransformation:
-    """AdamW with linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(stage) -> optax.Schedule:
+    """Linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=stage.init_lr, peak_value=stage.lr, warmup_steps=stage.warmup_steps,
         decay_steps=max(stage.num_steps, stage.warmup_steps + 1), end_value=stage.end_lr)
-    return optax.adamw(schedule, b1=stage.b1, b2=stage.b2, weight_decay=stage.weight_decay, mask=decay_mask)
+
+
+def make_optimizer(stage) -> optax.GradientTransformation:
+    """AdamW on `make_schedule(stage)`."""
+    return optax.adamw(make_schedule(stage), b1=stage.b1, b2=stage.b2, weight_decay=stage.weight_decay, mask=decay_mask)
+
+
+def warn_if_warmup_outlasts(name: str, stage) -> None:
+    """Logs a warning when `stage.warmup_steps` >= `stage.num_steps`: the learning rate
+    then rises for the whole stage and never reaches `lr` (e.g. `num_steps` lowered on
+    the command line below a preset's warm-up)."""
+    if stage.warmup_steps >= stage.num_steps:
+        logging.warning("%s: warmup_steps %d is not below num_steps %d, so the learning rate never reaches "
+                        "lr %g (it ends at %g); lower warmup_steps with num_steps", name, stage.warmup_steps,
+                        stage.num_steps, stage.lr, float(make_schedule(stage)(stage.num_steps - 1)))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
@@ -477,6 +491,7 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     resume (on process 0's counters), so they count the whole run. `post_update` is
     passed to the train step (see `make_train_step`)."""
     check_loop_settings(config)
+    warn_if_warmup_outlasts(name, stage)
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
     state = setup.state
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)

@@ -3,8 +3,9 @@
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
 `logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run in chunks
 of `batch_size` rows through one compiled program per chunk size (the last chunk is
-padded; SeedOPT's also per prompt length and decoding options), and inputs are
-checked before anything runs.
+padded; SeedOPT's also per prompt length and decoding options), their results come
+back to host memory chunk by chunk as numpy arrays, and inputs are checked before
+anything runs.
 
     tokenizer = SeedTokenizer.load("exports/seed_v1", diffusion="exports/sd_v1_4")
     codes = tokenizer.encode(tokenizer.preprocess(images))   # uint8 (B,H,W,3) -> int32 (B,32)
@@ -141,7 +142,7 @@ class SeedTokenizer:
         return out if return_intermediates else out["codes"]
 
     # ---- codes -> generation embeddings
-    def embed_codes(self, codes) -> jax.Array:
+    def embed_codes(self, codes) -> np.ndarray:
         """int codes (B,32) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.num_queries:
@@ -209,19 +210,42 @@ def to_uint8(images) -> np.ndarray:
 def run_in_chunks(fn, inputs: tuple, batch_size: int):
     """Runs `fn(*chunk)` over chunks of `batch_size` rows of every array in `inputs`
     (the last chunk padded with copies of row 0, so one program serves all) and
-    joins the results."""
+    joins the results as numpy arrays. A chunk's outputs are copied to the host
+    while the next chunk runs, so the device holds two chunks' outputs at most,
+    whatever the batch."""
     n = inputs[0].shape[0]
     if n == 0:
         raise ValueError("inputs: the batch is empty")
     size = min(batch_size, n)
-    parts = []
+    joined, pending = None, None
     for start in range(0, n, size):
-        chunk = tuple(x[start:start + size] for x in inputs)
-        real = chunk[0].shape[0]
-        if real < size:
-            chunk = tuple(np.concatenate([x, np.repeat(x[:1], size - real, axis=0)]) for x in chunk)
-        parts.append(jax.tree.map(lambda x, real=real: x[:real], fn(*chunk)))
-    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        running = (start, fn(*_padded_chunk(inputs, start, size)))  # dispatched: runs while `pending` is copied
+        if pending is not None:
+            joined = _copy_to_host(joined, n, *pending)
+        pending = running
+    return _copy_to_host(joined, n, *pending)
+
+
+def _padded_chunk(inputs: tuple, start: int, size: int) -> tuple:
+    """Rows [start, start + size) of every array in `inputs`, past the end copies of the chunk's first row."""
+    chunk = tuple(x[start:start + size] for x in inputs)
+    missing = size - chunk[0].shape[0]
+    return tuple(np.concatenate([x, np.repeat(x[:1], missing, axis=0)]) for x in chunk) if missing else chunk
+
+
+def _copy_to_host(joined, n: int, start: int, outputs):
+    """Copies a chunk's `outputs` (a pytree of arrays with leading chunk size) into
+    rows `start`... of `joined` (numpy arrays of n rows, made at the first chunk),
+    leaving out the padding rows; returns `joined`."""
+    host = jax.device_get(outputs)
+    if joined is None:
+        joined = jax.tree.map(lambda x: np.empty((n, *x.shape[1:]), x.dtype), host)
+
+    def copy(into, chunk):
+        into[start:start + len(chunk)] = chunk[:n - start]
+
+    jax.tree.map(copy, joined, host)
+    return joined
 
 
 class StableDiffusion:
@@ -284,8 +308,7 @@ class StableDiffusion:
             raise ValueError(f"input_ids: the batch is empty, got {ids.shape}")
         # the embedding lookup would clamp an id outside the vocabulary to its last row
         _check_ids_in_vocabulary("input_ids", ids, self.config.text_encoder.vocab_size)
-        return np.asarray(run_in_chunks(lambda x: self._encode_text(self._state, x), (ids.astype(np.int32),),
-                                        self.batch_size))
+        return run_in_chunks(lambda x: self._encode_text(self._state, x), (ids.astype(np.int32),), self.batch_size)
 
     def empty_prompt_embeds(self, batch: int) -> np.ndarray:
         """(B,L,X): the text encoder's output for the empty prompt (the unconditional side)."""
@@ -336,7 +359,7 @@ class StableDiffusion:
             prompt, negative, noise = chunk if guided else (chunk[0], None, chunk[1])
             return self._sample(self._state, plan, prompt, negative, noise, scale, sampler)
 
-        return np.asarray(run_in_chunks(run, inputs, self.batch_size))
+        return run_in_chunks(run, inputs, self.batch_size)
 
     def check_sampling(self, num_steps: int, guidance_scale: float, sampler: str, seed: int):
         """(guidance scale float32, the sampler's plan) for `sample`'s options, else a
@@ -460,7 +483,7 @@ class SeedOPT:
         if ids.shape[1] > self.config.max_positions:
             raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
                              "positions")
-        return np.asarray(run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size))
+        return run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size)
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
@@ -489,10 +512,9 @@ class SeedOPT:
                      ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
-            return np.asarray(run_in_chunks(lambda i, m: self._beam_search(
+            return run_in_chunks(lambda i, m: self._beam_search(
                 self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                length_penalty=float(length_penalty)),
-                (ids, mask), self.batch_size))
+                length_penalty=float(length_penalty)), (ids, mask), self.batch_size)
         sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
         key = seed_key(0 if seed is None else seed)
@@ -502,7 +524,7 @@ class SeedOPT:
             return self._generate(self._state, ids, mask, keys, ranges,
                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
 
-        return np.asarray(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size))
+        return run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size)
 
     # ---- SEED: codes <-> text
     @property

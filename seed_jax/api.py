@@ -49,8 +49,7 @@ class SeedTokenizer:
     def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32,
                  diffusion: "StableDiffusion | None" = None):
         layers.compute_dtype(dtype)  # checks the name
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        _check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         if diffusion is not None and diffusion.context_shape[1] != model.config.generation_width:
             raise ValueError(f"diffusion: its UNet takes {diffusion.context_shape[1]}-wide context, the tokenizer's "
@@ -187,12 +186,24 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.key(int(seed))
 
 
-def _check_guidance_scale(guidance_scale) -> np.float32:
-    """One finite real number (NaN > 1 is False: guidance would silently be off)."""
-    scale = np.asarray(guidance_scale)
-    if scale.ndim or scale.dtype.kind not in "iuf" or not np.isfinite(scale):  # "iuf": int, uint, float
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
-    return np.float32(scale)
+def _check_finite_number(name: str, value) -> float:
+    """One finite real number, else a ValueError naming `name`."""
+    number = np.asarray(value)
+    if number.ndim or number.dtype.kind not in "iuf" or not np.isfinite(number):  # "iuf": int, uint, float
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(number)
+
+
+def _is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool (a float count fails inside jit, naming nothing)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value, minimum: int, note: str = "") -> int:
+    """An integer >= `minimum`, else a ValueError naming `name` (and `note`)."""
+    if not _is_integer(value) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}{f' ({note})' if note else ''}, got {value!r}")
+    return int(value)
 
 
 def _check_ids_in_vocabulary(name: str, ids: np.ndarray, vocab_size: int, hint: str = "") -> None:
@@ -255,8 +266,7 @@ class StableDiffusion:
 
     def __init__(self, model: StableDiffusionModel, *, dtype: str = "float32", batch_size: int = 8):
         layers.compute_dtype(dtype)  # checks the name
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        _check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         graphdef, self._state = nnx.split(model)
         precision = "highest" if dtype == "float32" else "default"
@@ -364,7 +374,7 @@ class StableDiffusion:
     def check_sampling(self, num_steps: int, guidance_scale: float, sampler: str, seed: int):
         """(guidance scale float32, the sampler's plan) for `sample`'s options, else a
         ValueError naming the bad one."""
-        scale = _check_guidance_scale(guidance_scale)
+        scale = np.float32(_check_finite_number("guidance_scale", guidance_scale))  # NaN > 1 is False: no guidance
         seed_key(seed)
         return scale, samplers.get(sampler).plan(self.config.schedule, num_steps)
 
@@ -393,8 +403,7 @@ class SeedOPT:
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
                  max_text_tokens: int = sequences.MAX_TEXT_TOKENS):
         layers.compute_dtype(dtype)  # checks the name
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        _check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         self.image_token_ids = image_token_ids or {}
         if tokenizer is not None and self.image_token_ids:  # else codes of one would read as the other's
@@ -500,11 +509,12 @@ class SeedOPT:
             raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
                              "positions")
         # the last new token is not fed back, so it needs no position of its own
-        if max_new_tokens < 1 or ids.shape[1] + max_new_tokens - 1 > self.config.max_positions:
-            raise ValueError(f"max_new_tokens: expected 1..{self.config.max_positions - ids.shape[1] + 1} "
-                             f"(the model has {self.config.max_positions} positions), got {max_new_tokens}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams: expected >= 1 (1: no beam search), got {num_beams}")
+        longest = self.config.max_positions - ids.shape[1] + 1
+        if not _is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
+            raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
+                             f"{self.config.max_positions} positions), got {max_new_tokens!r}")
+        num_beams = _check_count("num_beams", num_beams, 1, "1: no beam search")
+        length_penalty = _check_finite_number("length_penalty", length_penalty)  # NaN: every answer empty
         if num_beams == 1 and length_penalty != 1.0:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
         if num_beams > 1:
@@ -514,7 +524,7 @@ class SeedOPT:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
             return run_in_chunks(lambda i, m: self._beam_search(
                 self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                length_penalty=float(length_penalty)), (ids, mask), self.batch_size)
+                length_penalty=length_penalty), (ids, mask), self.batch_size)
         sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
         key = seed_key(0 if seed is None else seed)

@@ -177,7 +177,7 @@ def test_generation_may_fill_every_position(converted):
     lm = SeedOPT.load(export)
     np.testing.assert_array_equal(lm.generate(ids, steps), ref)
     np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2), beams)
-    with pytest.raises(ValueError, match=f"max_new_tokens: expected 1..{steps} .* got {steps + 1}"):
+    with pytest.raises(ValueError, match=f"max_new_tokens: expected an integer in 1..{steps} .* got {steps + 1}"):
         lm.generate(ids, steps + 1)
     # a prompt longer than the positions is the prompt's fault (it read "max_new_tokens: expected 1..0")
     positions = TINY["max_position_embeddings"]
@@ -414,7 +414,7 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
                              ([(0, 3)] * 3, "allowed: expected at most max_new_tokens=2 ranges, got 3")]:
         with pytest.raises(ValueError, match=message):
             lm.generate(ids, 2, attention_mask=mask, allowed=allowed)
-    with pytest.raises(ValueError, match="num_beams: expected >= 1"):
+    with pytest.raises(ValueError, match=r"num_beams: expected an integer >= 1 \(1: no beam search\), got 0"):
         lm.generate(ids, 2, num_beams=0)
     with pytest.raises(ValueError, match="length_penalty=2.0 applies to beam search only"):
         lm.generate(ids, 2, length_penalty=2.0)
@@ -425,7 +425,7 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
         lm.caption_codes(np.zeros((1, 32), int), max_new_tokens=3, num_beams=2, temperature=1.0)
     with pytest.raises(ValueError, match=r"codes: expected integer \(B,32\), got int64 \(1, 5\)"):
         lm.caption_codes(np.zeros((1, 5), np.int64))
-    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
         _tiny_seed_opt(batch_size=0)
 
 
@@ -445,6 +445,35 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
     lm = _tiny_seed_opt()
     with pytest.raises(ValueError, match=message):
         lm.generate(np.full((2, 4), 5), 3, allowed=[(10, 20)] * 3, **option)
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty: expected a finite number, got nan"),
+    (dict(num_beams=2, length_penalty=float("inf")), "length_penalty: expected a finite number, got inf"),
+    (dict(num_beams=2, length_penalty=-float("inf")), "length_penalty: expected a finite number, got -inf"),
+    (dict(num_beams=2, length_penalty="2"), "length_penalty: expected a finite number, got '2'"),
+    (dict(num_beams=2.0), r"num_beams: expected an integer >= 1 \(1: no beam search\), got 2.0"),
+    (dict(max_new_tokens=3.0), r"max_new_tokens: expected an integer in 1..61 \(the model has 64 positions\), "
+                               "got 3.0"),
+    (dict(max_new_tokens=True), "max_new_tokens: expected an integer in 1..61"),
+])
+def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
+    """A NaN or -inf length_penalty scored every finished hypothesis NaN, and beam
+    search returned pad tokens alone: captions came back empty, silently (+inf scored
+    every hypothesis longer than one token 0, a tie). A float num_beams or
+    max_new_tokens failed inside jit ("broadcast_in_dim shape must have every element
+    be an integer type"), naming neither."""
+    options = {"max_new_tokens": 3, **option}
+    with pytest.raises(ValueError, match=message):
+        _tiny_seed_opt().generate(np.full((2, 4), 5), **options)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, 0, True])
+def test_a_batch_size_that_is_no_count_fails_naming_it(batch_size):
+    """A float batch_size failed at the first call, in range(): "'float' object cannot
+    be interpreted as an integer"."""
+    with pytest.raises(ValueError, match=f"batch_size: expected an integer >= 1, got {batch_size}"):
+        _tiny_seed_opt(batch_size=batch_size)
 
 
 @pytest.mark.parametrize("name", ["temperature", "top_p"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,8 @@ from PIL import Image
 
 from seed_jax import generation, weights
 from seed_jax.data import opt_text, sequences
+from seed_jax.data import preprocess as image_preprocess
 from seed_jax.data.opt_text import OPTTextTokenizer
-from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from seed_jax.diffusion import pipeline, samplers
 from seed_jax.models import layers
 from seed_jax.models.opt import OPT as OPTModel
@@ -39,6 +39,7 @@ from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 # (standard-normal test inputs pass) but catches 0..255 images that skipped
 # normalisation.
 PIXEL_RANGE = (-8.0, 8.0)
+IMAGES_EXPECTED = "uint8 (B,H,W,3), one image or a non-empty list of images (uint8 (H,W,3) or PIL)"
 INTERMEDIATES = ("vit_features", "image_embeds", "causal_embeddings", "quant_input", "codes", "quantized")
 
 
@@ -96,25 +97,18 @@ class SeedTokenizer:
         return self.config.qformer.num_queries
 
     # ---- images -> pixels
-    def preprocess(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 images, (B,H,W,3) or a list of (H,W,3) of any sizes -> float32
-        (B,S,S,3): bicubic resize to the model's size (PIL, as torchvision's Resize
-        on a PIL image), /255, CLIP mean/std."""
-        batch = list(images) if not isinstance(images, np.ndarray) else (
-            [images] if images.ndim == 3 else list(images) if images.ndim == 4 else None)
-        if batch is None or not batch:
-            raise ValueError(f"images: expected uint8 (B,H,W,3) or a non-empty list of (H,W,3), got "
-                             f"{getattr(images, 'shape', type(images).__name__)}")
-        out = []
+    def preprocess(self, images) -> np.ndarray:
+        """Images -> float32 (B,S,S,3) as the evaluation reads image files: RGB, bicubic
+        resize to the model's size (PIL, as torchvision's Resize on a PIL image), /255,
+        CLIP mean/std. `images`: uint8 (B,H,W,3), or one image, or a list of images of
+        any sizes; an image is uint8 (H,W,3) or a PIL image of any mode (converted as
+        training converts decoded files: `data.preprocess.to_rgb`)."""
+        batch = _image_list(images)
+        size = self.image_size
+        pixels = np.empty((len(batch), size, size, 3), np.float32)
         for i, image in enumerate(batch):
-            image = np.asarray(image)
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"images[{i}]: expected uint8 (H,W,3), got {image.dtype} {image.shape}")
-            if not image.size:  # PIL would resize it to a black image
-                raise ValueError(f"images[{i}]: expected a non-empty image, got shape {image.shape}")
-            pil = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC)
-            out.append((np.asarray(pil, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
-        return np.stack(out)
+            pixels[i] = image_preprocess.normalize(image_preprocess.resize(_rgb_image(f"images[{i}]", image), size))
+        return pixels
 
     # ---- pixels -> codes
     def _check_pixels(self, pixels) -> np.ndarray:
@@ -174,8 +168,38 @@ class SeedTokenizer:
         return to_uint8(images)
 
     def reconstruct(self, images, **decode_options) -> np.ndarray:
-        """uint8 images (see preprocess) -> encode -> decode (options as `decode`)."""
+        """Images (see preprocess) -> encode -> decode (options as `decode`)."""
         return self.decode(self.encode(self.preprocess(images)), **decode_options)
+
+
+def _image_list(images) -> list:
+    """`SeedTokenizer.preprocess`'s `images` -> a non-empty list of single images."""
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray):
+        batch = [images] if images.ndim == 3 else list(images) if images.ndim == 4 else []
+    elif isinstance(images, (str, bytes)) or not isinstance(images, Iterable):  # a path is no image
+        batch = []
+    else:
+        batch = list(images)
+    if not batch:
+        raise ValueError(f"images: expected {IMAGES_EXPECTED}, got "
+                         f"{getattr(images, 'shape', None) or type(images).__name__}")
+    return batch
+
+
+def _rgb_image(name: str, image) -> Image.Image:
+    """A PIL image of any mode (to RGB) or a uint8 (H,W,3) array -> a non-empty RGB PIL image."""
+    if isinstance(image, Image.Image):
+        rgb = image_preprocess.to_rgb(image)
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"{name}: expected uint8 (H,W,3) or a PIL image, got {array.dtype} {array.shape}")
+        rgb = Image.fromarray(array)
+    if not (rgb.width and rgb.height):  # PIL would resize it to a black image
+        raise ValueError(f"{name}: expected a non-empty image, got {rgb.width}x{rgb.height} pixels")
+    return rgb
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -627,12 +651,13 @@ class SeedOPT:
         return self.tokenizer
 
     def caption(self, images, **options) -> list[str]:
-        """uint8 images (B,H,W,3) or a list of (H,W,3) -> captions (options as `caption_codes`)."""
+        """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
         tokenizer = self._seed_tokenizer()
         return self.caption_codes(tokenizer.encode(tokenizer.preprocess(images)), **options)
 
     def answer(self, images, questions: Sequence[str], **options) -> list[str]:
-        """uint8 images and one question each -> short answers (options as `answer_codes`)."""
+        """Images (as `SeedTokenizer.preprocess` takes them) and one question each -> short answers
+        (options as `answer_codes`)."""
         tokenizer = self._seed_tokenizer()
         return self.answer_codes(tokenizer.encode(tokenizer.preprocess(images)), questions, **options)
 

@@ -1,5 +1,7 @@
 """SeedTokenizer API: preprocessing, chunked batches, input checks, bf16 mode."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from helpers import TINY_TOKENIZER
 from parity import relative_error
 from seed_jax import weights
 from seed_jax.api import SeedTokenizer, run_in_chunks
-from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD, decode_image, normalize, resize
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 
 
@@ -46,12 +48,39 @@ def test_preprocess_resizes_bicubic_and_normalises(tokenizer):
     assert tokenizer.preprocess(np.stack([images[1]] * 3)).shape == (3, 32, 32, 3)
 
 
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_pil_images_of_any_mode_are_read_as_training_reads_their_files(tokenizer):
+    """A PIL image failed ("'Image' object is not iterable"), and one that is not RGB
+    (grayscale, RGBA, a palette, 16-bit) failed for its array's shape. Each is now
+    converted as training converts a decoded file: the pixels of its PNG's records."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 56, 4), np.uint8), "RGBA")
+    images = [rgba, rgba.convert("L"), rgba.convert("RGB").convert("P"), rgba.convert("RGB"),
+              Image.fromarray(rng.integers(0, 2**16, (24, 20), np.uint16))]
+    assert images[-1].mode == "I;16"
+    pixels = tokenizer.preprocess(images)
+    for i, image in enumerate(images):
+        from_file = normalize(resize(decode_image(_png_bytes(image)), 32))
+        np.testing.assert_array_equal(pixels[i], from_file, err_msg=image.mode)
+    np.testing.assert_array_equal(tokenizer.preprocess(images[0]), pixels[:1])  # one image alone
+    np.testing.assert_array_equal(tokenizer.preprocess([np.asarray(images[3])]), pixels[3:4])
+
+
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((2, 8, 8, 3), np.float32), "images[0]: expected uint8"),
     (np.zeros((2, 8, 8, 4), np.uint8), "images[0]: expected uint8 (H,W,3)"),
     (np.zeros((8, 8), np.uint8), "images: expected uint8 (B,H,W,3)"),
     ([np.zeros((8, 8, 3), np.uint8), np.zeros((0, 8, 3), np.uint8)], "images[1]: expected a non-empty"),
     (np.zeros((2, 8, 0, 3), np.uint8), "images[0]: expected a non-empty"),
+    ("photo.jpg", "images: expected uint8 (B,H,W,3), one image or a non-empty list of images"),
+    ([], "images: expected uint8 (B,H,W,3), one image or a non-empty list of images"),
+    (7, "images: expected uint8 (B,H,W,3)"),
+    ([Image.new("RGB", (0, 5))], "images[0]: expected a non-empty image, got 0x5 pixels"),
 ])
 def test_preprocess_rejects_bad_images(tokenizer, bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

@@ -23,6 +23,11 @@ def decode_image(data: bytes) -> Image.Image:
         image.load()
     except Exception as e:  # PIL raises many types for corrupt data
         raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from e
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode -> RGB (16-bit grayscale: its top 8 bits; alpha dropped)."""
     if image.mode in SIXTEEN_BIT_GRAY:  # convert() would clip every value above 255 to white
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
     return image.convert("RGB")

@@ -623,8 +623,7 @@ class SeedOPT:
                      **sampling) -> list[str]:
         """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.")."""
         codes = self._codes(codes)
-        if isinstance(questions, str) or len(questions) != len(codes):
-            raise ValueError(f"questions: expected a list of {len(codes)} strings, one per image")
+        questions = _check_texts("questions", questions, count=len(codes))
         builder = self.builder
         prompts = [builder.question_prompt(row, q) for row, q in zip(codes, questions)]
         return self._answers(prompts, max_new_tokens, num_beams, **sampling)
@@ -633,8 +632,7 @@ class SeedOPT:
                     seed: int = 0) -> np.ndarray:
         """Text prompts -> int32 codes (B,32): after "Generate an image: {prompt}" and
         <img>, each of 32 steps may only emit a code token, then </img>."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError("prompts: expected a non-empty list of strings")
+        prompts = _check_texts("prompts", prompts)
         builder = self.builder
         image = builder.image
         ids, mask = self._left_padded([builder.generation_prompt(p) for p in prompts])
@@ -668,6 +666,20 @@ class SeedOPT:
         `decode_options` as `SeedTokenizer.decode`."""
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return self._seed_tokenizer().decode(codes, seed=seed, **decode_options)
+
+
+def _check_texts(name: str, texts, count: int | None = None) -> list[str]:
+    """`texts` as a list of `count` strings (None: at least one), else a ValueError
+    naming `name` (a prompt's format() would write None or 3 in as text)."""
+    listed = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else None
+    if listed is None or (len(listed) != count if count is not None else not listed):
+        expected = f"a list of {count} strings, one per image" if count is not None else "a non-empty list of strings"
+        got = f"{len(listed)} of them" if listed is not None else repr(texts)
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+    for i, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}[{i}]: expected a string, got {text!r}")
+    return listed
 
 
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:

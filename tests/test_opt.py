@@ -429,6 +429,26 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
         _tiny_seed_opt(batch_size=0)
 
 
+def test_questions_and_prompts_that_are_not_strings_fail_naming_them():
+    """format() wrote a question None as "Question: None Short answer." and a prompt 3
+    as "Generate an image: 3", silently; a numpy array of prompts failed with "the truth
+    value of an array ... is ambiguous"."""
+    lm = _tiny_seed_opt()
+    codes = np.zeros((2, 32), int)
+    with pytest.raises(ValueError, match="questions\\[0\\]: expected a string, got None"):
+        lm.answer_codes(codes, [None, "a red star"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="questions: expected a list of 2 strings, one per image, got 1 of them"):
+        lm.answer_codes(codes, ["a"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="questions: expected a list of 2 strings, one per image, got 'a red star'"):
+        lm.answer_codes(codes, "a red star", max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompts\\[1\\]: expected a string, got 3"):
+        lm.image_codes(["a red star", 3])
+    with pytest.raises(ValueError, match="prompts: expected a non-empty list of strings, got 0 of them"):
+        lm.image_codes([])
+    prompts = ["a red star", "star"]
+    np.testing.assert_array_equal(lm.image_codes(np.asarray(prompts)), lm.image_codes(prompts))
+
+
 @pytest.mark.parametrize("option, message", [
     (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
     (dict(temperature=float("inf")), "temperature: expected a finite number >= 0"),

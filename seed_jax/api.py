@@ -16,6 +16,7 @@ anything runs.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Iterable, Sequence
 
@@ -158,14 +159,22 @@ class SeedTokenizer:
         generation embeddings condition the diffusion model, the empty prompt is the
         unconditional side of guidance, and image i starts from noise seeded by
         (seed, i)."""
-        if self.diffusion is None:
-            raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
-        self.diffusion.check_sampling(num_steps, guidance_scale, sampler, seed)  # before the codes are embedded
+        self.check_decode_options(num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed)
         embeds = self.embed_codes(codes)
         latents = self.diffusion.initial_noise(embeds.shape[0], seed)
         images = self.diffusion.sample(embeds, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
                                        sampler=sampler)
         return to_uint8(images)
+
+    def check_decode_options(self, **options) -> None:
+        """Raises the error `decode(codes, **options)` would raise for its options (a
+        bad or unknown one; no diffusion model), running nothing."""
+        bound = inspect.signature(self.decode).bind(None, **options)  # decode's defaults, in one place
+        bound.apply_defaults()
+        if self.diffusion is None:
+            raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
+        given = bound.arguments
+        self.diffusion.check_sampling(given["num_steps"], given["guidance_scale"], given["sampler"], given["seed"])
 
     def reconstruct(self, images, **decode_options) -> np.ndarray:
         """Images (see preprocess) -> encode -> decode (options as `decode`)."""
@@ -664,8 +673,10 @@ class SeedOPT:
         """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
         `decode_options` as `SeedTokenizer.decode`."""
+        tokenizer = self._seed_tokenizer()
+        tokenizer.check_decode_options(seed=seed, **decode_options)  # before the language model runs
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return self._seed_tokenizer().decode(codes, seed=seed, **decode_options)
+        return tokenizer.decode(codes, seed=seed, **decode_options)
 
 
 def _check_texts(name: str, texts, count: int | None = None) -> list[str]:

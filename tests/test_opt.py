@@ -521,6 +521,51 @@ def test_a_seed_tokenizer_with_another_number_of_codes_is_rejected():
     assert _tiny_seed_opt().image_codes(["a red star"]).shape == (1, 32)  # without a tokenizer: no check
 
 
+def _tiny_diffusion():
+    """A StableDiffusion API over a random pixel-space tiny UNet for the tiny SEED tokenizer's 24-wide embeddings."""
+    from seed_jax.models.clip_text import CLIPTextConfig
+    from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
+    from seed_jax.models.stable_diffusion import StableDiffusionConfig
+    from seed_jax.models.unet import UNET_PRESETS
+
+    config = StableDiffusionConfig(
+        unet=dataclasses.replace(UNET_PRESETS["tiny"], in_channels=3, out_channels=3), vae=None,
+        text_encoder=CLIPTextConfig(vocab_size=10, width=24, depth=1, num_heads=2, mlp_dim=32),
+        empty_prompt_ids=(8,) + (9,) * 76)
+    return api.StableDiffusion(StableDiffusionModel(config, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("diffusion, options, message", [
+    (None, {}, "decode needs a diffusion model"),
+    (True, dict(sampler="euler"), "sampler: expected one of"),
+    (True, dict(num_steps=0), "num_steps: expected"),
+    (True, dict(guidance_scale=float("nan")), "guidance_scale: expected a finite number"),
+])
+def test_generate_image_checks_its_decode_options_before_the_language_model_runs(diffusion, options, message,
+                                                                                  monkeypatch):
+    """generate_image ran the language model's 33 decoding steps, then failed on a bad
+    sampler, num_steps or guidance_scale, or for want of a diffusion model or of the
+    SEED tokenizer; all are now checked first."""
+    from helpers import TINY_TOKENIZER
+    from seed_jax.api import SeedTokenizer
+    from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+
+    lm = _tiny_seed_opt()
+
+    def generate(*args, **kwargs):
+        raise AssertionError("the language model ran before the options were checked")
+
+    monkeypatch.setattr(lm, "generate", generate)
+    with pytest.raises(ValueError, match="images need the SEED tokenizer"):
+        lm.generate_image(["a red star"], **options)
+    model = SeedTokenizerModel(dataclasses.replace(TINY_TOKENIZER, num_codes=16), rngs=nnx.Rngs(0))
+    lm.tokenizer = SeedTokenizer(model, diffusion=_tiny_diffusion() if diffusion else None)
+    with pytest.raises(ValueError, match=message):
+        lm.generate_image(["a red star"], **options)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+        lm.generate_image(["a red star"], steps=3)
+
+
 def _adapted(model, config, rank=4, extra=6):
     """`model` with LoRA on every target and `extra` appended token rows, all set to
     non-zero random values (B starts at zero; that would hide a wrong merge)."""

@@ -185,6 +185,8 @@ def _image_list(images) -> list:
     """`SeedTokenizer.preprocess`'s `images` -> a non-empty list of single images."""
     if isinstance(images, Image.Image):
         return [images]
+    if hasattr(images, "__array__"):  # a jax or torch array too: rows would read a (H,W,3) image as H images
+        images = np.asarray(images)
     if isinstance(images, np.ndarray):
         batch = [images] if images.ndim == 3 else list(images) if images.ndim == 4 else []
     elif isinstance(images, (str, bytes)) or not isinstance(images, Iterable):  # a path is no image

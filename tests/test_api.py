@@ -71,6 +71,14 @@ def test_pil_images_of_any_mode_are_read_as_training_reads_their_files(tokenizer
     np.testing.assert_array_equal(tokenizer.preprocess([np.asarray(images[3])]), pixels[3:4])
 
 
+def test_a_jax_array_of_one_image_is_one_image(tokenizer):
+    """A jax (H,W,3) array was read row by row, as H images ("images[0]: expected uint8
+    (H,W,3), got uint8 (W, 3)"); any array is now read as numpy's."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)
+    np.testing.assert_array_equal(tokenizer.preprocess(jnp.asarray(image)), tokenizer.preprocess(image))
+    np.testing.assert_array_equal(tokenizer.preprocess(jnp.asarray(image[None])), tokenizer.preprocess(image))
+
+
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((2, 8, 8, 3), np.float32), "images[0]: expected uint8"),
     (np.zeros((2, 8, 8, 4), np.uint8), "images[0]: expected uint8 (H,W,3)"),

@@ -549,6 +549,11 @@ class SeedOPT:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
         num_beams = _check_count("num_beams", num_beams, 1, "1: no beam search")
+        vocab = self.config.total_vocab_size
+        if eos_id is not None and (not _is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
+            raise ValueError(f"eos_id: expected None or a token id in [0, {vocab}), got {eos_id!r}")
+        if not _is_integer(pad_id):
+            raise ValueError(f"pad_id: expected an integer, got {pad_id!r}")
         length_penalty = _check_finite_number("length_penalty", length_penalty)  # NaN: every answer empty
         if num_beams == 1 and length_penalty != 1.0:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")

@@ -476,13 +476,18 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
     (dict(max_new_tokens=3.0), r"max_new_tokens: expected an integer in 1..61 \(the model has 64 positions\), "
                                "got 3.0"),
     (dict(max_new_tokens=True), "max_new_tokens: expected an integer in 1..61"),
+    (dict(eos_id=10**6), r"eos_id: expected None or a token id in \[0, \d+\), got 1000000"),
+    (dict(eos_id=-1, num_beams=2), r"eos_id: expected None or a token id in \[0, \d+\), got -1"),
+    (dict(eos_id=[2, 3]), r"eos_id: expected None or a token id in \[0, \d+\), got \[2, 3\]"),
+    (dict(pad_id=1.5), "pad_id: expected an integer, got 1.5"),
 ])
 def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
     """A NaN or -inf length_penalty scored every finished hypothesis NaN, and beam
     search returned pad tokens alone: captions came back empty, silently (+inf scored
-    every hypothesis longer than one token 0, a tie). A float num_beams or
-    max_new_tokens failed inside jit ("broadcast_in_dim shape must have every element
-    be an integer type"), naming neither."""
+    every hypothesis longer than one token 0, a tie). An eos_id outside the vocabulary
+    ended no row, silently. A float num_beams or max_new_tokens failed inside jit
+    ("broadcast_in_dim shape must have every element be an integer type"), a list of
+    eos ids as a "non-hashable static argument", naming neither."""
     options = {"max_new_tokens": 3, **option}
     with pytest.raises(ValueError, match=message):
         _tiny_seed_opt().generate(np.full((2, 4), 5), **options)

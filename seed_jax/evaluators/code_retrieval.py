@@ -36,11 +36,11 @@ class CodeRetrieval:
 
     def code_features(self, codes: np.ndarray) -> np.ndarray:
         """int codes (N,32) -> L2-normalised features (N,F)."""
-        return np.asarray(run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size))
+        return run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size)
 
     def caption_features(self, captions: Sequence[str]) -> np.ndarray:
         ids, mask = self.caption_tokenizer(list(captions))
-        return np.asarray(run_in_chunks(self._from_text, (ids, mask), self.batch_size))
+        return run_in_chunks(self._from_text, (ids, mask), self.batch_size)
 
     def recall(self, codes: np.ndarray, captions: Sequence[str], images: Sequence[str] | None = None
                ) -> dict[str, float]:

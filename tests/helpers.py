@@ -62,6 +62,23 @@ def run_two_processes(repo_root, args: list[str], program: tuple[str, ...] = ("-
     return outputs
 
 
+# `python -m seed_jax.main` whose distributed processes wait 3 s for each other at exit
+# (JAX's shutdown timeout, 300 s by default) and whose process 0 takes 10 s to write an
+# export: the run passes only when the others wait for process 0's export.
+MAIN_WITH_A_SLOW_EXPORT = """
+import time
+import jax
+from seed_jax import main, weights
+initialize, save = jax.distributed.initialize, weights.save
+jax.distributed.initialize = lambda *args: initialize(*args, shutdown_timeout_seconds=3)
+def slow_save(*args, **kwargs):
+    time.sleep(10)
+    save(*args, **kwargs)
+weights.save = slow_save
+main.app.run(main.main)
+"""
+
+
 def assert_export_holds_both_stages(workdir, out, repo_root) -> None:
     """Runs `python -m seed_jax.export` on `workdir` and checks that every parameter
     each stage's latest checkpoint holds is exported unchanged."""

@@ -14,7 +14,7 @@ import pytest
 from array_record.python import array_record_module
 
 from configs.seed_opt import get_config
-from helpers import checkpoint_params, run_two_processes
+from helpers import MAIN_WITH_A_SLOW_EXPORT, checkpoint_params, run_two_processes
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -771,11 +771,15 @@ def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
 def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run, tmp_path, repo_root):
     """The multi-host path with parameters sharded across processes (fsdp over both
     processes' devices): each process pre-tokenizes its slice, trains on its rows, and
-    the export holds the last checkpoint's whole parameters."""
+    the export holds the last checkpoint's whole parameters. Process 0 writes the export
+    slower than the others wait for it at exit: they returned at once, and JAX's shutdown
+    aborted both processes with the export cut short."""
     workdir = tmp_path / "wd"
     run_two_processes(repo_root, [f"--config={repo_root}/configs/seed_opt.py:tiny", f"--workdir={workdir}",
                                   f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",
-                                  "--config.mesh.data=1", "--config.mesh.fsdp=8"])
+                                  "--config.mesh.data=1", "--config.mesh.fsdp=8"],
+                      program=("-c", MAIN_WITH_A_SLOW_EXPORT))
+    assert (workdir / "DONE.json").exists()
     assert sorted(f for f in os.listdir(workdir / "codes") if f.startswith("train-")) == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
     with open(workdir / "metrics.jsonl") as f:

@@ -202,9 +202,13 @@ def train(config, workdir: str) -> bool:
     out = os.path.join(workdir, "export")
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
     steps = {"decoder": config.train.num_steps}
-    if jax.process_index() == 0 and weights.write_unless_current(out, steps, lambda: weights.save(
-            out, "stable_diffusion", sd_config, params,
-            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
-        with open(os.path.join(workdir, "DONE.json"), "w") as f:
-            json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
+
+    def write_export() -> None:
+        if weights.write_unless_current(out, steps, lambda: weights.save(
+                out, "stable_diffusion", sd_config, params,
+                info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
+            with open(os.path.join(workdir, "DONE.json"), "w") as f:
+                json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
+
+    loop.on_process_0_while_all_wait(write_export)
     return True

@@ -334,6 +334,18 @@ class Progress:
         return rate
 
 
+def on_process_0_while_all_wait(write: Callable[[], None]) -> None:
+    """Calls `write()` (e.g. writing the run's export) on process 0 alone; every process
+    returns once it is done. The others returned at once before: they exited, and JAX's
+    distributed shutdown, which waits `shutdown_timeout_seconds` (300 s) for all
+    processes to exit, then aborted every process, process 0 in the middle of a write
+    that took longer (an export cut short, no DONE.json)."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("written_on_process_0")
+
+
 def summed_over_processes(counts: dict[str, float]) -> dict[str, float]:
     """`counts` (the same keys on every process) summed over processes."""
     if jax.process_count() == 1 or not counts:

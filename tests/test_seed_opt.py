@@ -783,8 +783,14 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
     assert sorted(f for f in os.listdir(workdir / "codes") if f.startswith("train-")) == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
     with open(workdir / "metrics.jsonl") as f:
-        evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+        lines = [json.loads(line) for line in f]
+    config = get_config("tiny")
+    for phase, key in seed_opt.PHASES:  # written once (by process 0), every step
+        assert [r["step"] for r in lines if (r["stage"], r["split"]) == (phase, "train")] == list(
+            range(1, config[key].num_steps + 1))
+    evals = [r for r in lines if r["split"] == "eval"]
     assert [e["stage"] for e in evals] == ["image_to_text", "both_directions"]
+    assert [e["num_examples"] for e in evals] == [config.eval.num_examples] * 2  # every held-out record, once
     trained = checkpoint_params(str(workdir), "both_directions", module=None)
     exported = weights.load_params(str(workdir / "export"))
     assert "layers.fc1.kernel" in trained and set(trained) <= set(exported)

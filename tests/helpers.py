@@ -79,6 +79,47 @@ main.app.run(main.main)
 """
 
 
+def seed_opt_losses_on_one_batch(mesh_axes: dict[str, int], num_steps: int = 3) -> list[float]:
+    """The tiny SEED-OPT's losses over `num_steps` train steps on one fixed random global
+    batch of 8 packed rows, process p of P feeding rows [8p/P, 8(p+1)/P) of it, on a mesh
+    of `mesh_axes` over every process's devices."""
+    from configs.seed_opt import get_config
+    from seed_jax import parallel
+    from seed_jax.trainers import loop, seed_opt
+
+    config = get_config("tiny")
+    config.mesh.update(mesh_axes)
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    m_config = seed_opt.model_config(config, text_vocab_size=100, num_codes=64, code_dim=8)
+    model = seed_opt.create_model(m_config, config, mesh)
+    setup = loop.prepare_stage(model, seed_opt.trainable(config), seed_opt.lm_loss, config.phase1, config, mesh)
+    rows, length, targets = 8, config.data.seq_length, config.phase1.max_targets_per_row
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 160, (rows, length)), "segment_ids": np.ones((rows, length)),
+             "positions": np.tile(np.arange(length), (rows, 1)), "target_ids": rng.integers(0, 160, (rows, targets)),
+             "target_index": np.sort(rng.integers(0, length, (rows, targets)), axis=1),
+             "target_mask": rng.random((rows, targets)) < 0.7}
+    process, count = jax.process_index(), jax.process_count()
+    local = {k: v[process * rows // count:(process + 1) * rows // count].astype(np.int32) for k, v in batch.items()}
+    state, losses = setup.state, []
+    for _ in range(num_steps):
+        state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(local, mesh, config.axis_rules))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+# Prints `seed_opt_losses_on_one_batch` of one of two processes (`run_two_processes`'s flags).
+TWO_PROCESSES_ON_ONE_BATCH = """
+import sys
+import jax
+flags = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+jax.distributed.initialize(flags["--coordinator_address"], int(flags["--num_processes"]), int(flags["--process_id"]))
+sys.path.insert(0, "tests")
+import helpers
+print("losses", *helpers.seed_opt_losses_on_one_batch(dict(data=1, fsdp=8)))
+"""
+
+
 def assert_export_holds_both_stages(workdir, out, repo_root) -> None:
     """Runs `python -m seed_jax.export` on `workdir` and checks that every parameter
     each stage's latest checkpoint holds is exported unchanged."""

@@ -14,7 +14,8 @@ import pytest
 from array_record.python import array_record_module
 
 from configs.seed_opt import get_config
-from helpers import MAIN_WITH_A_SLOW_EXPORT, checkpoint_params, run_two_processes
+from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, checkpoint_params, run_two_processes,
+                     seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -796,6 +797,20 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
     assert "layers.fc1.kernel" in trained and set(trained) <= set(exported)
     for key, value in trained.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
+    """Each of two processes feeds its half of one global batch, with the parameters
+    sharded across both (fsdp over their 8 devices): the losses of three steps equal those
+    of one process on 8 devices (float32 reduction order aside)."""
+    outputs = run_two_processes(repo_root, [], program=("-c", TWO_PROCESSES_ON_ONE_BATCH))
+    reported = [[float(v) for v in line.split()[1:]] for out in outputs for line in out.splitlines()
+                if line.startswith("losses")]
+    expected = seed_opt_losses_on_one_batch(dict(data=1, fsdp=8))
+    assert len(reported) == 2 and len(set(expected)) == 3, outputs
+    for losses in reported:
+        np.testing.assert_allclose(losses, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("key, value, message", [

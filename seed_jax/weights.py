@@ -12,6 +12,7 @@ and the trainer's `config.init.*` read it. Parameters are addressed by dotted pa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -153,6 +154,21 @@ def write_unless_current(out: str, steps: dict[str, int], write: Callable[[], No
     shutil.rmtree(out, ignore_errors=True)  # an older export, or one cut short
     write()
     return True
+
+
+def fingerprint(out: str) -> str:
+    """A hash of the export at `out`'s files (model.json and params/, names and bytes):
+    what was made from one export (e.g. pre-tokenized codes) can tell when it was
+    replaced, by another training run or a resumed one."""
+    digest = hashlib.blake2b(digest_size=16)
+    files = [os.path.join(out, CONFIG_FILE)] + sorted(
+        os.path.join(root, name) for root, _, names in os.walk(os.path.join(out, PARAMS_DIR)) for name in names)
+    for path in files:
+        digest.update(os.path.relpath(path, out).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_config(out: str) -> tuple[str, Any, dict]:

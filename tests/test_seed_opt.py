@@ -2,6 +2,7 @@
 (segment-aware attention equals separate sequences), the pre-tokenization job, the
 tiny trainer end to end with its export, and the image/text API."""
 
+import functools
 import json
 import os
 import re
@@ -368,6 +369,49 @@ def test_pretokenize_killed_while_writing_a_summary_reruns_the_shard(tmp_path, m
         pretokenize.tokenize_split(Encoder(), paths, out, "train", batch_size=2, num_threads=1)
     monkeypatch.undo()
     assert pretokenize.tokenize_split(Encoder(), paths, out, "train", batch_size=2, num_threads=1)["records"] == 3
+
+
+def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export(tmp_path):
+    """A rerun after the tokenizer export was replaced (retrained, or resumed with more
+    steps) kept the finished shards, and SEED-OPT trained on the old export's codes."""
+    paths = synthetic.write_shapes_dataset(str(tmp_path / "images"), split="train", num_examples=3, seed=0,
+                                           image_size=16, num_shards=1, num_workers=1)
+
+    class Encoder:
+        image_size = 16
+
+        def __init__(self, code):
+            self.code = code
+
+        def __call__(self, pixels):
+            return np.full((len(pixels), 32), self.code, np.int32)
+
+    def written_codes():
+        reader = array_record_module.ArrayRecordReader(records.shard_paths(out, "train")[0])
+        return {int(code_records.decode_code_record(reader.read())["codes"][0]) for _ in range(reader.num_records())}
+
+    out = str(tmp_path / "codes")
+    run = functools.partial(pretokenize.tokenize_split, in_paths=paths, out_dir=out, prefix="train", batch_size=2,
+                            num_threads=1)
+    assert run(Encoder(1), tokenizer="export-a")["tokenizer"] == "export-a"
+    run(Encoder(2), tokenizer="export-a")  # the same export: the shard is done
+    assert written_codes() == {1}
+    assert run(Encoder(3), tokenizer="export-b")["tokenizer"] == "export-b"
+    assert written_codes() == {3}
+
+
+def test_an_export_fingerprint_follows_its_files(tmp_path):
+    export = tmp_path / "export"
+    os.makedirs(export / "params" / "sub")
+    (export / "model.json").write_text("{}")
+    (export / "params" / "sub" / "a").write_bytes(b"12")
+    first = weights.fingerprint(str(export))
+    assert weights.fingerprint(str(export)) == first
+    (export / "params" / "sub" / "a").write_bytes(b"13")
+    changed = weights.fingerprint(str(export))
+    assert changed != first
+    (export / "params" / "sub" / "a").rename(export / "params" / "sub" / "b")
+    assert weights.fingerprint(str(export)) not in (first, changed)
 
 
 def test_the_demo_pretokenizes_a_tokenizer_runs_own_array_record_images(tmp_path, monkeypatch):

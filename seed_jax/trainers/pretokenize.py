@@ -5,8 +5,9 @@ Process p of P takes the contiguous slice [p*N/P, (p+1)*N/P) of a split's N reco
 and writes `{prefix}-{p:05d}-of-{P:05d}.array_record` of code records
 (`data/code_records.py`); its local devices split each batch. A finished shard
 (written under a temporary name, renamed at the end) is not redone, so a rerun
-resumes; a rerun on another number of processes first removes the shards (and
-summaries) of the earlier count. Undecodable records are skipped and counted in
+resumes, unless its summary names another tokenizer export (`weights.fingerprint`:
+the export was replaced since); a rerun on another number of processes first removes
+the shards (and summaries) of the earlier count. Undecodable records are skipped and counted in
 `{prefix}.summary-{p:05d}-of-{P:05d}.json`.
 """
 
@@ -51,8 +52,10 @@ class LocalEncoder:
 
 
 def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
-                   num_threads: int = 4) -> dict:
-    """Writes this process's shard of code records for one split; returns its summary."""
+                   num_threads: int = 4, tokenizer: str | None = None) -> dict:
+    """Writes this process's shard of code records for one split; returns its summary.
+    `tokenizer`: the encoder's export fingerprint, kept in the summary; a finished shard
+    whose summary holds another is written again."""
     index, count = jax.process_index(), jax.process_count()
     _refuse_to_overwrite_inputs(in_paths, out_dir, prefix)
     path = records.shard_path(out_dir, prefix, index, count)
@@ -61,7 +64,11 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
         _remove_other_counts(out_dir, prefix, count)
     if os.path.exists(path) and os.path.exists(summary_path):
         with open(summary_path) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if summary.get("tokenizer") == tokenizer:
+            return summary
+        logging.warning("pretokenize %s shard %d/%d: written with another tokenizer export (fingerprint %s, now %s); "
+                        "writing it again", prefix, index, count, summary.get("tokenizer"), tokenizer)
     source = grain.sources.ArrayRecordDataSource(list(in_paths))
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
     ds = grain.MapDataset.range(start, stop).map(lambda i: preprocess.eval_record(source[i], encoder.image_size))
@@ -86,7 +93,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     finally:
         writer.close()
     os.replace(path + ".partial", path)
-    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start}
+    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start, "tokenizer": tokenizer}
     records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
@@ -123,8 +130,9 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
     """Every split (prefix -> image-record shard paths) -> code records in `out_dir`;
     all processes take part. Returns {prefix: this process's summary}."""
     model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
-    encoder = LocalEncoder(model)
-    out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads)
+    encoder, tokenizer = LocalEncoder(model), weights.fingerprint(tokenizer_export)
+    out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,
+                                  tokenizer=tokenizer)
            for prefix, paths in splits.items()}
     multihost_utils.sync_global_devices("pretokenized")
     return out

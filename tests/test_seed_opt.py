@@ -494,6 +494,16 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     assert seed_opt.train(config, workdir)  # a finished run resumes to the end at once
 
 
+def test_a_finished_run_given_more_phase_1_steps_is_refused_before_training(seed_opt_run):
+    """Phase 2 would resume from its checkpoints, which hold phase 1's parameters as
+    they were, and the extra phase-1 training would silently be lost."""
+    workdir, config = seed_opt_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.phase1.num_steps += 2
+    with pytest.raises(ValueError, match=r"phase1.num_steps \d+: image_to_text would train on"):
+        seed_opt.train(config, workdir)
+
+
 def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
     references = ["a large red circle at the top left", "a small blue star in the centre"]
     generated = ["a large red circle at the top left", "a small blue cross in the centre"]

@@ -200,6 +200,21 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
     return model
 
 
+def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_path):
+    """Raising stage I's num_steps after stage II had checkpoints: stage II would resume
+    from them as they are, the extra stage-I training dropped or mismatched."""
+    root = tmp_path / "checkpoints"
+    _run_line_stage(root / "first", tmp_path / "first", num_steps=4)
+    stages = [("first", "stage1", 4), ("second", "stage2", 4)]
+    loop.check_stage_order(str(root), stages)  # nothing yet from the second stage
+    _run_line_stage(root / "second", tmp_path / "second", num_steps=4)
+    loop.check_stage_order(str(root), stages)  # both done: a rerun
+    loop.check_stage_order(str(root), [stages[0], ("second", "stage2", 8)])  # the last stage trains on
+    with pytest.raises(ValueError, match=r"stage1.num_steps 8: first would train on from step 4, but the later "
+                                         r"stages' checkpoints \[.*second'\]"):
+        loop.check_stage_order(str(root), [("first", "stage1", 8), stages[1]])
+
+
 def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     """A crash at step 6 (checkpoint at 4) then a resumed run: steps 5 and 6 are in
     metrics.jsonl once, from the resumed run, which ends where a straight run does and

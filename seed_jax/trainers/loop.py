@@ -462,6 +462,38 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
                       jax.device_put(frozen, frozen_sharding))
 
 
+def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
+    """The last step saved in `checkpoint_dir` (None: none), read on this process alone."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    checkpointer = Checkpointer(checkpoint_dir, keep=1, read_alone=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
+def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) -> None:
+    """`stages`: (checkpoint folder name, config key, num_steps) in training order.
+    Raises when a stage would train further (its last checkpoint is below its
+    `num_steps`, e.g. raised on the command line) while a later stage already has
+    checkpoints: that stage would resume from them, trained after the earlier end, and
+    the new training would be dropped (SEED-OPT's phases train the same parameters) or
+    paired with parameters fit to the old ones (the tokenizer's codebook)."""
+    for i, (name, key, num_steps) in enumerate(stages):
+        latest = latest_checkpoint_step(os.path.join(checkpoint_root, name)) or 0
+        if latest >= num_steps:
+            continue
+        later = [os.path.join(checkpoint_root, n) for n, _, _ in stages[i + 1:]
+                 if latest_checkpoint_step(os.path.join(checkpoint_root, n)) is not None]
+        if later:
+            raise ValueError(f"{key}.num_steps {num_steps}: {name} would train on from step {latest}, but the later "
+                             f"stages' checkpoints {later} were trained after it ended there and would be resumed "
+                             f"as they are; remove them to train those stages again, or keep {key}.num_steps "
+                             f"at {latest} (or train into a new workdir)")
+        return
+
+
 def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: str, *, keep: int = 1) -> int | None:
     """Sets the parameters a stage trains from its latest checkpoint in `checkpoint_dir`;
     returns that step (None, model untouched, if there is no checkpoint). Reads on this

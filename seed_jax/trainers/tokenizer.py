@@ -360,6 +360,8 @@ def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
     check_config(config)
+    loop.check_stage_order(os.path.join(workdir, "checkpoints"),
+                           [(name, name, config[name].num_steps) for name in stages_to_run(config)])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

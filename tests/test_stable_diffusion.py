@@ -423,6 +423,72 @@ def test_unsupported_unet_options_are_named():
         sd_convert.unet_config(Source({}, "folder"), {"transformer_layers_per_block": [1, 1, 1, 1]})
 
 
+@pytest.mark.parametrize("part, key, value", [
+    ("unet", "act_fn", "gelu"), ("unet", "downsample_padding", 0), ("unet", "mid_block_scale_factor", 2.0),
+    ("unet", "time_embedding_act_fn", "silu"), ("unet", "timestep_post_act", "silu"),
+    ("unet", "time_cond_proj_dim", 8), ("unet", "encoder_hid_dim", 32), ("unet", "num_class_embeds", 10),
+    ("unet", "attention_type", "gated"), ("unet", "conv_in_kernel", 1), ("unet", "conv_out_kernel", 1),
+    ("vae", "act_fn", "gelu"), ("vae", "mid_block_add_attention", False), ("vae", "use_quant_conv", False),
+    ("vae", "use_post_quant_conv", False)])
+def test_options_that_change_the_computation_are_refused(part, key, value):
+    """Each of these, set in a saved tiny pipeline, converted without a word and then
+    computed another UNet (relative error 0.1 to 0.8: act_fn, downsample_padding,
+    mid_block_scale_factor, the time-embedding activations, encoder_hid_dim) or VAE."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.convert.rules import Source
+
+    read_config = sd_convert.unet_config if part == "unet" else sd_convert.vae_config
+    with pytest.raises(ValueError, match=f"{part} config.json {key}={value!r}: only"):
+        read_config(Source({}, "folder"), {key: value})
+
+
+def test_center_input_sample_is_followed(converted):
+    """center_input_sample=True: diffusers' UNet maps its input x to 2x - 1 first;
+    our UNet ignored the key (relative error 0.9)."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.convert.rules import Source
+
+    pipe, sd = converted
+    source = Source({f"unet.{k}": v.numpy() for k, v in pipe.unet.state_dict().items()}, "folder")
+    assert sd_convert.unet_config(source, {**pipe.unet.config, "center_input_sample": True}).center_input_sample
+    config = dataclasses.replace(sd.config, unet=dataclasses.replace(sd.config.unet, center_input_sample=True))
+    centered = StableDiffusion(weights.materialize(weights.build("stable_diffusion", config, abstract=True),
+                                                   weights.flat_params(sd.model)))
+    rng = np.random.default_rng(6)
+    latents = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    context = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    pipe.unet.register_to_config(center_input_sample=True)
+    try:
+        with torch.no_grad():
+            ref = pipe.unet(_nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample
+    finally:
+        pipe.unet.register_to_config(center_input_sample=False)
+    assert relative_error(centered.model.unet(latents, np.array([500]), context), _nhwc(ref)) <= MODULE_TOLERANCE
+
+
+def test_weights_our_model_has_no_place_for_are_refused(converted):
+    """An up level with attention whose down level has none, or encoder_hid_dim's
+    projection, left weights unread: the conversion only listed them as unused and
+    the UNet computed something else (relative error 0.3 to 0.4)."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.convert.rules import Source
+
+    pipe, _ = converted
+    arrays = {f"{part}.{k}": v.numpy() for part in ("unet", "vae", "text_encoder")
+              for k, v in getattr(pipe, part).state_dict().items()}
+    configs = {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config),
+               "text_encoder": pipe.text_encoder.config.to_dict()}
+
+    def table(extra):
+        source = Source({**arrays, **extra}, "folder")
+        return sd_convert.table(sd_convert.config(source, configs, empty_prompt=(0,) * 77), source)
+
+    assert table({"text_encoder.text_model.embeddings.position_ids": np.arange(77)[None]})
+    with pytest.raises(ValueError, match="folder: 2 weights have no place in our model .* e.g. "
+                                         "unet.encoder_hid_proj.bias, unet.encoder_hid_proj.weight"):
+        table({"unet.encoder_hid_proj.weight": np.zeros((32, 32)), "unet.encoder_hid_proj.bias": np.zeros(32)})
+
+
 def test_unfollowed_scheduler_settings_are_named():
     """Settings that would make the folder's own scheduler sample another schedule or
     other timesteps than ours are refused; what diffusers saves for SD v1 passes."""

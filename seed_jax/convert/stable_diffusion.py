@@ -32,9 +32,17 @@ COMPVIS_UNET = "model.diffusion_model."
 SD_V1_TEXT_ENCODER = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 # CLIP ViT-L/14's tokenizer (what SD v1 used): <|startoftext|>, then <|endoftext|> as end and padding.
 SD_V1_EMPTY_PROMPT = (49406,) + (49407,) * 76
+# config.json keys (diffusers' defaults) whose other values change the UNet's or VAE's computation
+# without leaving keys or shapes our model would miss: any other value is refused.
 UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only_cross_attention": False,
                     "dual_cross_attention": False, "transformer_layers_per_block": 1, "time_embedding_type": "positional",
-                    "resnet_time_scale_shift": "default", "mid_block_type": "UNetMidBlock2DCrossAttn"}
+                    "resnet_time_scale_shift": "default", "mid_block_type": "UNetMidBlock2DCrossAttn",
+                    "act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1,
+                    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+                    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_class_embeds": None,
+                    "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3}
+UNSUPPORTED_VAE = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
+                   "use_post_quant_conv": True}
 
 UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
 
@@ -88,7 +96,23 @@ def table(config: StableDiffusionConfig, source: Source) -> dict[str, Rule]:
     out = {path: diffusers_rule(path, shape) for path, shape in ours.items() if not path.startswith("text_encoder.")}
     out.update(tables.clip_text("text_encoder.", f"text_encoder.{clip_text.prefix(_part(source, 'text_encoder'))}",
                                 config.text_encoder.depth, config.text_encoder.num_heads))
+    _check_every_weight_read(out, source)
     return out
+
+
+def _check_every_weight_read(table: dict[str, Rule], source: Source) -> None:
+    """A UNet, VAE or text-encoder weight no rule reads (an up level's attention whose
+    down level has none, encoder_hid_proj, ...) is a block our model lacks: it would
+    compute something else, so it is refused. Keys outside the parts (a CompVis file's
+    EMA copy, schedule buffers) and transformers' position_ids buffer are not weights."""
+    read = set()
+    for r in table.values():
+        read.update(r.sources if r.layers is None else (k.format(i=i) for k in r.sources for i in r.layers))
+    unread = sorted(k for k in source.arrays if k.split(".")[0] in PARTS and k not in read
+                    and not k.endswith("position_ids"))
+    if unread:
+        raise ValueError(f"{source.name}: {len(unread)} weights have no place in our model (a block layout or "
+                         f"option it does not follow), e.g. {', '.join(unread[:3])}")
 
 
 def _part(source: Source, part: str) -> Source:
@@ -99,12 +123,19 @@ def _part(source: Source, part: str) -> Source:
 
 
 # ---------------------------------------------------------------- configs from shapes (+ config.json)
-def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetConfig:
-    for key, supported in UNSUPPORTED_UNET.items():
+def _refuse_unsupported(part: str, hf: dict, unsupported: dict) -> None:
+    """Each key of `unsupported` in `part`'s config.json must hold its one supported value
+    (per-block lists of it throughout)."""
+    for key, supported in unsupported.items():
         value = hf.get(key, supported)
-        values = value if isinstance(value, (list, tuple)) else [value]  # per-block lists must agree throughout
+        values = value if isinstance(value, (list, tuple)) else [value]
         if any(v != supported for v in values):
-            raise ValueError(f"unet config.json {key}={value!r}: only {supported!r} is supported (SD v1/v2 UNets)")
+            raise ValueError(f"{part} config.json {key}={value!r}: only {supported!r} is supported (SD v1/v2 "
+                             f"{'UNets' if part == 'unet' else 'autoencoders'})")
+
+
+def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetConfig:
+    _refuse_unsupported("unet", hf, UNSUPPORTED_UNET)
     s = _part(source, "unet")
     levels = s.count("down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:
@@ -120,7 +151,8 @@ def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetCo
                       block_channels=channels, layers_per_block=s.count("down_blocks.0.resnets.{i}.conv1.weight"),
                       attention_levels=attention, num_heads=heads, cross_attention_dim=context,
                       norm_groups=hf.get("norm_num_groups", 32), norm_eps=hf.get("norm_eps", 1e-5),
-                      flip_sin_to_cos=hf.get("flip_sin_to_cos", True), freq_shift=hf.get("freq_shift", 0))
+                      flip_sin_to_cos=hf.get("flip_sin_to_cos", True), freq_shift=hf.get("freq_shift", 0),
+                      center_input_sample=hf.get("center_input_sample", False))
 
 
 def _first_attention(s: Source, attention: tuple[bool, ...]) -> str:
@@ -130,6 +162,7 @@ def _first_attention(s: Source, attention: tuple[bool, ...]) -> str:
 
 
 def vae_config(source: Source, hf: dict, *, scaling_factor: float | None = None) -> VAEConfig:
+    _refuse_unsupported("vae", hf, UNSUPPORTED_VAE)
     s = _part(source, "vae")
     levels = s.count("encoder.down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:

@@ -36,6 +36,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
+    center_input_sample: bool = False  # the UNet first maps its input x to 2x - 1
 
     def __post_init__(self):
         levels = len(self.block_channels)
@@ -225,7 +226,7 @@ class UNet(nnx.Module):
         temb = self.time_embedding(timestep_embedding(timesteps, c.block_channels[0],
                                                       flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift))
         context = context.astype(self.dtype)
-        x = self.conv_in(sample)
+        x = self.conv_in(2 * sample - 1 if c.center_input_sample else sample)
         skips = [x]
         for level in self.down_blocks:
             x, level_skips = level(x, temb, context)

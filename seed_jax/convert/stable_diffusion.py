@@ -44,7 +44,8 @@ UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only
 UNSUPPORTED_VAE = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
                    "use_post_quant_conv": True}
 
-UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
+UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "timestep_spacing": "leading",
+                         "thresholding": False}
 
 
 # ---------------------------------------------------------------- our names -> diffusers names
@@ -179,16 +180,19 @@ def vae_config(source: Source, hf: dict, *, scaling_factor: float | None = None)
 
 def schedule_config(hf: dict) -> NoiseSchedule:
     """scheduler_config.json -> our schedule; settings the samplers do not follow
-    (they would silently sample another schedule or other timesteps) are refused."""
+    (they would silently sample another schedule or other timesteps) are refused.
+    A key the file lacks takes SD v1's value (e.g. clip_sample False, skip_prk_steps
+    True), not the diffusers class default a scheduler built from the file would get."""
     for key, supported in UNSUPPORTED_SCHEDULER.items():
         if hf.get(key, supported) != supported:
             raise ValueError(f"scheduler_config.json {key}={hf[key]!r:.60}: only {supported!r} is supported "
                              "(the SD v1/v2 schedule; PLMS and DDIM space timesteps 'leading' + steps_offset, "
-                             "dpm++2m 'linspace')")
+                             "dpm++2m 'linspace'; DDIM clips x0 with clip_sample, never thresholds it)")
     defaults = NoiseSchedule()
     return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
-                             "set_alpha_to_one", "prediction_type")})
+                             "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range",
+                             "skip_prk_steps")})
 
 
 def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:

@@ -12,12 +12,12 @@ from seed_jax.models.stable_diffusion import StableDiffusion
 
 
 def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: jax.Array | None,
-                    guidance_scale: jax.Array):
+                    guidance_scale: jax.Array, *, model_output: bool = False):
     """denoise(x, t) = eps(x | negative) + g (eps(x | prompt) - eps(x | negative)),
     both halves in one UNet call; without `negative_embeds`, the plain conditional
     estimate. Embeddings (B,S,X). A v-predicting model's guided output becomes a
     noise estimate (guidance and that conversion are both linear, so their order
-    does not matter)."""
+    does not matter), unless `model_output` (a sampler converting it itself)."""
     schedule = model.config.schedule
     context = None if negative_embeds is None else jnp.concatenate([negative_embeds, prompt_embeds])
 
@@ -27,7 +27,7 @@ def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_e
         else:
             unconditional, conditional = jnp.split(model.unet(jnp.concatenate([x, x]), t, context), 2)
             output = unconditional + guidance_scale * (conditional - unconditional)
-        return noise_estimate(schedule, output, x, t)
+        return output if model_output else noise_estimate(schedule, output, x, t)
 
     return denoise
 
@@ -35,6 +35,8 @@ def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_e
 def sample(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: jax.Array | None,
            latents: jax.Array, guidance_scale: jax.Array, *, sampler: str, plan: samplers.Plan) -> jax.Array:
     """Initial noise latents (B,h,w,Z) -> images (B,H,W,3) clipped to [-1,1], float32."""
-    denoise = guided_denoiser(model, prompt_embeds, negative_embeds, guidance_scale)
-    final = samplers.run(samplers.get(sampler), plan, denoise, latents.astype(jnp.float32))
+    method = samplers.get(sampler)
+    denoise = guided_denoiser(model, prompt_embeds, negative_embeds, guidance_scale,
+                              model_output=method.TAKES_MODEL_OUTPUT)
+    final = samplers.run(method, plan, denoise, latents.astype(jnp.float32))
     return jnp.clip(model.latents_to_images(final), -1.0, 1.0)

@@ -1,7 +1,7 @@
-"""Deterministic samplers for an epsilon-predicting model: PLMS, DDIM and
-DPM-Solver++(2M), each matching its diffusers scheduler (PNDMScheduler with
-skip_prk_steps, DDIMScheduler with eta 0, DPMSolverMultistepScheduler) under SD
-v1's scheduler config.
+"""Deterministic samplers: PLMS, DDIM and DPM-Solver++(2M), each matching its
+diffusers scheduler (PNDMScheduler, with or without its Runge-Kutta warm-up;
+DDIMScheduler with eta 0, with or without clip_sample; DPMSolverMultistepScheduler)
+under SD v1's scheduler config.
 
 Each sampler splits into a host part and a device part. `plan(schedule, num_steps)`
 runs the scheduler's bookkeeping on the host (timesteps, which history to combine,
@@ -9,9 +9,9 @@ every coefficient) and returns per-step arrays; `init / current / update` form a
 branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
 Spacing is each scheduler's default: "leading" (+ steps_offset) for PLMS and DDIM,
 "linspace" for DPM-Solver++. A v-predicting model's output is turned into a noise
-estimate before the sampler sees it (`schedule.noise_estimate`): the same as
-diffusers for DDIM and DPM-Solver++; diffusers' PNDM instead converts after
-combining estimates, so PLMS on v models differs from it.
+estimate before DDIM and DPM-Solver++ see it (`schedule.noise_estimate`), as
+diffusers does; PLMS (`TAKES_MODEL_OUTPUT`) combines the raw outputs and converts
+the combination, as PNDMScheduler does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def _leading(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
 
 
 class DDIM:
-    """x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t);  x <- sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
+    """x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t), clipped to [-c, c] with clip_sample;
+    x <- sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
+
+    TAKES_MODEL_OUTPUT = False
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
@@ -56,7 +59,9 @@ class DDIM:
         prev = timesteps - schedule.num_train_timesteps // num_steps
         a_t = abar[timesteps]
         a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], schedule.final_alpha_cumprod())
-        return {"timestep": timesteps, "a_t": a_t, "a_prev": a_prev}
+        no_clip = np.finfo(np.float32).max  # a finite plan: every value passes
+        clip = np.full(num_steps, schedule.clip_sample_range if schedule.clip_sample else no_clip)
+        return {"timestep": timesteps, "a_t": a_t, "a_prev": a_prev, "clip": clip}
 
     @staticmethod
     def init(x):
@@ -68,71 +73,111 @@ class DDIM:
 
     @staticmethod
     def update(x, eps, step):
-        x0 = (x - jnp.sqrt(1 - step["a_t"]) * eps) / jnp.sqrt(step["a_t"])
+        x0 = jnp.clip((x - jnp.sqrt(1 - step["a_t"]) * eps) / jnp.sqrt(step["a_t"]), -step["clip"], step["clip"])
         return jnp.sqrt(step["a_prev"]) * x0 + jnp.sqrt(1 - step["a_prev"]) * eps
 
 
 class PLMS:
-    """Pseudo linear multistep (PNDM without Runge-Kutta warm-up): n + 1 model
-    evaluations. The second evaluation redoes the first step from the saved start
-    with the mean of both noise estimates; later steps combine the newest estimate
-    with up to three earlier ones (Adams-Bashforth weights)."""
+    """Pseudo linear multistep (PNDM): n + 1 model evaluations with skip_prk_steps.
+    The second evaluation redoes the first step from the saved start with the mean of
+    both estimates; later steps combine the newest estimate with up to three earlier
+    ones (Adams-Bashforth weights). Without skip_prk_steps, PNDMScheduler's
+    Runge-Kutta steps come first (four evaluations each, weighted 1/6, 1/3, 1/3, 1/6,
+    all from the step's start; the first of each is kept), then 4-term multistep ones.
+    Estimates are the model's raw outputs: a v-prediction combination becomes a noise
+    estimate at the step's start (`v_output` * combined + `v_start` * start)."""
 
+    TAKES_MODEL_OUTPUT = True
     HISTORY = 3
     WEIGHTS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    RUNGE_KUTTA = {0: (1 / 6, 1.0, 0.0), 1: (1 / 3, 1.0, 0.0), 2: (1 / 3, 1.0, 0.0), 3: (0.0, 1 / 6, 1.0)}
+    """Stage -> (weight added to the running sum, weight of this estimate, of the sum)."""
 
     @classmethod
     def plan(cls, schedule: NoiseSchedule, num_steps: int) -> Plan:
         _check_steps(schedule, num_steps)
         abar = schedule.alphas_cumprod().astype(np.float64)
+        alpha = lambda t: abar[t] if t >= 0 else schedule.final_alpha_cumprod()  # noqa: E731
         ratio = schedule.num_train_timesteps // num_steps
         base = _leading(schedule, num_steps)
-        timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
-        alpha = lambda t: abar[t] if t >= 0 else schedule.final_alpha_cumprod()  # noqa: E731
-        rows = {k: [] for k in ("timestep", "weights", "push", "from_saved", "save", "a_from", "a_to")}
-        num_pushed = 0  # how many estimates the reference keeps (it trims to the last four)
-        for counter, t in enumerate(int(t) for t in timesteps):
-            t_from, t_to = (t + ratio, t) if counter == 1 else (t, t - ratio)
-            if counter == 1:  # averaged with the first estimate; not kept
-                weights, push = [0.5, 0.5], False
+        if not schedule.skip_prk_steps and num_steps < 4:  # diffusers would stop short of timestep 0
+            raise ValueError(f"num_steps: expected >= 4 for plms with PNDM's Runge-Kutta warm-up (the scheduler "
+                             f"config's skip_prk_steps=False), got {num_steps}")
+        rows = []
+        if schedule.skip_prk_steps:
+            multistep, num_pushed = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1], 0
+        else:
+            rows += cls._runge_kutta_rows(base, ratio)
+            multistep, num_pushed = base[:-3][::-1], sum(r["push"] for r in rows)
+        for counter, t in enumerate(int(t) for t in multistep):
+            if counter == 1 and schedule.skip_prk_steps:  # averaged with the first estimate; not kept
+                rows.append(cls._row(t, t + ratio, t, [0.5, 0.5], push=False, from_saved=True))
             else:
                 num_pushed = min(num_pushed + 1, 4)
-                weights, push = cls.WEIGHTS[num_pushed], True
-            rows["timestep"].append(t)
-            rows["weights"].append(np.pad(weights, (0, 1 + cls.HISTORY - len(weights))))
-            rows["push"].append(push)
-            rows["from_saved"].append(counter == 1)
-            rows["save"].append(counter == 0)
-            rows["a_from"].append(alpha(t_from))
-            rows["a_to"].append(alpha(t_to))
-        return {k: np.asarray(v) for k, v in rows.items()}
+                rows.append(cls._row(t, t, t - ratio, cls.WEIGHTS[num_pushed], push=True,
+                                     save=counter == 0 and schedule.skip_prk_steps))
+        plan = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+        a_from = np.asarray([alpha(t) for t in plan.pop("t_from")])
+        a_to = np.asarray([alpha(t) for t in plan.pop("t_to")])
+        v = schedule.prediction_type == "v_prediction"
+        plan.update(a_from=a_from, a_to=a_to, v_output=np.sqrt(a_from) if v else np.ones_like(a_from),
+                    v_start=np.sqrt(1 - a_from) if v else np.zeros_like(a_from))
+        return plan
+
+    @classmethod
+    def _row(cls, t: int, t_from: int, t_to: int, weights, *, push: bool, from_saved: bool = False,
+             save: bool = False, running=(0.0, 0.0)) -> dict:
+        """One evaluation at t, stepping from t_from to t_to; `running`: (weight of this
+        estimate added to the Runge-Kutta sum, weight of the sum in the combination)."""
+        return {"timestep": t, "t_from": t_from, "t_to": t_to, "push": push, "from_saved": from_saved,
+                "save": save, "weights": np.pad(weights, (0, 1 + cls.HISTORY - len(weights))),
+                "running_add": running[0], "running_weight": running[1]}
+
+    @classmethod
+    def _runge_kutta_rows(cls, base: np.ndarray, ratio: int) -> list[dict]:
+        """PNDMScheduler's prk_timesteps over the last four `base` timesteps and its step_prk."""
+        last = base[-4:]
+        timesteps = (np.repeat(last, 2) + np.tile([0, ratio // 2], len(last)))[:-1].repeat(2)[1:-1][::-1]
+        rows = []
+        for counter, t in enumerate(int(t) for t in timesteps):
+            stage = counter % 4
+            running_add, own, running_weight = cls.RUNGE_KUTTA[stage]
+            t_to = t - (0 if counter % 2 else ratio // 2)
+            rows.append(cls._row(t, int(timesteps[counter - stage]), t_to, [own], push=stage == 0,
+                                 from_saved=stage > 0, save=stage == 0, running=(running_add, running_weight)))
+        return rows
 
     @classmethod
     def init(cls, x):
-        return {"x": x, "saved": x, "history": jnp.zeros((cls.HISTORY,) + x.shape, x.dtype)}
+        return {"x": x, "saved": x, "running": jnp.zeros_like(x),
+                "history": jnp.zeros((cls.HISTORY,) + x.shape, x.dtype)}
 
     @staticmethod
     def current(carry):
         return carry["x"]
 
     @staticmethod
-    def update(carry, eps, step):
-        """weights over [eps, newest kept estimate, ..., oldest]."""
+    def update(carry, output, step):
+        """weights over [output, newest kept output, ..., oldest], plus the Runge-Kutta sum."""
         x, history = carry["x"], carry["history"]
         w = step["weights"]
-        combined = w[0] * eps + jnp.tensordot(w[1:], history, axes=1)
+        combined = w[0] * output + jnp.tensordot(w[1:], history, axes=1) + step["running_weight"] * carry["running"]
         start = jnp.where(step["from_saved"], carry["saved"], x)
+        eps = step["v_output"] * combined + step["v_start"] * start
         a_t, a_prev = step["a_from"], step["a_to"]
         denominator = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
-        new_x = jnp.sqrt(a_prev / a_t) * start - (a_prev - a_t) * combined / denominator
-        pushed = jnp.concatenate([eps[None], history[:-1]])
-        return {"x": new_x, "saved": jnp.where(step["save"], x, carry["saved"]),
+        new_x = jnp.sqrt(a_prev / a_t) * start - (a_prev - a_t) * eps / denominator
+        pushed = jnp.concatenate([output[None], history[:-1]])
+        running = jnp.where(step["running_weight"] > 0, 0.0, carry["running"]) + step["running_add"] * output
+        return {"x": new_x, "saved": jnp.where(step["save"], x, carry["saved"]), "running": running,
                 "history": jnp.where(step["push"], pushed, history)}
 
 
 class DPMSolverPP:
     """DPM-Solver++(2M) in data prediction: first order on the first and the final
     step (the final sigma is 0), second order (midpoint) in between."""
+
+    TAKES_MODEL_OUTPUT = False
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
@@ -190,13 +235,14 @@ def get(name: str):
 
 def run(sampler, plan: Plan, denoise: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """Runs the whole loop as one lax.scan (call under jit). `denoise(x, timestep)`
-    gives the noise estimate for x (B,...) at a scalar timestep; x starts as the
+    gives the noise estimate for x (B,...) at a scalar timestep (the model's output
+    for a sampler that TAKES_MODEL_OUTPUT); x starts as the
     initial noise. The plan's arrays are cast to float32."""
     steps = {k: jnp.asarray(v, jnp.int32 if k == "timestep" else
                             (jnp.bool_ if v.dtype == bool else jnp.float32)) for k, v in plan.items()}
 
     def body(carry, step):
-        eps = denoise(sampler.current(carry), step["timestep"]).astype(x.dtype)
-        return sampler.update(carry, eps, step), None
+        output = denoise(sampler.current(carry), step["timestep"]).astype(x.dtype)
+        return sampler.update(carry, output, step), None
 
     return sampler.current(jax.lax.scan(body, sampler.init(x), steps)[0])

@@ -23,6 +23,11 @@ class NoiseSchedule:
     # What the model predicts: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0
     # (better behaved at high noise; samplers turn it into the noise estimate).
     prediction_type: str = "epsilon"
+    # DDIM clips its x0 estimate to [-clip_sample_range, clip_sample_range] (DDIMScheduler's clip_sample)
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    # PLMS's first steps: PNDM's Runge-Kutta ones unless skipped (PNDMScheduler's skip_prk_steps)
+    skip_prk_steps: bool = True
 
     def __post_init__(self):
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:

@@ -557,3 +557,53 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
 
     ours = jax.jit(lambda latents: samplers.run(method, plan, denoise, latents))(x)
     assert relative_error(ours, ref.numpy()) <= 1e-5
+
+
+EPSILON_TOLERANCE = 1e-5  # float32 noise here is ~1e-6; a wrong epsilon gives > 0.1
+
+
+@torch.no_grad()
+def test_normalisation_epsilons_match_where_they_show(converted):
+    """GroupNorm/LayerNorm epsilons (UNet resnets norm_eps 1e-5, its transformers' GroupNorm
+    1e-6 and LayerNorms 1e-5, the VAE's 1e-6, CLIP's layer_norm_eps) hardly move the
+    whole-model outputs the tests above compare at 1e-4. Here each module reads inputs
+    whose variance (1e-6) is near its epsilon, so a wrong one is an O(1) error."""
+    pipe, sd = converted
+    ours, unet, vae = sd.model, pipe.unet, pipe.vae
+    te = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)  # transformers 5 dropped the wrapper
+    g = torch.Generator().manual_seed(8)
+    tiny = lambda *shape: 1e-3 * torch.randn(*shape, generator=g)  # noqa: E731
+    x, temb = tiny(1, 32, 8, 8), torch.randn(1, 128, generator=g)
+    tokens, context = tiny(1, 64, 32), torch.randn(1, 77, CONTEXT_WIDTH, generator=g)
+    z, pixels, text = tiny(1, 32, 4, 4), tiny(1, 16, 8, 8), tiny(1, 77, CONTEXT_WIDTH)
+    our_attention = ours.unet.down_blocks[0].attentions[0]
+    errors = {
+        "unet resnet": (ours.unet.down_blocks[0].resnets[0](_nhwc(x), temb.numpy()),
+                        _nhwc(unet.down_blocks[0].resnets[0](x, temb))),
+        "unet conv_norm_out": (ours.unet.conv_norm_out(_nhwc(x)), _nhwc(unet.conv_norm_out(x))),
+        "unet transformer": (our_attention(_nhwc(x), context.numpy()),
+                             _nhwc(unet.down_blocks[0].attentions[0](x, encoder_hidden_states=context).sample)),
+        "unet transformer block": (our_attention.block(tokens.numpy(), context.numpy()),
+                                   unet.down_blocks[0].attentions[0].transformer_blocks[0](
+                                       tokens, encoder_hidden_states=context).numpy()),
+        "vae resnet": (ours.vae.decoder.mid_block.resnet1(_nhwc(z)), _nhwc(vae.decoder.mid_block.resnets[0](z, None))),
+        "vae attention": (ours.vae.decoder.mid_block.attention(_nhwc(z)),
+                          _nhwc(vae.decoder.mid_block.attentions[0](z))),
+        "vae conv_norm_out": (ours.vae.decoder.conv_norm_out(_nhwc(pixels)),
+                              _nhwc(vae.decoder.conv_norm_out(pixels))),
+        "text final norm": (ours.text_encoder.final_norm(text.numpy()), te.final_layer_norm(text).numpy()),
+        "text blocks": (ours.text_encoder.blocks(text.numpy()), _clip_blocks(te, text)),
+    }
+    errors = {name: relative_error(a, b) for name, (a, b) in errors.items()}
+    wrong = {name: f"{error:.1e}" for name, error in errors.items() if error > EPSILON_TOLERANCE}
+    assert not wrong, f"relative errors over {EPSILON_TOLERANCE}: {wrong}"
+
+
+def _clip_blocks(text_encoder, x: torch.Tensor) -> np.ndarray:
+    """transformers' CLIP encoder layers over hidden states x (B,L,D), causally masked."""
+    length = x.shape[1]
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    for layer in text_encoder.encoder.layers:
+        x = layer(x, mask)
+        x = x[0] if isinstance(x, tuple) else x
+    return x.numpy()

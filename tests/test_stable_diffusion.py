@@ -607,3 +607,14 @@ def _clip_blocks(text_encoder, x: torch.Tensor) -> np.ndarray:
         x = layer(x, mask)
         x = x[0] if isinstance(x, tuple) else x
     return x.numpy()
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_beta_schedules_match_diffusers(beta_schedule):
+    """Each beta_schedule diffusers' DDIM and PNDM schedulers offer gives their alpha-bar
+    (squaredcos_cap_v2, the cosine schedule, was refused)."""
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012)
+    np.testing.assert_allclose(NoiseSchedule(beta_schedule=beta_schedule).alphas_cumprod(),
+                               reference.alphas_cumprod.numpy(), rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The DDPM noise schedule (SD v1: scaled-linear betas 0.00085 -> 0.012 over 1000 steps)."""
+"""The DDPM noise schedule (SD v1: scaled-linear betas 0.00085 -> 0.012 over 1000 steps;
+linear and cosine betas as diffusers' schedulers also offer)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BETA_SCHEDULES = ("scaled_linear", "linear")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -46,12 +47,22 @@ class NoiseSchedule:
         n = self.num_train_timesteps
         if self.beta_schedule == "scaled_linear":
             betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float32) ** 2
+        elif self.beta_schedule == "squaredcos_cap_v2":
+            betas = cosine_betas(n)
         else:
             betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
         return np.cumprod(np.float32(1.0) - betas, dtype=np.float32)
 
     def final_alpha_cumprod(self) -> float:
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
+
+
+def cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """(n,) float32 betas of the cosine schedule (Nichol & Dhariwal; diffusers'
+    "squaredcos_cap_v2"): 1 - abar((i+1)/n) / abar(i/n), abar(t) = cos((t + 0.008) / 1.008 * pi/2)^2,
+    capped at `max_beta`."""
+    abar = np.cos((np.arange(n + 1) / n + 0.008) / 1.008 * np.pi / 2) ** 2
+    return np.minimum(1 - abar[1:] / abar[:-1], max_beta).astype(np.float32)
 
 
 def _abar(schedule: NoiseSchedule, timesteps: jax.Array, ndim: int) -> jax.Array:

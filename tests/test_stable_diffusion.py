@@ -618,3 +618,23 @@ def test_beta_schedules_match_diffusers(beta_schedule):
     reference = DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012)
     np.testing.assert_allclose(NoiseSchedule(beta_schedule=beta_schedule).alphas_cumprod(),
                                reference.alphas_cumprod.numpy(), rtol=1e-5)
+
+
+def test_the_empty_prompt_is_padded_as_the_pipeline_pads_it(tmp_path):
+    """StableDiffusionPipeline pads a prompt, and the empty negative, to the tokenizer's
+    model_max_length: a tokenizer of 16 gave our empty prompt 77 ids. The text encoder's
+    length was read from a transformers 4 key only: transformers 5 saves the names
+    without `text_model.`, and the length fell back to 77."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.convert.rules import Source
+
+    tokenizer = tiny_tokenizer(str(tmp_path / "vocab"))
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert sd_convert.empty_prompt_ids(str(tmp_path), 77) == tuple(ids) and len(ids) == 16
+    assert len(sd_convert.empty_prompt_ids(str(tmp_path), 8)) == 8  # never past the text encoder's length
+    for prefix in ("text_encoder.text_model.", "text_encoder."):
+        embeddings = {f"{prefix}embeddings.{name}_embedding.weight": np.zeros((n, 4)) for name, n in
+                      (("token", 64), ("position", 80))}
+        assert sd_convert.text_positions(Source(embeddings, "folder")) == 80

@@ -85,9 +85,7 @@ def _sd(args):
         info["ema_weights_unread"] = not args.ema and any(k in arrays for k in sd.compvis_ema_keys(arrays))
         source = sd.compvis_to_diffusers(arrays, args.checkpoint, ema=args.ema)
         configs, layout = {}, "compvis"
-    positions = "text_encoder.text_model.embeddings.position_embedding.weight"
-    empty = sd.empty_prompt_ids(args.checkpoint if layout == "diffusers" else None,
-                                source.shape(positions)[0] if positions in source else 77)
+    empty = sd.empty_prompt_ids(args.checkpoint if layout == "diffusers" else None, sd.text_positions(source))
     config = sd.config(source, configs, empty_prompt=empty, unet_heads=args.unet_heads,
                        scaling_factor=args.scaling_factor, norm_groups=args.norm_groups,
                        text_heads=args.text_heads)

@@ -240,16 +240,25 @@ def part_variants(folder: str, variant: str | None) -> dict[str, str | None]:
     return variants
 
 
+def text_positions(source: Source) -> int:
+    """How many tokens the text encoder takes (its position embedding's rows), with or
+    without transformers 4's `text_model.` in front of the names."""
+    s = _part(source, "text_encoder")
+    return need(s, f"{clip_text.prefix(s)}embeddings.position_embedding.weight", "text position embedding")[0]
+
+
 def empty_prompt_ids(folder: str | None, max_length: int) -> tuple[int, ...]:
-    """Token ids of "" padded to `max_length`: from the folder's tokenizer/ when
-    there is one, else SD v1's CLIP tokenizer ids."""
+    """Token ids of "" padded to `max_length` (the text encoder's positions): from the
+    folder's tokenizer/ when there is one, padded to its model_max_length if that is
+    shorter (the pipeline pads a prompt, and the empty negative, to it); else SD v1's
+    CLIP tokenizer ids."""
     path = os.path.join(folder, "tokenizer") if folder else None
     if path and os.path.isdir(path):
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-        return tuple(int(i) for i in tokenizer("", padding="max_length", max_length=max_length,
-                                               truncation=True).input_ids)
+        return tuple(int(i) for i in tokenizer("", padding="max_length", truncation=True,
+                                               max_length=min(max_length, tokenizer.model_max_length)).input_ids)
     if max_length != len(SD_V1_EMPTY_PROMPT):
         raise ValueError(f"no tokenizer/ folder and the text encoder takes {max_length} tokens, not 77: "
                          "cannot tokenize the empty prompt")

@@ -431,15 +431,19 @@ class SeedOPT:
     cached `generate`; with a text tokenizer and image tokens also `caption_codes` /
     `answer_codes` / `image_codes`, and with a `SeedTokenizer` `caption`, `answer`
     and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
-    cache holds batch_size * num_beams rows)."""
+    cache holds batch_size * num_beams rows). `eos_id` (None: none; an int, or a list
+    of them, which `generate` then needs told which) and `pad_id` are `generate`'s
+    defaults: `load` reads those of the converted folder, as transformers' `generate`."""
 
     def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
-                 max_text_tokens: int = sequences.MAX_TEXT_TOKENS):
+                 max_text_tokens: int = sequences.MAX_TEXT_TOKENS, eos_id: int | list[int] | None = None,
+                 pad_id: int = 1):
         layers.compute_dtype(dtype)  # checks the name
         _check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.image_token_ids = image_token_ids or {}
         if tokenizer is not None and self.image_token_ids:  # else codes of one would read as the other's
             num_codes = self.config.total_vocab_size - self.image_token_ids["first_code_id"]
@@ -481,7 +485,9 @@ class SeedOPT:
         for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
         here runs `batch_size` rows at a time too. The prompts, and the length their
         text is cut to, are those SEED-OPT was trained with (the export's info), else
-        `sequences.Prompts()` and `sequences.MAX_TEXT_TOKENS`."""
+        `sequences.Prompts()` and `sequences.MAX_TEXT_TOKENS`. `generate` ends rows at the
+        converted folder's eos_token_id and pads them with its pad_token_id (exports
+        without them: no end token, padding 1)."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
@@ -496,6 +502,7 @@ class SeedOPT:
         prompts = sequences.Prompts(**info.get("prompts", {}))
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
+                   eos_id=info.get("eos_token_id"), pad_id=info.get("pad_token_id", 1),
                    text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
                    else None)
 
@@ -530,15 +537,18 @@ class SeedOPT:
         return run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size)
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-                 pad_id: int = 1, allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
+                 pad_id: int | str = "model", allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0) -> np.ndarray:
         """(B,P) left-padded prompts -> (B,max_new_tokens) int32, `pad_id` after
-        `eos_id`: greedy at temperature 0, else sampled (top-k / top-p; `seed`
-        defaults to 0). `allowed[t] = (low, high)` restricts step t. `num_beams` > 1:
-        beam search as transformers' `generate(num_beams=..., do_sample=False)`
-        (no sampling options or `allowed`), finished hypotheses scored by
-        log-probability / length**`length_penalty`."""
+        `eos_id` (as transformers' `generate`, whose output would end where every row
+        has ended): greedy at temperature 0, else sampled (top-k / top-p; `seed`
+        defaults to 0). `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the
+        converted folder's); `eos_id` None: no end token. `allowed[t] = (low, high)`
+        restricts step t. `num_beams` > 1: beam search as transformers'
+        `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
+        finished hypotheses scored by log-probability / length**`length_penalty`."""
+        eos_id, pad_id = self._end_and_padding(eos_id, pad_id)
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
         if ids.shape[1] > self.config.max_positions:
             raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
@@ -575,6 +585,15 @@ class SeedOPT:
                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
 
         return run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size)
+
+    def _end_and_padding(self, eos_id, pad_id) -> tuple:
+        """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `generate`)."""
+        eos_id = self.eos_id if isinstance(eos_id, str) and eos_id == "model" else eos_id
+        pad_id = self.pad_id if isinstance(pad_id, str) and pad_id == "model" else pad_id
+        if isinstance(eos_id, list):
+            raise ValueError(f"eos_id: generate ends rows at one token, got {eos_id} (the converted model's "
+                             "end tokens): pass one as eos_id")
+        return eos_id, pad_id
 
     # ---- SEED: codes <-> text
     @property
@@ -655,7 +674,7 @@ class SeedOPT:
         num_queries = self.num_queries
         allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
         tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed)
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None)
         return image.to_codes(tokens[:, :num_queries])
 
     # ---- SEED: images <-> text (need the SEED tokenizer)

@@ -175,8 +175,8 @@ def test_generation_may_fill_every_position(converted):
         beams = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=steps, do_sample=False, num_beams=2,
                             eos_token_id=None, pad_token_id=1, early_stopping=False).numpy()[:, ids.shape[1]:]
     lm = SeedOPT.load(export)
-    np.testing.assert_array_equal(lm.generate(ids, steps), ref)
-    np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2), beams)
+    np.testing.assert_array_equal(lm.generate(ids, steps, eos_id=None), ref)
+    np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2, eos_id=None), beams)
     with pytest.raises(ValueError, match=f"max_new_tokens: expected an integer in 1..{steps} .* got {steps + 1}"):
         lm.generate(ids, steps + 1)
     # a prompt longer than the positions is the prompt's fault (it read "max_new_tokens: expected 1..0")
@@ -192,10 +192,10 @@ def test_seed_opt_api_logits_and_generate(converted):
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=5,
                           do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=1).numpy()[:, 8:]
-    np.testing.assert_array_equal(lm.generate(ids, 5, attention_mask=mask), ref)
+    np.testing.assert_array_equal(lm.generate(ids, 5, attention_mask=mask, eos_id=None), ref)
     np.testing.assert_allclose(lm.logits(ids[:1]), np.asarray(model(ids[:1])[0]), atol=1e-5)
     one_at_a_time = SeedOPT.load(export, batch_size=1)  # chunks of one row
-    np.testing.assert_array_equal(one_at_a_time.generate(ids, 5, attention_mask=mask), ref)
+    np.testing.assert_array_equal(one_at_a_time.generate(ids, 5, attention_mask=mask, eos_id=None), ref)
     real = mask.astype(bool)
     np.testing.assert_allclose(one_at_a_time.logits(ids, mask)[real], np.asarray(model(ids, mask)[0])[real], atol=1e-5)
     with pytest.raises(ValueError, match="input_ids: values must lie"):
@@ -233,7 +233,8 @@ def test_beam_search_matches_transformers(converted):
     np.testing.assert_array_equal(np.asarray(ours), ref)
     greedy = jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=8))(ids, mask)
     assert not np.array_equal(np.asarray(greedy), ref), "beam search found the greedy path: the check is vacuous"
-    np.testing.assert_array_equal(SeedOPT.load(export).generate(ids, 8, attention_mask=mask, num_beams=3), ref)
+    np.testing.assert_array_equal(SeedOPT.load(export).generate(ids, 8, attention_mask=mask, num_beams=3, eos_id=None),
+                                  ref)
 
 
 @contextlib.contextmanager
@@ -748,7 +749,7 @@ def test_mid_size_logits_and_greedy_tokens_match_transformers(variant, tmp_path)
     print(f"{variant}: logits relative error {error:.2e}")
     assert error <= INTERMEDIATE_TOLERANCE
     # greedy over the extended vocabulary: appended rows must not win, as the reference has none
-    tokens = model.generate(ids, 20, attention_mask=mask, allowed=[(0, 50272)] * 20)
+    tokens = model.generate(ids, 20, attention_mask=mask, allowed=[(0, 50272)] * 20, eos_id=None)
     np.testing.assert_array_equal(tokens, ref_tokens)
 
 

@@ -94,8 +94,9 @@ def _sd(args):
 
 def _hf_opt(args):
     source = _read_folder(args)
-    config = opt.config(source, sources.read_hf_config(args.checkpoint), image_tokens=args.image_tokens)
-    info = {"image_tokens": args.image_tokens}
+    hf = sources.read_hf_config(args.checkpoint)
+    config = opt.config(source, hf, image_tokens=args.image_tokens)
+    info = {"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)}
     if args.image_tokens:  # ids of the appended rows
         info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
                      "first_code_id": config.vocab_size + 2})

@@ -2,9 +2,13 @@
 one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
 come from shapes; head count, layer-norm placement and the training dropout rates
 (`dropout`, `attention_dropout`) from config.json (a key it lacks takes transformers'
-`OPTConfig` default, as `from_pretrained` would)."""
+`OPTConfig` default, as `from_pretrained` would). The end and padding ids
+transformers' `generate` uses go to the export's info."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 
@@ -51,6 +55,23 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
                      embed_width=token_width if token_width != width else None,
                      pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens),
                      dropout=float(hf.get("dropout", 0.1)), attention_dropout=float(hf.get("attention_dropout", 0.0)))
+
+
+def generation_ids(folder: str, hf: dict) -> dict:
+    """{eos_token_id, pad_token_id} of transformers' `generate` after `from_pretrained`:
+    generation_config.json's when the folder has one, else config.json's (`hf`), a key
+    absent from the file read there being None (no end token); without a padding id,
+    finished rows pad with the end id. eos_token_id may be a list."""
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            hf = json.load(f)
+    eos, pad = hf.get("eos_token_id"), hf.get("pad_token_id")
+    if isinstance(eos, list) and len(eos) == 1:
+        eos = eos[0]
+    if pad is None:
+        pad = 1 if eos is None else eos[0] if isinstance(eos, list) else eos
+    return {"eos_token_id": eos, "pad_token_id": pad}
 
 
 def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:

@@ -1,4 +1,6 @@
-"""Hugging Face OPT folders through the CLI against transformers' `generate` as a
+"""Hugging Face OPT folders of every kind transformers' OPTConfig can save (no biases,
+LayerNorms without scale and bias, no final LayerNorm, a separate lm_head, float16
+.bin shards), through the CLI, against transformers' logits and its `generate` as a
 user calls it (the folder's end and padding ids)."""
 
 import json
@@ -6,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
+from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
 from seed_jax.api import SeedOPT
 from seed_jax.convert.__main__ import convert
@@ -17,6 +20,14 @@ pytestmark = pytest.mark.torch
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
             max_position_embeddings=64)
 STEPS = 20
+VARIANTS = {  # the OPTConfig fields, and how the folder is saved
+    "no_bias": (dict(enable_bias=False), {}),
+    "no_affine_post_ln_projected": (dict(layer_norm_elementwise_affine=False, do_layer_norm_before=False,
+                                         word_embed_proj_dim=16), {}),
+    "no_final_norm": (dict(_remove_final_layer_norm=True), {}),
+    "untied_head_projected": (dict(tie_word_embeddings=False, word_embed_proj_dim=16), {}),
+    "float16_bin_shards": ({}, dict(half=True, safe_serialization=False, max_shard_size="20KB")),
+}
 
 
 def _save(folder, fields: dict, seed: int = 0, *, half: bool = False, model_class=OPTForCausalLM, **save):
@@ -46,6 +57,44 @@ def _transformers_greedy(hf, ids, mask, **options) -> np.ndarray:
 def _convert(folder, out) -> SeedOPT:
     convert(["hf_opt", f"--checkpoint={folder}", f"--out={out}", "--image_tokens=0"])
     return SeedOPT.load(str(out))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_opt_folder_variant_gives_transformers_logits_and_greedy_tokens(variant, tmp_path):
+    """enable_bias=False, layer_norm_elementwise_affine=False and an untied lm_head
+    failed with a missing key or "our OPT ties them", _remove_final_layer_norm with
+    "not supported"; they now build the model transformers builds."""
+    fields, save = VARIANTS[variant]
+    _save(tmp_path / "hf", fields, **save)
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    lm = _convert(tmp_path / "hf", tmp_path / "export")
+    real = mask.astype(bool)
+    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+    np.testing.assert_array_equal(lm.generate(ids, STEPS, attention_mask=mask), _transformers_greedy(hf, ids, mask))
+
+
+def test_an_untied_head_keeps_the_vocabularys_logits_beside_appended_image_tokens(tmp_path):
+    """With image tokens appended the vocabulary's logits are still lm_head's (the
+    appended ids' output rows are their input rows, as in a tied model)."""
+    _save(tmp_path / "hf", dict(tie_word_embeddings=False))
+    plain = _convert(tmp_path / "hf", tmp_path / "plain")
+    convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'image'}", "--image_tokens=4"])
+    extended = SeedOPT.load(str(tmp_path / "image"))
+    assert extended.config.total_vocab_size == 106 and extended.model.lm_head[...].shape == (100, 32)
+    ids, mask = _prompts()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(extended.logits(ids, mask)[..., :100][real], plain.logits(ids, mask)[real], atol=1e-5)
+
+
+def test_a_folder_without_the_untied_head_it_declares_fails_naming_the_key(tmp_path):
+    """An OPTModel folder has no lm_head.weight: with tie_word_embeddings false,
+    transformers starts the head at random, which no conversion can match."""
+    _save(tmp_path / "hf", dict(tie_word_embeddings=False), model_class=OPTModel)
+    with pytest.raises(ValueError, match="config.json tie_word_embeddings=false, but the folder holds no lm_head"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
 
 
 def _set(path, **entries):

@@ -1,9 +1,12 @@
 """A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
 one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
-come from shapes; head count, layer-norm placement and the training dropout rates
-(`dropout`, `attention_dropout`) from config.json (a key it lacks takes transformers'
-`OPTConfig` default, as `from_pretrained` would). The end and padding ids
-transformers' `generate` uses go to the export's info."""
+come from shapes; head count, layer-norm placement (`do_layer_norm_before`,
+`_remove_final_layer_norm`), `enable_bias`, `layer_norm_elementwise_affine` and the
+training dropout rates (`dropout`, `attention_dropout`) from config.json (a key it lacks
+takes transformers' `OPTConfig` default, as `from_pretrained` would). The logits read
+the token embedding unless the folder holds an `lm_head.weight` that differs from it,
+which transformers then keeps as a separate head (whatever `tie_word_embeddings` says).
+The end and padding ids transformers' `generate` uses go to the export's info."""
 
 from __future__ import annotations
 
@@ -41,20 +44,32 @@ def new_rows(count: int, seed: int):
 def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
     if hf.get("activation_function", "relu") != "relu":
         raise ValueError(f"config.json activation_function={hf['activation_function']!r}: OPT uses 'relu'")
-    if hf.get("_remove_final_layer_norm", False):
-        raise ValueError("config.json _remove_final_layer_norm=True is not supported")
     p = prefix(source)
     vocab_size, token_width = need(source, f"{p}embed_tokens.weight", "token embedding")
-    if "lm_head.weight" in source and not (source["lm_head.weight"] == source[f"{p}embed_tokens.weight"]).all():
-        raise ValueError(f"lm_head.weight differs from {p}embed_tokens.weight: our OPT ties them")
     positions, width = need(source, f"{p}embed_positions.weight", "position embedding")
     depth = source.count(f"{p}layers.{{i}}.fc1.weight")
     return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 12),
                      mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,
                      embed_width=token_width if token_width != width else None,
-                     pre_layer_norm=hf.get("do_layer_norm_before", True), extra_tokens=extra_tokens(image_tokens),
+                     pre_layer_norm=hf.get("do_layer_norm_before", True),
+                     final_norm=not hf.get("_remove_final_layer_norm", False), bias=hf.get("enable_bias", True),
+                     norm_affine=hf.get("layer_norm_elementwise_affine", True),
+                     tie_embeddings=tied_output(source, hf, f"{p}embed_tokens.weight"),
+                     extra_tokens=extra_tokens(image_tokens),
                      dropout=float(hf.get("dropout", 0.1)), attention_dropout=float(hf.get("attention_dropout", 0.0)))
+
+
+def tied_output(source: Source, hf: dict, embed_tokens: str) -> bool:
+    """Whether transformers' logits read `embed_tokens`: a stored lm_head.weight that
+    differs from it is kept as the head (transformers >= 5 ties only equal ones); none
+    stored with tie_word_embeddings false would leave transformers' head at random."""
+    if "lm_head.weight" in source:
+        return bool((source["lm_head.weight"] == source[embed_tokens]).all())
+    if not hf.get("tie_word_embeddings", True):
+        raise ValueError("config.json tie_word_embeddings=false, but the folder holds no lm_head.weight: "
+                         "transformers would start the output layer at random")
+    return True
 
 
 def generation_ids(folder: str, hf: dict) -> dict:
@@ -82,17 +97,20 @@ def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:
     out = {
         "embed_tokens": rule(f"{p}embed_tokens.weight"),
         "embed_positions": rule(f"{p}embed_positions.weight"),
-        **tables.norm("layers.self_attn_layer_norm", f"{b}self_attn_layer_norm", layers),
         **tables.attention("layers.self_attn", f"{a}q_proj", f"{a}k_proj", f"{a}v_proj", f"{a}out_proj", c.num_heads,
-                           layers),
-        **tables.norm("layers.final_layer_norm", f"{b}final_layer_norm", layers),
-        **tables.dense("layers.fc1", f"{b}fc1", layers),
-        **tables.dense("layers.fc2", f"{b}fc2", layers),
+                           layers, bias=c.bias),
+        **tables.dense("layers.fc1", f"{b}fc1", layers, bias=c.bias),
+        **tables.dense("layers.fc2", f"{b}fc2", layers, bias=c.bias),
     }
+    if c.norm_affine:
+        out.update(tables.norm("layers.self_attn_layer_norm", f"{b}self_attn_layer_norm", layers))
+        out.update(tables.norm("layers.final_layer_norm", f"{b}final_layer_norm", layers))
+        if c.pre_layer_norm and c.final_norm:
+            out.update(tables.norm("final_layer_norm", f"{p}final_layer_norm"))
+    if not c.tie_embeddings:
+        out["lm_head"] = rule("lm_head.weight")
     if c.extra_tokens:
         out["embed_extra"] = rule(f"{p}embed_tokens.weight", hook=new_rows(c.extra_tokens, seed))
-    if c.pre_layer_norm:
-        out.update(tables.norm("final_layer_norm", f"{p}final_layer_norm"))
     if c.embed_width:
         out["project_in.kernel"] = tables.dense("x", f"{p}project_in")["x.kernel"]
         out["project_out.kernel"] = tables.dense("x", f"{p}project_out")["x.kernel"]

@@ -9,10 +9,12 @@ from seed_jax.convert.rules import (Rule, fused_part, heads_bias, heads_in, head
 from seed_jax.models.qformer import QFormerConfig
 
 
-def dense(target: str, source: str, layers=None) -> dict[str, Rule]:
-    """torch Linear `source`.{weight,bias} -> our Dense `target`.{kernel,bias}."""
-    return {f"{target}.kernel": rule(f"{source}.weight", hook=linear, layers=layers),
-            f"{target}.bias": rule(f"{source}.bias", layers=layers)}
+def dense(target: str, source: str, layers=None, *, bias: bool = True) -> dict[str, Rule]:
+    """torch Linear `source`.{weight,bias} -> our Dense `target`.{kernel,bias} (`bias`: whether it has one)."""
+    table = {f"{target}.kernel": rule(f"{source}.weight", hook=linear, layers=layers)}
+    if bias:
+        table[f"{target}.bias"] = rule(f"{source}.bias", layers=layers)
+    return table
 
 
 def norm(target: str, source: str, layers=None) -> dict[str, Rule]:
@@ -20,14 +22,17 @@ def norm(target: str, source: str, layers=None) -> dict[str, Rule]:
             f"{target}.bias": rule(f"{source}.bias", layers=layers)}
 
 
-def attention(target: str, query: str, key: str, value: str, out: str, heads: int, layers=None) -> dict[str, Rule]:
-    """Separate torch q/k/v/out Linears (with biases) -> our Attention."""
+def attention(target: str, query: str, key: str, value: str, out: str, heads: int, layers=None, *,
+              bias: bool = True) -> dict[str, Rule]:
+    """Separate torch q/k/v/out Linears (all with biases, or, `bias` False, none) -> our Attention."""
     table = {}
-    for name, src, bias in (("query", query, "q_bias"), ("key", key, "k_bias"), ("value", value, "v_bias")):
+    for name, src, bias_name in (("query", query, "q_bias"), ("key", key, "k_bias"), ("value", value, "v_bias")):
         table[f"{target}.{name}"] = rule(f"{src}.weight", hook=heads_in(heads), layers=layers)
-        table[f"{target}.{bias}"] = rule(f"{src}.bias", hook=heads_bias(heads), layers=layers)
+        if bias:
+            table[f"{target}.{bias_name}"] = rule(f"{src}.bias", hook=heads_bias(heads), layers=layers)
     table[f"{target}.out"] = rule(f"{out}.weight", hook=heads_out(heads), layers=layers)
-    table[f"{target}.out_bias"] = rule(f"{out}.bias", layers=layers)
+    if bias:
+        table[f"{target}.out_bias"] = rule(f"{out}.bias", layers=layers)
     return table
 
 

@@ -151,11 +151,12 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm computed in float32, returned in `dtype`."""
+    """LayerNorm computed in float32, returned in `dtype`; `affine=False`: no scale
+    and bias (torch's elementwise_affine=False)."""
 
-    def __init__(self, width: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.scale = param(rngs, ones, (width,), ("embed",))
-        self.bias = param(rngs, zeros, (width,), ("embed",))
+    def __init__(self, width: int, *, eps: float, affine: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, ones, (width,), ("embed",)) if affine else None
+        self.bias = param(rngs, zeros, (width,), ("embed",)) if affine else None
         self.eps = eps
         self.dtype = dtype
 
@@ -163,7 +164,9 @@ class LayerNorm(nnx.Module):
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
         return y.astype(self.dtype)
 
 
@@ -192,11 +195,13 @@ class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v projections (self or cross).
 
     q: (D_q -> N, H), k/v: (D_kv -> N, H), out: (N, H -> D_q). `bias` says which of
-    q, k, v carry a bias (EVA has none on k); the output projection always has one.
+    q, k, v carry a bias (EVA has none on k); the output projection has one unless
+    `out_bias` is False.
     """
 
     def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
-                 bias: str = "qkv", lora: LoRA | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 bias: str = "qkv", out_bias: bool = True, lora: LoRA | None = None, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"num_heads: {num_heads} must divide width {width}")
         kv_width = kv_width or width
@@ -209,7 +214,7 @@ class Attention(nnx.Module):
                           if name in bias else None)
             setattr(self, f"{name}_bias", bias_param)
         self.out = param(rngs, fan_in((0, 1)), (num_heads, head_dim, width), ("heads", "kv", "embed"))
-        self.out_bias = param(rngs, zeros, (width,), ("embed",))
+        self.out_bias = param(rngs, zeros, (width,), ("embed",)) if out_bias else None
         targets = lora.targets if lora else ()
         for name, d_in in (("query", width), ("key", kv_width), ("value", kv_width)):
             adapted = name in targets
@@ -262,7 +267,7 @@ class Attention(nnx.Module):
             low = jnp.einsum("BLNH,NHR->BLR", dropout(y, self.lora_dropout, rng),
                              self.out_lora_a[...].astype(self.dtype))
             out = out + self.lora_scale * jnp.einsum("BLR,RD->BLD", low, self.out_lora_b[...].astype(self.dtype))
-        return out + self.out_bias[...].astype(self.dtype)
+        return out if self.out_bias is None else out + self.out_bias[...].astype(self.dtype)
 
     def dot_product(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """Unmasked attention through `jax.nn.dot_product_attention` with no

@@ -2,14 +2,18 @@
 
 ids (B,L) -> token embedding (V,W) [-> project_in W->D] + learned positions
 (offset 2, counted over the attention mask) -> scanned decoder layers (pre-LN for
-every size but 350M, which is post-LN) -> final LayerNorm (pre-LN only)
-[-> project_out D->W] -> logits through the tied token embedding (B,L,V).
+every size but 350M, which is post-LN) -> final LayerNorm (pre-LN only, unless
+`final_norm` is off) [-> project_out D->W] -> logits through the tied token embedding
+(B,L,V), or through a separate `lm_head` (V,W) (`tie_embeddings` off).
+Transformers' OPTConfig options map to `bias` (enable_bias: the attention's and MLP's
+biases) and `norm_affine` (layer_norm_elementwise_affine: LayerNorm scales and biases).
 
 SEED-OPT appends `extra_tokens` ids to the vocabulary: <img>, </img> and the K codes.
 They are plain trainable rows, or (`code_dim` > 0, SEED-OPT's "codebook projection")
 <img> and </img> are rows and code k is `code_projection(code_vectors[k])`: a linear
 map of the tokenizer's frozen (K,C) codebook, so codes near in the codebook start
-near in the model. Either way the appended ids are part of the tied output table.
+near in the model. Either way the appended ids are part of the tied output table
+(also with an untied `lm_head`, which covers the original vocabulary only).
 
 Training-time dropout (as transformers' OPT in train mode), only when a call passes
 `dropout_rng`: `dropout` on the attention block's output and on fc2's output before
@@ -49,6 +53,10 @@ class OPTConfig:
     max_positions: int = 2048
     embed_width: int | None = None  # word_embed_proj_dim when it differs from `width` (350M)
     pre_layer_norm: bool = True  # do_layer_norm_before
+    final_norm: bool = True  # pre-LN only: the LayerNorm after the last layer (not _remove_final_layer_norm)
+    bias: bool = True  # enable_bias: q/k/v/out and fc1/fc2 biases
+    norm_affine: bool = True  # layer_norm_elementwise_affine: LayerNorm scales and biases
+    tie_embeddings: bool = True  # False: the vocabulary's output rows are a separate lm_head (V,W)
     eps: float = 1e-5
     dropout: float = 0.0  # training only: the attention block's and fc2's outputs, before the residual add
     attention_dropout: float = 0.0  # training only: the attention probabilities
@@ -107,15 +115,17 @@ DROPOUT_SITES = ("probs", "attention", "mlp") + layers.LORA_TARGETS  # each take
 class DecoderLayer(nnx.Module):
 
     def __init__(self, c: OPTConfig, *, dtype, rngs: nnx.Rngs):
-        self.self_attn_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.self_attn_layer_norm = layers.LayerNorm(c.width, eps=c.eps, affine=c.norm_affine, dtype=dtype,
+                                                     rngs=rngs)
         lora = c.lora
-        self.self_attn = layers.Attention(c.width, c.num_heads, lora=lora, dtype=dtype, rngs=rngs)
-        self.final_layer_norm = layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
+        self.self_attn = layers.Attention(c.width, c.num_heads, bias="qkv" if c.bias else "", out_bias=c.bias,
+                                          lora=lora, dtype=dtype, rngs=rngs)
+        self.final_layer_norm = layers.LayerNorm(c.width, eps=c.eps, affine=c.norm_affine, dtype=dtype, rngs=rngs)
         mlp_lora = lambda name: lora if lora and name in lora.targets else None  # noqa: E731
-        self.fc1 = layers.Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), lora=mlp_lora("fc1"), dtype=dtype,
-                                rngs=rngs)
-        self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), lora=mlp_lora("fc2"), dtype=dtype,
-                                rngs=rngs)
+        self.fc1 = layers.Dense(c.width, c.mlp_dim, axes=("embed", "mlp"), use_bias=c.bias, lora=mlp_lora("fc1"),
+                                dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Dense(c.mlp_dim, c.width, axes=("mlp", "embed"), use_bias=c.bias, lora=mlp_lora("fc2"),
+                                dtype=dtype, rngs=rngs)
         self.pre_layer_norm = c.pre_layer_norm
         self.dropout, self.attention_dropout = c.dropout, c.attention_dropout
         self.dtype = dtype
@@ -172,13 +182,15 @@ class OPT(nnx.Module):
         self.code_projection = (layers.Dense(c.code_dim, c.token_width, axes=(None, "embed"), dtype=jnp.float32,
                                              kernel_init=layers.normal(0.02 / c.code_dim ** 0.5), rngs=rngs)
                                 if c.code_dim else None)
+        self.lm_head = (None if c.tie_embeddings else
+                        layers.param(rngs, layers.normal(0.02), (c.vocab_size, c.token_width), ("vocab", "embed")))
         self.embed_positions = layers.param(rngs, layers.normal(0.02), (c.max_positions + POSITION_OFFSET, c.width),
                                             ("length", "embed"))
         self.project_in = (layers.Dense(c.token_width, c.width, axes=(None, "embed"), use_bias=False, dtype=dtype,
                                         rngs=rngs) if c.embed_width else None)
         self.layers = layers.stacked(lambda r: DecoderLayer(c, dtype=dtype, rngs=r), c.depth, rngs)
-        self.final_layer_norm = (layers.LayerNorm(c.width, eps=c.eps, dtype=dtype, rngs=rngs)
-                                 if c.pre_layer_norm else None)
+        self.final_layer_norm = (layers.LayerNorm(c.width, eps=c.eps, affine=c.norm_affine, dtype=dtype, rngs=rngs)
+                                 if c.pre_layer_norm and c.final_norm else None)
         self.project_out = (layers.Dense(c.width, c.token_width, axes=("embed", None), use_bias=False, dtype=dtype,
                                          rngs=rngs) if c.embed_width else None)
         self.remat, self.dtype = remat, dtype
@@ -247,7 +259,7 @@ class OPT(nnx.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         # accumulated and returned in float32, not rounded to bfloat16 (a loss over ~50k logits needs them exact)
-        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype),
+        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), self._output_table(table).astype(self.dtype),
                             preferred_element_type=jnp.float32)
         return logits, cache
 
@@ -256,6 +268,12 @@ class OPT(nnx.Module):
         if dropout_rng is None or not self.config.drops:
             return None
         return jax.random.split(dropout_rng, self.config.depth)
+
+    def _output_table(self, token_table: jax.Array) -> jax.Array:
+        """(V + extra, W): `token_table` (tied), or lm_head's rows then the appended ones."""
+        if self.lm_head is None:
+            return token_table
+        return jnp.concatenate([self.lm_head[...], token_table[self.config.vocab_size:]])
 
     def token_table(self) -> jax.Array:
         """(V + extra, W) float32: the vocabulary's rows then the appended ones (input and tied output)."""

@@ -1,13 +1,16 @@
 """Hugging Face OPT folders of every kind transformers' OPTConfig can save (no biases,
 LayerNorms without scale and bias, no final LayerNorm, a separate lm_head, float16
 .bin shards), through the CLI, against transformers' logits and its `generate` as a
-user calls it (the folder's end and padding ids)."""
+user calls it (the folder's end and padding ids); and OPT's LayerNorm epsilon, which
+the whole-model tests cannot see."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
@@ -148,3 +151,35 @@ def test_several_end_tokens_must_be_chosen_from(tmp_path):
     with pytest.raises(ValueError, match=r"eos_id: generate ends rows at one token, got \[2, 5\] .*: pass one as eos_id"):
         lm.generate(np.full((1, 3), 7), 2)
     assert lm.generate(np.full((1, 3), 7), 2, eos_id=5).shape == (1, 2)
+
+
+EPSILON_TOLERANCE = 1e-5  # float32 noise here is ~1e-7; OPT's 1e-5 read as 1e-6 gives ~1
+
+
+@torch.no_grad()
+def test_layer_norms_use_opts_epsilon(tmp_path):
+    """OPT's LayerNorms (torch's default eps 1e-5) moved the parity tests' logits by
+    less than INTERMEDIATE_TOLERANCE at 1e-6. Here each LayerNorm of the converted
+    model (a decoder layer's two, the final one) reads rows of variance ~1e-6, near
+    the epsilon, against transformers' at 1e-5, and so does the whole model, whose
+    token and position rows are scaled to that variance."""
+    folder = tmp_path / "hf"
+    hf = randomize(OPTForCausalLM(OPTConfig(**TINY)), 0).eval()
+    for table in (hf.model.decoder.embed_tokens.weight, hf.model.decoder.embed_positions.weight):
+        table.mul_(5e-3)
+    hf.save_pretrained(folder)
+    model = _convert(folder, tmp_path / "export").model
+    graphdef, state = nnx.split(model.layers)
+    first = nnx.merge(graphdef, jax.tree.map(lambda stacked: stacked[0], state))
+    x = 1e-3 * torch.randn(2, 5, TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
+    decoder = hf.model.decoder
+    pairs = {"self_attn_layer_norm": (first.self_attn_layer_norm, decoder.layers[0].self_attn_layer_norm),
+             "layer final_layer_norm": (first.final_layer_norm, decoder.layers[0].final_layer_norm),
+             "final_layer_norm": (model.final_layer_norm, decoder.final_layer_norm)}
+    errors = {name: relative_error(ours(x.numpy()), theirs(x).numpy()) for name, (ours, theirs) in pairs.items()}
+    ids, mask = _prompts()
+    real = mask.astype(bool)
+    ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    errors["logits"] = relative_error(np.asarray(model(ids, mask)[0])[real], ref[real])
+    wrong = {name: f"{error:.1e}" for name, error in errors.items() if error > EPSILON_TOLERANCE}
+    assert not wrong, f"relative errors over {EPSILON_TOLERANCE}: {wrong}"

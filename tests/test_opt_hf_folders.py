@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.torch import load_file, save_file
 from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
@@ -90,6 +91,27 @@ def test_an_untied_head_keeps_the_vocabularys_logits_beside_appended_image_token
     ids, mask = _prompts()
     real = mask.astype(bool)
     np.testing.assert_allclose(extended.logits(ids, mask)[..., :100][real], plain.logits(ids, mask)[real], atol=1e-5)
+
+
+def test_a_stored_head_that_differs_is_used_as_transformers_does_despite_a_tied_config(tmp_path):
+    """transformers (>= 5) ties lm_head to the token embedding only when the folder
+    holds no other head: a differing lm_head.weight stays, tie_word_embeddings true
+    or not."""
+    _save(tmp_path / "hf", {})
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight"] = 0.5 * torch.randn(state["model.decoder.embed_tokens.weight"].shape,
+                                                generator=torch.Generator().manual_seed(1))
+    save_file(state, path, metadata={"format": "pt"})
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.tie_word_embeddings and torch.equal(hf.lm_head.weight, state["lm_head.weight"])
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    lm = _convert(tmp_path / "hf", tmp_path / "export")
+    assert not lm.config.tie_embeddings
+    real = mask.astype(bool)
+    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
 
 
 def test_a_folder_without_the_untied_head_it_declares_fails_naming_the_key(tmp_path):

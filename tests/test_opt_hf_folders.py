@@ -93,6 +93,23 @@ def test_an_untied_head_keeps_the_vocabularys_logits_beside_appended_image_token
     np.testing.assert_allclose(extended.logits(ids, mask)[..., :100][real], plain.logits(ids, mask)[real], atol=1e-5)
 
 
+def test_a_config_json_without_the_newer_keys_reads_as_transformers_does(tmp_path):
+    """The Hub's facebook/opt-* config.json files predate enable_bias and
+    layer_norm_elementwise_affine; without them (or the layout keys) the conversion
+    takes OPTConfig's defaults, as `from_pretrained` builds the model."""
+    _save(tmp_path / "hf", {})
+    _set(tmp_path / "hf" / "config.json", **dict.fromkeys(
+        ("enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm", "do_layer_norm_before",
+         "tie_word_embeddings", "activation_function", "word_embed_proj_dim")))
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    lm = _convert(tmp_path / "hf", tmp_path / "export")
+    real = mask.astype(bool)
+    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+
+
 def test_a_stored_head_that_differs_is_used_as_transformers_does_despite_a_tied_config(tmp_path):
     """transformers (>= 5) ties lm_head to the token embedding only when the folder
     holds no other head: a differing lm_head.weight stays, tie_word_embeddings true

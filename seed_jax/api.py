@@ -431,9 +431,9 @@ class SeedOPT:
     cached `generate`; with a text tokenizer and image tokens also `caption_codes` /
     `answer_codes` / `image_codes`, and with a `SeedTokenizer` `caption`, `answer`
     and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
-    cache holds batch_size * num_beams rows). `eos_id` (None: none; an int, or a list
-    of them, which `generate` then needs told which) and `pad_id` are `generate`'s
-    defaults: `load` reads those of the converted folder, as transformers' `generate`."""
+    cache holds batch_size * num_beams rows). `eos_id` (an id, None, or a list of ids,
+    which makes `generate` ask for one) and `pad_id` are `generate`'s defaults: `load`
+    reads those of the converted folder, as transformers' `generate` does."""
 
     def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,

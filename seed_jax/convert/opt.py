@@ -78,14 +78,16 @@ def generation_ids(folder: str, hf: dict) -> dict:
     absent from the file read there being None (no end token); without a padding id,
     finished rows pad with the end id. eos_token_id may be a list."""
     path = os.path.join(folder, "generation_config.json")
+    settings = hf
     if os.path.exists(path):
         with open(path) as f:
-            hf = json.load(f)
-    eos, pad = hf.get("eos_token_id"), hf.get("pad_token_id")
+            settings = json.load(f)
+    eos, pad = settings.get("eos_token_id"), settings.get("pad_token_id")
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
-    if pad is None:
-        pad = 1 if eos is None else eos[0] if isinstance(eos, list) else eos
+    first_eos = eos[0] if isinstance(eos, list) else eos
+    if pad is None:  # nothing pads without an end id: 1, SeedOPT's default
+        pad = 1 if first_eos is None else first_eos
     return {"eos_token_id": eos, "pad_token_id": pad}
 
 

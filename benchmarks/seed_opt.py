@@ -139,7 +139,8 @@ def main():
     tokens_per_step = args.batch * args.seq
 
     # ---- generation (before LoRA is attached on the torch side)
-    ours_gen = median_seconds(lambda: generator.generate(prompt, args.new_tokens), args.iters)
+    # no end token, as torch_generate's eos_token_id=None: both run every step
+    ours_gen = median_seconds(lambda: generator.generate(prompt, args.new_tokens, eos_id=None), args.iters)
     torch_prompt = torch.from_numpy(prompt).long().to(device)
 
     def torch_generate():
@@ -150,7 +151,8 @@ def main():
         return out.cpu()
 
     torch_gen = median_seconds(torch_generate, args.iters)
-    same = np.array_equal(torch_generate().numpy()[:, args.prompt:], generator.generate(prompt, args.new_tokens))
+    same = np.array_equal(torch_generate().numpy()[:, args.prompt:],
+                          generator.generate(prompt, args.new_tokens, eos_id=None))
 
     # ---- LoRA training step
     model = weights.build("opt", dataclasses.replace(config, lora_rank=16, lora_alpha=32.0), dtype=jnp.dtype(dtype))

@@ -479,7 +479,7 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
     (dict(max_new_tokens=True), "max_new_tokens: expected an integer in 1..61"),
     (dict(eos_id=10**6), r"eos_id: expected None or a token id in \[0, \d+\), got 1000000"),
     (dict(eos_id=-1, num_beams=2), r"eos_id: expected None or a token id in \[0, \d+\), got -1"),
-    (dict(eos_id=[2, 3]), r"eos_id: expected None or a token id in \[0, \d+\), got \[2, 3\]"),
+    (dict(eos_id=[2, 3]), r"eos_id: generate ends rows at one token, got \[2, 3\]"),
     (dict(pad_id=1.5), "pad_id: expected an integer, got 1.5"),
 ])
 def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):

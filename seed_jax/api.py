@@ -588,11 +588,12 @@ class SeedOPT:
 
     def _end_and_padding(self, eos_id, pad_id) -> tuple:
         """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `generate`)."""
-        eos_id = self.eos_id if isinstance(eos_id, str) and eos_id == "model" else eos_id
+        models = isinstance(eos_id, str) and eos_id == "model"
+        eos_id = self.eos_id if models else eos_id
         pad_id = self.pad_id if isinstance(pad_id, str) and pad_id == "model" else pad_id
         if isinstance(eos_id, list):
-            raise ValueError(f"eos_id: generate ends rows at one token, got {eos_id} (the converted model's "
-                             "end tokens): pass one as eos_id")
+            whose = " (the converted model's end tokens)" if models else ""
+            raise ValueError(f"eos_id: generate ends rows at one token, got {eos_id}{whose}: pass one as eos_id")
         return eos_id, pad_id
 
     # ---- SEED: codes <-> text

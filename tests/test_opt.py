@@ -494,6 +494,19 @@ def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
         _tiny_seed_opt().generate(np.full((2, 4), 5), **options)
 
 
+def test_a_list_of_end_ids_is_named_as_the_model_s_only_when_it_is():
+    """A list passed as eos_id was reported as "the converted model's end tokens",
+    though the model here has none: only the model's own list is named so."""
+    lm = _tiny_seed_opt()
+    assert lm.eos_id is None
+    with pytest.raises(ValueError, match=r"^eos_id: generate ends rows at one token, got \[2, 3\]: pass one") as given:
+        lm.generate(np.full((2, 4), 5), 3, eos_id=[2, 3])
+    assert "converted model" not in str(given.value)
+    listing = _tiny_seed_opt(eos_id=[2, 3])  # as `load` makes it of a folder whose eos_token_id lists two
+    with pytest.raises(ValueError, match=r"got \[2, 3\] \(the converted model's end tokens\): pass one"):
+        listing.generate(np.full((2, 4), 5), 3)
+
+
 @pytest.mark.parametrize("batch_size", [2.5, 0, True])
 def test_a_batch_size_that_is_no_count_fails_naming_it(batch_size):
     """A float batch_size failed at the first call, in range(): "'float' object cannot

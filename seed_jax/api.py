@@ -255,7 +255,7 @@ def to_uint8(images) -> np.ndarray:
 
 def run_in_chunks(fn, inputs: tuple, batch_size: int):
     """Runs `fn(*chunk)` over chunks of `batch_size` rows of every array in `inputs`
-    (the last chunk padded with copies of row 0, so one program serves all) and
+    (the last chunk padded with copies of its first row, so one program serves all) and
     joins the results as numpy arrays. A chunk's outputs are copied to the host
     while the next chunk runs, so the device holds two chunks' outputs at most,
     whatever the batch."""

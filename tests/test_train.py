@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,11 @@ def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_pat
     with pytest.raises(ValueError, match=r"stage1.num_steps 8: first would train on from step 4, but the later "
                                          r"stages' checkpoints \[.*second'\]"):
         loop.check_stage_order(str(root), [("first", "stage1", 8), stages[1]])
+    shutil.rmtree(root / "first")  # e.g. removed to free space: stage I would train again from scratch
+    with pytest.raises(ValueError, match=r"stage1.num_steps 4: first has no checkpoint and would train from step 0, "
+                                         r"but the later stages' checkpoints \[.*second'\]") as refused:
+        loop.check_stage_order(str(root), stages)
+    assert "keep stage1.num_steps at 0" not in str(refused.value)  # no stage has 0 steps
 
 
 def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):

@@ -487,10 +487,13 @@ def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) 
         later = [os.path.join(checkpoint_root, n) for n, _, _ in stages[i + 1:]
                  if latest_checkpoint_step(os.path.join(checkpoint_root, n)) is not None]
         if later:
-            raise ValueError(f"{key}.num_steps {num_steps}: {name} would train on from step {latest}, but the later "
-                             f"stages' checkpoints {later} were trained after it ended there and would be resumed "
-                             f"as they are; remove them to train those stages again, or keep {key}.num_steps "
-                             f"at {latest} (or train into a new workdir)")
+            since = (f"would train on from step {latest}, but the later stages' checkpoints {later} were trained "
+                     "after it ended there" if latest else
+                     f"has no checkpoint and would train from step 0, but the later stages' checkpoints {later} were "
+                     "trained after an earlier run of it")
+            keep = f", or keep {key}.num_steps at {latest}" if latest else ""
+            raise ValueError(f"{key}.num_steps {num_steps}: {name} {since} and would be resumed as they are; remove "
+                             f"them to train those stages again{keep} (or train into a new workdir)")
         return
 
 

@@ -63,6 +63,17 @@ def _convert(folder, out) -> SeedOPT:
     return SeedOPT.load(str(out))
 
 
+def _converted_with_transformers_logits(hf, folder, out) -> SeedOPT:
+    """`folder` converted to `out`; asserts its logits on `_prompts()` are `hf`'s."""
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    lm = _convert(folder, out)
+    real = mask.astype(bool)
+    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+    return lm
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_opt_folder_variant_gives_transformers_logits_and_greedy_tokens(variant, tmp_path):
     """enable_bias=False, layer_norm_elementwise_affine=False and an untied lm_head
@@ -71,12 +82,8 @@ def test_opt_folder_variant_gives_transformers_logits_and_greedy_tokens(variant,
     fields, save = VARIANTS[variant]
     _save(tmp_path / "hf", fields, **save)
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    lm = _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export")
     ids, mask = _prompts()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    lm = _convert(tmp_path / "hf", tmp_path / "export")
-    real = mask.astype(bool)
-    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
     np.testing.assert_array_equal(lm.generate(ids, STEPS, attention_mask=mask), _transformers_greedy(hf, ids, mask))
 
 
@@ -102,12 +109,7 @@ def test_a_config_json_without_the_newer_keys_reads_as_transformers_does(tmp_pat
         ("enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm", "do_layer_norm_before",
          "tie_word_embeddings", "activation_function", "word_embed_proj_dim")))
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids, mask = _prompts()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    lm = _convert(tmp_path / "hf", tmp_path / "export")
-    real = mask.astype(bool)
-    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+    _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export")
 
 
 def test_a_stored_head_that_differs_is_used_as_transformers_does_despite_a_tied_config(tmp_path):
@@ -122,13 +124,7 @@ def test_a_stored_head_that_differs_is_used_as_transformers_does_despite_a_tied_
     save_file(state, path, metadata={"format": "pt"})
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.tie_word_embeddings and torch.equal(hf.lm_head.weight, state["lm_head.weight"])
-    ids, mask = _prompts()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    lm = _convert(tmp_path / "hf", tmp_path / "export")
-    assert not lm.config.tie_embeddings
-    real = mask.astype(bool)
-    assert relative_error(lm.logits(ids, mask)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
+    assert not _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export").config.tie_embeddings
 
 
 def test_a_folder_without_the_untied_head_it_declares_fails_naming_the_key(tmp_path):

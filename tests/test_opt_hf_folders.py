@@ -183,7 +183,7 @@ def test_several_end_tokens_must_be_chosen_from(tmp_path):
     _set(folder / "generation_config.json", eos_token_id=[2, 5])
     lm = _convert(folder, tmp_path / "export")
     assert lm.eos_id == [2, 5]
-    with pytest.raises(ValueError, match=r"eos_id: generate ends rows at one token, got \[2, 5\] .*: pass one as eos_id"):
+    with pytest.raises(ValueError, match=r"eos_id: generate ends rows at one token, got \[2, 5\]"):
         lm.generate(np.full((1, 3), 7), 2)
     assert lm.generate(np.full((1, 3), 7), 2, eos_id=5).shape == (1, 2)
 

@@ -400,6 +400,26 @@ def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export(
     assert written_codes() == {3}
 
 
+def test_codes_written_with_another_tokenizer_export_are_refused(tmp_path):
+    """`data.codes_dir` from a standalone pretokenize run is checked against the
+    tokenizer export SEED-OPT trains with, where the shard summaries name theirs."""
+    exports = {}
+    for name in ("a", "b"):
+        exports[name] = tmp_path / name
+        os.makedirs(exports[name] / "params")
+        (exports[name] / "model.json").write_text("{}")
+        (exports[name] / "params" / "x").write_bytes(name.encode())
+    codes = tmp_path / "codes"
+    os.makedirs(codes)
+    records.write_json(str(codes / "eval.summary-00000-of-00001.json"), {"records": 3})  # older: cannot tell
+    records.write_json(str(codes / "train.summary-00000-of-00001.json"),
+                       {"records": 3, "tokenizer": weights.fingerprint(str(exports["a"]))})
+    pretokenize.check_written_with(str(codes), ["train", "eval"], str(exports["a"]))
+    with pytest.raises(ValueError, match=r"data.codes_dir: .*train.summary-00000-of-00001.json says its codes were "
+                                         r"written with another tokenizer export than '.*b'"):
+        pretokenize.check_written_with(str(codes), ["train", "eval"], str(exports["b"]))
+
+
 def test_an_export_fingerprint_follows_its_files(tmp_path):
     export = tmp_path / "export"
     os.makedirs(export / "params" / "sub")

@@ -99,6 +99,24 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     return summary
 
 
+def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str) -> None:
+    """Raises unless every summary of `prefixes` in `out_dir` that names its tokenizer
+    export's fingerprint names `tokenizer_export`'s: codes of another tokenizer would
+    train a model whose image tokens mean something else. Summaries written before
+    fingerprints were kept, and code shards without summaries, cannot tell and pass."""
+    summaries = [path for prefix in prefixes for path in
+                 sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}.summary-*.json")))]
+    expected = None
+    for path in summaries:
+        with open(path) as f:
+            written_with = json.load(f).get("tokenizer")
+        expected = expected or weights.fingerprint(tokenizer_export)
+        if written_with is not None and written_with != expected:
+            raise ValueError(f"data.codes_dir: {path} says its codes were written with another tokenizer export "
+                             f"than {tokenizer_export!r}: pre-tokenize again with this export, or train with the "
+                             "export that wrote them")
+
+
 def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) -> None:
     """Raises when `out_dir` holds input shards named like this split's code shards (the
     same folder and prefix): they would be removed (another count) or replaced."""

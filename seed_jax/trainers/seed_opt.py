@@ -253,12 +253,15 @@ def decoder_export(config) -> str:
 # ---------------------------------------------------------------- data
 def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
                tok_config) -> tuple[list[str], list[str]]:
-    """(train, eval) code-record shards: `data.codes_dir`, or the images of the tokenizer
-    run in `tok_dir` (trained with `tok_config`: its synthetic shapes or its own
-    shards) pre-tokenized into WORKDIR/codes."""
+    """(train, eval) code-record shards: `data.codes_dir` (checked to be written with
+    `tok_export` where its summaries say), or the images of the tokenizer run in
+    `tok_dir` (trained with `tok_config`: its synthetic shapes or its own shards)
+    pre-tokenized into WORKDIR/codes."""
     d = config.data
     directory = d.codes_dir
-    if not directory:
+    if directory:
+        pretokenize.check_written_with(directory, [d.train_prefix, d.eval_prefix], tok_export)
+    else:
         if tok_dir is None:
             raise ValueError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
         directory = os.path.join(workdir, "codes")

@@ -51,6 +51,9 @@ class LocalEncoder:
         return np.asarray(self._encode(self.state, jax.device_put(pixels, self.batch_sharding)))[:rows]
 
 
+_SUMMARIES = "{}.summary-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + ".json"  # a prefix's summaries, as a glob
+
+
 def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
                    num_threads: int = 4, tokenizer: str | None = None) -> dict:
     """Writes this process's shard of code records for one split; returns its summary.
@@ -104,14 +107,15 @@ def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str)
     export's fingerprint names `tokenizer_export`'s: codes of another tokenizer would
     train a model whose image tokens mean something else. Summaries written before
     fingerprints were kept, and code shards without summaries, cannot tell and pass."""
-    summaries = [path for prefix in prefixes for path in
-                 sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}.summary-*.json")))]
-    expected = None
-    for path in summaries:
-        with open(path) as f:
-            written_with = json.load(f).get("tokenizer")
-        expected = expected or weights.fingerprint(tokenizer_export)
-        if written_with is not None and written_with != expected:
+    named = {}
+    for prefix in prefixes:
+        for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), _SUMMARIES.format(glob.escape(prefix))))):
+            with open(path) as f:
+                named[path] = json.load(f).get("tokenizer")
+    named = {path: written_with for path, written_with in named.items() if written_with is not None}
+    expected = weights.fingerprint(tokenizer_export) if named else None
+    for path, written_with in named.items():
+        if written_with != expected:
             raise ValueError(f"data.codes_dir: {path} says its codes were written with another tokenizer export "
                              f"than {tokenizer_export!r}: pre-tokenize again with this export, or train with the "
                              "export that wrote them")
@@ -130,7 +134,7 @@ def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) 
 def _remove_other_counts(out_dir: str, prefix: str, count: int) -> None:
     """Removes the shards and summaries of `prefix` written by a run on other than `count` processes."""
     keep, digits, name = f"-of-{count:05d}", "[0-9]" * 5, glob.escape(prefix)
-    for pattern in (f"{name}-{digits}-of-{digits}.array_record", f"{name}.summary-{digits}*.json"):
+    for pattern in (f"{name}-{digits}-of-{digits}.array_record", _SUMMARIES.format(name)):
         for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
             if keep not in os.path.basename(path):
                 os.remove(path)

@@ -1,0 +1,34 @@
+"""Checks of the API's scalar options (counts, finite numbers, seeds), raising a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a user's `seed`, an integer in [0, 2**32): with 64-bit mode off
+    jax keeps only a seed's low 32 bits, so 2**32 would silently give seed 0's key."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
+    return jax.random.key(int(seed))
+
+
+def check_finite_number(name: str, value) -> float:
+    """One finite real number, else a ValueError naming `name`."""
+    number = np.asarray(value)
+    if number.ndim or number.dtype.kind not in "iuf" or not np.isfinite(number):  # "iuf": int, uint, float
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(number)
+
+
+def is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool (a float count fails inside jit, naming nothing)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_count(name: str, value, minimum: int, note: str = "") -> int:
+    """An integer >= `minimum`, else a ValueError naming `name` (and `note`)."""
+    if not is_integer(value) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}{f' ({note})' if note else ''}, got {value!r}")
+    return int(value)

@@ -1,0 +1,321 @@
+"""`SeedOPT`: an OPT language model's logits and generation, and with SEED captions, answers and images."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from seed_jax import generation, weights
+from seed_jax.api.checks import check_count, check_finite_number, is_integer, seed_key
+from seed_jax.api.chunks import run_in_chunks
+from seed_jax.api.seed_tokenizer import SeedTokenizer
+from seed_jax.data import opt_text, sequences
+from seed_jax.data.opt_text import OPTTextTokenizer
+from seed_jax.models import layers
+from seed_jax.models.opt import OPT as OPTModel
+
+
+class SeedOPT:
+    """An OPT language model (a converted Hugging Face OPT, with or without SEED's
+    appended image tokens, or a SEED-OPT training export): `logits` and jitted,
+    cached `generate`; with a text tokenizer and image tokens also `caption_codes` /
+    `answer_codes` / `image_codes`, and with a `SeedTokenizer` `caption`, `answer`
+    and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
+    cache holds batch_size * num_beams rows). `eos_id` (an id, None, or a list of ids,
+    which makes `generate` ask for one) and `pad_id` are `generate`'s defaults: `load`
+    reads those of the converted folder, as transformers' `generate` does."""
+
+    def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
+                 text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
+                 prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
+                 max_text_tokens: int = sequences.MAX_TEXT_TOKENS, eos_id: int | list[int] | None = None,
+                 pad_id: int = 1):
+        layers.compute_dtype(dtype)  # checks the name
+        check_count("batch_size", batch_size, 1)
+        self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.image_token_ids = image_token_ids or {}
+        if tokenizer is not None and self.image_token_ids:  # else codes of one would read as the other's
+            num_codes = self.config.total_vocab_size - self.image_token_ids["first_code_id"]
+            if tokenizer.num_codes != num_codes:
+                raise ValueError(f"tokenizer: its {tokenizer.num_codes} codes, the model's image tokens hold "
+                                 f"{num_codes} codes: expected the SEED tokenizer SEED-OPT was trained on")
+        self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
+        self.max_text_tokens = max_text_tokens
+        graphdef, self._state = nnx.split(model)
+        precision = "highest" if dtype == "float32" else "default"
+
+        def logits(state, ids, mask):
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state)(ids, mask)[0]
+
+        def generate(state, ids, mask, rng, allowed, max_new_tokens, sampling, eos_id, pad_id):
+            with jax.default_matmul_precision(precision):
+                return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
+                                           sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
+
+        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty):
+            with jax.default_matmul_precision(precision):
+                return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
+                                              num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
+                                              length_penalty=length_penalty)
+
+        self._logits = jax.jit(logits)
+        self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "eos_id", "pad_id"))
+        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id",
+                                                                  "length_penalty"))
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
+             diffusion: str | None = None, text_tokenizer: str | None = None, batch_size: int = 32) -> "SeedOPT":
+        """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
+        training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
+        or a folder with OPT's vocab.json + merges.txt) or the export's own
+        text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
+        for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
+        here runs `batch_size` rows at a time too. The prompts, and the length their
+        text is cut to, are those SEED-OPT was trained with (the export's info), else
+        `sequences.Prompts()` and `sequences.MAX_TEXT_TOKENS`. `generate` ends rows at the
+        converted folder's eos_token_id and pads them with its pad_token_id (exports
+        without them: no end token, padding 1)."""
+        if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
+            raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
+                             "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
+        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="opt")
+        info = weights.read_config(path)[2]
+        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
+        if isinstance(tokenizer, str):
+            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
+        if text_tokenizer is not None and not os.path.exists(text_tokenizer):
+            raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
+        own = os.path.join(path, opt_text.FILE_NAME)
+        prompts = sequences.Prompts(**info.get("prompts", {}))
+        return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
+                   max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
+                   eos_id=info.get("eos_token_id"), pad_id=info.get("pad_token_id", 1),
+                   text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
+                   else None)
+
+    def _check_ids(self, input_ids, attention_mask, *, left_padded: bool):
+        """(B,L) ids and their 0/1 mask (default all ones) -> int32 arrays; prompts to
+        continue (`left_padded`) must end in a real token."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+            raise ValueError(f"input_ids: expected integer (B,L) with B, L >= 1, got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.total_vocab_size:
+            raise ValueError(f"input_ids: values must lie in [0, {self.config.total_vocab_size}), "
+                             f"got [{ids.min()}, {ids.max()}]")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected {ids.shape} like input_ids, got {mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask: expected values 0 and 1, got {np.unique(mask).tolist()}")
+        if not mask.any(1).all():
+            raise ValueError(f"attention_mask: expected a 1 in every row, rows {np.flatnonzero(~mask.any(1)).tolist()} "
+                             "are all 0")
+        if left_padded and not mask[:, -1].all():
+            raise ValueError(f"attention_mask: expected left-padded prompts (1 in the last column), rows "
+                             f"{np.flatnonzero(mask[:, -1] == 0).tolist()} end in padding")
+        return ids.astype(np.int32), mask.astype(np.int32)
+
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """(B,L) ids (padded, with `attention_mask`) -> (B,L,V) float32 logits."""
+        ids, mask = self._check_ids(input_ids, attention_mask, left_padded=False)
+        if ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
+                             "positions")
+        return run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size)
+
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
+                 pad_id: int | str = "model", allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> np.ndarray:
+        """(B,P) left-padded prompts -> (B,max_new_tokens) int32, `pad_id` after
+        `eos_id` (as transformers' `generate`, whose output would end where every row
+        has ended): greedy at temperature 0, else sampled (top-k / top-p; `seed`
+        defaults to 0). `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the
+        converted folder's); `eos_id` None: no end token. `allowed[t] = (low, high)`
+        restricts step t. `num_beams` > 1: beam search as transformers'
+        `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
+        finished hypotheses scored by log-probability / length**`length_penalty`."""
+        eos_id, pad_id = self._end_and_padding(eos_id, pad_id)
+        ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
+        if ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
+                             "positions")
+        # the last new token is not fed back, so it needs no position of its own
+        longest = self.config.max_positions - ids.shape[1] + 1
+        if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
+            raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
+                             f"{self.config.max_positions} positions), got {max_new_tokens!r}")
+        num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
+        vocab = self.config.total_vocab_size
+        if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
+            raise ValueError(f"eos_id: expected None or a token id in [0, {vocab}), got {eos_id!r}")
+        if not is_integer(pad_id):
+            raise ValueError(f"pad_id: expected an integer, got {pad_id!r}")
+        length_penalty = check_finite_number("length_penalty", length_penalty)  # NaN: every answer empty
+        if num_beams == 1 and length_penalty != 1.0:
+            raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
+        if num_beams > 1:
+            given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 0),
+                     ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
+            if given:
+                raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
+            return run_in_chunks(lambda i, m: self._beam_search(
+                self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
+                length_penalty=length_penalty), (ids, mask), self.batch_size)
+        sampling = generation.Sampling(temperature, top_k, top_p)
+        ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
+        key = seed_key(0 if seed is None else seed)
+
+        def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
+            keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)
+            return self._generate(self._state, ids, mask, keys, ranges,
+                                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+
+        return run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size)
+
+    def _end_and_padding(self, eos_id, pad_id) -> tuple:
+        """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `generate`)."""
+        models = isinstance(eos_id, str) and eos_id == "model"
+        eos_id = self.eos_id if models else eos_id
+        pad_id = self.pad_id if isinstance(pad_id, str) and pad_id == "model" else pad_id
+        if isinstance(eos_id, list):
+            whose = " (the converted model's end tokens)" if models else ""
+            raise ValueError(f"eos_id: generate ends rows at one token, got {eos_id}{whose}: pass one as eos_id")
+        return eos_id, pad_id
+
+    # ---- SEED: codes <-> text
+    @property
+    def builder(self) -> sequences.SequenceBuilder:
+        if self.text_tokenizer is None:
+            raise ValueError("this SeedOPT has no text tokenizer: load(..., text_tokenizer=PATH)")
+        ids = self.image_token_ids
+        if not ids:
+            raise ValueError("this model has no image tokens: convert it with --image_tokens, or train SEED-OPT")
+        num_codes = self.config.total_vocab_size - ids["first_code_id"]
+        image = sequences.ImageTokens(ids["image_start_id"], ids["image_end_id"], ids["first_code_id"], num_codes)
+        return sequences.SequenceBuilder(self.text_tokenizer, image, self.prompts, self.max_text_tokens)
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        length = max(len(p) for p in prompts)
+        pad = self.text_tokenizer.pad_id
+        ids = np.asarray([[pad] * (length - len(p)) + p for p in prompts], np.int32)
+        mask = np.asarray([[0] * (length - len(p)) + [1] * len(p) for p in prompts], np.int32)
+        return ids, mask
+
+    def _answers(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int, **sampling) -> list[str]:
+        ids, mask = self._left_padded(prompts)
+        eos = self.text_tokenizer.eos_id
+        tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos, pad_id=self.text_tokenizer.pad_id,
+                               num_beams=num_beams, **sampling)
+        return [self._decode_answer(row[:row.index(eos)] if eos in row else row).strip() for row in tokens.tolist()]
+
+    def _decode_answer(self, ids: list[int]) -> str:
+        """Generated ids -> text, image tokens written by name (`<img_00012>`): an answer
+        that holds them reads so (and is no caption's exact match), as a tokenizer with
+        them added decodes it."""
+        image, pieces, text = self.builder.image, [], []
+        for token in ids:
+            name = image.name(token)
+            if name is None:
+                text.append(token)
+            else:
+                pieces += [self.text_tokenizer.decode(text), name]
+                text = []
+        return "".join(pieces + [self.text_tokenizer.decode(text)])
+
+    @property
+    def num_queries(self) -> int:
+        """Codes per image: the SEED tokenizer's, else SEED's 32."""
+        return self.tokenizer.num_queries if self.tokenizer is not None else 32
+
+    def _codes(self, codes) -> np.ndarray:
+        codes = np.asarray(codes)
+        if (codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or not codes.size
+                or codes.shape[1] != self.num_queries):
+            raise ValueError(f"codes: expected integer (B,{self.num_queries}), got {codes.dtype} {codes.shape}")
+        return codes
+
+    def caption_codes(self, codes, *, max_new_tokens: int = 30, num_beams: int = 1, **sampling) -> list[str]:
+        """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
+        `sampling`: temperature, top_k, top_p, seed (not with num_beams > 1)."""
+        builder = self.builder
+        return self._answers([builder.caption_prompt(row) for row in self._codes(codes)], max_new_tokens, num_beams,
+                             **sampling)
+
+    def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int = 10, num_beams: int = 1,
+                     **sampling) -> list[str]:
+        """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.")."""
+        codes = self._codes(codes)
+        questions = _check_texts("questions", questions, count=len(codes))
+        builder = self.builder
+        prompts = [builder.question_prompt(row, q) for row, q in zip(codes, questions)]
+        return self._answers(prompts, max_new_tokens, num_beams, **sampling)
+
+    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> np.ndarray:
+        """Text prompts -> int32 codes (B,32): after "Generate an image: {prompt}" and
+        <img>, each of 32 steps may only emit a code token, then </img>."""
+        prompts = _check_texts("prompts", prompts)
+        builder = self.builder
+        image = builder.image
+        ids, mask = self._left_padded([builder.generation_prompt(p) for p in prompts])
+        num_queries = self.num_queries
+        allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
+        tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None)
+        return image.to_codes(tokens[:, :num_queries])
+
+    # ---- SEED: images <-> text (need the SEED tokenizer)
+    def _seed_tokenizer(self) -> SeedTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("images need the SEED tokenizer: SeedOPT.load(..., tokenizer=SEED_EXPORT)")
+        return self.tokenizer
+
+    def caption(self, images, **options) -> list[str]:
+        """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
+        tokenizer = self._seed_tokenizer()
+        return self.caption_codes(tokenizer.encode(tokenizer.preprocess(images)), **options)
+
+    def answer(self, images, questions: Sequence[str], **options) -> list[str]:
+        """Images (as `SeedTokenizer.preprocess` takes them) and one question each -> short answers
+        (options as `answer_codes`)."""
+        tokenizer = self._seed_tokenizer()
+        return self.answer_codes(tokenizer.encode(tokenizer.preprocess(images)), questions, **options)
+
+    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:
+        """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
+        `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
+        `decode_options` as `SeedTokenizer.decode`."""
+        tokenizer = self._seed_tokenizer()
+        tokenizer.check_decode_options(seed=seed, **decode_options)  # before the language model runs
+        codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return tokenizer.decode(codes, seed=seed, **decode_options)
+
+
+def _check_texts(name: str, texts, count: int | None = None) -> list[str]:
+    """`texts` as a list of `count` strings (None: at least one), else a ValueError
+    naming `name` (a prompt's format() would write None or 3 in as text)."""
+    listed = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else None
+    if listed is None or (len(listed) != count if count is not None else not listed):
+        expected = f"a list of {count} strings, one per image" if count is not None else "a non-empty list of strings"
+        got = f"{len(listed)} of them" if listed is not None else repr(texts)
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+    for i, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}[{i}]: expected a string, got {text!r}")
+    return listed
+
+
+def _load_text_tokenizer(path: str) -> OPTTextTokenizer:
+    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt."""
+    if os.path.isdir(path):
+        return OPTTextTokenizer(opt_text.gpt2_bpe(path))
+    return OPTTextTokenizer.load(path)

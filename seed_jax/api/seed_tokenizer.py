@@ -1,0 +1,163 @@
+"""`SeedTokenizer`: images <-> SEED codes, codes -> generation embeddings and (with a diffusion model) images."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seed_jax import weights
+from seed_jax.api.checks import check_count
+from seed_jax.api.chunks import run_in_chunks
+from seed_jax.api.images import image_list, rgb_image, to_uint8
+from seed_jax.api.stable_diffusion import StableDiffusion
+from seed_jax.data import preprocess as image_preprocess
+from seed_jax.models import layers
+from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+
+# CLIP-normalised pixels of uint8 images lie in [-1.80, 2.15]. The bound is wide
+# (standard-normal test inputs pass) but catches 0..255 images that skipped
+# normalisation.
+PIXEL_RANGE = (-8.0, 8.0)
+INTERMEDIATES = ("vit_features", "image_embeds", "causal_embeddings", "quant_input", "codes", "quantized")
+
+
+class SeedTokenizer:
+    """Image <-> SEED codes. `dtype` is the compute dtype ("float32" or "bfloat16");
+    parameters stay float32 and the codebook distances are always float32."""
+
+    def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32,
+                 diffusion: "StableDiffusion | None" = None):
+        layers.compute_dtype(dtype)  # checks the name
+        check_count("batch_size", batch_size, 1)
+        self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        if diffusion is not None and diffusion.context_shape[1] != model.config.generation_width:
+            raise ValueError(f"diffusion: its UNet takes {diffusion.context_shape[1]}-wide context, the tokenizer's "
+                             f"generation embeddings are {model.config.generation_width}-wide")
+        self.diffusion = diffusion
+        graphdef, state = nnx.split(model)
+        # float32 means float32 on every backend (GPUs otherwise round matmul inputs to TF32).
+        precision = "highest" if dtype == "float32" else "default"
+
+        def encode(state, pixels, intermediates: bool):
+            with jax.default_matmul_precision(precision):
+                out = nnx.merge(graphdef, state).encode(pixels)
+            # Codes alone unless asked: each chunk's outputs stay on the device until
+            # the chunks are joined (ViT-g's features are 1.4 MB an image).
+            return {k: out[k] for k in INTERMEDIATES} if intermediates else {"codes": out["codes"]}
+
+        def embed_codes(state, codes):
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).embed_codes(codes)
+
+        self._state = state
+        self._encode = jax.jit(encode, static_argnames="intermediates")
+        self._embed_codes = jax.jit(embed_codes)
+
+    @classmethod
+    def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32",
+             batch_size: int = 32) -> "SeedTokenizer":
+        """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
+        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`."""
+        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
+        sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
+        return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vit.image_size
+
+    @property
+    def num_codes(self) -> int:
+        return self.config.num_codes
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.qformer.num_queries
+
+    # ---- images -> pixels
+    def preprocess(self, images) -> np.ndarray:
+        """Images -> float32 (B,S,S,3) as the evaluation reads image files: RGB, bicubic
+        resize to the model's size (PIL, as torchvision's Resize on a PIL image), /255,
+        CLIP mean/std. `images`: uint8 (B,H,W,3), or one image, or a list of images of
+        any sizes; an image is uint8 (H,W,3) or a PIL image of any mode (converted as
+        training converts decoded files: `data.preprocess.to_rgb`)."""
+        batch = image_list(images)
+        size = self.image_size
+        pixels = np.empty((len(batch), size, size, 3), np.float32)
+        for i, image in enumerate(batch):
+            pixels[i] = image_preprocess.normalize(image_preprocess.resize(rgb_image(f"images[{i}]", image), size))
+        return pixels
+
+    # ---- pixels -> codes
+    def _check_pixels(self, pixels) -> np.ndarray:
+        s = self.image_size
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
+            raise ValueError(f"pixels: expected (B,{s},{s},3) (see preprocess), got {pixels.shape}")
+        if not pixels.shape[0]:
+            raise ValueError(f"pixels: the batch is empty, got {pixels.shape}")
+        if not jnp.issubdtype(pixels.dtype, jnp.floating):  # numpy's says no to bfloat16
+            raise ValueError(f"pixels: expected floating point CLIP-normalised values, got {pixels.dtype}; "
+                             "pass uint8 images through preprocess() first")
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < PIXEL_RANGE[0] or high > PIXEL_RANGE[1]:
+            raise ValueError(f"pixels: values in [{low:.3g}, {high:.3g}], expected CLIP-normalised values "
+                             f"within {list(PIXEL_RANGE)}; pass uint8 images through preprocess()")
+        return pixels.astype(np.float32)
+
+    def encode(self, pixels, return_intermediates: bool = False):
+        """pixels float (B,S,S,3) -> int32 codes (B,32); with `return_intermediates`
+        a dict of `INTERMEDIATES` (each with leading B)."""
+        pixels = self._check_pixels(pixels)
+        out = self._chunked(functools.partial(self._encode, intermediates=return_intermediates), pixels)
+        return out if return_intermediates else out["codes"]
+
+    # ---- codes -> generation embeddings
+    def embed_codes(self, codes) -> np.ndarray:
+        """int codes (B,32) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.num_queries:
+            raise ValueError(f"codes: expected (B,{self.num_queries}), got {codes.shape}")
+        if not codes.shape[0]:
+            raise ValueError(f"codes: the batch is empty, got {codes.shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes: expected integers, got {codes.dtype}")
+        if codes.min() < 0 or codes.max() >= self.num_codes:
+            raise ValueError(f"codes: values must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
+        return self._chunked(self._embed_codes, codes.astype(np.int32))
+
+    def _chunked(self, fn, inputs: np.ndarray):
+        return run_in_chunks(lambda *chunk: fn(self._state, *chunk), (inputs,), self.batch_size)
+
+    # ---- codes -> images (needs the diffusion model given to `load`)
+    def decode(self, codes, num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "plms",
+               seed: int = 0) -> np.ndarray:
+        """int codes (B,32) -> uint8 images (B,S,S,3) (S = 512 for SD v1): the codes'
+        generation embeddings condition the diffusion model, the empty prompt is the
+        unconditional side of guidance, and image i starts from noise seeded by
+        (seed, i)."""
+        self.check_decode_options(num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed)
+        embeds = self.embed_codes(codes)
+        latents = self.diffusion.initial_noise(embeds.shape[0], seed)
+        images = self.diffusion.sample(embeds, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
+                                       sampler=sampler)
+        return to_uint8(images)
+
+    def check_decode_options(self, **options) -> None:
+        """Raises the error `decode(codes, **options)` would raise for its options (a
+        bad or unknown one; no diffusion model), running nothing."""
+        bound = inspect.signature(self.decode).bind(None, **options)  # decode's defaults, in one place
+        bound.apply_defaults()
+        if self.diffusion is None:
+            raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
+        given = bound.arguments
+        self.diffusion.check_sampling(given["num_steps"], given["guidance_scale"], given["sampler"], given["seed"])
+
+    def reconstruct(self, images, **decode_options) -> np.ndarray:
+        """Images (see preprocess) -> encode -> decode (options as `decode`)."""
+        return self.decode(self.encode(self.preprocess(images)), **decode_options)

@@ -85,7 +85,7 @@ def seed_opt_losses_on_one_batch(mesh_axes: dict[str, int], num_steps: int = 3) 
     of `mesh_axes` over every process's devices."""
     from configs.seed_opt import get_config
     from seed_jax import parallel
-    from seed_jax.trainers import loop, seed_opt
+    from seed_jax.trainers import global_batches, loop, seed_opt
 
     config = get_config("tiny")
     config.mesh.update(mesh_axes)
@@ -103,7 +103,7 @@ def seed_opt_losses_on_one_batch(mesh_axes: dict[str, int], num_steps: int = 3) 
     local = {k: v[process * rows // count:(process + 1) * rows // count].astype(np.int32) for k, v in batch.items()}
     state, losses = setup.state, []
     for _ in range(num_steps):
-        state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(local, mesh, config.axis_rules))
+        state, metrics = setup.train_step(state, setup.frozen, global_batches.global_batch(local, mesh, config.axis_rules))
         losses.append(float(metrics["loss"]))
     return losses
 

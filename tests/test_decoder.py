@@ -13,7 +13,7 @@ from seed_jax import api, parallel, weights
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import depth_to_space, space_to_depth
-from seed_jax.trainers import decoder, loop
+from seed_jax.trainers import decoder, global_batches, loop
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def _decoder_losses(mesh, num_steps=3):
     for _ in range(num_steps):
         batch = {"image": rng.uniform(-1, 1, (8, size, size, 3)).astype(np.float32),
                  "clip_ids": rng.integers(0, 64, (8, clip_config.max_length)).astype(np.int32)}
-        state, metrics = setup.train_step(state, setup.frozen, loop.global_batch(batch, mesh, config.axis_rules))
+        state, metrics = setup.train_step(state, setup.frozen, global_batches.global_batch(batch, mesh, config.axis_rules))
         losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -26,7 +26,7 @@ from seed_jax.convert.__main__ import convert
 from seed_jax.data import opt_text
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
 from seed_jax.models.opt import OPT, merge_lora, train_all_filter, trainable_filter
-from seed_jax.trainers import loop
+from seed_jax.trainers import global_batches, loop
 
 pytestmark = pytest.mark.torch
 
@@ -710,7 +710,7 @@ def _lora_losses(mesh, num_steps=3):
     rng = np.random.default_rng(0)
     state, losses = setup.state, []
     for _ in range(num_steps):
-        batch = loop.global_batch({"ids": rng.integers(0, 110, (8, 12)).astype(np.int32)}, mesh, run.axis_rules)
+        batch = global_batches.global_batch({"ids": rng.integers(0, 110, (8, 12)).astype(np.int32)}, mesh, run.axis_rules)
         state, metrics = setup.train_step(state, setup.frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses, state

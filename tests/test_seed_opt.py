@@ -21,7 +21,7 @@ from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
-from seed_jax.trainers import loop, pretokenize, seed_opt
+from seed_jax.trainers import global_batches, loop, pretokenize, seed_opt
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 WORDS = synthetic.caption_vocabulary() + ["A", "photo", "of", "Generate", "an", "image"]
@@ -662,7 +662,7 @@ def _lm_stage(mesh, code_dim=0, num_steps=3, **rates):
 def _lm_losses(mesh, code_dim, num_steps=3, **rates):
     """lm_loss on packed rows (one batch: its loss must fall), through the shared train step."""
     setup, run = _lm_stage(mesh, code_dim, num_steps, **rates)
-    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
+    batch = global_batches.global_batch(_packed_batch(), mesh, run.axis_rules)
     state, losses = setup.state, []
     for _ in range(num_steps):
         state, metrics = setup.train_step(state, setup.frozen, batch)
@@ -692,7 +692,7 @@ def test_the_train_step_draws_new_dropout_masks_at_each_step(rates):
     dropout it is the same at every step."""
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     setup, run = _lm_stage(mesh, **rates)
-    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
+    batch = global_batches.global_batch(_packed_batch(), mesh, run.axis_rules)
 
     def loss_at(step):  # the step donates its state: each call gets a copy
         state = {**jax.tree.map(jnp.copy, setup.state), "step": jnp.asarray(step, jnp.int32)}

@@ -25,7 +25,7 @@ from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
-from seed_jax.trainers import loop
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting
 from seed_jax.trainers import tokenizer as trainer
 
 
@@ -63,7 +63,7 @@ def _losses(config, mesh, stage_name, num_steps=3):
     initial = jax.tree.map(np.asarray, setup.state["params"])
     state, losses = setup.state, []
     for i in range(num_steps):
-        batch = loop.global_batch(_batch(config, i), mesh, config.axis_rules)
+        batch = global_batches.global_batch(_batch(config, i), mesh, config.axis_rules)
         state, metrics = setup.train_step(state, setup.frozen, batch)
         losses.append(float(metrics["loss"]))
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), initial, state["params"]))
@@ -105,11 +105,11 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         calls["n"] += 1
         return calls["n"] == 5  # stage 1, step 5: not a checkpoint step
 
-    monkeypatch.setattr(loop.Preemption, "requested", preempt_at_step_5)
+    monkeypatch.setattr(coordination.Preemption, "requested", preempt_at_step_5)
     resumed = str(tmp_path / "resumed")
     assert not trainer.train(config, resumed)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints", "stage1"))) == ["4", "5"]
-    monkeypatch.setattr(loop.Preemption, "requested", lambda self, sync: False)
+    monkeypatch.setattr(coordination.Preemption, "requested", lambda self, sync: False)
     assert trainer.train(config, resumed)
 
     straight, again = _final_state(str(tmp_path / "straight")), _final_state(resumed)
@@ -139,7 +139,7 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
                                   weight_decay=0.0)
     rows = grain.MapDataset.range(1, 100).map(lambda i: {"x": np.full((2, 4), i, np.float32)})
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    preemption, writer = loop.Preemption(), loop.MetricsWriter(str(tmp_path))
+    preemption, writer = coordination.Preemption(), reporting.MetricsWriter(str(tmp_path))
     try:
         with pytest.raises(FloatingPointError, match="step 4: non-finite"):
             loop.run_stage(name="s", model=_Line(), trainable=nnx.Param, loss_fn=_nan_gradient_at_step_4,
@@ -159,11 +159,11 @@ def test_a_warmup_as_long_as_the_stage_is_warned_about(caplog):
     stage and gives the last step's learning rate, below `lr`."""
     stage = types.SimpleNamespace(init_lr=0.0, lr=1.0, end_lr=0.1, warmup_steps=100, num_steps=50)
     with caplog.at_level("WARNING"):
-        loop.warn_if_warmup_outlasts("stage1", stage)
+        optim.warn_if_warmup_outlasts("stage1", stage)
     assert re.search(r"stage1: warmup_steps 100 is not below num_steps 50.* ends at 0.49\b", caplog.text)
     caplog.clear()
     with caplog.at_level("WARNING"):
-        loop.warn_if_warmup_outlasts("stage1", types.SimpleNamespace(**{**vars(stage), "warmup_steps": 49}))
+        optim.warn_if_warmup_outlasts("stage1", types.SimpleNamespace(**{**vars(stage), "warmup_steps": 49}))
     assert "warmup_steps" not in caplog.text
 
 
@@ -186,7 +186,7 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
 
     rows = grain.MapDataset.range(1, 100).map(row).to_iter_dataset(grain.ReadOptions(num_threads=0))
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    preemption, writer, model = loop.Preemption(), loop.MetricsWriter(str(workdir)), model or _Line()
+    preemption, writer, model = coordination.Preemption(), reporting.MetricsWriter(str(workdir)), model or _Line()
 
     def fit(model, batch, rng):
         return jnp.mean((batch["x"] @ model.w[...] + model.b[...] - 1.0) ** 2), ({}, {})
@@ -207,17 +207,17 @@ def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_pat
     root = tmp_path / "checkpoints"
     _run_line_stage(root / "first", tmp_path / "first", num_steps=4)
     stages = [("first", "stage1", 4), ("second", "stage2", 4)]
-    loop.check_stage_order(str(root), stages)  # nothing yet from the second stage
+    checkpointing.check_stage_order(str(root), stages)  # nothing yet from the second stage
     _run_line_stage(root / "second", tmp_path / "second", num_steps=4)
-    loop.check_stage_order(str(root), stages)  # both done: a rerun
-    loop.check_stage_order(str(root), [stages[0], ("second", "stage2", 8)])  # the last stage trains on
+    checkpointing.check_stage_order(str(root), stages)  # both done: a rerun
+    checkpointing.check_stage_order(str(root), [stages[0], ("second", "stage2", 8)])  # the last stage trains on
     with pytest.raises(ValueError, match=r"stage1.num_steps 8: first would train on from step 4, but the later "
                                          r"stages' checkpoints \[.*second'\]"):
-        loop.check_stage_order(str(root), [("first", "stage1", 8), stages[1]])
+        checkpointing.check_stage_order(str(root), [("first", "stage1", 8), stages[1]])
     shutil.rmtree(root / "first")  # e.g. removed to free space: stage I would train again from scratch
     with pytest.raises(ValueError, match=r"stage1.num_steps 4: first has no checkpoint and would train from step 0, "
                                          r"but the later stages' checkpoints \[.*second'\]") as refused:
-        loop.check_stage_order(str(root), stages)
+        checkpointing.check_stage_order(str(root), stages)
     assert "keep stage1.num_steps at 0" not in str(refused.value)  # no stage has 0 steps
 
 
@@ -447,14 +447,14 @@ import numpy as np
 from orbax.checkpoint._src.futures.synchronization import OperationIdGenerator
 from seed_jax import parallel, weights
 from seed_jax.models.clip_text import CLIPTextConfig
-from seed_jax.trainers import loop
+from seed_jax.trainers import checkpointing
 workdir = sys.argv[1]
 if jax.process_index() == 0:  # as ensure_trained exports the tokenizer the decoder then trains on
     config = CLIPTextConfig(vocab_size=16, max_length=4, width=8, depth=1, num_heads=1, mlp_dim=8)
     weights.save(workdir + "/export", "clip_text", config, weights.flat_params(weights.build("clip_text", config)))
 data = iter(grain.MapDataset.range(8).to_iter_dataset())
 state = {"x": jax.device_put(np.zeros(4, np.float32), parallel.replicated(parallel.make_mesh({"data": -1})))}
-checkpointer = loop.Checkpointer(workdir + "/checkpoints", keep=3)
+checkpointer = checkpointing.Checkpointer(workdir + "/checkpoints", keep=3)
 for step in (1, 2, 3):
     checkpointer.save(step, state, data, {})
     checkpointer.wait()
@@ -576,7 +576,7 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path)
     evaluator.image_features = lambda *args: encoded.append(args[1]["index"]) or image_features(*args)
     metrics = evaluator(model, 1, "stage2")
     assert skipped.count == 1
-    encoded = np.concatenate([loop.to_host(i) for i in encoded])
+    encoded = np.concatenate([global_batches.to_host(i) for i in encoded])
     assert len(encoded) == 8 and sorted(encoded[encoded >= 0]) == [0, 2, 3, 7, 9, 12, 13]  # 7 images, 1 batch
 
     # as before: every record's image encoded, its features paired with its caption's
@@ -584,9 +584,9 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path)
     every = pipeline.eval_batches([str(path)], example, num_examples=num_records, global_batch_size=8,
                                    num_threads=1)
     parts = [{**image_features(state, b, True), **evaluator.text_features(state, b)}
-             for b in (loop.global_batch(b, mesh, config.axis_rules) for b in every)]
+             for b in (global_batches.global_batch(b, mesh, config.axis_rules) for b in every)]
     assert len(parts) * 8 == 16 > len(encoded)  # 16 records: 2 batches of images before, 1 now
-    host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
+    host = {k: np.concatenate([global_batches.to_host(p[k]) for p in parts]) for k in parts[0]}
     valid = host["index"] >= 0
     captions = [evaluator.captions[i] for i in host["index"][valid]]
     images = [evaluator.images[i] for i in host["index"][valid]]

@@ -27,7 +27,7 @@ from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.unet import UNetConfig
-from seed_jax.trainers import loop
+from seed_jax.trainers import coordination, global_batches, loop, reporting
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 
@@ -156,7 +156,7 @@ def check_options(config) -> None:
         samplers.get(e.sampler).plan(schedule, e.num_steps)
     except ValueError as error:  # "sampler: ..." / "num_steps: ..."
         raise ValueError(f"eval.{error}") from None
-    loop.check_batch_sizes(config, {"train.batch_size": config.train.batch_size})
+    global_batches.check_batch_sizes(config, {"train.batch_size": config.train.batch_size})
 
 
 def train(config, workdir: str) -> bool:
@@ -184,9 +184,9 @@ def train(config, workdir: str) -> bool:
     example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped)
     train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.train.batch_size,
                                          seed=config.seed, num_threads=2, prefetch=4)
-    writer = loop.MetricsWriter(workdir)
+    writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir, skipped)
-    preemption = loop.Preemption()
+    preemption = coordination.Preemption()
     try:
         done = loop.run_stage(
             name="decoder", model=model, trainable=loop.trainable_filter(model, (), config.train.trainable),
@@ -210,5 +210,5 @@ def train(config, workdir: str) -> bool:
             with open(os.path.join(workdir, "DONE.json"), "w") as f:
                 json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
 
-    loop.on_process_0_while_all_wait(write_export)
+    coordination.on_process_0_while_all_wait(write_export)
     return True

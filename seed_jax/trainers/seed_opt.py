@@ -35,7 +35,7 @@ from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import layers, opt
-from seed_jax.trainers import loop, pretokenize
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, pretokenize, reporting
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
 
@@ -90,7 +90,7 @@ def check_config(config) -> None:
         layers.LoRA(config.lora.rank, config.lora.alpha, config.lora.targets)
     for name, rate in model_rates(config).items():
         layers.check_rate(f"model.{name}", rate)
-    loop.check_batch_sizes(config, {f"{key}.batch_size": config[key].batch_size for _, key in PHASES})
+    global_batches.check_batch_sizes(config, {f"{key}.batch_size": config[key].batch_size for _, key in PHASES})
 
 
 def model_rates(config) -> dict[str, float]:
@@ -288,7 +288,7 @@ def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
     check_config(config)
-    loop.check_stage_order(os.path.join(workdir, "checkpoints"),
+    checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                            [(name, key, config[key].num_steps) for name, key in PHASES])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -323,10 +323,10 @@ def train(config, workdir: str) -> bool:
                                                codes_per_image, num_codes)
     caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
-    writer = loop.MetricsWriter(workdir)
+    writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, CodeRetrieval(tokenizer_model, caption_tokenizer),
                           workdir, tok_export, decoder)
-    preemption = loop.Preemption()
+    preemption = coordination.Preemption()
     try:
         for index, (name, key) in enumerate(PHASES):
             phase = config[key]
@@ -357,7 +357,7 @@ def train(config, workdir: str) -> bool:
             with open(os.path.join(workdir, "DONE.json"), "w") as f:
                 json.dump({"export": out, "tokenizer_export": tok_export}, f)
 
-    loop.on_process_0_while_all_wait(write_export)
+    coordination.on_process_0_while_all_wait(write_export)
     return True
 
 

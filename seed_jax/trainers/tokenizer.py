@@ -22,7 +22,7 @@ from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.models import layers, quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
-from seed_jax.trainers import loop
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting
 from seed_jax.trainers import warm_start as warm_start_lib
 
 
@@ -145,7 +145,7 @@ def check_config(config) -> None:
         raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes only in the first "
                          f"stage2.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
-    loop.check_batch_sizes(config, batch_sizes(config))
+    global_batches.check_batch_sizes(config, batch_sizes(config))
 
 
 # ---------------------------------------------------------------- data
@@ -232,8 +232,8 @@ class Evaluator:
     def _features(self, fn, batches, keys: tuple[str, ...], *args) -> dict[str, np.ndarray]:
         """`fn(batch, *args)` over `batches` (their `keys`), gathered on the host; the rows
         of records only (index >= 0)."""
-        parts = [fn(loop.global_batch({k: b[k] for k in keys}, self.mesh, self.rules), *args) for b in batches]
-        host = {k: np.concatenate([loop.to_host(p[k]) for p in parts]) for k in parts[0]}
+        parts = [fn(global_batches.global_batch({k: b[k] for k in keys}, self.mesh, self.rules), *args) for b in batches]
+        host = {k: np.concatenate([global_batches.to_host(p[k]) for p in parts]) for k in parts[0]}
         valid = host["index"] >= 0
         return {k: v[valid] for k, v in host.items()}
 
@@ -360,7 +360,7 @@ def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
     check_config(config)
-    loop.check_stage_order(os.path.join(workdir, "checkpoints"),
+    checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                            [(name, name, config[name].num_steps) for name in stages_to_run(config)])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -383,9 +383,9 @@ def train(config, workdir: str) -> bool:
     evaluation = eval_inputs(eval_paths, example, config)
     model = create_model(config, mesh)
 
-    writer = loop.MetricsWriter(workdir)
+    writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(model, *evaluation, mesh, rules)
-    preemption = loop.Preemption()
+    preemption = coordination.Preemption()
     restart = config.stage2.restart_unused_codes_every
     stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),
               ("stage2", config.stage2, stage2_loss(config.loss_weights),

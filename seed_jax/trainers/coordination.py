@@ -1,0 +1,45 @@
+"""What a run's processes agree on: when to stop (SIGTERM), and waiting for process 0's writes."""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class Preemption:
+    """Records SIGTERM (how SLURM and TPU maintenance announce preemption)."""
+
+    def __init__(self):
+        self._requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: will checkpoint and exit")
+        self._requested = True
+
+    def requested(self, sync: bool) -> bool:
+        """Whether to stop now. With several processes they agree (one collective),
+        only when `sync` is True, so that all stop at the same step."""
+        if jax.process_count() == 1:
+            return self._requested
+        return sync and bool(multihost_utils.process_allgather(np.asarray(self._requested)).any())
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def on_process_0_while_all_wait(write: Callable[[], None]) -> None:
+    """Calls `write()` (e.g. writing the run's export) on process 0 alone; every process
+    returns once it is done. The others returned at once before: they exited, and JAX's
+    distributed shutdown, which waits `shutdown_timeout_seconds` (300 s) for all
+    processes to exit, then aborted every process, process 0 in the middle of a write
+    that took longer (an export cut short, no DONE.json)."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("written_on_process_0")

@@ -117,6 +117,13 @@ def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None 
                                     multiprocessing_options=alone)
     checkpointer.save(os.path.join(out, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(arrays)))
     # Last and whole (renamed into place): model.json marks a complete export (`write_unless_current`).
+    write_config(out, kind, config, info)
+
+
+def write_config(out: str, kind: str, config, info: dict | None = None) -> None:
+    """Writes the export's model.json {kind, config, info} into the folder `out`, whole
+    (renamed into place). Alone, without params, it describes a model `read_config` can
+    read but not load (e.g. a plan of a model whose weights are not here)."""
     path = os.path.join(out, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump({"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, f, indent=2)

@@ -4,6 +4,7 @@ tiny trainer end to end with its export, and the image/text API."""
 
 import functools
 import json
+import math
 import os
 import re
 
@@ -13,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 from array_record.python import array_record_module
+from flax import nnx
 
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, checkpoint_params, run_two_processes,
@@ -907,3 +909,41 @@ def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key
     config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     with pytest.raises(ValueError, match=message):
         seed_opt.train(config, str(tmp_path / "wd"))
+
+
+@pytest.fixture(scope="module")
+def gpu8_stage():
+    """SEED-OPT 2.7B's phase-1 train step under the gpu8 layout, shapes alone
+    (benchmarks/memory_plan.py), with its mesh."""
+    from benchmarks import memory_plan
+
+    config = memory_plan.run_config("gpu8")
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    return config, mesh, memory_plan.abstract_stage(config, "phase1", mesh)
+
+
+def _flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:
+    """Dotted path -> (shape, sharding) of each parameter of `tree`."""
+    sharding_of = dict(nnx.to_flat_state(shardings))
+    return {".".join(map(str, path)): (var.get_value(), sharding_of[path]) for path, var in nnx.to_flat_state(tree)}
+
+
+def test_the_2_7b_weights_split_over_the_gpu8_mesh(gpu8_stage):
+    """No parameter over 1 MiB is replicated, every frozen array over 16 MiB (token and
+    position tables, attention projections, fc1, fc2) is split over fsdp, and a device
+    holds an eighth of the frozen weights (within 1 %)."""
+    from benchmarks.memory_plan import per_device_bytes, total_bytes
+
+    _, mesh, stage = gpu8_stage
+    assert mesh.size == 8
+    frozen = _flat_arrays(stage.frozen, stage.frozen_sharding)
+    trainable = _flat_arrays(stage.state["params"], stage.state_sharding["params"])
+    for name, (x, sharding) in {**frozen, **trainable}.items():
+        size = math.prod(x.shape) * x.dtype.itemsize
+        if size > 2**20:
+            assert not sharding.is_fully_replicated, f"{name} {x.shape} is replicated"
+        if name in frozen and size > 16 * 2**20:
+            assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), f"{name} {x.shape}: {sharding.spec}"
+    assert {"embed_tokens", "layers.fc1.kernel", "layers.fc2.kernel", "layers.self_attn.query"} <= set(frozen)
+    held = per_device_bytes(stage.frozen, stage.frozen_sharding)
+    assert held == pytest.approx(total_bytes(stage.frozen) / 8, rel=0.01)

@@ -121,6 +121,16 @@ class StageSetup:
     frozen: nnx.State  # parameters that do not train, sharded
 
 
+def stage_shardings(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, mesh,
+                    rules) -> tuple[dict, nnx.State]:
+    """(train state sharding {"params", "opt_state", "step"}, frozen parameters'
+    sharding) for the trainable `params` and the `frozen` rest (arrays or shapes alone)."""
+    state_sharding = {"params": parallel.state_shardings(params, mesh, rules),
+                      "opt_state": parallel.state_shardings(jax.eval_shape(tx.init, params), mesh, rules),
+                      "step": parallel.replicated(mesh)}
+    return state_sharding, parallel.state_shardings(frozen, mesh, rules)
+
+
 def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
                   post_update: Callable | None = None) -> StageSetup:
     """Splits `model` into trainable and frozen parameters, builds the optimizer
@@ -128,10 +138,7 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
     rules = config.axis_rules
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     tx = optim.make_optimizer(stage)
-    state_sharding = {"params": parallel.state_shardings(params, mesh, rules),
-                      "opt_state": parallel.state_shardings(jax.eval_shape(tx.init, params), mesh, rules),
-                      "step": parallel.replicated(mesh)}
-    frozen_sharding = parallel.state_shardings(frozen, mesh, rules)
+    state_sharding, frozen_sharding = stage_shardings(params, frozen, tx, mesh, rules)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sharding)(params)
     step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update)
     return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,

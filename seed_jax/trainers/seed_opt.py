@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -142,14 +143,17 @@ def warn_if_rates_unrecorded(export: str, rates: dict[str, float]) -> None:
                         export, " or ".join(missing), missing[0])
 
 
+def model_builder(model_config: opt.OPTConfig, config) -> Callable[[], opt.OPT]:
+    """() -> the trained model, initialised at random (`config`'s dtype, remat and seed);
+    `nnx.eval_shape` of it is the model's shapes alone."""
+    dtype = layers.compute_dtype(config.dtype)
+    return lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))
+
+
 def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:
     """The model initialised into its shardings; base weights from `init.opt` if set;
     with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
-    dtype = layers.compute_dtype(config.dtype)
-
-    def create():
-        return opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))
-
+    create = model_builder(model_config, config)
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())

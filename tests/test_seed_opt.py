@@ -687,6 +687,23 @@ def test_packed_lora_step_same_loss_on_1_and_8_devices(code_dim, rates):
         assert not np.allclose(losses_1, plain, rtol=1e-4)
 
 
+def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd):
+    """The token and position lookups, with tables split over fsdp along their width and
+    ids over data x fsdp, made XLA copy the whole batch's (B,L,D) embeddings to every
+    device ("involuntary full rematerialization") once data > 1, as on gpu8x8 and
+    tpu_v4_32 (benchmarks/memory_plan.py)."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    setup, run = _lm_stage(mesh)
+    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a cached program would compile silently
+    try:
+        setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("rates", [{}, DROPPING], ids=["plain", "dropout"])
 def test_the_train_step_draws_new_dropout_masks_at_each_step(rates):
     """The same parameters and batch at steps 0, 0 and 1: with dropout the loss repeats

@@ -19,6 +19,7 @@ from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
+from seed_jax.trainers import coordination
 from seed_jax.trainers import tokenizer as trainer
 
 
@@ -136,6 +137,40 @@ def test_an_export_killed_while_writing_its_model_json_is_written_again(tmp_path
     monkeypatch.undo()
     assert write()
     assert weights.read_config(out)[2]["steps"] == {"s": 1}
+
+
+def test_a_run_killed_between_its_export_and_done_json_writes_done_json_when_rerun(tmp_path, monkeypatch):
+    """The SEED-OPT and decoder trainers' last writes: the export, then DONE.json. A rerun
+    after a kill between the two found the export current, wrote nothing, and left the
+    run without DONE.json for good. It now writes DONE.json (and keeps the export)."""
+    config = CLIPTextConfig(vocab_size=16, max_length=4, width=8, depth=1, num_heads=1, mlp_dim=8)
+    params = weights.flat_params(CLIPTextEncoder(config, rngs=nnx.Rngs(0)))
+    workdir, out = str(tmp_path), str(tmp_path / "export")
+    saves = []
+
+    def save():
+        saves.append(out)
+        weights.save(out, "clip_text", config, params, info={"steps": {"s": 1}})
+
+    def finish():
+        coordination.export_and_mark_done(workdir, out, {"s": 1}, save, done={"export": out})
+
+    dump = json.dump
+
+    def dump_killed_in_done_json(obj, f, **kwargs):
+        if os.path.basename(f.name) == "DONE.json":
+            raise _Killed
+        dump(obj, f, **kwargs)
+
+    monkeypatch.setattr(json, "dump", dump_killed_in_done_json)
+    with pytest.raises(_Killed):
+        finish()
+    monkeypatch.undo()
+    os.remove(os.path.join(workdir, "DONE.json"))  # opened before the kill: empty
+    finish()
+    assert len(saves) == 1  # the whole export was kept
+    with open(os.path.join(workdir, "DONE.json")) as f:
+        assert json.load(f) == {"export": out}
 
 
 def test_warm_start_errors_name_the_problem(tmp_path):

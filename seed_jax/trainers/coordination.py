@@ -1,7 +1,10 @@
-"""What a run's processes agree on: when to stop (SIGTERM), and waiting for process 0's writes."""
+"""What a run's processes agree on: when to stop (SIGTERM), and waiting for process 0's writes
+(the final export and DONE.json)."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from typing import Callable
 
@@ -9,6 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+
+from seed_jax import weights
 
 
 class Preemption:
@@ -43,3 +48,20 @@ def on_process_0_while_all_wait(write: Callable[[], None]) -> None:
         write()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("written_on_process_0")
+
+
+def export_and_mark_done(workdir: str, out: str, steps: dict[str, int], write: Callable[[], None],
+                         done: dict) -> None:
+    """On process 0 while all wait: the run's export (`write()` to `out`, unless `out`
+    holds one trained as far: `weights.write_unless_current`), then WORKDIR/DONE.json
+    holding `done`, written when the export was or when DONE.json is missing: a run
+    killed between its whole export and DONE.json finishes on its rerun (it wrote none
+    then, the export being current)."""
+    done_path = os.path.join(workdir, "DONE.json")
+
+    def write_both() -> None:
+        if weights.write_unless_current(out, steps, write) or not os.path.exists(done_path):
+            with open(done_path, "w") as f:
+                json.dump(done, f)
+
+    on_process_0_while_all_wait(write_both)

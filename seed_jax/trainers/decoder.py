@@ -203,12 +203,9 @@ def train(config, workdir: str) -> bool:
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
     steps = {"decoder": config.train.num_steps}
 
-    def write_export() -> None:
-        if weights.write_unless_current(out, steps, lambda: weights.save(
-                out, "stable_diffusion", sd_config, params,
-                info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps})):
-            with open(os.path.join(workdir, "DONE.json"), "w") as f:
-                json.dump({"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export}, f)
-
-    coordination.on_process_0_while_all_wait(write_export)
+    coordination.export_and_mark_done(
+        workdir, out, steps, lambda: weights.save(
+            out, "stable_diffusion", sd_config, params,
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps}),
+        done={"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export})
     return True

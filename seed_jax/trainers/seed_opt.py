@@ -353,15 +353,12 @@ def train(config, workdir: str) -> bool:
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
     steps = {key: config[key].num_steps for _, key in PHASES}
 
-    def write_export() -> None:
-        if weights.write_unless_current(out, steps, lambda: export(
-                model.config, params, image_tokens, text, out,
-                info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
-                      "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens})):
-            with open(os.path.join(workdir, "DONE.json"), "w") as f:
-                json.dump({"export": out, "tokenizer_export": tok_export}, f)
-
-    coordination.on_process_0_while_all_wait(write_export)
+    coordination.export_and_mark_done(
+        workdir, out, steps, lambda: export(
+            model.config, params, image_tokens, text, out,
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
+                  "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens}),
+        done={"export": out, "tokenizer_export": tok_export})
     return True
 
 

@@ -694,7 +694,7 @@ def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd
     tpu_v4_32 (benchmarks/memory_plan.py)."""
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     setup, run = _lm_stage(mesh)
-    batch = loop.global_batch(_packed_batch(), mesh, run.axis_rules)
+    batch = global_batches.global_batch(_packed_batch(), mesh, run.axis_rules)
     cached = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a cached program would compile silently
     try:

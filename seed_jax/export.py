@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from seed_jax import parallel, weights
-from seed_jax.trainers import checkpointing, loop
+from seed_jax.trainers import checkpointing
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -47,7 +47,7 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     restored = {}
     for name in stages:
         stage = config[name]
-        trainable = loop.trainable_filter(model, ("tokenizer",), stage.trainable)
+        trainable = tokenizer_trainer.trainable(model, stage)
         restored[name] = checkpointing.restore_trained_params(model, trainable, stage,
                                                      os.path.join(workdir, "checkpoints", name))
     if all(step is None for step in restored.values()):

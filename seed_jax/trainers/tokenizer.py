@@ -111,11 +111,30 @@ def restart_unused_codes(every: int, until_step: int):
     return post_update
 
 
+def stage_batch_size(config, name: str) -> int:
+    """The global batch size of stage `name`: its own `batch_size`, else `config.batch_size`."""
+    return config[name].batch_size or config.batch_size
+
+
+def stage_functions(config, name: str) -> tuple:
+    """(loss_fn, post_update or None) of stage `name` ("stage1" or "stage2") for `loop.run_stage`."""
+    if name == "stage1":
+        return stage1_loss(config.label_smoothing), clamp_temperature
+    restart = config.stage2.restart_unused_codes_every
+    until = int(config.stage2.restart_until * config.stage2.num_steps)
+    return stage2_loss(config.loss_weights), restart_unused_codes(restart, until) if restart else None
+
+
+def trainable(model: TrainModel, stage) -> object:
+    """nnx filter of the parameters `stage` (a stage config) trains: `stage.trainable` of the tokenizer."""
+    return loop.trainable_filter(model, ("tokenizer",), stage.trainable)
+
+
 def batch_sizes(config) -> dict[str, int]:
     """Config field -> global batch size, for each batch the run shards over the mesh:
     each stage's (its own `batch_size`, else the global one) and the evaluation's."""
-    sizes = {f"{name}.batch_size" if config[name].batch_size else "batch_size":
-             config[name].batch_size or config.batch_size for name in stages_to_run(config)}
+    sizes = {f"{name}.batch_size" if config[name].batch_size else "batch_size": stage_batch_size(config, name)
+             for name in stages_to_run(config)}
     return {**sizes, "eval.batch_size": config.eval.batch_size}
 
 
@@ -386,22 +405,16 @@ def train(config, workdir: str) -> bool:
     writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(model, *evaluation, mesh, rules)
     preemption = coordination.Preemption()
-    restart = config.stage2.restart_unused_codes_every
-    stages = (("stage1", config.stage1, stage1_loss(config.label_smoothing), clamp_temperature),
-              ("stage2", config.stage2, stage2_loss(config.loss_weights),
-               restart_unused_codes(restart, int(config.stage2.restart_until * config.stage2.num_steps))
-               if restart else None))
     try:
-        for name, stage, loss_fn, post_update in stages:
-            if name not in stages_to_run(config):
-                continue
+        for name in stages_to_run(config):
+            loss_fn, post_update = stage_functions(config, name)
             train_iter = pipeline.train_iterator(train_paths, example,
-                                                 global_batch_size=stage.batch_size or config.batch_size,
+                                                 global_batch_size=stage_batch_size(config, name),
                                                  seed=config.seed + (name == "stage2"),
                                                  num_threads=d.num_threads, prefetch=d.prefetch)
             done = loop.run_stage(
-                name=name, model=model, trainable=loop.trainable_filter(model, ("tokenizer",), stage.trainable),
-                loss_fn=loss_fn, stage=stage, config=config, mesh=mesh, train_iter=train_iter,
+                name=name, model=model, trainable=trainable(model, config[name]),
+                loss_fn=loss_fn, stage=config[name], config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
                 counters={"data/skipped_records": skipped}, post_update=post_update)

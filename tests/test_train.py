@@ -86,6 +86,29 @@ def test_train_step_same_loss_on_1_and_8_devices(stage_name):
     assert ({"ln_vision", "qformer"} <= trained) == (stage_name == "stage1"), trained
 
 
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(stage_name, capfd):
+    """The Q-Former's word and position lookups (stage I's text features), with tables
+    split over fsdp along their width and ids over data x fsdp, made XLA copy the whole
+    batch's (B,L,D) embeddings to every device ("involuntary full rematerialization")
+    once data > 1, as on gpu8x8 and tpu_v4_32 (benchmarks/memory_plan.py --trainer=tokenizer)."""
+    config = _tiny()
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, _, create = trainer.build_model(config)
+    model = create()
+    loss_fn, post_update = trainer.stage_functions(config, stage_name)
+    setup = loop.prepare_stage(model, trainer.trainable(model, config[stage_name]), loss_fn, config[stage_name],
+                               config, mesh, post_update)
+    batch = global_batches.global_batch(_batch(config, 0), mesh, config.axis_rules)
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a cached program would compile silently
+    try:
+        setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def _final_state(workdir, stage="stage2"):
     return ocp.PyTreeCheckpointer().restore(latest_state_path(workdir, stage))
 

@@ -155,7 +155,12 @@ class QFormer(nnx.Module):
         if length > c.max_positions:
             raise ValueError(f"input_ids: length {length} exceeds max_positions {c.max_positions}")
         r_embed, r_layers = layers.split_rng(rng, 2)
-        x = self.word_embeddings[...][input_ids] + self.position_embeddings[...][:length]
+        # The lookup reads the word table whole: split over `fsdp` along its width and looked up
+        # by ids split over the batch axes, it made XLA's partitioner copy the looked-up (B,L,D)
+        # rows of the whole batch to every device on meshes with data > 1 ("involuntary full
+        # rematerialization" in stage I's backward pass on gpu8x8 and tpu_v4_32), as OPT's did.
+        words = parallel.constrain(self.word_embeddings[...], (None, None))[input_ids]
+        x = words + self.position_embeddings[...][:length]
         x = layers.dropout(self.embed_norm(x), c.dropout, r_embed)
         mask = layers.padding_mask(attention_mask)
 

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from seed_jax import weights
 from seed_jax.models.qformer import QFormerConfig
@@ -22,6 +23,13 @@ TINY_REVERSE = QFormerConfig(width=32, num_layers=2, num_heads=2, mlp_dim=64, en
 TINY_TOKENIZER = SeedTokenizerConfig(vit=TINY_VIT, qformer=TINY_QFORMER, reverse_qformer=TINY_REVERSE,
                                      num_codes=64, code_dim=8, decoder_depth=2, decoder_heads=2,
                                      decoder_mlp_dim=64, generation_width=24, proj_dim=16)
+
+
+def flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:
+    """Dotted path -> (shape, sharding) of each parameter of `tree` (an nnx.State of
+    shapes or arrays; `shardings` its NamedShardings, as `parallel.state_shardings` gives)."""
+    sharding_of = dict(nnx.to_flat_state(shardings))
+    return {".".join(map(str, path)): (var.get_value(), sharding_of[path]) for path, var in nnx.to_flat_state(tree)}
 
 
 def latest_state_path(workdir, stage) -> str:

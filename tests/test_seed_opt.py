@@ -14,11 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 from array_record.python import array_record_module
-from flax import nnx
 
 from configs.seed_opt import get_config
-from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, checkpoint_params, run_two_processes,
-                     seed_opt_losses_on_one_batch)
+from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, checkpoint_params, flat_arrays,
+                     run_two_processes, seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -939,12 +938,6 @@ def gpu8_stage():
     return config, mesh, memory_plan.abstract_stage(config, "phase1", mesh)
 
 
-def _flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:
-    """Dotted path -> (shape, sharding) of each parameter of `tree`."""
-    sharding_of = dict(nnx.to_flat_state(shardings))
-    return {".".join(map(str, path)): (var.get_value(), sharding_of[path]) for path, var in nnx.to_flat_state(tree)}
-
-
 def test_the_2_7b_weights_split_over_the_gpu8_mesh(gpu8_stage):
     """No parameter over 1 MiB is replicated, every frozen array over 16 MiB (token and
     position tables, attention projections, fc1, fc2) is split over fsdp, and a device
@@ -953,8 +946,8 @@ def test_the_2_7b_weights_split_over_the_gpu8_mesh(gpu8_stage):
 
     _, mesh, stage = gpu8_stage
     assert mesh.size == 8
-    frozen = _flat_arrays(stage.frozen, stage.frozen_sharding)
-    trainable = _flat_arrays(stage.state["params"], stage.state_sharding["params"])
+    frozen = flat_arrays(stage.frozen, stage.frozen_sharding)
+    trainable = flat_arrays(stage.state["params"], stage.state_sharding["params"])
     for name, (x, sharding) in {**frozen, **trainable}.items():
         size = math.prod(x.shape) * x.dtype.itemsize
         if size > 2**20:

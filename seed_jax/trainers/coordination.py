@@ -56,12 +56,14 @@ def export_and_mark_done(workdir: str, out: str, steps: dict[str, int], write: C
     holds one trained as far: `weights.write_unless_current`), then WORKDIR/DONE.json
     holding `done`, written when the export was or when DONE.json is missing: a run
     killed between its whole export and DONE.json finishes on its rerun (it wrote none
-    then, the export being current)."""
+    then, the export being current). DONE.json is written whole (renamed into place), so
+    a kill while writing it leaves none, not an empty one the rerun would keep."""
     done_path = os.path.join(workdir, "DONE.json")
 
     def write_both() -> None:
         if weights.write_unless_current(out, steps, write) or not os.path.exists(done_path):
-            with open(done_path, "w") as f:
+            with open(done_path + ".tmp", "w") as f:
                 json.dump(done, f)
+            os.replace(done_path + ".tmp", done_path)
 
     on_process_0_while_all_wait(write_both)

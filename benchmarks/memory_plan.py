@@ -28,7 +28,10 @@ model's size, Q-Former and CLIP caption ids, an index).
 Printed per device: the frozen parameters, trainable parameters and optimizer state,
 each summed from its arrays' shard shapes (exact: a GPU holds the same shards), then
 `compiled.memory_analysis()`'s argument, output, alias (donated state reused for the
-output) and temp bytes, and their sum argument + output - alias + temp. The temp
+output) and temp bytes, and their sum argument + output - alias + temp. The arguments
+leave out the inputs the step does not read, which jit drops (stage II's frozen Q-Former
+text branch: word table, text FFNs), while the trainer still holds them on every device:
+the sum then falls short of a device's memory by their share, which the frozen row counts. The temp
 bytes are XLA:CPU's buffer plan for the step (activations kept for the backward pass,
 gradients, collectives' buffers): XLA:GPU fuses, schedules and assigns buffers
 differently, so a GPU's temp size differs; read it as an order of magnitude.

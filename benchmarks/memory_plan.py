@@ -285,6 +285,7 @@ def plan_tokenizer(args) -> None:
 
 def main():
     args = parse_args()
+    jax.config.update("jax_platforms", "cpu")  # fake CPU devices, also on a machine with a GPU
     jax.config.update("jax_num_cpu_devices", args.devices or layout_devices(args.layout, args.trainer))
     {"seed_opt": plan_seed_opt, "tokenizer": plan_tokenizer}[args.trainer](args)
 

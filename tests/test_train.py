@@ -660,3 +660,9 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path)
                 **{f"codebook/{k}": v for k, v in codebook_usage(host["codes"][valid], 64).items()},
                 "num_examples": float(num_records - 1)}
     assert metrics == expected
+
+
+def test_stage_functions_name_an_unknown_stage():
+    """Any name but "stage1" used to get stage II's loss."""
+    with pytest.raises(ValueError, match=r"^stage: expected 'stage1' or 'stage2', got 'stage_2'$"):
+        trainer.stage_functions(get_config("tiny"), "stage_2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -120,12 +121,14 @@ def stage_functions(config, name: str) -> tuple:
     """(loss_fn, post_update or None) of stage `name` ("stage1" or "stage2") for `loop.run_stage`."""
     if name == "stage1":
         return stage1_loss(config.label_smoothing), clamp_temperature
+    if name != "stage2":
+        raise ValueError(f"stage: expected 'stage1' or 'stage2', got {name!r}")
     restart = config.stage2.restart_unused_codes_every
     until = int(config.stage2.restart_until * config.stage2.num_steps)
     return stage2_loss(config.loss_weights), restart_unused_codes(restart, until) if restart else None
 
 
-def trainable(model: TrainModel, stage) -> object:
+def trainable(model: TrainModel, stage) -> Callable:
     """nnx filter of the parameters `stage` (a stage config) trains: `stage.trainable` of the tokenizer."""
     return loop.trainable_filter(model, ("tokenizer",), stage.trainable)
 

@@ -49,7 +49,7 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
         stage = config[name]
         trainable = tokenizer_trainer.trainable(model, stage)
         restored[name] = checkpointing.restore_trained_params(model, trainable, stage,
-                                                     os.path.join(workdir, "checkpoints", name))
+                                                              os.path.join(workdir, "checkpoints", name))
     if all(step is None for step in restored.values()):
         raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
     tokenizer = model.tokenizer

@@ -293,7 +293,7 @@ def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
-                           [(name, key, config[key].num_steps) for name, key in PHASES])
+                                    [(name, key, config[key].num_steps) for name, key in PHASES])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -254,7 +254,8 @@ class Evaluator:
     def _features(self, fn, batches, keys: tuple[str, ...], *args) -> dict[str, np.ndarray]:
         """`fn(batch, *args)` over `batches` (their `keys`), gathered on the host; the rows
         of records only (index >= 0)."""
-        parts = [fn(global_batches.global_batch({k: b[k] for k in keys}, self.mesh, self.rules), *args) for b in batches]
+        parts = [fn(global_batches.global_batch({k: b[k] for k in keys}, self.mesh, self.rules), *args)
+                 for b in batches]
         host = {k: np.concatenate([global_batches.to_host(p[k]) for p in parts]) for k in parts[0]}
         valid = host["index"] >= 0
         return {k: v[valid] for k, v in host.items()}
@@ -383,7 +384,7 @@ def train(config, workdir: str) -> bool:
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
-                           [(name, name, config[name].num_steps) for name in stages_to_run(config)])
+                                    [(name, name, config[name].num_steps) for name in stages_to_run(config)])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,5 +1,6 @@
 """Tiny model configs and checks shared by the tests."""
 
+import math
 import os
 import socket
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from seed_jax import weights
@@ -30,6 +32,26 @@ def flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sh
     shapes or arrays; `shardings` its NamedShardings, as `parallel.state_shardings` gives)."""
     sharding_of = dict(nnx.to_flat_state(shardings))
     return {".".join(map(str, path)): (var.get_value(), sharding_of[path]) for path, var in nnx.to_flat_state(tree)}
+
+
+def assert_weights_split(stage, devices: int) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:
+    """For a train step planned on shapes (`benchmarks/memory_plan.py`'s stages): no
+    parameter over 1 MiB is replicated, every frozen array over 16 MiB is split over
+    fsdp, and a device holds 1/`devices` of the frozen bytes (within 1 %). Returns the
+    frozen arrays (`flat_arrays`)."""
+    from benchmarks.memory_plan import per_device_bytes, total_bytes
+
+    frozen = flat_arrays(stage.frozen, stage.frozen_sharding)
+    trainable = flat_arrays(stage.state["params"], stage.state_sharding["params"])
+    for name, (x, sharding) in {**frozen, **trainable}.items():
+        size = math.prod(x.shape) * x.dtype.itemsize
+        if size > 2**20:
+            assert not sharding.is_fully_replicated, f"{name} {x.shape} is replicated"
+        if name in frozen and size > 16 * 2**20:
+            assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), f"{name} {x.shape}: {sharding.spec}"
+    held = per_device_bytes(stage.frozen, stage.frozen_sharding)
+    assert held == pytest.approx(total_bytes(stage.frozen) / devices, rel=0.01)
+    return frozen
 
 
 def latest_state_path(workdir, stage) -> str:

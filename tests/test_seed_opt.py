@@ -4,7 +4,6 @@ tiny trainer end to end with its export, and the image/text API."""
 
 import functools
 import json
-import math
 import os
 import re
 
@@ -16,7 +15,7 @@ import pytest
 from array_record.python import array_record_module
 
 from configs.seed_opt import get_config
-from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, checkpoint_params, flat_arrays,
+from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, assert_weights_split, checkpoint_params,
                      run_two_processes, seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
@@ -942,18 +941,7 @@ def test_the_2_7b_weights_split_over_the_gpu8_mesh(gpu8_stage):
     """No parameter over 1 MiB is replicated, every frozen array over 16 MiB (token and
     position tables, attention projections, fc1, fc2) is split over fsdp, and a device
     holds an eighth of the frozen weights (within 1 %)."""
-    from benchmarks.memory_plan import per_device_bytes, total_bytes
-
     _, mesh, stage = gpu8_stage
     assert mesh.size == 8
-    frozen = flat_arrays(stage.frozen, stage.frozen_sharding)
-    trainable = flat_arrays(stage.state["params"], stage.state_sharding["params"])
-    for name, (x, sharding) in {**frozen, **trainable}.items():
-        size = math.prod(x.shape) * x.dtype.itemsize
-        if size > 2**20:
-            assert not sharding.is_fully_replicated, f"{name} {x.shape} is replicated"
-        if name in frozen and size > 16 * 2**20:
-            assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), f"{name} {x.shape}: {sharding.spec}"
+    frozen = assert_weights_split(stage, devices=8)
     assert {"embed_tokens", "layers.fc1.kernel", "layers.fc2.kernel", "layers.self_attn.query"} <= set(frozen)
-    held = per_device_bytes(stage.frozen, stage.frozen_sharding)
-    assert held == pytest.approx(total_bytes(stage.frozen) / 8, rel=0.01)

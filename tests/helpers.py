@@ -54,6 +54,20 @@ def assert_weights_split(stage, devices: int) -> dict[str, tuple[jax.ShapeDtypeS
     return frozen
 
 
+def assert_compiles_without_full_rematerialization(setup, batch, capfd) -> None:
+    """Compiles `setup`'s train step (`loop.prepare_stage`) for `batch` with the
+    compilation cache off (a cached program compiles silently) and asserts XLA's
+    partitioner printed no "Involuntary full rematerialization" (a sharding it could
+    not reach but by copying a whole array to every device)."""
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def latest_state_path(workdir, stage) -> str:
     """The train-state directory of `stage`'s latest checkpoint in `workdir`."""
     directory = os.path.join(workdir, "checkpoints", stage)

@@ -15,7 +15,8 @@ import pytest
 from array_record.python import array_record_module
 
 from configs.seed_opt import get_config
-from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH, assert_weights_split, checkpoint_params,
+from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
+                     assert_compiles_without_full_rematerialization, assert_weights_split, checkpoint_params,
                      run_two_processes, seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
@@ -693,13 +694,7 @@ def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     setup, run = _lm_stage(mesh)
     batch = global_batches.global_batch(_packed_batch(), mesh, run.axis_rules)
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a cached program would compile silently
-    try:
-        setup.train_step.lower(setup.state, setup.frozen, batch).compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert_compiles_without_full_rematerialization(setup, batch, capfd)
 
 
 @pytest.mark.parametrize("rates", [{}, DROPPING], ids=["plain", "dropout"])

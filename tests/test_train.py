@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
-from helpers import assert_export_holds_both_stages, assert_weights_split, latest_state_path, run_two_processes
+from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
+                     assert_weights_split, latest_state_path, run_two_processes)
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
@@ -100,13 +101,7 @@ def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(stage
     setup = loop.prepare_stage(model, trainer.trainable(model, config[stage_name]), loss_fn, config[stage_name],
                                config, mesh, post_update)
     batch = global_batches.global_batch(_batch(config, 0), mesh, config.axis_rules)
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a cached program would compile silently
-    try:
-        setup.train_step.lower(setup.state, setup.frozen, batch).compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert_compiles_without_full_rematerialization(setup, batch, capfd)
 
 
 @pytest.fixture(scope="module", params=["stage1", "stage2"])

@@ -51,16 +51,17 @@ def _batch(config, rng):
             "index": np.arange(b, dtype=np.int32)}
 
 
-def _losses(config, mesh, stage_name, num_steps=3):
-    graphdef, _, create = trainer.build_model(config)
+def _stage_setup(config, mesh, stage_name) -> loop.StageSetup:
+    """The trainer's train step for `stage_name` of a freshly built `config` model on `mesh`."""
+    _, _, create = trainer.build_model(config)
     model = create()
-    stage = config[stage_name]
-    loss_fn = (trainer.stage1_loss(config.label_smoothing) if stage_name == "stage1"
-               else trainer.stage2_loss(config.loss_weights))
-    post_update = (trainer.restart_unused_codes(stage.restart_unused_codes_every, num_steps)
-                   if stage_name == "stage2" else trainer.clamp_temperature)
-    setup = loop.prepare_stage(model, loop.trainable_filter(model, ("tokenizer",), stage.trainable), loss_fn,
-                               stage, config, mesh, post_update)
+    loss_fn, post_update = trainer.stage_functions(config, stage_name)
+    return loop.prepare_stage(model, trainer.trainable(model, config[stage_name]), loss_fn, config[stage_name],
+                              config, mesh, post_update)
+
+
+def _losses(config, mesh, stage_name, num_steps=3):
+    setup = _stage_setup(config, mesh, stage_name)
     initial = jax.tree.map(np.asarray, setup.state["params"])
     state, losses = setup.state, []
     for i in range(num_steps):
@@ -92,14 +93,11 @@ def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(stage
     """The Q-Former's word and position lookups (stage I's text features), with tables
     split over fsdp along their width and ids over data x fsdp, made XLA copy the whole
     batch's (B,L,D) embeddings to every device ("involuntary full rematerialization")
-    once data > 1, as on gpu8x8 and tpu_v4_32 (benchmarks/memory_plan.py --trainer=tokenizer)."""
+    once data > 1, as on gpu8x8 and tpu_v4_32 (benchmarks/memory_plan.py --trainer=tokenizer).
+    Stage II's step, which has no text path, is held to the same."""
     config = _tiny()
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    _, _, create = trainer.build_model(config)
-    model = create()
-    loss_fn, post_update = trainer.stage_functions(config, stage_name)
-    setup = loop.prepare_stage(model, trainer.trainable(model, config[stage_name]), loss_fn, config[stage_name],
-                               config, mesh, post_update)
+    setup = _stage_setup(config, mesh, stage_name)
     batch = global_batches.global_batch(_batch(config, 0), mesh, config.axis_rules)
     assert_compiles_without_full_rematerialization(setup, batch, capfd)
 

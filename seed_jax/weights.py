@@ -124,9 +124,15 @@ def write_config(out: str, kind: str, config, info: dict | None = None) -> None:
     """Writes the export's model.json {kind, config, info} into the folder `out`, whole
     (renamed into place). Alone, without params, it describes a model `read_config` can
     read but not load (e.g. a plan of a model whose weights are not here)."""
-    path = os.path.join(out, CONFIG_FILE)
+    write_json_whole(os.path.join(out, CONFIG_FILE),
+                     {"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, indent=2)
+
+
+def write_json_whole(path: str, obj, indent: int | None = None) -> None:
+    """Writes `obj` as JSON to `path` whole: to PATH.tmp, then renamed into place, so a
+    kill while writing leaves the file as it was (or none), never a part of it."""
     with open(path + ".tmp", "w") as f:
-        json.dump({"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, f, indent=2)
+        json.dump(obj, f, indent=indent)
     os.replace(path + ".tmp", path)
 
 

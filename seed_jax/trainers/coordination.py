@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Callable
@@ -62,8 +61,6 @@ def export_and_mark_done(workdir: str, out: str, steps: dict[str, int], write: C
 
     def write_both() -> None:
         if weights.write_unless_current(out, steps, write) or not os.path.exists(done_path):
-            with open(done_path + ".tmp", "w") as f:
-                json.dump(done, f)
-            os.replace(done_path + ".tmp", done_path)
+            weights.write_json_whole(done_path, done)
 
     on_process_0_while_all_wait(write_both)

@@ -521,8 +521,8 @@ def test_a_bad_noise_schedule_is_named(fields, message):
 
 
 def _toy_model(x, t):
-    """A stand-in model output, non-linear in x and changing with the timestep t."""
-    return np.tanh(x) * (0.5 + t / 1000) - 0.2 * x
+    """A stand-in model output, non-linear in x and changing with the timestep t (numpy or traced)."""
+    return jnp.tanh(x) * (0.5 + t / 1000) - 0.2 * x
 
 
 @pytest.mark.parametrize("sampler, settings, steps", [
@@ -546,13 +546,13 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
     reference.set_timesteps(steps)
     ref = torch.from_numpy(x)
     for t in reference.timesteps:
-        ref = reference.step(torch.from_numpy(_toy_model(ref.numpy(), int(t))), t, ref).prev_sample
+        ref = reference.step(torch.from_numpy(np.asarray(_toy_model(ref.numpy(), int(t)))), t, ref).prev_sample
     method = samplers.get(sampler)
     plan = method.plan(schedule, steps)
     assert len(plan["timestep"]) == len(reference.timesteps)
 
     def denoise(latents, t):
-        output = jnp.tanh(latents) * (0.5 + t / 1000) - 0.2 * latents
+        output = _toy_model(latents, t)
         return output if method.TAKES_MODEL_OUTPUT else noise_estimate(schedule, output, latents, t)
 
     ours = jax.jit(lambda latents: samplers.run(method, plan, denoise, latents))(x)

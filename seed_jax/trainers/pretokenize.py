@@ -111,8 +111,9 @@ def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str)
     for prefix in prefixes:
         for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), _SUMMARIES.format(glob.escape(prefix))))):
             with open(path) as f:
-                named[path] = json.load(f).get("tokenizer")
-    named = {path: written_with for path, written_with in named.items() if written_with is not None}
+                written_with = json.load(f).get("tokenizer")
+            if written_with is not None:
+                named[path] = written_with
     expected = weights.fingerprint(tokenizer_export) if named else None
     for path, written_with in named.items():
         if written_with != expected:

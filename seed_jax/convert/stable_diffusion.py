@@ -124,19 +124,18 @@ def _part(source: Source, part: str) -> Source:
 
 
 # ---------------------------------------------------------------- configs from shapes (+ config.json)
-def _refuse_unsupported(part: str, hf: dict, unsupported: dict) -> None:
-    """Each key of `unsupported` in `part`'s config.json must hold its one supported value
-    (per-block lists of it throughout)."""
+def _refuse_unsupported(file: str, hf: dict, unsupported: dict, scope: str) -> None:
+    """Each key of `unsupported` in `hf` (read from `file`) must hold its one supported
+    value (per-block lists of it throughout); `scope` says what is supported."""
     for key, supported in unsupported.items():
         value = hf.get(key, supported)
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(v != supported for v in values):
-            raise ValueError(f"{part} config.json {key}={value!r}: only {supported!r} is supported (SD v1/v2 "
-                             f"{'UNets' if part == 'unet' else 'autoencoders'})")
+            raise ValueError(f"{file} {key}={value!r:.60}: only {supported!r} is supported ({scope})")
 
 
 def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetConfig:
-    _refuse_unsupported("unet", hf, UNSUPPORTED_UNET)
+    _refuse_unsupported("unet config.json", hf, UNSUPPORTED_UNET, "SD v1/v2 UNets")
     s = _part(source, "unet")
     levels = s.count("down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:
@@ -163,7 +162,7 @@ def _first_attention(s: Source, attention: tuple[bool, ...]) -> str:
 
 
 def vae_config(source: Source, hf: dict, *, scaling_factor: float | None = None) -> VAEConfig:
-    _refuse_unsupported("vae", hf, UNSUPPORTED_VAE)
+    _refuse_unsupported("vae config.json", hf, UNSUPPORTED_VAE, "SD v1/v2 autoencoders")
     s = _part(source, "vae")
     levels = s.count("encoder.down_blocks.{i}.resnets.0.conv1.weight")
     if levels == 0:
@@ -183,11 +182,9 @@ def schedule_config(hf: dict) -> NoiseSchedule:
     (they would silently sample another schedule or other timesteps) are refused.
     A key the file lacks takes SD v1's value (e.g. clip_sample False, skip_prk_steps
     True), not the diffusers class default a scheduler built from the file would get."""
-    for key, supported in UNSUPPORTED_SCHEDULER.items():
-        if hf.get(key, supported) != supported:
-            raise ValueError(f"scheduler_config.json {key}={hf[key]!r:.60}: only {supported!r} is supported "
-                             "(the SD v1/v2 schedule; PLMS and DDIM space timesteps 'leading' + steps_offset, "
-                             "dpm++2m 'linspace'; DDIM clips x0 with clip_sample, never thresholds it)")
+    _refuse_unsupported("scheduler_config.json", hf, UNSUPPORTED_SCHEDULER,
+                        "the SD v1/v2 schedule; PLMS and DDIM space timesteps 'leading' + steps_offset, "
+                        "dpm++2m 'linspace'; DDIM clips x0 with clip_sample, never thresholds it")
     defaults = NoiseSchedule()
     return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",

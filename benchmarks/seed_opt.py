@@ -140,7 +140,10 @@ def main():
 
     # ---- generation (before LoRA is attached on the torch side)
     # no end token, as torch_generate's eos_token_id=None: both run every step
-    ours_gen = median_seconds(lambda: generator.generate(prompt, args.new_tokens, eos_id=None), args.iters)
+    def ours_generate():
+        return generator.generate(prompt, args.new_tokens, eos_id=None)
+
+    ours_gen = median_seconds(ours_generate, args.iters)
     torch_prompt = torch.from_numpy(prompt).long().to(device)
 
     def torch_generate():
@@ -151,8 +154,7 @@ def main():
         return out.cpu()
 
     torch_gen = median_seconds(torch_generate, args.iters)
-    same = np.array_equal(torch_generate().numpy()[:, args.prompt:],
-                          generator.generate(prompt, args.new_tokens, eos_id=None))
+    same = np.array_equal(torch_generate().numpy()[:, args.prompt:], ours_generate())
 
     # ---- LoRA training step
     model = weights.build("opt", dataclasses.replace(config, lora_rank=16, lora_alpha=32.0), dtype=jnp.dtype(dtype))

@@ -5,7 +5,9 @@
       --config.splits.train.dir=/data/cc3m/array_record --config.out_dir=/data/cc3m/seed_codes
 
 On several hosts add `--distributed`: process p writes `train-{p:05d}-of-{P:05d}`.
-Each split is `{dir, prefix}`; the output keeps the prefix.
+Each split is `{dir, prefix, out_prefix}`: the image shards `DIR/PREFIX-*-of-*` become code
+shards named `OUT_PREFIX-*-of-*` ("" keeps PREFIX; records made with make_records' default
+--prefix=train for both splits need --config.splits.eval.out_prefix=eval).
 """
 
 import ml_collections
@@ -19,8 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer_export = ""
     c.out_dir = ""  # "" = WORKDIR/codes
     c.splits = ml_collections.ConfigDict(dict(
-        train=ml_collections.ConfigDict(dict(dir="", prefix="train")),
-        eval=ml_collections.ConfigDict(dict(dir="", prefix="eval"))))
+        train=ml_collections.ConfigDict(dict(dir="", prefix="train", out_prefix="")),
+        eval=ml_collections.ConfigDict(dict(dir="", prefix="eval", out_prefix=""))))
     c.batch_size = 256  # per process, split over its local devices
     c.dtype = "float32"
     c.num_threads = 8

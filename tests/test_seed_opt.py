@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+from configs.pretokenize import get_config as get_pretokenize_config
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_compiles_without_full_rematerialization, assert_weights_split, checkpoint_params,
@@ -327,6 +328,29 @@ def test_pretokenize_slices_cover_the_split_and_match_the_api(tokenizer_export, 
     assert pretokenize.tokenize_split(encoder, paths, out, "eval", batch_size=4, num_threads=1)["records"] == 8
     assert [os.path.basename(p) for p in records.shard_paths(out, "eval")] == ["eval-00000-of-00001.array_record"]
     assert sorted(f for f in os.listdir(out) if "summary" in f) == ["eval.summary-00000-of-00001.json"]
+
+
+def test_pretokenize_splits_sharing_a_prefix_write_their_own_code_shards_or_fail(tokenizer_export, tmp_path):
+    """Image shards of both splits named `train` (make_records' default prefix): with one
+    output prefix the eval split's codes overwrote the train split's unannounced; now that
+    names both splits, and `out_prefix` gives each split's codes their own name."""
+    dirs = {}
+    for name, count in (("train", 3), ("eval", 2)):
+        dirs[name] = str(tmp_path / name)
+        synthetic.write_shapes_dataset(dirs[name], split="train", num_examples=count, seed=len(name), image_size=32,
+                                       num_shards=1, num_workers=1)
+    config = get_pretokenize_config()
+    config.tokenizer_export, config.out_dir, config.num_threads = tokenizer_export, str(tmp_path / "codes"), 1
+    config.splits.train.dir, config.splits.eval.dir, config.splits.eval.prefix = dirs["train"], dirs["eval"], "train"
+    with pytest.raises(ValueError, match=r"config.splits.eval and config.splits.train: both would write code shards "
+                                         r"named 'train'; .*--config.splits.eval.out_prefix=eval"):
+        pretokenize.run(config, str(tmp_path))
+    assert not os.path.exists(config.out_dir)
+    config.splits.eval.out_prefix = "eval"
+    assert pretokenize.run(config, str(tmp_path))
+    written = {prefix: pipeline.read_records(records.shard_paths(config.out_dir, prefix), pipeline.ALL_RECORDS)
+               for prefix in ("train", "eval")}
+    assert {prefix: len(rows) for prefix, rows in written.items()} == {"train": 3, "eval": 2}
 
 
 def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_path):

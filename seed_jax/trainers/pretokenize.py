@@ -161,12 +161,33 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
     return out
 
 
+def split_paths(splits) -> dict[str, list[str]]:
+    """`config.splits` ({name: {dir, prefix, out_prefix}}) -> {code-shard prefix: image-record
+    shard paths} of the splits with a `dir`; a split's code shards take its `out_prefix`,
+    or its `prefix` when that is "". Two splits writing one prefix would leave one set of
+    code shards, so that is an error naming both."""
+    out, named = {}, {}
+    for name, split in splits.items():
+        if not split.dir:
+            continue
+        prefix = split.out_prefix or split.prefix
+        if prefix in named:
+            other = named[prefix]
+            rename = other if name == prefix else name  # the split not already named as its shards
+            raise ValueError(f"config.splits.{other} and config.splits.{name}: both would write code shards named "
+                             f"{prefix!r}; give one another out_prefix (e.g. --config.splits.{rename}.out_prefix="
+                             f"{rename})")
+        named[prefix] = name
+        out[prefix] = records.shard_paths(split.dir, split.prefix)
+    return out
+
+
 def run(config, workdir: str) -> bool:
     """Entry point for `configs/pretokenize.py`."""
     out_dir = config.out_dir or os.path.join(workdir, "codes")
     if not config.tokenizer_export:
         raise ValueError("config.tokenizer_export: the SEED tokenizer export to encode with is required")
-    splits = {s.prefix: records.shard_paths(s.dir, s.prefix) for s in config.splits.values() if s.dir}
+    splits = split_paths(config.splits)
     if not splits:
         raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
     summaries = pretokenize(config.tokenizer_export, splits, out_dir, batch_size=config.batch_size,

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from seed_jax.data import records
 from seed_jax.models import layers
 from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
@@ -124,16 +125,8 @@ def write_config(out: str, kind: str, config, info: dict | None = None) -> None:
     """Writes the export's model.json {kind, config, info} into the folder `out`, whole
     (renamed into place). Alone, without params, it describes a model `read_config` can
     read but not load (e.g. a plan of a model whose weights are not here)."""
-    write_json_whole(os.path.join(out, CONFIG_FILE),
-                     {"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, indent=2)
-
-
-def write_json_whole(path: str, obj, indent: int | None = None) -> None:
-    """Writes `obj` as JSON to `path` whole: to PATH.tmp, then renamed into place, so a
-    kill while writing leaves the file as it was (or none), never a part of it."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+    records.write_json(os.path.join(out, CONFIG_FILE),
+                       {"kind": kind, "config": dataclasses.asdict(config), "info": info or {}}, indent=2)
 
 
 def gathered(params: dict[str, Any]) -> dict[str, Any]:

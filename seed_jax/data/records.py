@@ -26,11 +26,12 @@ _HEADER_LENGTH = struct.Struct("<I")
 _SHARD_SUFFIX = ".array_record"
 
 
-def write_json(path: str, data) -> None:
-    """Writes `data` as JSON to `path` whole or not at all (a summary or marker beside
-    shards): through a `.partial` file renamed once written."""
+def write_json(path: str, data, indent: int | None = 1) -> None:
+    """Writes `data` as JSON to `path` whole or not at all (a summary, a marker, an
+    export's model.json): through a `.partial` file renamed once written, so a kill while
+    writing leaves the file as it was (or none), never a part of it."""
     with open(path + ".partial", "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f, indent=indent)
     os.replace(path + ".partial", path)
 
 

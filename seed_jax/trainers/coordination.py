@@ -13,6 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from seed_jax import weights
+from seed_jax.data import records
 
 
 class Preemption:
@@ -61,6 +62,6 @@ def export_and_mark_done(workdir: str, out: str, steps: dict[str, int], write: C
 
     def write_both() -> None:
         if weights.write_unless_current(out, steps, write) or not os.path.exists(done_path):
-            weights.write_json_whole(done_path, done)
+            records.write_json(done_path, done)
 
     on_process_0_while_all_wait(write_both)

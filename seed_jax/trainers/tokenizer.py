@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -428,8 +427,8 @@ def train(config, workdir: str) -> bool:
         preemption.close()
         writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "DONE.json"), "w") as f:
-            json.dump({"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps}, f)
+        records.write_json(os.path.join(workdir, "DONE.json"),  # whole: `ensure_trained` takes any as finished
+                           {"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps})
     return True
 
 

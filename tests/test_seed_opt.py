@@ -630,6 +630,28 @@ def test_decoder_export_is_required_unless_the_config_says_otherwise(tiny_decode
     assert seed_opt.decoder_export(config) == ""
 
 
+def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothing(tiny_decoder_run, caplog):
+    """A decoder conditions on its tokenizer run's CLIP text encoder (what the codes'
+    generation embeddings imitate). One trained for a run with another CLIP (here another
+    seed) painted samples.png from embeddings it never saw, without a word."""
+    from seed_jax import export
+
+    tok_dir, decoder = os.path.join(tiny_decoder_run, "tokenizer"), os.path.join(tiny_decoder_run, "export")
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    tok_config = export.read_workdir_config(tok_dir)
+    clip_text = tokenizer_trainer.create_clip_text(tok_config, mesh)
+    assert seed_opt.paired_decoder(decoder, clip_text, tok_dir, required=True) == decoder
+    assert seed_opt.paired_decoder("", clip_text, tok_dir, required=True) == ""
+    tok_config.seed += 1
+    other_clip = tokenizer_trainer.create_clip_text(tok_config, mesh)
+    with pytest.raises(ValueError, match=rf"decoder_export {re.escape(decoder)}: its text encoder is not the CLIP "
+                                         r"text encoder of the tokenizer run in .* \(first at text_encoder\."):
+        seed_opt.paired_decoder(decoder, other_clip, tok_dir, required=True)
+    with caplog.at_level("WARNING"):
+        assert seed_opt.paired_decoder(decoder, other_clip, tok_dir, required=False) == ""
+    assert "samples get no images" in caplog.text
+
+
 def test_demo_presets_share_the_tokenizer_and_decoder_demos_default_workdirs():
     from configs.decoder import get_config as decoder_config
     from seed_jax import config_files
@@ -881,16 +903,19 @@ def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
 @pytest.mark.slow
 def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run, tmp_path, repo_root):
     """The multi-host path with parameters sharded across processes (fsdp over both
-    processes' devices): each process pre-tokenizes its slice, trains on its rows, and
-    the export holds the last checkpoint's whole parameters. Process 0 writes the export
+    processes' devices): each process pre-tokenizes its slice, trains on its rows, process
+    0 paints the samples, and the export holds the last checkpoint's whole parameters. Process 0 writes the export
     slower than the others wait for it at exit: they returned at once, and JAX's shutdown
     aborted both processes with the export cut short."""
     workdir = tmp_path / "wd"
     run_two_processes(repo_root, [f"--config={repo_root}/configs/seed_opt.py:tiny", f"--workdir={workdir}",
                                   f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",
+                                  f"--config.decoder_export={tiny_decoder_run}/export",
+                                  "--config.eval.decode.num_steps=2",
                                   "--config.mesh.data=1", "--config.mesh.fsdp=8"],
                       program=("-c", MAIN_WITH_A_SLOW_EXPORT))
     assert (workdir / "DONE.json").exists()
+    assert (workdir / "samples.png").stat().st_size > 0  # the decoder's pairing, checked on both processes
     assert sorted(f for f in os.listdir(workdir / "codes") if f.startswith("train-")) == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
     with open(workdir / "metrics.jsonl") as f:

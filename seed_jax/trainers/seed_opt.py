@@ -254,6 +254,32 @@ def decoder_export(config) -> str:
     return os.path.abspath(path) if path else ""
 
 
+def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool) -> str:
+    """`path`, a diffusion export ("" for none), if its text encoder is `clip_text`: the
+    CLIP text encoder of the tokenizer run in `tokenizer_workdir`, whose generation
+    embeddings distil into it. A decoder trained for another tokenizer run (another seed
+    or CLIP) would paint from embeddings it never saw, images unrelated to the codes: an
+    error when `required`, else a warning and "" (samples without images). Every process
+    calls it (the weights are gathered)."""
+    if not path:
+        return ""
+    expected = {f"text_encoder.{k}": v for k, v in weights.gathered(weights.flat_params(clip_text)).items()}
+    stored = weights.stored_shapes(path)
+    same_shapes = all(stored.get(k) == v.shape for k, v in expected.items())
+    found = weights.load_params(path, keys=expected) if same_shapes else {}
+    differing = [k for k, v in expected.items() if k not in found or not np.array_equal(found[k], v)]
+    if not differing:
+        return path
+    message = (f"decoder_export {path}: its text encoder is not the CLIP text encoder of the tokenizer run in "
+               f"{tokenizer_workdir} (first at {differing[0]}): it was trained for another tokenizer run, and "
+               f"would paint images unrelated to the codes. Train the decoder on this tokenizer run "
+               f"(python -m seed_jax.main --config=configs/decoder.py --config.tokenizer_workdir={tokenizer_workdir})")
+    if required:
+        raise ValueError(message)
+    logging.warning("%s; samples get no images", message)
+    return ""
+
+
 # ---------------------------------------------------------------- data
 def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
                tok_config) -> tuple[list[str], list[str]]:
@@ -312,6 +338,9 @@ def train(config, workdir: str) -> bool:
     train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
 
     mesh = parallel.make_mesh(config.mesh.to_dict())
+    if decoder and tok_dir:  # a tokenizer run: the decoder must have been trained in its CLIP text encoder's space
+        decoder = paired_decoder(decoder, tokenizer_trainer.create_clip_text(tok_config, mesh), tok_dir,
+                                 config.decoder_export_required)
     text = text_tokenizer(config, workdir)
     m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
     model = create_model(m_config, config, mesh, codebook)

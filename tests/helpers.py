@@ -1,5 +1,6 @@
 """Tiny model configs and checks shared by the tests."""
 
+import contextlib
 import math
 import os
 import socket
@@ -11,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from seed_jax import weights
 from seed_jax.models.qformer import QFormerConfig
@@ -54,18 +56,54 @@ def assert_weights_split(stage, devices: int) -> dict[str, tuple[jax.ShapeDtypeS
     return frozen
 
 
+FULL_REMATERIALIZATION = "Involuntary full rematerialization"
+
+
+def _compile_a_lookup_xla_rematerializes() -> None:
+    """A program XLA's partitioner compiles only by copying a whole array to every device
+    (on a 2x2x2 mesh: a table split along its width over `fsdp`, looked up by ids split
+    over `data` x `fsdp` into rows split the same way): the known positive for
+    `assert_compiles_without_full_rematerialization`."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    table = jax.ShapeDtypeStruct((64, 32), np.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+    ids = jax.ShapeDtypeStruct((8, 4), np.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None, None))
+    jax.jit(lambda t, i: t[i], out_shardings=rows).lower(table, ids).compile()
+
+
 def assert_compiles_without_full_rematerialization(setup, batch, capfd) -> None:
     """Compiles `setup`'s train step (`loop.prepare_stage`) for `batch` with the
     compilation cache off (a cached program compiles silently) and asserts XLA's
     partitioner printed no "Involuntary full rematerialization" (a sharding it could
-    not reach but by copying a whole array to every device)."""
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
+    not reach but by copying a whole array to every device). A program known to print it
+    is compiled first and must: otherwise XLA's log does not reach stderr here (e.g.
+    TF_CPP_MIN_LOG_LEVEL), or XLA words it otherwise, and the check would pass blind."""
+    with compilation_cache_off():
+        capfd.readouterr()
+        _compile_a_lookup_xla_rematerializes()
+        assert FULL_REMATERIALIZATION in capfd.readouterr().err, (
+            f"XLA printed no {FULL_REMATERIALIZATION!r} for a program that needs one: this check cannot see it "
+            f"(TF_CPP_MIN_LOG_LEVEL={os.environ.get('TF_CPP_MIN_LOG_LEVEL')!r})")
         setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    assert FULL_REMATERIALIZATION not in capfd.readouterr().err
+
+
+@contextlib.contextmanager
+def compilation_cache_off():
+    """Compiles in the block really compile (and log), not read the session's
+    compilation cache. JAX decides once per process whether it uses the cache, so the
+    flag alone does nothing after the first compile: the decision is reset, before and
+    after."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
     finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def latest_state_path(workdir, stage) -> str:

@@ -272,8 +272,9 @@ def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool)
         return path
     message = (f"decoder_export {path}: its text encoder is not the CLIP text encoder of the tokenizer run in "
                f"{tokenizer_workdir} (first at {differing[0]}): it was trained for another tokenizer run, and "
-               f"would paint images unrelated to the codes. Train the decoder on this tokenizer run "
-               f"(python -m seed_jax.main --config=configs/decoder.py --config.tokenizer_workdir={tokenizer_workdir})")
+               f"would paint images unrelated to the codes. Train one for this run in a new workdir (python -m "
+               f"seed_jax.main --config=configs/decoder.py --workdir=NEW --config.tokenizer_workdir="
+               f"{tokenizer_workdir}) and pass NEW/export as decoder_export")
     if required:
         raise ValueError(message)
     logging.warning("%s; samples get no images", message)

@@ -652,6 +652,24 @@ def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothin
     assert "samples get no images" in caplog.text
 
 
+def test_training_refuses_a_decoder_of_another_tokenizer_run_before_pretokenizing(tiny_decoder_run, tmp_path):
+    """`train` checks the pairing (not only `paired_decoder` alone), and before it writes
+    WORKDIR/codes: pre-tokenizing a real split takes hours, and the refusal came after."""
+    kind, sd_config, info = weights.read_config(os.path.join(tiny_decoder_run, "export"))
+    params = weights.load_params(os.path.join(tiny_decoder_run, "export"))
+    name = next(k for k in sorted(params) if k.startswith("text_encoder."))
+    params[name] = params[name] + 1.0  # as a text encoder of another tokenizer run
+    other = str(tmp_path / "other_decoder")
+    weights.save(other, kind, sd_config, params, info)
+    config = get_config("tiny")
+    config.tokenizer_workdir, config.decoder_export = os.path.join(tiny_decoder_run, "tokenizer"), other
+    workdir = tmp_path / "wd"
+    with pytest.raises(ValueError, match=rf"decoder_export {re.escape(other)}: its text encoder is not the CLIP text "
+                                         rf"encoder .* \(first at {re.escape(name)}\)"):
+        seed_opt.train(config, str(workdir))
+    assert not (workdir / "codes").exists()
+
+
 def test_demo_presets_share_the_tokenizer_and_decoder_demos_default_workdirs():
     from configs.decoder import get_config as decoder_config
     from seed_jax import config_files

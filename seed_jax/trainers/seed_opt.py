@@ -336,12 +336,12 @@ def train(config, workdir: str) -> bool:
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])
-    train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
-
     mesh = parallel.make_mesh(config.mesh.to_dict())
     if decoder and tok_dir:  # a tokenizer run: the decoder must have been trained in its CLIP text encoder's space
+        # (checked before pre-tokenizing, which may take hours)
         decoder = paired_decoder(decoder, tokenizer_trainer.create_clip_text(tok_config, mesh), tok_dir,
                                  config.decoder_export_required)
+    train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
     text = text_tokenizer(config, workdir)
     m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
     model = create_model(m_config, config, mesh, codebook)

@@ -652,6 +652,19 @@ def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothin
     assert "samples get no images" in caplog.text
 
 
+def test_a_decoder_export_without_a_text_encoder_is_refused_as_such(tiny_decoder_run):
+    """The tokenizer's export passed as decoder_export holds no `text_encoder.*`: the
+    refusal said its text encoder was another run's CLIP, as if it had one."""
+    from seed_jax import export
+
+    tok_dir = os.path.join(tiny_decoder_run, "tokenizer")
+    clip_text = tokenizer_trainer.create_clip_text(export.read_workdir_config(tok_dir),
+                                                   parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+    with pytest.raises(ValueError, match=r"export: it holds no text encoder \(a 'seed_tokenizer' export\), so "
+                                         r"it cannot be told to be a decoder of the tokenizer run in "):
+        seed_opt.paired_decoder(os.path.join(tok_dir, "export"), clip_text, tok_dir, required=True)
+
+
 def test_training_refuses_a_decoder_of_another_tokenizer_run_before_pretokenizing(tiny_decoder_run, tmp_path):
     """`train` checks the pairing (not only `paired_decoder` alone), and before it writes
     WORKDIR/codes: pre-tokenizing a real split takes hours, and the refusal came after."""

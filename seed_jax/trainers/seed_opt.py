@@ -264,21 +264,32 @@ def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool)
     if not path:
         return ""
     expected = {f"text_encoder.{k}": v for k, v in weights.gathered(weights.flat_params(clip_text)).items()}
-    stored = weights.stored_shapes(path)
-    same_shapes = all(stored.get(k) == v.shape for k, v in expected.items())
-    found = weights.load_params(path, keys=expected) if same_shapes else {}
-    differing = [k for k, v in expected.items() if k not in found or not np.array_equal(found[k], v)]
-    if not differing:
+    reason = _unpaired_because(path, expected, tokenizer_workdir)
+    if not reason:
         return path
-    message = (f"decoder_export {path}: its text encoder is not the CLIP text encoder of the tokenizer run in "
-               f"{tokenizer_workdir} (first at {differing[0]}): it was trained for another tokenizer run, and "
-               f"would paint images unrelated to the codes. Train one for this run in a new workdir (python -m "
-               f"seed_jax.main --config=configs/decoder.py --workdir=NEW --config.tokenizer_workdir="
-               f"{tokenizer_workdir}) and pass NEW/export as decoder_export")
+    message = (f"decoder_export {path}: {reason}. Train one for this run in a new workdir (python -m seed_jax.main "
+               f"--config=configs/decoder.py --workdir=NEW --config.tokenizer_workdir={tokenizer_workdir}) and pass "
+               f"NEW/export as decoder_export")
     if required:
         raise ValueError(message)
     logging.warning("%s; samples get no images", message)
     return ""
+
+
+def _unpaired_because(path: str, expected: dict[str, np.ndarray], tokenizer_workdir: str) -> str:
+    """Why the export at `path` does not hold `expected` (dotted path -> array: the
+    tokenizer run's CLIP text encoder under `text_encoder.`), or "" when it does."""
+    stored = weights.stored_shapes(path)
+    if not any(k.startswith("text_encoder.") for k in stored):
+        return (f"it holds no text encoder (a {weights.read_config(path)[0]!r} export), so it cannot be told to be a "
+                f"decoder of the tokenizer run in {tokenizer_workdir}")
+    same_shapes = all(stored.get(k) == v.shape for k, v in expected.items())
+    found = weights.load_params(path, keys=expected) if same_shapes else {}
+    differing = [k for k, v in expected.items() if k not in found or not np.array_equal(found[k], v)]
+    if not differing:
+        return ""
+    return (f"its text encoder is not the CLIP text encoder of the tokenizer run in {tokenizer_workdir} (first at "
+            f"{differing[0]}): it was trained for another tokenizer run, and would paint images unrelated to the codes")
 
 
 # ---------------------------------------------------------------- data

@@ -630,20 +630,34 @@ def test_decoder_export_is_required_unless_the_config_says_otherwise(tiny_decode
     assert seed_opt.decoder_export(config) == ""
 
 
+def _run_clip_text(tok_dir: str, seed_offset: int = 0):
+    """The CLIP text encoder of the tokenizer run in `tok_dir`, drawn again (with its seed
+    moved by `seed_offset`: another run's)."""
+    from seed_jax import export
+
+    tok_config = export.read_workdir_config(tok_dir)
+    tok_config.seed += seed_offset
+    return tokenizer_trainer.create_clip_text(tok_config, parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+
+
+def _decoder_with_text_encoder_changed(decoder: str, out: str, change) -> str:
+    """A copy of the export `decoder` at `out` whose text encoder parameters are
+    `change({name: array})`."""
+    kind, sd_config, info = weights.read_config(decoder)
+    params = weights.load_params(decoder)
+    params.update(change({k: v for k, v in params.items() if k.startswith("text_encoder.")}))
+    weights.save(out, kind, sd_config, params, info)
+    return out
+
+
 def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothing(tiny_decoder_run, caplog):
     """A decoder conditions on its tokenizer run's CLIP text encoder (what the codes'
     generation embeddings imitate). One trained for a run with another CLIP (here another
     seed) painted samples.png from embeddings it never saw, without a word."""
-    from seed_jax import export
-
     tok_dir, decoder = os.path.join(tiny_decoder_run, "tokenizer"), os.path.join(tiny_decoder_run, "export")
-    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    tok_config = export.read_workdir_config(tok_dir)
-    clip_text = tokenizer_trainer.create_clip_text(tok_config, mesh)
+    clip_text, other_clip = _run_clip_text(tok_dir), _run_clip_text(tok_dir, seed_offset=1)
     assert seed_opt.paired_decoder(decoder, clip_text, tok_dir, required=True) == decoder
     assert seed_opt.paired_decoder("", clip_text, tok_dir, required=True) == ""
-    tok_config.seed += 1
-    other_clip = tokenizer_trainer.create_clip_text(tok_config, mesh)
     with pytest.raises(ValueError, match=rf"decoder_export {re.escape(decoder)}: its text encoder is not the CLIP "
                                          r"text encoder of the tokenizer run in .* \(first at text_encoder\."):
         seed_opt.paired_decoder(decoder, other_clip, tok_dir, required=True)
@@ -656,41 +670,28 @@ def test_a_decoder_of_the_run_drawn_again_by_another_compiler_is_paired(tiny_dec
     """The run's random CLIP text encoder, drawn again under other XLA flags (or on another
     backend), differs in its last bits (3e-7 relative: the tests' flags against XLA's
     defaults): its decoder was refused as another tokenizer run's."""
-    from seed_jax import export
-
-    kind, sd_config, info = weights.read_config(os.path.join(tiny_decoder_run, "export"))
-    params = weights.load_params(os.path.join(tiny_decoder_run, "export"))
-    params = {k: v * np.float32(1 + 1e-6) if k.startswith("text_encoder.") else v for k, v in params.items()}
-    redrawn = str(tmp_path / "redrawn")
-    weights.save(redrawn, kind, sd_config, params, info)
     tok_dir = os.path.join(tiny_decoder_run, "tokenizer")
-    clip_text = tokenizer_trainer.create_clip_text(export.read_workdir_config(tok_dir),
-                                                   parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
-    assert seed_opt.paired_decoder(redrawn, clip_text, tok_dir, required=True) == redrawn
+    redrawn = _decoder_with_text_encoder_changed(
+        os.path.join(tiny_decoder_run, "export"), str(tmp_path / "redrawn"),
+        lambda text_encoder: {k: v * np.float32(1 + 1e-6) for k, v in text_encoder.items()})
+    assert seed_opt.paired_decoder(redrawn, _run_clip_text(tok_dir), tok_dir, required=True) == redrawn
 
 
 def test_a_decoder_export_without_a_text_encoder_is_refused_as_such(tiny_decoder_run):
     """The tokenizer's export passed as decoder_export holds no `text_encoder.*`: the
     refusal said its text encoder was another run's CLIP, as if it had one."""
-    from seed_jax import export
-
     tok_dir = os.path.join(tiny_decoder_run, "tokenizer")
-    clip_text = tokenizer_trainer.create_clip_text(export.read_workdir_config(tok_dir),
-                                                   parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
     with pytest.raises(ValueError, match=r"export: it holds no text encoder \(a 'seed_tokenizer' export\), so "
                                          r"it cannot be told to be a decoder of the tokenizer run in "):
-        seed_opt.paired_decoder(os.path.join(tok_dir, "export"), clip_text, tok_dir, required=True)
+        seed_opt.paired_decoder(os.path.join(tok_dir, "export"), _run_clip_text(tok_dir), tok_dir, required=True)
 
 
 def test_training_refuses_a_decoder_of_another_tokenizer_run_before_pretokenizing(tiny_decoder_run, tmp_path):
     """`train` checks the pairing (not only `paired_decoder` alone), and before it writes
     WORKDIR/codes: pre-tokenizing a real split takes hours, and the refusal came after."""
-    kind, sd_config, info = weights.read_config(os.path.join(tiny_decoder_run, "export"))
-    params = weights.load_params(os.path.join(tiny_decoder_run, "export"))
-    name = next(k for k in sorted(params) if k.startswith("text_encoder."))
-    params[name] = params[name] + 1.0  # as a text encoder of another tokenizer run
-    other = str(tmp_path / "other_decoder")
-    weights.save(other, kind, sd_config, params, info)
+    name = "text_encoder.final_norm.scale"
+    other = _decoder_with_text_encoder_changed(os.path.join(tiny_decoder_run, "export"), str(tmp_path / "other"),
+                                               lambda text_encoder: {name: text_encoder[name] + 1.0})
     config = get_config("tiny")
     config.tokenizer_workdir, config.decoder_export = os.path.join(tiny_decoder_run, "tokenizer"), other
     workdir = tmp_path / "wd"

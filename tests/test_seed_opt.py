@@ -365,11 +365,26 @@ def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_
         def __call__(self, pixels):
             return np.zeros((len(pixels), 32), np.int32)
 
-    with pytest.raises(ValueError, match="out_dir: .* the 'train' image records are read from"):
+    with pytest.raises(ValueError, match="out_dir: .* holds image records read here .* named as the 'train' code"):
         pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "train", batch_size=2, num_threads=1)
     assert records.shard_paths(str(tmp_path), "train") == paths
     summary = pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "codes", batch_size=2, num_threads=1)
     assert summary["records"] == 3  # another prefix in the same folder is fine
+
+
+def test_pretokenize_refuses_a_split_whose_codes_would_replace_another_splits_images(tokenizer_export, tmp_path):
+    """With out_dir the train images' folder, an eval split writing `train` code shards
+    replaced the train image shards (eval runs first) before the train split read them."""
+    train_dir, eval_dir = str(tmp_path / "train"), str(tmp_path / "eval")
+    train_paths = synthetic.write_shapes_dataset(train_dir, split="train", num_examples=3, seed=0, image_size=32,
+                                                 num_shards=1, num_workers=1)
+    eval_paths = synthetic.write_shapes_dataset(eval_dir, split="eval", num_examples=2, seed=1, image_size=32,
+                                                num_shards=1, num_workers=1)
+    with pytest.raises(ValueError, match="out_dir: .* holds image records read here .* named as the 'train' code"):
+        pretokenize.pretokenize(tokenizer_export, {"train": eval_paths, "codes": train_paths}, train_dir,
+                                batch_size=2, num_threads=1)
+    assert records.shard_paths(train_dir, "train") == train_paths
+    assert not os.path.exists(os.path.join(train_dir, "codes-00000-of-00001.array_record"))
 
 
 def test_pretokenize_killed_while_writing_a_summary_reruns_the_shard(tmp_path, monkeypatch):

@@ -123,13 +123,13 @@ def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str)
 
 
 def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) -> None:
-    """Raises when `out_dir` holds input shards named like this split's code shards (the
-    same folder and prefix): they would be removed (another count) or replaced."""
+    """Raises when `out_dir` holds input shards (`in_paths`) named like the code shards of
+    `prefix` (the same folder and prefix): they would be removed (another count) or replaced."""
     named_as_outputs = {os.path.realpath(p) for p in records.existing_shards(out_dir, prefix)}
     for path in in_paths:
         if os.path.realpath(path) in named_as_outputs:
-            raise ValueError(f"out_dir: {out_dir!r} is where the {prefix!r} image records are read from ({path}); "
-                             f"its code shards would replace them: choose another out_dir")
+            raise ValueError(f"out_dir: {out_dir!r} holds image records read here ({path}) named as the {prefix!r} "
+                             f"code shards, which would replace them: choose another out_dir")
 
 
 def _remove_other_counts(out_dir: str, prefix: str, count: int) -> None:
@@ -152,6 +152,9 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
                 dtype: str = "float32", num_threads: int = 4) -> dict[str, dict]:
     """Every split (prefix -> image-record shard paths) -> code records in `out_dir`;
     all processes take part. Returns {prefix: this process's summary}."""
+    inputs = [path for paths in splits.values() for path in paths]
+    for prefix in splits:  # before any split writes: one split's codes could replace another's images
+        _refuse_to_overwrite_inputs(inputs, out_dir, prefix)
     model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
     encoder, tokenizer = LocalEncoder(model), weights.fingerprint(tokenizer_export)
     out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,

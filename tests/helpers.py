@@ -85,7 +85,8 @@ def assert_compiles_without_full_rematerialization(setup, batch, capfd) -> None:
         _compile_a_lookup_xla_rematerializes()
         assert FULL_REMATERIALIZATION in capfd.readouterr().err, (
             f"XLA printed no {FULL_REMATERIALIZATION!r} for a program that needs one: this check cannot see it "
-            f"(TF_CPP_MIN_LOG_LEVEL={os.environ.get('TF_CPP_MIN_LOG_LEVEL')!r})")
+            f"(a silenced log, TF_CPP_MIN_LOG_LEVEL={os.environ.get('TF_CPP_MIN_LOG_LEVEL')!r}? a compile that "
+            "was not one?)")
         setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     assert FULL_REMATERIALIZATION not in capfd.readouterr().err
 
@@ -93,12 +94,13 @@ def assert_compiles_without_full_rematerialization(setup, batch, capfd) -> None:
 @contextlib.contextmanager
 def compilation_cache_off():
     """Compiles in the block really compile (and log), not read the session's
-    compilation cache. JAX decides once per process whether it uses the cache, so the
-    flag alone does nothing after the first compile: the decision is reset, before and
-    after."""
+    compilation cache or the programs this process holds. JAX decides once per process
+    whether it uses the cache, so the flag alone does nothing after the first compile:
+    the decision is reset, before and after."""
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
+    jax.clear_caches()
     try:
         yield
     finally:

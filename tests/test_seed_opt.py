@@ -353,38 +353,25 @@ def test_pretokenize_splits_sharing_a_prefix_write_their_own_code_shards_or_fail
     assert {prefix: len(rows) for prefix, rows in written.items()} == {"train": 3, "eval": 2}
 
 
-def test_pretokenize_into_the_image_records_own_folder_fails_and_keeps_them(tmp_path):
-    """out_dir = the split's dir: the code shards share the image shards' names, so process 0
-    removed the image shards of another count (and a same-count run replaced them)."""
-    paths = synthetic.write_shapes_dataset(str(tmp_path), split="train", num_examples=3, seed=0, image_size=16,
-                                           num_shards=2, num_workers=1)
-
-    class Encoder:
-        image_size = 16
-
-        def __call__(self, pixels):
-            return np.zeros((len(pixels), 32), np.int32)
-
-    with pytest.raises(ValueError, match="out_dir: .* holds image records read here .* named as the 'train' code"):
-        pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "train", batch_size=2, num_threads=1)
-    assert records.shard_paths(str(tmp_path), "train") == paths
-    summary = pretokenize.tokenize_split(Encoder(), paths, str(tmp_path), "codes", batch_size=2, num_threads=1)
-    assert summary["records"] == 3  # another prefix in the same folder is fine
-
-
-def test_pretokenize_refuses_a_split_whose_codes_would_replace_another_splits_images(tokenizer_export, tmp_path):
-    """With out_dir the train images' folder, an eval split writing `train` code shards
-    replaced the train image shards (eval runs first) before the train split read them."""
+@pytest.mark.parametrize("case", ["own_split", "another_split"])
+def test_pretokenize_refuses_to_write_codes_over_image_records_and_keeps_them(tokenizer_export, tmp_path, case):
+    """out_dir = the train images' folder. Code shards named as them (here 2 image shards,
+    1 process) made process 0 remove the image shards of another count (a same-count run
+    replaced them): those of the train split itself, or, for an eval split written as
+    `train`, the train split's before it read them (eval runs first)."""
     train_dir, eval_dir = str(tmp_path / "train"), str(tmp_path / "eval")
     train_paths = synthetic.write_shapes_dataset(train_dir, split="train", num_examples=3, seed=0, image_size=32,
-                                                 num_shards=1, num_workers=1)
+                                                 num_shards=2, num_workers=1)
     eval_paths = synthetic.write_shapes_dataset(eval_dir, split="eval", num_examples=2, seed=1, image_size=32,
                                                 num_shards=1, num_workers=1)
+    splits = {"train": train_paths} if case == "own_split" else {"train": eval_paths, "codes": train_paths}
     with pytest.raises(ValueError, match="out_dir: .* holds image records read here .* named as the 'train' code"):
-        pretokenize.pretokenize(tokenizer_export, {"train": eval_paths, "codes": train_paths}, train_dir,
-                                batch_size=2, num_threads=1)
+        pretokenize.pretokenize(tokenizer_export, splits, train_dir, batch_size=2, num_threads=1)
     assert records.shard_paths(train_dir, "train") == train_paths
-    assert not os.path.exists(os.path.join(train_dir, "codes-00000-of-00001.array_record"))
+    assert not records.existing_shards(train_dir, "codes")
+    summaries = pretokenize.pretokenize(tokenizer_export, {"codes": train_paths}, train_dir, batch_size=2,
+                                        num_threads=1)
+    assert summaries["codes"]["records"] == 3  # another prefix in the same folder is fine
 
 
 def test_pretokenize_killed_while_writing_a_summary_reruns_the_shard(tmp_path, monkeypatch):
@@ -968,9 +955,9 @@ def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
 def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run, tmp_path, repo_root):
     """The multi-host path with parameters sharded across processes (fsdp over both
     processes' devices): each process pre-tokenizes its slice, trains on its rows, process
-    0 paints the samples, and the export holds the last checkpoint's whole parameters. Process 0 writes the export
-    slower than the others wait for it at exit: they returned at once, and JAX's shutdown
-    aborted both processes with the export cut short."""
+    0 paints the samples, and the export holds the last checkpoint's whole parameters.
+    Process 0 writes the export slower than the others wait for it at exit: they returned
+    at once, and JAX's shutdown aborted both processes with the export cut short."""
     workdir = tmp_path / "wd"
     run_two_processes(repo_root, [f"--config={repo_root}/configs/seed_opt.py:tiny", f"--workdir={workdir}",
                                   f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",

@@ -58,9 +58,9 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
                    num_threads: int = 4, tokenizer: str | None = None) -> dict:
     """Writes this process's shard of code records for one split; returns its summary.
     `tokenizer`: the encoder's export fingerprint, kept in the summary; a finished shard
-    whose summary holds another is written again."""
+    whose summary holds another is written again. (`pretokenize` first checks that no
+    split's input shards are named as its outputs.)"""
     index, count = jax.process_index(), jax.process_count()
-    _refuse_to_overwrite_inputs(in_paths, out_dir, prefix)
     path = records.shard_path(out_dir, prefix, index, count)
     summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json")
     if index == 0:
@@ -122,14 +122,17 @@ def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str)
                              "export that wrote them")
 
 
-def _refuse_to_overwrite_inputs(in_paths: list[str], out_dir: str, prefix: str) -> None:
-    """Raises when `out_dir` holds input shards (`in_paths`) named like the code shards of
-    `prefix` (the same folder and prefix): they would be removed (another count) or replaced."""
-    named_as_outputs = {os.path.realpath(p) for p in records.existing_shards(out_dir, prefix)}
-    for path in in_paths:
-        if os.path.realpath(path) in named_as_outputs:
-            raise ValueError(f"out_dir: {out_dir!r} holds image records read here ({path}) named as the {prefix!r} "
-                             f"code shards, which would replace them: choose another out_dir")
+def _refuse_to_overwrite_inputs(splits: dict[str, list[str]], out_dir: str) -> None:
+    """Raises when `out_dir` holds any split's input shards named like some split's code
+    shards (the same folder and prefix): they would be removed (another count) or
+    replaced, perhaps before the split that reads them ran."""
+    inputs = [path for paths in splits.values() for path in paths]
+    for prefix in splits:
+        named_as_outputs = {os.path.realpath(p) for p in records.existing_shards(out_dir, prefix)}
+        for path in inputs:
+            if os.path.realpath(path) in named_as_outputs:
+                raise ValueError(f"out_dir: {out_dir!r} holds image records read here ({path}) named as the "
+                                 f"{prefix!r} code shards, which would replace them: choose another out_dir")
 
 
 def _remove_other_counts(out_dir: str, prefix: str, count: int) -> None:
@@ -152,9 +155,7 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
                 dtype: str = "float32", num_threads: int = 4) -> dict[str, dict]:
     """Every split (prefix -> image-record shard paths) -> code records in `out_dir`;
     all processes take part. Returns {prefix: this process's summary}."""
-    inputs = [path for paths in splits.values() for path in paths]
-    for prefix in splits:  # before any split writes: one split's codes could replace another's images
-        _refuse_to_overwrite_inputs(inputs, out_dir, prefix)
+    _refuse_to_overwrite_inputs(splits, out_dir)  # before any split writes
     model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
     encoder, tokenizer = LocalEncoder(model), weights.fingerprint(tokenizer_export)
     out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,

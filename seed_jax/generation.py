@@ -97,11 +97,23 @@ def allowed_ranges(max_new_tokens: int, ranges: list[tuple[int, int]] | None, vo
     return out
 
 
+def up_to_last_end(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
+    """(B,T) new tokens, `eos_id` ending each row -> (B,W): the columns up to the last
+    row's `eos_id`, as transformers' `generate` returns them; all T when a row has not
+    ended (or there is no `eos_id`)."""
+    if eos_id is None:
+        return tokens
+    ended = np.asarray(tokens) == eos_id
+    if not len(tokens) or not ended.any(1).all():
+        return tokens
+    return tokens[:, :ended.argmax(1).max() + 1]
+
+
 def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None, allowed: jax.Array | None = None,
              eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32 new tokens. After
-    `eos_id` a row emits `pad_id`. `allowed` (T,2) restricts step t to ids in
+    `eos_id` a row emits `pad_id`; once every row has, decoding stops. `allowed` (T,2) restricts step t to ids in
     [allowed[t,0], allowed[t,1]). `rng` is needed when sampling (temperature > 0):
     one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
     its key and prompt alone, not on the batch it runs in)."""
@@ -141,9 +153,11 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
         return i + 1, logits[:, -1], cache, mask, position + 1, done, out
 
     state = (0, logits[:, -1], cache, mask, positions[:, -1] + 1, jnp.zeros((batch,), bool),
-             jnp.zeros((batch, max_new_tokens), jnp.int32))
-    # every step but the last feeds its token back; the last token needs no forward pass
-    i, logits, _, _, _, done, out = jax.lax.while_loop(lambda s: s[0] < max_new_tokens - 1, step, state)
+             jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
+    # Every step but the last feeds its token back (the last token needs no forward
+    # pass). The loop ends once every row has emitted eos_id; the columns left hold pad_id.
+    i, logits, _, _, _, done, out = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & ~s[5].all(), step,
+                                                       state)
     return emit(i, logits, done, out)[2]
 
 

@@ -162,6 +162,48 @@ def test_greedy_generation_matches_transformers_generate(converted):
     np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+def test_greedy_generation_with_eos_stops_where_transformers_does(converted):
+    """Once every row has emitted the end token, decoding stops (it ran all
+    max_new_tokens steps before) and the API returns the columns up to the last row's
+    end, as transformers' generate. The end tokens tried are those greedy rows emit."""
+    hf, model, export = converted
+    ids, mask = _prompts()
+    steps = 10
+    without = np.asarray(jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=steps))(ids, mask))
+    stopped_early = 0
+    for eos in np.unique(without[:, :4]).tolist():
+        with torch.no_grad(), _one_torch_thread():
+            ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                              max_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=eos,
+                              pad_token_id=1).numpy()[:, 8:]
+        for batch_size in (1, 2):
+            np.testing.assert_array_equal(SeedOPT.load(export, batch_size=batch_size).generate(
+                ids, steps, attention_mask=mask, eos_id=eos), ref, err_msg=f"eos_id={eos} batch_size={batch_size}")
+        forward_passes = _forward_passes(model, ids, mask, steps, eos)
+        assert forward_passes == min(ref.shape[1], steps - 1) + 1, f"eos_id={eos}"
+        stopped_early += ref.shape[1] < steps
+    assert stopped_early, "no batch ended before max_new_tokens: the early stop is untested"
+
+
+def _forward_passes(model, ids, mask, steps: int, eos: int) -> int:
+    """How many times greedy `generation.generate` runs the model (the prompt's pass
+    included), counted from inside the compiled loop."""
+    calls = []
+
+    class Counting:
+        config = model.config
+        init_cache = model.init_cache
+
+        def __call__(self, *args, **kwargs):
+            jax.debug.callback(lambda: calls.append(1))
+            return model(*args, **kwargs)
+
+    jax.block_until_ready(jax.jit(lambda i, m: generation.generate(Counting(), i, m, max_new_tokens=steps,
+                                                                   eos_id=eos))(ids, mask))
+    jax.effects_barrier()
+    return len(calls)
+
+
 def test_generation_may_fill_every_position(converted):
     """The last new token is never fed back, so a prompt of P tokens may take
     max_positions - P + 1 of them, as in transformers; one more is refused."""
@@ -267,14 +309,14 @@ def test_beam_search_with_eos_matches_transformers(converted):
                                   max_new_tokens=steps, do_sample=False, num_beams=beams, eos_token_id=eos,
                                   pad_token_id=1, length_penalty=length_penalty).numpy()[:, 8:]
             stopped_early += ref.shape[1] < steps
+            if eos == without[0, 0]:  # the API, one row per chunk, returns transformers' columns
+                np.testing.assert_array_equal(SeedOPT.load(export, batch_size=1).generate(
+                    ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos, length_penalty=length_penalty), ref)
             ref = np.pad(ref, ((0, 0), (0, steps - ref.shape[1])), constant_values=1)
             np.testing.assert_array_equal(np.asarray(run(ids, mask, eos)), ref,
                                           err_msg=f"eos_id={eos} length_penalty={length_penalty}")
             after_eos = np.cumsum(np.cumsum(without == eos, 1) > 0, 1) > 1
             changed += not np.array_equal(np.where(after_eos, 1, without), ref)
-            if eos == without[0, 0]:  # the API, one row per chunk
-                np.testing.assert_array_equal(SeedOPT.load(export, batch_size=1).generate(
-                    ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos, length_penalty=length_penalty), ref)
     assert changed, "cutting beams without an end token at eos gives the same tokens: the check is vacuous"
     assert stopped_early, "no batch stopped before max_new_tokens: the early stop is untested"
 

@@ -134,10 +134,10 @@ class SeedOPT:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
                  pad_id: int | str = "model", allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0) -> np.ndarray:
-        """(B,P) left-padded prompts -> (B,max_new_tokens) int32, `pad_id` after
-        `eos_id` (as transformers' `generate`, whose output would end where every row
-        has ended): greedy at temperature 0, else sampled (top-k / top-p; `seed`
-        defaults to 0). `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the
+        """(B,P) left-padded prompts -> (B,T) int32 new tokens, `pad_id` after `eos_id`,
+        as transformers' `generate`: T is `max_new_tokens`, or fewer when every row has
+        ended (up to the last row's `eos_id`). Greedy at temperature 0, else sampled
+        (top-k / top-p; `seed` defaults to 0). `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the
         converted folder's); `eos_id` None: no end token. `allowed[t] = (low, high)`
         restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
@@ -166,9 +166,9 @@ class SeedOPT:
                      ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
-            return run_in_chunks(lambda i, m: self._beam_search(
+            return generation.up_to_last_end(run_in_chunks(lambda i, m: self._beam_search(
                 self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                length_penalty=length_penalty), (ids, mask), self.batch_size)
+                length_penalty=length_penalty), (ids, mask), self.batch_size), eos_id)
         sampling = generation.Sampling(temperature, top_k, top_p)
         ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
         key = seed_key(0 if seed is None else seed)
@@ -178,7 +178,7 @@ class SeedOPT:
             return self._generate(self._state, ids, mask, keys, ranges,
                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
 
-        return run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size)
+        return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size), eos_id)
 
     def _end_and_padding(self, eos_id, pad_id) -> tuple:
         """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `generate`)."""

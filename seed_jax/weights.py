@@ -76,11 +76,12 @@ def _nest(flat: dict[str, Any]) -> dict:
     return tree
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_nested(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted path: leaf} (empty dicts hold no leaf)."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        out.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+        out.update(flatten_nested(value, path + ".") if isinstance(value, dict) else {path: value})
     return out
 
 
@@ -240,14 +241,14 @@ def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | 
     target = {k: jax.ShapeDtypeStruct(shape, np.float32, sharding=shardings.get(k, host))
               for k, shape in stored.items()}
     restored = {k: v if k in shardings else np.asarray(v)
-                for k, v in _flatten(checkpointer.restore(path, _nest(target))).items()}
+                for k, v in flatten_nested(checkpointer.restore(path, _nest(target))).items()}
     return restored if keys is None else {k: restored[k] for k in keys}
 
 
 def stored_shapes(out: str) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter in the export at `out` (nothing is read)."""
     metadata = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(out), PARAMS_DIR))
-    return {k: tuple(m.shape) for k, m in _flatten(dict(metadata.item_metadata)).items()}
+    return {k: tuple(m.shape) for k, m in flatten_nested(dict(metadata.item_metadata)).items()}
 
 
 def materialize(abstract: nnx.Module, params: dict[str, Any]) -> nnx.Module:

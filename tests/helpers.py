@@ -124,7 +124,7 @@ def checkpoint_params(workdir, stage, module: str | None = "tokenizer") -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             checkpointer.metadata(path).item_metadata.tree)
     params = checkpointer.restore(path, restore_args=as_numpy)["params"]
-    flat = weights._flatten(params[module] if module else params)  # raw nnx state: each leaf under "value"
+    flat = weights.flatten_nested(params[module] if module else params)  # raw nnx state: each leaf under "value"
     return {name.removesuffix(".value"): value for name, value in flat.items()}
 
 

@@ -19,7 +19,7 @@ from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
-from seed_jax.trainers import coordination
+from seed_jax.trainers import coordination, run_config
 from seed_jax.trainers import tokenizer as trainer
 
 
@@ -36,6 +36,40 @@ def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_ro
     tokenizer = SeedTokenizer.load(out)
     codes = tokenizer.encode(np.zeros((2, 32, 32, 3), np.float32))
     assert codes.shape == (2, 32) and tokenizer.embed_codes(codes).shape == (2, 77, 16)
+
+
+def test_a_rerun_in_a_trained_workdir_keeps_the_settings_it_was_trained_with(trained_workdir, tmp_path):
+    """config.json is what exports and the trainers built on a finished run rebuild its
+    models from. A rerun in the workdir with another seed (the frozen CLIP's draw) or
+    model wrote its settings over it, then trained nothing (its checkpoints were final):
+    the decoder and SEED-OPT then rebuilt a CLIP the run never used. Now it is refused
+    and config.json kept; settings that do not define the model are recorded."""
+    workdir = str(tmp_path / "trained")
+    shutil.copytree(trained_workdir, workdir)
+    path = os.path.join(workdir, "config.json")
+    trained = open(path).read()
+    for section, key, value, named in [(None, "seed", 1, "seed: 0 -> 1"),
+                                       ("clip_text", "eps", 1e-6, "clip_text.eps: 1e-05 -> 1e-06")]:
+        config = get_config("tiny")
+        (config[section] if section else config)[key] = value
+        with pytest.raises(ValueError, match=f"workdir {workdir}: its checkpoints were trained with other settings "
+                                             f"than this run's \\({named}\\)"):
+            trainer.train(config, workdir)
+        assert open(path).read() == trained
+    config = get_config("tiny")
+    config.log_every_steps = 1
+    assert trainer.train(config, workdir)
+    assert json.loads(open(path).read())["log_every_steps"] == 1
+
+
+def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
+    """A run that failed before its first checkpoint (e.g. on a bad setting) trained
+    nothing: the next run's settings replace its config.json."""
+    failed = get_config("tiny")
+    failed.seed = 1
+    run_config.write(str(tmp_path), failed, trainer.RUN_DEFINING)
+    run_config.write(str(tmp_path), get_config("tiny"), trainer.RUN_DEFINING)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
 
 
 def _create(config):

@@ -9,7 +9,6 @@ is rebuilt exactly as that run built it (its own config; seeded, frozen).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -27,8 +26,11 @@ from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.unet import UNetConfig
-from seed_jax.trainers import coordination, global_batches, loop, reporting
+from seed_jax.trainers import coordination, global_batches, loop, reporting, run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+# What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
+RUN_DEFINING = ("trainer", "seed", "unet", "pixel_patch", "schedule", "train.trainable")
 
 
 def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids: np.ndarray):
@@ -127,9 +129,9 @@ class Evaluator:
             grid = image_grid([self.images[:k], reconstructions[:k], from_captions[:k]], self.tokenizer.image_size)
             preprocess.Image.fromarray(grid).save(os.path.join(self.workdir, "samples.png"))
             self.writer.tb.add_image("decoder/samples", grid, step, dataformats="HWC")
-            with open(os.path.join(self.workdir, "samples.json"), "w") as f:
-                json.dump({"rows": ["original", "reconstruction from SEED codes", "generated from the caption"],
-                           "captions": self.captions[:k], "step": step}, f, indent=2)
+            records.write_json(os.path.join(self.workdir, "samples.json"),
+                               {"rows": ["original", "reconstruction from SEED codes", "generated from the caption"],
+                                "captions": self.captions[:k], "step": step}, indent=2)
         return metrics
 
 
@@ -163,10 +165,7 @@ def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
     check_options(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+    run_config.write(workdir, config, RUN_DEFINING)
     trained = tokenizer_trainer.ensure_trained(config, workdir)
     if trained is None:  # the tokenizer's training was preempted
         return False

@@ -18,7 +18,6 @@ The result is exported to WORKDIR/export with LoRA merged (`api.SeedOPT.load`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -36,12 +35,14 @@ from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import layers, opt
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, pretokenize, reporting
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, pretokenize, reporting, run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
 
 PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.model or the converted OPT
+# What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
+RUN_DEFINING = ("trainer", "seed", "model", "lora", "image_embedding", "text_tokenizer", "prompts", "train_all")
 
 
 def lm_loss(model: opt.OPT, batch, rng):
@@ -228,8 +229,7 @@ class Evaluator:
         samples = [{"id": r["id"], "caption": r["caption"], "generated_caption": c,
                     "codes_generated_from_caption": g.tolist()}
                    for r, c, g in zip(self.records[:k], captions[:k], generated[:k])]
-        with open(os.path.join(self.workdir, "samples.json"), "w") as f:
-            json.dump({"step": step, "samples": samples}, f, indent=1)
+        records.write_json(os.path.join(self.workdir, "samples.json"), {"step": step, "samples": samples})
         if self.decoder_export:  # images from the generated codes, beside the originals' reconstructions
             # Loaded for each evaluation and freed after: held through training, a SEED tokenizer
             # and a Stable Diffusion model would take device memory the training needs.
@@ -339,10 +339,7 @@ def train(config, workdir: str) -> bool:
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                     [(name, key, config[key].num_steps) for name, key in PHASES])
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+    run_config.write(workdir, config, RUN_DEFINING)
     decoder = decoder_export(config)
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None

@@ -22,8 +22,12 @@ from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.models import layers, quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting, run_config
 from seed_jax.trainers import warm_start as warm_start_lib
+
+# What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
+RUN_DEFINING = ("trainer", "seed", "model", "clip_text", "data.tokenizer", "data.max_text_length", "data.synthetic",
+                "stage1.trainable", "stage2.trainable")
 
 
 class TrainModel(nnx.Module):
@@ -384,10 +388,7 @@ def train(config, workdir: str) -> bool:
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                     [(name, name, config[name].num_steps) for name in stages_to_run(config)])
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+    run_config.write(workdir, config, RUN_DEFINING)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())

@@ -66,7 +66,7 @@ def test_eval_batches_pad_to_whole_batches(shards, example):
             pipeline.eval_batches(paths, example, num_examples=bad, global_batch_size=8)
     # ALL_RECORDS: the whole split (seed1 evaluates on all of Karpathy's test split)
     every = pipeline.eval_batches(paths, example, num_examples=pipeline.ALL_RECORDS, global_batch_size=8)
-    size = len(pipeline.read_records(paths, pipeline.ALL_RECORDS))
+    size = len(list(pipeline.read_records(paths, pipeline.ALL_RECORDS)))
     index = np.concatenate([b["index"] for b in every])
     assert size > 20 and list(index[:size]) == list(range(size)) and (index[size:] == -1).all()
     assert len(pipeline.read_labels(paths, pipeline.ALL_RECORDS)) == size
@@ -200,3 +200,27 @@ def test_processes_do_not_shuffle_their_slices_in_lockstep(shards, example, monk
     first, second = (np.concatenate([b["index"] for b in batches]) for batches in local)
     assert (first % 2 == 0).all() and (second % 2 == 1).all()
     assert np.mean(second == first + 1) < 0.25  # 1.0 in lockstep
+
+
+def test_reading_an_eval_splits_labels_holds_one_record_at_a_time(tmp_path):
+    """read_labels (the captions and image ids of the tokenizer's evaluation, every record
+    of Karpathy's test split with seed1: 25k records of 160 KB JPEGs) held every record's
+    image bytes at once, to keep their captions."""
+    import tracemalloc
+
+    size, count = 200_000, 24
+    path = str(tmp_path / "eval-00000-of-00001.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        record_id = f"image{i // 4}" + (f"#{i % 4}" if i % 4 else "")  # 4 captions an image, as make_records
+        writer.write(records.encode_record({"image": rng.bytes(size), "caption": f"caption {i}", "id": record_id}))
+    writer.close()
+    tracemalloc.start()
+    try:
+        labels = pipeline.read_labels([path], pipeline.ALL_RECORDS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert labels == [(f"caption {i}", f"image{i // 4}") for i in range(count)]
+    assert peak < 6 * size  # a record and the copies decoding makes of it; all of them: count * size

@@ -348,7 +348,7 @@ def test_pretokenize_splits_sharing_a_prefix_write_their_own_code_shards_or_fail
     assert not os.path.exists(config.out_dir)
     config.splits.eval.out_prefix = "eval"
     assert pretokenize.run(config, str(tmp_path))
-    written = {prefix: pipeline.read_records(records.shard_paths(config.out_dir, prefix), pipeline.ALL_RECORDS)
+    written = {prefix: list(pipeline.read_records(records.shard_paths(config.out_dir, prefix), pipeline.ALL_RECORDS))
                for prefix in ("train", "eval")}
     assert {prefix: len(rows) for prefix, rows in written.items()} == {"train": 3, "eval": 2}
 

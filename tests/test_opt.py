@@ -22,6 +22,7 @@ from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
 from seed_jax import api, generation, parallel, weights
 from seed_jax.api import SeedOPT
+from seed_jax.api import seed_opt as seed_opt_api
 from seed_jax.convert.__main__ import convert
 from seed_jax.data import opt_text
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
@@ -364,6 +365,31 @@ def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     assert lm._generate._cache_size() == 3
     np.testing.assert_array_equal(nucleus[1e-6], greedy)  # only the most likely token is left
     assert not np.array_equal(nucleus[0.999], greedy), "top_p did not reach the compiled decoder"
+
+
+def _half_padded(ids: np.ndarray) -> np.ndarray:
+    """The mask of (2,P) prompts: row 0's first half padding, row 1 whole."""
+    return (np.arange(ids.shape[1]) >= np.asarray([[ids.shape[1] // 2], [0]])).astype(np.int32)
+
+
+def test_prompts_of_other_lengths_reuse_the_compiled_decoder(monkeypatch):
+    """The decoder was compiled again for every prompt length, so `answer` recompiled
+    for nearly every batch of questions and `generate_image` for nearly every prompt.
+    Prompts are now left-padded to a multiple of 16 tokens (no further than the
+    positions allow), and the tokens are those of the unpadded prompts."""
+    lm = _tiny_seed_opt()
+    rng = np.random.default_rng(0)
+    calls = [(rng.integers(3, 20, (2, length)), options) for length in (3, 7, 16)
+             for options in [dict(), dict(temperature=1.0, seed=1), dict(num_beams=2)]]
+    padded = [lm.generate(ids, 6, attention_mask=_half_padded(ids), **options) for ids, options in calls]
+    assert lm._generate._cache_size() == 2 and lm._beam_search._cache_size() == 1  # greedy, sampled; beams
+    lm.image_codes(["a", "a red star star red a red"])  # prompts of 20 and 26 tokens
+    lm.image_codes(["a red star a red star", "red"])  # 25 and 20
+    assert lm._generate._cache_size() == 3  # one more: `allowed` and 33 steps
+    lm.generate(np.full((1, 5), 4), 60)  # no room to pad: 5 + 60 - 1 positions of 64
+    monkeypatch.setattr(seed_opt_api, "PROMPT_LENGTH_STEP", 1)  # no padding
+    for (ids, options), tokens in zip(calls, padded):
+        np.testing.assert_array_equal(tokens, lm.generate(ids, 6, attention_mask=_half_padded(ids), **options))
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-50])

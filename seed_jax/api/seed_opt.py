@@ -18,6 +18,10 @@ from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.models import layers
 from seed_jax.models.opt import OPT as OPTModel
 
+# generate pads prompts on the left to a multiple of this many tokens, so that
+# questions or prompts of other lengths reuse the compiled decoder
+PROMPT_LENGTH_STEP = 16
+
 
 class SeedOPT:
     """An OPT language model (a converted Hugging Face OPT, with or without SEED's
@@ -152,6 +156,7 @@ class SeedOPT:
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
+        ids, mask = _left_padded_to_step(ids, mask, longest)
         num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
@@ -298,6 +303,16 @@ class SeedOPT:
         tokenizer.check_decode_options(seed=seed, **decode_options)  # before the language model runs
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return tokenizer.decode(codes, seed=seed, **decode_options)
+
+
+def _left_padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B,P) left-padded prompts and mask -> (B,P') with P' the next multiple of
+    `PROMPT_LENGTH_STEP` (at most `longest`, at least P), the new columns token 0 with
+    mask 0: positions count the mask, so the tokens are those of the (B,P) prompts,
+    and one compiled decoder serves every prompt length up to P'."""
+    length = max(ids.shape[1], min(-(-ids.shape[1] // PROMPT_LENGTH_STEP) * PROMPT_LENGTH_STEP, longest))
+    columns = ((0, 0), (length - ids.shape[1], 0))
+    return np.pad(ids, columns), np.pad(mask, columns)
 
 
 def _check_texts(name: str, texts, count: int | None = None) -> list[str]:

@@ -653,6 +653,51 @@ def test_generate_image_checks_its_decode_options_before_the_language_model_runs
         lm.generate_image(["a red star"], steps=3)
 
 
+def _seed_opt_with_images(diffusion: bool = True) -> SeedOPT:
+    """`_tiny_seed_opt` with a random tiny SEED tokenizer of 16 codes (and `_tiny_diffusion`)."""
+    from helpers import TINY_TOKENIZER
+    from seed_jax.api import SeedTokenizer
+    from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
+
+    model = SeedTokenizerModel(dataclasses.replace(TINY_TOKENIZER, num_codes=16), rngs=nnx.Rngs(0))
+    return _tiny_seed_opt(tokenizer=SeedTokenizer(model, diffusion=_tiny_diffusion() if diffusion else None))
+
+
+@pytest.mark.parametrize("method, arguments, options, message", [
+    ("answer", [["a red star"]], {}, "questions: expected a list of 2 strings, one per image, got 1 of them"),
+    ("answer", [None], {}, "questions: expected a list of 2 strings, one per image, got None"),
+    ("answer", [["a", "red"]], dict(text_tokenizer=None), "this SeedOPT has no text tokenizer"),
+    ("caption", [], dict(text_tokenizer=None), "this SeedOPT has no text tokenizer"),
+    ("reconstruct", [], dict(num_steps=0), "num_steps: expected"),
+    ("reconstruct", [], dict(sampler="euler"), "sampler: expected one of"),
+    ("reconstruct", [], dict(diffusion=None), "decode needs a diffusion model"),
+])
+def test_images_are_not_encoded_before_the_other_arguments_are_checked(method, arguments, options, message,
+                                                                       monkeypatch):
+    """answer encoded every image, then failed for a question list of another length
+    (or for want of a text tokenizer, as caption did); reconstruct encoded every image,
+    then failed on a bad decode option or for want of a diffusion model."""
+    lm = _seed_opt_with_images(diffusion=options.pop("diffusion", True) is not None)
+    if "text_tokenizer" in options:
+        lm.text_tokenizer = options.pop("text_tokenizer")
+
+    def encode(*args, **kwargs):
+        raise AssertionError("the images were encoded before the arguments were checked")
+
+    monkeypatch.setattr(lm.tokenizer, "encode", encode)
+    run = getattr(lm.tokenizer, method) if method == "reconstruct" else getattr(lm, method)
+    with pytest.raises(ValueError, match=message):
+        run(np.zeros((2, 40, 40, 3), np.uint8), *arguments, **options)
+
+
+def test_answer_of_images_is_answer_codes_of_their_codes():
+    lm = _seed_opt_with_images(diffusion=False)
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), np.uint8)
+    questions = ["a red star", "star"]
+    expected = lm.answer_codes(lm.tokenizer.encode(lm.tokenizer.preprocess(images)), questions, max_new_tokens=2)
+    assert lm.answer(images, (q for q in questions), max_new_tokens=2) == expected  # questions read once
+
+
 def _adapted(model, config, rank=4, extra=6):
     """`model` with LoRA on every target and `extra` appended token rows, all set to
     non-zero random values (B starts at zero; that would hide a wrong merge)."""

@@ -285,14 +285,16 @@ class SeedOPT:
 
     def caption(self, images, **options) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
-        tokenizer = self._seed_tokenizer()
+        tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
         return self.caption_codes(tokenizer.encode(tokenizer.preprocess(images)), **options)
 
     def answer(self, images, questions: Sequence[str], **options) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) and one question each -> short answers
         (options as `answer_codes`)."""
-        tokenizer = self._seed_tokenizer()
-        return self.answer_codes(tokenizer.encode(tokenizer.preprocess(images)), questions, **options)
+        tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
+        pixels = tokenizer.preprocess(images)
+        questions = _check_texts("questions", questions, count=len(pixels))
+        return self.answer_codes(tokenizer.encode(pixels), questions, **options)
 
     def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:

@@ -160,4 +160,5 @@ class SeedTokenizer:
 
     def reconstruct(self, images, **decode_options) -> np.ndarray:
         """Images (see preprocess) -> encode -> decode (options as `decode`)."""
+        self.check_decode_options(**decode_options)  # before the images are encoded
         return self.decode(self.encode(self.preprocess(images)), **decode_options)

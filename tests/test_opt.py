@@ -387,9 +387,27 @@ def test_prompts_of_other_lengths_reuse_the_compiled_decoder(monkeypatch):
     lm.image_codes(["a red star a red star", "red"])  # 25 and 20
     assert lm._generate._cache_size() == 3  # one more: `allowed` and 33 steps
     lm.generate(np.full((1, 5), 4), 60)  # no room to pad: 5 + 60 - 1 positions of 64
-    monkeypatch.setattr(seed_opt_api, "PROMPT_LENGTH_STEP", 1)  # no padding
+    monkeypatch.setattr(seed_opt_api, "LENGTH_STEP", 1)  # no padding
     for (ids, options), tokens in zip(calls, padded):
         np.testing.assert_array_equal(tokens, lm.generate(ids, 6, attention_mask=_half_padded(ids), **options))
+
+
+def test_ids_of_other_lengths_reuse_the_compiled_logits(monkeypatch):
+    """logits was compiled again for every length of its ids (scoring texts batch by
+    batch recompiled for nearly every batch); ids are now right-padded to a multiple
+    of 16 tokens under mask 0, and the logits of the real ones are unchanged."""
+    lm = _tiny_seed_opt()
+    rng = np.random.default_rng(0)
+    calls = [(rng.integers(3, 20, (2, length)), mask) for length in (3, 7, 16, 61)
+             for mask in (None, "right-padded")]
+    calls = [(ids, None if mask is None else _half_padded(ids)[::-1, ::-1]) for ids, mask in calls]
+    padded = [lm.logits(ids, mask) for ids, mask in calls]
+    assert lm._logits._cache_size() == 2  # lengths 16 and 64, the model's positions
+    monkeypatch.setattr(seed_opt_api, "LENGTH_STEP", 1)  # no padding
+    for (ids, mask), logits in zip(calls, padded):
+        assert logits.shape == (*ids.shape, lm.config.total_vocab_size)
+        real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        np.testing.assert_allclose(logits[real], lm.logits(ids, mask)[real], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-50])

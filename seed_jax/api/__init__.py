@@ -3,7 +3,7 @@
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
 `logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run in chunks
 of `batch_size` rows through one compiled program per chunk size (the last chunk is
-padded; SeedOPT's also per decoding options and per prompt length rounded up to a
+padded; SeedOPT's also per decoding options and per length of its ids rounded up to a
 multiple of 16), their results come back to host memory chunk by chunk as numpy
 arrays, and inputs are checked before anything runs.
 

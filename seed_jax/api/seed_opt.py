@@ -18,9 +18,9 @@ from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.models import layers
 from seed_jax.models.opt import OPT as OPTModel
 
-# generate pads prompts on the left to a multiple of this many tokens, so that
-# questions or prompts of other lengths reuse the compiled decoder
-PROMPT_LENGTH_STEP = 16
+# generate pads prompts (on the left) and logits its ids (on the right) to a multiple
+# of this many tokens, so that ids of other lengths reuse the compiled program
+LENGTH_STEP = 16
 
 
 class SeedOPT:
@@ -132,7 +132,9 @@ class SeedOPT:
         if ids.shape[1] > self.config.max_positions:
             raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
                              "positions")
-        return run_in_chunks(lambda i, m: self._logits(self._state, i, m), (ids, mask), self.batch_size)
+        length = ids.shape[1]
+        padded = _padded_to_step(ids, mask, self.config.max_positions, left=False)
+        return run_in_chunks(lambda i, m: self._logits(self._state, i, m)[:, :length], padded, self.batch_size)
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
@@ -156,7 +158,7 @@ class SeedOPT:
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
-        ids, mask = _left_padded_to_step(ids, mask, longest)
+        ids, mask = _padded_to_step(ids, mask, longest, left=True)
         num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
@@ -307,13 +309,15 @@ class SeedOPT:
         return tokenizer.decode(codes, seed=seed, **decode_options)
 
 
-def _left_padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B,P) left-padded prompts and mask -> (B,P') with P' the next multiple of
-    `PROMPT_LENGTH_STEP` (at most `longest`, at least P), the new columns token 0 with
-    mask 0: positions count the mask, so the tokens are those of the (B,P) prompts,
-    and one compiled decoder serves every prompt length up to P'."""
-    length = max(ids.shape[1], min(-(-ids.shape[1] // PROMPT_LENGTH_STEP) * PROMPT_LENGTH_STEP, longest))
-    columns = ((0, 0), (length - ids.shape[1], 0))
+def _padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(B,L) ids and mask -> (B,L') with L' the next multiple of `LENGTH_STEP`
+    (at most `longest`, at least L), the new columns (on the left or the right) token 0
+    under mask 0. Positions count the mask and attention is causal, so the real
+    columns' results are those of the (B,L) ids, and one compiled program serves every
+    length up to L'."""
+    length = ids.shape[1]
+    padded = max(length, min(-(-length // LENGTH_STEP) * LENGTH_STEP, longest))
+    columns = ((0, 0), (padded - length, 0) if left else (0, padded - length))
     return np.pad(ids, columns), np.pad(mask, columns)
 
 

@@ -375,8 +375,8 @@ def _half_padded(ids: np.ndarray) -> np.ndarray:
 def test_prompts_of_other_lengths_reuse_the_compiled_decoder(monkeypatch):
     """The decoder was compiled again for every prompt length, so `answer` recompiled
     for nearly every batch of questions and `generate_image` for nearly every prompt.
-    Prompts are now left-padded to a multiple of 16 tokens (no further than the
-    positions allow), and the tokens are those of the unpadded prompts."""
+    Prompts are now left-padded to a multiple of 16 tokens (at most the model's
+    positions), and the tokens are those of the unpadded prompts."""
     lm = _tiny_seed_opt()
     rng = np.random.default_rng(0)
     calls = [(rng.integers(3, 20, (2, length)), options) for length in (3, 7, 16)
@@ -386,7 +386,9 @@ def test_prompts_of_other_lengths_reuse_the_compiled_decoder(monkeypatch):
     lm.image_codes(["a", "a red star star red a red"])  # prompts of 20 and 26 tokens
     lm.image_codes(["a red star a red star", "red"])  # 25 and 20
     assert lm._generate._cache_size() == 3  # one more: `allowed` and 33 steps
-    lm.generate(np.full((1, 5), 4), 60)  # no room to pad: 5 + 60 - 1 positions of 64
+    # padding takes no positions: the longest decode a prompt allows stays allowed
+    lm.generate(np.full((1, 5), 4), 60)  # 5 + 60 - 1 positions of 64, 16 + 60 cached columns
+    lm.generate(np.full((1, 50), 4), 15)  # padded to 64 columns
     monkeypatch.setattr(seed_opt_api, "LENGTH_STEP", 1)  # no padding
     for (ids, options), tokens in zip(calls, padded):
         np.testing.assert_array_equal(tokens, lm.generate(ids, 6, attention_mask=_half_padded(ids), **options))

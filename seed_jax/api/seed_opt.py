@@ -158,7 +158,7 @@ class SeedOPT:
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
-        ids, mask = _padded_to_step(ids, mask, longest, left=True)
+        ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
         num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
@@ -312,9 +312,9 @@ class SeedOPT:
 def _padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
     """(B,L) ids and mask -> (B,L') with L' the next multiple of `LENGTH_STEP`
     (at most `longest`, at least L), the new columns (on the left or the right) token 0
-    under mask 0. Positions count the mask and attention is causal, so the real
-    columns' results are those of the (B,L) ids, and one compiled program serves every
-    length up to L'."""
+    under mask 0. Positions count the mask, so the new columns take none, and attention
+    is causal: the real columns' results are those of the (B,L) ids, and one compiled
+    program serves every length up to L'."""
     length = ids.shape[1]
     padded = max(length, min(-(-length // LENGTH_STEP) * LENGTH_STEP, longest))
     columns = ((0, 0), (padded - length, 0) if left else (0, padded - length))

@@ -251,9 +251,8 @@ class EvalBatches:
 
 def read_records(paths: Sequence[str], num_examples: int) -> Iterator[bytes]:
     """The first `num_examples` raw records (ALL_RECORDS: every one), each read as the
-    iterator reaches it: a list of them all held every image at once (Karpathy's COCO
-    test split, 25k records of 160 KB JPEGs: 4 GB on every process, to read captions).
-    Raises naming eval.num_examples at the call (see `first_count`)."""
+    iterator reaches it, so a reader of a split's captions never holds its images at
+    once. Raises naming eval.num_examples at the call (see `first_count`)."""
     source = _source(paths)
     count = first_count(num_examples, len(source))
     return (source[i] for i in range(count))

@@ -1,5 +1,5 @@
 """User-facing inference. `SeedTokenizer.load(OUT, diffusion=SD_OUT)` then
-`preprocess`, `encode`, `embed_codes`, `decode`, `reconstruct`;
+`preprocess`, `encode` (or `encode_images`), `embed_codes`, `decode`, `reconstruct`;
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
 `logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run in chunks
 of `batch_size` rows through one compiled program per chunk size (the last chunk is
@@ -8,7 +8,7 @@ multiple of 16), their results come back to host memory chunk by chunk as numpy
 arrays, and inputs are checked before anything runs.
 
     tokenizer = SeedTokenizer.load("exports/seed_v1", diffusion="exports/sd_v1_4")
-    codes = tokenizer.encode(tokenizer.preprocess(images))   # uint8 (B,H,W,3) -> int32 (B,32)
+    codes = tokenizer.encode_images(images)                  # uint8 (B,H,W,3) -> int32 (B,32)
     prompt_embeds = tokenizer.embed_codes(codes)               # (B,77,768)
     images = tokenizer.decode(codes)                           # uint8 (B,512,512,3)
 """

@@ -30,18 +30,24 @@ def image_list(images) -> list:
     return batch
 
 
-def rgb_image(name: str, image) -> Image.Image:
-    """A PIL image of any mode (to RGB) or a uint8 (H,W,3) array -> a non-empty RGB PIL image."""
+def check_image(name: str, image) -> None:
+    """Raises unless `image` is a non-empty PIL image (any mode) or uint8 (H,W,3) array;
+    converts nothing."""
     if isinstance(image, Image.Image):
-        rgb = image_preprocess.to_rgb(image)
+        width, height = image.size
     else:
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
             raise ValueError(f"{name}: expected uint8 (H,W,3) or a PIL image, got {array.dtype} {array.shape}")
-        rgb = Image.fromarray(array)
-    if not (rgb.width and rgb.height):  # PIL would resize it to a black image
-        raise ValueError(f"{name}: expected a non-empty image, got {rgb.width}x{rgb.height} pixels")
-    return rgb
+        height, width = array.shape[:2]
+    if not (width and height):  # PIL would resize it to a black image
+        raise ValueError(f"{name}: expected a non-empty image, got {width}x{height} pixels")
+
+
+def rgb_image(name: str, image) -> Image.Image:
+    """A PIL image of any mode (to RGB) or a uint8 (H,W,3) array -> a non-empty RGB PIL image."""
+    check_image(name, image)
+    return image_preprocess.to_rgb(image) if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
 def to_uint8(images) -> np.ndarray:

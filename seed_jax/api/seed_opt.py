@@ -12,6 +12,7 @@ from flax import nnx
 from seed_jax import generation, weights
 from seed_jax.api.checks import check_count, check_finite_number, is_integer, seed_key
 from seed_jax.api.chunks import run_in_chunks
+from seed_jax.api.images import image_list
 from seed_jax.api.seed_tokenizer import SeedTokenizer
 from seed_jax.data import opt_text, sequences
 from seed_jax.data.opt_text import OPTTextTokenizer
@@ -288,15 +289,15 @@ class SeedOPT:
     def caption(self, images, **options) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
         tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
-        return self.caption_codes(tokenizer.encode(tokenizer.preprocess(images)), **options)
+        return self.caption_codes(tokenizer.encode_images(images), **options)
 
     def answer(self, images, questions: Sequence[str], **options) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) and one question each -> short answers
         (options as `answer_codes`)."""
         tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
-        pixels = tokenizer.preprocess(images)
-        questions = _check_texts("questions", questions, count=len(pixels))
-        return self.answer_codes(tokenizer.encode(pixels), questions, **options)
+        images = image_list(images)
+        questions = _check_texts("questions", questions, count=len(images))
+        return self.answer_codes(tokenizer.encode_images(images), questions, **options)
 
     def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:

@@ -13,7 +13,7 @@ from flax import nnx
 from seed_jax import weights
 from seed_jax.api.checks import check_count
 from seed_jax.api.chunks import run_in_chunks
-from seed_jax.api.images import image_list, rgb_image, to_uint8
+from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
 from seed_jax.api.stable_diffusion import StableDiffusion
 from seed_jax.data import preprocess as image_preprocess
 from seed_jax.models import layers
@@ -87,10 +87,15 @@ class SeedTokenizer:
         any sizes; an image is uint8 (H,W,3) or a PIL image of any mode (converted as
         training converts decoded files: `data.preprocess.to_rgb`)."""
         batch = image_list(images)
+        return self._pixels(batch, range(len(batch)))
+
+    def _pixels(self, batch: list, indices) -> np.ndarray:
+        """float32 (len(indices),S,S,3): `preprocess` of the images `batch[indices]`,
+        a bad one named by its index in `batch`."""
         size = self.image_size
-        pixels = np.empty((len(batch), size, size, 3), np.float32)
-        for i, image in enumerate(batch):
-            pixels[i] = image_preprocess.normalize(image_preprocess.resize(rgb_image(f"images[{i}]", image), size))
+        pixels = np.empty((len(indices), size, size, 3), np.float32)
+        for row, i in enumerate(indices):
+            pixels[row] = image_preprocess.normalize(image_preprocess.resize(rgb_image(f"images[{i}]", batch[i]), size))
         return pixels
 
     # ---- pixels -> codes
@@ -116,6 +121,18 @@ class SeedTokenizer:
         pixels = self._check_pixels(pixels)
         out = self._chunked(functools.partial(self._encode, intermediates=return_intermediates), pixels)
         return out if return_intermediates else out["codes"]
+
+    def encode_images(self, images) -> np.ndarray:
+        """Images (as `preprocess` takes them) -> int32 codes (B,32), as
+        `encode(preprocess(images))`, each chunk of `batch_size` images preprocessed as
+        it is encoded: the host holds a chunk's float pixels (600 KB an image at 224 px),
+        not the whole batch's. Every image is checked before any is encoded."""
+        batch = image_list(images)
+        for i, image in enumerate(batch):
+            check_image(f"images[{i}]", image)
+        chunk_codes = lambda indices: self._encode(  # noqa: E731
+            self._state, self._pixels(batch, indices.tolist()), intermediates=False)["codes"]
+        return run_in_chunks(chunk_codes, (np.arange(len(batch)),), self.batch_size)
 
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> np.ndarray:
@@ -161,4 +178,4 @@ class SeedTokenizer:
     def reconstruct(self, images, **decode_options) -> np.ndarray:
         """Images (see preprocess) -> encode -> decode (options as `decode`)."""
         self.check_decode_options(**decode_options)  # before the images are encoded
-        return self.decode(self.encode(self.preprocess(images)), **decode_options)
+        return self.decode(self.encode_images(images), **decode_options)

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from configs.seed_opt import get_config as get_opt_config
 from configs.tokenizer import get_config
 from helpers import assert_export_holds_both_stages, checkpoint_params
 from seed_jax import parallel, weights
@@ -20,6 +21,7 @@ from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
 from seed_jax.trainers import coordination, run_config
+from seed_jax.trainers import seed_opt as seed_opt_trainer
 from seed_jax.trainers import tokenizer as trainer
 
 
@@ -70,6 +72,27 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
     run_config.write(str(tmp_path), failed, trainer.RUN_DEFINING)
     run_config.write(str(tmp_path), get_config("tiny"), trainer.RUN_DEFINING)
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("get_trainer_config, trainer_module, section, key", [
+    (get_config, trainer, "init", "clip_text"), (get_config, trainer, "init", "qformer"),
+    (get_opt_config, seed_opt_trainer, "init", "opt")])
+def test_a_rerun_may_not_change_the_exports_its_frozen_weights_came_from(tmp_path, get_trainer_config,
+                                                                           trainer_module, section, key):
+    """The frozen CLIP text encoder and ViT (and SEED-OPT's base OPT) are read from the
+    `init` exports in training, and again from config.json by the export and the
+    trainers built on the run: a rerun pointing at another export was accepted, and
+    config.json then named weights the checkpoints were never trained with."""
+    workdir = str(tmp_path)
+    run_config.write(workdir, get_trainer_config("tiny"), trainer_module.RUN_DEFINING)
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "stage1")) as manager:
+        manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+    trained = (tmp_path / "config.json").read_text()
+    config = get_trainer_config("tiny")
+    config[section][key] = "/ckpt/another_export"
+    with pytest.raises(ValueError, match=f"{section}.{key}: '' -> '/ckpt/another_export'"):
+        run_config.write(workdir, config, trainer_module.RUN_DEFINING)
+    assert (tmp_path / "config.json").read_text() == trained
 
 
 def _create(config):

@@ -42,7 +42,9 @@ from seed_jax.trainers import warm_start as warm_start_lib
 PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.model or the converted OPT
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
-RUN_DEFINING = ("trainer", "seed", "model", "lora", "image_embedding", "text_tokenizer", "prompts", "train_all")
+# `init`: the converted OPT whose frozen base weights the adapters and appended rows train on.
+RUN_DEFINING = ("trainer", "seed", "model", "init", "lora", "image_embedding", "text_tokenizer", "prompts",
+                "train_all")
 
 
 def lm_loss(model: opt.OPT, batch, rng):

@@ -26,8 +26,10 @@ from seed_jax.trainers import checkpointing, coordination, global_batches, loop,
 from seed_jax.trainers import warm_start as warm_start_lib
 
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
-RUN_DEFINING = ("trainer", "seed", "model", "clip_text", "data.tokenizer", "data.max_text_length", "data.synthetic",
-                "stage1.trainable", "stage2.trainable")
+# `init`: the exports the frozen parameters (ViT, CLIP text encoder) are read from, in
+# training and when an export or a later trainer rebuilds the model from config.json.
+RUN_DEFINING = ("trainer", "seed", "model", "clip_text", "init", "data.tokenizer", "data.max_text_length",
+                "data.synthetic", "stage1.trainable", "stage2.trainable")
 
 
 class TrainModel(nnx.Module):

@@ -102,6 +102,22 @@ def test_hf_blip2_retrieval_folder_matches_transformers(tmp_path):
     assert relative_error(text, _text_reference(hf, ids, mask)) <= INTERMEDIATE_TOLERANCE
 
 
+def test_hf_blip2_qformer_depth_is_config_jsons_as_transformers_builds_it(tmp_path):
+    """The Q-Former has qformer_config.num_hidden_layers layers, as transformers builds
+    it (stored layers beyond it unused); the converter built every stored layer."""
+    randomize(Blip2ForImageTextRetrieval(_blip2_config()), 9).save_pretrained(tmp_path / "hf")
+    settings = json.loads((tmp_path / "hf" / "config.json").read_text())
+    settings["qformer_config"]["num_hidden_layers"] = 2  # of the 4 stored
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(settings))
+    hf = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf").eval()
+    ref = _hf_reference(hf, batch=2)
+    report = convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+    assert any(k.startswith("qformer.encoder.layer.3.") for k in report["unused_keys"])
+    _, config, ours = _ours(tmp_path / "out", ref["pixels"])
+    assert config.qformer.num_layers == 2
+    _assert_close(ours, ref, ("queries",))
+
+
 def test_hf_blip2_generation_folder_converts_without_the_language_model(tmp_path):
     opt = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                     word_embed_proj_dim=16, max_position_embeddings=32)
@@ -264,6 +280,31 @@ def test_a_clip_config_json_without_heads_or_activation_reads_as_transformers_do
     with torch.no_grad():
         ref = hf(input_ids=ids).last_hidden_state.numpy()
     assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
+
+
+def test_clip_text_depth_is_config_jsons_num_hidden_layers_as_transformers_builds_it(tmp_path):
+    """A text encoder whose config.json builds fewer layers than it stores (a "clip
+    skip" folder): transformers builds num_hidden_layers and leaves the last stored
+    layer unused; the converter built every stored layer, another output. Fewer
+    stored layers than configured fail naming the first missing key."""
+    folder = tmp_path / "text_encoder"
+    randomize(CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=77)), 8).save_pretrained(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 1}))
+    hf = CLIPTextModel.from_pretrained(folder).eval()
+    report = convert(["hf_clip_text", f"--checkpoint={folder}", f"--out={tmp_path / 'out'}"])
+    assert any(k.startswith("encoder.layers.1.") for k in report["unused_keys"])
+    model, _, config = weights.load_model(str(tmp_path / "out"), kind="clip_text")
+    assert config.depth == 1
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).last_hidden_state.numpy()
+    assert relative_error(nnx.jit(lambda m, x: m(x))(model, ids.numpy()), ref) <= INTERMEDIATE_TOLERANCE
+    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 3}))
+    with pytest.raises(KeyError, match=r"missing key 'encoder.layers.2.layer_norm1.weight' \(config.json "
+                                       r"num_hidden_layers=3, 2 layers stored\)"):
+        convert(["hf_clip_text", f"--checkpoint={folder}", f"--out={tmp_path / 'deeper'}"])
 
 
 @pytest.mark.slow

@@ -142,6 +142,21 @@ def _set(path, **entries):
     path.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
 
 
+def test_depth_is_config_jsons_num_hidden_layers_as_transformers_builds_it(tmp_path):
+    """transformers builds num_hidden_layers layers and leaves stored ones beyond them
+    unused; the converter built every stored layer, another model. Fewer stored
+    layers than configured fail naming the first missing key."""
+    _save(tmp_path / "hf", {})  # 2 layers
+    _set(tmp_path / "hf" / "config.json", num_hidden_layers=1)
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert len(hf.model.decoder.layers) == 1
+    assert _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export").config.depth == 1
+    _set(tmp_path / "hf" / "config.json", num_hidden_layers=3)
+    with pytest.raises(KeyError, match=r"missing key 'model.decoder.layers.2.fc1.weight' \(config.json "
+                                       r"num_hidden_layers=3, 2 layers stored\)"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'deeper'}", "--image_tokens=0"])
+
+
 def test_generate_ends_and_pads_rows_as_transformers_generate(tmp_path):
     """transformers' `generate` ends a row at the folder's eos_token_id and pads it
     with its pad_token_id (generation_config.json, else config.json, where an absent

@@ -59,7 +59,8 @@ def hf_config(source: Source, hf: dict) -> Blip2Config:
         source, layer=HF_LAYER, query_tokens="query_tokens", self_key="attention.attention.query.weight",
         cross_key="crossattention.attention.key.weight", heads=qf.get("num_attention_heads", 12), causal=False,
         word_embeddings="embeddings.word_embeddings.weight",
-        position_embeddings="embeddings.position_embeddings.weight", eps=qf.get("layer_norm_eps", 1e-12))
+        position_embeddings="embeddings.position_embeddings.weight", eps=qf.get("layer_norm_eps", 1e-12),
+        depth=qf.get("num_hidden_layers"))
     with_heads = "vision_projection.weight" in source and "text_projection.weight" in source
     return Blip2Config(vit=vit, qformer=qformer, ln_vision_eps=vit_eps,
                        proj_dim=source.shape("vision_projection.weight")[0] if with_heads else 256,

@@ -1,6 +1,8 @@
 """A transformers `CLIPTextModel` (e.g. an SD v1 `text_encoder/` folder) -> a
 `clip_text` export. Heads, epsilon and activation come from config.json; a key it
-lacks takes transformers' `CLIPTextConfig` default, as `from_pretrained` would."""
+lacks takes transformers' `CLIPTextConfig` default, as `from_pretrained` would. The
+depth is config.json's num_hidden_layers (layers stored beyond it are left unused, as
+transformers leaves them), else the stored layers'."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
     p = prefix(source)
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
-    depth = source.count(f"{p}encoder.layers.{{i}}.layer_norm1.weight")
+    depth = infer.layer_count(source, f"{p}encoder.layers.{{i}}.layer_norm1.weight", hf.get("num_hidden_layers"),
+                              "num_hidden_layers")
     mlp_dim = need(source, f"{p}encoder.layers.0.mlp.fc1.weight", "MLP width")[0]
     act = hf["hidden_act"]
     if act not in ACTIVATIONS:

@@ -30,6 +30,20 @@ def prefix(source: Source, key: str, candidates: Sequence[str], what: str) -> st
                    f"{', '.join(repr(c) for c in candidates[1:])}; not {what})")
 
 
+def layer_count(source: Source, template: str, configured: int | None, setting: str) -> int:
+    """Layers to build: `configured` (config.json's `setting`, as transformers builds
+    them; stored layers beyond it are left unused), else all stored ones. `template`
+    (with `{i}`) counts the stored layers; fewer than `configured` fails naming the
+    first missing key."""
+    stored = source.count(template)
+    if configured is None:
+        return stored
+    if stored < configured:
+        raise KeyError(f"{source.name}: missing key {template.format(i=stored)!r} (config.json {setting}="
+                       f"{configured}, {stored} layers stored)")
+    return configured
+
+
 def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str, fc1: str, heads: int,
                eps: float = 1e-6, depth: int | None = None) -> ViTConfig:
     """`block` is a template with `{i}` whose presence counts the layers; `depth`
@@ -55,12 +69,13 @@ def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str,
 
 def qformer_config(source: Source, *, layer: str, query_tokens: str, self_key: str, cross_key: str, heads: int,
                    causal: bool, word_embeddings: str | None, position_embeddings: str | None,
-                   eps: float = 1e-12) -> QFormerConfig:
+                   eps: float = 1e-12, depth: int | None = None) -> QFormerConfig:
     """`layer` is the encoder layer template ("Qformer.bert.encoder.layer.{i}.");
     `self_key` / `cross_key` are relative to it. Text parts are on when the word
-    embeddings and the text feed-forward are both present."""
+    embeddings and the text feed-forward are both present. `depth`: config.json's
+    num_hidden_layers (default: all stored layers; see `layer_count`)."""
     _, num_queries, width = need(source, query_tokens, "the query tokens")
-    num_layers = source.count(layer + self_key)
+    num_layers = layer_count(source, layer + self_key, depth, "num_hidden_layers")
     if num_layers == 0:
         raise KeyError(f"{source.name}: no Q-Former layers ({(layer + self_key).format(i=0)!r} missing)")
     cross = [i for i in range(num_layers) if (layer + cross_key).format(i=i) in source]

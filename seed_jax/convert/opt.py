@@ -1,11 +1,12 @@
 """A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
 one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
-come from shapes; head count, layer-norm placement (`do_layer_norm_before`,
-`_remove_final_layer_norm`), `enable_bias`, `layer_norm_elementwise_affine` and the
-training dropout rates (`dropout`, `attention_dropout`) from config.json (a key it lacks
-takes transformers' `OPTConfig` default, as `from_pretrained` would). The logits read
-the token embedding unless the folder holds an `lm_head.weight` that differs from it,
-which transformers then keeps as a separate head (whatever `tie_word_embeddings` says).
+come from shapes; depth (`num_hidden_layers`; without it, the stored layers), head
+count, layer-norm placement (`do_layer_norm_before`, `_remove_final_layer_norm`),
+`enable_bias`, `layer_norm_elementwise_affine` and the training dropout rates
+(`dropout`, `attention_dropout`) from config.json (a key it lacks takes transformers'
+`OPTConfig` default, as `from_pretrained` would). The logits read the token embedding
+unless the folder holds an `lm_head.weight` that differs from it, which transformers
+then keeps as a separate head (whatever `tie_word_embeddings` says).
 The end and padding ids transformers' `generate` uses go to the export's info."""
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
     p = prefix(source)
     vocab_size, token_width = need(source, f"{p}embed_tokens.weight", "token embedding")
     positions, width = need(source, f"{p}embed_positions.weight", "position embedding")
-    depth = source.count(f"{p}layers.{{i}}.fc1.weight")
+    depth = infer.layer_count(source, f"{p}layers.{{i}}.fc1.weight", hf.get("num_hidden_layers"), "num_hidden_layers")
     return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 12),
                      mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,

@@ -128,19 +128,32 @@ def checkpoint_params(workdir, stage, module: str | None = "tokenizer") -> dict:
     return {name.removesuffix(".value"): value for name, value in flat.items()}
 
 
-def run_two_processes(repo_root, args: list[str], program: tuple[str, ...] = ("-m", "seed_jax.main")) -> list[str]:
-    """`python -m seed_jax.main *args` (or `python *program *args`) as two JAX processes
-    on loopback, 4 CPU devices each, given main's flags for them; both must exit 0.
-    Returns their outputs."""
+def start_two_processes(repo_root, args: list[str], logs: list | None = None,
+                        program: tuple[str, ...] = ("-m", "seed_jax.main"),
+                        env: dict | None = None) -> list[subprocess.Popen]:
+    """Starts `python -m seed_jax.main *args` (or `python *program *args`) as two JAX
+    processes on loopback, 4 CPU devices each, given main's flags for them (and `env`
+    added to the environment); their output goes to the files `logs`, else to pipes."""
     with socket.socket() as free:  # a port no one holds now
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
-           "PYTHONPATH": repo_root}
-    procs = [subprocess.Popen(
-        [sys.executable, *program, *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+           "PYTHONPATH": repo_root, **(env or {})}
+    outputs = [open(log, "w") for log in logs] if logs else [subprocess.PIPE] * 2
+    try:
+        return [subprocess.Popen(
+            [sys.executable, *program, *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"], cwd=repo_root, env=env, stdout=outputs[i],
+            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    finally:
+        for output in outputs:
+            if output is not subprocess.PIPE:
+                output.close()  # the processes hold their own
+
+
+def run_two_processes(repo_root, args: list[str], program: tuple[str, ...] = ("-m", "seed_jax.main")) -> list[str]:
+    """`start_two_processes` waited for; both must exit 0. Returns their outputs."""
+    procs = start_two_processes(repo_root, args, program=program)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     return outputs

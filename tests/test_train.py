@@ -21,7 +21,7 @@ from flax import nnx
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
-                     assert_weights_split, latest_state_path, run_two_processes)
+                     assert_weights_split, latest_state_path, run_two_processes, start_two_processes)
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
@@ -480,6 +480,40 @@ def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_r
     assert [e["stage"] for e in evals] == ["stage1", "stage2"]
     assert evals[-1]["num_examples"] == 64 and "codebook/used_codes" in evals[-1]
     assert_export_holds_both_stages(str(workdir), str(tmp_path / "export"), repo_root)
+
+
+@pytest.mark.parametrize("service, log_every", [(True, 100000), (False, 4)])
+def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path, repo_root, service, log_every):
+    """Two processes agreed on a SIGTERM only at log steps (a collective each), so a run
+    logging every few hundred steps could outlast the 30 s a preemption notice leaves.
+    JAX's preemption service now brings both to one step, any step: here the run never
+    logs before its 100000th step, and SIGTERM reaches process 1 alone. With the service
+    off (`JAX_ENABLE_PREEMPTION_SERVICE=false`) they agree at a log step, as before."""
+    workdir = tmp_path / "wd"
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = start_two_processes(repo_root, [
+        f"--config={repo_root}/configs/tokenizer.py:tiny", f"--workdir={workdir}", "--config.stage1.num_steps=100000",
+        f"--config.log_every_steps={log_every}", "--config.checkpoint_every_steps=100000",
+        "--config.eval_every_steps=100000"], logs, env={"JAX_ENABLE_PREEMPTION_SERVICE": str(service).lower()})
+    try:
+        # the service takes SIGTERM from jax.distributed.initialize on, our handler from the first step on
+        started = ((lambda: "mesh {" in logs[1].read_text()) if service else
+                   (lambda: (workdir / "metrics.jsonl").exists() and "stage1" in (workdir / "metrics.jsonl").read_text()))
+        deadline = time.time() + 240
+        while not started() and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs
+    stopped = [re.findall(r"stage1: preempted at step (\d+); checkpoint saved", out) for out in outputs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, outputs
+    assert os.listdir(workdir / "checkpoints" / "stage1") == stopped[0]
+    assert service or int(stopped[0][0]) % log_every == 0
 
 
 _SAVES_AFTER_AN_EXPORT_BY_PROCESS_0 = """

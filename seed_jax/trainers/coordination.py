@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from typing import Callable
@@ -10,32 +11,52 @@ from typing import Callable
 import jax
 import numpy as np
 from absl import logging
+from jax._src import distributed
 from jax.experimental import multihost_utils
 
 from seed_jax import weights
 from seed_jax.data import records
 
 
+# Calls of `Preemption.requested` in this process: every process makes the same calls
+# (one per train step), so the count names the same step on all of them.
+_steps_asked = itertools.count(1)
+
+
 class Preemption:
-    """Records SIGTERM (how SLURM and TPU maintenance announce preemption)."""
+    """Records SIGTERM (how SLURM and TPU maintenance announce preemption).
+
+    With several processes, JAX's preemption service (on unless
+    `jax_enable_preemption_service` is off) takes SIGTERM on whichever process gets it
+    and brings every process to one agreed step without a collective per step; then no
+    Python handler is installed, since it would take SIGTERM from the service."""
 
     def __init__(self):
         self._requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._service = jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+        self._previous = None if self._service else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: will checkpoint and exit")
         self._requested = True
 
     def requested(self, sync: bool) -> bool:
-        """Whether to stop now. With several processes they agree (one collective),
-        only when `sync` is True, so that all stop at the same step."""
+        """Whether to stop now; call it once per train step on every process. With
+        several processes all stop at the same step: through the preemption service at
+        any step, else (one collective) only when `sync` is True."""
+        step = next(_steps_asked)
         if jax.process_count() == 1:
             return self._requested
+        if self._service:
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("preemption notice (SIGTERM on a process): all processes checkpoint and exit")
+                return True
+            return False
         return sync and bool(multihost_utils.process_allgather(np.asarray(self._requested)).any())
 
     def close(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._service:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def on_process_0_while_all_wait(write: Callable[[], None]) -> None:

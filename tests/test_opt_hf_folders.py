@@ -157,6 +157,19 @@ def test_depth_is_config_jsons_num_hidden_layers_as_transformers_builds_it(tmp_p
         convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'deeper'}", "--image_tokens=0"])
 
 
+def test_a_weight_of_another_rank_fails_naming_its_key(tmp_path):
+    """A token embedding stored flat failed unpacking its shape: "not enough values to
+    unpack", no key named."""
+    _save(tmp_path / "hf", {})
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    state["model.decoder.embed_tokens.weight"] = state["model.decoder.embed_tokens.weight"].flatten()
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.decoder.embed_tokens.weight' \(token embedding\) has shape "
+                                         r"\(\d+,\), expected 2 dimensions"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
+
+
 def test_generate_ends_and_pads_rows_as_transformers_generate(tmp_path):
     """transformers' `generate` ends a row at the folder's eos_token_id and pads it
     with its pad_token_id (generation_config.json, else config.json, where an absent

@@ -26,7 +26,7 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
     settings are its `text_config`, see `text_settings`)."""
     hf = {**TRANSFORMERS_DEFAULTS, **text_settings(hf)}
     p = prefix(source)
-    vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding")
+    vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding", rank=2)
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
     depth = infer.layer_count(source, f"{p}encoder.layers.{{i}}.layer_norm1.weight", hf.get("num_hidden_layers"),
                               "num_hidden_layers")

@@ -15,10 +15,14 @@ from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
 
 
-def need(source: Source, key: str, why: str):
+def need(source: Source, key: str, why: str, rank: int | None = None) -> tuple[int, ...]:
+    """The shape of `key` in `source`, which must hold it (with `rank` dimensions)."""
     if key not in source:
         raise KeyError(f"{source.name}: missing key {key!r} ({why})")
-    return source.shape(key)
+    shape = tuple(source.shape(key))
+    if rank is not None and len(shape) != rank:
+        raise ValueError(f"{source.name}: {key!r} ({why}) has shape {shape}, expected {rank} dimensions")
+    return shape
 
 
 def prefix(source: Source, key: str, candidates: Sequence[str], what: str) -> str:
@@ -48,7 +52,7 @@ def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str,
                eps: float = 1e-6, depth: int | None = None) -> ViTConfig:
     """`block` is a template with `{i}` whose presence counts the layers; `depth`
     (default: all of them) builds the first `depth` (later ones are left unused)."""
-    width, _, patch, _ = need(source, patch_weight, "the ViT patch embedding")
+    width, _, patch, _ = need(source, patch_weight, "the ViT patch embedding", rank=4)
     num_tokens = need(source, pos_embed, "the ViT position embedding")[-2]
     grid = math.isqrt(num_tokens - 1)
     if grid * grid != num_tokens - 1:
@@ -74,7 +78,7 @@ def qformer_config(source: Source, *, layer: str, query_tokens: str, self_key: s
     `self_key` / `cross_key` are relative to it. Text parts are on when the word
     embeddings and the text feed-forward are both present. `depth`: config.json's
     num_hidden_layers (default: all stored layers; see `layer_count`)."""
-    _, num_queries, width = need(source, query_tokens, "the query tokens")
+    _, num_queries, width = need(source, query_tokens, "the query tokens", rank=3)
     num_layers = layer_count(source, layer + self_key, depth, "num_hidden_layers")
     if num_layers == 0:
         raise KeyError(f"{source.name}: no Q-Former layers ({(layer + self_key).format(i=0)!r} missing)")

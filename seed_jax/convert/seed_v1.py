@@ -58,7 +58,7 @@ def config(source: Source, *, vit_heads: int, qformer_heads: int, blocks_heads: 
                                    **common)
     reverse = infer.qformer_config(source, layer=REVERSE_LAYER, query_tokens="reverse_tokens", causal=False,
                                    word_embeddings=None, position_embeddings=None, **common)
-    num_codes, code_dim = infer.need(source, "quantize.embedding.weight", "the codebook")
+    num_codes, code_dim = infer.need(source, "quantize.embedding.weight", "the codebook", rank=2)
     decoder_depth = source.count("blocks_text.{i}.norm1.weight")
     if decoder_depth == 0:
         raise KeyError(f"{source.name}: missing key 'blocks_text.0.norm1.weight' (the decode blocks)")

@@ -3,6 +3,7 @@ exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from configs.decoder import get_config as get_decoder_config
 from configs.seed_opt import get_config as get_opt_config
 from configs.tokenizer import get_config
 from helpers import assert_export_holds_both_stages, checkpoint_params
@@ -21,6 +23,7 @@ from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.qformer import QFormerConfig
 from seed_jax.models.vit import ViTConfig
 from seed_jax.trainers import coordination, run_config
+from seed_jax.trainers import decoder as decoder_trainer
 from seed_jax.trainers import seed_opt as seed_opt_trainer
 from seed_jax.trainers import tokenizer as trainer
 
@@ -74,23 +77,27 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
 
 
-@pytest.mark.parametrize("get_trainer_config, trainer_module, section, key", [
-    (get_config, trainer, "init", "clip_text"), (get_config, trainer, "init", "qformer"),
-    (get_opt_config, seed_opt_trainer, "init", "opt")])
-def test_a_rerun_may_not_change_the_exports_its_frozen_weights_came_from(tmp_path, get_trainer_config,
-                                                                           trainer_module, section, key):
+@pytest.mark.parametrize("get_trainer_config, trainer_module, key", [
+    (get_config, trainer, "init.clip_text"), (get_config, trainer, "init.qformer"),
+    (get_opt_config, seed_opt_trainer, "init.opt"), (get_opt_config, seed_opt_trainer, "tokenizer_export"),
+    (get_opt_config, seed_opt_trainer, "tokenizer_workdir"), (get_decoder_config, decoder_trainer, "tokenizer_workdir")])
+def test_a_rerun_may_not_change_the_weights_it_was_trained_on(tmp_path, get_trainer_config, trainer_module, key):
     """The frozen CLIP text encoder and ViT (and SEED-OPT's base OPT) are read from the
     `init` exports in training, and again from config.json by the export and the
-    trainers built on the run: a rerun pointing at another export was accepted, and
-    config.json then named weights the checkpoints were never trained with."""
+    trainers built on the run; the decoder and SEED-OPT read their tokenizer run's. A
+    rerun pointing at another was accepted, and config.json then named weights the
+    checkpoints were never trained with."""
     workdir = str(tmp_path)
     run_config.write(workdir, get_trainer_config("tiny"), trainer_module.RUN_DEFINING)
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "stage1")) as manager:
         manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
     trained = (tmp_path / "config.json").read_text()
     config = get_trainer_config("tiny")
-    config[section][key] = "/ckpt/another_export"
-    with pytest.raises(ValueError, match=f"{section}.{key}: '' -> '/ckpt/another_export'"):
+    *sections, name = key.split(".")
+    settings = config[sections[0]] if sections else config
+    before = settings[name]
+    settings[name] = "/ckpt/another"
+    with pytest.raises(ValueError, match=re.escape(f"{key}: {before!r} -> '/ckpt/another'")):
         run_config.write(workdir, config, trainer_module.RUN_DEFINING)
     assert (tmp_path / "config.json").read_text() == trained
 

@@ -30,7 +30,8 @@ from seed_jax.trainers import coordination, global_batches, loop, reporting, run
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
-RUN_DEFINING = ("trainer", "seed", "unet", "pixel_patch", "schedule", "train.trainable")
+# `tokenizer_workdir`: the run whose frozen CLIP text encoder conditions the UNet.
+RUN_DEFINING = ("trainer", "seed", "unet", "pixel_patch", "schedule", "train.trainable", "tokenizer_workdir")
 
 
 def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids: np.ndarray):

@@ -42,9 +42,10 @@ from seed_jax.trainers import warm_start as warm_start_lib
 PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.model or the converted OPT
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
-# `init`: the converted OPT whose frozen base weights the adapters and appended rows train on.
+# `init`: the converted OPT whose frozen base weights the adapters and appended rows train on;
+# `tokenizer_export` / `tokenizer_workdir`: the SEED tokenizer whose codes it reads and writes.
 RUN_DEFINING = ("trainer", "seed", "model", "init", "lora", "image_embedding", "text_tokenizer", "prompts",
-                "train_all")
+                "train_all", "tokenizer_export", "tokenizer_workdir")
 
 
 def lm_loss(model: opt.OPT, batch, rng):

@@ -256,3 +256,13 @@ def test_a_sharded_folder_reads_the_shards_its_index_lists(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.safetensors.index.json lists shards that are missing: "
                                                 r"model-00002-of-00002.safetensors"):
         sources.read_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("index", [{}, {"weight_map": ["model-00001-of-00001.safetensors"]}])
+def test_an_index_without_a_weight_map_fails_saying_what_it_lacks(tmp_path, index):
+    """An index without its weight_map failed with a bare KeyError: 'weight_map'."""
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: expected a sharded checkpoint's index, a "
+                                         r"JSON object whose 'weight_map' maps each key to its shard file"):
+        sources.read_folder(str(tmp_path))

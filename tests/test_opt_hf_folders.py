@@ -51,11 +51,10 @@ def _prompts():
 
 @torch.no_grad()
 def _transformers_greedy(hf, ids, mask, **options) -> np.ndarray:
-    """`generate`'s greedy tokens (B,STEPS), padded with its pad id where every row
-    ended before STEPS (it returns fewer columns then)."""
-    out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=STEPS,
-                      do_sample=False, num_beams=1, **options).numpy()[:, ids.shape[1]:]
-    return np.pad(out, ((0, 0), (0, STEPS - out.shape[1])), constant_values=hf.generation_config.pad_token_id or 0)
+    """`generate`'s greedy new tokens (B,T): T is STEPS, or fewer where every row ended
+    before (as SeedOPT.generate returns them)."""
+    return hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=STEPS,
+                       do_sample=False, num_beams=1, **options).numpy()[:, ids.shape[1]:]
 
 
 def _convert(folder, out) -> SeedOPT:

@@ -141,7 +141,11 @@ def _weight_files(folder: str, variant: str | None) -> list[str]:
             return [path]
         if os.path.isfile(index):
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: expected a sharded checkpoint's index, a JSON object whose 'weight_map' "
+                                 f"maps each key to its shard file, got weight_map={weight_map!r}")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")

@@ -113,8 +113,9 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
              sampling: Sampling = Sampling(), rng: jax.Array | None = None, allowed: jax.Array | None = None,
              eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32 new tokens. After
-    `eos_id` a row emits `pad_id`; once every row has, decoding stops. `allowed` (T,2) restricts step t to ids in
-    [allowed[t,0], allowed[t,1]). `rng` is needed when sampling (temperature > 0):
+    `eos_id` a row emits `pad_id`; once every row has, decoding stops. `allowed` (T,2)
+    restricts step t to ids in [allowed[t,0], allowed[t,1]). `rng` is needed when
+    sampling (temperature > 0):
     one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
     its key and prompt alone, not on the batch it runs in)."""
     if not sampling.greedy and rng is None:

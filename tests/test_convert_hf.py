@@ -288,8 +288,9 @@ def test_clip_text_depth_is_config_jsons_num_hidden_layers_as_transformers_build
     layer unused; the converter built every stored layer, another output. Fewer
     stored layers than configured fail naming the first missing key."""
     folder = tmp_path / "text_encoder"
-    randomize(CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, max_position_embeddings=77)), 8).save_pretrained(folder)
+    hf_config = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=77)
+    randomize(CLIPTextModel(hf_config), 8).save_pretrained(folder)
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 1}))
     hf = CLIPTextModel.from_pretrained(folder).eval()

@@ -80,7 +80,8 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
 @pytest.mark.parametrize("get_trainer_config, trainer_module, key", [
     (get_config, trainer, "init.clip_text"), (get_config, trainer, "init.qformer"),
     (get_opt_config, seed_opt_trainer, "init.opt"), (get_opt_config, seed_opt_trainer, "tokenizer_export"),
-    (get_opt_config, seed_opt_trainer, "tokenizer_workdir"), (get_decoder_config, decoder_trainer, "tokenizer_workdir")])
+    (get_opt_config, seed_opt_trainer, "tokenizer_workdir"),
+    (get_decoder_config, decoder_trainer, "tokenizer_workdir")])
 def test_a_rerun_may_not_change_the_weights_it_was_trained_on(tmp_path, get_trainer_config, trainer_module, key):
     """The frozen CLIP text encoder and ViT (and SEED-OPT's base OPT) are read from the
     `init` exports in training, and again from config.json by the export and the

@@ -704,7 +704,7 @@ def test_images_are_not_encoded_before_the_other_arguments_are_checked(method, a
     def encode(*args, **kwargs):
         raise AssertionError("the images were encoded before the arguments were checked")
 
-    monkeypatch.setattr(lm.tokenizer, "encode", encode)
+    monkeypatch.setattr(lm.tokenizer, "_encode", encode)  # the compiled encoder, whichever method runs it
     run = getattr(lm.tokenizer, method) if method == "reconstruct" else getattr(lm, method)
     with pytest.raises(ValueError, match=message):
         run(np.zeros((2, 40, 40, 3), np.uint8), *arguments, **options)

@@ -497,8 +497,9 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path, repo_r
         "--config.eval_every_steps=100000"], logs, env={"JAX_ENABLE_PREEMPTION_SERVICE": str(service).lower()})
     try:
         # the service takes SIGTERM from jax.distributed.initialize on, our handler from the first step on
+        metrics = workdir / "metrics.jsonl"
         started = ((lambda: "mesh {" in logs[1].read_text()) if service else
-                   (lambda: (workdir / "metrics.jsonl").exists() and "stage1" in (workdir / "metrics.jsonl").read_text()))
+                   (lambda: metrics.exists() and "stage1" in metrics.read_text()))
         deadline = time.time() + 240
         while not started() and time.time() < deadline:
             assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]

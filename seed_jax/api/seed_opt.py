@@ -144,9 +144,9 @@ class SeedOPT:
         """(B,P) left-padded prompts -> (B,T) int32 new tokens, `pad_id` after `eos_id`,
         as transformers' `generate`: T is `max_new_tokens`, or fewer when every row has
         ended (up to the last row's `eos_id`). Greedy at temperature 0, else sampled
-        (top-k / top-p; `seed` defaults to 0). `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the
-        converted folder's); `eos_id` None: no end token. `allowed[t] = (low, high)`
-        restricts step t. `num_beams` > 1: beam search as transformers'
+        (top-k / top-p; `seed` defaults to 0). `eos_id` / `pad_id` "model": this
+        SeedOPT's (`load`: the converted folder's); `eos_id` None: no end token.
+        `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
         finished hypotheses scored by log-probability / length**`length_penalty`."""
         eos_id, pad_id = self._end_and_padding(eos_id, pad_id)

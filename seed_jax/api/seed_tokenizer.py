@@ -95,7 +95,8 @@ class SeedTokenizer:
         size = self.image_size
         pixels = np.empty((len(indices), size, size, 3), np.float32)
         for row, i in enumerate(indices):
-            pixels[row] = image_preprocess.normalize(image_preprocess.resize(rgb_image(f"images[{i}]", batch[i]), size))
+            image = rgb_image(f"images[{i}]", batch[i])
+            pixels[row] = image_preprocess.normalize(image_preprocess.resize(image, size))
         return pixels
 
     # ---- pixels -> codes

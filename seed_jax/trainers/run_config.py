@@ -52,4 +52,3 @@ def _differing(trained: dict, settings: dict, defining: Sequence[str]) -> dict[s
     old, new = weights.flatten_nested(trained), weights.flatten_nested(settings)
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
             if any(k == d or k.startswith(d + ".") for d in defining) and old[k] != new[k]}
-

@@ -155,6 +155,12 @@ def test_split_release_files_convert_like_one_file(tmp_path, capsys):
                          f"--out={tmp_path / 'out'}", *_heads(TINY), f"--vit_depth={TINY.vit_depth}"]) == 0
     assert f"visual_encoder.blocks.{TINY.vit_depth}.mlp.fc1.weight" in capsys.readouterr().out
     _compare(SeedTokenizer.load(str(tmp_path / "out")), pixels, ref)
+    deeper = TINY.vit_depth + 2  # one block more than the file holds
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                         f"--qformer={tmp_path / 'causal_qformer.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
+                         f"--out={tmp_path / 'deeper'}", *_heads(TINY), f"--vit_depth={deeper}"]) != 0
+    assert (f"missing key 'visual_encoder.blocks.{deeper - 1}.norm1.weight' (--vit_depth={deeper}, "
+            f"{deeper - 1} layers stored)") in capsys.readouterr().err
 
 
 def test_vit_depth_is_the_references_39_or_the_main_checkpoints(tmp_path):

@@ -54,7 +54,8 @@ def hf_config(source: Source, hf: dict) -> Blip2Config:
                            block=f"{HF_VIT}encoder.layers.{{i}}.layer_norm1.weight",
                            fc1=f"{HF_VIT}encoder.layers.{{i}}.mlp.fc1.weight",
                            heads=vision.get("num_attention_heads", 16), eps=vit_eps,
-                           depth=vision.get("num_hidden_layers"))  # as transformers builds it
+                           depth=vision.get("num_hidden_layers"),  # as transformers builds it
+                           depth_setting="config.json vision_config.num_hidden_layers")
     qformer = infer.qformer_config(
         source, layer=HF_LAYER, query_tokens="query_tokens", self_key="attention.attention.query.weight",
         cross_key="crossattention.attention.key.weight", heads=qf.get("num_attention_heads", 12), causal=False,

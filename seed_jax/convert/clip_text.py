@@ -29,7 +29,7 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding", rank=2)
     max_length = need(source, f"{p}embeddings.position_embedding.weight", "position embedding")[0]
     depth = infer.layer_count(source, f"{p}encoder.layers.{{i}}.layer_norm1.weight", hf.get("num_hidden_layers"),
-                              "num_hidden_layers")
+                              "config.json num_hidden_layers")
     mlp_dim = need(source, f"{p}encoder.layers.0.mlp.fc1.weight", "MLP width")[0]
     act = hf["hidden_act"]
     if act not in ACTIVATIONS:

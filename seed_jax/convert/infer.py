@@ -35,35 +35,32 @@ def prefix(source: Source, key: str, candidates: Sequence[str], what: str) -> st
 
 
 def layer_count(source: Source, template: str, configured: int | None, setting: str) -> int:
-    """Layers to build: `configured` (config.json's `setting`, as transformers builds
-    them; stored layers beyond it are left unused), else all stored ones. `template`
-    (with `{i}`) counts the stored layers; fewer than `configured` fails naming the
-    first missing key."""
+    """Layers to build: `configured` (from `setting`, e.g. config.json's
+    num_hidden_layers, as transformers builds them; stored layers beyond it are left
+    unused), else all stored ones. `template` (with `{i}`) counts the stored layers;
+    fewer than `configured` fails naming the first missing key."""
     stored = source.count(template)
     if configured is None:
         return stored
     if stored < configured:
-        raise KeyError(f"{source.name}: missing key {template.format(i=stored)!r} (config.json {setting}="
-                       f"{configured}, {stored} layers stored)")
+        raise KeyError(f"{source.name}: missing key {template.format(i=stored)!r} ({setting}={configured}, "
+                       f"{stored} layers stored)")
     return configured
 
 
 def vit_config(source: Source, *, patch_weight: str, pos_embed: str, block: str, fc1: str, heads: int,
-               eps: float = 1e-6, depth: int | None = None) -> ViTConfig:
-    """`block` is a template with `{i}` whose presence counts the layers; `depth`
-    (default: all of them) builds the first `depth` (later ones are left unused)."""
+               eps: float = 1e-6, depth: int | None = None, depth_setting: str = "--vit_depth") -> ViTConfig:
+    """`block` is a template with `{i}` whose presence counts the layers; `depth` (read
+    from `depth_setting`; default: all of them) builds the first `depth` (see
+    `layer_count`)."""
     width, _, patch, _ = need(source, patch_weight, "the ViT patch embedding", rank=4)
     num_tokens = need(source, pos_embed, "the ViT position embedding")[-2]
     grid = math.isqrt(num_tokens - 1)
     if grid * grid != num_tokens - 1:
         raise ValueError(f"{pos_embed}: {num_tokens} positions is not 1 + a square grid")
-    available = source.count(block)
-    if available == 0:
+    if block.format(i=0) not in source:
         raise KeyError(f"{source.name}: no ViT blocks ({block.format(i=0)!r} missing)")
-    depth = available if depth is None else depth
-    if available < depth:
-        raise KeyError(f"{source.name}: missing key {block.format(i=available)!r} (a ViT of depth {depth}, "
-                       "see --vit_depth)")
+    depth = layer_count(source, block, depth, depth_setting)
     mlp_dim = need(source, fc1.format(i=0), "the ViT MLP width")[0]
     if width % heads:
         raise ValueError(f"vit heads {heads} do not divide the ViT width {width}")
@@ -77,9 +74,9 @@ def qformer_config(source: Source, *, layer: str, query_tokens: str, self_key: s
     """`layer` is the encoder layer template ("Qformer.bert.encoder.layer.{i}.");
     `self_key` / `cross_key` are relative to it. Text parts are on when the word
     embeddings and the text feed-forward are both present. `depth`: config.json's
-    num_hidden_layers (default: all stored layers; see `layer_count`)."""
+    qformer_config.num_hidden_layers (default: all stored layers; see `layer_count`)."""
     _, num_queries, width = need(source, query_tokens, "the query tokens", rank=3)
-    num_layers = layer_count(source, layer + self_key, depth, "num_hidden_layers")
+    num_layers = layer_count(source, layer + self_key, depth, "config.json qformer_config.num_hidden_layers")
     if num_layers == 0:
         raise KeyError(f"{source.name}: no Q-Former layers ({(layer + self_key).format(i=0)!r} missing)")
     cross = [i for i in range(num_layers) if (layer + cross_key).format(i=i) in source]

@@ -443,11 +443,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert np.isfinite(np.asarray(logits)).all()  # top_k beyond the vocabulary keeps everything
 
 
-def _tiny_seed_opt(**options):
+def _tiny_seed_opt(max_positions: int = 64, **options):
     """A random SeedOPT with a word-level text tokenizer and 16 codes."""
     text = opt_text.OPTTextTokenizer(opt_text.word_bpe(["a", "red", "star"]))
-    config = OPTConfigOurs(vocab_size=text.vocab_size, width=16, depth=1, num_heads=2, mlp_dim=32, max_positions=64,
-                           extra_tokens=2 + 16)
+    config = OPTConfigOurs(vocab_size=text.vocab_size, width=16, depth=1, num_heads=2, mlp_dim=32,
+                           max_positions=max_positions, extra_tokens=2 + 16)
     ids = dict(image_start_id=text.vocab_size, image_end_id=text.vocab_size + 1, first_code_id=text.vocab_size + 2)
     return SeedOPT(weights.build("opt", config), image_token_ids=ids, text_tokenizer=text, **options)
 
@@ -691,12 +691,20 @@ def _seed_opt_with_images(diffusion: bool = True) -> SeedOPT:
     ("reconstruct", [], dict(num_steps=0), "num_steps: expected"),
     ("reconstruct", [], dict(sampler="euler"), "sampler: expected one of"),
     ("reconstruct", [], dict(diffusion=None), "decode needs a diffusion model"),
+    ("caption", [], dict(max_new_tokens=0), r"max_new_tokens: expected an integer in 1\.\.\d+ \(the model has 64"),
+    ("caption", [], dict(max_new_tokens=60), r"max_new_tokens: expected an integer in 1\.\.\d+ \(the model has 64"),
+    ("caption", [], dict(num_beams=2, top_k=3), r"num_beams > 1 \(beam search\) takes no top_k"),
+    ("caption", [], dict(length_penalty=2.0), "length_penalty=2.0 applies to beam search only"),
+    ("answer", [["a", "red"]], dict(top_p=0.0), "top_p: expected 0 < top_p <= 1"),
+    ("answer", [["a", "red"]], dict(seed=-1), "seed: expected an integer in"),
+    ("answer", [["a", "red"]], dict(num_beams=0), "num_beams: expected an integer >= 1"),
 ])
 def test_images_are_not_encoded_before_the_other_arguments_are_checked(method, arguments, options, message,
                                                                        monkeypatch):
     """answer encoded every image, then failed for a question list of another length
     (or for want of a text tokenizer, as caption did); reconstruct encoded every image,
-    then failed on a bad decode option or for want of a diffusion model."""
+    then failed on a bad decode option or for want of a diffusion model; both encoded
+    every image, then failed on a bad generation option."""
     lm = _seed_opt_with_images(diffusion=options.pop("diffusion", True) is not None)
     if "text_tokenizer" in options:
         lm.text_tokenizer = options.pop("text_tokenizer")
@@ -708,6 +716,38 @@ def test_images_are_not_encoded_before_the_other_arguments_are_checked(method, a
     run = getattr(lm.tokenizer, method) if method == "reconstruct" else getattr(lm, method)
     with pytest.raises(ValueError, match=message):
         run(np.zeros((2, 40, 40, 3), np.uint8), *arguments, **options)
+
+
+def test_a_misspelt_caption_option_fails_before_the_images_are_encoded(monkeypatch):
+    lm = _seed_opt_with_images(diffusion=False)
+    monkeypatch.setattr(lm.tokenizer, "_encode", lambda *args, **kwargs: pytest.fail("images encoded"))
+    with pytest.raises(TypeError, match=r"unexpected options \['temprature'\]: captions and answers take"):
+        lm.caption(np.zeros((2, 40, 40, 3), np.uint8), temprature=1.0)
+
+
+def test_default_caption_and_answer_lengths_fit_the_models_positions(monkeypatch):
+    """caption_codes' default of 30 new tokens failed on a 64-position model, whose
+    45-token caption prompt leaves room for 20, though the user passed nothing (as did
+    answer_codes' 10 after a longer question); where there is room the defaults stay
+    30 and 10."""
+    lm = _tiny_seed_opt()
+    codes = np.zeros((2, 32), int)
+    room = lm.config.max_positions + 1 - len(lm.builder.caption_prompt(codes[0]))
+    answer_room = lm.config.max_positions + 1 - len(lm.builder.question_prompt(codes[0], "a red star a red star"))
+    assert room < 30 and answer_room < 10
+    assert lm.caption_codes(codes) == lm.caption_codes(codes, max_new_tokens=room)
+    asked = []
+    generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda ids, **kwargs: asked.append(kwargs["max_new_tokens"])
+                        or generate(ids, **kwargs))
+    lm.caption_codes(codes)
+    lm.answer_codes(codes, ["a", "a red star a red star"])
+    big = _tiny_seed_opt(max_positions=128)
+    monkeypatch.setattr(big, "generate", lambda ids, **kwargs: asked.append(kwargs["max_new_tokens"])
+                        or np.full((len(ids), 1), big.text_tokenizer.eos_id))
+    big.caption_codes(codes)
+    big.answer_codes(codes, ["a", "red"])
+    assert asked == [room, answer_room, 30, 10]
 
 
 def test_answer_of_images_is_answer_codes_of_their_codes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterable, Sequence
 
@@ -22,6 +23,8 @@ from seed_jax.models.opt import OPT as OPTModel
 # generate pads prompts (on the left) and logits its ids (on the right) to a multiple
 # of this many tokens, so that ids of other lengths reuse the compiled program
 LENGTH_STEP = 16
+# caption_codes' and answer_codes' longest output by default, where the model's positions allow
+CAPTION_TOKENS, ANSWER_TOKENS = 30, 10
 
 
 class SeedOPT:
@@ -149,17 +152,37 @@ class SeedOPT:
         `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
         finished hypotheses scored by log-probability / length**`length_penalty`."""
-        eos_id, pad_id = self._end_and_padding(eos_id, pad_id)
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
-        if ids.shape[1] > self.config.max_positions:
-            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
+        d = self._decoding(ids.shape[1], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, eos_id=eos_id, pad_id=pad_id, allowed=allowed, num_beams=num_beams,
+                           length_penalty=length_penalty)
+        ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
+        if d.num_beams > 1:
+            return generation.up_to_last_end(run_in_chunks(lambda i, m: self._beam_search(
+                self._state, i, m, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams, eos_id=d.eos_id,
+                pad_id=d.pad_id, length_penalty=d.length_penalty), (ids, mask), self.batch_size), d.eos_id)
+
+        def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
+            keys = jax.vmap(lambda row: jax.random.fold_in(d.key, row))(rows)
+            return self._generate(self._state, ids, mask, keys, d.ranges, max_new_tokens=d.max_new_tokens,
+                                  sampling=d.sampling, eos_id=d.eos_id, pad_id=d.pad_id)
+
+        return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size),
+                                         d.eos_id)
+
+    def _decoding(self, prompt_length: int, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                  eos_id="model", pad_id="model", allowed=None, num_beams=1, length_penalty=1.0) -> _Decoding:
+        """`generate`'s options for prompts of `prompt_length` tokens, checked (a ValueError
+        names the bad one), as the compiled programs take them."""
+        eos_id, pad_id = self._end_and_padding(eos_id, pad_id)
+        if prompt_length > self.config.max_positions:
+            raise ValueError(f"input_ids: length {prompt_length} exceeds the model's {self.config.max_positions} "
                              "positions")
         # the last new token is not fed back, so it needs no position of its own
-        longest = self.config.max_positions - ids.shape[1] + 1
+        longest = self.config.max_positions - prompt_length + 1
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
-        ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
         num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
@@ -174,22 +197,14 @@ class SeedOPT:
                      ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
-            return generation.up_to_last_end(run_in_chunks(lambda i, m: self._beam_search(
-                self._state, i, m, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                length_penalty=length_penalty), (ids, mask), self.batch_size), eos_id)
-        sampling = generation.Sampling(temperature, top_k, top_p)
-        ranges = generation.allowed_ranges(max_new_tokens, allowed, self.config.total_vocab_size)
-        key = seed_key(0 if seed is None else seed)
-
-        def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
-            keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)
-            return self._generate(self._state, ids, mask, keys, ranges,
-                                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
-
-        return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size), eos_id)
+            return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty)
+        return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty,
+                         sampling=generation.Sampling(temperature, top_k, top_p),
+                         ranges=generation.allowed_ranges(max_new_tokens, allowed, vocab),
+                         key=seed_key(0 if seed is None else seed))
 
     def _end_and_padding(self, eos_id, pad_id) -> tuple:
-        """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `generate`)."""
+        """`generate`'s eos_id and pad_id, "model" read as this SeedOPT's (checked by `_decoding`)."""
         models = isinstance(eos_id, str) and eos_id == "model"
         eos_id = self.eos_id if models else eos_id
         pad_id = self.pad_id if isinstance(pad_id, str) and pad_id == "model" else pad_id
@@ -217,11 +232,27 @@ class SeedOPT:
         mask = np.asarray([[0] * (length - len(p)) + [1] * len(p) for p in prompts], np.int32)
         return ids, mask
 
-    def _answers(self, prompts: list[list[int]], max_new_tokens: int, num_beams: int, **sampling) -> list[str]:
+    def _answer_request(self, prompts: list[list[int]], max_new_tokens: int | None, default_tokens: int,
+                        num_beams: int, sampling: dict) -> tuple[np.ndarray, dict]:
+        """Prompts -> left-padded ids (B,P) and `generate`'s keyword arguments, every option
+        checked. `max_new_tokens` None: `default_tokens`, or fewer where the positions end."""
+        unknown = sorted(set(sampling) - {"temperature", "top_k", "top_p", "seed", "length_penalty"})
+        if unknown:
+            raise TypeError(f"unexpected options {unknown}: captions and answers take max_new_tokens, num_beams, "
+                            "temperature, top_k, top_p, seed and length_penalty")
         ids, mask = self._left_padded(prompts)
+        if max_new_tokens is None:
+            max_new_tokens = max(1, min(default_tokens, self.config.max_positions - ids.shape[1] + 1))
+        options = dict(eos_id=self.text_tokenizer.eos_id, pad_id=self.text_tokenizer.pad_id, num_beams=num_beams,
+                       **sampling)
+        self._decoding(ids.shape[1], max_new_tokens, **options)
+        return ids, dict(options, max_new_tokens=max_new_tokens, attention_mask=mask)
+
+    def _answers(self, prompts: list[list[int]], max_new_tokens: int | None, default_tokens: int, num_beams: int,
+                 sampling: dict) -> list[str]:
+        ids, options = self._answer_request(prompts, max_new_tokens, default_tokens, num_beams, sampling)
+        tokens = self.generate(ids, **options)
         eos = self.text_tokenizer.eos_id
-        tokens = self.generate(ids, max_new_tokens, attention_mask=mask, eos_id=eos, pad_id=self.text_tokenizer.pad_id,
-                               num_beams=num_beams, **sampling)
         return [self._decode_answer(row[:row.index(eos)] if eos in row else row).strip() for row in tokens.tolist()]
 
     def _decode_answer(self, ids: list[int]) -> str:
@@ -250,21 +281,35 @@ class SeedOPT:
             raise ValueError(f"codes: expected integer (B,{self.num_queries}), got {codes.dtype} {codes.shape}")
         return codes
 
-    def caption_codes(self, codes, *, max_new_tokens: int = 30, num_beams: int = 1, **sampling) -> list[str]:
-        """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
-        `sampling`: temperature, top_k, top_p, seed (not with num_beams > 1)."""
-        builder = self.builder
-        return self._answers([builder.caption_prompt(row) for row in self._codes(codes)], max_new_tokens, num_beams,
-                             **sampling)
+    def _placeholder_codes(self, count: int) -> np.ndarray:
+        """(count,32) codes whose prompts are as long as any codes': options are checked on
+        them before images are encoded."""
+        return np.zeros((count, self.num_queries), np.int32)
 
-    def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int = 10, num_beams: int = 1,
-                     **sampling) -> list[str]:
-        """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.")."""
+    def _caption_prompts(self, codes: np.ndarray) -> list[list[int]]:
+        builder = self.builder
+        return [builder.caption_prompt(row) for row in codes]
+
+    def _question_prompts(self, codes: np.ndarray, questions: list[str]) -> list[list[int]]:
+        builder = self.builder
+        return [builder.question_prompt(row, q) for row, q in zip(codes, questions)]
+
+    def caption_codes(self, codes, *, max_new_tokens: int | None = None, num_beams: int = 1,
+                      **sampling) -> list[str]:
+        """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
+        `max_new_tokens` None: 30, or fewer where the model's positions end; `sampling`:
+        temperature, top_k, top_p, seed (not with num_beams > 1)."""
+        return self._answers(self._caption_prompts(self._codes(codes)), max_new_tokens, CAPTION_TOKENS, num_beams,
+                             sampling)
+
+    def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int | None = None,
+                     num_beams: int = 1, **sampling) -> list[str]:
+        """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.");
+        options as `caption_codes`, `max_new_tokens` None: 10 or fewer."""
         codes = self._codes(codes)
         questions = _check_texts("questions", questions, count=len(codes))
-        builder = self.builder
-        prompts = [builder.question_prompt(row, q) for row, q in zip(codes, questions)]
-        return self._answers(prompts, max_new_tokens, num_beams, **sampling)
+        return self._answers(self._question_prompts(codes, questions), max_new_tokens, ANSWER_TOKENS, num_beams,
+                             sampling)
 
     def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0) -> np.ndarray:
@@ -286,18 +331,25 @@ class SeedOPT:
             raise ValueError("images need the SEED tokenizer: SeedOPT.load(..., tokenizer=SEED_EXPORT)")
         return self.tokenizer
 
-    def caption(self, images, **options) -> list[str]:
+    def caption(self, images, *, max_new_tokens: int | None = None, num_beams: int = 1, **sampling) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
-        tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
-        return self.caption_codes(tokenizer.encode_images(images), **options)
+        tokenizer = self._seed_tokenizer()  # it, and every option, checked before the images are encoded
+        self._answer_request(self._caption_prompts(self._placeholder_codes(1)), max_new_tokens, CAPTION_TOKENS,
+                             num_beams, sampling)
+        return self.caption_codes(tokenizer.encode_images(images), max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  **sampling)
 
-    def answer(self, images, questions: Sequence[str], **options) -> list[str]:
+    def answer(self, images, questions: Sequence[str], *, max_new_tokens: int | None = None, num_beams: int = 1,
+               **sampling) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) and one question each -> short answers
         (options as `answer_codes`)."""
-        tokenizer, _ = self._seed_tokenizer(), self.builder  # both checked before the images are encoded
+        tokenizer = self._seed_tokenizer()  # it, and every option, checked before the images are encoded
         images = image_list(images)
         questions = _check_texts("questions", questions, count=len(images))
-        return self.answer_codes(tokenizer.encode_images(images), questions, **options)
+        self._answer_request(self._question_prompts(self._placeholder_codes(len(images)), questions), max_new_tokens,
+                             ANSWER_TOKENS, num_beams, sampling)
+        return self.answer_codes(tokenizer.encode_images(images), questions, max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, **sampling)
 
     def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:
@@ -308,6 +360,20 @@ class SeedOPT:
         tokenizer.check_decode_options(seed=seed, **decode_options)  # before the language model runs
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return tokenizer.decode(codes, seed=seed, **decode_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoding:
+    """`generate`'s checked options: beam search when num_beams > 1, else `sampling`
+    with per-step token `ranges` (T,2) and the PRNG `key`."""
+    max_new_tokens: int
+    eos_id: int | None
+    pad_id: int
+    num_beams: int
+    length_penalty: float
+    sampling: generation.Sampling | None = None
+    ranges: np.ndarray | None = None
+    key: jax.Array | None = None
 
 
 def _padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:

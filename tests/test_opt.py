@@ -950,6 +950,39 @@ def test_bfloat16_logits_are_accumulated_and_kept_in_float32():
     assert (logits != rounded).mean() > 0.5
 
 
+def test_bfloat16_generation_caches_keys_and_values_in_bfloat16():
+    """The key/value cache was float32 whatever the compute dtype: a bfloat16 model's
+    keys and values, bfloat16 already, took twice the memory (OPT-2.7B, 64 rows of
+    2048 positions: 86 GB instead of 43). Generation builds its cache in the compute
+    dtype, and cached decoding still follows full recomputation."""
+    config = OPTConfigOurs(vocab_size=100, width=32, depth=2, num_heads=2, mlp_dim=64, max_positions=16)
+    model = OPT(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert {c.dtype for c in model.init_cache(2, 8).values()} == {jnp.dtype(jnp.bfloat16)}
+    cache_dtypes = set()
+
+    class Recording:  # the model generation runs, recording the cache it is given
+        config = model.config
+        init_cache = model.init_cache
+
+        def __call__(self, *args, cache, **kwargs):
+            cache_dtypes.update(c.dtype for c in cache.values())
+            return model(*args, cache=cache, **kwargs)
+
+    ids, mask = _prompts()
+    generation.generate(Recording(), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=3)
+    assert cache_dtypes == {jnp.dtype(jnp.bfloat16)}
+    full, _ = model(ids, mask)
+    positions = np.cumsum(mask, 1) * mask - 1
+    cache = model.init_cache(2, 8)
+    prefix, cache = model(ids[:, :5], mask, positions=positions[:, :5], cache=cache, cache_index=0)
+    steps = [prefix]
+    for i in range(5, 8):
+        logits, cache = model(ids[:, i:i + 1], mask, positions=positions[:, i:i + 1], cache=cache, cache_index=i)
+        steps.append(logits)
+    real = mask.astype(bool)
+    assert relative_error(np.concatenate(steps, 1)[real], np.asarray(full)[real]) <= 1e-2
+
+
 def test_sharded_bfloat16_folder_converts_to_the_bfloat16_weights(converted, tmp_path):
     """Hub OPT checkpoints are half precision and often sharded: read without torch,
     bfloat16 widens exactly to the float32 export of the same weights."""

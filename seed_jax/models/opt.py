@@ -195,11 +195,12 @@ class OPT(nnx.Module):
                                          rngs=rngs) if c.embed_width else None)
         self.remat, self.dtype = remat, dtype
 
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
-        """Empty key/value cache for `length` positions: {k, v} (layers,B,N,S,H)."""
+    def init_cache(self, batch: int, length: int) -> dict:
+        """Empty key/value cache for `length` positions: {k, v} (layers,B,N,S,H) in the
+        compute dtype, in which the keys and values are computed."""
         c = self.config
         shape = (c.depth, batch, c.num_heads, length, c.width // c.num_heads)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions=None,
                  segment_ids: jax.Array | None = None, cache: dict | None = None,

@@ -1198,3 +1198,17 @@ def test_an_export_written_before_dropout_rates_loads_without_dropout(tmp_path):
     assert (config.dropout, config.attention_dropout, config.lora_dropout) == (0.0, 0.0, 0.0)
     assert not set(RATES) & weights.stored_config_fields(str(tmp_path / "export"))
     np.testing.assert_array_equal(loaded(IDS, dropout_rng=jax.random.key(0))[0], model(IDS)[0])
+
+
+def test_ids_longer_than_the_positions_fail_naming_them():
+    """Beyond `max_positions` the position lookup read the table's last row for every
+    later position (JAX clamps indices) and returned logits, silently; transformers
+    raises. Exactly `max_positions` ids, plain or packed, still run."""
+    model = OPT(OPTConfigOurs(vocab_size=100, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=8),
+                rngs=nnx.Rngs(0))
+    assert model(np.arange(3, 11)[None])[0].shape == (1, 8, 100)
+    ids = np.arange(3, 12)[None]
+    with pytest.raises(ValueError, match=r"^input_ids: length 9 exceeds the model's 8 positions$"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"^input_ids: length 9 exceeds the model's 8 positions$"):
+        model(ids, positions=np.arange(9)[None], segment_ids=np.ones((1, 9), np.int32))

@@ -216,8 +216,11 @@ class OPT(nnx.Module):
         the new tokens go to [cache_index, cache_index+L), `attention_mask` (B,S)
         covers the whole cache, and `positions` (B,L) must be given. `dropout_rng` (a
         key; training) enables the config's dropout; None (evaluation, generation) or
-        every rate 0 computes exactly as without it."""
+        every rate 0 computes exactly as without it. Without a cache, L is at most
+        `max_positions` (the position table's rows; a lookup beyond reads its last row)."""
         batch, length = input_ids.shape
+        if cache is None and length > self.config.max_positions:
+            raise ValueError(f"input_ids: length {length} exceeds the model's {self.config.max_positions} positions")
         if segment_ids is not None:
             if cache is not None or attention_mask is not None or positions is None:
                 raise ValueError("segment_ids (packed rows) take `positions` and no attention_mask or cache")

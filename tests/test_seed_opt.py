@@ -740,10 +740,10 @@ def _packed_batch() -> dict[str, np.ndarray]:
             "target_mask": np.asarray([[1] * 7 + [0]] * 8, np.int32)}
 
 
-def _lm_stage(mesh, code_dim=0, num_steps=3, **rates):
+def _lm_stage(mesh, code_dim=0, num_steps=3, stage_index=None, **rates):
     """The shared train step with lm_loss for a tiny SEED-OPT with LoRA (codes as rows, or
-    through the codebook projection when `code_dim` > 0), `rates` its dropout rates;
-    returns (setup, run config)."""
+    through the codebook projection when `code_dim` > 0), `rates` its dropout rates,
+    `stage_index` its keys' (`loop.step_key`); returns (setup, run config)."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32,
                        extra_tokens=10, code_dim=code_dim, lora_rank=4, **rates)
     model = weights.build("opt", config)
@@ -753,7 +753,7 @@ def _lm_stage(mesh, code_dim=0, num_steps=3, **rates):
                                            weight_decay=0.0, b1=0.9, b2=0.999))
     run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
     setup = loop.prepare_stage(model, seed_opt.trainable(ml_collections.ConfigDict({"train_all": False})),
-                               seed_opt.lm_loss, stage, run, mesh)
+                               seed_opt.lm_loss, stage, run, mesh, stage_index=stage_index)
     return setup, run
 
 
@@ -810,6 +810,45 @@ def test_the_train_step_draws_new_dropout_masks_at_each_step(rates):
     first, again, second = loss_at(0), loss_at(0), loss_at(1)
     assert first == again
     assert (first != second) == bool(rates)
+
+
+@pytest.mark.parametrize("rates", [{}, DROPPING], ids=["plain", "dropout"])
+def test_each_phase_draws_its_own_dropout_masks_and_without_dropout_steps_as_before(rates):
+    """The phases' train steps at the same step, parameters and batch (phase i trains
+    under stage index i, `test_each_phase_trains_under_its_own_stage_index`): with
+    dropout their step k drew the same masks (the step folded into the seed alone) and
+    now each draws its own; without dropout (the demos) either phase's step is, bit for
+    bit, the step under the seed's key alone, as before."""
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def step_under(stage_index):
+        setup, run = _lm_stage(mesh, stage_index=stage_index, **rates)
+        batch = global_batches.global_batch(_packed_batch(), mesh, run.axis_rules)
+        state = {**setup.state, "step": jnp.asarray(1, jnp.int32)}
+        state, metrics = setup.train_step(state, setup.frozen, batch)
+        return float(metrics["loss"]), jax.device_get(state)
+
+    (phase1_loss, phase1), (phase2_loss, phase2), (_, seed_only) = step_under(0), step_under(1), step_under(None)
+    assert (phase1_loss != phase2_loss) == bool(rates)
+    if not rates:
+        for state in (phase1, phase2):
+            jax.tree.map(np.testing.assert_array_equal, state, seed_only)
+
+
+def test_each_phase_trains_under_its_own_stage_index(seed_opt_run, monkeypatch):
+    """`seed_opt.train` passes each phase's index to `loop.run_stage` (the keys' stage
+    index): the phases of a run (here a finished one, resumed to its end) draw apart."""
+    workdir, config = seed_opt_run
+    indices = {}
+    run_stage = loop.run_stage
+
+    def recording(**kwargs):
+        indices[kwargs["name"]] = kwargs.get("stage_index")
+        return run_stage(**kwargs)
+
+    monkeypatch.setattr(loop, "run_stage", recording)
+    assert seed_opt.train(config, workdir)
+    assert indices == {name: index for index, (name, _) in enumerate(seed_opt.PHASES)}
 
 
 def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):

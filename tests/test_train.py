@@ -212,11 +212,16 @@ def test_a_warmup_as_long_as_the_stage_is_warned_about(caplog):
     assert "warmup_steps" not in caplog.text
 
 
+def _fit_line(model, batch, rng):
+    return jnp.mean((batch["x"] @ model.w[...] + model.b[...] - 1.0) ** 2), ({}, {})
+
+
 def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, model=None,
-                    skipped=None, **config):
-    """`loop.run_stage` on `model` (default `_Line()`; step i's batch is filled with
-    i / 100), logging and evaluating every step, checkpointing every 4; returns the model.
-    `skipped` (a SkipCounter) counts a skipped record for every third batch read."""
+                    skipped=None, loss_fn=_fit_line, stage_index=None, **config):
+    """`loop.run_stage` of `loss_fn` (default `_fit_line`) on `model` (default `_Line()`;
+    step i's batch is filled with i / 100), logging and evaluating every step,
+    checkpointing every 4; returns the model. `skipped` (a SkipCounter) counts a skipped
+    record for every third batch read; `stage_index` goes to `loop.run_stage`."""
     config = ml_collections.ConfigDict({**dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
                                                eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5),
                                         **config})
@@ -232,18 +237,47 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
     rows = grain.MapDataset.range(1, 100).map(row).to_iter_dataset(grain.ReadOptions(num_threads=0))
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     preemption, writer, model = coordination.Preemption(), reporting.MetricsWriter(str(workdir)), model or _Line()
-
-    def fit(model, batch, rng):
-        return jnp.mean((batch["x"] @ model.w[...] + model.b[...] - 1.0) ** 2), ({}, {})
-
     try:
-        loop.run_stage(name="s", model=model, trainable=nnx.Param, loss_fn=fit, stage=stage, config=config,
+        loop.run_stage(name="s", model=model, trainable=nnx.Param, loss_fn=loss_fn, stage=stage, config=config,
                        mesh=mesh, train_iter=iter(rows), evaluate=evaluate, writer=writer, preemption=preemption,
-                       checkpoint_dir=str(checkpoint_dir), counters={"data/skipped_records": skipped})
+                       checkpoint_dir=str(checkpoint_dir), counters={"data/skipped_records": skipped},
+                       stage_index=stage_index)
     finally:
         preemption.close()
         writer.close()
     return model
+
+
+def _fit_line_reporting_a_draw(model, batch, rng):
+    """`_fit_line`, with a number drawn from the step's loss key among its metrics."""
+    loss, (metrics, aux) = _fit_line(model, batch, rng)
+    return loss, ({**metrics, "draw": jax.random.uniform(rng)}, aux)
+
+
+def _train_draws(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [line["draw"] for line in map(json.loads, f) if line["split"] == "train"]
+
+
+def test_each_stage_index_draws_its_own_keys_and_a_resumed_stage_those_of_a_straight_one(tmp_path):
+    """SEED-OPT's phases train one model with one dropout: with the step folded into the
+    seed alone, their step k drew the same masks. A stage index is folded in: each index
+    draws its own keys, a stage stopped at step 4 and resumed draws those of a straight
+    run, and a stage without one draws the seed's keys as before (the tokenizer's
+    stages and the decoder's: their demos' figures stay)."""
+    for index in (0, 1):
+        _run_line_stage(tmp_path / f"ckpt{index}", tmp_path / f"index{index}", loss_fn=_fit_line_reporting_a_draw,
+                        stage_index=index)
+    first, second = _train_draws(tmp_path / "index0"), _train_draws(tmp_path / "index1")
+    assert len(first) == len(set(first)) == 8 and not set(first) & set(second)
+    for num_steps in (4, 8):
+        _run_line_stage(tmp_path / "ckpt_resumed", tmp_path / "resumed", num_steps=num_steps,
+                        loss_fn=_fit_line_reporting_a_draw, stage_index=0)
+    assert _train_draws(tmp_path / "resumed") == first
+    _run_line_stage(tmp_path / "ckpt_seed", tmp_path / "seed", loss_fn=_fit_line_reporting_a_draw)
+    seed_keys = [jax.random.split(jax.random.fold_in(jax.random.key(0), step))[0] for step in range(8)]
+    np.testing.assert_array_equal(np.float32(_train_draws(tmp_path / "seed")),
+                                  [jax.random.uniform(key) for key in seed_keys])
 
 
 def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_path):

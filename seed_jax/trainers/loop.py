@@ -37,12 +37,28 @@ def check_loop_settings(config) -> None:
             raise ValueError(f"{name}: expected an integer >= {least}{meaning}, got {value!r}")
 
 
+def step_key(seed: int, step: jax.Array, stage_index: int | None = None) -> jax.Array:
+    """The key of the train step at `step` (the state's step: a resumed run draws the
+    keys of an uninterrupted one): `step` folded into `seed`'s key, into that key's
+    `stage_index` fold where given, so that stages training one model with dropout
+    (SEED-OPT's phases) draw their own masks, not the same ones at the same step. None:
+    the seed's key alone, as the decoder's one stage and the tokenizer's stages draw
+    (stage I's Q-Former drops with a split of the step's loss key, stage II's reverse
+    Q-Former with that key itself, so their masks differ; a stage index would change the
+    code restarts, and so the figures, of the tokenizer demo)."""
+    key = jax.random.key(seed)
+    if stage_index is not None:
+        key = jax.random.fold_in(key, stage_index)
+    return jax.random.fold_in(key, step)
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules,
-                    post_update: Callable | None = None):
+                    post_update: Callable | None = None, stage_index: int | None = None):
     """A pure step (state, frozen, batch) -> (state, metrics).
 
     state = {"params", "opt_state", "step"}; `frozen` holds the parameters that do
-    not train. `loss_fn(model, batch, rng) -> (loss, (metrics, aux))`;
+    not train. Each step's key is `step_key(seed, step, stage_index)`.
+    `loss_fn(model, batch, rng) -> (loss, (metrics, aux))`;
     `post_update(params, aux, rng, step) -> params` may edit parameters after the
     optimizer update (e.g. restart unused codes). metrics["finite"] is True when the
     loss, the gradient norm and the new state are all finite.
@@ -50,7 +66,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
 
     def step_fn(state, frozen, batch):
         with parallel.axis_rules(mesh, rules):
-            rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+            rng = step_key(seed, state["step"], stage_index)
             loss_rng, update_rng = jax.random.split(rng)
 
             def loss_of(params):
@@ -132,15 +148,16 @@ def stage_shardings(params: nnx.State, frozen: nnx.State, tx: optax.GradientTran
 
 
 def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
-                  post_update: Callable | None = None) -> StageSetup:
+                  post_update: Callable | None = None, stage_index: int | None = None) -> StageSetup:
     """Splits `model` into trainable and frozen parameters, builds the optimizer
-    state (for trainable parameters only) and the jitted, sharded train step."""
+    state (for trainable parameters only) and the jitted, sharded train step (its keys:
+    `step_key` of `config.seed` and `stage_index`)."""
     rules = config.axis_rules
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     tx = optim.make_optimizer(stage)
     state_sharding, frozen_sharding = stage_shardings(params, frozen, tx, mesh, rules)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sharding)(params)
-    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update)
+    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update, stage_index)
     return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,
                       jax.device_put(frozen, frozen_sharding))
 
@@ -148,7 +165,7 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
 def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, stage, config, mesh,
               train_iter, evaluate: Callable[[nnx.Module, int], dict | None], writer: reporting.MetricsWriter,
               preemption: coordination.Preemption, checkpoint_dir: str, counters: dict | None = None,
-              post_update: Callable | None = None) -> bool:
+              post_update: Callable | None = None, stage_index: int | None = None) -> bool:
     """Trains `trainable` parameters of `model` for `stage.num_steps`, resuming from
     `checkpoint_dir`. Updates `model` in place. Returns False if preempted (after
     saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
@@ -159,11 +176,11 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on
-    resume (on process 0's counters), so they count the whole run. `post_update` is
-    passed to the train step (see `make_train_step`)."""
+    resume (on process 0's counters), so they count the whole run. `post_update` and
+    `stage_index` are passed to the train step (see `make_train_step`)."""
     check_loop_settings(config)
     optim.warn_if_warmup_outlasts(name, stage)
-    setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update)
+    setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update, stage_index)
     state = setup.state
     checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     try:

@@ -9,7 +9,8 @@ answer part only. The demo trains a small OPT from scratch; `seed_opt_2.7b` load
 converted OPT-2.7B (`convert hf_opt --image_tokens=8192`) and trains LoRA adapters
 and the appended token rows. Training steps drop at the model's rates (`config.model`'s,
 or the converted OPT's: its config.json's `dropout`, 0.1 in the released ones) and
-`lora.dropout` on the adapters' inputs, each step with its own key; evaluation and
+`lora.dropout` on the adapters' inputs, each step of each phase with its own key
+(`loop.step_key`: the phase's index and the step folded into `config.seed`); evaluation and
 generation do not drop. Evaluation on held-out records: caption exact match
 (greedy captions from codes) and text -> image retrieval (greedy codes from a
 caption, 32 code tokens then </img>, scored through the tokenizer's code features).
@@ -391,7 +392,7 @@ def train(config, workdir: str) -> bool:
                 name=name, model=model, trainable=trainable(config), loss_fn=lm_loss, stage=phase, config=config,
                 mesh=mesh, train_iter=train_iter, evaluate=lambda m, step, name=name: evaluator(m, step, name),
                 writer=writer, preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),
-                counters={"data/skipped_records": skipped})
+                counters={"data/skipped_records": skipped}, stage_index=index)
             if not done:
                 return False
     finally:

@@ -3,6 +3,7 @@ its export, the pixel-space latent rearrangement and the noise schedule."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -34,6 +35,23 @@ def test_run_writes_metrics_grid_and_export(trained):
     with open(os.path.join(trained, "DONE.json")) as f:
         assert json.load(f)["steps"] == 4
     assert weights.read_config(os.path.join(trained, "export"))[2]["steps"] == {"decoder": 4}
+
+
+def test_an_export_after_num_steps_lowered_records_the_checkpoints_steps(trained, tmp_path):
+    """A finished run's copy whose export was lost (e.g. killed before writing it),
+    resumed with train.num_steps below its last checkpoint: it resumes from that
+    checkpoint as it is, and the export and DONE.json recorded the config's steps, not
+    those it was trained to."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    shutil.rmtree(copy / "export")
+    (copy / "DONE.json").unlink()
+    config = get_config("tiny")
+    trained_steps = config.train.num_steps
+    config.train.num_steps = trained_steps - 1
+    assert decoder.train(config, str(copy))
+    assert weights.read_config(str(copy / "export"))[2]["steps"] == {"decoder": trained_steps}
+    assert json.loads((copy / "DONE.json").read_text())["steps"] == trained_steps
 
 
 def test_decode_and_reconstruct_through_the_api(trained):

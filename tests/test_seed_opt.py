@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -849,6 +850,24 @@ def test_each_phase_trains_under_its_own_stage_index(seed_opt_run, monkeypatch):
     monkeypatch.setattr(loop, "run_stage", recording)
     assert seed_opt.train(config, workdir)
     assert indices == {name: index for index, (name, _) in enumerate(seed_opt.PHASES)}
+
+
+def test_an_export_after_num_steps_lowered_records_the_checkpoints_steps(seed_opt_run, tmp_path):
+    """A finished run's copy whose export was lost (e.g. killed before writing it),
+    resumed with phase1.num_steps below its last checkpoint: phase 1 resumes from that
+    checkpoint as it is, and the export recorded the config's steps, not those it was
+    trained to."""
+    workdir, config = seed_opt_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "export"))
+    os.remove(os.path.join(copy, "DONE.json"))
+    config = ml_collections.ConfigDict(config.to_dict())
+    trained = config.phase1.num_steps
+    config.phase1.num_steps = trained - 1
+    assert seed_opt.train(config, copy)
+    assert weights.read_config(os.path.join(copy, "export"))[2]["steps"] == {"phase1": trained,
+                                                                             "phase2": config.phase2.num_steps}
 
 
 def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):

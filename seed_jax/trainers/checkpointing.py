@@ -138,6 +138,14 @@ def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
         checkpointer.close()
 
 
+def trained_steps(checkpoint_root: str, stages: list[tuple[str, str]]) -> dict[str, int | None]:
+    """`stages`: (checkpoint folder name, config key). Config key -> the step of that
+    stage's latest checkpoint (None: none): the step a finished run's parameters were
+    trained to, which its `num_steps` does not name once lowered below it (the stage
+    then resumes from that checkpoint as it is)."""
+    return {key: latest_checkpoint_step(os.path.join(checkpoint_root, name)) for name, key in stages}
+
+
 def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) -> None:
     """`stages`: (checkpoint folder name, config key, num_steps) in training order.
     Raises when a stage would train further (its last checkpoint is below its

@@ -26,7 +26,7 @@ from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.unet import UNetConfig
-from seed_jax.trainers import coordination, global_batches, loop, reporting, run_config
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting, run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
@@ -201,11 +201,11 @@ def train(config, workdir: str) -> bool:
         writer.close()
     out = os.path.join(workdir, "export")
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
-    steps = {"decoder": config.train.num_steps}
+    steps = checkpointing.trained_steps(os.path.join(workdir, "checkpoints"), [("decoder", "decoder")])
 
     coordination.export_and_mark_done(
         workdir, out, steps, lambda: weights.save(
             out, "stable_diffusion", sd_config, params,
             info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps}),
-        done={"steps": config.train.num_steps, "export": out, "tokenizer_export": tok_export})
+        done={"steps": steps["decoder"], "export": out, "tokenizer_export": tok_export})
     return True

@@ -400,7 +400,7 @@ def train(config, workdir: str) -> bool:
         writer.close()
     out = os.path.join(workdir, "export")
     params = weights.gathered(weights.flat_params(model))  # on every process; then process 0 writes
-    steps = {key: config[key].num_steps for _, key in PHASES}
+    steps = checkpointing.trained_steps(os.path.join(workdir, "checkpoints"), list(PHASES))
 
     coordination.export_and_mark_done(
         workdir, out, steps, lambda: export(

@@ -870,6 +870,19 @@ def test_an_export_after_num_steps_lowered_records_the_checkpoints_steps(seed_op
                                                                              "phase2": config.phase2.num_steps}
 
 
+def test_a_run_resumed_with_another_packing_bin_count_is_refused(seed_opt_run):
+    """A phase's checkpoint holds the packer's position in rows packed with
+    `data.num_packing_bins` bins: another count restored it into other rows (or failed
+    inside grain, an index beyond its fewer bins)."""
+    workdir, config = seed_opt_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    trained = config.data.num_packing_bins
+    config.data.num_packing_bins = trained // 2
+    with pytest.raises(ValueError, match=rf"data.num_packing_bins: {trained} -> {trained // 2}\).*"
+                                         rf"--config.data.num_packing_bins={trained}\b"):
+        seed_opt.train(config, workdir)
+
+
 def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):
     """init.opt + image_embedding="codebook_projection": the export must keep its vocabulary
     (--image_tokens=0); its weights load, the code vectors are the tokenizer's codebook at unit RMS."""

@@ -44,9 +44,11 @@ PHASES = (("image_to_text", "phase1"), ("both_directions", "phase2"))
 DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.model or the converted OPT
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
 # `init`: the converted OPT whose frozen base weights the adapters and appended rows train on;
-# `tokenizer_export` / `tokenizer_workdir`: the SEED tokenizer whose codes it reads and writes.
+# `tokenizer_export` / `tokenizer_workdir`: the SEED tokenizer whose codes it reads and writes;
+# `data.num_packing_bins`: the packed rows a phase's checkpointed data position counts in
+# (restored into a packer of another bin count, it skipped other rows or failed in grain).
 RUN_DEFINING = ("trainer", "seed", "model", "init", "lora", "image_embedding", "text_tokenizer", "prompts",
-                "train_all", "tokenizer_export", "tokenizer_workdir")
+                "train_all", "tokenizer_export", "tokenizer_workdir", "data.num_packing_bins")
 
 
 def lm_loss(model: opt.OPT, batch, rng):

@@ -24,7 +24,7 @@ from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
-from seed_jax.trainers import global_batches, loop, pretokenize, seed_opt
+from seed_jax.trainers import checkpointing, global_batches, loop, pretokenize, seed_opt
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 WORDS = synthetic.caption_vocabulary() + ["A", "photo", "of", "Generate", "an", "image"]
@@ -868,6 +868,8 @@ def test_an_export_after_num_steps_lowered_records_the_checkpoints_steps(seed_op
     assert seed_opt.train(config, copy)
     assert weights.read_config(os.path.join(copy, "export"))[2]["steps"] == {"phase1": trained,
                                                                              "phase2": config.phase2.num_steps}
+    no_checkpoints = checkpointing.trained_steps(str(tmp_path / "none"), list(seed_opt.PHASES))
+    assert no_checkpoints == {"phase1": 0, "phase2": 0}  # a stage of no steps trained none, not None
 
 
 def test_a_run_resumed_with_another_packing_bin_count_is_refused(seed_opt_run):

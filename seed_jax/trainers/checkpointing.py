@@ -138,12 +138,12 @@ def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
         checkpointer.close()
 
 
-def trained_steps(checkpoint_root: str, stages: list[tuple[str, str]]) -> dict[str, int | None]:
+def trained_steps(checkpoint_root: str, stages: list[tuple[str, str]]) -> dict[str, int]:
     """`stages`: (checkpoint folder name, config key). Config key -> the step of that
-    stage's latest checkpoint (None: none): the step a finished run's parameters were
-    trained to, which its `num_steps` does not name once lowered below it (the stage
-    then resumes from that checkpoint as it is)."""
-    return {key: latest_checkpoint_step(os.path.join(checkpoint_root, name)) for name, key in stages}
+    stage's latest checkpoint (0: none, a stage of no steps): the step a finished run's
+    parameters were trained to, which its `num_steps` does not name once lowered below
+    it (the stage then resumes from that checkpoint as it is)."""
+    return {key: latest_checkpoint_step(os.path.join(checkpoint_root, name)) or 0 for name, key in stages}
 
 
 def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) -> None:

@@ -14,7 +14,10 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    """The one config (no presets: `configs/pretokenize.py:NAME` is refused, not ignored)."""
+    if arg:
+        raise ValueError(f"config arg {arg!r}: configs/pretokenize.py has no presets (it splits each batch over "
+                         "the local devices); set its fields with --config.FIELD=VALUE")
     c = ml_collections.ConfigDict()
     c.trainer = "pretokenize"
     c.preset = "default"

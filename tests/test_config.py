@@ -36,6 +36,15 @@ def test_unknown_preset_is_named():
         get_config("demo,bogus")
 
 
+def test_a_preset_given_to_pretokenize_is_named():
+    """configs/pretokenize.py has no presets: `:gpu8`, as the other configs take, was ignored."""
+    from configs.pretokenize import get_config as pretokenize_config
+
+    assert pretokenize_config().preset == "default"
+    with pytest.raises(ValueError, match="'gpu8': configs/pretokenize.py has no presets"):
+        pretokenize_config("gpu8")
+
+
 def test_config_files_load_by_path_and_name_a_missing_one(repo_root, tmp_path):
     from seed_jax import config_files
 

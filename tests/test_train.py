@@ -636,6 +636,20 @@ def test_a_reconstruction_head_left_untrained_fails_naming_it():
     trainer.check_config(seed1)
 
 
+def test_shard_folders_given_to_the_shapes_world_fail_naming_them():
+    """The demo presets read the synthetic shapes world: --config.data.train_dir given
+    to them, as README's command for real shards does with seed1, was ignored, silently."""
+    config = get_config("demo")
+    config.data.train_dir = "/data/cc3m/array_record"
+    with pytest.raises(ValueError, match=r"data.train_dir='/data/cc3m/array_record': data.source is 'synthetic'"):
+        trainer.check_config(config)
+    config.data.source = "array_record"
+    trainer.check_config(config)
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match=r"data.source: expected 'synthetic' or 'array_record', got 'tfds'"):
+        trainer.check_config(config)
+
+
 def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tmp_path):
     """seed1 leaves stage2.restart_until at 0.0: turning restarts on with
     --config.stage2.restart_unused_codes_every alone restarted no code, silently."""

@@ -152,8 +152,10 @@ def check_config(config) -> None:
     not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
-    reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it."""
+    reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
+    shard folders are read only with `data.source='array_record'` (`check_data_source`)."""
     layers.compute_dtype(config.dtype)
+    check_data_source(config.data)
     loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
@@ -176,6 +178,19 @@ def check_config(config) -> None:
 
 
 # ---------------------------------------------------------------- data
+def check_data_source(data) -> None:
+    """`data.source` is one `dataset_paths` reads; shard folders (`data.train_dir`,
+    `data.eval_dir`) given with the synthetic shapes world, which reads none, are
+    refused rather than ignored (the demo presets' source is 'synthetic')."""
+    if data.source not in ("synthetic", "array_record"):
+        raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {data.source!r}")
+    given = [f"data.{name}={data[name]!r}" for name in ("train_dir", "eval_dir") if data[name]]
+    if data.source == "synthetic" and given:
+        raise ValueError(f"{', '.join(given)}: data.source is 'synthetic' (the shapes world, written to "
+                         "WORKDIR/data), which reads no shards; add --config.data.source=array_record to "
+                         "train on them")
+
+
 def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
     """(train, eval) shards of the tokenizer run of `config` in `workdir`: the synthetic
     shapes in WORKDIR/data (written there unless already written), else `data.train_dir`
@@ -190,9 +205,8 @@ def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
                                                image_size=s.image_size, num_shards=s.num_shards)
         multihost_utils.sync_global_devices("shapes_world_written")
         return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
-    if d.source == "array_record":
-        return records.shard_paths(d.train_dir, d.train_prefix), records.shard_paths(d.eval_dir, d.eval_prefix)
-    raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {d.source!r}")
+    check_data_source(d)
+    return records.shard_paths(d.train_dir, d.train_prefix), records.shard_paths(d.eval_dir, d.eval_prefix)
 
 
 def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:

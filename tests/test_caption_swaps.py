@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -35,4 +36,26 @@ def test_scores_a_tiny_run_and_names_unsuitable_runs(tiny_decoder_run, tmp_path)
     assert set(scores) == set(caption_swaps.PARTS) and all(0 <= v <= 1 for v in scores.values())
     (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "array_record"}}))
     with pytest.raises(ValueError, match="shapes world"):
+        caption_swaps.score_run(str(tmp_path))
+
+
+def test_a_finished_run_without_an_export_is_exported_first(tiny_decoder_run, tmp_path):
+    """The quick start's tokenizer run has no export/ until a trainer built on it runs."""
+    run = os.path.join(tiny_decoder_run, "tokenizer")
+    export = os.path.join(run, "export")
+    os.rename(export, tmp_path / "fixture_export")  # put back as it was: other tests read it
+    try:
+        scores = caption_swaps.score_run(run, num_examples=32)
+        assert os.path.exists(os.path.join(export, "model.json"))
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+        os.rename(tmp_path / "fixture_export", export)
+    assert set(scores) == set(caption_swaps.PARTS)
+
+
+def test_a_missing_or_unfinished_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer_workdir: .* holds no tokenizer run"):
+        caption_swaps.score_run(str(tmp_path / "absent"))
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "synthetic"}}))
+    with pytest.raises(ValueError, match="tokenizer_workdir: .* no finished tokenizer run"):
         caption_swaps.score_run(str(tmp_path))

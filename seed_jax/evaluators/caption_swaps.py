@@ -22,7 +22,6 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from seed_jax import api
 from seed_jax.data import records, synthetic
 from seed_jax.evaluators import feature_probe
 from seed_jax.trainers import tokenizer as tokenizer_trainer
@@ -63,7 +62,7 @@ def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = 
     """{part: own-caption win rate} on the first `num_examples` images of a finished
     shapes-world tokenizer run's `split`."""
     config = feature_probe.shapes_run_config(tokenizer_workdir, "caption swaps")
-    tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
+    tokenizer = feature_probe.load_run_tokenizer(tokenizer_workdir, "caption swaps")
     if not (tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads):
         raise ValueError(f"tokenizer_workdir: the export in {tokenizer_workdir} has no Q-Former text branch "
                          "and contrastive heads to score captions with")
@@ -94,7 +93,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """The CLI's flags (defined only when run as a program)."""
-    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (data/; "
+                        "exported to export/ first when it holds none).")
     flags.DEFINE_enum("split", "eval", ["eval", "train"], "Held-out (`eval`) or training images.")
     flags.DEFINE_integer("num_examples", 1024, "Images scored.")
     flags.mark_flag_as_required("tokenizer_workdir")

@@ -32,6 +32,7 @@ from absl import app, flags, logging
 from seed_jax import api
 from seed_jax.data import preprocess, records, synthetic
 from seed_jax.evaluators import shapes_captions
+from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 OBJECT_CLASSES = tuple(itertools.product(synthetic.SIZES, synthetic.COLOURS, synthetic.SHAPES))
 NUM_CELLS = len(synthetic.POSITIONS)
@@ -138,12 +139,27 @@ def probe_scores(predict, features: np.ndarray, captions: Sequence[str]) -> dict
 def shapes_run_config(tokenizer_workdir: str, needed_by: str) -> ml_collections.ConfigDict:
     """The run's config; a run not trained on the synthetic shapes world is refused,
     naming `needed_by` (what needs it)."""
-    with open(os.path.join(tokenizer_workdir, "config.json")) as f:
+    path = os.path.join(tokenizer_workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer_workdir: {tokenizer_workdir} holds no tokenizer run ({path} missing)")
+    with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if config.data.source != "synthetic":
         raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} trained on {config.data.source!r} data; "
                          f"{needed_by} need the synthetic shapes world")
     return config
+
+
+def load_run_tokenizer(tokenizer_workdir: str, needed_by: str) -> api.SeedTokenizer:
+    """The finished shapes-world run's tokenizer, from TOKENIZER_WORKDIR/export, which
+    is written first when the run has none yet (or an older one: a run resumed with more
+    steps), as the trainers built on a tokenizer run do."""
+    shapes_run_config(tokenizer_workdir, needed_by)
+    if not os.path.exists(os.path.join(tokenizer_workdir, "DONE.json")):
+        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} holds no finished tokenizer run (no DONE.json): "
+                         "run its training command again to finish it")
+    out, _ = tokenizer_trainer.export_finished_run(os.path.abspath(tokenizer_workdir))
+    return api.SeedTokenizer.load(out, batch_size=256)
 
 
 def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str = "") -> list[str]:
@@ -162,7 +178,7 @@ def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INT
               num_train: int = 20_000, num_eval: int = 1024, epochs: int = 20,
               extra_data_dir: str = "") -> dict[str, dict]:
     """{intermediate: {"train": scores on up to 2000 training images, "eval": held-out scores}}."""
-    tokenizer = api.SeedTokenizer.load(os.path.join(tokenizer_workdir, "export"), batch_size=256)
+    tokenizer = load_run_tokenizer(tokenizer_workdir, "the probes")
     data = os.path.join(tokenizer_workdir, "data")
     train_paths = training_shards(tokenizer_workdir, num_train, extra_data_dir)
     train, train_captions = encode_split(tokenizer, train_paths, num_train, intermediates)
@@ -191,7 +207,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """The CLI's flags (defined only when run as a program: other tools import this module)."""
-    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (export/ and data/).")
+    flags.DEFINE_string("tokenizer_workdir", None, "A finished tokenizer run on the shapes world (data/; "
+                        "exported to export/ first when it holds none).")
     flags.DEFINE_list("intermediates", list(DEFAULT_INTERMEDIATES), "api.INTERMEDIATES to probe.")
     flags.DEFINE_integer("num_train", 20_000, "Training images for the probes; beyond the run's own, more "
                          "images of its shapes world are generated.")

@@ -459,17 +459,25 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
     text encoder) from the returned config, which may differ from `config.tokenizer`.
     None when that training was preempted (its checkpoint saved): the caller returns
     False, as a preempted run does."""
-    from seed_jax import export  # export reads tokenizer runs through this module
-
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
     if not os.path.exists(os.path.join(directory, "DONE.json")):
         logging.info("no finished tokenizer run in %s: training it first", directory)
         if not train(config.tokenizer, directory):
             return None
+    out, trained = export_finished_run(directory)
+    return directory, out, trained
+
+
+def export_finished_run(directory: str) -> tuple[str, ml_collections.ConfigDict]:
+    """(DIRECTORY/export, the run's config) of the finished tokenizer run in `directory`,
+    exported there unless it holds this run's export already (again when the run was
+    resumed with more steps since)."""
+    from seed_jax import export  # export reads tokenizer runs through this module
+
     out = os.path.join(directory, "export")
     trained = export.read_workdir_config(directory)
-    if jax.process_index() == 0:  # (again when the run was resumed with more steps)
+    if jax.process_index() == 0:
         weights.write_unless_current(out, {name: trained[name].num_steps for name in stages_to_run(trained)},
                                      lambda: export.export(directory, out))
     multihost_utils.sync_global_devices("tokenizer_exported")
-    return directory, out, trained
+    return out, trained

@@ -4,6 +4,7 @@ against our PyTorch re-statement of the reference with the same random weights."
 import dataclasses
 import gc
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 from parity import INTERMEDIATE_TOLERANCE, assert_codes_match, relative_error
 from seed_jax import weights
 from seed_jax.api import INTERMEDIATES, SeedTokenizer
+from seed_jax.convert import __main__ as convert_cli
 from seed_jax.convert.__main__ import convert
 from seed_jax.convert.__main__ import main as convert_main
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize
@@ -254,6 +256,25 @@ def test_an_out_that_holds_an_export_fails_before_reading(tmp_path, capsys):
     (tmp_path / "out" / weights.PARAMS_DIR).mkdir(parents=True)
     assert convert_main(["hf_opt", f"--checkpoint={tmp_path / 'absent'}", f"--out={tmp_path / 'out'}"]) == 1
     assert "already holds an export" in capsys.readouterr().err
+
+
+def _help_text(argv: list[str], capsys) -> str:
+    """What `python -m seed_jax.convert ARGV --help` prints, on one line."""
+    with pytest.raises(SystemExit):
+        convert_cli.parser().parse_args(argv + ["--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_describes_each_layout_and_the_head_count_defaults(capsys):
+    """--help listed the layouts bare, without the usage lines, and the head counts
+    README calls flags with the release's values showed no value."""
+    top = _help_text([], capsys)
+    assert "python -m seed_jax.convert hf_opt --checkpoint=OPT_FOLDER --out=OUT" in top
+    for name in convert_cli.CONVERTERS:
+        assert f"{name} {convert_cli.LAYOUT_HELP[name]}" in top
+    seed_v1_help = _help_text(["seed_v1"], capsys)
+    for flag, heads in (("vit_heads", 16), ("qformer_heads", 12), ("blocks_heads", 12)):
+        assert re.search(rf"--{flag} {flag.upper()} (?:(?! --).)*\(default {heads}, the release's", seed_v1_help), flag
 
 
 def test_cli_runs_as_a_module(tmp_path, repo_root):

@@ -105,13 +105,22 @@ def _hf_opt(args):
 
 CONVERTERS = {"seed_v1": _seed_v1, "lavis_blip2": _lavis_blip2, "hf_blip2": _hf_blip2,
               "hf_clip_text": _hf_clip_text, "sd": _sd, "hf_opt": _hf_opt}
+LAYOUT_HELP = {
+    "seed_v1": "SEED v1's released tokenizer (seed_tokenizer.pth [+ causal_qformer.pth, eva_vit_g.pth])",
+    "lavis_blip2": "LAVIS's BLIP-2 (blip2_pretrained.pth [+ eva_vit_g.pth])",
+    "hf_blip2": "a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder",
+    "hf_clip_text": "a transformers CLIP text encoder folder (e.g. SD's text_encoder/)",
+    "sd": "Stable Diffusion v1/v2: a diffusers pipeline folder or a CompVis .ckpt",
+    "hf_opt": "a transformers OPTForCausalLM / OPTModel folder, with SEED's image tokens appended",
+}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seed_jax.convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="layout", required=True)
+    p = argparse.ArgumentParser(prog="python -m seed_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
     for name in CONVERTERS:
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, help=LAYOUT_HELP[name], description=LAYOUT_HELP[name])
         s.add_argument("--checkpoint", required=True,
                        help="checkpoint file (.pth/.bin/.safetensors/.ckpt) or Hugging Face / diffusers folder")
         s.add_argument("--out", required=True, help="new export directory")
@@ -119,8 +128,10 @@ def parser() -> argparse.ArgumentParser:
                        help="load .pth files that torch's weights_only loader refuses (trusted files only)")
         if name in ("seed_v1", "lavis_blip2"):
             s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT")
-            s.add_argument("--vit_heads", type=int, default=16)
-            s.add_argument("--qformer_heads", type=int, default=12)
+            s.add_argument("--vit_heads", type=int, default=16,
+                           help="EVA ViT attention heads (default 16, the release's: no shape tells them)")
+            s.add_argument("--qformer_heads", type=int, default=12,
+                           help="Q-Former attention heads (default 12, the release's)")
             s.add_argument("--vit_depth", type=int, default=None,
                            help="ViT blocks to build (default: as many as --checkpoint holds, else 39: "
                                 "what LAVIS builds from eva_vit_g.pth's 40); later blocks are left unused")
@@ -148,7 +159,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, default=0, help="noise seed of the appended rows")
         if name == "seed_v1":
             s.add_argument("--qformer", default="", help="causal_qformer.pth")
-            s.add_argument("--blocks_heads", type=int, default=12)
+            s.add_argument("--blocks_heads", type=int, default=12,
+                           help="attention heads of the blocks after the codebook (default 12, the release's)")
     return p
 
 

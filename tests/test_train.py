@@ -477,6 +477,41 @@ def test_a_preempted_tokenizer_run_under_another_trainer_returns_preempted(tmp_p
     assert not os.path.exists(tmp_path / "DONE.json")
 
 
+def _tokenizer_run_copy(tiny_decoder_run, tmp_path) -> tuple[str, ml_collections.ConfigDict]:
+    """A copy of the finished tiny tokenizer run the decoder fixture trained, and its config."""
+    from seed_jax import export
+
+    copy = str(tmp_path / "tokenizer")
+    shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), copy)
+    return copy, export.read_workdir_config(copy)
+
+
+def test_a_finished_run_resumed_with_more_steps_is_unfinished_until_it_has_trained_them(tiny_decoder_run, tmp_path,
+                                                                                      monkeypatch):
+    """DONE.json stayed when a finished run was resumed with more steps: preempted on the
+    way, the run was taken as finished (`ensure_trained`, the evaluators), which exported
+    its half-trained checkpoint, again at every call."""
+    workdir, config = _tokenizer_run_copy(tiny_decoder_run, tmp_path)
+    monkeypatch.setattr(loop, "run_stage", lambda **kwargs: False)  # preempted before any step
+    assert trainer.train(config, workdir) is False
+    assert os.path.exists(os.path.join(workdir, "DONE.json"))  # nothing more to train: still finished
+    config.stage2.num_steps += 2
+    assert trainer.train(config, workdir) is False
+    assert not os.path.exists(os.path.join(workdir, "DONE.json"))
+
+
+def test_done_records_the_steps_of_the_checkpoints(tiny_decoder_run, tmp_path):
+    """DONE.json named the config's num_steps, also when lowered below the last
+    checkpoint, which the run restores as it is."""
+    workdir, config = _tokenizer_run_copy(tiny_decoder_run, tmp_path)
+    os.remove(os.path.join(workdir, "DONE.json"))
+    trained = {name: config[name].num_steps for name in ("stage1", "stage2")}
+    config.stage2.num_steps -= 1
+    assert trainer.train(config, workdir)
+    with open(os.path.join(workdir, "DONE.json")) as f:
+        assert json.load(f) == {f"{name}_steps": steps for name, steps in trained.items()}
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, repo_root):
     workdir = tmp_path / "wd"

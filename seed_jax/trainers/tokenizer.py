@@ -405,6 +405,7 @@ def train(config, workdir: str) -> bool:
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                     [(name, name, config[name].num_steps) for name in stages_to_run(config)])
     run_config.write(workdir, config, RUN_DEFINING)
+    _unmark_done_while_steps_remain(workdir, config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
@@ -445,8 +446,25 @@ def train(config, workdir: str) -> bool:
         writer.close()
     if jax.process_index() == 0:
         records.write_json(os.path.join(workdir, "DONE.json"),  # whole: `ensure_trained` takes any as finished
-                           {"stage1_steps": config.stage1.num_steps, "stage2_steps": config.stage2.num_steps})
+                           {f"{name}_steps": steps for name, steps in _trained_steps(workdir, config).items()})
     return True
+
+
+def _trained_steps(workdir: str, config) -> dict[str, int]:
+    """Stage name -> the step of its latest checkpoint in `workdir` (0: none)."""
+    return checkpointing.trained_steps(os.path.join(workdir, "checkpoints"),
+                                       [(name, name) for name in stages_to_run(config)])
+
+
+def _unmark_done_while_steps_remain(workdir: str, config) -> None:
+    """A finished run resumed with more steps is unfinished until it has trained them:
+    its DONE.json is removed (by process 0), so that a run preempted on the way is not
+    taken as finished by `ensure_trained` and the evaluators, which export what it holds."""
+    trained = _trained_steps(workdir, config)
+    path = os.path.join(workdir, "DONE.json")
+    if jax.process_index() == 0 and os.path.exists(path) and any(
+            trained[name] < config[name].num_steps for name in trained):
+        os.remove(path)
 
 
 # ---------------------------------------------------------------- for the trainers built on a tokenizer

@@ -72,6 +72,27 @@ def test_vae_encoder_and_decoder_match_diffusers(converted):
     assert relative_error(sd.model.vae.decode(latents), _nhwc(decoded)) <= MODULE_TOLERANCE
 
 
+def test_latent_sizes_the_downsampling_does_not_divide_match_diffusers(converted):
+    """Latents whose sides the UNet's stride-2 levels do not halve evenly (SD v1 at 520
+    pixels: 65 latents): diffusers' UNet upsamples each level to its skip's size, and
+    its pipeline samples them; our UNet and `sample` refused them."""
+    pipe, sd = converted
+    pipe.scheduler = diffusers_scheduler("ddim")
+    rng = np.random.default_rng(9)
+    latents = rng.standard_normal((1, 9, 7, 4)).astype(np.float32)
+    context = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    with torch.no_grad():
+        ref_unet = pipe.unet(_nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample
+        ref_images = pipe(prompt_embeds=torch.from_numpy(context), latents=_nchw(latents), num_inference_steps=3,
+                          guidance_scale=2.0, output_type="np").images
+    ours = sd.model.unet(latents, np.array([500]), context)
+    assert ours.shape == (1, 9, 7, 4)
+    assert relative_error(ours, _nhwc(ref_unet)) <= MODULE_TOLERANCE
+    images = sd.sample(context, latents=latents, num_steps=3, guidance_scale=2.0, sampler="ddim")
+    assert images.shape == ref_images.shape == (1, 18, 14, 3)
+    assert relative_error((images + 1) / 2, ref_images) <= RUN_TOLERANCE
+
+
 def test_empty_prompt_embedding_matches_pipeline(converted):
     pipe, sd = converted
     ids = pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids

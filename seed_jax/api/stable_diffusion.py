@@ -112,11 +112,9 @@ class StableDiffusion:
                 negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
                                                      prompt_embeds.shape[1])
         latents = self.initial_noise(batch, seed) if latents is None else np.asarray(latents, np.float32)
-        factor = 2 ** (len(self.config.unet.block_channels) - 1)
-        if (latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]
-                or latents.shape[1] % factor or latents.shape[2] % factor):
-            raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) with h and w multiples of "
-                             f"{factor} (default size {self.latent_shape[:2]}), got {latents.shape}")
+        if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]:
+            raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) (default size "
+                             f"{self.latent_shape[:2]}), got {latents.shape}")
         if not np.isfinite(latents).all():
             raise ValueError("latents: contains NaN or infinity")
         inputs = (prompt_embeds, negative_embeds, latents) if guided else (prompt_embeds, latents)

@@ -95,13 +95,19 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour 2x then a 3x3 conv: (B,H,W,C) -> (B,2H,2W,C)."""
+    """Nearest-neighbour 2x then a 3x3 conv: (B,H,W,C) -> (B,2H,2W,C), or to `size`
+    (h, w), each 2H or 2H - 1 (the size a stride-2 conv halved, rounding up): the
+    last row/column is dropped, which picks the rows torch's nearest interpolation
+    to that size picks."""
 
     def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = Conv(channels, channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        doubled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if size is not None:
+            doubled = doubled[:, :size[0], :size[1]]
+        return self.conv(doubled)
 
 
 class SpatialSelfAttention(nnx.Module):

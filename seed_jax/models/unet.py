@@ -166,12 +166,13 @@ class UpLevel(nnx.Module):
         self.upsample = Upsample(out_channels, dtype=dtype, rngs=rngs) if upsample else None
 
     def __call__(self, x, skips: list[jax.Array], temb, context) -> jax.Array:
-        """`skips` are consumed last first."""
+        """`skips` are consumed last first; the upsampling matches the next one's size
+        (odd where the way down halved an odd size)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1), temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
-        return x if self.upsample is None else self.upsample(x)
+        return x if self.upsample is None else self.upsample(x, skips[-1].shape[1:3])
 
 
 class MidLevel(nnx.Module):
@@ -214,12 +215,11 @@ class UNet(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
-        """sample (B,h,w,C_in), timesteps (B,) or scalar, context (B,S,X) -> (B,h,w,C_out) float32."""
+        """sample (B,h,w,C_in), timesteps (B,) or scalar, context (B,S,X) -> (B,h,w,C_out) float32.
+        Any h, w: a level halving an odd size rounds up, its upsampling crops back."""
         c = self.config
-        factor = 2 ** (len(c.block_channels) - 1)
-        if sample.ndim != 4 or sample.shape[-1] != c.in_channels or sample.shape[1] % factor or sample.shape[2] % factor:
-            raise ValueError(f"sample: expected (B,h,w,{c.in_channels}) with h and w multiples of {factor}, "
-                             f"got {sample.shape}")
+        if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
+            raise ValueError(f"sample: expected (B,h,w,{c.in_channels}), got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim:
             raise ValueError(f"context: expected (B,S,{c.cross_attention_dim}), got {context.shape}")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))

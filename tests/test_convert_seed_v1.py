@@ -277,6 +277,14 @@ def test_help_describes_each_layout_and_the_head_count_defaults(capsys):
         assert re.search(rf"--{flag} {flag.upper()} (?:(?! --).)*\(default {heads}, the release's", seed_v1_help), flag
 
 
+def test_help_prints_the_usage_lines_as_written():
+    """The seed_v1 usage line's shell continuations (backslash, newline) were read as
+    Python's, the docstring's three lines joined into one of 224 columns."""
+    text = convert_cli.parser().format_help()
+    assert "--checkpoint=DIR/seed_tokenizer.pth \\\n      [--qformer=" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
 def test_cli_runs_as_a_module(tmp_path, repo_root):
     state, pixels, ref = _reference(TINY, batch=2, seed=5)
     torch.save({"model": state}, tmp_path / "seed_tokenizer.pth")

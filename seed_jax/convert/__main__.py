@@ -1,4 +1,4 @@
-"""Converts released weights into our export format (orbax params + model.json).
+r"""Converts released weights into our export format (orbax params + model.json).
 
   python -m seed_jax.convert seed_v1 --checkpoint=DIR/seed_tokenizer.pth \
       [--qformer=DIR/causal_qformer.pth] [--vit=DIR/eva_vit_g.pth] --out=OUT \

@@ -282,7 +282,7 @@ class SeedOPT:
         return codes
 
     def _placeholder_codes(self, count: int) -> np.ndarray:
-        """(count,32) codes whose prompts are as long as any codes': options are checked on
+        """(count,num_queries) codes whose prompts are as long as any codes': options are checked on
         them before images are encoded."""
         return np.zeros((count, self.num_queries), np.int32)
 
@@ -298,7 +298,8 @@ class SeedOPT:
                       **sampling) -> list[str]:
         """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
         `max_new_tokens` None: 30, or fewer where the model's positions end; `sampling`:
-        temperature, top_k, top_p, seed (not with num_beams > 1)."""
+        temperature, top_k, top_p, seed (not with num_beams > 1) and length_penalty (with
+        num_beams > 1 only); another name is a TypeError."""
         return self._answers(self._caption_prompts(self._codes(codes)), max_new_tokens, CAPTION_TOKENS, num_beams,
                              sampling)
 

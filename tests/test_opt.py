@@ -138,9 +138,9 @@ def test_logits_match_transformers(converted):
     assert relative_error(np.asarray(ours)[real], ref[real]) <= INTERMEDIATE_TOLERANCE
 
 
-def test_cached_decoding_equals_full_recomputation(converted):
-    _, model, _ = converted
-    ids, mask = _prompts()
+def _cached_and_full_logits(model, ids, mask) -> tuple[np.ndarray, np.ndarray]:
+    """The real tokens' logits of (2,8) prompts decoded with the cache (5 tokens, then
+    one at a time) and recomputed in one pass: (N,V) each."""
     full, _ = model(ids, mask)
     cache = model.init_cache(2, 8)
     positions = np.cumsum(mask, 1) * mask - 1
@@ -150,7 +150,13 @@ def test_cached_decoding_equals_full_recomputation(converted):
         logits, cache = model(ids[:, i:i + 1], mask, positions=positions[:, i:i + 1], cache=cache, cache_index=i)
         steps.append(logits)
     real = mask.astype(bool)
-    np.testing.assert_allclose(np.concatenate(steps, 1)[real], np.asarray(full)[real], atol=1e-5)
+    return np.asarray(np.concatenate(steps, 1)[real]), np.asarray(full)[real]
+
+
+def test_cached_decoding_equals_full_recomputation(converted):
+    _, model, _ = converted
+    cached, full = _cached_and_full_logits(model, *_prompts())
+    np.testing.assert_allclose(cached, full, atol=1e-5)
 
 
 def test_greedy_generation_matches_transformers_generate(converted):
@@ -971,16 +977,7 @@ def test_bfloat16_generation_caches_keys_and_values_in_bfloat16():
     ids, mask = _prompts()
     generation.generate(Recording(), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=3)
     assert cache_dtypes == {jnp.dtype(jnp.bfloat16)}
-    full, _ = model(ids, mask)
-    positions = np.cumsum(mask, 1) * mask - 1
-    cache = model.init_cache(2, 8)
-    prefix, cache = model(ids[:, :5], mask, positions=positions[:, :5], cache=cache, cache_index=0)
-    steps = [prefix]
-    for i in range(5, 8):
-        logits, cache = model(ids[:, i:i + 1], mask, positions=positions[:, i:i + 1], cache=cache, cache_index=i)
-        steps.append(logits)
-    real = mask.astype(bool)
-    assert relative_error(np.concatenate(steps, 1)[real], np.asarray(full)[real]) <= 1e-2
+    assert relative_error(*_cached_and_full_logits(model, ids, mask)) <= 1e-2
 
 
 def test_sharded_bfloat16_folder_converts_to_the_bfloat16_weights(converted, tmp_path):

@@ -1,6 +1,7 @@
 """Tiny model configs and checks shared by the tests."""
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -15,8 +16,11 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from seed_jax import weights
+from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.qformer import QFormerConfig
+from seed_jax.models.stable_diffusion import StableDiffusionConfig
 from seed_jax.models.tokenizer import SeedTokenizerConfig
+from seed_jax.models.unet import UNET_PRESETS
 from seed_jax.models.vit import ViTConfig
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -27,6 +31,11 @@ TINY_REVERSE = QFormerConfig(width=32, num_layers=2, num_heads=2, mlp_dim=64, en
 TINY_TOKENIZER = SeedTokenizerConfig(vit=TINY_VIT, qformer=TINY_QFORMER, reverse_qformer=TINY_REVERSE,
                                      num_codes=64, code_dim=8, decoder_depth=2, decoder_heads=2,
                                      decoder_mlp_dim=64, generation_width=24, proj_dim=16)
+# A pixel-space tiny UNet whose text encoder (and context) is as wide as TINY_TOKENIZER's generation embeddings.
+TINY_DIFFUSION = StableDiffusionConfig(
+    unet=dataclasses.replace(UNET_PRESETS["tiny"], in_channels=3, out_channels=3), vae=None,
+    text_encoder=CLIPTextConfig(vocab_size=10, width=24, depth=1, num_heads=2, mlp_dim=32),
+    empty_prompt_ids=(8,) + (9,) * 76)
 
 
 def flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:

@@ -5,6 +5,7 @@ import io
 import os
 import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -189,9 +190,7 @@ def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_th
 def test_the_decoder_evaluation_needs_two_images_not_two_records(tmp_path, monkeypatch):
     """Eval records of one image's captions passed the check of 2 records, then the
     evaluation failed after the whole training, finding no other image to pair with."""
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
-    rows = [{"image": png.getvalue(), "caption": f"caption {k}", "id": captioned.record_id("a.jpg", k)}
+    rows = [{"image": _png((200, 30, 30)), "caption": f"caption {k}", "id": captioned.record_id("a.jpg", k)}
             for k in range(3)]
     monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: types.SimpleNamespace(image_size=8))
     config = config_files.load(os.path.join(REPO, "configs", "decoder.py"), "tiny")
@@ -206,6 +205,38 @@ def test_the_decoder_evaluation_needs_two_images_not_two_records(tmp_path, monke
         evaluator(rows, "one_image")
     two = evaluator(rows + [{**rows[0], "id": "b.jpg"}], "two_images")
     assert two.image_ids == ["a.jpg"] * 3 + ["b.jpg"]
+
+
+def test_the_decoder_evaluation_runs_a_bfloat16_model_in_bfloat16(tmp_path, monkeypatch):
+    """The evaluator put the diffusion model behind the API without a dtype, which then
+    read "float32": a bfloat16 model (config.dtype) ran its bfloat16 matmuls at
+    float32's "highest" precision while the API said float32. It now takes the
+    model's, beside the float32 tokenizer's."""
+    from flax import nnx
+
+    from helpers import TINY_DIFFUSION, TINY_TOKENIZER
+    from seed_jax.models.stable_diffusion import StableDiffusion
+    from seed_jax.models.tokenizer import SeedTokenizer
+    from test_api_dtype import lowered_program, matmul_precisions
+
+    tokenizer = api.SeedTokenizer(SeedTokenizer(TINY_TOKENIZER, rngs=nnx.Rngs(0)))
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: tokenizer)
+    config = config_files.load(os.path.join(REPO, "configs", "decoder.py"), "tiny")
+    config.eval.num_examples = pipeline.ALL_RECORDS
+    rows = [{"image": _png(color), "caption": "a caption", "id": f"{i}.jpg"}
+            for i, color in enumerate([(200, 30, 30), (30, 200, 30)])]
+    paths = records.write_array_record_shards(rows, str(tmp_path), "eval", 1)
+    evaluator = decoder.Evaluator(config, "tokenizer_export", paths, lambda captions: (np.zeros(len(captions)),),
+                                  None, str(tmp_path), pipeline.SkipCounter())
+    diffusion, painter = evaluator.apis(StableDiffusion(TINY_DIFFUSION, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert diffusion.dtype == "bfloat16" and "DEFAULT" in matmul_precisions(lowered_program(diffusion))
+    assert painter.dtype == "float32" and matmul_precisions(lowered_program(painter)) == {"HIGHEST"}
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(png, format="PNG")
+    return png.getvalue()
 
 
 def test_exact_match_counts_any_caption_of_the_rows_image():

@@ -636,16 +636,10 @@ def test_a_seed_tokenizer_with_another_number_of_codes_is_rejected():
 
 def _tiny_diffusion():
     """A StableDiffusion API over a random pixel-space tiny UNet for the tiny SEED tokenizer's 24-wide embeddings."""
-    from seed_jax.models.clip_text import CLIPTextConfig
+    from helpers import TINY_DIFFUSION
     from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
-    from seed_jax.models.stable_diffusion import StableDiffusionConfig
-    from seed_jax.models.unet import UNET_PRESETS
 
-    config = StableDiffusionConfig(
-        unet=dataclasses.replace(UNET_PRESETS["tiny"], in_channels=3, out_channels=3), vae=None,
-        text_encoder=CLIPTextConfig(vocab_size=10, width=24, depth=1, num_heads=2, mlp_dim=32),
-        empty_prompt_ids=(8,) + (9,) * 76)
-    return api.StableDiffusion(StableDiffusionModel(config, rngs=nnx.Rngs(0)))
+    return api.StableDiffusion(StableDiffusionModel(TINY_DIFFUSION, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("diffusion, options, message", [

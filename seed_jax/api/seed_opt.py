@@ -14,6 +14,7 @@ from seed_jax import generation, weights
 from seed_jax.api.checks import check_count, check_finite_number, is_integer, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import image_list
+from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.api.seed_tokenizer import SeedTokenizer
 from seed_jax.data import opt_text, sequences
 from seed_jax.data.opt_text import OPTTextTokenizer
@@ -35,14 +36,16 @@ class SeedOPT:
     and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
     cache holds batch_size * num_beams rows). `eos_id` (an id, None, or a list of ids,
     which makes `generate` ask for one) and `pad_id` are `generate`'s defaults: `load`
-    reads those of the converted folder, as transformers' `generate` does."""
+    reads those of the converted folder, as transformers' `generate` does. `dtype` is
+    the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
+    builds it so); float32 matmuls run at full float32 precision on every backend."""
 
-    def __init__(self, model: OPTModel, *, dtype: str = "float32", image_token_ids: dict | None = None,
+    def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
                  max_text_tokens: int = sequences.MAX_TEXT_TOKENS, eos_id: int | list[int] | None = None,
                  pad_id: int = 1):
-        layers.compute_dtype(dtype)  # checks the name
+        dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -55,7 +58,7 @@ class SeedOPT:
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
         self.max_text_tokens = max_text_tokens
         graphdef, self._state = nnx.split(model)
-        precision = "highest" if dtype == "float32" else "default"
+        precision = matmul_precision(dtype)
 
         def logits(state, ids, mask):
             with jax.default_matmul_precision(precision):

@@ -14,6 +14,7 @@ from seed_jax import weights
 from seed_jax.api.checks import check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
+from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.api.stable_diffusion import StableDiffusion
 from seed_jax.data import preprocess as image_preprocess
 from seed_jax.models import layers
@@ -27,12 +28,13 @@ INTERMEDIATES = ("vit_features", "image_embeds", "causal_embeddings", "quant_inp
 
 
 class SeedTokenizer:
-    """Image <-> SEED codes. `dtype` is the compute dtype ("float32" or "bfloat16");
-    parameters stay float32 and the codebook distances are always float32."""
+    """Image <-> SEED codes. `dtype` is the compute dtype ("float32" or "bfloat16") the
+    model was built in (None: read from it; `load(..., dtype=)` builds it so); parameters
+    stay float32 and the codebook distances are always float32."""
 
-    def __init__(self, model: SeedTokenizerModel, *, dtype: str = "float32", batch_size: int = 32,
+    def __init__(self, model: SeedTokenizerModel, *, dtype: str | None = None, batch_size: int = 32,
                  diffusion: "StableDiffusion | None" = None):
-        layers.compute_dtype(dtype)  # checks the name
+        dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         if diffusion is not None and diffusion.context_shape[1] != model.config.generation_width:
@@ -40,8 +42,7 @@ class SeedTokenizer:
                              f"generation embeddings are {model.config.generation_width}-wide")
         self.diffusion = diffusion
         graphdef, state = nnx.split(model)
-        # float32 means float32 on every backend (GPUs otherwise round matmul inputs to TF32).
-        precision = "highest" if dtype == "float32" else "default"
+        precision = matmul_precision(dtype)
 
         def encode(state, pixels, intermediates: bool):
             with jax.default_matmul_precision(precision):

@@ -10,6 +10,7 @@ from flax import nnx
 from seed_jax import weights
 from seed_jax.api.checks import check_count, check_finite_number, seed_key
 from seed_jax.api.chunks import run_in_chunks
+from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.diffusion import pipeline, samplers
 from seed_jax.models import layers
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
@@ -18,14 +19,16 @@ from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionM
 class StableDiffusion:
     """Prompt embeddings -> images with a converted Stable Diffusion (or a model from
     `configs/decoder.py`). The whole sampling loop, classifier-free guidance and the
-    VAE decoder run as one jitted program per (sampler, steps, chunk size)."""
+    VAE decoder run as one jitted program per (sampler, steps, chunk size). `dtype` is
+    the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
+    builds it so); float32 matmuls run at full float32 precision on every backend."""
 
-    def __init__(self, model: StableDiffusionModel, *, dtype: str = "float32", batch_size: int = 8):
-        layers.compute_dtype(dtype)  # checks the name
+    def __init__(self, model: StableDiffusionModel, *, dtype: str | None = None, batch_size: int = 8):
+        dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         graphdef, self._state = nnx.split(model)
-        precision = "highest" if dtype == "float32" else "default"
+        precision = matmul_precision(dtype)
 
         def sample(state, plan, prompt_embeds, negative_embeds, latents, guidance_scale, sampler):
             with jax.default_matmul_precision(precision):

@@ -49,7 +49,7 @@ class StableDiffusionConfig:
 class StableDiffusion(nnx.Module):
 
     def __init__(self, config: StableDiffusionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.config = config
+        self.config, self.dtype = config, dtype  # dtype: the compute dtype (the API reads it)
         self.unet = UNet(config.unet, dtype=dtype, rngs=rngs)
         self.vae = AutoencoderKL(config.vae, dtype=dtype, rngs=rngs) if config.vae else None
         self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype, rngs=rngs) \

@@ -83,7 +83,7 @@ class SeedTokenizer(nnx.Module):
             raise ValueError(f"qformer.encoder_width {c.qformer.encoder_width} != vit.width {c.vit.width}")
         if c.reverse_qformer.encoder_width != d:
             raise ValueError(f"reverse_qformer.encoder_width {c.reverse_qformer.encoder_width} != qformer.width {d}")
-        self.config = c
+        self.config, self.dtype = c, dtype  # dtype: the compute dtype (the API reads it)
         self.visual_encoder = VisionTransformer(c.vit, dtype=dtype, remat=remat, rngs=rngs)
         self.ln_vision = layers.LayerNorm(c.vit.width, eps=c.ln_vision_eps, dtype=jnp.float32, rngs=rngs)
         self.qformer = QFormer(c.qformer, dtype=dtype, remat=remat, rngs=rngs)

@@ -62,3 +62,18 @@ def test_dtype_none_computes_in_the_models_dtype(name):
     program = lowered_program(half)
     assert half.dtype == "bfloat16" and "DEFAULT" in matmul_precisions(program)
     assert re.search(r"dot_general .*tensor<[0-9x]*xbf16>", program)
+
+
+def test_pretokenizing_encodes_at_the_apis_precision():
+    """Pre-tokenizing ran the float32 tokenizer at the default matmul precision (TF32 on
+    GPUs) while `api.SeedTokenizer` encodes at full float32: codes near a tie between two
+    codebook entries could differ between the codes SEED-OPT trains on and the API's."""
+    from seed_jax.trainers.pretokenize import LocalEncoder
+
+    def precisions(dtype) -> set[str]:
+        encoder = LocalEncoder(MODELS["SeedTokenizer"](dtype))
+        pixels = np.zeros((encoder.mesh.size, encoder.image_size, encoder.image_size, 3), np.float32)
+        return matmul_precisions(encoder._encode.lower(encoder.state, pixels).as_text())
+
+    assert precisions(jnp.float32) == {"HIGHEST"}
+    assert "DEFAULT" in precisions(jnp.bfloat16)

@@ -19,6 +19,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -26,13 +27,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seed_jax import weights
+from seed_jax.api.precision import matmul_precision
 from seed_jax.data import code_records, preprocess, records
 from seed_jax.models import layers
 from seed_jax.models.tokenizer import SeedTokenizer
 
 
 class LocalEncoder:
-    """pixels (B,S,S,3) -> codes (B,32) with the batch split over this process's devices."""
+    """pixels (B,S,S,3) -> codes (B,32) with the batch split over this process's devices,
+    at the matmul precision `api.SeedTokenizer` encodes with (float32: full float32 on
+    every backend), so that the codes trained on are those the API gives for the images."""
 
     def __init__(self, model: SeedTokenizer):
         self.mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
@@ -41,8 +45,13 @@ class LocalEncoder:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
         self.state = jax.device_put(state, replicated)
-        self._encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x)["codes"],
-                               in_shardings=(replicated, self.batch_sharding))
+        precision = matmul_precision(jnp.dtype(model.dtype).name)
+
+        def encode(state, pixels):
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).encode(pixels)["codes"]
+
+        self._encode = jax.jit(encode, in_shardings=(replicated, self.batch_sharding))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         rows = len(pixels)

@@ -1,5 +1,6 @@
 """Train steps of both stages: 1 device vs an 8-device mesh, resume equality, SIGTERM."""
 
+import gc
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 
 import grain
 import jax
@@ -401,6 +403,32 @@ def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path
     assert [line["step"] for line in lines] == list(range(1, 9))
     # the run's count carried on (row 3 at step 3), then rows 1, 2, 3 again: row 3 at step 7
     assert [line["data/skipped_records"] for line in lines[3:]] == [1, 1, 1, 2, 2]
+
+
+def test_a_resumed_run_frees_the_initial_state_its_checkpoint_replaces(tmp_path, monkeypatch):
+    """A resumed stage built its initial train state (parameters and optimizer state),
+    then trained on the restored one: no step donated the initial one, which the stage
+    set-up still held, so it stayed on the devices next to the trained state for the
+    whole run (a run that fit from scratch could run out of memory when resumed, e.g.
+    on fewer devices). It is freed before restoring."""
+    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
+    initial: list[weakref.ref] = []
+    prepare = loop.prepare_stage
+
+    def remembering_the_initial_state(*args, **kwargs):
+        setup = prepare(*args, **kwargs)
+        initial.extend(weakref.ref(x) for x in jax.tree.leaves(setup.state))
+        return setup
+
+    held_while_training = []
+
+    def count_held(model, step):
+        gc.collect()
+        held_while_training.append(sum(ref() is not None for ref in initial))
+
+    monkeypatch.setattr(loop, "prepare_stage", remembering_the_initial_state)
+    _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=6, evaluate=count_held)
+    assert len(initial) > 2 and len(held_while_training) >= 2 and not any(held_while_training)
 
 
 @pytest.mark.parametrize("setting", loop.LOOP_SETTINGS)

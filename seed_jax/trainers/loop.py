@@ -133,7 +133,7 @@ def trainable_filter(model: nnx.Module, prefix: tuple[str, ...], names) -> Calla
 @dataclasses.dataclass
 class StageSetup:
     train_step: Callable  # (state, frozen, batch) -> (state, metrics), jitted, state donated
-    state: dict  # {"params", "opt_state", "step"}, sharded
+    state: dict | None  # {"params", "opt_state", "step"}, sharded; None once `run_stage` took it
     frozen: nnx.State  # parameters that do not train, sharded
 
 
@@ -181,10 +181,9 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     check_loop_settings(config)
     optim.warn_if_warmup_outlasts(name, stage)
     setup = prepare_stage(model, trainable, loss_fn, stage, config, mesh, post_update, stage_index)
-    state = setup.state
     checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     try:
-        state, completed = _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter,
+        state, completed = _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_iter,
                                        evaluate, writer, preemption, counters or {})
     finally:
         checkpointer.wait()
@@ -209,13 +208,16 @@ def _restore_counts(counters: dict, totals: dict[str, float]) -> None:
                 counter.add(int(totals[k] - now[k]))
 
 
-def _train_loop(name, setup, state, checkpointer, model, stage, config, mesh, train_iter, evaluate, writer,
+def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_iter, evaluate, writer,
                 preemption, counters):
     """The body of `run_stage`: restore, then step / log / eval / checkpoint until done
-    or preempted. Returns (state, completed)."""
+    or preempted. Returns (state, completed). Takes `setup.state` (held here alone): a
+    restored state replaces it, and it is freed first, as no step donates it then."""
+    state, setup.state = setup.state, None
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        del state
         finished = latest >= stage.num_steps
         state, totals = checkpointer.restore(latest, abstract, None if finished else train_iter)
         _restore_counts(counters, totals)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
-                     assert_weights_split, latest_state_path, run_two_processes, start_two_processes)
+                     assert_weights_split, checkpoint_params, latest_state_path, run_two_processes, start_two_processes)
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
@@ -219,11 +219,12 @@ def _fit_line(model, batch, rng):
 
 
 def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda model, step: None, model=None,
-                    skipped=None, loss_fn=_fit_line, stage_index=None, **config):
+                    skipped=None, loss_fn=_fit_line, stage_index=None, mesh=None, **config):
     """`loop.run_stage` of `loss_fn` (default `_fit_line`) on `model` (default `_Line()`;
     step i's batch is filled with i / 100), logging and evaluating every step,
     checkpointing every 4; returns the model. `skipped` (a SkipCounter) counts a skipped
-    record for every third batch read; `stage_index` goes to `loop.run_stage`."""
+    record for every third batch read; `stage_index` goes to `loop.run_stage`; `mesh`
+    defaults to one device's."""
     config = ml_collections.ConfigDict({**dict(axis_rules=parallel.DEFAULT_RULES, seed=0, log_every_steps=1,
                                                eval_every_steps=1, checkpoint_every_steps=4, keep_checkpoints=5),
                                         **config})
@@ -237,7 +238,7 @@ def _run_line_stage(checkpoint_dir, workdir, *, num_steps=8, evaluate=lambda mod
         return {"x": np.full((2, 4), i / 100, np.float32)}
 
     rows = grain.MapDataset.range(1, 100).map(row).to_iter_dataset(grain.ReadOptions(num_threads=0))
-    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = mesh or parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     preemption, writer, model = coordination.Preemption(), reporting.MetricsWriter(str(workdir)), model or _Line()
     try:
         loop.run_stage(name="s", model=model, trainable=nnx.Param, loss_fn=loss_fn, stage=stage, config=config,
@@ -403,6 +404,62 @@ def test_a_run_resumed_on_another_number_of_processes_restarts_its_data(tmp_path
     assert [line["step"] for line in lines] == list(range(1, 9))
     # the run's count carried on (row 3 at step 3), then rows 1, 2, 3 again: row 3 at step 7
     assert [line["data/skipped_records"] for line in lines[3:]] == [1, 1, 1, 2, 2]
+
+
+class _ShardedLine(nnx.Module):
+    """`_Line` with 8 outputs, its parameters named for sharding (over fsdp and tensor)."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.full((4, 8), 0.1) + jnp.arange(8) / 100, out_sharding=("embed", "mlp"),
+                           eager_sharding=False)
+        self.b = nnx.Param(jnp.zeros((8,)), out_sharding=("mlp",), eager_sharding=False)
+
+
+def _mesh_of(axes: dict[str, int]):
+    """A mesh of `axes` over the first devices it needs."""
+    return parallel.make_mesh(axes, devices=jax.devices()[:int(np.prod(list(axes.values())))])
+
+
+@pytest.mark.parametrize("before, after", [({"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4}),
+                                           ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2})])
+def test_a_run_resumed_on_another_mesh_restores_its_state_and_trains_on(tmp_path, monkeypatch, before, after):
+    """Preempted on one mesh and resumed on another (8 devices then 4, 1 then 8): the
+    parameters come back as saved, split as the new mesh splits them, the data where it
+    stopped, and training ends where a straight run on the first mesh does (float32
+    reduction order aside)."""
+    straight = _run_line_stage(tmp_path / "straight", tmp_path / "straight", model=_ShardedLine(),
+                               mesh=_mesh_of(before))
+    calls = {"n": 0}
+
+    def preempt_at_step_3(self, sync):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    monkeypatch.setattr(coordination.Preemption, "requested", preempt_at_step_3)
+    checkpoints = tmp_path / "checkpoints" / "s"
+    _run_line_stage(checkpoints, tmp_path, model=_ShardedLine(), mesh=_mesh_of(before))
+    monkeypatch.setattr(coordination.Preemption, "requested", lambda self, sync: False)
+    saved = checkpoint_params(str(tmp_path), "s", module=None)
+    restored = {}
+
+    def record_step_3(model, step):  # evaluated first: the stopped run did not evaluate it
+        if step == 3:  # as numpy: the next step donates the arrays
+            restored.update({name: (np.asarray(var[...]), var.get_value().sharding)
+                             for name, var in (("w", model.w), ("b", model.b))})
+
+    resumed = _run_line_stage(checkpoints, tmp_path, model=_ShardedLine(), mesh=_mesh_of(after),
+                              evaluate=record_step_3)
+    assert restored.keys() == {"w", "b"}
+    for name, (value, sharding) in restored.items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=name)
+        assert len(sharding.device_set) == np.prod(list(after.values())), name
+    assert restored["w"][1].spec == parallel.logical_to_mesh(("embed", "mlp"), (4, 8), _mesh_of(after),
+                                                             parallel.DEFAULT_RULES)
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if '"train"' in line] == list(range(1, 9))
+    for name in ("w", "b"):
+        np.testing.assert_allclose(getattr(resumed, name)[...], getattr(straight, name)[...], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
 
 
 def test_a_resumed_run_frees_the_initial_state_its_checkpoint_replaces(tmp_path, monkeypatch):

@@ -124,15 +124,20 @@ def latest_state_path(workdir, stage) -> str:
     return os.path.join(directory, str(step), "state")
 
 
+def saved_as_numpy(path) -> dict:
+    """The orbax pytree at `path` as host numpy arrays, whatever devices wrote it (a
+    multi-process run's included): restored without target shardings, orbax would place
+    its arrays as they were saved, a placement it warns is unsafe on another topology."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, restore_args=as_numpy)
+
+
 def checkpoint_params(workdir, stage, module: str | None = "tokenizer") -> dict:
     """{dotted name: array} of the trained parameters in `stage`'s latest checkpoint,
     those under `module` (None: all of them)."""
-    path = latest_state_path(workdir, stage)
-    checkpointer = ocp.PyTreeCheckpointer()
-    # As host numpy, whatever devices wrote it (a multi-process run's included).
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                            checkpointer.metadata(path).item_metadata.tree)
-    params = checkpointer.restore(path, restore_args=as_numpy)["params"]
+    params = saved_as_numpy(latest_state_path(workdir, stage))["params"]
     flat = weights.flatten_nested(params[module] if module else params)  # raw nnx state: each leaf under "value"
     return {name.removesuffix(".value"): value for name, value in flat.items()}
 

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
-                     assert_weights_split, checkpoint_params, latest_state_path, run_two_processes, start_two_processes)
+                     assert_weights_split, checkpoint_params, latest_state_path, run_two_processes,
+                     saved_as_numpy, start_two_processes)
 from seed_jax import parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
@@ -134,7 +134,7 @@ def test_the_seed1_weights_split_over_the_gpu8_mesh(seed1_gpu8_stage):
 
 
 def _final_state(workdir, stage="stage2"):
-    return ocp.PyTreeCheckpointer().restore(latest_state_path(workdir, stage))
+    return saved_as_numpy(latest_state_path(workdir, stage))
 
 
 def _eval_lines(workdir):
@@ -197,7 +197,7 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
         preemption.close()
         writer.close()
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]
-    saved = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ckpt" / "2" / "state"))
+    saved = saved_as_numpy(str(tmp_path / "ckpt" / "2" / "state"))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 

@@ -201,6 +201,23 @@ def test_a_non_finite_step_raises_before_any_checkpoint_of_it(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
+def test_a_checkpoint_without_the_data_position_says_so(tmp_path, caplog):
+    """A checkpoint whose data/ folder is missing warned that the iterator's state was
+    "written by other processes ()", naming none."""
+    state = {"w": jnp.ones((2,))}
+    rows = iter(grain.MapDataset.range(10).to_iter_dataset())
+    checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=1)
+    try:
+        checkpointer.save(1, state, rows, {})
+        checkpointer.wait()
+        shutil.rmtree(tmp_path / "1" / "data")
+        with caplog.at_level("WARNING"):
+            checkpointer.restore(1, jax.tree.map(jnp.zeros_like, state), rows)
+    finally:
+        checkpointer.close()
+    assert re.search(r"step 1: the data iterator's state was not saved: the train data starts afresh", caplog.text)
+
+
 def test_a_warmup_as_long_as_the_stage_is_warned_about(caplog):
     """A preset's warm-up left longer than a shortened stage: the warning names the
     stage and gives the last step's learning rate, below `lr`."""

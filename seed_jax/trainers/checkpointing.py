@@ -112,9 +112,10 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         elif data_iterator is not None:
             written = sorted(p.name for p in (directory / "data").glob("process_*.json"))
-            logging.warning("%s step %d: the data iterator's state was written by other processes (%s), not for "
-                            "this one (%s): the train data starts afresh for this process's slice",
-                            self.manager.directory, step, ", ".join(written), data_file)
+            whose = (f"was written by other processes ({', '.join(written)}), not for this one ({data_file})"
+                     if written else "was not saved")
+            logging.warning("%s step %d: the data iterator's state %s: the train data starts afresh for this "
+                            "process's slice", self.manager.directory, step, whose)
         if (directory / "counts").exists():
             items["counts"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -172,7 +172,9 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     of a non-finite state, at the first log or checkpoint step after a non-finite step.
     `evaluate(model, step)` runs every `config.eval_every_steps` and at the last step
     (there alone with AT_STAGE_END), after that step's checkpoint is saved; the metrics
-    it returns are written as the stage's "eval" line. A run resumed at an evaluation step without that line (the run
+    it returns are written as the stage's "eval" line. Its `model` holds the train state's
+    arrays, which the next step frees (donates): what it keeps past the call, it copies
+    to the host. A run resumed at an evaluation step without that line (the run
     before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on

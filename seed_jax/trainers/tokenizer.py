@@ -460,10 +460,11 @@ def _unmark_done_while_steps_remain(workdir: str, config) -> None:
     """A finished run resumed with more steps is unfinished until it has trained them:
     its DONE.json is removed (by process 0), so that a run preempted on the way is not
     taken as finished by `ensure_trained` and the evaluators, which export what it holds."""
-    trained = _trained_steps(workdir, config)
     path = os.path.join(workdir, "DONE.json")
-    if jax.process_index() == 0 and os.path.exists(path) and any(
-            trained[name] < config[name].num_steps for name in trained):
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    trained = _trained_steps(workdir, config)
+    if any(trained[name] < config[name].num_steps for name in trained):
         os.remove(path)
 
 

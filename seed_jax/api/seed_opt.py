@@ -237,8 +237,9 @@ class SeedOPT:
 
     def _answer_request(self, prompts: list[list[int]], max_new_tokens: int | None, default_tokens: int,
                         num_beams: int, sampling: dict) -> tuple[np.ndarray, dict]:
-        """Prompts -> left-padded ids (B,P) and `generate`'s keyword arguments, every option
-        checked. `max_new_tokens` None: `default_tokens`, or fewer where the positions end."""
+        """Prompts -> left-padded ids (B,P) and `generate`'s keyword arguments (`generate`
+        checks their values). `max_new_tokens` None: `default_tokens`, or fewer where the
+        positions end."""
         unknown = sorted(set(sampling) - {"temperature", "top_k", "top_p", "seed", "length_penalty"})
         if unknown:
             raise TypeError(f"unexpected options {unknown}: captions and answers take max_new_tokens, num_beams, "
@@ -246,10 +247,15 @@ class SeedOPT:
         ids, mask = self._left_padded(prompts)
         if max_new_tokens is None:
             max_new_tokens = max(1, min(default_tokens, self.config.max_positions - ids.shape[1] + 1))
-        options = dict(eos_id=self.text_tokenizer.eos_id, pad_id=self.text_tokenizer.pad_id, num_beams=num_beams,
-                       **sampling)
-        self._decoding(ids.shape[1], max_new_tokens, **options)
-        return ids, dict(options, max_new_tokens=max_new_tokens, attention_mask=mask)
+        return ids, dict(max_new_tokens=max_new_tokens, attention_mask=mask, eos_id=self.text_tokenizer.eos_id,
+                         pad_id=self.text_tokenizer.pad_id, num_beams=num_beams, **sampling)
+
+    def _check_answer_options(self, prompts: list[list[int]], *request) -> None:
+        """Checks `generate`'s options for `prompts` (`_answer_request`'s arguments after
+        them) without generating: before images are encoded."""
+        ids, options = self._answer_request(prompts, *request)
+        del options["attention_mask"]
+        self._decoding(ids.shape[1], **options)
 
     def _answers(self, prompts: list[list[int]], max_new_tokens: int | None, default_tokens: int, num_beams: int,
                  sampling: dict) -> list[str]:
@@ -338,8 +344,8 @@ class SeedOPT:
     def caption(self, images, *, max_new_tokens: int | None = None, num_beams: int = 1, **sampling) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
         tokenizer = self._seed_tokenizer()  # it, and every option, checked before the images are encoded
-        self._answer_request(self._caption_prompts(self._placeholder_codes(1)), max_new_tokens, CAPTION_TOKENS,
-                             num_beams, sampling)
+        self._check_answer_options(self._caption_prompts(self._placeholder_codes(1)), max_new_tokens,
+                                   CAPTION_TOKENS, num_beams, sampling)
         return self.caption_codes(tokenizer.encode_images(images), max_new_tokens=max_new_tokens, num_beams=num_beams,
                                   **sampling)
 
@@ -350,8 +356,8 @@ class SeedOPT:
         tokenizer = self._seed_tokenizer()  # it, and every option, checked before the images are encoded
         images = image_list(images)
         questions = _check_texts("questions", questions, count=len(images))
-        self._answer_request(self._question_prompts(self._placeholder_codes(len(images)), questions), max_new_tokens,
-                             ANSWER_TOKENS, num_beams, sampling)
+        self._check_answer_options(self._question_prompts(self._placeholder_codes(len(images)), questions),
+                                   max_new_tokens, ANSWER_TOKENS, num_beams, sampling)
         return self.answer_codes(tokenizer.encode_images(images), questions, max_new_tokens=max_new_tokens,
                                  num_beams=num_beams, **sampling)
 

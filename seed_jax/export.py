@@ -46,9 +46,8 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     model = tokenizer_trainer.create_model(config, mesh)
     restored = {}
     for name in stages:
-        stage = config[name]
-        trainable = tokenizer_trainer.trainable(model, stage)
-        restored[name] = checkpointing.restore_trained_params(model, trainable, stage,
+        trainable = tokenizer_trainer.trainable(model, config[name])
+        restored[name] = checkpointing.restore_trained_params(model, trainable,
                                                               os.path.join(workdir, "checkpoints", name))
     if all(step is None for step in restored.values()):
         raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")

@@ -43,6 +43,42 @@ def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_ro
     assert codes.shape == (2, 32) and tokenizer.embed_codes(codes).shape == (2, 77, 16)
 
 
+def test_an_export_reads_the_checkpoints_parameters_alone(trained_workdir, tmp_path, monkeypatch):
+    """The export restored each stage's whole train state, AdamW's moments (twice the
+    trained parameters' bytes) included, onto one device, then dropped all but the
+    parameters. It now reads the parameters alone, and exports them unchanged."""
+    read = []
+    restore = ocp.CheckpointManager.restore
+
+    def recording_restore(manager, step, args=None):
+        restored = restore(manager, step, args=args)
+        read.append(sorted(restored["state"]))
+        return restored
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", recording_restore)
+    out = str(tmp_path / "out")
+    export(trained_workdir, out)
+    assert read == [["params"], ["params"]]
+    exported = weights.load_params(out)
+    for stage in ("stage1", "stage2"):
+        for name, value in checkpoint_params(trained_workdir, stage).items():
+            np.testing.assert_array_equal(exported[name], value, err_msg=f"{stage} {name}")
+
+
+def test_an_export_of_a_checkpoint_that_does_not_fit_the_model_names_the_array(trained_workdir, tmp_path):
+    workdir = str(tmp_path / "trained")
+    shutil.copytree(trained_workdir, workdir)
+    path = os.path.join(workdir, "config.json")
+    config = json.load(open(path))
+    trained_codes, code_dim = config["model"]["num_codes"], config["model"]["code_dim"]
+    config["model"]["num_codes"] = 2 * trained_codes
+    json.dump(config, open(path, "w"))
+    with pytest.raises(ValueError, match=rf"(?s)stage2 step \d+: the train state's arrays.*"
+                                         rf"params.tokenizer.quantize.codebook.value: expected \({2 * trained_codes}, "
+                                         rf"{code_dim}\), got \({trained_codes}, {code_dim}\)"):
+        export(workdir, str(tmp_path / "out"))
+
+
 def test_a_rerun_in_a_trained_workdir_keeps_the_settings_it_was_trained_with(trained_workdir, tmp_path):
     """config.json is what exports and the trainers built on a finished run rebuild its
     models from. A rerun in the workdir with another seed (the frozen CLIP's draw) or

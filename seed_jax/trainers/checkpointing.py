@@ -7,7 +7,6 @@ import os
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -15,7 +14,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from seed_jax import weights
-from seed_jax.trainers import optim
 
 
 @functools.cache  # once per process: orbax logs a warning at each registration
@@ -53,16 +51,20 @@ def _align_orbax_operation_ids() -> None:
 class Checkpointer:
     """orbax CheckpointManager holding the train state, the grain iterator state and
     the run's counts (summed over processes, e.g. skipped records). `read_alone`: only
-    restores, on this process alone (e.g. to export on process 0 of a multi-host run)."""
+    reads parameters (`restore_params`), on this process alone (e.g. to export on
+    process 0 of a multi-host run)."""
 
     def __init__(self, directory: str, *, keep: int, read_alone: bool = False):
         _copy_whole_arrays_to_host_on_cpu()
         processes = weights.this_process_only() if read_alone else ocp.options.MultiprocessingOptions()
+        # Reading a part of the train state takes the PyTree handler (the Standard one
+        # restores whole trees); both read the same files.
+        state_handler = ocp.PyTreeCheckpointHandler if read_alone else ocp.StandardCheckpointHandler
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_alone, read_only=read_alone,
                                                  multiprocessing_options=processes),
-            item_handlers={"state": ocp.StandardCheckpointHandler(multiprocessing_options=processes),
+            item_handlers={"state": state_handler(multiprocessing_options=processes),
                            "data": grain.checkpoint.CheckpointHandler(),
                            "counts": ocp.JsonCheckpointHandler(multiprocessing_options=processes)})
 
@@ -75,14 +77,18 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
             counts=ocp.args.JsonSave(counts)), force=True)
 
-    def check_fits(self, step: int, abstract_state) -> None:
+    def check_fits(self, step: int, abstract_state, part: str | None = None) -> None:
         """Raises naming each array of the train state whose shape differs between the
         checkpoint at `step` and `abstract_state` (or that only one of them has), before
-        orbax would fail naming none."""
+        orbax would fail naming none. `part`: `abstract_state` holds that key of the
+        train state alone (e.g. "params"), and only it is compared."""
         def flat_shapes(tree):
             return {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(tree, sep=".").items() if v is not None}
 
         stored = flat_shapes(self.manager.item_metadata(step)["state"].tree)
+        if part is not None:
+            stored = {k: v for k, v in stored.items() if k.startswith(f"{part}.")}
+            abstract_state = {part: abstract_state}
         try:
             weights.check_shapes(stored, flat_shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)),
                                  what=f"{self.manager.directory} step {step}: the train state's arrays")
@@ -92,11 +98,14 @@ class Checkpointer:
                              "`trainable` list: resume with the config that wrote it, or train into a new "
                              "workdir") from None
 
-    def restore_state(self, step: int, abstract_state):
-        """The train state alone (no data iterator), e.g. to export parameters."""
-        self.check_fits(step, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+    def restore_params(self, step: int, abstract_params):
+        """The train state's parameters alone, e.g. to export them: its optimizer state
+        (twice the parameters' bytes under AdamW) and the data iterator are not read."""
+        self.check_fits(step, abstract_params, part="params")
+        item = {"params": abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        return restored["state"]["params"]
 
     def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
         """(train state, counts); sets `data_iterator`'s state (None: a finished stage,
@@ -171,25 +180,20 @@ def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) 
         return
 
 
-def restore_trained_params(model: nnx.Module, trainable, stage, checkpoint_dir: str, *, keep: int = 1) -> int | None:
+def restore_trained_params(model: nnx.Module, trainable, checkpoint_dir: str) -> int | None:
     """Sets the parameters a stage trains from its latest checkpoint in `checkpoint_dir`;
     returns that step (None, model untouched, if there is no checkpoint). Reads on this
     process alone (in a multi-host run, one process exports)."""
     if not os.path.isdir(checkpoint_dir):
         return None
-    checkpointer = Checkpointer(checkpoint_dir, keep=keep, read_alone=True)
+    checkpointer = Checkpointer(checkpoint_dir, keep=1, read_alone=True)
     try:
         step = checkpointer.latest_step()
         if step is None:
             return None
         _, params, _ = nnx.split(model, trainable, ...)
-        tx = optim.make_optimizer(stage)
-        first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # optimizer state is read, then dropped
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=getattr(x, "sharding", None) or first),
-                                {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                                 "step": jnp.zeros((), jnp.int32)})
-        nnx.update(model, checkpointer.restore_state(step, abstract)["params"])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+        nnx.update(model, checkpointer.restore_params(step, abstract))
         return step
     finally:
         checkpointer.close()

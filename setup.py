@@ -23,7 +23,8 @@ setup(
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "numpy>=1.26",
-        "pillow>=10",
+        # 10.3: 16-bit grayscale PNGs open as I;16 (before, as I, which preprocess.to_rgb clips to white)
+        "pillow>=10.3",
         "absl-py>=2.1",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

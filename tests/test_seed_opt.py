@@ -196,6 +196,25 @@ def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_r
         code_records.decode_code_record(beyond, num_codes=64)
 
 
+def test_a_code_beyond_int32_is_skipped_and_counted_not_raised(builder, tmp_path):
+    """A code record with a code of 2**31 (no int32 holds it): the training example, and
+    the evaluation reader without `num_codes` (caption_codes'), raised OverflowError
+    where they skip and count a malformed record."""
+    raw = json.dumps({"format": code_records.FORMAT_VERSION, "id": "huge", "caption": "a small red star",
+                      "codes": [2**31] + [0] * 31}).encode()
+    skipped = pipeline.SkipCounter()
+    assert sequences.CodeExample(builder, 0.0, 128, 80, skipped)(raw, np.random.default_rng(0)) is None
+    assert skipped.count == 1
+    path = tmp_path / "eval-00000-of-00001.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for record in (raw, code_records.encode_code_record("good", "a small red star", np.arange(32))):
+        writer.write(record)
+    writer.close()
+    skipped = pipeline.SkipCounter()
+    assert [r["id"] for r in sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped)] == ["good"]
+    assert skipped.count == 1
+
+
 def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, tmp_path, caplog):
     rng = np.random.default_rng(0)
     rows = [(f"r{i}", synthetic.caption(synthetic.sample_scene(rng)), rng.integers(0, 64, 32)) for i in range(20)]

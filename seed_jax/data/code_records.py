@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 FORMAT_VERSION = 1
+_INT32_LIMIT = 2**31  # codes are read as int32: a larger one is malformed, not an OverflowError
 
 
 def encode_code_record(record_id: str, caption: str, codes) -> bytes:
@@ -31,7 +32,7 @@ def decode_code_record(data: bytes, codes_per_image: int | None = None, num_code
     if not (isinstance(record, dict) and record.get("format") == FORMAT_VERSION
             and isinstance(record.get("id"), str) and isinstance(record.get("caption"), str)
             and isinstance(record.get("codes"), list) and record["codes"]
-            and all(type(c) is int and c >= 0 for c in record["codes"])):
+            and all(type(c) is int and 0 <= c < _INT32_LIMIT for c in record["codes"])):
         raise ValueError(f"corrupt code record: unexpected content {str(record)[:200]!r}")
     if codes_per_image is not None and len(record["codes"]) != codes_per_image:
         raise ValueError(f"code record {record['id']!r}: {len(record['codes'])} codes, expected {codes_per_image}")

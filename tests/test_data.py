@@ -1,5 +1,8 @@
 """grain pipelines: determinism, resumable iterator state, eval padding, corrupt records."""
 
+import struct
+import zlib
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +124,36 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     assert counted.skipped.count == 2  # the first pass counts; the second reads alike and does not
     np.testing.assert_array_equal(second[0]["index"], first[0]["index"])
     np.testing.assert_array_equal(second[0]["image"], first[0]["image"])
+
+
+def _with_header(image: bytes, caption: str, record_id: str) -> bytes:
+    """An image record whose header JSON is written as given (escapes kept), as a tool
+    other than `records.encode_record` might write it."""
+    header = (f'{{"format":1,"caption":"{caption}","id":"{record_id}","image_length":{len(image)},'
+              f'"image_crc32":{zlib.crc32(image)}}}').encode()
+    return struct.pack("<I", len(header)) + header + image
+
+
+def test_a_record_whose_caption_is_not_unicode_text_is_skipped_and_counted(tmp_path, example):
+    """A header caption or id holding a lone surrogate (the JSON escape \\ud800, which
+    encode_record refuses to write) decoded, and the tokenizer then raised TypeError,
+    ending training; it is corrupt, skipped and counted, in training and evaluation."""
+    path = str(tmp_path / "surrogate.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i in range(6):
+        record = synthetic.make_example(i, 0, 32)
+        bad = {1: ("a \\ud800 b", "one"), 4: ("a caption", "four\\udfff")}.get(i)
+        writer.write(_with_header(bytes(record["image"]), *bad) if bad else records.encode_record(record))
+    writer.close()
+    with pytest.raises(ValueError, match="not Unicode text"):
+        records.decode_record(array_record_module.ArrayRecordReader(path).read([1])[0])
+    ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    batch = next(pipeline.train_iterator([path], ex, global_batch_size=4, seed=0, num_threads=1))
+    assert sorted(batch["index"].tolist()) == [0, 2, 3, 5] and ex.skipped.count >= 2
+    counted = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    batches = list(pipeline.eval_batches([path], counted, num_examples=6, global_batch_size=6, num_threads=1))
+    assert sorted(batches[0]["index"].tolist()) == [-1, -1, 0, 2, 3, 5] and counted.skipped.count == 2
+    assert pipeline.read_labels([path], 6)[1] == (None, None)
 
 
 def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, example):

@@ -196,12 +196,16 @@ def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_r
         code_records.decode_code_record(beyond, num_codes=64)
 
 
-def test_a_code_beyond_int32_is_skipped_and_counted_not_raised(builder, tmp_path):
-    """A code record with a code of 2**31 (no int32 holds it): the training example, and
-    the evaluation reader without `num_codes` (caption_codes'), raised OverflowError
-    where they skip and count a malformed record."""
-    raw = json.dumps({"format": code_records.FORMAT_VERSION, "id": "huge", "caption": "a small red star",
-                      "codes": [2**31] + [0] * 31}).encode()
+@pytest.mark.parametrize("content", [
+    {"id": "huge", "caption": "a small red star", "codes": [2**31] + [0] * 31},  # no int32 holds it
+    {"id": "surrogate", "caption": "a small \\ud800 star", "codes": [0] * 32},  # JSON text, not Unicode text
+], ids=["code_beyond_int32", "caption_with_a_lone_surrogate"])
+def test_a_code_record_that_breaks_its_readers_is_skipped_and_counted(builder, tmp_path, content):
+    """The training example, and the evaluation reader without `num_codes` (caption_codes'),
+    raised OverflowError (numpy's int32) or TypeError (the tokenizer) on these records,
+    ending the run, where they skip and count a malformed record."""
+    raw = ('{"format":%d,"id":"%s","caption":"%s","codes":%s}' % (
+        code_records.FORMAT_VERSION, content["id"], content["caption"], content["codes"])).encode()
     skipped = pipeline.SkipCounter()
     assert sequences.CodeExample(builder, 0.0, 128, 80, skipped)(raw, np.random.default_rng(0)) is None
     assert skipped.count == 1

@@ -16,7 +16,7 @@ import os
 
 from PIL import Image
 
-from seed_jax.data import preprocess
+from seed_jax.data import preprocess, records
 
 KEPT_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a camera's multi-picture JPEG; decoders read its first
 JPEG_QUALITY = 95
@@ -92,17 +92,6 @@ def _read_captions(entry: Entry) -> tuple:
         return ()
 
 
-def _is_text(caption) -> bool:
-    """A str that UTF-8 can hold: not one with a lone surrogate (a JSON escape such as \\ud800)."""
-    if not isinstance(caption, str):
-        return False
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepared:
     """Reads and checks `entry`: a record per non-empty caption (stripped of surrounding
     whitespace) when the image reads and decodes; every skipped caption under its reason
@@ -113,7 +102,7 @@ def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepa
         return Prepared([], {"missing_caption": [entry.id]})
     kept = []
     for k, caption in enumerate(captions):
-        text = caption.strip() if _is_text(caption) else ""
+        text = caption.strip() if records.is_unicode_text(caption) else ""
         if text:
             kept.append((record_id(entry.id, k), text))
         else:

@@ -9,6 +9,8 @@ import json
 
 import numpy as np
 
+from seed_jax.data import records
+
 FORMAT_VERSION = 1
 _INT32_LIMIT = 2**31  # codes are read as int32: a larger one is malformed, not an OverflowError
 
@@ -30,7 +32,7 @@ def decode_code_record(data: bytes, codes_per_image: int | None = None, num_code
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
         raise ValueError(f"corrupt code record: not UTF-8 JSON ({error})") from error
     if not (isinstance(record, dict) and record.get("format") == FORMAT_VERSION
-            and isinstance(record.get("id"), str) and isinstance(record.get("caption"), str)
+            and records.is_unicode_text(record.get("id")) and records.is_unicode_text(record.get("caption"))
             and isinstance(record.get("codes"), list) and record["codes"]
             and all(type(c) is int and 0 <= c < _INT32_LIMIT for c in record["codes"])):
         raise ValueError(f"corrupt code record: unexpected content {str(record)[:200]!r}")

@@ -35,6 +35,18 @@ def write_json(path: str, data, indent: int | None = 1) -> None:
     os.replace(path + ".partial", path)
 
 
+def is_unicode_text(value) -> bool:
+    """A str that UTF-8 can hold: not one with a lone surrogate (a JSON escape such as
+    \\ud800, or a file name's bytes that are not UTF-8), which tokenizers refuse."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def encode_record(record: dict) -> bytes:
     """Serialises a record dict to bytes."""
     image = bytes(record["image"])
@@ -84,6 +96,8 @@ def decode_record(data: bytes) -> dict:
         and isinstance(header.get("image_crc32"), int)
     ):
         raise ValueError(f"corrupt record: unexpected header {header!r}")
+    if not (is_unicode_text(header["caption"]) and is_unicode_text(header["id"])):
+        raise ValueError(f"corrupt record {header['id']!r}: its id or caption is not Unicode text")
     image = data[image_start:]
     if len(image) != header["image_length"]:
         raise ValueError(

@@ -451,6 +451,29 @@ def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export(
     assert written_codes() == {3}
 
 
+def test_pretokenize_writes_a_finished_shard_again_for_other_input_records(tmp_path):
+    """A rerun into the same out_dir after the image records changed (a split rebuilt with
+    more images, or another split's dir) kept the finished shard: SEED-OPT trained on the
+    codes of the 3 old images, not the 7 new ones."""
+    class Encoder:
+        image_size = 16
+        encoded = 0
+
+        def __call__(self, pixels):
+            self.encoded += len(pixels)
+            return np.zeros((len(pixels), 32), np.int32)
+
+    out, encoder = str(tmp_path / "codes"), Encoder()
+    run = functools.partial(pretokenize.tokenize_split, encoder, out_dir=out, prefix="train", batch_size=2,
+                            num_threads=1, tokenizer="export-a")
+    # the same records twice (the rerun resumes: nothing encoded), then others
+    for folder, count, encoded in (("old", 3, 3), ("old", 3, 3), ("new", 7, 10)):
+        paths = synthetic.write_shapes_dataset(str(tmp_path / folder), split="train", num_examples=count, seed=count,
+                                               image_size=16, num_shards=1, num_workers=1)
+        assert run(paths)["records"] == count and encoder.encoded == encoded
+        assert len(list(pipeline.read_records(records.shard_paths(out, "train"), pipeline.ALL_RECORDS))) == count
+
+
 def test_codes_written_with_another_tokenizer_export_are_refused(tmp_path):
     """`data.codes_dir` from a standalone pretokenize run is checked against the
     tokenizer export SEED-OPT trains with, where the shard summaries name theirs."""

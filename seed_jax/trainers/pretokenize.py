@@ -6,7 +6,8 @@ and writes `{prefix}-{p:05d}-of-{P:05d}.array_record` of code records
 (`data/code_records.py`); its local devices split each batch. A finished shard
 (written under a temporary name, renamed at the end) is not redone, so a rerun
 resumes, unless its summary names another tokenizer export (`weights.fingerprint`:
-the export was replaced since); a rerun on another number of processes first removes
+the export was replaced since) or other input shards (names and sizes: the split was
+rebuilt or another split given); a rerun on another number of processes first removes
 the shards (and summaries) of the earlier count. Undecodable records are skipped and counted in
 `{prefix}.summary-{p:05d}-of-{P:05d}.json`.
 """
@@ -66,23 +67,20 @@ _SUMMARIES = "{}.summary-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + ".json"  # a p
 def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
                    num_threads: int = 4, tokenizer: str | None = None) -> dict:
     """Writes this process's shard of code records for one split; returns its summary.
-    `tokenizer`: the encoder's export fingerprint, kept in the summary; a finished shard
-    whose summary holds another is written again. (`pretokenize` first checks that no
-    split's input shards are named as its outputs.)"""
+    `tokenizer`: the encoder's export fingerprint, kept in the summary with the shard's
+    inputs (`_inputs`); a finished shard whose summary holds another of either is written
+    again. (`pretokenize` first checks that no split's input shards are named as its outputs.)"""
     index, count = jax.process_index(), jax.process_count()
     path = records.shard_path(out_dir, prefix, index, count)
     summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json")
     if index == 0:
         _remove_other_counts(out_dir, prefix, count)
-    if os.path.exists(path) and os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if summary.get("tokenizer") == tokenizer:
-            return summary
-        logging.warning("pretokenize %s shard %d/%d: written with another tokenizer export (fingerprint %s, now %s); "
-                        "writing it again", prefix, index, count, summary.get("tokenizer"), tokenizer)
     source = grain.sources.ArrayRecordDataSource(list(in_paths))
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
+    inputs = _inputs(in_paths, start, stop)
+    finished = _finished_summary(path, summary_path, tokenizer, inputs, f"pretokenize {prefix} shard {index}/{count}")
+    if finished is not None:
+        return finished
     ds = grain.MapDataset.range(start, stop).map(lambda i: preprocess.eval_record(source[i], encoder.image_size))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
     os.makedirs(out_dir, exist_ok=True)
@@ -105,10 +103,37 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     finally:
         writer.close()
     os.replace(path + ".partial", path)
-    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start, "tokenizer": tokenizer}
+    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start, "tokenizer": tokenizer,
+               "inputs": inputs}
     records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
+
+
+def _inputs(in_paths: list[str], start: int, stop: int) -> dict:
+    """What a shard is written from: the records [start, stop) of the image-record
+    shards `in_paths`, named by file name and size (a split rebuilt or moved elsewhere
+    keeps its names; rebuilt from other images, not its sizes)."""
+    return {"shards": [[os.path.basename(p), os.path.getsize(p)] for p in in_paths], "slice": [start, stop]}
+
+
+def _finished_summary(path: str, summary_path: str, tokenizer: str | None, inputs: dict, name: str) -> dict | None:
+    """The summary of the finished shard `path` when `tokenizer` wrote it from `inputs`,
+    else None (warning why it is written again). A summary from before inputs were kept
+    cannot tell, and passes."""
+    if not (os.path.exists(path) and os.path.exists(summary_path)):
+        return None
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if summary.get("tokenizer") != tokenizer:
+        logging.warning("%s: written with another tokenizer export (fingerprint %s, now %s); writing it again", name,
+                        summary.get("tokenizer"), tokenizer)
+    elif summary.get("inputs", inputs) != inputs:
+        logging.warning("%s: written from other image records (%s, now %s); writing it again", name,
+                        summary["inputs"], inputs)
+    else:
+        return summary
+    return None
 
 
 def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str) -> None:

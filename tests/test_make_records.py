@@ -4,6 +4,7 @@ image-caption shards."""
 import io
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -477,6 +478,17 @@ def test_bad_flags_fail_naming_the_flag(tmp_path, capsys, flags, message):
     assert _run(*[f.format(folder=folder) for f in flags], f"--out={tmp_path / 'out'}") == 1
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("out", ["{file}", "{file}/sub"])
+def test_an_out_that_cannot_be_a_folder_fails_naming_it(tmp_path, capsys, out):
+    """--out naming a file, or a folder below one: the error said only "error: 17" (the
+    errno of makedirs' FileExistsError) or "error: 20"."""
+    folder, file = tmp_path / "images", tmp_path / "notes.txt"
+    _sidecar_folder(folder, 1)
+    _write(str(file), "a file")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out.format(file=file)}", "--num_workers=1") == 1
+    assert re.search(r"--out: .*notes.txt.* a file", capsys.readouterr().err)
 
 
 def test_existing_shards_are_refused_unless_overwrite(tmp_path, capsys):

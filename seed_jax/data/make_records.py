@@ -98,10 +98,20 @@ def check_args(args: argparse.Namespace) -> None:
         for flag in own:
             if getattr(args, flag) is None:
                 setattr(args, flag, TFDS_DEFAULTS[flag])
+    check_out(args.out)
     if records.existing_shards(args.out, args.prefix) and not args.overwrite:
         raise FileExistsError(f"--out: {args.out!r} already holds shards of --prefix={args.prefix!r}: pass "
                               "--overwrite to replace them (once the new set is complete), or choose another "
                               "--out or --prefix")
+
+
+def check_out(out: str) -> None:
+    """Raises NotADirectoryError naming --out when it, or a folder above it, is a file."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"--out: {out!r} cannot be a folder: {path!r} is a file")
 
 
 def split_names(splits: str | None) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """grain pipelines: determinism, resumable iterator state, eval padding, corrupt records."""
 
+import re
 import struct
 import zlib
 
@@ -156,7 +157,9 @@ def test_a_record_whose_caption_is_not_unicode_text_is_skipped_and_counted(tmp_p
     assert pipeline.read_labels([path], 6)[1] == (None, None)
 
 
-def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, example):
+def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, example, caplog):
+    """grain's error names no cause ("check the filtering logic"): the first skipped
+    record says why it was skipped."""
     path = str(tmp_path / "corrupt.array_record")
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for i in range(8):
@@ -164,9 +167,10 @@ def test_a_pipeline_of_corrupt_records_raises_instead_of_waiting(tmp_path, examp
     writer.close()
     ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
     it = pipeline.train_iterator([path], ex, global_batch_size=4, seed=0, num_threads=1)
-    with pytest.raises(ValueError, match="skipped 100.00 %"):
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="skipped 100.00 %"):
         next(it)
     assert ex.skipped.count >= 8
+    assert len(re.findall(r"skipped a record .*: corrupt record: header claims \d+ bytes", caplog.text)) == 1
 
 
 def test_clip_bpe_reads_its_files_and_matches_transformers(tmp_path):

@@ -17,6 +17,7 @@ import grain
 import grain.experimental
 import jax
 import numpy as np
+from absl import logging
 
 from seed_jax.data import preprocess, records
 from seed_jax.data.text import TextTokenizer
@@ -27,15 +28,20 @@ MAX_SKIPPED_FRACTION = 0.9
 
 
 class SkipCounter:
-    """Thread-safe count of records that could not be decoded."""
+    """Thread-safe count of records that could not be decoded; the first skip with a
+    reason is logged (grain's error when nearly all are skipped names no cause)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.count = 0
+        self._said_why = False
 
-    def add(self, n: int = 1) -> None:
+    def add(self, n: int = 1, why: str = "") -> None:
         with self._lock:
             self.count += n
+            if why and not self._said_why:
+                self._said_why = True
+                logging.warning("skipped a record (skipped records are counted, this is said once): %s", why)
 
 
 def counted_once(counter: SkipCounter) -> SkipCounter:
@@ -59,8 +65,8 @@ class Example:
         try:
             record = records.decode_record(raw)
             return record, preprocess.decode_image(record["image"])
-        except ValueError:
-            self.skipped.add()
+        except ValueError as error:
+            self.skipped.add(why=str(error))
             return None, None
 
     def finish(self, pixels: np.ndarray, caption: str, index: int) -> dict:
@@ -105,8 +111,8 @@ class CaptionExample:
     def _caption(self, raw: bytes) -> str | None:
         try:
             return records.decode_record(raw)["caption"]
-        except ValueError:
-            self.skipped.add()
+        except ValueError as error:
+            self.skipped.add(why=str(error))
             return None
 
 
@@ -129,8 +135,8 @@ class PixelExample:
         try:
             record = records.decode_record(raw)
             return record, preprocess.resize(preprocess.decode_image(record["image"]), self.image_size)
-        except ValueError:
-            self.skipped.add()
+        except ValueError as error:
+            self.skipped.add(why=str(error))
             return None, None
 
     def train(self, item: tuple[int, bytes], rng: np.random.Generator) -> dict | None:

@@ -143,8 +143,8 @@ class CodeExample:
                 ids, mask = self.builder.generation_sequence(record["caption"], record["codes"])
             else:
                 ids, mask = self.builder.caption_sequence(record["codes"], record["caption"])
-        except ValueError:
-            self.skipped.add()
+        except ValueError as error:
+            self.skipped.add(why=str(error))
             return None
         if len(ids) - 1 > self.max_length or sum(mask[1:]) > self.max_targets:
             # said once: were every sequence too long, grain's error would say only "skipped 100.00 %"
@@ -207,8 +207,8 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
             break
         try:
             out.append(code_records.decode_code_record(source[i], codes_per_image, num_codes))
-        except ValueError:
-            skipped.add()
+        except ValueError as error:
+            skipped.add(why=str(error))
     if len(out) < num_examples or not out:
         raise ValueError(f"num_examples: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
     return out

@@ -335,6 +335,21 @@ def test_captions_written_with_a_byte_order_mark(tmp_path, capsys):
     assert f"--captions {tmp_path / 'bad.json'}: not JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json"])
+def test_a_captions_file_that_is_not_utf8_names_it_and_the_line(tmp_path, capsys, name):
+    """A captions file saved as Latin-1 (a caption with "café"): the .jsonl one failed with
+    "error: utf-8" (the codec name, args[0] of UnicodeDecodeError), naming neither."""
+    folder, captions = tmp_path / "images", tmp_path / name
+    _image(str(folder / "a.jpg"), seed=1)
+    rows = [{"image": "a.jpg", "caption": "a cup"}, {"image": "a.jpg", "caption": "café au lait"}]
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    captions.write_bytes(("\n".join(lines) if name.endswith("l") else f"[{', '.join(lines)}]").encode("latin-1"))
+    assert _run("--source=folder", f"--input={folder}", f"--captions={captions}", f"--out={tmp_path / 'out'}",
+                "--num_workers=1") == 1
+    where = ": line 2" if name.endswith("l") else ""
+    assert f"--captions {captions}{where}: not JSON ('utf-8' codec can't decode" in capsys.readouterr().err
+
+
 def test_file_names_and_captions_that_are_not_unicode_text(tmp_path, capsys):
     r"""A file name that is not UTF-8 (Python reads its bytes as lone surrogates, which no
     record can hold) gets an id with the bytes as \xNN; a caption with a lone surrogate

@@ -112,13 +112,13 @@ def _name_id(relative: str) -> str:
 def jsonl_entries(input_dir: str, path: str) -> list[Entry]:
     """The entries of a JSON Lines captions file (see `rows_entries`)."""
     def rows():
-        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: also without a byte order mark
+        with open(path, "rb") as f:  # decoded a line at a time, so that bytes that are not UTF-8 name their line
             for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
                 try:
-                    yield f"line {number}", json.loads(line)
-                except ValueError as e:
+                    text = line.decode("utf-8-sig")  # utf-8-sig: also without a byte order mark
+                    if text.strip():
+                        yield f"line {number}", json.loads(text)
+                except ValueError as e:  # UnicodeDecodeError too
                     raise ValueError(f"--captions {path}: line {number}: not JSON ({e})") from e
 
     return rows_entries(input_dir, path, rows())

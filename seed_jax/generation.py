@@ -207,12 +207,14 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
         token = (flat % vocab).astype(jnp.int32)
         tokens = beams.tokens[parent].at[:, :, i].set(token)  # (B,2K,T)
         ends = (token == eos) | (i == max_new_tokens - 1)
-        live = jax.lax.top_k(jnp.where(ends, -jnp.inf, scores), k)[1]  # (B,K)
+        # an ended candidate runs on only where fewer than K others are left (K >= the vocabulary), dead (-inf)
+        running = jnp.where(ends, -jnp.inf, scores)
+        live = jax.lax.top_k(running, k)[1]  # (B,K)
         finishing = ends & (jnp.arange(2 * k) < k) & beams.active[:, None]
         merged = jnp.concatenate([beams.finished_scores, jnp.where(finishing, scores / penalty[i], -jnp.inf)], 1)
         best = jax.lax.top_k(merged, k)[1]
         finished_scores = take(merged, best)
-        live_scores = take(scores, live)
+        live_scores = take(running, live)
         # the worst of a buffer with an empty slot is -inf: the row stays active
         active = beams.active & (live_scores[:, 0] / penalty[i] > finished_scores.min(1))
         return take(parent, live).reshape(-1), take(token, live).reshape(-1), Beams(

@@ -328,6 +328,28 @@ def test_beam_search_with_eos_matches_transformers(converted):
     assert stopped_early, "no batch stopped before max_new_tokens: the early stop is untested"
 
 
+def test_beam_search_with_as_many_beams_as_tokens_matches_transformers(tmp_path):
+    """With num_beams >= the vocabulary, fewer than K of the first step's candidates go
+    on without ending: a candidate ending at eos then took a live slot with its own
+    score and ran on, so an answer held a token after its eos. It now runs on dead, as
+    transformers' (-1e9)."""
+    hf = randomize(OPTForCausalLM(OPTConfig(**{**TINY, "vocab_size": 6}, **VARIANTS["pre_ln"])), 1).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
+    lm = SeedOPT.load(str(tmp_path / "export"))
+    ids, mask = np.asarray([[1, 1, 1, 4, 5], [3, 4, 5, 3, 4]]), np.asarray([[0, 0, 0, 1, 1], [1] * 5])
+    eos = 3
+    for beams in (6, 8):
+        with torch.no_grad(), _one_torch_thread():
+            ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=7,
+                              do_sample=False, num_beams=beams, eos_token_id=eos, pad_token_id=1,
+                              length_penalty=2.0).numpy()[:, 5:]
+        tokens = lm.generate(ids, 7, attention_mask=mask, num_beams=beams, eos_id=eos, length_penalty=2.0)
+        np.testing.assert_array_equal(tokens, ref, err_msg=f"num_beams={beams}")
+        after_eos = np.cumsum(np.cumsum(tokens == eos, 1) > 0, 1) > 1
+        assert (tokens[after_eos] == 1).all() and (tokens == eos).any(), f"num_beams={beams}"
+
+
 def test_sampling_top_k_1_is_greedy_and_constraints_hold(converted):
     _, model, _ = converted
     ids, mask = _prompts()

@@ -109,6 +109,18 @@ def up_to_last_end(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
     return tokens[:, :ended.argmax(1).max() + 1]
 
 
+def _prefill(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, max_new_tokens: int) -> tuple:
+    """(B,P) left-padded prompts -> the last prompt token's logits (B,V) (the only ones
+    computed), a cache of P + max_new_tokens positions holding the prompt, the mask over
+    it (B,P+T; the new columns 0) and the first new token's position (B,)."""
+    batch, prompt_length = input_ids.shape
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
+    positions = jnp.cumsum(mask[:, :prompt_length], axis=1) * mask[:, :prompt_length] - 1
+    logits, cache = model(input_ids, mask, positions=positions, logits_at=jnp.full((batch, 1), prompt_length - 1),
+                          cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
+    return logits[:, 0], cache, mask, positions[:, -1] + 1
+
+
 def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None, allowed: jax.Array | None = None,
              eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
@@ -123,10 +135,7 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
     batch, prompt_length = input_ids.shape
     vocab = model.config.total_vocab_size
     allowed = jnp.asarray(allowed_ranges(max_new_tokens, None, vocab) if allowed is None else allowed)
-    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
-    positions = jnp.cumsum(mask[:, :prompt_length], axis=1) * mask[:, :prompt_length] - 1
-    logits, cache = model(input_ids, mask, positions=positions,
-                          cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
+    logits, cache, mask, position = _prefill(model, input_ids, attention_mask, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw uint32 data (jax.random.PRNGKey)
         rng = jax.random.wrap_key_data(rng)
@@ -153,7 +162,7 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
                               cache_index=prompt_length + i)
         return i + 1, logits[:, -1], cache, mask, position + 1, done, out
 
-    state = (0, logits[:, -1], cache, mask, positions[:, -1] + 1, jnp.zeros((batch,), bool),
+    state = (0, logits, cache, mask, position, jnp.zeros((batch,), bool),
              jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
     # Every step but the last feeds its token back (the last token needs no forward
     # pass). The loop ends once every row has emitted eos_id; the columns left hold pad_id.
@@ -188,10 +197,7 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     eos = -1 if eos_id is None else eos_id  # -1: no token ends a beam early
     repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (B,...) -> (B*K,...), beams of a row adjacent
     take = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
-    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
-    positions = jnp.cumsum(mask[:, :prompt_length], axis=1) * mask[:, :prompt_length] - 1
-    logits, cache = model(input_ids, mask, positions=positions,
-                          cache=model.init_cache(batch, prompt_length + max_new_tokens), cache_index=0)
+    logits, cache, mask, position = _prefill(model, input_ids, attention_mask, max_new_tokens)
     cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # cache batch axis is 1 (after layers)
     # New positions are written in order and the causal mask hides those not yet written.
     beam_mask = repeat(mask.at[:, prompt_length:].set(1))
@@ -233,7 +239,7 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     beams = Beams(jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (k - 1)), batch),
                   jnp.full((batch * k, max_new_tokens), pad_id, jnp.int32), jnp.full((batch, k), -jnp.inf),
                   jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32), jnp.ones((batch,), bool))
-    state = (0, repeat(logits[:, -1]), cache, repeat(positions[:, -1] + 1), beams)
+    state = (0, repeat(logits), cache, repeat(position), beams)
     i, logits, _, _, beams = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & s[4].active.any(), step,
                                                 state)
     # The last step needs no forward pass; after an early stop no row is active and it changes nothing.

@@ -76,7 +76,8 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     if sampling.nucleus:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays), and the tokens
+        # tied with its last (transformers keeps some of them, in torch.sort's order)
         cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None] - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
@@ -85,15 +86,16 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 def allowed_ranges(max_new_tokens: int, ranges: list[tuple[int, int]] | None, vocab_size: int) -> np.ndarray:
     """Per step [low, high) token ids, (T,2) int32; steps past `ranges` allow everything."""
-    ranges = list(ranges or [])
+    ranges = [] if ranges is None else list(ranges)  # also a (T,2) array
     if len(ranges) > max_new_tokens:
         raise ValueError(f"allowed: expected at most max_new_tokens={max_new_tokens} ranges, got {len(ranges)}")
     out = np.tile(np.asarray([[0, vocab_size]], np.int32), (max_new_tokens, 1))
-    for i, (low, high) in enumerate(ranges):
-        if not 0 <= low < high <= vocab_size:
-            raise ValueError(f"allowed[{i}]: expected (low, high) with 0 <= low < high <= {vocab_size} (the "
-                             f"vocabulary size), got {(low, high)}")
-        out[i] = (low, high)
+    for i, pair in enumerate(ranges):
+        pair = np.asarray(pair)
+        if not (pair.shape == (2,) and np.issubdtype(pair.dtype, np.integer) and 0 <= pair[0] < pair[1] <= vocab_size):
+            raise ValueError(f"allowed[{i}]: expected integers (low, high) with 0 <= low < high <= {vocab_size} "
+                             f"(the vocabulary size), got {pair.tolist()}")
+        out[i] = pair
     return out
 
 

@@ -470,6 +470,19 @@ def test_a_tiny_temperature_samples_greedily(temperature):
     np.testing.assert_array_equal(lm.generate(ids, 6, allowed=allowed, temperature=temperature, seed=2), greedy)
 
 
+def test_allowed_ranges_given_as_an_array_decode_as_the_list():
+    """A (T,2) array failed with numpy's "truth value of an array is ambiguous"."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (2, 5))
+    allowed = [(3, 9)] * 4 + [(12, 13)]
+    np.testing.assert_array_equal(lm.generate(ids, 5, allowed=np.asarray(allowed)), lm.generate(ids, 5, allowed=allowed))
+    with pytest.raises(ValueError, match="num_beams > 1 .* takes no allowed"):
+        lm.generate(ids, 5, allowed=np.asarray(allowed), num_beams=2)
+    for bad in ([(3, 9, 1)], [(3.0, 9.0)], np.asarray([[9, 3]])):
+        with pytest.raises(ValueError, match=r"allowed\[0\]: expected integers \(low, high\)"):
+            lm.generate(ids, 5, allowed=bad)
+
+
 @pytest.mark.parametrize("seed", [2**32, 2**40, -1, 1.5, True])
 def test_a_seed_jax_would_truncate_fails_naming_it(seed):
     """With 64-bit mode off jax keeps a seed's low 32 bits: 2**32 sampled as seed 0."""

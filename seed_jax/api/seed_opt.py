@@ -197,7 +197,8 @@ class SeedOPT:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
         if num_beams > 1:
             given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 0),
-                     ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)] if value != default}
+                     ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)]
+                     if (value is not None if default is None else value != default)}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
             return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty)

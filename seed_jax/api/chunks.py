@@ -9,13 +9,15 @@ import numpy as np
 def run_in_chunks(fn, inputs: tuple, batch_size: int):
     """Runs `fn(*chunk)` over chunks of `batch_size` rows of every array in `inputs`
     (the last chunk padded with copies of its first row, so one program serves all) and
-    joins the results as numpy arrays. A chunk's outputs are copied to the host
+    joins the results as numpy arrays. A batch smaller than `batch_size` runs as one
+    chunk of the next power of two rows (at most `batch_size`): a compiled `fn` serves
+    every batch with a few programs, not one per batch size. A chunk's outputs are copied to the host
     while the next chunk runs, so the device holds two chunks' outputs at most,
     whatever the batch."""
     n = inputs[0].shape[0]
     if n == 0:
         raise ValueError("inputs: the batch is empty")
-    size = min(batch_size, n)
+    size = min(batch_size, 1 << (n - 1).bit_length())
     joined, pending = None, None
     for start in range(0, n, size):
         running = (start, fn(*_padded_chunk(inputs, start, size)))  # dispatched: runs while `pending` is copied

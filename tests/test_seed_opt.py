@@ -534,6 +534,25 @@ def test_the_demo_pretokenizes_a_tokenizer_runs_own_array_record_images(tmp_path
                     config.data.eval_prefix: ["shapes_eval-00000-of-00001.array_record"]}
 
 
+def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
+    """An empty or mistyped shard folder failed with "no ArrayRecord shards named ...
+    in ''", naming no setting. Each config field that names the folder is now named."""
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    tok_config = get_config("tiny").tokenizer.copy_and_resolve_references()
+    tok_config.data.update(source="array_record", train_dir=empty, eval_dir=empty)
+    with pytest.raises(FileNotFoundError, match=r"^data.train_dir: no ArrayRecord shards named 'train-\*"):
+        tokenizer_trainer.dataset_paths(tok_config, str(tmp_path / "tok"))
+    config = get_config("tiny")
+    config.data.codes_dir = empty
+    with pytest.raises(FileNotFoundError, match=r"^data.codes_dir: no ArrayRecord shards named"):
+        seed_opt.code_paths(config, str(tmp_path / "run"), None, "unused", tok_config)
+    splits = get_pretokenize_config().splits
+    splits.train.dir = empty
+    with pytest.raises(FileNotFoundError, match=r"^config.splits.train.dir: no ArrayRecord shards named"):
+        pretokenize.split_paths(splits)
+
+
 @pytest.fixture(scope="module")
 def seed_opt_run(tiny_decoder_run, tmp_path_factory):
     config = get_config("tiny")

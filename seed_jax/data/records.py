@@ -162,14 +162,16 @@ def write_array_record_shards(
     return paths
 
 
-def shard_paths(directory: str, prefix: str) -> list[str]:
+def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[str]:
     """Sorted paths of the shards for ``prefix`` in ``directory``: one complete set
     ``prefix-00000-of-N`` ... ``prefix-(N-1)-of-N``, else an error saying what is wrong
-    (sets of two shard counts would read records twice; a missing shard loses records)."""
+    (sets of two shard counts would read records twice; a missing shard loses records),
+    starting with ``field`` when given (the config field or flag that named ``directory``)."""
     paths = existing_shards(directory, prefix)
     if not paths:
+        named = f"{field}: " if field else ""
         raise FileNotFoundError(
-            f"no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
+            f"{named}no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
         )
     numbers = [re.fullmatch(r"-(\d{5})-of-(\d{5})", os.path.basename(p)[len(prefix):-len(_SHARD_SUFFIX)])
                for p in paths]

@@ -216,7 +216,7 @@ def split_paths(splits) -> dict[str, list[str]]:
                              f"{prefix!r}; give one another out_prefix (e.g. --config.splits.{rename}.out_prefix="
                              f"{rename})")
         named[prefix] = name
-        out[prefix] = records.shard_paths(split.dir, split.prefix)
+        out[prefix] = records.shard_paths(split.dir, split.prefix, f"config.splits.{name}.dir")
     return out
 
 

@@ -313,17 +313,17 @@ def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
     `tok_dir` (trained with `tok_config`: its synthetic shapes or its own shards)
     pre-tokenized into WORKDIR/codes."""
     d = config.data
-    directory = d.codes_dir
+    directory, field = d.codes_dir, "data.codes_dir"
     if directory:
         pretokenize.check_written_with(directory, [d.train_prefix, d.eval_prefix], tok_export)
     else:
         if tok_dir is None:
             raise ValueError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
-        directory = os.path.join(workdir, "codes")
+        directory, field = os.path.join(workdir, "codes"), None
         image_train, image_eval = tokenizer_trainer.dataset_paths(tok_config, tok_dir)
         splits = {d.train_prefix: image_train, d.eval_prefix: image_eval}
         pretokenize.pretokenize(tok_export, splits, directory, batch_size=256, num_threads=d.num_threads)
-    return records.shard_paths(directory, d.train_prefix), records.shard_paths(directory, d.eval_prefix)
+    return records.shard_paths(directory, d.train_prefix, field), records.shard_paths(directory, d.eval_prefix, field)
 
 
 def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None:

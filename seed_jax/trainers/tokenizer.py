@@ -206,7 +206,8 @@ def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
         multihost_utils.sync_global_devices("shapes_world_written")
         return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
     check_data_source(d)
-    return records.shard_paths(d.train_dir, d.train_prefix), records.shard_paths(d.eval_dir, d.eval_prefix)
+    return (records.shard_paths(d.train_dir, d.train_prefix, "data.train_dir"),
+            records.shard_paths(d.eval_dir, d.eval_prefix, "data.eval_dir"))
 
 
 def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:

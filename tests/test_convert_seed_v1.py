@@ -165,6 +165,66 @@ def test_split_release_files_convert_like_one_file(tmp_path, capsys):
             f"{deeper - 1} layers stored)") in capsys.readouterr().err
 
 
+def _lavis_runner_save(state: dict, path) -> None:
+    """What SEED's LAVIS runner (`SEED_Tokenizer/lavis/runners/runner_base.py`) writes: the
+    model state dict beside the optimizer, the config as plain containers, the scaler and
+    the epoch."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "config": {"run": {"init_lr": 1e-4}},
+                "scaler": None, "epoch": 9}, path)
+
+
+def test_files_as_the_reference_training_saves_them_convert(tmp_path):
+    """The runner drops frozen parameters but keeps buffers: stage II's seed_tokenizer.pth
+    lacks the ViT, ln_vision, the Q-Former and its query tokens (only the Q-Formers'
+    position_ids buffers remain); stage I's causal_qformer.pth lacks the ViT but holds
+    ln_vision, the Q-Former's text parts (word and position embeddings, the text
+    feed-forward, the tied MLM decoder) and the contrastive heads; LAVIS's eva_vit_g.pth
+    is a bare fp16 state dict with one block more than is built."""
+    c = TINY
+    torch.manual_seed(0)
+    ref = randomize(SeedV1Reference(c), 0).eval()
+    state = ref.state_dict()
+    g = torch.Generator().manual_seed(1)
+    vit = _with_extra_vit_blocks({k[len("visual_encoder."):]: v.half() for k, v in state.items()
+                                  if k.startswith("visual_encoder.")}, c.vit_depth + 1)
+    torch.save(vit, tmp_path / "eva_vit_g.pth")
+    stage1 = {k: v for k, v in state.items() if k.startswith(("Qformer.", "ln_vision.")) or k == "query_tokens"}
+    text = {"embeddings.word_embeddings.weight": (30, c.width), "embeddings.position_embeddings.weight": (8, c.width)}
+    for i in range(c.qformer_layers):
+        text.update({f"encoder.layer.{i}.intermediate.dense.weight": (c.qformer_mlp, c.width),
+                     f"encoder.layer.{i}.intermediate.dense.bias": (c.qformer_mlp,),
+                     f"encoder.layer.{i}.output.dense.weight": (c.width, c.qformer_mlp),
+                     f"encoder.layer.{i}.output.dense.bias": (c.width,),
+                     f"encoder.layer.{i}.output.LayerNorm.weight": (c.width,),
+                     f"encoder.layer.{i}.output.LayerNorm.bias": (c.width,)})
+    stage1.update({f"Qformer.bert.{k}": torch.randn(shape, generator=g) for k, shape in text.items()})
+    stage1["Qformer.cls.predictions.decoder.weight"] = stage1["Qformer.bert.embeddings.word_embeddings.weight"]
+    stage1.update({f"{n}_proj.{p}": torch.randn((16, c.width) if p == "weight" else (16,), generator=g)
+                   for n in ("vision", "text") for p in ("weight", "bias")})
+    stage1["temp"] = torch.tensor(0.07)
+    _lavis_runner_save(stage1, tmp_path / "causal_qformer.pth")
+    frozen = ("visual_encoder.", "ln_vision.", "Qformer.bert.encoder.", "Qformer.bert.embeddings.LayerNorm.")
+    _lavis_runner_save({k: v for k, v in state.items() if not k.startswith(frozen) and k != "query_tokens"},
+                       tmp_path / "seed_tokenizer.pth")
+
+    report = convert(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                      f"--qformer={tmp_path / 'causal_qformer.pth'}", f"--vit={tmp_path / 'eva_vit_g.pth'}",
+                      f"--out={tmp_path / 'out'}", *_heads(c), f"--vit_depth={c.vit_depth}"])
+    assert report["overridden_by_checkpoint"] == ["Qformer.bert.embeddings.position_ids"]
+    assert not [k for k in report["unused_keys"] if not k.startswith(
+        (f"visual_encoder.blocks.{c.vit_depth}.", "Qformer.cls.")) and not k.endswith("position_ids")]
+    tokenizer = SeedTokenizer.load(str(tmp_path / "out"))
+    assert tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads
+    ref.visual_encoder.load_state_dict({k: v.float() for k, v in vit.items()
+                                        if not k.startswith(f"blocks.{c.vit_depth}.")})  # the fp16 weights LAVIS loads
+    pixels = torch.randn(2, 3, c.image_size, c.image_size, generator=g)
+    with torch.no_grad():
+        expected = {k: v.numpy() for k, v in ref.encode(pixels).items()}
+        expected["generation"] = ref.embed_codes(torch.from_numpy(expected["codes"])).numpy()
+    _compare(tokenizer, pixels.permute(0, 2, 3, 1).numpy(), expected)
+
+
 def test_vit_depth_is_the_references_39_or_the_main_checkpoints(tmp_path):
     """A ViT from a 40-block eva_vit_g.pth alone builds 39 blocks, as LAVIS's
     create_eva_vit_g; ViT blocks in the main checkpoint set the depth; a missing

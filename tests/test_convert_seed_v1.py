@@ -225,6 +225,33 @@ def test_files_as_the_reference_training_saves_them_convert(tmp_path):
     _compare(tokenizer, pixels.permute(0, 2, 3, 1).numpy(), expected)
 
 
+def _training_names(key: str) -> str:
+    """A release key under the name SEED's training model (blip2_codebook_all_image) gives it."""
+    if key == "reverse_tokens":
+        return "reverse_tokens_text"
+    return "Reverse_Qformer_text." + key[len("Reverse_Qformer."):] if key.startswith("Reverse_Qformer.") else key
+
+
+@pytest.mark.parametrize("with_image_distillation", [False, True])
+def test_a_checkpoint_with_the_training_models_names_converts_as_the_release(tmp_path, with_image_distillation):
+    """SEED's training model names the text-space reverse Q-Former Reverse_Qformer_text /
+    reverse_tokens_text: a checkpoint it wrote failed on a missing 'reverse_tokens'. With
+    image distillation on too, Reverse_Qformer / reverse_tokens is the image one (a
+    single query), which the converter took for the text one."""
+    state, pixels, ref = _reference(TINY, batch=2, seed=5)
+    trained = {_training_names(k): v for k, v in state.items()}
+    if with_image_distillation:
+        trained.update({k: v.clone() for k, v in state.items() if k.startswith("Reverse_Qformer.")})
+        trained["reverse_tokens"] = state["reverse_tokens"][:, :1].clone()
+        trained["distill_image_proj.weight"] = torch.zeros(8, state["distill_text_proj.weight"].shape[1])
+    torch.save({"model": trained}, tmp_path / "checkpoint_9.pth")
+    report = convert(["seed_v1", f"--checkpoint={tmp_path / 'checkpoint_9.pth'}", f"--out={tmp_path / 'out'}",
+                      *_heads(TINY)])
+    _compare(SeedTokenizer.load(str(tmp_path / "out")), pixels, ref)
+    image_side = {k for k in report["unused_keys"] if k.startswith(("reverse_tokens_image", "Reverse_Qformer_image."))}
+    assert ("reverse_tokens_image" in image_side) == with_image_distillation
+
+
 def test_vit_depth_is_the_references_39_or_the_main_checkpoints(tmp_path):
     """A ViT from a 40-block eva_vit_g.pth alone builds 39 blocks, as LAVIS's
     create_eva_vit_g; ViT blocks in the main checkpoint set the depth; a missing

@@ -18,7 +18,8 @@ from seed_jax.models.tokenizer import SeedTokenizerConfig
 
 VIT = "visual_encoder."
 QFORMER_LAYER = "Qformer.bert.encoder.layer.{i}."
-REVERSE_LAYER = "Reverse_Qformer.bert.encoder.layer.{i}."
+REVERSE = "Reverse_Qformer"
+REVERSE_LAYER = f"{REVERSE}.bert.encoder.layer.{{i}}."
 VIT_BLOCK = f"{VIT}blocks.{{i}}.norm1.weight"
 # LAVIS's create_eva_vit_g builds 39 blocks and loads eva_vit_g.pth's 40 into them with strict=False.
 EVA_G_DEPTH = 39
@@ -27,11 +28,35 @@ SEED2_KEYS = ("distill_image_proj.weight", "blocks_image.0.norm1.weight", "image
 
 
 def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | None) -> tuple[LazyArrays, list[str]]:
-    """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it.
-    Returns (merged, keys the main checkpoint overrode); nothing is read."""
+    """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it,
+    and the reverse Q-Former the release's names (`with_release_names`). Returns
+    (merged, keys the main checkpoint overrode); nothing is read."""
     extras = LazyArrays.merged(LazyArrays.of(vit or {}).rekeyed(lambda k: VIT + k), qformer)
     overridden = sorted(k for k in checkpoint if k in extras)
-    return LazyArrays.merged(extras, checkpoint), overridden
+    return with_release_names(LazyArrays.merged(extras, checkpoint)), overridden
+
+
+def with_release_names(source: LazyArrays) -> LazyArrays:
+    """SEED's training model (LAVIS's blip2_codebook_all_image) names the reverse
+    Q-Former that decodes to the 77 text-space embeddings `Reverse_Qformer_text.*` and
+    its queries `reverse_tokens_text`; the release's inference model names them
+    `Reverse_Qformer.*` and `reverse_tokens`, which the training model gives to the
+    reverse Q-Former of its image distillation. A checkpoint with the training names
+    takes the release's; an image reverse Q-Former beside it is renamed `*_image`, and
+    so listed as unused."""
+    if "reverse_tokens_text" not in source:
+        return source
+
+    renames = {"reverse_tokens": "reverse_tokens_image", "reverse_tokens_text": "reverse_tokens"}
+    prefixes = {f"{REVERSE}.": f"{REVERSE}_image.", f"{REVERSE}_text.": f"{REVERSE}."}
+
+    def release_name(key: str) -> str:
+        if key in renames:
+            return renames[key]
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        return key if prefix is None else prefixes[prefix] + key[len(prefix):]
+
+    return source.rekeyed(release_name)
 
 
 def vit_depth(checkpoint: Source, requested: int | None) -> int:

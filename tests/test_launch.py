@@ -5,6 +5,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,3 +177,72 @@ def test_tpu_vm_without_endpoints_names_the_worker_count(tmp_path):
     assert done.returncode == 2
     assert "expected a positive worker count (WORKERS or the TPU's networkEndpoints), got '0'" in done.stderr
     assert [call[3] for call in calls] == ["describe"]
+
+
+# Records srun's arguments (NUL-separated) and the JAX_LOCAL_DEVICE_IDS its tasks would
+# get, then exits with $SRUN_EXIT.
+SRUN_STAND_IN = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$CALLS/srun_args"
+printf '%s' "${JAX_LOCAL_DEVICE_IDS-unset}" > "$CALLS/local_device_ids"
+exit "$SRUN_EXIT"
+"""
+
+SLURM_ARGS = ["configs/tokenizer.py:seed1,gpu8x8", "/ckpt/seed1"]
+
+
+def _launch_slurm(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """Runs slurm_gpu.sbatch as the batch step (srun a stand-in). Returns its result,
+    srun's arguments and the JAX_LOCAL_DEVICE_IDS srun passed on ('unset' if none)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    for folder in (bin_dir, calls):
+        folder.mkdir()
+    (bin_dir / "srun").write_text(SRUN_STAND_IN)
+    (bin_dir / "srun").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "JAX_"))}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), **env_vars)
+    done = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), *SLURM_ARGS], env=env,
+                          capture_output=True, text=True, timeout=60)
+    if not (calls / "srun_args").exists():
+        return done, [], "unset"
+    return (done, (calls / "srun_args").read_text().rstrip("\0").split("\0"),
+            (calls / "local_device_ids").read_text())
+
+
+def _gpus_jax_gives_a_slurm_task(local_device_ids: str) -> str:
+    """The GPUs (`jax_cuda_visible_devices`) that `jax.distributed.initialize()`, called
+    as seed_jax.main calls it, leaves the one task (SLURM_LOCALID 0) of a one-node job
+    whose environment has `local_device_ids` as JAX_LOCAL_DEVICE_IDS ('unset': none)."""
+    with socket.socket() as s:  # a free port for the coordinator JAX starts
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_PORT=str(port), SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost",
+               SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0")
+    if local_device_ids != "unset":
+        env["JAX_LOCAL_DEVICE_IDS"] = local_device_ids
+    code = ("import jax; jax.distributed.initialize(None, None, None); "
+            "print(jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[-1]
+
+
+def test_slurm_one_process_per_node_gets_all_of_the_nodes_gpus(tmp_path):
+    """JAX's SLURM detection gives a process the one GPU of its SLURM_LOCALID: with one
+    task per node, each node trained on its GPU 0 alone (8 of gpu8x8's 64 GPUs)."""
+    done, args, local_device_ids = _launch_slurm(tmp_path, SLURM_GPUS_ON_NODE="8", SRUN_EXIT="0")
+    assert done.returncode == 0, done.stderr
+    assert args == ["--kill-on-bad-exit=1", "python", "-m", "seed_jax.main", f"--config={SLURM_ARGS[0]}",
+                    f"--workdir={SLURM_ARGS[1]}", "--distributed"]
+    assert _gpus_jax_gives_a_slurm_task(local_device_ids) == "0,1,2,3,4,5,6,7"
+
+
+def test_slurm_exits_with_sruns_status(tmp_path):
+    done, _, _ = _launch_slurm(tmp_path, SLURM_GPUS_ON_NODE="8", SRUN_EXIT="3")
+    assert done.returncode == 3
+
+
+def test_slurm_without_gpus_on_node_names_it(tmp_path):
+    done, args, _ = _launch_slurm(tmp_path, SRUN_EXIT="0")
+    assert done.returncode != 0 and not args
+    assert "SLURM_GPUS_ON_NODE unset" in done.stderr

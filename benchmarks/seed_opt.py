@@ -11,8 +11,9 @@ train on both sides: torch has no per-row trainable embedding, so the appended r
 stay frozen here) on (batch, seq) tokens, AdamW, next-token loss over the whole
 extended vocabulary, without dropout (ours is called without a dropout key;
 transformers' default 0.1 is set to 0); ours is the jitted step with donated state, torch runs
-forward + backward + optimizer step. Generation: greedy decoding of `--new_tokens`
-tokens after a `--prompt` token prompt with the KV cache, all `--batch` rows at once
+forward + backward + optimizer step. In float32 both sides' matmuls are float32 (ours
+at "highest" precision, as `SeedOPT`'s generation; GPUs would otherwise round them to
+TF32). Generation: greedy decoding of `--new_tokens` tokens after a `--prompt` token prompt with the KV cache, all `--batch` rows at once
 (ours: one jitted `lax.while_loop`; torch: `generate(do_sample=False)`), timed host
 to host. Each figure is the median of `--iters` calls after a warm-up. On a GPU the
 training MFU counts the step's matmul FLOPs (`benchmarks/flops.py`: forward and activation
@@ -46,6 +47,7 @@ from benchmarks.flops import opt_lora_step_flops, peak_bf16_flops  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from seed_jax import weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
+from seed_jax.api.precision import matmul_precision  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
 SIZES = {  # transformers OPTConfig fields
@@ -84,20 +86,27 @@ def extend_torch_vocabulary(model: OPTForCausalLM, table: np.ndarray) -> None:
         model.model.decoder.embed_tokens.weight.copy_(torch.from_numpy(np.array(table)))
 
 
-def ours_train_step(model, ids):
-    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    tx = optax.adamw(1e-4)
-
+def lora_train_step(graphdef, frozen, tx, dtype: str):
+    """The jitted step (lora, opt_state, ids (B,S+1)) -> (lora, opt_state, loss), its
+    matmuls at the API's precision for `dtype` (float32: full float32, as torch's
+    default; a GPU would otherwise round their inputs to TF32)."""
     def step(lora, opt_state, ids):
         def loss_fn(lora):
             logits, _ = nnx.merge(graphdef, lora, frozen)(ids[:, :-1])
             return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(lora)
+        with jax.default_matmul_precision(matmul_precision(dtype)):
+            loss, grads = jax.value_and_grad(loss_fn)(lora)
         updates, opt_state = tx.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def ours_train_step(model, ids, dtype: str):
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    tx = optax.adamw(1e-4)
+    jitted = lora_train_step(graphdef, frozen, tx, dtype)
     state = {"lora": lora, "opt": tx.init(lora)}
 
     def run():
@@ -159,7 +168,7 @@ def main():
     # ---- LoRA training step
     model = weights.build("opt", dataclasses.replace(config, lora_rank=16, lora_alpha=32.0), dtype=jnp.dtype(dtype))
     weights.assign(model, {k: v for k, v in weights.flat_params(generator.model).items()})
-    ours_train = median_seconds(ours_train_step(model, jnp.asarray(train_ids)), args.iters)
+    ours_train = median_seconds(ours_train_step(model, jnp.asarray(train_ids), dtype), args.iters)
     trainable = torch_lora(hf, 16, 32.0)
     hf.to(device)
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -90,3 +90,16 @@ def test_encode_flops_count_every_matmul_of_encode():
 def test_peak_flops_tell_the_h100_variants_apart(kind, peak):
     """A substring "H100" gave the PCIe and NVL cards the SXM peak, so their MFU read low."""
     assert flops.peak_bf16_flops(kind) == peak
+
+
+def test_seed_opt_float32_train_step_multiplies_in_float32():
+    """benchmarks/seed_opt.py's LoRA step ran at JAX's default matmul precision (TF32
+    on GPUs) against torch's float32 matmuls; its generation (the API) ran at "highest"."""
+    from benchmarks import seed_opt
+
+    graphdef, lora, frozen = nnx.split(OPT(BASE, rngs=layers.seeded_rngs(0)), nnx.LoRAParam, ...)
+    tx = optax.adamw(1e-4)
+    step = seed_opt.lora_train_step(graphdef, frozen, tx, "float32")
+    text = step.lower(lora, tx.init(lora), jnp.zeros((2, 9), jnp.int32)).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots)

@@ -26,8 +26,10 @@ stop_on_workers() { "${tpu_ssh[@]}" --worker=all --command="pkill -KILL -f 'seed
 
 workers=${WORKERS:-$(count_workers)}
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "expected a positive worker count (WORKERS or the TPU's networkEndpoints), got '$workers'" >&2; exit 2; }
-train="cd ~/seed_jax && pip install -e . && pip install 'jax[tpu]' &&
-  python -m seed_jax.main --config=$config --workdir=$workdir --distributed"
+# The worker's shell parses the command: config and workdir quoted for it (%q), so that
+# each arrives as one argument, whatever spaces or parentheses it holds.
+printf -v train "cd ~/seed_jax && pip install -e . && pip install 'jax[tpu]' &&
+  python -m seed_jax.main --config=%q --workdir=%q --distributed" "$config" "$workdir"
 trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT
 for ((i = 0; i < workers; i++)); do
   "${tpu_ssh[@]}" --worker="$i" --command="$train" &

@@ -112,12 +112,34 @@ esac
 """
 
 TPU_ARGS = ["my-tpu", "zone-b", "configs/tokenizer.py:seed1,tpu_v4_32", "/mnt/shared/run"]
-TRAINING = ("python -m seed_jax.main --config=configs/tokenizer.py:seed1,tpu_v4_32 "
-            "--workdir=/mnt/shared/run --distributed")
 
 
-def _launch_tpu(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, float, list[list[str]]]:
-    """Runs tpu_vm.sh in a session of its own (killed whole if it outlives 60 s).
+def _training_argv(tpu_args: list[str]) -> list[str]:
+    """The arguments the training's `python` gets for tpu_vm.sh's `tpu_args`."""
+    return ["-m", "seed_jax.main", f"--config={tpu_args[2]}", f"--workdir={tpu_args[3]}", "--distributed"]
+
+
+# A worker's stand-ins: `pip` does nothing, `python` writes its arguments (NUL-separated) to $ARGV.
+WORKER_PIP, WORKER_PYTHON = "#!/usr/bin/env bash\n", '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGV"\n'
+
+
+def _python_argv_on_a_worker(command: str, tmp_path) -> list[str]:
+    """The arguments `python` gets when a worker's shell runs `command` (with ~/seed_jax
+    a folder under `tmp_path`, `pip` and `python` stand-ins)."""
+    home, bin_dir, argv = tmp_path / "worker_home", tmp_path / "worker_bin", tmp_path / "worker_argv"
+    (home / "seed_jax").mkdir(parents=True, exist_ok=True)
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("pip", WORKER_PIP), ("python", WORKER_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGV": str(argv)}
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return argv.read_text().rstrip("\0").split("\0")
+
+
+def _launch_tpu(tmp_path, tpu_args=TPU_ARGS, **env_vars) -> tuple[subprocess.CompletedProcess, float, list[list[str]]]:
+    """Runs tpu_vm.sh with `tpu_args` in a session of its own (killed whole if it outlives 60 s).
     Returns its result, its seconds and the stand-in gcloud's calls (argument lists) in order."""
     bin_dir, calls, pids = tmp_path / "bin", tmp_path / "calls", tmp_path / "pids"
     for folder in (bin_dir, calls, pids):
@@ -127,7 +149,7 @@ def _launch_tpu(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, floa
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "PIDS": str(pids),
            **env_vars}
     start = time.perf_counter()
-    process = subprocess.Popen(["bash", os.path.join(LAUNCH, "tpu_vm.sh"), *TPU_ARGS], env=env,
+    process = subprocess.Popen(["bash", os.path.join(LAUNCH, "tpu_vm.sh"), *tpu_args], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=60)
@@ -158,7 +180,8 @@ def test_tpu_vm_one_failed_worker_stops_the_others_on_the_workers(tmp_path):
     commands = _worker_calls(calls)
     assert set(commands) == {"0", "1", "2", "all"}  # one ssh per worker, then the stop on all
     for worker in "012":
-        assert "pip install -e ." in commands[worker] and TRAINING in commands[worker]
+        assert "pip install -e ." in commands[worker]
+        assert _python_argv_on_a_worker(commands[worker], tmp_path) == _training_argv(TPU_ARGS)
     remote = [int((tmp_path / "pids" / f"remote-{i}").read_text()) for i in (0, 2)]
     time.sleep(0.5)
     assert not any(_running(pid) for pid in remote)  # stopped on the "workers", despite ignoring SIGTERM
@@ -170,6 +193,15 @@ def test_tpu_vm_workers_that_all_succeed_exit_0(tmp_path):
     assert done.returncode == 0, done.stderr
     assert [call[3] for call in calls] == ["ssh", "ssh"]  # WORKERS set: no describe; no stop
     assert set(_worker_calls(calls)) == {"0", "1"}
+
+
+def test_tpu_vm_workers_get_the_config_and_workdir_as_given(tmp_path):
+    """They went into the workers' command unquoted: a workdir with a space or a
+    parenthesis split into several arguments, or did not parse at all."""
+    tpu_args = [*TPU_ARGS[:3], "/mnt/shared/seed1 (run 2)"]
+    done, _, calls = _launch_tpu(tmp_path, tpu_args, WORKERS="1", EXIT_0="0", WAITING="")
+    assert done.returncode == 0, done.stderr
+    assert _python_argv_on_a_worker(_worker_calls(calls)["0"], tmp_path) == _training_argv(tpu_args)
 
 
 def test_tpu_vm_without_endpoints_names_the_worker_count(tmp_path):

@@ -29,6 +29,9 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT, os.path.join(_ROOT, "tests")] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+# JAX and torch share the GPU here: JAX's default, taking 75% of its memory up front,
+# would leave torch a quarter of it. Both now allocate as they go.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

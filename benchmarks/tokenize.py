@@ -21,6 +21,9 @@ import sys
 # folder first on sys.path: take the folder off, put the repository root on.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+# JAX and torch share the GPU here: JAX's default, taking 75% of its memory up front,
+# would leave torch a quarter of it. Both now allocate as they go.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402

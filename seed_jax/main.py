@@ -35,7 +35,9 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:  # e.g. a workdir given without --workdir=, which would train into the default one
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a flag (--workdir=DIR, "
+                             "--config.KEY=VALUE)")
     logging.get_absl_handler().addFilter(_quiet_libraries)
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

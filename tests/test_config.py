@@ -1,5 +1,9 @@
 """configs/tokenizer.py presets and their model configs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from configs.tokenizer import get_config
@@ -52,3 +56,13 @@ def test_config_files_load_by_path_and_name_a_missing_one(repo_root, tmp_path):
     assert config.preset == "tiny" and config.tokenizer.preset == "tiny"  # its tokenizer config, loaded as a sibling
     with pytest.raises(FileNotFoundError, match="nope.py"):
         config_files.load(str(tmp_path / "nope.py"))
+
+
+def test_a_stray_argument_to_main_is_refused_naming_it(repo_root, tmp_path):
+    """`python -m seed_jax.main --config=... workdirs/mine` dropped the path and trained
+    into the default workdir."""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
+                             "workdirs/mine"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": repo_root},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unexpected arguments ['workdirs/mine']: every setting is a flag" in result.stderr

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from seed_jax import parallel, weights
+from seed_jax import command_line, parallel, weights
 from seed_jax.trainers import checkpointing
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -65,7 +65,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
     if not workdir or not out:
         raise app.UsageError("--workdir and --out are required")

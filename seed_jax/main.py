@@ -8,7 +8,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from seed_jax import config_files
+from seed_jax import command_line, config_files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tokenizer.py:demo.",
                                           lock_config=True)
@@ -35,9 +35,7 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv):
-    if len(argv) > 1:  # e.g. a workdir given without --workdir=, which would train into the default one
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a flag (--workdir=DIR, "
-                             "--config.KEY=VALUE)")
+    command_line.refuse_positional_arguments(argv)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -58,11 +58,19 @@ def test_config_files_load_by_path_and_name_a_missing_one(repo_root, tmp_path):
         config_files.load(str(tmp_path / "nope.py"))
 
 
-def test_a_stray_argument_to_main_is_refused_naming_it(repo_root, tmp_path):
+@pytest.mark.parametrize("module, flags", [
+    ("seed_jax.main", ["--config={repo_root}/configs/tokenizer.py:tiny"]),
+    ("seed_jax.export", []),
+    ("seed_jax.evaluators.caption_codes", ["--export=E", "--codes_dir=C"]),
+    ("seed_jax.evaluators.caption_swaps", ["--tokenizer_workdir=T"]),
+    ("seed_jax.evaluators.feature_probe", ["--tokenizer_workdir=T"]),
+    ("seed_jax.evaluators.query_redundancy", ["--export=E", "--data_dir=D"]),
+    ("seed_jax.evaluators.vit_from_labels", ["--tokenizer_workdir=T"])])
+def test_a_stray_argument_is_refused_naming_it(module, flags, repo_root, tmp_path):
     """`python -m seed_jax.main --config=... workdirs/mine` dropped the path and trained
-    into the default workdir."""
-    result = subprocess.run([sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
-                             "workdirs/mine"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": repo_root},
-                            capture_output=True, text=True, timeout=300)
+    into the default workdir; every command line now refuses arguments that are not flags."""
+    flags = [flag.format(repo_root=repo_root) for flag in flags]
+    result = subprocess.run([sys.executable, "-m", module, *flags, "workdirs/mine"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "unexpected arguments ['workdirs/mine']: every setting is a flag" in result.stderr

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from seed_jax import api
+from seed_jax import api, command_line
 from seed_jax.data import pipeline, records, sequences
 from seed_jax.evaluators import shapes_captions
 from seed_jax.evaluators.retrieval import groups_in_order
@@ -88,7 +88,7 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     scores = score_split(api.SeedOPT.load(FLAGS.export), FLAGS.codes_dir, FLAGS.split,
                          num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)

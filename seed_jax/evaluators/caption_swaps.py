@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from seed_jax import command_line
 from seed_jax.data import records, synthetic
 from seed_jax.evaluators import feature_probe
 from seed_jax.trainers import tokenizer as tokenizer_trainer
@@ -101,7 +102,7 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     scores = score_run(FLAGS.tokenizer_workdir, num_examples=FLAGS.num_examples, split=FLAGS.split)
     json.dump(scores, sys.stdout, indent=1)
     print()

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from seed_jax import api
+from seed_jax import api, command_line
 from seed_jax.data import preprocess, records, synthetic
 from seed_jax.evaluators import shapes_captions
 from seed_jax.trainers import tokenizer as tokenizer_trainer
@@ -219,7 +219,7 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     allowed = [name for name in api.INTERMEDIATES if name != "codes"]
     unknown = sorted(set(FLAGS.intermediates) - set(allowed))
     if unknown:

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from seed_jax import api
+from seed_jax import api, command_line
 from seed_jax.data import records
 from seed_jax.evaluators import feature_probe
 
@@ -78,7 +78,7 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     result = measure(FLAGS.export, FLAGS.data_dir, FLAGS.prefix, FLAGS.num_examples)
     print(f"{result['num_examples']} images")
     print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))

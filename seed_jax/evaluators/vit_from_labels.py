@@ -23,6 +23,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from seed_jax import command_line
 from seed_jax.data import records
 from seed_jax.evaluators import feature_probe
 from seed_jax.models.vit import VisionTransformer, ViTConfig
@@ -91,7 +92,7 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
+    command_line.refuse_positional_arguments(argv)
     for name in ("steps", "batch_size"):
         if getattr(FLAGS, name) < 1:
             raise ValueError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")

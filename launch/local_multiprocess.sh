@@ -7,7 +7,11 @@
 # with the failed process's status. Only processes still running are signalled: the
 # ids of those already waited for may belong to other processes by then.
 set -euo pipefail
-n=${1:-2}; shift || true
+n=2
+if [[ $# -gt 0 && $1 != -* ]]; then  # a process count first, else flags alone
+  [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "expected a process count N >= 1 before the flags, got '$1'" >&2; exit 2; }
+  n=$1; shift
+fi
 port=${PORT:-12355}
 workdir=${WORKDIR:-workdirs/tokenizer_multiprocess}
 trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT

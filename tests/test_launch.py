@@ -32,7 +32,8 @@ exec sleep 600
 LOGGED_KILL = 'kill() { echo "$*" >> "$KILL_LOG"; builtin kill "$@"; }\n'
 
 
-def _launch(tmp_path, n: int, **exit_statuses) -> tuple[subprocess.CompletedProcess, float]:
+def _launch(tmp_path, n: int | str | None, *flags: str, **exit_statuses) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs the script with `n` (None: none given) and `flags`; (its result, seconds)."""
     bin_dir, pids = tmp_path / "bin", tmp_path / "pids"
     bin_dir.mkdir()
     pids.mkdir()
@@ -42,7 +43,8 @@ def _launch(tmp_path, n: int, **exit_statuses) -> tuple[subprocess.CompletedProc
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PIDS": str(pids), **exit_statuses,
            "BASH_ENV": str(tmp_path / "logged_kill.sh"), "KILL_LOG": str(tmp_path / "kill.log")}
     start = time.perf_counter()
-    done = subprocess.run(["bash", SCRIPT, str(n)], env=env, capture_output=True, text=True, timeout=60)
+    count = [] if n is None else [str(n)]
+    done = subprocess.run(["bash", SCRIPT, *count, *flags], env=env, capture_output=True, text=True, timeout=60)
     return done, time.perf_counter() - start
 
 
@@ -79,6 +81,19 @@ def test_processes_that_all_succeed_exit_0(tmp_path):
     done, _ = _launch(tmp_path, 2, EXIT_0="0", EXIT_1="0")
     assert done.returncode == 0, done.stderr
     assert not _signalled(tmp_path)  # every process was waited for: their ids may be others' by now
+
+
+def test_flags_without_a_process_count_start_two_processes(tmp_path):
+    """Flags given first were read as the process count: bash failed on the arithmetic."""
+    done, _ = _launch(tmp_path, None, "--config.stage1.num_steps=5", EXIT_0="0", EXIT_1="0")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "pids")) == ["0", "1"]
+
+
+def test_a_first_argument_neither_a_count_nor_a_flag_is_named(tmp_path):
+    done, _ = _launch(tmp_path, "two")
+    assert done.returncode == 2
+    assert "expected a process count N >= 1 before the flags, got 'two'" in done.stderr
 
 
 # Writes its arguments (NUL-separated) to a file of its own under $CALLS, then simulates:

@@ -506,6 +506,15 @@ def test_an_out_that_cannot_be_a_folder_fails_naming_it(tmp_path, capsys, out):
     assert re.search(r"--out: .*notes.txt.* a file", capsys.readouterr().err)
 
 
+def test_an_out_that_is_a_link_to_nothing_fails_naming_it(tmp_path, capsys):
+    """A dangling symlink as --out (makedirs cannot replace it) said only "error: 17"."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _sidecar_folder(folder, 1)
+    os.symlink(tmp_path / "gone", out)
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 1
+    assert re.search(r"--out: .*out.* a link to the missing .*gone", capsys.readouterr().err)
+
+
 def test_existing_shards_are_refused_unless_overwrite(tmp_path, capsys):
     folder, out = tmp_path / "images", tmp_path / "out"
     _sidecar_folder(folder, 3)

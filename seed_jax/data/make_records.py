@@ -106,12 +106,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_out(out: str) -> None:
-    """Raises NotADirectoryError naming --out when it, or a folder above it, is a file."""
+    """Raises NotADirectoryError naming --out when it, or a folder above it, is a file
+    or a link to nothing (which makedirs cannot replace)."""
     path = os.path.abspath(out)
-    while not os.path.exists(path):
+    while not os.path.lexists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
-        raise NotADirectoryError(f"--out: {out!r} cannot be a folder: {path!r} is a file")
+        what = f"a link to the missing {os.readlink(path)!r}" if os.path.islink(path) else "a file"
+        raise NotADirectoryError(f"--out: {out!r} cannot be a folder: {path!r} is {what}")
 
 
 def split_names(splits: str | None) -> tuple[str, ...]:

@@ -515,6 +515,17 @@ def test_an_out_that_is_a_link_to_nothing_fails_naming_it(tmp_path, capsys):
     assert re.search(r"--out: .*out.* a link to the missing .*gone", capsys.readouterr().err)
 
 
+def test_a_system_error_is_said_whole_not_as_its_errno(tmp_path, capsys, monkeypatch):
+    """main printed args[0] of the errors it caught: for an OSError from the system, its
+    errno ("error: 13"); a PermissionError was not caught at all (a traceback)."""
+    def refused(argv):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(make_records, "make_records", refused)
+    assert _run("--source=folder") == 1
+    assert re.search(r"error: .*Permission denied: .*out", capsys.readouterr().err)
+
+
 def test_existing_shards_are_refused_unless_overwrite(tmp_path, capsys):
     folder, out = tmp_path / "images", tmp_path / "out"
     _sidecar_folder(folder, 3)

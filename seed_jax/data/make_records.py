@@ -206,11 +206,20 @@ def summary_path(directory: str, prefix: str) -> str:
     return os.path.join(directory, f"{prefix}.summary.json")
 
 
+def error_message(error: Exception) -> str:
+    """What `main` prints for `error`: its message (args[0]: str() of a KeyError adds
+    quotes), but the whole str() of an OSError from the system, whose args[0] is its
+    errno ("[Errno 13] Permission denied: 'out'", not "13")."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return str(error)
+    return error.args[0] if error.args else str(error)
+
+
 def main(argv=None) -> int:
     try:
         summary = make_records(sys.argv[1:] if argv is None else argv)
-    except (KeyError, ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    except (KeyError, ValueError, ImportError, OSError) as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 1
     skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items() if n) or "none"
     print(f"wrote {summary['records']} records of {summary['images']} images "

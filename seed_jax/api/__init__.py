@@ -3,8 +3,9 @@
 `StableDiffusion.load(SD_OUT)` then `sample`; `SeedOPT.load(OPT_OUT)` then
 `logits`, `generate`, and with SEED `caption`, `answer`, `generate_image`. Batches of any size run in chunks
 of `batch_size` rows through one compiled program per chunk size (the last chunk is
-padded; SeedOPT's also per decoding options and per length of its ids rounded up to a
-multiple of 16), their results come back to host memory chunk by chunk as numpy
+padded; a batch below `batch_size` runs padded to the next power of two rows, so a few
+programs serve every batch size; SeedOPT's also per decoding options and per length of
+its ids rounded up to a multiple of 16), their results come back to host memory chunk by chunk as numpy
 arrays, and inputs are checked before anything runs.
 
     tokenizer = SeedTokenizer.load("exports/seed_v1", diffusion="exports/sd_v1_4")

@@ -14,7 +14,7 @@ setup(
         "jax>=0.7",
         "flax>=0.12",
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.11.14",  # PyTreeRestore(partial_restore=): exports read parameters alone
         "grain>=0.2.12",
         "array-record>=0.8",
         "ml-collections>=1.0",

@@ -96,6 +96,9 @@ def _base():
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
     c.label_smoothing = 0.1
+    # Stage I's contrastive gradient: "global" (of the global batch's loss) or "lavis" (the
+    # gathered features detached, as SEED's distributed training; see contrastive_loss).
+    c.itc_gradient = "global"
     c.loss_weights = ml_collections.ConfigDict(dict(vq=5.0, recon=2.0, distill=0.5))
     c.eval = ml_collections.ConfigDict(dict(num_examples=5000, batch_size=256))
     c.init = ml_collections.ConfigDict(dict(qformer="", clip_text="", stage1=""))

@@ -787,6 +787,15 @@ def test_shard_folders_given_to_the_shapes_world_fail_naming_them():
         trainer.check_config(config)
 
 
+def test_an_unknown_contrastive_gradient_fails_naming_it():
+    config = get_config("tiny")
+    config.itc_gradient = "local"
+    with pytest.raises(ValueError, match=r"itc_gradient: expected one of \('global', 'lavis'\), got 'local'"):
+        trainer.check_config(config)
+    config.itc_gradient = "lavis"
+    trainer.check_config(config)
+
+
 def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tmp_path):
     """seed1 leaves stage2.restart_until at 0.0: turning restarts on with
     --config.stage2.restart_unused_codes_every alone restarted no code, silently."""

@@ -41,24 +41,39 @@ class TrainModel(nnx.Module):
         self.clip_text = CLIPTextEncoder(clip_text, dtype=dtype, rngs=rngs)
 
 
-def contrastive_loss(image_features, text_features, temperature, label_smoothing):
-    """Symmetric InfoNCE over the (global) batch with label smoothing; (B,F) each."""
-    logits = image_features @ text_features.T / temperature
-    labels = optax.smooth_labels(jnp.eye(logits.shape[0]), label_smoothing)
-    loss = (optax.softmax_cross_entropy(logits, labels).mean()
-            + optax.softmax_cross_entropy(logits.T, labels).mean()) / 2
-    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+ITC_GRADIENTS = ("global", "lavis")
+
+
+def contrastive_loss(image_features, text_features, temperature, label_smoothing, gradient: str = "global"):
+    """Symmetric InfoNCE over the (global) batch with label smoothing; (B,F) each.
+    `gradient` "global": the gradient of this loss. "lavis": LAVIS's (SEED's stage I under
+    torch.distributed, which SEED trained with): the features gathered from every device
+    carry no gradient, so image->text logits reach the image features alone and
+    text->image logits the text features alone; the same loss value, and the same
+    temperature gradient."""
+    if gradient not in ITC_GRADIENTS:
+        raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {gradient!r}")
+    if gradient == "global":
+        image_to_text = image_features @ text_features.T / temperature
+        text_to_image = image_to_text.T
+    else:
+        image_to_text = image_features @ jax.lax.stop_gradient(text_features).T / temperature
+        text_to_image = text_features @ jax.lax.stop_gradient(image_features).T / temperature
+    labels = optax.smooth_labels(jnp.eye(image_to_text.shape[0]), label_smoothing)
+    loss = (optax.softmax_cross_entropy(image_to_text, labels).mean()
+            + optax.softmax_cross_entropy(text_to_image, labels).mean()) / 2
+    accuracy = jnp.mean(jnp.argmax(image_to_text, axis=1) == jnp.arange(image_to_text.shape[0]))
     return loss, accuracy
 
 
-def stage1_loss(label_smoothing: float):
+def stage1_loss(label_smoothing: float, itc_gradient: str = "global"):
     def loss_fn(model: TrainModel, batch, rng):
         r_image, r_text = jax.random.split(rng)
         tok = model.tokenizer
         causal = tok.causal_embeddings(batch["image"], rng=r_image)
         loss, accuracy = contrastive_loss(tok.image_features(causal),
                                           tok.text_features(batch["text_ids"], batch["text_mask"], rng=r_text),
-                                          tok.temp[...], label_smoothing)
+                                          tok.temp[...], label_smoothing, itc_gradient)
         return loss, ({"itc_loss": loss, "itc_accuracy": accuracy, "temperature": tok.temp[...]}, {})
 
     return loss_fn
@@ -125,7 +140,7 @@ def stage_batch_size(config, name: str) -> int:
 def stage_functions(config, name: str) -> tuple:
     """(loss_fn, post_update or None) of stage `name` ("stage1" or "stage2") for `loop.run_stage`."""
     if name == "stage1":
-        return stage1_loss(config.label_smoothing), clamp_temperature
+        return stage1_loss(config.label_smoothing, config.itc_gradient), clamp_temperature
     if name != "stage2":
         raise ValueError(f"stage: expected 'stage1' or 'stage2', got {name!r}")
     restart = config.stage2.restart_unused_codes_every
@@ -148,13 +163,15 @@ def batch_sizes(config) -> dict[str, int]:
 
 def check_config(config) -> None:
     """Raises, naming the fields, for settings that cannot run, before the data is made:
-    an unknown `dtype`, the loop's intervals and `keep_checkpoints`, a batch size that does
+    an unknown `dtype` or `itc_gradient`, the loop's intervals and `keep_checkpoints`, a batch size that does
     not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
     shard folders are read only with `data.source='array_record'` (`check_data_source`)."""
     layers.compute_dtype(config.dtype)
+    if config.itc_gradient not in ITC_GRADIENTS:
+        raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
     check_data_source(config.data)
     loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every

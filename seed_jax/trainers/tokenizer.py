@@ -257,9 +257,9 @@ class Evaluator:
     are 5 records): `image_batches` hold those records, `caption_batches` every record's
     caption, `captions` / `images` each record's caption and `records.image_id` (see
     `eval_inputs`). Every record is then scored with its image's features, as when each
-    record's image was encoded: the metrics are those of all records. (Where the image of
-    an image's first readable record does not decode, all its captions are left out, not
-    that record's alone.)"""
+    record's image was encoded: the metrics are those of all records, but codebook usage,
+    which counts each image's codes once. (Where the image of an image's first readable
+    record does not decode, all its captions are left out, not that record's alone.)"""
 
     def __init__(self, model: TrainModel, image_batches, caption_batches, captions, images, mesh, rules):
         self.image_batches, self.caption_batches = image_batches, caption_batches
@@ -322,8 +322,8 @@ class Evaluator:
         if with_codes:
             metrics.update({f"retrieval_codes/{k}": v for k, v in
                             recall_at_k(image["image_from_codes"][rows], texts, captions, images=images).items()})
-            metrics.update({f"codebook/{k}": v for k, v in
-                            codebook_usage(image["codes"][rows], self.num_codes).items()})
+            metrics.update({f"codebook/{k}": v for k, v in  # each image's codes once, however many captions
+                            codebook_usage(image["codes"][np.unique(rows)], self.num_codes).items()})
         metrics["num_examples"] = float(len(index))
         logging.info("%s eval at step %d: %s", stage, step,
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "r1" in k or "codebook" in k))

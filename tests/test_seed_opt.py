@@ -94,14 +94,16 @@ def test_packed_rows_give_the_logits_of_separate_sequences():
     assert not np.allclose(unpacked[:, 7:12], packed[:, 7:12], atol=1e-3)
 
 
-def _write_code_records(path, rows, corrupt=0):
+def _write_records(path, raws) -> str:
     writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    for record_id, caption, codes in rows:
-        writer.write(code_records.encode_code_record(record_id, caption, codes))
-    for _ in range(corrupt):
-        writer.write(b"\x00not json")
+    for raw in raws:
+        writer.write(raw)
     writer.close()
     return str(path)
+
+
+def _write_code_records(path, rows, corrupt=0):
+    return _write_records(path, [code_records.encode_code_record(*row) for row in rows] + [b"\x00not json"] * corrupt)
 
 
 def test_packed_pipeline_rows_rebuild_the_sequences_and_count_skipped_records(builder, tmp_path):
@@ -160,16 +162,13 @@ def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tm
     assert example(code_records.encode_code_record(*good), rng) is not None
     assert [example(raw, rng) for raw in (short, booleans, b"\x00")] == [None] * 3
     assert skipped.count == 3
-    path = tmp_path / "eval-00000-of-00001.array_record"
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    for raw in (short, booleans, code_records.encode_code_record(*good)):
-        writer.write(raw)
-    writer.close()
+    path = _write_records(tmp_path / "eval-00000-of-00001.array_record",
+                          [short, booleans, code_records.encode_code_record(*good)])
     skipped = pipeline.SkipCounter()
-    assert [r["id"] for r in sequences.read_code_records([str(path)], 1, skipped)] == ["good"]
+    assert [r["id"] for r in sequences.read_code_records([path], 1, skipped)] == ["good"]
     assert skipped.count == 2
     skipped = pipeline.SkipCounter()
-    every = sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped)
+    every = sequences.read_code_records([path], pipeline.ALL_RECORDS, skipped)
     assert [r["id"] for r in every] == ["good"] and skipped.count == 2
     with pytest.raises(ValueError, match=r"num_examples: expected at least 1 \(-1: all\), got 0"):
         sequences.read_code_records([str(path)], 0, skipped)
@@ -183,13 +182,10 @@ def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_r
     beyond = code_records.encode_code_record("beyond", "a big blue circle", np.arange(32) + 40)  # 40..71, of 64
     skipped = pipeline.SkipCounter()
     assert sequences.CodeExample(builder, 0.0, 128, 80, skipped)(beyond, rng) is None and skipped.count == 1
-    path = tmp_path / "eval-00000-of-00001.array_record"
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    for raw in (beyond, code_records.encode_code_record("good", "a small red star", np.arange(32))):
-        writer.write(raw)
-    writer.close()
+    path = _write_records(tmp_path / "eval-00000-of-00001.array_record",
+                          [beyond, code_records.encode_code_record("good", "a small red star", np.arange(32))])
     skipped = pipeline.SkipCounter()
-    read = sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped, num_codes=64)
+    read = sequences.read_code_records([path], pipeline.ALL_RECORDS, skipped, num_codes=64)
     assert [r["id"] for r in read] == ["good"] and skipped.count == 1
     builder.caption_prompt(read[0]["codes"])  # what the evaluation builds from each record
     with pytest.raises(ValueError, match=r"code record 'beyond': codes up to 71, the codebook has 64"):
@@ -209,13 +205,10 @@ def test_a_code_record_that_breaks_its_readers_is_skipped_and_counted(builder, t
     skipped = pipeline.SkipCounter()
     assert sequences.CodeExample(builder, 0.0, 128, 80, skipped)(raw, np.random.default_rng(0)) is None
     assert skipped.count == 1
-    path = tmp_path / "eval-00000-of-00001.array_record"
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    for record in (raw, code_records.encode_code_record("good", "a small red star", np.arange(32))):
-        writer.write(record)
-    writer.close()
+    path = _write_records(tmp_path / "eval-00000-of-00001.array_record",
+                          [raw, code_records.encode_code_record("good", "a small red star", np.arange(32))])
     skipped = pipeline.SkipCounter()
-    assert [r["id"] for r in sequences.read_code_records([str(path)], pipeline.ALL_RECORDS, skipped)] == ["good"]
+    assert [r["id"] for r in sequences.read_code_records([path], pipeline.ALL_RECORDS, skipped)] == ["good"]
     assert skipped.count == 1
 
 

@@ -32,6 +32,9 @@ from seed_jax.trainers import tokenizer as tokenizer_trainer
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
 # `tokenizer_workdir`: the run whose frozen CLIP text encoder conditions the UNet.
 RUN_DEFINING = ("trainer", "seed", "unet", "pixel_patch", "schedule", "train.trainable", "tokenizer_workdir")
+# The UNet alone: the CLIP text encoder is the tokenizer run's (its reverse Q-Former distils
+# into that space), and the loss passes it no gradient.
+TRAINABLE = ("unet",)
 
 
 def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids: np.ndarray):
@@ -138,7 +141,7 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`dtype`, the loop's intervals and `keep_checkpoints`, `uncond_probability`, the
+    """`dtype`, the loop's intervals and `keep_checkpoints`, `train.trainable`, `uncond_probability`, the
     evaluation's options (first used at the end of training) and `train.batch_size` (it
     must split over the mesh's batch axes): checked before training (and before the
     tokenizer it needs is trained), naming the config key."""
@@ -147,6 +150,9 @@ def check_options(config) -> None:
     if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction) or {pipeline.ALL_RECORDS} (all), got {config.eval.num_examples}")
+    if tuple(config.train.trainable) != TRAINABLE:  # the text encoder gets no gradient: it would only decay
+        raise ValueError(f"train.trainable: expected {TRAINABLE} (the CLIP text encoder stays the tokenizer "
+                         f"run's, frozen), got {tuple(config.train.trainable)}")
     if not 0.0 <= config.uncond_probability <= 1.0:  # bernoulli would clip it silently
         raise ValueError(f"uncond_probability: expected a probability in [0, 1], got {config.uncond_probability}")
     e = config.eval

@@ -259,7 +259,8 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted,
                                         ("uncond_probability", -0.1), ("dtype", "bf16"), ("eval.batch_size", 0),
                                         ("keep_checkpoints", 0), ("eval_every_steps", -1),
                                         ("train.batch_size", 12), ("train.trainable", ("unet", "text_encoder")),
-                                        ("train.trainable", ())])
+                                        ("train.trainable", ()), ("eval.grid_examples", 0),
+                                        ("eval.grid_examples", -1)])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
@@ -270,7 +271,8 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     settings (`keep_checkpoints` 0 kept no checkpoint; an interval of 0 failed at the
     first step; `eval_every_steps` 0 is now AT_STAGE_END), as is a `train.batch_size` that does not split over the mesh's 8 devices
     (each computed the whole batch), and a `train.trainable` other than the UNet (the loss stops the text encoder's
-    gradient: naming it trained nothing there, and weight_decay > 0 shrank it; () trained nothing)."""
+    gradient: naming it trained nothing there, and weight_decay > 0 shrank it; () trained nothing) and an
+    `eval.grid_examples` below 1 (samples.png was a blank 2-pixel strip for 0, short of its last columns below)."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):

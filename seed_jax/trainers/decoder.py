@@ -158,6 +158,8 @@ def check_options(config) -> None:
     e = config.eval
     if e.batch_size < 1:  # else the evaluator, built once the tokenizer is trained, says "batch_size: ..."
         raise ValueError(f"eval.batch_size: expected >= 1, got {e.batch_size}")
+    if e.grid_examples < 1:  # else samples.png is a blank strip (0) or short of its last columns (< 0)
+        raise ValueError(f"eval.grid_examples: expected >= 1, got {e.grid_examples}")
     if not np.isfinite(e.guidance_scale):
         raise ValueError(f"eval.guidance_scale: expected a finite number, got {e.guidance_scale}")
     schedule = NoiseSchedule(**config.schedule.to_dict())

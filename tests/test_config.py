@@ -35,6 +35,23 @@ def test_seed1_matches_the_paper_recipe():
     assert dict(c.mesh) == {"data": 8, "fsdp": 8, "tensor": 1}
 
 
+def test_seed1_trains_at_seeds_global_batches():
+    """SEED's scripts ran 8 nodes x 8 GPUs at 64 (stage I) and 256 (stage II) rows per GPU."""
+    from seed_jax.trainers.tokenizer import stage_batch_size
+
+    c = get_config("seed1,gpu8x8")
+    assert (stage_batch_size(c, "stage1"), stage_batch_size(c, "stage2")) == (64 * 64, 64 * 256)
+    assert (c.stage1.steps_per_epoch, c.stage1.num_epochs, c.stage1.num_steps) == (5000, 10, 50_000)
+    assert (c.stage2.steps_per_epoch, c.stage2.num_epochs) == (5000, 500)
+
+
+def test_seed1_cleans_captions_as_lavis_and_the_demos_do_not():
+    """seed1 runs every caption through LAVIS's blip_caption, as SEED's training did; the
+    demo and tiny presets keep their captions as written (their figures were measured so)."""
+    assert get_config("seed1").data.caption_processor == "blip_caption"
+    assert get_config("demo").data.caption_processor == get_config("tiny").data.caption_processor == "none"
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="bogus"):
         get_config("demo,bogus")

@@ -261,3 +261,31 @@ def test_reading_an_eval_splits_labels_holds_one_record_at_a_time(tmp_path):
         tracemalloc.stop()
     assert labels == [(f"caption {i}", f"image{i // 4}") for i in range(count)]
     assert peak < 6 * size  # a record and the copies decoding makes of it; all of them: count * size
+
+
+def test_blip_caption_cleans_as_lavis_does():
+    """LAVIS's `blip_caption` (SEED's text processor): lower case, .!"()*#:;~ as spaces,
+    runs of whitespace one space, the ends stripped, the first 50 words kept."""
+    assert text.blip_caption('  A "Dog" (Running):  FAST!! ~ ok.  ') == "a dog running fast ok"
+    assert text.blip_caption("It's a dog, isn't it? yes") == "it's a dog, isn't it? yes"  # , ' ? are kept
+    long = " ".join(f"w{i}" for i in range(60))
+    assert text.blip_caption(long).split(" ") == [f"w{i}" for i in range(50)]
+    with pytest.raises(ValueError, match="data.caption_processor: expected one of .*'bogus'"):
+        text.caption_processor("bogus")
+
+
+def test_the_caption_processor_runs_before_both_tokenizers(example):
+    """With `process_caption` (seed1: LAVIS's blip_caption) a raw caption gives the
+    Q-Former and CLIP ids of its cleaned form, in training and in the retrieval captions;
+    without it the punctuation and capitals reach the tokenizers."""
+    ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter(),
+                          process_caption=text.blip_caption)
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    raw, cleaned = "A Red Circle: in the centre.", "a red circle in the centre"
+    got, want = ex.finish(pixels, raw, 0), ex.finish(pixels, cleaned, 0)
+    for key in ("text_ids", "text_mask", "clip_ids"):
+        np.testing.assert_array_equal(got[key], want[key])
+    assert not np.array_equal(example.finish(pixels, raw, 0)["text_ids"], want["text_ids"])
+    record = records.encode_record({"image": b"", "caption": raw, "id": "x"})
+    captions = pipeline.CaptionExample(example.text, pipeline.SkipCounter(), text.blip_caption)
+    np.testing.assert_array_equal(captions.eval((0, record))["text_ids"], want["text_ids"])

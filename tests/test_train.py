@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -229,6 +230,49 @@ def test_a_warmup_as_long_as_the_stage_is_warned_about(caplog):
     with caplog.at_level("WARNING"):
         optim.warn_if_warmup_outlasts("stage1", types.SimpleNamespace(**{**vars(stage), "warmup_steps": 49}))
     assert "warmup_steps" not in caplog.text
+
+
+def _lavis_cosine(stage, epoch: int, num_epochs: int) -> float:
+    return stage.end_lr + (stage.lr - stage.end_lr) * 0.5 * (1 + np.cos(np.pi * epoch / num_epochs))
+
+
+def test_seed1_learning_rate_follows_lavis_epochs():
+    """seed1's schedule is LAVIS's linear_warmup_cosine_lr over SEED's 5000-step epochs:
+    warm-up from init_lr over 2000 steps, lr to the end of epoch 0, then each epoch the
+    cosine's value at that epoch (stage I over its 10 epochs, stage II over the 500 its
+    yaml sets). A smooth cosine had decayed before epoch 0 ended and reached end_lr."""
+    config = get_config("seed1")
+    s1, s2 = config.stage1, config.stage2
+    lr1, lr2 = optim.make_schedule(s1), optim.make_schedule(s2)
+    np.testing.assert_allclose([float(lr1(0)), float(lr1(1000))], [s1.init_lr, (s1.init_lr + s1.lr) / 2], rtol=1e-5)
+    np.testing.assert_allclose([float(lr1(2000)), float(lr1(4999))], [s1.lr, s1.lr], rtol=1e-5)
+    for step, epoch in ((5000, 1), (9999, 1), (25_000, 5), (49_999, 9)):
+        np.testing.assert_allclose(float(lr1(step)), _lavis_cosine(s1, epoch, 10), rtol=1e-5)
+    np.testing.assert_allclose(float(lr2(49_999)), _lavis_cosine(s2, 9, 500), rtol=1e-5)
+
+
+def test_a_stage_without_steps_per_epoch_decays_smoothly():
+    """The demo and tiny presets keep the smooth warm-up cosine they were measured with."""
+    for preset in ("demo", "tiny"):
+        stage = get_config(preset).stage1
+        assert stage.steps_per_epoch == 0
+        smooth = optax.warmup_cosine_decay_schedule(stage.init_lr, stage.lr, stage.warmup_steps, stage.num_steps,
+                                                    stage.end_lr)
+        steps = np.arange(stage.num_steps)
+        np.testing.assert_allclose(optim.make_schedule(stage)(steps), smooth(steps), rtol=1e-6)
+    with pytest.raises(ValueError, match="steps_per_epoch: expected >= 0"):
+        optim.make_schedule(types.SimpleNamespace(**{**get_config("tiny").stage1.to_dict(), "steps_per_epoch": -1}))
+
+
+def test_the_trainer_example_cleans_captions_as_config_data_says():
+    """`data.caption_processor` reaches the examples the tokenizer trainer reads."""
+    from seed_jax.data import text
+
+    config = _tiny()
+    tok = text.TextTokenizer(text.grammar_wordpiece(["a", "red"]), 8, 0)
+    assert trainer.make_example(config, tok, tok, pipeline.SkipCounter()).process_caption is str
+    config.data.caption_processor = "blip_caption"
+    assert trainer.make_example(config, tok, tok, pipeline.SkipCounter()).process_caption is text.blip_caption
 
 
 def _fit_line(model, batch, rng):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import grain.experimental
@@ -60,6 +60,7 @@ class Example:
     skipped: SkipCounter
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip: bool = True
+    process_caption: Callable[[str], str] = str  # e.g. `text.blip_caption`, before both tokenizers
 
     def decode(self, raw: bytes):
         try:
@@ -70,6 +71,7 @@ class Example:
             return None, None
 
     def finish(self, pixels: np.ndarray, caption: str, index: int) -> dict:
+        caption = self.process_caption(caption)
         text_ids, text_mask = self.text([caption])
         clip_ids, _ = self.clip_text([caption])
         return {"image": preprocess.normalize(pixels), "text_ids": text_ids[0], "text_mask": text_mask[0],
@@ -100,11 +102,12 @@ class CaptionExample:
     `eval` interface as `Example`."""
     text: TextTokenizer
     skipped: SkipCounter
+    process_caption: Callable[[str], str] = str
 
     def eval(self, item: tuple[int, bytes | None]) -> dict:
         index, raw = item
         caption = None if raw is None else self._caption(raw)
-        text_ids, text_mask = self.text(["" if caption is None else caption])
+        text_ids, text_mask = self.text(["" if caption is None else self.process_caption(caption)])
         return {"text_ids": text_ids[0], "text_mask": text_mask[0],
                 "index": np.int32(-1 if caption is None else index)}
 

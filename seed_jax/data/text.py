@@ -9,13 +9,38 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# LAVIS's `blip_caption` text processor, which SEED's training applies to every caption
+# (SEED_Tokenizer/lavis/processors/blip_processors.py): these characters become spaces,
+# and a caption keeps its first 50 words (the processor's default; SEED's yamls set none).
+BLIP_CAPTION_PUNCTUATION = '.!"()*#:;~'
+BLIP_CAPTION_MAX_WORDS = 50
+CAPTION_PROCESSORS = ("none", "blip_caption")
+
+
+def blip_caption(caption: str, max_words: int = BLIP_CAPTION_MAX_WORDS) -> str:
+    """A caption as LAVIS's `blip_caption` gives it: lower-cased, each character of
+    BLIP_CAPTION_PUNCTUATION a space, runs of 2+ whitespace one space, the ends' spaces
+    stripped, cut to its first `max_words` space-separated words."""
+    spaced = caption.lower().translate({ord(ch): " " for ch in BLIP_CAPTION_PUNCTUATION})
+    words = re.sub(r"\s{2,}", " ", spaced).rstrip("\n").strip(" ").split(" ")
+    return " ".join(words[:max_words])
+
+
+def caption_processor(name: str) -> Callable[[str], str]:
+    """The function `data.caption_processor` names: "none" leaves captions as written."""
+    if name == "none":
+        return str
+    if name == "blip_caption":
+        return blip_caption
+    raise ValueError(f"data.caption_processor: expected one of {CAPTION_PROCESSORS}, got {name!r}")
 
 
 class TextTokenizer:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
 from absl import logging
 from flax import nnx
@@ -21,10 +24,38 @@ def decay_mask(params: nnx.State):
 
 
 def make_schedule(stage) -> optax.Schedule:
-    """Linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`."""
+    """Linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`: smooth, or LAVIS's
+    epoch-wise steps when the stage sets `steps_per_epoch` > 0 (see `epoch_cosine_schedule`)."""
+    steps_per_epoch = getattr(stage, "steps_per_epoch", 0)
+    if steps_per_epoch < 0:
+        raise ValueError(f"steps_per_epoch: expected >= 0 (0 = a smooth cosine), got {steps_per_epoch}")
+    if steps_per_epoch:
+        return epoch_cosine_schedule(stage, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         init_value=stage.init_lr, peak_value=stage.lr, warmup_steps=stage.warmup_steps,
         decay_steps=max(stage.num_steps, stage.warmup_steps + 1), end_value=stage.end_lr)
+
+
+def epoch_cosine_schedule(stage, steps_per_epoch: int) -> optax.Schedule:
+    """LAVIS's `linear_warmup_cosine_lr` over epochs of `steps_per_epoch` steps (SEED's
+    runner fixes 5000) and E = `stage.num_epochs` epochs (LAVIS's max_epoch; 0 or absent:
+    ceil(num_steps / steps_per_epoch)): in epoch 0 a linear warm-up from `init_lr` over
+    `warmup_steps`, then `lr` to the epoch's end; in epoch e >= 1 the cosine's value at e,
+    end_lr + (lr - end_lr)(1 + cos(pi e / E)) / 2, for the whole epoch (so the last epoch
+    stays above `end_lr`)."""
+    num_epochs = getattr(stage, "num_epochs", 0)
+    if num_epochs < 0:
+        raise ValueError(f"num_epochs: expected >= 0 (0 = ceil(num_steps / steps_per_epoch)), got {num_epochs}")
+    num_epochs = num_epochs or max(1, math.ceil(stage.num_steps / steps_per_epoch))
+    warmup = max(stage.warmup_steps, 1)
+
+    def schedule(count):
+        epoch = count // steps_per_epoch
+        warming = jnp.minimum(stage.lr, stage.init_lr + (stage.lr - stage.init_lr) * count / warmup)
+        cosine = stage.end_lr + (stage.lr - stage.end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / num_epochs))
+        return jnp.where(epoch == 0, warming, cosine)
+
+    return schedule
 
 
 def make_optimizer(stage) -> optax.GradientTransformation:

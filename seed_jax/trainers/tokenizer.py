@@ -29,7 +29,7 @@ from seed_jax.trainers import warm_start as warm_start_lib
 # `init`: the exports the frozen parameters (ViT, CLIP text encoder) are read from, in
 # training and when an export or a later trainer rebuilds the model from config.json.
 RUN_DEFINING = ("trainer", "seed", "model", "clip_text", "init", "data.tokenizer", "data.max_text_length",
-                "data.synthetic", "stage1.trainable", "stage2.trainable")
+                "data.caption_processor", "data.synthetic", "stage1.trainable", "stage2.trainable")
 
 
 class TrainModel(nnx.Module):
@@ -343,12 +343,21 @@ def eval_inputs(paths, example: pipeline.Example, config) -> tuple:
                          "(eval.num_examples)")
     batches = dict(global_batch_size=e.batch_size, num_threads=config.data.num_threads)
     return (pipeline.eval_batches(paths, example, num_examples=e.num_examples, record_indices=encoded, **batches),
-            pipeline.eval_batches(paths, pipeline.CaptionExample(example.text, example.skipped),
+            pipeline.eval_batches(paths, pipeline.CaptionExample(example.text, example.skipped,
+                                                                 example.process_caption),
                                   num_examples=e.num_examples, **batches),
             captions, images)
 
 
 # ---------------------------------------------------------------- driver
+def make_example(config, qformer_text: text.TextTokenizer, clip_text: text.TextTokenizer,
+                 skipped: pipeline.SkipCounter) -> pipeline.Example:
+    """The `pipeline.Example` of `config.data`: its crop, flip and caption processor."""
+    d = config.data
+    return pipeline.Example(config.model.vit.image_size, qformer_text, clip_text, skipped, tuple(d.crop_scale),
+                            d.flip, text.caption_processor(d.caption_processor))
+
+
 def build_model(config):
     """(graphdef, abstract state, create) for the TrainModel of `config`; `create()`
     builds it with initial weights (call it under jit with out_shardings to
@@ -435,9 +444,7 @@ def train(config, workdir: str) -> bool:
         if tok.vocab_size > size:
             raise ValueError(f"{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
     skipped = pipeline.SkipCounter()
-    d = config.data
-    example = pipeline.Example(config.model.vit.image_size, qformer_text, clip_text, skipped,
-                               tuple(d.crop_scale), d.flip)
+    example = make_example(config, qformer_text, clip_text, skipped)
     evaluation = eval_inputs(eval_paths, example, config)
     model = create_model(config, mesh)
 
@@ -450,7 +457,7 @@ def train(config, workdir: str) -> bool:
             train_iter = pipeline.train_iterator(train_paths, example,
                                                  global_batch_size=stage_batch_size(config, name),
                                                  seed=config.seed + (name == "stage2"),
-                                                 num_threads=d.num_threads, prefetch=d.prefetch)
+                                                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)
             done = loop.run_stage(
                 name=name, model=model, trainable=trainable(model, config[name]),
                 loss_fn=loss_fn, stage=config[name], config=config, mesh=mesh, train_iter=train_iter,

@@ -687,6 +687,18 @@ def test_a_seed_tokenizer_with_another_number_of_codes_is_rejected():
     assert _tiny_seed_opt().image_codes(["a red star"]).shape == (1, 32)  # without a tokenizer: no check
 
 
+def test_a_text_tokenizer_reaching_the_image_tokens_is_rejected():
+    """A text tokenizer with more ids than the model's text vocabulary was accepted: its
+    ids from there on are the image tokens, so a question's " red" read as <img_00000>,
+    and answers came from a prompt training never saw, without an error."""
+    lm = _tiny_seed_opt()
+    larger = opt_text.OPTTextTokenizer(opt_text.word_bpe(["a", "red", "star", "photo", "of", "photograph"]))
+    assert lm.builder.image.name(larger.encode(" red")[0]) == "<img_00000>"
+    with pytest.raises(ValueError, match=rf"text_tokenizer: its {larger.vocab_size} ids exceed the model's text "
+                                         rf"vocabulary of {lm.config.vocab_size}"):
+        SeedOPT(lm.model, image_token_ids=lm.image_token_ids, text_tokenizer=larger)
+
+
 def _tiny_diffusion():
     """A StableDiffusion API over a random pixel-space tiny UNet for the tiny SEED tokenizer's 24-wide embeddings."""
     from helpers import TINY_DIFFUSION

@@ -55,6 +55,11 @@ class SeedOPT:
             if tokenizer.num_codes != num_codes:
                 raise ValueError(f"tokenizer: its {tokenizer.num_codes} codes, the model's image tokens hold "
                                  f"{num_codes} codes: expected the SEED tokenizer SEED-OPT was trained on")
+        if text_tokenizer is not None and text_tokenizer.vocab_size > self.config.vocab_size:
+            # else its ids from there on would read as the model's image tokens (as training refuses it)
+            raise ValueError(f"text_tokenizer: its {text_tokenizer.vocab_size} ids exceed the model's text "
+                             f"vocabulary of {self.config.vocab_size}: expected the text tokenizer the model was "
+                             "trained with")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
         self.max_text_tokens = max_text_tokens
         graphdef, self._state = nnx.split(model)

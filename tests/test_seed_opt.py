@@ -74,6 +74,24 @@ def test_caption_and_generation_sequences_and_loss_masks(builder, text):
         builder.caption_prompt(np.asarray([64]))
 
 
+@pytest.mark.parametrize("name, template, message", [
+    ("generate", "Generate an image", r"prompts.generate: expected \{caption\} .*got 'Generate an image'"),
+    ("generate", "Generate an image: {Caption}", r"prompts.generate: expected \{caption\}"),
+    ("generate", "{caption}: {caption}", r"prompts.generate: expected \{caption\}"),
+    ("question", "Question: {q} Short answer.", r"prompts.question: expected \{question\}"),
+    ("caption", "A photo of {caption}", "prompts.caption: expected no field"),
+    ("caption", "A photo of {", "prompts.caption: 'A photo of {' is no format string"),
+])
+def test_prompts_without_their_fields_fail_naming_them(builder, name, template, message):
+    """A generation prompt without {caption} trained text -> image on one prompt for every
+    caption, without an error; a misspelt field raised KeyError at the first such sequence."""
+    with pytest.raises(ValueError, match=message):
+        sequences.Prompts(**{name: template})
+    prompts = sequences.Prompts(generate="Draw {{this}}: {caption}")  # doubled braces are text
+    assert sequences.SequenceBuilder(builder.text, builder.image, prompts).generation_prompt("a red star") == \
+        [builder.text.bos_id] + builder.text.encode("Draw {this}: a red star") + [builder.image.start]
+
+
 def test_packed_rows_give_the_logits_of_separate_sequences():
     """Two sequences packed in one row with segment ids and per-segment positions
     give each sequence's own logits: no attention crosses the segment boundary."""
@@ -1135,6 +1153,8 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("image_embedding", "codebook", "image_embedding: expected 'rows' or 'codebook_projection'"),
     ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj"), dropout=0.0), r"lora targets: \['q_proj'\]"),
     ("keep_checkpoints", 0, "keep_checkpoints: expected an integer >= 1, got 0"),
+    ("prompts", dict(caption="A photo of", generate="Generate an image", question="Question: {question}"),
+     r"prompts.generate: expected \{caption\}"),
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):

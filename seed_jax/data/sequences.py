@@ -18,6 +18,7 @@ about a quarter of all positions).
 from __future__ import annotations
 
 import dataclasses
+import string
 import threading
 from typing import Sequence
 
@@ -71,9 +72,29 @@ class ImageTokens:
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
+    """The prompts' texts: `generate` holds the field {caption} once, `question` the field
+    {question} once, `caption` none (else a ValueError naming the prompt)."""
     caption: str = "A photo of"
     generate: str = "Generate an image: {caption}"
     question: str = "Question: {question} Short answer."
+
+    def __post_init__(self):
+        for name, fields in (("caption", []), ("generate", ["caption"]), ("question", ["question"])):
+            _check_fields(f"prompts.{name}", getattr(self, name), fields)
+
+
+def _check_fields(name: str, template, expected: list[str]) -> None:
+    """A ValueError naming `name` unless `template` is a str whose format fields are `expected`
+    (one without {caption} would train text -> image on one prompt for every caption)."""
+    if not isinstance(template, str):
+        raise ValueError(f"{name}: expected a string, got {template!r}")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"{name}: {template!r} is no format string ({error})") from None
+    if fields != expected:
+        wanted = " ".join("{%s}" % f for f in expected) or "no field"
+        raise ValueError(f"{name}: expected {wanted} (braces in text doubled), got {template!r}")
 
 
 class SequenceBuilder:

@@ -87,9 +87,10 @@ def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
     `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
-    dropout rates and each phase's `batch_size` (it must split over the mesh's batch
-    axes), else a ValueError naming them."""
+    dropout rates, the prompts' fields and each phase's `batch_size` (it must split over
+    the mesh's batch axes), else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
+    sequences.Prompts(**config.prompts.to_dict())
     loop.check_loop_settings(config)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")

@@ -53,15 +53,14 @@ def contrastive_loss(image_features, text_features, temperature, label_smoothing
     temperature gradient."""
     if gradient not in ITC_GRADIENTS:
         raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {gradient!r}")
-    if gradient == "global":
-        image_to_text = image_features @ text_features.T / temperature
-        text_to_image = image_to_text.T
-    else:
-        image_to_text = image_features @ jax.lax.stop_gradient(text_features).T / temperature
-        text_to_image = text_features @ jax.lax.stop_gradient(image_features).T / temperature
+    lavis = gradient == "lavis"
+    image_to_text = image_features @ (jax.lax.stop_gradient(text_features) if lavis else text_features).T / temperature
     labels = optax.smooth_labels(jnp.eye(image_to_text.shape[0]), label_smoothing)
-    loss = (optax.softmax_cross_entropy(image_to_text, labels).mean()
-            + optax.softmax_cross_entropy(text_to_image, labels).mean()) / 2
+    image_loss = optax.softmax_cross_entropy(image_to_text, labels).mean()
+    # "global" traces as it did before the option: its train step compiles to the same program
+    text_to_image = (text_features @ jax.lax.stop_gradient(image_features).T / temperature if lavis
+                     else image_to_text.T)
+    loss = (image_loss + optax.softmax_cross_entropy(text_to_image, labels).mean()) / 2
     accuracy = jnp.mean(jnp.argmax(image_to_text, axis=1) == jnp.arange(image_to_text.shape[0]))
     return loss, accuracy
 

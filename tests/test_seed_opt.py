@@ -74,6 +74,29 @@ def test_caption_and_generation_sequences_and_loss_masks(builder, text):
         builder.caption_prompt(np.asarray([64]))
 
 
+def test_a_long_question_loses_its_end_not_the_prompts_short_answer(builder, text):
+    """A question prompt longer than max_text_tokens was cut at its end, so a long
+    question lost "Short answer.", the words the answer follows."""
+    codes, limit = np.arange(32), builder.max_text_tokens
+    image = [text.bos_id] + builder.image.wrap(codes)
+    short = "what colour is the star"
+    assert builder.question_prompt(codes, short) == image + text.encode(f"Question: {short} Short answer.")
+    long = " ".join(["the large red circle"] * 20)  # 80 words
+    suffix = text.encode(" Short answer.")
+    prompt = builder.question_prompt(codes, long)[len(image):]
+    assert len(prompt) == limit and prompt[-len(suffix):] == suffix
+    assert prompt[:-len(suffix)] == text.encode(f"Question: {long}")[:limit - len(suffix)]
+    # a template without text after its field is cut as before; braces and a conversion are kept
+    caption = " ".join(["a small blue star"] * 20)
+    assert builder.generation_prompt(caption) == \
+        [text.bos_id] + text.encode(f"Generate an image: {caption}")[:limit] + [builder.image.start]
+    prompts = sequences.Prompts(question="Q {{x}}: {question!s} {{y}} Short answer.")
+    cut = sequences.SequenceBuilder(text, builder.image, prompts).question_prompt(codes, long)[len(image):]
+    assert cut[-len(text.encode(" {y} Short answer.")):] == text.encode(" {y} Short answer.")
+    start = text.encode("Q {x}: the large")
+    assert cut[:len(start)] == start
+
+
 @pytest.mark.parametrize("name, template, message", [
     ("generate", "Generate an image", r"prompts.generate: expected \{caption\} .*got 'Generate an image'"),
     ("generate", "Generate an image: {Caption}", r"prompts.generate: expected \{caption\}"),

@@ -83,6 +83,17 @@ class Prompts:
             _check_fields(f"prompts.{name}", getattr(self, name), fields)
 
 
+def _split_at_field(template: str, field: str, value: str) -> tuple[str, str]:
+    """`template.format(field=value)` as (the text up to the value's end, the text after it)."""
+    formatter, texts, after = string.Formatter(), ["", ""], 0
+    for literal, name, spec, conversion in formatter.parse(template):
+        texts[after] += literal
+        if name == field:
+            texts[after] += formatter.format_field(formatter.convert_field(value, conversion), spec or "")
+            after = 1
+    return texts[0], texts[1]
+
+
 def _check_fields(name: str, template, expected: list[str]) -> None:
     """A ValueError naming `name` unless `template` is a str whose format fields are `expected`
     (one without {caption} would train text -> image on one prompt for every caption)."""
@@ -107,16 +118,28 @@ class SequenceBuilder:
     def _words(self, text: str) -> list[int]:
         return self.text.encode(text)[:self.max_text_tokens]
 
+    def _filled(self, template: str, field: str, value: str) -> list[int]:
+        """`template` with its one {field} set to `value`, encoded, at most
+        `max_text_tokens` ids: a longer text loses the value's end, not the template's
+        text after the field (a long question keeps "Short answer.")."""
+        ids = self.text.encode(template.format(**{field: value}))
+        if len(ids) <= self.max_text_tokens:
+            return ids
+        before, after = _split_at_field(template, field, value)
+        after = self.text.encode(after)
+        kept = self.text.encode(before)[:max(self.max_text_tokens - len(after), 0)]
+        return (kept + after)[:self.max_text_tokens]
+
     # ---- prompts
     def caption_prompt(self, codes) -> list[int]:
         return [self.text.bos_id] + self.image.wrap(codes) + self.text.encode(self.prompts.caption)
 
     def question_prompt(self, codes, question: str) -> list[int]:
         return ([self.text.bos_id] + self.image.wrap(codes)
-                + self._words(self.prompts.question.format(question=question)))
+                + self._filled(self.prompts.question, "question", question))
 
     def generation_prompt(self, caption: str) -> list[int]:
-        return [self.text.bos_id] + self._words(self.prompts.generate.format(caption=caption)) + [self.image.start]
+        return [self.text.bos_id] + self._filled(self.prompts.generate, "caption", caption) + [self.image.start]
 
     # ---- training sequences: (ids, loss_mask) where loss_mask[i] = 1 if ids[i] is a target
     def caption_sequence(self, codes, caption: str) -> tuple[list[int], list[int]]:

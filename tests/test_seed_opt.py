@@ -292,6 +292,28 @@ def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path
     assert api.SeedOPT.load(out).builder.generation_prompt(caption) == trained.generation_prompt(caption)
 
 
+def test_an_export_reads_images_as_the_codes_per_image_it_was_trained_on(text, tmp_path, tokenizer_export):
+    """Without a SEED tokenizer, SeedOPT read every image as SEED's 32 codes, whatever
+    the tokenizer SEED-OPT was trained on: the export now records its codes per image."""
+    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
+                             max_positions=128, extra_tokens=64 + 2)
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    out = str(tmp_path / "export")
+    seed_opt.export(model_config, weights.flat_params(weights.build("opt", model_config)), image, text, out,
+                    info={"codes_per_image": 8})
+    model = api.SeedOPT.load(out)
+    assert model.image_codes(["a small red star", "a large blue circle"]).shape == (2, 8)
+    record = {"id": "r", "caption": "a red star", "codes": np.arange(8)}  # training evaluates the same way
+    retrieval = type("Retrieval", (), {"recall": lambda self, *args: {"r1": 0.0}})()
+    evaluator = seed_opt.Evaluator(get_config("tiny"), [record], image, text, retrieval, str(tmp_path), "", "")
+    assert len(evaluator.seed_opt(model.model).caption_codes(evaluator.codes, max_new_tokens=2)) == 1
+    assert len(model.caption_codes(np.zeros((2, 8), np.int32), max_new_tokens=2)) == 2
+    with pytest.raises(ValueError, match=r"codes: expected integer \(B,8\)"):
+        model.caption_codes(np.zeros((2, 32), np.int32))
+    with pytest.raises(ValueError, match=r"tokenizer: its 32 codes an image, the model reads 8 \(codes_per_image\)"):
+        api.SeedOPT.load(out, tokenizer=tokenizer_export)
+
+
 class _Killed(Exception):
     """The process killed at this point."""
 
@@ -624,6 +646,7 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
                              diffusion=os.path.join(os.path.dirname(tokenizer_export), "..", "export"), batch_size=2)
     assert model.text_tokenizer is not None and model.image_token_ids["first_code_id"] == 640 + 2
     assert model.max_text_tokens == config.data.max_text_tokens
+    assert weights.read_config(os.path.join(workdir, "export"))[2]["codes_per_image"] == model.num_queries == 32
     assert model.tokenizer.batch_size == 2 and model.tokenizer.diffusion.batch_size == 2  # one memory setting
     images = [synthetic.make_example(i, 9, 32) for i in range(3)]
     pixels = [np.asarray(preprocess.decode_image(e["image"])) for e in images]

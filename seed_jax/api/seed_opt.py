@@ -36,7 +36,8 @@ class SeedOPT:
     and `generate_image` on images. Batches run `batch_size` rows at a time (the KV
     cache holds batch_size * num_beams rows). `eos_id` (an id, None, or a list of ids,
     which makes `generate` ask for one) and `pad_id` are `generate`'s defaults: `load`
-    reads those of the converted folder, as transformers' `generate` does. `dtype` is
+    reads those of the converted folder, as transformers' `generate` does. Images are
+    `codes_per_image` codes (None: the SEED tokenizer's, else SEED's 32). `dtype` is
     the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
     builds it so); float32 matmuls run at full float32 precision on every backend."""
 
@@ -44,7 +45,7 @@ class SeedOPT:
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
                  max_text_tokens: int = sequences.MAX_TEXT_TOKENS, eos_id: int | list[int] | None = None,
-                 pad_id: int = 1):
+                 pad_id: int = 1, codes_per_image: int | None = None):
         dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
@@ -55,13 +56,20 @@ class SeedOPT:
             if tokenizer.num_codes != num_codes:
                 raise ValueError(f"tokenizer: its {tokenizer.num_codes} codes, the model's image tokens hold "
                                  f"{num_codes} codes: expected the SEED tokenizer SEED-OPT was trained on")
+        if codes_per_image is None:
+            codes_per_image = sequences.CODES_PER_IMAGE if tokenizer is None else tokenizer.num_queries
+        elif tokenizer is not None and tokenizer.num_queries != codes_per_image:
+            raise ValueError(f"tokenizer: its {tokenizer.num_queries} codes an image, the model reads "
+                             f"{codes_per_image} (codes_per_image): expected the SEED tokenizer SEED-OPT was "
+                             "trained on")
         if text_tokenizer is not None and text_tokenizer.vocab_size > self.config.vocab_size:
             # else its ids from there on would read as the model's image tokens (as training refuses it)
             raise ValueError(f"text_tokenizer: its {text_tokenizer.vocab_size} ids exceed the model's text "
                              f"vocabulary of {self.config.vocab_size}: expected the text tokenizer the model was "
                              "trained with")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
-        self.max_text_tokens = max_text_tokens
+        self.max_text_tokens, self.codes_per_image = max_text_tokens, check_count("codes_per_image",
+                                                                                 codes_per_image, 1)
         graphdef, self._state = nnx.split(model)
         precision = matmul_precision(dtype)
 
@@ -93,9 +101,9 @@ class SeedOPT:
         or a folder with OPT's vocab.json + merges.txt) or the export's own
         text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
         for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
-        here runs `batch_size` rows at a time too. The prompts, and the length their
-        text is cut to, are those SEED-OPT was trained with (the export's info), else
-        `sequences.Prompts()` and `sequences.MAX_TEXT_TOKENS`. `generate` ends rows at the
+        here runs `batch_size` rows at a time too. The prompts, the length their text
+        is cut to and the codes an image are those SEED-OPT was trained with (the
+        export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and SEED's 32. `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
         without them: no end token, padding 1)."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
@@ -113,6 +121,7 @@ class SeedOPT:
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
                    eos_id=info.get("eos_token_id"), pad_id=info.get("pad_token_id", 1),
+                   codes_per_image=info.get("codes_per_image"),
                    text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
                    else None)
 
@@ -286,8 +295,9 @@ class SeedOPT:
 
     @property
     def num_queries(self) -> int:
-        """Codes per image: the SEED tokenizer's, else SEED's 32."""
-        return self.tokenizer.num_queries if self.tokenizer is not None else 32
+        """Codes per image: `codes_per_image` (a SEED-OPT export's), else the SEED
+        tokenizer's, else SEED's 32."""
+        return self.codes_per_image
 
     def _codes(self, codes) -> np.ndarray:
         codes = np.asarray(codes)

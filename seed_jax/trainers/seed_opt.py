@@ -212,7 +212,8 @@ class Evaluator:
             self._seed_opt = api.SeedOPT(model, dtype=self.config.dtype, image_token_ids=ids,
                                          text_tokenizer=self.text,
                                          prompts=sequences.Prompts(**self.config.prompts.to_dict()),
-                                         max_text_tokens=self.config.data.max_text_tokens)
+                                         max_text_tokens=self.config.data.max_text_tokens,
+                                         codes_per_image=self.codes.shape[1])
         return self._seed_opt
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
@@ -409,7 +410,8 @@ def train(config, workdir: str) -> bool:
         workdir, out, steps, lambda: export(
             model.config, params, image_tokens, text, out,
             info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
-                  "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens}),
+                  "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens,
+                  "codes_per_image": codes_per_image}),
         done={"export": out, "tokenizer_export": tok_export})
     return True
 

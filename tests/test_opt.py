@@ -228,9 +228,13 @@ def test_generation_may_fill_every_position(converted):
     np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=2, eos_id=None), beams)
     with pytest.raises(ValueError, match=f"max_new_tokens: expected an integer in 1..{steps} .* got {steps + 1}"):
         lm.generate(ids, steps + 1)
+    # padding takes no positions, so it takes none of the new tokens' either (it was counted as prompt)
+    padded, mask = np.pad(ids, ((0, 0), (9, 0)), constant_values=1), np.arange(ids.shape[1] + 9)[None] >= 9
+    np.testing.assert_array_equal(lm.generate(padded, steps, attention_mask=mask, eos_id=None), ref)
     # a prompt longer than the positions is the prompt's fault (it read "max_new_tokens: expected 1..0")
     positions = TINY["max_position_embeddings"]
-    with pytest.raises(ValueError, match=f"input_ids: length {positions + 1} exceeds the model's {positions} "):
+    with pytest.raises(ValueError, match=f"input_ids: a prompt of {positions + 1} tokens exceeds the model's "
+                                         f"{positions} "):
         lm.generate(np.ones((1, positions + 1), np.int64), 1)
 
 

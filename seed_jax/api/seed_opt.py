@@ -170,7 +170,7 @@ class SeedOPT:
         `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
         finished hypotheses scored by log-probability / length**`length_penalty`."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
-        d = self._decoding(ids.shape[1], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        d = self._decoding(int(mask.sum(1).max()), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_id=eos_id, pad_id=pad_id, allowed=allowed, num_beams=num_beams,
                            length_penalty=length_penalty)
         ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
@@ -189,12 +189,13 @@ class SeedOPT:
 
     def _decoding(self, prompt_length: int, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                   eos_id="model", pad_id="model", allowed=None, num_beams=1, length_penalty=1.0) -> _Decoding:
-        """`generate`'s options for prompts of `prompt_length` tokens, checked (a ValueError
-        names the bad one), as the compiled programs take them."""
+        """`generate`'s options for prompts of at most `prompt_length` tokens (their padding
+        takes no positions), checked (a ValueError names the bad one), as the compiled
+        programs take them."""
         eos_id, pad_id = self._end_and_padding(eos_id, pad_id)
         if prompt_length > self.config.max_positions:
-            raise ValueError(f"input_ids: length {prompt_length} exceeds the model's {self.config.max_positions} "
-                             "positions")
+            raise ValueError(f"input_ids: a prompt of {prompt_length} tokens exceeds the model's "
+                             f"{self.config.max_positions} positions")
         # the last new token is not fed back, so it needs no position of its own
         longest = self.config.max_positions - prompt_length + 1
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:

@@ -260,7 +260,8 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted,
                                         ("keep_checkpoints", 0), ("eval_every_steps", -1),
                                         ("train.batch_size", 12), ("train.trainable", ("unet", "text_encoder")),
                                         ("train.trainable", ()), ("eval.grid_examples", 0),
-                                        ("eval.grid_examples", -1)])
+                                        ("eval.grid_examples", -1), ("schedule.beta_start", -0.001),
+                                        ("schedule.beta_end", 1.0), ("schedule.beta_schedule", "cosine")])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
@@ -272,7 +273,8 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     first step; `eval_every_steps` 0 is now AT_STAGE_END), as is a `train.batch_size` that does not split over the mesh's 8 devices
     (each computed the whole batch), and a `train.trainable` other than the UNet (the loss stops the text encoder's
     gradient: naming it trained nothing there, and weight_decay > 0 shrank it; () trained nothing) and an
-    `eval.grid_examples` below 1 (samples.png was a blank 2-pixel strip for 0, short of its last columns below)."""
+    `eval.grid_examples` below 1 (samples.png was a blank 2-pixel strip for 0, short of its last columns below),
+    and betas outside (0, 1) (NaN losses or sampling), named as their config keys."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):

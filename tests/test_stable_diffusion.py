@@ -534,11 +534,29 @@ def test_unfollowed_scheduler_settings_are_named():
     (dict(steps_offset=-1), r"steps_offset: expected an integer in \[0, num_train_timesteps = 1000\), got -1"),
     (dict(steps_offset=1000), "steps_offset: .* got 1000"),
     (dict(beta_schedule="cosine"), "beta_schedule: expected one of"),
-    (dict(prediction_type="sample"), "prediction_type: expected one of")])
+    (dict(prediction_type="sample"), "prediction_type: expected one of"),
+    (dict(beta_start=-0.001, beta_schedule="linear"), "beta_start: expected 0 < beta_start < 1 .* got -0.001"),
+    (dict(beta_start=-0.001), "beta_start: expected 0 < beta_start < 1 .*'scaled_linear', got -0.001"),
+    (dict(beta_start=0.0), "beta_start: expected 0 < beta_start < 1"),
+    (dict(beta_end=1.0), "beta_end: expected 0 < beta_end < 1"),
+    (dict(beta_end=float("nan"), beta_schedule="linear"), "beta_end: expected 0 < beta_end < 1"),
+    (dict(beta_start=0.5, beta_end=0.9),
+     r"beta_start/beta_end: alpha-bar.* at timestep \d+ of num_train_timesteps = 1000;"),
+    (dict(num_train_timesteps=20000), "beta_start/beta_end: alpha-bar.* num_train_timesteps = 20000")])
 def test_a_bad_noise_schedule_is_named(fields, message):
-    """A negative steps_offset once indexed the schedule from its end, silently."""
+    """A negative steps_offset once indexed the schedule from its end, silently. Betas were not
+    checked: a negative "linear" beta_start made alpha-bar exceed 1 (NaN training loss), a
+    negative "scaled_linear" one was silently read as 0 (its square root is complex), and betas
+    near 1 (or many timesteps) underflowed alpha-bar to 0, which the samplers divide by."""
     with pytest.raises(ValueError, match=message):
         NoiseSchedule(**fields)
+
+
+def test_the_cosine_schedule_ignores_beta_start_and_beta_end():
+    cosine = NoiseSchedule(beta_schedule="squaredcos_cap_v2", beta_start=-1.0, beta_end=2.0)
+    np.testing.assert_array_equal(cosine.alphas_cumprod(),
+                                  NoiseSchedule(beta_schedule="squaredcos_cap_v2").alphas_cumprod())
+    assert 0 < cosine.alphas_cumprod()[-1] < cosine.alphas_cumprod()[0] < 1
 
 
 def _toy_model(x, t):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+# The schedules whose betas run from beta_start to beta_end (the cosine one ignores both).
+RANGED_BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -41,6 +43,27 @@ class NoiseSchedule:
             raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.beta_schedule in RANGED_BETA_SCHEDULES:
+            self._check_beta_range()
+        self._check_alpha_bar_stays_normal()
+
+    def _check_beta_range(self):
+        """Each step's noise variance beta must lie in (0, 1); the betas run from beta_start to beta_end."""
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name}: expected 0 < {name} < 1 (a noise variance) for beta_schedule "
+                                 f"{self.beta_schedule!r}, got {value!r}")
+
+    def _check_alpha_bar_stays_normal(self):
+        """The samplers divide by alpha-bar (and its square root): it may not underflow float32."""
+        abar = self.alphas_cumprod()
+        tiny = np.finfo(np.float32).tiny
+        if abar[-1] < tiny:
+            first = int(np.argmax(abar < tiny))
+            raise ValueError(f"beta_start/beta_end: alpha-bar, the product of (1 - beta), falls below float32's "
+                             f"smallest normal number {tiny} at timestep {first} of num_train_timesteps = "
+                             f"{self.num_train_timesteps}; expected smaller betas or fewer timesteps")
 
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) alpha-bar, computed in float32 as the reference schedulers do."""

@@ -62,8 +62,16 @@ def diffusion_loss(schedule: NoiseSchedule, uncond_probability: float, empty_ids
 def diffusion_config(config, clip_config: CLIPTextConfig, empty_ids: np.ndarray) -> StableDiffusionConfig:
     unet = UNetConfig.from_dict({**config.unet.to_dict(), "cross_attention_dim": clip_config.width})
     return StableDiffusionConfig(unet=unet, vae=None, pixel_patch=config.pixel_patch, text_encoder=clip_config,
-                                 schedule=NoiseSchedule(**config.schedule.to_dict()),
+                                 schedule=noise_schedule(config),
                                  empty_prompt_ids=tuple(int(i) for i in empty_ids))
+
+
+def noise_schedule(config) -> NoiseSchedule:
+    """`config.schedule` as a NoiseSchedule; a bad field is named as the config key ("schedule.beta_end: ...")."""
+    try:
+        return NoiseSchedule(**config.schedule.to_dict())
+    except ValueError as error:
+        raise ValueError(f"schedule.{error}") from None
 
 
 def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules, dtype, seed: int):
@@ -141,7 +149,7 @@ class Evaluator:
 
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
-    """`dtype`, the loop's intervals and `keep_checkpoints`, `train.trainable`, `uncond_probability`, the
+    """`dtype`, the loop's intervals and `keep_checkpoints`, `train.trainable`, `uncond_probability`, `schedule`, the
     evaluation's options (first used at the end of training) and `train.batch_size` (it
     must split over the mesh's batch axes): checked before training (and before the
     tokenizer it needs is trained), naming the config key."""
@@ -162,7 +170,7 @@ def check_options(config) -> None:
         raise ValueError(f"eval.grid_examples: expected >= 1, got {e.grid_examples}")
     if not np.isfinite(e.guidance_scale):
         raise ValueError(f"eval.guidance_scale: expected a finite number, got {e.guidance_scale}")
-    schedule = NoiseSchedule(**config.schedule.to_dict())
+    schedule = noise_schedule(config)
     try:
         samplers.get(e.sampler).plan(schedule, e.num_steps)
     except ValueError as error:  # "sampler: ..." / "num_steps: ..."

@@ -254,6 +254,29 @@ def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted,
     assert skipped.count == counted
 
 
+@pytest.mark.parametrize("uncond_probability, guidance_scale, warned", [
+    (0.0, 3.0, True), (0.0, 1.0, False), (0.1, 3.0, False)])
+def test_guidance_without_unconditional_training_is_warned_about_before_training(
+        tmp_path, monkeypatch, caplog, uncond_probability, guidance_scale, warned):
+    """`uncond_probability` 0 never trains the empty prompt that `eval.guidance_scale` > 1 guides by:
+    one warning naming both, before the tokenizer is looked for."""
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    def ensure_trained(*_):
+        raise AssertionError("reached training")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", ensure_trained)
+    config = get_config("tiny")
+    config.uncond_probability, config.eval.guidance_scale = uncond_probability, guidance_scale
+    with caplog.at_level("WARNING"), pytest.raises(AssertionError, match="reached training"):
+        decoder.train(config, str(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if "uncond_probability" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert f"eval.guidance_scale {guidance_scale:g} (> 1)" in warnings[0]
+        assert warnings[0].startswith("uncond_probability is 0")
+
+
 @pytest.mark.parametrize("key, value", [("eval.sampler", "ddpm"), ("eval.num_steps", 1000),
                                         ("eval.guidance_scale", float("nan")), ("uncond_probability", 1.5),
                                         ("uncond_probability", -0.1), ("dtype", "bf16"), ("eval.batch_size", 0),

@@ -178,10 +178,21 @@ def check_options(config) -> None:
     global_batches.check_batch_sizes(config, {"train.batch_size": config.train.batch_size})
 
 
+def warn_if_guidance_is_untrained(config) -> None:
+    """Logs a warning when `uncond_probability` is 0 while `eval.guidance_scale` > 1: classifier-free
+    guidance then extrapolates from the empty prompt's estimate, which training never taught the UNet."""
+    if config.uncond_probability == 0 and config.eval.guidance_scale > 1:
+        logging.warning("uncond_probability is 0, so the UNet is never trained on the empty prompt, yet "
+                        "eval.guidance_scale %g (> 1) guides the evaluation's samples by it (classifier-free "
+                        "guidance); set uncond_probability > 0 (e.g. 0.1) or eval.guidance_scale to 1",
+                        config.eval.guidance_scale)
+
+
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
     check_options(config)
+    warn_if_guidance_is_untrained(config)
     run_config.write(workdir, config, RUN_DEFINING)
     trained = tokenizer_trainer.ensure_trained(config, workdir)
     if trained is None:  # the tokenizer's training was preempted

@@ -47,8 +47,13 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     restored = {}
     for name in stages:
         trainable = tokenizer_trainer.trainable(model, config[name])
-        restored[name] = checkpointing.restore_trained_params(model, trainable,
-                                                              os.path.join(workdir, "checkpoints", name))
+        try:
+            restored[name] = checkpointing.restore_trained_params(model, trainable,
+                                                                  os.path.join(workdir, "checkpoints", name))
+        except checkpointing.CheckpointMismatch as e:
+            raise checkpointing.CheckpointMismatch(
+                f"{e} than {os.path.join(workdir, 'config.json')}, which the export builds the model from: export "
+                "with the config the run was trained with (that file as its training wrote it)") from None
     if all(step is None for step in restored.values()):
         raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
     tokenizer = model.tokenizer

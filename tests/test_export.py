@@ -66,6 +66,9 @@ def test_an_export_reads_the_checkpoints_parameters_alone(trained_workdir, tmp_p
 
 
 def test_an_export_of_a_checkpoint_that_does_not_fit_the_model_names_the_array(trained_workdir, tmp_path):
+    """The error ended with advice for training ("resume with the config that wrote it") on an export,
+    which builds the model from the workdir's own config.json: it now says so, and to export with the
+    config the run was trained with."""
     workdir = str(tmp_path / "trained")
     shutil.copytree(trained_workdir, workdir)
     path = os.path.join(workdir, "config.json")
@@ -75,8 +78,12 @@ def test_an_export_of_a_checkpoint_that_does_not_fit_the_model_names_the_array(t
     json.dump(config, open(path, "w"))
     with pytest.raises(ValueError, match=rf"(?s)stage2 step \d+: the train state's arrays.*"
                                          rf"params.tokenizer.quantize.codebook.value: expected \({2 * trained_codes}, "
-                                         rf"{code_dim}\), got \({trained_codes}, {code_dim}\)"):
+                                         rf"{code_dim}\), got \({trained_codes}, {code_dim}\)") as error:
         export(workdir, str(tmp_path / "out"))
+    message = str(error.value)
+    assert f"than {path}, which the export builds the model from: export with the config the run was trained " \
+           "with" in message
+    assert "resume" not in message
 
 
 def test_a_rerun_in_a_trained_workdir_keeps_the_settings_it_was_trained_with(trained_workdir, tmp_path):

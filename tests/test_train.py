@@ -570,8 +570,10 @@ def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_pat
     _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
     wider = _Line()
     wider.w = nnx.Param(jnp.full((5,), 0.1))
-    with pytest.raises(ValueError, match=r"(?s)step 4: .*params\.w\.value: expected \(5,\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"(?s)step 4: .*params\.w\.value: expected \(5,\), got \(4,\)") as error:
         _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=8, model=wider)
+    assert "resume with the config that wrote it, or train into a new workdir" in str(error.value)
+    assert "export" not in str(error.value)
 
 
 def test_stage2_reconstructs_through_its_own_head_and_distils_through_blocks_text():

@@ -48,6 +48,11 @@ def _align_orbax_operation_ids() -> None:
         OperationIdGenerator.next_operation_id()
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint's arrays differ from those the config builds; who reads it adds what to do
+    (resume with another config, export with the run's own)."""
+
+
 class Checkpointer:
     """orbax CheckpointManager holding the train state, the grain iterator state and
     the run's counts (summed over processes, e.g. skipped records). `read_alone`: only
@@ -78,7 +83,7 @@ class Checkpointer:
             counts=ocp.args.JsonSave(counts)), force=True)
 
     def check_fits(self, step: int, abstract_state, part: str | None = None) -> None:
-        """Raises naming each array of the train state whose shape differs between the
+        """Raises CheckpointMismatch naming each array of the train state whose shape differs between the
         checkpoint at `step` and `abstract_state` (or that only one of them has), before
         orbax would fail naming none. `part`: `abstract_state` holds that key of the
         train state alone (e.g. "params"), and only it is compared."""
@@ -93,10 +98,9 @@ class Checkpointer:
             weights.check_shapes(stored, flat_shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)),
                                  what=f"{self.manager.directory} step {step}: the train state's arrays")
         except ValueError as e:
-            raise ValueError(f"{e}\n(expected, missing: what the config builds; got, unexpected: what the "
-                             "checkpoint holds.) The checkpoint was written with another model config or "
-                             "`trainable` list: resume with the config that wrote it, or train into a new "
-                             "workdir") from None
+            raise CheckpointMismatch(f"{e}\n(expected, missing: what the config builds; got, unexpected: what the "
+                                     "checkpoint holds.) The checkpoint was written with another model config or "
+                                     "`trainable` list") from None
 
     def restore_params(self, step: int, abstract_params):
         """The train state's parameters alone, e.g. to export them: its optimizer state
@@ -113,7 +117,11 @@ class Checkpointer:
         A checkpoint written by another number of processes (a run resumed on fewer or
         more hosts) holds no position in this process's slice of the data: the iterator
         then starts afresh, with a warning."""
-        self.check_fits(step, abstract_state)
+        try:
+            self.check_fits(step, abstract_state)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"{e}: resume with the config that wrote it, or train into a new "
+                                     "workdir") from None
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         directory = self.manager.directory / str(step)  # epath: local or cloud storage
         data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming

@@ -197,6 +197,45 @@ def test_the_clip_text_encoder_alone_is_the_train_models(tmp_path):
         np.testing.assert_array_equal(alone[name], value, err_msg=name)
 
 
+def _recording_closes(cls, made: list):
+    """`cls` (an orbax checkpointer class) whose instances are appended to `made` and marked when closed."""
+    class Recording(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            made.append(self)
+
+        def close(self):
+            super().close()
+            self.closed = True
+
+    return Recording
+
+
+def test_the_exports_orbax_checkpointers_are_closed(tmp_path, monkeypatch):
+    """weights.save, stored_shapes and load_params left their orbax checkpointers open (an
+    AsyncCheckpointer's metadata store holds a thread pool that orbax says must be closed), also
+    when load_params refused the keys it was asked for."""
+    made = []
+    for name in ("Checkpointer", "StandardCheckpointer"):
+        monkeypatch.setattr(ocp, name, _recording_closes(getattr(ocp, name), made))
+    config = CLIPTextConfig(vocab_size=128, width=16, depth=1, num_heads=2, mlp_dim=32)
+    module = CLIPTextEncoder(config, rngs=nnx.Rngs(7))
+    out = str(tmp_path / "out")
+    calls = {"save": lambda: _save(out, "clip_text", config, module), "stored_shapes": lambda: weights.stored_shapes(out),
+             "load_params": lambda: weights.load_params(out)}
+    for call, run in calls.items():
+        before = len(made)
+        run()
+        assert len(made) > before, f"{call} made no orbax checkpointer: the recording missed it"
+    params = weights.flat_params(module)
+    name = next(iter(params))
+    for keys, error in (({"absent": params[name]}, KeyError), ({name: np.zeros((3, 3, 3))}, ValueError)):
+        with pytest.raises(error):
+            weights.load_params(out, keys)
+    assert [type(c).__mro__[1].__name__ for c in made if not c.closed] == []
+
+
 def test_an_export_written_compressed_still_loads(tmp_path):
     """Exports are written uncompressed; those written before, with orbax's default
     zstd compression, read back the same."""

@@ -165,6 +165,41 @@ def test_split_release_files_convert_like_one_file(tmp_path, capsys):
             f"{deeper - 1} layers stored)") in capsys.readouterr().err
 
 
+def test_a_vit_file_converts_with_or_without_the_visual_encoder_prefix(tmp_path, capsys):
+    """A --vit file whose keys already carry `visual_encoder.` (a ViT saved from a whole model)
+    got the prefix twice, and the conversion failed on a missing ViT key. Both forms now convert
+    alike, and as the reference; a file mixing them fails naming a key of each."""
+    state, pixels, ref = _reference(TINY, batch=2, seed=4)
+    prefix = "visual_encoder."
+    main = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    torch.save({"model": main}, tmp_path / "seed_tokenizer.pth")
+    prefixed = {k: v for k, v in state.items() if k.startswith(prefix)}
+    bare = {k[len(prefix):]: v for k, v in prefixed.items()}
+    first_prefixed, *_ = prefixed
+    _, first_bare, *_ = bare
+    mixed = {first_prefixed: prefixed[first_prefixed],
+             **{k: v for k, v in bare.items() if prefix + k != first_prefixed}}
+    for name, vit in (("bare", bare), ("prefixed", prefixed), ("mixed", mixed)):
+        torch.save(vit, tmp_path / f"{name}.pth")
+
+    def run(name):
+        return convert_main(["seed_v1", f"--checkpoint={tmp_path / 'seed_tokenizer.pth'}",
+                             f"--vit={tmp_path / f'{name}.pth'}", f"--out={tmp_path / name / 'out'}", *_heads(TINY),
+                             f"--vit_depth={TINY.vit_depth}"])
+
+    assert run("bare") == 0 and run("prefixed") == 0, capsys.readouterr().err
+    assert "visual_encoder.visual_encoder." not in capsys.readouterr().out
+    _compare(SeedTokenizer.load(str(tmp_path / "prefixed" / "out")), pixels, ref)
+    from_bare = weights.load_params(str(tmp_path / "bare" / "out"))
+    for name, value in weights.load_params(str(tmp_path / "prefixed" / "out")).items():
+        np.testing.assert_array_equal(value, from_bare[name], err_msg=name)
+    assert run("mixed") != 0
+    err = capsys.readouterr().err
+    assert "--vit: expected every key with the 'visual_encoder.' prefix or none" in err
+    assert repr(first_prefixed) in err and repr(first_bare) in err
+    assert not os.path.exists(tmp_path / "mixed" / "out" / "params")
+
+
 def _lavis_runner_save(state: dict, path) -> None:
     """What SEED's LAVIS runner (`SEED_Tokenizer/lavis/runners/runner_base.py`) writes: the
     model state dict beside the optimizer, the config as plain containers, the scaler and

@@ -127,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--allow_pickle", action="store_true",
                        help="load .pth files that torch's weights_only loader refuses (trusted files only)")
         if name in ("seed_v1", "lavis_blip2"):
-            s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT")
+            s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT (keys with the "
+                                "visual_encoder. prefix or, as there, without)")
             s.add_argument("--vit_heads", type=int, default=16,
                            help="EVA ViT attention heads (default 16, the release's: no shape tells them)")
             s.add_argument("--qformer_heads", type=int, default=12,

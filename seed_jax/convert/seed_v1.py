@@ -28,12 +28,25 @@ SEED2_KEYS = ("distill_image_proj.weight", "blocks_image.0.norm1.weight", "image
 
 
 def merge_sources(checkpoint: Mapping, qformer: Mapping | None, vit: Mapping | None) -> tuple[LazyArrays, list[str]]:
-    """One key space; `vit` keys (no `visual_encoder.` prefix in LAVIS's file) get it,
-    and the reverse Q-Former the release's names (`with_release_names`). Returns
-    (merged, keys the main checkpoint overrode); nothing is read."""
-    extras = LazyArrays.merged(LazyArrays.of(vit or {}).rekeyed(lambda k: VIT + k), qformer)
+    """One key space; `vit` keys under `visual_encoder.` (`vit_with_prefix`), and the
+    reverse Q-Former the release's names (`with_release_names`). Returns (merged, keys
+    the main checkpoint overrode); nothing is read."""
+    extras = LazyArrays.merged(vit_with_prefix(vit or {}), qformer)
     overridden = sorted(k for k in checkpoint if k in extras)
     return with_release_names(LazyArrays.merged(extras, checkpoint)), overridden
+
+
+def vit_with_prefix(vit: Mapping) -> LazyArrays:
+    """The --vit file's arrays under `visual_encoder.`: LAVIS's eva_vit_g.pth has no prefix,
+    a ViT saved from a whole model has it on every key; a file mixing both is refused."""
+    prefixed = [k for k in vit if k.startswith(VIT)]
+    if not prefixed:
+        return LazyArrays.of(vit).rekeyed(lambda k: VIT + k)
+    bare = [k for k in vit if not k.startswith(VIT)]
+    if bare:
+        raise ValueError(f"--vit: expected every key with the {VIT!r} prefix or none, got {prefixed[0]!r} with it "
+                         f"and {bare[0]!r} without ({len(prefixed)} keys with, {len(bare)} without)")
+    return LazyArrays.of(vit)
 
 
 def with_release_names(source: LazyArrays) -> LazyArrays:

@@ -856,10 +856,11 @@ def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tm
     assert not os.listdir(tmp_path)
 
 
-def _multi_caption_split(path) -> int:
+def _multi_caption_split(path, undecodable_image: int | None = None) -> int:
     """An eval split of 7 images with 1 to 4 captions each (ids `img-j`, `img-j#k`), one
-    image's last caption far from its others, one caption record corrupt; returns the
-    record count."""
+    image's last caption far from its others, one caption record corrupt (record 5,
+    img-2's third), and, at record `undecodable_image`, a record whose image bytes are no
+    image (its header and checksum whole); returns the record count."""
     from array_record.python import array_record_module
 
     from seed_jax.data import records, synthetic
@@ -869,6 +870,8 @@ def _multi_caption_split(path) -> int:
     writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
     for n, (j, k) in enumerate(rows):
         image = synthetic.make_example(j, 0, 32)
+        if n == undecodable_image:
+            image["image"] = b"\x89PNG no image follows"
         caption = synthetic.make_example(100 * k + j, 1, 8)["caption"]  # other captions of the shapes grammar
         data = records.encode_record({**image, "caption": caption, "id": f"img-{j}" + (f"#{k}" if k else "")})
         writer.write(data[:len(data) // 2] if n == 5 else data)
@@ -876,13 +879,22 @@ def _multi_caption_split(path) -> int:
     return len(rows)
 
 
-def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path):
+@pytest.mark.parametrize("undecodable_image, encoded_records", [
+    (None, [0, 2, 3, 7, 9, 12, 13]),
+    (3, [0, 2, 4, 7, 9, 12, 13]),  # img-2's first record: its image from its second
+    (2, [0, 3, 7, 9, 12, 13]),  # img-1's only record: img-1 left out
+])
+def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path, undecodable_image,
+                                                                       encoded_records):
     """The evaluation ran the ViT and Q-Former on each caption record's image: 5 times a
     COCO image. It now encodes each image once; its metrics equal those of every record's
-    image encoded (as before), for images of several captions, and a corrupt record."""
+    image encoded (as before), for images of several captions, and a corrupt record.
+    An image whose first record's image did not decode lost all its captions; its image
+    now comes from its next record, that record alone skipped and counted."""
     config = _tiny(**{"eval.batch_size": 8, "eval.num_examples": pipeline.ALL_RECORDS})
     path = tmp_path / "eval.array_record"
-    num_records = _multi_caption_split(path)
+    num_records = _multi_caption_split(path, undecodable_image)
+    num_skipped = 1 + (undecodable_image is not None)
     qformer_text, clip_text = trainer.text_tokenizers(config, str(tmp_path))
     skipped = pipeline.SkipCounter()
     example = pipeline.Example(32, qformer_text, clip_text, skipped)
@@ -895,9 +907,9 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path)
     image_features = evaluator.image_features
     evaluator.image_features = lambda *args: encoded.append(args[1]["index"]) or image_features(*args)
     metrics = evaluator(model, 1, "stage2")
-    assert skipped.count == 1
+    assert skipped.count == num_skipped
     encoded = np.concatenate([global_batches.to_host(i) for i in encoded])
-    assert len(encoded) == 8 and sorted(encoded[encoded >= 0]) == [0, 2, 3, 7, 9, 12, 13]  # 7 images, 1 batch
+    assert len(encoded) == 8 and sorted(encoded[encoded >= 0]) == encoded_records  # 7 images at most, 1 batch
 
     # as before: every record's image encoded, its features paired with its caption's
     state = nnx.state(model)
@@ -918,7 +930,7 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path)
                                                                      images=images).items()},
                 # each image's codes once: an image of 4 captions is not 4 images of the codebook
                 **{f"codebook/{k}": v for k, v in codebook_usage(host["codes"][valid][first_of_image], 64).items()},
-                "num_examples": float(num_records - 1)}
+                "num_examples": float(num_records - num_skipped)}
     assert metrics == expected
 
 

@@ -217,34 +217,55 @@ def first_count(num_examples: int, available: int) -> int:
 
 
 def eval_batches(paths: Sequence[str], example, *, num_examples: int, global_batch_size: int,
-                 num_threads: int = 8, record_indices: Sequence[int] | None = None) -> "EvalBatches":
-    """The first `num_examples` records (ALL_RECORDS: every one), or only those of them
-    at `record_indices` (in that order), through `example.eval`, padded to whole global
-    batches (padding has index -1). Process p gets rows [p*b, (p+1)*b) of every global batch."""
+                 num_threads: int = 8, record_groups: Sequence[Sequence[int]] | None = None) -> "EvalBatches":
+    """The first `num_examples` records (ALL_RECORDS: every one) through `example.eval`,
+    or, with `record_groups` (non-empty lists of indices among them), one row per group
+    (in that order): the first of its records that decodes (those before it skipped),
+    padding where none does. Padded to whole global batches (padding has index -1).
+    Process p gets rows [p*b, (p+1)*b) of every global batch."""
     index, count = _process_slice()
     if global_batch_size % count:
         raise ValueError(f"eval.batch_size {global_batch_size} must divide by the process count {count}")
     num_examples = first_count(num_examples, len(_source(paths)))
-    chosen = list(range(num_examples)) if record_indices is None else [int(i) for i in record_indices]
-    if any(not 0 <= i < num_examples for i in chosen):
-        raise ValueError(f"record_indices: expected indices in [0, {num_examples}), got {min(chosen)}..{max(chosen)}")
+    groups = ([(i,) for i in range(num_examples)] if record_groups is None
+              else [tuple(int(i) for i in group) for group in record_groups])
+    check_record_groups(groups, num_examples)
     per_process = global_batch_size // count
-    num_batches = -(-len(chosen) // global_batch_size)
+    num_batches = -(-len(groups) // global_batch_size)
     rows = [g * global_batch_size + index * per_process + r
             for g in range(num_batches) for r in range(per_process)]
-    return EvalBatches(paths, [chosen[row] if row < len(chosen) else -1 for row in rows], per_process, example,
+    return EvalBatches(paths, [groups[row] if row < len(groups) else () for row in rows], per_process, example,
                        num_threads)
+
+
+def check_record_groups(groups: Sequence[tuple[int, ...]], num_examples: int) -> None:
+    """Raises naming record_groups unless every index is in [0, num_examples)."""
+    indices = [i for group in groups for i in group]
+    if any(not 0 <= i < num_examples for i in indices):
+        raise ValueError(f"record_groups: expected indices in [0, {num_examples}), got {min(indices)}..{max(indices)}")
+
+
+def first_decoding(example, source, group: tuple[int, ...]) -> dict:
+    """`example.eval` of the first record of `group` that decodes (each one before it
+    skipped and counted by `example`); a padding row (index -1) when none does or
+    `group` is empty."""
+    for i in group:
+        row = example.eval((i, source[i]))
+        if row["index"] >= 0:
+            return row
+    return example.eval((-1, None))
 
 
 class EvalBatches:
     """This process's eval batches, decoded again at each pass rather than held: a whole
     Karpathy test split at 224 px is 25k float32 images, 15 GB. The same batches every
     pass; corrupt records are counted in the first pass only (`example.skipped`).
-    `record_indices`: the record of each of this process's rows, -1 for padding."""
+    `record_groups`: the records each of this process's rows tries in turn (see
+    `first_decoding`), () for padding."""
 
-    def __init__(self, paths: Sequence[str], record_indices: list[int], per_process: int, example,
+    def __init__(self, paths: Sequence[str], record_groups: list[tuple[int, ...]], per_process: int, example,
                  num_threads: int):
-        self._paths, self._record_indices = list(paths), record_indices
+        self._paths, self._record_groups = list(paths), record_groups
         self._per_process, self._example, self._num_threads = per_process, example, num_threads
         self._passes = 0
 
@@ -252,8 +273,7 @@ class EvalBatches:
         example = self._example if self._passes == 0 else dataclasses.replace(self._example, skipped=SkipCounter())
         self._passes += 1
         source = _source(self._paths)
-        ds = grain.MapDataset.source(self._record_indices).map(
-            lambda i: example.eval((i, source[i] if i >= 0 else None)))
+        ds = grain.MapDataset.source(self._record_groups).map(lambda group: first_decoding(example, source, group))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=4))
         return iter(ds.batch(self._per_process))
 
@@ -274,6 +294,17 @@ def first_record_of_image(images: Sequence[str | None]) -> np.ndarray:
     first: dict[str, int] = {}
     return np.asarray([i if image is None else first.setdefault(image, i) for i, image in enumerate(images)],
                       np.int64)
+
+
+def records_of_images(images: Sequence[str | None]) -> list[list[int]]:
+    """For each image of N records (their `records.image_id`, as `read_labels` gives them),
+    in the order of its first record, the indices of its records in order; records that
+    did not decode (None) in none."""
+    groups: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        if image is not None:
+            groups.setdefault(image, []).append(i)
+    return list(groups.values())
 
 
 def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:

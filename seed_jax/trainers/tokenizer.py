@@ -252,13 +252,14 @@ class Evaluator:
     """Retrieval recall@K (causal embeddings; in stage II also from the codes) and
     codebook usage on the held-out split.
 
-    Each image is encoded once, from the first of its records (a COCO image's 5 captions
-    are 5 records): `image_batches` hold those records, `caption_batches` every record's
-    caption, `captions` / `images` each record's caption and `records.image_id` (see
-    `eval_inputs`). Every record is then scored with its image's features, as when each
-    record's image was encoded: the metrics are those of all records, but codebook usage,
-    which counts each image's codes once. (Where the image of an image's first readable
-    record does not decode, all its captions are left out, not that record's alone.)"""
+    Each image is encoded once, from the first of its records whose image decodes (a
+    COCO image's 5 captions are 5 records): `image_batches` hold one row per image,
+    `caption_batches` every record's caption, `captions` / `images` each record's caption
+    and `records.image_id` (see `eval_inputs`). Every record is then scored with its
+    image's features, as when each record's image was encoded: the metrics are those of
+    all records, but codebook usage, which counts each image's codes once. A record whose
+    image was tried and did not decode is left out (and counted as skipped), as before;
+    the images of the records after the encoded one are not decoded."""
 
     def __init__(self, model: TrainModel, image_batches, caption_batches, captions, images, mesh, rules):
         self.image_batches, self.caption_batches = image_batches, caption_batches
@@ -298,10 +299,16 @@ class Evaluator:
 
     def image_rows(self, encoded: np.ndarray, records: np.ndarray) -> np.ndarray:
         """For each of `records`, the row of its image among the `encoded` records (the
-        image pass's indices), -1 where its image's first record did not decode."""
-        rows = np.full(len(self.first_record), -1)
-        rows[encoded] = np.arange(len(encoded))
-        return rows[self.first_record[records]]
+        image pass's indices, one record an image), -1 where none of its image's records
+        decoded or it comes before its image's encoded record (its image was tried and
+        did not decode)."""
+        image_of = self.first_record  # an image is named by its first record
+        rows = np.full(len(image_of), -1)
+        rows[image_of[encoded]] = np.arange(len(encoded))
+        encoded_record = np.full(len(image_of), len(image_of))
+        encoded_record[image_of[encoded]] = encoded
+        image = image_of[records]
+        return np.where(records >= encoded_record[image], rows[image], -1)
 
     def __call__(self, model: TrainModel, step: int, stage: str) -> dict[str, float]:
         with_codes = stage == "stage2"
@@ -332,16 +339,17 @@ class Evaluator:
 def eval_inputs(paths, example: pipeline.Example, config) -> tuple:
     """(image batches, caption batches, captions, images) of `Evaluator` for the first
     `config.eval.num_examples` records of the eval split `paths`: the image batches hold
-    the first record of each image (by `records.image_id`), the caption batches all."""
+    one row per image (by `records.image_id`), the first of its records whose image
+    decodes, the caption batches all."""
     e = config.eval
     captions, images = zip(*pipeline.read_labels(paths, e.num_examples))
-    first = pipeline.first_record_of_image(images)
-    encoded = [i for i, image in enumerate(images) if image is not None and first[i] == i]
-    if not encoded:
+    image_records = pipeline.records_of_images(images)
+    if not image_records:
         raise ValueError(f"{paths[0]}...: none of the eval split's first {len(images)} records decodes "
                          "(eval.num_examples)")
     batches = dict(global_batch_size=e.batch_size, num_threads=config.data.num_threads)
-    return (pipeline.eval_batches(paths, example, num_examples=e.num_examples, record_indices=encoded, **batches),
+    return (pipeline.eval_batches(paths, example, num_examples=e.num_examples, record_groups=image_records,
+                                  **batches),
             pipeline.eval_batches(paths, pipeline.CaptionExample(example.text, example.skipped,
                                                                  example.process_caption),
                                   num_examples=e.num_examples, **batches),

@@ -530,6 +530,85 @@ def test_pretokenize_writes_a_finished_shard_again_for_other_input_records(tmp_p
         assert len(list(pipeline.read_records(records.shard_paths(out, "train"), pipeline.ALL_RECORDS))) == count
 
 
+class _ZeroEncoder:
+    """Stands in for `pretokenize.LocalEncoder`: 16-px images -> codes of zeros; counts them."""
+    image_size = 16
+
+    def __init__(self):
+        self.encoded = 0
+
+    def __call__(self, pixels):
+        self.encoded += len(pixels)
+        return np.zeros((len(pixels), 32), np.int32)
+
+
+def _write_image_records(folder, good: list[bool]) -> list[str]:
+    """One shard `train-00000-of-00001` in `folder` of a 16-px shapes record where `good`,
+    a corrupt one (3 bytes, too short for a header) elsewhere; returns its path."""
+    os.makedirs(folder)
+    path = records.shard_path(str(folder), "train", 0, 1)
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i, is_good in enumerate(good):
+        writer.write(records.encode_record(synthetic.make_example(i, 0, 16)) if is_good else b"bad")
+    writer.close()
+    return [path]
+
+
+def test_pretokenizing_an_all_corrupt_split_fails_naming_it(tmp_path):
+    """A split of which every record was skipped wrote empty code shards, and training on
+    them failed later naming the shards ("0 records, fewer than the 1 processes"); it now
+    fails once written, naming the split, its counts and why a record was skipped, as
+    does a rerun that resumes its finished shard. A good split's shard stays done."""
+    splits = {"good": _write_image_records(tmp_path / "good", [True] * 3),
+              "train": _write_image_records(tmp_path / "corrupt", [False] * 5)}
+    out, encoder = str(tmp_path / "codes"), _ZeroEncoder()
+    run = functools.partial(pretokenize.tokenize_splits, encoder, splits, out, batch_size=2, num_threads=1)
+    message = (r"pretokenize train: no record of the split .*corrupt/train-00000-of-00001.array_record\.\.\. could "
+               r"be tokenized: 5 of its 5 records skipped \(this process's first: corrupt record: only 3 bytes, too "
+               r"short for a header\); its code shards in .*codes hold none")
+    for _ in range(2):  # the rerun resumes both splits' shards (nothing encoded) and fails alike
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert encoder.encoded == 3
+
+
+_PRETOKENIZE_ON_TWO_PROCESSES = """
+import json
+import sys
+import jax
+flags = dict(a.split("=") for a in sys.argv[2:] if "=" in a)
+jax.distributed.initialize(flags["--coordinator_address"], int(flags["--num_processes"]), int(flags["--process_id"]))
+sys.path.insert(0, "tests")
+from test_seed_opt import _ZeroEncoder
+from seed_jax.data import records
+from seed_jax.trainers import pretokenize
+folder = sys.argv[1]
+for name in ("half", "corrupt"):
+    paths = records.shard_paths(f"{folder}/{name}", "train")
+    try:
+        summaries = pretokenize.tokenize_splits(_ZeroEncoder(), {name: paths}, f"{folder}/codes", batch_size=2,
+                                                num_threads=1)
+        print("summary", json.dumps(summaries[name]["records"]))
+    except ValueError as error:
+        print("error", error)
+"""
+
+
+def test_two_processes_pretokenize_a_split_one_of_whose_slices_is_all_corrupt(tmp_path, repo_root):
+    """An all-corrupt split fails on every process, judged on the split's totals: a
+    process whose slice alone is all corrupt (the second half of `half`) writes an empty
+    shard and no error, while the other process's slice holds the split's records."""
+    _write_image_records(tmp_path / "half", [True] * 4 + [False] * 4)
+    _write_image_records(tmp_path / "corrupt", [False] * 8)
+    outputs = run_two_processes(repo_root, [str(tmp_path)], program=("-c", _PRETOKENIZE_ON_TWO_PROCESSES))
+    reported = [[line for line in out.splitlines() if line.startswith(("summary", "error"))] for out in outputs]
+    assert [lines[0] for lines in reported] == ["summary 4", "summary 0"]  # this process's records
+    for lines in reported:
+        assert len(lines) == 2 and re.match(r"error pretokenize corrupt: .* 8 of its 8 records skipped \(this "
+                                            r"process's first: corrupt record", lines[1])
+    assert len(records.shard_paths(str(tmp_path / "codes"), "half")) == 2
+
+
 def test_codes_written_with_another_tokenizer_export_are_refused(tmp_path):
     """`data.codes_dir` from a standalone pretokenize run is checked against the
     tokenizer export SEED-OPT trains with, where the shard summaries name theirs."""

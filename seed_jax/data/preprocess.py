@@ -79,10 +79,11 @@ def train_image(image: Image.Image, size: int, rng: np.random.Generator, scale=(
 
 def eval_record(raw: bytes, image_size: int) -> dict:
     """A raw image record -> {"id", "caption", "pixels" (S,S,3) CLIP-normalised, resized
-    without a crop}; "pixels" is None when the record or its image does not decode."""
+    without a crop}; "pixels" is None when the record or its image does not decode, and
+    "error" then says why."""
     try:
         record = records.decode_record(raw)
         image = resize(decode_image(record["image"]), image_size)
         return {"id": record["id"], "caption": record["caption"], "pixels": normalize(image)}
-    except ValueError:
-        return {"id": "", "caption": "", "pixels": None}
+    except ValueError as error:
+        return {"id": "", "caption": "", "pixels": None, "error": str(error)}

@@ -9,7 +9,8 @@ resumes, unless its summary names another tokenizer export (`weights.fingerprint
 the export was replaced since) or other input shards (names and sizes: the split was
 rebuilt or another split given); a rerun on another number of processes first removes
 the shards (and summaries) of the earlier count. Undecodable records are skipped and counted in
-`{prefix}.summary-{p:05d}-of-{P:05d}.json`.
+`{prefix}.summary-{p:05d}-of-{P:05d}.json` (with the first one's reason); a split of which
+no process wrote a record fails once every process has written its shard.
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     from array_record.python import array_record_module
 
     written = skipped = 0
+    first_skip_reason = ""
     writer = array_record_module.ArrayRecordWriter(path + ".partial", "group_size:1")
     try:
         batch: list[dict] = []
         for item in ds:
             if item["pixels"] is None:
                 skipped += 1
+                first_skip_reason = first_skip_reason or item["error"]
                 continue
             batch.append(item)
             if len(batch) == batch_size:
@@ -103,8 +106,8 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     finally:
         writer.close()
     os.replace(path + ".partial", path)
-    summary = {"records": written, "skipped_records": skipped, "source_records": stop - start, "tokenizer": tokenizer,
-               "inputs": inputs}
+    summary = {"records": written, "skipped_records": skipped, "first_skip_reason": first_skip_reason,
+               "source_records": stop - start, "tokenizer": tokenizer, "inputs": inputs}
     records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
@@ -191,12 +194,38 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
     all processes take part. Returns {prefix: this process's summary}."""
     _refuse_to_overwrite_inputs(splits, out_dir)  # before any split writes
     model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
-    encoder, tokenizer = LocalEncoder(model), weights.fingerprint(tokenizer_export)
-    out = {prefix: tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,
-                                  tokenizer=tokenizer)
-           for prefix, paths in splits.items()}
+    return tokenize_splits(LocalEncoder(model), splits, out_dir, batch_size=batch_size, num_threads=num_threads,
+                           tokenizer=weights.fingerprint(tokenizer_export))
+
+
+def tokenize_splits(encoder: LocalEncoder, splits: dict[str, list[str]], out_dir: str, *, batch_size: int,
+                    num_threads: int = 4, tokenizer: str | None = None) -> dict[str, dict]:
+    """`tokenize_split` of every split (prefix -> image-record shard paths), each then
+    checked to hold records (`check_records_written`); all processes take part. Returns
+    {prefix: this process's summary}."""
+    out = {}
+    for prefix, paths in splits.items():
+        out[prefix] = tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,
+                                     tokenizer=tokenizer)
+        check_records_written(prefix, paths, out_dir, out[prefix])
     multihost_utils.sync_global_devices("pretokenized")
     return out
+
+
+def check_records_written(prefix: str, in_paths: list[str], out_dir: str, summary: dict) -> None:
+    """Raises on every process when no process wrote a code record of the split `prefix`
+    (every record skipped, or none): training on its empty code shards failed later,
+    naming them, not the cause. Judged on the split's totals, gathered from every
+    process's `summary` (a collective): one process's slice may be empty or all corrupt
+    while the others' are not, and the split then trains on theirs."""
+    counts = np.asarray([summary["records"], summary["skipped_records"], summary["source_records"]], np.int32)
+    written, skipped, source = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+    if written:
+        return
+    why = summary.get("first_skip_reason")  # absent from summaries written before it was kept
+    raise ValueError(f"pretokenize {prefix}: no record of the split {in_paths[0]}... could be tokenized: {skipped} of "
+                     f"its {source} records skipped" + (f" (this process's first: {why})" if why else "") +
+                     f"; its code shards in {out_dir} hold none. Rebuild the split's image records")
 
 
 def split_paths(splits) -> dict[str, list[str]]:

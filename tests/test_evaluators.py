@@ -252,3 +252,60 @@ def test_exact_match_counts_any_caption_of_the_rows_image():
     assert score_captions(generated, references, images) == {"caption/exact_match": 0.75}
     with pytest.raises(ValueError, match="images: expected one per reference"):
         score_captions(generated, references, images[:-1])
+
+
+def _shapes_run_without_shards(folder) -> str:
+    """A tiny shapes-world tokenizer run's config.json, finished (DONE.json), its data/ empty."""
+    import json
+
+    from configs.tokenizer import get_config
+
+    os.makedirs(os.path.join(folder, "data"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(get_config("tiny").to_dict(), f)
+    open(os.path.join(folder, "DONE.json"), "w").close()
+    return str(folder)
+
+
+def _caption_codes(run, empty):
+    from seed_jax.evaluators import caption_codes
+    return caption_codes.score_split(None, empty, "eval")
+
+
+def _query_redundancy(run, empty):
+    from seed_jax.evaluators import query_redundancy
+    return query_redundancy.measure("unused export", empty, "train", num_examples=8)
+
+
+def _caption_swaps(run, empty):
+    from seed_jax.evaluators import caption_swaps
+    return caption_swaps.score_run(run, num_examples=8)
+
+
+def _feature_probe(run, empty):
+    from seed_jax.evaluators import feature_probe
+    return feature_probe.probe_run(run, num_train=8, num_eval=8)
+
+
+def _vit_from_labels(run, empty):
+    from seed_jax.evaluators import vit_from_labels
+    return vit_from_labels.run(run, steps=1, batch_size=1, lr=1.0, num_train=8, num_eval=8)
+
+
+@pytest.mark.parametrize("evaluate, flag, prefix", [
+    (_caption_codes, "codes_dir", "eval"), (_query_redundancy, "data_dir", "train"),
+    (_caption_swaps, "tokenizer_workdir", "eval"), (_feature_probe, "tokenizer_workdir", "train"),
+    (_vit_from_labels, "tokenizer_workdir", "train")])
+def test_an_evaluators_folder_without_shards_is_named_by_its_flag(evaluate, flag, prefix, tmp_path, monkeypatch):
+    """The five evaluator command lines' shards: a folder without them was named, not the
+    flag that gave it (`--codes_dir`, `--data_dir`, `--tokenizer_workdir`: its data/)."""
+    from seed_jax.evaluators import feature_probe
+
+    tokenizer = types.SimpleNamespace(config=types.SimpleNamespace(
+        qformer=types.SimpleNamespace(with_text=True), with_itc_heads=True))
+    monkeypatch.setattr(feature_probe, "load_run_tokenizer", lambda *args: tokenizer)
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: tokenizer)
+    run, empty = _shapes_run_without_shards(tmp_path / "run"), str(tmp_path / "run" / "data")
+    with pytest.raises(FileNotFoundError, match=rf"^{flag}: no ArrayRecord shards named '{prefix}-\*-of-\*"
+                                                rf"\.array_record' in '.*run/data'$"):
+        evaluate(run, empty)

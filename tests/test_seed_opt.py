@@ -355,16 +355,23 @@ def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
 
 
 def test_shard_sets_of_two_counts_or_with_a_gap_are_refused(tmp_path):
+    """Each error starts with the field (config field or flag) that named the folder,
+    given one; those of these two sets named the folder alone."""
     for count in (2, 3):
         for index in range(count):
             open(records.shard_path(str(tmp_path), "train", index, count), "wb").close()
     with pytest.raises(ValueError, match=r"shards of 'train' written as \[2, 3\] shards"):
         records.shard_paths(str(tmp_path), "train")
+    with pytest.raises(ValueError, match=r"^data.train_dir: '.*' holds shards of 'train' written as \[2, 3\]"):
+        records.shard_paths(str(tmp_path), "train", "data.train_dir")
     os.remove(records.shard_path(str(tmp_path), "train", 0, 2))
     os.remove(records.shard_path(str(tmp_path), "train", 1, 2))
     os.remove(records.shard_path(str(tmp_path), "train", 1, 3))
     with pytest.raises(ValueError, match=r"missing \[1\]"):
         records.shard_paths(str(tmp_path), "train")
+    with pytest.raises(ValueError, match=r"^data.train_dir: '.*': the shards of 'train' numbered \[0, 2\] .*"
+                                         r"missing \[1\]"):
+        records.shard_paths(str(tmp_path), "train", "data.train_dir")
 
 
 @pytest.fixture(scope="module")

@@ -167,9 +167,9 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
     ``prefix-00000-of-N`` ... ``prefix-(N-1)-of-N``, else an error saying what is wrong
     (sets of two shard counts would read records twice; a missing shard loses records),
     starting with ``field`` when given (the config field or flag that named ``directory``)."""
+    named = f"{field}: " if field else ""
     paths = existing_shards(directory, prefix)
     if not paths:
-        named = f"{field}: " if field else ""
         raise FileNotFoundError(
             f"{named}no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
         )
@@ -177,11 +177,11 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
                for p in paths]
     counts = sorted({int(m.group(2)) for m in numbers})
     if len(counts) > 1:
-        raise ValueError(f"{directory!r} holds shards of {prefix!r} written as {counts} shards: "
+        raise ValueError(f"{named}{directory!r} holds shards of {prefix!r} written as {counts} shards: "
                          "remove the stale set")
     indices = [int(m.group(1)) for m in numbers]
     if indices != list(range(counts[0])):
         missing = sorted(set(range(counts[0])) - set(indices))
-        raise ValueError(f"{directory!r}: the shards of {prefix!r} numbered {indices} are not the set 0..{counts[0] - 1}"
-                         f" (missing {missing})")
+        raise ValueError(f"{named}{directory!r}: the shards of {prefix!r} numbered {indices} are not the set "
+                         f"0..{counts[0] - 1} (missing {missing})")
     return paths

@@ -66,7 +66,7 @@ def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples:
     """Caption scores of `model` on the first `num_examples` readable records of
     `codes_dir`'s `split` shards (corrupt records skipped and counted)."""
     skipped = pipeline.SkipCounter()
-    rows = sequences.read_code_records(records.shard_paths(codes_dir, split), num_examples, skipped)
+    rows = sequences.read_code_records(records.shard_paths(codes_dir, split, "codes_dir"), num_examples, skipped)
     captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
     scores = score_captions(captions, [r["caption"] for r in rows], [records.image_id(r["id"]) for r in rows])

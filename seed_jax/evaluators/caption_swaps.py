@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -23,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 
 from seed_jax import command_line
-from seed_jax.data import records, synthetic
+from seed_jax.data import synthetic
 from seed_jax.evaluators import feature_probe
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -67,7 +66,7 @@ def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = 
     if not (tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads):
         raise ValueError(f"tokenizer_workdir: the export in {tokenizer_workdir} has no Q-Former text branch "
                          "and contrastive heads to score captions with")
-    paths = records.shard_paths(os.path.join(tokenizer_workdir, "data"), split)
+    paths = feature_probe.run_shards(tokenizer_workdir, split)
     features, captions = feature_probe.encode_split(tokenizer, paths, num_examples, ("causal_embeddings",))
     graphdef, state = nnx.split(tokenizer.model)
     image_features = np.asarray(jax.jit(lambda s, c: nnx.merge(graphdef, s).image_features(c))(

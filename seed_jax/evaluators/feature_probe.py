@@ -162,13 +162,19 @@ def load_run_tokenizer(tokenizer_workdir: str, needed_by: str) -> api.SeedTokeni
     return api.SeedTokenizer.load(out, batch_size=256)
 
 
+def run_shards(tokenizer_workdir: str, split: str) -> list[str]:
+    """The shards of the run's `split` ("train" or "eval") in TOKENIZER_WORKDIR/data; an
+    error naming tokenizer_workdir where they are missing."""
+    return records.shard_paths(os.path.join(tokenizer_workdir, "data"), split, "tokenizer_workdir")
+
+
 def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str = "") -> list[str]:
     """The run's training shards; for more than its `data.synthetic.num_train` images,
     the shapes world's training split extended to `num_train` examples, written once to
     `extra_data_dir` (default WORKDIR/probe_data). Example i is the same image in both."""
     world = shapes_run_config(tokenizer_workdir, "the probes").data.synthetic
     if num_train <= world.num_train:
-        return records.shard_paths(os.path.join(tokenizer_workdir, "data"), "train")
+        return run_shards(tokenizer_workdir, "train")
     return synthetic.write_shapes_dataset(extra_data_dir or os.path.join(tokenizer_workdir, "probe_data"),
                                           split="train", num_examples=num_train, seed=world.seed,
                                           image_size=world.image_size, num_shards=world.num_shards)
@@ -179,10 +185,9 @@ def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INT
               extra_data_dir: str = "") -> dict[str, dict]:
     """{intermediate: {"train": scores on up to 2000 training images, "eval": held-out scores}}."""
     tokenizer = load_run_tokenizer(tokenizer_workdir, "the probes")
-    data = os.path.join(tokenizer_workdir, "data")
     train_paths = training_shards(tokenizer_workdir, num_train, extra_data_dir)
     train, train_captions = encode_split(tokenizer, train_paths, num_train, intermediates)
-    held_out, eval_captions = encode_split(tokenizer, records.shard_paths(data, "eval"), num_eval, intermediates)
+    held_out, eval_captions = encode_split(tokenizer, run_shards(tokenizer_workdir, "eval"), num_eval, intermediates)
     labels = cell_labels(train_captions)
     results = {}
     for name in intermediates:

@@ -57,7 +57,7 @@ def measure(export: str, data_dir: str, prefix: str, num_examples: int) -> dict:
     """Encodes the first `num_examples` images of the `prefix` shards in `data_dir` with
     the tokenizer `export`: {"num_examples", "r2_from_last", **code_sharing}."""
     tokenizer = api.SeedTokenizer.load(export, batch_size=256)
-    features, _ = feature_probe.encode_split(tokenizer, records.shard_paths(data_dir, prefix), num_examples,
+    features, _ = feature_probe.encode_split(tokenizer, records.shard_paths(data_dir, prefix, "data_dir"), num_examples,
                                              ("causal_embeddings", "codes"))
     return {"num_examples": len(features["codes"]),
             "r2_from_last": r2_from_query(features["causal_embeddings"]).round(3).tolist(),

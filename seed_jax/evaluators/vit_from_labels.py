@@ -14,7 +14,6 @@ captions, little hope of teaching more.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -24,7 +23,6 @@ from absl import app, flags
 from flax import nnx
 
 from seed_jax import command_line
-from seed_jax.data import records
 from seed_jax.evaluators import feature_probe
 from seed_jax.models.vit import VisionTransformer, ViTConfig
 
@@ -68,9 +66,10 @@ def run(tokenizer_workdir: str, *, steps: int, batch_size: int, lr: float, num_t
         num_eval: int = 1024, seed: int = 0) -> dict[str, dict]:
     """{"train": scores on up to 2000 training images, "eval": held-out scores}."""
     vit = ViTConfig(**feature_probe.shapes_run_config(tokenizer_workdir, "the cell labels").model.vit.to_dict())
-    data = os.path.join(tokenizer_workdir, "data")
-    train, train_captions = feature_probe.read_split(records.shard_paths(data, "train"), num_train, vit.image_size)
-    held_out, eval_captions = feature_probe.read_split(records.shard_paths(data, "eval"), num_eval, vit.image_size)
+    train, train_captions = feature_probe.read_split(feature_probe.run_shards(tokenizer_workdir, "train"), num_train,
+                                                     vit.image_size)
+    held_out, eval_captions = feature_probe.read_split(feature_probe.run_shards(tokenizer_workdir, "eval"), num_eval,
+                                                       vit.image_size)
     predict = train_from_labels(vit, train, feature_probe.cell_labels(train_captions), steps=steps,
                                 batch_size=batch_size, lr=lr, seed=seed)
     return {"train": feature_probe.probe_scores(predict, train[:2000], train_captions[:2000]),

@@ -219,9 +219,9 @@ def first_count(num_examples: int, available: int) -> int:
 def eval_batches(paths: Sequence[str], example, *, num_examples: int, global_batch_size: int,
                  num_threads: int = 8, record_groups: Sequence[Sequence[int]] | None = None) -> "EvalBatches":
     """The first `num_examples` records (ALL_RECORDS: every one) through `example.eval`,
-    or, with `record_groups` (non-empty lists of indices among them), one row per group
-    (in that order): the first of its records that decodes (those before it skipped),
-    padding where none does. Padded to whole global batches (padding has index -1).
+    or, with `record_groups` (lists of indices among them), one row per group (in that
+    order): the first of its records that decodes (those before it skipped), padding
+    where none does. Padded to whole global batches (padding has index -1).
     Process p gets rows [p*b, (p+1)*b) of every global batch."""
     index, count = _process_slice()
     if global_batch_size % count:

@@ -334,6 +334,35 @@ def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_
     assert "no part (unet, vae, text_encoder) has weights of the variant bf16" in capsys.readouterr().err
 
 
+def test_a_vae_with_diffusers_0_13s_attention_names_converts_as_diffusers_reads_it(tmp_path):
+    """diffusers < 0.14 saved the VAE's mid-block attention as query/key/value/proj_attn
+    (the Hub's SD v1 folders still do); diffusers renames them on loading, and so must
+    the converter: the same parameters as from today's names."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "pipeline"
+    tiny_pipeline(str(folder))
+    convert(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'new_names'}"])
+    path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    renamed = {}
+    for key, value in state.items():
+        for new, old in old_names.items():
+            key = key.replace(new, old) if ".attentions." in key else key
+        renamed[key] = value
+    assert sum(".proj_attn." in k for k in renamed) == 4  # weight and bias, encoder and decoder
+    save_file(renamed, path, metadata={"format": "pt"})
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in state.items())
+    convert(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'old_names'}"])
+    new, old = (weights.load_params(str(tmp_path / d)) for d in ("new_names", "old_names"))
+    assert new.keys() == old.keys()
+    for key in new:
+        np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+
+
 def test_sample_rejects_bad_inputs(converted):
     _, sd = converted
     good = np.zeros((1, 77, CONTEXT_WIDTH), np.float32)

@@ -3,6 +3,8 @@ shapes-world caption attribute scores."""
 
 import io
 import os
+import subprocess
+import sys
 import types
 
 import jax.numpy as jnp
@@ -309,3 +311,21 @@ def test_an_evaluators_folder_without_shards_is_named_by_its_flag(evaluate, flag
     with pytest.raises(FileNotFoundError, match=rf"^{flag}: no ArrayRecord shards named '{prefix}-\*-of-\*"
                                                 rf"\.array_record' in '.*run/data'$"):
         evaluate(run, empty)
+
+
+def test_a_folder_without_shards_fails_before_the_export_loads(tmp_path, monkeypatch):
+    """caption_codes and query_redundancy loaded their export (minutes for a 2.7B
+    SEED-OPT) before they looked for the shards a mistyped flag names."""
+    from seed_jax.evaluators import query_redundancy
+
+    def load(*args, **kwargs):
+        raise AssertionError("the export loaded before the shards were looked for")
+
+    monkeypatch.setattr(api.SeedTokenizer, "load", load)
+    empty = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="^data_dir: no ArrayRecord shards"):
+        query_redundancy.measure("unused export", empty, "train", num_examples=8)
+    run = subprocess.run([sys.executable, "-m", "seed_jax.evaluators.caption_codes", f"--export={tmp_path}/absent",
+                          f"--codes_dir={empty}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert run.returncode != 0 and "codes_dir: no ArrayRecord shards" in run.stderr, run.stderr[-2000:]

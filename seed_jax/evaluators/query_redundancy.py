@@ -56,9 +56,9 @@ def code_sharing(codes: np.ndarray) -> dict:
 def measure(export: str, data_dir: str, prefix: str, num_examples: int) -> dict:
     """Encodes the first `num_examples` images of the `prefix` shards in `data_dir` with
     the tokenizer `export`: {"num_examples", "r2_from_last", **code_sharing}."""
+    paths = records.shard_paths(data_dir, prefix, "data_dir")  # a mistyped folder fails before the export loads
     tokenizer = api.SeedTokenizer.load(export, batch_size=256)
-    features, _ = feature_probe.encode_split(tokenizer, records.shard_paths(data_dir, prefix, "data_dir"), num_examples,
-                                             ("causal_embeddings", "codes"))
+    features, _ = feature_probe.encode_split(tokenizer, paths, num_examples, ("causal_embeddings", "codes"))
     return {"num_examples": len(features["codes"]),
             "r2_from_last": r2_from_query(features["causal_embeddings"]).round(3).tolist(),
             **code_sharing(features["codes"])}

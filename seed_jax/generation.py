@@ -128,7 +128,8 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
              eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32 new tokens. After
     `eos_id` a row emits `pad_id`; once every row has, decoding stops. `allowed` (T,2)
-    restricts step t to ids in [allowed[t,0], allowed[t,1]). `rng` is needed when
+    restricts step t to ids in [allowed[t,0], allowed[t,1]). `eos_id` (-1: none, as None)
+    and `pad_id` may be traced. `rng` is needed when
     sampling (temperature > 0):
     one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
     its key and prompt alone, not on the batch it runs in)."""
@@ -182,8 +183,15 @@ class Beams(NamedTuple):
     active: jax.Array           # (B,) bool: the row still takes finished hypotheses
 
 
+def length_divisors(max_new_tokens: int, length_penalty: float) -> np.ndarray:
+    """(T,) float32 length**length_penalty for lengths 1..T, computed in float64 and
+    rounded to float32 once, as transformers' divisor is."""
+    return (np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty).astype(np.float32)
+
+
 def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
-                num_beams: int, eos_id: int | None = None, pad_id: int = 1, length_penalty: float = 1.0) -> jax.Array:
+                num_beams: int, eos_id: int | None = None, pad_id: int = 1,
+                length_penalty: float | jax.Array = 1.0) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32, as transformers'
     `generate(num_beams=K, do_sample=False)` with its default `early_stopping=False`.
 
@@ -193,7 +201,9 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     into a K-slot buffer; the K best others stay live. A row stops taking hypotheses
     once its buffer is full and its best live beam, scored at its current length, does
     not beat the buffer's worst; the loop ends when no row takes any. Returns each
-    row's best hypothesis, `pad_id` after its eos."""
+    row's best hypothesis, `pad_id` after its eos. `length_penalty` is a number, or its
+    (T,) `length_divisors` (an array may be traced: other penalties then reuse a compiled
+    program), as `eos_id` (-1: none) and `pad_id` may be."""
     batch, prompt_length = input_ids.shape
     k = num_beams
     eos = -1 if eos_id is None else eos_id  # -1: no token ends a beam early
@@ -203,8 +213,8 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # cache batch axis is 1 (after layers)
     # New positions are written in order and the causal mask hides those not yet written.
     beam_mask = repeat(mask.at[:, prompt_length:].set(1))
-    # length**length_penalty for lengths 1..T, rounded to float32 once as transformers' divisor is
-    penalty = jnp.asarray(np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty, jnp.float32)
+    penalty = jnp.asarray(length_divisors(max_new_tokens, length_penalty) if np.ndim(length_penalty) == 0
+                          else length_penalty, jnp.float32)
 
     def select(i, logits, beams: Beams):
         """Step i on the live beams' (B*K,V) logits -> their parents (B*K,), new tokens (B*K,), next Beams."""

@@ -402,6 +402,31 @@ def test_sampled_rows_do_not_depend_on_batch_size():
     assert len(np.unique(same, axis=0)) > 1, "rows of one prompt share their samples"
 
 
+def test_new_end_padding_or_length_penalty_values_reuse_the_compiled_decoders():
+    """`eos_id`, `pad_id` and `length_penalty` were static: each value compiled greedy
+    decoding or beam search again (a sweep over length penalties, one program each).
+    They are traced now, and each value still gives the tokens of its own program."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (4, 5))
+    model = lm.model
+    free = lm.generate(ids, 8, eos_id=None)
+    options = [dict(eos_id=None, pad_id=1), dict(eos_id=int(free[0, 2]), pad_id=0),
+               dict(eos_id=int(free[1, 1]), pad_id=7)]
+    greedy = [lm.generate(ids, 8, **o) for o in options]
+    beams = [lm.generate(ids, 8, num_beams=2, length_penalty=p, **o) for p in (1.0, 0.0, -2.0) for o in options]
+    assert lm._generate._cache_size() == 1 and lm._beam_search._cache_size() == 1
+    mask = np.ones_like(ids)
+    for o, tokens in zip(options, greedy):  # each value compiled alone, as before
+        alone = jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=8, **o))(ids, mask)
+        np.testing.assert_array_equal(tokens, generation.up_to_last_end(np.asarray(alone), o["eos_id"]))
+    assert len({t.tobytes() for t in greedy}) == 3, "the options changed nothing: the check is vacuous"
+    for (p, o), tokens in zip([(p, o) for p in (1.0, 0.0, -2.0) for o in options], beams):
+        alone = jax.jit(lambda i, m: generation.beam_search(model, i, m, max_new_tokens=8, num_beams=2,
+                                                             length_penalty=p, **o))(ids, mask)
+        np.testing.assert_array_equal(tokens, generation.up_to_last_end(np.asarray(alone), o["eos_id"]),
+                                      err_msg=f"length_penalty={p} {o}")
+
+
 def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     """temperature and top_p are traced: a sweep over them compiles once per mode
     (greedy; sampling; sampling with top-p), and the values still act."""

@@ -89,9 +89,9 @@ class SeedOPT:
                                               length_penalty=length_penalty)
 
         self._logits = jax.jit(logits)
-        self._generate = jax.jit(generate, static_argnames=("max_new_tokens", "eos_id", "pad_id"))
-        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams", "eos_id", "pad_id",
-                                                                  "length_penalty"))
+        # the end and padding ids and the length penalty's divisors are traced: new values reuse the programs
+        self._generate = jax.jit(generate, static_argnames="max_new_tokens")
+        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
@@ -174,15 +174,17 @@ class SeedOPT:
                            seed=seed, eos_id=eos_id, pad_id=pad_id, allowed=allowed, num_beams=num_beams,
                            length_penalty=length_penalty)
         ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
+        eos_id, pad_id = np.int32(-1 if d.eos_id is None else d.eos_id), np.int32(d.pad_id)
         if d.num_beams > 1:
+            divisors = generation.length_divisors(d.max_new_tokens, d.length_penalty)
             return generation.up_to_last_end(run_in_chunks(lambda i, m: self._beam_search(
-                self._state, i, m, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams, eos_id=d.eos_id,
-                pad_id=d.pad_id, length_penalty=d.length_penalty), (ids, mask), self.batch_size), d.eos_id)
+                self._state, i, m, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams, eos_id=eos_id,
+                pad_id=pad_id, length_penalty=divisors), (ids, mask), self.batch_size), d.eos_id)
 
         def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
             keys = jax.vmap(lambda row: jax.random.fold_in(d.key, row))(rows)
             return self._generate(self._state, ids, mask, keys, d.ranges, max_new_tokens=d.max_new_tokens,
-                                  sampling=d.sampling, eos_id=d.eos_id, pad_id=d.pad_id)
+                                  sampling=d.sampling, eos_id=eos_id, pad_id=pad_id)
 
         return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size),
                                          d.eos_id)

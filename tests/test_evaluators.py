@@ -254,6 +254,10 @@ def test_exact_match_counts_any_caption_of_the_rows_image():
     assert score_captions(generated, references, images) == {"caption/exact_match": 0.75}
     with pytest.raises(ValueError, match="images: expected one per reference"):
         score_captions(generated, references, images[:-1])
+    # a reference with surrounding whitespace (records not written by make_records, which strips them)
+    # could never match: generated captions are stripped
+    assert score_captions(["a red star", "a blue circle"], [" a red star\n", "a blue square "]) == \
+        {"caption/exact_match": 0.5}
 
 
 def _shapes_run_without_shards(folder) -> str:

@@ -24,16 +24,17 @@ from seed_jax.evaluators.retrieval import groups_in_order
 
 
 def exact_match(generated: Sequence[str], references: Sequence[str], images: Sequence[str] | None = None) -> float:
-    """Fraction of generated captions equal to one of their image's references: `images`
-    names each row's image (`records.image_id`: an image's several caption records share
-    one, and the codes of its records give one greedy caption); None: each row its own."""
+    """Fraction of generated captions equal to one of their image's references, both
+    without surrounding whitespace (captions are generated stripped): `images` names each
+    row's image (`records.image_id`: an image's several caption records share one, and
+    the codes of its records give one greedy caption); None: each row its own."""
     row_images = range(len(references)) if images is None else images
     if len(row_images) != len(references):
         raise ValueError(f"images: expected one per reference ({len(references)}), got {len(row_images)}")
     captions_of = {}  # image -> its references
     for image, reference in zip(row_images, references):
-        captions_of.setdefault(image, set()).add(reference)
-    return float(np.mean([g in captions_of[image] for g, image in zip(generated, row_images)]))
+        captions_of.setdefault(image, set()).add(reference.strip())
+    return float(np.mean([g.strip() in captions_of[image] for g, image in zip(generated, row_images)]))
 
 
 def score_captions(generated: Sequence[str], references: Sequence[str],

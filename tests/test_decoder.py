@@ -34,7 +34,9 @@ def test_run_writes_metrics_grid_and_export(trained):
     assert os.listdir(os.path.join(trained, "tb"))
     with open(os.path.join(trained, "DONE.json")) as f:
         assert json.load(f)["steps"] == 4
-    assert weights.read_config(os.path.join(trained, "export"))[2]["steps"] == {"decoder": 4}
+    info = weights.read_config(os.path.join(trained, "export"))[2]
+    assert info["steps"] == {"decoder": 4}
+    assert info["uncond_probability"] == get_config("tiny").uncond_probability  # the API warns on 0
 
 
 def test_an_export_after_num_steps_lowered_records_the_checkpoints_steps(trained, tmp_path):

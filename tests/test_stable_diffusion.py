@@ -425,6 +425,26 @@ def test_empty_prompt_ids_outside_the_vocabulary_are_named(converted):
         model.sample(np.zeros((1, 77, CONTEXT_WIDTH), np.float32), num_steps=1)
 
 
+@pytest.mark.parametrize("trained", [0.0, 0.1])
+def test_guiding_a_model_never_trained_unconditionally_warns_once(converted, tmp_path, caplog, trained):
+    """A decoder trained with uncond_probability 0 was guided by the empty prompt it never
+    saw, silently: its export records the probability, and sampling then warns, once,
+    where guidance falls back on the empty prompt."""
+    _, sd = converted
+    out = str(tmp_path / "export")
+    weights.save(out, "stable_diffusion", sd.config, weights.flat_params(sd.model),
+                 info={"uncond_probability": trained})
+    model = StableDiffusion.load(out)
+    prompt = np.zeros((1, 77, CONTEXT_WIDTH), np.float32)
+    with caplog.at_level("WARNING"):
+        model.sample(prompt, num_steps=1, guidance_scale=1.0)  # no guidance
+        model.sample(prompt, prompt, num_steps=1, guidance_scale=3.0)  # the user's negative
+        assert "never trained" not in caplog.text
+        model.sample(prompt, num_steps=1, guidance_scale=3.0)
+        model.sample(prompt, num_steps=1, guidance_scale=3.0)
+    assert caplog.text.count("never trained") == (trained == 0)
+
+
 @pytest.mark.slow
 def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
     """SD v1's UNet (one denoising step) and autoencoder (encode and decode) with random

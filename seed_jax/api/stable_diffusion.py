@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from seed_jax import weights
@@ -21,12 +22,16 @@ class StableDiffusion:
     `configs/decoder.py`). The whole sampling loop, classifier-free guidance and the
     VAE decoder run as one jitted program per (sampler, steps, chunk size). `dtype` is
     the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
-    builds it so); float32 matmuls run at full float32 precision on every backend."""
+    builds it so); float32 matmuls run at full float32 precision on every backend.
+    `uncond_probability`: how often training gave the UNet the empty prompt, where known
+    (a decoder export records it); 0 warns, once, when guidance falls back on it."""
 
-    def __init__(self, model: StableDiffusionModel, *, dtype: str | None = None, batch_size: int = 8):
+    def __init__(self, model: StableDiffusionModel, *, dtype: str | None = None, batch_size: int = 8,
+                 uncond_probability: float | None = None):
         dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
+        self.uncond_probability, self._warned_unconditional = uncond_probability, False
         graphdef, self._state = nnx.split(model)
         precision = matmul_precision(dtype)
 
@@ -47,7 +52,8 @@ class StableDiffusion:
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
         """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export)."""
         model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="stable_diffusion")
-        return cls(model, dtype=dtype, batch_size=batch_size)
+        return cls(model, dtype=dtype, batch_size=batch_size,
+                   uncond_probability=weights.read_config(path)[2].get("uncond_probability"))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -106,6 +112,7 @@ class StableDiffusion:
         guided = scale > 1.0
         if guided:
             if negative_embeds is None:
+                self._warn_if_unconditional_is_untrained(scale)
                 negative_embeds = self.empty_prompt_embeds(batch)
                 if negative_embeds.shape[1] != prompt_embeds.shape[1]:  # both halves share one UNet batch
                     raise ValueError(f"prompt_embeds: {prompt_embeds.shape[1]} tokens long, the empty prompt's "
@@ -127,6 +134,13 @@ class StableDiffusion:
             return self._sample(self._state, plan, prompt, negative, noise, scale, sampler)
 
         return run_in_chunks(run, inputs, self.batch_size)
+
+    def _warn_if_unconditional_is_untrained(self, scale: float) -> None:
+        if self.uncond_probability == 0 and not self._warned_unconditional:
+            self._warned_unconditional = True
+            logging.warning("guidance_scale %g guides by the empty prompt, on which this model was never trained "
+                            "(its decoder training's uncond_probability was 0): expect poor images; pass "
+                            "guidance_scale=1 (no guidance), or negative_embeds", scale)
 
     def check_sampling(self, num_steps: int, guidance_scale: float, sampler: str, seed: int):
         """(guidance scale float32, the sampler's plan) for `sample`'s options, else a

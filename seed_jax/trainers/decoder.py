@@ -233,6 +233,7 @@ def train(config, workdir: str) -> bool:
     coordination.export_and_mark_done(
         workdir, out, steps, lambda: weights.save(
             out, "stable_diffusion", sd_config, params,
-            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps}),
+            info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
+                  "uncond_probability": config.uncond_probability}),
         done={"steps": steps["decoder"], "export": out, "tokenizer_export": tok_export})
     return True

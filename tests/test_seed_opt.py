@@ -314,6 +314,24 @@ def test_an_export_reads_images_as_the_codes_per_image_it_was_trained_on(text, t
         api.SeedOPT.load(out, tokenizer=tokenizer_export)
 
 
+def test_caption_codes_reads_the_code_records_of_the_exports_codes_per_image(text, tmp_path):
+    """The caption_codes evaluator read every code record as SEED's 32 codes: on the
+    codes of a SEED-OPT trained with another count each record was skipped, and it
+    failed ("hold 0 readable records"). It reads them as the export's codes_per_image."""
+    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
+                             max_positions=128, extra_tokens=64 + 2)
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    out = str(tmp_path / "export")
+    seed_opt.export(model_config, weights.flat_params(weights.build("opt", model_config)), image, text, out,
+                    info={"codes_per_image": 8})
+    rows = [(f"img-{i}", "a small red star", np.full(8, i)) for i in range(3)]
+    os.makedirs(tmp_path / "codes")
+    _write_code_records(records.shard_path(str(tmp_path / "codes"), "eval", 0, 1), rows)
+    scores = caption_codes.score_split(api.SeedOPT.load(out), str(tmp_path / "codes"), "eval",
+                                       num_examples=pipeline.ALL_RECORDS, max_new_tokens=2)
+    assert scores["num_examples"] == 3 and scores["skipped_records"] == 0
+
+
 class _Killed(Exception):
     """The process killed at this point."""
 
@@ -792,6 +810,8 @@ def test_score_split_counts_any_caption_of_a_records_image(tmp_path):
     writer.close()
 
     class FirstCaption:  # writes the first caption of the image whose codes it reads
+        num_queries = 32
+
         def caption_codes(self, codes, max_new_tokens):
             return [f"{'ab'[row[0]]}.jpg caption 0" for row in codes]
 

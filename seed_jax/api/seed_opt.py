@@ -103,7 +103,8 @@ class SeedOPT:
         for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
         here runs `batch_size` rows at a time too. The prompts, the length their text
         is cut to and the codes an image are those SEED-OPT was trained with (the
-        export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and SEED's 32. `generate` ends rows at the
+        export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the
+        SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
         without them: no end token, padding 1)."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
@@ -324,17 +325,18 @@ class SeedOPT:
 
     def caption_codes(self, codes, *, max_new_tokens: int | None = None, num_beams: int = 1,
                       **sampling) -> list[str]:
-        """int codes (B,32) -> captions (image -> text after the prompt "A photo of");
-        `max_new_tokens` None: 30, or fewer where the model's positions end; `sampling`:
-        temperature, top_k, top_p, seed (not with num_beams > 1) and length_penalty (with
-        num_beams > 1 only); another name is a TypeError."""
+        """int codes (B,Q), Q = `num_queries`, -> captions (image -> text after the prompt
+        "A photo of"); `max_new_tokens` None: 30, or fewer where the model's positions end;
+        `sampling`: temperature, top_k, top_p, seed (not with num_beams > 1) and
+        length_penalty (with num_beams > 1 only); another name is a TypeError."""
         return self._answers(self._caption_prompts(self._codes(codes)), max_new_tokens, CAPTION_TOKENS, num_beams,
                              sampling)
 
     def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int | None = None,
                      num_beams: int = 1, **sampling) -> list[str]:
-        """int codes (B,32) and B questions -> short answers ("Question: {q} Short answer.");
-        options as `caption_codes`, `max_new_tokens` None: 10 or fewer."""
+        """int codes (B,Q) (as `caption_codes`) and B questions -> short answers
+        ("Question: {q} Short answer."); options as `caption_codes`, `max_new_tokens`
+        None: 10 or fewer."""
         codes = self._codes(codes)
         questions = _check_texts("questions", questions, count=len(codes))
         return self._answers(self._question_prompts(codes, questions), max_new_tokens, ANSWER_TOKENS, num_beams,
@@ -342,8 +344,8 @@ class SeedOPT:
 
     def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0) -> np.ndarray:
-        """Text prompts -> int32 codes (B,32): after "Generate an image: {prompt}" and
-        <img>, each of 32 steps may only emit a code token, then </img>."""
+        """Text prompts -> int32 codes (B,Q), Q = `num_queries`: after "Generate an image:
+        {prompt}" and <img>, each of Q steps may only emit a code token, then </img>."""
         prompts = _check_texts("prompts", prompts)
         builder = self.builder
         image = builder.image

@@ -1,9 +1,10 @@
 """How well a SEED-OPT export captions the code records of a split.
 
-Greedy captions from each record's 32 codes, scored against the record's caption:
-exact match (any caption of the record's image counts) and, on the shapes world, per
-part (`shapes_captions`). Scoring the training split beside the held-out one tells
-underfitting (both low) from overfitting (training far higher).
+Greedy captions from each record's codes (as many as the export's codes per image),
+scored against the record's caption: exact match (any caption of the record's image
+counts) and, on the shapes world, per part (`shapes_captions`). Scoring the training
+split beside the held-out one tells underfitting (both low) from overfitting (training
+far higher).
 
   python -m seed_jax.evaluators.caption_codes --export=WORKDIR/export --codes_dir=WORKDIR/codes --split=train
 """
@@ -51,9 +52,10 @@ def score_captions(generated: Sequence[str], references: Sequence[str],
 
 
 def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy captions of int codes (N,32), `batch_size` rows at a time. Rows with the
-    same codes (the records of an image's several captions) are captioned once, in
-    order of their first row: greedy decoding gives them one caption anyway."""
+    """Greedy captions of int codes (N,Q), Q = `model.num_queries`, `batch_size` rows at a
+    time. Rows with the same codes (the records of an image's several captions) are
+    captioned once, in order of their first row: greedy decoding gives them one caption
+    anyway."""
     first, group = groups_in_order([row.tobytes() for row in np.ascontiguousarray(codes)])
     distinct = codes[first]
     captions = []
@@ -65,9 +67,11 @@ def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_n
 def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
                 batch_size: int = 128, max_new_tokens: int = 24) -> dict[str, float]:
     """Caption scores of `model` on the first `num_examples` readable records of
-    `codes_dir`'s `split` shards (corrupt records skipped and counted)."""
+    `codes_dir`'s `split` shards (corrupt records, and those of other than the model's
+    codes per image, skipped and counted)."""
     skipped = pipeline.SkipCounter()
-    rows = sequences.read_code_records(records.shard_paths(codes_dir, split, "codes_dir"), num_examples, skipped)
+    rows = sequences.read_code_records(records.shard_paths(codes_dir, split, "codes_dir"), num_examples, skipped,
+                                       codes_per_image=model.num_queries)
     captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
     scores = score_captions(captions, [r["caption"] for r in rows], [records.image_id(r["id"]) for r in rows])

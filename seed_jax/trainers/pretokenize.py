@@ -36,7 +36,7 @@ from seed_jax.models.tokenizer import SeedTokenizer
 
 
 class LocalEncoder:
-    """pixels (B,S,S,3) -> codes (B,32) with the batch split over this process's devices,
+    """pixels (B,S,S,3) -> codes (B,Q), Q the queries, with the batch split over this process's devices,
     at the matmul precision `api.SeedTokenizer` encodes with (float32: full float32 on
     every backend), so that the codes trained on are those the API gives for the images."""
 

@@ -100,9 +100,11 @@ def _check_fields(name: str, template, expected: list[str]) -> None:
     if not isinstance(template, str):
         raise ValueError(f"{name}: expected a string, got {template!r}")
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as error:
         raise ValueError(f"{name}: {template!r} is no format string ({error})") from None
+    fields = [field for field, _ in parsed] + [nested for _, spec in parsed if "{" in spec  # as {question:{w}}
+                                               for _, nested, _, _ in string.Formatter().parse(spec) if nested]
     if fields != expected:
         wanted = " ".join("{%s}" % f for f in expected) or "no field"
         raise ValueError(f"{name}: expected {wanted} (braces in text doubled), got {template!r}")

@@ -601,3 +601,35 @@ def test_tfds_bad_flags_name_the_flag(tmp_path, capsys, flag, message):
     argv[flag.split("=")[0]] = flag
     assert _run("--source=tfds", f"--data_dir={data_dir}", f"--out={tmp_path / 'out'}", *argv.values()) == 1
     assert message in capsys.readouterr().err
+
+
+def _tfds_info_file(data_dir):
+    return os.path.join(data_dir, "coco_captions", "2014", "1.1.0", "dataset_info.json")
+
+
+def _set_file_formats(data_dir, file_format, alternatives):
+    """Rewrites the dataset's recorded file formats, as `tfds convert_format` (in place) leaves them."""
+    with open(_tfds_info_file(data_dir)) as f:
+        info = json.load(f)
+    info["fileFormat"], info["alternativeFileFormats"] = file_format, alternatives
+    with open(_tfds_info_file(data_dir), "w") as f:
+        json.dump(info, f)
+
+
+def test_tfds_dataset_converted_to_array_record_is_read(tmp_path, capsys):
+    """A dataset built as tfrecord (tfds's default) and given array_record files by
+    `tfds convert_format` records array_record as an alternative format: it was refused
+    as "prepared as tfrecord"."""
+    data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
+    _tiny_tfds_dataset(data_dir)
+    _set_file_formats(data_dir, "tfrecord", ["array_record"])
+    assert _run("--source=tfds", "--name=coco_captions", f"--data_dir={data_dir}", f"--out={out}",
+                "--num_workers=1") == 0
+    assert len(_read(out)) == 6
+    _set_file_formats(data_dir, "tfrecord", [])
+    assert _run("--source=tfds", "--name=coco_captions", f"--data_dir={data_dir}", f"--out={out}",
+                "--overwrite", "--num_workers=1") == 1
+    err = capsys.readouterr().err
+    assert "--name='coco_captions': prepared as tfrecord" in err
+    assert (f"tfds convert_format --dataset_version_dir={os.path.dirname(_tfds_info_file(data_dir))} "
+            "--out_file_format=array_record") in err

@@ -2,9 +2,10 @@
 
 The dataset is opened from its files (`builder_from_files`, not the dataset's code,
 which may need TensorFlow, as coco_captions' does) and read through
-`as_data_source`, so it must have been prepared in the array_record file format
-(`tfds build coco_captions --file_format=array_record`, which itself needs TensorFlow).
-Images are taken as their encoded bytes. Keys name features, nested ones with `/`
+`as_data_source`, so it must have array_record files: prepared in that format
+(`tfds build coco_captions --file_format=array_record`) or given them beside its own
+(`tfds convert_format --dataset_version_dir=DIR --out_file_format=array_record`); both
+need TensorFlow. Images are taken as their encoded bytes. Keys name features, nested ones with `/`
 (`captions/text`); a caption feature that is a list gives one record per caption.
 tensorflow-datasets is optional: `pip install -e ".[tfds]"`.
 """
@@ -17,6 +18,8 @@ import numpy as np
 
 from seed_jax.data.captioned import Entry
 
+ARRAY_RECORD = "array_record"  # the file format tfds reads without TensorFlow (random access)
+
 
 def import_tfds():
     try:
@@ -25,6 +28,13 @@ def import_tfds():
         raise ImportError("--source=tfds needs tensorflow-datasets: pip install -e \".[tfds]\" "
                           "(or pip install tensorflow-datasets)") from e
     return tfds
+
+
+def _file_formats(info) -> list[str]:
+    """The file formats a prepared dataset is in: the one it was built in, then those
+    `tfds convert_format` added beside it."""
+    formats = [info.file_format, *getattr(info, "alternative_file_formats", ())]
+    return [str(getattr(f, "value", f)) for f in formats if f]
 
 
 def _find(mapping, key: str):
@@ -84,10 +94,12 @@ def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "im
     except tfds.core.DatasetNotFoundError as e:
         raise FileNotFoundError(f"--name={name!r}: no prepared dataset of that name in "
                                 f"{data_dir or 'the default TFDS data dir'} (--data_dir): {e}") from e
-    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-    if file_format != "array_record":
-        raise ValueError(f"--name={name!r}: prepared as {file_format}; reading without TensorFlow needs the "
-                         f"array_record format (tfds build {name} --file_format=array_record)")
+    formats = _file_formats(builder.info)
+    if ARRAY_RECORD not in formats:
+        raise ValueError(f"--name={name!r}: prepared as {' and '.join(formats) or 'an unrecorded format'}; reading "
+                         f"without TensorFlow needs the array_record format: add it (tfds convert_format "
+                         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record) or build "
+                         f"the dataset in it (tfds build {name} --file_format=array_record); both need TensorFlow")
     features = builder.info.features
     image_feature, image_path = _feature(features, image_key, "image_key")
     if not isinstance(image_feature, tfds.features.Image):
@@ -98,7 +110,9 @@ def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "im
     for key in reversed(image_path):
         decoders = {key: decoders}
     try:
-        source = builder.as_data_source(split=split, decoders=decoders)
+        converted = formats[0] != ARRAY_RECORD  # array_record added by `tfds convert_format`
+        source = builder.as_data_source(split=split, decoders=decoders,
+                                        **({"file_format": ARRAY_RECORD} if converted else {}))
     except (ValueError, KeyError) as e:
         raise ValueError(f"--split={split!r}: {e}") from e
 

@@ -592,6 +592,10 @@ def test_tfds_dataset_gives_a_record_per_caption(tmp_path):
 
 @pytest.mark.parametrize("flag, message", [("--image_key=captions", "--image_key='captions': expected an Image"),
                                            ("--caption_key=caption", "--caption_key='caption': no feature"),
+                                           ("--caption_key=captions/id", "--caption_key='captions/id': expected a "
+                                            "text feature"),
+                                           ("--id_key=captions/id", "--id_key='captions/id': a feature inside a "
+                                            "Sequence"),
                                            ("--split=test", "--split='test'"),
                                            ("--name=coco", "--name='coco'")])
 def test_tfds_bad_flags_name_the_flag(tmp_path, capsys, flag, message):
@@ -633,3 +637,43 @@ def test_tfds_dataset_converted_to_array_record_is_read(tmp_path, capsys):
     assert "--name='coco_captions': prepared as tfrecord" in err
     assert (f"tfds convert_format --dataset_version_dir={os.path.dirname(_tfds_info_file(data_dir))} "
             "--out_file_format=array_record") in err
+
+
+def _tiny_tfds_frames_dataset(data_dir):
+    """A dataset with an image and several more an example (a Sequence of Images), and a
+    list of tags (empty in one example), prepared as array_record."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class Frames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="png"),
+                "frames": tfds.features.Sequence({"image": tfds.features.Image(encoding_format="png")}),
+                "caption": tfds.features.Text(), "tags": tfds.features.Sequence(tfds.features.Text())}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(2):
+                frames = [_image(os.path.join(data_dir, "src", f"{i}-{k}.png"), seed=k, fmt="PNG") for k in range(2)]
+                yield i, {"image": frames[0], "frames": {"image": frames}, "caption": f"clip {i}",
+                          "tags": ["a"] if i else []}
+
+    Frames(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image_key=frames/image"], "--image_key='frames/image': a feature inside a Sequence"),
+    (["--id_key=tags"], "--id_key='tags': a feature inside a Sequence"),
+])
+def test_tfds_several_values_an_example_are_refused(tmp_path, capsys, flags, message):
+    """An image key or id key naming a list (a tfds Sequence) raised an AttributeError or
+    an IndexError from deep inside the reading (tracebacks); it is refused naming the flag."""
+    data_dir = str(tmp_path / "tfds")
+    _tiny_tfds_frames_dataset(data_dir)
+    assert _run("--source=tfds", "--name=frames", "--caption_key=caption", f"--data_dir={data_dir}",
+                f"--out={tmp_path / 'out'}", "--num_workers=1", *flags) == 1
+    assert message in capsys.readouterr().err

@@ -5,9 +5,10 @@ which may need TensorFlow, as coco_captions' does) and read through
 `as_data_source`, so it must have array_record files: prepared in that format
 (`tfds build coco_captions --file_format=array_record`) or given them beside its own
 (`tfds convert_format --dataset_version_dir=DIR --out_file_format=array_record`); both
-need TensorFlow. Images are taken as their encoded bytes. Keys name features, nested ones with `/`
-(`captions/text`); a caption feature that is a list gives one record per caption.
-tensorflow-datasets is optional: `pip install -e ".[tfds]"`.
+need TensorFlow. Images are taken as their encoded bytes. Keys name features, nested
+ones with `/` (`captions/text`); a caption feature that is a list gives one record per
+caption; the image and id features must have one value an example. tensorflow-datasets
+is optional: `pip install -e ".[tfds]"`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ def _file_formats(info) -> list[str]:
     return [str(getattr(f, "value", f)) for f in formats if f]
 
 
+def _is_sequence(feature) -> bool:
+    """Whether `feature` is a tfds Sequence: a list of values an example. (A Sequence of a
+    dict answers for the dict's attributes, `keys` too.)"""
+    return isinstance(feature, import_tfds().features.Sequence)
+
+
 def _find(mapping, key: str):
     """mapping[key], with `a/b` looked up as mapping["a"]["b"] unless "a/b" is a key itself;
     a tfds Sequence feature is looked through. Returns (value, nested key path)."""
-    if hasattr(mapping, "feature") and not hasattr(mapping, "keys"):  # tfds Sequence
+    if _is_sequence(mapping):
         mapping = mapping.feature
     if not hasattr(mapping, "keys"):
         raise KeyError(f"{key!r} is below a feature that has no parts")
@@ -63,6 +70,31 @@ def _feature(features, key: str, flag: str):
         raise KeyError(f"--{flag}={key!r}: {e.args[0]}") from None
 
 
+def _in_sequence(features, path: list[str]) -> bool:
+    """Whether the feature at `path`, or one above it, is a Sequence (several values an example)."""
+    feature = features
+    for key in path:
+        if _is_sequence(feature):
+            return True
+        feature = feature[key]
+    return _is_sequence(feature)
+
+
+def _check_one_value(features, path: list[str], key: str, flag: str) -> None:
+    """Raises ValueError naming `flag` when an example holds a list of the feature at `path`."""
+    if _in_sequence(features, path):
+        raise ValueError(f"--{flag}={key!r}: a feature inside a Sequence (a list of values an example); "
+                         "expected a feature with one value an example")
+
+
+def _is_text(feature) -> bool:
+    """Whether `feature` holds text: a Text feature or string Tensor, or a Sequence of them."""
+    while _is_sequence(feature):
+        feature = feature.feature
+    dtype = getattr(feature, "np_dtype", None)
+    return isinstance(dtype, (type, np.dtype)) and np.dtype(dtype).kind in "OSU"
+
+
 def _get(example, path: list[str]):
     for key in path:
         example = example[key]
@@ -80,6 +112,24 @@ def _texts(value) -> list:
         except UnicodeDecodeError:
             texts.append(None)
     return texts
+
+
+def _feature_paths(features, image_key: str, caption_key: str, id_key: str):
+    """(image, caption, id) feature paths (id: None without `id_key`); raises naming the flag
+    whose feature is missing or of the wrong kind."""
+    image_feature, image_path = _feature(features, image_key, "image_key")
+    if not isinstance(image_feature, import_tfds().features.Image):
+        raise ValueError(f"--image_key={image_key!r}: expected an Image feature, got {type(image_feature).__name__}")
+    _check_one_value(features, image_path, image_key, "image_key")
+    caption_feature, caption_path = _feature(features, caption_key, "caption_key")
+    if not _is_text(caption_feature):
+        raise ValueError(f"--caption_key={caption_key!r}: expected a text feature (Text, a string Tensor, or a "
+                         f"Sequence of them), got {type(caption_feature).__name__}")
+    if not id_key:
+        return image_path, caption_path, None
+    id_path = _feature(features, id_key, "id_key")[1]
+    _check_one_value(features, id_path, id_key, "id_key")
+    return image_path, caption_path, id_path
 
 
 def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "image",
@@ -100,12 +150,7 @@ def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "im
                          f"without TensorFlow needs the array_record format: add it (tfds convert_format "
                          f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record) or build "
                          f"the dataset in it (tfds build {name} --file_format=array_record); both need TensorFlow")
-    features = builder.info.features
-    image_feature, image_path = _feature(features, image_key, "image_key")
-    if not isinstance(image_feature, tfds.features.Image):
-        raise ValueError(f"--image_key={image_key!r}: expected an Image feature, got {type(image_feature).__name__}")
-    _, caption_path = _feature(features, caption_key, "caption_key")
-    id_path = _feature(features, id_key, "id_key")[1] if id_key else None
+    image_path, caption_path, id_path = _feature_paths(builder.info.features, image_key, caption_key, id_key)
     decoders = tfds.decode.SkipDecoding()
     for key in reversed(image_path):
         decoders = {key: decoders}

@@ -107,7 +107,7 @@ def test_coco_captions_file_gives_a_record_per_caption(tmp_path):
     assert got["COCO_1.jpg"]["image"] == jpeg
     summary = _summary(out)  # COCO_2 has no caption; image 9 is not listed
     assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 0, "empty_caption": 0,
-                                  "missing_caption": 1}
+                                  "missing_caption": 1, "unreadable_example": 0}
     assert summary["skipped_ids"] == {"missing_image": ["image_id:9"], "missing_caption": ["COCO_2.jpg"]}
 
 
@@ -291,7 +291,7 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     assert np.abs(_pixels(webp).astype(np.int32) - original).mean() < 12  # JPEG of noise at quality 95
     summary = _summary(out)
     assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_caption": 1,
-                                  "missing_caption": 1}
+                                  "missing_caption": 1, "unreadable_example": 0}
     assert summary["skipped_ids"]["undecodable_image"] == ["00001/000003.jpg"]
     assert summary["records"] == 2 and summary["reencoded_images"] == 1 and summary["skipped_records"] == 4
     printed = capsys.readouterr().out
@@ -637,6 +637,26 @@ def test_tfds_dataset_converted_to_array_record_is_read(tmp_path, capsys):
     assert "--name='coco_captions': prepared as tfrecord" in err
     assert (f"tfds convert_format --dataset_version_dir={os.path.dirname(_tfds_info_file(data_dir))} "
             "--out_file_format=array_record") in err
+
+
+@pytest.mark.parametrize("damage", ["removed", "truncated"])
+def test_tfds_unreadable_examples_are_skipped_and_counted(tmp_path, damage):
+    """An example whose file is missing or corrupt raised tfds's RuntimeError (a traceback:
+    not an error `main` reports); it is skipped and counted, as an undecodable image is."""
+    data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
+    _tiny_tfds_dataset(data_dir)
+    (val_file,) = [os.path.join(os.path.dirname(_tfds_info_file(data_dir)), name)
+                   for name in os.listdir(os.path.dirname(_tfds_info_file(data_dir))) if "-val.array_record" in name]
+    if damage == "removed":
+        os.remove(val_file)
+    else:
+        os.truncate(val_file, os.path.getsize(val_file) // 2)
+    assert _run("--source=tfds", "--name=coco_captions", "--split=train+val", f"--data_dir={data_dir}",
+                f"--out={out}", "--num_workers=1") == 0
+    assert sorted(_read(out)) == sorted(f"train+val/{i}{'#1' if k else ''}" for i in range(3) for k in range(2))
+    summary = _summary(out)
+    assert summary["skipped"]["unreadable_example"] == 1
+    assert summary["skipped_ids"]["unreadable_example"] == ["train+val/3"]
 
 
 def _tiny_tfds_frames_dataset(data_dir):

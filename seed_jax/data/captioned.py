@@ -21,8 +21,9 @@ from seed_jax.data import preprocess, records
 KEPT_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a camera's multi-picture JPEG; decoders read its first
 JPEG_QUALITY = 95
 JPEG_MAX_SIDE = 65500  # the longest side PIL writes as JPEG
-# Why a caption (one record) was skipped.
-SKIP_REASONS = ("missing_image", "undecodable_image", "empty_caption", "missing_caption")
+# Why a caption (one record) was skipped; an unreadable example (TFDS: its files are
+# missing or corrupt) counts once, its captions unknown.
+SKIP_REASONS = ("missing_image", "undecodable_image", "empty_caption", "missing_caption", "unreadable_example")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,14 @@ class Entry:
     """An image and its captions, before reading. `image` is a file path or encoded
     bytes ("" when there is none); captions come from `captions` or, when set, the
     text file `caption_file`. Caption k gets the record id `id` (k = 0) or `id#k`.
-    `where` says where a captions file names it ("line 3", "images[4]"), for errors."""
+    `where` says where a captions file names it ("line 3", "images[4]"), for errors.
+    `unreadable` says why the source could not read the example, which is then skipped."""
     id: str
     image: str | bytes
     captions: tuple = ()
     caption_file: str = ""
     where: str = ""
+    unreadable: str = ""
 
     def record_ids(self) -> tuple[str, ...]:
         """The ids its records, or its skipped ones, get: `id` (also when it has no
@@ -95,7 +98,10 @@ def _read_captions(entry: Entry) -> tuple:
 def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepared:
     """Reads and checks `entry`: a record per non-empty caption (stripped of surrounding
     whitespace) when the image reads and decodes; every skipped caption under its reason
-    (one that is not text, as a caption file that is not UTF-8, as an empty caption)."""
+    (one that is not text, as a caption file that is not UTF-8, as an empty caption); an
+    unreadable entry is skipped whole."""
+    if entry.unreadable:
+        return Prepared([], {"unreadable_example": [entry.id]})
     skipped: dict[str, list[str]] = {}
     captions = _read_captions(entry)
     if not captions:

@@ -19,8 +19,9 @@ Two entries of a captions file that give one id are an error naming it and where
 file names each, raised before any image is read (TFDS ids are checked as they are
 written: no shard is kept either way). JPEG and PNG bytes are kept as they are; other
 formats, and images that `--resize` shrinks to that shorter side, become RGB JPEGs
-(`captioned.py`). A missing or undecodable image and an empty or missing caption are
-skipped and counted, in OUT/{prefix}.summary.json beside the shards. The same input
+(`captioned.py`). A missing or undecodable image, an empty or missing caption and an
+unreadable TFDS example (`{split}/{index}`: its file missing or corrupt) are skipped and
+counted, in OUT/{prefix}.summary.json beside the shards. The same input
 gives byte-identical shards, whatever --num_workers. An --out that already holds shards
 of --prefix is refused unless --overwrite: the new set then replaces them once it is
 complete.

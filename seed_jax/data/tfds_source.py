@@ -7,8 +7,9 @@ which may need TensorFlow, as coco_captions' does) and read through
 (`tfds convert_format --dataset_version_dir=DIR --out_file_format=array_record`); both
 need TensorFlow. Images are taken as their encoded bytes. Keys name features, nested
 ones with `/` (`captions/text`); a caption feature that is a list gives one record per
-caption; the image and id features must have one value an example. tensorflow-datasets
-is optional: `pip install -e ".[tfds]"`.
+caption; the image and id features must have one value an example. An example that
+cannot be read (a missing, truncated or corrupt file) becomes an unreadable entry,
+skipped and counted. tensorflow-datasets is optional: `pip install -e ".[tfds]"`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+from absl import logging
 
 from seed_jax.data.captioned import Entry
 
 ARRAY_RECORD = "array_record"  # the file format tfds reads without TensorFlow (random access)
+# What reading an example of damaged files raises: RuntimeError (array_record: a missing
+# file, a failed checksum), ValueError (a truncated file's example read as None).
+UNREADABLE = (RuntimeError, ValueError, OSError)
 
 
 def import_tfds():
@@ -31,17 +36,17 @@ def import_tfds():
     return tfds
 
 
+def _is_sequence(feature) -> bool:
+    """Whether `feature` is a tfds Sequence: a list of values an example. (A Sequence of a
+    dict answers for the dict's attributes, `keys` too.)"""
+    return isinstance(feature, import_tfds().features.Sequence)
+
+
 def _file_formats(info) -> list[str]:
     """The file formats a prepared dataset is in: the one it was built in, then those
     `tfds convert_format` added beside it."""
     formats = [info.file_format, *getattr(info, "alternative_file_formats", ())]
     return [str(getattr(f, "value", f)) for f in formats if f]
-
-
-def _is_sequence(feature) -> bool:
-    """Whether `feature` is a tfds Sequence: a list of values an example. (A Sequence of a
-    dict answers for the dict's attributes, `keys` too.)"""
-    return isinstance(feature, import_tfds().features.Sequence)
 
 
 def _find(mapping, key: str):
@@ -114,6 +119,26 @@ def _texts(value) -> list:
     return texts
 
 
+def _open_builder(name: str, data_dir: str):
+    """The prepared dataset `name` (in `data_dir`, or TFDS's default), read from its files;
+    raises naming --name when it is not there or has no array_record files."""
+    tfds = import_tfds()
+    from tensorflow_datasets.core import read_only_builder
+
+    try:
+        builder = read_only_builder.builder_from_files(name, **({"data_dir": data_dir} if data_dir else {}))
+    except tfds.core.DatasetNotFoundError as e:
+        raise FileNotFoundError(f"--name={name!r}: no prepared dataset of that name in "
+                                f"{data_dir or 'the default TFDS data dir'} (--data_dir): {e}") from e
+    formats = _file_formats(builder.info)
+    if ARRAY_RECORD not in formats:
+        raise ValueError(f"--name={name!r}: prepared as {' and '.join(formats) or 'an unrecorded format'}; reading "
+                         f"without TensorFlow needs the array_record format: add it (tfds convert_format "
+                         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record) or build "
+                         f"the dataset in it (tfds build {name} --file_format=array_record); both need TensorFlow")
+    return builder
+
+
 def _feature_paths(features, image_key: str, caption_key: str, id_key: str):
     """(image, caption, id) feature paths (id: None without `id_key`); raises naming the flag
     whose feature is missing or of the wrong kind."""
@@ -132,39 +157,43 @@ def _feature_paths(features, image_key: str, caption_key: str, id_key: str):
     return image_path, caption_path, id_path
 
 
+def _data_source(builder, split: str, image_path: list[str]):
+    """`split`'s examples, read from array_record files, the image at `image_path` left encoded."""
+    tfds = import_tfds()
+    decoders = tfds.decode.SkipDecoding()
+    for key in reversed(image_path):
+        decoders = {key: decoders}
+    converted = _file_formats(builder.info)[0] != ARRAY_RECORD  # array_record added by `tfds convert_format`
+    try:
+        return builder.as_data_source(split=split, decoders=decoders,
+                                      **({"file_format": ARRAY_RECORD} if converted else {}))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--split={split!r}: {e}") from e
+
+
+def _entries(source, split: str, image_path: list[str], caption_path: list[str],
+             id_path: list[str] | None) -> Iterator[Entry]:
+    """An entry per example of `source`; an example that cannot be read is an unreadable
+    entry `{split}/{index}` (its cause logged for the first)."""
+    said_why = False
+    for index in range(len(source)):
+        try:
+            example = source[index]
+        except UNREADABLE as e:
+            if not said_why:
+                said_why = True
+                logging.warning("skipped an unreadable example (they are counted, this is said once): %s", e)
+            yield Entry(f"{split}/{index}", b"", unreadable=str(e))
+            continue
+        base = _texts(_get(example, id_path))[0] if id_path else f"{split}/{index}"
+        yield Entry(base, bytes(_get(example, image_path)), tuple(_texts(_get(example, caption_path))))
+
+
 def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "image",
                  caption_key: str = "captions/text", id_key: str = "") -> tuple[int, Iterator[Entry]]:
     """(number of examples, their entries in order). Ids are the `id_key` feature, or
     `{split}/{index}` without one."""
-    tfds = import_tfds()
-    from tensorflow_datasets.core import read_only_builder
-
-    try:
-        builder = read_only_builder.builder_from_files(name, **({"data_dir": data_dir} if data_dir else {}))
-    except tfds.core.DatasetNotFoundError as e:
-        raise FileNotFoundError(f"--name={name!r}: no prepared dataset of that name in "
-                                f"{data_dir or 'the default TFDS data dir'} (--data_dir): {e}") from e
-    formats = _file_formats(builder.info)
-    if ARRAY_RECORD not in formats:
-        raise ValueError(f"--name={name!r}: prepared as {' and '.join(formats) or 'an unrecorded format'}; reading "
-                         f"without TensorFlow needs the array_record format: add it (tfds convert_format "
-                         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record) or build "
-                         f"the dataset in it (tfds build {name} --file_format=array_record); both need TensorFlow")
-    image_path, caption_path, id_path = _feature_paths(builder.info.features, image_key, caption_key, id_key)
-    decoders = tfds.decode.SkipDecoding()
-    for key in reversed(image_path):
-        decoders = {key: decoders}
-    try:
-        converted = formats[0] != ARRAY_RECORD  # array_record added by `tfds convert_format`
-        source = builder.as_data_source(split=split, decoders=decoders,
-                                        **({"file_format": ARRAY_RECORD} if converted else {}))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"--split={split!r}: {e}") from e
-
-    def entries() -> Iterator[Entry]:
-        for index in range(len(source)):
-            example = source[index]
-            base = _texts(_get(example, id_path))[0] if id_path else f"{split}/{index}"
-            yield Entry(base, bytes(_get(example, image_path)), tuple(_texts(_get(example, caption_path))))
-
-    return len(source), entries()
+    builder = _open_builder(name, data_dir)
+    paths = _feature_paths(builder.info.features, image_key, caption_key, id_key)
+    source = _data_source(builder, split, paths[0])
+    return len(source), _entries(source, split, *paths)

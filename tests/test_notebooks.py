@@ -21,8 +21,18 @@ def execute(name: str, parameters: dict) -> nbformat.NotebookNode:
     assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters', found {len(tagged)}"
     source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
     notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
+    run(notebook)
     return notebook
+
+
+def run(notebook: nbformat.NotebookNode) -> None:
+    """Executes `notebook` in a Jupyter kernel started in notebooks/, which imports seed_jax
+    from this checkout: a relative PYTHONPATH (the usual '.') named notebooks/ there, and
+    the kernel fell back on whichever seed_jax was installed (another checkout's)."""
+    given = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + given))
+    NotebookClient(notebook, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": NOTEBOOKS}}).execute(env=env)
 
 
 def outputs(notebook: nbformat.NotebookNode) -> tuple[str, int]:
@@ -40,6 +50,13 @@ def test_notebooks_have_no_stored_outputs():
         notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
         nbformat.validate(notebook)
         assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), name
+
+
+def test_the_kernel_imports_this_checkouts_seed_jax():
+    """The notebooks under test are this checkout's, and so must be the code they run."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import seed_jax\nprint(seed_jax.__file__)")])
+    run(notebook)
+    assert outputs(notebook)[0].strip() == os.path.join(REPO, "seed_jax", "__init__.py")
 
 
 def test_tokenizer_notebook_exports_encodes_and_retrieves(tiny_decoder_run, tmp_path):

@@ -1,6 +1,7 @@
 """Training workdirs -> exports (`seed_jax.export`), and training started from
 exports (`config.init.qformer`, `init.stage1`, `init.clip_text`)."""
 
+import functools
 import json
 import os
 import re
@@ -120,6 +121,11 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
 
 
+def _save_a_checkpoint(workdir: str) -> None:
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "stage1")) as manager:
+        manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+
+
 @pytest.mark.parametrize("get_trainer_config, trainer_module, key", [
     (get_config, trainer, "init.clip_text"), (get_config, trainer, "init.qformer"),
     (get_opt_config, seed_opt_trainer, "init.opt"), (get_opt_config, seed_opt_trainer, "tokenizer_export"),
@@ -133,8 +139,7 @@ def test_a_rerun_may_not_change_the_weights_it_was_trained_on(tmp_path, get_trai
     checkpoints were never trained with."""
     workdir = str(tmp_path)
     run_config.write(workdir, get_trainer_config("tiny"), trainer_module.RUN_DEFINING)
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "stage1")) as manager:
-        manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+    _save_a_checkpoint(workdir)
     trained = (tmp_path / "config.json").read_text()
     config = get_trainer_config("tiny")
     *sections, name = key.split(".")
@@ -144,6 +149,41 @@ def test_a_rerun_may_not_change_the_weights_it_was_trained_on(tmp_path, get_trai
     with pytest.raises(ValueError, match=re.escape(f"{key}: {before!r} -> '/ckpt/another'")):
         run_config.write(workdir, config, trainer_module.RUN_DEFINING)
     assert (tmp_path / "config.json").read_text() == trained
+
+
+@pytest.mark.parametrize("get_trainer_config, trainer_module, key", [
+    (get_config, trainer, "init.clip_text"), (get_config, trainer, "data.tokenizer.vocab_file"),
+    (get_opt_config, seed_opt_trainer, "init.opt"), (get_opt_config, seed_opt_trainer, "tokenizer_export"),
+    (get_opt_config, seed_opt_trainer, "tokenizer_workdir"), (get_opt_config, seed_opt_trainer, "text_tokenizer.folder"),
+    (get_decoder_config, decoder_trainer, "tokenizer_workdir")])
+def test_a_rerun_may_name_the_same_path_another_way(tmp_path, monkeypatch, get_trainer_config, trainer_module, key):
+    """The SEED-OPT demo's command names its tokenizer run 'workdirs/tokenizer_demo' (from
+    the repository root), the notebook '/repo/workdirs/tokenizer_demo': the notebook was
+    refused the run the command had trained, as if it named another directory. Paths are
+    recorded absolute, and a relative one recorded before is read from the current directory."""
+    monkeypatch.chdir(tmp_path)
+    workdir, config_json = str(tmp_path / "run"), tmp_path / "run" / "config.json"
+    *sections, name = key.split(".")
+
+    def write_with(value: str) -> None:
+        config = get_trainer_config("tiny")
+        functools.reduce(lambda c, section: c[section], sections, config)[name] = value
+        run_config.write(workdir, config, trainer_module.RUN_DEFINING, trainer_module.RUN_PATHS)
+
+    def record(value: str) -> None:  # as a config.json written before paths were recorded absolute
+        settings = json.loads(config_json.read_text())
+        functools.reduce(lambda c, section: c[section], sections, settings)[name] = value
+        config_json.write_text(json.dumps(settings))
+
+    same = str(tmp_path / "runs" / "a")
+    write_with("./runs/a/")
+    _save_a_checkpoint(workdir)
+    assert weights.flatten_nested(json.loads(config_json.read_text()))[key] == same
+    write_with(same)
+    record("runs/a")
+    write_with(same)
+    with pytest.raises(ValueError, match=re.escape(f"{key}: {same!r} -> {str(tmp_path / 'runs' / 'b')!r}")):
+        write_with("runs/b")
 
 
 def _create(config):

@@ -84,15 +84,21 @@ def test_tokenizer_notebook_exports_encodes_and_retrieves(tiny_decoder_run, tmp_
 
 
 def test_seed_opt_notebook_trains_captions_writes_codes_and_paints(tiny_decoder_run, tmp_path):
+    """The first run trains SEED-OPT and paints with the decoder of its tokenizer run. The
+    second finds SEED-OPT trained, and its tokenizer run named another way (absolute, as
+    the notebook names it, where the first named it relative, as the demo's command does:
+    the run was refused as trained on another tokenizer); without a decoder it writes codes
+    only."""
     tokenizer_workdir = str(tmp_path / "tokenizer")  # a copy, so the shared run stays untouched
     shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), tokenizer_workdir)
     workdir = str(tmp_path / "seed_opt")
-    parameters = dict(PRESET="tiny", WORKDIR=workdir, TOKENIZER_WORKDIR=tokenizer_workdir, DECODE_STEPS=2)
-    # the second run finds SEED-OPT trained and no decoder: codes only, no painted images; the
-    # first shows one image (matplotlib's subplots then squeezes its grid unless told not to)
-    for decoder_workdir, num_images, shown in ((tiny_decoder_run, 3, 1), (str(tmp_path / "no_decoder"), 2, 3)):
-        text, images = outputs(execute("seed_opt_demo.ipynb",
-                                       dict(parameters, DECODER_WORKDIR=decoder_workdir, NUM_SHOWN=shown)))
+    parameters = dict(PRESET="tiny", WORKDIR=workdir, DECODE_STEPS=2)
+    # one image shown: matplotlib's subplots then squeezes its grid unless told not to
+    runs = ((os.path.relpath(tokenizer_workdir, NOTEBOOKS), tiny_decoder_run, 3, 1),  # relative to the kernel's cwd
+            (tokenizer_workdir, str(tmp_path / "no_decoder"), 2, 3))
+    for tokenizer_dir, decoder_workdir, num_images, shown in runs:
+        text, images = outputs(execute("seed_opt_demo.ipynb", dict(
+            parameters, TOKENIZER_WORKDIR=tokenizer_dir, DECODER_WORKDIR=decoder_workdir, NUM_SHOWN=shown)))
         assert images == num_images  # loss curves, held-out images (and painted ones)
         assert "both_directions {'caption/exact_match'" in text
         assert "'caption/exact_match'" in text.split("generated:")[-1] and text.count("prompt: ") == shown

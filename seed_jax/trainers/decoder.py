@@ -32,6 +32,7 @@ from seed_jax.trainers import tokenizer as tokenizer_trainer
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
 # `tokenizer_workdir`: the run whose frozen CLIP text encoder conditions the UNet.
 RUN_DEFINING = ("trainer", "seed", "unet", "pixel_patch", "schedule", "train.trainable", "tokenizer_workdir")
+RUN_PATHS = ("tokenizer_workdir",)  # compared as absolute paths
 # The UNet alone: the CLIP text encoder is the tokenizer run's (its reverse Q-Former distils
 # into that space), and the loss passes it no gradient.
 TRAINABLE = ("unet",)
@@ -193,7 +194,7 @@ def train(config, workdir: str) -> bool:
     Returns False if preempted."""
     check_options(config)
     warn_if_guidance_is_untrained(config)
-    run_config.write(workdir, config, RUN_DEFINING)
+    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     trained = tokenizer_trainer.ensure_trained(config, workdir)
     if trained is None:  # the tokenizer's training was preempted
         return False

@@ -17,17 +17,20 @@ from seed_jax.data import records
 from seed_jax.trainers import checkpointing
 
 
-def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str]) -> None:
+def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str], paths: Sequence[str] = ()) -> None:
     """Writes `config` to WORKDIR/config.json (process 0). Once the workdir holds a
     checkpoint, the settings under the dotted keys `defining` (e.g. "model", "seed")
     must equal those of its config.json: else a ValueError naming each that differs,
     and config.json stays as it was. Keys only one side has (settings added or removed
-    since) are not compared."""
+    since) are not compared. Settings under `paths` name files or directories: they are
+    written as absolute paths and compared so (one recorded relative is taken from the
+    current directory), so that one directory named two ways ('workdirs/x' in /repo and
+    '/repo/workdirs/x', as a notebook names it) is one setting."""
     path = os.path.join(workdir, "config.json")
-    settings = json.loads(config.to_json())
+    settings = _absolute_paths(json.loads(config.to_json()), paths)
     if os.path.exists(path) and _has_checkpoints(workdir):
         with open(path) as f:
-            trained = json.load(f)
+            trained = _absolute_paths(json.load(f), paths)
         changed = _differing(trained, settings, defining)
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -46,9 +49,23 @@ def _has_checkpoints(workdir: str) -> bool:
         checkpointing.latest_checkpoint_step(os.path.join(root, name)) is not None for name in sorted(os.listdir(root)))
 
 
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether the dotted `key` is one of `prefixes` or lies under one."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _absolute_paths(settings, paths: Sequence[str], key: str = ""):
+    """`settings` (nested dicts) with each non-empty string under the dotted keys `paths`
+    made absolute ("" stays: it names no file)."""
+    if isinstance(settings, dict):
+        return {k: _absolute_paths(v, paths, f"{key}.{k}" if key else k) for k, v in settings.items()}
+    if isinstance(settings, str) and settings and _under(key, paths):
+        return os.path.abspath(settings)
+    return settings
+
+
 def _differing(trained: dict, settings: dict, defining: Sequence[str]) -> dict[str, tuple]:
     """Dotted key -> (trained value, this run's) for the leaves under `defining` that
     both configs hold and that differ."""
     old, new = weights.flatten_nested(trained), weights.flatten_nested(settings)
-    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
-            if any(k == d or k.startswith(d + ".") for d in defining) and old[k] != new[k]}
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if _under(k, defining) and old[k] != new[k]}

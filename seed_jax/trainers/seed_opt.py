@@ -49,6 +49,8 @@ DROPOUT_RATES = ("dropout", "attention_dropout")  # the model's, from config.mod
 # (restored into a packer of another bin count, it skipped other rows or failed in grain).
 RUN_DEFINING = ("trainer", "seed", "model", "init", "lora", "image_embedding", "text_tokenizer", "prompts",
                 "train_all", "tokenizer_export", "tokenizer_workdir", "data.num_packing_bins")
+# Those of them that name files or directories (compared as absolute paths).
+RUN_PATHS = ("init", "tokenizer_export", "tokenizer_workdir", "text_tokenizer.folder")
 
 
 def lm_loss(model: opt.OPT, batch, rng):
@@ -347,7 +349,7 @@ def train(config, workdir: str) -> bool:
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                     [(name, key, config[key].num_steps) for name, key in PHASES])
-    run_config.write(workdir, config, RUN_DEFINING)
+    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     decoder = decoder_export(config)
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None

@@ -30,6 +30,8 @@ from seed_jax.trainers import warm_start as warm_start_lib
 # training and when an export or a later trainer rebuilds the model from config.json.
 RUN_DEFINING = ("trainer", "seed", "model", "clip_text", "init", "data.tokenizer", "data.max_text_length",
                 "data.caption_processor", "data.synthetic", "stage1.trainable", "stage2.trainable")
+# Those of them that name files or directories (compared as absolute paths).
+RUN_PATHS = ("init", "data.tokenizer.vocab_file", "data.tokenizer.clip_vocab_file", "data.tokenizer.clip_merges_file")
 
 
 class TrainModel(nnx.Module):
@@ -438,7 +440,7 @@ def train(config, workdir: str) -> bool:
     check_config(config)
     checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                     [(name, name, config[name].num_steps) for name in stages_to_run(config)])
-    run_config.write(workdir, config, RUN_DEFINING)
+    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     _unmark_done_while_steps_remain(workdir, config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules

@@ -241,3 +241,13 @@ def assert_export_holds_both_stages(workdir, out, repo_root) -> None:
     for stage in ("stage1", "stage2"):
         for name, value in checkpoint_params(workdir, stage).items():
             np.testing.assert_array_equal(exported[name], value, err_msg=f"{stage} {name}")
+
+
+def decoder_with_text_encoder_changed(decoder: str, out: str, change) -> str:
+    """A copy of the export `decoder` at `out` whose text encoder parameters are
+    `change({name: array})`."""
+    kind, sd_config, info = weights.read_config(decoder)
+    params = weights.load_params(decoder)
+    params.update(change({k: v for k, v in params.items() if k.startswith("text_encoder.")}))
+    weights.save(out, kind, sd_config, params, info)
+    return out

@@ -9,6 +9,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from conftest import REPO
+from helpers import decoder_with_text_encoder_changed
 
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 
@@ -85,21 +86,28 @@ def test_tokenizer_notebook_exports_encodes_and_retrieves(tiny_decoder_run, tmp_
 
 def test_seed_opt_notebook_trains_captions_writes_codes_and_paints(tiny_decoder_run, tmp_path):
     """The first run trains SEED-OPT and paints with the decoder of its tokenizer run. The
-    second finds SEED-OPT trained, and its tokenizer run named another way (absolute, as
+    others find SEED-OPT trained, and their tokenizer run named another way (absolute, as
     the notebook names it, where the first named it relative, as the demo's command does:
-    the run was refused as trained on another tokenizer); without a decoder it writes codes
-    only."""
+    the run was refused as trained on another tokenizer). Without a decoder they write codes
+    only, and so with a decoder trained for another tokenizer run (another CLIP text
+    encoder), with which they painted images unrelated to the codes."""
     tokenizer_workdir = str(tmp_path / "tokenizer")  # a copy, so the shared run stays untouched
     shutil.copytree(os.path.join(tiny_decoder_run, "tokenizer"), tokenizer_workdir)
+    another_runs_decoder = str(tmp_path / "another_runs_decoder")
+    decoder_with_text_encoder_changed(os.path.join(tiny_decoder_run, "export"),
+                                      os.path.join(another_runs_decoder, "export"),
+                                      lambda text_encoder: {k: v + 1.0 for k, v in text_encoder.items()})
     workdir = str(tmp_path / "seed_opt")
     parameters = dict(PRESET="tiny", WORKDIR=workdir, DECODE_STEPS=2)
     # one image shown: matplotlib's subplots then squeezes its grid unless told not to
     runs = ((os.path.relpath(tokenizer_workdir, NOTEBOOKS), tiny_decoder_run, 3, 1),  # relative to the kernel's cwd
-            (tokenizer_workdir, str(tmp_path / "no_decoder"), 2, 3))
+            (tokenizer_workdir, str(tmp_path / "no_decoder"), 2, 3),
+            (tokenizer_workdir, another_runs_decoder, 2, 2))
     for tokenizer_dir, decoder_workdir, num_images, shown in runs:
         text, images = outputs(execute("seed_opt_demo.ipynb", dict(
             parameters, TOKENIZER_WORKDIR=tokenizer_dir, DECODER_WORKDIR=decoder_workdir, NUM_SHOWN=shown)))
         assert images == num_images  # loss curves, held-out images (and painted ones)
         assert "both_directions {'caption/exact_match'" in text
         assert "'caption/exact_match'" in text.split("generated:")[-1] and text.count("prompt: ") == shown
+        assert ("| decoder: none (codes only)" in text) == (num_images == 2)
     assert os.path.exists(os.path.join(workdir, "export", "model.json"))

@@ -19,7 +19,7 @@ from configs.pretokenize import get_config as get_pretokenize_config
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_compiles_without_full_rematerialization, assert_weights_split, checkpoint_params,
-                     run_two_processes, seed_opt_losses_on_one_batch)
+                     decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -875,16 +875,6 @@ def _run_clip_text(tok_dir: str, seed_offset: int = 0):
     return tokenizer_trainer.create_clip_text(tok_config, parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
 
 
-def _decoder_with_text_encoder_changed(decoder: str, out: str, change) -> str:
-    """A copy of the export `decoder` at `out` whose text encoder parameters are
-    `change({name: array})`."""
-    kind, sd_config, info = weights.read_config(decoder)
-    params = weights.load_params(decoder)
-    params.update(change({k: v for k, v in params.items() if k.startswith("text_encoder.")}))
-    weights.save(out, kind, sd_config, params, info)
-    return out
-
-
 def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothing(tiny_decoder_run, caplog):
     """A decoder conditions on its tokenizer run's CLIP text encoder (what the codes'
     generation embeddings imitate). One trained for a run with another CLIP (here another
@@ -906,7 +896,7 @@ def test_a_decoder_of_the_run_drawn_again_by_another_compiler_is_paired(tiny_dec
     backend), differs in its last bits (3e-7 relative: the tests' flags against XLA's
     defaults): its decoder was refused as another tokenizer run's."""
     tok_dir = os.path.join(tiny_decoder_run, "tokenizer")
-    redrawn = _decoder_with_text_encoder_changed(
+    redrawn = decoder_with_text_encoder_changed(
         os.path.join(tiny_decoder_run, "export"), str(tmp_path / "redrawn"),
         lambda text_encoder: {k: v * np.float32(1 + 1e-6) for k, v in text_encoder.items()})
     assert seed_opt.paired_decoder(redrawn, _run_clip_text(tok_dir), tok_dir, required=True) == redrawn
@@ -925,7 +915,7 @@ def test_training_refuses_a_decoder_of_another_tokenizer_run_before_pretokenizin
     """`train` checks the pairing (not only `paired_decoder` alone), and before it writes
     WORKDIR/codes: pre-tokenizing a real split takes hours, and the refusal came after."""
     name = "text_encoder.final_norm.scale"
-    other = _decoder_with_text_encoder_changed(os.path.join(tiny_decoder_run, "export"), str(tmp_path / "other"),
+    other = decoder_with_text_encoder_changed(os.path.join(tiny_decoder_run, "export"), str(tmp_path / "other"),
                                                lambda text_encoder: {name: text_encoder[name] + 1.0})
     config = get_config("tiny")
     config.tokenizer_workdir, config.decoder_export = os.path.join(tiny_decoder_run, "tokenizer"), other

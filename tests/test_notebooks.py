@@ -3,6 +3,8 @@ kernel, with their parameter cell overridden the way papermill does it."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 
 import nbformat
@@ -58,6 +60,24 @@ def test_the_kernel_imports_this_checkouts_seed_jax():
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import seed_jax\nprint(seed_jax.__file__)")])
     run(notebook)
     assert outputs(notebook)[0].strip() == os.path.join(REPO, "seed_jax", "__init__.py")
+
+
+def test_colab_set_up_installs_the_clone_so_that_it_imports_at_once():
+    """The Colab set-up said `pip install -e`: an editable install is importable only after
+    the runtime restarts, and until then `import seed_jax` found the clone's folder in
+    /content (a namespace package), so `from seed_jax import config_files` failed. The
+    clone is installed as a package instead, from where REPO is told to point."""
+    for name in sorted(os.listdir(NOTEBOOKS)):
+        notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        setup = [cell.source for cell in notebook.cells if cell.cell_type == "markdown" and "In Colab" in cell.source]
+        assert len(setup) == 1, f"{name}: expected one markdown cell with the Colab set-up"
+        clone = re.search(r'`REPO = "([^"]+)"`', setup[0]).group(1)
+        commands = [shlex.split(command) for command in re.findall(r"`!([^`]*)`", setup[0])]
+        installs = [words[words.index("install") + 1:] for words in commands if "install" in words]
+        assert installs, f"{name}: no pip install in {setup[0]!r}"
+        for arguments in installs:
+            assert not {"-e", "--editable"} & set(arguments), f"{name}: {arguments}"
+            assert clone in arguments, f"{name}: {arguments} does not install the clone at {clone}"
 
 
 def test_tokenizer_notebook_exports_encodes_and_retrieves(tiny_decoder_run, tmp_path):

@@ -184,6 +184,9 @@ def test_a_rerun_may_name_the_same_path_another_way(tmp_path, monkeypatch, get_t
     write_with(same)
     with pytest.raises(ValueError, match=re.escape(f"{key}: {same!r} -> {str(tmp_path / 'runs' / 'b')!r}")):
         write_with("runs/b")
+    shutil.rmtree(workdir)
+    write_with("gs://bucket/runs/a")  # a URL is no local path: recorded as given
+    assert weights.flatten_nested(json.loads(config_json.read_text()))[key] == "gs://bucket/runs/a"
 
 
 def _create(config):

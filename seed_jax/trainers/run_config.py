@@ -56,10 +56,10 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 
 def _absolute_paths(settings, paths: Sequence[str], key: str = ""):
     """`settings` (nested dicts) with each non-empty string under the dotted keys `paths`
-    made absolute ("" stays: it names no file)."""
+    made absolute ("" stays: it names no file; so does a URL, e.g. gs://bucket/run)."""
     if isinstance(settings, dict):
         return {k: _absolute_paths(v, paths, f"{key}.{k}" if key else k) for k, v in settings.items()}
-    if isinstance(settings, str) and settings and _under(key, paths):
+    if isinstance(settings, str) and settings and "://" not in settings and _under(key, paths):
         return os.path.abspath(settings)
     return settings
 

@@ -1,8 +1,19 @@
-"""What every `python -m seed_jax.*` command line shares."""
+"""What every `python -m seed_jax.*` command line shares, and the `--config=FILE[:ARG]
+--config.KEY=VALUE` flags of `python -m seed_jax.main`."""
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import sys
+
+import ml_collections
 from absl import app
+
+from seed_jax import config_files
+
+CONFIG_FLAG = "config"  # seed_jax.main's config file flag; its fields are overridden as --config.KEY=VALUE
 
 
 def refuse_positional_arguments(argv: list[str]) -> None:
@@ -12,3 +23,81 @@ def refuse_positional_arguments(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a flag (--workdir=DIR, "
                              "--config.KEY=VALUE, ...)")
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flags_parser for a command line with `--config=FILE[:ARG]`: absl's
+    (`app.parse_flags_with_usage`), except that a config file that does not exist and an
+    override naming no field of the config (`--config.stage1.num_step=5`) are reported as
+    absl reports a bad flag, naming the flag (and the fields nearest a misspelt one),
+    not as ml_collections' tracebacks."""
+    problem = missing_config_file(argv)
+    if problem is None:
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError):  # what ml_collections raises for an override of no field
+            problem = unknown_override(argv)
+            if problem is None:
+                raise
+    sys.stderr.write(f"FATAL Flags parsing error: {problem}\nPass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def config_flag_value(argv: list[str]) -> str | None:
+    """The value of the last `--config=VALUE` (or `--config VALUE`) in `argv`; None if none."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if re.fullmatch(f"--?{CONFIG_FLAG}", arg) and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif re.match(f"--?{CONFIG_FLAG}=", arg):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """What is wrong when `--config`'s file does not exist, else None."""
+    value = config_flag_value(argv)
+    path = None if value is None else value.split(":", 1)[0]
+    if path is None or os.path.isfile(path):
+        return None
+    return f"flag --{CONFIG_FLAG}={value}: config file {path!r} does not exist"
+
+
+def override_key(arg: str) -> str | None:
+    """The dotted field an override names ("stage1.num_steps" for `--config.stage1.num_steps=5`
+    or `--noconfig.data.flip`), None for any other argument."""
+    match = re.match(f"--?(?:no)?{CONFIG_FLAG}\\.([^=]+)", arg)
+    return match.group(1) if match else None
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """What is wrong with the first override in `argv` that names no field of the config
+    `--config` loads, else None."""
+    value = config_flag_value(argv)
+    if value is None:
+        return None
+    config = config_files.load(*value.split(":", 1))
+    for arg in argv[1:]:
+        key = override_key(arg)
+        problem = None if key is None else missing_field(config, key)
+        if problem:
+            return f"flag {arg}: {problem}"
+    return None
+
+
+def missing_field(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """Why the dotted `key` names no field of `config` (with the names nearest its first
+    unknown part), or None when it names one."""
+    node, path = config, []
+    for name in key.split("."):
+        where = ".".join(path) or "the config"
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"no config field {key}: {where} is {node!r}, not a group of fields"
+        if name not in node:
+            field = ".".join([*path, name])
+            near = difflib.get_close_matches(name, list(node.keys()), n=3)
+            if near:
+                return f"no config field {field}; did you mean {' or '.join('.'.join([*path, n]) for n in near)}?"
+            return f"no config field {field}; {where} has {', '.join(sorted(node.keys()))}"
+        node, path = node[name], [*path, name]
+    return None

@@ -91,3 +91,27 @@ def test_a_stray_argument_is_refused_naming_it(module, flags, repo_root, tmp_pat
                             env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "unexpected arguments ['workdirs/mine']: every setting is a flag" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config=configs/nope.py"], "flag --config=configs/nope.py: config file 'configs/nope.py' does not exist"),
+    (["--config=configs/nope.py:tiny", "--config.stage1.num_steps=5"],
+     "flag --config=configs/nope.py:tiny: config file 'configs/nope.py' does not exist"),
+    (["--config=configs/tokenizer.py:tiny", "--config.stage1.num_step=5"],
+     "flag --config.stage1.num_step=5: no config field stage1.num_step; did you mean stage1.num_steps"),
+    (["--config=configs/tokenizer.py:tiny", "--config.seed.x=1"],
+     "flag --config.seed.x=1: no config field seed.x: seed is 0, not a group of fields"),
+    (["--config", "configs/seed_opt.py:tiny", "--config.tokenizer.stagee1.num_steps=5"],
+     "flag --config.tokenizer.stagee1.num_steps=5: no config field tokenizer.stagee1; did you mean tokenizer.stage1"),
+    (["--config=configs/decoder.py:tiny", "--config.zzz=1"], "flag --config.zzz=1: no config field zzz; the config has "
+                                                             "axis_rules, checkpoint_every_steps, dtype, eval,")])
+def test_a_missing_config_file_or_field_fails_naming_the_flag(flags, message, repo_root, tmp_path):
+    """A misspelt override ended in ml_collections' 55-line traceback and a missing
+    config file in a 30-line one, the cause in their middle; each is now a flag error,
+    as absl reports a value of the wrong type, with the fields nearest a misspelt one."""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", *flags, f"--workdir={tmp_path}/w"],
+                            cwd=repo_root, env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"FATAL Flags parsing error: {message}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "w")

@@ -805,6 +805,24 @@ def test_restarting_codes_of_a_frozen_codebook_fails_naming_the_fields(tmp_path)
     assert not os.listdir(tmp_path)
 
 
+def test_a_misspelt_trainable_module_fails_before_anything_trains(tmp_path):
+    """A name in stage2.trainable that is no module of the tokenizer failed when stage II
+    began, after all of stage I (seed1: 50k steps), and stage2.trainable defines the run,
+    so its workdir then refused the corrected name. The names offered held attributes
+    such as 'config' and '_pytree__nodes' among the modules."""
+    trainable = tuple(get_config("tiny").stage2.trainable) + ("blocks_txt",)
+    with pytest.raises(ValueError, match=r"^stage2.trainable: \['blocks_txt'\] are not modules of the model under "
+                                         r"tokenizer; expected names from \[") as error:
+        trainer.train(_tiny(**{"stage2.trainable": trainable}), str(tmp_path))
+    offered = set(re.search(r"expected names from (\[.*\])", str(error.value)).group(1)[2:-2].split("', '"))
+    assert {"blocks_text", "quantize", "visual_encoder", "temp"} <= offered
+    assert not offered & {"config", "dtype", "_pytree__nodes"}
+    assert not os.listdir(tmp_path)
+    config = get_config("tiny")
+    config.init.stage1, config.stage1.trainable = "/ckpt/stage1_export", ("no_such_module",)  # stage I does not run
+    trainer.check_config(config)
+
+
 def test_a_reconstruction_head_left_untrained_fails_naming_it():
     """The demo trains L_recon through the generation path's blocks; turning
     model.recon_head on without training pos_embed and blocks kept that head at its

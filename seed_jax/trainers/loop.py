@@ -111,15 +111,17 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def trainable_filter(model: nnx.Module, prefix: tuple[str, ...], names) -> Callable:
+def trainable_filter(model: nnx.Module, prefix: tuple[str, ...], names, field: str = "trainable") -> Callable:
     """nnx filter: Params under `prefix + (name,)` for any name in `names`; each name
-    must exist in `model` (a typo would silently freeze a module)."""
+    must hold parameters in `model` (a typo would silently freeze a module), else a
+    ValueError naming the config `field` and the names that do."""
     names = tuple(names)
-    present = {str(path[len(prefix)]) for path, _ in nnx.iter_graph(model)
-               if len(path) > len(prefix) and tuple(str(k) for k in path[:len(prefix)]) == prefix}
+    present = {str(path[len(prefix)]) for path, value in nnx.iter_graph(model)
+               if isinstance(value, nnx.Param) and len(path) > len(prefix)
+               and tuple(str(k) for k in path[:len(prefix)]) == prefix}
     missing = [n for n in names if n not in present]
     if missing:
-        raise ValueError(f"trainable: {missing} are not modules of the model under {'/'.join(prefix)}; "
+        raise ValueError(f"{field}: {missing} are not modules of the model under {'/'.join(prefix)}; "
                          f"expected names from {sorted(present)}")
 
     def accept(path, value):

@@ -149,9 +149,20 @@ def stage_functions(config, name: str) -> tuple:
     return stage2_loss(config.loss_weights), restart_unused_codes(restart, until) if restart else None
 
 
-def trainable(model: TrainModel, stage) -> Callable:
-    """nnx filter of the parameters `stage` (a stage config) trains: `stage.trainable` of the tokenizer."""
-    return loop.trainable_filter(model, ("tokenizer",), stage.trainable)
+def trainable(model: TrainModel, stage, field: str = "trainable") -> Callable:
+    """nnx filter of the parameters `stage` (a stage config) trains: `stage.trainable` of
+    the tokenizer (a missing name is an error naming the config `field`)."""
+    return loop.trainable_filter(model, ("tokenizer",), stage.trainable, field)
+
+
+def check_trainable(config) -> None:
+    """Raises naming the field unless each stage to run names modules of the tokenizer in
+    its `trainable`, checked on the model's shapes: stage II's were first read when it began,
+    after all of stage I, and as they define the run the workdir then refused a corrected name."""
+    graphdef, abstract, _ = build_model(config)
+    model = nnx.merge(graphdef, abstract)
+    for name in stages_to_run(config):
+        trainable(model, config[name], f"{name}.trainable")
 
 
 def batch_sizes(config) -> dict[str, int]:
@@ -169,7 +180,8 @@ def check_config(config) -> None:
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
-    shard folders are read only with `data.source='array_record'` (`check_data_source`)."""
+    shard folders are read only with `data.source='array_record'` (`check_data_source`);
+    each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
     layers.compute_dtype(config.dtype)
     if config.itc_gradient not in ITC_GRADIENTS:
         raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
@@ -193,6 +205,7 @@ def check_config(config) -> None:
                          f"stage2.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
     global_batches.check_batch_sizes(config, batch_sizes(config))
+    check_trainable(config)
 
 
 # ---------------------------------------------------------------- data
@@ -468,7 +481,7 @@ def train(config, workdir: str) -> bool:
                                                  seed=config.seed + (name == "stage2"),
                                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
             done = loop.run_stage(
-                name=name, model=model, trainable=trainable(model, config[name]),
+                name=name, model=model, trainable=trainable(model, config[name], f"{name}.trainable"),
                 loss_fn=loss_fn, stage=config[name], config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import sys
 
 import ml_collections
@@ -101,3 +102,21 @@ def missing_field(config: ml_collections.ConfigDict, key: str) -> str | None:
             return f"no config field {field}; {where} has {', '.join(sorted(node.keys()))}"
         node, path = node[name], [*path, name]
     return None
+
+
+def override_flag(key: str, value) -> str:
+    """`--config.KEY=VALUE` as a shell passes it on and ml_collections parses it back to
+    `value` (a config.json leaf, where a tuple field's value is a list)."""
+    if isinstance(value, (list, tuple)):
+        text = repr(tuple(value))
+    else:
+        text = value if isinstance(value, str) else repr(value)
+    return shell_word(f"--{CONFIG_FLAG}.{key}={text}")
+
+
+def shell_word(arg: str) -> str:
+    """`arg` as one word of a POSIX shell: as it is where it needs no quotes, in double quotes
+    where they suffice (a tuple's 'names' stay readable), else in shlex's quotes."""
+    if shlex.quote(arg) == arg:
+        return arg
+    return f'"{arg}"' if not set(arg) & set('"$`\\!') else shlex.quote(arg)

@@ -5,12 +5,15 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import flags as absl_flags
 from flax import nnx
+from ml_collections import config_flags
 
 from configs.decoder import get_config as get_decoder_config
 from configs.seed_opt import get_config as get_opt_config
@@ -187,6 +190,38 @@ def test_a_rerun_may_name_the_same_path_another_way(tmp_path, monkeypatch, get_t
     shutil.rmtree(workdir)
     write_with("gs://bucket/runs/a")  # a URL is no local path: recorded as given
     assert weights.flatten_nested(json.loads(config_json.read_text()))[key] == "gs://bucket/runs/a"
+
+
+def _parsed_as_seed_jax_main(repo_root, flags) -> dict:
+    """The settings `--config=configs/seed_opt.py:seed_opt_2.7b` and `flags` give, parsed by ml_collections."""
+    argv = ["main", f"--config={repo_root}/configs/seed_opt.py:seed_opt_2.7b", *flags]
+    values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return json.loads(holder.value.to_json())
+
+
+def test_a_refused_rerun_offers_flags_that_give_back_the_trained_settings(tmp_path, repo_root):
+    """The refusal offered `--config.KEY={value!r}`: a tuple as `['query', 'key']`, which a
+    shell splits at its spaces (and ml_collections then refuses), and a None that no flag
+    parses. Its flags, taken by a shell, now give back the settings the run trained with."""
+    workdir = str(tmp_path)
+    trained = get_opt_config("seed_opt_2.7b")
+    trained.update_from_flattened_dict({"model.dropout": None, "lora.targets": ("query", "value"),
+                                        "prompts.caption": "A photo of", "seed": 3})
+    run_config.write(workdir, trained, seed_opt_trainer.RUN_DEFINING)
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "image_to_text")) as manager:
+        manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+    config = get_opt_config("seed_opt_2.7b")
+    config.update_from_flattened_dict({"model.dropout": 0.1, "lora.targets": ("query",),
+                                       "prompts.caption": "An image of", "seed": 4})
+    with pytest.raises(ValueError, match=r"resume with the settings it was trained with: ") as error:
+        run_config.write(workdir, config, seed_opt_trainer.RUN_DEFINING)
+    offered, unset = str(error.value).split("trained with: ")[1].split(" (and no ")
+    assert unset == "--config.model.dropout: None)"
+    parsed = weights.flatten_nested(_parsed_as_seed_jax_main(repo_root, shlex.split(offered)))
+    assert parsed["lora.targets"] == ["query", "value"] and parsed["prompts.caption"] == "A photo of"
+    assert parsed["seed"] == 3
 
 
 def _create(config):

@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 import ml_collections
 
-from seed_jax import weights
+from seed_jax import command_line, weights
 from seed_jax.data import records
 from seed_jax.trainers import checkpointing
 
@@ -34,13 +34,20 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
         changed = _differing(trained, settings, defining)
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            flags = " ".join(f"--config.{k}={old!r}" for k, (old, _) in changed.items())
             raise ValueError(f"workdir {workdir}: its checkpoints were trained with other settings than this run's "
                              f"({listed}); its config.json records what they are and is kept. Train into a new "
-                             f"workdir, or resume with the settings it was trained with ({flags})")
+                             f"workdir, or resume with the settings it was trained with: {_flags(changed)}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         records.write_json(path, settings, indent=2)
+
+
+def _flags(changed: dict[str, tuple]) -> str:
+    """The command-line flags that set each changed key back to its trained value; a
+    None, which no flag sets, as the flag to leave out."""
+    flags = [command_line.override_flag(k, old) for k, (old, _) in changed.items() if old is not None]
+    unset = [f"--config.{k}" for k, (old, _) in changed.items() if old is None]
+    return " ".join(flags) + (f" (and no {', '.join(unset)}: None)" if unset else "")
 
 
 def _has_checkpoints(workdir: str) -> bool:

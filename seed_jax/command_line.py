@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -15,6 +16,23 @@ from absl import app
 from seed_jax import config_files
 
 CONFIG_FLAG = "config"  # seed_jax.main's config file flag; its fields are overridden as --config.KEY=VALUE
+
+
+class ConfigError(ValueError):
+    """A setting (or workdir) a run cannot start with, found before it starts: the
+    message says what to change, so `python -m seed_jax.main` prints it without a traceback."""
+
+
+@contextlib.contextmanager
+def config_checks():
+    """Re-raises a ValueError raised inside as a ConfigError: around the checks a trainer
+    makes of its config and workdir before it starts."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def refuse_positional_arguments(argv: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -45,10 +46,13 @@ def main(argv):
     workdir = os.path.abspath(_WORKDIR.value or config_files.default_workdir(config.trainer, config.preset))
     trainers = _trainers()
     if config.trainer not in trainers:
-        raise ValueError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")
+        raise app.UsageError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")
     logging.info("workdir: %s", workdir)
     print(f"workdir: {workdir}", flush=True)
-    completed = trainers[config.trainer](config, workdir)
+    try:
+        completed = trainers[config.trainer](config, workdir)
+    except command_line.ConfigError as error:  # its message says what to change: no traceback
+        sys.exit(f"FATAL config error: {error}")
     print("done" if completed else "preempted: checkpoint saved; re-run the same command to resume", flush=True)
 
 

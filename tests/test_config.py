@@ -115,3 +115,24 @@ def test_a_missing_config_file_or_field_fails_naming_the_flag(flags, message, re
     assert result.returncode == 1
     assert f"FATAL Flags parsing error: {message}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config=configs/tokenizer.py:tiny", "--config.itc_gradient=local"],
+     "FATAL config error: itc_gradient: expected one of ('global', 'lavis'), got 'local'"),
+    (["--config=configs/decoder.py:tiny", "--config.uncond_probability=2"],
+     "FATAL config error: uncond_probability: expected a probability in [0, 1], got 2.0"),
+    (["--config=configs/seed_opt.py:tiny", "--config.image_embedding=pixels"],
+     "FATAL config error: image_embedding: expected 'rows' or 'codebook_projection', got 'pixels'"),
+    (["--config=configs/pretokenize.py"],
+     "FATAL config error: config.tokenizer_export: the SEED tokenizer export to encode with is required"),
+    (["--config=configs/tokenizer.py:tiny", "--config.trainer=bogus"],
+     "config.trainer: expected one of ['decoder', 'pretokenize', 'seed_opt', 'tokenizer'], got 'bogus'")])
+def test_a_setting_a_run_cannot_start_with_fails_with_its_message_alone(flags, message, repo_root, tmp_path):
+    """Each trainer's checks of its settings named the field and what it expects, at the
+    end of a traceback through main and the trainer; the message is now all there is."""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", *flags, f"--workdir={tmp_path}"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith(message), result.stderr
+    assert "Traceback" not in result.stderr

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from seed_jax import api, parallel, weights
+from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import pipeline, preprocess, records
 from seed_jax.diffusion import samplers
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
@@ -192,9 +192,10 @@ def warn_if_guidance_is_untrained(config) -> None:
 def train(config, workdir: str) -> bool:
     """Trains the decoder into `workdir` (resuming), evaluates, exports to WORKDIR/export.
     Returns False if preempted."""
-    check_options(config)
+    with command_line.config_checks():
+        check_options(config)
+        run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     warn_if_guidance_is_untrained(config)
-    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     trained = tokenizer_trainer.ensure_trained(config, workdir)
     if trained is None:  # the tokenizer's training was preempted
         return False

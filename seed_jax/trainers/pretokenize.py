@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from seed_jax import weights
+from seed_jax import command_line, weights
 from seed_jax.api.precision import matmul_precision
 from seed_jax.data import code_records, preprocess, records
 from seed_jax.models import layers
@@ -252,11 +252,12 @@ def split_paths(splits) -> dict[str, list[str]]:
 def run(config, workdir: str) -> bool:
     """Entry point for `configs/pretokenize.py`."""
     out_dir = config.out_dir or os.path.join(workdir, "codes")
-    if not config.tokenizer_export:
-        raise ValueError("config.tokenizer_export: the SEED tokenizer export to encode with is required")
-    splits = split_paths(config.splits)
-    if not splits:
-        raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
+    with command_line.config_checks():
+        if not config.tokenizer_export:
+            raise ValueError("config.tokenizer_export: the SEED tokenizer export to encode with is required")
+        splits = split_paths(config.splits)
+        if not splits:
+            raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
     summaries = pretokenize(config.tokenizer_export, splits, out_dir, batch_size=config.batch_size,
                             dtype=config.dtype, num_threads=config.num_threads)
     print(json.dumps({"out_dir": out_dir, "process": jax.process_index(), "summaries": summaries}), flush=True)

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from seed_jax import api, parallel, weights
+from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
@@ -346,10 +346,11 @@ def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None
 # ---------------------------------------------------------------- driver
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
-    check_config(config)
-    checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
-                                    [(name, key, config[key].num_steps) for name, key in PHASES])
-    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
+    with command_line.config_checks():
+        check_config(config)
+        checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
+                                        [(name, key, config[key].num_steps) for name, key in PHASES])
+        run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     decoder = decoder_export(config)
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None

@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from seed_jax import parallel, weights
+from seed_jax import command_line, parallel, weights
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
@@ -450,10 +450,11 @@ def stages_to_run(config) -> tuple[str, ...]:
 def train(config, workdir: str) -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
     Returns False if preempted (a checkpoint was saved), True when both stages are done."""
-    check_config(config)
-    checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
-                                    [(name, name, config[name].num_steps) for name in stages_to_run(config)])
-    run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
+    with command_line.config_checks():
+        check_config(config)
+        checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
+                                        [(name, name, config[name].num_steps) for name in stages_to_run(config)])
+        run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     _unmark_done_while_steps_remain(workdir, config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules

@@ -44,6 +44,20 @@ def refuse_positional_arguments(argv: list[str]) -> None:
                              "--config.KEY=VALUE, ...)")
 
 
+def checked_workdir(workdir: str | None) -> str | None:
+    """`--workdir`'s value (None: not given), else a UsageError: for "" (an unset variable in
+    `--workdir=$DIR` trained into the default workdir) and for a path a file blocks."""
+    if workdir == "":
+        raise app.UsageError("--workdir is empty: give a directory, or leave the flag out for the default "
+                             "./workdirs/<trainer>_<preset>")
+    existing = workdir
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise app.UsageError(f"--workdir={workdir}: {existing} is a file, not a directory")
+    return workdir
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
     """`app.run`'s flags_parser for a command line with `--config=FILE[:ARG]`: absl's
     (`app.parse_flags_with_usage`), except that a config file that does not exist and an

@@ -43,7 +43,8 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
-    workdir = os.path.abspath(_WORKDIR.value or config_files.default_workdir(config.trainer, config.preset))
+    workdir = os.path.abspath(command_line.checked_workdir(_WORKDIR.value) or
+                              config_files.default_workdir(config.trainer, config.preset))
     trainers = _trainers()
     if config.trainer not in trainers:
         raise app.UsageError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")

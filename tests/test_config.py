@@ -136,3 +136,19 @@ def test_a_setting_a_run_cannot_start_with_fails_with_its_message_alone(flags, m
     assert result.returncode == 1
     assert result.stderr.rstrip().endswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workdir, message", [
+    ("{tmp}/file", "--workdir={tmp}/file: {tmp}/file is a file, not a directory"),
+    ("{tmp}/file/run", "--workdir={tmp}/file/run: {tmp}/file is a file, not a directory"),
+    ("", "--workdir is empty: give a directory, or leave the flag out for the default ./workdirs/<trainer>_<preset>")])
+def test_a_workdir_that_cannot_be_one_is_a_usage_error(workdir, message, repo_root, tmp_path):
+    """A file at (or above) --workdir failed in os.makedirs with a traceback, and an empty
+    --workdir (`--workdir=$DIR`, DIR unset) trained into ./workdirs/<trainer>_<preset>."""
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/tokenizer.py:tiny",
+                             f"--workdir={workdir.format(tmp=tmp_path)}"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith(message.format(tmp=tmp_path)), result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]

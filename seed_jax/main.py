@@ -1,4 +1,17 @@
-"""Entry point: `python -m seed_jax.main --config=configs/tokenizer.py[:preset] [--workdir=DIR]`."""
+"""Trains what a config file describes (or pre-tokenizes image shards):
+
+  python -m seed_jax.main --config=configs/CONFIG.py[:PRESET[,LAYOUT]] [--workdir=DIR] [--config.KEY=VALUE ...]
+
+  configs/tokenizer.py    the SEED tokenizer; PRESET demo (default), seed1 or tiny
+  configs/decoder.py      the demo de-tokenizer (codes -> images); PRESET demo (default) or tiny
+  configs/seed_opt.py     SEED-OPT; PRESET demo (default), seed_opt_2.7b or tiny
+  configs/pretokenize.py  image-caption shards -> SEED code records; no presets
+  LAYOUT (tokenizer.py, seed_opt.py): cpu, gpu8, gpu8x8 or tpu_v4_32
+
+Every field of the config can be set, e.g. --config.stage1.num_steps=100, a tuple as
+--config.data.crop_scale="(1.0, 1.0)". The same command again resumes its workdir
+(README.md).
+"""
 
 from __future__ import annotations
 

@@ -152,3 +152,22 @@ def test_a_workdir_that_cannot_be_one_is_a_usage_error(workdir, message, repo_ro
     assert result.returncode == 1
     assert result.stderr.rstrip().endswith(message.format(tmp=tmp_path)), result.stderr
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_help_names_every_config_with_its_presets_and_layouts(repo_root):
+    """`--help` named configs/tokenizer.py alone, with `[:preset]`: no other config, preset,
+    layout or `--config.KEY=VALUE` override."""
+    from configs import decoder, seed_opt, tokenizer
+
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", "--help"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  configs/")}
+    presets = {"tokenizer": tokenizer.MODEL_PRESETS, "decoder": decoder.PRESETS, "seed_opt": seed_opt.MODEL_PRESETS,
+               "pretokenize": ()}
+    assert sorted(lines) == sorted(f"configs/{name}.py" for name in presets)
+    for name, names in presets.items():
+        assert all(f" {preset}" in lines[f"configs/{name}.py"] for preset in names), (name, names)
+    layouts = next(line for line in result.stdout.splitlines() if line.strip().startswith("LAYOUT"))
+    assert set(tokenizer.LAYOUT_PRESETS) == set(seed_opt.LAYOUT_PRESETS)
+    assert all(f" {layout}" in layouts for layout in tokenizer.LAYOUT_PRESETS)
+    assert "--config.KEY=VALUE" in result.stdout

@@ -851,6 +851,17 @@ def test_shard_folders_given_to_the_shapes_world_fail_naming_them():
         trainer.check_config(config)
 
 
+@pytest.mark.parametrize("scale", [(0.9,), (0.5, 0.8, 1.0), (0.5, 1.5), (1.0, 0.5), (0.0, 1.0)])
+def test_a_crop_scale_that_is_no_area_range_fails_naming_it(scale):
+    """`--config.data.crop_scale=0.9` gave (0.9,), trained as (0.9, 1.0); three numbers
+    failed in the data workers; fractions above 1 fell back to the centre crop at every draw."""
+    with pytest.raises(ValueError, match=re.escape(f"data.crop_scale: expected (min, max) fractions of the image's "
+                                                   f"area, 0 < min <= max <= 1 (e.g. --config.data.crop_scale=\"(0.8, "
+                                                   f"1.0)\"), got {scale}")):
+        trainer.check_config(_tiny(**{"data.crop_scale": scale}))
+    trainer.check_config(_tiny(**{"data.crop_scale": (1, 1)}))
+
+
 def test_an_unknown_contrastive_gradient_fails_naming_it():
     config = get_config("tiny")
     config.itc_gradient = "local"

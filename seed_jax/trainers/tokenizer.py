@@ -181,11 +181,13 @@ def check_config(config) -> None:
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
     shard folders are read only with `data.source='array_record'` (`check_data_source`);
+    `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
     layers.compute_dtype(config.dtype)
     if config.itc_gradient not in ITC_GRADIENTS:
         raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
     check_data_source(config.data)
+    check_crop_scale(config.data.crop_scale)
     loop.check_loop_settings(config)
     every = config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
@@ -220,6 +222,17 @@ def check_data_source(data) -> None:
         raise ValueError(f"{', '.join(given)}: data.source is 'synthetic' (the shapes world, written to "
                          "WORKDIR/data), which reads no shards; add --config.data.source=array_record to "
                          "train on them")
+
+
+def check_crop_scale(scale) -> None:
+    """`data.crop_scale` is the (min, max) fraction of an image's area a training crop
+    covers, 0 < min <= max <= 1: one number was taken as (it, 1.0), three failed in the
+    data workers, and fractions above 1 fell back to the centre crop at every draw."""
+    scale = tuple(scale)
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
+    if len(scale) != 2 or not numbers or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"data.crop_scale: expected (min, max) fractions of the image's area, 0 < min <= max <= 1 "
+                         f"(e.g. --config.data.crop_scale=\"(0.8, 1.0)\"), got {scale}")
 
 
 def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:

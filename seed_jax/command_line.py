@@ -11,7 +11,7 @@ import shlex
 import sys
 
 import ml_collections
-from absl import app
+from absl import app, flags
 
 from seed_jax import config_files
 
@@ -63,37 +63,52 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     (`app.parse_flags_with_usage`), except that a config file that does not exist and an
     override naming no field of the config (`--config.stage1.num_step=5`) are reported as
     absl reports a bad flag, naming the flag (and the fields nearest a misspelt one),
-    not as ml_collections' tracebacks."""
-    problem = missing_config_file(argv)
+    not as ml_collections' tracebacks; on the command line or in a `--flagfile`."""
+    arguments = flag_arguments(argv)
+    problem = missing_config_file(arguments)
     if problem is None:
         try:
             return app.parse_flags_with_usage(argv)
         except (AttributeError, KeyError):  # what ml_collections raises for an override of no field
-            problem = unknown_override(argv)
+            problem = unknown_override(arguments)
             if problem is None:
                 raise
     sys.stderr.write(f"FATAL Flags parsing error: {problem}\nPass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
 
 
-def config_flag_value(argv: list[str]) -> str | None:
-    """The value of the last `--config=VALUE` (or `--config VALUE`) in `argv`; None if none."""
-    value = None
-    for i, arg in enumerate(argv[1:], 1):
-        if re.fullmatch(f"--?{CONFIG_FLAG}", arg) and i + 1 < len(argv):
-            value = argv[i + 1]
+def flag_arguments(argv: list[str]) -> list[str]:
+    """The arguments after the program in `argv` that absl reads as flags: each
+    `--flagfile=FILE` replaced by the flags FILE holds (as absl reads them), up to a `--`.
+    A flagfile that cannot be read is left as it is, for absl to report."""
+    try:
+        arguments = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except flags.Error:
+        arguments = list(argv[1:])
+    return arguments[:arguments.index("--")] if "--" in arguments else arguments
+
+
+def config_flag_values(arguments: list[str]) -> list[str]:
+    """The values of each `--config=VALUE` (or `--config VALUE`) among the flag
+    `arguments` (`flag_arguments`), in order: absl takes the last."""
+    values = []
+    for i, arg in enumerate(arguments):
+        if re.fullmatch(f"--?{CONFIG_FLAG}", arg) and i + 1 < len(arguments):
+            values.append(arguments[i + 1])
         elif re.match(f"--?{CONFIG_FLAG}=", arg):
-            value = arg.split("=", 1)[1]
-    return value
+            values.append(arg.split("=", 1)[1])
+    return values
 
 
-def missing_config_file(argv: list[str]) -> str | None:
-    """What is wrong when `--config`'s file does not exist, else None."""
-    value = config_flag_value(argv)
-    path = None if value is None else value.split(":", 1)[0]
-    if path is None or os.path.isfile(path):
-        return None
-    return f"flag --{CONFIG_FLAG}={value}: config file {path!r} does not exist"
+def missing_config_file(arguments: list[str]) -> str | None:
+    """What is wrong when the file of a `--config` among the flag `arguments`
+    (`flag_arguments`) does not exist, else None: ml_collections fails on any such, the
+    last or an earlier one."""
+    for value in config_flag_values(arguments):
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            return f"flag --{CONFIG_FLAG}={value}: config file {path!r} does not exist"
+    return None
 
 
 def override_key(arg: str) -> str | None:
@@ -103,14 +118,14 @@ def override_key(arg: str) -> str | None:
     return match.group(1) if match else None
 
 
-def unknown_override(argv: list[str]) -> str | None:
-    """What is wrong with the first override in `argv` that names no field of the config
-    `--config` loads, else None."""
-    value = config_flag_value(argv)
-    if value is None:
+def unknown_override(arguments: list[str]) -> str | None:
+    """What is wrong with the first override among the flag `arguments` (`flag_arguments`)
+    that names no field of the config `--config` loads, else None."""
+    values = config_flag_values(arguments)
+    if not values:
         return None
-    config = config_files.load(*value.split(":", 1))
-    for arg in argv[1:]:
+    config = config_files.load(*values[-1].split(":", 1))
+    for arg in arguments:
         key = override_key(arg)
         problem = None if key is None else missing_field(config, key)
         if problem:

@@ -117,6 +117,30 @@ def test_a_missing_config_file_or_field_fails_naming_the_flag(flags, message, re
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize("flags, in_file, message", [
+    (["{flagfile}"], ["--config=configs/tokenizer.py:tiny", "--config.stage1.num_step=5"],
+     "flag --config.stage1.num_step=5: no config field stage1.num_step; did you mean stage1.num_steps"),
+    (["{flagfile}"], ["--config=configs/nope.py"],
+     "flag --config=configs/nope.py: config file 'configs/nope.py' does not exist"),
+    (["--config=configs/tokenizer.py:tiny", "{flagfile}"], ["--config.stage1.num_step=5"],
+     "flag --config.stage1.num_step=5: no config field stage1.num_step; did you mean stage1.num_steps"),
+    (["{flagfile}", "--config=configs/tokenizer.py:tiny"], ["--config=configs/nope.py"],
+     "flag --config=configs/nope.py: config file 'configs/nope.py' does not exist")])
+def test_a_missing_config_file_or_field_in_a_flagfile_fails_naming_the_flag(flags, in_file, message, repo_root,
+                                                                              tmp_path):
+    """Flags read from a --flagfile were not looked at: a misspelt override or a missing
+    config file there ended in ml_collections' traceback, as did a missing config file
+    before the --config absl takes (ml_collections fails on it too)."""
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text("\n".join(in_file) + "\n")
+    flags = [flag.format(flagfile=f"--flagfile={flagfile}") for flag in flags]
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", *flags, f"--workdir={tmp_path}/w"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"FATAL Flags parsing error: {message}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "w")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config=configs/tokenizer.py:tiny", "--config.itc_gradient=local"],
      "FATAL config error: itc_gradient: expected one of ('global', 'lavis'), got 'local'"),

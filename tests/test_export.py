@@ -129,6 +129,22 @@ def _save_a_checkpoint(workdir: str) -> None:
         manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
 
 
+def test_a_config_json_that_is_no_json_is_named(tmp_path):
+    """A refused rerun says config.json records the settings the checkpoints were trained
+    with, so it may be edited by hand; one left invalid failed with json's message alone
+    ('Expecting property name enclosed in double quotes: line 1 column 12'), all that
+    `python -m seed_jax.main` prints of a refused setting: no file named."""
+    workdir = str(tmp_path)
+    run_config.write(workdir, get_config("tiny"), trainer.RUN_DEFINING)
+    _save_a_checkpoint(workdir)
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text().rstrip()[:-1].rstrip() + ",\n}")  # a trailing comma
+    edited = path.read_text()
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not JSON (Expecting property name")):
+        run_config.write(workdir, get_config("tiny"), trainer.RUN_DEFINING)
+    assert path.read_text() == edited
+
+
 @pytest.mark.parametrize("get_trainer_config, trainer_module, key", [
     (get_config, trainer, "init.clip_text"), (get_config, trainer, "init.qformer"),
     (get_opt_config, seed_opt_trainer, "init.opt"), (get_opt_config, seed_opt_trainer, "tokenizer_export"),

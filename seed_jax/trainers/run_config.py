@@ -29,8 +29,7 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
     path = os.path.join(workdir, "config.json")
     settings = _absolute_paths(json.loads(config.to_json()), paths)
     if os.path.exists(path) and _has_checkpoints(workdir):
-        with open(path) as f:
-            trained = _absolute_paths(json.load(f), paths)
+        trained = _absolute_paths(_read_recorded(path), paths)
         changed = _differing(trained, settings, defining)
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -40,6 +39,18 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         records.write_json(path, settings, indent=2)
+
+
+def _read_recorded(path: str) -> dict:
+    """The settings a workdir's config.json at `path` records, else a ValueError naming it
+    (it may have been edited by hand)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error}); it records the settings the workdir's checkpoints "
+                             "were trained with, to compare with this run's: correct it, or train into a new "
+                             "workdir") from None
 
 
 def _flags(changed: dict[str, tuple]) -> str:

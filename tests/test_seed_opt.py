@@ -103,6 +103,7 @@ def test_a_long_question_loses_its_end_not_the_prompts_short_answer(builder, tex
     ("generate", "{caption}: {caption}", r"prompts.generate: expected \{caption\}"),
     ("question", "Question: {q} Short answer.", r"prompts.question: expected \{question\}"),
     ("question", "Question: {question:{w}} Short answer.", r"prompts.question: expected \{question\}"),
+    ("question", "Question: {question:{}} Short answer.", r"prompts.question: expected \{question\}"),
     ("caption", "A photo of {caption}", "prompts.caption: expected no field"),
     ("caption", "A photo of {", "prompts.caption: 'A photo of {' is no format string"),
 ])

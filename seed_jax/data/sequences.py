@@ -103,8 +103,9 @@ def _check_fields(name: str, template, expected: list[str]) -> None:
         parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as error:
         raise ValueError(f"{name}: {template!r} is no format string ({error})") from None
-    fields = [field for field, _ in parsed] + [nested for _, spec in parsed if "{" in spec  # as {question:{w}}
-                                               for _, nested, _, _ in string.Formatter().parse(spec) if nested]
+    fields = [field for field, _ in parsed] + [nested for _, spec in parsed if "{" in spec  # {question:{w}}, {q:{}}
+                                               for _, nested, _, _ in string.Formatter().parse(spec)
+                                               if nested is not None]
     if fields != expected:
         wanted = " ".join("{%s}" % f for f in expected) or "no field"
         raise ValueError(f"{name}: expected {wanted} (braces in text doubled), got {template!r}")

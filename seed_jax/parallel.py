@@ -38,30 +38,30 @@ DEFAULT_RULES = (
 Rules = Sequence[tuple[str, Any]]
 
 
-def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None, field: str = "mesh") -> Mesh:
     """A mesh over `devices` (default: all) with axes in MESH_AXES order.
 
     `axis_sizes` maps axis name to size; one size may be -1 to take the remaining
-    devices.
+    devices. Errors name the config `field` that gave `axis_sizes`.
     """
     devices = list(jax.devices() if devices is None else devices)
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; expected names from {MESH_AXES}")
+        raise ValueError(f"{field}: unknown axis {sorted(unknown)}; expected names from {MESH_AXES}")
     bad = {k: v for k, v in axis_sizes.items() if not (isinstance(v, (int, np.integer)) and (v >= 1 or v == -1))}
     if bad:
-        raise ValueError(f"mesh: axis sizes {bad} must be positive integers (or -1 for the remaining devices)")
+        raise ValueError(f"{field}: axis sizes {bad} must be positive integers (or -1 for the remaining devices)")
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"{field}: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices do not divide by {known}")
+            raise ValueError(f"{field}: {len(devices)} devices do not divide by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(
-            f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+            f"{field}: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
             f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -25,11 +26,11 @@ from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
                      assert_weights_split, checkpoint_params, latest_state_path, run_two_processes,
                      saved_as_numpy, start_two_processes)
-from seed_jax import parallel, weights
+from seed_jax import command_line, parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting, run_config
 from seed_jax.trainers import tokenizer as trainer
 
 
@@ -620,9 +621,80 @@ def test_a_preempted_tokenizer_run_under_another_trainer_returns_preempted(tmp_p
 
     module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
     config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
-    monkeypatch.setattr(trainer, "train", lambda config, workdir: False)  # SIGTERM while the tokenizer trains
+    monkeypatch.setattr(trainer, "train", lambda config, workdir, prefix="": False)  # SIGTERM while the tokenizer trains
     assert module.train(config, str(tmp_path)) is False
     assert not os.path.exists(tmp_path / "DONE.json")
+
+
+# A nested tokenizer setting that fails a check, and the start of the message naming it,
+# with "{p}" where the field names start: the trainer's "tokenizer." (its config's field).
+NESTED_CHECKS = [
+    ("stage2.trainable", (*STAGE2_TRAINABLE, "nope"), r"^{p}stage2\.trainable: \['nope'\] are not modules"),
+    ("stage2.trainable", ("nope",), r"^{p}stage2\.restart_unused_codes_every=\d+ .* is not in {p}stage2\.trainable "),
+    ("data.train_dir", "/shards", r"^{p}data\.train_dir='/shards': {p}data\.source is 'synthetic' .*; "
+                                  r"add --config\.{p}data\.source=array_record "),
+    ("data.crop_scale", (0.9,), r"^{p}data\.crop_scale: expected .*\(e\.g\. --config\.{p}data\.crop_scale="),
+    ("mesh.data", 3, r"^{p}mesh: axis sizes "),
+    ("eval.batch_size", 3, r"^{p}eval\.batch_size: 3 does not divide by \d"),
+    ("dtype", "bf16", r"^{p}dtype: expected one of"),
+    ("keep_checkpoints", 0, r"^{p}keep_checkpoints: expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
+@pytest.mark.parametrize("key, value, message", NESTED_CHECKS, ids=[f"{k}={v}" for k, v, _ in NESTED_CHECKS])
+def test_a_nested_tokenizer_setting_that_cannot_run_is_named_as_the_trainer_names_it(
+        tmp_path, trainer_name, key, value, message):
+    """The decoder and SEED-OPT train their tokenizer from `config.tokenizer`: its checks
+    named `stage2.trainable`, which their command line does not have, and offered
+    `--config.data.source=...`; the fields are now named `tokenizer.stage2.trainable`,
+    as `--config.tokenizer.stage2.trainable` sets them. The tokenizer trainer on its own
+    names them as before."""
+    import importlib
+
+    module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
+    config.tokenizer.update_from_flattened_dict({key: value})
+    with pytest.raises(command_line.ConfigError, match=message.format(p=re.escape("tokenizer."))):
+        module.train(config, str(tmp_path))
+    alone = config.tokenizer
+    with pytest.raises(command_line.ConfigError, match=message.format(p="")):
+        trainer.train(alone, str(tmp_path / "alone"))
+
+
+def _save_a_checkpoint(checkpoint_dir: str, step: int) -> None:
+    with ocp.CheckpointManager(checkpoint_dir) as manager:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+
+
+@pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
+def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tmp_path, trainer_name):
+    """An unfinished tokenizer run resumed by the decoder or SEED-OPT with other settings
+    (or more stage-I steps after stage II began) was refused naming `seed` and offering
+    `--config.seed=0`, the decoder's own seed; it now names `tokenizer.seed` and offers
+    `--config.tokenizer.seed=0`."""
+    import importlib
+
+    module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
+    config.tokenizer_workdir = str(tmp_path / "tokenizer")
+    trained = config.tokenizer.seed
+    run_config.write(config.tokenizer_workdir, config.tokenizer, trainer.RUN_DEFINING, trainer.RUN_PATHS)
+    steps = config.tokenizer.stage1.num_steps
+    _save_a_checkpoint(os.path.join(config.tokenizer_workdir, "checkpoints", "stage1"), steps)
+    config.tokenizer.seed = trained + 1
+    refusal = (f"(tokenizer.seed: {trained} -> {trained + 1}); its config.json records what they are and is kept. "
+               f"Train into a new workdir, or resume with the settings it was trained with: "
+               f"--config.tokenizer.seed={trained}")
+    with pytest.raises(command_line.ConfigError, match=re.escape(refusal)):
+        module.train(config, str(tmp_path / "run"))
+    config.tokenizer.seed = trained
+    _save_a_checkpoint(os.path.join(config.tokenizer_workdir, "checkpoints", "stage2"), 1)
+    config.tokenizer.stage1.num_steps = steps + 2
+    with pytest.raises(command_line.ConfigError, match=re.escape(
+            f"tokenizer.stage1.num_steps {steps + 2}: stage1 would train on from step {steps}")) as error:
+        module.train(config, str(tmp_path / "run"))
+    assert f"or keep tokenizer.stage1.num_steps at {steps}" in str(error.value)
 
 
 def _tokenizer_run_copy(tiny_decoder_run, tmp_path) -> tuple[str, ml_collections.ConfigDict]:

@@ -20,10 +20,10 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MASK_VALUE = -10000.0  # what the reference adds to masked attention scores
 
 
-def compute_dtype(name: str):
-    """The compute dtype called `name`, else a ValueError naming `dtype`."""
+def compute_dtype(name: str, field: str = "dtype"):
+    """The compute dtype called `name`, else a ValueError naming the config `field`."""
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+        raise ValueError(f"{field}: expected one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
     return COMPUTE_DTYPES[name]
 
 

@@ -11,12 +11,14 @@ from jax.experimental import multihost_utils
 from seed_jax import parallel
 
 
-def check_batch_sizes(config, batch_sizes: dict[str, int]) -> None:
-    """Raises naming the field unless each of `batch_sizes` (config field -> global batch
-    size) splits evenly over the batch axes of `config.mesh` (`parallel.check_batch_size`)."""
-    mesh = parallel.make_mesh(config.mesh.to_dict())
+def check_batch_sizes(config, batch_sizes: dict[str, int], prefix: str = "") -> None:
+    """Raises naming the field (after `prefix`, e.g. "tokenizer." for a trainer's nested
+    tokenizer config) unless `config.mesh` is a mesh of the devices and each of
+    `batch_sizes` (config field -> global batch size) splits evenly over its batch axes
+    (`parallel.check_batch_size`)."""
+    mesh = parallel.make_mesh(config.mesh.to_dict(), field=f"{prefix}mesh")
     for field, size in batch_sizes.items():
-        parallel.check_batch_size(field, size, mesh, config.axis_rules)
+        parallel.check_batch_size(f"{prefix}{field}", size, mesh, config.axis_rules)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:

@@ -24,8 +24,9 @@ LOOP_SETTINGS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"
 AT_STAGE_END = 0
 
 
-def check_loop_settings(config) -> None:
-    """Raises naming the field unless each of `LOOP_SETTINGS` is an integer >= 1
+def check_loop_settings(config, prefix: str = "") -> None:
+    """Raises naming the field (after `prefix`, e.g. "tokenizer." for a trainer's nested
+    tokenizer config) unless each of `LOOP_SETTINGS` is an integer >= 1
     (`eval_every_steps` >= 0: AT_STAGE_END): an interval of 0 failed at the first step,
     after compiling, as a bare modulo by zero, and orbax keeps no checkpoint at all with
     `keep_checkpoints` 0 (each save deleted at once), so a preempted run started again
@@ -34,7 +35,7 @@ def check_loop_settings(config) -> None:
         value, least = config[name], AT_STAGE_END if name == "eval_every_steps" else 1
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             meaning = f" ({AT_STAGE_END}: at the last step of each stage only)" if least == AT_STAGE_END else ""
-            raise ValueError(f"{name}: expected an integer >= {least}{meaning}, got {value!r}")
+            raise ValueError(f"{prefix}{name}: expected an integer >= {least}{meaning}, got {value!r}")
 
 
 def step_key(seed: int, step: jax.Array, stage_index: int | None = None) -> jax.Array:

@@ -17,28 +17,42 @@ from seed_jax.data import records
 from seed_jax.trainers import checkpointing
 
 
-def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str], paths: Sequence[str] = ()) -> None:
+def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str], paths: Sequence[str] = (),
+          prefix: str = "") -> None:
     """Writes `config` to WORKDIR/config.json (process 0). Once the workdir holds a
     checkpoint, the settings under the dotted keys `defining` (e.g. "model", "seed")
-    must equal those of its config.json: else a ValueError naming each that differs,
-    and config.json stays as it was. Keys only one side has (settings added or removed
-    since) are not compared. Settings under `paths` name files or directories: they are
-    written as absolute paths and compared so (one recorded relative is taken from the
-    current directory), so that one directory named two ways ('workdirs/x' in /repo and
-    '/repo/workdirs/x', as a notebook names it) is one setting."""
+    must equal those of its config.json: else a ValueError naming each that differs
+    (`changed_settings`), and config.json stays as it was. The keys and flags the error
+    names start with `prefix`: "tokenizer." where `config` is a trainer's nested
+    `config.tokenizer`, whose fields its command line sets as --config.tokenizer.KEY."""
     path = os.path.join(workdir, "config.json")
-    settings = _absolute_paths(json.loads(config.to_json()), paths)
     if os.path.exists(path) and _has_checkpoints(workdir):
-        trained = _absolute_paths(_read_recorded(path), paths)
-        changed = _differing(trained, settings, defining)
+        changed = changed_settings(workdir, config, defining, paths)
         if changed:
-            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"workdir {workdir}: its checkpoints were trained with other settings than this run's "
-                             f"({listed}); its config.json records what they are and is kept. Train into a new "
-                             f"workdir, or resume with the settings it was trained with: {_flags(changed)}")
+                             f"({listed(changed, prefix)}); its config.json records what they are and is kept. "
+                             "Train into a new workdir, or resume with the settings it was trained with: "
+                             f"{_flags(changed, prefix)}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        records.write_json(path, settings, indent=2)
+        records.write_json(path, _absolute_paths(json.loads(config.to_json()), paths), indent=2)
+
+
+def changed_settings(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str],
+                     paths: Sequence[str] = ()) -> dict[str, tuple]:
+    """Dotted key -> (WORKDIR/config.json's value, `config`'s) for each setting under the
+    dotted keys `defining` that differs. Keys only one side has (settings added or
+    removed since) are not compared. Settings under `paths` name files or directories:
+    they are compared as absolute paths (one recorded relative is taken from the current
+    directory), so that one directory named two ways ('workdirs/x' in /repo and
+    '/repo/workdirs/x', as a notebook names it) is one setting; `write` records them so."""
+    trained = _absolute_paths(_read_recorded(os.path.join(workdir, "config.json")), paths)
+    return _differing(trained, _absolute_paths(json.loads(config.to_json()), paths), defining)
+
+
+def listed(changed: dict[str, tuple], prefix: str = "") -> str:
+    """`changed` (`changed_settings`) as "PREFIXKEY: recorded -> given, ..."."""
+    return ", ".join(f"{prefix}{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
 def _read_recorded(path: str) -> dict:
@@ -53,11 +67,11 @@ def _read_recorded(path: str) -> dict:
                              "workdir") from None
 
 
-def _flags(changed: dict[str, tuple]) -> str:
-    """The command-line flags that set each changed key back to its trained value; a
-    None, which no flag sets, as the flag to leave out."""
-    flags = [command_line.override_flag(k, old) for k, (old, _) in changed.items() if old is not None]
-    unset = [f"--config.{k}" for k, (old, _) in changed.items() if old is None]
+def _flags(changed: dict[str, tuple], prefix: str = "") -> str:
+    """The command-line flags that set each changed key (after `prefix`) back to its
+    trained value; a None, which no flag sets, as the flag to leave out."""
+    flags = [command_line.override_flag(f"{prefix}{k}", old) for k, (old, _) in changed.items() if old is not None]
+    unset = [f"--{command_line.CONFIG_FLAG}.{prefix}{k}" for k, (old, _) in changed.items() if old is None]
     return " ".join(flags) + (f" (and no {', '.join(unset)}: None)" if unset else "")
 
 

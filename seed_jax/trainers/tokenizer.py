@@ -155,14 +155,15 @@ def trainable(model: TrainModel, stage, field: str = "trainable") -> Callable:
     return loop.trainable_filter(model, ("tokenizer",), stage.trainable, field)
 
 
-def check_trainable(config) -> None:
-    """Raises naming the field unless each stage to run names modules of the tokenizer in
-    its `trainable`, checked on the model's shapes: stage II's were first read when it began,
-    after all of stage I, and as they define the run the workdir then refused a corrected name."""
+def check_trainable(config, prefix: str = "") -> None:
+    """Raises naming the field (after `prefix`) unless each stage to run names modules of
+    the tokenizer in its `trainable`, checked on the model's shapes: stage II's were first
+    read when it began, after all of stage I, and as they define the run the workdir then
+    refused a corrected name."""
     graphdef, abstract, _ = build_model(config)
     model = nnx.merge(graphdef, abstract)
     for name in stages_to_run(config):
-        trainable(model, config[name], f"{name}.trainable")
+        trainable(model, config[name], f"{prefix}{name}.trainable")
 
 
 def batch_sizes(config) -> dict[str, int]:
@@ -173,8 +174,9 @@ def batch_sizes(config) -> dict[str, int]:
     return {**sizes, "eval.batch_size": config.eval.batch_size}
 
 
-def check_config(config) -> None:
-    """Raises, naming the fields, for settings that cannot run, before the data is made:
+def check_config(config, prefix: str = "") -> None:
+    """Raises, naming the fields (after `prefix`: "tokenizer." for the decoder's or
+    SEED-OPT's nested `config.tokenizer`), for settings that cannot run, before the data is made:
     an unknown `dtype` or `itc_gradient`, the loop's intervals and `keep_checkpoints`, a batch size that does
     not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
@@ -183,56 +185,59 @@ def check_config(config) -> None:
     shard folders are read only with `data.source='array_record'` (`check_data_source`);
     `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
-    layers.compute_dtype(config.dtype)
+    layers.compute_dtype(config.dtype, field=f"{prefix}dtype")
     if config.itc_gradient not in ITC_GRADIENTS:
-        raise ValueError(f"itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
-    check_data_source(config.data)
-    check_crop_scale(config.data.crop_scale)
-    loop.check_loop_settings(config)
-    every = config.stage2.restart_unused_codes_every
+        raise ValueError(f"{prefix}itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
+    check_data_source(config.data, prefix)
+    check_crop_scale(config.data.crop_scale, prefix)
+    loop.check_loop_settings(config, prefix)
+    stage2, every = f"{prefix}stage2", config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
-        raise ValueError(f"stage2.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")
+        raise ValueError(f"{stage2}.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")
     if every and "quantize" not in config.stage2.trainable:
-        raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes of the codebook, but 'quantize' "
-                         f"is not in stage2.trainable {tuple(config.stage2.trainable)}: add it, or set "
+        raise ValueError(f"{stage2}.restart_unused_codes_every={every} restarts codes of the codebook, but 'quantize' "
+                         f"is not in {stage2}.trainable {tuple(config.stage2.trainable)}: add it, or set "
                          "restart_unused_codes_every=0")
     head = [name for name in ("pos_embed", "blocks") if name not in config.stage2.trainable]
     if config.model.recon_head and head and not config.init.stage1:
-        raise ValueError(f"model.recon_head: L_recon reads its own head, but {', '.join(head)} is not in "
-                         f"stage2.trainable {tuple(config.stage2.trainable)}: it would stay at its random init; "
-                         "train it (configs/tokenizer.py STAGE2_TRAINABLE) or set model.recon_head=False")
+        raise ValueError(f"{prefix}model.recon_head: L_recon reads its own head, but {', '.join(head)} is not in "
+                         f"{stage2}.trainable {tuple(config.stage2.trainable)}: it would stay at its random init; "
+                         f"train it (configs/tokenizer.py STAGE2_TRAINABLE) or set {prefix}model.recon_head=False")
     until = config.stage2.restart_until
     if every and not until > 0:
-        raise ValueError(f"stage2.restart_unused_codes_every={every} restarts codes only in the first "
-                         f"stage2.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
+        raise ValueError(f"{stage2}.restart_unused_codes_every={every} restarts codes only in the first "
+                         f"{stage2}.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
-    global_batches.check_batch_sizes(config, batch_sizes(config))
-    check_trainable(config)
+    global_batches.check_batch_sizes(config, batch_sizes(config), prefix)
+    check_trainable(config, prefix)
 
 
 # ---------------------------------------------------------------- data
-def check_data_source(data) -> None:
+def check_data_source(data, prefix: str = "") -> None:
     """`data.source` is one `dataset_paths` reads; shard folders (`data.train_dir`,
     `data.eval_dir`) given with the synthetic shapes world, which reads none, are
-    refused rather than ignored (the demo presets' source is 'synthetic')."""
+    refused rather than ignored (the demo presets' source is 'synthetic'). Errors name
+    the fields after `prefix`."""
+    source = f"{prefix}data.source"
     if data.source not in ("synthetic", "array_record"):
-        raise ValueError(f"data.source: expected 'synthetic' or 'array_record', got {data.source!r}")
-    given = [f"data.{name}={data[name]!r}" for name in ("train_dir", "eval_dir") if data[name]]
+        raise ValueError(f"{source}: expected 'synthetic' or 'array_record', got {data.source!r}")
+    given = [f"{prefix}data.{name}={data[name]!r}" for name in ("train_dir", "eval_dir") if data[name]]
     if data.source == "synthetic" and given:
-        raise ValueError(f"{', '.join(given)}: data.source is 'synthetic' (the shapes world, written to "
-                         "WORKDIR/data), which reads no shards; add --config.data.source=array_record to "
+        raise ValueError(f"{', '.join(given)}: {source} is 'synthetic' (the shapes world, written to "
+                         f"WORKDIR/data), which reads no shards; add --config.{source}=array_record to "
                          "train on them")
 
 
-def check_crop_scale(scale) -> None:
-    """`data.crop_scale` is the (min, max) fraction of an image's area a training crop
-    covers, 0 < min <= max <= 1: one number was taken as (it, 1.0), three failed in the
-    data workers, and fractions above 1 fell back to the centre crop at every draw."""
-    scale = tuple(scale)
+def check_crop_scale(scale, prefix: str = "") -> None:
+    """`data.crop_scale` (named after `prefix`) is the (min, max) fraction of an image's
+    area a training crop covers, 0 < min <= max <= 1: one number was taken as (it, 1.0),
+    three failed in the data workers, and fractions above 1 fell back to the centre crop
+    at every draw."""
+    scale, field = tuple(scale), f"{prefix}data.crop_scale"
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)
     if len(scale) != 2 or not numbers or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"data.crop_scale: expected (min, max) fractions of the image's area, 0 < min <= max <= 1 "
-                         f"(e.g. --config.data.crop_scale=\"(0.8, 1.0)\"), got {scale}")
+        raise ValueError(f"{field}: expected (min, max) fractions of the image's area, 0 < min <= max <= 1 "
+                         f"(e.g. --config.{field}=\"(0.8, 1.0)\"), got {scale}")
 
 
 def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
@@ -460,14 +465,16 @@ def stages_to_run(config) -> tuple[str, ...]:
     return ("stage2",) if config.init.stage1 else ("stage1", "stage2")
 
 
-def train(config, workdir: str) -> bool:
+def train(config, workdir: str, prefix: str = "") -> bool:
     """Runs stage I then stage II into `workdir`, resuming whatever is there.
-    Returns False if preempted (a checkpoint was saved), True when both stages are done."""
+    Returns False if preempted (a checkpoint was saved), True when both stages are done.
+    The errors of its checks name the config's fields after `prefix`: "tokenizer." when
+    `config` is the decoder's or SEED-OPT's `config.tokenizer` (`ensure_trained`)."""
     with command_line.config_checks():
-        check_config(config)
-        checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
-                                        [(name, name, config[name].num_steps) for name in stages_to_run(config)])
-        run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
+        check_config(config, prefix)
+        checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"), [
+            (name, f"{prefix}{name}", config[name].num_steps) for name in stages_to_run(config)])
+        run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS, prefix)
     _unmark_done_while_steps_remain(workdir, config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
@@ -478,7 +485,7 @@ def train(config, workdir: str) -> bool:
     for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
                             ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
         if tok.vocab_size > size:
-            raise ValueError(f"{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
+            raise ValueError(f"{prefix}{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
     skipped = pipeline.SkipCounter()
     example = make_example(config, qformer_text, clip_text, skipped)
     evaluation = eval_inputs(eval_paths, example, config)
@@ -530,6 +537,11 @@ def _unmark_done_while_steps_remain(workdir: str, config) -> None:
 
 
 # ---------------------------------------------------------------- for the trainers built on a tokenizer
+# How the fields of a trainer's nested `config.tokenizer` are named on its command line
+# (--config.tokenizer.KEY=VALUE) and so in the errors and warnings about them.
+NESTED_PREFIX = "tokenizer."
+
+
 def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.ConfigDict] | None:
     """(tokenizer workdir, its export, its config) for a trainer whose config has
     `tokenizer` (a tokenizer config) and `tokenizer_workdir` ("" = WORKDIR/tokenizer):
@@ -542,7 +554,7 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
     if not os.path.exists(os.path.join(directory, "DONE.json")):
         logging.info("no finished tokenizer run in %s: training it first", directory)
-        if not train(config.tokenizer, directory):
+        if not train(config.tokenizer, directory, NESTED_PREFIX):
             return None
     out, trained = export_finished_run(directory)
     return directory, out, trained

@@ -837,13 +837,16 @@ def test_rows_with_the_same_codes_are_captioned_once_in_order_of_first_appearanc
     assert calls == [[7, 3], [9, 5]]  # distinct rows, in the order they first appear
 
 
-def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run, tmp_path):
+def test_a_finished_tokenizer_run_is_reused_with_its_own_config(tiny_decoder_run, tmp_path, caplog):
     config = get_config("tiny")
     config.unlock()
     config.tokenizer_workdir = os.path.join(tiny_decoder_run, "tokenizer")
     config.tokenizer.data.max_text_length = 7  # not how that run was trained
     written = os.path.getmtime(os.path.join(config.tokenizer_workdir, "export", weights.CONFIG_FILE))
-    directory, export, run_config = tokenizer_trainer.ensure_trained(config, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        directory, export, run_config = tokenizer_trainer.ensure_trained(config, str(tmp_path))
+    [warning] = [r.getMessage() for r in caplog.records if "tokenizer.data.max_text_length" in r.getMessage()]
+    assert f"tokenizer.data.max_text_length: {run_config.data.max_text_length} -> 7" in warning
     assert directory == config.tokenizer_workdir and export == os.path.join(directory, "export")
     assert os.path.getmtime(os.path.join(export, weights.CONFIG_FILE)) == written  # current: not written again
     assert weights.read_config(export)[2]["steps"] == {name: run_config[name].num_steps

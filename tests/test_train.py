@@ -2,6 +2,7 @@
 
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -695,6 +696,41 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
             f"tokenizer.stage1.num_steps {steps + 2}: stage1 would train on from step {steps}")) as error:
         module.train(config, str(tmp_path / "run"))
     assert f"or keep tokenizer.stage1.num_steps at {steps}" in str(error.value)
+
+
+@pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
+def test_a_reused_tokenizer_run_warns_of_the_nested_settings_it_does_not_take(tmp_path, monkeypatch, caplog,
+                                                                             trainer_name):
+    """A finished tokenizer run is reused with the settings it was trained with: a
+    `--config.tokenizer.*` override of one that defines the run was ignored without a
+    word. One warning now lists each that differs (paths compared absolute); the demo's
+    defaults agree with the tokenizer demo's run."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("demo")
+    config.tokenizer_workdir = "tokenizer_run"
+    run = get_config("demo")  # the tokenizer demo's run, its CLIP text encoder named relative to the repository
+    run.init.clip_text = "exports/clip_text"
+    run_config.write(config.tokenizer_workdir, run, trainer.RUN_DEFINING, trainer.RUN_PATHS)
+    (tmp_path / config.tokenizer_workdir / "DONE.json").write_text("{}")
+    monkeypatch.setattr(trainer, "export_finished_run", lambda directory: (os.path.join(directory, "export"), run))
+
+    def warnings_of_reusing() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert trainer.ensure_trained(config, str(tmp_path / "run"))[2] is run
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    config.tokenizer.init.clip_text = str(tmp_path / "exports" / "clip_text")  # the same, named absolute
+    config.tokenizer.stage2.num_steps += 1  # how long it trains: does not define the run
+    assert warnings_of_reusing() == []
+    config.tokenizer.data.max_text_length = run.data.max_text_length + 1
+    config.tokenizer.seed = run.seed + 1
+    [warning] = warnings_of_reusing()
+    assert (f"(the run's value -> the given one: tokenizer.data.max_text_length: {run.data.max_text_length} -> "
+            f"{run.data.max_text_length + 1}, tokenizer.seed: {run.seed} -> {run.seed + 1})") in warning
+    assert "reused with the settings it was trained with" in warning and "--config.tokenizer_workdir=" in warning
 
 
 def _tokenizer_run_copy(tiny_decoder_run, tmp_path) -> tuple[str, ml_collections.ConfigDict]:

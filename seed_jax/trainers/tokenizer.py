@@ -548,7 +548,8 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
     trains the tokenizer first, with `config.tokenizer`, if that workdir has no finished
     run, and exports it (again if the run was resumed with more steps since). A finished
     run is reused as it was trained: callers take its settings (text tokenizers, CLIP
-    text encoder) from the returned config, which may differ from `config.tokenizer`.
+    text encoder) from the returned config, which may differ from `config.tokenizer`
+    (a warning names those that define the run, `warn_of_unused_settings`).
     None when that training was preempted (its checkpoint saved): the caller returns
     False, as a preempted run does."""
     directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
@@ -556,8 +557,23 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
         logging.info("no finished tokenizer run in %s: training it first", directory)
         if not train(config.tokenizer, directory, NESTED_PREFIX):
             return None
+    else:
+        warn_of_unused_settings(config.tokenizer, directory)
     out, trained = export_finished_run(directory)
     return directory, out, trained
+
+
+def warn_of_unused_settings(settings: ml_collections.ConfigDict, directory: str) -> None:
+    """Logs a warning listing each setting under RUN_DEFINING in which `settings` (a
+    trainer's `config.tokenizer`) differ from those of the finished run in `directory`
+    (compared as `run_config.write` compares them, paths absolute): the run is reused as
+    it was trained, so a `--config.tokenizer.*` override of one of them goes unused."""
+    changed = run_config.changed_settings(directory, settings, RUN_DEFINING, RUN_PATHS)
+    if changed:
+        logging.warning("the finished tokenizer run in %s is reused with the settings it was trained with, not the "
+                        "config's, which differ (the run's value -> the given one: %s); to use the given ones, train "
+                        "into another tokenizer_workdir (--config.tokenizer_workdir=DIR)",
+                        directory, run_config.listed(changed, NESTED_PREFIX))
 
 
 def export_finished_run(directory: str) -> tuple[str, ml_collections.ConfigDict]:

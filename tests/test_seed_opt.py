@@ -294,15 +294,21 @@ def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path
     assert api.SeedOPT.load(out).builder.generation_prompt(caption) == trained.generation_prompt(caption)
 
 
-def test_an_export_reads_images_as_the_codes_per_image_it_was_trained_on(text, tmp_path, tokenizer_export):
-    """Without a SEED tokenizer, SeedOPT read every image as SEED's 32 codes, whatever
-    the tokenizer SEED-OPT was trained on: the export now records its codes per image."""
+def _export_of_8_codes_an_image(text, out: str) -> sequences.ImageTokens:
+    """A random SEED-OPT export at `out` whose info records 8 codes an image (of 64); its image tokens."""
     model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
                              max_positions=128, extra_tokens=64 + 2)
     image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
-    out = str(tmp_path / "export")
     seed_opt.export(model_config, weights.flat_params(weights.build("opt", model_config)), image, text, out,
                     info={"codes_per_image": 8})
+    return image
+
+
+def test_an_export_reads_images_as_the_codes_per_image_it_was_trained_on(text, tmp_path, tokenizer_export):
+    """Without a SEED tokenizer, SeedOPT read every image as SEED's 32 codes, whatever
+    the tokenizer SEED-OPT was trained on: the export now records its codes per image."""
+    out = str(tmp_path / "export")
+    image = _export_of_8_codes_an_image(text, out)
     model = api.SeedOPT.load(out)
     assert model.image_codes(["a small red star", "a large blue circle"]).shape == (2, 8)
     record = {"id": "r", "caption": "a red star", "codes": np.arange(8)}  # training evaluates the same way
@@ -320,12 +326,8 @@ def test_caption_codes_reads_the_code_records_of_the_exports_codes_per_image(tex
     """The caption_codes evaluator read every code record as SEED's 32 codes: on the
     codes of a SEED-OPT trained with another count each record was skipped, and it
     failed ("hold 0 readable records"). It reads them as the export's codes_per_image."""
-    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
-                             max_positions=128, extra_tokens=64 + 2)
-    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
     out = str(tmp_path / "export")
-    seed_opt.export(model_config, weights.flat_params(weights.build("opt", model_config)), image, text, out,
-                    info={"codes_per_image": 8})
+    _export_of_8_codes_an_image(text, out)
     rows = [(f"img-{i}", "a small red star", np.full(8, i)) for i in range(3)]
     os.makedirs(tmp_path / "codes")
     _write_code_records(records.shard_path(str(tmp_path / "codes"), "eval", 0, 1), rows)

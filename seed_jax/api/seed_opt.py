@@ -68,8 +68,8 @@ class SeedOPT:
                              f"vocabulary of {self.config.vocab_size}: expected the text tokenizer the model was "
                              "trained with")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
-        self.max_text_tokens, self.codes_per_image = max_text_tokens, check_count("codes_per_image",
-                                                                                 codes_per_image, 1)
+        self.max_text_tokens = max_text_tokens
+        self.num_queries = check_count("codes_per_image", codes_per_image, 1)  # codes per image
         graphdef, self._state = nnx.split(model)
         precision = matmul_precision(dtype)
 
@@ -296,12 +296,6 @@ class SeedOPT:
                 pieces += [self.text_tokenizer.decode(text), name]
                 text = []
         return "".join(pieces + [self.text_tokenizer.decode(text)])
-
-    @property
-    def num_queries(self) -> int:
-        """Codes per image: `codes_per_image` (a SEED-OPT export's), else the SEED
-        tokenizer's, else SEED's 32."""
-        return self.codes_per_image
 
     def _codes(self, codes) -> np.ndarray:
         codes = np.asarray(codes)

@@ -502,7 +502,7 @@ def train(config, workdir: str, prefix: str = "") -> bool:
                                                  seed=config.seed + (name == "stage2"),
                                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
             done = loop.run_stage(
-                name=name, model=model, trainable=trainable(model, config[name], f"{name}.trainable"),
+                name=name, model=model, trainable=trainable(model, config[name]),  # names checked by check_config
                 loss_fn=loss_fn, stage=config[name], config=config, mesh=mesh, train_iter=train_iter,
                 evaluate=lambda m, step, name=name: evaluator(m, step, name), writer=writer,
                 preemption=preemption, checkpoint_dir=os.path.join(workdir, "checkpoints", name),

@@ -1044,6 +1044,26 @@ def test_bfloat16_logits_are_accumulated_and_kept_in_float32():
     assert (logits != rounded).mean() > 0.5
 
 
+def test_bfloat16_attention_scores_reach_the_float32_softmax_unrounded():
+    """The q.k scores of a bfloat16 layer left the einsum rounded to bfloat16 (0.25 apart
+    near 100) before the float32 softmax: the attention output was 2% off the same
+    attention given float32 scores of the same bfloat16 q and k."""
+    from seed_jax.models.opt import DROPOUT_SITES, DecoderLayer
+
+    config = OPTConfigOurs(vocab_size=100, width=64, depth=1, num_heads=2, mlp_dim=64, max_positions=64)
+    layer = DecoderLayer(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = 8.0 * jax.random.normal(jax.random.key(1), (1, 50, 64))
+    mask = jnp.tril(jnp.ones((50, 50), bool))[None, None]
+    out, _ = layer._attend(x, mask, None, 0, dict.fromkeys(DROPOUT_SITES))
+    attn = layer.self_attn
+    q = attn.project(x, "query") * attn.head_dim ** -0.5
+    scores = jnp.einsum("BLNH,BSNH->BNLS", q.astype(jnp.float32), attn.project(x, "key").astype(jnp.float32))
+    assert float(jnp.abs(scores).max()) > 64  # where bfloat16 holds scores to 0.25 or worse
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(jnp.bfloat16)
+    expected = attn.output(jnp.einsum("BNLS,BSNH->BLNH", probs, attn.project(x, "value")))
+    assert relative_error(np.asarray(out, np.float32), np.asarray(expected, np.float32)) < 1e-3
+
+
 def test_bfloat16_generation_caches_keys_and_values_in_bfloat16():
     """The key/value cache was float32 whatever the compute dtype: a bfloat16 model's
     keys and values, bfloat16 already, took twice the memory (OPT-2.7B, 64 rows of

@@ -141,7 +141,7 @@ class DecoderLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
             cache = {"k": k, "v": v}
-        scores = jnp.einsum("BLNH,BNSH->BNLS", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = layers.attention_scores("BLNH,BNSH->BNLS", q, k.astype(q.dtype))
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = layers.dropout(jax.nn.softmax(scores, axis=-1), self.attention_dropout, keys["probs"])
         y = jnp.einsum("BNLS,BNSH->BLNH", probs.astype(self.dtype), v.astype(self.dtype))

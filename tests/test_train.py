@@ -605,6 +605,29 @@ def test_stage2_reconstructs_through_its_own_head_and_distils_through_blocks_tex
     assert distill["blocks"] == distill["pos_embed"] == 0
 
 
+def test_stage2_quantises_causal_embeddings_under_the_frozen_qformers_dropout():
+    """SEED's stage II runs its frozen causal Q-Former in train mode: the embeddings it
+    quantises and reconstructs carry the Q-Former's dropout (0.1 for seed1); without a
+    key (evaluation) and at dropout 0 (the demo) they do not."""
+    config = _tiny(**{"model.qformer.dropout": 0.1})
+    _, _, create = trainer.build_model(config)
+    model = create()
+    batch = _batch(config, 0)
+    rng = jax.random.key(3)
+    tok = model.tokenizer
+
+    def quant_input(causal):
+        return np.asarray(tok.encode_task_layer(causal.astype(jnp.float32)))
+
+    _, aux = trainer.stage2_losses(model, batch["image"], batch["clip_ids"], rng)
+    with_dropout = tok.causal_embeddings(batch["image"], rng=jax.random.split(rng)[0])
+    np.testing.assert_allclose(aux["quant_input"], quant_input(with_dropout), rtol=1e-6, atol=1e-6)
+    without = quant_input(tok.causal_embeddings(batch["image"]))
+    assert np.max(np.abs(aux["quant_input"] - without)) > 1e-2
+    _, aux = trainer.stage2_losses(model, batch["image"], batch["clip_ids"])
+    np.testing.assert_allclose(aux["quant_input"], without, rtol=1e-6, atol=1e-6)
+
+
 def test_a_bad_dtype_fails_before_the_data_is_made(tmp_path):
     """An unknown `dtype` was a bare KeyError, once the shapes world was generated."""
     config = get_config("tiny")

@@ -95,16 +95,19 @@ def clamp_temperature(params, aux, rng, step):
 
 def stage2_losses(model: TrainModel, image, clip_ids, rng=None) -> tuple[dict, dict]:
     """({L_vq, L_recon = 1 - cos(reconstruction, causal embedding), L_distill = MSE to
-    the CLIP text output}, {quant_input, codes}). `rng` enables reverse Q-Former dropout."""
+    the CLIP text output}, {quant_input, codes}). `rng` enables the dropout of both
+    Q-Formers: SEED's stage II runs its frozen causal Q-Former without gradients but in
+    train mode, so its dropout is on in the embeddings quantised and reconstructed."""
     tok = model.tokenizer
-    causal = jax.lax.stop_gradient(tok.causal_embeddings(image)).astype(jnp.float32)
+    r_causal, r_generation = layers.split_rng(rng, 2)
+    causal = jax.lax.stop_gradient(tok.causal_embeddings(image, rng=r_causal)).astype(jnp.float32)
     quant = tok.quantize_embeddings(causal)
     recon = tok.reconstruct(quant["quantized"]).astype(jnp.float32)
     cosine = jnp.sum(recon * causal, -1) / (
         jnp.maximum(jnp.linalg.norm(recon, axis=-1) * jnp.linalg.norm(causal, axis=-1), 1e-8))
     target = jax.lax.stop_gradient(model.clip_text(clip_ids))
     tokens = recon if not tok.config.recon_head else tok.generation_tokens(quant["quantized"])
-    generated = tok.generation_embeddings(tokens, rng=rng)
+    generated = tok.generation_embeddings(tokens, rng=r_generation)
     losses = {"vq_loss": quant["loss"], "recon_loss": jnp.mean(1.0 - cosine),
               "distill_loss": jnp.mean(jnp.square(generated - target))}
     return losses, {"quant_input": quant["quant_input"], "codes": quant["codes"]}

@@ -418,14 +418,36 @@ def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     assert evaluated == [8]  # evaluated already: not again
 
 
+def test_a_crash_while_evaluating_between_checkpoints_costs_the_evaluation_alone(tmp_path, caplog):
+    """An evaluation step that is no checkpoint step (eval every 3 steps, checkpoints
+    every 4) was evaluated without a checkpoint of it: a crash in that evaluation sent
+    the resumed run back to the last checkpoint (here none: step 0), training again the
+    steps since. The step is now saved before it is evaluated, as a stage's last step is."""
+    def crash_at_3(model, step):
+        if step == 3:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_3, eval_every_steps=3)
+    assert os.listdir(tmp_path / "ckpt") == ["3"]
+    evaluated = []
+    with caplog.at_level("INFO"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=lambda model, step: evaluated.append(step),
+                        eval_every_steps=3)
+    assert "s: resumed from step 3" in caplog.text
+    assert evaluated == [3, 6, 8]
+    assert sorted(os.listdir(tmp_path / "ckpt"), key=int) == ["3", "4", "6", "8"]
+
+
 @pytest.mark.parametrize("every, evaluated", [(loop.AT_STAGE_END, [8]), (3, [3, 6, 8]), (1000, [8])])
 def test_a_stage_evaluates_and_saves_its_last_step_whatever_the_interval(tmp_path, every, evaluated):
     """An interval longer than the stage (`num_steps` lowered on the command line) still
-    evaluates and saves its last step; AT_STAGE_END evaluates there only."""
+    evaluates and saves its last step; AT_STAGE_END evaluates there only. Each step
+    evaluated is saved, checkpoint interval or not."""
     steps = []
     _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=lambda model, step: steps.append(step),
                     eval_every_steps=every, checkpoint_every_steps=1000)
-    assert steps == evaluated and os.listdir(tmp_path / "ckpt") == ["8"]
+    assert steps == evaluated and sorted(os.listdir(tmp_path / "ckpt"), key=int) == [str(s) for s in evaluated]
 
 
 @pytest.mark.parametrize("trainer_name, stages", [("tokenizer", ("stage1", "stage2")), ("decoder", ("train",)),

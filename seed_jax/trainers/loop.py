@@ -174,7 +174,8 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     saving), True when the stage is complete; raises FloatingPointError, before any checkpoint
     of a non-finite state, at the first log or checkpoint step after a non-finite step.
     `evaluate(model, step)` runs every `config.eval_every_steps` and at the last step
-    (there alone with AT_STAGE_END), after that step's checkpoint is saved; the metrics
+    (there alone with AT_STAGE_END), after a checkpoint of that step is saved (also
+    between `checkpoint_every_steps`: a crash while evaluating costs no training); the metrics
     it returns are written as the stage's "eval" line. Its `model` holds the train state's
     arrays, which the next step frees (donates): what it keeps past the call, it copies
     to the host. A run resumed at an evaluation step without that line (the run
@@ -253,14 +254,15 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
             rate = progress.log(step, summary)
             writer.write(step, name, "train", {**summary, "steps_per_sec": rate, **_summed_counts(counters)})
         preempted = preemption.requested(sync=logged)
-        if step % config.checkpoint_every_steps == 0 or last or preempted:
+        evaluates = evaluates_at(step, stage, config)  # the last step too
+        if step % config.checkpoint_every_steps == 0 or evaluates or preempted:
             _raise_if_non_finite(name, step, unchecked)
             unchecked = []
             checkpointer.save(step, state, train_iter, _summed_counts(counters))
         if preempted:  # an evaluation due at this step runs when the run resumes
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
             return state, False
-        if evaluates_at(step, stage, config):
+        if evaluates:
             _evaluate(name, model, state, step, evaluate, writer)
     return state, True
 

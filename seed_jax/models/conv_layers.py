@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seed_jax import parallel
 from seed_jax.models import layers
 
 
@@ -31,6 +32,9 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B,H,W,C_in) -> (B,H',W',C_out)."""
+        # Split by batch alone, not by the last conv's output channels: on a mesh with data,
+        # fsdp and tensor > 1, XLA's partitioner got chained convs' kernel gradients wrong.
+        x = parallel.constrain(x, ("batch", "length", "length", "embed"))
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride), self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))

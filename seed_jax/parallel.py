@@ -57,7 +57,10 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{field}: {len(devices)} devices do not divide by {known}")
+            fixed = {name: size for name, size in zip(MESH_AXES, sizes) if size != -1}
+            raise ValueError(f"{field}: {len(devices)} devices do not divide by {known}, the product of the axis "
+                             f"sizes {fixed} besides the -1 one ({MESH_AXES[sizes.index(-1)]}); expected sizes "
+                             f"whose product divides {len(devices)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(

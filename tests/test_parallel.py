@@ -23,6 +23,9 @@ def test_make_mesh_errors_name_the_problem():
             parallel.make_mesh(sizes)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         parallel.make_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(ValueError, match=r"^tokenizer\.mesh: 8 devices do not divide by 3, the product of the axis "
+                                         r"sizes \{'fsdp': 3, 'tensor': 1\} besides the -1 one \(data\)"):
+        parallel.make_mesh({"data": -1, "fsdp": 3, "tensor": 1}, field="tokenizer.mesh")
 
 
 def test_logical_to_mesh_rules_and_fallbacks():

@@ -69,6 +69,19 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def check_rules(rules: Rules, field: str = "axis_rules") -> None:
+    """Raises naming the config `field` unless `rules` are (logical name, target) pairs,
+    each target None, a mesh axis or a tuple of mesh axes from MESH_AXES (a typo'd axis
+    failed later as a bare KeyError)."""
+    for rule in rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        target = rule[1] if ok else None
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        if not ok or not isinstance(axes, (tuple, list)) or any(a not in MESH_AXES for a in axes):
+            raise ValueError(f"{field}: {rule!r} is not a (logical name, mesh axes) rule; expected the mesh axes "
+                             f"None, a name or a tuple of names from {MESH_AXES}")
+
+
 def _mesh_axes_for(logical: str | None, rules: Rules) -> tuple[str, ...]:
     if logical is None:
         return ()

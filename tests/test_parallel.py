@@ -74,3 +74,11 @@ def test_a_batch_that_does_not_split_over_the_batch_axes_is_refused_naming_its_f
     parallel.check_batch_size("batch_size", 6, mesh, (("batch", "data"),))  # the batch split over data alone
     parallel.check_batch_size("batch_size", 3, parallel.make_mesh({"tensor": -1}), rules)  # no batch axis
     assert parallel.logical_to_mesh(("vocab", "embed"), (33, 64), mesh, rules) == P(None, "fsdp")
+
+
+def test_rules_naming_anything_but_mesh_axes_are_refused_naming_the_field():
+    parallel.check_rules(parallel.DEFAULT_RULES)
+    parallel.check_rules((("batch", ["data", "fsdp"]), ("embed", None)))
+    for bad in (("batch", "dat"), ("batch", ("data", "model")), ("batch",), "batch", (1, "data")):
+        with pytest.raises(ValueError, match=r"^tokenizer\.axis_rules: .* is not a \(logical name, mesh axes\) rule"):
+            parallel.check_rules((("embed", "fsdp"), bad), "tokenizer.axis_rules")

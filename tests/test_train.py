@@ -937,6 +937,13 @@ def test_a_batch_size_that_does_not_split_over_the_mesh_fails_naming_it(tmp_path
     assert not os.path.exists(tmp_path / "data")
 
 
+def test_axis_rules_naming_an_unknown_mesh_axis_fail_naming_the_field(tmp_path):
+    """A typo'd mesh axis in `axis_rules` failed as a bare KeyError; it is refused before the data is made."""
+    with pytest.raises(ValueError, match=r"^axis_rules: \('batch', 'dat'\) is not a \(logical name, mesh axes\) rule"):
+        trainer.train(_tiny(axis_rules=(("batch", "dat"), ("embed", "fsdp"))), str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_stage1_trains_with_the_temperature_frozen():
     """`temp` left out of stage1.trainable: the clamp has nothing to clamp (it raised
     KeyError 'temp'); the temperature keeps its initial value."""

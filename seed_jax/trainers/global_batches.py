@@ -13,10 +13,11 @@ from seed_jax import parallel
 
 def check_batch_sizes(config, batch_sizes: dict[str, int], prefix: str = "") -> None:
     """Raises naming the field (after `prefix`, e.g. "tokenizer." for a trainer's nested
-    tokenizer config) unless `config.mesh` is a mesh of the devices and each of
-    `batch_sizes` (config field -> global batch size) splits evenly over its batch axes
-    (`parallel.check_batch_size`)."""
+    tokenizer config) unless `config.mesh` is a mesh of the devices, `config.axis_rules`
+    name its axes (`parallel.check_rules`) and each of `batch_sizes` (config field ->
+    global batch size) splits evenly over its batch axes (`parallel.check_batch_size`)."""
     mesh = parallel.make_mesh(config.mesh.to_dict(), field=f"{prefix}mesh")
+    parallel.check_rules(config.axis_rules, f"{prefix}axis_rules")
     for field, size in batch_sizes.items():
         parallel.check_batch_size(f"{prefix}{field}", size, mesh, config.axis_rules)
 

@@ -65,6 +65,26 @@ def assert_weights_split(stage, devices: int) -> dict[str, tuple[jax.ShapeDtypeS
     return frozen
 
 
+def layout_mesh(sizes, devices: int) -> jax.sharding.AbstractMesh:
+    """A device-less mesh of a layout preset's axis `sizes` (-1: what `devices` leave),
+    for shardings of shapes on more devices than the tests have."""
+    sizes = dict(sizes)
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    sizes = {k: devices // fixed if v == -1 else v for k, v in sizes.items()}
+    assert math.prod(sizes.values()) == devices, (sizes, devices)
+    return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def assert_optimizer_state_split_as_params(stage) -> None:
+    """AdamW's two moments take the trainable parameters' layout: a device holds twice
+    their share (and the step count)."""
+    from benchmarks.memory_plan import per_device_bytes
+
+    params = per_device_bytes(stage.state["params"], stage.state_sharding["params"])
+    moments = per_device_bytes(stage.state["opt_state"], stage.state_sharding["opt_state"])
+    assert moments == pytest.approx(2 * params, rel=1e-6), (moments, params)
+
+
 FULL_REMATERIALIZATION = "Involuntary full rematerialization"
 
 

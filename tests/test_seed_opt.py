@@ -18,7 +18,8 @@ from array_record.python import array_record_module
 from configs.pretokenize import get_config as get_pretokenize_config
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
-                     assert_compiles_without_full_rematerialization, assert_weights_split, checkpoint_params,
+                     assert_compiles_without_full_rematerialization, assert_optimizer_state_split_as_params,
+                     assert_weights_split, checkpoint_params, layout_mesh,
                      decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
@@ -1343,3 +1344,17 @@ def test_the_2_7b_weights_split_over_the_gpu8_mesh(gpu8_stage):
     assert mesh.size == 8
     frozen = assert_weights_split(stage, devices=8)
     assert {"embed_tokens", "layers.fc1.kernel", "layers.fc2.kernel", "layers.self_attn.query"} <= set(frozen)
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+@pytest.mark.parametrize("layout", ["gpu8", "gpu8x8", "tpu_v4_32"])
+def test_the_2_7b_weights_and_optimizer_state_split_over_each_layout(layout, phase):
+    """Each layout preset's fsdp x tensor axes split OPT-2.7B's weights (as on gpu8, above)
+    and the AdamW state with them, on a device-less mesh of its size (gpu8x8: 64 devices)."""
+    from benchmarks import memory_plan
+
+    config = memory_plan.run_config(layout)
+    mesh = layout_mesh(config.mesh, memory_plan.layout_devices(layout))
+    stage = memory_plan.abstract_stage(config, phase, mesh)
+    assert_weights_split(stage, devices=mesh.shape["fsdp"] * mesh.shape["tensor"])
+    assert_optimizer_state_split_as_params(stage)

@@ -25,8 +25,8 @@ from flax import nnx
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
-                     assert_weights_split, checkpoint_params, latest_state_path, run_two_processes,
-                     saved_as_numpy, start_two_processes)
+                     assert_optimizer_state_split_as_params, assert_weights_split, checkpoint_params,
+                     latest_state_path, layout_mesh, run_two_processes, saved_as_numpy, start_two_processes)
 from seed_jax import command_line, parallel, weights
 from seed_jax.data import pipeline
 from seed_jax.evaluators.codebook import codebook_usage
@@ -134,6 +134,20 @@ def test_the_seed1_weights_split_over_the_gpu8_mesh(seed1_gpu8_stage):
     assert total_bytes(vit_weights) > 3 * 2**30  # ViT-g: 1B parameters in float32
     held = per_device_bytes(vit_weights, stage.frozen_sharding["tokenizer"]["visual_encoder"])
     assert held == pytest.approx(total_bytes(vit_weights) / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+@pytest.mark.parametrize("layout", ["gpu8", "gpu8x8", "tpu_v4_32"])
+def test_the_seed1_weights_and_optimizer_state_split_over_each_layout(layout, stage_name):
+    """Each layout preset's fsdp axis splits SEED v1's weights (as on gpu8, above) and the
+    AdamW state with them, on a device-less mesh of its size (gpu8x8: 64 devices)."""
+    from benchmarks import memory_plan
+
+    config = memory_plan.tokenizer_run_config(layout)
+    mesh = layout_mesh(config.mesh, memory_plan.layout_devices(layout, "tokenizer"))
+    stage = memory_plan.tokenizer_stage(config, stage_name, mesh)
+    assert_weights_split(stage, devices=mesh.shape["fsdp"] * mesh.shape["tensor"])
+    assert_optimizer_state_split_as_params(stage)
 
 
 def _final_state(workdir, stage="stage2"):

@@ -247,9 +247,15 @@ def load_params(out: str, keys: dict[str, Any] | None = None, shardings: dict | 
 
 def stored_shapes(out: str) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter in the export at `out` (nothing is read)."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(os.path.join(os.path.abspath(out), PARAMS_DIR))
-    return {k: tuple(m.shape) for k, m in flatten_nested(dict(metadata.item_metadata)).items()}
+    path, stored = os.path.join(os.path.abspath(out), PARAMS_DIR), None
+    if os.path.isdir(path):
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(path).item_metadata  # None where orbax finds no checkpoint
+    if stored is None:  # e.g. a model.json written alone (`write_config`)
+        raise FileNotFoundError(f"{out}: holds no parameters ({PARAMS_DIR}/ missing or no orbax checkpoint), "
+                                f"only {CONFIG_FILE}; write the export again with `python -m seed_jax.convert ...` "
+                                "or `python -m seed_jax.export ...`")
+    return {k: tuple(m.shape) for k, m in flatten_nested(dict(stored)).items()}
 
 
 def materialize(abstract: nnx.Module, params: dict[str, Any]) -> nnx.Module:

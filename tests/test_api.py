@@ -227,6 +227,21 @@ def test_load_rejects_what_is_not_a_tokenizer_export(tmp_path, export_dir):
         SeedTokenizer.load(export_dir, dtype="float16")
 
 
+def test_an_export_without_its_parameters_is_named(tmp_path, export_dir):
+    """An export folder holding model.json alone (as `weights.write_config` writes a
+    model's plan), or an empty params/, failed in orbax's metadata as "TypeError:
+    'NoneType' object is not iterable"; it now names the folder and what is missing."""
+    out = tmp_path / "plan"
+    out.mkdir()
+    weights.write_config(str(out), "seed_tokenizer", TINY_TOKENIZER)
+    message = rf"{out}: holds no parameters \(params/ missing or no orbax checkpoint\), only model.json"
+    with pytest.raises(FileNotFoundError, match=message):
+        SeedTokenizer.load(str(out))
+    (out / "params").mkdir()
+    with pytest.raises(FileNotFoundError, match=message):
+        SeedTokenizer.load(str(out))
+
+
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):
     """bf16 compute (float32 parameters, LayerNorm, softmax and VQ distances): its
     error against float32 is reported here and bounded."""

@@ -728,6 +728,21 @@ def test_a_text_tokenizer_reaching_the_image_tokens_is_rejected():
         SeedOPT(lm.model, image_token_ids=lm.image_token_ids, text_tokenizer=larger)
 
 
+def test_a_text_tokenizer_file_that_is_no_tokenizer_json_is_named(tmp_path):
+    """SeedOPT.load(text_tokenizer=) of OPT's vocab.json (any file but a tokenizers
+    JSON) failed as the tokenizers library's bare Exception, "expected `,` or `}` at
+    line 1 column 5", naming no file; the error now names it and what it must be."""
+    lm = _tiny_seed_opt()
+    out = str(tmp_path / "export")
+    weights.save(out, "opt", lm.config, weights.flat_params(lm.model))
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(ValueError, match=rf"text tokenizer: '{vocab}' is not a tokenizer.json of the tokenizers "
+                                         r"library \(expected .*\); OPT's vocab.json and merges.txt are read from "
+                                         "their folder"):
+        SeedOPT.load(out, text_tokenizer=str(vocab))
+
+
 def _tiny_diffusion():
     """A StableDiffusion API over a random pixel-space tiny UNet for the tiny SEED tokenizer's 24-wide embeddings."""
     from helpers import TINY_DIFFUSION

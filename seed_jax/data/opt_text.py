@@ -63,7 +63,12 @@ class OPTTextTokenizer:
     def load(cls, path: str) -> "OPTTextTokenizer":
         if not os.path.exists(path):
             raise FileNotFoundError(f"text tokenizer: {path!r} does not exist")
-        return cls(tokenizers.Tokenizer.from_file(path))
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception, naming no file
+            raise ValueError(f"text tokenizer: {path!r} is not a tokenizer.json of the tokenizers library ({e}); "
+                             "OPT's vocab.json and merges.txt are read from their folder") from e
+        return cls(tokenizer)
 
 
 def _byte_level(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

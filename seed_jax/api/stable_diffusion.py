@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -44,9 +43,13 @@ class StableDiffusion:
             with jax.default_matmul_precision(precision):
                 return nnx.merge(graphdef, state).text_encoder(ids)
 
+        def noise(key, rows):
+            return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.latent_shape))(rows)
+
         self._sample = jax.jit(sample, static_argnames="sampler")
         self._empty_prompt = None
         self._encode_text = jax.jit(encode_text)
+        self._noise = jax.jit(noise)
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
@@ -67,10 +70,11 @@ class StableDiffusion:
         return length, self.config.unet.cross_attention_dim
 
     def initial_noise(self, batch: int, seed: int = 0) -> np.ndarray:
-        """(B,h,w,Z) standard normal; row i depends only on (seed, i)."""
+        """(B,h,w,Z) standard normal; row i depends only on (seed, i). Drawn in chunks
+        as `sample` runs (one compiled program per chunk size, not per batch size)."""
         key = seed_key(seed)
-        return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.latent_shape))(
-            jnp.arange(batch)))
+        check_count("batch", batch, 1)
+        return run_in_chunks(lambda rows: self._noise(key, rows), (np.arange(batch),), self.batch_size)
 
     def encode_text(self, input_ids) -> np.ndarray:
         """Token ids (B,L) in [0, vocab_size) -> the text encoder's last hidden state (B,L,X)."""

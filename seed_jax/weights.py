@@ -194,10 +194,19 @@ def _read_meta(out: str) -> dict:
     """The export's model.json: {kind, config, info}."""
     path = os.path.join(out, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{out}: not an export ({CONFIG_FILE} missing); write one with "
-                                "`python -m seed_jax.convert ...` or `python -m seed_jax.export ...`")
+        raise FileNotFoundError(f"{out}: not an export ({CONFIG_FILE} missing); {_why_no_export(out)}")
     with open(path) as f:
         return json.load(f)
+
+
+def _why_no_export(out: str) -> str:
+    """What to do about the folder `out`, which holds no export."""
+    if not os.path.isdir(out):
+        return "no such folder" + (" (Python does not expand ~: os.path.expanduser(path) does)"
+                                   if out.startswith("~") else "")
+    if os.path.exists(os.path.join(out, "export", CONFIG_FILE)):  # a training workdir (the trainers export there)
+        return f"it holds one in {os.path.join(out, 'export')}"
+    return "write one with `python -m seed_jax.convert ...` or `python -m seed_jax.export ...`"
 
 
 def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], *, what: str) -> None:

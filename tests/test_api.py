@@ -1,6 +1,7 @@
 """SeedTokenizer API: preprocessing, chunked batches, input checks, bf16 mode."""
 
 import io
+import shutil
 import tracemalloc
 
 import jax
@@ -225,6 +226,23 @@ def test_load_rejects_what_is_not_a_tokenizer_export(tmp_path, export_dir):
         SeedTokenizer.load(str(tmp_path))
     with pytest.raises(ValueError, match="dtype: expected one of"):
         SeedTokenizer.load(export_dir, dtype="float16")
+
+
+def test_a_path_that_holds_no_export_says_where_one_is(tmp_path, export_dir):
+    """A training workdir given for its export (the trainers write it to WORKDIR/export),
+    a folder that does not exist and a path under ~ (which Python leaves as it is) were
+    all told to write an export with seed_jax.convert or seed_jax.export."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(export_dir, workdir / "export")
+    with pytest.raises(FileNotFoundError, match=rf"{workdir}: not an export \(model.json missing\); it holds one "
+                                                rf"in {workdir / 'export'}$"):
+        SeedTokenizer.load(str(workdir))
+    with pytest.raises(FileNotFoundError, match=r"missing\); no such folder$"):
+        SeedTokenizer.load(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"~/exports/seed_v1: .*no such folder \(Python does not expand ~"):
+        SeedTokenizer.load("~/exports/seed_v1")
+    with pytest.raises(FileNotFoundError, match="write one with `python -m seed_jax.convert"):
+        SeedTokenizer.load(str(tmp_path))
 
 
 def test_an_export_without_its_parameters_is_named(tmp_path, export_dir):

@@ -178,10 +178,13 @@ def fingerprint(out: str) -> str:
     return digest.hexdigest()
 
 
-def read_config(out: str) -> tuple[str, Any, dict]:
-    """(kind, config, info) of the export at `out`; config fields its model.json lacks
-    (an export written before they existed) take the config class's defaults."""
+def read_config(out: str, kind: str | None = None) -> tuple[str, Any, dict]:
+    """(kind, config, info) of the export at `out` (a ValueError unless it holds a
+    `kind` model, where given); config fields its model.json lacks (an export written
+    before they existed) take the config class's defaults."""
     meta = _read_meta(out)
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(f"{out}: holds a {meta['kind']!r} model, expected {kind!r}")
     return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
 
 
@@ -292,9 +295,7 @@ def assign(module: nnx.Module, params: dict[str, Any]) -> None:
 
 def load_model(out: str, *, dtype=jnp.float32, kind: str | None = None):
     """(model, kind, config) from the export at `out`, every parameter checked."""
-    found, config, _ = read_config(out)
-    if kind is not None and found != kind:
-        raise ValueError(f"{out}: holds a {found!r} model, expected {kind!r}")
+    found, config, _ = read_config(out, kind)
     abstract = build(found, config, dtype=dtype, abstract=True)
     check_shapes(stored_shapes(out), shapes(flat_params(abstract)), what=f"{out} parameters")
     return materialize(abstract, load_params(out)), found, config

@@ -1,6 +1,7 @@
 """SeedTokenizer API: preprocessing, chunked batches, input checks, bf16 mode."""
 
 import io
+import os
 import shutil
 import tracemalloc
 
@@ -11,11 +12,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from helpers import TINY_TOKENIZER
+from helpers import TINY_DIFFUSION, TINY_TOKENIZER
 from parity import relative_error
 from seed_jax import weights
-from seed_jax.api import SeedTokenizer, run_in_chunks
+from seed_jax.api import SeedOPT, SeedTokenizer, StableDiffusion, run_in_chunks
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD, decode_image, normalize, resize
+from seed_jax.models.opt import OPTConfig
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 
 
@@ -258,6 +260,42 @@ def test_an_export_without_its_parameters_is_named(tmp_path, export_dir):
     (out / "params").mkdir()
     with pytest.raises(FileNotFoundError, match=message):
         SeedTokenizer.load(str(out))
+
+
+def test_load_checks_every_argument_before_reading_any_weights(tmp_path, monkeypatch):
+    """SeedOPT.load read the language model's weights (OPT-2.7B: 10 GB), and then the
+    SEED tokenizer's and SD's, before it found a mistyped text_tokenizer, tokenizer or
+    diffusion path or a batch_size of 0; SeedTokenizer.load and StableDiffusion.load
+    read theirs before checking batch_size and the diffusion export. Each is now
+    refused first (the exports here are model.json alone: no weights to read)."""
+    plans = {}
+    for kind, config in [("opt", OPTConfig(vocab_size=20, width=16, depth=1, num_heads=2, mlp_dim=32)),
+                         ("seed_tokenizer", TINY_TOKENIZER), ("stable_diffusion", TINY_DIFFUSION)]:
+        plans[kind] = str(tmp_path / kind)
+        os.makedirs(plans[kind])
+        weights.write_config(plans[kind], kind, config)
+    def load_model(path, **_):
+        raise AssertionError(f"weights of {path} read")
+
+    monkeypatch.setattr(weights, "load_model", load_model)
+    nowhere = str(tmp_path / "nowhere")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text('{"a": 0}')
+    opt, tok, sd = plans["opt"], plans["seed_tokenizer"], plans["stable_diffusion"]
+    for load, options, message in [
+        (SeedOPT.load, dict(text_tokenizer=nowhere), "text_tokenizer: .* does not exist"),
+        (SeedOPT.load, dict(text_tokenizer=str(vocab)), "is not a tokenizer.json"),
+        (SeedOPT.load, dict(tokenizer=nowhere), "nowhere: not an export"),
+        (SeedOPT.load, dict(tokenizer=sd), "holds a 'stable_diffusion' model, expected 'seed_tokenizer'"),
+        (SeedOPT.load, dict(tokenizer=tok, diffusion=tok), "holds a 'seed_tokenizer' model, expected 'stable_diff"),
+        (SeedOPT.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
+        (SeedTokenizer.load, dict(diffusion=nowhere), "nowhere: not an export"),
+        (SeedTokenizer.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
+        (StableDiffusion.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
+    ]:
+        path = {SeedOPT.load: opt, SeedTokenizer.load: tok, StableDiffusion.load: sd}[load]
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            load(path, **options)
 
 
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):

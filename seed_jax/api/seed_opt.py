@@ -106,25 +106,31 @@ class SeedOPT:
         export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the
         SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
-        without them: no end token, padding 1)."""
+        without them: no end token, padding 1). The paths (each an export of its kind),
+        dtype and batch_size are checked, and the text tokenizer read, before any weights are."""
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
-        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="opt")
-        info = weights.read_config(path)[2]
-        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
+        check_count("batch_size", batch_size, 1)
+        compute_dtype = layers.compute_dtype(dtype)
+        info = weights.read_config(path, "opt")[2]
         if isinstance(tokenizer, str):
-            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
+            weights.read_config(tokenizer, "seed_tokenizer")
+        if diffusion:  # "" loads none, as SeedTokenizer.load
+            weights.read_config(diffusion, "stable_diffusion")
         if text_tokenizer is not None and not os.path.exists(text_tokenizer):
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)
+        text = _load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own) else None
+        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt")
+        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
+        if isinstance(tokenizer, str):
+            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
         prompts = sequences.Prompts(**info.get("prompts", {}))
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
                    eos_id=info.get("eos_token_id"), pad_id=info.get("pad_token_id", 1),
-                   codes_per_image=info.get("codes_per_image"),
-                   text_tokenizer=_load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own)
-                   else None)
+                   codes_per_image=info.get("codes_per_image"), text_tokenizer=text)
 
     def _check_ids(self, input_ids, attention_mask, *, left_padded: bool):
         """(B,L) ids and their 0/1 mask (default all ones) -> int32 arrays; prompts to

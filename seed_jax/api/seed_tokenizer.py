@@ -63,8 +63,14 @@ class SeedTokenizer:
     def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32",
              batch_size: int = 32) -> "SeedTokenizer":
         """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
-        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`."""
-        model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
+        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`.
+        The paths (each an export of its kind), dtype and batch_size are checked before
+        any weights are read."""
+        check_count("batch_size", batch_size, 1)
+        compute_dtype = layers.compute_dtype(dtype)
+        if diffusion:
+            weights.read_config(diffusion, "stable_diffusion")
+        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="seed_tokenizer")
         sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
         return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd)
 

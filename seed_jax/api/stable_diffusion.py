@@ -54,6 +54,7 @@ class StableDiffusion:
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
         """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export)."""
+        check_count("batch_size", batch_size, 1)  # before the weights are read
         model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="stable_diffusion")
         return cls(model, dtype=dtype, batch_size=batch_size,
                    uncond_probability=weights.read_config(path)[2].get("uncond_probability"))

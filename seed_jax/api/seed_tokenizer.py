@@ -121,7 +121,7 @@ class SeedTokenizer:
         if not (np.isfinite(low) and np.isfinite(high)) or low < PIXEL_RANGE[0] or high > PIXEL_RANGE[1]:
             raise ValueError(f"pixels: values in [{low:.3g}, {high:.3g}], expected CLIP-normalised values "
                              f"within {list(PIXEL_RANGE)}; pass uint8 images through preprocess()")
-        return pixels.astype(np.float32)
+        return pixels.astype(np.float32, copy=False)  # a copy of a large batch would double its memory
 
     def encode(self, pixels, return_intermediates: bool = False):
         """pixels float (B,S,S,3) -> int32 codes (B,32); with `return_intermediates`

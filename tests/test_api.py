@@ -75,6 +75,21 @@ def test_pil_images_of_any_mode_are_read_as_training_reads_their_files(tokenizer
     np.testing.assert_array_equal(tokenizer.preprocess([np.asarray(images[3])]), pixels[3:4])
 
 
+def test_a_pil_image_whose_file_does_not_decode_is_named(tokenizer):
+    """PIL decodes an opened file when it is first read, after the images were checked:
+    a truncated JPEG among many failed as PIL's "OSError: image file is truncated",
+    naming no image. The error now names it, as a bad array is named."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    images = [Image.open(io.BytesIO(data[:len(data) // 2] if i == 3 else data)) for i in range(5)]
+    message = r"images\[3\]: undecodable image \(OSError: image file is truncated"
+    with pytest.raises(ValueError, match=message):
+        tokenizer.encode_images(images)
+    with pytest.raises(ValueError, match=message):
+        tokenizer.preprocess(images)
+
+
 def test_a_jax_array_of_one_image_is_one_image(tokenizer):
     """A jax (H,W,3) array was read row by row, as H images ("images[0]: expected uint8
     (H,W,3), got uint8 (W, 3)"); any array is now read as numpy's."""

@@ -47,7 +47,12 @@ def check_image(name: str, image) -> None:
 def rgb_image(name: str, image) -> Image.Image:
     """A PIL image of any mode (to RGB) or a uint8 (H,W,3) array -> a non-empty RGB PIL image."""
     check_image(name, image)
-    return image_preprocess.to_rgb(image) if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if not isinstance(image, Image.Image):
+        return Image.fromarray(np.asarray(image))
+    try:  # a PIL image opened from a file decodes here
+        return image_preprocess.to_rgb(image)
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ValueError(f"{name}: undecodable image ({type(e).__name__}: {e})") from e
 
 
 def to_uint8(images) -> np.ndarray:

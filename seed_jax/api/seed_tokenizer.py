@@ -134,7 +134,8 @@ class SeedTokenizer:
         """Images (as `preprocess` takes them) -> int32 codes (B,32), as
         `encode(preprocess(images))`, each chunk of `batch_size` images preprocessed as
         it is encoded: the host holds a chunk's float pixels (600 KB an image at 224 px),
-        not the whole batch's. Every image is checked before any is encoded."""
+        not the whole batch's. Every image is checked before any is encoded (a PIL image
+        opened from a file decodes, and may fail, when its chunk is)."""
         batch = image_list(images)
         for i, image in enumerate(batch):
             check_image(f"images[{i}]", image)

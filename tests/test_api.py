@@ -139,6 +139,21 @@ def test_encode_images_holds_one_chunk_of_pixels_and_checks_every_image_first(to
     assert not encoded, "images were encoded before a later one was found bad"
 
 
+def test_encode_images_preprocesses_each_image_once(tokenizer, monkeypatch):
+    """A chunk is padded with copies of its first image, and each copy was decoded and
+    resized again: 33 images at batch_size 32 were preprocessed 64 times. Each image is
+    now preprocessed once, with the same codes."""
+    from seed_jax.data import preprocess
+
+    images = np.random.default_rng(0).integers(0, 256, (9, 40, 40, 3), dtype=np.uint8)
+    expected = tokenizer.encode(tokenizer.preprocess(images))
+    resized, resize = [], preprocess.resize
+    monkeypatch.setattr(preprocess, "resize", lambda *args: resized.append(1) or resize(*args))
+    np.testing.assert_array_equal(tokenizer.encode_images(images), expected)  # chunks of 4, 4 and 1 (+ 3 copies)
+    np.testing.assert_array_equal(tokenizer.encode_images(images[:3]), expected[:3])  # 3 (+ 1 copy)
+    assert len(resized) == 9 + 3
+
+
 def test_encode_copies_no_float32_pixels(tokenizer):
     """encode copied a batch's float32 pixels whole before its first chunk ran (numpy's
     astype copies unless told not to): 10k images at 224 px held 12 GB on the host, not 6."""

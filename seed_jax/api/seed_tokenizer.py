@@ -98,10 +98,16 @@ class SeedTokenizer:
 
     def _pixels(self, batch: list, indices) -> np.ndarray:
         """float32 (len(indices),S,S,3): `preprocess` of the images `batch[indices]`,
-        a bad one named by its index in `batch`."""
+        a bad one named by its index in `batch`; an image listed again (`run_in_chunks`
+        pads a chunk with its first) is copied, not preprocessed again."""
         size = self.image_size
         pixels = np.empty((len(indices), size, size, 3), np.float32)
+        rows = {}
         for row, i in enumerate(indices):
+            if i in rows:
+                pixels[row] = pixels[rows[i]]
+                continue
+            rows[i] = row
             image = rgb_image(f"images[{i}]", batch[i])
             pixels[row] = image_preprocess.normalize(image_preprocess.resize(image, size))
         return pixels

@@ -1325,6 +1325,20 @@ def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key
         seed_opt.train(config, str(tmp_path / "wd"))
 
 
+def test_one_prefix_for_both_splits_of_the_tokenizer_runs_images_fails_before_they_are_prepared(tmp_path,
+                                                                                                  monkeypatch):
+    """With data.eval_prefix = data.train_prefix the splits {train: images, eval: images}
+    collapsed to the eval split's: SEED-OPT trained and was evaluated on the eval images."""
+    def prepared(*args, **kwargs):
+        raise AssertionError("the tokenizer was prepared before the config was checked")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", prepared)
+    config = get_config("tiny")
+    config.data.eval_prefix = config.data.train_prefix
+    with pytest.raises(ValueError, match="data.train_prefix and data.eval_prefix: both 'train'"):
+        seed_opt.train(config, str(tmp_path / "wd"))
+
+
 @pytest.fixture(scope="module")
 def gpu8_stage():
     """SEED-OPT 2.7B's phase-1 train step under the gpu8 layout, shapes alone

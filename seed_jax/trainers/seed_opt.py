@@ -89,9 +89,14 @@ def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
     `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
-    dropout rates, the prompts' fields and each phase's `batch_size` (it must split over
-    the mesh's batch axes), else a ValueError naming them."""
+    dropout rates, the prompts' fields, each phase's `batch_size` (it must split over
+    the mesh's batch axes) and, when the tokenizer run's images are pre-tokenized here,
+    distinct `data.train_prefix` and `data.eval_prefix`, else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
+    if not config.data.codes_dir and config.data.train_prefix == config.data.eval_prefix:
+        # one prefix would name both splits' code shards: the eval images' codes replaced the train images'
+        raise ValueError(f"data.train_prefix and data.eval_prefix: both {config.data.eval_prefix!r}; the tokenizer "
+                         "run's train and eval images are pre-tokenized under them, so they must differ")
     sequences.Prompts(**config.prompts.to_dict())
     loop.check_loop_settings(config)
     if config.image_embedding not in ("rows", "codebook_projection"):

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from seed_jax import api, command_line, parallel, weights
+from seed_jax.api.checks import check_count
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
@@ -89,8 +90,8 @@ def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
     `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
-    dropout rates, the prompts' fields, each phase's `batch_size` (it must split over
-    the mesh's batch axes) and, when the tokenizer run's images are pre-tokenized here,
+    dropout rates, the prompts' fields, `data.max_text_tokens`, each phase's `batch_size`
+    (it must split over the mesh's batch axes) and, when the tokenizer run's images are pre-tokenized here,
     distinct `data.train_prefix` and `data.eval_prefix`, else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
     if not config.data.codes_dir and config.data.train_prefix == config.data.eval_prefix:
@@ -98,6 +99,8 @@ def check_config(config) -> None:
         raise ValueError(f"data.train_prefix and data.eval_prefix: both {config.data.eval_prefix!r}; the tokenizer "
                          "run's train and eval images are pre-tokenized under them, so they must differ")
     sequences.Prompts(**config.prompts.to_dict())
+    # 0 left every caption and generation prompt empty, a negative count cut their last tokens
+    check_count("data.max_text_tokens", config.data.max_text_tokens, 1)
     loop.check_loop_settings(config)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")

@@ -91,7 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = config_files.sibling(__file__, "tokenizer.py").get_config("tiny" if preset == "tiny" else "demo")
     c.tokenizer_workdir = ""  # "" = WORKDIR/tokenizer; trained there first when it holds no finished run
     c.tokenizer_export = ""  # a SEED tokenizer export instead (real runs); then data.codes_dir is required
-    c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32))  # with tokenizer_export
+    # With tokenizer_export: its Q-Former's BERT vocabulary, and the processor its training cleaned
+    # captions with (t2i retrieval embeds them so; SEED's: LAVIS's blip_caption, `data.text`).
+    c.caption_tokenizer = ml_collections.ConfigDict(dict(vocab_file="", max_length=32,
+                                                         caption_processor="blip_caption"))
     c.decoder_export = ""  # optional: a diffusion export for images in samples.png
     c.decoder_export_required = True  # False: a missing decoder_export only means no images
     c.data = ml_collections.ConfigDict(dict(codes_dir="", train_prefix="train", eval_prefix="eval", seq_length=128,

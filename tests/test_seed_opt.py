@@ -786,6 +786,37 @@ def test_a_finished_run_given_more_phase_1_steps_is_refused_before_training(seed
         seed_opt.train(config, workdir)
 
 
+def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them():
+    """A tokenizer trained on `blip_caption`-cleaned captions ("a red star") is scored on
+    them: t2i retrieval embeds a record's raw "A red star." as its training wrote it."""
+    import dataclasses
+
+    from flax import nnx
+    from helpers import TINY_QFORMER, TINY_TOKENIZER
+
+    from seed_jax.data import text as caption_text
+    from seed_jax.evaluators.code_retrieval import CodeRetrieval
+    from seed_jax.models.tokenizer import SeedTokenizer
+
+    wordpiece = caption_text.grammar_wordpiece(["a", "red", "star"])
+    caption_tokenizer = caption_text.TextTokenizer(wordpiece, 8, wordpiece.token_to_id("[PAD]"))
+    config = dataclasses.replace(TINY_TOKENIZER, qformer=dataclasses.replace(TINY_QFORMER, vocab_size=128))
+    model = SeedTokenizer(config, rngs=nnx.Rngs(0))
+    tok_config = ml_collections.ConfigDict({"data": {"caption_processor": "blip_caption"}})
+    cleaned = CodeRetrieval(model, caption_tokenizer, process_caption=seed_opt.caption_processor(None, tok_config))
+    raw = CodeRetrieval(model, caption_tokenizer)
+    np.testing.assert_allclose(cleaned.caption_features(["A red star."]), raw.caption_features(["a red star"]),
+                               atol=1e-6)
+    assert not np.allclose(raw.caption_features(["A red star."]), raw.caption_features(["a red star"]), atol=1e-3)
+    # a tokenizer export's processor is the config's (SEED's blip_caption by default), checked before training
+    config = get_config("tiny")
+    config.tokenizer_export = "/ckpt/seed_v1_converted"
+    assert seed_opt.caption_processor(config, None)("A red star.") == "a red star"
+    config.caption_tokenizer.caption_processor = "lavis"
+    with pytest.raises(ValueError, match="caption_tokenizer.caption_processor: expected one of .*'lavis'"):
+        seed_opt.check_config(config)
+
+
 def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
     references = ["a large red circle at the top left", "a small blue star in the centre"]
     generated = ["a large red circle at the top left", "a small blue cross in the centre"]

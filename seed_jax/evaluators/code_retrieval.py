@@ -1,11 +1,12 @@
 """Captions retrieved from SEED codes through the tokenizer's stage-I heads: codes are
 embedded as the tokenizer's `retrieval_codes` evaluation embeds them (codebook
 lookup -> reconstruction -> ITC image head), captions through the Q-Former text
-head, and recall@K counts a hit when the retrieved caption equals the true one."""
+head (cleaned as the tokenizer's training cleaned them, `data.caption_processor`), and
+recall@K counts a hit when the retrieved caption equals the true one."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -18,11 +19,14 @@ from seed_jax.models.tokenizer import SeedTokenizer
 
 class CodeRetrieval:
     """`tokenizer` must have the ITC heads; `caption_tokenizer` is its Q-Former text
-    tokenizer (`data.text.TextTokenizer`)."""
+    tokenizer (`data.text.TextTokenizer`), `process_caption` the caption processor its
+    training applied before it (`data.text.caption_processor`)."""
 
-    def __init__(self, tokenizer: SeedTokenizer, caption_tokenizer, batch_size: int = 256):
+    def __init__(self, tokenizer: SeedTokenizer, caption_tokenizer, batch_size: int = 256,
+                 process_caption: Callable[[str], str] = str):
         graphdef, state = nnx.split(tokenizer)
         self.caption_tokenizer, self.batch_size = caption_tokenizer, batch_size
+        self.process_caption = process_caption
 
         def from_codes(state, codes):
             model = nnx.merge(graphdef, state)
@@ -39,7 +43,7 @@ class CodeRetrieval:
         return run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size)
 
     def caption_features(self, captions: Sequence[str]) -> np.ndarray:
-        ids, mask = self.caption_tokenizer(list(captions))
+        ids, mask = self.caption_tokenizer([self.process_caption(c) for c in captions])
         return run_in_chunks(self._from_text, (ids, mask), self.batch_size)
 
     def recall(self, codes: np.ndarray, captions: Sequence[str], images: Sequence[str] | None = None

@@ -91,8 +91,10 @@ def check_config(config) -> None:
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
     `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
     dropout rates, the prompts' fields, `data.max_text_tokens`, each phase's `batch_size`
-    (it must split over the mesh's batch axes) and, when the tokenizer run's images are pre-tokenized here,
-    distinct `data.train_prefix` and `data.eval_prefix`, else a ValueError naming them."""
+    (it must split over the mesh's batch axes), with `tokenizer_export`
+    `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
+    pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
+    ValueError naming them."""
     layers.compute_dtype(config.dtype)
     if not config.data.codes_dir and config.data.train_prefix == config.data.eval_prefix:
         # one prefix would name both splits' code shards: the eval images' codes replaced the train images'
@@ -110,6 +112,8 @@ def check_config(config) -> None:
     for name, rate in model_rates(config).items():
         layers.check_rate(f"model.{name}", rate)
     global_batches.check_batch_sizes(config, {f"{key}.batch_size": config[key].batch_size for _, key in PHASES})
+    if config.tokenizer_export:
+        caption_processor(config, None)
 
 
 def model_rates(config) -> dict[str, float]:
@@ -391,9 +395,9 @@ def train(config, workdir: str) -> bool:
                                                codes_per_image, num_codes)
     caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
                          else _caption_tokenizer(config))
+    retrieval = CodeRetrieval(tokenizer_model, caption_tokenizer, process_caption=caption_processor(config, tok_config))
     writer = reporting.MetricsWriter(workdir)
-    evaluator = Evaluator(config, eval_records, image_tokens, text, CodeRetrieval(tokenizer_model, caption_tokenizer),
-                          workdir, tok_export, decoder)
+    evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder)
     preemption = coordination.Preemption()
     try:
         for index, (name, key) in enumerate(PHASES):
@@ -439,6 +443,21 @@ def export(config: opt.OPTConfig, params: dict, image_tokens: sequences.ImageTok
     weights.save(out, "opt", merged_config, params,
                  info={**info, "image_start_id": image_tokens.start, "image_end_id": image_tokens.end,
                        "first_code_id": image_tokens.first_code})
+
+
+def caption_processor(config, tok_config) -> Callable[[str], str]:
+    """What the tokenizer's training did to captions before its Q-Former text tokenizer
+    (`data.text.caption_processor`): its run's `data.caption_processor` (`tok_config`), or
+    for a `tokenizer_export` (`tok_config` None) `caption_tokenizer.caption_processor`."""
+    from seed_jax.data import text as caption_text
+
+    if tok_config is not None:
+        return caption_text.caption_processor(tok_config.data.caption_processor)
+    name = config.caption_tokenizer.caption_processor
+    if name not in caption_text.CAPTION_PROCESSORS:
+        raise ValueError(f"caption_tokenizer.caption_processor: expected one of {caption_text.CAPTION_PROCESSORS}, "
+                         f"got {name!r}")
+    return caption_text.caption_processor(name)
 
 
 def _caption_tokenizer(config):

@@ -817,6 +817,26 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
         seed_opt.check_config(config)
 
 
+def test_a_tokenizer_export_without_retrieval_heads_is_refused_before_training(tmp_path):
+    """SEED v1 converted without --qformer has no Q-Former text branch nor ITC heads: the
+    evaluation's t2i retrieval failed on them with an AttributeError once OPT was built."""
+    import dataclasses
+
+    from flax import nnx
+    from helpers import TINY_QFORMER, TINY_TOKENIZER
+
+    from seed_jax.models.tokenizer import SeedTokenizer
+
+    config = dataclasses.replace(TINY_TOKENIZER, with_itc_heads=False,
+                                 qformer=dataclasses.replace(TINY_QFORMER, with_text=False))
+    out = str(tmp_path / "seed_v1")
+    weights.save(out, "seed_tokenizer", config, weights.flat_params(SeedTokenizer(config, rngs=nnx.Rngs(0))))
+    run = get_config("tiny")
+    run.tokenizer_export, run.data.codes_dir = out, str(tmp_path / "codes")
+    with pytest.raises(ValueError, match="tokenizer_export: the tokenizer .* has no Q-Former text branch"):
+        seed_opt.train(run, str(tmp_path / "workdir"))
+
+
 def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
     references = ["a large red circle at the top left", "a small blue star in the centre"]
     generated = ["a large red circle at the top left", "a small blue cross in the centre"]

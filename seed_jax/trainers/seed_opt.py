@@ -372,6 +372,10 @@ def train(config, workdir: str) -> bool:
             return False
         tok_dir, tok_export, tok_config = trained
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
+    if not (tokenizer_model.config.with_itc_heads and tokenizer_model.config.qformer.with_text):
+        raise ValueError(f"{'tokenizer_export' if config.tokenizer_export else 'tokenizer_workdir'}: the tokenizer "
+                         f"{tok_export} has no Q-Former text branch and contrastive heads (vision_proj, text_proj), "
+                         "which the evaluation's t2i retrieval scores codes with (convert SEED v1 with --qformer)")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])
     mesh = parallel.make_mesh(config.mesh.to_dict())

@@ -817,9 +817,10 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
         seed_opt.check_config(config)
 
 
-def test_a_tokenizer_export_without_retrieval_heads_is_refused_before_training(tmp_path):
+def test_a_tokenizer_without_retrieval_heads_trains_without_t2i_metrics(text, tmp_path, caplog):
     """SEED v1 converted without --qformer has no Q-Former text branch nor ITC heads: the
-    evaluation's t2i retrieval failed on them with an AttributeError once OPT was built."""
+    evaluation's t2i retrieval failed on them with an AttributeError once OPT was built.
+    Such a tokenizer now trains SEED-OPT, warned of, with every metric but t2i/*."""
     import dataclasses
 
     from flax import nnx
@@ -829,12 +830,22 @@ def test_a_tokenizer_export_without_retrieval_heads_is_refused_before_training(t
 
     config = dataclasses.replace(TINY_TOKENIZER, with_itc_heads=False,
                                  qformer=dataclasses.replace(TINY_QFORMER, with_text=False))
-    out = str(tmp_path / "seed_v1")
-    weights.save(out, "seed_tokenizer", config, weights.flat_params(SeedTokenizer(config, rngs=nnx.Rngs(0))))
     run = get_config("tiny")
-    run.tokenizer_export, run.data.codes_dir = out, str(tmp_path / "codes")
-    with pytest.raises(ValueError, match="tokenizer_export: the tokenizer .* has no Q-Former text branch"):
-        seed_opt.train(run, str(tmp_path / "workdir"))
+    run.tokenizer_export = "/exports/seed_v1"  # no caption_tokenizer.vocab_file: none is read
+    with caplog.at_level("WARNING"):
+        retrieval = seed_opt.code_retrieval(run, SeedTokenizer(config, rngs=nnx.Rngs(0)), run.tokenizer_export,
+                                            None, None)
+    assert retrieval is None
+    assert re.search(r"tokenizer_export: the tokenizer /exports/seed_v1 has no Q-Former text branch .* no t2i/\* "
+                     r"metrics \(convert SEED v1 with --qformer", caplog.text)
+    model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
+                             max_positions=128, extra_tokens=64 + 2)
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    records_ = [{"id": f"r{i}", "caption": "a red star", "codes": np.arange(32) + i} for i in range(2)]
+    evaluator = seed_opt.Evaluator(run, records_, image, text, retrieval, str(tmp_path), "", "")
+    metrics = evaluator(weights.build("opt", model_config), 1, "image_to_text")
+    assert "caption/exact_match" in metrics and metrics["num_examples"] == 2
+    assert not [k for k in metrics if k.startswith("t2i/")]
 
 
 def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):

@@ -205,16 +205,17 @@ class Evaluator:
     """Captions and codes generated for held-out code records, scored and sampled."""
 
     def __init__(self, config, eval_records: list[dict], image_tokens: sequences.ImageTokens,
-                 text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval, workdir: str,
+                 text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval | None, workdir: str,
                  tokenizer_export: str, decoder_export: str):
-        """`decoder_export`: a diffusion export for sample images, "" for none."""
+        """`retrieval`: None reports no t2i/* metrics; `decoder_export`: a diffusion
+        export for sample images, "" for none."""
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
         self.retrieval, self.workdir = retrieval, workdir
         self.captions = [r["caption"] for r in eval_records]
         self.images = [records.image_id(r["id"]) for r in eval_records]  # an image's captions are all its own
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
-        self.true_code_recall = retrieval.recall(self.codes, self.captions, self.images)
+        self.true_code_recall = retrieval.recall(self.codes, self.captions, self.images) if retrieval else None
         self._seed_opt = None  # built at the first evaluation, then kept with its programs
 
     def seed_opt(self, model: opt.OPT) -> api.SeedOPT:
@@ -236,11 +237,12 @@ class Evaluator:
         captions = caption_all(seed_opt, self.codes, batch_size=e.batch_size, max_new_tokens=e.max_caption_tokens)
         generated = np.concatenate([seed_opt.image_codes(self.captions[start:start + e.batch_size])
                                     for start in range(0, len(self.captions), e.batch_size)])
-        recall = self.retrieval.recall(generated, self.captions, self.images)
-        metrics = {**score_captions(captions, self.captions, self.images),  # by part too on the shapes world
-                   "t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
-                   "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"],
-                   "num_examples": float(len(self.captions))}
+        metrics = score_captions(captions, self.captions, self.images)  # by part too on the shapes world
+        if self.retrieval:
+            recall = self.retrieval.recall(generated, self.captions, self.images)
+            metrics.update({"t2i/retrieval_r1": recall["r1"], "t2i/retrieval_r5": recall["r5"],
+                            "t2i/true_codes_retrieval_r1": self.true_code_recall["r1"]})
+        metrics["num_examples"] = float(len(self.captions))
         logging.info("%s eval at step %d: %s", phase, step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if jax.process_index() == 0:
             self._save_samples(step, captions, generated)
@@ -372,10 +374,6 @@ def train(config, workdir: str) -> bool:
             return False
         tok_dir, tok_export, tok_config = trained
     tokenizer_model, _, _ = weights.load_model(tok_export, kind="seed_tokenizer")
-    if not (tokenizer_model.config.with_itc_heads and tokenizer_model.config.qformer.with_text):
-        raise ValueError(f"{'tokenizer_export' if config.tokenizer_export else 'tokenizer_workdir'}: the tokenizer "
-                         f"{tok_export} has no Q-Former text branch and contrastive heads (vision_proj, text_proj), "
-                         "which the evaluation's t2i retrieval scores codes with (convert SEED v1 with --qformer)")
     num_codes = tokenizer_model.config.num_codes
     codebook = np.asarray(tokenizer_model.quantize.codebook[...])
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -397,9 +395,7 @@ def train(config, workdir: str) -> bool:
     skipped = pipeline.SkipCounter()
     eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
                                                codes_per_image, num_codes)
-    caption_tokenizer = (tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir
-                         else _caption_tokenizer(config))
-    retrieval = CodeRetrieval(tokenizer_model, caption_tokenizer, process_caption=caption_processor(config, tok_config))
+    retrieval = code_retrieval(config, tokenizer_model, tok_export, tok_dir, tok_config)
     writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder)
     preemption = coordination.Preemption()
@@ -447,6 +443,19 @@ def export(config: opt.OPTConfig, params: dict, image_tokens: sequences.ImageTok
     weights.save(out, "opt", merged_config, params,
                  info={**info, "image_start_id": image_tokens.start, "image_end_id": image_tokens.end,
                        "first_code_id": image_tokens.first_code})
+
+
+def code_retrieval(config, tokenizer_model, tok_export: str, tok_dir: str | None, tok_config) -> CodeRetrieval | None:
+    """The t2i evaluation's caption retrieval through the tokenizer's stage-I heads; None,
+    with a warning, for a tokenizer without them (SEED v1 converted without --qformer)."""
+    if not (tokenizer_model.config.with_itc_heads and tokenizer_model.config.qformer.with_text):
+        logging.warning("%s: the tokenizer %s has no Q-Former text branch and contrastive heads (vision_proj, "
+                        "text_proj), which t2i retrieval scores codes with: the evaluation reports no t2i/* metrics "
+                        "(convert SEED v1 with --qformer for them)",
+                        "tokenizer_export" if config.tokenizer_export else "tokenizer_workdir", tok_export)
+        return None
+    caption_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir else _caption_tokenizer(config)
+    return CodeRetrieval(tokenizer_model, caption_tokenizer, process_caption=caption_processor(config, tok_config))
 
 
 def caption_processor(config, tok_config) -> Callable[[str], str]:

@@ -8,9 +8,9 @@ from seed_jax.models.opt import OPTConfig
 
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 # Dense bf16 peaks (datasheets), the first name a device kind contains: the PCIe and NVL
-# H100s before the SXM one, whose kind says only "H100".
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("A100", 312e12))
+# H100s and the NVL H200 before the SXM ones, whose kinds say only "H100" / "H200".
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+                   ("H200", 989e12), ("A100", 312e12))
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:

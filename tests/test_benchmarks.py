@@ -89,9 +89,10 @@ def test_encode_flops_count_every_matmul_of_encode():
 
 @pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12),
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None)])
 def test_peak_flops_tell_the_h100_variants_apart(kind, peak):
-    """A substring "H100" gave the PCIe and NVL cards the SXM peak, so their MFU read low."""
+    """A substring "H100" ("H200") gave the PCIe and NVL cards the SXM peak, so their MFU read low."""
     assert flops.peak_bf16_flops(kind) == peak
 
 

@@ -7,7 +7,8 @@ steps and guidance.
   python benchmarks/decode.py --size=sd_v1 --steps=50 --batch=4 --bf16   # GPU: SD v1 at 512x512
 
 Both sides are timed host to host (embeddings in, decoded images on the host) after a
-warm-up call, as the median of `--iters` calls. `--bf16` runs both sides in bfloat16
+warm-up call, as the median of `--iters` calls; on a CPU torch runs as many threads as
+XLA (`timing.torch_threads_as_xla`). `--bf16` runs both sides in bfloat16
 (ours `dtype="bfloat16"`, the pipeline's modules cast to torch.bfloat16). The largest
 difference between the two sides' images is printed as a sanity check.
 """
@@ -35,10 +36,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
 from seed_jax.api import StableDiffusion  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
+THREADS = torch_threads_as_xla()  # on CPUs, both sides run this many threads
 SIZES = {
     # name: (UNet block channels, attention levels, heads, latent side, VAE channels, text width, text layers)
     "small": ((64, 128), (True, True), 4, 16, (32, 64, 64), 128, 2),
@@ -117,7 +119,7 @@ def main() -> None:
     difference = float(np.abs((run_ours() + 1) / 2 - run_torch()).max())
     side = ours.config.image_size
     print(f"size={args.size} ({side}x{side}) batch={args.batch} steps={args.steps} sampler={args.sampler} "
-          f"guidance={args.guidance} dtype={'bf16' if args.bf16 else 'f32'} device={device}")
+          f"guidance={args.guidance} dtype={'bf16' if args.bf16 else 'f32'} device={device} CPU threads={THREADS}")
     print(f"  ours     {args.batch / seconds_ours:8.3f} images/s ({seconds_ours:.3f} s per batch)")
     print(f"  diffusers {args.batch / seconds_torch:7.3f} images/s ({seconds_torch:.3f} s per batch)")
     print(f"  ratio ours/diffusers {seconds_torch / seconds_ours:.2f}; largest pixel difference {difference:.2e}")

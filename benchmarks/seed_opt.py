@@ -15,7 +15,8 @@ forward + backward + optimizer step. In float32 both sides' matmuls are float32 
 at "highest" precision, as `SeedOPT`'s generation; GPUs would otherwise round them to
 TF32). Generation: greedy decoding of `--new_tokens` tokens after a `--prompt` token prompt with the KV cache, all `--batch` rows at once
 (ours: one jitted `lax.while_loop`; torch: `generate(do_sample=False)`), timed host
-to host. Each figure is the median of `--iters` calls after a warm-up. On a GPU the
+to host. Each figure is the median of `--iters` calls after a warm-up; on a CPU torch runs
+as many threads as XLA (`timing.torch_threads_as_xla`). On a GPU the
 training MFU counts the step's matmul FLOPs (`benchmarks/flops.py`: forward and activation
 gradients of the frozen base, both gradients of the adapters, attention's backward
 twice its forward) over the device's dense bf16 peak.
@@ -47,12 +48,13 @@ from sd_fixtures import randomize  # noqa: E402
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from benchmarks.flops import opt_lora_step_flops, peak_bf16_flops  # noqa: E402
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
 from seed_jax import weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
 from seed_jax.api.precision import matmul_precision  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
+THREADS = torch_threads_as_xla()  # on CPUs, both sides run this many threads
 SIZES = {  # transformers OPTConfig fields
     "small": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4),
     "opt_2.7b": dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32),
@@ -189,7 +191,8 @@ def main():
     torch_train = median_seconds(torch_step, args.iters)
 
     gen_tokens = args.batch * args.new_tokens
-    print(f"device {jax.devices()[0].device_kind} | size {args.size} | {dtype} | batch {args.batch}")
+    print(f"device {jax.devices()[0].device_kind} | size {args.size} | {dtype} | batch {args.batch} | "
+          f"CPU threads {THREADS}")
     print(f"train  (seq {args.seq}): ours {tokens_per_step / ours_train:9.0f} tok/s  torch "
           f"{tokens_per_step / torch_train:9.0f} tok/s  ratio {torch_train / ours_train:.2f}")
     print(f"generate ({args.prompt}+{args.new_tokens}): ours {gen_tokens / ours_gen:9.1f} tok/s  torch "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -16,3 +17,14 @@ def median_seconds(fn, iters: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def torch_threads_as_xla() -> int:
+    """Gives torch as many intra-op threads as XLA:CPU runs, one per CPU this process
+    may run on (torch's default counts physical cores: half as many on SMT CPUs, and
+    OMP_NUM_THREADS, which XLA ignores), and returns the count."""
+    import torch
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    return threads

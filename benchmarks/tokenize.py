@@ -6,7 +6,8 @@ in one run: same random weights (the reference's state dict goes through
   python benchmarks/tokenize.py --sizes=full --batch=32 --bf16   # on a GPU: also bf16 and MFU
 
 Both sides are timed host to host (numpy pixels in, codes back on the host), after
-a warm-up call, as the median of `--iters` calls. On a GPU, `--bf16` adds bf16
+a warm-up call, as the median of `--iters` calls; on a CPU torch runs as many threads
+as XLA (`timing.torch_threads_as_xla`). On a GPU, `--bf16` adds bf16
 compute on both sides (torch autocast; ours `dtype="bfloat16"`) and the fraction of
 peak FLOP/s that our bf16 encode reaches (model FLOPs counted from the config,
 over the datasheet's dense bf16 peak).
@@ -33,11 +34,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.flops import encode_flops, peak_bf16_flops  # noqa: E402
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize  # noqa: E402
 
+THREADS = torch_threads_as_xla()  # on CPUs, both sides run this many threads
 SIZES = {"tiny": TINY, "full": ReferenceConfig()}
 
 
@@ -91,7 +93,8 @@ def main():
     # GPUs PyTorch's cuDNN convolutions would round float32 inputs to TF32 by default.
     torch.backends.cudnn.allow_tf32 = False
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
-          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
+          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; CPU threads {THREADS}",
+          flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.sizes.split(","):

@@ -119,3 +119,15 @@ def test_the_benchmarks_sharing_a_gpu_with_torch_leave_jax_no_preallocation(repo
             cwd=repo_root, env={**env, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split()[-1] == "false", script
+
+
+def test_the_benchmarks_give_torch_as_many_cpu_threads_as_xla(repo_root):
+    """torch ran its default threads (physical cores, or OMP_NUM_THREADS, here 1) against
+    XLA:CPU's one per CPU the process may run on."""
+    for script in ("seed_opt", "tokenize", "decode"):
+        result = subprocess.run(
+            [sys.executable, "-c", f"import benchmarks.{script}, torch; print(torch.get_num_threads())"],
+            cwd=repo_root, env={**os.environ, "PYTHONPATH": repo_root, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout.split()[-1]) == len(os.sched_getaffinity(0)), script

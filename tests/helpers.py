@@ -271,3 +271,57 @@ def decoder_with_text_encoder_changed(decoder: str, out: str, change) -> str:
     params.update(change({k: v for k, v in params.items() if k.startswith("text_encoder.")}))
     weights.save(out, kind, sd_config, params, info)
     return out
+
+
+def stage_gradients(model, trainable, loss_fn, run, mesh, batch: dict, stage_index=None) -> dict[str, jax.Array]:
+    """The train step's loss gradients (`loop.make_gradients`) at step 0 of `model`'s
+    `trainable` parameters, jitted with the stage's shardings on `mesh` (`run`: its seed and
+    axis_rules), by parameter path. Each trainable parameter is first moved by 0.02 x a
+    fixed normal draw: zero-initialised ones (biases, LoRA's B) make others' gradients
+    exactly 0 (LoRA's A), where a wrong partitioning would go unseen."""
+    from seed_jax import parallel
+    from seed_jax.trainers import global_batches, loop
+
+    rules = run.axis_rules
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(next(keys), p.shape, p.dtype), params)
+    params_sharding = parallel.state_shardings(params, mesh, rules)
+    frozen_sharding = parallel.state_shardings(frozen, mesh, rules)
+    state_sharding = {"params": params_sharding, "step": parallel.replicated(mesh)}
+    state = jax.device_put({"params": params, "step": np.zeros((), np.int32)}, state_sharding)
+    gradients = jax.jit(loop.make_gradients(graphdef, loss_fn, run.seed, mesh, rules, stage_index),
+                        in_shardings=(state_sharding, frozen_sharding, None), out_shardings=(None, params_sharding, None))
+    _, grads, _ = gradients(state, jax.device_put(frozen, frozen_sharding),
+                            global_batches.global_batch(batch, mesh, rules))
+    return {"/".join(str(k) for k in path): g[...] for path, g in nnx.to_flat_state(grads)}
+
+
+def split_over_fsdp_and_tensor(grads: dict[str, jax.Array]) -> list[str]:
+    """The names of `grads` whose arrays are split over both the fsdp and tensor mesh axes."""
+    def axes(spec):
+        return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+
+    return [name for name, g in grads.items() if {"fsdp", "tensor"} <= axes(g.sharding.spec)]
+
+
+def assert_same_gradients(grads: dict[str, jax.Array], reference: dict[str, jax.Array], zero: tuple[str, ...] = ()):
+    """Each parameter's gradient in `grads` (a mesh's) within 1e-4 of its norm in `reference`
+    (1 device's): the same float32 sums added in another order differ by about 1e-6 of it,
+    where a wrongly partitioned one is off by a large part of it (the decoder's convolutions:
+    25-135 %). Parameters named ending with one of `zero` (an attention key bias: softmax
+    ignores a score shared by every key) have gradient 0 in exact arithmetic, so their
+    computed ones are rounding noise: both must stay below 1e-6 of the global norm (about ten
+    float32 epsilons; measured: 1e-9)."""
+    assert grads.keys() == reference.keys()
+    grads, reference = ({k: np.asarray(v, np.float64) for k, v in t.items()} for t in (grads, reference))
+    scale = np.sqrt(sum(np.sum(r ** 2) for r in reference.values()))
+    assert np.isfinite(scale) and scale > 0
+    unmatched = [suffix for suffix in zero if not any(name.endswith(suffix) for name in reference)]
+    assert not unmatched, f"no parameter ends with {unmatched}"
+    for name, r in reference.items():
+        norm, error = np.linalg.norm(r), np.linalg.norm(grads[name] - r)
+        if name.endswith(zero):
+            assert max(norm, np.linalg.norm(grads[name])) <= 1e-6 * scale, (name, norm / scale, error / scale)
+        else:
+            assert error <= 1e-4 * norm, (name, norm / scale, error / max(norm, 1e-300))

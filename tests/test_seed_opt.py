@@ -19,8 +19,9 @@ from configs.pretokenize import get_config as get_pretokenize_config
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_compiles_without_full_rematerialization, assert_optimizer_state_split_as_params,
-                     assert_weights_split, checkpoint_params, layout_mesh,
-                     decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch)
+                     assert_same_gradients, assert_weights_split, checkpoint_params, layout_mesh,
+                     decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch,
+                     split_over_fsdp_and_tensor, stage_gradients)
 from seed_jax import api, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
@@ -1032,21 +1033,28 @@ def _packed_batch() -> dict[str, np.ndarray]:
             "target_mask": np.asarray([[1] * 7 + [0]] * 8, np.int32)}
 
 
-def _lm_stage(mesh, code_dim=0, num_steps=3, stage_index=None, **rates):
-    """The shared train step with lm_loss for a tiny SEED-OPT with LoRA (codes as rows, or
-    through the codebook projection when `code_dim` > 0), `rates` its dropout rates,
-    `stage_index` its keys' (`loop.step_key`); returns (setup, run config)."""
+def _lm_model(code_dim=0, **rates):
+    """A tiny SEED-OPT with LoRA (codes as rows, or through the codebook projection when
+    `code_dim` > 0), `rates` its dropout rates."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32,
                        extra_tokens=10, code_dim=code_dim, lora_rank=4, **rates)
     model = weights.build("opt", config)
     if code_dim:
         weights.assign(model, {"code_vectors": np.random.default_rng(1).standard_normal((8, code_dim))})
+    return model
+
+
+_RUN = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
+
+
+def _lm_stage(mesh, code_dim=0, num_steps=3, stage_index=None, **rates):
+    """The shared train step with lm_loss for `_lm_model(code_dim, **rates)`'s adapters,
+    `stage_index` its keys' (`loop.step_key`); returns (setup, run config)."""
     stage = ml_collections.ConfigDict(dict(lr=1e-2, init_lr=1e-3, end_lr=1e-3, warmup_steps=1, num_steps=num_steps,
                                            weight_decay=0.0, b1=0.9, b2=0.999))
-    run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
-    setup = loop.prepare_stage(model, seed_opt.trainable(ml_collections.ConfigDict({"train_all": False})),
-                               seed_opt.lm_loss, stage, run, mesh, stage_index=stage_index)
-    return setup, run
+    setup = loop.prepare_stage(_lm_model(code_dim, **rates), seed_opt.trainable(ml_collections.ConfigDict(
+        {"train_all": False})), seed_opt.lm_loss, stage, _RUN, mesh, stage_index=stage_index)
+    return setup, _RUN
 
 
 def _lm_losses(mesh, code_dim, num_steps=3, **rates):
@@ -1073,6 +1081,26 @@ def test_packed_lora_step_same_loss_on_1_and_8_devices(code_dim, rates):
     if rates:  # dropout is on: the losses are not those without it
         plain = _lm_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]), code_dim)
         assert not np.allclose(losses_1, plain, rtol=1e-4)
+
+
+@pytest.mark.parametrize("code_dim, rates, train_all", [(0, {}, False), (4, {}, False), (0, DROPPING, False),
+                                                     (4, {}, True)], ids=["rows", "projected", "dropout", "all"])
+def test_lm_step_same_gradients_on_1_and_8_devices(code_dim, rates, train_all):
+    """Every trainable parameter's lm_loss gradient (the adapters', or with `train_all`, as
+    the demo trains, every one's but the codebook's) on a data x fsdp and on a data x fsdp x
+    tensor mesh is the 1-device one (`assert_same_gradients`; attention key biases' are 0):
+    XLA's partitioner once got the decoder's kernel gradients wrong on such a mesh while the
+    losses still matched."""
+    trainable = seed_opt.trainable(ml_collections.ConfigDict({"train_all": train_all}))
+
+    def gradients(mesh):
+        return stage_gradients(_lm_model(code_dim, **rates), trainable, seed_opt.lm_loss, _RUN, mesh, _packed_batch())
+
+    reference = gradients(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    for axes in ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        grads = gradients(parallel.make_mesh(axes))
+        assert_same_gradients(grads, reference, zero=("k_bias",) if train_all else ())
+    assert split_over_fsdp_and_tensor(grads), "no gradient is split over fsdp and tensor"
 
 
 def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd):

@@ -53,6 +53,24 @@ def step_key(seed: int, step: jax.Array, stage_index: int | None = None) -> jax.
     return jax.random.fold_in(key, step)
 
 
+def make_gradients(graphdef, loss_fn: Callable, seed: int, mesh, rules, stage_index: int | None = None):
+    """The train step's loss and gradients: (state, frozen, batch) ->
+    ((loss, (metrics, aux)), grads, update_rng), `loss_fn` differentiated at
+    state["params"] under `rules` on `mesh`, with the loss key of `step_key(seed,
+    state["step"], stage_index)` (split in two: the loss's and `update_rng`)."""
+
+    def gradients(state, frozen, batch):
+        with parallel.axis_rules(mesh, rules):
+            loss_rng, update_rng = jax.random.split(step_key(seed, state["step"], stage_index))
+
+            def loss_of(params):
+                return loss_fn(nnx.merge(graphdef, params, frozen), batch, loss_rng)
+
+            return (*jax.value_and_grad(loss_of, has_aux=True)(state["params"]), update_rng)
+
+    return gradients
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules,
                     post_update: Callable | None = None, stage_index: int | None = None):
     """A pure step (state, frozen, batch) -> (state, metrics).
@@ -64,16 +82,11 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     optimizer update (e.g. restart unused codes). metrics["finite"] is True when the
     loss, the gradient norm and the new state are all finite.
     """
+    gradients = make_gradients(graphdef, loss_fn, seed, mesh, rules, stage_index)
 
     def step_fn(state, frozen, batch):
+        (loss, (metrics, aux)), grads, update_rng = gradients(state, frozen, batch)
         with parallel.axis_rules(mesh, rules):
-            rng = step_key(seed, state["step"], stage_index)
-            loss_rng, update_rng = jax.random.split(rng)
-
-            def loss_of(params):
-                return loss_fn(nnx.merge(graphdef, params, frozen), batch, loss_rng)
-
-            (loss, (metrics, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             step = state["step"] + 1

@@ -144,7 +144,7 @@ def _decoder_losses_on_1_device():
 @pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}], ids=["fsdp", "tensor"])
 def test_decoder_train_step_same_loss_on_1_and_8_devices(axes):
     """The same losses and parameters. On a mesh with data, fsdp and tensor all > 1, XLA's
-    (Shardy's) partitioning of convolutions chained with kernels split (fsdp, tensor)
+    partitioning of convolutions chained with kernels split (fsdp, tensor; Shardy and GSPMD alike)
     computed wrong kernel gradients (conv_in's off by half its size; the losses drifted 6e-4
     in 3 steps) until each convolution's input was pinned to the batch split."""
     losses_1, params_1 = _decoder_losses_on_1_device()

@@ -34,13 +34,13 @@ def blip_caption(caption: str, max_words: int = BLIP_CAPTION_MAX_WORDS) -> str:
     return " ".join(words[:max_words])
 
 
-def caption_processor(name: str) -> Callable[[str], str]:
-    """The function `data.caption_processor` names: "none" leaves captions as written."""
+def caption_processor(name: str, field: str = "data.caption_processor") -> Callable[[str], str]:
+    """The function the config `field` names: "none" leaves captions as written."""
     if name == "none":
         return str
     if name == "blip_caption":
         return blip_caption
-    raise ValueError(f"data.caption_processor: expected one of {CAPTION_PROCESSORS}, got {name!r}")
+    raise ValueError(f"{field}: expected one of {CAPTION_PROCESSORS}, got {name!r}")
 
 
 class TextTokenizer:

@@ -466,11 +466,8 @@ def caption_processor(config, tok_config) -> Callable[[str], str]:
 
     if tok_config is not None:
         return caption_text.caption_processor(tok_config.data.caption_processor)
-    name = config.caption_tokenizer.caption_processor
-    if name not in caption_text.CAPTION_PROCESSORS:
-        raise ValueError(f"caption_tokenizer.caption_processor: expected one of {caption_text.CAPTION_PROCESSORS}, "
-                         f"got {name!r}")
-    return caption_text.caption_processor(name)
+    return caption_text.caption_processor(config.caption_tokenizer.caption_processor,
+                                          "caption_tokenizer.caption_processor")
 
 
 def _caption_tokenizer(config):

@@ -45,6 +45,13 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
     devices. Errors name the config `field` that gave `axis_sizes`.
     """
     devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(axis_sizes, len(devices), field)
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int, field: str = "mesh") -> dict[str, int]:
+    """Every MESH_AXES axis -> its size on `num_devices` devices (`make_mesh`'s `axis_sizes`,
+    a -1 filled), else a ValueError naming the config `field`."""
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"{field}: unknown axis {sorted(unknown)}; expected names from {MESH_AXES}")
@@ -56,17 +63,17 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = Non
         raise ValueError(f"{field}: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
+        if num_devices % known:
             fixed = {name: size for name, size in zip(MESH_AXES, sizes) if size != -1}
-            raise ValueError(f"{field}: {len(devices)} devices do not divide by {known}, the product of the axis "
+            raise ValueError(f"{field}: {num_devices} devices do not divide by {known}, the product of the axis "
                              f"sizes {fixed} besides the -1 one ({MESH_AXES[sizes.index(-1)]}); expected sizes "
-                             f"whose product divides {len(devices)}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+                             f"whose product divides {num_devices}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(
             f"{field}: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
-            f"{len(devices)} are available")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+            f"{num_devices} are available")
+    return dict(zip(MESH_AXES, sizes))
 
 
 def check_rules(rules: Rules, field: str = "axis_rules") -> None:

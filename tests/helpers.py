@@ -68,11 +68,10 @@ def assert_weights_split(stage, devices: int) -> dict[str, tuple[jax.ShapeDtypeS
 def layout_mesh(sizes, devices: int) -> jax.sharding.AbstractMesh:
     """A device-less mesh of a layout preset's axis `sizes` (-1: what `devices` leave),
     for shardings of shapes on more devices than the tests have."""
-    sizes = dict(sizes)
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {k: devices // fixed if v == -1 else v for k, v in sizes.items()}
-    assert math.prod(sizes.values()) == devices, (sizes, devices)
-    return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    from seed_jax import parallel
+
+    shape = parallel.mesh_shape(dict(sizes), devices)
+    return jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape))
 
 
 def assert_optimizer_state_split_as_params(stage) -> None:

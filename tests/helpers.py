@@ -278,19 +278,20 @@ def stage_gradients(model, trainable, loss_fn, run, mesh, batch: dict, stage_ind
     axis_rules), by parameter path. Each trainable parameter is first moved by 0.02 x a
     fixed normal draw: zero-initialised ones (biases, LoRA's B) make others' gradients
     exactly 0 (LoRA's A), where a wrong partitioning would go unseen."""
-    from seed_jax import parallel
+    import optax
+
     from seed_jax.trainers import global_batches, loop
 
     rules = run.axis_rules
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(next(keys), p.shape, p.dtype), params)
-    params_sharding = parallel.state_shardings(params, mesh, rules)
-    frozen_sharding = parallel.state_shardings(frozen, mesh, rules)
-    state_sharding = {"params": params_sharding, "step": parallel.replicated(mesh)}
-    state = jax.device_put({"params": params, "step": np.zeros((), np.int32)}, state_sharding)
+    no_optimizer = optax.identity()  # the train state's layout, without optimizer state
+    state_sharding, frozen_sharding = loop.stage_shardings(params, frozen, no_optimizer, mesh, rules)
+    state = jax.device_put(loop.init_state(params, no_optimizer), state_sharding)
     gradients = jax.jit(loop.make_gradients(graphdef, loss_fn, run.seed, mesh, rules, stage_index),
-                        in_shardings=(state_sharding, frozen_sharding, None), out_shardings=(None, params_sharding, None))
+                        in_shardings=(state_sharding, frozen_sharding, None),
+                        out_shardings=(None, state_sharding["params"], None))
     _, grads, _ = gradients(state, jax.device_put(frozen, frozen_sharding),
                             global_batches.global_batch(batch, mesh, rules))
     return {"/".join(str(k) for k in path): g[...] for path, g in nnx.to_flat_state(grads)}

@@ -426,6 +426,25 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     assert [line["data/skipped_records"] for line in lines] == [i // 3 for i in range(1, 9)]
 
 
+def test_a_run_killed_before_the_newline_of_its_last_line_resumes_on_the_next_line(tmp_path):
+    """A kill after a whole JSON line but before its newline: the resumed run's first
+    line was appended to it, one line neither could be read from."""
+    def crash_at_4(model, step):
+        if step == 4:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_4)
+    with open(tmp_path / "metrics.jsonl") as f:
+        written = f.read()
+    assert written.endswith('"data/skipped_records": 1.0}\n')  # step 4's line, last
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write(written[:-1])
+    _run_line_stage(tmp_path / "ckpt", tmp_path)
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+
+
 def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     """The last step is saved before it is evaluated: a crash in that evaluation costs
     the evaluation alone, which the resumed run does first and only once."""

@@ -51,13 +51,16 @@ class MetricsWriter:
     def forget_after(self, stage: str, step: int) -> None:
         """Drops the lines of `stage` past `step` (the step a run resumes from): a run that
         stopped without a checkpoint at its last logged step (a crash, a kill) logged steps
-        that the resumed run logs again. A line cut short by a kill goes too. (TensorBoard's
-        event files stay as they are.)"""
+        that the resumed run logs again. A line cut short by a kill goes too, and a whole
+        last line the kill left without its newline gets one (the next line was appended
+        to it). (TensorBoard's event files stay as they are.)"""
         lines = self._lines()
-        kept = [line for line, record in lines
+        kept = [line if line.endswith("\n") else line + "\n" for line, record in lines
                 if record is not None and not (record["stage"] == stage and record["step"] > step)]
-        if len(kept) < len(lines):
-            logging.info("%s: dropped %d lines of metrics.jsonl past step %d", stage, len(lines) - len(kept), step)
+        if kept != [line for line, _ in lines]:
+            if len(kept) < len(lines):
+                logging.info("%s: dropped %d lines of metrics.jsonl past step %d", stage, len(lines) - len(kept),
+                             step)
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)

@@ -588,19 +588,39 @@ def _write_image_records(folder, good: list[bool]) -> list[str]:
 def test_pretokenizing_an_all_corrupt_split_fails_naming_it(tmp_path):
     """A split of which every record was skipped wrote empty code shards, and training on
     them failed later naming the shards ("0 records, fewer than the 1 processes"); it now
-    fails once written, naming the split, its counts and why a record was skipped, as
-    does a rerun that resumes its finished shard. A good split's shard stays done."""
+    fails once written, naming the split, its counts and why a record was skipped, and
+    removes the split's empty shard and summary, so a rerun reads the split again and
+    fails alike. A good split's shard stays done."""
     splits = {"good": _write_image_records(tmp_path / "good", [True] * 3),
               "train": _write_image_records(tmp_path / "corrupt", [False] * 5)}
     out, encoder = str(tmp_path / "codes"), _ZeroEncoder()
     run = functools.partial(pretokenize.tokenize_splits, encoder, splits, out, batch_size=2, num_threads=1)
     message = (r"pretokenize train: no record of the split .*corrupt/train-00000-of-00001.array_record\.\.\. could "
                r"be tokenized: 5 of its 5 records skipped \(this process's first: corrupt record: only 3 bytes, too "
-               r"short for a header\); its code shards in .*codes hold none")
-    for _ in range(2):  # the rerun resumes both splits' shards (nothing encoded) and fails alike
+               r"short for a header\); its empty code shards in .*codes were removed")
+    for _ in range(2):  # the rerun resumes the good split's shard (nothing encoded) and fails alike
         with pytest.raises(ValueError, match=message):
             run()
         assert encoder.encoded == 3
+        assert sorted(os.listdir(out)) == ["good-00000-of-00001.array_record", "good.summary-00000-of-00001.json"]
+
+
+def test_pretokenizing_a_split_again_once_its_records_decode_writes_them(tmp_path, monkeypatch):
+    """A split none of whose images decoded (here: a codec missing) left its empty shard
+    and summary, taken as done: the rerun once the images decoded failed at once from
+    them, having read no record."""
+    paths = _write_image_records(tmp_path / "images", [True] * 3)
+    out, encoder = str(tmp_path / "codes"), _ZeroEncoder()
+    run = functools.partial(pretokenize.tokenize_splits, encoder, {"train": paths}, out, batch_size=2, num_threads=1)
+
+    def no_codec(data):
+        raise ValueError("undecodable image (no codec)")
+
+    monkeypatch.setattr(preprocess, "decode_image", no_codec)
+    with pytest.raises(ValueError, match=r"3 of its 3 records skipped \(this process's first: undecodable image"):
+        run()
+    monkeypatch.undo()
+    assert run()["train"]["records"] == 3 and encoder.encoded == 3
 
 
 _PRETOKENIZE_ON_TWO_PROCESSES = """

@@ -10,7 +10,8 @@ the export was replaced since) or other input shards (names and sizes: the split
 rebuilt or another split given); a rerun on another number of processes first removes
 the shards (and summaries) of the earlier count. Undecodable records are skipped and counted in
 `{prefix}.summary-{p:05d}-of-{P:05d}.json` (with the first one's reason); a split of which
-no process wrote a record fails once every process has written its shard.
+no process wrote a record fails once every process has written its shard, and its empty
+shards and summaries are removed (a rerun tries the split again).
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     inputs (`_inputs`); a finished shard whose summary holds another of either is written
     again. (`pretokenize` first checks that no split's input shards are named as its outputs.)"""
     index, count = jax.process_index(), jax.process_count()
-    path = records.shard_path(out_dir, prefix, index, count)
-    summary_path = os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json")
+    path, summary_path = _shard_files(out_dir, prefix)
     if index == 0:
         _remove_other_counts(out_dir, prefix, count)
     source = grain.sources.ArrayRecordDataSource(list(in_paths))
@@ -111,6 +111,13 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
+
+
+def _shard_files(out_dir: str, prefix: str) -> tuple[str, str]:
+    """(code shard, its summary) of this process for the split `prefix` in `out_dir`."""
+    index, count = jax.process_index(), jax.process_count()
+    return (records.shard_path(out_dir, prefix, index, count),
+            os.path.join(out_dir, f"{prefix}.summary-{index:05d}-of-{count:05d}.json"))
 
 
 def _inputs(in_paths: list[str], start: int, stop: int) -> dict:
@@ -217,15 +224,22 @@ def check_records_written(prefix: str, in_paths: list[str], out_dir: str, summar
     (every record skipped, or none): training on its empty code shards failed later,
     naming them, not the cause. Judged on the split's totals, gathered from every
     process's `summary` (a collective): one process's slice may be empty or all corrupt
-    while the others' are not, and the split then trains on theirs."""
+    while the others' are not, and the split then trains on theirs. Each process then
+    removes its empty shard and summary: kept, they were taken as done, and a rerun after
+    the cause was fixed without changing the records (e.g. an image codec installed)
+    failed at once from them."""
     counts = np.asarray([summary["records"], summary["skipped_records"], summary["source_records"]], np.int32)
     written, skipped, source = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
     if written:
         return
+    for path in _shard_files(out_dir, prefix):
+        if os.path.exists(path):
+            os.remove(path)
     why = summary.get("first_skip_reason")  # absent from summaries written before it was kept
     raise ValueError(f"pretokenize {prefix}: no record of the split {in_paths[0]}... could be tokenized: {skipped} of "
                      f"its {source} records skipped" + (f" (this process's first: {why})" if why else "") +
-                     f"; its code shards in {out_dir} hold none. Rebuild the split's image records")
+                     f"; its empty code shards in {out_dir} were removed. Rebuild the split's image records, or fix "
+                     "why they were skipped, and run again")
 
 
 def split_paths(splits) -> dict[str, list[str]]:

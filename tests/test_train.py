@@ -1178,6 +1178,26 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path,
     assert metrics == expected
 
 
+def test_an_eval_split_without_a_decodable_image_fails_naming_it(tmp_path):
+    """Eval records that decode but none of whose images does gave NaN retrieval metrics
+    (recall over no pairs) at each evaluation; the split is now refused before training."""
+    from array_record.python import array_record_module
+
+    from seed_jax.data import records, synthetic
+
+    path = str(tmp_path / "eval.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i in range(3):
+        writer.write(records.encode_record({**synthetic.make_example(i, 0, 32), "image": b"\x89PNG no image follows"}))
+    writer.close()
+    config = _tiny(**{"eval.num_examples": pipeline.ALL_RECORDS})
+    qformer_text, clip_text = trainer.text_tokenizers(config, str(tmp_path))
+    example = pipeline.Example(32, qformer_text, clip_text, pipeline.SkipCounter())
+    with pytest.raises(ValueError, match=r"eval\.array_record\.\.\.: none of the eval split's first 3 records holds an "
+                                         r"image that decodes \(the first: undecodable image"):
+        trainer.eval_inputs([path], example, config)
+
+
 def test_stage_functions_name_an_unknown_stage():
     """Any name but "stage1" used to get stage II's loss."""
     with pytest.raises(ValueError, match=r"^stage: expected 'stage1' or 'stage2', got 'stage_2'$"):

@@ -307,6 +307,19 @@ def records_of_images(images: Sequence[str | None]) -> list[list[int]]:
     return list(groups.values())
 
 
+def why_no_image_decodes(paths: Sequence[str], indices: Sequence[int]) -> str | None:
+    """None once one of the records `indices` of the split `paths` decodes with its image
+    (read in turn: the first that does ends it), else why the first of them did not."""
+    source, why = _source(paths), None
+    for i in indices:
+        try:
+            preprocess.decode_image(records.decode_record(source[i])["image"])
+            return None
+        except ValueError as error:
+            why = why or str(error)
+    return why
+
+
 def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:
     """(caption, `records.image_id`) of the first `num_examples` records (ALL_RECORDS: every
     one; (None, None) where a record is corrupt): what retrieval needs to count an image's

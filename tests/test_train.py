@@ -1178,6 +1178,39 @@ def test_eval_encodes_each_image_once_with_the_metrics_of_every_record(tmp_path,
     assert metrics == expected
 
 
+def test_a_resumed_run_counts_the_eval_splits_skipped_records_once(tmp_path):
+    """The evaluation counted the eval split's skipped records at its first pass, in each
+    run: a run resumed from a checkpoint taken after an evaluation (its counts hold
+    them) counted them again, the 2 of `_multi_caption_split(..., 3)` here."""
+    config = _tiny(**{"eval.batch_size": 8, "eval.num_examples": pipeline.ALL_RECORDS})
+    path = tmp_path / "eval.array_record"
+    _multi_caption_split(path, 3)
+    qformer_text, clip_text = trainer.text_tokenizers(config, str(tmp_path))
+    mesh = parallel.make_mesh({"data": -1})
+    _, _, create = trainer.build_model(config)
+    model = create()
+
+    def run(workdir, crash_at=None):
+        """`_run_line_stage` evaluating `model` every 2 steps with an Evaluator of its own, as a run builds."""
+        skipped = pipeline.SkipCounter()
+        example = pipeline.Example(32, qformer_text, clip_text, skipped)
+        evaluator = trainer.Evaluator(model, *trainer.eval_inputs([str(path)], example, config), mesh,
+                                      config.axis_rules)
+
+        def evaluate(line, step):
+            if step == crash_at:
+                raise RuntimeError("crash")
+            return evaluator(model, step, "stage1")
+
+        _run_line_stage(workdir / "ckpt", workdir, evaluate=evaluate, skipped=skipped, eval_every_steps=2)
+        with open(workdir / "metrics.jsonl") as f:
+            return [json.loads(line)["data/skipped_records"] for line in f if '"split": "train"' in line]
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "resumed", crash_at=6)  # resumes from step 4, evaluated at step 2
+    assert run(tmp_path / "resumed") == run(tmp_path / "straight") == [2 + i // 3 for i in range(1, 9)]
+
+
 def test_an_eval_split_without_a_decodable_image_fails_naming_it(tmp_path):
     """Eval records that decode but none of whose images does gave NaN retrieval metrics
     (recall over no pairs) at each evaluation; the split is now refused before training."""

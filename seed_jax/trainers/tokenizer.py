@@ -295,9 +295,15 @@ class Evaluator:
     image's features, as when each record's image was encoded: the metrics are those of
     all records, but codebook usage, which counts each image's codes once. A record whose
     image was tried and did not decode is left out (and counted as skipped), as before;
-    the images of the records after the encoded one are not decoded."""
+    the images of the records after the encoded one are not decoded. The batches' first
+    pass, which counts the skipped records, is made here, before a resumed run sets its
+    counts to those it saved: made at the first evaluation, it counted them again where
+    the saved counts held them (a checkpoint taken after an evaluation)."""
 
     def __init__(self, model: TrainModel, image_batches, caption_batches, captions, images, mesh, rules):
+        for batches in (image_batches, caption_batches):
+            for _ in batches:
+                pass
         self.image_batches, self.caption_batches = image_batches, caption_batches
         self.captions, self.images = captions, images
         self.first_record = pipeline.first_record_of_image(images)

@@ -445,6 +445,27 @@ def test_a_run_killed_before_the_newline_of_its_last_line_resumes_on_the_next_li
         assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
 
 
+def test_a_damaged_checkpoint_names_itself_and_the_one_removing_it_resumes_from(tmp_path):
+    """A latest checkpoint that orbax could not read failed with orbax's error alone (here
+    a JSONDecodeError naming no file); removing it, as the error now says, resumes from
+    the one before, to the result of a straight run."""
+    def crash_at_4(model, step):
+        if step == 4:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_4)
+    (tmp_path / "ckpt" / "4" / "state" / "_METADATA").write_text("{cut short")
+    with pytest.raises(RuntimeError, match=r"ckpt/4: the checkpoint the run resumes from could not be read "
+                                           r"\(JSONDecodeError, above\); if it is damaged, remove that folder and "
+                                           r"the stage resumes from its checkpoint of step 3$"):
+        _run_line_stage(tmp_path / "ckpt", tmp_path)
+    shutil.rmtree(tmp_path / "ckpt" / "4")
+    resumed = _run_line_stage(tmp_path / "ckpt", tmp_path)
+    straight = _run_line_stage(tmp_path / "straight", tmp_path / "straight")
+    np.testing.assert_array_equal(resumed.w[...], straight.w[...])
+
+
 def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     """The last step is saved before it is evaluated: a crash in that evaluation costs
     the evaluation alone, which the resumed run does first and only once."""

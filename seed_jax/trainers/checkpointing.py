@@ -116,12 +116,23 @@ class Checkpointer:
         which reads no more data). Checkpoints written before counts were saved give none.
         A checkpoint written by another number of processes (a run resumed on fewer or
         more hosts) holds no position in this process's slice of the data: the iterator
-        then starts afresh, with a warning."""
+        then starts afresh, with a warning. Any other error reading it is raised again
+        naming the checkpoint and that removing it resumes from the one before (on the
+        processes that met it, as before: no process waits on another for it)."""
         try:
-            self.check_fits(step, abstract_state)
+            return self._restore(step, abstract_state, data_iterator)
         except CheckpointMismatch as e:
             raise CheckpointMismatch(f"{e}: resume with the config that wrote it, or train into a new "
                                      "workdir") from None
+        except Exception as e:
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            since = f"its checkpoint of step {max(earlier)}" if earlier else "step 0 (no earlier checkpoint is kept)"
+            raise RuntimeError(f"{self.manager.directory / str(step)}: the checkpoint the run resumes from could not "
+                               f"be read ({type(e).__name__}, above); if it is damaged, remove that folder and the "
+                               f"stage resumes from {since}") from e
+
+    def _restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
+        self.check_fits(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         directory = self.manager.directory / str(step)  # epath: local or cloud storage
         data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming

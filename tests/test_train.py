@@ -466,6 +466,26 @@ def test_a_damaged_checkpoint_names_itself_and_the_one_removing_it_resumes_from(
     np.testing.assert_array_equal(resumed.w[...], straight.w[...])
 
 
+def test_a_run_preempted_between_log_steps_logs_the_lines_of_a_straight_run(tmp_path, monkeypatch):
+    """Preempted at step 5 (lines every 3 steps): the metrics of steps 4 and 5 were lost,
+    and the resumed run's step-6 line averaged step 6 alone. The checkpoint now saves
+    them, so each line is a straight run's (all but its steps/s)."""
+    def train_lines(workdir):
+        with open(workdir / "metrics.jsonl") as f:
+            return [{k: v for k, v in json.loads(line).items() if k != "steps_per_sec"} for line in f]
+
+    settings = dict(log_every_steps=3, eval_every_steps=loop.AT_STAGE_END)
+    _run_line_stage(tmp_path / "straight" / "ckpt", tmp_path / "straight", **settings)
+    monkeypatch.setattr(coordination.Preemption, "requested", lambda self, sync: self._steps.pop(0))
+    monkeypatch.setattr(coordination.Preemption, "_steps", [False] * 4 + [True], raising=False)
+    _run_line_stage(tmp_path / "ckpt", tmp_path, **settings)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["4", "5"]
+    monkeypatch.setattr(coordination.Preemption, "_steps", [False] * 3, raising=False)
+    _run_line_stage(tmp_path / "ckpt", tmp_path, **settings)
+    assert [line["step"] for line in train_lines(tmp_path)] == [3, 6, 8]
+    assert train_lines(tmp_path) == train_lines(tmp_path / "straight")
+
+
 def test_a_crash_while_evaluating_the_last_step_loses_no_training(tmp_path):
     """The last step is saved before it is evaluated: a crash in that evaluation costs
     the evaluation alone, which the resumed run does first and only once."""

@@ -54,8 +54,9 @@ class CheckpointMismatch(ValueError):
 
 
 class Checkpointer:
-    """orbax CheckpointManager holding the train state, the grain iterator state and
-    the run's counts (summed over processes, e.g. skipped records). `read_alone`: only
+    """orbax CheckpointManager holding the train state, the grain iterator state,
+    the run's counts (summed over processes, e.g. skipped records) and the metrics of the
+    steps since the last log line (`unlogged`). `read_alone`: only
     reads parameters (`restore_params`), on this process alone (e.g. to export on
     process 0 of a multi-host run)."""
 
@@ -71,16 +72,24 @@ class Checkpointer:
                                                  multiprocessing_options=processes),
             item_handlers={"state": state_handler(multiprocessing_options=processes),
                            "data": grain.checkpoint.CheckpointHandler(),
-                           "counts": ocp.JsonCheckpointHandler(multiprocessing_options=processes)})
+                           "counts": ocp.JsonCheckpointHandler(multiprocessing_options=processes),
+                           "unlogged": ocp.JsonCheckpointHandler(multiprocessing_options=processes)})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, counts: dict[str, float]) -> None:
+    def save(self, step: int, state, data_iterator, counts: dict[str, float],
+             unlogged: list[dict[str, np.ndarray]] = ()) -> None:
+        """`unlogged`: each step's host metrics since the last log line (values of any float
+        dtype), restored as they were."""
         _align_orbax_operation_ids()
+        dtypes = {k: str(v.dtype) for k, v in unlogged[0].items()} if unlogged else {}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-            counts=ocp.args.JsonSave(counts)), force=True)
+            counts=ocp.args.JsonSave(counts),
+            unlogged=ocp.args.JsonSave({"dtypes": dtypes,
+                                        "steps": [{k: float(v) for k, v in m.items()} for m in unlogged]})),
+                          force=True)
 
     def check_fits(self, step: int, abstract_state, part: str | None = None) -> None:
         """Raises CheckpointMismatch naming each array of the train state whose shape differs between the
@@ -111,9 +120,10 @@ class Checkpointer:
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         return restored["state"]["params"]
 
-    def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
-        """(train state, counts); sets `data_iterator`'s state (None: a finished stage,
-        which reads no more data). Checkpoints written before counts were saved give none.
+    def restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float], list[dict]]:
+        """(train state, counts, unlogged step metrics); sets `data_iterator`'s state (None:
+        a finished stage, which reads no more data). Checkpoints written before counts
+        (unlogged metrics) were saved give none.
         A checkpoint written by another number of processes (a run resumed on fewer or
         more hosts) holds no position in this process's slice of the data: the iterator
         then starts afresh, with a warning. Any other error reading it is raised again
@@ -131,7 +141,7 @@ class Checkpointer:
                                f"be read ({type(e).__name__}, above); if it is damaged, remove that folder and the "
                                f"stage resumes from {since}") from e
 
-    def _restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float]]:
+    def _restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float], list[dict]]:
         self.check_fits(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         directory = self.manager.directory / str(step)  # epath: local or cloud storage
@@ -144,10 +154,13 @@ class Checkpointer:
                      if written else "was not saved")
             logging.warning("%s step %d: the data iterator's state %s: the train data starts afresh for this "
                             "process's slice", self.manager.directory, step, whose)
-        if (directory / "counts").exists():
-            items["counts"] = ocp.args.JsonRestore()
+        for item in ("counts", "unlogged"):
+            if (directory / item).exists():
+                items[item] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], dict(restored.get("counts") or {})
+        unlogged = restored.get("unlogged") or {"dtypes": {}, "steps": []}
+        return (restored["state"], dict(restored.get("counts") or {}),
+                [{k: np.asarray(v, unlogged["dtypes"][k]) for k, v in m.items()} for m in unlogged["steps"]])
 
     def wait(self):
         self.manager.wait_until_finished()

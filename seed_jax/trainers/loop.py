@@ -195,7 +195,10 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on
-    resume (on process 0's counters), so they count the whole run. `post_update` and
+    resume (on process 0's counters), so they count the whole run. A checkpoint also
+    saves the metrics of the steps since the last log line (one saved on preemption
+    between log steps), and the resumed run's next train line averages them with its
+    own, as the line of a run not stopped does. `post_update` and
     `stage_index` are passed to the train step (see `make_train_step`)."""
     check_loop_settings(config)
     optim.warn_if_warmup_outlasts(name, stage)
@@ -233,12 +236,13 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
     or preempted. Returns (state, completed). Takes `setup.state` (held here alone): a
     restored state replaces it, and it is freed first, as no step donates it then."""
     state, setup.state = setup.state, None
+    history: list[dict] = []  # the metrics of the steps since the last log line (a checkpoint saves them)
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         del state
         finished = latest >= stage.num_steps
-        state, totals = checkpointer.restore(latest, abstract, None if finished else train_iter)
+        state, totals, history = checkpointer.restore(latest, abstract, None if finished else train_iter)
         _restore_counts(counters, totals)
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])
@@ -250,7 +254,6 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
         return state, True
 
     progress = reporting.Progress(name, start, stage.num_steps)
-    history: list[dict] = []
     unchecked: list[jax.Array] = []  # the "finite" flags of the steps since the last check
     for step in range(start + 1, stage.num_steps + 1):
         batch = global_batches.global_batch(next(train_iter), mesh, config.axis_rules)
@@ -271,7 +274,7 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
         if step % config.checkpoint_every_steps == 0 or evaluates or preempted:
             _raise_if_non_finite(name, step, unchecked)
             unchecked = []
-            checkpointer.save(step, state, train_iter, _summed_counts(counters))
+            checkpointer.save(step, state, train_iter, _summed_counts(counters), jax.device_get(history))
         if preempted:  # an evaluation due at this step runs when the run resumes
             logging.warning("%s: preempted at step %d; checkpoint saved", name, step)
             return state, False

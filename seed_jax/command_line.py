@@ -35,6 +35,23 @@ def config_checks():
         raise ConfigError(str(error)) from error
 
 
+def user_path(path: str | None) -> str | None:
+    """`path` with a leading `~` or `~user` made that user's home directory, as a shell
+    makes it in `--out ~/x` but not in `--out=~/x` (os.path.expanduser); None stays."""
+    return None if path is None else os.path.expanduser(path)
+
+
+def expand_user_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes each setting of `config` (at any depth) that starts with `~` its user's home
+    directory (`user_path`), in place: `--config.data.train_dir=~/data` names ~/data, not
+    a folder "~" in the current directory."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            expand_user_paths(value)
+        elif isinstance(value, str) and value.startswith("~"):
+            config[key] = user_path(value)
+
+
 def refuse_positional_arguments(argv: list[str]) -> None:
     """Raises a UsageError naming the arguments after the program in `argv` (absl's
     leftovers): settings are flags, and a value given without its flag name (a workdir
@@ -46,11 +63,12 @@ def refuse_positional_arguments(argv: list[str]) -> None:
 
 def checked_workdir(workdir: str | None) -> str | None:
     """`--workdir`'s value (None: not given), else a UsageError: for "" (an unset variable in
-    `--workdir=$DIR` trained into the default workdir) and for a path a file blocks."""
+    `--workdir=$DIR` trained into the default workdir) and for a path a file blocks; a
+    leading `~` is the home directory (`user_path`)."""
     if workdir == "":
         raise app.UsageError("--workdir is empty: give a directory, or leave the flag out for the default "
                              "./workdirs/<trainer>_<preset>")
-    existing = workdir
+    workdir = existing = user_path(workdir)
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if existing and not os.path.isdir(existing):

@@ -56,6 +56,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
+    command_line.expand_user_paths(config)
     workdir = os.path.abspath(command_line.checked_workdir(_WORKDIR.value) or
                               config_files.default_workdir(config.trainer, config.preset))
     trainers = _trainers()

@@ -178,6 +178,22 @@ def test_a_workdir_that_cannot_be_one_is_a_usage_error(workdir, message, repo_ro
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_a_home_directory_path_is_expanded_in_workdir_and_settings(repo_root, tmp_path):
+    """`--workdir=~/w` trained into ./~/w and `--config.*dir=~/x` read ./~/x (a shell
+    leaves a `~` after `=` as it is); both now name the home directory's."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "data").mkdir(parents=True)
+    cwd.mkdir()
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", f"--config={repo_root}/configs/pretokenize.py",
+                             "--workdir=~/w", "--config.tokenizer_export=~/export", "--config.splits.train.dir=~/data"],
+                            cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": repo_root, "HOME": str(home)}, capture_output=True,
+                            text=True, timeout=300)
+    assert f"workdir: {home}/w\n" in result.stdout, result.stdout
+    assert f"no ArrayRecord shards named 'train-*-of-*.array_record' in '{home}/data'" in result.stderr, result.stderr
+    assert os.listdir(cwd) == []
+
+
 def test_help_names_every_config_with_its_presets_and_layouts(repo_root):
     """`--help` named configs/tokenizer.py alone, with `[:preset]`: no other config, preset,
     layout or `--config.KEY=VALUE` override."""

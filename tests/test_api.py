@@ -276,9 +276,8 @@ def test_load_rejects_what_is_not_a_tokenizer_export(tmp_path, export_dir):
 
 
 def test_a_path_that_holds_no_export_says_where_one_is(tmp_path, export_dir):
-    """A training workdir given for its export (the trainers write it to WORKDIR/export),
-    a folder that does not exist and a path under ~ (which Python leaves as it is) were
-    all told to write an export with seed_jax.convert or seed_jax.export."""
+    """A training workdir given for its export (the trainers write it to WORKDIR/export)
+    and a folder that does not exist were both told to write an export with seed_jax.convert or seed_jax.export."""
     workdir = tmp_path / "workdir"
     shutil.copytree(export_dir, workdir / "export")
     with pytest.raises(FileNotFoundError, match=rf"{workdir}: not an export \(model.json missing\); it holds one "
@@ -286,10 +285,29 @@ def test_a_path_that_holds_no_export_says_where_one_is(tmp_path, export_dir):
         SeedTokenizer.load(str(workdir))
     with pytest.raises(FileNotFoundError, match=r"missing\); no such folder$"):
         SeedTokenizer.load(str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"~/exports/seed_v1: .*no such folder \(Python does not expand ~"):
-        SeedTokenizer.load("~/exports/seed_v1")
     with pytest.raises(FileNotFoundError, match="write one with `python -m seed_jax.convert"):
         SeedTokenizer.load(str(tmp_path))
+
+
+def test_load_paths_under_the_home_directory(tmp_path, export_dir, monkeypatch):
+    """Each load read a path starting with ~ as a folder "~" in the current directory
+    (with a hint to call os.path.expanduser); `~` is now the home directory."""
+    home = tmp_path / "home"
+    shutil.copytree(export_dir, home / "exports" / "seed")
+    monkeypatch.setenv("HOME", str(home))
+    assert SeedTokenizer.load("~/exports/seed").num_queries == TINY_TOKENIZER.qformer.num_queries
+    with pytest.raises(FileNotFoundError, match=rf"^{home}/sd: not an export"):
+        SeedTokenizer.load("~/exports/seed", diffusion="~/sd")
+    with pytest.raises(FileNotFoundError, match=rf"^{home}/sd: not an export"):
+        StableDiffusion.load("~/sd")
+    with pytest.raises(FileNotFoundError, match=rf"^{home}/opt: not an export"):
+        SeedOPT.load("~/opt")
+    (home / "opt").mkdir()
+    weights.write_config(str(home / "opt"), "opt", OPTConfig(vocab_size=20, width=16, depth=1, num_heads=2,
+                                                              mlp_dim=32))
+    (home / "tokenizer.json").write_text('{"a": 0}')  # found and read (and refused) before the weights are
+    with pytest.raises(ValueError, match="is not a tokenizer.json"):
+        SeedOPT.load("~/opt", text_tokenizer="~/tokenizer.json")
 
 
 def test_an_export_without_its_parameters_is_named(tmp_path, export_dir):

@@ -16,6 +16,7 @@ from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import image_list
 from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.api.seed_tokenizer import SeedTokenizer
+from seed_jax.command_line import user_path
 from seed_jax.data import opt_text, sequences
 from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.models import layers
@@ -107,7 +108,11 @@ class SeedOPT:
         SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
         without them: no end token, padding 1). The paths (each an export of its kind),
-        dtype and batch_size are checked, and the text tokenizer read, before any weights are."""
+        dtype and batch_size are checked, and the text tokenizer read, before any weights are;
+        a leading `~` in a path is the home directory."""
+        path, diffusion, text_tokenizer = user_path(path), user_path(diffusion), user_path(text_tokenizer)
+        if isinstance(tokenizer, str):
+            tokenizer = user_path(tokenizer)
         if diffusion is not None and not isinstance(tokenizer, str):  # it would go unused
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")

@@ -15,6 +15,7 @@ from seed_jax.api.checks import check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
 from seed_jax.api.precision import matmul_precision, model_dtype
+from seed_jax.command_line import user_path
 from seed_jax.api.stable_diffusion import StableDiffusion
 from seed_jax.data import preprocess as image_preprocess
 from seed_jax.models import layers
@@ -65,7 +66,8 @@ class SeedTokenizer:
         """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
         `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`.
         The paths (each an export of its kind), dtype and batch_size are checked before
-        any weights are read."""
+        any weights are read; a leading `~` is the home directory."""
+        path, diffusion = user_path(path), user_path(diffusion)
         check_count("batch_size", batch_size, 1)
         compute_dtype = layers.compute_dtype(dtype)
         if diffusion:

@@ -11,6 +11,7 @@ from seed_jax import weights
 from seed_jax.api.checks import check_count, check_finite_number, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.precision import matmul_precision, model_dtype
+from seed_jax.command_line import user_path
 from seed_jax.diffusion import pipeline, samplers
 from seed_jax.models import layers
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
@@ -53,7 +54,9 @@ class StableDiffusion:
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = 8) -> "StableDiffusion":
-        """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export)."""
+        """From an export directory (`python -m seed_jax.convert sd` or a decoder workdir export;
+        a leading `~` is the home directory)."""
+        path = user_path(path)
         check_count("batch_size", batch_size, 1)  # before the weights are read
         model, _, _ = weights.load_model(path, dtype=layers.compute_dtype(dtype), kind="stable_diffusion")
         return cls(model, dtype=dtype, batch_size=batch_size,

@@ -60,6 +60,16 @@ def test_tiny_release_checkpoint_matches_the_reference(tmp_path):
     print("tiny seed_v1 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
 
 
+def test_checkpoint_and_out_under_the_home_directory(tmp_path, monkeypatch):
+    """--checkpoint=~/x and --out=~/y (a shell leaves a ~ after = as it is) named a folder
+    "~" in the current directory; `~` is now the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _reference(TINY, batch=1)[0]}, tmp_path / "seed_tokenizer.pth")
+    assert convert_main(["seed_v1", "--checkpoint=~/seed_tokenizer.pth", "--out=~/out", *_heads(TINY)]) == 0
+    assert os.path.isfile(tmp_path / "out" / "model.json") and not os.path.exists(tmp_path / "~")
+
+
 def test_a_checkpoint_with_the_reconstruction_head_converts_it(tmp_path):
     """SEED's training model also holds `pos_embed` + `blocks.N.*`, the stage-II head
     that rebuilds the causal embeddings from the codes: it converts with the rest."""

@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from seed_jax import weights
+from seed_jax import command_line, weights
 from seed_jax.convert import blip2, clip_text, opt, seed_v1, sources
 from seed_jax.convert import stable_diffusion as sd
 from seed_jax.convert.rules import Source, apply
@@ -121,13 +121,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
     for name in CONVERTERS:
         s = sub.add_parser(name, help=LAYOUT_HELP[name], description=LAYOUT_HELP[name])
-        s.add_argument("--checkpoint", required=True,
+        s.add_argument("--checkpoint", required=True, type=command_line.user_path,
                        help="checkpoint file (.pth/.bin/.safetensors/.ckpt) or Hugging Face / diffusers folder")
-        s.add_argument("--out", required=True, help="new export directory")
+        s.add_argument("--out", required=True, type=command_line.user_path, help="new export directory")
         s.add_argument("--allow_pickle", action="store_true",
                        help="load .pth files that torch's weights_only loader refuses (trusted files only)")
         if name in ("seed_v1", "lavis_blip2"):
-            s.add_argument("--vit", default="", help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT (keys with the "
+            s.add_argument("--vit", default="", type=command_line.user_path,
+                           help="LAVIS eva_vit_g.pth, if the checkpoint lacks the ViT (keys with the "
                                 "visual_encoder. prefix or, as there, without)")
             s.add_argument("--vit_heads", type=int, default=16,
                            help="EVA ViT attention heads (default 16, the release's: no shape tells them)")
@@ -159,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
                            help="append <img>, </img> and this many code tokens to the vocabulary (0: keep it)")
             s.add_argument("--seed", type=int, default=0, help="noise seed of the appended rows")
         if name == "seed_v1":
-            s.add_argument("--qformer", default="", help="causal_qformer.pth")
+            s.add_argument("--qformer", default="", type=command_line.user_path, help="causal_qformer.pth")
             s.add_argument("--blocks_heads", type=int, default=12,
                            help="attention heads of the blocks after the codebook (default 12, the release's)")
     return p

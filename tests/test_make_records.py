@@ -590,6 +590,23 @@ def test_tfds_dataset_gives_a_record_per_caption(tmp_path):
     assert sorted(_read(out, "eval")) == ["val/0", "val/0#1"]
 
 
+def test_paths_under_the_home_directory(tmp_path, monkeypatch):
+    """--input, --captions, --data_dir and --out=~/x (a shell leaves a ~ after = as it is)
+    named a folder "~" in the current directory; `~` is now the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _image(str(tmp_path / "images" / "x.jpg"), seed=1)
+    _write(str(tmp_path / "captions.jsonl"), json.dumps({"image": "x.jpg", "caption": "a cat"}) + "\n")
+    assert _run("--source=folder", "--input=~/images", "--captions=~/captions.jsonl", "--out=~/out",
+                "--num_workers=1") == 0
+    assert [r["caption"] for r in _read(tmp_path / "out").values()] == ["a cat"]
+    _tiny_tfds_dataset(str(tmp_path / "tfds"))
+    assert _run("--source=tfds", "--name=coco_captions", "--split=val", "--data_dir=~/tfds", "--out=~/out",
+                "--prefix=eval", "--num_workers=1") == 0
+    assert sorted(_read(tmp_path / "out", "eval")) == ["val/0", "val/0#1"]
+    assert not os.path.exists(tmp_path / "~")
+
+
 @pytest.mark.parametrize("flag, message", [("--image_key=captions", "--image_key='captions': expected an Image"),
                                            ("--caption_key=caption", "--caption_key='caption': no feature"),
                                            ("--caption_key=captions/id", "--caption_key='captions/id': expected a "

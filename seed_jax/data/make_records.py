@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 
 import tqdm
 
+from seed_jax import command_line
 from seed_jax.data import captioned, records, workers
 from seed_jax.data.captioned import SKIP_REASONS, Entry, Prepared
 
@@ -54,7 +55,7 @@ _CHUNK = 16  # entries per task sent to a worker, at most
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seed_jax.data.make_records", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, choices=("folder", "tfds"))
-    p.add_argument("--out", required=True, help="directory for the shards and the summary")
+    p.add_argument("--out", required=True, type=command_line.user_path, help="directory for the shards and the summary")
     p.add_argument("--prefix", default="train", help="shards are PREFIX-00000-of-N.array_record")
     p.add_argument("--num_shards", type=int, default=1)
     p.add_argument("--resize", type=int, default=0,
@@ -63,15 +64,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=0, help="decoding processes (0: one per usable CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace shards of --prefix already in --out")
     folder = p.add_argument_group("--source=folder")
-    folder.add_argument("--input", help="the image folder")
-    folder.add_argument("--captions", help=".jsonl, .json list, COCO .json or Karpathy split .json captions file "
+    folder.add_argument("--input", type=command_line.user_path, help="the image folder")
+    folder.add_argument("--captions", type=command_line.user_path,
+                        help=".jsonl, .json list, COCO .json or Karpathy split .json captions file "
                         "(default: sidecar .txt files)")
     folder.add_argument("--splits", help="the splits of a Karpathy split file to read, comma-separated, e.g. "
                         "train,restval (required with one)")
     tfds = p.add_argument_group("--source=tfds")
     tfds.add_argument("--name", help="prepared TFDS dataset, e.g. coco_captions or coco_captions/2014:1.1.0")
     for flag, default in TFDS_DEFAULTS.items():
-        tfds.add_argument(f"--{flag}", help=f"default {default!r}")
+        tfds.add_argument(f"--{flag}", type=command_line.user_path if flag == "data_dir" else None,
+                          help=f"default {default!r}")
     return p
 
 

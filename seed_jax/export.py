@@ -71,7 +71,7 @@ def define_flags() -> None:
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+    workdir, out = command_line.user_path(flags.FLAGS.workdir), command_line.user_path(flags.FLAGS.out)
     if not workdir or not out:
         raise app.UsageError("--workdir and --out are required")
     restored = export(workdir, out, flags.FLAGS.stage)

@@ -194,6 +194,15 @@ def test_a_home_directory_path_is_expanded_in_workdir_and_settings(repo_root, tm
     assert os.listdir(cwd) == []
 
 
+def test_export_takes_workdir_and_out_under_the_home_directory(repo_root, tmp_path):
+    """`python -m seed_jax.export --workdir=~/w --out=~/e` looked for ./~/w; `~` is now the home directory."""
+    (tmp_path / "w").mkdir()
+    result = subprocess.run([sys.executable, "-m", "seed_jax.export", "--workdir=~/w", "--out=~/e"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root, "HOME": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=300)
+    assert f"workdir {tmp_path}/w: no config.json" in result.stderr, result.stderr
+
+
 def test_help_names_every_config_with_its_presets_and_layouts(repo_root):
     """`--help` named configs/tokenizer.py alone, with `[:preset]`: no other config, preset,
     layout or `--config.KEY=VALUE` override."""

@@ -752,7 +752,8 @@ def _tiny_diffusion():
 
 
 @pytest.mark.parametrize("diffusion, options, message", [
-    (None, {}, "decode needs a diffusion model"),
+    (None, {}, r"generate_image needs a diffusion model: SeedOPT.load\(\.\.\., tokenizer=SEED_EXPORT, "
+               "diffusion=SD_EXPORT\\)"),
     (True, dict(sampler="euler"), "sampler: expected one of"),
     (True, dict(num_steps=0), "num_steps: expected"),
     (True, dict(guidance_scale=float("nan")), "guidance_scale: expected a finite number"),
@@ -761,7 +762,8 @@ def test_generate_image_checks_its_decode_options_before_the_language_model_runs
                                                                                   monkeypatch):
     """generate_image ran the language model's 33 decoding steps, then failed on a bad
     sampler, num_steps or guidance_scale, or for want of a diffusion model or of the
-    SEED tokenizer; all are now checked first."""
+    SEED tokenizer; all are now checked first. Without a diffusion model it said to give
+    one to SeedTokenizer.load; it now names SeedOPT.load's."""
     from helpers import TINY_TOKENIZER
     from seed_jax.api import SeedTokenizer
     from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel

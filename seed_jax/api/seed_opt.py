@@ -393,7 +393,9 @@ class SeedOPT:
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
         `decode_options` as `SeedTokenizer.decode`."""
         tokenizer = self._seed_tokenizer()
-        tokenizer.check_decode_options(seed=seed, **decode_options)  # before the language model runs
+        tokenizer.check_decode_options(  # before the language model runs
+            caller="generate_image", load="SeedOPT.load(..., tokenizer=SEED_EXPORT, diffusion=SD_EXPORT), or a "
+            "SeedTokenizer loaded with diffusion=", seed=seed, **decode_options)
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return tokenizer.decode(codes, seed=seed, **decode_options)
 

@@ -182,13 +182,15 @@ class SeedTokenizer:
                                        sampler=sampler)
         return to_uint8(images)
 
-    def check_decode_options(self, **options) -> None:
+    def check_decode_options(self, *, caller: str = "decode",
+                             load: str = "SeedTokenizer.load(path, diffusion=SD_EXPORT)", **options) -> None:
         """Raises the error `decode(codes, **options)` would raise for its options (a
-        bad or unknown one; no diffusion model), running nothing."""
+        bad or unknown one; no diffusion model: `caller` needs one, give it to `load`),
+        running nothing."""
         bound = inspect.signature(self.decode).bind(None, **options)  # decode's defaults, in one place
         bound.apply_defaults()
         if self.diffusion is None:
-            raise ValueError("decode needs a diffusion model: SeedTokenizer.load(path, diffusion=SD_EXPORT)")
+            raise ValueError(f"{caller} needs a diffusion model: {load}")
         given = bound.arguments
         self.diffusion.check_sampling(given["num_steps"], given["guidance_scale"], given["sampler"], given["seed"])
 

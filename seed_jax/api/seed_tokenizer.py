@@ -132,14 +132,14 @@ class SeedTokenizer:
         return pixels.astype(np.float32, copy=False)  # a copy of a large batch would double its memory
 
     def encode(self, pixels, return_intermediates: bool = False):
-        """pixels float (B,S,S,3) -> int32 codes (B,32); with `return_intermediates`
+        """pixels float (B,S,S,3) -> int32 codes (B,Q), Q = `num_queries` (SEED's 32); with `return_intermediates`
         a dict of `INTERMEDIATES` (each with leading B)."""
         pixels = self._check_pixels(pixels)
         out = self._chunked(functools.partial(self._encode, intermediates=return_intermediates), pixels)
         return out if return_intermediates else out["codes"]
 
     def encode_images(self, images) -> np.ndarray:
-        """Images (as `preprocess` takes them) -> int32 codes (B,32), as
+        """Images (as `preprocess` takes them) -> int32 codes (B,Q) (Q = `num_queries`), as
         `encode(preprocess(images))`, each chunk of `batch_size` images preprocessed as
         it is encoded: the host holds a chunk's float pixels (600 KB an image at 224 px),
         not the whole batch's. Every image is checked before any is encoded (a PIL image
@@ -153,7 +153,7 @@ class SeedTokenizer:
 
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> np.ndarray:
-        """int codes (B,32) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
+        """int codes (B,Q) (Q = `num_queries`) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.num_queries:
             raise ValueError(f"codes: expected (B,{self.num_queries}), got {codes.shape}")
@@ -171,7 +171,7 @@ class SeedTokenizer:
     # ---- codes -> images (needs the diffusion model given to `load`)
     def decode(self, codes, num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "plms",
                seed: int = 0) -> np.ndarray:
-        """int codes (B,32) -> uint8 images (B,S,S,3) (S = 512 for SD v1): the codes'
+        """int codes (B,Q) (Q = `num_queries`) -> uint8 images (B,S,S,3) (S = 512 for SD v1): the codes'
         generation embeddings condition the diffusion model, the empty prompt is the
         unconditional side of guidance, and image i starts from noise seeded by
         (seed, i)."""

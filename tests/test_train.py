@@ -814,7 +814,9 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
     """An unfinished tokenizer run resumed by the decoder or SEED-OPT with other settings
     (or more stage-I steps after stage II began) was refused naming `seed` and offering
     `--config.seed=0`, the decoder's own seed; it now names `tokenizer.seed` and offers
-    `--config.tokenizer.seed=0`."""
+    `--config.tokenizer.seed=0`. Both refusals said "train into a new workdir" without
+    the flag that names one, --config.tokenizer_workdir, and the stage-order one named
+    the field to keep, not its flag."""
     import importlib
 
     module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
@@ -826,7 +828,8 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
     _save_a_checkpoint(os.path.join(config.tokenizer_workdir, "checkpoints", "stage1"), steps)
     config.tokenizer.seed = trained + 1
     refusal = (f"(tokenizer.seed: {trained} -> {trained + 1}); its config.json records what they are and is kept. "
-               f"Train into a new workdir, or resume with the settings it was trained with: "
+               f"Train into a new workdir (--config.tokenizer_workdir=DIR), or resume with the settings it was trained "
+               f"with: "
                f"--config.tokenizer.seed={trained}")
     with pytest.raises(command_line.ConfigError, match=re.escape(refusal)):
         module.train(config, str(tmp_path / "run"))
@@ -836,7 +839,8 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
     with pytest.raises(command_line.ConfigError, match=re.escape(
             f"tokenizer.stage1.num_steps {steps + 2}: stage1 would train on from step {steps}")) as error:
         module.train(config, str(tmp_path / "run"))
-    assert f"or keep tokenizer.stage1.num_steps at {steps}" in str(error.value)
+    assert str(error.value).endswith(f"or keep tokenizer.stage1.num_steps at {steps} (--config.tokenizer.stage1.num_steps="
+                                     f"{steps}) (or train into a new workdir: --config.tokenizer_workdir=DIR)")
 
 
 @pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])

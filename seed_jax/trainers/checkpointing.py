@@ -13,7 +13,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from seed_jax import weights
+from seed_jax import command_line, weights
 
 
 @functools.cache  # once per process: orbax logs a warning at each registration
@@ -188,13 +188,16 @@ def trained_steps(checkpoint_root: str, stages: list[tuple[str, str]]) -> dict[s
     return {key: latest_checkpoint_step(os.path.join(checkpoint_root, name)) or 0 for name, key in stages}
 
 
-def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) -> None:
+def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]],
+                      new_workdir: str = "--workdir=DIR") -> None:
     """`stages`: (checkpoint folder name, config key, num_steps) in training order.
     Raises when a stage would train further (its last checkpoint is below its
     `num_steps`, e.g. raised on the command line) while a later stage already has
     checkpoints: that stage would resume from them, trained after the earlier end, and
     the new training would be dropped (SEED-OPT's phases train the same parameters) or
-    paired with parameters fit to the old ones (the tokenizer's codebook)."""
+    paired with parameters fit to the old ones (the tokenizer's codebook). The error
+    names the flags that avoid it: the config key's (--config.KEY.num_steps) and
+    `new_workdir`."""
     for i, (name, key, num_steps) in enumerate(stages):
         latest = latest_checkpoint_step(os.path.join(checkpoint_root, name)) or 0
         if latest >= num_steps:
@@ -206,9 +209,10 @@ def check_stage_order(checkpoint_root: str, stages: list[tuple[str, str, int]]) 
                      "after it ended there" if latest else
                      f"has no checkpoint and would train from step 0, but the later stages' checkpoints {later} were "
                      "trained after an earlier run of it")
-            keep = f", or keep {key}.num_steps at {latest}" if latest else ""
+            keep = (f", or keep {key}.num_steps at {latest} ({command_line.override_flag(f'{key}.num_steps', latest)})"
+                    if latest else "")
             raise ValueError(f"{key}.num_steps {num_steps}: {name} {since} and would be resumed as they are; remove "
-                             f"them to train those stages again{keep} (or train into a new workdir)")
+                             f"them to train those stages again{keep} (or train into a new workdir: {new_workdir})")
         return
 
 

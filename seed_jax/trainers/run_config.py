@@ -31,8 +31,8 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
         if changed:
             raise ValueError(f"workdir {workdir}: its checkpoints were trained with other settings than this run's "
                              f"({listed(changed, prefix)}); its config.json records what they are and is kept. "
-                             "Train into a new workdir, or resume with the settings it was trained with: "
-                             f"{_flags(changed, prefix)}")
+                             f"Train into a new workdir ({new_workdir_flag(prefix)}), or resume with the settings "
+                             f"it was trained with: {_flags(changed, prefix)}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         records.write_json(path, _absolute_paths(json.loads(config.to_json()), paths), indent=2)
@@ -48,6 +48,12 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict, defining: 
     '/repo/workdirs/x', as a notebook names it) is one setting; `write` records them so."""
     trained = _absolute_paths(_read_recorded(os.path.join(workdir, "config.json")), paths)
     return _differing(trained, _absolute_paths(json.loads(config.to_json()), paths), defining)
+
+
+def new_workdir_flag(prefix: str = "") -> str:
+    """The flag naming another workdir for the run whose fields start with `prefix`:
+    --workdir, or --config.tokenizer_workdir for a trainer's nested `config.tokenizer`."""
+    return f"--{command_line.CONFIG_FLAG}.{prefix[:-1]}_workdir=DIR" if prefix else "--workdir=DIR"
 
 
 def listed(changed: dict[str, tuple], prefix: str = "") -> str:

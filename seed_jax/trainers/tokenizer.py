@@ -487,7 +487,8 @@ def train(config, workdir: str, prefix: str = "") -> bool:
     with command_line.config_checks():
         check_config(config, prefix)
         checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"), [
-            (name, f"{prefix}{name}", config[name].num_steps) for name in stages_to_run(config)])
+            (name, f"{prefix}{name}", config[name].num_steps) for name in stages_to_run(config)],
+            run_config.new_workdir_flag(prefix))
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS, prefix)
     _unmark_done_while_steps_remain(workdir, config)
     mesh = parallel.make_mesh(config.mesh.to_dict())

@@ -220,7 +220,9 @@ def _parsed_as_seed_jax_main(repo_root, flags) -> dict:
 def test_a_refused_rerun_offers_flags_that_give_back_the_trained_settings(tmp_path, repo_root):
     """The refusal offered `--config.KEY={value!r}`: a tuple as `['query', 'key']`, which a
     shell splits at its spaces (and ml_collections then refuses), and a None that no flag
-    parses. Its flags, taken by a shell, now give back the settings the run trained with."""
+    parses. Its flags, taken by a shell, now give back the settings the run trained with.
+    For the None it said to leave the flag out, which gives None only where the preset's
+    default is None: it now says so, naming the run's preset."""
     workdir = str(tmp_path)
     trained = get_opt_config("seed_opt_2.7b")
     trained.update_from_flattened_dict({"model.dropout": None, "lora.targets": ("query", "value"),
@@ -233,8 +235,9 @@ def test_a_refused_rerun_offers_flags_that_give_back_the_trained_settings(tmp_pa
                                        "prompts.caption": "An image of", "seed": 4})
     with pytest.raises(ValueError, match=r"resume with the settings it was trained with: ") as error:
         run_config.write(workdir, config, seed_opt_trainer.RUN_DEFINING)
-    offered, unset = str(error.value).split("trained with: ")[1].split(" (and no ")
-    assert unset == "--config.model.dropout: None)"
+    offered, unset = str(error.value).split("trained with: ")[1].split(" (and None for ")
+    assert unset == ("--config.model.dropout, which no flag sets: leave the flag out, with a preset whose default "
+                     "is None; the run's preset was 'seed_opt_2.7b')")
     parsed = weights.flatten_nested(_parsed_as_seed_jax_main(repo_root, shlex.split(offered)))
     assert parsed["lora.targets"] == ["query", "value"] and parsed["prompts.caption"] == "A photo of"
     assert parsed["seed"] == 3

@@ -29,10 +29,11 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
     if os.path.exists(path) and _has_checkpoints(workdir):
         changed = changed_settings(workdir, config, defining, paths)
         if changed:
+            preset = _read_recorded(path).get("preset")
             raise ValueError(f"workdir {workdir}: its checkpoints were trained with other settings than this run's "
                              f"({listed(changed, prefix)}); its config.json records what they are and is kept. "
                              f"Train into a new workdir ({new_workdir_flag(prefix)}), or resume with the settings "
-                             f"it was trained with: {_flags(changed, prefix)}")
+                             f"it was trained with: {_flags(changed, prefix, preset)}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         records.write_json(path, _absolute_paths(json.loads(config.to_json()), paths), indent=2)
@@ -73,12 +74,17 @@ def _read_recorded(path: str) -> dict:
                              "workdir") from None
 
 
-def _flags(changed: dict[str, tuple], prefix: str = "") -> str:
+def _flags(changed: dict[str, tuple], prefix: str = "", preset: str | None = None) -> str:
     """The command-line flags that set each changed key (after `prefix`) back to its
-    trained value; a None, which no flag sets, as the flag to leave out."""
+    trained value; a None, which no flag sets, as the flag to leave out where the
+    preset's default is None (the run's `preset`, if recorded, named)."""
     flags = [command_line.override_flag(f"{prefix}{k}", old) for k, (old, _) in changed.items() if old is not None]
     unset = [f"--{command_line.CONFIG_FLAG}.{prefix}{k}" for k, (old, _) in changed.items() if old is None]
-    return " ".join(flags) + (f" (and no {', '.join(unset)}: None)" if unset else "")
+    if not unset:
+        return " ".join(flags)
+    run_preset = f"; the run's preset was {preset!r}" if preset else ""
+    return " ".join(flags) + (f" (and None for {', '.join(unset)}, which no flag sets: leave the flag out, with a "
+                              f"preset whose default is None{run_preset})")
 
 
 def _has_checkpoints(workdir: str) -> bool:

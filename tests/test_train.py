@@ -844,6 +844,27 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
 
 
 @pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
+def test_a_nested_tokenizer_runs_data_errors_name_the_trainers_fields(tmp_path, trainer_name):
+    """A nested tokenizer run (trained first by the decoder or SEED-OPT) with a shard
+    folder that holds no shards, or an unknown text tokenizer kind, was refused naming
+    `data.train_dir` / `data.tokenizer.kind`, the trainer's own fields' names; it now
+    names `tokenizer.data.train_dir` / `tokenizer.data.tokenizer.kind`, the flags' fields."""
+    import importlib
+
+    module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
+    config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
+    config.tokenizer_workdir = str(tmp_path / "tokenizer")
+    config.tokenizer.data.update(dict(source="array_record", train_dir=str(tmp_path), eval_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer\.data\.train_dir: no ArrayRecord shards"):
+        module.train(config, str(tmp_path / "run"))
+    config.tokenizer.data.update(dict(source="synthetic", train_dir="", eval_dir=""))
+    config.tokenizer.data.tokenizer.kind = "bogus"
+    config.tokenizer_workdir = str(tmp_path / "tokenizer2")
+    with pytest.raises(ValueError, match=r"^tokenizer\.data\.tokenizer\.kind: expected 'wordpiece_grammar' or"):
+        module.train(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
 def test_a_reused_tokenizer_run_warns_of_the_nested_settings_it_does_not_take(tmp_path, monkeypatch, caplog,
                                                                              trainer_name):
     """A finished tokenizer run is reused with the settings it was trained with: a

@@ -243,10 +243,10 @@ def check_crop_scale(scale, prefix: str = "") -> None:
                          f"(e.g. --config.{field}=\"(0.8, 1.0)\"), got {scale}")
 
 
-def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
+def dataset_paths(config, workdir, prefix: str = "") -> tuple[list[str], list[str]]:
     """(train, eval) shards of the tokenizer run of `config` in `workdir`: the synthetic
     shapes in WORKDIR/data (written there unless already written), else `data.train_dir`
-    / `data.eval_dir`. The decoder trains on the same splits."""
+    / `data.eval_dir` (named after `prefix` where missing). The decoder trains on the same splits."""
     d = config.data
     if d.source == "synthetic":
         directory = os.path.join(workdir, "data")
@@ -257,13 +257,14 @@ def dataset_paths(config, workdir) -> tuple[list[str], list[str]]:
                                                image_size=s.image_size, num_shards=s.num_shards)
         multihost_utils.sync_global_devices("shapes_world_written")
         return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
-    check_data_source(d)
-    return (records.shard_paths(d.train_dir, d.train_prefix, "data.train_dir"),
-            records.shard_paths(d.eval_dir, d.eval_prefix, "data.eval_dir"))
+    check_data_source(d, prefix)
+    return (records.shard_paths(d.train_dir, d.train_prefix, f"{prefix}data.train_dir"),
+            records.shard_paths(d.eval_dir, d.eval_prefix, f"{prefix}data.eval_dir"))
 
 
-def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextTokenizer]:
-    """(Q-Former caption tokenizer, CLIP text tokenizer)."""
+def text_tokenizers(config, workdir, prefix: str = "") -> tuple[text.TextTokenizer, text.TextTokenizer]:
+    """(Q-Former caption tokenizer, CLIP text tokenizer); an unknown `data.tokenizer.kind`
+    is named after `prefix`."""
     t = config.data.tokenizer
     clip_length = config.clip_text.max_length
     if t.kind == "wordpiece_grammar":
@@ -280,7 +281,7 @@ def text_tokenizers(config, workdir) -> tuple[text.TextTokenizer, text.TextToken
         clip = text.clip_bpe(t.clip_vocab_file, t.clip_merges_file)
         return (text.TextTokenizer(bert, config.data.max_text_length, bert.token_to_id("[PAD]")),
                 text.TextTokenizer(clip, clip_length, clip.token_to_id("<|endoftext|>")))
-    raise ValueError(f"data.tokenizer.kind: expected 'wordpiece_grammar' or 'bert_vocab', got {t.kind!r}")
+    raise ValueError(f"{prefix}data.tokenizer.kind: expected 'wordpiece_grammar' or 'bert_vocab', got {t.kind!r}")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -495,8 +496,8 @@ def train(config, workdir: str, prefix: str = "") -> bool:
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    train_paths, eval_paths = dataset_paths(config, workdir)
-    qformer_text, clip_text = text_tokenizers(config, workdir)
+    train_paths, eval_paths = dataset_paths(config, workdir, prefix)
+    qformer_text, clip_text = text_tokenizers(config, workdir, prefix)
     for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
                             ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
         if tok.vocab_size > size:

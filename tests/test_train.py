@@ -846,9 +846,10 @@ def test_an_unfinished_nested_tokenizer_run_refused_names_the_trainers_fields(tm
 @pytest.mark.parametrize("trainer_name", ["decoder", "seed_opt"])
 def test_a_nested_tokenizer_runs_data_errors_name_the_trainers_fields(tmp_path, trainer_name):
     """A nested tokenizer run (trained first by the decoder or SEED-OPT) with a shard
-    folder that holds no shards, or an unknown text tokenizer kind, was refused naming
-    `data.train_dir` / `data.tokenizer.kind`, the trainer's own fields' names; it now
-    names `tokenizer.data.train_dir` / `tokenizer.data.tokenizer.kind`, the flags' fields."""
+    folder that holds no shards, an unknown text tokenizer kind or more eval examples
+    than its eval split holds was refused naming `data.train_dir`, `data.tokenizer.kind`
+    or `eval.num_examples`, the trainer's own fields' names; it now names the flags'
+    fields: `tokenizer.data.train_dir`, ..."""
     import importlib
 
     module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
@@ -861,6 +862,11 @@ def test_a_nested_tokenizer_runs_data_errors_name_the_trainers_fields(tmp_path, 
     config.tokenizer.data.tokenizer.kind = "bogus"
     config.tokenizer_workdir = str(tmp_path / "tokenizer2")
     with pytest.raises(ValueError, match=r"^tokenizer\.data\.tokenizer\.kind: expected 'wordpiece_grammar' or"):
+        module.train(config, str(tmp_path / "run"))
+    config.tokenizer.data.tokenizer.kind = "wordpiece_grammar"
+    config.tokenizer.eval.num_examples = config.tokenizer.data.synthetic.num_eval + 1
+    with pytest.raises(ValueError, match=rf"^tokenizer\.eval\.num_examples: {config.tokenizer.eval.num_examples} "
+                                         "requested, the eval split has"):
         module.train(config, str(tmp_path / "run"))
 
 

@@ -206,12 +206,12 @@ def raise_when_mostly_skipped(ds: grain.IterDataset) -> grain.IterDataset:
 ALL_RECORDS = -1  # as `num_examples`: every record of the split
 
 
-def first_count(num_examples: int, available: int) -> int:
+def first_count(num_examples: int, available: int, prefix: str = "") -> int:
     """How many records `num_examples` asks for (ALL_RECORDS: all `available`); raises
-    naming eval.num_examples unless that is 1..available."""
+    naming eval.num_examples (after `prefix`, e.g. "tokenizer.") unless that is 1..available."""
     count = available if num_examples == ALL_RECORDS else num_examples
     if not 0 < count <= available:
-        raise ValueError(f"eval.num_examples: {num_examples} requested, the eval split has {available} "
+        raise ValueError(f"{prefix}eval.num_examples: {num_examples} requested, the eval split has {available} "
                          f"({ALL_RECORDS}: all of them)")
     return count
 
@@ -278,12 +278,12 @@ class EvalBatches:
         return iter(ds.batch(self._per_process))
 
 
-def read_records(paths: Sequence[str], num_examples: int) -> Iterator[bytes]:
+def read_records(paths: Sequence[str], num_examples: int, prefix: str = "") -> Iterator[bytes]:
     """The first `num_examples` raw records (ALL_RECORDS: every one), each read as the
     iterator reaches it, so a reader of a split's captions never holds its images at
     once. Raises naming eval.num_examples at the call (see `first_count`)."""
     source = _source(paths)
-    count = first_count(num_examples, len(source))
+    count = first_count(num_examples, len(source), prefix)
     return (source[i] for i in range(count))
 
 
@@ -320,12 +320,12 @@ def why_no_image_decodes(paths: Sequence[str], indices: Sequence[int]) -> str | 
     return why
 
 
-def read_labels(paths: Sequence[str], num_examples: int) -> list[tuple[str | None, str | None]]:
+def read_labels(paths: Sequence[str], num_examples: int, prefix: str = "") -> list[tuple[str | None, str | None]]:
     """(caption, `records.image_id`) of the first `num_examples` records (ALL_RECORDS: every
     one; (None, None) where a record is corrupt): what retrieval needs to count an image's
-    other captions as hits."""
+    other captions as hits. Raises as `read_records`."""
     labels = []
-    for raw in read_records(paths, num_examples):
+    for raw in read_records(paths, num_examples, prefix):
         try:
             record = records.decode_record(raw)
             labels.append((record["caption"], records.image_id(record["id"])))

@@ -379,22 +379,22 @@ class Evaluator:
         return metrics
 
 
-def eval_inputs(paths, example: pipeline.Example, config) -> tuple:
+def eval_inputs(paths, example: pipeline.Example, config, prefix: str = "") -> tuple:
     """(image batches, caption batches, captions, images) of `Evaluator` for the first
     `config.eval.num_examples` records of the eval split `paths`: the image batches hold
     one row per image (by `records.image_id`), the first of its records whose image
     decodes, the caption batches all. Raises naming the split when no record's image
-    decodes (retrieval over no pairs is NaN)."""
+    decodes (retrieval over no pairs is NaN); errors name eval.num_examples after `prefix`."""
     e = config.eval
-    captions, images = zip(*pipeline.read_labels(paths, e.num_examples))
+    captions, images = zip(*pipeline.read_labels(paths, e.num_examples, prefix))
     image_records = pipeline.records_of_images(images)
     if not image_records:
         raise ValueError(f"{paths[0]}...: none of the eval split's first {len(images)} records decodes "
-                         "(eval.num_examples)")
+                         f"({prefix}eval.num_examples)")
     why = pipeline.why_no_image_decodes(paths, [i for group in image_records for i in group])
     if why is not None:
         raise ValueError(f"{paths[0]}...: none of the eval split's first {len(images)} records holds an image that "
-                         f"decodes (the first: {why}; eval.num_examples)")
+                         f"decodes (the first: {why}; {prefix}eval.num_examples)")
     batches = dict(global_batch_size=e.batch_size, num_threads=config.data.num_threads)
     return (pipeline.eval_batches(paths, example, num_examples=e.num_examples, record_groups=image_records,
                                   **batches),
@@ -504,7 +504,7 @@ def train(config, workdir: str, prefix: str = "") -> bool:
             raise ValueError(f"{prefix}{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
     skipped = pipeline.SkipCounter()
     example = make_example(config, qformer_text, clip_text, skipped)
-    evaluation = eval_inputs(eval_paths, example, config)
+    evaluation = eval_inputs(eval_paths, example, config, prefix)
     model = create_model(config, mesh)
 
     writer = reporting.MetricsWriter(workdir)

@@ -427,6 +427,24 @@ def test_new_end_padding_or_length_penalty_values_reuse_the_compiled_decoders():
                                       err_msg=f"length_penalty={p} {o}")
 
 
+def test_sampling_keeps_the_50_likeliest_tokens_by_default_as_transformers():
+    """transformers' `generate(do_sample=True)` keeps the 50 likeliest tokens unless told
+    a top_k (GenerationConfig's default; OPT checkpoints set none); ours sampled from the
+    whole vocabulary. Nearly uniform sampling over 200 tokens now keeps to each step's
+    50 likeliest, and top_k=0 still leaves them all."""
+    lm = SeedOPT(weights.build("opt", OPTConfigOurs(vocab_size=200, width=16, depth=1, num_heads=2, mlp_dim=32,
+                                                    max_positions=64)))
+    ids = np.random.default_rng(0).integers(3, 200, (16, 4))
+
+    def likelier(**options):  # per new token: how many tokens were likelier at its step
+        tokens = lm.generate(ids, 4, temperature=100.0, **options)
+        logits = lm.logits(np.concatenate([ids, tokens], 1))[:, ids.shape[1] - 1:-1]
+        return (logits > np.take_along_axis(logits, tokens[..., None], -1)).sum(-1)
+
+    assert likelier().max() < 50
+    assert likelier(top_k=0).max() >= 50, "every token sampled among the 50 likeliest anyway: the check is vacuous"
+
+
 def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     """temperature and top_p are traced: a sweep over them compiles once per mode
     (greedy; sampling; sampling with top-p), and the values still act."""

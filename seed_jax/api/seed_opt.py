@@ -170,13 +170,14 @@ class SeedOPT:
         return run_in_chunks(lambda i, m: self._logits(self._state, i, m)[:, :length], padded, self.batch_size)
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
+                 top_k: int = 50, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
                  pad_id: int | str = "model", allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0) -> np.ndarray:
         """(B,P) left-padded prompts -> (B,T) int32 new tokens, `pad_id` after `eos_id`,
         as transformers' `generate`: T is `max_new_tokens`, or fewer when every row has
         ended (up to the last row's `eos_id`). Greedy at temperature 0, else sampled
-        (top-k / top-p; `seed` defaults to 0). `eos_id` / `pad_id` "model": this
+        (top-k / top-p; `seed` defaults to 0) from the `top_k` likeliest tokens: 50, as
+        transformers' `generate(do_sample=True)` (0: all). `eos_id` / `pad_id` "model": this
         SeedOPT's (`load`: the converted folder's); `eos_id` None: no end token.
         `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
@@ -201,7 +202,7 @@ class SeedOPT:
         return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size),
                                          d.eos_id)
 
-    def _decoding(self, prompt_length: int, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+    def _decoding(self, prompt_length: int, max_new_tokens, *, temperature=0.0, top_k=50, top_p=1.0, seed=None,
                   eos_id="model", pad_id="model", allowed=None, num_beams=1, length_penalty=1.0) -> _Decoding:
         """`generate`'s options for prompts of at most `prompt_length` tokens (their padding
         takes no positions), checked (a ValueError names the bad one), as the compiled
@@ -225,7 +226,7 @@ class SeedOPT:
         if num_beams == 1 and length_penalty != 1.0:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
         if num_beams > 1:
-            given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 0),
+            given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 50),
                      ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)]
                      if (value is not None if default is None else value != default)}
             if given:
@@ -347,7 +348,7 @@ class SeedOPT:
         return self._answers(self._question_prompts(codes, questions), max_new_tokens, ANSWER_TOKENS, num_beams,
                              sampling)
 
-    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0,
                     seed: int = 0) -> np.ndarray:
         """Text prompts -> int32 codes (B,Q), Q = `num_queries`: after "Generate an image:
         {prompt}" and <img>, each of Q steps may only emit a code token, then </img>."""
@@ -387,7 +388,7 @@ class SeedOPT:
         return self.answer_codes(tokenizer.encode_images(images), questions, max_new_tokens=max_new_tokens,
                                  num_beams=num_beams, **sampling)
 
-    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 0,
+    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50,
                        top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:
         """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);

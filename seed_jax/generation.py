@@ -125,11 +125,12 @@ def _prefill(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, max_ne
 
 def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None, allowed: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int = 1) -> jax.Array:
+             eos_id: int | None = None, pad_id: int = 1, new_tokens: int | jax.Array | None = None) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32 new tokens. After
     `eos_id` a row emits `pad_id`; once every row has, decoding stops. `allowed` (T,2)
-    restricts step t to ids in [allowed[t,0], allowed[t,1]). `eos_id` (-1: none, as None)
-    and `pad_id` may be traced. `rng` is needed when
+    restricts step t to ids in [allowed[t,0], allowed[t,1]). `eos_id` (-1: none, as None),
+    `pad_id` and `new_tokens` may be traced; `new_tokens` (1..max_new_tokens, None: all)
+    stops decoding after that many columns, the others left `pad_id`. `rng` is needed when
     sampling (temperature > 0):
     one key for the batch, or (B,) keys, one per row (a row's tokens then depend on
     its key and prompt alone, not on the batch it runs in)."""
@@ -167,10 +168,10 @@ def generate(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max
 
     state = (0, logits, cache, mask, position, jnp.zeros((batch,), bool),
              jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
+    limit = max_new_tokens if new_tokens is None else new_tokens
     # Every step but the last feeds its token back (the last token needs no forward
     # pass). The loop ends once every row has emitted eos_id; the columns left hold pad_id.
-    i, logits, _, _, _, done, out = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & ~s[5].all(), step,
-                                                       state)
+    i, logits, _, _, _, done, out = jax.lax.while_loop(lambda s: (s[0] < limit - 1) & ~s[5].all(), step, state)
     return emit(i, logits, done, out)[2]
 
 
@@ -191,7 +192,7 @@ def length_divisors(max_new_tokens: int, length_penalty: float) -> np.ndarray:
 
 def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
                 num_beams: int, eos_id: int | None = None, pad_id: int = 1,
-                length_penalty: float | jax.Array = 1.0) -> jax.Array:
+                length_penalty: float | jax.Array = 1.0, new_tokens: int | jax.Array | None = None) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32, as transformers'
     `generate(num_beams=K, do_sample=False)` with its default `early_stopping=False`.
 
@@ -203,10 +204,11 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     not beat the buffer's worst; the loop ends when no row takes any. Returns each
     row's best hypothesis, `pad_id` after its eos. `length_penalty` is a number, or its
     (T,) `length_divisors` (an array may be traced: other penalties then reuse a compiled
-    program), as `eos_id` (-1: none) and `pad_id` may be."""
+    program), as `eos_id` (-1: none), `pad_id` and `new_tokens` (as `generate`'s) may be."""
     batch, prompt_length = input_ids.shape
     k = num_beams
     eos = -1 if eos_id is None else eos_id  # -1: no token ends a beam early
+    limit = max_new_tokens if new_tokens is None else new_tokens
     repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (B,...) -> (B*K,...), beams of a row adjacent
     take = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
     logits, cache, mask, position = _prefill(model, input_ids, attention_mask, max_new_tokens)
@@ -224,7 +226,7 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
         parent = flat // vocab + jnp.arange(batch)[:, None] * k
         token = (flat % vocab).astype(jnp.int32)
         tokens = beams.tokens[parent].at[:, :, i].set(token)  # (B,2K,T)
-        ends = (token == eos) | (i == max_new_tokens - 1)
+        ends = (token == eos) | (i == limit - 1)
         # an ended candidate runs on only where fewer than K others are left (K >= the vocabulary), dead (-inf)
         running = jnp.where(ends, -jnp.inf, scores)
         live = jax.lax.top_k(running, k)[1]  # (B,K)
@@ -252,7 +254,6 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
                   jnp.full((batch * k, max_new_tokens), pad_id, jnp.int32), jnp.full((batch, k), -jnp.inf),
                   jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32), jnp.ones((batch,), bool))
     state = (0, repeat(logits), cache, repeat(position), beams)
-    i, logits, _, _, beams = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & s[4].active.any(), step,
-                                                state)
+    i, logits, _, _, beams = jax.lax.while_loop(lambda s: (s[0] < limit - 1) & s[4].active.any(), step, state)
     # The last step needs no forward pass; after an early stop no row is active and it changes nothing.
     return select(i, logits, beams)[2].finished_tokens[:, 0]

@@ -427,6 +427,37 @@ def test_new_end_padding_or_length_penalty_values_reuse_the_compiled_decoders():
                                       err_msg=f"length_penalty={p} {o}")
 
 
+def test_other_max_new_tokens_reuse_the_compiled_decoders():
+    """Each max_new_tokens compiled greedy, sampled and beam decoding again. The
+    decoders now compile the next power of two of columns (at least 16) and stop after
+    max_new_tokens (traced): 1..16 new tokens share one program each, and every count
+    gives the tokens of its own program, exactly max_new_tokens columns when no row ends."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (4, 5))
+    model, mask, key = lm.model, np.ones_like(ids), jax.random.fold_in(jax.random.key(1), 0)
+    free = lm.generate(ids, 16, eos_id=None)
+    for steps in (1, 5, 16):
+        for eos in (None, int(free[0, 2])):
+            greedy = lm.generate(ids, steps, eos_id=eos)
+            sampled = lm.generate(ids[:1], steps, eos_id=eos, temperature=1.0, seed=1)
+            beams = lm.generate(ids, steps, eos_id=eos, num_beams=2)
+            alone = [jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=steps, eos_id=eos))(
+                         ids, mask),
+                     jax.jit(lambda i, m: generation.generate(model, i, m, max_new_tokens=steps, eos_id=eos,
+                                                              rng=key[None], sampling=generation.Sampling(1.0, 50)))(
+                         ids[:1], mask[:1]),
+                     jax.jit(lambda i, m: generation.beam_search(model, i, m, max_new_tokens=steps, num_beams=2,
+                                                                 eos_id=eos))(ids, mask)]
+            for tokens, expected in zip((greedy, sampled, beams), alone):
+                np.testing.assert_array_equal(tokens, generation.up_to_last_end(np.asarray(expected), eos),
+                                              err_msg=f"max_new_tokens={steps} eos_id={eos}")
+            if eos is None:
+                assert greedy.shape == beams.shape == (4, steps) and sampled.shape == (1, steps)
+    assert lm._generate._cache_size() == 2 and lm._beam_search._cache_size() == 1  # greedy, sampled; beams
+    lm.generate(ids, 17)
+    assert lm._generate._cache_size() == 3  # 32 columns
+
+
 def test_sampling_keeps_the_50_likeliest_tokens_by_default_as_transformers():
     """transformers' `generate(do_sample=True)` keeps the 50 likeliest tokens unless told
     a top_k (GenerationConfig's default; OPT checkpoints set none); ours sampled from the

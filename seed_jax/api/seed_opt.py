@@ -78,19 +78,21 @@ class SeedOPT:
             with jax.default_matmul_precision(precision):
                 return nnx.merge(graphdef, state)(ids, mask)[0]
 
-        def generate(state, ids, mask, rng, allowed, max_new_tokens, sampling, eos_id, pad_id):
+        def generate(state, ids, mask, rng, allowed, max_new_tokens, sampling, eos_id, pad_id, new_tokens):
             with jax.default_matmul_precision(precision):
                 return generation.generate(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
-                                           sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id)
+                                           sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id,
+                                           new_tokens=new_tokens)
 
-        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty):
+        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty, new_tokens):
             with jax.default_matmul_precision(precision):
                 return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
                                               num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                                              length_penalty=length_penalty)
+                                              length_penalty=length_penalty, new_tokens=new_tokens)
 
         self._logits = jax.jit(logits)
-        # the end and padding ids and the length penalty's divisors are traced: new values reuse the programs
+        # the end and padding ids, the length penalty's divisors and the count of new tokens (within the
+        # compiled columns, `_new_columns`) are traced: new values reuse the programs
         self._generate = jax.jit(generate, static_argnames="max_new_tokens")
         self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
 
@@ -188,19 +190,23 @@ class SeedOPT:
                            length_penalty=length_penalty)
         ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
         eos_id, pad_id = np.int32(-1 if d.eos_id is None else d.eos_id), np.int32(d.pad_id)
+        columns, new_tokens = _new_columns(d.max_new_tokens, self.config.max_positions), np.int32(d.max_new_tokens)
         if d.num_beams > 1:
-            divisors = generation.length_divisors(d.max_new_tokens, d.length_penalty)
-            return generation.up_to_last_end(run_in_chunks(lambda i, m: self._beam_search(
-                self._state, i, m, max_new_tokens=d.max_new_tokens, num_beams=d.num_beams, eos_id=eos_id,
-                pad_id=pad_id, length_penalty=divisors), (ids, mask), self.batch_size), d.eos_id)
+            divisors = generation.length_divisors(columns, d.length_penalty)
+            tokens = run_in_chunks(lambda i, m: self._beam_search(
+                self._state, i, m, max_new_tokens=columns, num_beams=d.num_beams, eos_id=eos_id, pad_id=pad_id,
+                length_penalty=divisors, new_tokens=new_tokens), (ids, mask), self.batch_size)
+            return generation.up_to_last_end(tokens[:, :d.max_new_tokens], d.eos_id)
+        ranges = np.concatenate([d.ranges, np.tile(generation.allowed_ranges(1, None, self.config.total_vocab_size),
+                                                   (columns - d.max_new_tokens, 1))])
 
         def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
             keys = jax.vmap(lambda row: jax.random.fold_in(d.key, row))(rows)
-            return self._generate(self._state, ids, mask, keys, d.ranges, max_new_tokens=d.max_new_tokens,
-                                  sampling=d.sampling, eos_id=eos_id, pad_id=pad_id)
+            return self._generate(self._state, ids, mask, keys, ranges, max_new_tokens=columns, sampling=d.sampling,
+                                  eos_id=eos_id, pad_id=pad_id, new_tokens=new_tokens)
 
-        return generation.up_to_last_end(run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size),
-                                         d.eos_id)
+        tokens = run_in_chunks(run, (ids, mask, np.arange(len(ids))), self.batch_size)
+        return generation.up_to_last_end(tokens[:, :d.max_new_tokens], d.eos_id)
 
     def _decoding(self, prompt_length: int, max_new_tokens, *, temperature=0.0, top_k=50, top_p=1.0, seed=None,
                   eos_id="model", pad_id="model", allowed=None, num_beams=1, length_penalty=1.0) -> _Decoding:
@@ -413,6 +419,13 @@ class _Decoding:
     sampling: generation.Sampling | None = None
     ranges: np.ndarray | None = None
     key: jax.Array | None = None
+
+
+def _new_columns(max_new_tokens: int, longest: int) -> int:
+    """The new-token columns decoding compiles for `max_new_tokens`: the next power of two,
+    at least `LENGTH_STEP`, at most `longest` (the model's positions) where that still holds
+    them; a few programs serve every count, each stopping after `max_new_tokens`."""
+    return max(max_new_tokens, min(max(LENGTH_STEP, 1 << (max_new_tokens - 1).bit_length()), longest))
 
 
 def _padded_to_step(ids: np.ndarray, mask: np.ndarray, longest: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -518,6 +518,29 @@ def test_prompts_of_other_lengths_reuse_the_compiled_decoder(monkeypatch):
         np.testing.assert_array_equal(tokens, lm.generate(ids, 6, attention_mask=_half_padded(ids), **options))
 
 
+def test_logits_take_ids_padded_beyond_the_positions_as_generate_does():
+    """logits refused ids wider than the model's positions though padding takes none
+    (generate takes such prompts): the columns padding in every row are now left out,
+    the real tokens' logits unchanged and the padding's 0. Real tokens spanning more
+    columns than the positions are still refused, naming them."""
+    lm = _tiny_seed_opt()  # 64 positions
+    ids = np.random.default_rng(0).integers(3, 20, (2, 40))
+    mask = _half_padded(ids)
+    expected = lm.logits(ids, mask)
+    real = np.broadcast_to(mask.astype(bool)[..., None], expected.shape)
+    for left in (True, False):
+        columns = (30, 0) if left else (0, 30)
+        logits = lm.logits(np.pad(ids, ((0, 0), columns)), np.pad(mask, ((0, 0), columns)))
+        kept = slice(30, None) if left else slice(None, 40)
+        np.testing.assert_allclose(logits[:, kept][real], expected[real], rtol=1e-5, atol=1e-6)
+        assert not np.any(logits[:, slice(None, 30) if left else slice(40, None)])
+    with pytest.raises(ValueError, match="input_ids: length 65 exceeds the model's 64 positions"):
+        lm.logits(np.full((1, 70), 5), np.arange(70)[None] >= 5)
+    apart = np.asarray([[0] * 10 + [1] * 60, [1] * 60 + [0] * 10])
+    with pytest.raises(ValueError, match="attention_mask: real tokens in 70 columns, more than the model's 64 "):
+        lm.logits(np.full((2, 70), 5), apart)
+
+
 def test_ids_of_other_lengths_reuse_the_compiled_logits(monkeypatch):
     """logits was compiled again for every length of its ids (scoring texts batch by
     batch recompiled for nearly every batch); ids are now right-padded to a multiple

@@ -162,14 +162,25 @@ class SeedOPT:
         return ids.astype(np.int32), mask.astype(np.int32)
 
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
-        """(B,L) ids (padded, with `attention_mask`) -> (B,L,V) float32 logits."""
+        """(B,L) ids (padded, with `attention_mask`) -> (B,L,V) float32 logits. Padding
+        takes no positions: as `generate`'s prompts, L may exceed the model's positions
+        where only so many columns hold real tokens (the others, padding in every row, read 0)."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=False)
-        if ids.shape[1] > self.config.max_positions:
-            raise ValueError(f"input_ids: length {ids.shape[1]} exceeds the model's {self.config.max_positions} "
-                             "positions")
-        length = ids.shape[1]
-        padded = _padded_to_step(ids, mask, self.config.max_positions, left=False)
-        return run_in_chunks(lambda i, m: self._logits(self._state, i, m)[:, :length], padded, self.batch_size)
+        longest = self.config.max_positions
+        if mask.sum(1).max() > longest:
+            raise ValueError(f"input_ids: length {mask.sum(1).max()} exceeds the model's {longest} positions")
+        kept = mask.any(0) if ids.shape[1] > longest else np.ones(ids.shape[1], bool)
+        if kept.sum() > longest:
+            raise ValueError(f"attention_mask: real tokens in {kept.sum()} columns, more than the model's {longest} "
+                             "positions: expected the rows' padding on one side")
+        length = int(kept.sum())
+        padded = _padded_to_step(ids[:, kept], mask[:, kept], longest, left=False)
+        logits = run_in_chunks(lambda i, m: self._logits(self._state, i, m)[:, :length], padded, self.batch_size)
+        if kept.all():
+            return logits
+        out = np.zeros((*ids.shape, logits.shape[-1]), logits.dtype)
+        out[:, kept] = logits
+        return out
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
                  top_k: int = 50, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",

@@ -27,7 +27,7 @@ class Sampling:
 
     A pytree: under jit `temperature` and `top_p` are traced, so new values run
     the compiled program again; `top_k` and the mode (`greedy`, `nucleus`: top-p
-    on) are static and compile once each. The mode is told from the values, so
+    on) are static and compile once each (greedy: once for every top_k and top_p). The mode is told from the values, so
     build it outside jit and pass it in."""
     temperature: float = 0.0
     top_k: int = 0
@@ -59,8 +59,10 @@ def _unflatten_sampling(static, values) -> Sampling:
     return sampling
 
 
+# greedy decoding reads neither top_k nor top_p: one program serves every value
 jax.tree_util.register_pytree_node(
-    Sampling, lambda s: ((s.temperature, s.top_p), (s.top_k, s.greedy, s.nucleus)), _unflatten_sampling)
+    Sampling, lambda s: ((s.temperature, s.top_p), (0 if s.greedy else s.top_k, s.greedy, s.nucleus and not s.greedy)),
+    _unflatten_sampling)
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:

@@ -478,7 +478,8 @@ def test_sampling_keeps_the_50_likeliest_tokens_by_default_as_transformers():
 
 def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     """temperature and top_p are traced: a sweep over them compiles once per mode
-    (greedy; sampling; sampling with top-p), and the values still act."""
+    (greedy; sampling; sampling with top-p), and the values still act. Greedy decoding
+    compiled again for each top_k and for top-p, which it does not read."""
     lm = _tiny_seed_opt()
     ids = np.random.default_rng(0).integers(3, 10, (4, 5))
     greedy = lm.generate(ids, 6)
@@ -486,6 +487,9 @@ def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     assert lm._generate._cache_size() == 2
     assert not np.array_equal(sampled[0.5], sampled[50.0]), "the temperature did not reach the compiled decoder"
     nucleus = {p: lm.generate(ids, 6, temperature=50.0, top_p=p, seed=1) for p in (0.999, 1e-6)}
+    assert lm._generate._cache_size() == 3
+    for options in [dict(top_k=0), dict(top_k=3), dict(top_p=0.5), dict(top_k=1, top_p=1e-6)]:  # greedy reads neither
+        np.testing.assert_array_equal(lm.generate(ids, 6, **options), greedy)
     assert lm._generate._cache_size() == 3
     np.testing.assert_array_equal(nucleus[1e-6], greedy)  # only the most likely token is left
     assert not np.array_equal(nucleus[0.999], greedy), "top_p did not reach the compiled decoder"

@@ -174,6 +174,21 @@ def test_encode_is_jittable_and_bf16_close():
     assert rel < 0.05, rel
 
 
+def test_bfloat16_tokenizer_picks_the_codes_of_a_float32_encode_task_layer():
+    """SEED runs encode_task_layer in float32 (outside autocast). In a bfloat16 model it
+    ran bfloat16: the float32 VQ distance read an input ~1e-2 off, and near-ties took
+    another code (9 of these 2048). It now runs float32 whatever the compute dtype: the
+    codes of bfloat16 causal embeddings are those of a float32 model given the same values."""
+    f32 = SeedTokenizer(TINY_TOKENIZER, rngs=nnx.Rngs(0))
+    bf16 = SeedTokenizer(TINY_TOKENIZER, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    causal = jax.random.normal(jax.random.key(1), (64, 32, 32)).astype(jnp.bfloat16)
+    got = bf16.quantize_embeddings(causal)
+    want = f32.quantize_embeddings(causal.astype(jnp.float32))
+    np.testing.assert_array_equal(got["codes"], want["codes"])
+    assert got["quant_input"].dtype == jnp.float32
+    np.testing.assert_array_equal(got["quant_input"], want["quant_input"])
+
+
 def test_bfloat16_attention_scores_reach_the_float32_softmax_unrounded():
     """DESIGN: softmax in float32. A bfloat16 Attention's q.k scores left the einsum
     rounded to bfloat16 (0.25 apart near 100) before the cast: its output was 2% off the

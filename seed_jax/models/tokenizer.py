@@ -87,7 +87,9 @@ class SeedTokenizer(nnx.Module):
         self.visual_encoder = VisionTransformer(c.vit, dtype=dtype, remat=remat, rngs=rngs)
         self.ln_vision = layers.LayerNorm(c.vit.width, eps=c.ln_vision_eps, dtype=jnp.float32, rngs=rngs)
         self.qformer = QFormer(c.qformer, dtype=dtype, remat=remat, rngs=rngs)
-        self.encode_task_layer = TaskLayer(d, d, c.code_dim, dtype=dtype, rngs=rngs)
+        # float32 whatever `dtype`, as SEED runs it (outside autocast): the VQ distance reads its output,
+        # and bfloat16's rounding (~1e-2) would flip the nearest code of near-ties.
+        self.encode_task_layer = TaskLayer(d, d, c.code_dim, dtype=jnp.float32, rngs=rngs)
         self.quantize = VectorQuantizer(c.num_codes, c.code_dim, beta=c.vq_beta, rngs=rngs)
         self.decode_task_layer = TaskLayer(c.code_dim, c.code_dim, d, dtype=dtype, rngs=rngs)
         self.pos_embed_text = layers.param(rngs, layers.normal(0.02), (c.qformer.num_queries, d),

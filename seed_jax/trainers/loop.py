@@ -167,12 +167,16 @@ def prepare_stage(model: nnx.Module, trainable, loss_fn: Callable, stage, config
                   post_update: Callable | None = None, stage_index: int | None = None) -> StageSetup:
     """Splits `model` into trainable and frozen parameters, builds the optimizer
     state (for trainable parameters only) and the jitted, sharded train step (its keys:
-    `step_key` of `config.seed` and `stage_index`)."""
+    `step_key` of `config.seed` and `stage_index`). `model`'s trainable parameters
+    become the train state's arrays, so that they are held once (the first step
+    donates them: `run_stage` sets the trained ones before evaluating and at the end)."""
     rules = config.axis_rules
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     tx = optim.make_optimizer(stage)
     state_sharding, frozen_sharding = stage_shardings(params, frozen, tx, mesh, rules)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sharding)(params)
+    del params
+    nnx.update(model, state["params"])  # its own copies are freed
     step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, mesh, rules, post_update, stage_index)
     return StageSetup(jit_train_step(step_fn, state_sharding, frozen_sharding, mesh), state,
                       jax.device_put(frozen, frozen_sharding))
@@ -234,7 +238,8 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
                 preemption, counters):
     """The body of `run_stage`: restore, then step / log / eval / checkpoint until done
     or preempted. Returns (state, completed). Takes `setup.state` (held here alone): a
-    restored state replaces it, and it is freed first, as no step donates it then."""
+    restored state replaces it, and it is freed (its parameters, which `model` holds,
+    once restored), as no step donates it then."""
     state, setup.state = setup.state, None
     history: list[dict] = []  # the metrics of the steps since the last log line (a checkpoint saves them)
     latest = checkpointer.latest_step()
@@ -243,6 +248,7 @@ def _train_loop(name, setup, checkpointer, model, stage, config, mesh, train_ite
         del state
         finished = latest >= stage.num_steps
         state, totals, history = checkpointer.restore(latest, abstract, None if finished else train_iter)
+        nnx.update(model, state["params"])  # the initial ones are freed
         _restore_counts(counters, totals)
         logging.info("%s: resumed from step %d", name, latest)
     start = int(state["step"])

@@ -236,6 +236,58 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
         "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}
 
 
+def test_trains_and_generates_from_captions_cleaned_as_the_tokenizer_run_cleaned_them(tmp_path, monkeypatch):
+    """Stage II distils the CLIP embeddings of captions cleaned by the tokenizer run's
+    `data.caption_processor` (seed1: blip_caption), which the codes are decoded into; the
+    decoder trained its UNet, and generated at evaluation, from the raw captions. Both
+    now read them cleaned the same way."""
+    from types import SimpleNamespace
+
+    from array_record.python import array_record_module
+
+    from seed_jax.data import pipeline, records, synthetic
+    from seed_jax.data import text as caption_text
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    config = get_config("tiny")
+    config.eval.num_examples = 3
+    tok_config = config.tokenizer.copy_and_resolve_references()
+    raw_caption = "A RED Circle,  on the left!"
+    data_dir = str(tmp_path / "data")
+    os.makedirs(data_dir)
+    for split in ("train", "eval"):
+        writer = array_record_module.ArrayRecordWriter(
+            os.path.join(data_dir, f"{split}-00000-of-00001.array_record"), "group_size:1")
+        encoded = [records.encode_record({**synthetic.make_example(i, 0, 16), "caption": raw_caption})
+                   for i in range(3)]
+        for record in encoded:
+            writer.write(record)
+        writer.close()
+    tok_config.data.update(source="array_record", train_dir=data_dir, eval_dir=data_dir,
+                           caption_processor="blip_caption")
+    tok_dir = str(tmp_path / "tokenizer")
+    os.makedirs(tok_dir)
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", lambda *_: (tok_dir, "unused", tok_config))
+    monkeypatch.setattr(decoder, "create_model", lambda *_: None)
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *_, **__: SimpleNamespace(image_size=16))
+    made, build = {}, decoder.Evaluator
+
+    def evaluator(*args):
+        made["evaluator"] = build(*args)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "train_iterator", lambda paths, example, **_: made.setdefault("example", example))
+    monkeypatch.setattr(decoder, "Evaluator", evaluator)
+    with pytest.raises(_Stop):
+        decoder.train(config, str(tmp_path / "decoder"))
+    _, clip_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)
+    cleaned = caption_text.blip_caption(raw_caption)
+    want = clip_tokenizer([cleaned])[0][0]
+    assert not np.array_equal(want, clip_tokenizer([raw_caption])[0][0])  # cleaning changes the prompt
+    np.testing.assert_array_equal(made["example"].train((0, encoded[0]), None)["clip_ids"], want)
+    np.testing.assert_array_equal(made["evaluator"].caption_ids, np.stack([want] * 3))
+
+
 @pytest.mark.parametrize("process_index, counted", [(0, 1), (1, 0)])
 def test_evaluator_skips_and_counts_corrupt_eval_records(process_index, counted, tmp_path, monkeypatch):
     """A record of the eval split that cannot be decoded crashed the decoder run when its

@@ -127,9 +127,10 @@ class PixelExample:
     image_size: int
     clip_text: TextTokenizer
     skipped: SkipCounter
+    process_caption: Callable[[str], str] = str  # as `Example`'s, before the tokenizer
 
     def _finish(self, image: np.ndarray, caption: str, index: int) -> dict:
-        clip_ids, _ = self.clip_text([caption])
+        clip_ids, _ = self.clip_text([self.process_caption(caption)])
         return {"image": image.astype(np.float32) / 127.5 - 1.0, "clip_ids": clip_ids[0], "index": np.int32(index)}
 
     def _decode(self, raw: bytes | None):

@@ -1,6 +1,7 @@
 """De-tokenizer training: a text-conditioned diffusion UNet on the tokenizer's data,
-conditioned on the tokenizer's frozen CLIP text encoder, then SEED reconstruction
-measured with the tokenizer's stage-I image features.
+conditioned on the tokenizer's frozen CLIP text encoder (captions cleaned by the
+tokenizer run's `data.caption_processor`, as its stage II distilled them), then SEED
+reconstruction measured with the tokenizer's stage-I image features.
 
 The tokenizer comes from `config.tokenizer_workdir` (trained first, with
 `config.tokenizer`, when that workdir holds no finished run); its CLIP text encoder
@@ -10,6 +11,7 @@ is rebuilt exactly as that run built it (its own config; seeded, frozen).
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from seed_jax import api, command_line, parallel, weights
-from seed_jax.data import pipeline, preprocess, records
+from seed_jax.data import pipeline, preprocess, records, text
 from seed_jax.diffusion import samplers
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from seed_jax.evaluators.reconstruction import image_grid, reconstruction_similarity
@@ -94,9 +96,10 @@ class Evaluator:
     grid."""
 
     def __init__(self, config, tokenizer_export: str, eval_paths, clip_tokenizer, writer, workdir: str,
-                 skipped: pipeline.SkipCounter):
+                 skipped: pipeline.SkipCounter, process_caption: Callable[[str], str] = str):
         """Reads the first `eval.num_examples` records; corrupt ones are left out and
-        counted in `skipped` (on process 0: every process reads them all)."""
+        counted in `skipped` (on process 0: every process reads them all). The captions
+        are generated from as `process_caption` makes them (training's processor)."""
         self.config, self.writer, self.workdir = config, writer, workdir
         skipped = pipeline.counted_once(skipped)
         self.tokenizer = api.SeedTokenizer.load(tokenizer_export, batch_size=config.eval.batch_size)
@@ -117,7 +120,7 @@ class Evaluator:
             raise ValueError(f"eval.num_examples: the first {config.eval.num_examples} eval records hold "
                              f"{len(set(self.image_ids))} decodable images; the evaluation needs at least 2")
         self.images = np.stack(images)
-        self.caption_ids = clip_tokenizer(self.captions)[0]
+        self.caption_ids = clip_tokenizer([process_caption(c) for c in self.captions])[0]
 
     def apis(self, model: StableDiffusion) -> tuple[api.StableDiffusion, api.SeedTokenizer]:
         """`model` behind the API, and the tokenizer painting through it; their programs
@@ -210,11 +213,14 @@ def train(config, workdir: str) -> bool:
     model = create_model(sd_config, tok_config, mesh, rules, layers.compute_dtype(config.dtype), config.seed)
 
     skipped = pipeline.SkipCounter()
-    example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped)
+    # The captions cleaned as the tokenizer run cleaned those its stage II distilled:
+    # the UNet learns the prompts whose CLIP embeddings the codes are decoded into.
+    process_caption = text.caption_processor(tok_config.data.caption_processor)
+    example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped, process_caption)
     train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.train.batch_size,
                                          seed=config.seed, num_threads=2, prefetch=4)
     writer = reporting.MetricsWriter(workdir)
-    evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir, skipped)
+    evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir, skipped, process_caption)
     preemption = coordination.Preemption()
     try:
         done = loop.run_stage(

@@ -134,6 +134,28 @@ def test_a_folder_without_the_untied_head_it_declares_fails_naming_the_key(tmp_p
         convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"])
 
 
+def test_the_opt_of_a_blip2_folder_converts_to_its_language_models_logits(tmp_path):
+    """A Blip2ForConditionalGeneration folder (keys language_model.model.decoder.*,
+    the OPT settings in config.json's text_config) failed with a missing
+    'model.decoder.embed_tokens.weight'; its OPT now converts, an untied head too."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32, vocab_size=100),
+        text_config=OPTConfig(**TINY, tie_word_embeddings=False, do_layer_norm_before=False,
+                              word_embed_proj_dim=16).to_dict(),
+        num_query_tokens=4)
+    blip2 = randomize(Blip2ForConditionalGeneration(config), 0).eval()
+    blip2.save_pretrained(tmp_path / "blip2")
+    lm = _converted_with_transformers_logits(blip2.language_model, tmp_path / "blip2", tmp_path / "out")
+    assert not lm.model.config.tie_embeddings and lm.model.config.embed_width == 16
+    report = json.loads((tmp_path / "out" / "model.json").read_text())["info"]
+    assert any(k.startswith("vision_model.") for k in report["unused_keys"])
+
+
 def _set(path, **entries):
     """Writes `entries` into the JSON file at `path` (None: removes the key)."""
     settings = json.loads(path.read_text())

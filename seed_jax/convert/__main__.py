@@ -94,7 +94,7 @@ def _sd(args):
 
 def _hf_opt(args):
     source = _read_folder(args)
-    hf = sources.read_hf_config(args.checkpoint)
+    hf = opt.language_model_config(sources.read_hf_config(args.checkpoint))
     config = opt.config(source, hf, image_tokens=args.image_tokens)
     info = {"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)}
     if args.image_tokens:  # ids of the appended rows
@@ -111,7 +111,8 @@ LAYOUT_HELP = {
     "hf_blip2": "a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder",
     "hf_clip_text": "a transformers CLIP text encoder folder (e.g. SD's text_encoder/)",
     "sd": "Stable Diffusion v1/v2: a diffusers pipeline folder or a CompVis .ckpt",
-    "hf_opt": "a transformers OPTForCausalLM / OPTModel folder, with SEED's image tokens appended",
+    "hf_opt": "a transformers OPTForCausalLM / OPTModel folder, or a Blip2ForConditionalGeneration one's OPT, "
+              "with SEED's image tokens appended",
 }
 
 

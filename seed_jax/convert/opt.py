@@ -1,5 +1,7 @@
-"""A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), or an `OPTModel`
-one (`decoder.*`, as the Hub's facebook/opt-* folders) -> an `opt` export. Dimensions
+"""A transformers `OPTForCausalLM` folder (keys `model.decoder.*`), an `OPTModel`
+one (`decoder.*`, as the Hub's facebook/opt-* folders), or the OPT language model of a
+`Blip2ForConditionalGeneration` one (`language_model.model.decoder.*`, config.json's
+`text_config`, as Salesforce/blip2-opt-*) -> an `opt` export. Dimensions
 come from shapes; depth (`num_hidden_layers`; without it, the stored layers), head
 count, layer-norm placement (`do_layer_norm_before`, `_remove_final_layer_norm`),
 `enable_bias`, `layer_norm_elementwise_affine` and the training dropout rates
@@ -22,9 +24,31 @@ from seed_jax.convert.rules import Rule, Source, rule
 from seed_jax.models.opt import POSITION_OFFSET, OPTConfig
 
 
+BLIP2_LANGUAGE_MODEL = "language_model."  # the OPTForCausalLM's keys in a BLIP-2 folder start so
+
+
 def prefix(source: Source) -> str:
-    """`model.decoder.` (OPTForCausalLM) or `decoder.` (OPTModel)."""
-    return infer.prefix(source, "decoder.embed_tokens.weight", ("model.", ""), "an OPT model") + "decoder."
+    """`model.decoder.` (OPTForCausalLM), `decoder.` (OPTModel) or
+    `language_model.model.decoder.` (BLIP-2)."""
+    return infer.prefix(source, "decoder.embed_tokens.weight", ("model.", "", f"{BLIP2_LANGUAGE_MODEL}model."),
+                        "an OPT model") + "decoder."
+
+
+def head_key(source: Source) -> str:
+    """The key of a separate output layer: `lm_head.weight`, in BLIP-2 under its language model."""
+    return (BLIP2_LANGUAGE_MODEL if prefix(source).startswith(BLIP2_LANGUAGE_MODEL) else "") + "lm_head.weight"
+
+
+def language_model_config(hf: dict) -> dict:
+    """config.json's OPT settings: `hf` itself, or a BLIP-2 folder's `text_config`
+    (an OPT one, else a ValueError naming what it is)."""
+    if hf.get("model_type") != "blip-2":
+        return hf
+    text = hf.get("text_config") or {}
+    if text.get("model_type", "opt") != "opt":
+        raise ValueError(f"config.json text_config.model_type={text['model_type']!r}: this BLIP-2 folder's "
+                         "language model is not an OPT")
+    return text
 
 
 def extra_tokens(image_tokens: int) -> int:
@@ -57,19 +81,19 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
                      pre_layer_norm=hf.get("do_layer_norm_before", True),
                      final_norm=not hf.get("_remove_final_layer_norm", False), bias=hf.get("enable_bias", True),
                      norm_affine=hf.get("layer_norm_elementwise_affine", True),
-                     tie_embeddings=tied_output(source, hf, f"{p}embed_tokens.weight"),
+                     tie_embeddings=tied_output(source, hf, f"{p}embed_tokens.weight", head_key(source)),
                      extra_tokens=extra_tokens(image_tokens),
                      dropout=float(hf.get("dropout", 0.1)), attention_dropout=float(hf.get("attention_dropout", 0.0)))
 
 
-def tied_output(source: Source, hf: dict, embed_tokens: str) -> bool:
-    """Whether transformers' logits read `embed_tokens`: a stored lm_head.weight that
+def tied_output(source: Source, hf: dict, embed_tokens: str, head: str = "lm_head.weight") -> bool:
+    """Whether transformers' logits read `embed_tokens`: a stored `head` that
     differs from it is kept as the head (transformers >= 5 ties only equal ones); none
     stored with tie_word_embeddings false would leave transformers' head at random."""
-    if "lm_head.weight" in source:
-        return bool((source["lm_head.weight"] == source[embed_tokens]).all())
+    if head in source:
+        return bool((source[head] == source[embed_tokens]).all())
     if not hf.get("tie_word_embeddings", True):
-        raise ValueError("config.json tie_word_embeddings=false, but the folder holds no lm_head.weight: "
+        raise ValueError(f"config.json tie_word_embeddings=false, but the folder holds no {head}: "
                          "transformers would start the output layer at random")
     return True
 
@@ -112,7 +136,7 @@ def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:
         if c.pre_layer_norm and c.final_norm:
             out.update(tables.norm("final_layer_norm", f"{p}final_layer_norm"))
     if not c.tie_embeddings:
-        out["lm_head"] = rule("lm_head.weight")
+        out["lm_head"] = rule(head_key(source))
     if c.extra_tokens:
         out["embed_extra"] = rule(f"{p}embed_tokens.weight", hook=new_rows(c.extra_tokens, seed))
     if c.embed_width:

@@ -189,6 +189,22 @@ def test_bfloat16_tokenizer_picks_the_codes_of_a_float32_encode_task_layer():
     np.testing.assert_array_equal(got["quant_input"], want["quant_input"])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_codes_are_chosen_from_full_precision_float32_matmuls(dtype):
+    """The VQ distance pins HIGHEST precision (GPUs' default for float32 matmuls, TF32,
+    rounds their inputs); the encode_task_layer before it ran at the default, so its
+    output, which the distance reads, was rounded there. Every matmul from the causal
+    embeddings to the codes is now float32 at HIGHEST (what this CPU cannot show
+    numerically, the program says)."""
+    tok = SeedTokenizer(TINY_TOKENIZER, dtype=dtype, rngs=nnx.Rngs(0))
+    jaxpr = jax.make_jaxpr(lambda x: tok.quantize_embeddings(x)["codes"])(jnp.ones((2, 32, 32), dtype))
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # fc1, fc2, the distance
+    for dot in dots:
+        assert [v.aval.dtype for v in dot.invars] == [jnp.float32] * 2
+        assert dot.params["precision"] in ((jax.lax.Precision.HIGHEST,) * 2, jax.lax.Precision.HIGHEST), dot
+
+
 def test_bfloat16_attention_scores_reach_the_float32_softmax_unrounded():
     """DESIGN: softmax in float32. A bfloat16 Attention's q.k scores left the einsum
     rounded to bfloat16 (0.25 apart near 100) before the cast: its output was 2% off the

@@ -125,23 +125,23 @@ def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
 
 
 class Dense(nnx.Module):
-    """y = x W + b with W (in, out), computed in `dtype`."""
+    """y = x W + b with W (in, out), computed in `dtype` (the matmul at `precision`)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes=("embed", "mlp"),
                  use_bias: bool = True, lora: LoRA | None = None, dtype=jnp.float32, kernel_init=None,
-                 rngs: nnx.Rngs):
+                 precision: jax.lax.Precision | None = None, rngs: nnx.Rngs):
         self.kernel = param(rngs, kernel_init or fan_in(), (in_features, out_features), axes)
         self.bias = param(rngs, zeros, (out_features,), axes[1:]) if use_bias else None
         self.lora_a = lora_param(rngs, fan_in(), (in_features, lora.rank), (axes[0], None)) if lora else None
         self.lora_b = lora_param(rngs, zeros, (lora.rank, out_features), (None, axes[1])) if lora else None
         self.lora_scale = lora.scale if lora else 0.0
         self.lora_dropout = lora.dropout if lora else 0.0
-        self.dtype = dtype
+        self.dtype, self.precision = dtype, precision
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """x (..., in) -> (..., out); `rng` drops the adapter's input at the LoRA dropout rate."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype), precision=self.precision)
         if self.lora_a is not None:
             low = jnp.einsum("...i,ir->...r", dropout(x, self.lora_dropout, rng), self.lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(self.dtype))

@@ -60,9 +60,12 @@ class SeedTokenizerConfig:
 class TaskLayer(nnx.Module):
     """Linear -> tanh -> Linear (SEED's encode_task_layer / decode_task_layer)."""
 
-    def __init__(self, width_in: int, width_hidden: int, width_out: int, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = layers.Dense(width_in, width_hidden, axes=("embed", None), dtype=dtype, rngs=rngs)
-        self.fc2 = layers.Dense(width_hidden, width_out, axes=(None, "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, width_in: int, width_hidden: int, width_out: int, *, dtype, precision=None,
+                 rngs: nnx.Rngs):
+        self.fc1 = layers.Dense(width_in, width_hidden, axes=("embed", None), dtype=dtype, precision=precision,
+                                rngs=rngs)
+        self.fc2 = layers.Dense(width_hidden, width_out, axes=(None, "embed"), dtype=dtype, precision=precision,
+                                rngs=rngs)
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc1(x)))
@@ -88,8 +91,10 @@ class SeedTokenizer(nnx.Module):
         self.ln_vision = layers.LayerNorm(c.vit.width, eps=c.ln_vision_eps, dtype=jnp.float32, rngs=rngs)
         self.qformer = QFormer(c.qformer, dtype=dtype, remat=remat, rngs=rngs)
         # float32 whatever `dtype`, as SEED runs it (outside autocast): the VQ distance reads its output,
-        # and bfloat16's rounding (~1e-2) would flip the nearest code of near-ties.
-        self.encode_task_layer = TaskLayer(d, d, c.code_dim, dtype=jnp.float32, rngs=rngs)
+        # and bfloat16's rounding (~1e-2) would flip the nearest code of near-ties. At HIGHEST
+        # precision, as the distance: GPUs' default for float32 matmuls (TF32) rounds the inputs.
+        self.encode_task_layer = TaskLayer(d, d, c.code_dim, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST,
+                                           rngs=rngs)
         self.quantize = VectorQuantizer(c.num_codes, c.code_dim, beta=c.vq_beta, rngs=rngs)
         self.decode_task_layer = TaskLayer(c.code_dim, c.code_dim, d, dtype=dtype, rngs=rngs)
         self.pos_embed_text = layers.param(rngs, layers.normal(0.02), (c.qformer.num_queries, d),

@@ -689,8 +689,8 @@ def test_a_stage_holds_its_trainable_parameters_once():
     of several devices, where jit does not pass inputs through), and the model kept its
     copy for the whole stage, until the first evaluation: the parameters took twice their
     bytes beside the optimizer state (87 MB more per device for seed1's stage I on
-    gpu8). The set-up now donates them into the train state: after a step, the
-    parameters and AdamW's two moments alone are held."""
+    gpu8). The model now holds the train state's arrays: after a step, the parameters
+    and AdamW's two moments alone are held."""
     mesh = parallel.make_mesh({"data": jax.device_count()})
     model = _WideLine()
     nnx.update(model, jax.device_put(nnx.state(model), parallel.replicated(mesh)))  # as the trainers build it

@@ -208,8 +208,7 @@ class SeedOPT:
                 self._state, i, m, max_new_tokens=columns, num_beams=d.num_beams, eos_id=eos_id, pad_id=pad_id,
                 length_penalty=divisors, new_tokens=new_tokens), (ids, mask), self.batch_size)
             return generation.up_to_last_end(tokens[:, :d.max_new_tokens], d.eos_id)
-        ranges = np.concatenate([d.ranges, np.tile(generation.allowed_ranges(1, None, self.config.total_vocab_size),
-                                                   (columns - d.max_new_tokens, 1))])
+        ranges = generation.allowed_ranges(columns, d.ranges, self.config.total_vocab_size)  # the extra columns: any
 
         def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
             keys = jax.vmap(lambda row: jax.random.fold_in(d.key, row))(rows)

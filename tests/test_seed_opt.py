@@ -369,13 +369,27 @@ def test_an_export_killed_before_its_text_tokenizer_is_written_is_written_again(
 
 def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
     config = get_config("tiny")
-    model = OPTConfig(vocab_size=64, width=32, depth=1, num_heads=2, mlp_dim=64, max_positions=config.data.seq_length)
-    seed_opt.check_lengths(config, model, 32)
+    positions = config.data.seq_length
+    seed_opt.check_lengths(config, positions, 32)
     with pytest.raises(ValueError, match="data.seq_length .* exceeds the model's"):
-        seed_opt.check_lengths(config, OPTConfig(**{**model.__dict__, "max_positions": 64}), 32)
+        seed_opt.check_lengths(config, 64, 32)
+    with pytest.raises(ValueError, match=r"data.seq_length 128: no sequence fits in a row; .* 126 codes takes at "
+                                         r"least 129 tokens"):
+        seed_opt.check_lengths(config, positions, 126)
     config.phase2.max_targets_per_row = 32
     with pytest.raises(ValueError, match="phase2.max_targets_per_row 32: a text -> image sequence has 33 targets"):
-        seed_opt.check_lengths(config, model, 32)
+        seed_opt.check_lengths(config, positions, 32)
+
+
+def test_planned_lengths_are_those_of_the_tokenizer_run_that_will_be_used(tmp_path):
+    """A finished tokenizer run is reused as it was trained, whatever `config.tokenizer` says."""
+    config = get_config("tiny")
+    assert seed_opt.planned_lengths(config, str(tmp_path)) == (128, config.tokenizer.model.qformer.num_queries)
+    run = tmp_path / "tokenizer"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"qformer": {"num_queries": 8}}}))
+    (run / "DONE.json").write_text("{}")
+    assert seed_opt.planned_lengths(config, str(tmp_path)) == (128, 8)
 
 
 def test_shard_sets_of_two_counts_or_with_a_gap_are_refused(tmp_path):
@@ -1419,6 +1433,11 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("data", dict(get_config("tiny").data, max_text_tokens=0), "data.max_text_tokens: expected an integer >= 1"),
     ("prompts", dict(caption="A photo of", generate="Generate an image", question="Question: {question}"),
      r"prompts.generate: expected \{caption\}"),
+    # lengths that could never fit, checked from the config before the tokenizer is trained
+    ("data", dict(get_config("tiny").data, seq_length=256), "data.seq_length 256 exceeds the model's 128 positions"),
+    ("data", dict(get_config("tiny").data, seq_length=34), "data.seq_length 34: no sequence fits in a row"),
+    ("phase2", dict(get_config("tiny").phase2, max_targets_per_row=32),
+     "phase2.max_targets_per_row 32: a text -> image sequence has 33 targets"),
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from seed_jax import api, command_line, parallel, weights
+from seed_jax import export as export_lib
 from seed_jax.api.checks import check_count
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
@@ -134,9 +135,7 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
     added = dict(extra_tokens=extra, code_dim=code_dim if projected else 0, lora_rank=config.lora.rank,
                  lora_alpha=config.lora.alpha, lora_targets=config.lora.targets, lora_dropout=config.lora.dropout)
     if config.init.opt:
-        kind, base, _ = weights.read_config(config.init.opt)
-        if kind != "opt":
-            raise ValueError(f"init.opt: {config.init.opt} holds a {kind!r} export, expected 'opt'")
+        base = converted_opt(config)
         expected = 0 if projected else extra
         if base.extra_tokens != expected:
             raise ValueError(f"init.opt: the export has {base.extra_tokens} appended tokens; with image_embedding="
@@ -153,6 +152,14 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
         raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the text tokenizer's "
                          f"vocabulary ({text_vocab_size})")
     return opt.OPTConfig.from_dict({**config.model.to_dict(), **added})
+
+
+def converted_opt(config) -> opt.OPTConfig:
+    """The config of the converted OPT export at `init.opt`, else a ValueError naming it."""
+    kind, base, _ = weights.read_config(config.init.opt)
+    if kind != "opt":
+        raise ValueError(f"init.opt: {config.init.opt} holds a {kind!r} export, expected 'opt'")
+    return base
 
 
 def warn_if_rates_unrecorded(export: str, rates: dict[str, float]) -> None:
@@ -344,12 +351,31 @@ def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
     return records.shard_paths(directory, d.train_prefix, field), records.shard_paths(directory, d.eval_prefix, field)
 
 
-def check_lengths(config, m_config: opt.OPTConfig, codes_per_image: int) -> None:
-    """Rows the model can read (`data.seq_length` positions) and phases whose text -> image
-    sequences fit their rows (the codes and </img> are targets), else a ValueError."""
-    if config.data.seq_length > m_config.max_positions:
-        raise ValueError(f"data.seq_length {config.data.seq_length} exceeds the model's {m_config.max_positions} "
-                         "positions")
+def planned_lengths(config, workdir: str) -> tuple[int, int]:
+    """(the model's positions, the tokenizer's codes per image) that `train` will build
+    with, read before any work: from `init.opt`'s export or `model`, and from
+    `tokenizer_export`, the finished tokenizer run it reuses or `tokenizer` (the run it
+    trains first)."""
+    positions = converted_opt(config).max_positions if config.init.opt else config.model.max_positions
+    if config.tokenizer_export:
+        return positions, weights.read_config(config.tokenizer_export, "seed_tokenizer")[1].qformer.num_queries
+    tok_dir = tokenizer_trainer.run_directory(config, workdir)
+    if os.path.exists(os.path.join(tok_dir, "DONE.json")):
+        return positions, export_lib.read_workdir_config(tok_dir).model.qformer.num_queries
+    return positions, config.tokenizer.model.qformer.num_queries
+
+
+def check_lengths(config, max_positions: int, codes_per_image: int) -> None:
+    """Rows the model can read (`data.seq_length` of its `max_positions`) that hold a
+    sequence's image (</s> <img> codes </img> and a caption token: `codes_per_image` + 3
+    inputs), and phases whose text -> image sequences fit their rows (the codes and
+    </img> are targets), else a ValueError naming the field to change."""
+    seq_length = config.data.seq_length
+    if seq_length > max_positions:
+        raise ValueError(f"data.seq_length {seq_length} exceeds the model's {max_positions} positions")
+    if seq_length < codes_per_image + 3:
+        raise ValueError(f"data.seq_length {seq_length}: no sequence fits in a row; one with an image of the "
+                         f"tokenizer's {codes_per_image} codes takes at least {codes_per_image + 3} tokens")
     for _, key in PHASES:
         phase = config[key]
         if phase.text_to_image_fraction > 0 and phase.max_targets_per_row < codes_per_image + 1:
@@ -364,6 +390,8 @@ def train(config, workdir: str) -> bool:
         check_config(config)
         checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                         [(name, key, config[key].num_steps) for name, key in PHASES])
+        # checked again with the model and tokenizer built: this reads what they will be
+        check_lengths(config, *planned_lengths(config, workdir))
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
     decoder = decoder_export(config)
     if config.tokenizer_export:
@@ -387,7 +415,7 @@ def train(config, workdir: str) -> bool:
     model = create_model(m_config, config, mesh, codebook)
     logging.info("SEED-OPT: %s", m_config)
     codes_per_image = tokenizer_model.config.qformer.num_queries
-    check_lengths(config, m_config, codes_per_image)
+    check_lengths(config, m_config.max_positions, codes_per_image)
     image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
     builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),
                                         config.data.max_text_tokens)

@@ -568,7 +568,7 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
     (a warning names those that define the run, `warn_of_unused_settings`).
     None when that training was preempted (its checkpoint saved): the caller returns
     False, as a preempted run does."""
-    directory = os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
+    directory = run_directory(config, workdir)
     if not os.path.exists(os.path.join(directory, "DONE.json")):
         logging.info("no finished tokenizer run in %s: training it first", directory)
         if not train(config.tokenizer, directory, NESTED_PREFIX):
@@ -577,6 +577,12 @@ def ensure_trained(config, workdir: str) -> tuple[str, str, ml_collections.Confi
         warn_of_unused_settings(config.tokenizer, directory)
     out, trained = export_finished_run(directory)
     return directory, out, trained
+
+
+def run_directory(config, workdir: str) -> str:
+    """The tokenizer run of a trainer's `config` in `workdir` (`ensure_trained`'s): its
+    `tokenizer_workdir`, or WORKDIR/tokenizer, absolute."""
+    return os.path.abspath(config.tokenizer_workdir or os.path.join(workdir, "tokenizer"))
 
 
 def warn_of_unused_settings(settings: ml_collections.ConfigDict, directory: str) -> None:

@@ -195,26 +195,30 @@ def test_packed_pipeline_rows_rebuild_the_sequences_and_count_skipped_records(bu
 
 
 def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tmp_path):
-    """A record of 31 codes, one of booleans and a corrupt one are skipped and counted,
-    by the training example and by the evaluation reader alike."""
+    """A record of 31 codes, one of booleans, ones with an empty or blank caption (they
+    trained image -> text on </s> alone, text -> image from no caption) and a corrupt
+    one are skipped and counted, by the training example and by the evaluation reader alike."""
     good = ("good", "a small red star at the top", np.arange(32))
     short = code_records.encode_code_record("short", "a big blue circle", np.arange(31))
     booleans = json.dumps({"format": code_records.FORMAT_VERSION, "id": "bools", "caption": "a small red star",
                            "codes": [True] * 32}).encode()
+    empty = code_records.encode_code_record("empty", "", np.arange(32))
+    blank = code_records.encode_code_record("blank", " \t", np.arange(32))
     skipped = pipeline.SkipCounter()
-    example = sequences.CodeExample(builder, 0.0, 128, 80, skipped)
     rng = np.random.default_rng(0)
-    assert example(code_records.encode_code_record(*good), rng) is not None
-    assert [example(raw, rng) for raw in (short, booleans, b"\x00")] == [None] * 3
-    assert skipped.count == 3
+    for fraction in (0.0, 1.0):  # image -> text, text -> image
+        example = sequences.CodeExample(builder, fraction, 128, 80, skipped)
+        assert example(code_records.encode_code_record(*good), rng) is not None
+        assert [example(raw, rng) for raw in (short, booleans, empty, blank, b"\x00")] == [None] * 5
+    assert skipped.count == 10
     path = _write_records(tmp_path / "eval-00000-of-00001.array_record",
-                          [short, booleans, code_records.encode_code_record(*good)])
+                          [short, booleans, empty, blank, code_records.encode_code_record(*good)])
     skipped = pipeline.SkipCounter()
     assert [r["id"] for r in sequences.read_code_records([path], 1, skipped)] == ["good"]
-    assert skipped.count == 2
+    assert skipped.count == 4
     skipped = pipeline.SkipCounter()
     every = sequences.read_code_records([path], pipeline.ALL_RECORDS, skipped)
-    assert [r["id"] for r in every] == ["good"] and skipped.count == 2
+    assert [r["id"] for r in every] == ["good"] and skipped.count == 4
     with pytest.raises(ValueError, match=r"num_examples: expected at least 1 \(-1: all\), got 0"):
         sequences.read_code_records([str(path)], 0, skipped)
 

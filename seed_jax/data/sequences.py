@@ -169,12 +169,22 @@ def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarra
     return {"inputs": ids[:-1], "target_ids": ids[1:][target_index], "target_index": target_index}
 
 
+def decode_captioned(raw: bytes, codes_per_image: int, num_codes: int | None = None) -> dict:
+    """`code_records.decode_code_record`, a record whose caption is empty (or whitespace)
+    malformed too: it would train image -> text on </s> alone and text -> image from a
+    prompt without a caption, and be scored against an empty reference."""
+    record = code_records.decode_code_record(raw, codes_per_image, num_codes)
+    if not record["caption"].strip():
+        raise ValueError(f"code record {record['id']!r}: empty caption {record['caption']!r}")
+    return record
+
+
 @dataclasses.dataclass(frozen=True)
 class CodeExample:
     """A code record -> one training sequence: text -> image with probability
     `text_to_image_fraction`, else image -> text. None (counted) for a corrupt
-    record, one without `codes_per_image` codes, one longer than `max_length` or with
-    more than `max_targets` targets."""
+    record, one without `codes_per_image` codes or with an empty caption, one longer
+    than `max_length` or with more than `max_targets` targets."""
     builder: SequenceBuilder
     text_to_image_fraction: float
     max_length: int
@@ -185,7 +195,7 @@ class CodeExample:
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
         try:
-            record = code_records.decode_code_record(raw, self.codes_per_image)
+            record = decode_captioned(raw, self.codes_per_image)
             if rng.random() < self.text_to_image_fraction:
                 ids, mask = self.builder.generation_sequence(record["caption"], record["codes"])
             else:
@@ -242,8 +252,8 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
 def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter,
                       codes_per_image: int = CODES_PER_IMAGE, num_codes: int | None = None) -> list[dict]:
     """The first `num_examples` decodable code records of `codes_per_image` codes, each
-    in [0, `num_codes`) when it is given (others skipped and counted, as `CodeExample`
-    skips them); `pipeline.ALL_RECORDS`: every decodable one."""
+    in [0, `num_codes`) when it is given, with a caption (others skipped and counted, as
+    `CodeExample` skips them); `pipeline.ALL_RECORDS`: every decodable one."""
     every = num_examples == pipeline.ALL_RECORDS
     if num_examples < 1 and not every:
         raise ValueError(f"num_examples: expected at least 1 ({pipeline.ALL_RECORDS}: all), got {num_examples}")
@@ -253,7 +263,7 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
         if len(out) == num_examples:
             break
         try:
-            out.append(code_records.decode_code_record(source[i], codes_per_image, num_codes))
+            out.append(decode_captioned(source[i], codes_per_image, num_codes))
         except ValueError as error:
             skipped.add(why=str(error))
     if len(out) < num_examples or not out:

@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 # v is bounded at high noise, where a briefly trained
                                                 # noise predictor's image estimate is not
                                                 prediction_type="v_prediction"))
+    # grain's threads reading and decoding the training records, and the batches read ahead
+    c.data = ml_collections.ConfigDict(dict(num_threads=2, prefetch=4))
     c.uncond_probability = 0.1  # captions dropped to the empty prompt, for classifier-free guidance
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500

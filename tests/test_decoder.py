@@ -205,11 +205,13 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
     """A tokenizer run on `data.source="array_record"` read its shards from
     data.train_dir / data.eval_dir; the decoder looked for them in TOKENIZER_WORKDIR/data
     (only the synthetic source writes there) and failed with FileNotFoundError. It now
-    trains and evaluates on the tokenizer run's own splits, whatever their source."""
+    trains and evaluates on the tokenizer run's own splits, whatever their source, with
+    `data.num_threads` and `data.prefetch` (once fixed at 2 and 4)."""
     from seed_jax.data import pipeline, synthetic
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     config = get_config("tiny")
+    config.data.update(num_threads=3, prefetch=5)
     tok_config = config.tokenizer.copy_and_resolve_references()
     data_dir = str(tmp_path / "elsewhere")
     for split, prefix in (("train", "shapes_train"), ("eval", "shapes_eval")):
@@ -228,10 +230,15 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
         read["eval"] = eval_paths
         raise _Stop
 
-    monkeypatch.setattr(pipeline, "train_iterator", lambda paths, *_, **__: read.setdefault("train", paths))
+    def train_iterator(paths, *_, num_threads, prefetch, **__):
+        read["options"] = num_threads, prefetch
+        read["train"] = paths
+
+    monkeypatch.setattr(pipeline, "train_iterator", train_iterator)
     monkeypatch.setattr(decoder, "Evaluator", evaluator)
     with pytest.raises(_Stop):
         decoder.train(config, str(tmp_path / "decoder"))
+    assert read.pop("options") == (3, 5)
     assert {split: [os.path.basename(p) for p in paths] for split, paths in read.items()} == {
         "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}
 

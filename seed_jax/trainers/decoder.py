@@ -218,7 +218,8 @@ def train(config, workdir: str) -> bool:
     process_caption = text.caption_processor(tok_config.data.caption_processor)
     example = pipeline.PixelExample(sd_config.image_size, clip_tokenizer, skipped, process_caption)
     train_iter = pipeline.train_iterator(train_paths, example, global_batch_size=config.train.batch_size,
-                                         seed=config.seed, num_threads=2, prefetch=4)
+                                         seed=config.seed, num_threads=config.data.num_threads,
+                                         prefetch=config.data.prefetch)
     writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, tok_export, eval_paths, clip_tokenizer, writer, workdir, skipped, process_caption)
     preemption = coordination.Preemption()

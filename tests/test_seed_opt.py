@@ -835,6 +835,7 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
 
     from seed_jax.data import text as caption_text
     from seed_jax.evaluators.code_retrieval import CodeRetrieval
+    from seed_jax.evaluators.retrieval import recall_at_k
     from seed_jax.models.tokenizer import SeedTokenizer
 
     wordpiece = caption_text.grammar_wordpiece(["a", "red", "star"])
@@ -847,6 +848,14 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
     np.testing.assert_allclose(cleaned.caption_features(["A red star."]), raw.caption_features(["a red star"]),
                                atol=1e-6)
     assert not np.allclose(raw.caption_features(["A red star."]), raw.caption_features(["a red star"]), atol=1e-3)
+    # Hits are judged on cleaned captions too: two images' "a red star" and "A red star." are one text to the
+    # tokenizer (tied features); compared raw, the second image's codes missed on the tie's order alone.
+    codes = np.zeros((2, TINY_QFORMER.num_queries), np.int32)
+    assert cleaned.recall(codes, ["a red star", "A red star."], ["x", "y"])["r1"] == 1.0
+    # "none" (the demos'): what raw captions scored before
+    codes, captions = np.arange(2 * 32).reshape(2, 32), ["a red star", "A red star."]
+    before = recall_at_k(raw.code_features(codes), raw.caption_features(captions), captions, group_rows=False)
+    assert raw.recall(codes, captions) == {k[4:]: v for k, v in before.items() if k.startswith("i2t_")}
     # a tokenizer export's processor is the config's (SEED's blip_caption by default), checked before training
     config = get_config("tiny")
     config.tokenizer_export = "/ckpt/seed_v1_converted"

@@ -1346,6 +1346,30 @@ def test_an_eval_split_without_a_decodable_image_fails_naming_it(tmp_path):
         trainer.eval_inputs([path], example, config)
 
 
+def test_eval_retrieval_compares_captions_cleaned_as_the_text_head_reads_them(tmp_path):
+    """With `blip_caption`, "A red star." and "a red star" are one text to the Q-Former
+    (equal features); compared raw, retrieving the other image's one was a miss or a hit
+    by the tie's order alone. The evaluation's captions are now the cleaned ones; with
+    "none" (the demos'), as written."""
+    from array_record.python import array_record_module
+
+    from seed_jax.data import records, synthetic
+    from seed_jax.data import text as caption_text
+
+    path = str(tmp_path / "eval.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    raw = ["A red star.", "a red star", "(A blue circle)"]
+    for i, caption in enumerate(raw):
+        writer.write(records.encode_record({**synthetic.make_example(i, 0, 32), "caption": caption}))
+    writer.close()
+    config = _tiny(**{"eval.num_examples": pipeline.ALL_RECORDS})
+    qformer_text, clip_text = trainer.text_tokenizers(config, str(tmp_path))
+    for processor, expected in (("blip_caption", ["a red star", "a red star", "a blue circle"]), ("none", raw)):
+        example = pipeline.Example(32, qformer_text, clip_text, pipeline.SkipCounter(),
+                                   process_caption=caption_text.caption_processor(processor))
+        assert list(trainer.eval_inputs([path], example, config)[2]) == expected
+
+
 def test_stage_functions_name_an_unknown_stage():
     """Any name but "stage1" used to get stage II's loss."""
     with pytest.raises(ValueError, match=r"^stage: expected 'stage1' or 'stage2', got 'stage_2'$"):

@@ -2,7 +2,8 @@
 embedded as the tokenizer's `retrieval_codes` evaluation embeds them (codebook
 lookup -> reconstruction -> ITC image head), captions through the Q-Former text
 head (cleaned as the tokenizer's training cleaned them, `data.caption_processor`), and
-recall@K counts a hit when the retrieved caption equals the true one."""
+recall@K counts a hit when the retrieved caption equals the true one once both are
+cleaned (captions that differ only before cleaning are one text to the tokenizer)."""
 
 from __future__ import annotations
 
@@ -43,14 +44,19 @@ class CodeRetrieval:
         return run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size)
 
     def caption_features(self, captions: Sequence[str]) -> np.ndarray:
-        ids, mask = self.caption_tokenizer([self.process_caption(c) for c in captions])
+        return self._cleaned_features([self.process_caption(c) for c in captions])
+
+    def _cleaned_features(self, cleaned: Sequence[str]) -> np.ndarray:
+        ids, mask = self.caption_tokenizer(list(cleaned))
         return run_in_chunks(self._from_text, (ids, mask), self.batch_size)
 
     def recall(self, codes: np.ndarray, captions: Sequence[str], images: Sequence[str] | None = None
                ) -> dict[str, float]:
         """Row i of `codes` against all `captions` (its own is row i): recall@1/5/10 of
         the true caption among them, or of any caption of row i's image when `images`
-        names each row's image (an image's several captions, one row each)."""
-        out = recall_at_k(self.code_features(codes), self.caption_features(captions), captions, images=images,
+        names each row's image (an image's several captions, one row each). Captions
+        are compared cleaned: one equal to the true caption once cleaned is a hit."""
+        cleaned = [self.process_caption(c) for c in captions]
+        out = recall_at_k(self.code_features(codes), self._cleaned_features(cleaned), cleaned, images=images,
                           group_rows=False)
         return {k.replace("i2t_", ""): v for k, v in out.items() if k.startswith("i2t_")}

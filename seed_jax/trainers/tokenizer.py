@@ -383,10 +383,12 @@ def eval_inputs(paths, example: pipeline.Example, config, prefix: str = "") -> t
     """(image batches, caption batches, captions, images) of `Evaluator` for the first
     `config.eval.num_examples` records of the eval split `paths`: the image batches hold
     one row per image (by `records.image_id`), the first of its records whose image
-    decodes, the caption batches all. Raises naming the split when no record's image
+    decodes, the caption batches all; the captions cleaned as `example` cleans them
+    (retrieval compares them so: captions differing only before cleaning are one text). Raises naming the split when no record's image
     decodes (retrieval over no pairs is NaN); errors name eval.num_examples after `prefix`."""
     e = config.eval
     captions, images = zip(*pipeline.read_labels(paths, e.num_examples, prefix))
+    captions = tuple(None if c is None else example.process_caption(c) for c in captions)
     image_records = pipeline.records_of_images(images)
     if not image_records:
         raise ValueError(f"{paths[0]}...: none of the eval split's first {len(images)} records decodes "

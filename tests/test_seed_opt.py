@@ -331,15 +331,17 @@ def test_an_export_reads_images_as_the_codes_per_image_it_was_trained_on(text, t
 def test_caption_codes_reads_the_code_records_of_the_exports_codes_per_image(text, tmp_path):
     """The caption_codes evaluator read every code record as SEED's 32 codes: on the
     codes of a SEED-OPT trained with another count each record was skipped, and it
-    failed ("hold 0 readable records"). It reads them as the export's codes_per_image."""
+    failed ("hold 0 readable records"). It reads them as the export's codes_per_image.
+    A record of codes outside the export's codebook (64) ended it with a ValueError from
+    the first batch's prompts; it is skipped and counted, as training skips it."""
     out = str(tmp_path / "export")
     _export_of_8_codes_an_image(text, out)
-    rows = [(f"img-{i}", "a small red star", np.full(8, i)) for i in range(3)]
+    rows = [(f"img-{i}", "a small red star", np.full(8, i)) for i in range(3)] + [("beyond", "a star", np.full(8, 64))]
     os.makedirs(tmp_path / "codes")
     _write_code_records(records.shard_path(str(tmp_path / "codes"), "eval", 0, 1), rows)
     scores = caption_codes.score_split(api.SeedOPT.load(out), str(tmp_path / "codes"), "eval",
                                        num_examples=pipeline.ALL_RECORDS, max_new_tokens=2)
-    assert scores["num_examples"] == 3 and scores["skipped_records"] == 0
+    assert scores["num_examples"] == 3 and scores["skipped_records"] == 1
 
 
 class _Killed(Exception):

@@ -67,11 +67,11 @@ def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_n
 def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
                 batch_size: int = 128, max_new_tokens: int = 24) -> dict[str, float]:
     """Caption scores of `model` on the first `num_examples` readable records of
-    `codes_dir`'s `split` shards (corrupt records, and those of other than the model's
-    codes per image, skipped and counted)."""
+    `codes_dir`'s `split` shards (corrupt records, those of other than the model's codes
+    per image and those of codes outside its codebook skipped and counted)."""
     skipped = pipeline.SkipCounter()
     rows = sequences.read_code_records(records.shard_paths(codes_dir, split, "codes_dir"), num_examples, skipped,
-                                       codes_per_image=model.num_queries)
+                                       codes_per_image=model.num_queries, num_codes=model.builder.image.num_codes)
     captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
     scores = score_captions(captions, [r["caption"] for r in rows], [records.image_id(r["id"]) for r in rows])

@@ -333,3 +333,43 @@ def test_a_folder_without_shards_fails_before_the_export_loads(tmp_path, monkeyp
                           f"--codes_dir={empty}"], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": REPO})
     assert run.returncode != 0 and "codes_dir: no ArrayRecord shards" in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module, work, flag_values, expected", [
+    ("caption_codes", "score_split", dict(export="~/e", codes_dir="~/codes", split="eval", num_examples=1,
+                                          max_new_tokens=1), ["~/e", "~/codes"]),
+    ("caption_swaps", "score_run", dict(tokenizer_workdir="~/w", split="eval", num_examples=1), ["~/w"]),
+    ("feature_probe", "probe_run", dict(tokenizer_workdir="~/w", intermediates=["quantized"], num_train=1,
+                                        extra_data_dir="~/extra", epochs=1, out="~/out.json"),
+     ["~/w", "~/extra", "~/out.json"]),
+    ("query_redundancy", "measure", dict(export="~/e", data_dir="~/data", prefix="eval", num_examples=1,
+                                         out="~/out.json"), ["~/e", "~/data", "~/out.json"]),
+    ("vit_from_labels", "run", dict(tokenizer_workdir="~/w", steps=1, batch_size=1, lr=1.0, seed=0, out="~/out.json"),
+     ["~/w", "~/out.json"])])
+def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_values, expected, tmp_path,
+                                                            monkeypatch):
+    """`--codes_dir=~/codes` (and the evaluators' other folder and file flags: a shell leaves
+    a `~` after `=` as it is) looked for ./~/codes; only --export, which the API expands,
+    named the home directory's. Every path flag now does."""
+    import importlib
+
+    evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(**flag_values))
+    used = []
+    result = dict(num_examples=1, r2_from_last=[], codes_used=[], positions_per_code={}) \
+        if module == "query_redundancy" else {}
+
+    def take(*args, **kwargs):  # each string argument is a path or a name
+        used.extend(a for a in [*args, *kwargs.values()] if isinstance(a, str))
+        return result
+
+    monkeypatch.setattr(evaluator, work, take)
+    monkeypatch.setattr(records, "shard_paths", take)
+    monkeypatch.setattr(api.SeedOPT, "load", take)
+    monkeypatch.chdir(tmp_path)
+    evaluator.main(["evaluator"])
+    for path in expected:
+        home = path.replace("~", str(tmp_path))
+        assert home in used or os.path.exists(home), (path, used)
+    assert not any(p.startswith("~") for p in used) and not os.path.exists("~"), used

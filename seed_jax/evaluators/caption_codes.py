@@ -94,8 +94,9 @@ def _define_flags():
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    records.shard_paths(FLAGS.codes_dir, FLAGS.split, "codes_dir")  # a mistyped folder fails before the export loads
-    scores = score_split(api.SeedOPT.load(FLAGS.export), FLAGS.codes_dir, FLAGS.split,
+    export, codes_dir = command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.codes_dir)
+    records.shard_paths(codes_dir, FLAGS.split, "codes_dir")  # a mistyped folder fails before the export loads
+    scores = score_split(api.SeedOPT.load(export), codes_dir, FLAGS.split,
                          num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)
     print()

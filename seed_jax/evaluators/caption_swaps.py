@@ -102,7 +102,8 @@ def _define_flags():
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    scores = score_run(FLAGS.tokenizer_workdir, num_examples=FLAGS.num_examples, split=FLAGS.split)
+    scores = score_run(command_line.user_path(FLAGS.tokenizer_workdir), num_examples=FLAGS.num_examples,
+                       split=FLAGS.split)
     json.dump(scores, sys.stdout, indent=1)
     print()
 

@@ -229,9 +229,10 @@ def main(argv):
     unknown = sorted(set(FLAGS.intermediates) - set(allowed))
     if unknown:
         raise ValueError(f"--intermediates: {unknown} are not among {allowed}")
-    results = probe_run(FLAGS.tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train,
-                        epochs=FLAGS.epochs, extra_data_dir=FLAGS.extra_data_dir)
-    report(results, FLAGS.out)
+    results = probe_run(command_line.user_path(FLAGS.tokenizer_workdir), FLAGS.intermediates,
+                        num_train=FLAGS.num_train, epochs=FLAGS.epochs,
+                        extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))
+    report(results, command_line.user_path(FLAGS.out))
 
 
 if __name__ == "__main__":

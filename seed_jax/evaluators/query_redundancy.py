@@ -79,13 +79,14 @@ def _define_flags():
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    result = measure(FLAGS.export, FLAGS.data_dir, FLAGS.prefix, FLAGS.num_examples)
+    result = measure(command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.data_dir), FLAGS.prefix,
+                     FLAGS.num_examples)
     print(f"{result['num_examples']} images")
     print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))
     print("codes used per position:", " ".join(str(v) for v in result["codes_used"]))
     print("used codes by how many positions choose them:", result["positions_per_code"])
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
+        with open(command_line.user_path(FLAGS.out), "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -95,9 +95,9 @@ def main(argv):
     for name in ("steps", "batch_size"):
         if getattr(FLAGS, name) < 1:
             raise ValueError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")
-    results = run(FLAGS.tokenizer_workdir, steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
-                  seed=FLAGS.seed)
-    feature_probe.report({"vit_from_labels": results}, FLAGS.out)
+    results = run(command_line.user_path(FLAGS.tokenizer_workdir), steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+                  lr=FLAGS.lr, seed=FLAGS.seed)
+    feature_probe.report({"vit_from_labels": results}, command_line.user_path(FLAGS.out))
 
 
 if __name__ == "__main__":

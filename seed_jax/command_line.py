@@ -25,13 +25,13 @@ class ConfigError(ValueError):
 
 @contextlib.contextmanager
 def config_checks():
-    """Re-raises a ValueError raised inside as a ConfigError: around the checks a trainer
-    makes of its config and workdir before it starts."""
+    """Re-raises a ValueError or FileNotFoundError raised inside as a ConfigError: around the
+    checks a trainer makes of its config, workdir and the files they name before it starts."""
     try:
         yield
     except ConfigError:
         raise
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
 
 

@@ -33,14 +33,16 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     """Writes the tokenizer of `workdir` to `out`; returns {stage: restored step or None}.
-    Runs on this process alone (in a multi-host run, one process calls it)."""
-    config = read_workdir_config(workdir)
-    if config.trainer != "tokenizer":
-        raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
-    stages = tokenizer_trainer.stages_to_run(config)
-    if last_stage not in stages:
-        raise ValueError(f"stage: {last_stage!r} was not trained in workdir {workdir} (it trained {stages}, "
-                         f"starting from init.stage1={config.init.stage1!r})")
+    Runs on this process alone (in a multi-host run, one process calls it). A workdir or
+    stage it cannot export is a `command_line.ConfigError`."""
+    with command_line.config_checks():
+        config = read_workdir_config(workdir)
+        if config.trainer != "tokenizer":
+            raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
+        stages = tokenizer_trainer.stages_to_run(config)
+        if last_stage not in stages:
+            raise ValueError(f"stage: {last_stage!r} was not trained in workdir {workdir} (it trained {stages}, "
+                             f"starting from init.stage1={config.init.stage1!r})")
     stages = stages[:stages.index(last_stage) + 1]
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     model = tokenizer_trainer.create_model(config, mesh)
@@ -51,11 +53,11 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
             restored[name] = checkpointing.restore_trained_params(model, trainable,
                                                                   os.path.join(workdir, "checkpoints", name))
         except checkpointing.CheckpointMismatch as e:
-            raise checkpointing.CheckpointMismatch(
+            raise command_line.ConfigError(
                 f"{e} than {os.path.join(workdir, 'config.json')}, which the export builds the model from: export "
                 "with the config the run was trained with (that file as its training wrote it)") from None
     if all(step is None for step in restored.values()):
-        raise FileNotFoundError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
+        raise command_line.ConfigError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
     tokenizer = model.tokenizer
     weights.save(out, "seed_tokenizer", tokenizer.config, weights.flat_params(tokenizer),
                  info={"workdir": os.path.abspath(workdir), "steps": restored})
@@ -74,7 +76,11 @@ def main(argv):
     workdir, out = command_line.user_path(flags.FLAGS.workdir), command_line.user_path(flags.FLAGS.out)
     if not workdir or not out:
         raise app.UsageError("--workdir and --out are required")
-    restored = export(workdir, out, flags.FLAGS.stage)
+    try:
+        weights.check_free(out)  # before the model is built and restored
+        restored = export(workdir, out, flags.FLAGS.stage)
+    except (command_line.ConfigError, FileExistsError) as error:  # its message says what to change: no traceback
+        sys.exit(f"FATAL export error: {error}")
     for name, step in restored.items():
         if step is None:
             logging.warning("%s has no checkpoint: its parameters are the initial ones", name)

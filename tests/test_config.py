@@ -190,17 +190,23 @@ def test_a_home_directory_path_is_expanded_in_workdir_and_settings(repo_root, tm
                             env={**os.environ, "PYTHONPATH": repo_root, "HOME": str(home)}, capture_output=True,
                             text=True, timeout=300)
     assert f"workdir: {home}/w\n" in result.stdout, result.stdout
-    assert f"no ArrayRecord shards named 'train-*-of-*.array_record' in '{home}/data'" in result.stderr, result.stderr
+    assert result.stderr.rstrip().endswith("FATAL config error: config.splits.train.dir: no ArrayRecord shards named "
+                                           f"'train-*-of-*.array_record' in '{home}/data'"), result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert os.listdir(cwd) == []
 
 
 def test_export_takes_workdir_and_out_under_the_home_directory(repo_root, tmp_path):
-    """`python -m seed_jax.export --workdir=~/w --out=~/e` looked for ./~/w; `~` is now the home directory."""
+    """`python -m seed_jax.export --workdir=~/w --out=~/e` looked for ./~/w; `~` is now the
+    home directory. A folder it cannot export (no config.json) is refused with that message
+    alone, not at the end of a traceback."""
     (tmp_path / "w").mkdir()
     result = subprocess.run([sys.executable, "-m", "seed_jax.export", "--workdir=~/w", "--out=~/e"], cwd=repo_root,
                             env={**os.environ, "PYTHONPATH": repo_root, "HOME": str(tmp_path)}, capture_output=True,
                             text=True, timeout=300)
-    assert f"workdir {tmp_path}/w: no config.json" in result.stderr, result.stderr
+    assert result.stderr.rstrip().endswith(f"FATAL export error: workdir {tmp_path}/w: no config.json (is it a "
+                                           "training workdir?)"), result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
 
 
 def test_help_names_every_config_with_its_presets_and_layouts(repo_root):

@@ -892,24 +892,27 @@ def test_a_nested_tokenizer_runs_data_errors_name_the_trainers_fields(tmp_path, 
     folder that holds no shards, an unknown text tokenizer kind or more eval examples
     than its eval split holds was refused naming `data.train_dir`, `data.tokenizer.kind`
     or `eval.num_examples`, the trainer's own fields' names; it now names the flags'
-    fields: `tokenizer.data.train_dir`, ..."""
+    fields: `tokenizer.data.train_dir`, ... Each was also a traceback; each is now a
+    ConfigError, whose message `python -m seed_jax.main` prints alone."""
     import importlib
 
     module = importlib.import_module(f"seed_jax.trainers.{trainer_name}")
     config = importlib.import_module(f"configs.{trainer_name}").get_config("tiny")
     config.tokenizer_workdir = str(tmp_path / "tokenizer")
     config.tokenizer.data.update(dict(source="array_record", train_dir=str(tmp_path), eval_dir=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match=r"^tokenizer\.data\.train_dir: no ArrayRecord shards"):
+    with pytest.raises(command_line.ConfigError, match=r"^tokenizer\.data\.train_dir: no ArrayRecord shards"):
         module.train(config, str(tmp_path / "run"))
     config.tokenizer.data.update(dict(source="synthetic", train_dir="", eval_dir=""))
     config.tokenizer.data.tokenizer.kind = "bogus"
     config.tokenizer_workdir = str(tmp_path / "tokenizer2")
-    with pytest.raises(ValueError, match=r"^tokenizer\.data\.tokenizer\.kind: expected 'wordpiece_grammar' or"):
+    with pytest.raises(command_line.ConfigError,
+                       match=r"^tokenizer\.data\.tokenizer\.kind: expected 'wordpiece_grammar' or"):
         module.train(config, str(tmp_path / "run"))
     config.tokenizer.data.tokenizer.kind = "wordpiece_grammar"
     config.tokenizer.eval.num_examples = config.tokenizer.data.synthetic.num_eval + 1
-    with pytest.raises(ValueError, match=rf"^tokenizer\.eval\.num_examples: {config.tokenizer.eval.num_examples} "
-                                         "requested, the eval split has"):
+    with pytest.raises(command_line.ConfigError,
+                       match=rf"^tokenizer\.eval\.num_examples: {config.tokenizer.eval.num_examples} "
+                             "requested, the eval split has"):
         module.train(config, str(tmp_path / "run"))
 
 

@@ -498,15 +498,17 @@ def train(config, workdir: str, prefix: str = "") -> bool:
     rules = config.axis_rules
     logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    train_paths, eval_paths = dataset_paths(config, workdir, prefix)
-    qformer_text, clip_text = text_tokenizers(config, workdir, prefix)
-    for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
-                            ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
-        if tok.vocab_size > size:
-            raise ValueError(f"{prefix}{name} {size} is smaller than its tokenizer's vocabulary ({tok.vocab_size})")
-    skipped = pipeline.SkipCounter()
-    example = make_example(config, qformer_text, clip_text, skipped)
-    evaluation = eval_inputs(eval_paths, example, config, prefix)
+    with command_line.config_checks():  # the shards, text tokenizers and eval split the settings name
+        train_paths, eval_paths = dataset_paths(config, workdir, prefix)
+        qformer_text, clip_text = text_tokenizers(config, workdir, prefix)
+        for name, tok, size in (("model.qformer.vocab_size", qformer_text, config.model.qformer.vocab_size),
+                                ("clip_text.vocab_size", clip_text, config.clip_text.vocab_size)):
+            if tok.vocab_size > size:
+                raise ValueError(f"{prefix}{name} {size} is smaller than its tokenizer's vocabulary "
+                                 f"({tok.vocab_size})")
+        skipped = pipeline.SkipCounter()
+        example = make_example(config, qformer_text, clip_text, skipped)
+        evaluation = eval_inputs(eval_paths, example, config, prefix)
     model = create_model(config, mesh)
 
     writer = reporting.MetricsWriter(workdir)

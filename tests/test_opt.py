@@ -732,7 +732,11 @@ def test_sampling_options_outside_their_range_fail_naming_them(option, message):
     (dict(eos_id=10**6), r"eos_id: expected None or a token id in \[0, \d+\), got 1000000"),
     (dict(eos_id=-1, num_beams=2), r"eos_id: expected None or a token id in \[0, \d+\), got -1"),
     (dict(eos_id=[2, 3]), r"eos_id: generate ends rows at one token, got \[2, 3\]"),
-    (dict(pad_id=1.5), "pad_id: expected an integer, got 1.5"),
+    (dict(pad_id=1.5), r"pad_id: expected a token id in \[0, \d+\), got 1.5"),
+    (dict(pad_id=2**31), r"pad_id: expected a token id in \[0, \d+\), got 2147483648"),
+    (dict(pad_id=2**31, num_beams=2), r"pad_id: expected a token id in \[0, \d+\), got 2147483648"),
+    (dict(pad_id=-1), r"pad_id: expected a token id in \[0, \d+\), got -1"),
+    (dict(eos_id=2**31), r"eos_id: expected None or a token id in \[0, \d+\), got 2147483648"),
 ])
 def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
     """A NaN or -inf length_penalty scored every finished hypothesis NaN, and beam
@@ -740,7 +744,8 @@ def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
     every hypothesis longer than one token 0, a tie). An eos_id outside the vocabulary
     ended no row, silently. A float num_beams or max_new_tokens failed inside jit
     ("broadcast_in_dim shape must have every element be an integer type"), a list of
-    eos ids as a "non-hashable static argument", naming neither."""
+    eos ids as a "non-hashable static argument", naming neither. A pad_id past int32 failed
+    in numpy (OverflowError) and one outside the vocabulary padded with no token."""
     options = {"max_new_tokens": 3, **option}
     with pytest.raises(ValueError, match=message):
         _tiny_seed_opt().generate(np.full((2, 4), 5), **options)

@@ -236,8 +236,8 @@ class SeedOPT:
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end
             raise ValueError(f"eos_id: expected None or a token id in [0, {vocab}), got {eos_id!r}")
-        if not is_integer(pad_id):
-            raise ValueError(f"pad_id: expected an integer, got {pad_id!r}")
+        if not is_integer(pad_id) or not 0 <= pad_id < vocab:  # else not a token (or not an int32)
+            raise ValueError(f"pad_id: expected a token id in [0, {vocab}), got {pad_id!r}")
         length_penalty = check_finite_number("length_penalty", length_penalty)  # NaN: every answer empty
         if num_beams == 1 and length_penalty != 1.0:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")

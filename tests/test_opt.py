@@ -680,6 +680,11 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
         lm.caption_codes(np.zeros((1, 5), np.int64))
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
         _tiny_seed_opt(batch_size=0)
+    # given to SeedOPT directly (`load` reads the one training checked): 0 emptied every prompt's text
+    # silently, 2.5 failed slicing the first caption's ids
+    for max_text_tokens in (0, 2.5):
+        with pytest.raises(ValueError, match=f"^max_text_tokens: expected an integer >= 1, got {max_text_tokens}$"):
+            _tiny_seed_opt(max_text_tokens=max_text_tokens)
 
 
 def test_questions_and_prompts_that_are_not_strings_fail_naming_them():

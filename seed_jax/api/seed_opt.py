@@ -69,7 +69,8 @@ class SeedOPT:
                              f"vocabulary of {self.config.vocab_size}: expected the text tokenizer the model was "
                              "trained with")
         self.text_tokenizer, self.tokenizer, self.prompts = text_tokenizer, tokenizer, prompts
-        self.max_text_tokens = max_text_tokens
+        # as training checks data.max_text_tokens, which `load` reads: 0 left every prompt empty
+        self.max_text_tokens = check_count("max_text_tokens", max_text_tokens, 1)
         self.num_queries = check_count("codes_per_image", codes_per_image, 1)  # codes per image
         graphdef, self._state = nnx.split(model)
         precision = matmul_precision(dtype)

@@ -373,3 +373,19 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
         home = path.replace("~", str(tmp_path))
         assert home in used or os.path.exists(home), (path, used)
     assert not any(p.startswith("~") for p in used) and not os.path.exists("~"), used
+
+
+@pytest.mark.parametrize("module, flag_values, message", [
+    ("feature_probe", dict(intermediates=["codes"]), r"--intermediates: \['codes'\] are not among"),
+    ("vit_from_labels", dict(steps=0, batch_size=1), "--steps: expected a positive integer, got 0")])
+def test_an_evaluators_flag_it_cannot_take_is_a_usage_error(module, flag_values, message, monkeypatch):
+    """Such a flag raised a ValueError, which absl's app.run prints at the end of a
+    traceback; a UsageError it prints as the message and the flags' help."""
+    import importlib
+
+    from absl import app
+
+    evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
+    monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(**flag_values))
+    with pytest.raises(app.UsageError, match=message):
+        evaluator.main(["evaluator"])

@@ -228,7 +228,7 @@ def main(argv):
     allowed = [name for name in api.INTERMEDIATES if name != "codes"]
     unknown = sorted(set(FLAGS.intermediates) - set(allowed))
     if unknown:
-        raise ValueError(f"--intermediates: {unknown} are not among {allowed}")
+        raise app.UsageError(f"--intermediates: {unknown} are not among {allowed}")
     results = probe_run(command_line.user_path(FLAGS.tokenizer_workdir), FLAGS.intermediates,
                         num_train=FLAGS.num_train, epochs=FLAGS.epochs,
                         extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))

@@ -94,7 +94,7 @@ def main(argv):
     command_line.refuse_positional_arguments(argv)
     for name in ("steps", "batch_size"):
         if getattr(FLAGS, name) < 1:
-            raise ValueError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")
+            raise app.UsageError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")
     results = run(command_line.user_path(FLAGS.tokenizer_workdir), steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                   lr=FLAGS.lr, seed=FLAGS.seed)
     feature_probe.report({"vit_from_labels": results}, command_line.user_path(FLAGS.out))

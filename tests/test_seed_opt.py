@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -928,6 +929,7 @@ def test_score_split_counts_any_caption_of_a_records_image(tmp_path):
 
     class FirstCaption:  # writes the first caption of the image whose codes it reads
         num_queries = 32
+        builder = types.SimpleNamespace(image=types.SimpleNamespace(num_codes=2))  # codes 0 and 1
 
         def caption_codes(self, codes, max_new_tokens):
             return [f"{'ab'[row[0]]}.jpg caption 0" for row in codes]

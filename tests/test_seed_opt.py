@@ -23,7 +23,7 @@ from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_same_gradients, assert_weights_split, checkpoint_params, layout_mesh,
                      decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch,
                      split_over_fsdp_and_tensor, stage_gradients)
-from seed_jax import api, parallel, weights
+from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
@@ -982,6 +982,10 @@ def test_decoder_export_is_required_unless_the_config_says_otherwise(tiny_decode
     config.decoder_export = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="decoder_export: no diffusion export at .*missing"):
         seed_opt.decoder_export(config)
+    # a ConfigError in training, which `python -m seed_jax.main` prints without a traceback, before any work
+    with pytest.raises(command_line.ConfigError, match="^decoder_export: no diffusion export at .*missing"):
+        seed_opt.train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "tokenizer")
     config.decoder_export_required = False  # the demo's: the decoder demo may not have run
     assert seed_opt.decoder_export(config) == ""
 

@@ -393,7 +393,7 @@ def train(config, workdir: str) -> bool:
         # checked again with the model and tokenizer built: this reads what they will be
         check_lengths(config, *planned_lengths(config, workdir))
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
-    decoder = decoder_export(config)
+        decoder = decoder_export(config)
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None
     else:

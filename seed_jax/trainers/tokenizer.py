@@ -384,8 +384,9 @@ def eval_inputs(paths, example: pipeline.Example, config, prefix: str = "") -> t
     `config.eval.num_examples` records of the eval split `paths`: the image batches hold
     one row per image (by `records.image_id`), the first of its records whose image
     decodes, the caption batches all; the captions cleaned as `example` cleans them
-    (retrieval compares them so: captions differing only before cleaning are one text). Raises naming the split when no record's image
-    decodes (retrieval over no pairs is NaN); errors name eval.num_examples after `prefix`."""
+    (retrieval compares them so: captions differing only before cleaning are one text).
+    Raises naming the split when no record's image decodes (retrieval over no pairs is
+    NaN); errors name eval.num_examples after `prefix`."""
     e = config.eval
     captions, images = zip(*pipeline.read_labels(paths, e.num_examples, prefix))
     captions = tuple(None if c is None else example.process_caption(c) for c in captions)

@@ -34,7 +34,7 @@ setup(
         "torch": ["torch==2.13.0"],
         # Reading prepared (array_record) datasets needs no TensorFlow; preparing them does.
         "tfds": ["tensorflow-datasets>=4.9.3"],
-        # pytest-xdist: the README's test command runs two workers (python -m pytest -n 2)
+        # pytest-xdist: the README's test command runs most tests in two workers (pytest -n 2)
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.30",
                  "tensorflow-datasets>=4.9.3",
                  # executes notebooks/ in a kernel

@@ -309,7 +309,7 @@ def test_clip_text_depth_is_config_jsons_num_hidden_layers_as_transformers_build
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
+@pytest.mark.full_size
 def test_full_size_clip_vit_l14_text_encoder_matches_transformers(tmp_path):
     # SD v1's text encoder shape (CLIPTextConfig's defaults are ViT-B/32's: 512 wide, 8 heads)
     error = _clip_parity(tmp_path, CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
@@ -318,7 +318,7 @@ def test_full_size_clip_vit_l14_text_encoder_matches_transformers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
+@pytest.mark.full_size
 def test_full_size_hf_blip2_matches_transformers(tmp_path):
     """ViT-g/14 at 224 px and the BERT-base Q-Former (transformers' defaults)."""
     hf = randomize(Blip2ForImageTextRetrieval(Blip2Config(qformer_config=dict(use_qformer_text_input=True))), 3).eval()

@@ -432,7 +432,7 @@ FULL = ReferenceConfig()  # ViT-g/14 at 224 px, BERT-base Q-Former, 8192 codes
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
+@pytest.mark.full_size
 def test_full_size_release_checkpoint_matches_the_reference(tmp_path):
     """One image (batches and padding: the tiny tests), converted in this process
     (`python -m`: test_cli_runs_as_a_module)."""

@@ -475,7 +475,7 @@ def test_guiding_a_model_never_trained_unconditionally_warns_once(converted, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")
+@pytest.mark.full_size
 def test_full_size_sd_v1_unet_and_vae_match_diffusers(tmp_path):
     """SD v1's UNet (one denoising step) and autoencoder (encode and decode) with random
     weights, through the CLI, at 256x256 pixels (32x32 latents): the same weights and

@@ -6,7 +6,8 @@ learned positions expect, so padded and unpadded prompts give the same tokens.
 Each step picks a token greedily (temperature 0) or samples it after temperature,
 top-k and top-p (nucleus) filtering; `allowed` ranges can force which tokens a step
 may emit (SEED-OPT's text -> image: exactly 32 code tokens, then </img>). Beam
-search follows transformers' (finished hypotheses at eos, length-normalised scores).
+search follows transformers' (finished hypotheses at eos, length-normalised scores)
+and takes the same `allowed` ranges.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def length_divisors(max_new_tokens: int, length_penalty: float) -> np.ndarray:
 
 def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
                 num_beams: int, eos_id: int | None = None, pad_id: int = 1,
-                length_penalty: float | jax.Array = 1.0, new_tokens: int | jax.Array | None = None) -> jax.Array:
+                length_penalty: float | jax.Array = 1.0, new_tokens: int | jax.Array | None = None,
+                allowed: jax.Array | None = None) -> jax.Array:
     """(B,P) left-padded prompts -> (B,max_new_tokens) int32, as transformers'
     `generate(num_beams=K, do_sample=False)` with its default `early_stopping=False`.
 
@@ -206,13 +208,17 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     not beat the buffer's worst; the loop ends when no row takes any. Returns each
     row's best hypothesis, `pad_id` after its eos. `length_penalty` is a number, or its
     (T,) `length_divisors` (an array may be traced: other penalties then reuse a compiled
-    program), as `eos_id` (-1: none), `pad_id` and `new_tokens` (as `generate`'s) may be."""
+    program), as `eos_id` (-1: none), `pad_id`, `new_tokens` and `allowed` (as `generate`'s)
+    may be; `allowed` sets the other tokens' log-probabilities to -inf after the log-softmax
+    over the whole vocabulary, as transformers' `prefix_allowed_tokens_fn`."""
     batch, prompt_length = input_ids.shape
     k = num_beams
     eos = -1 if eos_id is None else eos_id  # -1: no token ends a beam early
     limit = max_new_tokens if new_tokens is None else new_tokens
     repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (B,...) -> (B*K,...), beams of a row adjacent
     take = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
+    allowed = jnp.asarray(allowed_ranges(max_new_tokens, None, model.config.total_vocab_size) if allowed is None
+                          else allowed)
     logits, cache, mask, position = _prefill(model, input_ids, attention_mask, max_new_tokens)
     cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # cache batch axis is 1 (after layers)
     # New positions are written in order and the causal mask hides those not yet written.
@@ -223,7 +229,9 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
     def select(i, logits, beams: Beams):
         """Step i on the live beams' (B*K,V) logits -> their parents (B*K,), new tokens (B*K,), next Beams."""
         vocab = logits.shape[-1]
-        total = (beams.scores[:, None] + jax.nn.log_softmax(logits, -1)).reshape(batch, k * vocab)
+        ids = jnp.arange(vocab)
+        log_probs = jnp.where((ids >= allowed[i, 0]) & (ids < allowed[i, 1]), jax.nn.log_softmax(logits, -1), -jnp.inf)
+        total = (beams.scores[:, None] + log_probs).reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(total, 2 * k)  # (B,2K), best first
         parent = flat // vocab + jnp.arange(batch)[:, None] * k
         token = (flat % vocab).astype(jnp.int32)

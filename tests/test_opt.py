@@ -332,6 +332,39 @@ def test_beam_search_with_eos_matches_transformers(converted):
     assert stopped_early, "no batch stopped before max_new_tokens: the early stop is untested"
 
 
+def test_beam_search_with_allowed_ranges_matches_transformers(converted):
+    """Beam search refused `allowed`, so image_codes / generate_image (32 codes, then
+    </img>) could not use it. It now restricts step t as transformers'
+    `prefix_allowed_tokens_fn` does (-inf outside after the whole vocabulary's
+    log-softmax), without an end token and with one a row emits early, the ranges
+    traced (one program)."""
+    hf, model, export = converted
+    ids, mask = _prompts()
+    steps, beams = 8, 3
+    allowed = [(10, 60)] * 3 + [(40, 42)] + [(0, 100)] + [(7, 8)] + [(20, 30)] * 2
+    lm = SeedOPT.load(export)
+    free = lm.generate(ids, steps, attention_mask=mask, num_beams=beams, eos_id=None)
+    assert ((free < np.asarray(allowed)[:, 0]) | (free >= np.asarray(allowed)[:, 1])).any(), "vacuous"
+
+    def check(eos):
+        with torch.no_grad(), _one_torch_thread():
+            ref = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                              max_new_tokens=steps, do_sample=False, num_beams=beams, eos_token_id=eos,
+                              pad_token_id=1, length_penalty=0.5,
+                              prefix_allowed_tokens_fn=lambda _, sent: list(range(*allowed[len(sent) - 8]))
+                              ).numpy()[:, 8:]
+        tokens = lm.generate(ids, steps, attention_mask=mask, num_beams=beams, eos_id=eos, allowed=allowed,
+                             length_penalty=0.5)
+        np.testing.assert_array_equal(tokens, ref, err_msg=f"eos_id={eos}")
+        greedy = lm.generate(ids, steps, attention_mask=mask, eos_id=eos, allowed=allowed)
+        assert not np.array_equal(greedy, tokens), f"eos_id={eos}: beams found the greedy path: vacuous"
+        return tokens
+
+    eos = int(check(None)[1, 2])
+    assert check(eos).shape[1] < steps, "no row ended before the last step: the end token is untested"
+    assert lm._beam_search._cache_size() == 1
+
+
 def test_beam_search_with_as_many_beams_as_tokens_matches_transformers(tmp_path):
     """With num_beams >= the vocabulary, fewer than K of the first step's candidates go
     on without ending: a candidate ending at eos then took a live slot with its own
@@ -581,8 +614,6 @@ def test_allowed_ranges_given_as_an_array_decode_as_the_list():
     ids = np.random.default_rng(0).integers(3, 10, (2, 5))
     allowed = [(3, 9)] * 4 + [(12, 13)]
     np.testing.assert_array_equal(lm.generate(ids, 5, allowed=np.asarray(allowed)), lm.generate(ids, 5, allowed=allowed))
-    with pytest.raises(ValueError, match="num_beams > 1 .* takes no allowed"):
-        lm.generate(ids, 5, allowed=np.asarray(allowed), num_beams=2)
     for bad in ([(3, 9, 1)], [(3.0, 9.0)], np.asarray([[9, 3]])):
         with pytest.raises(ValueError, match=r"allowed\[0\]: expected integers \(low, high\)"):
             lm.generate(ids, 5, allowed=bad)
@@ -665,13 +696,14 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
     for allowed, message in [([(5, 5)], r"allowed\[0\]: expected .* 0 <= low < high <= " + str(vocab)),
                              ([(0, 3), (vocab, vocab + 2)], r"allowed\[1\]: expected"),
                              ([(0, 3)] * 3, "allowed: expected at most max_new_tokens=2 ranges, got 3")]:
-        with pytest.raises(ValueError, match=message):
-            lm.generate(ids, 2, attention_mask=mask, allowed=allowed)
+        for beams in (1, 2):
+            with pytest.raises(ValueError, match=message):
+                lm.generate(ids, 2, attention_mask=mask, allowed=allowed, num_beams=beams)
     with pytest.raises(ValueError, match=r"num_beams: expected an integer >= 1 \(1: no beam search\), got 0"):
         lm.generate(ids, 2, num_beams=0)
     with pytest.raises(ValueError, match="length_penalty=2.0 applies to beam search only"):
         lm.generate(ids, 2, length_penalty=2.0)
-    for option in [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(seed=3), dict(allowed=[(0, 3)])]:
+    for option in [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(seed=3)]:
         with pytest.raises(ValueError, match=f"num_beams > 1 \\(beam search\\) takes no {next(iter(option))}"):
             lm.generate(ids, 2, num_beams=2, **option)
     with pytest.raises(ValueError, match="takes no temperature"):
@@ -913,6 +945,36 @@ def test_images_are_not_encoded_before_the_other_arguments_are_checked(method, a
     run = getattr(lm.tokenizer, method) if method == "reconstruct" else getattr(lm, method)
     with pytest.raises(ValueError, match=message):
         run(np.zeros((2, 40, 40, 3), np.uint8), *arguments, **options)
+
+
+def test_image_codes_and_generate_image_take_beam_search(monkeypatch):
+    """image_codes and generate_image had no num_beams (beam search refused their
+    `allowed` ranges). With num_beams > 1 they now search beams over the same steps:
+    32 codes in range, then </img>; generate_image's seed then seeds the diffusion alone."""
+    lm = _tiny_seed_opt()
+    image, prompts = lm.builder.image, ["a red star", "red"]
+    generate, generated, decoded = lm.generate, [], []
+    monkeypatch.setattr(lm, "generate", lambda *a, **o: generated.append((o, generate(*a, **o))) or generated[-1][1])
+    codes = lm.image_codes(prompts, num_beams=3, length_penalty=2.0)
+    (options, tokens), = generated
+    assert (options["num_beams"], options["length_penalty"], tokens.shape) == (3, 2.0, (2, 33))
+    assert ((tokens[:, :32] >= image.first_code) & (tokens[:, :32] < image.first_code + 16)).all()
+    assert (tokens[:, 32] == image.end).all()
+    np.testing.assert_array_equal(codes, image.to_codes(tokens[:, :32]))
+
+    class Tokenizer:  # the SEED tokenizer's decoding, recorded
+        def check_decode_options(self, **options):
+            pass
+
+        def decode(self, codes, **options):
+            decoded.append((codes, options))
+
+    lm.tokenizer = Tokenizer()
+    lm.generate_image(prompts, num_beams=3, length_penalty=2.0, seed=5, num_steps=2)
+    np.testing.assert_array_equal(decoded[0][0], codes)
+    assert decoded[0][1] == dict(seed=5, num_steps=2) and len(generated) == 2
+    with pytest.raises(ValueError, match=r"num_beams > 1 \(beam search\) takes no temperature"):
+        lm.generate_image(prompts, num_beams=3, temperature=1.0)
 
 
 def test_a_misspelt_caption_option_fails_before_the_images_are_encoded(monkeypatch):

@@ -85,11 +85,12 @@ class SeedOPT:
                                            sampling=sampling, rng=rng, allowed=allowed, eos_id=eos_id, pad_id=pad_id,
                                            new_tokens=new_tokens)
 
-        def beam_search(state, ids, mask, max_new_tokens, num_beams, eos_id, pad_id, length_penalty, new_tokens):
+        def beam_search(state, ids, mask, allowed, max_new_tokens, num_beams, eos_id, pad_id, length_penalty,
+                        new_tokens):
             with jax.default_matmul_precision(precision):
                 return generation.beam_search(nnx.merge(graphdef, state), ids, mask, max_new_tokens=max_new_tokens,
                                               num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
-                                              length_penalty=length_penalty, new_tokens=new_tokens)
+                                              length_penalty=length_penalty, new_tokens=new_tokens, allowed=allowed)
 
         self._logits = jax.jit(logits)
         # the end and padding ids, the length penalty's divisors and the count of new tokens (within the
@@ -194,8 +195,9 @@ class SeedOPT:
         transformers' `generate(do_sample=True)` (0: all). `eos_id` / `pad_id` "model": this
         SeedOPT's (`load`: the converted folder's); `eos_id` None: no end token.
         `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
-        `generate(num_beams=..., do_sample=False)` (no sampling options or `allowed`),
-        finished hypotheses scored by log-probability / length**`length_penalty`."""
+        `generate(num_beams=..., do_sample=False)` (no sampling options; `allowed` as its
+        `prefix_allowed_tokens_fn`), finished hypotheses scored by log-probability /
+        length**`length_penalty`."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=True)
         d = self._decoding(int(mask.sum(1).max()), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_id=eos_id, pad_id=pad_id, allowed=allowed, num_beams=num_beams,
@@ -203,13 +205,13 @@ class SeedOPT:
         ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
         eos_id, pad_id = np.int32(-1 if d.eos_id is None else d.eos_id), np.int32(d.pad_id)
         columns, new_tokens = _new_columns(d.max_new_tokens, self.config.max_positions), np.int32(d.max_new_tokens)
+        ranges = generation.allowed_ranges(columns, d.ranges, self.config.total_vocab_size)  # the extra columns: any
         if d.num_beams > 1:
             divisors = generation.length_divisors(columns, d.length_penalty)
             tokens = run_in_chunks(lambda i, m: self._beam_search(
-                self._state, i, m, max_new_tokens=columns, num_beams=d.num_beams, eos_id=eos_id, pad_id=pad_id,
-                length_penalty=divisors, new_tokens=new_tokens), (ids, mask), self.batch_size)
+                self._state, i, m, ranges, max_new_tokens=columns, num_beams=d.num_beams, eos_id=eos_id,
+                pad_id=pad_id, length_penalty=divisors, new_tokens=new_tokens), (ids, mask), self.batch_size)
             return generation.up_to_last_end(tokens[:, :d.max_new_tokens], d.eos_id)
-        ranges = generation.allowed_ranges(columns, d.ranges, self.config.total_vocab_size)  # the extra columns: any
 
         def run(ids, mask, rows):  # row r samples with key (seed, r), whatever the chunk it runs in
             keys = jax.vmap(lambda row: jax.random.fold_in(d.key, row))(rows)
@@ -242,16 +244,16 @@ class SeedOPT:
         length_penalty = check_finite_number("length_penalty", length_penalty)  # NaN: every answer empty
         if num_beams == 1 and length_penalty != 1.0:
             raise ValueError(f"length_penalty={length_penalty} applies to beam search only: expected num_beams > 1")
+        ranges = generation.allowed_ranges(max_new_tokens, allowed, vocab)
         if num_beams > 1:
             given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 50),
-                     ("top_p", top_p, 1.0), ("seed", seed, None), ("allowed", allowed, None)]
+                     ("top_p", top_p, 1.0), ("seed", seed, None)]
                      if (value is not None if default is None else value != default)}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
-            return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty)
-        return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty,
+            return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty, ranges)
+        return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty, ranges,
                          sampling=generation.Sampling(temperature, top_k, top_p),
-                         ranges=generation.allowed_ranges(max_new_tokens, allowed, vocab),
                          key=seed_key(0 if seed is None else seed))
 
     def _end_and_padding(self, eos_id, pad_id) -> tuple:
@@ -366,9 +368,11 @@ class SeedOPT:
                              sampling)
 
     def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0,
-                    seed: int = 0) -> np.ndarray:
+                    seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0) -> np.ndarray:
         """Text prompts -> int32 codes (B,Q), Q = `num_queries`: after "Generate an image:
-        {prompt}" and <img>, each of Q steps may only emit a code token, then </img>."""
+        {prompt}" and <img>, each of Q steps may only emit a code token, then </img>.
+        Options as `generate`'s (`num_beams` > 1: beam search over the same steps, without
+        temperature, top_k, top_p or seed)."""
         prompts = _check_texts("prompts", prompts)
         builder = self.builder
         image = builder.image
@@ -376,7 +380,8 @@ class SeedOPT:
         num_queries = self.num_queries
         allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
         tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None)
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None, num_beams=num_beams,
+                               length_penalty=length_penalty)
         return image.to_codes(tokens[:, :num_queries])
 
     # ---- SEED: images <-> text (need the SEED tokenizer)
@@ -406,29 +411,33 @@ class SeedOPT:
                                  num_beams=num_beams, **sampling)
 
     def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50,
-                       top_p: float = 1.0, seed: int = 0, **decode_options) -> np.ndarray:
+                       top_p: float = 1.0, seed: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                       **decode_options) -> np.ndarray:
         """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
-        `decode_options` as `SeedTokenizer.decode`."""
+        `decode_options` as `SeedTokenizer.decode`. `seed` seeds both; with `num_beams` > 1
+        (beam search, no sampling options) the diffusion alone."""
         tokenizer = self._seed_tokenizer()
         tokenizer.check_decode_options(  # before the language model runs
             caller="generate_image", load="SeedOPT.load(..., tokenizer=SEED_EXPORT, diffusion=SD_EXPORT), or a "
             "SeedTokenizer loaded with diffusion=", seed=seed, **decode_options)
-        codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed if num_beams == 1 else None, num_beams=num_beams,
+                                 length_penalty=length_penalty)
         return tokenizer.decode(codes, seed=seed, **decode_options)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Decoding:
-    """`generate`'s checked options: beam search when num_beams > 1, else `sampling`
-    with per-step token `ranges` (T,2) and the PRNG `key`."""
+    """`generate`'s checked options: per-step token `ranges` (T,2); beam search when
+    num_beams > 1, else `sampling` with the PRNG `key`."""
     max_new_tokens: int
     eos_id: int | None
     pad_id: int
     num_beams: int
     length_penalty: float
+    ranges: np.ndarray
     sampling: generation.Sampling | None = None
-    ranges: np.ndarray | None = None
     key: jax.Array | None = None
 
 

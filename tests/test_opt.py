@@ -955,9 +955,9 @@ def test_image_codes_and_generate_image_take_beam_search(monkeypatch):
     image, prompts = lm.builder.image, ["a red star", "red"]
     generate, generated, decoded = lm.generate, [], []
     monkeypatch.setattr(lm, "generate", lambda *a, **o: generated.append((o, generate(*a, **o))) or generated[-1][1])
-    codes = lm.image_codes(prompts, num_beams=3, length_penalty=2.0)
+    codes = lm.image_codes(prompts, num_beams=3)
     (options, tokens), = generated
-    assert (options["num_beams"], options["length_penalty"], tokens.shape) == (3, 2.0, (2, 33))
+    assert (options["num_beams"], tokens.shape) == (3, (2, 33))
     assert ((tokens[:, :32] >= image.first_code) & (tokens[:, :32] < image.first_code + 16)).all()
     assert (tokens[:, 32] == image.end).all()
     np.testing.assert_array_equal(codes, image.to_codes(tokens[:, :32]))
@@ -970,7 +970,7 @@ def test_image_codes_and_generate_image_take_beam_search(monkeypatch):
             decoded.append((codes, options))
 
     lm.tokenizer = Tokenizer()
-    lm.generate_image(prompts, num_beams=3, length_penalty=2.0, seed=5, num_steps=2)
+    lm.generate_image(prompts, num_beams=3, seed=5, num_steps=2)
     np.testing.assert_array_equal(decoded[0][0], codes)
     assert decoded[0][1] == dict(seed=5, num_steps=2) and len(generated) == 2
     with pytest.raises(ValueError, match=r"num_beams > 1 \(beam search\) takes no temperature"):

@@ -368,11 +368,12 @@ class SeedOPT:
                              sampling)
 
     def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0,
-                    seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0) -> np.ndarray:
+                    seed: int | None = None, num_beams: int = 1) -> np.ndarray:
         """Text prompts -> int32 codes (B,Q), Q = `num_queries`: after "Generate an image:
         {prompt}" and <img>, each of Q steps may only emit a code token, then </img>.
         Options as `generate`'s (`num_beams` > 1: beam search over the same steps, without
-        temperature, top_k, top_p or seed)."""
+        temperature, top_k, top_p or seed; every hypothesis has Q+1 tokens, so a
+        `length_penalty` could not change which wins)."""
         prompts = _check_texts("prompts", prompts)
         builder = self.builder
         image = builder.image
@@ -380,8 +381,7 @@ class SeedOPT:
         num_queries = self.num_queries
         allowed = [(image.first_code, image.first_code + image.num_codes)] * num_queries + [(image.end, image.end + 1)]
         tokens = self.generate(ids, num_queries + 1, attention_mask=mask, allowed=allowed, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None, num_beams=num_beams,
-                               length_penalty=length_penalty)
+                               top_k=top_k, top_p=top_p, seed=seed, eos_id=None, num_beams=num_beams)
         return image.to_codes(tokens[:, :num_queries])
 
     # ---- SEED: images <-> text (need the SEED tokenizer)
@@ -411,8 +411,7 @@ class SeedOPT:
                                  num_beams=num_beams, **sampling)
 
     def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50,
-                       top_p: float = 1.0, seed: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                       **decode_options) -> np.ndarray:
+                       top_p: float = 1.0, seed: int = 0, num_beams: int = 1, **decode_options) -> np.ndarray:
         """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
         `decode_options` as `SeedTokenizer.decode`. `seed` seeds both; with `num_beams` > 1
@@ -422,8 +421,7 @@ class SeedOPT:
             caller="generate_image", load="SeedOPT.load(..., tokenizer=SEED_EXPORT, diffusion=SD_EXPORT), or a "
             "SeedTokenizer loaded with diffusion=", seed=seed, **decode_options)
         codes = self.image_codes(prompts, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed if num_beams == 1 else None, num_beams=num_beams,
-                                 length_penalty=length_penalty)
+                                 seed=seed if num_beams == 1 else None, num_beams=num_beams)
         return tokenizer.decode(codes, seed=seed, **decode_options)
 
 

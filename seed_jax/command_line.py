@@ -35,6 +35,17 @@ def config_checks():
         raise ConfigError(str(error)) from error
 
 
+@contextlib.contextmanager
+def flag_checks():
+    """Re-raises a ValueError or FileNotFoundError raised inside as an absl UsageError: around
+    the checks a program makes of the folders and files its flags name before it works, so
+    `app.run` prints the message and the flags' help, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(str(error)) from error
+
+
 def user_path(path: str | None) -> str | None:
     """`path` with a leading `~` or `~user` made that user's home directory, as a shell
     makes it in `--out ~/x` but not in `--out=~/x` (os.path.expanduser); None stays."""

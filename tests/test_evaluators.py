@@ -332,7 +332,8 @@ def test_a_folder_without_shards_fails_before_the_export_loads(tmp_path, monkeyp
     run = subprocess.run([sys.executable, "-m", "seed_jax.evaluators.caption_codes", f"--export={tmp_path}/absent",
                           f"--codes_dir={empty}"], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": REPO})
-    assert run.returncode != 0 and "codes_dir: no ArrayRecord shards" in run.stderr, run.stderr[-2000:]
+    assert run.returncode != 0 and "--codes_dir: no ArrayRecord shards" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]  # a UsageError: the message and the flags' help
 
 
 @pytest.mark.parametrize("module, work, flag_values, expected", [
@@ -377,10 +378,15 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
 @pytest.mark.parametrize("module, flag_values, message", [
     ("feature_probe", dict(intermediates=["codes"]), r"--intermediates: \['codes'\] are not among"),
-    ("vit_from_labels", dict(steps=0, batch_size=1), "--steps: expected a positive integer, got 0")])
+    ("vit_from_labels", dict(steps=0, batch_size=1), "--steps: expected a positive integer, got 0"),
+    ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval"),
+     "--codes_dir: no ArrayRecord shards named 'eval-.*' in '/no/codes'"),
+    ("query_redundancy", dict(export="/no/export", data_dir="/no/data", prefix="train", num_examples=1),
+     "--data_dir: no ArrayRecord shards named 'train-.*' in '/no/data'")])
 def test_an_evaluators_flag_it_cannot_take_is_a_usage_error(module, flag_values, message, monkeypatch):
-    """Such a flag raised a ValueError, which absl's app.run prints at the end of a
-    traceback; a UsageError it prints as the message and the flags' help."""
+    """Such a flag (or a folder holding no shards) raised a ValueError (FileNotFoundError),
+    which absl's app.run prints at the end of a traceback; a UsageError it prints as the
+    message and the flags' help."""
     import importlib
 
     from absl import app

@@ -95,7 +95,8 @@ def _define_flags():
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     export, codes_dir = command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.codes_dir)
-    records.shard_paths(codes_dir, FLAGS.split, "codes_dir")  # a mistyped folder fails before the export loads
+    with command_line.flag_checks():  # a mistyped folder fails before the export loads
+        records.shard_paths(codes_dir, FLAGS.split, "--codes_dir")
     scores = score_split(api.SeedOPT.load(export), codes_dir, FLAGS.split,
                          num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)

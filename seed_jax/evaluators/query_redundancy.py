@@ -79,8 +79,10 @@ def _define_flags():
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    result = measure(command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.data_dir), FLAGS.prefix,
-                     FLAGS.num_examples)
+    data_dir = command_line.user_path(FLAGS.data_dir)
+    with command_line.flag_checks():  # a mistyped folder fails before the export loads
+        records.shard_paths(data_dir, FLAGS.prefix, "--data_dir")
+    result = measure(command_line.user_path(FLAGS.export), data_dir, FLAGS.prefix, FLAGS.num_examples)
     print(f"{result['num_examples']} images")
     print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))
     print("codes used per position:", " ".join(str(v) for v in result["codes_used"]))

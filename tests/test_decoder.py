@@ -4,6 +4,7 @@ its export, the pixel-space latent rearrangement and the noise schedule."""
 import functools
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.decoder import get_config
-from seed_jax import api, parallel, weights
+from seed_jax import api, command_line, parallel, weights
 from seed_jax.diffusion.schedule import NoiseSchedule, add_noise
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import depth_to_space, space_to_depth
@@ -206,7 +207,8 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
     data.train_dir / data.eval_dir; the decoder looked for them in TOKENIZER_WORKDIR/data
     (only the synthetic source writes there) and failed with FileNotFoundError. It now
     trains and evaluates on the tokenizer run's own splits, whatever their source, with
-    `data.num_threads` and `data.prefetch` (once fixed at 2 and 4)."""
+    `data.num_threads` and `data.prefetch` (once fixed at 2 and 4). Shards moved since the
+    run trained were a traceback; they are a ConfigError naming the run and the folder."""
     from seed_jax.data import pipeline, synthetic
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -241,6 +243,12 @@ def test_trains_on_the_tokenizer_runs_array_record_data(tmp_path, monkeypatch):
     assert read.pop("options") == (3, 5)
     assert {split: [os.path.basename(p) for p in paths] for split, paths in read.items()} == {
         "train": ["shapes_train-00000-of-00001.array_record"], "eval": ["shapes_eval-00000-of-00001.array_record"]}
+    # shards moved since the run trained: a ConfigError (`python -m seed_jax.main` prints it alone), not a traceback
+    shutil.rmtree(data_dir)
+    moved = (rf"^the tokenizer run in {re.escape(tok_dir)} \(its config\.json\): data\.train_dir: no ArrayRecord "
+             rf"shards named 'shapes_train-\*-of-\*\.array_record' in '{re.escape(data_dir)}'")
+    with pytest.raises(command_line.ConfigError, match=moved):
+        decoder.train(config, str(tmp_path / "decoder"))
 
 
 def test_trains_and_generates_from_captions_cleaned_as_the_tokenizer_run_cleaned_them(tmp_path, monkeypatch):

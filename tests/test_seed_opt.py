@@ -751,7 +751,7 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
     os.makedirs(empty)
     tok_config = get_config("tiny").tokenizer.copy_and_resolve_references()
     tok_config.data.update(source="array_record", train_dir=empty, eval_dir=empty)
-    with pytest.raises(FileNotFoundError, match=r"^data.train_dir: no ArrayRecord shards named 'train-\*"):
+    with pytest.raises(command_line.ConfigError, match=r"^data.train_dir: no ArrayRecord shards named 'train-\*"):
         tokenizer_trainer.dataset_paths(tok_config, str(tmp_path / "tok"))
     config = get_config("tiny")
     config.data.codes_dir = empty

@@ -205,7 +205,7 @@ def train(config, workdir: str) -> bool:
     tok_dir, tok_export, tok_config = trained
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = config.axis_rules
-    train_paths, eval_paths = tokenizer_trainer.dataset_paths(tok_config, tok_dir)  # its synthetic or own shards
+    train_paths, eval_paths = tokenizer_trainer.run_dataset_paths(tok_config, tok_dir)  # its synthetic or own shards
     _, clip_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)
     empty_ids = clip_tokenizer([""])[0][0]
     clip_config = CLIPTextConfig(**tok_config.clip_text.to_dict())

@@ -246,7 +246,8 @@ def check_crop_scale(scale, prefix: str = "") -> None:
 def dataset_paths(config, workdir, prefix: str = "") -> tuple[list[str], list[str]]:
     """(train, eval) shards of the tokenizer run of `config` in `workdir`: the synthetic
     shapes in WORKDIR/data (written there unless already written), else `data.train_dir`
-    / `data.eval_dir` (named after `prefix` where missing). The decoder trains on the same splits."""
+    / `data.eval_dir` (a folder without them is a ConfigError naming the field after
+    `prefix`). The decoder trains on the same splits."""
     d = config.data
     if d.source == "synthetic":
         directory = os.path.join(workdir, "data")
@@ -257,9 +258,21 @@ def dataset_paths(config, workdir, prefix: str = "") -> tuple[list[str], list[st
                                                image_size=s.image_size, num_shards=s.num_shards)
         multihost_utils.sync_global_devices("shapes_world_written")
         return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
-    check_data_source(d, prefix)
-    return (records.shard_paths(d.train_dir, d.train_prefix, f"{prefix}data.train_dir"),
-            records.shard_paths(d.eval_dir, d.eval_prefix, f"{prefix}data.eval_dir"))
+    with command_line.config_checks():
+        check_data_source(d, prefix)
+        return (records.shard_paths(d.train_dir, d.train_prefix, f"{prefix}data.train_dir"),
+                records.shard_paths(d.eval_dir, d.eval_prefix, f"{prefix}data.eval_dir"))
+
+
+def run_dataset_paths(config, workdir: str) -> tuple[list[str], list[str]]:
+    """`dataset_paths` of the finished tokenizer run in `workdir` (`config`: its config.json),
+    for the trainers that read its images: shards no longer where the run read them are a
+    ConfigError naming the run."""
+    try:
+        return dataset_paths(config, workdir)
+    except command_line.ConfigError as error:
+        raise command_line.ConfigError(f"the tokenizer run in {workdir} (its config.json): {error}; its images "
+                                       "are read from there: put them back") from error
 
 
 def text_tokenizers(config, workdir, prefix: str = "") -> tuple[text.TextTokenizer, text.TextTokenizer]:

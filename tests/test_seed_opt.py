@@ -754,9 +754,15 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
     with pytest.raises(command_line.ConfigError, match=r"^data.train_dir: no ArrayRecord shards named 'train-\*"):
         tokenizer_trainer.dataset_paths(tok_config, str(tmp_path / "tok"))
     config = get_config("tiny")
-    config.data.codes_dir = empty
-    with pytest.raises(FileNotFoundError, match=r"^data.codes_dir: no ArrayRecord shards named"):
+    config.data.codes_dir = empty  # a ConfigError, which `python -m seed_jax.main` prints alone, as each here
+    with pytest.raises(command_line.ConfigError, match=r"^data.codes_dir: no ArrayRecord shards named"):
         seed_opt.code_paths(config, str(tmp_path / "run"), None, "unused", tok_config)
+    with pytest.raises(command_line.ConfigError, match=rf"^the tokenizer run in {re.escape(str(tmp_path / 'tok'))} "
+                                                       r"\(its config\.json\): data\.train_dir: no ArrayRecord"):
+        config.data.codes_dir = ""  # the images of a finished tokenizer run, moved since it trained
+        seed_opt.code_paths(config, str(tmp_path / "run"), str(tmp_path / "tok"), "unused", tok_config)
+    with pytest.raises(command_line.ConfigError, match=r"^data.codes_dir: required unless the tokenizer is trained"):
+        seed_opt.code_paths(config, str(tmp_path / "run"), None, "unused", None)
     splits = get_pretokenize_config().splits
     splits.train.dir = empty
     with pytest.raises(FileNotFoundError, match=r"^config.splits.train.dir: no ArrayRecord shards named"):
@@ -1008,8 +1014,9 @@ def test_a_decoder_trained_for_another_tokenizer_run_is_refused_or_paints_nothin
     clip_text, other_clip = _run_clip_text(tok_dir), _run_clip_text(tok_dir, seed_offset=1)
     assert seed_opt.paired_decoder(decoder, clip_text, tok_dir, required=True) == decoder
     assert seed_opt.paired_decoder("", clip_text, tok_dir, required=True) == ""
-    with pytest.raises(ValueError, match=rf"decoder_export {re.escape(decoder)}: its text encoder is not the CLIP "
-                                         r"text encoder of the tokenizer run in .* \(first at text_encoder\."):
+    with pytest.raises(command_line.ConfigError, match=rf"decoder_export {re.escape(decoder)}: its text encoder is "
+                                                       r"not the CLIP text encoder of the tokenizer run in .* "
+                                                       r"\(first at text_encoder\."):
         seed_opt.paired_decoder(decoder, other_clip, tok_dir, required=True)
     with caplog.at_level("WARNING"):
         assert seed_opt.paired_decoder(decoder, other_clip, tok_dir, required=False) == ""
@@ -1045,9 +1052,9 @@ def test_training_refuses_a_decoder_of_another_tokenizer_run_before_pretokenizin
     config = get_config("tiny")
     config.tokenizer_workdir, config.decoder_export = os.path.join(tiny_decoder_run, "tokenizer"), other
     workdir = tmp_path / "wd"
-    with pytest.raises(ValueError, match=rf"decoder_export {re.escape(other)}: its text encoder is not the CLIP text "
-                                         rf"encoder .* \(first at {re.escape(name)}\)"):
-        seed_opt.train(config, str(workdir))
+    with pytest.raises(command_line.ConfigError, match=rf"decoder_export {re.escape(other)}: its text encoder is "
+                                                       rf"not the CLIP text encoder .* \(first at {re.escape(name)}\)"):
+        seed_opt.train(config, str(workdir))  # a ConfigError: `python -m seed_jax.main` prints it alone
     assert not (workdir / "codes").exists()
 
 
@@ -1459,12 +1466,16 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("data", dict(get_config("tiny").data, seq_length=34), "data.seq_length 34: no sequence fits in a row"),
     ("phase2", dict(get_config("tiny").phase2, max_targets_per_row=32),
      "phase2.max_targets_per_row 32: a text -> image sequence has 33 targets"),
+    # the text tokenizer, once read after the tokenizer trained and its images were pre-tokenized
+    ("text_tokenizer", dict(kind="bpe", folder=""), "text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got 'bpe'"),
+    ("text_tokenizer", dict(kind="gpt2_bpe", folder="/no/opt"), "text tokenizer folder: '/no/opt/vocab.json' does not"),
 ])
 def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key, value, message, tmp_path,
                                                                               monkeypatch):
-    """dtype (once a bare KeyError), image_embedding and lora targets were
-    checked only after training the demo tokenizer and pre-tokenizing its images;
-    keep_checkpoints 0 (no checkpoint kept) was not checked at all."""
+    """dtype (once a bare KeyError), image_embedding, lora targets and the text tokenizer
+    were checked only after training the demo tokenizer and pre-tokenizing its images;
+    keep_checkpoints 0 (no checkpoint kept) was not checked at all. Each is a ConfigError,
+    which `python -m seed_jax.main` prints without a traceback."""
     def prepared(*args, **kwargs):
         raise AssertionError("the tokenizer was prepared before the config was checked")
 
@@ -1472,7 +1483,7 @@ def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key
     config = get_config("tiny")
     config.unlock()
     config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(command_line.ConfigError, match=message):
         seed_opt.train(config, str(tmp_path / "wd"))
 
 

@@ -73,6 +73,8 @@ def lm_loss(model: opt.OPT, batch, rng):
 
 # ---------------------------------------------------------------- text tokenizer and model
 def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
+    """The text tokenizer `config.text_tokenizer` names; an unknown kind or missing BPE files
+    are a ConfigError (`python -m seed_jax.main` prints it alone)."""
     t = config.text_tokenizer
     if t.kind == "word_bpe":  # the demo: the shapes captions' words and the prompts' words
         path = os.path.join(workdir, opt_text.FILE_NAME)
@@ -83,8 +85,10 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
         multihost_utils.sync_global_devices("text_tokenizer_ready")
         return opt_text.OPTTextTokenizer.load(path)
     if t.kind == "gpt2_bpe":
-        return opt_text.OPTTextTokenizer(opt_text.gpt2_bpe(t.folder))
-    raise ValueError(f"text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got {t.kind!r}")
+        with command_line.config_checks():
+            bpe = opt_text.gpt2_bpe(t.folder)
+        return opt_text.OPTTextTokenizer(bpe)
+    raise command_line.ConfigError(f"text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got {t.kind!r}")
 
 
 def check_config(config) -> None:
@@ -290,8 +294,8 @@ def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool)
     CLIP text encoder of the tokenizer run in `tokenizer_workdir`, whose generation
     embeddings distil into it. A decoder trained for another tokenizer run (another seed
     or CLIP) would paint from embeddings it never saw, images unrelated to the codes: an
-    error when `required`, else a warning and "" (samples without images). Every process
-    calls it (the weights are gathered)."""
+    error when `required` (a ConfigError), else a warning and "" (samples without images).
+    Every process calls it (the weights are gathered)."""
     if not path:
         return ""
     expected = {f"text_encoder.{k}": v for k, v in weights.gathered(weights.flat_params(clip_text)).items()}
@@ -302,7 +306,7 @@ def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool)
                f"--config=configs/decoder.py --workdir=NEW --config.tokenizer_workdir={tokenizer_workdir}) and pass "
                f"NEW/export as decoder_export")
     if required:
-        raise ValueError(message)
+        raise command_line.ConfigError(message)
     logging.warning("%s; samples get no images", message)
     return ""
 
@@ -336,19 +340,20 @@ def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
     """(train, eval) code-record shards: `data.codes_dir` (checked to be written with
     `tok_export` where its summaries say), or the images of the tokenizer run in
     `tok_dir` (trained with `tok_config`: its synthetic shapes or its own shards)
-    pre-tokenized into WORKDIR/codes."""
+    pre-tokenized into WORKDIR/codes. Shards it cannot read are a ConfigError."""
     d = config.data
-    directory, field = d.codes_dir, "data.codes_dir"
-    if directory:
-        pretokenize.check_written_with(directory, [d.train_prefix, d.eval_prefix], tok_export)
-    else:
-        if tok_dir is None:
-            raise ValueError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
-        directory, field = os.path.join(workdir, "codes"), None
-        image_train, image_eval = tokenizer_trainer.dataset_paths(tok_config, tok_dir)
-        splits = {d.train_prefix: image_train, d.eval_prefix: image_eval}
-        pretokenize.pretokenize(tok_export, splits, directory, batch_size=256, num_threads=d.num_threads)
-    return records.shard_paths(directory, d.train_prefix, field), records.shard_paths(directory, d.eval_prefix, field)
+    if d.codes_dir:
+        with command_line.config_checks():
+            pretokenize.check_written_with(d.codes_dir, [d.train_prefix, d.eval_prefix], tok_export)
+            return (records.shard_paths(d.codes_dir, d.train_prefix, "data.codes_dir"),
+                    records.shard_paths(d.codes_dir, d.eval_prefix, "data.codes_dir"))
+    if tok_dir is None:
+        raise command_line.ConfigError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
+    directory = os.path.join(workdir, "codes")
+    image_train, image_eval = tokenizer_trainer.run_dataset_paths(tok_config, tok_dir)
+    splits = {d.train_prefix: image_train, d.eval_prefix: image_eval}
+    pretokenize.pretokenize(tok_export, splits, directory, batch_size=256, num_threads=d.num_threads)
+    return records.shard_paths(directory, d.train_prefix), records.shard_paths(directory, d.eval_prefix)
 
 
 def planned_lengths(config, workdir: str) -> tuple[int, int]:
@@ -394,6 +399,7 @@ def train(config, workdir: str) -> bool:
         check_lengths(config, *planned_lengths(config, workdir))
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
+    text = text_tokenizer(config, workdir)  # before the tokenizer trains: its refusals come first
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None
     else:
@@ -410,7 +416,6 @@ def train(config, workdir: str) -> bool:
         decoder = paired_decoder(decoder, tokenizer_trainer.create_clip_text(tok_config, mesh), tok_dir,
                                  config.decoder_export_required)
     train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
-    text = text_tokenizer(config, workdir)
     m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
     model = create_model(m_config, config, mesh, codebook)
     logging.info("SEED-OPT: %s", m_config)

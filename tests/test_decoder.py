@@ -366,7 +366,8 @@ def test_guidance_without_unconditional_training_is_warned_about_before_training
                                         ("train.batch_size", 12), ("train.trainable", ("unet", "text_encoder")),
                                         ("train.trainable", ()), ("eval.grid_examples", 0),
                                         ("eval.grid_examples", -1), ("schedule.beta_start", -0.001),
-                                        ("schedule.beta_end", 1.0), ("schedule.beta_schedule", "cosine")])
+                                        ("schedule.beta_end", 1.0), ("schedule.beta_schedule", "cosine"),
+                                        ("data.num_threads", -1), ("data.prefetch", -1)])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
@@ -379,7 +380,8 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     (each computed the whole batch), and a `train.trainable` other than the UNet (the loss stops the text encoder's
     gradient: naming it trained nothing there, and weight_decay > 0 shrank it; () trained nothing) and an
     `eval.grid_examples` below 1 (samples.png was a blank 2-pixel strip for 0, short of its last columns below),
-    and betas outside (0, 1) (NaN losses or sampling), named as their config keys."""
+    and betas outside (0, 1) (NaN losses or sampling), and a negative `data.num_threads` or
+    `data.prefetch` (grain's error once the data were opened), named as their config keys."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):

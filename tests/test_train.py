@@ -790,11 +790,19 @@ def test_stage2_quantises_causal_embeddings_under_the_frozen_qformers_dropout():
 
 
 def test_a_bad_dtype_fails_before_the_data_is_made(tmp_path):
-    """An unknown `dtype` was a bare KeyError, once the shapes world was generated."""
+    """An unknown `dtype` was a bare KeyError, once the shapes world was generated; a
+    negative `data.num_threads` or `data.prefetch` was grain's error once it was read."""
     config = get_config("tiny")
     config.dtype = "bf16"
     with pytest.raises(ValueError, match=r"dtype: expected one of \['bfloat16', 'float32'\], got 'bf16'"):
         trainer.train(config, str(tmp_path))
+    config.dtype = "float32"
+    for name in ("num_threads", "prefetch"):
+        config.data[name] = -1
+        with pytest.raises(ValueError, match=rf"^data\.{name}: expected an integer >= 0, got -1"):
+            trainer.train(config, str(tmp_path))
+        config.data[name] = 0  # grain's bound: 0 threads read in the loop's thread, 0 prefetch reads none ahead
+    loop.check_read_options(config.data)
     assert not os.path.exists(tmp_path / "data")
 
 

@@ -15,6 +15,7 @@ from absl import logging
 from flax import nnx
 
 from seed_jax import parallel
+from seed_jax.api.checks import check_count
 from seed_jax.trainers import checkpointing, coordination, global_batches, optim, reporting
 
 LOOP_SETTINGS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
@@ -36,6 +37,16 @@ def check_loop_settings(config, prefix: str = "") -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             meaning = f" ({AT_STAGE_END}: at the last step of each stage only)" if least == AT_STAGE_END else ""
             raise ValueError(f"{prefix}{name}: expected an integer >= {least}{meaning}, got {value!r}")
+
+
+def check_read_options(data, prefix: str = "") -> None:
+    """`data.num_threads` and `data.prefetch` (where `data` has it) as grain's ReadOptions
+    takes them: integers >= 0 (0 threads read in the training loop's thread, 0 prefetch
+    reads nothing ahead), else a ValueError naming the field after `prefix`. grain refuses
+    a negative only once the training data are opened, after a nested tokenizer trained."""
+    for name in ("num_threads", "prefetch"):
+        if name in data:
+            check_count(f"{prefix}data.{name}", data[name], 0)
 
 
 def step_key(seed: int, step: jax.Array, stage_index: int | None = None) -> jax.Array:

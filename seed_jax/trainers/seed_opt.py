@@ -94,8 +94,8 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
 def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
-    `dtype`, the loop's intervals and `keep_checkpoints`, `image_embedding`, `lora`, the
-    dropout rates, the prompts' fields, `data.max_text_tokens`, each phase's `batch_size`
+    `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads`,
+    `image_embedding`, `lora`, the dropout rates, the prompts' fields, `data.max_text_tokens`, each phase's `batch_size`
     (it must split over the mesh's batch axes), with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
@@ -109,6 +109,7 @@ def check_config(config) -> None:
     # 0 left every caption and generation prompt empty, a negative count cut their last tokens
     check_count("data.max_text_tokens", config.data.max_text_tokens, 1)
     loop.check_loop_settings(config)
+    loop.check_read_options(config.data)
     if config.image_embedding not in ("rows", "codebook_projection"):
         raise ValueError(f"image_embedding: expected 'rows' or 'codebook_projection', got {config.image_embedding!r}")
     layers.check_rate("lora.dropout", config.lora.dropout)

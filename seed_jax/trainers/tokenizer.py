@@ -180,7 +180,8 @@ def batch_sizes(config) -> dict[str, int]:
 def check_config(config, prefix: str = "") -> None:
     """Raises, naming the fields (after `prefix`: "tokenizer." for the decoder's or
     SEED-OPT's nested `config.tokenizer`), for settings that cannot run, before the data is made:
-    an unknown `dtype` or `itc_gradient`, the loop's intervals and `keep_checkpoints`, a batch size that does
+    an unknown `dtype` or `itc_gradient`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
+    `data.prefetch` (`loop.check_read_options`), a batch size that does
     not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be > 0; a
@@ -194,6 +195,7 @@ def check_config(config, prefix: str = "") -> None:
     check_data_source(config.data, prefix)
     check_crop_scale(config.data.crop_scale, prefix)
     loop.check_loop_settings(config, prefix)
+    loop.check_read_options(config.data, prefix)
     stage2, every = f"{prefix}stage2", config.stage2.restart_unused_codes_every
     if not isinstance(every, int) or every < 0:
         raise ValueError(f"{stage2}.restart_unused_codes_every: expected an integer >= 0 (0 = never), got {every!r}")

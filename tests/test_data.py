@@ -127,6 +127,21 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     np.testing.assert_array_equal(second[0]["image"], first[0]["image"])
 
 
+def test_a_record_with_an_empty_or_blank_caption_is_skipped_and_counted_in_training(tmp_path, example):
+    """The tokenizer trained on such a record (stage I contrasting its image with no text,
+    stage II distilling an empty prompt's embedding); it is now skipped and counted in
+    data/skipped_records, as SEED-OPT's readers skip a code record without a caption."""
+    path = str(tmp_path / "captions.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for i in range(6):
+        record = synthetic.make_example(i, 0, 32)
+        writer.write(records.encode_record({**record, "caption": {1: "", 4: " \n "}.get(i, record["caption"])}))
+    writer.close()
+    ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    batch = next(pipeline.train_iterator([path], ex, global_batch_size=4, seed=0, num_threads=1))
+    assert sorted(batch["index"].tolist()) == [0, 2, 3, 5] and ex.skipped.count >= 2
+
+
 def _with_header(image: bytes, caption: str, record_id: str) -> bytes:
     """An image record whose header JSON is written as given (escapes kept), as a tool
     other than `records.encode_record` might write it."""

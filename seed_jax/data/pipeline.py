@@ -62,9 +62,13 @@ class Example:
     flip: bool = True
     process_caption: Callable[[str], str] = str  # e.g. `text.blip_caption`, before both tokenizers
 
-    def decode(self, raw: bytes):
+    def decode(self, raw: bytes, captioned: bool = False):
+        """(record, image); (None, None), counted, for a corrupt record and, `captioned`,
+        one with an empty or blank caption (`records.require_caption`)."""
         try:
             record = records.decode_record(raw)
+            if captioned:
+                records.require_caption(record)
             return record, preprocess.decode_image(record["image"])
         except ValueError as error:
             self.skipped.add(why=str(error))
@@ -78,8 +82,10 @@ class Example:
                 "clip_ids": clip_ids[0], "index": np.int32(index)}
 
     def train(self, item: tuple[int, bytes], rng: np.random.Generator) -> dict | None:
+        """A training example; None (counted) for a record without a caption to learn from:
+        stage I would contrast its image with an empty text, stage II distil an empty prompt."""
         index, raw = item
-        record, image = self.decode(raw)
+        record, image = self.decode(raw, captioned=True)
         if record is None:
             return None
         pixels = preprocess.train_image(image, self.image_size, rng, self.crop_scale, self.flip)

@@ -109,6 +109,15 @@ def decode_record(data: bytes) -> dict:
     return {"image": image, "caption": header["caption"], "id": header["id"]}
 
 
+def require_caption(record: dict, kind: str = "record") -> dict:
+    """`record` (decoded: its "id" and "caption"), unless its caption is empty or
+    whitespace: a ValueError naming the `kind` of record, for the readers that train on
+    captions to skip and count it."""
+    if not record["caption"].strip():
+        raise ValueError(f"{kind} {record['id']!r}: empty caption {record['caption']!r}")
+    return record
+
+
 def image_id(record_id: str) -> str:
     """The image a record's caption belongs to: its id less a trailing `#k` (k >= 1), as
     `make_records` names caption k of an image with several (COCO's 5 are 5 records)."""

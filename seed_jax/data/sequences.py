@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from seed_jax.data import code_records, pipeline
+from seed_jax.data import code_records, pipeline, records
 from seed_jax.data.opt_text import OPTTextTokenizer
 from seed_jax.data.pipeline import SkipCounter
 
@@ -173,10 +173,7 @@ def decode_captioned(raw: bytes, codes_per_image: int, num_codes: int | None = N
     """`code_records.decode_code_record`, a record whose caption is empty (or whitespace)
     malformed too: it would train image -> text on </s> alone and text -> image from a
     prompt without a caption, and be scored against an empty reference."""
-    record = code_records.decode_code_record(raw, codes_per_image, num_codes)
-    if not record["caption"].strip():
-        raise ValueError(f"code record {record['id']!r}: empty caption {record['caption']!r}")
-    return record
+    return records.require_caption(code_records.decode_code_record(raw, codes_per_image, num_codes), "code record")
 
 
 @dataclasses.dataclass(frozen=True)

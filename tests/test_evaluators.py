@@ -354,6 +354,10 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
     named the home directory's. Every path flag now does."""
     import importlib
 
+    import ml_collections
+
+    from seed_jax.evaluators import feature_probe
+
     evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(**flag_values))
@@ -367,6 +371,9 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
     monkeypatch.setattr(evaluator, work, take)
     monkeypatch.setattr(records, "shard_paths", take)
+    monkeypatch.setattr(feature_probe, "check_run", take)
+    monkeypatch.setattr(feature_probe, "shapes_run_config", lambda *args: ml_collections.ConfigDict(
+        dict(data=dict(synthetic=dict(num_train=1)))))
     monkeypatch.setattr(api.SeedOPT, "load", take)
     monkeypatch.chdir(tmp_path)
     evaluator.main(["evaluator"])
@@ -374,6 +381,29 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
         home = path.replace("~", str(tmp_path))
         assert home in used or os.path.exists(home), (path, used)
     assert not any(p.startswith("~") for p in used) and not os.path.exists("~"), used
+
+
+@pytest.mark.parametrize("module, flag_values, missing", [
+    ("caption_swaps", dict(split="eval"), "eval"),
+    ("feature_probe", dict(intermediates=["quantized"], num_train=8), "eval"),
+    ("vit_from_labels", dict(steps=1, batch_size=1), "train")])
+def test_an_evaluators_tokenizer_run_it_cannot_read_is_a_usage_error(module, flag_values, missing, tmp_path,
+                                                                      monkeypatch):
+    """caption_swaps, feature_probe and vit_from_labels given a folder without a tokenizer
+    run, or a run without its shards, ended in a traceback (a FileNotFoundError); each is now
+    a UsageError naming tokenizer_workdir, raised before the run's export is loaded."""
+    import importlib
+
+    from absl import app
+
+    evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: pytest.fail("the export loaded"))
+    for workdir, message in [(str(tmp_path / "absent"), "tokenizer_workdir: .* holds no tokenizer run"),
+                             (_shapes_run_without_shards(tmp_path / "run"),
+                              f"tokenizer_workdir: no ArrayRecord shards named '{missing}-")]:
+        monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(tokenizer_workdir=workdir, **flag_values))
+        with pytest.raises(app.UsageError, match=message):
+            evaluator.main(["evaluator"])
 
 
 @pytest.mark.parametrize("module, flag_values, message", [

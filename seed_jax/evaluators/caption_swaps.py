@@ -102,8 +102,10 @@ def _define_flags():
 
 def main(argv):
     command_line.refuse_positional_arguments(argv)
-    scores = score_run(command_line.user_path(FLAGS.tokenizer_workdir), num_examples=FLAGS.num_examples,
-                       split=FLAGS.split)
+    tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
+    with command_line.flag_checks():  # the run, before any work
+        feature_probe.check_run(tokenizer_workdir, "caption swaps", (FLAGS.split,))
+    scores = score_run(tokenizer_workdir, num_examples=FLAGS.num_examples, split=FLAGS.split)
     json.dump(scores, sys.stdout, indent=1)
     print()
 

@@ -150,14 +150,23 @@ def shapes_run_config(tokenizer_workdir: str, needed_by: str) -> ml_collections.
     return config
 
 
+def check_run(tokenizer_workdir: str, needed_by: str, splits: Sequence[str] = (), finished: bool = True) -> None:
+    """Refuses, naming tokenizer_workdir, a folder without a shapes-world tokenizer run,
+    without the shards of `splits`, or (`finished`) one whose run has not finished: the
+    evaluators' command lines check it before any work, to print the message alone."""
+    shapes_run_config(tokenizer_workdir, needed_by)
+    if finished and not os.path.exists(os.path.join(tokenizer_workdir, "DONE.json")):
+        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} holds no finished tokenizer run (no DONE.json): "
+                         "run its training command again to finish it")
+    for split in splits:
+        run_shards(tokenizer_workdir, split)
+
+
 def load_run_tokenizer(tokenizer_workdir: str, needed_by: str) -> api.SeedTokenizer:
     """The finished shapes-world run's tokenizer, from TOKENIZER_WORKDIR/export, which
     is written first when the run has none yet (or an older one: a run resumed with more
     steps), as the trainers built on a tokenizer run do."""
-    shapes_run_config(tokenizer_workdir, needed_by)
-    if not os.path.exists(os.path.join(tokenizer_workdir, "DONE.json")):
-        raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} holds no finished tokenizer run (no DONE.json): "
-                         "run its training command again to finish it")
+    check_run(tokenizer_workdir, needed_by)
     out, _ = tokenizer_trainer.export_finished_run(os.path.abspath(tokenizer_workdir))
     return api.SeedTokenizer.load(out, batch_size=256)
 
@@ -229,8 +238,12 @@ def main(argv):
     unknown = sorted(set(FLAGS.intermediates) - set(allowed))
     if unknown:
         raise app.UsageError(f"--intermediates: {unknown} are not among {allowed}")
-    results = probe_run(command_line.user_path(FLAGS.tokenizer_workdir), FLAGS.intermediates,
-                        num_train=FLAGS.num_train, epochs=FLAGS.epochs,
+    tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
+    with command_line.flag_checks():  # the run, before any work (its own training images where they suffice)
+        check_run(tokenizer_workdir, "the probes", ("eval",))
+        if FLAGS.num_train <= shapes_run_config(tokenizer_workdir, "the probes").data.synthetic.num_train:
+            run_shards(tokenizer_workdir, "train")
+    results = probe_run(tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train, epochs=FLAGS.epochs,
                         extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))
     report(results, command_line.user_path(FLAGS.out))
 

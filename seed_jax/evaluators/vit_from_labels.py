@@ -95,8 +95,10 @@ def main(argv):
     for name in ("steps", "batch_size"):
         if getattr(FLAGS, name) < 1:
             raise app.UsageError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")
-    results = run(command_line.user_path(FLAGS.tokenizer_workdir), steps=FLAGS.steps, batch_size=FLAGS.batch_size,
-                  lr=FLAGS.lr, seed=FLAGS.seed)
+    tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
+    with command_line.flag_checks():  # the run, before any work (its images and captions only)
+        feature_probe.check_run(tokenizer_workdir, "the cell labels", ("train", "eval"), finished=False)
+    results = run(tokenizer_workdir, steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed)
     feature_probe.report({"vit_from_labels": results}, command_line.user_path(FLAGS.out))
 
 

@@ -874,6 +874,16 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
         seed_opt.check_config(config)
 
 
+def test_a_tokenizer_export_without_a_caption_vocabulary_fails_naming_the_field():
+    """With `tokenizer_export`, t2i retrieval reads the Q-Former's BERT vocab.txt from
+    `caption_tokenizer.vocab_file`; left empty (as the demo and tiny presets leave it), the
+    run failed with "vocab_file: '' does not exist", no field of the config. It now names it."""
+    config = get_config("tiny")
+    config.tokenizer_export = "/ckpt/seed_v1_converted"
+    with pytest.raises(FileNotFoundError, match=r"^caption_tokenizer\.vocab_file: '' does not exist"):
+        seed_opt._caption_tokenizer(config)
+
+
 def test_a_tokenizer_without_retrieval_heads_trains_without_t2i_metrics(text, tmp_path, caplog):
     """SEED v1 converted without --qformer has no Q-Former text branch nor ITC heads: the
     evaluation's t2i retrieval failed on them with an AttributeError once OPT was built.

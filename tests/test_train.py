@@ -1381,6 +1381,19 @@ def test_eval_retrieval_compares_captions_cleaned_as_the_text_head_reads_them(tm
         assert list(trainer.eval_inputs([path], example, config)[2]) == expected
 
 
+def test_missing_tokenizer_files_fail_naming_their_config_fields(tmp_path):
+    """A missing BERT vocab.txt or CLIP vocab.json / merges.txt was named `vocab_file` /
+    `clip_vocab_file` alone: no field of the config. The error now names the field, after
+    the prefix of a trainer's nested tokenizer config."""
+    config = _tiny(**{"data.tokenizer.kind": "bert_vocab"})
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer\.data\.tokenizer\.vocab_file: '' does not exist"):
+        trainer.text_tokenizers(config, str(tmp_path), "tokenizer.")
+    config.data.tokenizer.vocab_file = str(tmp_path / "vocab.txt")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "star"]))
+    with pytest.raises(FileNotFoundError, match=r"^data\.tokenizer\.clip_vocab_file: '' does not exist"):
+        trainer.text_tokenizers(config, str(tmp_path))
+
+
 def test_stage_functions_name_an_unknown_stage():
     """Any name but "stage1" used to get stage II's loss."""
     with pytest.raises(ValueError, match=r"^stage: expected 'stage1' or 'stage2', got 'stage_2'$"):

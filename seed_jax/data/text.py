@@ -97,22 +97,23 @@ def grammar_wordpiece(words: Sequence[str]) -> tokenizers.Tokenizer:
     return _add_cls_sep(_bert_pipeline(tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))))
 
 
-def bert_wordpiece(vocab_file: str) -> tokenizers.Tokenizer:
-    """BERT uncased WordPiece from a local `vocab.txt`."""
+def bert_wordpiece(vocab_file: str, name: str = "vocab_file") -> tokenizers.Tokenizer:
+    """BERT uncased WordPiece from a local `vocab.txt`; a missing one is named `name` (its config field)."""
     if not os.path.exists(vocab_file):
-        raise FileNotFoundError(f"vocab_file: {vocab_file!r} does not exist (BERT uncased vocab.txt)")
+        raise FileNotFoundError(f"{name}: {vocab_file!r} does not exist (BERT uncased vocab.txt)")
     tokenizer = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece.from_file(vocab_file, unk_token="[UNK]")))
     return _add_cls_sep(tokenizer)
 
 
-def clip_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
-    """CLIP's byte-level BPE from local `vocab.json` / `merges.txt` (SD v1's tokenizer)."""
+def clip_bpe(vocab_file: str, merges_file: str, prefix: str = "") -> tokenizers.Tokenizer:
+    """CLIP's byte-level BPE from local `vocab.json` / `merges.txt` (SD v1's tokenizer); a
+    file is named by its config field after `prefix` (e.g. "data.tokenizer.")."""
     from transformers import CLIPTokenizerFast
 
     for name, path in (("clip_vocab_file", vocab_file), ("clip_merges_file", merges_file)):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{name}: {path!r} does not exist")
-    return read_bpe_files(CLIPTokenizerFast, vocab_file, merges_file, "clip_vocab_file")
+            raise FileNotFoundError(f"{prefix}{name}: {path!r} does not exist")
+    return read_bpe_files(CLIPTokenizerFast, vocab_file, merges_file, f"{prefix}clip_vocab_file")
 
 
 def read_bpe_files(fast_tokenizer_class, vocab_file: str, merges_file: str, name: str,

@@ -512,5 +512,5 @@ def _caption_tokenizer(config):
     from seed_jax.data import text as caption_text
 
     vocab = config.caption_tokenizer.vocab_file
-    bert = caption_text.bert_wordpiece(vocab)
+    bert = caption_text.bert_wordpiece(vocab, "caption_tokenizer.vocab_file")
     return caption_text.TextTokenizer(bert, config.caption_tokenizer.max_length, bert.token_to_id("[PAD]"))

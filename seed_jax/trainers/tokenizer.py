@@ -292,8 +292,8 @@ def text_tokenizers(config, workdir, prefix: str = "") -> tuple[text.TextTokeniz
         return (text.TextTokenizer(wordpiece, config.data.max_text_length, pad),
                 text.TextTokenizer(wordpiece, clip_length, pad))
     if t.kind == "bert_vocab":
-        bert = text.bert_wordpiece(t.vocab_file)
-        clip = text.clip_bpe(t.clip_vocab_file, t.clip_merges_file)
+        bert = text.bert_wordpiece(t.vocab_file, f"{prefix}data.tokenizer.vocab_file")
+        clip = text.clip_bpe(t.clip_vocab_file, t.clip_merges_file, f"{prefix}data.tokenizer.")
         return (text.TextTokenizer(bert, config.data.max_text_length, bert.token_to_id("[PAD]")),
                 text.TextTokenizer(clip, clip_length, clip.token_to_id("<|endoftext|>")))
     raise ValueError(f"{prefix}data.tokenizer.kind: expected 'wordpiece_grammar' or 'bert_vocab', got {t.kind!r}")

@@ -877,11 +877,14 @@ def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them()
 def test_a_tokenizer_export_without_a_caption_vocabulary_fails_naming_the_field():
     """With `tokenizer_export`, t2i retrieval reads the Q-Former's BERT vocab.txt from
     `caption_tokenizer.vocab_file`; left empty (as the demo and tiny presets leave it), the
-    run failed with "vocab_file: '' does not exist", no field of the config. It now names it."""
+    run failed with "vocab_file: '' does not exist", no field of the config, in a traceback.
+    It now names it in a ConfigError (`python -m seed_jax.main` prints it alone)."""
     config = get_config("tiny")
     config.tokenizer_export = "/ckpt/seed_v1_converted"
-    with pytest.raises(FileNotFoundError, match=r"^caption_tokenizer\.vocab_file: '' does not exist"):
-        seed_opt._caption_tokenizer(config)
+    heads = types.SimpleNamespace(config=types.SimpleNamespace(with_itc_heads=True,
+                                                               qformer=types.SimpleNamespace(with_text=True)))
+    with pytest.raises(command_line.ConfigError, match=r"^caption_tokenizer\.vocab_file: '' does not exist"):
+        seed_opt.code_retrieval(config, heads, config.tokenizer_export, None, None)
 
 
 def test_a_tokenizer_without_retrieval_heads_trains_without_t2i_metrics(text, tmp_path, caplog):

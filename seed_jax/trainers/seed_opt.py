@@ -491,7 +491,11 @@ def code_retrieval(config, tokenizer_model, tok_export: str, tok_dir: str | None
                         "(convert SEED v1 with --qformer for them)",
                         "tokenizer_export" if config.tokenizer_export else "tokenizer_workdir", tok_export)
         return None
-    caption_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0] if tok_dir else _caption_tokenizer(config)
+    if tok_dir:
+        caption_tokenizer = tokenizer_trainer.text_tokenizers(tok_config, tok_dir)[0]
+    else:
+        with command_line.config_checks():  # a missing vocab.txt: the message alone, before training
+            caption_tokenizer = _caption_tokenizer(config)
     return CodeRetrieval(tokenizer_model, caption_tokenizer, process_caption=caption_processor(config, tok_config))
 
 

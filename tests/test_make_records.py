@@ -60,17 +60,19 @@ def test_jsonl_captions_round_trip(tmp_path):
     png = _image(str(folder / "b" / "y.png"), seed=2)
     rgba = _image(str(folder / "c.png"), seed=3, mode="RGBA")
     lines = [{"image": "a/x.jpg", "caption": "a first caption"}, {"image": "b/y.png", "caption": "a png", "id": 7},
-             {"image": "a/x.jpg", "caption": "  a second caption\n"}, {"image": "c.png", "caption": ["one", "two"]}]
+             {"image": "a/x.jpg", "caption": "  a second caption\n"}, {"image": "c.png", "caption": ["one", "two"]},
+             {"image": "./a//x.jpg", "caption": "a third caption"}]  # one image however its path is spelt
     _write(str(folder / "captions.jsonl"), "\n".join(json.dumps(line) for line in lines) + "\n")
     assert _run("--source=folder", f"--input={folder}", f"--captions={folder / 'captions.jsonl'}", f"--out={out}",
                 "--num_shards=2", "--num_workers=1") == 0
     got = _read(out)
     assert {k: v["caption"] for k, v in got.items()} == {
-        "a/x.jpg": "a first caption", "a/x.jpg#1": "a second caption", "7": "a png", "c.png": "one", "c.png#1": "two"}
+        "a/x.jpg": "a first caption", "a/x.jpg#1": "a second caption", "a/x.jpg#2": "a third caption", "7": "a png",
+        "c.png": "one", "c.png#1": "two"}
     assert got["a/x.jpg"]["image"] == got["a/x.jpg#1"]["image"] == jpeg  # JPEG and PNG bytes kept as they are
     assert got["7"]["image"] == png and got["c.png"]["image"] == rgba
     summary = _summary(out)
-    assert summary["records"] == 5 and summary["images"] == 3 and summary["skipped_records"] == 0
+    assert summary["records"] == 6 and summary["images"] == 3 and summary["skipped_records"] == 0
     assert summary["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
 
 

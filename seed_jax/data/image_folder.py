@@ -100,7 +100,10 @@ def _image_path(input_dir: str, relative: str) -> str:
 
 
 def _normalized(relative: str) -> str:
-    return relative.replace(os.sep, "/")
+    """A relative image path in one spelling: "/" between names, no "./" or doubled "/"
+    (posixpath.normpath), so "./a/x.jpg" and "a/x.jpg" are one image and one id."""
+    relative = relative.replace(os.sep, "/")
+    return posixpath.normpath(relative) if relative else relative
 
 
 def _name_id(relative: str) -> str:

@@ -403,6 +403,9 @@ def train(config, workdir: str) -> bool:
         check_lengths(config, *planned_lengths(config, workdir))
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
+        if config.data.codes_dir:  # its shards, before any tokenizer trains
+            for prefix in (config.data.train_prefix, config.data.eval_prefix):
+                records.shard_paths(config.data.codes_dir, prefix, "data.codes_dir")
     text = text_tokenizer(config, workdir)  # before the tokenizer trains: its refusals come first
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None

@@ -128,7 +128,11 @@ class Checkpointer:
         more hosts) holds no position in this process's slice of the data: the iterator
         then starts afresh, with a warning. Any other error reading it is raised again
         naming the checkpoint and that removing it resumes from the one before (on the
-        processes that met it, as before: no process waits on another for it)."""
+        processes that met it, as before: no process waits on another for it). That error
+        names the first cause (orbax wraps tensorstore's, which names the array and file), as
+        orbax's traceback above it may be buried: a failed array read leaves the reads of the
+        other arrays in flight, and each prints "Event loop is closed" when it ends (orbax's
+        `asyncio_utils.run_sync` has closed its loop)."""
         try:
             return self._restore(step, abstract_state, data_iterator)
         except CheckpointMismatch as e:
@@ -137,9 +141,12 @@ class Checkpointer:
         except Exception as e:
             earlier = [s for s in self.manager.all_steps() if s < step]
             since = f"its checkpoint of step {max(earlier)}" if earlier else "step 0 (no earlier checkpoint is kept)"
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
             raise RuntimeError(f"{self.manager.directory / str(step)}: the checkpoint the run resumes from could not "
-                               f"be read ({type(e).__name__}, above); if it is damaged, remove that folder and the "
-                               f"stage resumes from {since}") from e
+                               f"be read ({type(cause).__name__}: {cause}); if it is damaged, remove that folder and "
+                               f"the stage resumes from {since}") from e
 
     def _restore(self, step: int, abstract_state, data_iterator) -> tuple[dict, dict[str, float], list[dict]]:
         self.check_fits(step, abstract_state)

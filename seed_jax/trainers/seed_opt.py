@@ -94,9 +94,10 @@ def text_tokenizer(config, workdir: str) -> opt_text.OPTTextTokenizer:
 def check_config(config) -> None:
     """The model settings `train` reads only after the tokenizer and the codes are ready
     (training the demo tokenizer, pre-tokenizing: minutes to hours), checked up front:
-    `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads`,
-    `image_embedding`, `lora`, the dropout rates, the prompts' fields, `data.max_text_tokens`, each phase's `batch_size`
-    (it must split over the mesh's batch axes) and `max_targets_per_row`, with `tokenizer_export`
+    `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
+    `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
+    `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
+    axes) and `max_targets_per_row`, with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
     ValueError naming them."""

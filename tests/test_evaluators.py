@@ -371,9 +371,11 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
     monkeypatch.setattr(evaluator, work, take)
     monkeypatch.setattr(records, "shard_paths", take)
-    monkeypatch.setattr(feature_probe, "check_run", take)
-    monkeypatch.setattr(feature_probe, "shapes_run_config", lambda *args: ml_collections.ConfigDict(
-        dict(data=dict(synthetic=dict(num_train=1)))))
+    def check_run(*args, **kwargs):  # a finished shapes-world run of one training image
+        take(*args, **kwargs)
+        return ml_collections.ConfigDict(dict(data=dict(synthetic=dict(num_train=1))))
+
+    monkeypatch.setattr(feature_probe, "check_run", check_run)
     monkeypatch.setattr(api.SeedOPT, "load", take)
     monkeypatch.chdir(tmp_path)
     evaluator.main(["evaluator"])

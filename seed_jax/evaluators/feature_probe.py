@@ -150,16 +150,18 @@ def shapes_run_config(tokenizer_workdir: str, needed_by: str) -> ml_collections.
     return config
 
 
-def check_run(tokenizer_workdir: str, needed_by: str, splits: Sequence[str] = (), finished: bool = True) -> None:
-    """Refuses, naming tokenizer_workdir, a folder without a shapes-world tokenizer run,
-    without the shards of `splits`, or (`finished`) one whose run has not finished: the
-    evaluators' command lines check it before any work, to print the message alone."""
-    shapes_run_config(tokenizer_workdir, needed_by)
+def check_run(tokenizer_workdir: str, needed_by: str, splits: Sequence[str] = (),
+              finished: bool = True) -> ml_collections.ConfigDict:
+    """The run's config; refuses, naming tokenizer_workdir, a folder without a shapes-world
+    tokenizer run, without the shards of `splits`, or (`finished`) one whose run has not
+    finished: the evaluators' command lines check it before any work, to print the message alone."""
+    config = shapes_run_config(tokenizer_workdir, needed_by)
     if finished and not os.path.exists(os.path.join(tokenizer_workdir, "DONE.json")):
         raise ValueError(f"tokenizer_workdir: {tokenizer_workdir} holds no finished tokenizer run (no DONE.json): "
                          "run its training command again to finish it")
     for split in splits:
         run_shards(tokenizer_workdir, split)
+    return config
 
 
 def load_run_tokenizer(tokenizer_workdir: str, needed_by: str) -> api.SeedTokenizer:
@@ -240,8 +242,7 @@ def main(argv):
         raise app.UsageError(f"--intermediates: {unknown} are not among {allowed}")
     tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
     with command_line.flag_checks():  # the run, before any work (its own training images where they suffice)
-        check_run(tokenizer_workdir, "the probes", ("eval",))
-        if FLAGS.num_train <= shapes_run_config(tokenizer_workdir, "the probes").data.synthetic.num_train:
+        if FLAGS.num_train <= check_run(tokenizer_workdir, "the probes", ("eval",)).data.synthetic.num_train:
             run_shards(tokenizer_workdir, "train")
     results = probe_run(tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train, epochs=FLAGS.epochs,
                         extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))

@@ -128,11 +128,9 @@ class Checkpointer:
         more hosts) holds no position in this process's slice of the data: the iterator
         then starts afresh, with a warning. Any other error reading it is raised again
         naming the checkpoint and that removing it resumes from the one before (on the
-        processes that met it, as before: no process waits on another for it). That error
-        names the first cause (orbax wraps tensorstore's, which names the array and file), as
-        orbax's traceback above it may be buried: a failed array read leaves the reads of the
-        other arrays in flight, and each prints "Event loop is closed" when it ends (orbax's
-        `asyncio_utils.run_sync` has closed its loop)."""
+        processes that met it, as before: no process waits on another for it), with its first
+        cause (tensorstore's, naming the array and file): orbax's own traceback may be buried
+        under the "Event loop is closed" lines of the array reads still in flight."""
         try:
             return self._restore(step, abstract_state, data_iterator)
         except CheckpointMismatch as e:

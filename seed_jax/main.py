@@ -67,6 +67,8 @@ def main(argv):
     try:
         completed = trainers[config.trainer](config, workdir)
     except command_line.ConfigError as error:  # its message says what to change: no traceback
+        # unless asked for (--verbosity=1): a bug inside a check also raises a ValueError
+        logging.debug("where the config error was raised:", exc_info=error)
         sys.exit(f"FATAL config error: {error}")
     print("done" if completed else "preempted: checkpoint saved; re-run the same command to resume", flush=True)
 

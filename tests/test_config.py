@@ -162,6 +162,18 @@ def test_a_setting_a_run_cannot_start_with_fails_with_its_message_alone(flags, m
     assert "Traceback" not in result.stderr
 
 
+def test_verbosity_1_shows_where_a_config_error_was_raised(repo_root, tmp_path):
+    """The message alone hid the traceback of a ValueError that a bug inside the checks
+    raises; `--verbosity=1` now logs it before the message."""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", "--config=configs/tokenizer.py:tiny",
+                             "--config.itc_gradient=local", "--verbosity=1", f"--workdir={tmp_path}"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith(
+        "FATAL config error: itc_gradient: expected one of ('global', 'lavis'), got 'local'"), result.stderr
+    assert "Traceback" in result.stderr and "ValueError: itc_gradient" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("workdir, message", [
     ("{tmp}/file", "--workdir={tmp}/file: {tmp}/file is a file, not a directory"),
     ("{tmp}/file/run", "--workdir={tmp}/file/run: {tmp}/file is a file, not a directory"),

@@ -26,21 +26,24 @@ from seed_jax.models.opt import OPT
 class Sampling:
     """temperature 0: greedy. top_k 0 and top_p 1.0 disable those filters.
 
-    A pytree: under jit `temperature` and `top_p` are traced, so new values run
-    the compiled program again; `top_k` and the mode (`greedy`, `nucleus`: top-p
-    on) are static and compile once each (greedy: once for every top_k and top_p). The mode is told from the values, so
-    build it outside jit and pass it in."""
+    A pytree: under jit `temperature`, `top_k` and `top_p` are traced, so new values
+    run the compiled program again; the mode (`greedy`; `filtered`: top-k or top-p on)
+    is static: one program decodes greedily, one samples with neither filter, one with
+    either or both (every top_k and top_p). The mode is told from the values, so build it outside
+    jit and pass it in. `tail` is 1 - top_p, the mass top-p may cut, computed in float64
+    as transformers does."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = dataclasses.field(init=False)
-    nucleus: bool = dataclasses.field(init=False)
+    filtered: bool = dataclasses.field(init=False)
+    tail: float = dataclasses.field(init=False)
 
     def __post_init__(self):
-        for name in ("temperature", "top_p"):  # the mode is told from their values
+        for name in ("temperature", "top_k", "top_p"):  # the mode and `tail` are told from their values
             if isinstance(getattr(self, name), jax.core.Tracer):
                 raise ValueError(f"{name}: expected a number, got a traced value: build the Sampling outside "
-                                 "jit and pass it in (its temperature and top_p are traced there)")
+                                 "jit and pass it in (its temperature, top_k and top_p are traced there)")
         # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf.
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {self.temperature}")
@@ -48,43 +51,64 @@ class Sampling:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected 0 < top_p <= 1 (1: no top-p), got {self.top_p}")
-        object.__setattr__(self, "greedy", bool(self.temperature == 0))
-        object.__setattr__(self, "nucleus", bool(self.top_p < 1))
+        # Python numbers: numpy scalars would trace as other types, compiling again; a top_k beyond int32
+        # (traced so) keeps the whole vocabulary, as any beyond it does
+        for name, value in (("temperature", float(self.temperature)), ("top_k", min(int(self.top_k), 2**31 - 1)),
+                            ("top_p", float(self.top_p))):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "greedy", self.temperature == 0)
+        object.__setattr__(self, "filtered", self.top_k > 0 or self.top_p < 1)
+        object.__setattr__(self, "tail", 1.0 - self.top_p)
 
 
-def _unflatten_sampling(static, values) -> Sampling:
+def _unflatten_sampling(modes, values) -> Sampling:
     """Rebuilds a checked Sampling around (possibly traced) values, unchecked."""
     sampling = object.__new__(Sampling)
-    for name, value in zip(("top_k", "greedy", "nucleus", "temperature", "top_p"), (*static, *values)):
+    for name, value in zip(("greedy", "filtered", "temperature", "top_k", "top_p", "tail"), (*modes, *values)):
         object.__setattr__(sampling, name, value)
     return sampling
 
 
-# greedy decoding reads neither top_k nor top_p: one program serves every value
+# greedy decoding reads no filter: one program serves every top_k and top_p
 jax.tree_util.register_pytree_node(
-    Sampling, lambda s: ((s.temperature, s.top_p), (0 if s.greedy else s.top_k, s.greedy, s.nucleus and not s.greedy)),
+    Sampling, lambda s: ((s.temperature, s.top_k, s.top_p, s.tail), (s.greedy, s.filtered and not s.greedy)),
     _unflatten_sampling)
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """(B,V) float32 -> the same with filtered-out tokens at -inf, divided by the
-    temperature after the row's maximum is subtracted: a tiny temperature tends to
-    greedy instead of overflowing to inf (it is clamped to float32's smallest normal
-    number, so that one float32 rounds to 0, such as 1e-50, does not divide by 0)."""
+    """(B,V) float32 -> the same divided by the temperature, then top-k and top-p
+    filtered (filtered-out tokens -inf), as transformers' Temperature-, TopK- and
+    TopPLogitsWarper in `generate`'s order. The row's maximum is subtracted first:
+    a tiny temperature tends to greedy instead of overflowing to inf (it is clamped
+    to float32's smallest normal number, so that one float32 rounds to 0, such as
+    1e-50, does not divide by 0).
+
+    Top-k keeps every token at least the k-th largest (ties included; top_k 0 or beyond
+    the vocabulary keeps all). Top-p cuts the longest run of least likely tokens, in
+    ascending order, whose softmax mass is at most `tail` (1 - top_p), and keeps at
+    least the likeliest. Of the tokens tied across its cut, it keeps as many as
+    transformers, the highest ids (as a stable sort orders them; which of them
+    transformers keeps, torch.sort's order tells, for more than 16 tokens not stable)."""
     temperature = jnp.maximum(jnp.asarray(sampling.temperature, jnp.float32), jnp.finfo(jnp.float32).tiny)
     logits = (logits - logits.max(-1, keepdims=True)) / temperature
-    if sampling.top_k:  # a top_k beyond the vocabulary keeps everything, as in transformers
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.nucleus:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays), and the tokens
-        # tied with its last (transformers keeps some of them, in torch.sort's order)
-        cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None] - 1, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+    if not sampling.filtered:
+        return logits
+    vocab = logits.shape[-1]
+    ascending = jnp.sort(logits, -1)  # one sort serves both filters
+    k = jnp.where(sampling.top_k == 0, vocab, jnp.minimum(sampling.top_k, vocab))
+    kth = jax.lax.dynamic_index_in_dim(ascending, vocab - k, axis=-1)  # (B,1)
+    ascending = jnp.where(ascending < kth, -jnp.inf, ascending)
+    ids = jnp.arange(vocab)
+    cut = ((jnp.cumsum(jax.nn.softmax(ascending, -1), -1) <= jnp.asarray(sampling.tail, jnp.float32))
+           & (jnp.asarray(sampling.tail) > 0) & (ids < vocab - 1))  # top_p 1: off, as transformers skips it
+    first = jnp.argmax(~cut, -1, keepdims=True)  # the first kept position
+    low = jnp.take_along_axis(ascending, first, -1)
+    # the tokens tied with the first kept one fill the positions up to the last <= it: keep that many of the
+    # highest ids among them
+    tied = logits == low
+    kept_tied = (ascending <= low).sum(-1, keepdims=True) - first
+    kept = ((logits > low) | (tied & (jnp.cumsum(tied[:, ::-1], -1)[:, ::-1] <= kept_tied))) & (logits >= kth)
+    return jnp.where(kept, logits, -jnp.inf)
 
 
 def allowed_ranges(max_new_tokens: int, ranges: list[tuple[int, int]] | None, vocab_size: int) -> np.ndarray:

@@ -509,10 +509,11 @@ def test_sampling_keeps_the_50_likeliest_tokens_by_default_as_transformers():
     assert likelier(top_k=0).max() >= 50, "every token sampled among the 50 likeliest anyway: the check is vacuous"
 
 
-def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
-    """temperature and top_p are traced: a sweep over them compiles once per mode
-    (greedy; sampling; sampling with top-p), and the values still act. Greedy decoding
-    compiled again for each top_k and for top-p, which it does not read."""
+def test_new_temperature_top_k_or_top_p_values_reuse_the_compiled_decoder():
+    """temperature, top_k and top_p are traced: a sweep over them compiles once per mode
+    (greedy; sampling with top-k or top-p; with neither), and the values still act.
+    Greedy decoding compiled again for each top_k and for top-p, which it does not read;
+    sampling for each top_k and for top-p."""
     lm = _tiny_seed_opt()
     ids = np.random.default_rng(0).integers(3, 10, (4, 5))
     greedy = lm.generate(ids, 6)
@@ -520,12 +521,17 @@ def test_new_temperature_or_top_p_values_reuse_the_compiled_decoder():
     assert lm._generate._cache_size() == 2
     assert not np.array_equal(sampled[0.5], sampled[50.0]), "the temperature did not reach the compiled decoder"
     nucleus = {p: lm.generate(ids, 6, temperature=50.0, top_p=p, seed=1) for p in (0.999, 1e-6)}
-    assert lm._generate._cache_size() == 3
+    top = {k: lm.generate(ids, 6, temperature=50.0, top_k=k, seed=1) for k in (1, 7, 2**40)}
     for options in [dict(top_k=0), dict(top_k=3), dict(top_p=0.5), dict(top_k=1, top_p=1e-6)]:  # greedy reads neither
         np.testing.assert_array_equal(lm.generate(ids, 6, **options), greedy)
+    assert lm._generate._cache_size() == 2
+    top[0] = lm.generate(ids, 6, temperature=50.0, top_k=0, seed=1)
     assert lm._generate._cache_size() == 3
+    np.testing.assert_array_equal(top[2**40], top[0])  # beyond the vocabulary: all of it
     np.testing.assert_array_equal(nucleus[1e-6], greedy)  # only the most likely token is left
+    np.testing.assert_array_equal(top[1], greedy)
     assert not np.array_equal(nucleus[0.999], greedy), "top_p did not reach the compiled decoder"
+    assert not np.array_equal(top[7], top[0]), "top_k did not reach the compiled decoder"
 
 
 def _half_padded(ids: np.ndarray) -> np.ndarray:
@@ -636,6 +642,37 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert np.isfinite(np.asarray(logits)).tolist() == [[True, True, True, False]]
     logits = generation.filter_logits(np.log(probs), generation.Sampling(temperature=1.0, top_k=10))
     assert np.isfinite(np.asarray(logits)).all()  # top_k beyond the vocabulary keeps everything
+
+
+def test_sampling_filters_match_transformers_warpers_with_one_program():
+    """Top-k compiled one program per value (lax.top_k's static k), and top-p kept every
+    token tied with its cut where transformers' TopPLogitsWarper keeps as many as the mass
+    asks: on tied logits the kept set was larger. Now temperature, top_k and top_p are
+    traced (one program for every filter, one for none) and the filters equal
+    transformers' warpers, in `generate`'s order: exactly where torch.sort is stable (at
+    most 16 tokens), the same count and values of kept tokens beyond (which tied ids,
+    torch's unstable order tells)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    rng = np.random.default_rng(0)
+    run = jax.jit(generation.filter_logits)
+    for vocab in (16, 40):
+        for t, k, p in [(1.0, 1, 1.0), (1.0, 3, 1.0), (0.7, 5, 1.0), (1.0, 100, 1.0), (1.0, 0, 0.5), (2.0, 0, 1e-6),
+                        (1.0, 0, 0.75), (0.7, 6, 0.9), (1.0, 4, 1 / 3), (2.0, 0, 1.0), (1.0, 10, 0.6)]:
+            logits = rng.integers(-3, 1, (8, vocab)).astype(np.float32)  # many ties, each row's maximum 0
+            logits[0, -1] = 0.0  # every row has a token left after temperature
+            ref = torch.from_numpy(logits)
+            for on, warper in [(t != 1.0, lambda: TemperatureLogitsWarper(t)), (k != 0, lambda: TopKLogitsWarper(k)),
+                               (p < 1.0, lambda: TopPLogitsWarper(p))]:  # generate's conditions and order
+                ref = warper()(None, ref) if on else ref
+            ref, ours = ref.numpy(), np.asarray(run(logits, generation.Sampling(t, k, p)))
+            case = f"vocab={vocab} temperature={t} top_k={k} top_p={p}"
+            if vocab <= 16:
+                np.testing.assert_allclose(ours, ref, rtol=1e-6, err_msg=case)
+            else:
+                np.testing.assert_allclose(np.sort(ours, -1), np.sort(ref, -1), rtol=1e-6, err_msg=case)
+            filtering = (0 < k < vocab) or p < 1.0
+            assert (np.isfinite(ref).sum() < ref.size) == filtering, f"{case}: filtered {filtering}, the check is vacuous"
+    assert run._cache_size() == 4  # per vocabulary size: filtered, and temperature alone
 
 
 def _tiny_seed_opt(max_positions: int = 64, **options):
@@ -809,12 +846,13 @@ def test_a_batch_size_that_is_no_count_fails_naming_it(batch_size):
         _tiny_seed_opt(batch_size=batch_size)
 
 
-@pytest.mark.parametrize("name", ["temperature", "top_p"])
+@pytest.mark.parametrize("name", ["temperature", "top_k", "top_p"])
 def test_a_sampling_built_from_traced_values_fails_naming_them(name):
-    """Whether it samples and whether top-p is on are told from the values when a
-    Sampling is built, so it cannot be built inside jit from traced ones: that failed
-    with a tracer conversion error naming neither."""
+    """Whether it samples, and its checked values, are told when a Sampling is built, so
+    it cannot be built inside jit from traced ones: that failed with a tracer
+    conversion error naming none."""
     build = {"temperature": lambda value: generation.Sampling(temperature=value),
+             "top_k": lambda value: generation.Sampling(temperature=1.0, top_k=value),
              "top_p": lambda value: generation.Sampling(temperature=1.0, top_p=value)}[name]
     with pytest.raises(ValueError, match=f"{name}: expected a number, got a traced value: build the Sampling outside"):
         jax.jit(lambda value: build(value).top_k)(0.5)

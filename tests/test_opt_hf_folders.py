@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 from transformers import OPTConfig, OPTForCausalLM, OPTModel
 
 from parity import INTERMEDIATE_TOLERANCE, relative_error
@@ -124,6 +124,19 @@ def test_a_stored_head_that_differs_is_used_as_transformers_does_despite_a_tied_
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.tie_word_embeddings and torch.equal(hf.lm_head.weight, state["lm_head.weight"])
     assert not _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export").config.tie_embeddings
+
+
+def test_a_tied_embedding_stored_only_as_the_head_is_read_from_it_as_transformers_ties_them(tmp_path):
+    """safetensors' save_model keeps the first name of tied tensors, lm_head.weight, and
+    drops model.decoder.embed_tokens.weight; transformers ties the embedding to the head
+    on loading, the converter failed on the missing embedding."""
+    _save(tmp_path / "hf", {})
+    model = OPTForCausalLM.from_pretrained(tmp_path / "hf")
+    save_model(model, str(tmp_path / "hf" / "model.safetensors"))
+    assert "model.decoder.embed_tokens.weight" not in load_file(tmp_path / "hf" / "model.safetensors")
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(hf.model.decoder.embed_tokens.weight, model.model.decoder.embed_tokens.weight)
+    assert _converted_with_transformers_logits(hf, tmp_path / "hf", tmp_path / "export").config.tie_embeddings
 
 
 def test_a_folder_without_the_untied_head_it_declares_fails_naming_the_key(tmp_path):

@@ -93,8 +93,9 @@ def _sd(args):
 
 
 def _hf_opt(args):
-    source = _read_folder(args)
     hf = opt.language_model_config(sources.read_hf_config(args.checkpoint))
+    arrays = sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle, variant=args.variant)
+    source = Source(opt.with_embedding_from_head(arrays, hf), args.checkpoint)
     config = opt.config(source, hf, image_tokens=args.image_tokens)
     info = {"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)}
     if args.image_tokens:  # ids of the appended rows

@@ -20,6 +20,7 @@ import numpy as np
 
 from seed_jax.convert import infer, tables
 from seed_jax.convert.infer import need
+from seed_jax.convert.lazy_arrays import LazyArrays
 from seed_jax.convert.rules import Rule, Source, rule
 from seed_jax.models.opt import POSITION_OFFSET, OPTConfig
 
@@ -37,6 +38,18 @@ def prefix(source: Source) -> str:
 def head_key(source: Source) -> str:
     """The key of a separate output layer: `lm_head.weight`, in BLIP-2 under its language model."""
     return (BLIP2_LANGUAGE_MODEL if prefix(source).startswith(BLIP2_LANGUAGE_MODEL) else "") + "lm_head.weight"
+
+
+def with_embedding_from_head(arrays: LazyArrays, hf: dict) -> LazyArrays:
+    """`arrays` with the token embedding read from the head where only the head holds
+    them: safetensors' `save_model` keeps the first name of tied tensors, `lm_head.weight`,
+    and transformers ties the embedding to it on loading (tie_word_embeddings true)."""
+    for model in ("model.", f"{BLIP2_LANGUAGE_MODEL}model."):
+        head, embed = model[:-len("model.")] + "lm_head.weight", f"{model}decoder.embed_tokens.weight"
+        if (head in arrays and embed not in arrays and f"{model}decoder.embed_positions.weight" in arrays
+                and hf.get("tie_word_embeddings", True)):
+            return LazyArrays.merged(arrays, arrays.rekeyed(lambda k, h=head, e=embed: e if k == h else None))
+    return arrays
 
 
 def language_model_config(hf: dict) -> dict:

@@ -111,6 +111,20 @@ def test_a_hook_that_does_not_fit_names_the_target_and_the_source_key():
         apply({"layers.bias": rule("l.{i}.b", hook=heads_bias(4), layers=[0, 1])}, source)
 
 
+def test_a_source_array_of_another_shape_than_the_models_is_named():
+    """A source array whose result does not fit the model failed only when the export was
+    written, naming our parameter ("ln_vision.scale: expected (48,), got (7,)") but not
+    the checkpoint key; the key and its shape are now named, in a stack the layer's."""
+    source = Source({"ln.weight": np.zeros(7), "l.1.w": np.zeros((4, 2)), "l.3.w": np.zeros((4, 3))}, "ckpt")
+    with pytest.raises(ValueError, match=r"^ln\.scale: converting ln\.weight \(7,\) gives shape \(7,\); the "
+                                         r"model's is \(48,\)"):
+        apply({"ln.scale": rule("ln.weight")}, source, {"ln.scale": (48,)})
+    table = {"layers.kernel": rule("l.{i}.w", hook=linear, layers=[1, 3])}
+    with pytest.raises(ValueError, match=r"^layers\.kernel: converting l\.3\.w \(4, 3\) gives shape \(3, 4\); "
+                                         r"the model's is \(2, 4\)"):
+        apply(table, source, {"layers.kernel": (2, 2, 4)})
+
+
 def test_a_missing_middle_layer_is_named_not_counted_as_the_end():
     layers = {f"p.l.{i}.{name}": np.zeros(1) for i in range(4) for name in ("a", "b")}
     assert Source(layers, "ckpt").count("p.l.{i}.a") == 4

@@ -342,6 +342,13 @@ def test_missing_key_fails_naming_it_and_unused_keys_are_listed(tmp_path, capsys
     out = capsys.readouterr().out
     assert "Qformer.cls.predictions.bias" in out and "Qformer.bert.embeddings.position_ids" in out
 
+    state["ln_vision.weight"] = torch.zeros(7)  # of another shape than the model's: the key is named
+    torch.save({"model": state}, tmp_path / "misfit.pth")
+    assert convert_main(["seed_v1", f"--checkpoint={tmp_path / 'misfit.pth'}", f"--out={tmp_path / 'c'}",
+                         *_heads(TINY)]) == 1
+    assert f"ln_vision.scale: converting ln_vision.weight (7,) gives shape (7,); the model's is ({TINY.vit_width},)" \
+        in capsys.readouterr().err
+
 
 def test_a_seed2_checkpoint_is_named_as_such(tmp_path, capsys):
     """SEED-LLaMA's seed_quantizer.pt (a bare state dict) shares the encoder side but

@@ -187,7 +187,7 @@ def convert(argv: list[str]) -> dict:
     check_args(args)
     weights.check_free(args.out)  # before minutes of reading and converting
     kind, config, table, source, info = CONVERTERS[args.layout](args)
-    params = apply(table, source)
+    params = apply(table, source, weights.shapes(weights.flat_params(weights.build(kind, config, abstract=True))))
     report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}
     del source, table  # the source arrays are no longer needed: free them before writing
     # One array at a time into the form orbax writes, so two copies are never held.

@@ -71,38 +71,46 @@ class Source:
         return sorted(set(self.arrays) - self.used)
 
 
-def apply(table: dict[str, Rule], source: Source) -> dict[str, np.ndarray]:
-    """Our dotted path -> array, every rule evaluated against `source`."""
+def apply(table: dict[str, Rule], source: Source,
+          shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Our dotted path -> array, every rule evaluated against `source`; a result of
+    another shape than `shapes` (the model's) gives fails naming the source keys."""
     out = {}
     for target, r in table.items():
+        expected = None if shapes is None or target not in shapes else tuple(shapes[target])
         try:
             if r.layers is None:
-                out[target] = np.asarray(_through_hook(target, r.hook, r.sources, source), np.float32)
+                out[target] = np.asarray(_through_hook(target, r.hook, r.sources, source, expected), np.float32)
             else:
-                out[target] = _stack(target, r, source)
+                out[target] = _stack(target, r, source, expected and expected[1:])
         except KeyError as e:
             raise KeyError(f"{e.args[0]} (needed for {target})") from None
     return out
 
 
-def _through_hook(target: str, hook: Callable, keys: Sequence[str], source: Source) -> np.ndarray:
+def _through_hook(target: str, hook: Callable, keys: Sequence[str], source: Source,
+                  expected: tuple[int, ...] | None = None) -> np.ndarray:
     """`hook` over the source arrays at `keys`; a ValueError or IndexError it raises (a
-    reshape or split that does not fit) is raised again as a ValueError naming `target`
-    and each key with its shape."""
+    reshape or split that does not fit), or a result not of the `expected` shape, is a
+    ValueError naming `target` and each key with its shape."""
     arrays = [source[k] for k in keys]
+    read = ", ".join(f"{k} {tuple(np.shape(a))}" for k, a in zip(keys, arrays))
     try:
-        return hook(*arrays)
+        result = hook(*arrays)
     except (ValueError, IndexError) as e:
-        read = ", ".join(f"{k} {tuple(np.shape(a))}" for k, a in zip(keys, arrays))
         raise ValueError(f"{target}: converting {read} failed: {e}") from e
+    if expected is not None and np.shape(result) != expected:
+        raise ValueError(f"{target}: converting {read} gives shape {np.shape(result)}; the model's is {expected}")
+    return result
 
 
-def _stack(target: str, r: Rule, source: Source) -> np.ndarray:
-    """Each of `r.layers` through the hook, written into one float32 (L, ...) array as
-    it comes: never a list of all layers next to their stack."""
+def _stack(target: str, r: Rule, source: Source, expected: tuple[int, ...] | None = None) -> np.ndarray:
+    """Each of `r.layers` through the hook (each of the `expected` shape, when given),
+    written into one float32 (L, ...) array as it comes: never a list of all layers
+    next to their stack."""
     stack = None
     for n, i in enumerate(r.layers):
-        layer = _through_hook(target, r.hook, [k.format(i=i) for k in r.sources], source)
+        layer = _through_hook(target, r.hook, [k.format(i=i) for k in r.sources], source, expected)
         if stack is None:
             stack = np.empty((len(r.layers),) + np.shape(layer), np.float32)
         if np.shape(layer) != stack.shape[1:]:

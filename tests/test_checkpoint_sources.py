@@ -191,6 +191,15 @@ def test_a_damaged_torch_file_is_named_as_damaged_not_as_refused(tmp_path):
             assert "allow_pickle" not in str(e.value) and name in str(e.value)
 
 
+def test_a_torch_file_whose_weights_sit_under_another_entry_names_its_entries(tmp_path):
+    """A state dict under an entry other than model / state_dict / module read as no
+    tensors at all, and the conversion failed on its first key as if the file lacked it."""
+    torch.save({"ema": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "ema.pth")
+    with pytest.raises(ValueError, match=r"ema.pth: holds no tensors, nor a state dict under 'model', 'state_dict' "
+                                         r"or 'module'; its entries: 'ema', 'epoch'"):
+        sources.read_file(str(tmp_path / "ema.pth"))
+
+
 def test_a_folder_given_for_a_checkpoint_file_is_named(tmp_path):
     """`lavis_blip2 --checkpoint=HF_FOLDER` said the folder did not exist."""
     with pytest.raises(ValueError, match="is a folder: expected a checkpoint file"):

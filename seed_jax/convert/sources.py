@@ -201,8 +201,11 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return LazyArrays({k: (tuple(v.shape), functools.partial(_torch_to_numpy, v))
-                       for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path}: holds no tensors, nor a state dict under {', '.join(map(repr, WRAPPER_KEYS[:-1]))} "
+                         f"or {WRAPPER_KEYS[-1]!r}; its entries: {', '.join(map(repr, list(obj)[:10]))}")
+    return LazyArrays({k: (tuple(v.shape), functools.partial(_torch_to_numpy, v)) for k, v in tensors.items()})
 
 
 def _looks_like_torch_file(path: str) -> bool:

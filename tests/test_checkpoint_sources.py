@@ -289,3 +289,17 @@ def test_an_index_without_a_weight_map_fails_saying_what_it_lacks(tmp_path, inde
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: expected a sharded checkpoint's index, a "
                                          r"JSON object whose 'weight_map' maps each key to its shard file"):
         sources.read_folder(str(tmp_path))
+
+
+def test_a_json_file_that_does_not_parse_is_named(tmp_path):
+    """A damaged config.json (an HTML error page, a partial download) failed with json's
+    bare "Expecting value: line 1 column 1 (char 0)", naming no file."""
+    (tmp_path / "config.json").write_text("<!DOCTYPE html><html>403 Forbidden</html>")
+    with pytest.raises(ValueError, match=r"config.json: not a JSON file \(Expecting value: line 1"):
+        sources.read_hf_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: expected a JSON object, got a list"):
+        sources.read_hf_config(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")  # failed with an AttributeError
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: expected a JSON object, got a list"):
+        sources.read_folder(str(tmp_path))

@@ -13,12 +13,11 @@ The end and padding ids transformers' `generate` uses go to the export's info.""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from seed_jax.convert import infer, tables
+from seed_jax.convert import infer, sources, tables
 from seed_jax.convert.infer import need
 from seed_jax.convert.lazy_arrays import LazyArrays
 from seed_jax.convert.rules import Rule, Source, rule
@@ -119,8 +118,7 @@ def generation_ids(folder: str, hf: dict) -> dict:
     path = os.path.join(folder, "generation_config.json")
     settings = hf
     if os.path.exists(path):
-        with open(path) as f:
-            settings = json.load(f)
+        settings = sources.read_json(path)
     eos, pad = settings.get("eos_token_id"), settings.get("pad_token_id")
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]

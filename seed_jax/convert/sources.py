@@ -140,8 +140,7 @@ def _weight_files(folder: str, variant: str | None) -> list[str]:
         if os.path.isfile(path):
             return [path]
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: expected a sharded checkpoint's index, a JSON object whose 'weight_map' "
                                  f"maps each key to its shard file, got weight_map={weight_map!r}")
@@ -170,8 +169,20 @@ def read_hf_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder}: no config.json (head counts and epsilons are read from it)")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
+
+
+def read_json(path: str) -> dict:
+    """A JSON file holding an object; one that does not parse, or holds something else,
+    is a ValueError naming the file."""
+    with open(path, "rb") as f:
+        try:
+            value = json.load(f)
+        except ValueError as e:  # JSON and UTF-8 errors
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:

@@ -10,7 +10,6 @@ first, so one table serves both; the table is derived from our parameter names.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Mapping
@@ -222,7 +221,7 @@ def read_diffusers_folder(folder: str, *, allow_pickle: bool = False,
         parts.append(arrays.rekeyed(lambda k, p=part: f"{p}.{k}"))
         configs[part] = sources.read_hf_config(path)
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
-    configs["scheduler"] = json.load(open(scheduler)) if os.path.exists(scheduler) else {}
+    configs["scheduler"] = sources.read_json(scheduler) if os.path.exists(scheduler) else {}
     return Source(_old_vae_attention_names(LazyArrays.merged(*parts)), folder), configs, variants
 
 

@@ -310,6 +310,17 @@ def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):
     assert "missing key 'model_ema.diffusion_modelout2bias'" in capsys.readouterr().err
 
 
+def test_flags_of_the_other_layout_fail_naming_them(tmp_path):
+    """--variant with a CompVis file was ignored without a word (the file's weights were
+    converted, whatever variant was asked for); like --ema with a folder, it now fails."""
+    (tmp_path / "pipeline").mkdir()
+    with pytest.raises(ValueError, match="--ema: a diffusers folder holds one set of UNet weights"):
+        convert(["sd", f"--checkpoint={tmp_path / 'pipeline'}", f"--out={tmp_path / 'a'}", "--ema"])
+    with pytest.raises(ValueError, match="--variant=fp16: a CompVis file holds one set of weights; --variant "
+                                         "reads a diffusers folder's"):
+        convert(["sd", f"--checkpoint={tmp_path / 'sd-v1-4.ckpt'}", f"--out={tmp_path / 'b'}", "--variant=fp16"])
+
+
 def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_path, capsys):
     """SD v1.5's folder has `non_ema` weights for its UNet alone: diffusers'
     from_pretrained(variant="non_ema") reads them there and the main weights of the

@@ -80,6 +80,9 @@ def _sd(args):
         if args.variant:
             info["variants"] = variants
     else:
+        if args.variant:
+            raise ValueError(f"--variant={args.variant}: a CompVis file holds one set of weights; --variant reads "
+                             "a diffusers folder's")
         arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
         info["unet_weights"] = "ema" if args.ema else "raw"
         info["ema_weights_unread"] = not args.ema and any(k in arrays for k in sd.compvis_ema_keys(arrays))

@@ -35,9 +35,29 @@ VARIANTS = {  # the OPTConfig fields, and how the folder is saved
 
 
 def _save(folder, fields: dict, seed: int = 0, *, half: bool = False, model_class=OPTForCausalLM, **save):
-    """A random OPT of `fields` saved to `folder` (in float16 with `half`)."""
+    """A random OPT of `fields` saved to `folder` (in float16 with `half`). transformers 5
+    writes safetensors whatever safe_serialization says: with it False, the files are
+    rewritten as transformers 4 wrote them (pytorch_model.bin, or shards and their index)."""
     model = randomize(model_class(OPTConfig(**TINY, **fields)), seed)
     (model.half() if half else model).save_pretrained(folder, **save)
+    if save.get("safe_serialization") is False:
+        _as_torch_files(folder)
+
+
+def _as_torch_files(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        index.unlink()
+    else:
+        weight_map = dict.fromkeys(load_file(folder / "model.safetensors"), "model.safetensors")
+    names = {f: "pytorch_" + f.replace(".safetensors", ".bin") for f in set(weight_map.values())}
+    for old, new in names.items():
+        torch.save(load_file(folder / old), folder / new)
+        (folder / old).unlink()
+    if len(names) > 1:
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: names[v] for k, v in weight_map.items()}}))
 
 
 def _prompts():

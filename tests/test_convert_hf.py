@@ -306,6 +306,9 @@ def test_clip_text_depth_is_config_jsons_num_hidden_layers_as_transformers_build
     with pytest.raises(KeyError, match=r"missing key 'encoder.layers.2.layer_norm1.weight' \(config.json "
                                        r"num_hidden_layers=3, 2 layers stored\)"):
         convert(["hf_clip_text", f"--checkpoint={folder}", f"--out={tmp_path / 'deeper'}"])
+    (folder / "config.json").write_text(json.dumps({**settings, "num_attention_heads": 5}))  # said "num_heads: 5"
+    with pytest.raises(ValueError, match=r"config.json num_attention_heads=5 does not divide the width 32"):
+        convert(["hf_clip_text", f"--checkpoint={folder}", f"--out={tmp_path / 'five_heads'}"])
 
 
 @pytest.mark.slow

@@ -209,6 +209,9 @@ def test_depth_is_config_jsons_num_hidden_layers_as_transformers_builds_it(tmp_p
     with pytest.raises(KeyError, match=r"missing key 'model.decoder.layers.2.fc1.weight' \(config.json "
                                        r"num_hidden_layers=3, 2 layers stored\)"):
         convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'deeper'}", "--image_tokens=0"])
+    _set(tmp_path / "hf" / "config.json", num_hidden_layers=2, num_attention_heads=5)  # said "num_heads: 5"
+    with pytest.raises(ValueError, match=r"config.json num_attention_heads=5 does not divide the width 32"):
+        convert(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'five'}", "--image_tokens=0"])
 
 
 def test_a_weight_of_another_rank_fails_naming_its_key(tmp_path):

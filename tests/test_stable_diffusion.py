@@ -275,8 +275,11 @@ def test_a_compvis_file_takes_sd_v1s_text_encoder_heads(converted):
                                                    "sd-tiny.ckpt")
     build = lambda **heads: stable_diffusion.config(source, {}, empty_prompt=(0,) * 77, unet_heads=2,  # noqa: E731
                                                     norm_groups=8, **heads)
-    assert build().text_encoder.num_heads == 12
+    with pytest.raises(ValueError, match=r"^text_encoder heads \(--text_heads\)=12 does not divide the width 32"):
+        build()  # 12 heads, which this tiny text encoder's width does not take
     assert build(text_heads=2).text_encoder.num_heads == 2
+    with pytest.raises(ValueError, match=r"^--text_heads=5 does not divide the width 32"):
+        build(text_heads=5)
 
 
 def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):

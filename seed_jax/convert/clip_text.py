@@ -21,9 +21,10 @@ def prefix(source: Source) -> str:
                         ("text_model.", "", "cond_stage_model.transformer.text_model."), "a CLIP text encoder")
 
 
-def config(source: Source, hf: dict) -> CLIPTextConfig:
+def config(source: Source, hf: dict, heads_setting: str = "config.json num_attention_heads") -> CLIPTextConfig:
     """`hf`: config.json, a CLIPTextModel's or a whole CLIPModel's (whose text tower's
-    settings are its `text_config`, see `text_settings`)."""
+    settings are its `text_config`, see `text_settings`); `heads_setting` names where
+    its num_attention_heads came from."""
     hf = {**TRANSFORMERS_DEFAULTS, **text_settings(hf)}
     p = prefix(source)
     vocab_size, width = need(source, f"{p}embeddings.token_embedding.weight", "token embedding", rank=2)
@@ -35,7 +36,7 @@ def config(source: Source, hf: dict) -> CLIPTextConfig:
     if act not in ACTIVATIONS:
         raise ValueError(f"config.json hidden_act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
     return CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=width, depth=depth,
-                          num_heads=hf["num_attention_heads"], mlp_dim=mlp_dim,
+                          num_heads=infer.heads(hf["num_attention_heads"], width, heads_setting), mlp_dim=mlp_dim,
                           eps=hf["layer_norm_eps"], activation=act)
 
 

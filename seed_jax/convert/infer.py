@@ -34,6 +34,13 @@ def prefix(source: Source, key: str, candidates: Sequence[str], what: str) -> st
                    f"{', '.join(repr(c) for c in candidates[1:])}; not {what})")
 
 
+def heads(count: int, width: int, setting: str) -> int:
+    """`count` attention heads (read from `setting`), which must divide `width`."""
+    if width % count:
+        raise ValueError(f"{setting}={count} does not divide the width {width}")
+    return count
+
+
 def layer_count(source: Source, template: str, configured: int | None, setting: str) -> int:
     """Layers to build: `configured` (from `setting`, e.g. config.json's
     num_hidden_layers, as transformers builds them; stored layers beyond it are left

@@ -86,7 +86,8 @@ def config(source: Source, hf: dict, *, image_tokens: int = 0) -> OPTConfig:
     positions, width = need(source, f"{p}embed_positions.weight", "position embedding", rank=2)
     depth = infer.layer_count(source, f"{p}layers.{{i}}.fc1.weight", hf.get("num_hidden_layers"),
                               "config.json num_hidden_layers")
-    return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=hf.get("num_attention_heads", 12),
+    heads = infer.heads(hf.get("num_attention_heads", 12), width, "config.json num_attention_heads")
+    return OPTConfig(vocab_size=vocab_size, width=width, depth=depth, num_heads=heads,
                      mlp_dim=need(source, f"{p}layers.0.fc1.weight", "MLP width")[0],
                      max_positions=positions - POSITION_OFFSET,
                      embed_width=token_width if token_width != width else None,

@@ -376,5 +376,6 @@ def config(source: Source, configs: dict[str, dict], *, empty_prompt: tuple[int,
     return StableDiffusionConfig(
         unet=unet_config(source, configs.get("unet", {}), heads=unet_heads),
         vae=vae_config(source, configs.get("vae", {}), scaling_factor=scaling_factor),
-        text_encoder=clip_text.config(_part(source, "text_encoder"), configs.get("text_encoder", {})),
+        text_encoder=clip_text.config(_part(source, "text_encoder"), configs.get("text_encoder", {}),
+                                      "--text_heads" if text_heads else "text_encoder heads (--text_heads)"),
         schedule=schedule_config(configs.get("scheduler", {})), empty_prompt_ids=empty_prompt)

@@ -280,6 +280,12 @@ def test_a_compvis_file_takes_sd_v1s_text_encoder_heads(converted):
     assert build(text_heads=2).text_encoder.num_heads == 2
     with pytest.raises(ValueError, match=r"^--text_heads=5 does not divide the width 32"):
         build(text_heads=5)
+    # So for the UNet's (a level with attention, or the last: the mid block's): it failed building the model.
+    with pytest.raises(ValueError, match=r"^--unet_heads=5 does not divide the width 32"):
+        stable_diffusion.unet_config(source, {}, heads=5)
+    with pytest.raises(ValueError, match=r"^unet config.json attention_head_dim=\[2, 5\] does not divide the "
+                                         r"width 64"):
+        stable_diffusion.unet_config(source, {"attention_head_dim": [2, 5]})
 
 
 def test_compvis_ema_weights_convert_with_ema(converted, tmp_path, capsys):

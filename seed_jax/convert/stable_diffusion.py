@@ -141,9 +141,15 @@ def unet_config(source: Source, hf: dict, *, heads: int | None = None) -> UNetCo
         raise KeyError(f"{source.name}: missing key 'unet.down_blocks.0.resnets.0.conv1.weight' (not an SD UNet)")
     channels = tuple(need(s, f"down_blocks.{i}.resnets.0.conv1.weight", "UNet width")[0] for i in range(levels))
     attention = tuple(f"down_blocks.{i}.attentions.0.norm.weight" in s for i in range(levels))
+    setting = "--unet_heads" if heads is not None else next(
+        (f"unet config.json {k}" for k in ("num_attention_heads", "attention_head_dim") if hf.get(k)),
+        "UNet heads (SD v1's; --unet_heads)")
     if heads is None:
         heads = hf.get("num_attention_heads") or hf.get("attention_head_dim", 8)
-    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * levels
+    value, heads = heads, tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * levels
+    for level in range(min(levels, len(heads))):  # a level with attention, or the last: the mid block's
+        if (attention[level] or level == levels - 1) and channels[level] % heads[level]:
+            raise ValueError(f"{setting}={value} does not divide the width {channels[level]} of UNet level {level}")
     context = need(s, _first_attention(s, attention) + ".attn2.to_k.weight", "cross-attention width")[1]
     out_channels, in_channels = need(s, "conv_out.weight", "output channels")[0], need(s, "conv_in.weight", "")[1]
     return UNetConfig(in_channels=in_channels, out_channels=out_channels, sample_size=hf.get("sample_size") or 64,

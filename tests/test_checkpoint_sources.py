@@ -198,6 +198,8 @@ def test_a_torch_file_whose_weights_sit_under_another_entry_names_its_entries(tm
     with pytest.raises(ValueError, match=r"ema.pth: holds no tensors, nor a state dict under 'model', 'state_dict' "
                                          r"or 'module'; its entries: 'ema', 'epoch'"):
         sources.read_file(str(tmp_path / "ema.pth"))
+    torch.save({"state_dict": {"model": {"w": torch.ones(2)}}, "epoch": 3}, tmp_path / "twice.pth")  # wrapped twice
+    assert list(sources.read_file(str(tmp_path / "twice.pth"))) == ["w"]
 
 
 def test_a_folder_given_for_a_checkpoint_file_is_named(tmp_path):

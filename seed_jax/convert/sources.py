@@ -35,8 +35,8 @@ SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "
 
 
 def read_file(path: str, *, allow_pickle: bool = False) -> LazyArrays:
-    """One checkpoint file -> lazy {key: float32 array}; a {"model": state_dict}
-    (or "state_dict") wrapper is unwrapped, and a `module.` (DDP) or `_orig_mod.`
+    """One checkpoint file -> lazy {key: float32 array}; {"model": state_dict}
+    (or "state_dict", "module") wrappers are unwrapped, and a `module.` (DDP) or `_orig_mod.`
     (torch.compile) prefix that every key has is removed."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is a folder: expected a checkpoint file ({', '.join(TORCH_SUFFIXES)} "
@@ -206,10 +206,8 @@ def _read_with_torch(path: str, allow_pickle: bool) -> LazyArrays:
             raise
         raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_refusal(torch, path, e)}); "
                          "if you trust the file, pass --allow_pickle") from e
-    for key in WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    while isinstance(obj, dict) and (key := next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)):
+        obj = obj[key]  # {"state_dict": {"model": state_dict}} too
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

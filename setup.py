@@ -34,9 +34,10 @@ setup(
         "torch": ["torch==2.13.0"],
         # Reading prepared (array_record) datasets needs no TensorFlow; preparing them does.
         "tfds": ["tensorflow-datasets>=4.9.3"],
-        # pytest-xdist: the README's test command runs most tests in two workers (pytest -n 2)
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.30",
-                 "tensorflow-datasets>=4.9.3",
+        # pytest-xdist: the README's test command runs most tests in two workers (pytest -n 2);
+        # filelock: they share one tiny training run (tests/conftest.py)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "filelock>=3.10", "torch==2.13.0",
+                 "diffusers>=0.30", "tensorflow-datasets>=4.9.3",
                  # executes notebooks/ in a kernel
                  "nbclient>=0.10", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.8"],
         "notebooks": ["jupyter>=1.0", "nbconvert>=7", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.8"],

@@ -42,13 +42,30 @@ def repo_root() -> str:
 @pytest.fixture(scope="session")
 def tiny_decoder_run(tmp_path_factory) -> str:
     """Workdir of a tiny decoder run, which trains its tiny tokenizer first (in
-    WORKDIR/tokenizer); shared by the decoder and SEED-OPT tests."""
+    WORKDIR/tokenizer); shared by the decoder and SEED-OPT tests, which only read it
+    (a test that changes it works on a copy). Under pytest-xdist, trained once for all
+    workers, in the run's base temp folder: the first worker trains it, holding a file
+    lock, and the others wait for it. The run records its absolute paths, so it is
+    trained where it is used, and DONE marks it finished: a run that a killed worker
+    left unmarked is trained again."""
     from configs.decoder import get_config
     from seed_jax.trainers import decoder
 
-    workdir = str(tmp_path_factory.mktemp("decoder"))
-    assert decoder.train(get_config("tiny"), workdir)
-    return workdir
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        workdir = str(tmp_path_factory.mktemp("decoder"))
+        assert decoder.train(get_config("tiny"), workdir)
+        return workdir
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # the run's base temp folder; each worker's is below it
+    workdir, done = root / "tiny_decoder_run", root / "tiny_decoder_run.DONE"
+    with FileLock(str(root / "tiny_decoder_run.lock")):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            assert decoder.train(get_config("tiny"), str(workdir))
+            done.touch()
+    return str(workdir)
 
 
 def pytest_collection_modifyitems(config, items):

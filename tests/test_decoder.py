@@ -1,7 +1,6 @@
 """The de-tokenizer demo trainer end to end at tiny size, the codes -> image API on
 its export, the pixel-space latent rearrangement and the noise schedule."""
 
-import functools
 import json
 import os
 import re
@@ -136,25 +135,23 @@ def _decoder_losses(mesh, num_steps=3):
     return losses, state
 
 
-@functools.cache
-def _decoder_losses_on_1_device():
-    losses, state = _decoder_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-    return losses, jax.tree.map(np.asarray, state["params"])
-
-
-@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}], ids=["fsdp", "tensor"])
-def test_decoder_train_step_same_loss_on_1_and_8_devices(axes):
-    """The same losses and parameters. On a mesh with data, fsdp and tensor all > 1, XLA's
-    partitioning of convolutions chained with kernels split (fsdp, tensor; Shardy and GSPMD alike)
-    computed wrong kernel gradients (conv_in's off by half its size; the losses drifted 6e-4
-    in 3 steps) until each convolution's input was pinned to the batch split."""
-    losses_1, params_1 = _decoder_losses_on_1_device()
-    losses_8, state_8 = _decoder_losses(parallel.make_mesh(axes))
-    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), a, atol=1e-5), params_1, state_8["params"])
+def test_decoder_train_step_same_loss_on_1_and_8_devices():
+    """The same losses and parameters, on a data x fsdp mesh and on one with data, fsdp
+    and tensor all > 1 (one test, so the 1-device run is trained once whichever xdist
+    worker runs it). On the second, XLA's partitioning of convolutions chained with
+    kernels split (fsdp, tensor; Shardy and GSPMD alike) computed wrong kernel gradients
+    (conv_in's off by half its size; the losses drifted 6e-4 in 3 steps) until each
+    convolution's input was pinned to the batch split."""
+    losses_1, state_1 = _decoder_losses(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    params_1 = jax.tree.map(np.asarray, state_1["params"])
     assert losses_1[-1] < losses_1[0]
-    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
-    assert any("fsdp" in str(spec) for spec in specs), "no parameter is sharded over fsdp"
+    for axes in ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        losses_8, state_8 = _decoder_losses(parallel.make_mesh(axes))
+        np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4, err_msg=str(axes))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), a, atol=1e-5, err_msg=str(axes)),
+                     params_1, state_8["params"])
+        specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state_8["params"])]
+        assert any("fsdp" in str(spec) for spec in specs), f"{axes}: no parameter is sharded over fsdp"
 
 
 def test_sampler_plans_reject_step_counts_past_the_schedule():

@@ -35,6 +35,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
 
 
+@flags.multi_flags_validator(["distributed", "coordinator_address", "num_processes", "process_id"])
+def _processes_only_with_distributed(values) -> bool:
+    """The process flags without --distributed were ignored: each process trained alone,
+    all of them into the same workdir."""
+    given = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+             if values[name] is not None]
+    if given and not values["distributed"]:
+        raise flags.ValidationError(f"{', '.join(given)} given without --distributed, which they are read with: "
+                                    "add --distributed (else each process would train alone, into the same workdir)")
+    return True
+
+
 def _trainers():
     from seed_jax.trainers import decoder, pretokenize, seed_opt, tokenizer
 

@@ -293,3 +293,23 @@ def test_slurm_without_gpus_on_node_names_it(tmp_path):
     done, args, _ = _launch_slurm(tmp_path, SRUN_EXIT="0")
     assert done.returncode != 0 and not args
     assert "SLURM_GPUS_ON_NODE unset" in done.stderr
+
+
+def test_process_flags_without_distributed_are_refused_at_parsing():
+    """--coordinator_address, --num_processes and --process_id without --distributed were
+    ignored: each process trained alone on its own devices, all into the same workdir."""
+    from absl import flags
+
+    from seed_jax import main  # noqa: F401  (defines the flags)
+
+    process_flags = ["--coordinator_address=10.0.0.2:1234", "--num_processes=2", "--process_id=1"]
+    try:
+        with pytest.raises(flags.IllegalFlagValueError, match="--coordinator_address, --num_processes, --process_id "
+                                                               "given without --distributed, which they are read with"):
+            flags.FLAGS(["main", *process_flags])
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["main", "--distributed", *process_flags])
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["main"])
+    finally:
+        flags.FLAGS.unparse_flags()

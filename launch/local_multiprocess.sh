@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two (or N) JAX processes on this machine talking over loopback, each with 4 fake CPU
-# devices: exercises the multi-host code path (per-process data slices, global arrays).
+# devices (on the CPU, where there are GPUs too): exercises the multi-host code path
+# (per-process data slices, global arrays).
 #   bash launch/local_multiprocess.sh [N] [extra flags...]
 # When one process fails, the others are killed at once: they would otherwise wait in
 # their next collective until JAX's coordination timeout (minutes). The script exits
@@ -16,7 +17,7 @@ port=${PORT:-12355}
 workdir=${WORKDIR:-workdirs/tokenizer_multiprocess}
 trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m seed_jax.main \
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m seed_jax.main \
     --config=configs/tokenizer.py:tiny --workdir="$workdir" --distributed \
     --coordinator_address=127.0.0.1:$port --num_processes="$n" --process_id=$i "$@" &
 done

@@ -15,13 +15,15 @@ import pytest
 LAUNCH = os.path.join(os.path.dirname(__file__), "..", "launch")
 SCRIPT = os.path.join(LAUNCH, "local_multiprocess.sh")
 
-# Records its pid, then exits a second later with the status EXIT_<process id> gives
-# (so that the others have started), or without one waits ten minutes.
+# Records its pid (and with $ENVS its JAX_PLATFORMS and XLA_FLAGS), then exits a second later
+# with the status EXIT_<process id> gives (so that the others have started), or without one
+# waits ten minutes.
 STAND_IN = """#!/usr/bin/env bash
 for arg in "$@"; do
   case $arg in --process_id=*) id=${arg#--process_id=} ;; esac
 done
 echo $$ > "$PIDS/$id"
+[ -z "${ENVS:-}" ] || echo "${JAX_PLATFORMS-unset} ${XLA_FLAGS-unset}" > "$ENVS/$id"
 status_var=EXIT_$id
 if [ -n "${!status_var:-}" ]; then sleep 1; exit "${!status_var}"; fi
 exec sleep 600
@@ -88,6 +90,18 @@ def test_flags_without_a_process_count_start_two_processes(tmp_path):
     done, _ = _launch(tmp_path, None, "--config.stage1.num_steps=5", EXIT_0="0", EXIT_1="0")
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "pids")) == ["0", "1"]
+
+
+def test_processes_get_fake_cpu_devices_even_where_jax_would_take_gpus(tmp_path, monkeypatch):
+    """Without JAX_PLATFORMS=cpu, JAX on a machine with GPUs (jax[cuda]) gave every process
+    all of its GPUs, not the 4 fake CPU devices: the processes shared them."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # JAX's default: a GPU where there is one
+    (tmp_path / "envs").mkdir()
+    done, _ = _launch(tmp_path, 2, EXIT_0="0", EXIT_1="0", ENVS=str(tmp_path / "envs"))
+    assert done.returncode == 0, done.stderr
+    for i in "01":
+        platforms, *xla_flags = (tmp_path / "envs" / i).read_text().split()
+        assert platforms == "cpu" and "--xla_force_host_platform_device_count=4" in xla_flags
 
 
 def test_a_first_argument_neither_a_count_nor_a_flag_is_named(tmp_path):

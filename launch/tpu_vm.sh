@@ -2,6 +2,8 @@
 # TPU VM / pod slice: run the same command on every worker, one ssh per worker.
 #   bash launch/tpu_vm.sh my-tpu us-central2-b configs/tokenizer.py:seed1,tpu_v4_32 /mnt/shared/seed1
 # The workdir must be a filesystem path every worker sees (e.g. a Filestore / NFS mount).
+# Each worker runs the repository at ~/seed_jax (there, it installs it and jax[tpu]): copy or
+# clone it there on every worker first (e.g. `gcloud compute tpus tpu-vm scp --recurse --worker=all`).
 # The worker count is the number of the TPU's network endpoints (one per worker, from
 # `gcloud compute tpus tpu-vm describe`); WORKERS=N sets it instead.
 # When one worker fails, the training on the others is killed at once: it would otherwise

@@ -114,3 +114,19 @@ def test_chained_convolutions_get_their_1_device_gradients_on_a_data_fsdp_tensor
     grads = gradients(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     assert split_over_fsdp_and_tensor(grads) == ["conv/kernel"]
     assert_same_gradients(grads, gradients(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])))
+
+
+def test_a_batch_several_processes_cannot_feed_is_refused_before_the_run(monkeypatch):
+    """With several processes, a batch left unsharded (its mesh axes of size 1) was refused
+    at the first batch, after the model was built and its weights loaded; the config
+    check now refuses it, naming the field."""
+    from configs.tokenizer import get_config
+    from seed_jax.trainers import global_batches
+
+    config = get_config("tiny")
+    config.mesh.update(data=1, fsdp=1, tensor=-1)
+    global_batches.check_batch_sizes(config, {"batch_size": 16})  # one process feeds every row
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^tokenizer\.eval\.batch_size: 32 is not sharded over mesh \{'data': 1, "
+                                         r"'fsdp': 1, 'tensor': 8\} .* 2 processes each feed rows of their own"):
+        global_batches.check_batch_sizes(config, {"eval.batch_size": 32}, "tokenizer.")

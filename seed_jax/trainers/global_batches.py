@@ -15,11 +15,16 @@ def check_batch_sizes(config, batch_sizes: dict[str, int], prefix: str = "") -> 
     """Raises naming the field (after `prefix`, e.g. "tokenizer." for a trainer's nested
     tokenizer config) unless `config.mesh` is a mesh of the devices, `config.axis_rules`
     name its axes (`parallel.check_rules`) and each of `batch_sizes` (config field ->
-    global batch size) splits evenly over its batch axes (`parallel.check_batch_size`)."""
+    global batch size) splits evenly over its batch axes (`parallel.check_batch_size`) and,
+    with several processes, is one they can feed (`global_batch`'s check, before the run
+    starts rather than at its first batch)."""
     mesh = parallel.make_mesh(config.mesh.to_dict(), field=f"{prefix}mesh")
     parallel.check_rules(config.axis_rules, f"{prefix}axis_rules")
     for field, size in batch_sizes.items():
         parallel.check_batch_size(f"{prefix}{field}", size, mesh, config.axis_rules)
+        if jax.process_count() > 1:
+            batch_axes = parallel.batch_sharding(mesh, config.axis_rules, 1, size).spec[0]
+            _check_rows_per_process(mesh, batch_axes, size, f"{prefix}{field}")
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
@@ -35,14 +40,15 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
 
 
 @functools.lru_cache  # once per mesh and batch layout, not every step
-def _check_rows_per_process(mesh, batch_axes: str | tuple[str, ...] | None, global_size: int) -> None:
+def _check_rows_per_process(mesh, batch_axes: str | tuple[str, ...] | None, global_size: int,
+                            field: str = "batch_size / eval.batch_size") -> None:
     """Each process feeds rows of its own, so the devices holding one batch shard must
     belong to one process: the batch is sharded (over `batch_axes`), and no other mesh
-    axis spans processes."""
+    axis spans processes. Errors name the config `field` that gave `global_size`."""
     if batch_axes is None:
-        raise ValueError(f"batch size {global_size} is not sharded over mesh {dict(mesh.shape)} (its batch axes "
+        raise ValueError(f"{field}: {global_size} is not sharded over mesh {dict(mesh.shape)} (its batch axes "
                          f"have size 1 or do not divide it), but {jax.process_count()} processes each feed rows "
-                         "of their own: choose batch_size / eval.batch_size or the mesh accordingly")
+                         f"of their own: choose {field} or the mesh accordingly")
     processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
     spanning = parallel.axes_spanning_processes(processes, mesh.axis_names, batch_axes)
     if spanning:

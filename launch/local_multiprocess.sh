@@ -3,6 +3,9 @@
 # devices (on the CPU, where there are GPUs too): exercises the multi-host code path
 # (per-process data slices, global arrays).
 #   bash launch/local_multiprocess.sh [N] [extra flags...]
+# The flags go to every process after the script's own (--config=configs/tokenizer.py:tiny: a
+# --config among them replaces it). PORT sets the coordinator's port (default 12355), WORKDIR
+# the run's workdir (default workdirs/tokenizer_multiprocess, which a rerun resumes).
 # When one process fails, the others are killed at once: they would otherwise wait in
 # their next collective until JAX's coordination timeout (minutes). The script exits
 # with the failed process's status. Only processes still running are signalled: the

@@ -309,21 +309,17 @@ def test_slurm_without_gpus_on_node_names_it(tmp_path):
     assert "SLURM_GPUS_ON_NODE unset" in done.stderr
 
 
-def test_process_flags_without_distributed_are_refused_at_parsing():
+def test_process_flags_without_distributed_are_refused_at_parsing(repo_root, tmp_path):
     """--coordinator_address, --num_processes and --process_id without --distributed were
-    ignored: each process trained alone on its own devices, all into the same workdir."""
-    from absl import flags
-
-    from seed_jax import main  # noqa: F401  (defines the flags)
-
-    process_flags = ["--coordinator_address=10.0.0.2:1234", "--num_processes=2", "--process_id=1"]
-    try:
-        with pytest.raises(flags.IllegalFlagValueError, match="--coordinator_address, --num_processes, --process_id "
-                                                               "given without --distributed, which they are read with"):
-            flags.FLAGS(["main", *process_flags])
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["main", "--distributed", *process_flags])
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["main"])
-    finally:
-        flags.FLAGS.unparse_flags()
+    ignored: each process trained alone on its own devices, all into the same workdir.
+    (A subprocess: parsing absl's global flags here would change absl logging for the
+    tests after it.)"""
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", "--config=configs/tokenizer.py:tiny",
+                             f"--workdir={tmp_path}/w", "--coordinator_address=10.0.0.2:1234", "--num_processes=2",
+                             "--process_id=1"], cwd=repo_root, env={**os.environ, "PYTHONPATH": repo_root},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("FATAL Flags parsing error: "), result.stderr
+    assert ("--coordinator_address, --num_processes, --process_id given without --distributed, which they are read "
+            "with: add --distributed") in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "w")

@@ -98,12 +98,19 @@ def check_free(out: str) -> None:
         raise FileExistsError(f"out: {os.path.abspath(out)} already holds an export; choose a new directory")
 
 
-def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None = None) -> None:
+def model_shapes(kind: str, config) -> dict[str, tuple]:
+    """Dotted path -> shape of every parameter of the model `kind` builds from `config`."""
+    return shapes(flat_params(build(kind, config, abstract=True)))
+
+
+def save(out: str, kind: str, config, params: dict[str, Any], info: dict | None = None,
+         expected_shapes: dict[str, tuple] | None = None) -> None:
     """Writes `params` (dotted path -> array, all of the model's parameters) and the
     config to the export directory `out`, which must not hold an export yet. One
     process writes it: in a multi-host run, the others do not call this, and `params`
-    hold this process's whole copies (see `gathered`)."""
-    check_shapes(shapes(params), shapes(flat_params(build(kind, config, abstract=True))), what="params")
+    hold this process's whole copies (see `gathered`). `expected_shapes`: the model's
+    (`model_shapes`), where the caller has them already."""
+    check_shapes(shapes(params), expected_shapes or model_shapes(kind, config), what="params")
     out = os.path.abspath(out)
     check_free(out)
     os.makedirs(out, exist_ok=True)

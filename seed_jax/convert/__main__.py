@@ -190,12 +190,13 @@ def convert(argv: list[str]) -> dict:
     check_args(args)
     weights.check_free(args.out)  # before minutes of reading and converting
     kind, config, table, source, info = CONVERTERS[args.layout](args)
-    params = apply(table, source, weights.shapes(weights.flat_params(weights.build(kind, config, abstract=True))))
+    expected_shapes = weights.model_shapes(kind, config)
+    params = apply(table, source, expected_shapes)
     report = {"layout": args.layout, "checkpoint": args.checkpoint, "unused_keys": source.unused(), **info}
     del source, table  # the source arrays are no longer needed: free them before writing
     # One array at a time into the form orbax writes, so two copies are never held.
     params = {k: weights.host_array(params.pop(k)) for k in list(params)}
-    weights.save(args.out, kind, config, params, info=report)
+    weights.save(args.out, kind, config, params, info=report, expected_shapes=expected_shapes)
     return {"kind": kind, "num_params": int(sum(v.size for v in params.values())), **report}
 
 

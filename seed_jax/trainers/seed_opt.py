@@ -340,6 +340,14 @@ def _unpaired_because(path: str, expected: dict[str, np.ndarray], tokenizer_work
 
 
 # ---------------------------------------------------------------- data
+def codes_dir_shards(config) -> tuple[list[str], list[str]]:
+    """(train, eval) code-record shards in `data.codes_dir`; a split without any is a
+    ValueError naming the field."""
+    d = config.data
+    return (records.shard_paths(d.codes_dir, d.train_prefix, "data.codes_dir"),
+            records.shard_paths(d.codes_dir, d.eval_prefix, "data.codes_dir"))
+
+
 def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
                tok_config) -> tuple[list[str], list[str]]:
     """(train, eval) code-record shards: `data.codes_dir` (checked to be written with
@@ -350,8 +358,7 @@ def code_paths(config, workdir: str, tok_dir: str | None, tok_export: str,
     if d.codes_dir:
         with command_line.config_checks():
             pretokenize.check_written_with(d.codes_dir, [d.train_prefix, d.eval_prefix], tok_export)
-            return (records.shard_paths(d.codes_dir, d.train_prefix, "data.codes_dir"),
-                    records.shard_paths(d.codes_dir, d.eval_prefix, "data.codes_dir"))
+            return codes_dir_shards(config)
     if tok_dir is None:
         raise command_line.ConfigError("data.codes_dir: required unless the tokenizer is trained here (the demo)")
     directory = os.path.join(workdir, "codes")
@@ -405,8 +412,7 @@ def train(config, workdir: str) -> bool:
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
         if config.data.codes_dir:  # its shards, before any tokenizer trains
-            for prefix in (config.data.train_prefix, config.data.eval_prefix):
-                records.shard_paths(config.data.codes_dir, prefix, "data.codes_dir")
+            codes_dir_shards(config)
     text = text_tokenizer(config, workdir)  # before the tokenizer trains: its refusals come first
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None

@@ -10,6 +10,8 @@
 # their next collective until JAX's coordination timeout (minutes). The script exits
 # with the failed process's status. Only processes still running are signalled: the
 # ids of those already waited for may belong to other processes by then.
+# An XLA_FLAGS of the caller's (e.g. --xla_dump_to) is kept, with the 4 devices added;
+# where it sets --xla_force_host_platform_device_count itself, that count is each process's.
 set -euo pipefail
 n=2
 if [[ $# -gt 0 && $1 != -* ]]; then  # a process count first, else flags alone
@@ -18,9 +20,12 @@ if [[ $# -gt 0 && $1 != -* ]]; then  # a process count first, else flags alone
 fi
 port=${PORT:-12355}
 workdir=${WORKDIR:-workdirs/tokenizer_multiprocess}
+xla_flags=${XLA_FLAGS:-}
+[[ " $xla_flags" =~ [[:space:]]--?xla_force_host_platform_device_count= ]] ||
+  xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=4"
 trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m seed_jax.main \
+  JAX_PLATFORMS=cpu XLA_FLAGS=$xla_flags python -m seed_jax.main \
     --config=configs/tokenizer.py:tiny --workdir="$workdir" --distributed \
     --coordinator_address=127.0.0.1:$port --num_processes="$n" --process_id=$i "$@" &
 done

@@ -104,6 +104,21 @@ def test_processes_get_fake_cpu_devices_even_where_jax_would_take_gpus(tmp_path,
         assert platforms == "cpu" and "--xla_force_host_platform_device_count=4" in xla_flags
 
 
+@pytest.mark.parametrize("callers, count", [("--xla_dump_to=/tmp/dump", "4"),
+                                             ("--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=8", "8")])
+def test_processes_keep_the_callers_xla_flags(tmp_path, monkeypatch, callers, count):
+    """XLA_FLAGS was replaced by the device count: a caller's --xla_dump_to was dropped.
+    A device count of the caller's is each process's."""
+    monkeypatch.setenv("XLA_FLAGS", callers)
+    (tmp_path / "envs").mkdir()
+    done, _ = _launch(tmp_path, 2, EXIT_0="0", EXIT_1="0", ENVS=str(tmp_path / "envs"))
+    assert done.returncode == 0, done.stderr
+    for i in "01":
+        _, *xla_flags = (tmp_path / "envs" / i).read_text().split()
+        assert "--xla_dump_to=/tmp/dump" in xla_flags
+        assert [flag for flag in xla_flags if "device_count" in flag] == [f"--xla_force_host_platform_device_count={count}"]
+
+
 def test_a_first_argument_neither_a_count_nor_a_flag_is_named(tmp_path):
     done, _ = _launch(tmp_path, "two")
     assert done.returncode == 2

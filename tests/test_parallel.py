@@ -130,3 +130,34 @@ def test_a_batch_several_processes_cannot_feed_is_refused_before_the_run(monkeyp
     with pytest.raises(ValueError, match=r"^tokenizer\.eval\.batch_size: 32 is not sharded over mesh \{'data': 1, "
                                          r"'fsdp': 1, 'tensor': 8\} .* 2 processes each feed rows of their own"):
         global_batches.check_batch_sizes(config, {"eval.batch_size": 32}, "tokenizer.")
+
+
+def test_a_mesh_axis_spanning_processes_outside_the_batch_axes_is_refused_before_the_run(monkeypatch):
+    """The config check, on 8 stand-in devices of 4 processes (2 each, in jax.devices()'
+    order): a mesh axis along which the process changes but that does not shard the batch
+    would have processes feeding different rows share a batch shard."""
+    import dataclasses
+
+    from configs.tokenizer import get_config
+    from seed_jax.trainers import global_batches
+
+    @dataclasses.dataclass(frozen=True)
+    class Device:
+        id: int
+        process_index: int
+
+    monkeypatch.setattr(jax, "devices", lambda: [Device(i, i // 2) for i in range(8)])
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+    config = get_config("tiny")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    global_batches.check_batch_sizes(config, {"batch_size": 16})  # tensor pairs within a process
+    config.axis_rules = (("batch", "data"),)  # fsdp spans processes, the batch is split over data alone
+    with pytest.raises(ValueError, match=r"^mesh \{'data': 2, 'fsdp': 2, 'tensor': 2\}: axes \['fsdp'\] span "
+                                         r"processes but do not shard the batch, .* expected the mesh axes other "
+                                         r"than data to fit within one process's 2 devices"):
+        global_batches.check_batch_sizes(config, {"batch_size": 16})
+    config.axis_rules = parallel.DEFAULT_RULES
+    config.mesh.update(data=2, fsdp=1, tensor=4)  # a tensor quadruple spans 2 processes
+    with pytest.raises(ValueError, match=r"axes \['tensor'\] span processes"):
+        global_batches.check_batch_sizes(config, {"batch_size": 16})

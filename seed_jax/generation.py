@@ -24,7 +24,10 @@ from seed_jax.models.opt import OPT
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0: greedy. top_k 0 and top_p 1.0 disable those filters.
+    """temperature 0: greedy. top_k 0 and top_p 1.0 disable those filters, as None does (transformers'
+    `generate` reads an argument None so: it replaces the generation config's value, and the warper is
+    skipped). A temperature None is refused: `generate` reads it as 1 with do_sample, as greedy without,
+    and here the temperature chooses between them.
 
     A pytree: under jit `temperature`, `top_k` and `top_p` are traced, so new values
     run the compiled program again; the mode (`greedy`; `filtered`: top-k or top-p on)
@@ -33,8 +36,8 @@ class Sampling:
     jit and pass it in. `tail` is 1 - top_p, the mass top-p may cut, computed in float64
     as transformers does."""
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int | None = 0
+    top_p: float | None = 1.0
     greedy: bool = dataclasses.field(init=False)
     filtered: bool = dataclasses.field(init=False)
     tail: float = dataclasses.field(init=False)
@@ -44,6 +47,12 @@ class Sampling:
             if isinstance(getattr(self, name), jax.core.Tracer):
                 raise ValueError(f"{name}: expected a number, got a traced value: build the Sampling outside "
                                  "jit and pass it in (its temperature, top_k and top_p are traced there)")
+        if self.temperature is None:
+            raise ValueError("temperature: expected a finite number >= 0 (0: greedy), got None, which transformers' "
+                             "generate reads as 1.0 with do_sample=True and as greedy without: pass 1.0 or 0")
+        for name, off in (("top_k", 0), ("top_p", 1.0)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, off)
         # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf.
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {self.temperature}")

@@ -675,6 +675,30 @@ def test_sampling_filters_match_transformers_warpers_with_one_program():
     assert run._cache_size() == 4  # per vocabulary size: filtered, and temperature alone
 
 
+def test_top_k_and_top_p_none_keep_the_tokens_transformers_generate_keeps():
+    """`generate(top_k=None)` was refused, top_p=None failed with a TypeError. transformers'
+    `generate` sets the generation config's value to an argument None and then skips its
+    warper: top_k=None keeps every token, not the default 50. Our filter keeps the tokens
+    the warpers transformers' `generate` builds for the same arguments keep."""
+    from transformers import LogitsProcessorList
+
+    hf, lm = OPTForCausalLM(OPTConfig(**TINY)), _tiny_seed_opt()
+    logits = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)  # distinct values: no ties
+    for options, kept in [({}, 50), (dict(top_k=None), 100), (dict(top_k=5, top_p=None), 5),
+                          (dict(top_k=None, top_p=0.9), None)]:
+        config, _ = hf._prepare_generation_config(None, do_sample=True, temperature=0.7, **options)
+        warpers = hf._get_logits_processor(config, input_ids_seq_length=1, encoder_input_ids=torch.zeros(1, 1),
+                                           prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(),
+                                           device="cpu")
+        ref = np.isfinite(warpers(None, torch.from_numpy(logits)).numpy())
+        ours = np.isfinite(np.asarray(generation.filter_logits(logits, lm._decoding(1, 1, temperature=0.7,
+                                                                                    **options).sampling)))
+        np.testing.assert_array_equal(ours, ref, err_msg=str(options))
+        if kept is not None:  # transformers' reading, shown
+            assert ref.sum(-1).tolist() == [kept] * 4, options
+    assert 50 < ref.sum(-1).max() < 100  # top_p 0.9 alone: it cut some, where a top_k of 50 would cut more
+
+
 def _tiny_seed_opt(max_positions: int = 64, **options):
     """A random SeedOPT with a word-level text tokenizer and 16 codes."""
     text = opt_text.OPTTextTokenizer(opt_text.word_bpe(["a", "red", "star"]))
@@ -743,6 +767,7 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
     for option in [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(seed=3)]:
         with pytest.raises(ValueError, match=f"num_beams > 1 \\(beam search\\) takes no {next(iter(option))}"):
             lm.generate(ids, 2, num_beams=2, **option)
+    assert lm._decoding(4, 2, num_beams=2, top_k=None, top_p=None).num_beams == 2  # None: not given, as transformers
     with pytest.raises(ValueError, match="takes no temperature"):
         lm.caption_codes(np.zeros((1, 32), int), max_new_tokens=3, num_beams=2, temperature=1.0)
     with pytest.raises(ValueError, match=r"codes: expected integer \(B,32\), got int64 \(1, 5\)"):
@@ -780,6 +805,8 @@ def test_questions_and_prompts_that_are_not_strings_fail_naming_them():
     (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
     (dict(temperature=float("inf")), "temperature: expected a finite number >= 0"),
     (dict(temperature=-0.5), "temperature: expected a finite number >= 0"),
+    (dict(temperature=None), "temperature: .*got None, which transformers' generate reads as 1.0 with do_sample=True "
+                             "and as greedy without"),
     (dict(temperature=1.0, top_k=2.5), "top_k: expected an integer >= 0"),
     (dict(temperature=1.0, top_k=-1), "top_k: expected an integer >= 0"),
     (dict(temperature=1.0, top_p=float("nan")), "top_p: expected 0 < top_p <= 1"),

@@ -185,15 +185,19 @@ class SeedOPT:
         return out
 
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
-                 top_k: int = 50, top_p: float = 1.0, seed: int | None = None, eos_id: int | None | str = "model",
-                 pad_id: int | str = "model", allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
+                 top_k: int | None = 50, top_p: float | None = 1.0, seed: int | None = None,
+                 eos_id: int | None | str = "model", pad_id: int | str = "model",
+                 allowed: list[tuple[int, int]] | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0) -> np.ndarray:
         """(B,P) left-padded prompts -> (B,T) int32 new tokens, `pad_id` after `eos_id`,
         as transformers' `generate`: T is `max_new_tokens`, or fewer when every row has
         ended (up to the last row's `eos_id`). Greedy at temperature 0, else sampled
         (top-k / top-p; `seed` defaults to 0) from the `top_k` likeliest tokens: 50, as
-        transformers' `generate(do_sample=True)` (0: all). `eos_id` / `pad_id` "model": this
-        SeedOPT's (`load`: the converted folder's); `eos_id` None: no end token.
+        transformers' `generate(do_sample=True)` (0: all). top_k / top_p None: no top-k / top-p, as
+        transformers' `generate(top_k=None)` (the argument replaces the generation config's 50); a
+        temperature None is refused (`generate` reads it as 1.0 with do_sample, greedy without).
+        `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the converted folder's); `eos_id`
+        None: no end token.
         `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options; `allowed` as its
         `prefix_allowed_tokens_fn`), finished hypotheses scored by log-probability /
@@ -247,8 +251,7 @@ class SeedOPT:
         ranges = generation.allowed_ranges(max_new_tokens, allowed, vocab)
         if num_beams > 1:
             given = {name: value for name, value, default in [("temperature", temperature, 0.0), ("top_k", top_k, 50),
-                     ("top_p", top_p, 1.0), ("seed", seed, None)]
-                     if (value is not None if default is None else value != default)}
+                     ("top_p", top_p, 1.0), ("seed", seed, None)] if value is not None and value != default}
             if given:
                 raise ValueError(f"num_beams > 1 (beam search) takes no {', '.join(given)}, got {given}")
             return _Decoding(max_new_tokens, eos_id, pad_id, num_beams, length_penalty, ranges)
@@ -367,8 +370,8 @@ class SeedOPT:
         return self._answers(self._question_prompts(codes, questions), max_new_tokens, ANSWER_TOKENS, num_beams,
                              sampling)
 
-    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0,
-                    seed: int | None = None, num_beams: int = 1) -> np.ndarray:
+    def image_codes(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int | None = 50,
+                    top_p: float | None = 1.0, seed: int | None = None, num_beams: int = 1) -> np.ndarray:
         """Text prompts -> int32 codes (B,Q), Q = `num_queries`: after "Generate an image:
         {prompt}" and <img>, each of Q steps may only emit a code token, then </img>.
         Options as `generate`'s (`num_beams` > 1: beam search over the same steps, without
@@ -410,8 +413,8 @@ class SeedOPT:
         return self.answer_codes(tokenizer.encode_images(images), questions, max_new_tokens=max_new_tokens,
                                  num_beams=num_beams, **sampling)
 
-    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int = 50,
-                       top_p: float = 1.0, seed: int = 0, num_beams: int = 1, **decode_options) -> np.ndarray:
+    def generate_image(self, prompts: Sequence[str], *, temperature: float = 0.0, top_k: int | None = 50,
+                       top_p: float | None = 1.0, seed: int = 0, num_beams: int = 1, **decode_options) -> np.ndarray:
         """Text prompts -> uint8 images (B,S,S,3): `image_codes`, then
         `SeedTokenizer.decode` (needs `load(..., tokenizer=..., diffusion=...)`);
         `decode_options` as `SeedTokenizer.decode`. `seed` seeds both; with `num_beams` > 1

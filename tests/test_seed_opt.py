@@ -1482,6 +1482,8 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("data", dict(get_config("tiny").data, num_threads=-1), r"data.num_threads: expected an integer >= 0, got -1"),
     # evaluation's chunks of held-out records: 0 failed at the first evaluation, after phase 1 trained
     ("eval", dict(get_config("tiny").eval, batch_size=0), r"eval.batch_size: expected an integer >= 1, got 0"),
+    ("eval", dict(get_config("tiny").eval, max_caption_tokens=0),
+     r"eval.max_caption_tokens: expected an integer >= 1, got 0"),
     # code records given: their shards, once looked for after the tokenizer trained
     ("data", dict(get_config("tiny").data, codes_dir="/no/codes"), r"data.codes_dir: no ArrayRecord shards named 'tr"),
     # a row that holds no sequence's targets (image -> text: a caption token and </s>): every record skipped

@@ -97,7 +97,7 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes) and `max_targets_per_row`, `eval.batch_size`, with `tokenizer_export`
+    axes) and `max_targets_per_row`, `eval.batch_size` and `max_caption_tokens`, with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
     ValueError naming them."""
@@ -122,6 +122,7 @@ def check_config(config) -> None:
     # evaluation captions the held-out records on every process, eval.batch_size rows per call: any count
     # works, but 0 (or below) failed only at the first evaluation, after a phase's training
     check_count("eval.batch_size", config.eval.batch_size, 1)
+    check_count("eval.max_caption_tokens", config.eval.max_caption_tokens, 1)  # as late: generate's max_new_tokens
     for _, key in PHASES:  # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
         check_count(f"{key}.max_targets_per_row", config[key].max_targets_per_row, 2,
                     "an image -> text sequence has a caption token and </s> as targets, at least")

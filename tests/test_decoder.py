@@ -32,7 +32,8 @@ def test_run_writes_metrics_grid_and_export(trained):
         assert -1.0 <= evals[0][key] <= 1.0
     assert [r["step"] for r in records if r["stage"] == "decoder" and r["split"] == "train"] == [2, 4]
     assert os.path.getsize(os.path.join(trained, "samples.png")) > 0
-    assert os.listdir(os.path.join(trained, "tb"))
+    assert os.listdir(os.path.join(trained, "tb")) == ["decoder"]  # a TensorBoard run per stage
+    assert os.listdir(os.path.join(trained, "tb", "decoder"))
     with open(os.path.join(trained, "DONE.json")) as f:
         assert json.load(f)["steps"] == 4
     info = weights.read_config(os.path.join(trained, "export"))[2]

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import itertools
+import struct
 import types
 import weakref
 
@@ -22,6 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from tensorboardX import event_file_writer
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from configs.tokenizer import STAGE2_TRAINABLE, get_config
 from helpers import (assert_compiles_without_full_rematerialization, assert_export_holds_both_stages,
@@ -402,16 +406,45 @@ def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_pat
     assert "keep stage1.num_steps at 0" not in str(refused.value)  # no stage has 0 steps
 
 
-def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
+def _tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """tag -> (step, value) of the scalars TensorBoard shows of the run `run_dir`: its
+    event files read in name order, each SessionLog START hiding the events read before
+    it from its step on (TensorBoard's purge of a restarted run's orphaned events)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(run_dir)):
+        with open(os.path.join(run_dir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):  # TFRecords: uint64 length, uint32 crc, the event, uint32 crc
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            if event.session_log.status == SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path, monkeypatch):
     """A crash at step 6 (checkpoint at 4) then a resumed run: steps 5 and 6 are in
     metrics.jsonl once, from the resumed run, which ends where a straight run does and
-    counts the skipped records from the start."""
-    def crash_at_6(model, step):
-        if step == 6:
-            raise RuntimeError("crash")
+    counts the skipped records from the start. TensorBoard shows them once too (the
+    crashed run's are purged), in a run of the stage's own, tb/s."""
+    class CrashAtRow6(pipeline.SkipCounter):  # rows 3, 6, ... count a skip as they are read
+        def add(self, n=1, why=""):
+            if self.count == 1:
+                raise RuntimeError("crash")
+            super().add(n, why)
 
-    with pytest.raises(RuntimeError, match="crash"):
-        _run_line_stage(tmp_path / "ckpt", tmp_path, evaluate=crash_at_6)
+    # each run's event file named apart, as runs a second or more apart are
+    runs = itertools.count()
+    monkeypatch.setattr(event_file_writer, "socket", types.SimpleNamespace(gethostname=lambda: f"run{next(runs)}"))
+    with pytest.raises(RuntimeError, match="crash"):  # reading step 6's batch
+        _run_line_stage(tmp_path / "ckpt", tmp_path, skipped=CrashAtRow6(), eval_every_steps=loop.AT_STAGE_END)
+    assert os.listdir(tmp_path / "ckpt") == ["4"]
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 6))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "sta')  # a line cut short by a kill
     counted_before_resuming = pipeline.SkipCounter()
@@ -424,6 +457,10 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path):
     np.testing.assert_array_equal(resumed.w[...], straight.w[...])
     # the skipped records of the run, not of the resumed part alone
     assert [line["data/skipped_records"] for line in lines] == [i // 3 for i in range(1, 9)]
+    assert os.listdir(tmp_path / "tb") == ["s"] and len(os.listdir(tmp_path / "tb" / "s")) == 2
+    shown = _tensorboard_scalars(tmp_path / "tb" / "s")
+    for key in ("loss", "data/skipped_records"):
+        assert shown[f"train/{key}"] == [(line["step"], pytest.approx(line[key])) for line in lines]
 
 
 def test_a_run_killed_before_the_newline_of_its_last_line_resumes_on_the_next_line(tmp_path):

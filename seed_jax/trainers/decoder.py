@@ -144,7 +144,7 @@ class Evaluator:
             k = e.grid_examples
             grid = image_grid([self.images[:k], reconstructions[:k], from_captions[:k]], self.tokenizer.image_size)
             preprocess.Image.fromarray(grid).save(os.path.join(self.workdir, "samples.png"))
-            self.writer.tb.add_image("decoder/samples", grid, step, dataformats="HWC")
+            self.writer.tb("decoder").add_image("samples", grid, step, dataformats="HWC")
             records.write_json(os.path.join(self.workdir, "samples.json"),
                                {"rows": ["original", "reconstruction from SEED codes", "generated from the caption"],
                                 "captions": self.captions[:k], "step": step}, indent=2)

@@ -13,15 +13,27 @@ from jax.experimental import multihost_utils
 
 
 class MetricsWriter:
-    """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard under WORKDIR/tb."""
+    """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard under
+    WORKDIR/tb/STAGE: a TensorBoard run per stage (each counts its steps from 0), its
+    tags `split/metric`."""
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb: dict = {}  # stage -> its SummaryWriter, opened at its first event
+        self._purge_steps: dict[str, int] = {}  # stage -> the step its writer drops the earlier runs' events from
+
+    def tb(self, stage: str):
+        """The tensorboardX SummaryWriter of `stage` (process 0 only)."""
+        if stage not in self._tb:
             from tensorboardX import SummaryWriter
 
-            self.path = os.path.join(workdir, "metrics.jsonl")
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb[stage] = SummaryWriter(os.path.join(self.workdir, "tb", stage),
+                                            purge_step=self._purge_steps.pop(stage, None))
+        return self._tb[stage]
 
     def write(self, step: int, stage: str, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -30,9 +42,10 @@ class MetricsWriter:
                   **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tb = self.tb(stage)
         for k, v in metrics.items():
-            self.tb.add_scalar(f"{stage}/{split}/{k}", float(v), int(step))
-        self.tb.flush()
+            tb.add_scalar(f"{split}/{k}", float(v), int(step))
+        tb.flush()
 
     def _lines(self) -> list[tuple[str, dict | None]]:
         """metrics.jsonl's lines with their records (None for a line cut short by a kill)."""
@@ -53,7 +66,13 @@ class MetricsWriter:
         stopped without a checkpoint at its last logged step (a crash, a kill) logged steps
         that the resumed run logs again. A line cut short by a kill goes too, and a whole
         last line the kill left without its newline gets one (the next line was appended
-        to it). (TensorBoard's event files stay as they are.)"""
+        to it). TensorBoard drops them too: the stage's next event file starts with a
+        SessionLog START at `step` + 1, and TensorBoard hides the events of the run's
+        earlier files from that step on."""
+        if self.enabled:
+            if stage in self._tb:
+                self._tb.pop(stage).close()
+            self._purge_steps[stage] = step + 1
         lines = self._lines()
         kept = [line if line.endswith("\n") else line + "\n" for line, record in lines
                 if record is not None and not (record["stage"] == stage and record["step"] > step)]
@@ -75,8 +94,9 @@ class MetricsWriter:
         return found
 
     def close(self):
-        if self.enabled:
-            self.tb.close()
+        for tb in self._tb.values():
+            tb.close()
+        self._tb = {}
 
 
 class Progress:

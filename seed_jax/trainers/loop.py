@@ -210,7 +210,9 @@ def run_stage(*, name: str, model: nnx.Module, trainable, loss_fn: Callable, sta
     before crashed or was preempted while evaluating) evaluates it first.
     `counters` (name -> `pipeline.SkipCounter` of this process) join each train log line
     summed over processes; their sums are saved with each checkpoint and set again on
-    resume (on process 0's counters), so they count the whole run. A checkpoint also
+    resume (on process 0's counters), so they count the whole run (a resumed run counts
+    again the records its data loader had counted ahead of the checkpoint: those read
+    ahead, and those a packer reads again to rebuild the rows it was packing). A checkpoint also
     saves the metrics of the steps since the last log line (one saved on preemption
     between log steps), and the resumed run's next train line averages them with its
     own, as the line of a run not stopped does. `post_update` and

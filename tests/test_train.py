@@ -1,6 +1,7 @@
 """Train steps of both stages: 1 device vs an 8-device mesh, resume equality, SIGTERM."""
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -8,10 +9,9 @@ import re
 import shutil
 import signal
 import subprocess
+import struct
 import sys
 import time
-import itertools
-import struct
 import types
 import weakref
 

@@ -278,9 +278,11 @@ def test_a_pipeline_that_skips_every_record_raises_instead_of_waiting(builder, t
 
 def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path):
     """data.max_text_tokens cuts a text -> image prompt in training; the evaluation's
-    prompts and the export's were cut at SequenceBuilder's default (64) whatever it was."""
+    prompts and the export's were cut at SequenceBuilder's default (64) whatever it was.
+    The evaluation decodes eval.batch_size rows at a time; it ran the API's default 32."""
     config = get_config("tiny")
     config.data.max_text_tokens = 6
+    config.eval.batch_size = 3
     model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,
                              max_positions=128, extra_tokens=64 + 2)
     model = weights.build("opt", model_config)
@@ -295,6 +297,7 @@ def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path
 
     evaluator = seed_opt.Evaluator(config, [record], image, text, Retrieval(), str(tmp_path), "", "")
     assert evaluator.seed_opt(model).builder.generation_prompt(caption) == trained.generation_prompt(caption)
+    assert evaluator.seed_opt(model).batch_size == 3  # eval.batch_size rows a call to the model (was 32)
     out = str(tmp_path / "export")
     seed_opt.export(model_config, weights.flat_params(model), image, text, out,
                     info={"max_text_tokens": config.data.max_text_tokens})

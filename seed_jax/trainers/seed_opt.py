@@ -119,7 +119,7 @@ def check_config(config) -> None:
     for name, rate in model_rates(config).items():
         layers.check_rate(f"model.{name}", rate)
     global_batches.check_batch_sizes(config, {f"{key}.batch_size": config[key].batch_size for _, key in PHASES})
-    # evaluation captions the held-out records on every process, eval.batch_size rows per call: any count
+    # evaluation captions the held-out records on every process, eval.batch_size rows at a time: any count
     # works, but 0 (or below) failed only at the first evaluation, after a phase's training
     check_count("eval.batch_size", config.eval.batch_size, 1)
     check_count("eval.max_caption_tokens", config.eval.max_caption_tokens, 1)  # as late: generate's max_new_tokens
@@ -248,7 +248,7 @@ class Evaluator:
                                          text_tokenizer=self.text,
                                          prompts=sequences.Prompts(**self.config.prompts.to_dict()),
                                          max_text_tokens=self.config.data.max_text_tokens,
-                                         codes_per_image=self.codes.shape[1])
+                                         codes_per_image=self.codes.shape[1], batch_size=self.config.eval.batch_size)
         return self._seed_opt
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:

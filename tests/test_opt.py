@@ -809,16 +809,33 @@ def test_questions_and_prompts_that_are_not_strings_fail_naming_them():
                              "and as greedy without"),
     (dict(temperature=1.0, top_k=2.5), "top_k: expected an integer >= 0"),
     (dict(temperature=1.0, top_k=-1), "top_k: expected an integer >= 0"),
-    (dict(temperature=1.0, top_p=float("nan")), "top_p: expected 0 < top_p <= 1"),
-    (dict(temperature=1.0, top_p=0.0), "top_p: expected 0 < top_p <= 1"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p: expected a number 0 < top_p <= 1"),
+    (dict(temperature=1.0, top_p=0.0), "top_p: expected a number 0 < top_p <= 1"),
+    # of the wrong type: a string failed in numpy or in a comparison (TypeError), a bool was read as 1
+    (dict(temperature="0.7"), "temperature: expected a finite number >= 0 .*got '0.7'"),
+    (dict(temperature=True), "temperature: expected a finite number >= 0 .*got True"),
+    (dict(temperature=1.0, top_p="0.9"), "top_p: expected a number 0 < top_p <= 1 .*got '0.9'"),
+    (dict(temperature=1.0, top_p=[0.9]), r"top_p: expected a number 0 < top_p <= 1 .*got \[0.9\]"),
+    (dict(temperature=1.0, top_p=True), "top_p: expected a number 0 < top_p <= 1 .*got True"),
+    (dict(temperature=1.0, top_k="5"), "top_k: expected an integer >= 0 .*got '5'"),
+    (dict(temperature=1.0, top_k=True), "top_k: expected an integer >= 0 .*got True"),
+    (dict(temperature=1.0, seed=1.5), r"seed: expected an integer in \[0, 2\*\*32\), got 1.5"),
+    (dict(temperature=1.0, seed="1"), r"seed: expected an integer in \[0, 2\*\*32\), got '1'"),
 ])
 def test_sampling_options_outside_their_range_fail_naming_them(option, message):
     """A NaN temperature sampled token 0 at every step, an infinite one turned the
     `allowed` ranges' -inf into NaN and emitted token 0 outside them (an image code
-    that is not a code token); a fractional top_k failed inside lax.top_k."""
+    that is not a code token); a fractional top_k failed inside lax.top_k. A string
+    temperature or top_p failed with numpy's or a comparison's TypeError, naming neither
+    (through generate, caption_codes and image_codes); True was read as 1."""
     lm = _tiny_seed_opt()
     with pytest.raises(ValueError, match=message):
         lm.generate(np.full((2, 4), 5), 3, allowed=[(10, 20)] * 3, **option)
+    if "temperature" in option:  # the SEED methods hand them to the same check
+        with pytest.raises(ValueError, match=message):
+            lm.caption_codes(np.zeros((1, lm.num_queries), np.int32), max_new_tokens=2, **option)
+        with pytest.raises(ValueError, match=message):
+            lm.image_codes(["a red star"], **option)
 
 
 @pytest.mark.parametrize("option, message", [
@@ -989,7 +1006,7 @@ def _seed_opt_with_images(diffusion: bool = True) -> SeedOPT:
     ("caption", [], dict(max_new_tokens=60), r"max_new_tokens: expected an integer in 1\.\.\d+ \(the model has 64"),
     ("caption", [], dict(num_beams=2, top_k=3), r"num_beams > 1 \(beam search\) takes no top_k"),
     ("caption", [], dict(length_penalty=2.0), "length_penalty=2.0 applies to beam search only"),
-    ("answer", [["a", "red"]], dict(top_p=0.0), "top_p: expected 0 < top_p <= 1"),
+    ("answer", [["a", "red"]], dict(top_p=0.0), "top_p: expected a number 0 < top_p <= 1"),
     ("answer", [["a", "red"]], dict(seed=-1), "seed: expected an integer in"),
     ("answer", [["a", "red"]], dict(num_beams=0), "num_beams: expected an integer >= 1"),
 ])

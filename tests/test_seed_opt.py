@@ -220,8 +220,14 @@ def test_records_of_the_wrong_length_or_type_are_skipped_and_counted(builder, tm
     skipped = pipeline.SkipCounter()
     every = sequences.read_code_records([path], pipeline.ALL_RECORDS, skipped)
     assert [r["id"] for r in every] == ["good"] and skipped.count == 4
-    with pytest.raises(ValueError, match=r"num_examples: expected at least 1 \(-1: all\), got 0"):
+    with pytest.raises(ValueError, match=r"num_examples: expected an integer >= 1 \(-1: all\), got 0"):
         sequences.read_code_records([str(path)], 0, skipped)
+    # a fraction read every record (the count was never reached); errors name the config key given
+    with pytest.raises(ValueError, match=r"^eval.num_examples: expected an integer >= 1 \(-1: all\), got 1.5"):
+        sequences.read_code_records([str(path)], 1.5, skipped, name="eval.num_examples")
+    with pytest.raises(ValueError, match=r"^eval.num_examples: 2 requested, .*eval-00000-of-00001.array_record\.\.\. "
+                                         "hold 1 readable records"):
+        sequences.read_code_records([str(path)], 2, skipped, name="eval.num_examples")
 
 
 def test_records_with_codes_outside_the_codebook_are_skipped_by_the_evaluation_reader_too(builder, tmp_path):
@@ -1487,6 +1493,12 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("eval", dict(get_config("tiny").eval, batch_size=0), r"eval.batch_size: expected an integer >= 1, got 0"),
     ("eval", dict(get_config("tiny").eval, max_caption_tokens=0),
      r"eval.max_caption_tokens: expected an integer >= 1, got 0"),
+    # the held-out records read once the codes were made, naming num_examples; a fraction read them all
+    ("eval", dict(get_config("tiny").eval, num_examples=0), r"eval.num_examples: expected an integer >= 1 \(-1: all\)"),
+    ("eval", dict(get_config("tiny").eval, num_examples=8.5), r"eval.num_examples: expected an integer >= 1 .*got 8.5"),
+    # samples of the first evaluation: 0 failed painting no images, -1 saved all records but the last
+    ("eval", dict(get_config("tiny").eval, num_samples=0), r"eval.num_samples: expected an integer >= 1, got 0"),
+    ("eval", dict(get_config("tiny").eval, num_samples=-1), r"eval.num_samples: expected an integer >= 1, got -1"),
     # code records given: their shards, once looked for after the tokenizer trained
     ("data", dict(get_config("tiny").data, codes_dir="/no/codes"), r"data.codes_dir: no ArrayRecord shards named 'tr"),
     # a row that holds no sequence's targets (image -> text: a caption token and </s>): every record skipped

@@ -246,14 +246,22 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     return iter(ds.map(_packed_row).batch(global_batch_size // count, drop_remainder=True))
 
 
+def check_num_examples(name: str, num_examples) -> int:
+    """`num_examples`, an integer >= 1 or `pipeline.ALL_RECORDS`, else a ValueError naming `name`."""
+    integer = isinstance(num_examples, (int, np.integer)) and not isinstance(num_examples, bool)
+    if not integer or (num_examples < 1 and num_examples != pipeline.ALL_RECORDS):
+        raise ValueError(f"{name}: expected an integer >= 1 ({pipeline.ALL_RECORDS}: all), got {num_examples!r}")
+    return int(num_examples)
+
+
 def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCounter,
-                      codes_per_image: int = CODES_PER_IMAGE, num_codes: int | None = None) -> list[dict]:
+                      codes_per_image: int = CODES_PER_IMAGE, num_codes: int | None = None,
+                      name: str = "num_examples") -> list[dict]:
     """The first `num_examples` decodable code records of `codes_per_image` codes, each
     in [0, `num_codes`) when it is given, with a caption (others skipped and counted, as
-    `CodeExample` skips them); `pipeline.ALL_RECORDS`: every decodable one."""
-    every = num_examples == pipeline.ALL_RECORDS
-    if num_examples < 1 and not every:
-        raise ValueError(f"num_examples: expected at least 1 ({pipeline.ALL_RECORDS}: all), got {num_examples}")
+    `CodeExample` skips them); `pipeline.ALL_RECORDS`: every decodable one. Errors name
+    `num_examples` as `name` (a config key)."""
+    num_examples = check_num_examples(name, num_examples)
     source = grain.sources.ArrayRecordDataSource(list(paths))
     out = []
     for i in range(len(source)):
@@ -264,5 +272,5 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
         except ValueError as error:
             skipped.add(why=str(error))
     if len(out) < num_examples or not out:
-        raise ValueError(f"num_examples: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
+        raise ValueError(f"{name}: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
     return out

@@ -97,7 +97,8 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes) and `max_targets_per_row`, `eval.batch_size` and `max_caption_tokens`, with `tokenizer_export`
+    axes) and `max_targets_per_row`, `eval.batch_size`, `max_caption_tokens`, `num_examples` and
+    `num_samples`, with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
     ValueError naming them."""
@@ -123,6 +124,10 @@ def check_config(config) -> None:
     # works, but 0 (or below) failed only at the first evaluation, after a phase's training
     check_count("eval.batch_size", config.eval.batch_size, 1)
     check_count("eval.max_caption_tokens", config.eval.max_caption_tokens, 1)  # as late: generate's max_new_tokens
+    # read once the codes are made, naming num_examples (0 or a negative count), or a fraction read every record
+    sequences.check_num_examples("eval.num_examples", config.eval.num_examples)
+    # 0 failed at the first evaluation painting no images, a negative count saved all records but the last few
+    check_count("eval.num_samples", config.eval.num_samples, 1)
     for _, key in PHASES:  # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
         check_count(f"{key}.max_targets_per_row", config[key].max_targets_per_row, 2,
                     "an image -> text sequence has a caption token and </s> as targets, at least")
@@ -445,7 +450,7 @@ def train(config, workdir: str) -> bool:
 
     skipped = pipeline.SkipCounter()
     eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
-                                               codes_per_image, num_codes)
+                                               codes_per_image, num_codes, name="eval.num_examples")
     retrieval = code_retrieval(config, tokenizer_model, tok_export, tok_dir, tok_config)
     writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder)

@@ -1493,6 +1493,11 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     ("eval", dict(get_config("tiny").eval, batch_size=0), r"eval.batch_size: expected an integer >= 1, got 0"),
     ("eval", dict(get_config("tiny").eval, max_caption_tokens=0),
      r"eval.max_caption_tokens: expected an integer >= 1, got 0"),
+    # captions longer than the positions left after the caption prompt (38 tokens of 128): once checked by
+    # generate at the first evaluation, after phase 1 trained
+    ("eval", dict(get_config("tiny").eval, max_caption_tokens=92),
+     r"eval.max_caption_tokens 92: the model's 128 positions leave 91 new tokens after the caption prompt's 38 "
+     r"\(<s>, an image of 32 codes and prompts.caption 'A photo of'\)"),
     # the held-out records read once the codes were made, naming num_examples; a fraction read them all
     ("eval", dict(get_config("tiny").eval, num_examples=0), r"eval.num_examples: expected an integer >= 1 \(-1: all\)"),
     ("eval", dict(get_config("tiny").eval, num_examples=8.5), r"eval.num_examples: expected an integer >= 1 .*got 8.5"),

@@ -234,8 +234,7 @@ class SeedOPT:
         if prompt_length > self.config.max_positions:
             raise ValueError(f"input_ids: a prompt of {prompt_length} tokens exceeds the model's "
                              f"{self.config.max_positions} positions")
-        # the last new token is not fed back, so it needs no position of its own
-        longest = self.config.max_positions - prompt_length + 1
+        longest = new_token_room(self.config.max_positions, prompt_length)
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
@@ -299,7 +298,7 @@ class SeedOPT:
                             "temperature, top_k, top_p, seed and length_penalty")
         ids, mask = self._left_padded(prompts)
         if max_new_tokens is None:
-            max_new_tokens = max(1, min(default_tokens, self.config.max_positions - ids.shape[1] + 1))
+            max_new_tokens = max(1, min(default_tokens, new_token_room(self.config.max_positions, ids.shape[1])))
         return ids, dict(max_new_tokens=max_new_tokens, attention_mask=mask, eos_id=self.text_tokenizer.eos_id,
                          pad_id=self.text_tokenizer.pad_id, num_beams=num_beams, **sampling)
 
@@ -440,6 +439,13 @@ class _Decoding:
     ranges: np.ndarray
     sampling: generation.Sampling | None = None
     key: jax.Array | None = None
+
+
+def new_token_room(max_positions: int, prompt_length: int) -> int:
+    """The most new tokens `generate` makes after a prompt of `prompt_length` tokens in a
+    model of `max_positions` positions: the last new token is not fed back, so it needs
+    no position of its own."""
+    return max_positions - prompt_length + 1
 
 
 def _new_columns(max_new_tokens: int, longest: int) -> int:

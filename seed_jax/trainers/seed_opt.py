@@ -33,6 +33,7 @@ from PIL import Image
 from seed_jax import api, command_line, parallel, weights
 from seed_jax import export as export_lib
 from seed_jax.api.checks import check_count
+from seed_jax.api.seed_opt import new_token_room
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
@@ -409,6 +410,21 @@ def check_lengths(config, max_positions: int, codes_per_image: int) -> None:
                              f"{codes_per_image + 1} targets (its codes and </img>)")
 
 
+def check_caption_tokens(config, max_positions: int, codes_per_image: int, text: opt_text.OPTTextTokenizer) -> None:
+    """`eval.max_caption_tokens` that fit the model's `max_positions` after the caption
+    prompt (<s>, an image of `codes_per_image` codes, `prompts.caption` in `text`'s tokens),
+    as `api.SeedOPT.caption_codes` fits them, else a ValueError naming it."""
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 1)  # the prompt's length alone
+    builder = sequences.SequenceBuilder(text, image, sequences.Prompts(**config.prompts.to_dict()),
+                                        config.data.max_text_tokens)
+    prompt = len(builder.caption_prompt(np.zeros(codes_per_image, np.int32)))
+    room = new_token_room(max_positions, prompt)
+    if config.eval.max_caption_tokens > room:
+        raise ValueError(f"eval.max_caption_tokens {config.eval.max_caption_tokens}: the model's {max_positions} "
+                         f"positions leave {room} new tokens after the caption prompt's {prompt} (<s>, an image of "
+                         f"{codes_per_image} codes and prompts.caption {config.prompts.caption!r})")
+
+
 # ---------------------------------------------------------------- driver
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
@@ -417,12 +433,15 @@ def train(config, workdir: str) -> bool:
         checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                         [(name, key, config[key].num_steps) for name, key in PHASES])
         # checked again with the model and tokenizer built: this reads what they will be
-        check_lengths(config, *planned_lengths(config, workdir))
+        planned = planned_lengths(config, workdir)
+        check_lengths(config, *planned)
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
         if config.data.codes_dir:  # its shards, before any tokenizer trains
             codes_dir_shards(config)
     text = text_tokenizer(config, workdir)  # before the tokenizer trains: its refusals come first
+    with command_line.config_checks():  # else it failed at the first evaluation, after phase 1 trained
+        check_caption_tokens(config, *planned, text)
     if config.tokenizer_export:
         tok_dir, tok_export, tok_config = None, config.tokenizer_export, None
     else:
@@ -444,6 +463,7 @@ def train(config, workdir: str) -> bool:
     logging.info("SEED-OPT: %s", m_config)
     codes_per_image = tokenizer_model.config.qformer.num_queries
     check_lengths(config, m_config.max_positions, codes_per_image)
+    check_caption_tokens(config, m_config.max_positions, codes_per_image, text)
     image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
     builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),
                                         config.data.max_text_tokens)

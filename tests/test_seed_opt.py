@@ -310,6 +310,21 @@ def test_evaluation_and_the_export_cut_prompts_where_training_did(text, tmp_path
     assert api.SeedOPT.load(out).builder.generation_prompt(caption) == trained.generation_prompt(caption)
 
 
+def test_fewer_held_out_records_than_samples_asked_for_are_said(text, tmp_path, caplog):
+    """samples.json silently held fewer samples than eval.num_samples when the evaluation
+    read fewer held-out records (eval.num_examples below it, or -1 on a small split)."""
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    records_ = [{"id": f"r{i}", "caption": "a red star", "codes": np.arange(32)} for i in range(4)]
+    config = get_config("tiny")
+    assert config.eval.num_samples == 4
+    with caplog.at_level("WARNING"):
+        seed_opt.Evaluator(config, records_, image, text, None, str(tmp_path), "", "")
+    assert "eval.num_samples" not in caplog.text
+    with caplog.at_level("WARNING"):
+        seed_opt.Evaluator(config, records_[:3], image, text, None, str(tmp_path), "", "")
+    assert "eval.num_samples 4: the evaluation reads 3 held-out records, so samples.json holds 3" in caplog.text
+
+
 def _export_of_8_codes_an_image(text, out: str) -> sequences.ImageTokens:
     """A random SEED-OPT export at `out` whose info records 8 codes an image (of 64); its image tokens."""
     model_config = OPTConfig(vocab_size=text.vocab_size, width=32, depth=1, num_heads=2, mlp_dim=64,

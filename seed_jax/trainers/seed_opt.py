@@ -241,6 +241,9 @@ class Evaluator:
         self.images = [records.image_id(r["id"]) for r in eval_records]  # an image's captions are all its own
         self.codes = np.stack([r["codes"] for r in eval_records])
         self.tokenizer_export, self.decoder_export = tokenizer_export, decoder_export
+        if len(eval_records) < config.eval.num_samples:
+            logging.warning("eval.num_samples %d: the evaluation reads %d held-out records, so samples.json holds "
+                            "%d", config.eval.num_samples, len(eval_records), len(eval_records))
         self.true_code_recall = retrieval.recall(self.codes, self.captions, self.images) if retrieval else None
         self._seed_opt = None  # built at the first evaluation, then kept with its programs
 

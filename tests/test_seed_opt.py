@@ -27,6 +27,7 @@ from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
 from seed_jax.models.opt import OPTConfig
+from seed_jax.models.stable_diffusion import StableDiffusionConfig
 from seed_jax.trainers import checkpointing, global_batches, loop, pretokenize, seed_opt
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -1541,6 +1542,30 @@ def test_bad_model_settings_fail_before_the_tokenizer_and_codes_are_prepared(key
     config = get_config("tiny")
     config.unlock()
     config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    with pytest.raises(command_line.ConfigError, match=message):
+        seed_opt.train(config, str(tmp_path / "wd"))
+
+
+@pytest.mark.parametrize("decode, message", [
+    (dict(sampler="euler"), r"^eval.decode.sampler: expected one of \['ddim', "),
+    (dict(num_steps=0), r"^eval.decode.num_steps: expected an int in 1..1000, got 0"),
+    (dict(guidance_scale=float("nan")), r"^eval.decode.guidance_scale: expected a finite number, got nan"),
+])
+def test_bad_sample_decoding_options_fail_before_the_tokenizer_and_codes_are_prepared(decode, message, tmp_path,
+                                                                                       monkeypatch):
+    """eval.decode's options, with which a decoder export paints samples.png, were first read
+    at the first evaluation, after phase 1 trained, naming sampler / num_steps alone."""
+    def prepared(*args, **kwargs):
+        raise AssertionError("the tokenizer was prepared before the config was checked")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", prepared)
+    decoder = str(tmp_path / "decoder")
+    os.makedirs(decoder)
+    weights.write_config(decoder, "stable_diffusion", StableDiffusionConfig())  # only its config is read
+    config = get_config("tiny")
+    config.decoder_export = decoder
+    seed_opt.check_decode_options(config, decoder)  # the preset's are fine
+    config.eval.decode.update(decode)
     with pytest.raises(command_line.ConfigError, match=message):
         seed_opt.train(config, str(tmp_path / "wd"))
 

@@ -13,6 +13,7 @@ from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.command_line import user_path
 from seed_jax.diffusion import pipeline, samplers
+from seed_jax.diffusion.schedule import NoiseSchedule
 from seed_jax.models import layers
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
 
@@ -153,9 +154,7 @@ class StableDiffusion:
     def check_sampling(self, num_steps: int, guidance_scale: float, sampler: str, seed: int):
         """(guidance scale float32, the sampler's plan) for `sample`'s options, else a
         ValueError naming the bad one."""
-        scale = np.float32(check_finite_number("guidance_scale", guidance_scale))  # NaN > 1 is False: no guidance
-        seed_key(seed)
-        return scale, samplers.get(sampler).plan(self.config.schedule, num_steps)
+        return check_sampling(self.config.schedule, num_steps, guidance_scale, sampler, seed)
 
     def _check_embeds(self, name: str, embeds, batch: int | None, length: int | None = None) -> np.ndarray:
         embeds = np.asarray(embeds, np.float32)
@@ -167,6 +166,14 @@ class StableDiffusion:
         if not np.isfinite(embeds).all():
             raise ValueError(f"{name}: contains NaN or infinity")
         return embeds
+
+
+def check_sampling(schedule: NoiseSchedule, num_steps: int, guidance_scale: float, sampler: str, seed: int):
+    """`StableDiffusion.check_sampling` for a model of noise `schedule` (read from its
+    export's config before its weights are)."""
+    scale = np.float32(check_finite_number("guidance_scale", guidance_scale))  # NaN > 1 is False: no guidance
+    seed_key(seed)
+    return scale, samplers.get(sampler).plan(schedule, num_steps)
 
 
 def _check_ids_in_vocabulary(name: str, ids: np.ndarray, vocab_size: int, hint: str = "") -> None:

@@ -33,6 +33,7 @@ from PIL import Image
 from seed_jax import api, command_line, parallel, weights
 from seed_jax import export as export_lib
 from seed_jax.api.checks import check_count
+from seed_jax.api import stable_diffusion
 from seed_jax.api.seed_opt import new_token_room
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
@@ -307,6 +308,20 @@ def decoder_export(config) -> str:
     return os.path.abspath(path) if path else ""
 
 
+def check_decode_options(config, decoder: str) -> None:
+    """`eval.decode`'s options, with which the diffusion export `decoder` ("": none, and they
+    go unused) paints samples.png, as `SeedTokenizer.decode` checks them, else a ValueError
+    naming them. An export of another kind is `paired_decoder`'s to refuse."""
+    kind, diffusion, _ = weights.read_config(decoder) if decoder else (None, None, None)
+    if kind != "stable_diffusion":
+        return
+    d = config.eval.decode
+    try:
+        stable_diffusion.check_sampling(diffusion.schedule, d.num_steps, d.guidance_scale, d.sampler, seed=0)
+    except ValueError as error:  # "sampler: ...", "num_steps: ...", "guidance_scale: ..."
+        raise ValueError(f"eval.decode.{error}") from None
+
+
 def paired_decoder(path: str, clip_text, tokenizer_workdir: str, required: bool) -> str:
     """`path`, a diffusion export ("" for none), if its text encoder is `clip_text`: the
     CLIP text encoder of the tokenizer run in `tokenizer_workdir`, whose generation
@@ -440,6 +455,7 @@ def train(config, workdir: str) -> bool:
         check_lengths(config, *planned)
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
+        check_decode_options(config, decoder)  # else they failed at the first evaluation, after phase 1 trained
         if config.data.codes_dir:  # its shards, before any tokenizer trains
             codes_dir_shards(config)
     text = text_tokenizer(config, workdir)  # before the tokenizer trains: its refusals come first

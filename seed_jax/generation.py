@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seed_jax.api.checks import is_integer, is_real
 from seed_jax.models.opt import OPT
 
 
@@ -55,11 +56,11 @@ class Sampling:
                 object.__setattr__(self, name, off)
         # NaN passes `< 0`; NaN or inf logits would escape the `allowed` ranges' -inf. A string or a bool is
         # no number here (a string failed in numpy's isfinite or in `<`, naming nothing).
-        if not (_is_real(self.temperature) and np.isfinite(self.temperature) and self.temperature >= 0):
+        if not (is_real(self.temperature) and np.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k), got {self.top_k!r}")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p: expected a number 0 < top_p <= 1 (1: no top-p), got {self.top_p!r}")
         # Python numbers: numpy scalars would trace as other types, compiling again; a top_k beyond int32
         # (traced so) keeps the whole vocabulary, as any beyond it does
@@ -69,12 +70,6 @@ class Sampling:
         object.__setattr__(self, "greedy", self.temperature == 0)
         object.__setattr__(self, "filtered", self.top_k > 0 or self.top_p < 1)
         object.__setattr__(self, "tail", 1.0 - self.top_p)
-
-
-def _is_real(value) -> bool:
-    """One real number (a Python or numpy int or float, or a 0-d array of one), not a bool or a string."""
-    number = np.asarray(value)
-    return number.ndim == 0 and number.dtype.kind in "iuf"
 
 
 def _unflatten_sampling(modes, values) -> Sampling:

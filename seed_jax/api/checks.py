@@ -14,12 +14,17 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.key(int(seed))
 
 
+def is_real(value) -> bool:
+    """One real number (a Python or numpy int or float, or a 0-d array of one), not a bool or a string."""
+    number = np.asarray(value)
+    return number.ndim == 0 and number.dtype.kind in "iuf"  # "iuf": int, uint, float
+
+
 def check_finite_number(name: str, value) -> float:
     """One finite real number, else a ValueError naming `name`."""
-    number = np.asarray(value)
-    if number.ndim or number.dtype.kind not in "iuf" or not np.isfinite(number):  # "iuf": int, uint, float
+    if not is_real(value) or not np.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(number)
+    return float(value)
 
 
 def is_integer(value) -> bool:

@@ -252,13 +252,13 @@ def test_a_folder_is_read_as_transformers_and_diffusers_read_it(tmp_path):
     _save(unet / "diffusion_pytorch_model.fp16.safetensors", 4)
     assert w(unet) == 1 and w(unet, variant="fp16") == 4  # safetensors first, within a variant too
     _save(unet / "diffusion_pytorch_model.safetensors", 5)
-    assert w(unet) == 5
+    assert w(unet) == 5 and sources.variant_read(str(unet), None) is None
     with pytest.raises(FileNotFoundError, match=r"no model.bf16.safetensors or .* diffusion_pytorch_model.bf16.bin"):
         w(unet, variant="bf16")
 
     (variants := tmp_path / "variants").mkdir()
     _save(variants / "model.fp16.safetensors", 6)
-    assert w(variants) == 6  # the only variant there
+    assert w(variants) == 6 and sources.variant_read(str(variants), None) == "fp16"  # the only variant there
     _save(variants / "pytorch_model.non_ema.bin", 7)
     with pytest.raises(ValueError, match="the variants fp16, non_ema: choose one with --variant"):
         w(variants)

@@ -103,6 +103,20 @@ def test_an_opt_config_json_without_heads_reads_as_transformers_does(tmp_path):
     assert relative_error(np.asarray(model(ids, mask)[0])[real], ref[real]) <= INTERMEDIATE_TOLERANCE
 
 
+def test_the_report_names_the_variant_read(tmp_path):
+    """A folder whose weights are a variant's alone is read in it; the report recorded
+    no variant, so an export did not say that it came from float16 weights."""
+    hf = randomize(OPTForCausalLM(OPTConfig(**TINY, **VARIANTS["pre_ln"])), 4).half()
+    hf.save_pretrained(tmp_path / "main")
+    hf.save_pretrained(tmp_path / "fp16", variant="fp16")
+    reports = {name: convert(["hf_opt", f"--checkpoint={tmp_path / name}", f"--out={tmp_path / name}_export",
+                              "--image_tokens=0"]) for name in ("main", "fp16")}
+    assert reports["main"]["variant"] is None and reports["fp16"]["variant"] == "fp16"
+    exported = [weights.load_params(str(tmp_path / f"{name}_export")) for name in ("main", "fp16")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(np.array_equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
 def test_a_missing_shard_or_layer_fails_naming_it(tmp_path):
     hf = OPTForCausalLM(OPTConfig(**dict(TINY, num_hidden_layers=4)))
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")

@@ -333,7 +333,8 @@ def test_flags_of_the_other_layout_fail_naming_them(tmp_path):
 def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_path, capsys):
     """SD v1.5's folder has `non_ema` weights for its UNet alone: diffusers'
     from_pretrained(variant="non_ema") reads them there and the main weights of the
-    VAE and text encoder; --variant=non_ema failed on vae/ instead."""
+    VAE and text encoder; --variant=non_ema failed on vae/ instead. A part whose weights
+    are a variant's alone is read in it: the report recorded no variant then."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     folder = tmp_path / "pipeline"
@@ -355,6 +356,13 @@ def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_
                                non_ema.conv_in.weight.detach().permute(2, 3, 1, 0).numpy(), rtol=1e-6)
     assert convert_main(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'none'}", "--variant=bf16"]) == 1
     assert "no part (unet, vae, text_encoder) has weights of the variant bf16" in capsys.readouterr().err
+    # A part with a variant's weights alone is read in it, and the report says so.
+    text_encoder = folder / "text_encoder"
+    pipe.text_encoder.save_pretrained(text_encoder, variant="fp16")
+    for file in text_encoder.glob("model.safetensors"):
+        file.unlink()
+    report = convert(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'fp16_text'}"])
+    assert report["variants"] == {"unet": None, "vae": None, "text_encoder": "fp16"}
 
 
 def test_a_vae_with_diffusers_0_13s_attention_names_converts_as_diffusers_reads_it(tmp_path):

@@ -51,21 +51,25 @@ def _lavis_blip2(args):
     return "blip2", config, blip2.lavis_table(config), source, {"overridden_by_checkpoint": overridden}
 
 
-def _read_folder(args) -> Source:
-    return Source(sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle, variant=args.variant),
-                  args.checkpoint)
+def _folder_weights(args) -> tuple[sources.LazyArrays, dict]:
+    """The folder's weights, and the report's `variant` entry: the variant read (None: the main weights)."""
+    variant = sources.variant_read(args.checkpoint, args.variant)
+    arrays = sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle, variant=variant)
+    return arrays, {"variant": variant}
 
 
 def _hf_blip2(args):
-    source = _read_folder(args)
+    arrays, info = _folder_weights(args)
+    source = Source(arrays, args.checkpoint)
     config = blip2.hf_config(source, sources.read_hf_config(args.checkpoint))
-    return "blip2", config, blip2.hf_table(config), source, {}
+    return "blip2", config, blip2.hf_table(config), source, info
 
 
 def _hf_clip_text(args):
-    source = _read_folder(args)
+    arrays, info = _folder_weights(args)
+    source = Source(arrays, args.checkpoint)
     config = clip_text.config(source, sources.read_hf_config(args.checkpoint))
-    return "clip_text", config, clip_text.table(config, source), source, {}
+    return "clip_text", config, clip_text.table(config, source), source, info
 
 
 def _sd(args):
@@ -77,8 +81,7 @@ def _sd(args):
         source, configs, variants = sd.read_diffusers_folder(args.checkpoint, allow_pickle=args.allow_pickle,
                                                              variant=args.variant)
         layout = "diffusers"
-        if args.variant:
-            info["variants"] = variants
+        info["variants"] = variants
     else:
         if args.variant:
             raise ValueError(f"--variant={args.variant}: a CompVis file holds one set of weights; --variant reads "
@@ -97,10 +100,10 @@ def _sd(args):
 
 def _hf_opt(args):
     hf = opt.language_model_config(sources.read_hf_config(args.checkpoint))
-    arrays = sources.read_folder(args.checkpoint, allow_pickle=args.allow_pickle, variant=args.variant)
+    arrays, info = _folder_weights(args)
     source = Source(opt.with_embedding_from_head(arrays, hf), args.checkpoint)
     config = opt.config(source, hf, image_tokens=args.image_tokens)
-    info = {"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)}
+    info.update({"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)})
     if args.image_tokens:  # ids of the appended rows
         info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
                      "first_code_id": config.vocab_size + 2})

@@ -108,19 +108,26 @@ def read_folder(folder: str, *, allow_pickle: bool = False, variant: str | None 
     diffusers choose them: the first of WEIGHT_NAMES there, one file or the shards its
     `.index.json` lists. A variant (`model.fp16.safetensors`, ...) is read when asked for,
     or when it is the only one there; variants are never merged."""
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(f"checkpoint {folder!r}: expected a Hugging Face model folder")
+    variant = variant_read(folder, variant)
     files = _weight_files(folder, variant)
-    if not files and variant is None:
-        variants = weight_variants(folder)
-        if len(variants) > 1:
-            raise ValueError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} (or index), but the variants "
-                             f"{', '.join(variants)}: choose one with --variant")
-        files = _weight_files(folder, variants[0]) if variants else []
     if not files:
         wanted = [_variant_name(name, variant) for name in WEIGHT_NAMES]
         raise FileNotFoundError(f"{folder}: no {' or '.join(wanted)}, nor a sharded .index.json of one")
     return LazyArrays.merged(*(read_file(f, allow_pickle=allow_pickle) for f in files))
+
+
+def variant_read(folder: str, variant: str | None) -> str | None:
+    """The variant `read_folder(folder, variant=variant)` reads: `variant`, else None (the
+    main weights) when they are there, else the folder's only variant."""
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"checkpoint {folder!r}: expected a Hugging Face model folder")
+    if variant is not None or _weight_files(folder, None):
+        return variant
+    variants = weight_variants(folder)
+    if len(variants) > 1:
+        raise ValueError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} (or index), but the variants "
+                         f"{', '.join(variants)}: choose one with --variant")
+    return variants[0] if variants else None
 
 
 def _variant_name(name: str, variant: str | None) -> str:

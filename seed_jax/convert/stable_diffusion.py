@@ -234,10 +234,13 @@ def read_diffusers_folder(folder: str, *, allow_pickle: bool = False,
 def part_variants(folder: str, variant: str | None) -> dict[str, str | None]:
     """Part -> the variant its weights are read in, as diffusers' from_pretrained chooses:
     `variant` for the parts that have weights of it (SD v1.5's `non_ema` is the UNet's
-    alone), the main weights (None) for the others; some part must have it."""
-    variants = {part: variant if variant in sources.weight_variants(os.path.join(folder, part)) else None
-                for part in PARTS}
-    if variant is not None and not any(variants.values()):
+    alone), the main weights (None) for the others; some part must have it. A part
+    without main weights is read in its only variant (`sources.variant_read`)."""
+    variants = {}
+    for part in PARTS:
+        path = os.path.join(folder, part)
+        variants[part] = sources.variant_read(path, variant if variant in sources.weight_variants(path) else None)
+    if variant is not None and variant not in variants.values():
         raise FileNotFoundError(f"{folder}: no part ({', '.join(PARTS)}) has weights of the variant {variant}")
     return variants
 

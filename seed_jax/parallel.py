@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,14 +40,56 @@ Rules = Sequence[tuple[str, Any]]
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None, field: str = "mesh") -> Mesh:
-    """A mesh over `devices` (default: all) with axes in MESH_AXES order.
+    """A mesh over `devices` (default: all) with axes in MESH_AXES order, laid out by
+    `device_grid`.
 
     `axis_sizes` maps axis name to size; one size may be -1 to take the remaining
     devices. Errors name the config `field` that gave `axis_sizes`.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(axis_sizes, len(devices), field)
-    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES)
+    return Mesh(device_grid(axis_sizes, devices, field), MESH_AXES)
+
+
+def device_grid(axis_sizes: Mapping[str, int], devices: Sequence[Any], field: str = "mesh") -> np.ndarray:
+    """`devices` as an array of `mesh_shape(axis_sizes, ...)`'s shape, laid out by the
+    hardware's topology (MESH_AXES run from the least to the most communicating):
+
+    - TPU: jax's `mesh_utils.create_device_mesh` maps `tensor`, then `fsdp`, then `data`
+      onto rings and planes of the ICI torus (splitting physical axes where it must). The
+      devices of several slices (`slice_index`) form one such mesh per slice, the slices
+      laid out along `data`, then `fsdp` (`create_hybrid_device_mesh` with the slice grid
+      (gcd(data, slices), slices / that, 1)): `tensor` never crosses slices, and a mesh
+      whose slices do not split so is refused naming `field`.
+    - GPU: sorted by device id (XLA's topology-aware numbering across processes).
+    - Anything else (CPU, stand-in objects): `devices` in their order, reshaped.
+    """
+    sizes = tuple(mesh_shape(axis_sizes, len(devices), field).values())
+    platform = getattr(devices[0], "platform", None) if devices else None
+    if platform not in ("tpu", "gpu"):
+        return np.asarray(devices).reshape(sizes)
+    slices = len({d.slice_index for d in devices}) if platform == "tpu" else 1
+    dcn = _slice_grid(sizes, slices, field)
+    try:
+        if slices == 1:
+            return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        ici = tuple(size // n for size, n in zip(sizes, dcn))
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    except (AssertionError, ValueError) as e:  # e.g. a part of a slice that is not a whole cuboid of chips
+        raise ValueError(f"{field}: jax cannot lay out the mesh {dict(zip(MESH_AXES, sizes))} over these "
+                         f"{len(devices)} {platform} devices ({e}); expected whole slices") from e
+
+
+def _slice_grid(sizes: tuple[int, ...], slices: int, field: str) -> tuple[int, ...]:
+    """How `slices` TPU slices split the MESH_AXES `sizes`: along `data` as far as it
+    divides, the rest along `fsdp`, never `tensor`; else a ValueError naming `field`."""
+    data, fsdp, _ = sizes
+    along_data = math.gcd(data, slices)
+    if fsdp % (slices // along_data):
+        raise ValueError(f"{field}: {slices} TPU slices do not split the mesh {dict(zip(MESH_AXES, sizes))}: "
+                         f"the slices are laid out along data, then fsdp (tensor never crosses slices); "
+                         f"expected data a multiple of {slices}, or fsdp a multiple of {slices // along_data} "
+                         f"(the slices left once data takes {along_data})")
+    return along_data, slices // along_data, 1
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int, field: str = "mesh") -> dict[str, int]:

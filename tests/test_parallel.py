@@ -1,5 +1,7 @@
 """Meshes from config and logical-to-mesh sharding rules."""
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -15,6 +17,7 @@ from seed_jax.models.conv_layers import Conv
 def test_make_mesh_fills_minus_one():
     mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert (mesh.devices == np.asarray(jax.devices()).reshape(2, 4, 1)).all()  # CPU devices keep their order
 
 
 def test_make_mesh_errors_name_the_problem():
@@ -30,6 +33,65 @@ def test_make_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"^tokenizer\.mesh: 8 devices do not divide by 3, the product of the axis "
                                          r"sizes \{'fsdp': 3, 'tensor': 1\} besides the -1 one \(data\)"):
         parallel.make_mesh({"data": -1, "fsdp": 3, "tensor": 1}, field="tokenizer.mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """A stand-in accelerator with the attributes jax's mesh_utils reads (as jax's own tests fake them)."""
+    id: int
+    process_index: int
+    coords: tuple[int, int, int] = (0, 0, 0)
+    slice_index: int = 0
+    core_on_chip: int = 0
+    platform: str = "tpu"
+    device_kind: str = "TPU v4"
+
+
+def _tpu_v4(x: int, y: int, z: int, slices: int = 1) -> list[FakeDevice]:
+    """`slices` slices of x*y*z TPU v4 chips in jax.devices()' order (slice, z, y, x), a process per 4."""
+    n = x * y * z
+    return [FakeDevice(i, i // 4, (i % x, i // x % y, i // (x * y) % z), slice_index=i // n)
+            for i in range(slices * n)]
+
+
+def test_tpu_meshes_follow_the_torus_and_cpu_or_stand_in_devices_keep_their_order():
+    """The mesh was jax.devices() reshaped, blind to the ICI torus; now jax's mesh_utils
+    lays TPU devices out (tensor, then fsdp on rings/planes) and GPU devices by id."""
+    from jax.experimental import mesh_utils
+
+    devices = _tpu_v4(2, 2, 4)  # a v4-32: 16 chips, 4 hosts of 2x2 along z
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 2}, devices)
+    expected = mesh_utils.create_device_mesh((2, 4, 2), devices, allow_split_physical_axes=True)
+    assert (mesh.devices == expected).all()
+    assert not (mesh.devices == np.asarray(devices).reshape(2, 4, 2)).all()
+    processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    assert parallel.axes_spanning_processes(processes, parallel.MESH_AXES, ("data", "fsdp")) == []
+    # 3 of a tray's 4 chips are no cuboid of the torus
+    with pytest.raises(ValueError, match=r"^mesh: jax cannot lay out the mesh .* over these 3 tpu devices"):
+        parallel.make_mesh({"data": -1}, devices[:3])
+    gpus = [FakeDevice(i, i // 4, platform="gpu", device_kind="NVIDIA H100") for i in (4, 5, 6, 7, 0, 1, 2, 3)]
+    assert [d.id for d in parallel.device_grid({"data": 2, "fsdp": 4}, gpus).flat] == list(range(8))
+    stand_ins = [FakeDevice(i, 0, platform="cpu") for i in (3, 1, 2, 0)]
+    assert (parallel.device_grid({"data": -1}, stand_ins).ravel() == np.asarray(stand_ins)).all()
+
+
+def test_tpu_slices_are_laid_out_along_data_then_fsdp_never_tensor():
+    from jax.experimental import mesh_utils
+
+    devices = _tpu_v4(2, 2, 1, slices=2)
+
+    def slices_change_along(axis_sizes):
+        grid = parallel.device_grid(axis_sizes, devices, "tokenizer.mesh")
+        return parallel.axes_spanning_processes(np.vectorize(lambda d: d.slice_index)(grid), parallel.MESH_AXES, ())
+
+    assert slices_change_along({"data": 2, "fsdp": 2, "tensor": 2}) == ["data"]
+    assert slices_change_along({"data": 4, "fsdp": 1, "tensor": 2}) == ["data"]
+    assert slices_change_along({"data": 1, "fsdp": 4, "tensor": 2}) == ["fsdp"]
+    grid = parallel.device_grid({"data": 2, "fsdp": 2, "tensor": 2}, devices)
+    assert (grid[1] == mesh_utils.create_device_mesh((2, 2), devices[4:])).all()  # slice 1: one ICI mesh
+    with pytest.raises(ValueError, match=r"^tokenizer\.mesh: 2 TPU slices do not split the mesh \{'data': 1, "
+                                         r"'fsdp': 1, 'tensor': 8\}: .*tensor never crosses slices"):
+        slices_change_along({"tensor": -1})
 
 
 def test_logical_to_mesh_rules_and_fallbacks():

@@ -26,12 +26,12 @@ takes the converted OPT's (its config.json's: 0.1 and 0.0 in the released ones),
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, 17m10s from a clean clone, 8m00s of it SEED-OPT's): on
+Measured (2-core CPU, 16m40s from a clean clone, the tokenizer demo's included): on
 256 held-out images t2i/retrieval_r1 0.58 and caption/exact_match 0.21, held back by the
 demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`)
 and repeat one another: each causal query's output is a linear function of the last's
 with R^2 0.94-0.97 (`seed_jax/evaluators/query_redundancy.py`). Four times the phase-1
-steps plateau at exact match 0.24 (README.md).
+steps plateau at exact match 0.24 (docs/seed_opt_demo.md).
 """
 
 import os

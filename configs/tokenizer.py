@@ -209,7 +209,7 @@ def _demo(c):
     reconstruction it learns is a regression that gains from updates more than from
     batch size, unlike stage I's contrastive loss. The codebook has 1024 codes, not
     SEED's 8192: the demo OPT learns to write 1024 codes from 20k images far better
-    (README.md, SEED-OPT). L_recon reads the generation path's blocks (no `recon_head`):
+    (docs/seed_opt_demo.md). L_recon reads the generation path's blocks (no `recon_head`):
     SEED's separate reconstruction head made this demo 12m10s instead of 10m28s for
     retrieval_codes/i2t_r1 0.41 against 0.40 (both from zero position embeddings).
     """

@@ -26,7 +26,7 @@ takes the converted OPT's (its config.json's: 0.1 and 0.0 in the released ones),
 `gpu8`, `gpu8x8`, `tpu_v4_32`) combine FSDP with tensor parallelism over heads and
 MLP width.
 
-Measured (2-core CPU, 16m40s from a clean clone, the tokenizer demo's included): on
+Measured (2-core CPU, 16m40s-18m22s from a clean clone, the tokenizer demo's included): on
 256 held-out images t2i/retrieval_r1 0.58 and caption/exact_match 0.21, held back by the
 demo tokenizer's codes, which carry shape weakly (`seed_jax/evaluators/feature_probe.py`)
 and repeat one another: each causal query's output is a linear function of the last's

@@ -1455,6 +1455,9 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
                                   f"--config.tokenizer_workdir={tiny_decoder_run}/tokenizer",
                                   f"--config.decoder_export={tiny_decoder_run}/export",
                                   "--config.eval.decode.num_steps=2",
+                                  # each generated token costs collectives across the processes:
+                                  # the held-out records in one batch, their captions cut short
+                                  "--config.eval.batch_size=16", "--config.eval.max_caption_tokens=2",
                                   "--config.mesh.data=1", "--config.mesh.fsdp=8"],
                       program=("-c", MAIN_WITH_A_SLOW_EXPORT))
     assert (workdir / "DONE.json").exists()

@@ -359,8 +359,7 @@ def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_
     # A part with a variant's weights alone is read in it, and the report says so.
     text_encoder = folder / "text_encoder"
     pipe.text_encoder.save_pretrained(text_encoder, variant="fp16")
-    for file in text_encoder.glob("model.safetensors"):
-        file.unlink()
+    (text_encoder / "model.safetensors").unlink()
     report = convert(["sd", f"--checkpoint={folder}", f"--out={tmp_path / 'fp16_text'}"])
     assert report["variants"] == {"unet": None, "vae": None, "text_encoder": "fp16"}
 

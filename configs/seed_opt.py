@@ -114,8 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2
+    # rows_apart: decoding splits the held-out rows over the mesh's batch axes, each device decoding
+    # its own with the weights gathered over fsdp once per call, instead of leaving the weights split
+    # as training does (benchmarks/sharded_decoding.py times the two on your devices)
     c.eval = ml_collections.ConfigDict(dict(num_examples=256, batch_size=128, max_caption_tokens=24,
-                                            num_samples=16, decode=ml_collections.ConfigDict(
+                                            num_samples=16, rows_apart=False, decode=ml_collections.ConfigDict(
                                                 dict(num_steps=25, guidance_scale=3.0, sampler="ddim"))))
     {"demo": _demo, "seed_opt_2.7b": _seed_opt_2_7b, "tiny": _tiny}[preset](c)
     c.eval_every_steps = AT_STAGE_END  # evaluations at the end of each phase (of any length)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seed_jax import parallel
 from seed_jax.api.checks import is_integer, is_real
 from seed_jax.models.opt import OPT
 
@@ -262,34 +263,39 @@ def beam_search(model: OPT, input_ids: jax.Array, attention_mask: jax.Array, *, 
                           else length_penalty, jnp.float32)
 
     def select(i, logits, beams: Beams):
-        """Step i on the live beams' (B*K,V) logits -> their parents (B*K,), new tokens (B*K,), next Beams."""
+        """Step i on the live beams' (B*K,V) logits -> their parents among their row's
+        beams (B,K), new tokens (B*K,), next Beams. Beams move within their row only, so
+        that rows split over devices stay apart."""
         vocab = logits.shape[-1]
         ids = jnp.arange(vocab)
         log_probs = jnp.where((ids >= allowed[i, 0]) & (ids < allowed[i, 1]), jax.nn.log_softmax(logits, -1), -jnp.inf)
         total = (beams.scores[:, None] + log_probs).reshape(batch, k * vocab)
-        scores, flat = jax.lax.top_k(total, 2 * k)  # (B,2K), best first
-        parent = flat // vocab + jnp.arange(batch)[:, None] * k
+        scores, flat = parallel.top_k_by_row(total, 2 * k)  # (B,2K), best first
+        parent = flat // vocab
         token = (flat % vocab).astype(jnp.int32)
-        tokens = beams.tokens[parent].at[:, :, i].set(token)  # (B,2K,T)
+        tokens = take(beams.tokens.reshape(batch, k, -1), parent).at[:, :, i].set(token)  # (B,2K,T)
         ends = (token == eos) | (i == limit - 1)
         # an ended candidate runs on only where fewer than K others are left (K >= the vocabulary), dead (-inf)
         running = jnp.where(ends, -jnp.inf, scores)
-        live = jax.lax.top_k(running, k)[1]  # (B,K)
+        live = parallel.top_k_by_row(running, k)[1]  # (B,K)
         finishing = ends & (jnp.arange(2 * k) < k) & beams.active[:, None]
         merged = jnp.concatenate([beams.finished_scores, jnp.where(finishing, scores / penalty[i], -jnp.inf)], 1)
-        best = jax.lax.top_k(merged, k)[1]
+        best = parallel.top_k_by_row(merged, k)[1]
         finished_scores = take(merged, best)
         live_scores = take(running, live)
         # the worst of a buffer with an empty slot is -inf: the row stays active
         active = beams.active & (live_scores[:, 0] / penalty[i] > finished_scores.min(1))
-        return take(parent, live).reshape(-1), take(token, live).reshape(-1), Beams(
+        return take(parent, live), take(token, live).reshape(-1), Beams(
             live_scores.reshape(-1), take(tokens, live).reshape(batch * k, -1), finished_scores,
             take(jnp.concatenate([beams.finished_tokens, tokens], 1), best), active)
 
     def step(state):
         i, logits, cache, position, beams = state
         parent, token, beams = select(i, logits, beams)
-        cache = jax.tree.map(lambda c: c[:, parent], cache)
+        # (layers,B*K,...): each row's beams take their parents' keys and values
+        cache = jax.tree.map(lambda c: jnp.take_along_axis(
+            c.reshape(c.shape[0], batch, k, *c.shape[2:]), parent.reshape((1, batch, k) + (1,) * (c.ndim - 2)),
+            2).reshape(c.shape), cache)
         logits, cache = model(token[:, None], beam_mask, positions=position[:, None], cache=cache,
                               cache_index=prompt_length + i)
         return i + 1, logits[:, -1], cache, position + 1, beams

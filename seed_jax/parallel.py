@@ -178,6 +178,21 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules):
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def rows_apart_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+    """`rules` without the mesh axes that split the batch in any rule but `batch`'s (by
+    DEFAULT_RULES, weights are no longer split over fsdp): under them each device computes
+    its own rows with no exchange along those axes, once the weights are gathered."""
+    batch_axes = set(_mesh_axes_for("batch", rules))
+    apart = []
+    for name, target in rules:
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        if name != "batch":
+            axes = tuple(a for a in axes if a not in batch_axes)
+            target = None if not axes else axes[0] if len(axes) == 1 else axes
+        apart.append((name, target))
+    return tuple(apart)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> NamedSharding:
     """Sharding for an array whose leading axis is the batch."""
     shape = (batch_size,) + (1,) * (ndim - 1)
@@ -231,3 +246,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_mesh(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def top_k_by_row(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` of (B,N) `x`, whose rows `constrain(x, ("batch", None))` splits:
+    within `axis_rules` each device takes its own rows' (XLA's partitioner would gather
+    every row to every device first)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return jax.lax.top_k(x, k)
+    mesh, rules = active
+    rows = logical_to_mesh(("batch", None), x.shape, mesh, rules)
+    return jax.shard_map(lambda x: tuple(jax.lax.top_k(x, k)), mesh=mesh, in_specs=rows, out_specs=(rows, rows))(x)

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,6 +118,37 @@ def assert_compiles_without_full_rematerialization(setup, batch, capfd) -> None:
             "was not one?)")
         setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     assert FULL_REMATERIALIZATION not in capfd.readouterr().err
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
+               "collective-broadcast", "ragged-all-to-all")
+
+
+def collectives_in_loop_bodies(hlo: str) -> list[str]:
+    """The cross-device operations of compiled HLO text (`jitted.lower(...).compile().as_text()`)
+    that run inside a while loop's body, or in a computation such a body calls: those run
+    once per iteration. Loop conditions are left out."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    bodies = {b for lines in computations.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)}
+    reached, found = set(), []
+    while bodies:
+        body = bodies.pop()
+        if body in reached:
+            continue
+        reached.add(body)
+        for line in computations.get(body, []):
+            bodies.update(re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line))
+            for called in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                bodies.update(c.strip().lstrip("%") for c in called.split(","))
+            found += [line.strip() for op in COLLECTIVES if re.search(rf"\b{op}(-start)?\(", line)]
+    return found
 
 
 @contextlib.contextmanager

@@ -105,6 +105,14 @@ def test_logical_to_mesh_rules_and_fallbacks():
     assert parallel.logical_to_mesh(("embed", "embed"), (64, 64), mesh, rules) == P("fsdp", None)
 
 
+def test_rows_apart_rules_keep_the_batchs_axes_for_the_batch_alone():
+    apart = dict(parallel.rows_apart_rules(parallel.DEFAULT_RULES))
+    assert apart["batch"] == ("data", "fsdp") and apart["embed"] is None  # weights no longer split over fsdp
+    assert apart["mlp"] == apart["heads"] == apart["vocab"] == "tensor"
+    rules = [("batch", "data"), ("embed", ("data", "tensor")), ("mlp", ("fsdp", "data")), ("kv", None)]
+    assert parallel.rows_apart_rules(rules) == (("batch", "data"), ("embed", "tensor"), ("mlp", "fsdp"), ("kv", None))
+
+
 def test_constrain_is_noop_outside_rules_and_shards_inside():
     x = np.ones((8, 4), np.float32)
     assert parallel.constrain(x, ("batch", None)) is x

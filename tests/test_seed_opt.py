@@ -15,13 +15,14 @@ import ml_collections
 import numpy as np
 import pytest
 from array_record.python import array_record_module
+from flax import nnx
 
 from configs.pretokenize import get_config as get_pretokenize_config
 from configs.seed_opt import get_config
 from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_compiles_without_full_rematerialization, assert_optimizer_state_split_as_params,
-                     assert_same_gradients, assert_weights_split, checkpoint_params, layout_mesh,
-                     decoder_with_text_encoder_changed, run_two_processes, seed_opt_losses_on_one_batch,
+                     assert_same_gradients, assert_weights_split, checkpoint_params, collectives_in_loop_bodies,
+                     decoder_with_text_encoder_changed, layout_mesh, run_two_processes, seed_opt_losses_on_one_batch,
                      split_over_fsdp_and_tensor, stage_gradients)
 from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
@@ -1203,6 +1204,47 @@ def test_lm_step_same_gradients_on_1_and_8_devices(code_dim, rates, train_all):
     assert split_over_fsdp_and_tensor(grads), "no gradient is split over fsdp and tensor"
 
 
+def _decoding_programs(seed_opt: api.SeedOPT, monkeypatch) -> list[str]:
+    """The compiled text of each program `seed_opt` decodes with from here on, in order."""
+    texts = []
+    for name in ("_generate", "_beam_search"):
+        def compiling(*args, jitted=getattr(seed_opt, name), **kwargs):
+            texts.append(jitted.lower(*args, **kwargs).compile().as_text())
+            return jitted(*args, **kwargs)
+
+        monkeypatch.setattr(seed_opt, name, compiling)
+    return texts
+
+
+def test_decoding_on_a_mesh_gives_one_devices_tokens_without_exchanges_at_each_step(monkeypatch):
+    """A SeedOPT given the data x fsdp mesh its weights are split over (as training splits
+    them) decodes each device's rows alone, greedy, with beams and sampled: the 1-device tokens, and
+    no cross-device operation in the decode loop's body (the weights are gathered before
+    it). Without the mesh, every layer of every step exchanges activations over fsdp: the
+    known positive that shows the check sees them."""
+    model = _lm_model()
+    ids = np.random.default_rng(0).integers(2, 60, (8, 5)).astype(np.int32)
+    options = [dict(eos_id=None), dict(eos_id=None, num_beams=2), dict(temperature=0.8, top_k=8, top_p=0.9, seed=1)]
+    expected = [api.SeedOPT(model, batch_size=8).generate(ids, 12, **o) for o in options]
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES)))
+    assert "fsdp" in str(model.layers.fc1.kernel.get_value().sharding.spec)
+
+    left_split = api.SeedOPT(model, batch_size=8)
+    programs = _decoding_programs(left_split, monkeypatch)
+    np.testing.assert_array_equal(left_split.generate(ids, 12, **options[0]), expected[0])
+    assert collectives_in_loop_bodies(programs[0])
+
+    rows_apart = api.SeedOPT(model, batch_size=8, mesh=mesh)
+    programs = _decoding_programs(rows_apart, monkeypatch)
+    for o, tokens in zip(options, expected):
+        np.testing.assert_array_equal(rows_apart.generate(ids, 12, **o), tokens)
+    assert len(programs) == 3
+    for program in programs:
+        assert collectives_in_loop_bodies(program) == []
+
+
 def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd):
     """The token and position lookups, with tables split over fsdp along their width and
     ids over data x fsdp, made XLA copy the whole batch's (B,L,D) embeddings to every
@@ -1446,8 +1488,9 @@ def test_lm_loss_is_the_masked_mean_cross_entropy_of_the_targets():
 @pytest.mark.slow
 def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run, tmp_path, repo_root):
     """The multi-host path with parameters sharded across processes (fsdp over both
-    processes' devices): each process pre-tokenizes its slice, trains on its rows, process
-    0 paints the samples, and the export holds the last checkpoint's whole parameters.
+    processes' devices): each process pre-tokenizes its slice, trains on its rows, decodes
+    its held-out rows (`eval.rows_apart`), process 0 paints the samples, and the export
+    holds the last checkpoint's whole parameters.
     Process 0 writes the export slower than the others wait for it at exit: they returned
     at once, and JAX's shutdown aborted both processes with the export cut short."""
     workdir = tmp_path / "wd"
@@ -1458,6 +1501,7 @@ def test_two_processes_on_loopback_pretokenize_train_and_export(tiny_decoder_run
                                   # each generated token costs collectives across the processes:
                                   # the held-out records in one batch, their captions cut short
                                   "--config.eval.batch_size=16", "--config.eval.max_caption_tokens=2",
+                                  "--config.eval.rows_apart=True",  # each process gets every row's tokens
                                   "--config.mesh.data=1", "--config.mesh.fsdp=8"],
                       program=("-c", MAIN_WITH_A_SLOW_EXPORT))
     assert (workdir / "DONE.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Iterable, Sequence
 
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from seed_jax import generation, weights
+from seed_jax import generation, parallel, weights
 from seed_jax.api.checks import check_count, check_finite_number, is_integer, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import image_list
@@ -40,13 +41,16 @@ class SeedOPT:
     reads those of the converted folder, as transformers' `generate` does. Images are
     `codes_per_image` codes (None: the SEED tokenizer's, else SEED's 32). `dtype` is
     the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
-    builds it so); float32 matmuls run at full float32 precision on every backend."""
+    builds it so); float32 matmuls run at full float32 precision on every backend.
+    `mesh` (the devices `model`'s weights are split over, by `axis_rules`): decoding splits
+    each chunk's rows over it (`decoding_rows_apart`); None leaves the layout to XLA."""
 
     def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
                  prompts: sequences.Prompts = sequences.Prompts(), batch_size: int = 32,
                  max_text_tokens: int = sequences.MAX_TEXT_TOKENS, eos_id: int | list[int] | None = None,
-                 pad_id: int = 1, codes_per_image: int | None = None):
+                 pad_id: int = 1, codes_per_image: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                 axis_rules: parallel.Rules = parallel.DEFAULT_RULES):
         dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
@@ -95,8 +99,11 @@ class SeedOPT:
         self._logits = jax.jit(logits)
         # the end and padding ids, the length penalty's divisors and the count of new tokens (within the
         # compiled columns, `_new_columns`) are traced: new values reuse the programs
-        self._generate = jax.jit(generate, static_argnames="max_new_tokens")
-        self._beam_search = jax.jit(beam_search, static_argnames=("max_new_tokens", "num_beams"))
+        tokens_everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+        self._generate = jax.jit(decoding_rows_apart(generate, self._state, mesh, axis_rules),
+                                 static_argnames="max_new_tokens", **tokens_everywhere)
+        self._beam_search = jax.jit(decoding_rows_apart(beam_search, self._state, mesh, axis_rules),
+                                    static_argnames=("max_new_tokens", "num_beams"), **tokens_everywhere)
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
@@ -439,6 +446,29 @@ class _Decoding:
     ranges: np.ndarray
     sampling: generation.Sampling | None = None
     key: jax.Array | None = None
+
+
+def decoding_rows_apart(decode, state: nnx.State, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
+    """`decode(state, ids, mask, ...)` with each device decoding its own rows of the (B,P)
+    prompts: they are split over the mesh axes of `rules`' batch, and `state` (split as
+    `rules` split it) is gathered along those axes once, at the start (`parallel.rows_apart_rules`;
+    by DEFAULT_RULES over fsdp, so that each device holds 1/tensor of the weights during the
+    call). Left split, the weights have every layer of every one-token step exchange
+    activations across devices instead; which is faster depends on the devices
+    (benchmarks/sharded_decoding.py). `decode` itself for `mesh` None."""
+    if mesh is None:
+        return decode
+    rules = parallel.rows_apart_rules(rules)
+    gathered = parallel.state_shardings(state, mesh, rules)
+
+    @functools.wraps(decode)
+    def rows_apart(state, ids, mask, *args, **kwargs):
+        with parallel.axis_rules(mesh, rules):  # the model's activation constraints follow the rows too
+            state = jax.lax.with_sharding_constraint(state, gathered)
+            ids, mask = (parallel.constrain(x, ("batch", "length")) for x in (ids, mask))
+            return decode(state, ids, mask, *args, **kwargs)
+
+    return rows_apart
 
 
 def new_token_room(max_positions: int, prompt_length: int) -> int:

@@ -233,10 +233,12 @@ class Evaluator:
 
     def __init__(self, config, eval_records: list[dict], image_tokens: sequences.ImageTokens,
                  text: opt_text.OPTTextTokenizer, retrieval: CodeRetrieval | None, workdir: str,
-                 tokenizer_export: str, decoder_export: str):
+                 tokenizer_export: str, decoder_export: str, mesh: jax.sharding.Mesh | None = None):
         """`retrieval`: None reports no t2i/* metrics; `decoder_export`: a diffusion
-        export for sample images, "" for none."""
+        export for sample images, "" for none; `mesh`: the one the model is split over,
+        over which decoding splits the rows with `eval.rows_apart` (`api.seed_opt.decoding_rows_apart`)."""
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
+        self.mesh = mesh
         self.retrieval, self.workdir = retrieval, workdir
         self.captions = [r["caption"] for r in eval_records]
         self.images = [records.image_id(r["id"]) for r in eval_records]  # an image's captions are all its own
@@ -258,7 +260,9 @@ class Evaluator:
                                          text_tokenizer=self.text,
                                          prompts=sequences.Prompts(**self.config.prompts.to_dict()),
                                          max_text_tokens=self.config.data.max_text_tokens,
-                                         codes_per_image=self.codes.shape[1], batch_size=self.config.eval.batch_size)
+                                         codes_per_image=self.codes.shape[1], batch_size=self.config.eval.batch_size,
+                                         mesh=self.mesh if self.config.eval.rows_apart else None,
+                                         axis_rules=self.config.axis_rules)
         return self._seed_opt
 
     def __call__(self, model: opt.OPT, step: int, phase: str) -> dict[str, float]:
@@ -492,7 +496,7 @@ def train(config, workdir: str) -> bool:
                                                codes_per_image, num_codes, name="eval.num_examples")
     retrieval = code_retrieval(config, tokenizer_model, tok_export, tok_dir, tok_config)
     writer = reporting.MetricsWriter(workdir)
-    evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder)
+    evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder, mesh)
     preemption = coordination.Preemption()
     try:
         for index, (name, key) in enumerate(PHASES):

@@ -425,6 +425,26 @@ def test_planned_lengths_are_those_of_the_tokenizer_run_that_will_be_used(tmp_pa
     assert seed_opt.planned_lengths(config, str(tmp_path)) == (128, 8)
 
 
+def test_more_held_out_records_than_the_shapes_world_holds_are_refused_before_any_work(tmp_path):
+    """Counted against the synthetic eval images of the tokenizer run to be trained, or of
+    the finished one reused as recorded; refused once the tokenizer had trained before."""
+    config = get_config("tiny")
+    config.eval.num_examples = config.tokenizer.data.synthetic.num_eval + 1
+    with pytest.raises(command_line.ConfigError, match=r"^eval.num_examples 65: .* holds 64 held-out images"):
+        seed_opt.train(config, str(tmp_path))
+    assert not (tmp_path / "tokenizer").exists()
+    config.eval.num_examples = 64
+    seed_opt.check_held_out_count(config, str(tmp_path))
+    run = tmp_path / "tokenizer"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"source": "synthetic", "synthetic": {"num_eval": 32}}}))
+    (run / "DONE.json").write_text("{}")
+    with pytest.raises(ValueError, match="eval.num_examples 64: .* holds 32 held-out images"):
+        seed_opt.check_held_out_count(config, str(tmp_path))
+    config.data.codes_dir = str(tmp_path / "codes")  # its held-out records are counted once read
+    seed_opt.check_held_out_count(config, str(tmp_path))
+
+
 def test_shard_sets_of_two_counts_or_with_a_gap_are_refused(tmp_path):
     """Each error starts with the field (config field or flag) that named the folder,
     given one; those of these two sets named the folder alone."""

@@ -408,10 +408,32 @@ def planned_lengths(config, workdir: str) -> tuple[int, int]:
     positions = converted_opt(config).max_positions if config.init.opt else config.model.max_positions
     if config.tokenizer_export:
         return positions, weights.read_config(config.tokenizer_export, "seed_tokenizer")[1].qformer.num_queries
+    return positions, planned_tokenizer_run(config, workdir).model.qformer.num_queries
+
+
+def planned_tokenizer_run(config, workdir: str):
+    """The config of the tokenizer run `train` uses without `tokenizer_export`: the finished
+    run it reuses, as recorded, or `tokenizer` (the run it trains first)."""
     tok_dir = tokenizer_trainer.run_directory(config, workdir)
     if os.path.exists(os.path.join(tok_dir, "DONE.json")):
-        return positions, export_lib.read_workdir_config(tok_dir).model.qformer.num_queries
-    return positions, config.tokenizer.model.qformer.num_queries
+        return export_lib.read_workdir_config(tok_dir)
+    return config.tokenizer
+
+
+def check_held_out_count(config, workdir: str) -> None:
+    """`eval.num_examples` against the held-out images of the synthetic shapes world of
+    the tokenizer run `train` uses (one caption each), before any work; else a ValueError
+    naming both. Without `tokenizer_export` and `data.codes_dir` only: other held-out
+    records are counted once read."""
+    if config.tokenizer_export or config.data.codes_dir:
+        return
+    data = planned_tokenizer_run(config, workdir).get("data") or {}
+    if data.get("source") != "synthetic":
+        return
+    held_out = data["synthetic"]["num_eval"]
+    if config.eval.num_examples > held_out:
+        raise ValueError(f"eval.num_examples {config.eval.num_examples}: the tokenizer run's shapes world holds "
+                         f"{held_out} held-out images (its data.synthetic.num_eval), each with one caption")
 
 
 def check_lengths(config, max_positions: int, codes_per_image: int) -> None:
@@ -457,6 +479,7 @@ def train(config, workdir: str) -> bool:
         # checked again with the model and tokenizer built: this reads what they will be
         planned = planned_lengths(config, workdir)
         check_lengths(config, *planned)
+        check_held_out_count(config, workdir)
         run_config.write(workdir, config, RUN_DEFINING, RUN_PATHS)
         decoder = decoder_export(config)
         check_decode_options(config, decoder)  # else they failed at the first evaluation, after phase 1 trained

@@ -414,6 +414,20 @@ def test_lengths_the_model_or_a_phase_cannot_hold_are_rejected():
         seed_opt.check_lengths(config, positions, 32)
 
 
+def test_held_out_captions_whose_image_prompts_leave_no_room_for_an_image_are_refused(builder):
+    """Checked as `SeedOPT.image_codes` decodes: the longest prompt, then codes_per_image
+    codes and </img> within the model's positions (the last one not fed back)."""
+    config = get_config("tiny")
+    captions = ["a small red circle", "a large blue square at the top left and a small green triangle"]
+    prompt = len(builder.generation_prompt(captions[1]))
+    assert prompt > len(builder.generation_prompt(captions[0]))
+    seed_opt.check_generation_prompts(config, captions, builder, prompt + 32, 32)
+    with pytest.raises(ValueError, match=rf"data.max_text_tokens 64: the held-out caption 'a large blue .*' makes a "
+                                         rf"text -> image prompt of {prompt} tokens, which leaves 32 of the model's "
+                                         rf"{prompt + 31} positions for an image's 32 codes and </img>"):
+        seed_opt.check_generation_prompts(config, captions, builder, prompt + 31, 32)
+
+
 def test_planned_lengths_are_those_of_the_tokenizer_run_that_will_be_used(tmp_path):
     """A finished tokenizer run is reused as it was trained, whatever `config.tokenizer` says."""
     config = get_config("tiny")

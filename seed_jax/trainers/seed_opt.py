@@ -20,7 +20,7 @@ The result is exported to WORKDIR/export with LoRA merged (`api.SeedOPT.load`).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -469,6 +469,22 @@ def check_caption_tokens(config, max_positions: int, codes_per_image: int, text:
                          f"{codes_per_image} codes and prompts.caption {config.prompts.caption!r})")
 
 
+def check_generation_prompts(config, captions: Sequence[str], builder: sequences.SequenceBuilder,
+                             max_positions: int, codes_per_image: int) -> None:
+    """Held-out `captions` whose text -> image prompts (<s>, `prompts.generate` with the
+    caption, at most `data.max_text_tokens` tokens, <img>) leave the model's
+    `max_positions` room for an image's codes and </img>, as `api.SeedOPT.image_codes`
+    needs them, else a ValueError naming the longest."""
+    lengths = [len(builder.generation_prompt(caption)) for caption in captions]
+    longest = int(np.argmax(lengths))
+    room = new_token_room(max_positions, lengths[longest])
+    if room < codes_per_image + 1:
+        raise ValueError(f"data.max_text_tokens {config.data.max_text_tokens}: the held-out caption "
+                         f"{captions[longest]!r} makes a text -> image prompt of {lengths[longest]} tokens, which "
+                         f"leaves {room} of the model's {max_positions} positions for an image's {codes_per_image} "
+                         "codes and </img>")
+
+
 # ---------------------------------------------------------------- driver
 def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
@@ -517,6 +533,9 @@ def train(config, workdir: str) -> bool:
     skipped = pipeline.SkipCounter()
     eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
                                                codes_per_image, num_codes, name="eval.num_examples")
+    with command_line.config_checks():  # else refused at the first evaluation, after phase 1 trained
+        check_generation_prompts(config, [r["caption"] for r in eval_records], builder, m_config.max_positions,
+                                 codes_per_image)
     retrieval = code_retrieval(config, tokenizer_model, tok_export, tok_dir, tok_config)
     writer = reporting.MetricsWriter(workdir)
     evaluator = Evaluator(config, eval_records, image_tokens, text, retrieval, workdir, tok_export, decoder, mesh)

@@ -455,7 +455,8 @@ def decoding_rows_apart(decode, state: nnx.State, mesh: jax.sharding.Mesh | None
     by DEFAULT_RULES over fsdp, so that each device holds 1/tensor of the weights during the
     call). Left split, the weights have every layer of every one-token step exchange
     activations across devices instead; which is faster depends on the devices
-    (benchmarks/sharded_decoding.py). `decode` itself for `mesh` None."""
+    (benchmarks/sharded_decoding.py). Rows that do not split evenly (a chunk of 4 rows over
+    8 devices) are decoded whole on every device. `decode` itself for `mesh` None."""
     if mesh is None:
         return decode
     rules = parallel.rows_apart_rules(rules)

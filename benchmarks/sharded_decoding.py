@@ -41,7 +41,8 @@ from seed_jax.api import SeedOPT  # noqa: E402
 from seed_jax.models.opt import OPT_PRESETS, OPTConfig  # noqa: E402
 
 SIZES = {  # each with SEED-OPT's 8194 image tokens appended
-    "tiny": OPTConfig(vocab_size=640, width=32, depth=2, num_heads=2, mlp_dim=64, max_positions=128),  # the presets'
+    # the OPTs of configs/seed_opt.py's `tiny` and `demo` presets
+    "tiny": OPTConfig(vocab_size=640, width=32, depth=2, num_heads=2, mlp_dim=64, max_positions=128),
     "demo": OPTConfig(vocab_size=640, width=128, depth=4, num_heads=4, mlp_dim=512, max_positions=128),
     "small": OPTConfig(width=512, depth=8, num_heads=8, mlp_dim=2048, max_positions=256),
     "opt_2.7b": OPT_PRESETS["opt_2.7b"],

@@ -132,14 +132,17 @@ def check_rules(rules: Rules, field: str = "axis_rules") -> None:
                              f"None, a name or a tuple of names from {MESH_AXES}")
 
 
+def _target_axes(target) -> tuple[str, ...]:
+    """A rule's target (None, a mesh axis or a tuple of them) as a tuple of mesh axes."""
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
 def _mesh_axes_for(logical: str | None, rules: Rules) -> tuple[str, ...]:
     if logical is None:
         return ()
     for name, target in rules:
         if name == logical:
-            if target is None:
-                return ()
-            return (target,) if isinstance(target, str) else tuple(target)
+            return _target_axes(target)
     return ()
 
 
@@ -185,9 +188,8 @@ def rows_apart_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
     batch_axes = set(_mesh_axes_for("batch", rules))
     apart = []
     for name, target in rules:
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         if name != "batch":
-            axes = tuple(a for a in axes if a not in batch_axes)
+            axes = tuple(a for a in _target_axes(target) if a not in batch_axes)
             target = None if not axes else axes[0] if len(axes) == 1 else axes
         apart.append((name, target))
     return tuple(apart)

@@ -140,6 +140,13 @@ def test_a_record_with_an_empty_or_blank_caption_is_skipped_and_counted_in_train
     ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
     batch = next(pipeline.train_iterator([path], ex, global_batch_size=4, seed=0, num_threads=1))
     assert sorted(batch["index"].tolist()) == [0, 2, 3, 5] and ex.skipped.count >= 2
+    # a caption that the caption processor cleans to nothing ("..." under blip_caption) is empty too
+    cleaned = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter(),
+                               process_caption=text.blip_caption)
+    good = records.encode_record(synthetic.make_example(0, 0, 32))
+    dots = records.encode_record({**synthetic.make_example(1, 0, 32), "caption": "..."})
+    assert cleaned.train((0, good), np.random.default_rng(0)) is not None and cleaned.skipped.count == 0
+    assert cleaned.train((1, dots), np.random.default_rng(0)) is None and cleaned.skipped.count == 1
 
 
 def _with_header(image: bytes, caption: str, record_id: str) -> bytes:

@@ -64,11 +64,15 @@ class Example:
 
     def decode(self, raw: bytes, captioned: bool = False):
         """(record, image); (None, None), counted, for a corrupt record and, `captioned`,
-        one with an empty or blank caption (`records.require_caption`)."""
+        one whose caption is empty or blank, as written or once `process_caption` cleans
+        it (blip_caption leaves nothing of "..."): `records.require_caption`."""
         try:
             record = records.decode_record(raw)
             if captioned:
                 records.require_caption(record)
+                if not self.process_caption(record["caption"]).strip():
+                    raise ValueError(f"record {record['id']!r}: caption {record['caption']!r} is empty once cleaned "
+                                     "(data.caption_processor)")
             return record, preprocess.decode_image(record["image"])
         except ValueError as error:
             self.skipped.add(why=str(error))

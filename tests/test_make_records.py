@@ -74,6 +74,13 @@ def test_jsonl_captions_round_trip(tmp_path):
     summary = _summary(out)
     assert summary["records"] == 6 and summary["images"] == 3 and summary["skipped_records"] == 0
     assert summary["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+    # a row without "caption" (its text under another key) is a missing caption, not an empty one
+    lines = [{"image": "a/x.jpg", "text": "a cat"}, {"image": "b/y.png", "caption": ""},
+             {"image": "c.png", "caption": "ok"}]
+    _write(str(folder / "captions.jsonl"), "\n".join(json.dumps(line) for line in lines) + "\n")
+    assert _run("--source=folder", f"--input={folder}", f"--captions={folder / 'captions.jsonl'}", f"--out={out}",
+                "--prefix=keys", "--num_workers=1") == 0
+    assert _summary(out, "keys")["skipped_ids"] == {"missing_caption": ["a/x.jpg"], "empty_caption": ["b/y.png"]}
 
 
 def test_eval_labels_group_an_images_captions(tmp_path):
@@ -281,6 +288,9 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     _image(str(folder / "00001" / "000005.png"), seed=5)
     _write(str(folder / "00001" / "000005.txt"), " \n")  # empty caption
     _image(str(folder / "00001" / "000006.png"), seed=6)  # no caption file
+    _image(str(folder / "00001" / "000007.png"), seed=7)
+    with open(folder / "00001" / "000007.txt", "wb") as f:
+        f.write(b"caf\xe9")  # not UTF-8: skipped as an empty caption
     assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0
     got = _read(out)
     assert {k: v["caption"] for k, v in got.items()} == {"00000/000001.jpg": "a red square",
@@ -292,10 +302,10 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
         original = _pixels(f.read()).astype(np.int32)
     assert np.abs(_pixels(webp).astype(np.int32) - original).mean() < 12  # JPEG of noise at quality 95
     summary = _summary(out)
-    assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_caption": 1,
+    assert summary["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_caption": 2,
                                   "missing_caption": 1, "unreadable_example": 0}
     assert summary["skipped_ids"]["undecodable_image"] == ["00001/000003.jpg"]
-    assert summary["records"] == 2 and summary["reencoded_images"] == 1 and summary["skipped_records"] == 4
+    assert summary["records"] == 2 and summary["reencoded_images"] == 1 and summary["skipped_records"] == 5
     printed = capsys.readouterr().out
     assert "wrote 2 records" in printed and "missing_image 1" in printed and "undecodable_image 1" in printed
 

@@ -88,9 +88,10 @@ def _read_captions(entry: Entry) -> tuple:
         return tuple(entry.captions)
     try:
         with open(entry.caption_file, "rb") as f:
-            return (f.read().decode("utf-8-sig"),)  # a byte order mark (Windows editors) is not text
+            data = f.read()
+        return (data.decode("utf-8-sig"),)  # a byte order mark (Windows editors) is not text
     except UnicodeDecodeError:
-        return (None,)  # not text: skipped as an empty caption
+        return (data,)  # its bytes, not text: skipped as an empty caption
     except OSError:
         return ()
 
@@ -98,8 +99,9 @@ def _read_captions(entry: Entry) -> tuple:
 def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepared:
     """Reads and checks `entry`: a record per non-empty caption (stripped of surrounding
     whitespace) when the image reads and decodes; every skipped caption under its reason
-    (one that is not text, as a caption file that is not UTF-8, as an empty caption); an
-    unreadable entry is skipped whole."""
+    (one that is not text, as a caption file that is not UTF-8, as an empty caption; None,
+    a captions file's row without one, as a missing caption); an unreadable entry is
+    skipped whole."""
     if entry.unreadable:
         return Prepared([], {"unreadable_example": [entry.id]})
     skipped: dict[str, list[str]] = {}
@@ -112,7 +114,8 @@ def prepare(entry: Entry, resize: int = 0, quality: int = JPEG_QUALITY) -> Prepa
         if text:
             kept.append((record_id(entry.id, k), text))
         else:
-            skipped.setdefault("empty_caption", []).append(record_id(entry.id, k))
+            reason = "missing_caption" if caption is None else "empty_caption"
+            skipped.setdefault(reason, []).append(record_id(entry.id, k))
     if not kept:
         return Prepared([], skipped)
     data = entry.image

@@ -107,7 +107,7 @@ def _get(example, path: list[str]):
 
 
 def _texts(value) -> list:
-    """A text feature, a list of them, or a scalar (an id) -> a list of str (None: not UTF-8)."""
+    """A text feature, a list of them, or a scalar (an id) -> a list of str (bytes: not UTF-8)."""
     if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) == 0:
         value = [value]
     texts = []
@@ -115,7 +115,7 @@ def _texts(value) -> list:
         try:
             texts.append(bytes(text).decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else str(text))
         except UnicodeDecodeError:
-            texts.append(None)
+            texts.append(bytes(text))
     return texts
 
 

@@ -896,6 +896,8 @@ NESTED_CHECKS = [
     ("eval.batch_size", 3, r"^{p}eval\.batch_size: 3 does not divide by \d"),
     ("dtype", "bf16", r"^{p}dtype: expected one of"),
     ("keep_checkpoints", 0, r"^{p}keep_checkpoints: expected an integer >= 1"),
+    ("model.generation_width", 24, r"^{p}model\.reverse_qformer\.num_queries, {p}model\.generation_width \(77, 24\): "
+                                   r"expected .*, {p}clip_text\.max_length, {p}clip_text\.width \(77, 16\)"),
 ]
 
 
@@ -1241,6 +1243,19 @@ def test_a_reconstruction_head_left_untrained_fails_naming_it():
     trainer.check_config(config)
     seed1 = get_config("seed1")  # its own head, trained
     trainer.check_config(seed1)
+
+
+def test_a_generation_output_unlike_the_clip_text_output_fails_naming_the_fields():
+    """L_distill compares the reverse Q-Former's (num_queries, generation_width) output
+    with the CLIP text output: another shape failed as a bare broadcasting error at stage
+    II's first step, after all of stage I, or (a side of 1) broadcast silently."""
+    for key, value, shape in [("model.generation_width", 24, (77, 24)), ("model.generation_width", 1, (77, 1)),
+                              ("model.reverse_qformer.num_queries", 64, (64, 16))]:
+        with pytest.raises(ValueError, match=re.escape(
+                f"model.reverse_qformer.num_queries, model.generation_width {shape}: expected those of the CLIP "
+                "text output stage II distils into, clip_text.max_length, clip_text.width (77, 16)")):
+            trainer.check_config(_tiny(**{key: value}))
+    trainer.check_config(_tiny(**{"model.generation_width": 24, "clip_text.width": 24}))
 
 
 def test_shard_folders_given_to_the_shapes_world_fail_naming_them():

@@ -188,12 +188,14 @@ def check_config(config, prefix: str = "") -> None:
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
     shard folders are read only with `data.source='array_record'` (`check_data_source`);
     `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`);
+    L_distill's two sides have one shape (`check_distill_shapes`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
     layers.compute_dtype(config.dtype, field=f"{prefix}dtype")
     if config.itc_gradient not in ITC_GRADIENTS:
         raise ValueError(f"{prefix}itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
     check_data_source(config.data, prefix)
     check_crop_scale(config.data.crop_scale, prefix)
+    check_distill_shapes(config, prefix)
     loop.check_loop_settings(config, prefix)
     loop.check_read_options(config.data, prefix)
     stage2, every = f"{prefix}stage2", config.stage2.restart_unused_codes_every
@@ -215,6 +217,19 @@ def check_config(config, prefix: str = "") -> None:
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
     global_batches.check_batch_sizes(config, batch_sizes(config), prefix)
     check_trainable(config, prefix)
+
+
+def check_distill_shapes(config, prefix: str = "") -> None:
+    """L_distill is the MSE between the reverse Q-Former's (num_queries, generation_width)
+    output and the CLIP text encoder's (max_length, width): unequal, stage II failed with
+    a bare broadcasting error once all of stage I had trained (or, a side of size 1,
+    broadcast silently). Raises naming the fields after `prefix`."""
+    m, clip = config.model, config.clip_text
+    ours = (m.reverse_qformer.num_queries, m.generation_width)
+    if ours != (clip.max_length, clip.width):
+        raise ValueError(f"{prefix}model.reverse_qformer.num_queries, {prefix}model.generation_width {ours}: "
+                         f"expected those of the CLIP text output stage II distils into, {prefix}clip_text.max_length, "
+                         f"{prefix}clip_text.width {(clip.max_length, clip.width)}")
 
 
 # ---------------------------------------------------------------- data

@@ -66,7 +66,8 @@ def _stage(num_steps, lr, init_lr, end_lr, warmup_steps, trainable, weight_decay
     `restart_until` fraction of the stage; the paper's recipe has none.
     `steps_per_epoch` 0 decays the learning rate on a smooth cosine; > 0 as LAVIS's
     `linear_warmup_cosine_lr` does, epoch by epoch, over `num_epochs` (LAVIS's max_epoch;
-    0 = as many as `num_steps` spans) (`seed_jax/trainers/optim.py`)."""
+    0 = as many as `num_steps` spans; `num_steps` may not run past them)
+    (`seed_jax/trainers/optim.py`)."""
     return ml_collections.ConfigDict(dict(num_steps=num_steps, batch_size=batch_size, lr=lr, init_lr=init_lr,
                                           end_lr=end_lr, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
                                           warmup_steps=warmup_steps, weight_decay=weight_decay,

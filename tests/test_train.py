@@ -293,6 +293,24 @@ def test_seed1_learning_rate_follows_lavis_epochs():
     np.testing.assert_allclose(float(lr2(49_999)), _lavis_cosine(s2, 9, 500), rtol=1e-5)
 
 
+def test_steps_past_the_lavis_epochs_fail_naming_the_fields():
+    """seed1 given more stage-I steps than its 10 epochs of 5000 (--config.stage1.num_steps
+    raised alone) took the cosine past its last epoch, LAVIS never trains: the learning
+    rate rose again, from end_lr back to lr by step 100k. Refused now, before training."""
+    config = get_config("seed1")
+    config.stage1.num_steps = 60_000
+    with pytest.raises(ValueError, match=re.escape(
+            "stage1.num_steps 60000 runs past stage1.num_epochs 10 of stage1.steps_per_epoch 5000 (50000 steps)")):
+        trainer.check_config(config)
+    with pytest.raises(ValueError, match=r"^num_steps 60000 runs past num_epochs 10 "):
+        optim.make_schedule(config.stage1)
+    for num_epochs in (12, 0):  # enough epochs, or as many as num_steps spans
+        config.stage1.num_epochs = num_epochs
+        optim.check_schedule(config.stage1, "stage1.")
+        lr = optim.make_schedule(config.stage1)
+        assert float(lr(59_999)) < float(lr(50_000)) < float(lr(45_000))
+
+
 def test_a_stage_without_steps_per_epoch_decays_smoothly():
     """The demo and tiny presets keep the smooth warm-up cosine they were measured with."""
     for preset in ("demo", "tiny"):

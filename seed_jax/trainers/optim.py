@@ -23,12 +23,28 @@ def decay_mask(params: nnx.State):
     return jax.tree.map_with_path(decays, params)
 
 
+def check_schedule(stage, field: str = "") -> None:
+    """Raises naming the fields (after `field`, e.g. "stage1.") unless `stage`'s
+    `steps_per_epoch` and `num_epochs` are >= 0 and, with both set, `num_steps` stays
+    within those epochs: past LAVIS's last epoch (which LAVIS never trains) the epoch-wise
+    cosine rose again, back towards `lr`."""
+    steps_per_epoch, num_epochs = getattr(stage, "steps_per_epoch", 0), getattr(stage, "num_epochs", 0)
+    if steps_per_epoch < 0:
+        raise ValueError(f"{field}steps_per_epoch: expected >= 0 (0 = a smooth cosine), got {steps_per_epoch}")
+    if num_epochs < 0:
+        raise ValueError(f"{field}num_epochs: expected >= 0 (0 = ceil(num_steps / steps_per_epoch)), got {num_epochs}")
+    if steps_per_epoch and num_epochs and stage.num_steps > num_epochs * steps_per_epoch:
+        raise ValueError(f"{field}num_steps {stage.num_steps} runs past {field}num_epochs {num_epochs} of "
+                         f"{field}steps_per_epoch {steps_per_epoch} ({num_epochs * steps_per_epoch} steps), after "
+                         f"which the learning rate's cosine would rise again: raise {field}num_epochs (0: as many as "
+                         f"num_steps spans)")
+
+
 def make_schedule(stage) -> optax.Schedule:
     """Linear warm-up from `init_lr` to `lr`, then cosine to `end_lr`: smooth, or LAVIS's
     epoch-wise steps when the stage sets `steps_per_epoch` > 0 (see `epoch_cosine_schedule`)."""
+    check_schedule(stage)
     steps_per_epoch = getattr(stage, "steps_per_epoch", 0)
-    if steps_per_epoch < 0:
-        raise ValueError(f"steps_per_epoch: expected >= 0 (0 = a smooth cosine), got {steps_per_epoch}")
     if steps_per_epoch:
         return epoch_cosine_schedule(stage, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
@@ -42,11 +58,9 @@ def epoch_cosine_schedule(stage, steps_per_epoch: int) -> optax.Schedule:
     ceil(num_steps / steps_per_epoch)): in epoch 0 a linear warm-up from `init_lr` over
     `warmup_steps`, then `lr` to the epoch's end; in epoch e >= 1 the cosine's value at e,
     end_lr + (lr - end_lr)(1 + cos(pi e / E)) / 2, for the whole epoch (so the last epoch
-    stays above `end_lr`)."""
-    num_epochs = getattr(stage, "num_epochs", 0)
-    if num_epochs < 0:
-        raise ValueError(f"num_epochs: expected >= 0 (0 = ceil(num_steps / steps_per_epoch)), got {num_epochs}")
-    num_epochs = num_epochs or max(1, math.ceil(stage.num_steps / steps_per_epoch))
+    stays above `end_lr`); `num_steps` may not run past those epochs (`check_schedule`)."""
+    check_schedule(stage)
+    num_epochs = getattr(stage, "num_epochs", 0) or max(1, math.ceil(stage.num_steps / steps_per_epoch))
     warmup = max(stage.warmup_steps, 1)
 
     def schedule(count):

@@ -22,7 +22,7 @@ from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.models import layers, quantizer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting, run_config
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting, run_config
 from seed_jax.trainers import warm_start as warm_start_lib
 
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
@@ -188,7 +188,8 @@ def check_config(config, prefix: str = "") -> None:
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
     shard folders are read only with `data.source='array_record'` (`check_data_source`);
     `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`);
-    L_distill's two sides have one shape (`check_distill_shapes`);
+    L_distill's two sides have one shape (`check_distill_shapes`); each stage's
+    learning-rate schedule settings (`optim.check_schedule`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
     layers.compute_dtype(config.dtype, field=f"{prefix}dtype")
     if config.itc_gradient not in ITC_GRADIENTS:
@@ -196,6 +197,8 @@ def check_config(config, prefix: str = "") -> None:
     check_data_source(config.data, prefix)
     check_crop_scale(config.data.crop_scale, prefix)
     check_distill_shapes(config, prefix)
+    for name in stages_to_run(config):
+        optim.check_schedule(config[name], f"{prefix}{name}.")
     loop.check_loop_settings(config, prefix)
     loop.check_read_options(config.data, prefix)
     stage2, every = f"{prefix}stage2", config.stage2.restart_unused_codes_every

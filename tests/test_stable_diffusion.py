@@ -78,12 +78,14 @@ def test_vae_encoder_and_decoder_match_diffusers(converted):
 def test_latent_sizes_the_downsampling_does_not_divide_match_diffusers(converted):
     """Latents whose sides the UNet's stride-2 levels do not halve evenly (SD v1 at 520
     pixels: 65 latents): diffusers' UNet upsamples each level to its skip's size, and
-    its pipeline samples them; our UNet and `sample` refused them."""
+    its pipeline samples them; our UNet and `sample` refused them. The prompt is 20
+    tokens long: the pipeline pads its empty negative to that length, where `sample`
+    refused any prompt of other than 77 tokens without negative_embeds."""
     pipe, sd = converted
     pipe.scheduler = diffusers_scheduler("ddim")
     rng = np.random.default_rng(9)
     latents = rng.standard_normal((1, 9, 7, 4)).astype(np.float32)
-    context = rng.standard_normal((1, 77, CONTEXT_WIDTH)).astype(np.float32)
+    context = rng.standard_normal((1, 20, CONTEXT_WIDTH)).astype(np.float32)
     with torch.no_grad():
         ref_unet = pipe.unet(_nchw(latents), torch.tensor([500]), torch.from_numpy(context)).sample
         ref_images = pipe(prompt_embeds=torch.from_numpy(context), latents=_nchw(latents), num_inference_steps=3,
@@ -103,6 +105,10 @@ def test_empty_prompt_embedding_matches_pipeline(converted):
     with torch.no_grad():
         ref = pipe.text_encoder(ids).last_hidden_state.numpy()
     assert relative_error(sd.empty_prompt_embeds(1), ref) <= MODULE_TOLERANCE
+    # the pipeline pads the empty negative to the length of the prompt_embeds it is given
+    with torch.no_grad():
+        _, negative = pipe.encode_prompt(None, "cpu", 1, True, prompt_embeds=torch.zeros(1, 20, CONTEXT_WIDTH))
+    assert relative_error(sd.empty_prompt_embeds(1, 20), negative.numpy()) <= MODULE_TOLERANCE
 
 
 @pytest.mark.parametrize("sampler", ["plms", "ddim", "dpm++2m"])
@@ -403,9 +409,11 @@ def test_sample_rejects_bad_inputs(converted):
     # Both halves of guidance run as one UNet batch: their lengths must agree.
     with pytest.raises(ValueError, match=r"negative_embeds: expected \(1,77,"):
         sd.sample(good, np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=2)
-    with pytest.raises(ValueError, match="prompt_embeds: 20 tokens long, the empty prompt's"):
-        sd.sample(np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=2)
-    assert sd.sample(np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=1.0).shape[0] == 1
+    with pytest.raises(ValueError, match="prompt_embeds: 78 tokens long, longer than the empty prompt's 77 ids"):
+        sd.sample(np.zeros((1, 78, CONTEXT_WIDTH), np.float32), num_steps=2)
+    assert sd.sample(np.zeros((1, 78, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=1.0).shape[0] == 1
+    with pytest.raises(ValueError, match="length: expected 1..77"):
+        sd.empty_prompt_embeds(1, 78)
     with pytest.raises(ValueError, match="latents: expected"):
         sd.sample(good, latents=np.zeros((1, 4, 4, 3), np.float32), num_steps=2)
     with pytest.raises(ValueError, match="sampler: expected"):

@@ -94,8 +94,11 @@ class StableDiffusion:
         _check_ids_in_vocabulary("input_ids", ids, self.config.text_encoder.vocab_size)
         return run_in_chunks(lambda x: self._encode_text(self._state, x), (ids.astype(np.int32),), self.batch_size)
 
-    def empty_prompt_embeds(self, batch: int) -> np.ndarray:
-        """(B,L,X): the text encoder's output for the empty prompt (the unconditional side)."""
+    def empty_prompt_embeds(self, batch: int, length: int | None = None) -> np.ndarray:
+        """(B,L,X): the text encoder's output for the empty prompt (the unconditional side),
+        padded to `length` tokens (default: all of the model's empty-prompt ids), as
+        StableDiffusionPipeline pads it to the prompt's length. The text encoder is causal:
+        that is the first `length` rows of the full-length output."""
         if self.config.empty_prompt_ids is None or self.model.text_encoder is None:
             raise ValueError("this model has no text encoder or empty-prompt ids: pass negative_embeds")
         if self._empty_prompt is None:  # the weights are fixed: encode once
@@ -104,13 +107,16 @@ class StableDiffusion:
                                      hint="the model's tokenized empty prompt does not fit its text encoder; "
                                           "pass negative_embeds")
             self._empty_prompt = self.encode_text(ids)
-        return np.repeat(self._empty_prompt, batch, axis=0)
+        full = self._empty_prompt.shape[1]
+        if length is not None and not 1 <= length <= full:
+            raise ValueError(f"length: expected 1..{full} (the empty prompt's ids), got {length}")
+        return np.repeat(self._empty_prompt[:, :length], batch, axis=0)
 
     def sample(self, prompt_embeds, negative_embeds=None, *, latents=None, num_steps: int = 50,
                guidance_scale: float = 7.5, sampler: str = "plms", seed: int = 0) -> np.ndarray:
         """prompt_embeds (B,L,X) -> float32 images (B,H,W,3) in [-1,1].
 
-        `negative_embeds` (B,L,X) defaults to the empty prompt's embedding; guidance
+        `negative_embeds` (B,L,X) defaults to the empty prompt's embedding (L tokens); guidance
         applies when `guidance_scale` > 1. `latents` (B,h,w,Z) is the initial noise
         (default: `initial_noise(B, seed)`). `sampler`: "plms", "ddim" or "dpm++2m"."""
         prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds, None)
@@ -122,11 +128,11 @@ class StableDiffusion:
         if guided:
             if negative_embeds is None:
                 self._warn_if_unconditional_is_untrained(scale)
-                negative_embeds = self.empty_prompt_embeds(batch)
-                if negative_embeds.shape[1] != prompt_embeds.shape[1]:  # both halves share one UNet batch
-                    raise ValueError(f"prompt_embeds: {prompt_embeds.shape[1]} tokens long, the empty prompt's "
-                                     f"embedding (the default negative_embeds) is {negative_embeds.shape[1]}; "
-                                     "pass negative_embeds of the same length")
+                length, full = prompt_embeds.shape[1], len(self.config.empty_prompt_ids or ())
+                if full and length > full:  # both halves share one UNet batch
+                    raise ValueError(f"prompt_embeds: {length} tokens long, longer than the empty prompt's {full} "
+                                     "ids (the default negative_embeds); pass negative_embeds of the same length")
+                negative_embeds = self.empty_prompt_embeds(batch, length)
             else:
                 negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
                                                      prompt_embeds.shape[1])

@@ -33,7 +33,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer  # noqa: E402
+from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer, write_sd_v1_scheduler  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
@@ -90,6 +90,7 @@ def main() -> None:
     pipe = build_pipeline(args.size)
     folder = tempfile.mkdtemp()
     pipe.save_pretrained(os.path.join(folder, "pipeline"))
+    write_sd_v1_scheduler(os.path.join(folder, "pipeline"))  # no timestep_spacing: dpm++2m spaces "linspace"
     convert(["sd", f"--checkpoint={folder}/pipeline", f"--out={folder}/export"])
     ours = StableDiffusion.load(f"{folder}/export", dtype="bfloat16" if args.bf16 else "float32",
                                 batch_size=args.batch)

@@ -12,6 +12,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 # SD v1's scheduler_config.json
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    steps_offset=1, set_alpha_to_one=False)
+# SD v1.5's scheduler/scheduler_config.json as the hub holds it: saved before diffusers wrote
+# timestep_spacing, so a scheduler built from it spaces timesteps as that scheduler's default.
+SD_V1_SCHEDULER_FILE = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **SD_SCHEDULE,
+                        "skip_prk_steps": True, "trained_betas": None, "clip_sample": False}
 CONTEXT_WIDTH = 32
 
 
@@ -82,11 +86,20 @@ def tiny_tokenizer(folder: str, vocab_size=64) -> CLIPTokenizer:
 
 
 def tiny_pipeline(folder: str, sampler: str = "plms") -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline of tiny random components, saved to `folder`."""
+    """A StableDiffusionPipeline of tiny random components, saved to `folder` (with
+    plms, SD v1.5's scheduler_config.json)."""
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(),
                                    tokenizer=tiny_tokenizer(os.path.join(folder, "_tokenizer_src")),
                                    unet=tiny_unet(), scheduler=diffusers_scheduler(sampler), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
+    if sampler == "plms":
+        write_sd_v1_scheduler(folder)
     return pipe
+
+
+def write_sd_v1_scheduler(folder: str) -> None:
+    """Replaces the saved pipeline `folder`'s scheduler config with SD v1.5's."""
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD_V1_SCHEDULER_FILE, f)

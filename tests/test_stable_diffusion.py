@@ -635,10 +635,11 @@ def test_unfollowed_scheduler_settings_are_named():
              "timestep_spacing": "leading", "trained_betas": None, "prediction_type": "v_prediction"}
     assert sd_convert.schedule_config(saved).prediction_type == "v_prediction"
     followed = sd_convert.schedule_config({**saved, "clip_sample": True, "clip_sample_range": 0.5,
-                                           "skip_prk_steps": False})
-    assert (followed.clip_sample, followed.clip_sample_range, followed.skip_prk_steps) == (True, 0.5, False)
-    for key, value in (("timestep_spacing", "trailing"), ("rescale_betas_zero_snr", True),
-                       ("trained_betas", [1e-4] * 1000), ("thresholding", True)):
+                                           "skip_prk_steps": False, "timestep_spacing": "trailing"})
+    assert (followed.clip_sample, followed.clip_sample_range, followed.skip_prk_steps,
+            followed.timestep_spacing) == (True, 0.5, False, "trailing")
+    assert sd_convert.schedule_config({"steps_offset": 1}).timestep_spacing is None  # each sampler's default
+    for key, value in (("rescale_betas_zero_snr", True), ("trained_betas", [1e-4] * 1000), ("thresholding", True)):
         with pytest.raises(ValueError, match=f"scheduler_config.json {key}="):
             sd_convert.schedule_config({**saved, key: value})
 
@@ -649,6 +650,7 @@ def test_unfollowed_scheduler_settings_are_named():
     (dict(steps_offset=1000), "steps_offset: .* got 1000"),
     (dict(beta_schedule="cosine"), "beta_schedule: expected one of"),
     (dict(prediction_type="sample"), "prediction_type: expected one of"),
+    (dict(timestep_spacing="uniform"), "timestep_spacing: expected one of"),
     (dict(beta_start=-0.001, beta_schedule="linear"), "beta_start: expected 0 < beta_start < 1 .* got -0.001"),
     (dict(beta_start=-0.001), "beta_start: expected 0 < beta_start < 1 .*'scaled_linear', got -0.001"),
     (dict(beta_start=0.0), "beta_start: expected 0 < beta_start < 1"),
@@ -682,17 +684,21 @@ def _toy_model(x, t):
     ("plms", dict(skip_prk_steps=False), 4), ("plms", dict(skip_prk_steps=False), 9),
     ("plms", dict(skip_prk_steps=False, prediction_type="v_prediction"), 6),
     ("plms", dict(prediction_type="v_prediction"), 6),
-    ("ddim", dict(clip_sample=True), 5), ("ddim", dict(clip_sample=True, clip_sample_range=0.5), 5)])
+    ("ddim", dict(clip_sample=True), 5), ("ddim", dict(clip_sample=True, clip_sample_range=0.5), 5),
+    ("plms", dict(timestep_spacing="linspace"), 5), ("ddim", dict(timestep_spacing="trailing"), 5),
+    ("dpm++2m", dict(timestep_spacing="leading", steps_offset=1), 5), ("dpm++2m", dict(timestep_spacing="trailing"), 5)])
 def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, steps):
     """Settings that a saved scheduler_config.json holds and our samplers ignored:
     PNDM's Runge-Kutta warm-up (skip_prk_steps False, PNDMScheduler's default: 8 model
     evaluations fewer), DDIM's clip_sample (relative error 3 to 6 here, 0.5 on a tiny
     pipeline's images); PLMS on a v-predicting model converted each estimate where
-    PNDM converts their combination (error 0.3). The samplers against the schedulers,
-    stepped with the same toy model."""
+    PNDM converts their combination (error 0.3). timestep_spacing other than "leading"
+    was refused, and dpm++2m spaced "linspace" even where the file says "leading" (what
+    diffusers saves for SD v1 now; its DPM-Solver built from that file spaces "leading").
+    The samplers against the schedulers, stepped with the same toy model."""
     from seed_jax.diffusion import samplers
 
-    schedule = NoiseSchedule(steps_offset=1, **settings)
+    schedule = NoiseSchedule(**{"steps_offset": 1, **settings})
     reference = diffusers_scheduler(sampler)
     reference = type(reference).from_config(reference.config, **settings)
     x = np.random.default_rng(7).standard_normal((1, 4, 4, 4)).astype(np.float32)

@@ -43,8 +43,7 @@ UNSUPPORTED_UNET = {"class_embed_type": None, "addition_embed_type": None, "only
 UNSUPPORTED_VAE = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
                    "use_post_quant_conv": True}
 
-UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "timestep_spacing": "leading",
-                         "thresholding": False}
+UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
 
 
 # ---------------------------------------------------------------- our names -> diffusers names
@@ -186,15 +185,16 @@ def schedule_config(hf: dict) -> NoiseSchedule:
     """scheduler_config.json -> our schedule; settings the samplers do not follow
     (they would silently sample another schedule or other timesteps) are refused.
     A key the file lacks takes SD v1's value (e.g. clip_sample False, skip_prk_steps
-    True), not the diffusers class default a scheduler built from the file would get."""
+    True), not the diffusers class default a scheduler built from the file would get;
+    without timestep_spacing each sampler spaces as its scheduler's default (as a
+    scheduler `from_config` of the file does)."""
     _refuse_unsupported("scheduler_config.json", hf, UNSUPPORTED_SCHEDULER,
-                        "the SD v1/v2 schedule; PLMS and DDIM space timesteps 'leading' + steps_offset, "
-                        "dpm++2m 'linspace'; DDIM clips x0 with clip_sample, never thresholds it")
+                        "the SD v1/v2 schedule; DDIM clips x0 with clip_sample, never thresholds it")
     defaults = NoiseSchedule()
     return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
                              "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range",
-                             "skip_prk_steps")})
+                             "skip_prk_steps", "timestep_spacing")})
 
 
 def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:

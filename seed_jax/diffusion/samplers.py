@@ -7,11 +7,13 @@ Each sampler splits into a host part and a device part. `plan(schedule, num_step
 runs the scheduler's bookkeeping on the host (timesteps, which history to combine,
 every coefficient) and returns per-step arrays; `init / current / update` form a
 branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
-Spacing is each scheduler's default: "leading" (+ steps_offset) for PLMS and DDIM,
-"linspace" for DPM-Solver++. A v-predicting model's output is turned into a noise
-estimate before DDIM and DPM-Solver++ see it (`schedule.noise_estimate`), as
-diffusers does; PLMS (`TAKES_MODEL_OUTPUT`) combines the raw outputs and converts
-the combination, as PNDMScheduler does.
+Timesteps are spaced by the schedule's `timestep_spacing` ("leading" + steps_offset,
+"linspace" or "trailing", as each scheduler computes it), by default as each
+scheduler's default: "leading" for PLMS and DDIM, "linspace" for DPM-Solver++.
+A v-predicting model's output is turned into a noise estimate before DDIM and
+DPM-Solver++ see it (`schedule.noise_estimate`), as diffusers does; PLMS
+(`TAKES_MODEL_OUTPUT`) combines the raw outputs and converts the combination, as
+PNDMScheduler does.
 """
 
 from __future__ import annotations
@@ -33,15 +35,27 @@ def _check_steps(schedule: NoiseSchedule, num_steps: int) -> None:
         raise ValueError(f"num_steps: expected an int in 1..{schedule.num_train_timesteps}, got {num_steps!r}")
 
 
-def _leading(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
-    """Ascending int timesteps k * (T // n) + steps_offset; all must be < T (with
-    steps_offset 1, n = T would reach timestep T, past the schedule)."""
+def _spaced(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+    """PNDMScheduler's and DDIMScheduler's ascending int timesteps: "leading" k * (T // n)
+    + steps_offset (the default), "linspace" n points rounded over [0, T - 1], "trailing"
+    T - 1 down by T / n. All must lie in [0, T) (with steps_offset 1, n = T "leading"
+    steps would reach timestep T, past the schedule), n of them."""
+    n, spacing = schedule.num_train_timesteps, schedule.timestep_spacing or "leading"
+    if spacing == "leading":
+        timesteps = np.arange(num_steps) * (n // num_steps) + schedule.steps_offset
+    elif spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, num_steps).round().astype(np.int64)
+    else:
+        timesteps = np.round(np.arange(n, 0, -n / num_steps))[::-1].astype(np.int64) - 1
+    return _check_spaced(schedule, num_steps, timesteps, spacing)
+
+
+def _check_spaced(schedule: NoiseSchedule, num_steps: int, timesteps: np.ndarray, spacing: str) -> np.ndarray:
     n = schedule.num_train_timesteps
-    timesteps = np.arange(num_steps) * (n // num_steps) + schedule.steps_offset
-    if timesteps[-1] >= n:
-        raise ValueError(f"num_steps: {num_steps} steps spaced by {n // num_steps} from steps_offset "
-                         f"{schedule.steps_offset} reach timestep {timesteps[-1]}, past the schedule's {n}; "
-                         "use fewer steps")
+    if len(timesteps) != num_steps or timesteps.min() < 0 or timesteps.max() >= n:
+        raise ValueError(f"num_steps: {num_steps} steps spaced {spacing!r} (steps_offset {schedule.steps_offset}) "
+                         f"give timesteps {timesteps.min()}..{timesteps.max()} ({len(timesteps)} of them), outside "
+                         f"the schedule's 0..{n - 1}; use fewer steps")
     return timesteps
 
 
@@ -55,7 +69,7 @@ class DDIM:
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
         _check_steps(schedule, num_steps)
         abar = schedule.alphas_cumprod().astype(np.float64)
-        timesteps = _leading(schedule, num_steps)[::-1]
+        timesteps = _spaced(schedule, num_steps)[::-1]
         prev = timesteps - schedule.num_train_timesteps // num_steps
         a_t = abar[timesteps]
         a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], schedule.final_alpha_cumprod())
@@ -99,7 +113,7 @@ class PLMS:
         abar = schedule.alphas_cumprod().astype(np.float64)
         alpha = lambda t: abar[t] if t >= 0 else schedule.final_alpha_cumprod()  # noqa: E731
         ratio = schedule.num_train_timesteps // num_steps
-        base = _leading(schedule, num_steps)
+        base = _spaced(schedule, num_steps)
         if not schedule.skip_prk_steps and num_steps < 4:  # diffusers would stop short of timestep 0
             raise ValueError(f"num_steps: expected >= 4 for plms with PNDM's Runge-Kutta warm-up (the scheduler "
                              f"config's skip_prk_steps=False), got {num_steps}")
@@ -184,10 +198,7 @@ class DPMSolverPP:
         _check_steps(schedule, num_steps)
         abar = schedule.alphas_cumprod().astype(np.float64)
         n = schedule.num_train_timesteps
-        timesteps = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-        if num_steps > n - 1:  # rounding repeats a timestep: a zero step size, NaN coefficients
-            raise ValueError(f"num_steps: expected 1..{n - 1} for dpm++2m (linspace spacing over {n} timesteps), "
-                             f"got {num_steps}")
+        timesteps = DPMSolverPP.timesteps(schedule, num_steps)
         all_sigmas = ((1 - abar) / abar) ** 0.5
         sigmas = np.concatenate([np.interp(timesteps, np.arange(n), all_sigmas), [0.0]])
         alphas = 1.0 / np.sqrt(sigmas ** 2 + 1)
@@ -207,6 +218,23 @@ class DPMSolverPP:
             rows["m0_coef"].append(-alphas[i + 1] * decay * (1.0 if first_order else 1.0 + 0.5 / r))
             rows["m1_coef"].append(0.0 if first_order else 0.5 * alphas[i + 1] * decay / r)
         return {k: np.asarray(v) for k, v in rows.items()}
+
+    @staticmethod
+    def timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+        """DPMSolverMultistepScheduler's descending timesteps: "linspace" (the default) and
+        "leading" take n of n + 1 points, "trailing" T - 1 down by T / n."""
+        n, spacing = schedule.num_train_timesteps, schedule.timestep_spacing or "linspace"
+        if spacing == "linspace":
+            timesteps = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            timesteps = (np.arange(num_steps + 1) * (n // (num_steps + 1)))[::-1][:-1] + schedule.steps_offset
+        else:
+            timesteps = np.arange(n, 0, -n / num_steps).round().astype(np.int64) - 1
+        _check_spaced(schedule, num_steps, timesteps, spacing)
+        if (np.diff(timesteps) >= 0).any():  # a repeated timestep: a zero step size, NaN coefficients
+            raise ValueError(f"num_steps: {num_steps} dpm++2m steps spaced {spacing!r} over {n} timesteps repeat "
+                             "a timestep; use fewer steps")
+        return timesteps
 
     @staticmethod
     def init(x):

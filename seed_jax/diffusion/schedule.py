@@ -13,6 +13,7 @@ BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 # The schedules whose betas run from beta_start to beta_end (the cosine one ignores both).
 RANGED_BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = (None, "leading", "linspace", "trailing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class NoiseSchedule:
     clip_sample_range: float = 1.0
     # PLMS's first steps: PNDM's Runge-Kutta ones unless skipped (PNDMScheduler's skip_prk_steps)
     skip_prk_steps: bool = True
+    # How inference timesteps spread over the schedule, as the diffusers schedulers read it; None:
+    # each sampler's scheduler's default ("leading" for PLMS and DDIM, "linspace" for DPM-Solver++)
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
@@ -41,6 +45,8 @@ class NoiseSchedule:
                              f"{self.num_train_timesteps}), got {self.steps_offset!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.beta_schedule in RANGED_BETA_SCHEDULES:

@@ -7,6 +7,7 @@ cleaned (captions that differ only before cleaning are one text to the tokenizer
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -36,19 +37,23 @@ class CodeRetrieval:
         def from_text(state, ids, mask):
             return nnx.merge(graphdef, state).text_features(ids, mask)
 
-        self._from_codes = jax.jit(lambda codes: from_codes(state, codes))
-        self._from_text = jax.jit(lambda ids, mask: from_text(state, ids, mask))
+        # The state is an argument: closed over, the weights would be constants of the
+        # compiled programs (the Q-Former's text path: a program of 0.9 GB, compiled slowly).
+        self._state = state
+        self._from_codes = jax.jit(from_codes)
+        self._from_text = jax.jit(from_text)
 
     def code_features(self, codes: np.ndarray) -> np.ndarray:
         """int codes (N,32) -> L2-normalised features (N,F)."""
-        return run_in_chunks(self._from_codes, (np.asarray(codes, np.int32),), self.batch_size)
+        return run_in_chunks(functools.partial(self._from_codes, self._state), (np.asarray(codes, np.int32),),
+                             self.batch_size)
 
     def caption_features(self, captions: Sequence[str]) -> np.ndarray:
         return self._cleaned_features([self.process_caption(c) for c in captions])
 
     def _cleaned_features(self, cleaned: Sequence[str]) -> np.ndarray:
         ids, mask = self.caption_tokenizer(list(cleaned))
-        return run_in_chunks(self._from_text, (ids, mask), self.batch_size)
+        return run_in_chunks(functools.partial(self._from_text, self._state), (ids, mask), self.batch_size)
 
     def recall(self, codes: np.ndarray, captions: Sequence[str], images: Sequence[str] | None = None
                ) -> dict[str, float]:

@@ -17,6 +17,7 @@ from seed_jax import api, config_files
 from seed_jax.data import captioned, pipeline, records
 from seed_jax.evaluators import reconstruction, retrieval
 from seed_jax.evaluators.caption_codes import score_captions
+from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.reconstruction import derangement, other_image_rows, reconstruction_similarity
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.evaluators.shapes_captions import all_shapes_captions, attribute_scores
@@ -114,6 +115,18 @@ def _recall_from_the_whole_matrix(image_features, text_features, captions, ks, i
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="features"):
         recall_at_k(np.eye(3), np.eye(2), ["a", "b", "c"])
+
+
+def test_no_pairs_or_codes_are_refused_not_scored():
+    """recall_at_k of no pairs returned NaN for every recall (numpy's "Mean of empty
+    slice" warning alone), and codebook_usage of no codes a perplexity of 1 (one code
+    used) beside used_codes 0; both now raise, naming their argument."""
+    with pytest.raises(ValueError, match="captions: no pairs to rank, got 0 captions"):
+        recall_at_k(np.zeros((0, 4)), np.zeros((0, 4)), [])
+    with pytest.raises(ValueError, match=r"codes: no codes to count, got shape \(0, 32\)"):
+        codebook_usage(np.zeros((0, 32), np.int32), 8)
+    assert codebook_usage(np.array([[1, 2], [3, 3]]), 8) == pytest.approx(
+        {"used_codes": 3.0, "perplexity": np.exp(-2 * 0.25 * np.log(0.25) - 0.5 * np.log(0.5))})
 
 
 def test_attribute_scores_compare_objects_by_cell():

@@ -34,6 +34,8 @@ def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions:
     that text's caption. Returns {"i2t_r1": ..., "t2i_r1": ..., ...}.
     """
     n = len(captions)
+    if not n:  # every recall would be the mean of no hits: NaN
+        raise ValueError("captions: no pairs to rank, got 0 captions")
     if image_features.shape[0] != n or text_features.shape[0] != n:
         raise ValueError(f"features: expected {n} rows each, got {image_features.shape} and {text_features.shape}")
     if images is not None and len(images) != n:
@@ -42,7 +44,7 @@ def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, captions:
     first, image_ids = (np.arange(n), np.arange(n)) if images is None else groups_in_order(images)
     rows = first if group_rows else np.arange(n)  # the rows ranked as images
     row_images = image_ids[rows]  # the image each of them is
-    num_captions = int(caption_ids.max()) + 1 if n else 0
+    num_captions = int(caption_ids.max()) + 1
     pairs = np.unique(image_ids * num_captions + caption_ids)  # (image, caption) pairs that belong
     image_rows = np.asarray(image_features, np.float64)[rows]
     texts = np.asarray(text_features, np.float64)

@@ -280,8 +280,17 @@ def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
     (np.zeros((0, 32), np.int32), "codes: the batch is empty"),
 ])
 def test_embed_codes_rejects_bad_codes(tokenizer, codes, message):
+    """As embed_codes, CodeRetrieval's code_features (the t2i and notebook retrieval from
+    codes) checks its codes: it took codes out of range as the last code (a lookup clamps
+    them), float codes truncated, and failed on 31 codes as a bare broadcasting error."""
+    from seed_jax.evaluators.code_retrieval import CodeRetrieval
+
     with pytest.raises(ValueError, match=message):
         tokenizer.embed_codes(codes)
+    with pytest.raises(ValueError, match=message):
+        CodeRetrieval(tokenizer.model, caption_tokenizer=None, batch_size=4).code_features(codes)
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):  # was range()'s error
+        CodeRetrieval(tokenizer.model, caption_tokenizer=None, batch_size=0)
 
 
 def test_load_rejects_what_is_not_a_tokenizer_export(tmp_path, export_dir):

@@ -1,4 +1,4 @@
-"""Checks of the API's scalar options (counts, finite numbers, seeds), raising a ValueError naming the argument."""
+"""Checks of the API's inputs (counts, finite numbers, seeds, SEED codes), raising a ValueError naming the argument."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def check_count(name: str, value, minimum: int, note: str = "") -> int:
     if not is_integer(value) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}{f' ({note})' if note else ''}, got {value!r}")
     return int(value)
+
+
+def check_codes(codes, num_queries: int, num_codes: int) -> np.ndarray:
+    """Integer SEED codes (B,num_queries) in [0, num_codes) -> int32, else a ValueError
+    naming `codes` (a model's codebook lookup would clamp an index out of range)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != num_queries:
+        raise ValueError(f"codes: expected (B,{num_queries}), got {codes.shape}")
+    if not codes.shape[0]:
+        raise ValueError(f"codes: the batch is empty, got {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes: expected integers, got {codes.dtype}")
+    if codes.min() < 0 or codes.max() >= num_codes:
+        raise ValueError(f"codes: values must lie in [0, {num_codes}), got [{codes.min()}, {codes.max()}]")
+    return codes.astype(np.int32)

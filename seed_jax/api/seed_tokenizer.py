@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from seed_jax import weights
-from seed_jax.api.checks import check_count
+from seed_jax.api.checks import check_codes, check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
 from seed_jax.api.precision import matmul_precision, model_dtype
@@ -154,16 +154,7 @@ class SeedTokenizer:
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> np.ndarray:
         """int codes (B,Q) (Q = `num_queries`) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[1] != self.num_queries:
-            raise ValueError(f"codes: expected (B,{self.num_queries}), got {codes.shape}")
-        if not codes.shape[0]:
-            raise ValueError(f"codes: the batch is empty, got {codes.shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes: expected integers, got {codes.dtype}")
-        if codes.min() < 0 or codes.max() >= self.num_codes:
-            raise ValueError(f"codes: values must lie in [0, {self.num_codes}), got [{codes.min()}, {codes.max()}]")
-        return self._chunked(self._embed_codes, codes.astype(np.int32))
+        return self._chunked(self._embed_codes, check_codes(codes, self.num_queries, self.num_codes))
 
     def _chunked(self, fn, inputs: np.ndarray):
         return run_in_chunks(lambda *chunk: fn(self._state, *chunk), (inputs,), self.batch_size)

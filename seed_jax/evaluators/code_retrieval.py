@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from seed_jax.api import run_in_chunks
+from seed_jax.api.checks import check_codes, check_count
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.models.tokenizer import SeedTokenizer
 
@@ -26,8 +27,9 @@ class CodeRetrieval:
 
     def __init__(self, tokenizer: SeedTokenizer, caption_tokenizer, batch_size: int = 256,
                  process_caption: Callable[[str], str] = str):
+        check_count("batch_size", batch_size, 1)
         graphdef, state = nnx.split(tokenizer)
-        self.caption_tokenizer, self.batch_size = caption_tokenizer, batch_size
+        self.config, self.caption_tokenizer, self.batch_size = tokenizer.config, caption_tokenizer, batch_size
         self.process_caption = process_caption
 
         def from_codes(state, codes):
@@ -44,9 +46,9 @@ class CodeRetrieval:
         self._from_text = jax.jit(from_text)
 
     def code_features(self, codes: np.ndarray) -> np.ndarray:
-        """int codes (N,32) -> L2-normalised features (N,F)."""
-        return run_in_chunks(functools.partial(self._from_codes, self._state), (np.asarray(codes, np.int32),),
-                             self.batch_size)
+        """int codes (N,Q) in [0, num_codes) (Q: the tokenizer's queries, SEED's 32) -> L2-normalised features (N,F)."""
+        codes = check_codes(codes, self.config.qformer.num_queries, self.config.num_codes)
+        return run_in_chunks(functools.partial(self._from_codes, self._state), (codes,), self.batch_size)
 
     def caption_features(self, captions: Sequence[str]) -> np.ndarray:
         return self._cleaned_features([self.process_caption(c) for c in captions])

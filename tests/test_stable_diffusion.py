@@ -630,6 +630,7 @@ def test_unfollowed_scheduler_settings_are_named():
     """Settings that would make the folder's own scheduler sample another schedule or
     other timesteps than ours are refused; what diffusers saves for SD v1 passes."""
     from seed_jax.convert import stable_diffusion as sd_convert
+    from seed_jax.diffusion import samplers
 
     saved = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "steps_offset": 1,
              "timestep_spacing": "leading", "trained_betas": None, "prediction_type": "v_prediction"}
@@ -639,6 +640,19 @@ def test_unfollowed_scheduler_settings_are_named():
     assert (followed.clip_sample, followed.clip_sample_range, followed.skip_prk_steps,
             followed.timestep_spacing) == (True, 0.5, False, "trailing")
     assert sd_convert.schedule_config({"steps_offset": 1}).timestep_spacing is None  # each sampler's default
+    # DPM-Solver settings: dpm++2m follows use_karras_sigmas and refuses the others; PLMS and DDIM ignore them
+    dpm = sd_convert.schedule_config({**saved, "use_karras_sigmas": True, "solver_order": 3,
+                                      "algorithm_type": "dpmsolver++", "lambda_min_clipped": -float("inf")})
+    assert dpm.use_karras_sigmas and dpm.dpm_unfollowed == "solver_order=3"
+    with pytest.raises(ValueError, match=r"sampler: dpm\+\+2m does not follow .* solver_order=3 .*use plms or ddim"):
+        samplers.DPMSolverPP.plan(dpm, 5)
+    plain = dataclasses.replace(dpm, use_karras_sigmas=False, dpm_unfollowed="")
+    for method in (samplers.PLMS, samplers.DDIM):
+        ours, theirs = method.plan(dpm, 5), method.plan(plain, 5)
+        assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    cosine = sd_convert.schedule_config({**saved, "beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="Karras timesteps .* lie between integers"):
+        samplers.DPMSolverPP.plan(cosine, 5)
     for key, value in (("rescale_betas_zero_snr", True), ("trained_betas", [1e-4] * 1000), ("thresholding", True)):
         with pytest.raises(ValueError, match=f"scheduler_config.json {key}="):
             sd_convert.schedule_config({**saved, key: value})
@@ -686,7 +700,8 @@ def _toy_model(x, t):
     ("plms", dict(prediction_type="v_prediction"), 6),
     ("ddim", dict(clip_sample=True), 5), ("ddim", dict(clip_sample=True, clip_sample_range=0.5), 5),
     ("plms", dict(timestep_spacing="linspace"), 5), ("ddim", dict(timestep_spacing="trailing"), 5),
-    ("dpm++2m", dict(timestep_spacing="leading", steps_offset=1), 5), ("dpm++2m", dict(timestep_spacing="trailing"), 5)])
+    ("dpm++2m", dict(timestep_spacing="leading", steps_offset=1), 5), ("dpm++2m", dict(timestep_spacing="trailing"), 5),
+    ("dpm++2m", dict(use_karras_sigmas=True), 5), ("dpm++2m", dict(use_karras_sigmas=True), 50)])
 def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, steps):
     """Settings that a saved scheduler_config.json holds and our samplers ignored:
     PNDM's Runge-Kutta warm-up (skip_prk_steps False, PNDMScheduler's default: 8 model
@@ -694,7 +709,8 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
     pipeline's images); PLMS on a v-predicting model converted each estimate where
     PNDM converts their combination (error 0.3). timestep_spacing other than "leading"
     was refused, and dpm++2m spaced "linspace" even where the file says "leading" (what
-    diffusers saves for SD v1 now; its DPM-Solver built from that file spaces "leading").
+    diffusers saves for SD v1 now; its DPM-Solver built from that file spaces "leading");
+    dpm++2m ignored use_karras_sigmas (at 50 steps, rounding repeats timesteps near sigma_min).
     The samplers against the schedulers, stepped with the same toy model."""
     from seed_jax.diffusion import samplers
 

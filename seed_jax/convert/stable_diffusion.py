@@ -44,6 +44,12 @@ UNSUPPORTED_VAE = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant
                    "use_post_quant_conv": True}
 
 UNSUPPORTED_SCHEDULER = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
+# DPMSolverMultistepScheduler's settings as dpm++2m follows them (DPM-Solver++(2M), midpoint, final
+# sigma 0); a file holding another value is kept for PLMS and DDIM, which ignore these keys
+DPM_SETTINGS = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                "final_sigmas_type": "zero", "lambda_min_clipped": -float("inf"), "variance_type": None,
+                "use_lu_lambdas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "use_flow_sigmas": False}
 
 
 # ---------------------------------------------------------------- our names -> diffusers names
@@ -187,14 +193,18 @@ def schedule_config(hf: dict) -> NoiseSchedule:
     A key the file lacks takes SD v1's value (e.g. clip_sample False, skip_prk_steps
     True), not the diffusers class default a scheduler built from the file would get;
     without timestep_spacing each sampler spaces as its scheduler's default (as a
-    scheduler `from_config` of the file does)."""
+    scheduler `from_config` of the file does). dpm++2m follows use_karras_sigmas, and
+    refuses to sample with the file's other DPM-Solver settings it does not follow
+    (`DPM_SETTINGS`), which PLMS and DDIM ignore as their schedulers do."""
     _refuse_unsupported("scheduler_config.json", hf, UNSUPPORTED_SCHEDULER,
                         "the SD v1/v2 schedule; DDIM clips x0 with clip_sample, never thresholds it")
     defaults = NoiseSchedule()
-    return NoiseSchedule(**{k: hf.get(k, getattr(defaults, k)) for k in
+    dpm_unfollowed = ", ".join(f"{key}={hf[key]!r}" for key, followed in DPM_SETTINGS.items()
+                               if hf.get(key, followed) != followed)
+    return NoiseSchedule(dpm_unfollowed=dpm_unfollowed, **{k: hf.get(k, getattr(defaults, k)) for k in
                             ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
                              "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range",
-                             "skip_prk_steps", "timestep_spacing")})
+                             "skip_prk_steps", "timestep_spacing", "use_karras_sigmas")})
 
 
 def _old_vae_attention_names(arrays: LazyArrays) -> LazyArrays:

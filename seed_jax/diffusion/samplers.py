@@ -189,18 +189,19 @@ class PLMS:
 
 class DPMSolverPP:
     """DPM-Solver++(2M) in data prediction: first order on the first and the final
-    step (the final sigma is 0), second order (midpoint) in between."""
+    step (the final sigma is 0), second order (midpoint) in between; on Karras sigmas
+    when the schedule says `use_karras_sigmas`."""
 
     TAKES_MODEL_OUTPUT = False
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
         _check_steps(schedule, num_steps)
-        abar = schedule.alphas_cumprod().astype(np.float64)
-        n = schedule.num_train_timesteps
-        timesteps = DPMSolverPP.timesteps(schedule, num_steps)
-        all_sigmas = ((1 - abar) / abar) ** 0.5
-        sigmas = np.concatenate([np.interp(timesteps, np.arange(n), all_sigmas), [0.0]])
+        if schedule.dpm_unfollowed:
+            raise ValueError(f"sampler: dpm++2m does not follow this model's scheduler_config.json "
+                             f"{schedule.dpm_unfollowed} (DPM-Solver++(2M), midpoint, final sigma 0); use plms or ddim")
+        timesteps, sigmas = DPMSolverPP.timesteps_and_sigmas(schedule, num_steps)
+        sigmas = np.concatenate([sigmas, [0.0]])
         alphas = 1.0 / np.sqrt(sigmas ** 2 + 1)
         sigmas_t = sigmas * alphas
         with np.errstate(divide="ignore"):
@@ -218,6 +219,29 @@ class DPMSolverPP:
             rows["m0_coef"].append(-alphas[i + 1] * decay * (1.0 if first_order else 1.0 + 0.5 / r))
             rows["m1_coef"].append(0.0 if first_order else 0.5 * alphas[i + 1] * decay / r)
         return {k: np.asarray(v) for k, v in rows.items()}
+
+    @staticmethod
+    def timesteps_and_sigmas(schedule: NoiseSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """DPMSolverMultistepScheduler's descending int timesteps (n,) and their sigmas
+        sqrt((1 - abar) / abar) (n,): the timesteps spaced (`timesteps`) and their sigmas
+        interpolated, or with `use_karras_sigmas` Karras et al.'s sigmas (rho 7) from the
+        schedule's largest to its smallest and the timesteps where they fall, interpolated
+        in log sigma and rounded (as diffusers, for any num_steps up to T)."""
+        abar = schedule.alphas_cumprod().astype(np.float64)
+        all_sigmas = ((1 - abar) / abar) ** 0.5  # ascending in t
+        n = schedule.num_train_timesteps
+        if not schedule.use_karras_sigmas:
+            timesteps = DPMSolverPP.timesteps(schedule, num_steps)
+            return timesteps, np.interp(timesteps, np.arange(n), all_sigmas)
+        if schedule.beta_schedule == "squaredcos_cap_v2":  # diffusers keeps them fractional
+            raise ValueError("sampler: dpm++2m's Karras timesteps (use_karras_sigmas) lie between integers under "
+                             "the cosine beta_schedule, which the samplers do not take; use plms or ddim")
+        rho, ramp = 7.0, np.linspace(0, 1, num_steps)
+        sigma_max, sigma_min = all_sigmas[-1] ** (1 / rho), all_sigmas[0] ** (1 / rho)
+        sigmas = (sigma_max + ramp * (sigma_min - sigma_max)) ** rho
+        # the step sizes come from the sigmas: near sigma_min, rounding may repeat a timestep
+        timesteps = np.interp(np.log(sigmas), np.log(all_sigmas), np.arange(n)).round().astype(np.int64)
+        return timesteps, sigmas
 
     @staticmethod
     def timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:

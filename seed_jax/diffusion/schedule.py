@@ -35,6 +35,13 @@ class NoiseSchedule:
     # How inference timesteps spread over the schedule, as the diffusers schedulers read it; None:
     # each sampler's scheduler's default ("leading" for PLMS and DDIM, "linspace" for DPM-Solver++)
     timestep_spacing: str | None = None
+    # DPM-Solver++'s sigmas: Karras et al.'s (rho 7) between the schedule's extremes, the
+    # timesteps rounded from them (DPMSolverMultistepScheduler's use_karras_sigmas; PLMS and
+    # DDIM ignore it, as PNDMScheduler and DDIMScheduler do)
+    use_karras_sigmas: bool = False
+    # The file's DPMSolverMultistepScheduler settings that dpm++2m does not follow ("key=value,
+    # ..."): dpm++2m refuses to sample with them; PLMS and DDIM, whose schedulers ignore them, sample
+    dpm_unfollowed: str = ""
 
     def __post_init__(self):
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:

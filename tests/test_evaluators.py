@@ -200,6 +200,11 @@ def test_unrelated_similarity_pairs_rows_with_another_images_not_a_caption_of_th
         reconstruction_similarity(None, images[:3], images[:3], images[:3], ["a.jpg"] * 3)
     with pytest.raises(ValueError, match="image_ids: expected one per image"):
         reconstruction_similarity(None, images, images, images, image_ids[:-1])
+    # one reconstruction or generated image broadcast over every image's features
+    with pytest.raises(ValueError, match=r"reconstructions: expected one per image \(128\), got 1"):
+        reconstruction_similarity(None, images, images[:1], images, image_ids)
+    with pytest.raises(ValueError, match=r"from_captions: expected one per image \(128\), got 127"):
+        reconstruction_similarity(None, images, images, images[:-1], image_ids)
 
 
 def test_the_decoder_evaluation_needs_two_images_not_two_records(tmp_path, monkeypatch):

@@ -57,8 +57,10 @@ def reconstruction_similarity(tokenizer, images: np.ndarray, reconstructions: np
     if len(images) < 2:
         raise ValueError(f"images: the unrelated similarity pairs each image with another's reconstruction, "
                          f"so at least 2 are needed, got {len(images)}")
-    if image_ids is not None and len(image_ids) != len(images):
-        raise ValueError(f"image_ids: expected one per image ({len(images)}), got {len(image_ids)}")
+    for name, rows in (("reconstructions", reconstructions), ("from_captions", from_captions),
+                       ("image_ids", image_ids)):
+        if rows is not None and len(rows) != len(images):  # one row would broadcast over every image
+            raise ValueError(f"{name}: expected one per image ({len(images)}), got {len(rows)}")
     other = other_image_rows(range(len(images)) if image_ids is None else image_ids)
     original = image_features(tokenizer, images)
     recon = image_features(tokenizer, reconstructions)

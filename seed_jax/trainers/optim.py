@@ -58,8 +58,8 @@ def epoch_cosine_schedule(stage, steps_per_epoch: int) -> optax.Schedule:
     ceil(num_steps / steps_per_epoch)): in epoch 0 a linear warm-up from `init_lr` over
     `warmup_steps`, then `lr` to the epoch's end; in epoch e >= 1 the cosine's value at e,
     end_lr + (lr - end_lr)(1 + cos(pi e / E)) / 2, for the whole epoch (so the last epoch
-    stays above `end_lr`); `num_steps` may not run past those epochs (`check_schedule`)."""
-    check_schedule(stage)
+    stays above `end_lr`); `num_steps` may not run past those epochs (`make_schedule`
+    checks it: `check_schedule`)."""
     num_epochs = getattr(stage, "num_epochs", 0) or max(1, math.ceil(stage.num_steps / steps_per_epoch))
     warmup = max(stage.warmup_steps, 1)
 

@@ -77,3 +77,19 @@ def test_pretokenizing_encodes_at_the_apis_precision():
 
     assert precisions(jnp.float32) == {"HIGHEST"}
     assert "DEFAULT" in precisions(jnp.bfloat16)
+
+
+def test_code_retrieval_scores_at_the_apis_precision():
+    """CodeRetrieval (SEED-OPT's t2i retrieval) ran a float32 tokenizer's stage-I heads at
+    the default matmul precision (TF32 on GPUs), not at the API's full float32."""
+    from seed_jax.evaluators.code_retrieval import CodeRetrieval
+
+    def precisions(dtype) -> dict[str, set[str]]:
+        scorer = CodeRetrieval(MODELS["SeedTokenizer"](dtype), caption_tokenizer=None)
+        ids = np.ones((2, 8), np.int32)
+        return {"codes": matmul_precisions(scorer._from_codes.lower(scorer._state, np.zeros((2, 32), np.int32))
+                                           .as_text()),
+                "text": matmul_precisions(scorer._from_text.lower(scorer._state, ids, ids).as_text())}
+
+    assert precisions(jnp.float32) == {"codes": {"HIGHEST"}, "text": {"HIGHEST"}}
+    assert all("DEFAULT" in found for found in precisions(jnp.bfloat16).values())

@@ -16,6 +16,7 @@ from flax import nnx
 
 from seed_jax.api import run_in_chunks
 from seed_jax.api.checks import check_codes, check_count
+from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.evaluators.retrieval import recall_at_k
 from seed_jax.models.tokenizer import SeedTokenizer
 
@@ -23,7 +24,8 @@ from seed_jax.models.tokenizer import SeedTokenizer
 class CodeRetrieval:
     """`tokenizer` must have the ITC heads; `caption_tokenizer` is its Q-Former text
     tokenizer (`data.text.TextTokenizer`), `process_caption` the caption processor its
-    training applied before it (`data.text.caption_processor`)."""
+    training applied before it (`data.text.caption_processor`). A float32 tokenizer
+    runs at full float32 matmul precision, as the API runs it (`api.precision`)."""
 
     def __init__(self, tokenizer: SeedTokenizer, caption_tokenizer, batch_size: int = 256,
                  process_caption: Callable[[str], str] = str):
@@ -31,13 +33,16 @@ class CodeRetrieval:
         graphdef, state = nnx.split(tokenizer)
         self.config, self.caption_tokenizer, self.batch_size = tokenizer.config, caption_tokenizer, batch_size
         self.process_caption = process_caption
+        precision = matmul_precision(model_dtype(None, tokenizer))
 
         def from_codes(state, codes):
-            model = nnx.merge(graphdef, state)
-            return model.image_features(model.reconstruct(model.quantize.lookup(codes)))
+            with jax.default_matmul_precision(precision):
+                model = nnx.merge(graphdef, state)
+                return model.image_features(model.reconstruct(model.quantize.lookup(codes)))
 
         def from_text(state, ids, mask):
-            return nnx.merge(graphdef, state).text_features(ids, mask)
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).text_features(ids, mask)
 
         # The state is an argument: closed over, the weights would be constants of the
         # compiled programs (the Q-Former's text path: a program of 0.9 GB, compiled slowly).

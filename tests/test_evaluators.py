@@ -253,6 +253,40 @@ def test_the_decoder_evaluation_runs_a_bfloat16_model_in_bfloat16(tmp_path, monk
     assert painter.dtype == "float32" and matmul_precisions(lowered_program(painter)) == {"HIGHEST"}
 
 
+def test_reconstruction_features_run_at_the_apis_precision_and_compute_only_the_features():
+    """The reconstruction similarity's image features ran the stage-I head outside the
+    API's matmul precision (a float32 tokenizer at TF32 on GPUs), after a program that
+    computed, and copied to the host, every intermediate of tokenization (ViT features,
+    codes) to read the causal embeddings. They are now one program at the API's
+    precision returning the features alone, equal to the old path's."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from helpers import TINY_TOKENIZER
+    from seed_jax.models.tokenizer import SeedTokenizer
+    from test_api_dtype import matmul_precisions
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), np.uint8)
+    for dtype in ("float32", "bfloat16"):
+        tokenizer = api.SeedTokenizer(SeedTokenizer(TINY_TOKENIZER, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)),
+                                      batch_size=2)
+        features = reconstruction.image_features(tokenizer, images)
+        assert tokenizer._encode._cache_size() == 0  # no tokenization program ran
+        pixels = tokenizer.preprocess(images)
+        causal = tokenizer.encode(pixels, return_intermediates=True)["causal_embeddings"]
+        np.testing.assert_array_equal(features, tokenizer.model.image_features(causal))  # the old path's
+        lowered = tokenizer._image_features.lower(tokenizer._state, pixels[:2])
+        assert jax.tree.leaves(lowered.out_info) == [jax.ShapeDtypeStruct((2, TINY_TOKENIZER.proj_dim), jnp.float32)]
+        found = matmul_precisions(lowered.as_text())
+        assert found == {"HIGHEST"} if dtype == "float32" else "DEFAULT" in found
+    headless = api.SeedTokenizer(SeedTokenizer(dataclasses.replace(TINY_TOKENIZER, with_itc_heads=False),
+                                               rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"image_features needs the stage-I contrastive heads \(vision_proj\)"):
+        headless.image_features(pixels)
+
+
 def _png(color: tuple[int, int, int]) -> bytes:
     png = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(png, format="PNG")

@@ -56,9 +56,15 @@ class SeedTokenizer:
             with jax.default_matmul_precision(precision):
                 return nnx.merge(graphdef, state).embed_codes(codes)
 
+        def image_features(state, pixels):
+            with jax.default_matmul_precision(precision):
+                model = nnx.merge(graphdef, state)
+                return model.image_features(model.causal_embeddings(pixels))
+
         self._state = state
         self._encode = jax.jit(encode, static_argnames="intermediates")
         self._embed_codes = jax.jit(embed_codes)
+        self._image_features = jax.jit(image_features)
 
     @classmethod
     def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32",
@@ -150,6 +156,17 @@ class SeedTokenizer:
         chunk_codes = lambda indices: self._encode(  # noqa: E731
             self._state, self._pixels(batch, indices.tolist()), intermediates=False)["codes"]
         return run_in_chunks(chunk_codes, (np.arange(len(batch)),), self.batch_size)
+
+    def image_features(self, pixels) -> np.ndarray:
+        """pixels float (B,S,S,3) -> float32 (B,F) L2-normalised stage-I image features
+        (the ITC head on the last causal query; F = `config.proj_dim`), as the
+        tokenizer's contrastive training scores images. Only the causal Q-Former's path
+        runs: no codes, and no intermediates leave the device."""
+        if not self.config.with_itc_heads:
+            raise ValueError("image_features needs the stage-I contrastive heads (vision_proj); this tokenizer "
+                             "was built without them (config.with_itc_heads False: SEED v1 converted without "
+                             "--qformer)")
+        return self._chunked(self._image_features, self._check_pixels(pixels))
 
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> np.ndarray:

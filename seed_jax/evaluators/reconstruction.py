@@ -15,8 +15,7 @@ from seed_jax.evaluators.retrieval import groups_in_order
 def image_features(tokenizer, images: np.ndarray) -> np.ndarray:
     """uint8 images (B,H,W,3) -> L2-normalised stage-I features (B,F); `tokenizer`
     is an `api.SeedTokenizer` whose model has the ITC heads."""
-    causal = tokenizer.encode(tokenizer.preprocess(images), return_intermediates=True)["causal_embeddings"]
-    return np.asarray(tokenizer.model.image_features(causal))
+    return tokenizer.image_features(tokenizer.preprocess(images))
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from seed_jax import api
 from seed_jax.data import synthetic
 from seed_jax.evaluators import caption_swaps
 
@@ -31,7 +32,11 @@ def test_own_caption_wins_counts_rows_closer_to_their_caption():
     assert caption_swaps.own_caption_wins(image, caption, swapped) == 0.5
 
 
-def test_scores_a_tiny_run_and_names_unsuitable_runs(tiny_decoder_run, tmp_path):
+def test_scores_a_tiny_run_and_names_unsuitable_runs(tiny_decoder_run, tmp_path, monkeypatch):
+    def no_tokenization(*args, **kwargs):
+        raise AssertionError("scoring needs the stage-I features alone (SeedTokenizer.image_features), not codes")
+
+    monkeypatch.setattr(api.SeedTokenizer, "encode", no_tokenization)
     scores = caption_swaps.score_run(os.path.join(tiny_decoder_run, "tokenizer"), num_examples=64)
     assert set(scores) == set(caption_swaps.PARTS) and all(0 <= v <= 1 for v in scores.values())
     (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "array_record"}}))

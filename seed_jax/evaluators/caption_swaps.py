@@ -16,14 +16,12 @@ import json
 import sys
 from typing import Sequence
 
-import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from seed_jax import command_line
 from seed_jax.data import synthetic
-from seed_jax.evaluators import feature_probe
+from seed_jax.evaluators import code_retrieval, feature_probe
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 PARTS = ("size", "colour", "shape", "cell")
@@ -66,17 +64,11 @@ def score_run(tokenizer_workdir: str, *, num_examples: int = 1024, split: str = 
     if not (tokenizer.config.qformer.with_text and tokenizer.config.with_itc_heads):
         raise ValueError(f"tokenizer_workdir: the export in {tokenizer_workdir} has no Q-Former text branch "
                          "and contrastive heads to score captions with")
-    paths = feature_probe.run_shards(tokenizer_workdir, split)
-    features, captions = feature_probe.encode_split(tokenizer, paths, num_examples, ("causal_embeddings",))
-    graphdef, state = nnx.split(tokenizer.model)
-    image_features = np.asarray(jax.jit(lambda s, c: nnx.merge(graphdef, s).image_features(c))(
-        state, features["causal_embeddings"]))
+    pixels, captions = feature_probe.read_split(feature_probe.run_shards(tokenizer_workdir, split), num_examples,
+                                                tokenizer.image_size)
+    image_features = tokenizer.image_features(pixels)
     caption_text, _ = tokenizer_trainer.text_tokenizers(config, tokenizer_workdir)
-    text_features = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s).text_features(ids, mask))
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        ids, mask = caption_text(list(texts))
-        return np.asarray(text_features(state, ids, mask))
+    embed = code_retrieval.CodeRetrieval(tokenizer.model, caption_text).caption_features
 
     objects = [synthetic.parse_caption(text) for text in captions]
     if any(o is None for o in objects):

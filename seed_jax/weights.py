@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from seed_jax import parallel
 from seed_jax.data import records
 from seed_jax.models import layers
 from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
@@ -300,9 +301,17 @@ def assign(module: nnx.Module, params: dict[str, Any]) -> None:
     nnx.update(module, state)
 
 
-def load_model(out: str, *, dtype=jnp.float32, kind: str | None = None):
-    """(model, kind, config) from the export at `out`, every parameter checked."""
+def flat_shardings(shardings: nnx.State) -> dict:
+    """Dotted path -> sharding, from `parallel.state_shardings` of a module's state."""
+    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(shardings)}
+
+
+def load_model(out: str, *, dtype=jnp.float32, kind: str | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules: parallel.Rules = parallel.DEFAULT_RULES):
+    """(model, kind, config) from the export at `out`, every parameter checked; with
+    `mesh`, each read straight into its sharding there (split by `rules`), else to host."""
     found, config, _ = read_config(out, kind)
     abstract = build(found, config, dtype=dtype, abstract=True)
     check_shapes(stored_shapes(out), shapes(flat_params(abstract)), what=f"{out} parameters")
-    return materialize(abstract, load_params(out)), found, config
+    shardings = None if mesh is None else flat_shardings(parallel.state_shardings(nnx.state(abstract), mesh, rules))
+    return materialize(abstract, load_params(out, shardings=shardings)), found, config

@@ -1279,6 +1279,29 @@ def test_decoding_on_a_mesh_gives_one_devices_tokens_without_exchanges_at_each_s
         assert collectives_in_loop_bodies(program) == []
 
 
+def test_load_onto_a_mesh_reads_each_weight_into_its_split_and_decodes_as_one_device(tmp_path):
+    """`SeedOPT.load` took no mesh: every weight was read whole onto one device. Given a
+    mesh, each is read split by the axis rules (none whole on a device), and logits and
+    greedy tokens are those of the load without one."""
+    export = _opt_export(str(tmp_path / "opt"))
+    ids = np.random.default_rng(0).integers(2, 60, (8, 5)).astype(np.int32)
+    whole = api.SeedOPT.load(export, batch_size=8)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    split = api.SeedOPT.load(export, batch_size=8, mesh=mesh)
+    model = split.model
+    P = jax.sharding.PartitionSpec
+    for variable, spec in [(model.embed_tokens, P("tensor", "fsdp")), (model.layers.fc1.kernel, P(None, "fsdp", "tensor")),
+                           (model.layers.self_attn.query, P(None, "fsdp", "tensor", None))]:
+        sharding = variable.get_value().sharding
+        assert sharding == jax.sharding.NamedSharding(mesh, spec), (sharding, spec)
+    assert all(len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated
+               for v in (model.embed_tokens.get_value(), model.layers.fc2.kernel.get_value()))
+    np.testing.assert_allclose(split.logits(ids), whole.logits(ids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(split.generate(ids, 6, eos_id=None), whole.generate(ids, 6, eos_id=None))
+    with pytest.raises(ValueError, match=r"axis_rules: \('embed', 'model'\) is not a \(logical name, mesh axes\)"):
+        api.SeedOPT.load(export, mesh=mesh, axis_rules=[("embed", "model")])
+
+
 def test_the_train_step_keeps_the_batch_split_on_a_mesh_with_data_and_fsdp(capfd):
     """The token and position lookups, with tables split over fsdp along their width and
     ids over data x fsdp, made XLA copy the whole batch's (B,L,D) embeddings to every

@@ -107,7 +107,8 @@ class SeedOPT:
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,
-             diffusion: str | None = None, text_tokenizer: str | None = None, batch_size: int = 32) -> "SeedOPT":
+             diffusion: str | None = None, text_tokenizer: str | None = None, batch_size: int = 32,
+             mesh: jax.sharding.Mesh | None = None, axis_rules: parallel.Rules = parallel.DEFAULT_RULES) -> "SeedOPT":
         """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt) or the export's own
@@ -118,9 +119,11 @@ class SeedOPT:
         export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the
         SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
-        without them: no end token, padding 1). The paths (each an export of its kind),
-        dtype and batch_size are checked, and the text tokenizer read, before any weights are;
-        a leading `~` in a path is the home directory."""
+        without them: no end token, padding 1). With `mesh`, each weight is read straight
+        into its split over it by `axis_rules` (no device holds them all), and decoding
+        runs as `SeedOPT(..., mesh=, axis_rules=)`'s. The paths (each an export of its kind),
+        dtype, batch_size and axis_rules are checked, and the text tokenizer read, before any
+        weights are; a leading `~` in a path is the home directory."""
         path, diffusion, text_tokenizer = user_path(path), user_path(diffusion), user_path(text_tokenizer)
         if isinstance(tokenizer, str):
             tokenizer = user_path(tokenizer)
@@ -128,6 +131,7 @@ class SeedOPT:
             raise ValueError(f"diffusion: given without a SEED tokenizer export path (tokenizer={tokenizer!r}); "
                              "pass tokenizer=PATH, or a SeedTokenizer loaded with diffusion=")
         check_count("batch_size", batch_size, 1)
+        parallel.check_rules(axis_rules)
         compute_dtype = layers.compute_dtype(dtype)
         info = weights.read_config(path, "opt")[2]
         if isinstance(tokenizer, str):
@@ -138,7 +142,7 @@ class SeedOPT:
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)
         text = _load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own) else None
-        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt")
+        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt", mesh=mesh, rules=axis_rules)
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
         if isinstance(tokenizer, str):
             tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
@@ -146,7 +150,7 @@ class SeedOPT:
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
                    eos_id=info.get("eos_token_id"), pad_id=info.get("pad_token_id", 1),
-                   codes_per_image=info.get("codes_per_image"), text_tokenizer=text)
+                   codes_per_image=info.get("codes_per_image"), text_tokenizer=text, mesh=mesh, axis_rules=axis_rules)
 
     def _check_ids(self, input_ids, attention_mask, *, left_padded: bool):
         """(B,L) ids and their 0/1 mask (default all ones) -> int32 arrays; prompts to

@@ -210,7 +210,7 @@ def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray
         appended = ("lora_", "embed_extra", "code_vectors", "code_projection")
         base = [k for k in weights.flat_params(model) if not any(a in k for a in appended)]
         warm_start_lib.load_into(model, config.init.opt, kinds=("opt",), require=tuple(base),
-                                 shardings=warm_start_lib.flat_shardings(model, shardings))
+                                 shardings=weights.flat_shardings(shardings))
     if model_config.code_dim:
         if codebook is None or codebook.shape != (model_config.num_projected_codes, model_config.code_dim):
             raise ValueError(f"codebook: expected shape {(model_config.num_projected_codes, model_config.code_dim)} "

@@ -472,7 +472,7 @@ def warm_start(model: TrainModel, config, shardings) -> None:
     init = config.init
     if init.qformer and init.stage1:
         raise ValueError("config.init: set either qformer (start stage I) or stage1 (start stage II), not both")
-    tokenizer = warm_start_lib.flat_shardings(model.tokenizer, shardings["tokenizer"])
+    tokenizer = weights.flat_shardings(shardings["tokenizer"])
     image_path = ("visual_encoder", "ln_vision", "qformer.query_tokens", "qformer.embed_norm", "qformer.groups")
     if init.qformer:
         warm_start_lib.load_into(model.tokenizer, init.qformer, kinds=("blip2",), shardings=tokenizer,
@@ -487,7 +487,7 @@ def _warm_start_clip_text(clip_text: CLIPTextEncoder, export: str, shardings) ->
     """Loads `config.init.clip_text` (a converted CLIP text encoder; "" = keep the random weights)."""
     if export:
         warm_start_lib.load_into(clip_text, export, kinds=("clip_text",), require_all=True,
-                                 shardings=warm_start_lib.flat_shardings(clip_text, shardings))
+                                 shardings=weights.flat_shardings(shardings))
 
 
 def create_model(config, mesh) -> TrainModel:

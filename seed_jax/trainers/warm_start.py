@@ -10,11 +10,6 @@ from flax import nnx
 from seed_jax import weights
 
 
-def flat_shardings(module: nnx.Module, shardings: nnx.State) -> dict:
-    """Dotted path (relative to `module`'s state) -> sharding, from `parallel.state_shardings`."""
-    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(shardings)}
-
-
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 

@@ -914,6 +914,7 @@ NESTED_CHECKS = [
     ("eval.batch_size", 3, r"^{p}eval\.batch_size: 3 does not divide by \d"),
     ("dtype", "bf16", r"^{p}dtype: expected one of"),
     ("keep_checkpoints", 0, r"^{p}keep_checkpoints: expected an integer >= 1"),
+    ("loss_weights.vq", -1.0, r"^{p}loss_weights\.vq: expected a finite number >= 0"),
     ("model.generation_width", 24, r"^{p}model\.reverse_qformer\.num_queries, {p}model\.generation_width \(77, 24\): "
                                    r"expected .*, {p}clip_text\.max_length, {p}clip_text\.width \(77, 16\)"),
 ]
@@ -1323,6 +1324,32 @@ def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tm
         trainer.train(_tiny(**{"stage2.restart_until": 0.0}), str(tmp_path))
     assert not os.listdir(tmp_path)
 
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("label_smoothing", 1.0, r"label_smoothing: expected a fraction in [0, 1) (0 = none), got 1.0"),
+    ("label_smoothing", -0.1, r"label_smoothing: expected a fraction in [0, 1) (0 = none), got -0.1"),
+    ("model.init_temperature", 0.0, r"model.init_temperature: expected a finite number > 0 (e.g. 0.07), got 0.0"),
+    ("model.init_temperature", float("inf"), r"model.init_temperature: expected a finite number > 0"),
+    ("loss_weights.recon", -2.0, r"loss_weights.recon: expected a finite number >= 0, got -2.0"),
+    ("loss_weights.distill", float("nan"), r"loss_weights.distill: expected a finite number >= 0, got nan"),
+    ("loss_weights", dict(vq=0.0, recon=0.0, distill=0.0), r"loss_weights: all are 0 ("),
+    ("stage2.restart_until", 1.5, r"stage2.restart_until: expected the fraction of stage II's steps in which "
+                                  r"unused codes restart, in [0, 1], got 1.5"),
+])
+def test_a_loss_setting_out_of_range_fails_naming_it(key, value, message):
+    """Label smoothing of 1 (uniform targets) or more, a temperature of 0 or inf, a negative
+    or NaN loss weight, all of them 0, and a restart fraction past stage II's end all
+    trained on, without an error."""
+    config = get_config("demo")
+    config.update_from_flattened_dict({key: value})
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        trainer.check_config(config)
+    config = get_config("demo")
+    config.update_from_flattened_dict({"label_smoothing": 0.0, "model.init_temperature": 0.5,
+                                       "loss_weights.vq": 0.0, "loss_weights.recon": 0.0,
+                                       "stage2.restart_until": 1.0})
+    trainer.check_config(config)
 
 def _multi_caption_split(path, undecodable_image: int | None = None) -> int:
     """An eval split of 7 images with 1 to 4 captions each (ids `img-j`, `img-j#k`), one

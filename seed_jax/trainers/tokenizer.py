@@ -16,6 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from seed_jax import command_line, parallel, weights
+from seed_jax.api.checks import is_real
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
@@ -184,10 +185,11 @@ def check_config(config, prefix: str = "") -> None:
     `data.prefetch` (`loop.check_read_options`), a batch size that does
     not split over the mesh's batch axes (`batch_sizes`); restarting unused
     codes edits the codebook, so it must be among what stage II trains, and it happens
-    only in the first `restart_until` fraction of stage II, so that must be > 0; a
+    only in the first `restart_until` fraction of stage II, so that must be in (0, 1]; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
     shard folders are read only with `data.source='array_record'` (`check_data_source`);
-    `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`);
+    `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`); `label_smoothing`,
+    `loss_weights` and `model.init_temperature` are in range (`check_loss_settings`);
     L_distill's two sides have one shape (`check_distill_shapes`); each stage's
     learning-rate schedule settings (`optim.check_schedule`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
@@ -197,6 +199,7 @@ def check_config(config, prefix: str = "") -> None:
     check_data_source(config.data, prefix)
     check_crop_scale(config.data.crop_scale, prefix)
     check_distill_shapes(config, prefix)
+    check_loss_settings(config, prefix)
     for name in stages_to_run(config):
         optim.check_schedule(config[name], f"{prefix}{name}.")
     loop.check_loop_settings(config, prefix)
@@ -214,12 +217,35 @@ def check_config(config, prefix: str = "") -> None:
                          f"{stage2}.trainable {tuple(config.stage2.trainable)}: it would stay at its random init; "
                          f"train it (configs/tokenizer.py STAGE2_TRAINABLE) or set {prefix}model.recon_head=False")
     until = config.stage2.restart_until
+    if not is_real(until) or not 0 <= until <= 1:  # above 1 ran as 1: all of stage II
+        raise ValueError(f"{stage2}.restart_until: expected the fraction of stage II's steps in which unused codes "
+                         f"restart, in [0, 1], got {until!r}")
     if every and not until > 0:
         raise ValueError(f"{stage2}.restart_unused_codes_every={every} restarts codes only in the first "
                          f"{stage2}.restart_until fraction of stage II, but restart_until is {until!r}: no step would "
                          "restart codes; set restart_until in (0, 1] (e.g. 0.3), or restart_unused_codes_every=0")
     global_batches.check_batch_sizes(config, batch_sizes(config), prefix)
     check_trainable(config, prefix)
+
+
+def check_loss_settings(config, prefix: str = "") -> None:
+    """Raises naming the field (after `prefix`) unless `label_smoothing` is in [0, 1) (at 1
+    stage I's targets are uniform: nothing to learn), `model.init_temperature` (stage I
+    divides its logits by it) is finite and > 0, and each of `loss_weights` (stage II's
+    loss) is finite and >= 0, not all 0. Each trained on out of range, without an error."""
+    smoothing = config.label_smoothing
+    if not is_real(smoothing) or not 0 <= smoothing < 1:
+        raise ValueError(f"{prefix}label_smoothing: expected a fraction in [0, 1) (0 = none), got {smoothing!r}")
+    temperature = config.model.init_temperature
+    if not is_real(temperature) or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{prefix}model.init_temperature: expected a finite number > 0 (e.g. 0.07), "
+                         f"got {temperature!r}")
+    for name, weight in config.loss_weights.items():
+        if not is_real(weight) or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"{prefix}loss_weights.{name}: expected a finite number >= 0, got {weight!r}")
+    if not any(config.loss_weights.values()):
+        raise ValueError(f"{prefix}loss_weights: all are 0 ({dict(config.loss_weights)}): stage II would train "
+                         "nothing; expected at least one > 0")
 
 
 def check_distill_shapes(config, prefix: str = "") -> None:

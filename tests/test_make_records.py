@@ -688,6 +688,37 @@ def test_tfds_unreadable_examples_are_skipped_and_counted(tmp_path, damage):
     assert summary["skipped_ids"]["unreadable_example"] == ["train+val/3"]
 
 
+
+def test_tfds_ids_that_are_not_utf8_are_written_as_escapes(tmp_path, capsys):
+    r"""A text id feature whose bytes are not UTF-8 (a Latin-1 file name) ended the run in a
+    TypeError traceback (its first record's id was bytes); it is written with those bytes as
+    \xNN, as a folder's file names are."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
+
+    class Named(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"), "name": tfds.features.Text(),
+                "captions": tfds.features.Sequence(tfds.features.Text())}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, name in enumerate([b"plain.jpg", b"caf\xe9.jpg"]):
+                yield i, {"image": _image(os.path.join(data_dir, "src", f"{i}.jpg"), seed=i), "name": name,
+                          "captions": [f"picture {i}", f"picture {i} again"]}
+
+    Named(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    assert _run("--source=tfds", "--name=named", "--caption_key=captions", "--id_key=name", f"--data_dir={data_dir}",
+                f"--out={out}", "--num_workers=1") == 0, capsys.readouterr()
+    assert {k: v["caption"] for k, v in _read(out).items()} == {
+        "plain.jpg": "picture 0", "plain.jpg#1": "picture 0 again",
+        "caf\\xe9.jpg": "picture 1", "caf\\xe9.jpg#1": "picture 1 again"}
+
 def _tiny_tfds_frames_dataset(data_dir):
     """A dataset with an image and several more an example (a Sequence of Images), and a
     list of tags (empty in one example), prepared as array_record."""

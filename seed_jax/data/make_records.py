@@ -14,7 +14,8 @@ a line), `--captions=coco_karpathy_test.json` (a list of those, as LAVIS's annot
 names the splits to read, comma-separated, and is required with it and refused with any
 other file; images keep the file's order), or none: `00001.jpg` + `00001.txt` sidecars
 in any subfolder. One record per caption; ids are the image's path relative to --input
-(TFDS: `--id_key`, else `{split}/{index}`), `#k` added for its k-th caption (k >= 1).
+(TFDS: `--id_key`, else `{split}/{index}`; bytes of a file name or id that are not
+UTF-8 as \\xNN), `#k` added for its k-th caption (k >= 1).
 Two entries of a captions file that give one id are an error naming it and where the
 file names each, raised before any image is read (TFDS ids are checked as they are
 written: no shard is kept either way). JPEG and PNG bytes are kept as they are; other

@@ -7,7 +7,8 @@ which may need TensorFlow, as coco_captions' does) and read through
 (`tfds convert_format --dataset_version_dir=DIR --out_file_format=array_record`); both
 need TensorFlow. Images are taken as their encoded bytes. Keys name features, nested
 ones with `/` (`captions/text`); a caption feature that is a list gives one record per
-caption; the image and id features must have one value an example. An example that
+caption; the image and id features must have one value an example (an id's bytes that
+are not UTF-8 are written as \\xNN, as a folder's file names are). An example that
 cannot be read (a missing, truncated or corrupt file) becomes an unreadable entry,
 skipped and counted. tensorflow-datasets is optional: `pip install -e ".[tfds]"`.
 """
@@ -119,6 +120,13 @@ def _texts(value) -> list:
     return texts
 
 
+def _id_text(value) -> str:
+    """An id feature's value -> its record id: bytes that are not UTF-8 get those bytes as
+    \\xNN, as a folder's file names do (ids name records; they are never tokenized)."""
+    text = _texts(value)[0]
+    return text.decode("utf-8", "backslashreplace") if isinstance(text, bytes) else text
+
+
 def _open_builder(name: str, data_dir: str):
     """The prepared dataset `name` (in `data_dir`, or TFDS's default), read from its files;
     raises naming --name when it is not there or has no array_record files."""
@@ -185,14 +193,14 @@ def _entries(source, split: str, image_path: list[str], caption_path: list[str],
                 logging.warning("skipped an unreadable example (they are counted, this is said once): %s", e)
             yield Entry(f"{split}/{index}", b"", unreadable=str(e))
             continue
-        base = _texts(_get(example, id_path))[0] if id_path else f"{split}/{index}"
+        base = _id_text(_get(example, id_path)) if id_path else f"{split}/{index}"
         yield Entry(base, bytes(_get(example, image_path)), tuple(_texts(_get(example, caption_path))))
 
 
 def tfds_entries(name: str, split: str, data_dir: str = "", image_key: str = "image",
                  caption_key: str = "captions/text", id_key: str = "") -> tuple[int, Iterator[Entry]]:
-    """(number of examples, their entries in order). Ids are the `id_key` feature, or
-    `{split}/{index}` without one."""
+    """(number of examples, their entries in order). Ids are the `id_key` feature (bytes
+    that are not UTF-8 as \\xNN: `_id_text`), or `{split}/{index}` without one."""
     builder = _open_builder(name, data_dir)
     paths = _feature_paths(builder.info.features, image_key, caption_key, id_key)
     source = _data_source(builder, split, paths[0])

@@ -310,6 +310,26 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     assert "wrote 2 records" in printed and "missing_image 1" in printed and "undecodable_image 1" in printed
 
 
+
+def test_sidecar_captions_in_any_case_and_two_of_one_image_refused(tmp_path, capsys):
+    """A sidecar named .TXT or .Txt was ignored: its image counted as missing a caption.
+    Two sidecars of one image that differ only in case would leave which one captions it
+    to the file system: an error naming both (without an image, each is counted as one missing)."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _image(str(folder / "a.jpg"), seed=1)
+    _write(str(folder / "a.TXT"), "upper case")
+    _image(str(folder / "b.png"), seed=2)
+    _write(str(folder / "b.Txt"), "mixed case")
+    _write(str(folder / "c.txt"), "no image")
+    _write(str(folder / "c.TXT"), "no image either")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--num_workers=1") == 0, capsys.readouterr()
+    assert {k: v["caption"] for k, v in _read(out).items()} == {"a.jpg": "upper case", "b.png": "mixed case"}
+    assert _summary(out)["skipped_ids"] == {"missing_image": ["c.TXT", "c.txt"]}  # each counted
+    _write(str(folder / "b.txt"), "lower case")
+    assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--overwrite", "--num_workers=1") == 1
+    assert (f"--input: the image {folder / 'b.png'} has caption files that differ only in case: "
+            f"{folder / 'b.Txt'} and {folder / 'b.txt'}; keep one") in capsys.readouterr().err
+
 def test_sidecar_walk_follows_symlinked_folders_without_looping(tmp_path):
     """A folder assembled from links to others (mydata/cc3m -> /data/cc3m/images) is read
     through them (they were skipped, uncounted); a link to a folder containing it is not."""

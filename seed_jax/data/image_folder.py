@@ -14,8 +14,8 @@ Layouts:
     the image is `filepath/filename` (`filename` without a filepath, as Flickr's), its
     captions the sentences' `raw` text;
   * no captions file: sidecar captions as img2dataset / webdataset extraction writes them,
-    `00001.jpg` beside `00001.txt`, in any subfolder (walked in sorted order, symlinked
-    folders included).
+    `00001.jpg` beside `00001.txt` (or `.TXT`, any case), in any subfolder (walked in sorted
+    order, symlinked folders included).
 Image paths are relative to the folder; ids are those paths (with `/`; a sidecar file
 name's bytes that are not UTF-8 as \\xNN), `#k` added for an image's k-th caption from
 k = 1. Two entries of a captions file that would give one record id are an error naming
@@ -218,7 +218,8 @@ def _check_splits(path: str, splits: tuple[str, ...], counts: collections.Counte
 
 
 def sidecar_entries(input_dir: str) -> list[Entry]:
-    """Each image with its same-named .txt; a .txt without an image is an entry whose image is missing.
+    """Each image with its same-named .txt (.TXT, any case; two that differ only in case are
+    an error naming both); a .txt without an image is an entry whose image is missing.
     Symlinked folders are walked (a folder assembled from links to others), except a link
     to a folder that contains it, which would loop."""
     entries = []
@@ -233,18 +234,28 @@ def sidecar_entries(input_dir: str) -> list[Entry]:
                 ancestors[os.path.join(root, d)] = chain + (real,)
         dirs[:] = kept
         files = [f for f in files if not f.startswith(".")]
-        texts = {f[:-4]: f for f in files if f.endswith(".txt")}
+        texts, doubles = {}, {}  # stem -> its caption file; stem -> each of two or more (a.txt, a.TXT)
+        for f in sorted(files):
+            if f[-4:].lower() == ".txt":
+                if f[:-4] in texts:
+                    doubles.setdefault(f[:-4], [texts[f[:-4]]]).append(f)
+                texts[f[:-4]] = f
         captioned = set()
         for name in sorted(files):
             stem, extension = os.path.splitext(name)
             if extension.lower() not in IMAGE_EXTENSIONS:
                 continue
+            if stem in doubles:
+                raise ValueError(f"--input: the image {os.path.join(root, name)} has caption files that differ "
+                                 f"only in case: {' and '.join(os.path.join(root, f) for f in doubles[stem])}; "
+                                 "keep one")
             relative = _name_id(os.path.relpath(os.path.join(root, name), input_dir))
             text = texts.get(stem)
             captioned.add(stem)
             entries.append(Entry(relative, os.path.join(root, name),
                                  caption_file=os.path.join(root, text) if text else ""))
         for stem in sorted(set(texts) - captioned):
-            relative = _name_id(os.path.relpath(os.path.join(root, texts[stem]), input_dir))
-            entries.append(Entry(relative, "", caption_file=os.path.join(root, texts[stem])))
+            for text in doubles.get(stem, [texts[stem]]):
+                relative = _name_id(os.path.relpath(os.path.join(root, text), input_dir))
+                entries.append(Entry(relative, "", caption_file=os.path.join(root, text)))
     return entries

@@ -13,7 +13,7 @@ a line), `--captions=coco_karpathy_test.json` (a list of those, as LAVIS's annot
 --splits=train,restval` (Karpathy's split file, dataset_flickr30k.json too: --splits
 names the splits to read, comma-separated, and is required with it and refused with any
 other file; images keep the file's order), or none: `00001.jpg` + `00001.txt` sidecars
-in any subfolder. One record per caption; ids are the image's path relative to --input
+(`.TXT`, any case) in any subfolder. One record per caption; ids are the image's path relative to --input
 (TFDS: `--id_key`, else `{split}/{index}`; bytes of a file name or id that are not
 UTF-8 as \\xNN), `#k` added for its k-th caption (k >= 1).
 Two entries of a captions file that give one id are an error naming it and where the

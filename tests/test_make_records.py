@@ -444,6 +444,25 @@ def test_16_bit_grayscale_png_keeps_its_shades(tmp_path):
             assert pixels[:, :4].mean() < 40 and pixels[:, -4:].mean() > 215
 
 
+
+@pytest.mark.parametrize("values, expected", [
+    (np.linspace(0, 2**31 - 1, 40).astype(np.int32), lambda v: v >> 23),  # 32-bit: its top 8 bits
+    (np.linspace(0, 65535, 40).astype(np.int32), lambda v: v >> 8),  # 16-bit values, as "I;16" reads them
+    (np.arange(-20, 236, 8).astype(np.int32), lambda v: np.maximum(v, 0)),  # 8-bit values as they are
+    (np.linspace(0, 1, 40).astype(np.float32), lambda v: np.round(v * 255)),  # float in [0, 1]
+    (np.linspace(-10, 300, 40).astype(np.float32), lambda v: np.clip(np.round(v), 0, 255)),  # float 0..255
+])
+def test_32_bit_integer_and_float_tiffs_keep_their_shades(values, expected):
+    """PIL's convert("RGB") of a 32-bit integer ("I") or float ("F") image clips each value
+    to 0..255: a 32-bit or 16-bit ramp went white past its first shades, a [0, 1] float one
+    black. Integers now keep their top 8 bits, as a 16-bit image does; floats in [0, 1] scale to 0..255."""
+    buffer = io.BytesIO()
+    shades = np.tile(values, (6, 1))
+    Image.fromarray(shades).save(buffer, format="TIFF")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == ("I" if values.dtype == np.int32 else "F")
+    want = np.repeat(expected(shades.astype(np.float64 if values.dtype == np.float32 else np.int64))[..., None], 3, 2)
+    np.testing.assert_array_equal(_pixels(buffer.getvalue()), want.astype(np.uint8))
+
 def test_an_image_too_wide_for_jpeg_is_stored_as_png(tmp_path):
     """A BMP 65600 px wide (a panorama strip) re-encoded as JPEG made PIL raise OSError
     (JPEG holds at most 65500 px a side), which ended the whole run; it is stored as PNG."""

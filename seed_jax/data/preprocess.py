@@ -17,7 +17,7 @@ SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit 
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (16-bit grayscale: its top 8 bits); raises ValueError if undecodable."""
+    """Encoded bytes -> RGB PIL image (`to_rgb`: deeper grayscale to 8 bits); raises ValueError if undecodable."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -27,9 +27,21 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """A PIL image of any mode -> RGB (16-bit grayscale: its top 8 bits; alpha dropped)."""
-    if image.mode in SIXTEEN_BIT_GRAY:  # convert() would clip every value above 255 to white
+    """A PIL image of any mode -> RGB (alpha dropped). Grayscale deeper than 8 bits keeps its
+    top 8 bits: 16-bit ("I;16") of 16; 32-bit integer ("I") of the depth its largest value
+    needs (8, 16 or 31 bits: values up to 255 as they are, up to 65535 as 16-bit; negative
+    ones as 0). Float ("F"): [0, 1] scaled to 0..255, a larger range taken as 0..255 (clipped)."""
+    # convert() would clip every value above 255 to white, and floats in [0, 1] to black
+    if image.mode in SIXTEEN_BIT_GRAY:
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+    elif image.mode == "I":
+        pixels = np.maximum(np.asarray(image), 0)
+        top = pixels.max(initial=0)
+        image = Image.fromarray((pixels >> (0 if top <= 255 else 8 if top <= 65535 else 23)).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, np.float64))  # NaN as 0
+        scale = 255 if pixels.max(initial=0) <= 1 else 1
+        image = Image.fromarray(np.clip(np.round(pixels * scale), 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 

@@ -109,12 +109,26 @@ def test_a_jax_array_of_one_image_is_one_image(tokenizer):
     ([], "images: expected uint8 (B,H,W,3), one image or a non-empty list of images"),
     (7, "images: expected uint8 (B,H,W,3)"),
     ([Image.new("RGB", (0, 5))], "images[0]: expected a non-empty image, got 0x5 pixels"),
+    (np.array([np.zeros((8, 8, 3), np.uint8), np.zeros((6, 8, 3), np.float32)], dtype=object),
+     "images[1]: expected uint8 (H,W,3) or a PIL image, got float32 (6, 8, 3)"),
 ])
 def test_preprocess_rejects_bad_images(tokenizer, bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         tokenizer.preprocess(bad)
 
+
+
+def test_an_object_array_of_images_of_different_sizes_is_a_list_of_them(tokenizer):
+    """np.array([a, b], dtype=object) of images of different sizes (numpy's 1-D array of
+    them) was refused as "images: expected uint8 (B,H,W,3) ..., got (2,)", though a list
+    of the same images is taken: it is now read as that list."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 56, 3), np.uint8), Image.fromarray(rng.integers(0, 256, (30, 20, 3), np.uint8))]
+    objects = np.empty(2, object)
+    objects[:] = images
+    np.testing.assert_array_equal(tokenizer.preprocess(objects), tokenizer.preprocess(images))
+    np.testing.assert_array_equal(tokenizer.encode_images(objects), tokenizer.encode_images(images))
 
 def test_encode_images_holds_one_chunk_of_pixels_and_checks_every_image_first(tokenizer, monkeypatch):
     """caption, answer and reconstruct preprocessed every image before encoding any: the

@@ -13,13 +13,15 @@ IMAGES_EXPECTED = "uint8 (B,H,W,3), one image or a non-empty list of images (uin
 
 
 def image_list(images) -> list:
-    """`SeedTokenizer.preprocess`'s `images` -> a non-empty list of single images."""
+    """`SeedTokenizer.preprocess`'s `images` -> a non-empty list of single images (a 1-D
+    object array of images, as numpy makes of images of different sizes, is such a list)."""
     if isinstance(images, Image.Image):
         return [images]
     if hasattr(images, "__array__"):  # a jax or torch array too: rows would read a (H,W,3) image as H images
         images = np.asarray(images)
-    if isinstance(images, np.ndarray):
-        batch = [images] if images.ndim == 3 else list(images) if images.ndim == 4 else []
+    if isinstance(images, np.ndarray):  # a 1-D object array (np.array([a, b], dtype=object)) is a list
+        rows = images.ndim == 4 or (images.ndim == 1 and images.dtype == object)
+        batch = [images] if images.ndim == 3 else list(images) if rows else []
     elif isinstance(images, (str, bytes)) or not isinstance(images, Iterable):  # a path is no image
         batch = []
     else:

@@ -98,8 +98,8 @@ class SeedTokenizer:
     def preprocess(self, images) -> np.ndarray:
         """Images -> float32 (B,S,S,3) as the evaluation reads image files: RGB, bicubic
         resize to the model's size (PIL, as torchvision's Resize on a PIL image), /255,
-        CLIP mean/std. `images`: uint8 (B,H,W,3), or one image, or a list of images of
-        any sizes; an image is uint8 (H,W,3) or a PIL image of any mode (converted as
+        CLIP mean/std. `images`: uint8 (B,H,W,3), or one image, or a list (or 1-D object
+        array) of images of any sizes; an image is uint8 (H,W,3) or a PIL image of any mode (converted as
         training converts decoded files: `data.preprocess.to_rgb`)."""
         batch = image_list(images)
         return self._pixels(batch, range(len(batch)))

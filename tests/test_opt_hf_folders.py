@@ -17,7 +17,7 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from parity import INTERMEDIATE_TOLERANCE, relative_error
 from sd_fixtures import randomize
 from seed_jax.api import SeedOPT
-from seed_jax.convert.__main__ import convert
+from seed_jax.convert.__main__ import convert, main
 
 pytestmark = pytest.mark.torch
 
@@ -271,6 +271,44 @@ def test_several_end_tokens_must_be_chosen_from(tmp_path):
     with pytest.raises(ValueError, match=r"eos_id: generate ends rows at one token, got \[2, 5\]"):
         lm.generate(np.full((1, 3), 7), 2)
     assert lm.generate(np.full((1, 3), 7), 2, eos_id=5).shape == (1, 2)
+
+
+def test_generation_settings_the_folder_sets_are_recorded_and_printed_as_not_applied(tmp_path, capsys):
+    """transformers' `generate()` decodes with generation_config.json's settings (else
+    config.json's); SeedOPT.generate only with its arguments. A folder sampling with
+    top_p and a repetition penalty converted without a word: those settings (not the
+    ones at their defaults, nor the ids and bookkeeping) are now recorded and printed,
+    with the arguments that match them."""
+    folder = tmp_path / "hf"
+    _save(folder, {})
+    settings = dict(do_sample=True, top_p=0.9, repetition_penalty=1.2)
+    _set(folder / "generation_config.json", **settings, top_k=50, temperature=1.0, max_length=None)
+    _set(folder / "config.json", num_beams=4)  # unread beside generation_config.json
+    loaded = OPTForCausalLM.from_pretrained(folder).generation_config
+    assert {k: getattr(loaded, k) for k in [*settings, "num_beams"]} == {**settings, "num_beams": None}
+    assert main(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'export'}", "--image_tokens=0"]) == 0
+    info = json.loads((tmp_path / "export" / "model.json").read_text())["info"]
+    assert info["generation_settings_not_applied"] == settings
+    out = capsys.readouterr().out
+    assert ("3 generation settings of the folder not applied (transformers' generate() applies them):\n"
+            "  do_sample: true\n  top_p: 0.9\n  repetition_penalty: 1.2\n"
+            "SeedOPT.generate takes decoding settings only from its arguments; to match these, pass "
+            "temperature > 0 (do_sample), top_p; none matches repetition_penalty\n") in out
+
+    (folder / "generation_config.json").unlink()  # config.json's are read then
+    assert OPTForCausalLM.from_pretrained(folder).generation_config.num_beams == 4
+    report = convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'config'}", "--image_tokens=0"])
+    assert report["generation_settings_not_applied"] == {"num_beams": 4}
+
+
+def test_a_folder_with_default_generation_settings_records_none(tmp_path, capsys):
+    """save_pretrained writes generation_config.json with the ids and bookkeeping
+    (output_attentions: false among them), none of them a setting left unapplied."""
+    _save(tmp_path / "hf", {})
+    assert main(["hf_opt", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'export'}", "--image_tokens=0"]) == 0
+    info = json.loads((tmp_path / "export" / "model.json").read_text())["info"]
+    assert info["generation_settings_not_applied"] == {}
+    assert "generation settings" not in capsys.readouterr().out
 
 
 EPSILON_TOLERANCE = 1e-5  # float32 noise here is ~1e-7; OPT's 1e-5 read as 1e-6 gives ~1

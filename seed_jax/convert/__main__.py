@@ -12,13 +12,15 @@ r"""Converts released weights into our export format (orbax params + model.json)
 Dimensions are read from the checkpoint; head counts (no shape tells them) are
 flags for the .pth layouts and config.json entries for Hugging Face folders. Every
 parameter of our model must be found (a missing key fails, naming it); source keys
-left unused are listed. Folders are read as transformers / diffusers read them
+left unused are listed, as are the generation settings of an OPT folder that
+SeedOPT.generate does not apply. Folders are read as transformers / diffusers read them
 (`--variant=fp16` for a variant's weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -103,7 +105,8 @@ def _hf_opt(args):
     arrays, info = _folder_weights(args)
     source = Source(opt.with_embedding_from_head(arrays, hf), args.checkpoint)
     config = opt.config(source, hf, image_tokens=args.image_tokens)
-    info.update({"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf)})
+    info.update({"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf),
+                 "generation_settings_not_applied": opt.generation_settings_not_applied(args.checkpoint, hf)})
     if args.image_tokens:  # ids of the appended rows
         info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
                      "first_code_id": config.vocab_size + 2})
@@ -214,6 +217,13 @@ def main(argv=None) -> int:
         print(f"{len(report['unused_keys'])} source keys unused:")
         for key in report["unused_keys"]:
             print(f"  {key}")
+    not_applied = report.get("generation_settings_not_applied")
+    if not_applied:
+        print(f"{len(not_applied)} generation settings of the folder not applied (transformers' generate() "
+              "applies them):")
+        for key, value in not_applied.items():
+            print(f"  {key}: {json.dumps(value)}")
+        print(opt.generate_arguments(not_applied))
     if report.get("ema_weights_unread"):
         print("the checkpoint also holds the UNet's EMA weights (model_ema.*), usually the better ones for "
               "sampling: --ema converts those instead")

@@ -9,7 +9,8 @@ count, layer-norm placement (`do_layer_norm_before`, `_remove_final_layer_norm`)
 `OPTConfig` default, as `from_pretrained` would). The logits read the token embedding
 unless the folder holds an `lm_head.weight` that differs from it, which transformers
 then keeps as a separate head (whatever `tie_word_embeddings` says).
-The end and padding ids transformers' `generate` uses go to the export's info."""
+The end and padding ids transformers' `generate` uses go to the export's info, with
+the folder's other generation settings, which SeedOPT.generate does not apply."""
 
 from __future__ import annotations
 
@@ -111,15 +112,19 @@ def tied_output(source: Source, hf: dict, embed_tokens: str, head: str = "lm_hea
     return True
 
 
-def generation_ids(folder: str, hf: dict) -> dict:
-    """{eos_token_id, pad_token_id} of transformers' `generate` after `from_pretrained`:
-    generation_config.json's when the folder has one, else config.json's (`hf`), a key
-    absent from the file read there being None (no end token); without a padding id,
-    finished rows pad with the end id. eos_token_id may be a list."""
+def generation_file(folder: str, hf: dict) -> dict:
+    """The settings transformers' `generate` starts from after `from_pretrained`:
+    generation_config.json's when the folder has one (config.json's are then unread),
+    else config.json's (`hf`)."""
     path = os.path.join(folder, "generation_config.json")
-    settings = hf
-    if os.path.exists(path):
-        settings = sources.read_json(path)
+    return sources.read_json(path) if os.path.exists(path) else hf
+
+
+def generation_ids(folder: str, hf: dict) -> dict:
+    """{eos_token_id, pad_token_id} of transformers' `generate` after `from_pretrained`
+    (`generation_file`), a key absent from the file read being None (no end token);
+    without a padding id, finished rows pad with the end id. eos_token_id may be a list."""
+    settings = generation_file(folder, hf)
     eos, pad = settings.get("eos_token_id"), settings.get("pad_token_id")
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
@@ -127,6 +132,47 @@ def generation_ids(folder: str, hf: dict) -> dict:
     if pad is None:  # nothing pads without an end id: 1, SeedOPT's default
         pad = 1 if first_eos is None else first_eos
     return {"eos_token_id": eos, "pad_token_id": pad}
+
+
+# GenerationConfig keys that are no decoding settings: the ids recorded by `generation_ids`,
+# ids a decoder-only prompt does not use, bookkeeping, and what changes how fast `generate`
+# runs or what it returns beside the tokens (save_pretrained writes output_attentions=false)
+NOT_DECODING = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "_from_model_config",
+                "transformers_version", "use_cache", "output_attentions", "output_hidden_states", "output_scores",
+                "output_logits", "return_dict_in_generate")
+# SeedOPT.generate's argument for a generation setting, where it has one
+GENERATE_ARGUMENTS = {"do_sample": "temperature > 0 (do_sample)", "temperature": "temperature", "top_k": "top_k",
+                      "top_p": "top_p", "num_beams": "num_beams", "length_penalty": "length_penalty",
+                      "max_new_tokens": "max_new_tokens", "max_length": "max_new_tokens (max_length counts the prompt)"}
+
+
+def generation_defaults() -> dict:
+    """transformers' `GenerationConfig()` settings, with the values transformers 5 gives
+    at `generate` those it leaves None there."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig().to_dict()
+    defaults.update(getattr(GenerationConfig, "_get_default_generation_params", dict)())
+    return defaults
+
+
+def generation_settings_not_applied(folder: str, hf: dict) -> dict:
+    """{key: value} of the folder's generation settings (`generation_file`) that differ
+    from transformers' defaults: `generate()` decodes with them, SeedOPT.generate only
+    with its arguments. A None value is unset (transformers gives it the default)."""
+    defaults = generation_defaults()
+    return {k: v for k, v in generation_file(folder, hf).items()
+            if k in defaults and k not in NOT_DECODING and v is not None and v != defaults[k]}
+
+
+def generate_arguments(settings: dict) -> str:
+    """A line saying where SeedOPT.generate's decoding settings come from, naming its
+    arguments that match `settings` (`generation_settings_not_applied`)."""
+    matched = list(dict.fromkeys(GENERATE_ARGUMENTS[k] for k in settings if k in GENERATE_ARGUMENTS))
+    unmatched = [k for k in settings if k not in GENERATE_ARGUMENTS]
+    return ("SeedOPT.generate takes decoding settings only from its arguments"
+            + (f"; to match these, pass {', '.join(matched)}" if matched else "")
+            + (f"; none matches {', '.join(unmatched)}" if unmatched else ""))
 
 
 def table(c: OPTConfig, source: Source, seed: int = 0) -> dict[str, Rule]:

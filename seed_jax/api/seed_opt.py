@@ -209,6 +209,8 @@ class SeedOPT:
         temperature None is refused (`generate` reads it as 1.0 with do_sample, greedy without).
         `eos_id` / `pad_id` "model": this SeedOPT's (`load`: the converted folder's); `eos_id`
         None: no end token.
+        Decoding settings come from these arguments alone, never from the converted folder's
+        generation_config.json (the export's info lists those it set: `generation_settings_not_applied`).
         `allowed[t] = (low, high)` restricts step t. `num_beams` > 1: beam search as transformers'
         `generate(num_beams=..., do_sample=False)` (no sampling options; `allowed` as its
         `prefix_allowed_tokens_fn`), finished hypotheses scored by log-probability /

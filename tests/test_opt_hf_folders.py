@@ -278,7 +278,8 @@ def test_generation_settings_the_folder_sets_are_recorded_and_printed_as_not_app
     config.json's); SeedOPT.generate only with its arguments. A folder sampling with
     top_p and a repetition penalty converted without a word: those settings (not the
     ones at their defaults, nor the ids and bookkeeping) are now recorded and printed,
-    with the arguments that match them."""
+    with the arguments that match them. Sampling settings of a folder that does not
+    sample are read by neither, and go unlisted."""
     folder = tmp_path / "hf"
     _save(folder, {})
     settings = dict(do_sample=True, top_p=0.9, repetition_penalty=1.2)
@@ -296,6 +297,7 @@ def test_generation_settings_the_folder_sets_are_recorded_and_printed_as_not_app
             "temperature > 0 (do_sample), top_p; none matches repetition_penalty\n") in out
 
     (folder / "generation_config.json").unlink()  # config.json's are read then
+    _set(folder / "config.json", top_p=0.7, temperature=0.5)  # read only when sampling: greedy here
     assert OPTForCausalLM.from_pretrained(folder).generation_config.num_beams == 4
     report = convert(["hf_opt", f"--checkpoint={folder}", f"--out={tmp_path / 'config'}", "--image_tokens=0"])
     assert report["generation_settings_not_applied"] == {"num_beams": 4}

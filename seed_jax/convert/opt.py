@@ -140,6 +140,8 @@ def generation_ids(folder: str, hf: dict) -> dict:
 NOT_DECODING = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "_from_model_config",
                 "transformers_version", "use_cache", "output_attentions", "output_hidden_states", "output_scores",
                 "output_logits", "return_dict_in_generate")
+# Settings transformers' `generate` reads only when it samples (do_sample true; GenerationConfig.validate)
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
 # SeedOPT.generate's argument for a generation setting, where it has one
 GENERATE_ARGUMENTS = {"do_sample": "temperature > 0 (do_sample)", "temperature": "temperature", "top_k": "top_k",
                       "top_p": "top_p", "num_beams": "num_beams", "length_penalty": "length_penalty",
@@ -159,10 +161,12 @@ def generation_defaults() -> dict:
 def generation_settings_not_applied(folder: str, hf: dict) -> dict:
     """{key: value} of the folder's generation settings (`generation_file`) that differ
     from transformers' defaults: `generate()` decodes with them, SeedOPT.generate only
-    with its arguments. A None value is unset (transformers gives it the default)."""
-    defaults = generation_defaults()
-    return {k: v for k, v in generation_file(folder, hf).items()
-            if k in defaults and k not in NOT_DECODING and v is not None and v != defaults[k]}
+    with its arguments. A None value is unset (transformers gives it the default); the
+    SAMPLING_ONLY ones count only when the folder samples (`do_sample` true)."""
+    defaults, settings = generation_defaults(), generation_file(folder, hf)
+    inert = () if settings.get("do_sample") is True else SAMPLING_ONLY
+    return {k: v for k, v in settings.items()
+            if k in defaults and k not in NOT_DECODING + inert and v is not None and v != defaults[k]}
 
 
 def generate_arguments(settings: dict) -> str:

@@ -1138,6 +1138,67 @@ def test_lora_merge_gives_the_adapted_model(converted):
     assert not np.allclose(adapted(base_ids)[0][..., :100], model(base_ids)[0], atol=1e-4)
 
 
+def _with_peft_style_lora(hf, params, config):
+    """A copy of `hf` with `params`' appended rows in its tied embedding and their LoRA
+    restated as peft computes it: each adapted projection's output gains
+    (alpha / rank) x A B (A: in -> rank, B: rank -> out)."""
+    hf = copy.deepcopy(hf)
+    hf.resize_token_embeddings(config.total_vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        hf.model.decoder.embed_tokens.weight[config.vocab_size:] = torch.tensor(np.asarray(params["embed_extra"]))
+    scale, rank = config.lora_alpha / config.lora_rank, config.lora_rank
+
+    def add_lora(module, a, b):
+        a, b = torch.tensor(np.asarray(a)).reshape(-1, rank), torch.tensor(np.asarray(b)).reshape(rank, -1)
+        module.register_forward_hook(lambda _, inputs, out: out + scale * (inputs[0] @ a) @ b)
+
+    for i, layer in enumerate(hf.model.decoder.layers):
+        attn = layer.self_attn
+        for ours, module in (("query", attn.q_proj), ("key", attn.k_proj), ("value", attn.v_proj),
+                             ("out", attn.out_proj)):
+            add_lora(module, params[f"layers.self_attn.{ours}_lora_a"][i], params[f"layers.self_attn.{ours}_lora_b"][i])
+        for name in ("fc1", "fc2"):
+            add_lora(getattr(layer, name), params[f"layers.{name}.lora_a"][i], params[f"layers.{name}.lora_b"][i])
+    return hf
+
+
+def test_packed_lora_loss_is_transformers_loss_of_each_sequence_alone(converted):
+    """SEED-OPT's training loss on a packed row (three sequences and padding, LoRA at
+    alpha / rank = 3 and appended rows) is the masked mean cross-entropy transformers
+    gives each sequence run alone (labels shifted in the sequence, -100 off the mask),
+    pooled over the targets of all sequences: attention and positions restart at each
+    segment and no target crosses a boundary."""
+    from seed_jax.trainers.seed_opt import lm_loss
+
+    hf, model, _ = converted
+    adapted, config = _adapted(model, dataclasses.replace(model.config, lora_alpha=12.0))
+    reference = _with_peft_style_lora(hf, weights.flat_params(adapted), config)
+    rng = np.random.default_rng(4)
+    sequences = [rng.integers(3, config.total_vocab_size, n) for n in (8, 6, 10)]
+    masks = [rng.integers(0, 2, len(s)) for s in sequences]  # masks[k][i]: sequences[k][i] is a target
+    total, count = 0.0, 0
+    for ids, mask in zip(sequences, masks):  # transformers shifts the labels itself
+        with torch.no_grad():
+            out = reference(torch.tensor(ids[None]), labels=torch.tensor(np.where(mask > 0, ids, -100)[None]))
+        total += out.loss.item() * mask[1:].sum()
+        count += mask[1:].sum()
+    starts = np.cumsum([0] + [len(s) - 1 for s in sequences])
+    inputs = np.concatenate([s[:-1] for s in sequences] + [np.full(3, 1)])
+    target_index = np.concatenate([start + np.nonzero(m[1:])[0] for start, m in zip(starts, masks)])
+    target_ids = np.concatenate([s[1:][np.nonzero(m[1:])[0]] for s, m in zip(sequences, masks)])
+    padded = lambda x: np.concatenate([x, np.zeros(4, int)])[None].astype(np.int32)  # noqa: E731
+    batch = {"inputs": inputs[None].astype(np.int32),
+             "segment_ids": np.concatenate([np.full(len(s) - 1, k + 1) for k, s in enumerate(sequences)]
+                                           + [np.zeros(3, int)])[None].astype(np.int32),
+             "positions": np.concatenate([np.arange(len(s) - 1) for s in sequences] + [np.zeros(3, int)])[None]
+                          .astype(np.int32),
+             "target_index": padded(target_index), "target_ids": padded(target_ids),
+             "target_mask": padded(np.ones(count, int))}
+    loss, (metrics, _) = lm_loss(adapted, batch, None)
+    assert int(metrics["target_tokens"]) == count
+    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+
+
 def test_only_adapters_and_new_token_rows_train(converted):
     """A train step with the SEED-OPT split (LoRA factors and appended rows trainable,
     the rest frozen) changes exactly those parameters."""
@@ -1158,6 +1219,34 @@ def test_only_adapters_and_new_token_rows_train(converted):
     assert names == {k for k in weights.flat_params(adapted) if "lora_" in k or k == "embed_extra"}
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trainable, new))
     assert all(changed)
+
+
+def test_a_loop_step_keeps_frozen_weights_bit_identical_and_state_only_for_trainables(converted):
+    """The shared loop's step on the SEED-OPT split, with weight decay: the base
+    weights and the vocabulary's own (tied input and output) rows stay bit-identical,
+    every adapter factor and appended row moves, and AdamW holds moments for those alone."""
+    _, model, _ = converted
+    adapted, config = _adapted(model, model.config)
+    before = {k: np.array(v) for k, v in weights.flat_params(adapted).items()}
+    stage = ml_collections.ConfigDict(dict(lr=1e-2, init_lr=1e-2, end_lr=1e-3, warmup_steps=0, num_steps=2,
+                                           weight_decay=0.1, b1=0.9, b2=0.98))
+    run = ml_collections.ConfigDict(dict(axis_rules=parallel.DEFAULT_RULES, seed=0))
+
+    def loss_fn(model, batch, rng):
+        logits, _ = model(batch["ids"][:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, 1:]).mean(), ({}, {})
+
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    setup = loop.prepare_stage(adapted, trainable_filter, loss_fn, stage, run, mesh)
+    trained = {k for k in before if "lora_" in k or k == "embed_extra"}
+    moments = sum(x.size for x in jax.tree.leaves(setup.state["opt_state"]) if x.ndim)
+    assert moments == 2 * sum(before[k].size for k in trained)
+    ids = np.random.default_rng(1).integers(0, config.total_vocab_size, (2, 9)).astype(np.int32)
+    state, _ = setup.train_step(setup.state, setup.frozen, global_batches.global_batch({"ids": ids}, mesh,
+                                                                                        run.axis_rules))
+    nnx.update(adapted, state["params"])
+    after = {k: np.asarray(v) for k, v in weights.flat_params(adapted).items()}
+    assert {k for k in before if not np.array_equal(before[k], after[k])} == trained
 
 
 def _projected(rank=4, num_codes=12, code_dim=8):

@@ -118,7 +118,6 @@ def test_preprocess_rejects_bad_images(tokenizer, bad, message):
         tokenizer.preprocess(bad)
 
 
-
 def test_an_object_array_of_images_of_different_sizes_is_a_list_of_them(tokenizer):
     """np.array([a, b], dtype=object) of images of different sizes (numpy's 1-D array of
     them) was refused as "images: expected uint8 (B,H,W,3) ..., got (2,)", though a list
@@ -129,6 +128,7 @@ def test_an_object_array_of_images_of_different_sizes_is_a_list_of_them(tokenize
     objects[:] = images
     np.testing.assert_array_equal(tokenizer.preprocess(objects), tokenizer.preprocess(images))
     np.testing.assert_array_equal(tokenizer.encode_images(objects), tokenizer.encode_images(images))
+
 
 def test_encode_images_holds_one_chunk_of_pixels_and_checks_every_image_first(tokenizer, monkeypatch):
     """caption, answer and reconstruct preprocessed every image before encoding any: the

@@ -310,7 +310,6 @@ def test_sidecar_captions_with_bad_items_skipped_and_counted(tmp_path, capsys):
     assert "wrote 2 records" in printed and "missing_image 1" in printed and "undecodable_image 1" in printed
 
 
-
 def test_sidecar_captions_in_any_case_and_two_of_one_image_refused(tmp_path, capsys):
     """A sidecar named .TXT or .Txt was ignored: its image counted as missing a caption.
     Two sidecars of one image that differ only in case would leave which one captions it
@@ -329,6 +328,7 @@ def test_sidecar_captions_in_any_case_and_two_of_one_image_refused(tmp_path, cap
     assert _run("--source=folder", f"--input={folder}", f"--out={out}", "--overwrite", "--num_workers=1") == 1
     assert (f"--input: the image {folder / 'b.png'} has caption files that differ only in case: "
             f"{folder / 'b.Txt'} and {folder / 'b.txt'}; keep one") in capsys.readouterr().err
+
 
 def test_sidecar_walk_follows_symlinked_folders_without_looping(tmp_path):
     """A folder assembled from links to others (mydata/cc3m -> /data/cc3m/images) is read
@@ -444,7 +444,6 @@ def test_16_bit_grayscale_png_keeps_its_shades(tmp_path):
             assert pixels[:, :4].mean() < 40 and pixels[:, -4:].mean() > 215
 
 
-
 @pytest.mark.parametrize("values, expected", [
     (np.linspace(0, 2**31 - 1, 40).astype(np.int32), lambda v: v >> 23),  # 32-bit: its top 8 bits
     (np.linspace(0, 65535, 40).astype(np.int32), lambda v: v >> 8),  # 16-bit values, as "I;16" reads them
@@ -462,6 +461,7 @@ def test_32_bit_integer_and_float_tiffs_keep_their_shades(values, expected):
     assert Image.open(io.BytesIO(buffer.getvalue())).mode == ("I" if values.dtype == np.int32 else "F")
     want = np.repeat(expected(shades.astype(np.float64 if values.dtype == np.float32 else np.int64))[..., None], 3, 2)
     np.testing.assert_array_equal(_pixels(buffer.getvalue()), want.astype(np.uint8))
+
 
 def test_an_image_too_wide_for_jpeg_is_stored_as_png(tmp_path):
     """A BMP 65600 px wide (a panorama strip) re-encoded as JPEG made PIL raise OSError
@@ -727,7 +727,6 @@ def test_tfds_unreadable_examples_are_skipped_and_counted(tmp_path, damage):
     assert summary["skipped_ids"]["unreadable_example"] == ["train+val/3"]
 
 
-
 def test_tfds_ids_that_are_not_utf8_are_written_as_escapes(tmp_path, capsys):
     r"""A text id feature whose bytes are not UTF-8 (a Latin-1 file name) ended the run in a
     TypeError traceback (its first record's id was bytes); it is written with those bytes as
@@ -757,6 +756,7 @@ def test_tfds_ids_that_are_not_utf8_are_written_as_escapes(tmp_path, capsys):
     assert {k: v["caption"] for k, v in _read(out).items()} == {
         "plain.jpg": "picture 0", "plain.jpg#1": "picture 0 again",
         "caf\\xe9.jpg": "picture 1", "caf\\xe9.jpg#1": "picture 1 again"}
+
 
 def _tiny_tfds_frames_dataset(data_dir):
     """A dataset with an image and several more an example (a Sequence of Images), and a

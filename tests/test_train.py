@@ -1325,7 +1325,6 @@ def test_restarts_turned_on_with_no_fraction_to_run_in_fail_naming_the_fields(tm
     assert not os.listdir(tmp_path)
 
 
-
 @pytest.mark.parametrize("key, value, message", [
     ("label_smoothing", 1.0, r"label_smoothing: expected a fraction in [0, 1) (0 = none), got 1.0"),
     ("label_smoothing", -0.1, r"label_smoothing: expected a fraction in [0, 1) (0 = none), got -0.1"),
@@ -1350,6 +1349,7 @@ def test_a_loss_setting_out_of_range_fails_naming_it(key, value, message):
                                        "loss_weights.vq": 0.0, "loss_weights.recon": 0.0,
                                        "stage2.restart_until": 1.0})
     trainer.check_config(config)
+
 
 def _multi_caption_split(path, undecodable_image: int | None = None) -> int:
     """An eval split of 7 images with 1 to 4 captions each (ids `img-j`, `img-j#k`), one

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -1126,6 +1127,24 @@ def _adapted(model, config, rank=4, extra=6):
     return adapted, adapted_config
 
 
+def test_lora_a_starts_as_pefts(converted):
+    """peft starts A as torch's Linear: kaiming-uniform with a = sqrt(5), bound
+    gain * sqrt(3 / fan_in) (1 / sqrt(fan_in)); it started as a truncated normal of
+    std 1 / sqrt(fan_in), which under Adam takes LoRA's first steps sqrt(3) times as far."""
+    _, model, _ = converted
+    adapted = weights.build("opt", dataclasses.replace(model.config, lora_rank=8))
+    scaled = []  # each A over its bound: uniform in [-1, 1] as peft draws it
+    for name, a in weights.flat_params(adapted).items():
+        if "lora_a" in name:
+            fan_in = int(np.prod(a.shape[1:-1]))  # (layers, *in, rank)
+            bound = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5)) * math.sqrt(3 / fan_in)
+            scaled.append(np.asarray(a).ravel() / bound)
+    scaled = np.concatenate(scaled)
+    assert len(scaled) > 3000 and np.abs(scaled).max() <= 1 + 1e-6
+    np.testing.assert_allclose(scaled.std(), 1 / math.sqrt(3), rtol=0.05)
+    np.testing.assert_allclose(np.mean(np.abs(scaled) > 0.9), 0.1, atol=0.03)
+
+
 def test_lora_merge_gives_the_adapted_model(converted):
     _, model, _ = converted
     adapted, config = _adapted(model, model.config)
@@ -1324,10 +1343,12 @@ def _lora_losses(mesh, num_steps=3):
         return loss, ({}, {})
 
     setup = loop.prepare_stage(model, trainable_filter, loss_fn, stage, run, mesh)
-    rng = np.random.default_rng(0)
+    # one batch throughout: uniform random tokens anew each step leave nothing to learn
+    # beyond ln(110), so the loss need not fall; on one batch it must
+    ids = np.random.default_rng(0).integers(0, 110, (8, 12)).astype(np.int32)
     state, losses = setup.state, []
     for _ in range(num_steps):
-        batch = global_batches.global_batch({"ids": rng.integers(0, 110, (8, 12)).astype(np.int32)}, mesh, run.axis_rules)
+        batch = global_batches.global_batch({"ids": ids}, mesh, run.axis_rules)
         state, metrics = setup.train_step(state, setup.frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses, state

@@ -67,8 +67,8 @@ LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     """Low-rank adapters W + (alpha / rank) A B on the named projections
-    (Attention: query, key, value, out; MLP: fc1, fc2). B starts at zero, so an
-    adapted model starts equal to its base. An unknown target name raises: it
+    (Attention: query, key, value, out; MLP: fc1, fc2). A starts as peft's
+    (`lora_a_init`) and B at zero, so an adapted model starts equal to its base. An unknown target name raises: it
     would otherwise leave that projection without an adapter, silently. `dropout`
     drops the adapter's input x in x A B when a call passes an rng (peft's
     lora_dropout; the frozen path x W sees all of x)."""
@@ -106,6 +106,12 @@ def fan_in(in_axes: Sequence[int] = (0,)):
                                              out_axis=-1)
 
 
+def lora_a_init(in_axes: Sequence[int] = (0,)):
+    """LoRA's A as peft starts it (kaiming-uniform with a = sqrt(5), as torch's Linear):
+    uniform in +-1/sqrt(fan_in) over `in_axes`, a standard deviation of 1/sqrt(3 fan_in)."""
+    return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(in_axes), out_axis=-1)
+
+
 def check_rate(name: str, rate) -> None:
     """A ValueError naming `name` unless `rate` is a dropout rate in [0, 1)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
@@ -132,7 +138,7 @@ class Dense(nnx.Module):
                  precision: jax.lax.Precision | None = None, rngs: nnx.Rngs):
         self.kernel = param(rngs, kernel_init or fan_in(), (in_features, out_features), axes)
         self.bias = param(rngs, zeros, (out_features,), axes[1:]) if use_bias else None
-        self.lora_a = lora_param(rngs, fan_in(), (in_features, lora.rank), (axes[0], None)) if lora else None
+        self.lora_a = lora_param(rngs, lora_a_init(), (in_features, lora.rank), (axes[0], None)) if lora else None
         self.lora_b = lora_param(rngs, zeros, (lora.rank, out_features), (None, axes[1])) if lora else None
         self.lora_scale = lora.scale if lora else 0.0
         self.lora_dropout = lora.dropout if lora else 0.0
@@ -218,11 +224,11 @@ class Attention(nnx.Module):
         targets = lora.targets if lora else ()
         for name, d_in in (("query", width), ("key", kv_width), ("value", kv_width)):
             adapted = name in targets
-            setattr(self, f"{name}_lora_a", lora_param(rngs, fan_in(), (d_in, lora.rank), ("embed", None))
+            setattr(self, f"{name}_lora_a", lora_param(rngs, lora_a_init(), (d_in, lora.rank), ("embed", None))
                     if adapted else None)
             setattr(self, f"{name}_lora_b", lora_param(rngs, zeros, (lora.rank, num_heads, head_dim),
                                                        (None, "heads", "kv")) if adapted else None)
-        self.out_lora_a = (lora_param(rngs, fan_in((0, 1)), (num_heads, head_dim, lora.rank), ("heads", "kv", None))
+        self.out_lora_a = (lora_param(rngs, lora_a_init((0, 1)), (num_heads, head_dim, lora.rank), ("heads", "kv", None))
                            if "out" in targets else None)
         self.out_lora_b = lora_param(rngs, zeros, (lora.rank, width), (None, "embed")) if "out" in targets else None
         self.lora_scale = lora.scale if lora else 0.0

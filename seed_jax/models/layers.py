@@ -68,10 +68,10 @@ LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
 class LoRA:
     """Low-rank adapters W + (alpha / rank) A B on the named projections
     (Attention: query, key, value, out; MLP: fc1, fc2). A starts as peft's
-    (`lora_a_init`) and B at zero, so an adapted model starts equal to its base. An unknown target name raises: it
-    would otherwise leave that projection without an adapter, silently. `dropout`
-    drops the adapter's input x in x A B when a call passes an rng (peft's
-    lora_dropout; the frozen path x W sees all of x)."""
+    (`lora_a_init`) and B at zero, so an adapted model starts equal to its base. An
+    unknown target name raises: it would otherwise leave that projection without an
+    adapter, silently. `dropout` drops the adapter's input x in x A B when a call
+    passes an rng (peft's lora_dropout; the frozen path x W sees all of x)."""
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = LORA_TARGETS
@@ -228,8 +228,8 @@ class Attention(nnx.Module):
                     if adapted else None)
             setattr(self, f"{name}_lora_b", lora_param(rngs, zeros, (lora.rank, num_heads, head_dim),
                                                        (None, "heads", "kv")) if adapted else None)
-        self.out_lora_a = (lora_param(rngs, lora_a_init((0, 1)), (num_heads, head_dim, lora.rank), ("heads", "kv", None))
-                           if "out" in targets else None)
+        self.out_lora_a = (lora_param(rngs, lora_a_init((0, 1)), (num_heads, head_dim, lora.rank),
+                                      ("heads", "kv", None)) if "out" in targets else None)
         self.out_lora_b = lora_param(rngs, zeros, (lora.rank, width), (None, "embed")) if "out" in targets else None
         self.lora_scale = lora.scale if lora else 0.0
         self.lora_dropout = lora.dropout if lora else 0.0

@@ -105,8 +105,9 @@ def _hf_opt(args):
     arrays, info = _folder_weights(args)
     source = Source(opt.with_embedding_from_head(arrays, hf), args.checkpoint)
     config = opt.config(source, hf, image_tokens=args.image_tokens)
-    info.update({"image_tokens": args.image_tokens, **opt.generation_ids(args.checkpoint, hf),
-                 "generation_settings_not_applied": opt.generation_settings_not_applied(args.checkpoint, hf)})
+    generation = opt.generation_file(args.checkpoint, hf)
+    info.update({"image_tokens": args.image_tokens, **opt.generation_ids(generation),
+                 "generation_settings_not_applied": opt.generation_settings_not_applied(generation)})
     if args.image_tokens:  # ids of the appended rows
         info.update({"image_start_id": config.vocab_size, "image_end_id": config.vocab_size + 1,
                      "first_code_id": config.vocab_size + 2})

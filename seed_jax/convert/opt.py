@@ -120,11 +120,10 @@ def generation_file(folder: str, hf: dict) -> dict:
     return sources.read_json(path) if os.path.exists(path) else hf
 
 
-def generation_ids(folder: str, hf: dict) -> dict:
-    """{eos_token_id, pad_token_id} of transformers' `generate` after `from_pretrained`
-    (`generation_file`), a key absent from the file read being None (no end token);
+def generation_ids(settings: dict) -> dict:
+    """{eos_token_id, pad_token_id} of transformers' `generate` after `from_pretrained`,
+    from the folder's `generation_file`, a key absent from it being None (no end token);
     without a padding id, finished rows pad with the end id. eos_token_id may be a list."""
-    settings = generation_file(folder, hf)
     eos, pad = settings.get("eos_token_id"), settings.get("pad_token_id")
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
@@ -158,12 +157,12 @@ def generation_defaults() -> dict:
     return defaults
 
 
-def generation_settings_not_applied(folder: str, hf: dict) -> dict:
+def generation_settings_not_applied(settings: dict) -> dict:
     """{key: value} of the folder's generation settings (`generation_file`) that differ
     from transformers' defaults: `generate()` decodes with them, SeedOPT.generate only
     with its arguments. A None value is unset (transformers gives it the default); the
     SAMPLING_ONLY ones count only when the folder samples (`do_sample` true)."""
-    defaults, settings = generation_defaults(), generation_file(folder, hf)
+    defaults = generation_defaults()
     inert = () if settings.get("do_sample") is True else SAMPLING_ONLY
     return {k: v for k, v in settings.items()
             if k in defaults and k not in NOT_DECODING + inert and v is not None and v != defaults[k]}

@@ -27,6 +27,8 @@ from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
 from seed_jax import api, command_line, parallel, weights
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
+from seed_jax.convert import opt as convert_opt
+from seed_jax.models import opt
 from seed_jax.models.opt import OPTConfig
 from seed_jax.models.stable_diffusion import StableDiffusionConfig
 from seed_jax.trainers import checkpointing, global_batches, loop, pretokenize, seed_opt
@@ -1405,7 +1407,9 @@ def test_a_run_resumed_with_another_packing_bin_count_is_refused(seed_opt_run):
 
 def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_path):
     """init.opt + image_embedding="codebook_projection": the export must keep its vocabulary
-    (--image_tokens=0); its weights load, the code vectors are the tokenizer's codebook at unit RMS."""
+    (--image_tokens=0); its weights load, the code vectors are the tokenizer's codebook at unit RMS,
+    and the appended rows start in the export's distribution: <img>, </img> as the converter's
+    rows of the same seed, the projected codes at the rows' mean plus a tenth of their spread."""
     base = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32)
     base_model = weights.build("opt", base, seed=3)
     plain, with_rows = str(tmp_path / "plain"), str(tmp_path / "with_rows")
@@ -1431,6 +1435,13 @@ def test_codebook_projection_starts_from_a_converted_opt_without_code_rows(tmp_p
     np.testing.assert_allclose(model.embed_tokens[...], base_model.embed_tokens[...])
     vectors = np.asarray(model.code_vectors[...])
     np.testing.assert_allclose(vectors, codebook / np.sqrt(np.mean(codebook ** 2)), rtol=1e-6)
+    table = np.asarray(base_model.embed_tokens[...], np.float64)
+    converted_markers = convert_opt.new_rows(opt.IMAGE_MARKERS, config.seed)(table)
+    np.testing.assert_allclose(model.embed_extra[...], converted_markers, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.code_projection.bias[...], table.mean(0), rtol=1e-5, atol=1e-7)
+    codes = vectors @ np.asarray(model.code_projection.kernel[...]) + table.mean(0)
+    noise_rms = np.sqrt(np.mean(((codes - table.mean(0)) / table.std(0)) ** 2))
+    assert 0.06 < noise_rms < 0.15, noise_rms  # NEW_ROW_NOISE of the spread; the old init gave ~1
     with pytest.raises(ValueError, match="codebook: expected shape"):
         seed_opt.create_model(m_config, config, mesh, codebook[:3])
     config.image_embedding = "pixels"

@@ -22,7 +22,7 @@ from seed_jax.convert import infer, sources, tables
 from seed_jax.convert.infer import need
 from seed_jax.convert.lazy_arrays import LazyArrays
 from seed_jax.convert.rules import Rule, Source, rule
-from seed_jax.models.opt import POSITION_OFFSET, OPTConfig
+from seed_jax.models.opt import POSITION_OFFSET, OPTConfig, rows_in_distribution
 
 
 BLIP2_LANGUAGE_MODEL = "language_model."  # the OPTForCausalLM's keys in a BLIP-2 folder start so
@@ -70,12 +70,9 @@ def extra_tokens(image_tokens: int) -> int:
 
 
 def new_rows(count: int, seed: int):
-    """Hook: the token table (V,W) -> `count` rows, each the mean of the old rows
-    plus noise of a tenth of their per-dimension spread (so the new tokens start
-    distinct but in distribution)."""
+    """Hook: the token table (V,W) -> `count` rows in its distribution (`rows_in_distribution`)."""
     def hook(table):
-        rng = np.random.default_rng(seed)
-        return table.mean(0) + 0.1 * table.std(0) * rng.standard_normal((count, table.shape[1]))
+        return rows_in_distribution(table.mean(0), table.std(0), count, np.random.default_rng(seed))
     return hook
 
 

@@ -34,6 +34,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from seed_jax import parallel
@@ -41,6 +42,7 @@ from seed_jax.models import layers
 
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
 IMAGE_MARKERS = 2  # <img> and </img>, the appended ids before the codes
+NEW_ROW_NOISE = 0.1  # appended rows start at the old rows' mean plus noise at this fraction of their spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +295,13 @@ class OPT(nnx.Module):
         if self.code_projection is not None:
             parts.append(self.code_projection(self.code_vectors[...]))
         return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def rows_in_distribution(mean: np.ndarray, spread: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count,W) new token rows: `mean` (W,), the old rows' mean, plus normal noise at
+    NEW_ROW_NOISE of their per-dimension `spread` (W,), so that they start distinct but
+    in distribution."""
+    return mean + NEW_ROW_NOISE * spread * rng.standard_normal((count, mean.shape[0]))
 
 
 def trainable_filter(path, value) -> bool:

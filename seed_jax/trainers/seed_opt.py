@@ -201,7 +201,9 @@ def model_builder(model_config: opt.OPTConfig, config) -> Callable[[], opt.OPT]:
 
 def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:
     """The model initialised into its shardings; base weights from `init.opt` if set;
-    with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors."""
+    with the codebook projection, `codebook` (K,C) scaled to unit RMS as its code vectors
+    (and with `init.opt` too, the appended rows in the export's distribution:
+    `start_projected_rows_in_distribution`)."""
     create = model_builder(model_config, config)
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, config.axis_rules)
@@ -218,7 +220,25 @@ def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray
         vectors = codebook / np.sqrt(np.mean(np.square(codebook)))
         model.code_vectors.set_value(jax.device_put(vectors.astype(np.float32),
                                                     model.code_vectors.get_value().sharding))
+        if config.init.opt:
+            start_projected_rows_in_distribution(model, mesh, config.seed)
     return model
+
+
+def start_projected_rows_in_distribution(model: opt.OPT, mesh, seed: int) -> None:
+    """A converted OPT (--image_tokens=0) with the codebook projection: <img> and </img>
+    start as the converter's appended rows do (`opt.rows_in_distribution` of the export's
+    token rows), and so do the projected codes: the projection's bias is the rows' mean and
+    its kernel maps the unit-RMS code vectors to noise at NEW_ROW_NOISE of their spread."""
+    stats = jax.jit(lambda table: (table.mean(0), table.std(0)), out_shardings=parallel.replicated(mesh))
+    mean, spread = (np.asarray(x, np.float64) for x in stats(model.embed_tokens[...]))
+    rng = np.random.default_rng(seed)
+    code_dim = model.config.code_dim
+    markers = opt.rows_in_distribution(mean, spread, opt.IMAGE_MARKERS, rng)  # the converter's first rows
+    noise = opt.rows_in_distribution(np.zeros_like(mean), spread, code_dim, rng) / code_dim ** 0.5
+    values = [(model.embed_extra, markers), (model.code_projection.bias, mean), (model.code_projection.kernel, noise)]
+    for param, value in values:
+        param.set_value(jax.device_put(value.astype(np.float32), param.get_value().sharding))
 
 
 def trainable(config):

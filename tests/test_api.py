@@ -436,6 +436,19 @@ def test_load_onto_a_mesh_reads_each_weight_into_its_split_and_encodes_as_one_de
     np.testing.assert_allclose(features, tokenizer.image_features(pixels), rtol=1e-5, atol=1e-5)
 
 
+def test_seed_opt_loads_its_seed_tokenizer_onto_its_mesh(tmp_path, export_dir):
+    """`SeedOPT.load(tokenizer=PATH, mesh=...)` split the OPT's weights over the mesh but
+    read the SEED tokenizer's whole onto one device; it is now read split by the same rules."""
+    opt = str(tmp_path / "opt")
+    config = OPTConfig(vocab_size=20, width=16, depth=1, num_heads=2, mlp_dim=32)
+    weights.save(opt, "opt", config, weights.flat_params(weights.build("opt", config)))
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tokenizer = SeedOPT.load(opt, tokenizer=export_dir, mesh=mesh).tokenizer
+    kernel = tokenizer.model.visual_encoder.blocks.blocks.mlp.fc1.kernel
+    spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.get_value().sharding == jax.sharding.NamedSharding(mesh, spec)
+
+
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):
     """bf16 compute (float32 parameters, LayerNorm, softmax and VQ distances): its
     error against float32 is reported here and bounded."""

@@ -15,7 +15,7 @@ from PIL import Image
 
 from helpers import TINY_DIFFUSION, TINY_TOKENIZER
 from parity import relative_error
-from seed_jax import weights
+from seed_jax import parallel, weights
 from seed_jax.api import SeedOPT, SeedTokenizer, StableDiffusion, run_in_chunks
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD, decode_image, normalize, resize
 from seed_jax.models.opt import OPTConfig
@@ -393,11 +393,60 @@ def test_load_checks_every_argument_before_reading_any_weights(tmp_path, monkeyp
         (SeedOPT.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
         (SeedTokenizer.load, dict(diffusion=nowhere), "nowhere: not an export"),
         (SeedTokenizer.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
+        (SeedTokenizer.load, dict(axis_rules=[("embed", "model")]), r"axis_rules: \('embed', 'model'\) is not a"),
         (StableDiffusion.load, dict(batch_size=0), "batch_size: expected an integer >= 1"),
     ]:
         path = {SeedOPT.load: opt, SeedTokenizer.load: tok, StableDiffusion.load: sd}[load]
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             load(path, **options)
+
+
+def test_load_onto_a_mesh_reads_each_weight_into_its_split_and_encodes_as_one_device(export_dir, tokenizer):
+    """`SeedTokenizer.load` took no mesh: every weight (ViT-g's alone 4 GB) was read whole
+    onto one device. Given a mesh, each is read split by the axis rules, and each device
+    computes its own rows of a chunk (here 1 of 4) with the weights gathered over fsdp;
+    codes are those of the load without a mesh, the float outputs within 1e-5 (the tensor
+    split sums the heads' and MLP's partial products in another order: ~3e-6 measured on
+    outputs up to 8). A batch of 1 (a chunk of 1, which 4 rows' devices cannot split) runs
+    whole on every device."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    split = SeedTokenizer.load(export_dir, batch_size=4, mesh=mesh)
+    model, P = split.model, jax.sharding.PartitionSpec
+    for variable, spec in [(model.visual_encoder.blocks.blocks.mlp.fc1.kernel, P(None, "fsdp", "tensor")),
+                           (model.qformer.groups.layers[0].cross_attn.query, P(None, "fsdp", "tensor", None)),
+                           (model.qformer.word_embeddings, P("tensor", "fsdp")),
+                           (model.distill_text_proj.kernel, P("fsdp", "tensor"))]:
+        assert variable.get_value().sharding == jax.sharding.NamedSharding(mesh, spec), variable.get_value().sharding
+    pixels = _pixels(6)  # chunks of 4: one full, one padded
+    program = split._encode.lower(split._state, pixels[:4], intermediates=True).compile().as_text()
+    assert set(re.findall(r"f32\[\d+,32,32,3\]", program)) == {"f32[1,32,32,3]"}, "a device holds others' rows"
+    expected, out = tokenizer.encode(pixels, return_intermediates=True), split.encode(pixels, return_intermediates=True)
+    assert set(out) == set(expected)
+    for name, value in out.items():
+        assert isinstance(value, np.ndarray) and value.dtype == expected[name].dtype
+        assert value.shape == expected[name].shape
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(out["codes"], expected["codes"])
+    np.testing.assert_array_equal(split.encode(pixels[:1]), expected["codes"][:1])
+    embeds = split.embed_codes(expected["codes"])
+    assert isinstance(embeds, np.ndarray) and embeds.dtype == np.float32
+    np.testing.assert_allclose(embeds, tokenizer.embed_codes(expected["codes"]), rtol=1e-5, atol=1e-5)
+    features = split.image_features(pixels)
+    assert isinstance(features, np.ndarray) and features.dtype == np.float32
+    np.testing.assert_allclose(features, tokenizer.image_features(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_seed_opt_loads_its_seed_tokenizer_onto_its_mesh(tmp_path, export_dir):
+    """`SeedOPT.load(tokenizer=PATH, mesh=...)` split the OPT's weights over the mesh but
+    read the SEED tokenizer's whole onto one device; it is now read split by the same rules."""
+    opt = str(tmp_path / "opt")
+    config = OPTConfig(vocab_size=20, width=16, depth=1, num_heads=2, mlp_dim=32)
+    weights.save(opt, "opt", config, weights.flat_params(weights.build("opt", config)))
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tokenizer = SeedOPT.load(opt, tokenizer=export_dir, mesh=mesh).tokenizer
+    kernel = tokenizer.model.visual_encoder.blocks.blocks.mlp.fc1.kernel
+    spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.get_value().sharding == jax.sharding.NamedSharding(mesh, spec)
 
 
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):

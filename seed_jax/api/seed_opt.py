@@ -121,9 +121,11 @@ class SeedOPT:
         converted folder's eos_token_id and pads them with its pad_token_id (exports
         without them: no end token, padding 1). With `mesh`, each weight is read straight
         into its split over it by `axis_rules` (no device holds them all), and decoding
-        runs as `SeedOPT(..., mesh=, axis_rules=)`'s. The paths (each an export of its kind),
-        dtype, batch_size and axis_rules are checked, and the text tokenizer read, before any
-        weights are; a leading `~` in a path is the home directory."""
+        runs as `SeedOPT(..., mesh=, axis_rules=)`'s; a SEED tokenizer loaded here is read
+        and runs so too (`SeedTokenizer.load(..., mesh=, axis_rules=)`; SD on one device).
+        The paths (each an export of its kind), dtype, batch_size and axis_rules are checked,
+        and the text tokenizer read, before any weights are; a leading `~` in a path is the
+        home directory."""
         path, diffusion, text_tokenizer = user_path(path), user_path(diffusion), user_path(text_tokenizer)
         if isinstance(tokenizer, str):
             tokenizer = user_path(tokenizer)
@@ -145,7 +147,8 @@ class SeedOPT:
         model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt", mesh=mesh, rules=axis_rules)
         ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
         if isinstance(tokenizer, str):
-            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size)
+            tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size,
+                                           mesh=mesh, axis_rules=axis_rules)
         prompts = sequences.Prompts(**info.get("prompts", {}))
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seed_jax import weights
+from seed_jax import parallel, weights
 from seed_jax.api.checks import check_codes, check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
@@ -31,12 +31,17 @@ INTERMEDIATES = ("vit_features", "image_embeds", "causal_embeddings", "quant_inp
 class SeedTokenizer:
     """Image <-> SEED codes. `dtype` is the compute dtype ("float32" or "bfloat16") the
     model was built in (None: read from it; `load(..., dtype=)` builds it so); parameters
-    stay float32 and the codebook distances are always float32."""
+    stay float32 and the codebook distances are always float32. `mesh` (the devices
+    `model`'s weights are split over, by `axis_rules`): `encode`, `image_features` and
+    `embed_codes` split each chunk's rows over it (`rows_apart`); None leaves the layout
+    to XLA. The diffusion model runs on one device either way."""
 
     def __init__(self, model: SeedTokenizerModel, *, dtype: str | None = None, batch_size: int = 32,
-                 diffusion: "StableDiffusion | None" = None):
+                 diffusion: "StableDiffusion | None" = None, mesh: jax.sharding.Mesh | None = None,
+                 axis_rules: parallel.Rules = parallel.DEFAULT_RULES):
         dtype = model_dtype(dtype, model)
         check_count("batch_size", batch_size, 1)
+        parallel.check_rules(axis_rules)
         self.model, self.config, self.dtype, self.batch_size = model, model.config, dtype, batch_size
         if diffusion is not None and diffusion.context_shape[1] != model.config.generation_width:
             raise ValueError(f"diffusion: its UNet takes {diffusion.context_shape[1]}-wide context, the tokenizer's "
@@ -62,25 +67,34 @@ class SeedTokenizer:
                 return model.image_features(model.causal_embeddings(pixels))
 
         self._state = state
-        self._encode = jax.jit(encode, static_argnames="intermediates")
-        self._embed_codes = jax.jit(embed_codes)
-        self._image_features = jax.jit(image_features)
+        # every process gets every row back, as SeedOPT's decoding does
+        everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+        apart = functools.partial(rows_apart, state=state, mesh=mesh, rules=axis_rules)
+        self._encode = jax.jit(apart(encode), static_argnames="intermediates", **everywhere)
+        self._embed_codes = jax.jit(apart(embed_codes), **everywhere)
+        self._image_features = jax.jit(apart(image_features), **everywhere)
 
     @classmethod
-    def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32",
-             batch_size: int = 32) -> "SeedTokenizer":
+    def load(cls, path: str, *, diffusion: str | None = None, dtype: str = "float32", batch_size: int = 32,
+             mesh: jax.sharding.Mesh | None = None,
+             axis_rules: parallel.Rules = parallel.DEFAULT_RULES) -> "SeedTokenizer":
         """From an export directory (`seed_jax.convert seed_v1` or `seed_jax.export`);
-        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`.
-        The paths (each an export of its kind), dtype and batch_size are checked before
-        any weights are read; a leading `~` is the home directory."""
+        `diffusion` is a `stable_diffusion` export, needed by `decode`/`reconstruct`
+        (read onto one device, mesh or not). With `mesh`, each tokenizer weight is read
+        straight into its split over it by `axis_rules` (no device holds them all), and
+        batches run as `SeedTokenizer(..., mesh=, axis_rules=)`'s. The paths (each an
+        export of its kind), dtype, batch_size and axis_rules are checked before any
+        weights are read; a leading `~` is the home directory."""
         path, diffusion = user_path(path), user_path(diffusion)
         check_count("batch_size", batch_size, 1)
+        parallel.check_rules(axis_rules)
         compute_dtype = layers.compute_dtype(dtype)
         if diffusion:
             weights.read_config(diffusion, "stable_diffusion")
-        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="seed_tokenizer")
+        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="seed_tokenizer", mesh=mesh,
+                                         rules=axis_rules)
         sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
-        return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd)
+        return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd, mesh=mesh, axis_rules=axis_rules)
 
     @property
     def image_size(self) -> int:
@@ -206,3 +220,28 @@ class SeedTokenizer:
         """Images (see preprocess) -> encode -> decode (options as `decode`)."""
         self.check_decode_options(**decode_options)  # before the images are encoded
         return self.decode(self.encode_images(images), **decode_options)
+
+
+def rows_apart(fn, *, state: nnx.State, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
+    """`fn(state, rows, ...)` with each device computing its own rows of `rows` (leading
+    axis: the batch), split over the mesh axes of `rules`' batch, and `state` (split as
+    `rules` split it) gathered along those axes once, at the start, as SeedOPT's
+    `decoding_rows_apart` (`parallel.rows_apart_rules`; by DEFAULT_RULES over fsdp, so that
+    each device holds 1/tensor of the weights during the call; ViT-g's are 4 GB in float32).
+    One forward pass gathers each weight once either way; this way it is one gather, the
+    layout is set rather than left to XLA, and devices exchange activations only along
+    tensor. Rows that do not split evenly over those axes (a batch of 1 runs as a chunk of
+    1, `run_in_chunks`) are computed whole on every device, as SeedOPT decodes them. `fn`
+    itself for `mesh` None."""
+    if mesh is None:
+        return fn
+    rules = parallel.rows_apart_rules(rules)
+    gathered = parallel.state_shardings(state, mesh, rules)
+
+    @functools.wraps(fn)
+    def apart(state, rows, *args, **kwargs):
+        with parallel.axis_rules(mesh, rules):  # the model's activation constraints follow the rows too
+            state = jax.lax.with_sharding_constraint(state, gathered)
+            return fn(state, parallel.constrain(rows, ("batch",) + (None,) * (rows.ndim - 1)), *args, **kwargs)
+
+    return apart

@@ -4,7 +4,7 @@ tokens checked equal:
 
 - rows apart: `SeedOPT(model, mesh=mesh)`, as training's evaluation decodes. Each
   device decodes its own rows, the weights gathered over fsdp once per call
-  (`api.seed_opt.decoding_rows_apart`);
+  (`parallel.rows_apart`);
 - weights left split: `SeedOPT(model)`. XLA's partitioner keeps the weights split
   along their width and exchanges activations in every layer of every one-token step.
 

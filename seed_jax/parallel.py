@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -193,6 +194,31 @@ def rows_apart_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
             target = None if not axes else axes[0] if len(axes) == 1 else axes
         apart.append((name, target))
     return tuple(apart)
+
+
+def rows_apart(fn, state, mesh: Mesh | None, rules: Rules, row_args: int = 1):
+    """`fn(state, *rows, ...)` with each device computing its own rows: the first `row_args`
+    arguments after `state` (leading axis: the batch) are split over the mesh axes of
+    `rules`' batch, and `state` (split as `rules` split it) is gathered along those axes
+    once, at the start (`rows_apart_rules`; by DEFAULT_RULES over fsdp, so that each device
+    holds 1/tensor of the weights during the call). Left split, the weights make XLA choose
+    the layout: decoding then has every layer of every one-token step exchange activations
+    across devices (benchmarks/sharded_decoding.py times both), and a forward pass gathers
+    each weight once either way. Rows that do not split evenly (a chunk of 4 rows over 8
+    devices) are computed whole on every device. `fn` itself for `mesh` None."""
+    if mesh is None:
+        return fn
+    rules = rows_apart_rules(rules)
+    gathered = state_shardings(state, mesh, rules)
+
+    @functools.wraps(fn)
+    def apart(state, *args, **kwargs):
+        with axis_rules(mesh, rules):  # the model's activation constraints follow the rows too
+            state = jax.lax.with_sharding_constraint(state, gathered)
+            rows = [constrain(x, ("batch",) + (None,) * (x.ndim - 1)) for x in args[:row_args]]
+            return fn(state, *rows, *args[row_args:], **kwargs)
+
+    return apart
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> NamedSharding:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Iterable, Sequence
 
@@ -43,7 +42,7 @@ class SeedOPT:
     the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
     builds it so); float32 matmuls run at full float32 precision on every backend.
     `mesh` (the devices `model`'s weights are split over, by `axis_rules`): decoding splits
-    each chunk's rows over it (`decoding_rows_apart`); None leaves the layout to XLA."""
+    each chunk's rows over it (`parallel.rows_apart`); None leaves the layout to XLA."""
 
     def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
@@ -100,9 +99,9 @@ class SeedOPT:
         # the end and padding ids, the length penalty's divisors and the count of new tokens (within the
         # compiled columns, `_new_columns`) are traced: new values reuse the programs
         tokens_everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-        self._generate = jax.jit(decoding_rows_apart(generate, self._state, mesh, axis_rules),
+        self._generate = jax.jit(parallel.rows_apart(generate, self._state, mesh, axis_rules, row_args=2),
                                  static_argnames="max_new_tokens", **tokens_everywhere)
-        self._beam_search = jax.jit(decoding_rows_apart(beam_search, self._state, mesh, axis_rules),
+        self._beam_search = jax.jit(parallel.rows_apart(beam_search, self._state, mesh, axis_rules, row_args=2),
                                     static_argnames=("max_new_tokens", "num_beams"), **tokens_everywhere)
 
     @classmethod
@@ -455,30 +454,6 @@ class _Decoding:
     ranges: np.ndarray
     sampling: generation.Sampling | None = None
     key: jax.Array | None = None
-
-
-def decoding_rows_apart(decode, state: nnx.State, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
-    """`decode(state, ids, mask, ...)` with each device decoding its own rows of the (B,P)
-    prompts: they are split over the mesh axes of `rules`' batch, and `state` (split as
-    `rules` split it) is gathered along those axes once, at the start (`parallel.rows_apart_rules`;
-    by DEFAULT_RULES over fsdp, so that each device holds 1/tensor of the weights during the
-    call). Left split, the weights have every layer of every one-token step exchange
-    activations across devices instead; which is faster depends on the devices
-    (benchmarks/sharded_decoding.py). Rows that do not split evenly (a chunk of 4 rows over
-    8 devices) are decoded whole on every device. `decode` itself for `mesh` None."""
-    if mesh is None:
-        return decode
-    rules = parallel.rows_apart_rules(rules)
-    gathered = parallel.state_shardings(state, mesh, rules)
-
-    @functools.wraps(decode)
-    def rows_apart(state, ids, mask, *args, **kwargs):
-        with parallel.axis_rules(mesh, rules):  # the model's activation constraints follow the rows too
-            state = jax.lax.with_sharding_constraint(state, gathered)
-            ids, mask = (parallel.constrain(x, ("batch", "length")) for x in (ids, mask))
-            return decode(state, ids, mask, *args, **kwargs)
-
-    return rows_apart
 
 
 def new_token_room(max_positions: int, prompt_length: int) -> int:

@@ -33,7 +33,7 @@ class SeedTokenizer:
     model was built in (None: read from it; `load(..., dtype=)` builds it so); parameters
     stay float32 and the codebook distances are always float32. `mesh` (the devices
     `model`'s weights are split over, by `axis_rules`): `encode`, `image_features` and
-    `embed_codes` split each chunk's rows over it (`rows_apart`); None leaves the layout
+    `embed_codes` split each chunk's rows over it (`parallel.rows_apart`); None leaves the layout
     to XLA. The diffusion model runs on one device either way."""
 
     def __init__(self, model: SeedTokenizerModel, *, dtype: str | None = None, batch_size: int = 32,
@@ -69,7 +69,7 @@ class SeedTokenizer:
         self._state = state
         # every process gets every row back, as SeedOPT's decoding does
         everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-        apart = functools.partial(rows_apart, state=state, mesh=mesh, rules=axis_rules)
+        apart = functools.partial(parallel.rows_apart, state=state, mesh=mesh, rules=axis_rules)
         self._encode = jax.jit(apart(encode), static_argnames="intermediates", **everywhere)
         self._embed_codes = jax.jit(apart(embed_codes), **everywhere)
         self._image_features = jax.jit(apart(image_features), **everywhere)
@@ -220,28 +220,3 @@ class SeedTokenizer:
         """Images (see preprocess) -> encode -> decode (options as `decode`)."""
         self.check_decode_options(**decode_options)  # before the images are encoded
         return self.decode(self.encode_images(images), **decode_options)
-
-
-def rows_apart(fn, *, state: nnx.State, mesh: jax.sharding.Mesh | None, rules: parallel.Rules):
-    """`fn(state, rows, ...)` with each device computing its own rows of `rows` (leading
-    axis: the batch), split over the mesh axes of `rules`' batch, and `state` (split as
-    `rules` split it) gathered along those axes once, at the start, as SeedOPT's
-    `decoding_rows_apart` (`parallel.rows_apart_rules`; by DEFAULT_RULES over fsdp, so that
-    each device holds 1/tensor of the weights during the call; ViT-g's are 4 GB in float32).
-    One forward pass gathers each weight once either way; this way it is one gather, the
-    layout is set rather than left to XLA, and devices exchange activations only along
-    tensor. Rows that do not split evenly over those axes (a batch of 1 runs as a chunk of
-    1, `run_in_chunks`) are computed whole on every device, as SeedOPT decodes them. `fn`
-    itself for `mesh` None."""
-    if mesh is None:
-        return fn
-    rules = parallel.rows_apart_rules(rules)
-    gathered = parallel.state_shardings(state, mesh, rules)
-
-    @functools.wraps(fn)
-    def apart(state, rows, *args, **kwargs):
-        with parallel.axis_rules(mesh, rules):  # the model's activation constraints follow the rows too
-            state = jax.lax.with_sharding_constraint(state, gathered)
-            return fn(state, parallel.constrain(rows, ("batch",) + (None,) * (rows.ndim - 1)), *args, **kwargs)
-
-    return apart

@@ -256,7 +256,7 @@ class Evaluator:
                  tokenizer_export: str, decoder_export: str, mesh: jax.sharding.Mesh | None = None):
         """`retrieval`: None reports no t2i/* metrics; `decoder_export`: a diffusion
         export for sample images, "" for none; `mesh`: the one the model is split over,
-        over which decoding splits the rows with `eval.rows_apart` (`api.seed_opt.decoding_rows_apart`)."""
+        over which decoding splits the rows with `eval.rows_apart` (`parallel.rows_apart`)."""
         self.config, self.records, self.image_tokens, self.text = config, eval_records, image_tokens, text
         self.mesh = mesh
         self.retrieval, self.workdir = retrieval, workdir

@@ -1283,7 +1283,8 @@ def test_decoding_on_a_mesh_gives_one_devices_tokens_without_exchanges_at_each_s
 
 def test_load_onto_a_mesh_reads_each_weight_into_its_split_and_decodes_as_one_device(tmp_path):
     """`SeedOPT.load` took no mesh: every weight was read whole onto one device. Given a
-    mesh, each is read split by the axis rules (none whole on a device), and logits and
+    mesh, each is read split by the axis rules (none whole on a device), logits are computed
+    for each device's own rows (the 32-wide activations hold 2 of the 8 rows), and logits and
     greedy tokens are those of the load without one."""
     export = _opt_export(str(tmp_path / "opt"))
     ids = np.random.default_rng(0).integers(2, 60, (8, 5)).astype(np.int32)
@@ -1298,6 +1299,8 @@ def test_load_onto_a_mesh_reads_each_weight_into_its_split_and_decodes_as_one_de
         assert sharding == jax.sharding.NamedSharding(mesh, spec), (sharding, spec)
     assert all(len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated
                for v in (model.embed_tokens.get_value(), model.layers.fc2.kernel.get_value()))
+    program = split._logits.lower(split._state, ids, np.ones_like(ids)).compile().as_text()
+    assert set(re.findall(r"f32\[\d+,5,32\]", program)) == {"f32[2,5,32]"}, "a device computes others' rows"
     np.testing.assert_allclose(split.logits(ids), whole.logits(ids), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(split.generate(ids, 6, eos_id=None), whole.generate(ids, 6, eos_id=None))
     with pytest.raises(ValueError, match=r"axis_rules: \('embed', 'model'\) is not a \(logical name, mesh axes\)"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Iterable, Sequence
 
@@ -41,8 +42,9 @@ class SeedOPT:
     `codes_per_image` codes (None: the SEED tokenizer's, else SEED's 32). `dtype` is
     the compute dtype the model was built in (None: read from it; `load(..., dtype=)`
     builds it so); float32 matmuls run at full float32 precision on every backend.
-    `mesh` (the devices `model`'s weights are split over, by `axis_rules`): decoding splits
-    each chunk's rows over it (`parallel.rows_apart`); None leaves the layout to XLA."""
+    `mesh` (the devices `model`'s weights are split over, by `axis_rules`): `logits` and
+    decoding split each chunk's rows over it (`parallel.rows_apart`); None leaves the
+    layout to XLA."""
 
     def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
@@ -95,14 +97,13 @@ class SeedOPT:
                                               num_beams=num_beams, eos_id=eos_id, pad_id=pad_id,
                                               length_penalty=length_penalty, new_tokens=new_tokens, allowed=allowed)
 
-        self._logits = jax.jit(logits)
-        # the end and padding ids, the length penalty's divisors and the count of new tokens (within the
-        # compiled columns, `_new_columns`) are traced: new values reuse the programs
-        tokens_everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-        self._generate = jax.jit(parallel.rows_apart(generate, self._state, mesh, axis_rules, row_args=2),
-                                 static_argnames="max_new_tokens", **tokens_everywhere)
-        self._beam_search = jax.jit(parallel.rows_apart(beam_search, self._state, mesh, axis_rules, row_args=2),
-                                    static_argnames=("max_new_tokens", "num_beams"), **tokens_everywhere)
+        # every process gets every row back; the end and padding ids, the length penalty's divisors and the
+        # count of new tokens (within the compiled columns, `_new_columns`) are traced: new values reuse the programs
+        everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+        apart = functools.partial(parallel.rows_apart, state=self._state, mesh=mesh, rules=axis_rules, row_args=2)
+        self._logits = jax.jit(apart(logits), **everywhere)
+        self._generate = jax.jit(apart(generate), static_argnames="max_new_tokens", **everywhere)
+        self._beam_search = jax.jit(apart(beam_search), static_argnames=("max_new_tokens", "num_beams"), **everywhere)
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", tokenizer: "str | SeedTokenizer | None" = None,

@@ -1250,6 +1250,55 @@ def test_a_misspelt_trainable_module_fails_before_anything_trains(tmp_path):
     trainer.check_config(config)
 
 
+@pytest.mark.parametrize("recon_head", [True, False], ids=["recon_head", "shared_head"])
+def test_each_loss_reaches_the_modules_check_trainable_counts_on(recon_head):
+    """`trainer.stage_losses_reach`, by which a trainable module no loss reaches is
+    refused, against a tiny model's gradients: each loss's gradient is nonzero in exactly
+    the tokenizer modules listed for it."""
+    config = _tiny(**{"model.recon_head": recon_head})
+    _, _, create = trainer.build_model(config)
+    graphdef, params, rest = nnx.split(create(), nnx.Param, ...)
+    batch = _batch(config, 0)
+
+    def reached(loss_of) -> set[str]:
+        grads = weights.flat_params(nnx.merge(graphdef, jax.grad(loss_of)(params), rest))
+        return {k.split(".")[1] for k, g in grads.items() if k.startswith("tokenizer.") and np.any(g != 0)}
+
+    stage1 = trainer.stage1_loss(config.label_smoothing)
+    itc = reached(lambda p: stage1(nnx.merge(graphdef, p, rest), batch, jax.random.key(0))[0])
+    assert itc == set(trainer.stage_losses_reach(config, "stage1")["itc"])
+    for loss, modules in trainer.stage_losses_reach(config, "stage2").items():
+        def part(p, loss=loss):
+            return trainer.stage2_losses(nnx.merge(graphdef, p, rest), batch["image"], batch["clip_ids"])[0][
+                f"{loss}_loss"]
+
+        assert reached(part) == set(modules), loss
+
+
+def test_a_trainable_module_no_loss_reaches_fails_naming_it():
+    """A module in a stage's `trainable` that none of its losses reaches (L_distill
+    weighted 0 with the reverse Q-Former trained, the Q-Former listed for stage II, the
+    codebook for stage I) took no gradient, only AdamW's weight decay, silently."""
+    config = get_config("demo")
+    config.loss_weights.distill = 0.0
+    with pytest.raises(ValueError, match=r"^stage2.trainable: \['reverse_qformer', 'distill_text_proj'\] get no "
+                                         r"gradient in stage2 \(vq reaches .*\): they would not learn, .*; drop "
+                                         r"them from stage2.trainable, or set loss_weights.distill > 0$"):
+        trainer.check_config(config)
+    config = get_config("demo")
+    config.stage2.trainable = tuple(config.stage2.trainable) + ("qformer",)
+    with pytest.raises(ValueError, match=r"^stage2.trainable: \['qformer'\] get no gradient .* drop them from "
+                                         r"stage2.trainable$"):
+        trainer.check_config(config)
+    config = get_config("demo")
+    config.stage1.trainable = tuple(config.stage1.trainable) + ("quantize",)
+    with pytest.raises(ValueError, match=r"^stage1.trainable: \['quantize'\] get no gradient in stage1 \(itc "
+                                         r"reaches \['visual_encoder', "):
+        trainer.check_config(config)
+    for preset in ("demo", "seed1", "tiny"):
+        trainer.check_config(get_config(preset))
+
+
 def test_a_reconstruction_head_left_untrained_fails_naming_it():
     """The demo trains L_recon through the generation path's blocks; turning
     model.recon_head on without training pos_embed and blocks kept that head at its
@@ -1345,9 +1394,9 @@ def test_a_loss_setting_out_of_range_fails_naming_it(key, value, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         trainer.check_config(config)
     config = get_config("demo")
+    # a weight of 0 passes where the other losses reach what stage II trains (`check_trainable`)
     config.update_from_flattened_dict({"label_smoothing": 0.0, "model.init_temperature": 0.5,
-                                       "loss_weights.vq": 0.0, "loss_weights.recon": 0.0,
-                                       "stage2.restart_until": 1.0})
+                                       "loss_weights.recon": 0.0, "stage2.restart_until": 1.0})
     trainer.check_config(config)
 
 

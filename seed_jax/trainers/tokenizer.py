@@ -159,15 +159,51 @@ def trainable(model: TrainModel, stage, field: str = "trainable") -> Callable:
     return loop.trainable_filter(model, ("tokenizer",), stage.trainable, field)
 
 
+# The tokenizer's modules each loss's gradient reaches. Stage II's causal embeddings
+# carry none back; the straight-through estimator passes L_recon's and L_distill's to
+# encode_task_layer but not to the codebook. L_recon runs through the reconstruction head
+# (`model.recon_head`), else through the generation path's pos_embed_text + blocks_text.
+# tests/test_train.py checks this table against a tiny model's gradients.
+LOSS_REACHES = {
+    "itc": ("visual_encoder", "ln_vision", "qformer", "vision_proj", "text_proj", "temp"),
+    "vq": ("encode_task_layer", "quantize"),
+    "recon": ("encode_task_layer", "decode_task_layer"),
+    "distill": ("encode_task_layer", "decode_task_layer", "pos_embed_text", "blocks_text", "reverse_qformer",
+                "distill_text_proj"),
+}
+
+
+def stage_losses_reach(config, stage: str) -> dict[str, tuple[str, ...]]:
+    """Loss -> the tokenizer's modules its gradient reaches (`LOSS_REACHES`), for each loss
+    of `stage`: stage I's contrastive loss, or stage II's three, whatever their weights."""
+    if stage == "stage1":
+        return {"itc": LOSS_REACHES["itc"]}
+    head = ("pos_embed", "blocks") if config.model.recon_head else ("pos_embed_text", "blocks_text")
+    return {"vq": LOSS_REACHES["vq"], "recon": LOSS_REACHES["recon"] + head, "distill": LOSS_REACHES["distill"]}
+
+
 def check_trainable(config, prefix: str = "") -> None:
     """Raises naming the field (after `prefix`) unless each stage to run names modules of
-    the tokenizer in its `trainable`, checked on the model's shapes: stage II's were first
+    the tokenizer in its `trainable` (checked on the model's shapes: stage II's were first
     read when it began, after all of stage I, and as they define the run the workdir then
-    refused a corrected name."""
+    refused a corrected name), each reached by the gradient of a loss the stage trains with
+    (`stage_losses_reach`; stage II's with weight > 0): one no loss reaches would only
+    shrink under AdamW's weight decay."""
     graphdef, abstract, _ = build_model(config)
     model = nnx.merge(graphdef, abstract)
     for name in stages_to_run(config):
-        trainable(model, config[name], f"{prefix}{name}.trainable")
+        field = f"{prefix}{name}.trainable"
+        trainable(model, config[name], field)
+        every = stage_losses_reach(config, name)
+        reaches = {loss: modules for loss, modules in every.items() if name == "stage1" or config.loss_weights[loss]}
+        unreached = [m for m in config[name].trainable if not any(m in modules for modules in reaches.values())]
+        if unreached:
+            losses = "; ".join(f"{loss} reaches {list(modules)}" for loss, modules in reaches.items())
+            off = [f"{prefix}loss_weights.{loss}" for loss, modules in every.items()
+                   if loss not in reaches and set(unreached) & set(modules)]
+            raise ValueError(f"{field}: {unreached} get no gradient in {name} ({losses}): they would not learn, "
+                             f"only shrink under AdamW's weight decay; drop them from {field}"
+                             + (f", or set {' or '.join(off)} > 0" if off else ""))
 
 
 def batch_sizes(config) -> dict[str, int]:

@@ -282,6 +282,50 @@ print("losses", *helpers.seed_opt_losses_on_one_batch(dict(data=1, fsdp=8)))
 """
 
 
+def inference_outputs(opt) -> dict[str, np.ndarray]:
+    """What `opt` (a `SeedOPT` with a `SeedTokenizer`, batch_size 4, loaded from a tiny OPT
+    export of 60 text ids and TINY_TOKENIZER's export) computes for fixed inputs: logits and
+    greedy, sampled and beam-searched tokens of 3 prompts (one left-padded; a chunk of 4 rows,
+    one a copy), greedy tokens of 1, codes of 6 images (a full chunk and a padded one) and
+    of 1, generation embeddings and image features of 3."""
+    rng = np.random.default_rng(0)
+    ids, pixels = rng.integers(2, 60, (3, 5)).astype(np.int32), rng.standard_normal((6, 32, 32, 3), np.float32)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    prompts = dict(attention_mask=mask, eos_id=None)
+    codes = opt.tokenizer.encode(pixels)
+    return {"logits": opt.logits(ids, mask), "greedy": opt.generate(ids, 6, **prompts),
+            "greedy_1": opt.generate(ids[:1], 6, eos_id=None),
+            "sampled": opt.generate(ids, 6, temperature=1.0, seed=3, **prompts),
+            "beams": opt.generate(ids, 6, num_beams=2, **prompts),
+            "codes": codes, "codes_1": opt.tokenizer.encode(pixels[:1]),
+            "embeds": opt.tokenizer.embed_codes(codes[:3]), "features": opt.tokenizer.image_features(pixels[:3])}
+
+
+# Saves `inference_outputs` of `SeedOPT.load(FOLDER/opt, tokenizer=TOKENIZER)` as FOLDER/PROCESS.npz
+# (the arguments FOLDER TOKENIZER, then `run_two_processes`'s flags), on a data 2 x fsdp 2 x tensor 2 mesh over
+# both processes' 8 devices laid out so that data and fsdp cross the processes: the weights are gathered over
+# fsdp from both, and each process holds half of a chunk's rows (were tensor to cross them too, each would
+# hold a copy of every row, and an output left split would still read back whole).
+TWO_PROCESSES_INFER = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+flags = dict(a.split("=", 1) for a in sys.argv[3:] if "=" in a)
+jax.distributed.initialize(flags["--coordinator_address"], int(flags["--num_processes"]), int(flags["--process_id"]))
+import numpy as np
+sys.path.insert(0, "tests")
+import helpers
+from seed_jax import api, parallel
+(folder, tokenizer), devices = sys.argv[1:3], jax.devices()
+mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2), devices=[devices[i] for i in (0, 1, 4, 5, 6, 7, 2, 3)])
+processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+assert parallel.axes_spanning_processes(processes, mesh.axis_names, ()) == ["data", "fsdp"], processes
+opt = api.SeedOPT.load(f"{folder}/opt", tokenizer=tokenizer, batch_size=4, mesh=mesh)
+np.savez(f"{folder}/{jax.process_index()}.npz", **helpers.inference_outputs(opt))
+"""
+
+
 def assert_export_holds_both_stages(workdir, out, repo_root) -> None:
     """Runs `python -m seed_jax.export` on `workdir` and checks that every parameter
     each stage's latest checkpoint holds is exported unchanged."""

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from helpers import TINY_DIFFUSION, TINY_TOKENIZER
+from helpers import TINY_DIFFUSION, TINY_TOKENIZER, TWO_PROCESSES_INFER, inference_outputs, run_two_processes
 from parity import relative_error
 from seed_jax import parallel, weights
 from seed_jax.api import SeedOPT, SeedTokenizer, StableDiffusion, run_in_chunks
@@ -447,6 +447,37 @@ def test_seed_opt_loads_its_seed_tokenizer_onto_its_mesh(tmp_path, export_dir):
     kernel = tokenizer.model.visual_encoder.blocks.blocks.mlp.fc1.kernel
     spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert kernel.get_value().sharding == jax.sharding.NamedSharding(mesh, spec)
+
+
+@pytest.mark.slow
+def test_two_processes_infer_on_one_mesh_as_one_device(tmp_path, export_dir, repo_root):
+    """Multi-host inference: two processes (4 CPU devices each) load a SeedOPT with its SEED
+    tokenizer onto one data 2 x fsdp 2 x tensor 2 mesh of all 8 devices, data and fsdp
+    crossing the processes (each holds half of a chunk's rows: an output left split over
+    them does not read back), and call it with the same inputs. Both get every row back:
+    tokens (greedy, sampled, beam search) and codes equal those of one process on one
+    device, the float outputs within 1e-5 (as on one process's mesh), for batches of 3 and 6
+    rows (chunks of 4, each row computed by 2 devices) and of 1 (computed whole on every
+    device)."""
+    config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32, extra_tokens=6)
+    rng = np.random.default_rng(1)  # spread wider than the initialisation's, each prompt continues its own way
+    params = {k: rng.normal(0, 0.5, np.shape(v)).astype(np.float32)
+              for k, v in weights.flat_params(weights.build("opt", config)).items()}
+    weights.save(str(tmp_path / "opt"), "opt", config, params)
+    expected = inference_outputs(SeedOPT.load(str(tmp_path / "opt"), tokenizer=export_dir, batch_size=4))
+    assert len({tuple(row) for row in expected["greedy"]}) == 3 and (expected["beams"] != expected["greedy"]).any()
+    run_two_processes(repo_root, [str(tmp_path), export_dir], program=("-c", TWO_PROCESSES_INFER))
+    for process in range(2):
+        with np.load(tmp_path / f"{process}.npz") as saved:
+            got = dict(saved)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            where = f"process {process}: {name}"
+            assert got[name].shape == value.shape and got[name].dtype == value.dtype, where
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=where)
+            else:
+                np.testing.assert_array_equal(got[name], value, err_msg=where)
 
 
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):

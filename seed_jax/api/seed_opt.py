@@ -44,7 +44,8 @@ class SeedOPT:
     builds it so); float32 matmuls run at full float32 precision on every backend.
     `mesh` (the devices `model`'s weights are split over, by `axis_rules`): `logits` and
     decoding split each chunk's rows over it (`parallel.rows_apart`); None leaves the
-    layout to XLA."""
+    layout to XLA. A mesh may span several processes (multi-host): every process then
+    makes the same calls with the same inputs (and seed), and gets every row back."""
 
     def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,

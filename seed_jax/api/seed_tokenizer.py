@@ -34,7 +34,9 @@ class SeedTokenizer:
     stay float32 and the codebook distances are always float32. `mesh` (the devices
     `model`'s weights are split over, by `axis_rules`): `encode`, `image_features` and
     `embed_codes` split each chunk's rows over it (`parallel.rows_apart`); None leaves the layout
-    to XLA. The diffusion model runs on one device either way."""
+    to XLA. A mesh may span several processes (multi-host): every process then makes the same
+    calls with the same inputs, and gets every row back. The diffusion model runs on one device
+    (of each process) either way."""
 
     def __init__(self, model: SeedTokenizerModel, *, dtype: str | None = None, batch_size: int = 32,
                  diffusion: "StableDiffusion | None" = None, mesh: jax.sharding.Mesh | None = None,

@@ -1,0 +1,79 @@
+"""`SeedTokenizer.encode` of a tokenizer whose weights are split over a device mesh as
+the tokenizer's training splits them (`parallel.DEFAULT_RULES`), two ways side by side
+in one run, their codes checked equal:
+
+- rows apart: `SeedTokenizer(model, mesh=mesh)` (`SeedTokenizer.load(..., mesh=)`). Each
+  device encodes its own rows, the weights gathered over fsdp once per call
+  (`parallel.rows_apart`);
+- weights left split: `SeedTokenizer(model)`. XLA's partitioner chooses how to split
+  the work between the devices holding the weights.
+
+  python benchmarks/sharded_encoding.py                     # 8 CPU stand-in devices, data=2 fsdp=4
+  python benchmarks/sharded_encoding.py --size=seed1 --mesh=data=1,fsdp=8 --batch=64 --bf16   # 8 GPUs
+
+Random weights and pixels, `--batch` images a call (one chunk); the median of `--iters`
+calls after a warm-up, timed host to host (pixels in, codes back on the host). On a CPU
+the stand-in devices share its cores: the ratio there shows what the exchanges cost in
+programs and synchronisation, not what an interconnect would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.sharded_decoding import mesh_axes  # noqa: E402
+from benchmarks.timing import median_seconds  # noqa: E402
+from configs.tokenizer import get_config  # noqa: E402
+from seed_jax import parallel, weights  # noqa: E402
+from seed_jax.api import SeedTokenizer  # noqa: E402
+from seed_jax.models.tokenizer import SeedTokenizerConfig  # noqa: E402
+
+SIZES = ("tiny", "demo", "seed1")  # the tokenizers of configs/tokenizer.py's presets
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="demo", choices=SIZES)
+    parser.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size pairs (parallel.MESH_AXES)")
+    parser.add_argument("--cpu_devices", type=int, default=8, help="stand-in devices when JAX runs on the CPU")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts; the CPU backend's only
+
+    mesh = parallel.make_mesh(mesh_axes(args.mesh), field="--mesh")
+    config = SeedTokenizerConfig.from_dict(get_config(args.size).model.to_dict())
+    model = weights.build("seed_tokenizer", config, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES)))
+    dtype = "bfloat16" if args.bf16 else "float32"
+    size = config.vit.image_size
+    pixels = np.random.default_rng(0).standard_normal((args.batch, size, size, 3)).astype(np.float32)
+    ways = {"rows apart": SeedTokenizer(model, dtype=dtype, batch_size=args.batch, mesh=mesh),
+            "weights left split": SeedTokenizer(model, dtype=dtype, batch_size=args.batch)}
+    codes = {name: way.encode(pixels) for name, way in ways.items()}
+    if not np.array_equal(*codes.values()):
+        raise SystemExit("the two ways encoded different codes")
+    seconds = {name: median_seconds(lambda way=way: way.encode(pixels), args.iters) for name, way in ways.items()}
+    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, mesh {dict(mesh.shape)}, {args.size} tokenizer "
+          f"{dtype}, {args.batch} images of {size}x{size}")
+    for name, s in seconds.items():
+        print(f"  {name:>18}: {s:.3f} s a call, {args.batch / s:.1f} images/s")
+    print(f"  rows apart: {seconds['weights left split'] / seconds['rows apart']:.2f}x the images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import print_rows_apart_against_left_split  # noqa: E402
 from seed_jax import parallel, weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
 from seed_jax.models.opt import OPT_PRESETS, OPTConfig  # noqa: E402
@@ -79,17 +79,10 @@ def main():
     ids = np.random.default_rng(0).integers(2, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     ways = {"rows apart": SeedOPT(model, dtype=dtype, batch_size=args.batch, mesh=mesh),
             "weights left split": SeedOPT(model, dtype=dtype, batch_size=args.batch)}
-    tokens = {name: way.generate(ids, args.new_tokens, eos_id=None) for name, way in ways.items()}
-    if not np.array_equal(*tokens.values()):
-        raise SystemExit("the two ways decoded different tokens")
-    seconds = {name: median_seconds(lambda way=way: way.generate(ids, args.new_tokens, eos_id=None), args.iters)
-               for name, way in ways.items()}
     print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, mesh {dict(mesh.shape)}, {args.size} {dtype}, "
           f"{args.batch} rows of {args.prompt} + {args.new_tokens} tokens")
-    for name, s in seconds.items():
-        print(f"  {name:>18}: {s:.3f} s a call, {args.batch * args.new_tokens / s:.1f} new tokens/s")
-    print(f"  rows apart: {seconds['weights left split'] / seconds['rows apart']:.2f}x the tokens/s")
-
+    print_rows_apart_against_left_split(ways, lambda way: way.generate(ids, args.new_tokens, eos_id=None), args.iters,
+                                        args.batch * args.new_tokens, "new tokens")
 
 if __name__ == "__main__":
     main()

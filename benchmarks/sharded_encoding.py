@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.sharded_decoding import mesh_axes  # noqa: E402
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import print_rows_apart_against_left_split  # noqa: E402
 from configs.tokenizer import get_config  # noqa: E402
 from seed_jax import parallel, weights  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
@@ -64,16 +64,9 @@ def main():
     pixels = np.random.default_rng(0).standard_normal((args.batch, size, size, 3)).astype(np.float32)
     ways = {"rows apart": SeedTokenizer(model, dtype=dtype, batch_size=args.batch, mesh=mesh),
             "weights left split": SeedTokenizer(model, dtype=dtype, batch_size=args.batch)}
-    codes = {name: way.encode(pixels) for name, way in ways.items()}
-    if not np.array_equal(*codes.values()):
-        raise SystemExit("the two ways encoded different codes")
-    seconds = {name: median_seconds(lambda way=way: way.encode(pixels), args.iters) for name, way in ways.items()}
     print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, mesh {dict(mesh.shape)}, {args.size} tokenizer "
           f"{dtype}, {args.batch} images of {size}x{size}")
-    for name, s in seconds.items():
-        print(f"  {name:>18}: {s:.3f} s a call, {args.batch / s:.1f} images/s")
-    print(f"  rows apart: {seconds['weights left split'] / seconds['rows apart']:.2f}x the images/s")
-
+    print_rows_apart_against_left_split(ways, lambda way: way.encode(pixels), args.iters, args.batch, "images")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,8 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 
 def median_seconds(fn, iters: int) -> float:
     """Median wall time of `iters` calls of `fn`, after one warm-up call (compilation,
@@ -17,6 +19,20 @@ def median_seconds(fn, iters: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def print_rows_apart_against_left_split(ways: dict, call, iters: int, per_call: int, unit: str) -> None:
+    """`call(way)` -> outputs, for the two `ways` of running on a mesh ("rows apart",
+    "weights left split"): exits unless their outputs are equal, then prints each way's
+    median seconds a call (`median_seconds`) and `unit`/s (`per_call` of them a call),
+    and the rows-apart way's speed over the other's."""
+    outputs = [call(way) for way in ways.values()]
+    if not np.array_equal(*outputs):
+        raise SystemExit(f"the two ways gave different {unit}")
+    seconds = {name: median_seconds(lambda way=way: call(way), iters) for name, way in ways.items()}
+    for name, s in seconds.items():
+        print(f"  {name:>18}: {s:.3f} s a call, {per_call / s:.1f} {unit}/s")
+    print(f"  rows apart: {seconds['weights left split'] / seconds['rows apart']:.2f}x the {unit}/s")
 
 
 def torch_threads_as_xla() -> int:

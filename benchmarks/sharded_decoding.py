@@ -57,24 +57,35 @@ def mesh_axes(text: str) -> dict[str, int]:
         raise SystemExit(f"--mesh: expected axis=size pairs separated by commas (data=2,fsdp=4), got {text!r}")
 
 
+def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both sharded benchmarks take: --mesh, --cpu_devices, --iters, --bf16."""
+    parser.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size pairs (parallel.MESH_AXES)")
+    parser.add_argument("--cpu_devices", type=int, default=8, help="stand-in devices when JAX runs on the CPU")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true")
+
+
+def built_on_mesh(kind: str, config, args) -> tuple[nnx.Module, jax.sharding.Mesh]:
+    """A random-weight model of `kind` (`weights.build`) in `args.bf16`'s dtype, its weights
+    split over the mesh of `args.mesh` as training splits them (`parallel.DEFAULT_RULES`)."""
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts; the CPU backend's only
+    mesh = parallel.make_mesh(mesh_axes(args.mesh), field="--mesh")
+    model = weights.build(kind, config, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES)))
+    return model, mesh
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
-    parser.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size pairs (parallel.MESH_AXES)")
-    parser.add_argument("--cpu_devices", type=int, default=8, help="stand-in devices when JAX runs on the CPU")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true")
+    add_mesh_arguments(parser)
     args = parser.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts; the CPU backend's only
-
-    mesh = parallel.make_mesh(mesh_axes(args.mesh), field="--mesh")
     config = dataclasses.replace(SIZES[args.size], extra_tokens=8194)
-    model = weights.build("opt", config, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES)))
+    model, mesh = built_on_mesh("opt", config, args)
     dtype = "bfloat16" if args.bf16 else "float32"
     ids = np.random.default_rng(0).integers(2, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     ways = {"rows apart": SeedOPT(model, dtype=dtype, batch_size=args.batch, mesh=mesh),

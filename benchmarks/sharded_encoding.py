@@ -29,14 +29,11 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) 
 import argparse  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from benchmarks.sharded_decoding import mesh_axes  # noqa: E402
+from benchmarks.sharded_decoding import add_mesh_arguments, built_on_mesh  # noqa: E402
 from benchmarks.timing import print_rows_apart_against_left_split  # noqa: E402
 from configs.tokenizer import get_config  # noqa: E402
-from seed_jax import parallel, weights  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.models.tokenizer import SeedTokenizerConfig  # noqa: E402
 
@@ -46,19 +43,11 @@ SIZES = ("tiny", "demo", "seed1")  # the tokenizers of configs/tokenizer.py's pr
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="demo", choices=SIZES)
-    parser.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size pairs (parallel.MESH_AXES)")
-    parser.add_argument("--cpu_devices", type=int, default=8, help="stand-in devices when JAX runs on the CPU")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true")
+    add_mesh_arguments(parser)
     args = parser.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts; the CPU backend's only
-
-    mesh = parallel.make_mesh(mesh_axes(args.mesh), field="--mesh")
     config = SeedTokenizerConfig.from_dict(get_config(args.size).model.to_dict())
-    model = weights.build("seed_tokenizer", config, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES)))
+    model, mesh = built_on_mesh("seed_tokenizer", config, args)
     dtype = "bfloat16" if args.bf16 else "float32"
     size = config.vit.image_size
     pixels = np.random.default_rng(0).standard_normal((args.batch, size, size, 3)).astype(np.float32)

@@ -25,9 +25,9 @@ from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      decoder_with_text_encoder_changed, layout_mesh, run_two_processes, seed_opt_losses_on_one_batch,
                      split_over_fsdp_and_tensor, stage_gradients)
 from seed_jax import api, command_line, parallel, weights
+from seed_jax.convert import opt as convert_opt
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
 from seed_jax.evaluators import caption_codes
-from seed_jax.convert import opt as convert_opt
 from seed_jax.models import opt
 from seed_jax.models.opt import OPTConfig
 from seed_jax.models.stable_diffusion import StableDiffusionConfig

@@ -95,5 +95,6 @@ def main():
     print_rows_apart_against_left_split(ways, lambda way: way.generate(ids, args.new_tokens, eos_id=None), args.iters,
                                         args.batch * args.new_tokens, "new tokens")
 
+
 if __name__ == "__main__":
     main()

@@ -57,5 +57,6 @@ def main():
           f"{dtype}, {args.batch} images of {size}x{size}")
     print_rows_apart_against_left_split(ways, lambda way: way.encode(pixels), args.iters, args.batch, "images")
 
+
 if __name__ == "__main__":
     main()

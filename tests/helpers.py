@@ -302,12 +302,43 @@ def inference_outputs(opt) -> dict[str, np.ndarray]:
             "embeds": opt.tokenizer.embed_codes(codes[:3]), "features": opt.tokenizer.image_features(pixels[:3])}
 
 
+def errors_of_inputs_that_differ(opt, process: int) -> dict[str, str]:
+    """The error of each `opt` call (as `inference_outputs`') whose input or option
+    depends on `process`, "" where a call raised none. Unchecked, each call would run the
+    same programs on both processes and return a mix of their rows (decoding without an
+    end token: with one, or with another max_new_tokens, the processes' decoding loops
+    could stop at different steps, and wait for each other forever)."""
+    rng = np.random.default_rng(0)
+    ids, pixels = rng.integers(2, 60, (3, 5)).astype(np.int32), rng.standard_normal((6, 32, 32, 3), np.float32)
+    changed, mask = ids.copy(), np.ones_like(ids)
+    changed[2, 4] = 2 + (changed[2, 4] - 2 + process) % 58
+    mask[0, 0] = 1 - process
+    images = np.full((2, 40, 40, 3), 100 + process, np.uint8)
+    calls = {"logits": lambda: opt.logits(changed),
+             "generate": lambda: opt.generate(ids, 6, attention_mask=mask, eos_id=None),
+             "sampled": lambda: opt.generate(ids, 6, temperature=1.0, seed=3 + process, eos_id=None),
+             "encode": lambda: opt.tokenizer.encode(pixels + process),
+             "encode_images": lambda: opt.tokenizer.encode_images(images),
+             "embed_codes": lambda: opt.tokenizer.embed_codes(np.full((2, 32), process, np.int32)),
+             "image_features": lambda: opt.tokenizer.image_features(pixels[process:process + 3])}
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = ""
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
 # Saves `inference_outputs` of `SeedOPT.load(FOLDER/opt, tokenizer=TOKENIZER)` as FOLDER/PROCESS.npz
 # (the arguments FOLDER TOKENIZER, then `run_two_processes`'s flags), on a data 2 x fsdp 2 x tensor 2 mesh over
 # both processes' 8 devices laid out so that data and fsdp cross the processes: the weights are gathered over
 # fsdp from both, and each process holds half of a chunk's rows (were tensor to cross them too, each would
-# hold a copy of every row, and an output left split would still read back whole).
+# hold a copy of every row, and an output left split would still read back whole); then
+# `errors_of_inputs_that_differ` as FOLDER/PROCESS.json.
 TWO_PROCESSES_INFER = """
+import json
 import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
@@ -323,6 +354,8 @@ processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
 assert parallel.axes_spanning_processes(processes, mesh.axis_names, ()) == ["data", "fsdp"], processes
 opt = api.SeedOPT.load(f"{folder}/opt", tokenizer=tokenizer, batch_size=4, mesh=mesh)
 np.savez(f"{folder}/{jax.process_index()}.npz", **helpers.inference_outputs(opt))
+with open(f"{folder}/{jax.process_index()}.json", "w") as f:
+    json.dump(helpers.errors_of_inputs_that_differ(opt, jax.process_index()), f)
 """
 
 

@@ -1,6 +1,7 @@
 """SeedTokenizer API: preprocessing, chunked batches, input checks, bf16 mode."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from helpers import TINY_DIFFUSION, TINY_TOKENIZER, TWO_PROCESSES_INFER, inferen
 from parity import relative_error
 from seed_jax import parallel, weights
 from seed_jax.api import SeedOPT, SeedTokenizer, StableDiffusion, run_in_chunks
+from seed_jax.api.processes import fingerprint
 from seed_jax.data.preprocess import CLIP_MEAN, CLIP_STD, decode_image, normalize, resize
 from seed_jax.models.opt import OPTConfig
 from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
@@ -458,7 +460,8 @@ def test_two_processes_infer_on_one_mesh_as_one_device(tmp_path, export_dir, rep
     tokens (greedy, sampled, beam search) and codes equal those of one process on one
     device, the float outputs within 1e-5 (as on one process's mesh), for batches of 3 and 6
     rows (chunks of 4, each row computed by 2 devices) and of 1 (computed whole on every
-    device)."""
+    device). Calls whose inputs or options differ between the processes raise on both,
+    naming the argument, instead of returning a mix of both processes' rows."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32, extra_tokens=6)
     rng = np.random.default_rng(1)  # spread wider than the initialisation's, each prompt continues its own way
     params = {k: rng.normal(0, 0.5, np.shape(v)).astype(np.float32)
@@ -478,6 +481,26 @@ def test_two_processes_infer_on_one_mesh_as_one_device(tmp_path, export_dir, rep
                 np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=where)
             else:
                 np.testing.assert_array_equal(got[name], value, err_msg=where)
+        differing = {"logits": "input_ids", "generate": "attention_mask", "sampled": "seed", "encode": "pixels",
+                     "encode_images": "images", "embed_codes": "codes", "image_features": "pixels"}
+        errors = json.loads((tmp_path / f"{process}.json").read_text())
+        assert errors.keys() == differing.keys()
+        for call, argument in differing.items():
+            assert errors[call].startswith(f"{argument}: process 1 passed other values than process 0"), (
+                f"process {process}: {call}: {errors[call]!r}")
+
+
+def test_input_fingerprints_tell_apart_dtype_shape_and_contents():
+    """Processes compare their inputs by fingerprint (`check_same_on_every_process`): equal
+    inputs give one, however they are laid out in memory, and any difference another."""
+    base = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert (fingerprint(base) == fingerprint(np.asfortranarray(base))).all()
+    assert (fingerprint(base[:, ::2]) == fingerprint(base[:, ::2].copy())).all()
+    changed = base.copy()
+    changed[1, 2] = 7
+    values = [base, changed, base.reshape(3, 2), base.astype(np.int64), base.astype(np.float32), 0, 1, 1.0, None,
+              "1", [(1, 2)], [(1, 3)]]
+    assert len({fingerprint(v).tobytes() for v in values}) == len(values)
 
 
 def test_bfloat16_mode_error_against_float32(export_dir, tokenizer, record_property):

@@ -16,6 +16,7 @@ from seed_jax.api.checks import check_count, check_finite_number, is_integer, se
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import image_list
 from seed_jax.api.precision import matmul_precision, model_dtype
+from seed_jax.api.processes import check_same_on_every_process
 from seed_jax.api.seed_tokenizer import SeedTokenizer
 from seed_jax.command_line import user_path
 from seed_jax.data import opt_text, sequences
@@ -45,7 +46,8 @@ class SeedOPT:
     `mesh` (the devices `model`'s weights are split over, by `axis_rules`): `logits` and
     decoding split each chunk's rows over it (`parallel.rows_apart`); None leaves the
     layout to XLA. A mesh may span several processes (multi-host): every process then
-    makes the same calls with the same inputs (and seed), and gets every row back."""
+    makes the same calls with the same inputs (and seed), and gets every row back; inputs or
+    options that differ between them raise a ValueError naming the argument."""
 
     def __init__(self, model: OPTModel, *, dtype: str | None = None, image_token_ids: dict | None = None,
                  text_tokenizer: OPTTextTokenizer | None = None, tokenizer: SeedTokenizer | None = None,
@@ -79,6 +81,7 @@ class SeedOPT:
         self.max_text_tokens = check_count("max_text_tokens", max_text_tokens, 1)
         self.num_queries = check_count("codes_per_image", codes_per_image, 1)  # codes per image
         graphdef, self._state = nnx.split(model)
+        self._mesh = mesh
         precision = matmul_precision(dtype)
 
         def logits(state, ids, mask):
@@ -183,6 +186,7 @@ class SeedOPT:
         takes no positions: as `generate`'s prompts, L may exceed the model's positions
         where only so many columns hold real tokens (the others, padding in every row, read 0)."""
         ids, mask = self._check_ids(input_ids, attention_mask, left_padded=False)
+        check_same_on_every_process(self._mesh, input_ids=ids, attention_mask=mask)
         longest = self.config.max_positions
         if mask.sum(1).max() > longest:
             raise ValueError(f"input_ids: length {mask.sum(1).max()} exceeds the model's {longest} positions")
@@ -223,6 +227,10 @@ class SeedOPT:
         d = self._decoding(int(mask.sum(1).max()), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, eos_id=eos_id, pad_id=pad_id, allowed=allowed, num_beams=num_beams,
                            length_penalty=length_penalty)
+        check_same_on_every_process(
+            self._mesh, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, eos_id=d.eos_id, pad_id=d.pad_id, allowed=allowed,
+            num_beams=num_beams, length_penalty=length_penalty)
         ids, mask = _padded_to_step(ids, mask, self.config.max_positions, left=True)
         eos_id, pad_id = np.int32(-1 if d.eos_id is None else d.eos_id), np.int32(d.pad_id)
         columns, new_tokens = _new_columns(d.max_new_tokens, self.config.max_positions), np.int32(d.max_new_tokens)

@@ -15,6 +15,7 @@ from seed_jax.api.checks import check_codes, check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
 from seed_jax.api.precision import matmul_precision, model_dtype
+from seed_jax.api.processes import check_same_on_every_process
 from seed_jax.command_line import user_path
 from seed_jax.api.stable_diffusion import StableDiffusion
 from seed_jax.data import preprocess as image_preprocess
@@ -35,8 +36,9 @@ class SeedTokenizer:
     `model`'s weights are split over, by `axis_rules`): `encode`, `image_features` and
     `embed_codes` split each chunk's rows over it (`parallel.rows_apart`); None leaves the layout
     to XLA. A mesh may span several processes (multi-host): every process then makes the same
-    calls with the same inputs, and gets every row back. The diffusion model runs on one device
-    (of each process) either way."""
+    calls with the same inputs, and gets every row back (inputs that differ between them raise a
+    ValueError naming the argument). The diffusion model runs on one device (of each process)
+    either way."""
 
     def __init__(self, model: SeedTokenizerModel, *, dtype: str | None = None, batch_size: int = 32,
                  diffusion: "StableDiffusion | None" = None, mesh: jax.sharding.Mesh | None = None,
@@ -68,7 +70,7 @@ class SeedTokenizer:
                 model = nnx.merge(graphdef, state)
                 return model.image_features(model.causal_embeddings(pixels))
 
-        self._state = state
+        self._state, self._mesh = state, mesh
         # every process gets every row back, as SeedOPT's decoding does
         everywhere = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
         apart = functools.partial(parallel.rows_apart, state=state, mesh=mesh, rules=axis_rules)
@@ -157,6 +159,7 @@ class SeedTokenizer:
         """pixels float (B,S,S,3) -> int32 codes (B,Q), Q = `num_queries` (SEED's 32); with `return_intermediates`
         a dict of `INTERMEDIATES` (each with leading B)."""
         pixels = self._check_pixels(pixels)
+        check_same_on_every_process(self._mesh, pixels=pixels, return_intermediates=return_intermediates)
         out = self._chunked(functools.partial(self._encode, intermediates=return_intermediates), pixels)
         return out if return_intermediates else out["codes"]
 
@@ -169,8 +172,12 @@ class SeedTokenizer:
         batch = image_list(images)
         for i, image in enumerate(batch):
             check_image(f"images[{i}]", image)
-        chunk_codes = lambda indices: self._encode(  # noqa: E731
-            self._state, self._pixels(batch, indices.tolist()), intermediates=False)["codes"]
+
+        def chunk_codes(indices):
+            pixels = self._pixels(batch, indices.tolist())
+            check_same_on_every_process(self._mesh, images=pixels)
+            return self._encode(self._state, pixels, intermediates=False)["codes"]
+
         return run_in_chunks(chunk_codes, (np.arange(len(batch)),), self.batch_size)
 
     def image_features(self, pixels) -> np.ndarray:
@@ -182,12 +189,16 @@ class SeedTokenizer:
             raise ValueError("image_features needs the stage-I contrastive heads (vision_proj); this tokenizer "
                              "was built without them (config.with_itc_heads False: SEED v1 converted without "
                              "--qformer)")
-        return self._chunked(self._image_features, self._check_pixels(pixels))
+        pixels = self._check_pixels(pixels)
+        check_same_on_every_process(self._mesh, pixels=pixels)
+        return self._chunked(self._image_features, pixels)
 
     # ---- codes -> generation embeddings
     def embed_codes(self, codes) -> np.ndarray:
         """int codes (B,Q) (Q = `num_queries`) in [0, num_codes) -> generation embeddings (B,77,G) float32."""
-        return self._chunked(self._embed_codes, check_codes(codes, self.num_queries, self.num_codes))
+        codes = check_codes(codes, self.num_queries, self.num_codes)
+        check_same_on_every_process(self._mesh, codes=codes)
+        return self._chunked(self._embed_codes, codes)
 
     def _chunked(self, fn, inputs: np.ndarray):
         return run_in_chunks(lambda *chunk: fn(self._state, *chunk), (inputs,), self.batch_size)

@@ -33,10 +33,10 @@ from seed_jax.trainers import tokenizer as trainer
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("export") / "tiny")
-    assert trainer.train(get_config("tiny"), workdir)
-    return workdir
+def trained_workdir(tiny_decoder_run):
+    """A finished tiny tokenizer run (the decoder's tokenizer is the `tiny` preset's, trained
+    once for all workers), read only: a test that changes it works on a copy."""
+    return os.path.join(tiny_decoder_run, "tokenizer")
 
 
 def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_root):

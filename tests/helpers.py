@@ -302,6 +302,11 @@ def inference_outputs(opt) -> dict[str, np.ndarray]:
             "embeds": opt.tokenizer.embed_codes(codes[:3]), "features": opt.tokenizer.image_features(pixels[:3])}
 
 
+def own_pixels(process: int) -> np.ndarray:
+    """Process `process`'s own (5,32,32,3) batch, for a tokenizer on its local devices alone."""
+    return np.random.default_rng(10 + process).standard_normal((5, 32, 32, 3), np.float32)
+
+
 def errors_of_inputs_that_differ(opt, process: int) -> dict[str, str]:
     """The error of each `opt` call (as `inference_outputs`') whose input or option
     depends on `process`, "" where a call raised none. Unchecked, each call would run the
@@ -336,7 +341,8 @@ def errors_of_inputs_that_differ(opt, process: int) -> dict[str, str]:
 # both processes' 8 devices laid out so that data and fsdp cross the processes: the weights are gathered over
 # fsdp from both, and each process holds half of a chunk's rows (were tensor to cross them too, each would
 # hold a copy of every row, and an output left split would still read back whole); then
-# `errors_of_inputs_that_differ` as FOLDER/PROCESS.json.
+# `errors_of_inputs_that_differ` as FOLDER/PROCESS.json, and the codes of `own_pixels` from a SeedTokenizer
+# on the process's own devices (a mesh of them alone) as FOLDER/PROCESS_own.npy.
 TWO_PROCESSES_INFER = """
 import json
 import sys
@@ -356,6 +362,8 @@ opt = api.SeedOPT.load(f"{folder}/opt", tokenizer=tokenizer, batch_size=4, mesh=
 np.savez(f"{folder}/{jax.process_index()}.npz", **helpers.inference_outputs(opt))
 with open(f"{folder}/{jax.process_index()}.json", "w") as f:
     json.dump(helpers.errors_of_inputs_that_differ(opt, jax.process_index()), f)
+own = api.SeedTokenizer.load(tokenizer, batch_size=4, mesh=parallel.make_mesh(dict(data=-1), devices=jax.local_devices()))
+np.save(f"{folder}/{jax.process_index()}_own.npy", own.encode(helpers.own_pixels(jax.process_index())))
 """
 
 

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from helpers import TINY_DIFFUSION, TINY_TOKENIZER, TWO_PROCESSES_INFER, inference_outputs, run_two_processes
+from helpers import (TINY_DIFFUSION, TINY_TOKENIZER, TWO_PROCESSES_INFER, inference_outputs, own_pixels,
+                     run_two_processes)
 from parity import relative_error
 from seed_jax import parallel, weights
 from seed_jax.api import SeedOPT, SeedTokenizer, StableDiffusion, run_in_chunks
@@ -378,6 +379,7 @@ def test_load_checks_every_argument_before_reading_any_weights(tmp_path, monkeyp
         plans[kind] = str(tmp_path / kind)
         os.makedirs(plans[kind])
         weights.write_config(plans[kind], kind, config)
+
     def load_model(path, **_):
         raise AssertionError(f"weights of {path} read")
 
@@ -461,7 +463,8 @@ def test_two_processes_infer_on_one_mesh_as_one_device(tmp_path, export_dir, rep
     device, the float outputs within 1e-5 (as on one process's mesh), for batches of 3 and 6
     rows (chunks of 4, each row computed by 2 devices) and of 1 (computed whole on every
     device). Calls whose inputs or options differ between the processes raise on both,
-    naming the argument, instead of returning a mix of both processes' rows."""
+    naming the argument, instead of returning a mix of both processes' rows; a tokenizer
+    on each process's own devices encodes that process's own images."""
     config = OPTConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=32, extra_tokens=6)
     rng = np.random.default_rng(1)  # spread wider than the initialisation's, each prompt continues its own way
     params = {k: rng.normal(0, 0.5, np.shape(v)).astype(np.float32)
@@ -488,6 +491,8 @@ def test_two_processes_infer_on_one_mesh_as_one_device(tmp_path, export_dir, rep
         for call, argument in differing.items():
             assert errors[call].startswith(f"{argument}: process 1 passed other values than process 0"), (
                 f"process {process}: {call}: {errors[call]!r}")
+        own = SeedTokenizer.load(export_dir, batch_size=4).encode(own_pixels(process))
+        np.testing.assert_array_equal(np.load(tmp_path / f"{process}_own.npy"), own, err_msg=f"process {process}")
 
 
 def test_input_fingerprints_tell_apart_dtype_shape_and_contents():

@@ -310,9 +310,9 @@ def own_pixels(process: int) -> np.ndarray:
 def errors_of_inputs_that_differ(opt, process: int) -> dict[str, str]:
     """The error of each `opt` call (as `inference_outputs`') whose input or option
     depends on `process`, "" where a call raised none. Unchecked, each call would run the
-    same programs on both processes and return a mix of their rows (decoding without an
-    end token: with one, or with another max_new_tokens, the processes' decoding loops
-    could stop at different steps, and wait for each other forever)."""
+    same programs on both processes and return a mix of their rows. Decoding runs without
+    an end token: with one (or with another max_new_tokens per process) the processes'
+    decoding loops could stop at different steps and, unchecked, wait for each other forever."""
     rng = np.random.default_rng(0)
     ids, pixels = rng.integers(2, 60, (3, 5)).astype(np.int32), rng.standard_normal((6, 32, 32, 3), np.float32)
     changed, mask = ids.copy(), np.ones_like(ids)

@@ -884,6 +884,17 @@ def test_decoding_options_of_the_wrong_kind_fail_naming_them(option, message):
         _tiny_seed_opt().generate(np.full((2, 4), 5), **options)
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_numpy_integer_max_new_tokens_decodes_as_the_python_integer(num_beams):
+    """A numpy max_new_tokens (e.g. computed from the prompts' mask) passed the check,
+    then failed: "'numpy.int64' object has no attribute 'bit_length'"."""
+    lm = _tiny_seed_opt()
+    ids = np.random.default_rng(0).integers(3, 10, (2, 4))
+    for steps in (np.int64(5), np.int32(5)):
+        np.testing.assert_array_equal(lm.generate(ids, steps, num_beams=num_beams),
+                                      lm.generate(ids, 5, num_beams=num_beams))
+
+
 def test_a_list_of_end_ids_is_named_as_the_model_s_only_when_it_is():
     """A list passed as eos_id was reported as "the converted model's end tokens",
     though the model here has none: only the model's own list is named so."""

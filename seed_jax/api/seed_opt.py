@@ -263,6 +263,7 @@ class SeedOPT:
         if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= longest:
             raise ValueError(f"max_new_tokens: expected an integer in 1..{longest} (the model has "
                              f"{self.config.max_positions} positions), got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)  # a numpy integer has no bit_length (`_new_columns`)
         num_beams = check_count("num_beams", num_beams, 1, "1: no beam search")
         vocab = self.config.total_vocab_size
         if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < vocab):  # else no row would end

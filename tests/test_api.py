@@ -283,6 +283,7 @@ def test_encode_takes_bfloat16_pixels(tokenizer):
     (np.full((1, 32, 32, 3), 200.0, np.float32), r"values in \[200, 200\]"),
     (np.full((1, 32, 32, 3), np.nan, np.float32), "pixels: values"),
     (np.zeros((0, 32, 32, 3), np.float32), "pixels: the batch is empty"),
+    ([np.zeros((32, 32, 3)), np.zeros((31, 32, 3))], r"pixels: expected an array \(nested lists with rows of one"),
 ])
 def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
     with pytest.raises(ValueError, match=message):
@@ -295,6 +296,8 @@ def test_encode_rejects_bad_pixels(tokenizer, pixels, message):
     (np.zeros((2, 31), np.int32), r"codes: expected \(B,32\)"),
     (np.zeros((2, 32), np.float32), "codes: expected integers"),
     (np.zeros((0, 32), np.int32), "codes: the batch is empty"),
+    # codes parsed from text, one row short: numpy's "inhomogeneous shape" error named no argument
+    ([[0] * 32, [0] * 31], r"codes: expected an array \(nested lists with rows of one length\), got list"),
 ])
 def test_embed_codes_rejects_bad_codes(tokenizer, codes, message):
     """As embed_codes, CodeRetrieval's code_features (the t2i and notebook retrieval from

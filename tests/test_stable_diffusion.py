@@ -4,6 +4,7 @@ folder and CompVis single-file converters, and the StableDiffusion API."""
 
 import dataclasses
 import gc
+import re
 
 import jax
 import jax.numpy as jnp
@@ -457,6 +458,24 @@ def test_initial_noise_of_a_new_batch_size_compiles_nothing_new():
     assert not lowered, f"{len(lowered)} programs lowered for batch sizes the chunks of 8 serve"
     with pytest.raises(ValueError, match="batch: expected an integer >= 1, got 0"):
         sd.initial_noise(0)
+
+
+def test_nested_lists_with_rows_of_different_lengths_are_named():
+    """Token ids as a tokenizer returns them unpadded (lists of different lengths), or
+    embeddings or latents so built, failed as numpy's "setting an array element with a
+    sequence ... inhomogeneous shape", naming no argument; each is now named."""
+    sd = StableDiffusion(StableDiffusionModel(TINY_DIFFUSION, rngs=nnx.Rngs(0)))
+    prompt = np.zeros((2, 77, sd.context_shape[1]), np.float32)
+    ragged = [prompt[0], prompt[1, :76]]
+    expected = "expected an array (nested lists with rows of one length), got list"
+    with pytest.raises(ValueError, match=re.escape(f"input_ids: {expected}")):
+        sd.encode_text([[8, 1, 9], [8, 9]])
+    with pytest.raises(ValueError, match=re.escape(f"prompt_embeds: {expected}")):
+        sd.sample(ragged, num_steps=2)
+    with pytest.raises(ValueError, match=re.escape(f"negative_embeds: {expected}")):
+        sd.sample(prompt, ragged, num_steps=2)
+    with pytest.raises(ValueError, match=re.escape(f"latents: {expected}")):
+        sd.sample(prompt, latents=[np.zeros(sd.latent_shape), np.zeros((7, 8, 3))], num_steps=2)
 
 
 def test_encode_text_rejects_ids_outside_the_vocabulary(converted):

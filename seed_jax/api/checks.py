@@ -39,10 +39,20 @@ def check_count(name: str, value, minimum: int, note: str = "") -> int:
     return int(value)
 
 
+def as_array(name: str, value, dtype=None) -> np.ndarray:
+    """`value` as a numpy array (of `dtype`), else a ValueError naming `name`: numpy's own
+    error for nested lists of rows of different lengths (e.g. unpadded token ids) names none."""
+    try:
+        return np.asarray(value, dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected an array (nested lists with rows of one length), got "
+                         f"{type(value).__name__} numpy cannot make one of: {e}") from None
+
+
 def check_codes(codes, num_queries: int, num_codes: int) -> np.ndarray:
     """Integer SEED codes (B,num_queries) in [0, num_codes) -> int32, else a ValueError
     naming `codes` (a model's codebook lookup would clamp an index out of range)."""
-    codes = np.asarray(codes)
+    codes = as_array("codes", codes)
     if codes.ndim != 2 or codes.shape[1] != num_queries:
         raise ValueError(f"codes: expected (B,{num_queries}), got {codes.shape}")
     if not codes.shape[0]:

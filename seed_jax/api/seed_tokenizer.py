@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from seed_jax import parallel, weights
-from seed_jax.api.checks import check_codes, check_count
+from seed_jax.api.checks import as_array, check_codes, check_count
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import check_image, image_list, rgb_image, to_uint8
 from seed_jax.api.precision import matmul_precision, model_dtype
@@ -141,7 +141,7 @@ class SeedTokenizer:
     # ---- pixels -> codes
     def _check_pixels(self, pixels) -> np.ndarray:
         s = self.image_size
-        pixels = np.asarray(pixels)
+        pixels = as_array("pixels", pixels)
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
             raise ValueError(f"pixels: expected (B,{s},{s},3) (see preprocess), got {pixels.shape}")
         if not pixels.shape[0]:

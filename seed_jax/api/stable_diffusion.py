@@ -8,7 +8,7 @@ from absl import logging
 from flax import nnx
 
 from seed_jax import weights
-from seed_jax.api.checks import check_count, check_finite_number, seed_key
+from seed_jax.api.checks import as_array, check_count, check_finite_number, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.command_line import user_path
@@ -85,7 +85,7 @@ class StableDiffusion:
         """Token ids (B,L) in [0, vocab_size) -> the text encoder's last hidden state (B,L,X)."""
         if self.model.text_encoder is None:
             raise ValueError("this model has no text encoder")
-        ids = np.asarray(input_ids)
+        ids = as_array("input_ids", input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids: expected integer (B,L), got {ids.dtype} {ids.shape}")
         if not ids.shape[0]:
@@ -136,7 +136,7 @@ class StableDiffusion:
             else:
                 negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
                                                      prompt_embeds.shape[1])
-        latents = self.initial_noise(batch, seed) if latents is None else np.asarray(latents, np.float32)
+        latents = self.initial_noise(batch, seed) if latents is None else as_array("latents", latents, np.float32)
         if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]:
             raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) (default size "
                              f"{self.latent_shape[:2]}), got {latents.shape}")
@@ -163,7 +163,7 @@ class StableDiffusion:
         return check_sampling(self.config.schedule, num_steps, guidance_scale, sampler, seed)
 
     def _check_embeds(self, name: str, embeds, batch: int | None, length: int | None = None) -> np.ndarray:
-        embeds = np.asarray(embeds, np.float32)
+        embeds = as_array(name, embeds, np.float32)
         width = self.config.unet.cross_attention_dim
         if embeds.ndim != 3 or embeds.shape[-1] != width or (batch is not None and embeds.shape[0] != batch) \
                 or (length is not None and embeds.shape[1] != length):

@@ -228,9 +228,12 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_size: int) -> Name
 
 
 def check_batch_size(field: str, batch_size: int, mesh: Mesh, rules: Rules) -> None:
-    """Raises naming the config `field` unless `batch_size` divides by the mesh axes the
-    logical `batch` axis maps to (`data` x `fsdp` by DEFAULT_RULES): `logical_to_mesh`
+    """Raises naming the config `field` unless `batch_size` is an integer >= 1 (grain refused
+    a negative one with a traceback once the model was built) that divides by the mesh axes
+    the logical `batch` axis maps to (`data` x `fsdp` by DEFAULT_RULES): `logical_to_mesh`
     would leave such a batch replicated, every device computing all of it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{field}: expected an integer >= 1, got {batch_size!r}")
     axes = [a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1]
     size = math.prod(mesh.shape[a] for a in axes)
     if batch_size % size:

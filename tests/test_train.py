@@ -1204,6 +1204,18 @@ def test_a_batch_size_that_does_not_split_over_the_mesh_fails_naming_it(tmp_path
     assert not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.parametrize("overrides, field", [({"stage1.batch_size": -16}, "stage1.batch_size"),
+                                              ({"batch_size": 0}, "batch_size"),
+                                              ({"eval.batch_size": -32}, "eval.batch_size")])
+def test_a_batch_size_below_1_fails_naming_it(tmp_path, overrides, field):
+    """A negative batch divides by the mesh: it failed as grain's bare "batch_size must be
+    positive." once the model was built. It is refused before the data is made."""
+    size = next(iter(overrides.values()))
+    with pytest.raises(ValueError, match=rf"^{field}: expected an integer >= 1, got {size}$"):
+        trainer.train(_tiny(**overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_axis_rules_naming_an_unknown_mesh_axis_fail_naming_the_field(tmp_path):
     """A typo'd mesh axis in `axis_rules` failed as a bare KeyError; it is refused before the data is made."""
     with pytest.raises(ValueError, match=r"^axis_rules: \('batch', 'dat'\) is not a \(logical name, mesh axes\) rule"):

@@ -368,7 +368,8 @@ def test_guidance_without_unconditional_training_is_warned_about_before_training
                                         ("train.trainable", ()), ("eval.grid_examples", 0),
                                         ("eval.grid_examples", -1), ("schedule.beta_start", -0.001),
                                         ("schedule.beta_end", 1.0), ("schedule.beta_schedule", "cosine"),
-                                        ("data.num_threads", -1), ("data.prefetch", -1)])
+                                        ("data.num_threads", -1), ("data.prefetch", -1),
+                                        ("train.num_steps", -1), ("train.warmup_steps", -1)])
 def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     """The evaluation's sampling options were first used at the end of training (and
     there before the last checkpoint was saved): a bad one cost the whole run. They are
@@ -382,7 +383,8 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     gradient: naming it trained nothing there, and weight_decay > 0 shrank it; () trained nothing) and an
     `eval.grid_examples` below 1 (samples.png was a blank 2-pixel strip for 0, short of its last columns below),
     and betas outside (0, 1) (NaN losses or sampling), and a negative `data.num_threads` or
-    `data.prefetch` (grain's error once the data were opened), named as their config keys."""
+    `data.prefetch` (grain's error once the data were opened), and a negative `train.num_steps`
+    (no training, without a word) or `train.warmup_steps`, named as their config keys."""
     from seed_jax.trainers import tokenizer as tokenizer_trainer
 
     def ensure_trained(*_):

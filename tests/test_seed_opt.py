@@ -1643,6 +1643,9 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     # a row that holds no sequence's targets (image -> text: a caption token and </s>): every record skipped
     ("phase1", dict(get_config("tiny").phase1, max_targets_per_row=1),
      r"phase1.max_targets_per_row: expected an integer >= 2 \(an image -> text sequence has a caption token"),
+    # a negative count skipped the phase without a word; a negative warm-up started mid-cosine
+    ("phase1", dict(get_config("tiny").phase1, num_steps=-1), r"^phase1.num_steps: expected an integer >= 0 .*got -1$"),
+    ("phase2", dict(get_config("tiny").phase2, warmup_steps=-1), r"^phase2.warmup_steps: expected an integer >= 0"),
     # the text tokenizer, once read after the tokenizer trained and its images were pre-tokenized
     ("text_tokenizer", dict(kind="bpe", folder=""), "text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got 'bpe'"),
     ("text_tokenizer", dict(kind="gpt2_bpe", folder="/no/opt"), "text tokenizer folder: '/no/opt/vocab.json' does not"),

@@ -311,6 +311,18 @@ def test_steps_past_the_lavis_epochs_fail_naming_the_fields():
         assert float(lr(59_999)) < float(lr(50_000)) < float(lr(45_000))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"stage1.num_steps": -3}, r"^stage1.num_steps: expected an integer >= 0 \(0: the stage trains no step\), got -3$"),
+    ({"stage2.warmup_steps": -1}, r"^stage2.warmup_steps: expected an integer >= 0 \(0: none\), got -1$")])
+def test_negative_steps_fail_naming_the_field(tmp_path, overrides, message):
+    """`stage1.num_steps=-3` skipped stage I without a word (stage II trained on its random
+    start and DONE.json said stage1_steps 0); a negative warm-up started mid-cosine. Both
+    are refused before the data is made."""
+    with pytest.raises(ValueError, match=message):
+        trainer.train(_tiny(**overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 def test_a_stage_without_steps_per_epoch_decays_smoothly():
     """The demo and tiny presets keep the smooth warm-up cosine they were measured with."""
     for preset in ("demo", "tiny"):

@@ -28,7 +28,7 @@ from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
 from seed_jax.models.unet import UNetConfig
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, reporting, run_config
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting, run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
 # What a run trained; a run resumed in its workdir may not change them (`run_config.write`).
@@ -154,13 +154,15 @@ class Evaluator:
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
     """`dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
-    `data.prefetch`, `train.trainable`, `uncond_probability`, `schedule`, the
-    evaluation's options (first used at the end of training) and `train.batch_size` (it
-    must split over the mesh's batch axes): checked before training (and before the
-    tokenizer it needs is trained), naming the config key."""
+    `data.prefetch`, `train.num_steps` and `train.warmup_steps` (`optim.check_schedule`),
+    `train.trainable`, `uncond_probability`, `schedule`, the evaluation's options (first
+    used at the end of training) and `train.batch_size` (it must split over the mesh's
+    batch axes): checked before training (and before the tokenizer it needs is trained),
+    naming the config key."""
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     loop.check_read_options(config.data)
+    optim.check_schedule(config.train, "train.")
     if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction) or {pipeline.ALL_RECORDS} (all), got {config.eval.num_examples}")

@@ -10,6 +10,8 @@ import optax
 from absl import logging
 from flax import nnx
 
+from seed_jax.api.checks import check_count
+
 NO_DECAY_NAMES = ("bias", "scale", "q_bias", "k_bias", "v_bias", "out_bias", "patch_bias", "temp")
 
 
@@ -24,10 +26,14 @@ def decay_mask(params: nnx.State):
 
 
 def check_schedule(stage, field: str = "") -> None:
-    """Raises naming the fields (after `field`, e.g. "stage1.") unless `stage`'s
-    `steps_per_epoch` and `num_epochs` are >= 0 and, with both set, `num_steps` stays
+    """Raises naming the fields (after `field`, e.g. "stage1.") unless `stage`'s `num_steps`
+    and `warmup_steps` are integers >= 0 (a negative `num_steps` skipped the stage without a
+    word, the next one training on its untrained start; a negative warm-up started mid-cosine),
+    its `steps_per_epoch` and `num_epochs` are >= 0 and, with both set, `num_steps` stays
     within those epochs: past LAVIS's last epoch (which LAVIS never trains) the epoch-wise
     cosine rose again, back towards `lr`."""
+    check_count(f"{field}num_steps", stage.num_steps, 0, "0: the stage trains no step")
+    check_count(f"{field}warmup_steps", stage.warmup_steps, 0, "0: none")
     steps_per_epoch, num_epochs = getattr(stage, "steps_per_epoch", 0), getattr(stage, "num_epochs", 0)
     if steps_per_epoch < 0:
         raise ValueError(f"{field}steps_per_epoch: expected >= 0 (0 = a smooth cosine), got {steps_per_epoch}")

@@ -40,7 +40,8 @@ from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
 from seed_jax.evaluators.reconstruction import image_grid
 from seed_jax.models import layers, opt
-from seed_jax.trainers import checkpointing, coordination, global_batches, loop, pretokenize, reporting, run_config
+from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, pretokenize, reporting
+from seed_jax.trainers import run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 from seed_jax.trainers import warm_start as warm_start_lib
 
@@ -99,8 +100,8 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes) and `max_targets_per_row`, `eval.batch_size`, `max_caption_tokens`, `num_examples` and
-    `num_samples`, with `tokenizer_export`
+    axes), `num_steps` and `warmup_steps` (`optim.check_schedule`) and `max_targets_per_row`,
+    `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
     ValueError naming them."""
@@ -130,7 +131,9 @@ def check_config(config) -> None:
     sequences.check_num_examples("eval.num_examples", config.eval.num_examples)
     # 0 failed at the first evaluation painting no images, a negative count saved all records but the last few
     check_count("eval.num_samples", config.eval.num_samples, 1)
-    for _, key in PHASES:  # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
+    for _, key in PHASES:
+        optim.check_schedule(config[key], f"{key}.")
+        # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
         check_count(f"{key}.max_targets_per_row", config[key].max_targets_per_row, 2,
                     "an image -> text sequence has a caption token and </s> as targets, at least")
     if config.tokenizer_export:

@@ -824,6 +824,15 @@ def test_loop_settings_out_of_range_are_refused_naming_them(tmp_path, setting):
     assert not os.path.exists(tmp_path / "wd")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32 - 1])
+def test_a_seed_out_of_range_fails_naming_it(tmp_path, seed):
+    """`--config.seed=-1` failed as grain's traceback once the model was built, with
+    config.json written; stage II's data shuffle with seed + 1, so 2**32 - 1 failed once stage I had trained."""
+    with pytest.raises(ValueError, match=rf"^seed: expected an integer in \[0, 2\*\*32 - 1\) .*got {seed}$"):
+        trainer.train(_tiny(seed=seed), str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")
+
+
 def test_resuming_with_another_model_config_names_the_arrays_that_differ(tmp_path):
     _run_line_stage(tmp_path / "ckpt", tmp_path, num_steps=4)
     wider = _Line()

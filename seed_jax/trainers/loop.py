@@ -31,7 +31,12 @@ def check_loop_settings(config, prefix: str = "") -> None:
     (`eval_every_steps` >= 0: AT_STAGE_END): an interval of 0 failed at the first step,
     after compiling, as a bare modulo by zero, and orbax keeps no checkpoint at all with
     `keep_checkpoints` 0 (each save deleted at once), so a preempted run started again
-    from step 0."""
+    from step 0. `seed` is an integer in [0, 2**32 - 1): the data of stage k shuffle with
+    seed + k, a 32-bit seed (grain failed on a negative one once the model was built)."""
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32 - 1:
+        raise ValueError(f"{prefix}seed: expected an integer in [0, 2**32 - 1) (stage k's data shuffle with seed + k, "
+                         f"a 32-bit seed), got {seed!r}")
     for name in LOOP_SETTINGS:
         value, least = config[name], AT_STAGE_END if name == "eval_every_steps" else 1
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:

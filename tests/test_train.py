@@ -1373,6 +1373,21 @@ def test_shard_folders_given_to_the_shapes_world_fail_naming_them():
         trainer.check_config(config)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.synthetic.seed": -1}, r"^data.synthetic.seed: expected an integer >= 0, got -1$"),
+    ({"data.synthetic.num_train": 0}, r"^data.synthetic.num_train: expected an integer >= 1, got 0$"),
+    ({"data.max_text_length": 1}, r"^data.max_text_length: expected an integer >= 2 \(\[CLS\] and \[SEP\] at least\)"),
+    ({"data.max_text_length": 65}, r"^data.max_text_length: 65 exceeds model.qformer.max_positions 64, ")])
+def test_data_settings_out_of_range_fail_naming_them(tmp_path, overrides, message):
+    """A negative shapes-world seed failed as numpy's "expected non-negative integer", no
+    train examples as a traceback; a caption length below 2 failed in grain's batching
+    (nothing cut, nothing padded) and one past the Q-Former's positions at the first step,
+    naming input_ids. Each is refused before the data is made, naming the field."""
+    with pytest.raises(ValueError, match=message):
+        trainer.train(_tiny(**overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "data")
+
+
 @pytest.mark.parametrize("scale", [(0.9,), (0.5, 0.8, 1.0), (0.5, 1.5), (1.0, 0.5), (0.0, 1.0)])
 def test_a_crop_scale_that_is_no_area_range_fails_naming_it(scale):
     """`--config.data.crop_scale=0.9` gave (0.9,), trained as (0.9, 1.0); three numbers

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from seed_jax import command_line, parallel, weights
-from seed_jax.api.checks import is_real
+from seed_jax.api.checks import check_count, is_real
 from seed_jax.data import pipeline, records, synthetic, text
 from seed_jax.evaluators.codebook import codebook_usage
 from seed_jax.evaluators.retrieval import recall_at_k
@@ -223,7 +223,8 @@ def check_config(config, prefix: str = "") -> None:
     codes edits the codebook, so it must be among what stage II trains, and it happens
     only in the first `restart_until` fraction of stage II, so that must be in (0, 1]; a
     reconstruction head (`model.recon_head`) trains in stage II unless `init.stage1` gives it;
-    shard folders are read only with `data.source='array_record'` (`check_data_source`);
+    shard folders are read only with `data.source='array_record'`, the shapes world's
+    settings are in range (`check_data_source`); `data.max_text_length` (`check_text_length`);
     `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`); `label_smoothing`,
     `loss_weights` and `model.init_temperature` are in range (`check_loss_settings`);
     L_distill's two sides have one shape (`check_distill_shapes`); each stage's
@@ -233,6 +234,7 @@ def check_config(config, prefix: str = "") -> None:
     if config.itc_gradient not in ITC_GRADIENTS:
         raise ValueError(f"{prefix}itc_gradient: expected one of {ITC_GRADIENTS}, got {config.itc_gradient!r}")
     check_data_source(config.data, prefix)
+    check_text_length(config, prefix)
     check_crop_scale(config.data.crop_scale, prefix)
     check_distill_shapes(config, prefix)
     check_loss_settings(config, prefix)
@@ -301,16 +303,32 @@ def check_distill_shapes(config, prefix: str = "") -> None:
 def check_data_source(data, prefix: str = "") -> None:
     """`data.source` is one `dataset_paths` reads; shard folders (`data.train_dir`,
     `data.eval_dir`) given with the synthetic shapes world, which reads none, are
-    refused rather than ignored (the demo presets' source is 'synthetic'). Errors name
-    the fields after `prefix`."""
+    refused rather than ignored (the demo presets' source is 'synthetic'), whose
+    `data.synthetic` counts must be >= 1 and seed >= 0 (they failed naming no field, or as
+    a traceback for `num_train` 0). Errors name the fields after `prefix`."""
     source = f"{prefix}data.source"
     if data.source not in ("synthetic", "array_record"):
         raise ValueError(f"{source}: expected 'synthetic' or 'array_record', got {data.source!r}")
+    if data.source == "synthetic":
+        for name in ("num_train", "num_eval", "image_size", "num_shards", "seed"):
+            check_count(f"{prefix}data.synthetic.{name}", data.synthetic[name], 0 if name == "seed" else 1)
     given = [f"{prefix}data.{name}={data[name]!r}" for name in ("train_dir", "eval_dir") if data[name]]
     if data.source == "synthetic" and given:
         raise ValueError(f"{', '.join(given)}: {source} is 'synthetic' (the shapes world, written to "
                          f"WORKDIR/data), which reads no shards; add --config.{source}=array_record to "
                          "train on them")
+
+
+def check_text_length(config, prefix: str = "") -> None:
+    """`data.max_text_length` (named after `prefix`) holds [CLS] and [SEP] (below 2 the
+    tokenizer cut nothing and padded nothing: batches of captions of unequal lengths failed
+    in grain) and fits the Q-Former's `max_positions` (beyond, the first train step failed
+    naming input_ids, not the field)."""
+    field, positions = f"{prefix}data.max_text_length", config.model.qformer.max_positions
+    length = check_count(field, config.data.max_text_length, 2, "[CLS] and [SEP] at least")
+    if length > positions:
+        raise ValueError(f"{field}: {length} exceeds {prefix}model.qformer.max_positions {positions}, the caption "
+                         "positions the Q-Former holds")
 
 
 def check_crop_scale(scale, prefix: str = "") -> None:

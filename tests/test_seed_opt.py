@@ -31,6 +31,7 @@ from seed_jax.evaluators import caption_codes
 from seed_jax.models import opt
 from seed_jax.models.opt import OPTConfig
 from seed_jax.models.stable_diffusion import StableDiffusionConfig
+from seed_jax.models.tokenizer import SeedTokenizerConfig
 from seed_jax.trainers import checkpointing, global_batches, loop, pretokenize, seed_opt
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -829,6 +830,31 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
     splits.train.dir = empty
     with pytest.raises(FileNotFoundError, match=r"^config.splits.train.dir: no ArrayRecord shards named"):
         pretokenize.split_paths(splits)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tokenizer_export", "/no/export", r"^config.tokenizer_export: /no/export: not an export \(model.json missing\)"),
+    ("tokenizer_export", "opt", r"^config.tokenizer_export: .*: holds a 'opt' model, expected 'seed_tokenizer'"),
+    ("dtype", "fp32", r"^config.dtype: expected one of \['bfloat16', 'float32'\], got 'fp32'"),
+    ("batch_size", 0, r"^config.batch_size: expected an integer >= 1, got 0"),
+    ("num_threads", -1, r"^config.num_threads: expected an integer >= 0, got -1")])
+def test_pretokenize_settings_that_cannot_run_fail_naming_them(tmp_path, field, value, message):
+    """Each failed as a traceback once the export was read (or, a `batch_size` of 0, encoded
+    the whole split as one batch); now a ConfigError naming the field, before any work."""
+    exports = {}
+    for kind, model_config in (("seed_tokenizer", SeedTokenizerConfig()), ("opt", OPTConfig())):
+        exports[kind] = str(tmp_path / kind)  # model.json alone: what the checks read
+        os.makedirs(exports[kind])
+        weights.write_config(exports[kind], kind, model_config)
+    config = get_pretokenize_config()
+    config.tokenizer_export, config.out_dir = exports["seed_tokenizer"], str(tmp_path / "codes")
+    config.splits.train.dir = str(tmp_path / "images")
+    synthetic.write_shapes_dataset(config.splits.train.dir, split="train", num_examples=2, seed=0, image_size=32,
+                                   num_shards=1, num_workers=1)
+    config[field] = exports.get(value, value)
+    with pytest.raises(command_line.ConfigError, match=message):
+        pretokenize.run(config, str(tmp_path))
+    assert not os.path.exists(config.out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seed_jax import command_line, weights
+from seed_jax.api.checks import check_count
 from seed_jax.api.precision import matmul_precision
 from seed_jax.data import code_records, preprocess, records
 from seed_jax.models import layers
@@ -264,7 +265,9 @@ def split_paths(splits) -> dict[str, list[str]]:
 
 
 def run(config, workdir: str) -> bool:
-    """Entry point for `configs/pretokenize.py`."""
+    """Entry point for `configs/pretokenize.py`. Its settings are checked first, naming the
+    field: a `tokenizer_export` that holds no SEED tokenizer, `dtype`, `num_threads` and
+    `batch_size` failed as tracebacks (a `batch_size` below 1 encoded a split in one batch)."""
     out_dir = config.out_dir or os.path.join(workdir, "codes")
     with command_line.config_checks():
         if not config.tokenizer_export:
@@ -272,6 +275,13 @@ def run(config, workdir: str) -> bool:
         splits = split_paths(config.splits)
         if not splits:
             raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
+        try:
+            weights.read_config(config.tokenizer_export, "seed_tokenizer")
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"config.tokenizer_export: {error}") from None
+        layers.compute_dtype(config.dtype, "config.dtype")
+        check_count("config.batch_size", config.batch_size, 1)
+        check_count("config.num_threads", config.num_threads, 0)
     summaries = pretokenize(config.tokenizer_export, splits, out_dir, batch_size=config.batch_size,
                             dtype=config.dtype, num_threads=config.num_threads)
     print(json.dumps({"out_dir": out_dir, "process": jax.process_index(), "summaries": summaries}), flush=True)

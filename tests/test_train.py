@@ -436,6 +436,19 @@ def test_a_stage_given_more_steps_after_a_later_stage_started_is_refused(tmp_pat
     assert "keep stage1.num_steps at 0" not in str(refused.value)  # no stage has 0 steps
 
 
+def test_a_run_given_another_model_is_refused_for_it_before_its_stages_steps(tmp_path):
+    """The demo preset in a finished tiny run's workdir was refused for its stage-I steps
+    first, proposing --config.stage1.num_steps=4, with which it was then refused for its
+    model; the refusal for the settings that define the run comes first now."""
+    workdir = tmp_path / "wd"
+    run_config.write(str(workdir), _tiny(), trainer.RUN_DEFINING, trainer.RUN_PATHS)
+    for name in ("stage1", "stage2"):
+        _run_line_stage(workdir / "checkpoints" / name, tmp_path / name, num_steps=4)
+    with pytest.raises(ValueError, match=r"^workdir .*: its checkpoints were trained with other settings than this "
+                                         r"run's \(.*model\.num_codes: 64 -> 1024"):
+        trainer.train(get_config("demo"), str(workdir))
+
+
 def _tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     """tag -> (step, value) of the scalars TensorBoard shows of the run `run_dir`: its
     event files read in name order, each SessionLog START hiding the events read before

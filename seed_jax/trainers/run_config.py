@@ -19,12 +19,24 @@ from seed_jax.trainers import checkpointing
 
 def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str], paths: Sequence[str] = (),
           prefix: str = "") -> None:
-    """Writes `config` to WORKDIR/config.json (process 0). Once the workdir holds a
-    checkpoint, the settings under the dotted keys `defining` (e.g. "model", "seed")
-    must equal those of its config.json: else a ValueError naming each that differs
-    (`changed_settings`), and config.json stays as it was. The keys and flags the error
-    names start with `prefix`: "tokenizer." where `config` is a trainer's nested
-    `config.tokenizer`, whose fields its command line sets as --config.tokenizer.KEY."""
+    """Writes `config` to WORKDIR/config.json (process 0), once `check` finds it may: else
+    its ValueError, and config.json stays as it was."""
+    check(workdir, config, defining, paths, prefix)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        records.write_json(os.path.join(workdir, "config.json"), _absolute_paths(json.loads(config.to_json()), paths),
+                           indent=2)
+
+
+def check(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str], paths: Sequence[str] = (),
+          prefix: str = "") -> None:
+    """Once the workdir holds a checkpoint, the settings under the dotted keys `defining`
+    (e.g. "model", "seed") must equal those of its config.json: else a ValueError naming
+    each that differs (`changed_settings`). The keys and flags the error names start with
+    `prefix`: "tokenizer." where `config` is a trainer's nested `config.tokenizer`, whose
+    fields its command line sets as --config.tokenizer.KEY. The trainers check this before
+    the order of their stages' steps, whose error would otherwise come first for a run
+    given another model, proposing steps with which it is still refused."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path) and _has_checkpoints(workdir):
         changed = changed_settings(workdir, config, defining, paths)
@@ -34,9 +46,6 @@ def write(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[st
                              f"({listed(changed, prefix)}); its config.json records what they are and is kept. "
                              f"Train into a new workdir ({new_workdir_flag(prefix)}), or resume with the settings "
                              f"it was trained with: {_flags(changed, prefix, preset)}")
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        records.write_json(path, _absolute_paths(json.loads(config.to_json()), paths), indent=2)
 
 
 def changed_settings(workdir: str, config: ml_collections.ConfigDict, defining: Sequence[str],

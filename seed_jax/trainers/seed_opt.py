@@ -513,6 +513,7 @@ def train(config, workdir: str) -> bool:
     """Both phases into `workdir` (resuming), then the merged export. False if preempted."""
     with command_line.config_checks():
         check_config(config)
+        run_config.check(workdir, config, RUN_DEFINING, RUN_PATHS)
         checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"),
                                         [(name, key, config[key].num_steps) for name, key in PHASES])
         # checked again with the model and tokenizer built: this reads what they will be

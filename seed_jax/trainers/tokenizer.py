@@ -603,6 +603,7 @@ def train(config, workdir: str, prefix: str = "") -> bool:
     `config` is the decoder's or SEED-OPT's `config.tokenizer` (`ensure_trained`)."""
     with command_line.config_checks():
         check_config(config, prefix)
+        run_config.check(workdir, config, RUN_DEFINING, RUN_PATHS, prefix)
         checkpointing.check_stage_order(os.path.join(workdir, "checkpoints"), [
             (name, f"{prefix}{name}", config[name].num_steps) for name in stages_to_run(config)],
             run_config.new_workdir_flag(prefix))

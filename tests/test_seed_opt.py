@@ -1672,6 +1672,12 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
     # a negative count skipped the phase without a word; a negative warm-up started mid-cosine
     ("phase1", dict(get_config("tiny").phase1, num_steps=-1), r"^phase1.num_steps: expected an integer >= 0 .*got -1$"),
     ("phase2", dict(get_config("tiny").phase2, warmup_steps=-1), r"^phase2.warmup_steps: expected an integer >= 0"),
+    # outside [0, 1], every sequence or none was text -> image, without a word; 0 bins failed in grain
+    ("phase2", dict(get_config("tiny").phase2, text_to_image_fraction=1.5),
+     r"^phase2.text_to_image_fraction: expected the fraction of sequences that are text -> image, in \[0, 1\], "
+     r"got 1.5$"),
+    ("phase1", dict(get_config("tiny").phase1, text_to_image_fraction=-0.1), r"^phase1.text_to_image_fraction: "),
+    ("data", dict(get_config("tiny").data, num_packing_bins=0), r"^data.num_packing_bins: expected an integer >= 1"),
     # the text tokenizer, once read after the tokenizer trained and its images were pre-tokenized
     ("text_tokenizer", dict(kind="bpe", folder=""), "text_tokenizer.kind: expected 'word_bpe' or 'gpt2_bpe', got 'bpe'"),
     ("text_tokenizer", dict(kind="gpt2_bpe", folder="/no/opt"), "text tokenizer folder: '/no/opt/vocab.json' does not"),

@@ -32,7 +32,7 @@ from PIL import Image
 
 from seed_jax import api, command_line, parallel, weights
 from seed_jax import export as export_lib
-from seed_jax.api.checks import check_count
+from seed_jax.api.checks import check_count, is_real
 from seed_jax.api import stable_diffusion
 from seed_jax.api.seed_opt import new_token_room
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
@@ -100,7 +100,8 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes), `num_steps` and `warmup_steps` (`optim.check_schedule`) and `max_targets_per_row`,
+    axes), `num_steps` and `warmup_steps` (`optim.check_schedule`), `max_targets_per_row` and
+    `text_to_image_fraction`, `data.num_packing_bins`,
     `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, with `tokenizer_export`
     `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
     pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
@@ -136,6 +137,11 @@ def check_config(config) -> None:
         # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
         check_count(f"{key}.max_targets_per_row", config[key].max_targets_per_row, 2,
                     "an image -> text sequence has a caption token and </s> as targets, at least")
+        fraction = config[key].text_to_image_fraction  # outside [0, 1], every sequence or none was text -> image
+        if not is_real(fraction) or not 0 <= fraction <= 1:
+            raise ValueError(f"{key}.text_to_image_fraction: expected the fraction of sequences that are text -> "
+                             f"image, in [0, 1], got {fraction!r}")
+    check_count("data.num_packing_bins", config.data.num_packing_bins, 1)  # 0 failed in grain, after the codes
     if config.tokenizer_export:
         caption_processor(config, None)
 

@@ -323,6 +323,22 @@ def test_negative_steps_fail_naming_the_field(tmp_path, overrides, message):
     assert not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("lr", -1e-3, r"^stage1.lr: expected a number >= 0, got -0.001$"),
+    ("end_lr", float("nan"), r"^stage1.end_lr: expected a finite number, got nan$"),
+    ("weight_decay", -0.05, r"^stage1.weight_decay: expected a number >= 0, got -0.05$"),
+    ("b2", 1.0, r"^stage1.b2: expected AdamW's decay rate in \[0, 1\), got 1.0$"),
+    ("init_lr", "1e-5", r"^stage1.init_lr: expected a finite number, got '1e-5'$")])
+def test_learning_rates_and_adamw_settings_out_of_range_fail_naming_them(name, value, message):
+    """A negative learning rate or weight decay ascended the loss without a word; a b1 or b2
+    of 1 zeroes AdamW's bias correction, so every update is NaN. Every trainer checks its
+    stages so, before anything runs."""
+    stage = ml_collections.ConfigDict({**get_config("tiny").stage1.to_dict(), name: value})
+    with pytest.raises(ValueError, match=message):
+        optim.check_schedule(stage, "stage1.")
+    optim.check_schedule(get_config("tiny").stage1, "stage1.")
+
+
 def test_a_stage_without_steps_per_epoch_decays_smoothly():
     """The demo and tiny presets keep the smooth warm-up cosine they were measured with."""
     for preset in ("demo", "tiny"):

@@ -196,6 +196,15 @@ def read_config(out: str, kind: str | None = None) -> tuple[str, Any, dict]:
     return meta["kind"], config_from_dict(meta["kind"], meta["config"]), meta.get("info", {})
 
 
+def read_config_named(field: str, out: str, kind: str) -> tuple[str, Any, dict]:
+    """`read_config(out, kind)` of the export the config `field` names: a missing export,
+    or one of another kind, is a ValueError naming `field`."""
+    try:
+        return read_config(out, kind)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{field}: {error}") from None
+
+
 def stored_config_fields(out: str) -> set[str]:
     """The config fields the export at `out` wrote (older exports lack newer fields)."""
     return set(_read_meta(out)["config"])

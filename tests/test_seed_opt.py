@@ -832,6 +832,17 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
         pretokenize.split_paths(splits)
 
 
+def _model_json_exports(folder) -> dict[str, str]:
+    """kind -> an export of a default SEED tokenizer or OPT in `folder` holding model.json
+    alone: what the config checks read."""
+    exports = {}
+    for kind, model_config in (("seed_tokenizer", SeedTokenizerConfig()), ("opt", OPTConfig())):
+        exports[kind] = str(folder / kind)
+        os.makedirs(exports[kind])
+        weights.write_config(exports[kind], kind, model_config)
+    return exports
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("tokenizer_export", "/no/export", r"^config.tokenizer_export: /no/export: not an export \(model.json missing\)"),
     ("tokenizer_export", "opt", r"^config.tokenizer_export: .*: holds a 'opt' model, expected 'seed_tokenizer'"),
@@ -841,11 +852,7 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
 def test_pretokenize_settings_that_cannot_run_fail_naming_them(tmp_path, field, value, message):
     """Each failed as a traceback once the export was read (or, a `batch_size` of 0, encoded
     the whole split as one batch); now a ConfigError naming the field, before any work."""
-    exports = {}
-    for kind, model_config in (("seed_tokenizer", SeedTokenizerConfig()), ("opt", OPTConfig())):
-        exports[kind] = str(tmp_path / kind)  # model.json alone: what the checks read
-        os.makedirs(exports[kind])
-        weights.write_config(exports[kind], kind, model_config)
+    exports = _model_json_exports(tmp_path)
     config = get_pretokenize_config()
     config.tokenizer_export, config.out_dir = exports["seed_tokenizer"], str(tmp_path / "codes")
     config.splits.train.dir = str(tmp_path / "images")
@@ -855,6 +862,23 @@ def test_pretokenize_settings_that_cannot_run_fail_naming_them(tmp_path, field, 
     with pytest.raises(command_line.ConfigError, match=message):
         pretokenize.run(config, str(tmp_path))
     assert not os.path.exists(config.out_dir)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tokenizer_export", "/no/export", r"^tokenizer_export: /no/export: not an export \(model.json missing\)"),
+    ("tokenizer_export", "opt", r"^tokenizer_export: .*: holds a 'opt' model, expected 'seed_tokenizer'$"),
+    ("init.opt", "/no/opt", r"^init.opt: /no/opt: not an export \(model.json missing\)"),
+    ("init.opt", "seed_tokenizer", r"^init.opt: .*: holds a 'seed_tokenizer' model, expected 'opt'$")])
+def test_exports_that_are_missing_or_of_another_kind_fail_naming_their_field(tmp_path, field, value, message):
+    """A missing `tokenizer_export` or `init.opt` failed naming only its path, as the path's
+    own error; both are named as the field now, before any work."""
+    exports = _model_json_exports(tmp_path)
+    config = get_config("tiny")
+    config.tokenizer_export = exports["seed_tokenizer"]
+    config.update_from_flattened_dict({field: exports.get(value, value)})
+    with pytest.raises(command_line.ConfigError, match=message):
+        seed_opt.train(config, str(tmp_path / "wd"))
+    assert not os.path.exists(tmp_path / "wd")
 
 
 @pytest.fixture(scope="module")

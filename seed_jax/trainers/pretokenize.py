@@ -275,10 +275,7 @@ def run(config, workdir: str) -> bool:
         splits = split_paths(config.splits)
         if not splits:
             raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
-        try:
-            weights.read_config(config.tokenizer_export, "seed_tokenizer")
-        except (ValueError, FileNotFoundError) as error:
-            raise ValueError(f"config.tokenizer_export: {error}") from None
+        weights.read_config_named("config.tokenizer_export", config.tokenizer_export, "seed_tokenizer")
         layers.compute_dtype(config.dtype, "config.dtype")
         check_count("config.batch_size", config.batch_size, 1)
         check_count("config.num_threads", config.num_threads, 0)

@@ -143,6 +143,7 @@ def check_config(config) -> None:
                              f"image, in [0, 1], got {fraction!r}")
     check_count("data.num_packing_bins", config.data.num_packing_bins, 1)  # 0 failed in grain, after the codes
     if config.tokenizer_export:
+        weights.read_config_named("tokenizer_export", config.tokenizer_export, "seed_tokenizer")
         caption_processor(config, None)
 
 
@@ -185,10 +186,7 @@ def model_config(config, text_vocab_size: int, num_codes: int, code_dim: int) ->
 
 def converted_opt(config) -> opt.OPTConfig:
     """The config of the converted OPT export at `init.opt`, else a ValueError naming it."""
-    kind, base, _ = weights.read_config(config.init.opt)
-    if kind != "opt":
-        raise ValueError(f"init.opt: {config.init.opt} holds a {kind!r} export, expected 'opt'")
-    return base
+    return weights.read_config_named("init.opt", config.init.opt, "opt")[1]
 
 
 def warn_if_rates_unrecorded(export: str, rates: dict[str, float]) -> None:

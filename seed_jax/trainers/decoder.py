@@ -154,7 +154,7 @@ class Evaluator:
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
     """`dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
-    `data.prefetch`, `train.num_steps` and `train.warmup_steps` (`optim.check_schedule`),
+    `data.prefetch`, `train`'s schedule and AdamW settings (`optim.check_schedule`),
     `train.trainable`, `uncond_probability`, `schedule`, the evaluation's options (first
     used at the end of training) and `train.batch_size` (it must split over the mesh's
     batch axes): checked before training (and before the tokenizer it needs is trained),

@@ -100,12 +100,12 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes), `num_steps` and `warmup_steps` (`optim.check_schedule`), `max_targets_per_row` and
+    axes), schedule and AdamW settings (`optim.check_schedule`), `max_targets_per_row` and
     `text_to_image_fraction`, `data.num_packing_bins`,
-    `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, with `tokenizer_export`
-    `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
-    pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
-    ValueError naming them."""
+    `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, `tokenizer_export`
+    (a SEED tokenizer's export) and with it `caption_tokenizer.caption_processor` and, when
+    the tokenizer run's images are pre-tokenized here, distinct `data.train_prefix` and
+    `data.eval_prefix`, else a ValueError naming them."""
     layers.compute_dtype(config.dtype)
     if not config.data.codes_dir and config.data.train_prefix == config.data.eval_prefix:
         # one prefix would name both splits' code shards: the eval images' codes replaced the train images'

@@ -335,8 +335,8 @@ def test_learning_rates_and_adamw_settings_out_of_range_fail_naming_them(name, v
     stages so, before anything runs."""
     stage = ml_collections.ConfigDict({**get_config("tiny").stage1.to_dict(), name: value})
     with pytest.raises(ValueError, match=message):
-        optim.check_schedule(stage, "stage1.")
-    optim.check_schedule(get_config("tiny").stage1, "stage1.")
+        optim.check_optimizer(stage, "stage1.")
+    optim.check_optimizer(get_config("tiny").stage1, "stage1.")
 
 
 def test_a_stage_without_steps_per_epoch_decays_smoothly():

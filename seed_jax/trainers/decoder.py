@@ -154,7 +154,7 @@ class Evaluator:
 # ---------------------------------------------------------------- driver
 def check_options(config) -> None:
     """`dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
-    `data.prefetch`, `train`'s schedule and AdamW settings (`optim.check_schedule`),
+    `data.prefetch`, `train`'s schedule and AdamW settings (`optim.check_optimizer`),
     `train.trainable`, `uncond_probability`, `schedule`, the evaluation's options (first
     used at the end of training) and `train.batch_size` (it must split over the mesh's
     batch axes): checked before training (and before the tokenizer it needs is trained),
@@ -162,7 +162,7 @@ def check_options(config) -> None:
     layers.compute_dtype(config.dtype)
     loop.check_loop_settings(config)
     loop.check_read_options(config.data)
-    optim.check_schedule(config.train, "train.")
+    optim.check_optimizer(config.train, "train.")
     if config.eval.num_examples < 2 and config.eval.num_examples != pipeline.ALL_RECORDS:
         raise ValueError(f"eval.num_examples: expected at least 2 (each image is also compared with another "
                          f"image's reconstruction) or {pipeline.ALL_RECORDS} (all), got {config.eval.num_examples}")

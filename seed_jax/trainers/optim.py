@@ -31,17 +31,12 @@ def check_schedule(stage, field: str = "") -> None:
     word, the next one training on its untrained start; a negative warm-up started mid-cosine),
     its `steps_per_epoch` and `num_epochs` are >= 0 and, with both set, `num_steps` stays
     within those epochs: past LAVIS's last epoch (which LAVIS never trains) the epoch-wise
-    cosine rose again, back towards `lr`. The learning rates (`init_lr`, `lr`, `end_lr`) and
-    `weight_decay` are finite and >= 0 (a negative one ascended the loss, without a word),
-    and AdamW's `b1` and `b2` lie in [0, 1) (at 1 its bias correction is 0: NaN updates)."""
+    cosine rose again, back towards `lr`. The learning rates (`init_lr`, `lr`, `end_lr`) are
+    finite and >= 0 (a negative one ascended the loss, without a word)."""
     check_count(f"{field}num_steps", stage.num_steps, 0, "0: the stage trains no step")
     check_count(f"{field}warmup_steps", stage.warmup_steps, 0, "0: none")
-    for name in ("init_lr", "lr", "end_lr", "weight_decay"):
-        if check_finite_number(f"{field}{name}", getattr(stage, name)) < 0:
-            raise ValueError(f"{field}{name}: expected a number >= 0, got {getattr(stage, name)!r}")
-    for name in ("b1", "b2"):
-        if not 0 <= check_finite_number(f"{field}{name}", getattr(stage, name)) < 1:
-            raise ValueError(f"{field}{name}: expected AdamW's decay rate in [0, 1), got {getattr(stage, name)!r}")
+    for name in ("init_lr", "lr", "end_lr"):
+        _check_not_negative(f"{field}{name}", getattr(stage, name))
     steps_per_epoch, num_epochs = getattr(stage, "steps_per_epoch", 0), getattr(stage, "num_epochs", 0)
     if steps_per_epoch < 0:
         raise ValueError(f"{field}steps_per_epoch: expected >= 0 (0 = a smooth cosine), got {steps_per_epoch}")
@@ -52,6 +47,22 @@ def check_schedule(stage, field: str = "") -> None:
                          f"{field}steps_per_epoch {steps_per_epoch} ({num_epochs * steps_per_epoch} steps), after "
                          f"which the learning rate's cosine would rise again: raise {field}num_epochs (0: as many as "
                          f"num_steps spans)")
+
+
+def check_optimizer(stage, field: str = "") -> None:
+    """`check_schedule`, and `stage`'s AdamW settings: `weight_decay` finite and >= 0 (a
+    negative one grew the weights), `b1` and `b2` in [0, 1) (at 1 its bias correction is 0,
+    and every update NaN), else a ValueError naming the field after `field`."""
+    check_schedule(stage, field)
+    _check_not_negative(f"{field}weight_decay", stage.weight_decay)
+    for name in ("b1", "b2"):
+        if not 0 <= check_finite_number(f"{field}{name}", getattr(stage, name)) < 1:
+            raise ValueError(f"{field}{name}: expected AdamW's decay rate in [0, 1), got {getattr(stage, name)!r}")
+
+
+def _check_not_negative(name: str, value) -> None:
+    if check_finite_number(name, value) < 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
 
 
 def make_schedule(stage) -> optax.Schedule:

@@ -100,12 +100,12 @@ def check_config(config) -> None:
     `dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `image_embedding`, `lora`, the dropout rates, the prompts' fields,
     `data.max_text_tokens`, each phase's `batch_size` (it must split over the mesh's batch
-    axes), schedule and AdamW settings (`optim.check_schedule`), `max_targets_per_row` and
+    axes), schedule and AdamW settings (`optim.check_optimizer`), `max_targets_per_row` and
     `text_to_image_fraction`, `data.num_packing_bins`,
-    `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, `tokenizer_export`
-    (a SEED tokenizer's export) and with it `caption_tokenizer.caption_processor` and, when
-    the tokenizer run's images are pre-tokenized here, distinct `data.train_prefix` and
-    `data.eval_prefix`, else a ValueError naming them."""
+    `eval.batch_size`, `max_caption_tokens`, `num_examples` and `num_samples`, with `tokenizer_export`
+    `caption_tokenizer.caption_processor` and, when the tokenizer run's images are
+    pre-tokenized here, distinct `data.train_prefix` and `data.eval_prefix`, else a
+    ValueError naming them."""
     layers.compute_dtype(config.dtype)
     if not config.data.codes_dir and config.data.train_prefix == config.data.eval_prefix:
         # one prefix would name both splits' code shards: the eval images' codes replaced the train images'
@@ -133,7 +133,7 @@ def check_config(config) -> None:
     # 0 failed at the first evaluation painting no images, a negative count saved all records but the last few
     check_count("eval.num_samples", config.eval.num_samples, 1)
     for _, key in PHASES:
-        optim.check_schedule(config[key], f"{key}.")
+        optim.check_optimizer(config[key], f"{key}.")
         # below, every sequence was skipped: grain's "100 % skipped" after the codes were made
         check_count(f"{key}.max_targets_per_row", config[key].max_targets_per_row, 2,
                     "an image -> text sequence has a caption token and </s> as targets, at least")
@@ -143,7 +143,6 @@ def check_config(config) -> None:
                              f"image, in [0, 1], got {fraction!r}")
     check_count("data.num_packing_bins", config.data.num_packing_bins, 1)  # 0 failed in grain, after the codes
     if config.tokenizer_export:
-        weights.read_config_named("tokenizer_export", config.tokenizer_export, "seed_tokenizer")
         caption_processor(config, None)
 
 
@@ -434,7 +433,8 @@ def planned_lengths(config, workdir: str) -> tuple[int, int]:
     trains first)."""
     positions = converted_opt(config).max_positions if config.init.opt else config.model.max_positions
     if config.tokenizer_export:
-        return positions, weights.read_config(config.tokenizer_export, "seed_tokenizer")[1].qformer.num_queries
+        tokenizer = weights.read_config_named("tokenizer_export", config.tokenizer_export, "seed_tokenizer")[1]
+        return positions, tokenizer.qformer.num_queries
     return positions, planned_tokenizer_run(config, workdir).model.qformer.num_queries
 
 

@@ -228,7 +228,7 @@ def check_config(config, prefix: str = "") -> None:
     `data.crop_scale` is a (min, max) area fraction (`check_crop_scale`); `label_smoothing`,
     `loss_weights` and `model.init_temperature` are in range (`check_loss_settings`);
     L_distill's two sides have one shape (`check_distill_shapes`); each stage's
-    learning-rate schedule settings (`optim.check_schedule`);
+    learning-rate schedule and AdamW settings (`optim.check_optimizer`);
     each stage's `trainable` names modules of the tokenizer (`check_trainable`)."""
     layers.compute_dtype(config.dtype, field=f"{prefix}dtype")
     if config.itc_gradient not in ITC_GRADIENTS:
@@ -239,7 +239,7 @@ def check_config(config, prefix: str = "") -> None:
     check_distill_shapes(config, prefix)
     check_loss_settings(config, prefix)
     for name in stages_to_run(config):
-        optim.check_schedule(config[name], f"{prefix}{name}.")
+        optim.check_optimizer(config[name], f"{prefix}{name}.")
     loop.check_loop_settings(config, prefix)
     loop.check_read_options(config.data, prefix)
     stage2, every = f"{prefix}stage2", config.stage2.restart_unused_codes_every

@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 
 from seed_jax import parallel
-from seed_jax.api.checks import check_count
+from seed_jax.api.checks import check_count, is_integer
 from seed_jax.trainers import checkpointing, coordination, global_batches, optim, reporting
 
 LOOP_SETTINGS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
@@ -34,7 +34,7 @@ def check_loop_settings(config, prefix: str = "") -> None:
     from step 0. `seed` is an integer in [0, 2**32 - 1): the data of stage k shuffle with
     seed + k, a 32-bit seed (grain failed on a negative one once the model was built)."""
     seed = config.seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32 - 1:
+    if not is_integer(seed) or not 0 <= seed < 2**32 - 1:
         raise ValueError(f"{prefix}seed: expected an integer in [0, 2**32 - 1) (stage k's data shuffle with seed + k, "
                          f"a 32-bit seed), got {seed!r}")
     for name in LOOP_SETTINGS:

@@ -39,10 +39,12 @@ def trained_workdir(tiny_decoder_run):
     return os.path.join(tiny_decoder_run, "tokenizer")
 
 
-def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_root):
+def test_export_holds_what_each_stage_trained(trained_workdir, tmp_path, repo_root, caplog):
     out = str(tmp_path / "out")
     assert_export_holds_both_stages(trained_workdir, out, repo_root)
-    tokenizer = SeedTokenizer.load(out)
+    with caplog.at_level("WARNING"):
+        tokenizer = SeedTokenizer.load(out)
+    assert "stage I only" not in caplog.text
     codes = tokenizer.encode(np.zeros((2, 32, 32, 3), np.float32))
     assert codes.shape == (2, 32) and tokenizer.embed_codes(codes).shape == (2, 77, 16)
 
@@ -460,6 +462,16 @@ def test_stage2_starts_from_a_stage1_export(trained_workdir, tmp_path):
     (started / "config.json").write_text(config.to_json())
     with pytest.raises(ValueError, match="stage: 'stage1' was not trained in workdir"):
         export(str(started), str(tmp_path / "not_stage1"), "stage1")
+
+
+def test_a_stage1_export_warns_when_loaded(trained_workdir, tmp_path, caplog):
+    """A stage-I export loaded and encoded with its untrained codebook without a word; its
+    load now warns (the jobs that read or write codes refuse it: tests/test_seed_opt.py)."""
+    out = str(tmp_path / "stage1")
+    export(trained_workdir, out, "stage1")
+    with caplog.at_level("WARNING"):
+        SeedTokenizer.load(out)
+    assert re.search(r"trained through stage I only \(steps \{'stage1': 4\}\): its codebook", caplog.text)
 
 
 def test_a_sharded_model_exports_and_reads_back_to_host_numpy(tmp_path, recwarn):

@@ -840,12 +840,16 @@ def _model_json_exports(folder) -> dict[str, str]:
         exports[kind] = str(folder / kind)
         os.makedirs(exports[kind])
         weights.write_config(exports[kind], kind, model_config)
+    exports["stage1"] = str(folder / "stage1")  # as `seed_jax.export --stage=stage1` records it
+    os.makedirs(exports["stage1"])
+    weights.write_config(exports["stage1"], "seed_tokenizer", SeedTokenizerConfig(), info={"steps": {"stage1": 4}})
     return exports
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("tokenizer_export", "/no/export", r"^config.tokenizer_export: /no/export: not an export \(model.json missing\)"),
     ("tokenizer_export", "opt", r"^config.tokenizer_export: .*: holds a 'opt' model, expected 'seed_tokenizer'"),
+    ("tokenizer_export", "stage1", r"^config.tokenizer_export: .*stage1 holds a tokenizer trained through stage I only"),
     ("dtype", "fp32", r"^config.dtype: expected one of \['bfloat16', 'float32'\], got 'fp32'"),
     ("batch_size", 0, r"^config.batch_size: expected an integer >= 1, got 0"),
     ("num_threads", -1, r"^config.num_threads: expected an integer >= 0, got -1")])
@@ -867,11 +871,14 @@ def test_pretokenize_settings_that_cannot_run_fail_naming_them(tmp_path, field, 
 @pytest.mark.parametrize("field, value, message", [
     ("tokenizer_export", "/no/export", r"^tokenizer_export: /no/export: not an export \(model.json missing\)"),
     ("tokenizer_export", "opt", r"^tokenizer_export: .*: holds a 'opt' model, expected 'seed_tokenizer'$"),
+    ("tokenizer_export", "stage1", r"^tokenizer_export: .*stage1 holds a tokenizer trained through stage I only .*"
+                                   r"; export the run after stage II"),
     ("init.opt", "/no/opt", r"^init.opt: /no/opt: not an export \(model.json missing\)"),
     ("init.opt", "seed_tokenizer", r"^init.opt: .*: holds a 'seed_tokenizer' model, expected 'opt'$")])
 def test_exports_that_are_missing_or_of_another_kind_fail_naming_their_field(tmp_path, field, value, message):
     """A missing `tokenizer_export` or `init.opt` failed naming only its path, as the path's
-    own error; both are named as the field now, before any work."""
+    own error, and a stage-I `tokenizer_export` trained on its untrained codes; each is
+    named as the field now, before any work."""
     exports = _model_json_exports(tmp_path)
     config = get_config("tiny")
     config.tokenizer_export = exports["seed_tokenizer"]

@@ -8,6 +8,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from seed_jax import parallel, weights
@@ -27,6 +28,29 @@ from seed_jax.models.tokenizer import SeedTokenizer as SeedTokenizerModel
 # normalisation.
 PIXEL_RANGE = (-8.0, 8.0)
 INTERMEDIATES = ("vit_features", "image_embeds", "causal_embeddings", "quant_input", "codes", "quantized")
+
+
+def untrained_codebook(path: str, info: dict) -> str | None:
+    """Why the tokenizer export at `path` (its model.json `info`) holds an untrained
+    codebook, or None. `seed_jax.export` records each stage's restored step: one without a
+    stage-II step (`--stage=stage1`, or exported before stage II's first checkpoint) holds
+    the codebook and reverse Q-Former as initialised. Converted exports record no steps."""
+    steps = info.get("steps")
+    if steps is None or steps.get("stage2") is not None:
+        return None
+    return (f"{path} holds a tokenizer trained through stage I only (steps {steps}): its codebook and "
+            "reverse Q-Former are as initialised, so its codes carry nothing of the image")
+
+
+def read_codes_export(field: str, path: str):
+    """The config of the tokenizer export that the config `field` names, for a job that
+    reads or writes its codes: missing, of another kind or with an untrained codebook
+    (`untrained_codebook`), it is a ValueError naming `field`."""
+    _, config, info = weights.read_config_named(field, path, "seed_tokenizer")
+    reason = untrained_codebook(path, info)
+    if reason:
+        raise ValueError(f"{field}: {reason}; export the run after stage II (python -m seed_jax.export)")
+    return config
 
 
 class SeedTokenizer:
@@ -95,6 +119,10 @@ class SeedTokenizer:
         compute_dtype = layers.compute_dtype(dtype)
         if diffusion:
             weights.read_config(diffusion, "stable_diffusion")
+        reason = untrained_codebook(path, weights.read_config(path, "seed_tokenizer")[2])
+        if reason:
+            logging.warning("%s: encode, embed_codes and decode give nothing of use; image_features (stage I) "
+                            "are trained", reason)
         model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="seed_tokenizer", mesh=mesh,
                                          rules=axis_rules)
         sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None

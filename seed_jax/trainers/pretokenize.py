@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from seed_jax import command_line, weights
 from seed_jax.api.checks import check_count
 from seed_jax.api.precision import matmul_precision
+from seed_jax.api.seed_tokenizer import read_codes_export
 from seed_jax.data import code_records, preprocess, records
 from seed_jax.models import layers
 from seed_jax.models.tokenizer import SeedTokenizer
@@ -275,7 +276,7 @@ def run(config, workdir: str) -> bool:
         splits = split_paths(config.splits)
         if not splits:
             raise ValueError("config.splits: set the `dir` of at least one split (e.g. --config.splits.train.dir=...)")
-        weights.read_config_named("config.tokenizer_export", config.tokenizer_export, "seed_tokenizer")
+        read_codes_export("config.tokenizer_export", config.tokenizer_export)
         layers.compute_dtype(config.dtype, "config.dtype")
         check_count("config.batch_size", config.batch_size, 1)
         check_count("config.num_threads", config.num_threads, 0)

@@ -35,6 +35,7 @@ from seed_jax import export as export_lib
 from seed_jax.api.checks import check_count, is_real
 from seed_jax.api import stable_diffusion
 from seed_jax.api.seed_opt import new_token_room
+from seed_jax.api.seed_tokenizer import read_codes_export
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
@@ -433,7 +434,7 @@ def planned_lengths(config, workdir: str) -> tuple[int, int]:
     trains first)."""
     positions = converted_opt(config).max_positions if config.init.opt else config.model.max_positions
     if config.tokenizer_export:
-        tokenizer = weights.read_config_named("tokenizer_export", config.tokenizer_export, "seed_tokenizer")[1]
+        tokenizer = read_codes_export("tokenizer_export", config.tokenizer_export)
         return positions, tokenizer.qformer.num_queries
     return positions, planned_tokenizer_run(config, workdir).model.qformer.num_queries
 

@@ -415,8 +415,16 @@ def test_sample_rejects_bad_inputs(converted):
     assert sd.sample(np.zeros((1, 78, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=1.0).shape[0] == 1
     with pytest.raises(ValueError, match="length: expected 1..77"):
         sd.empty_prompt_embeds(1, 78)
+    # numpy's errors named nothing (a negative or float batch), or a float length passed
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=f"batch: expected an integer >= 1, got {bad}"):
+            sd.empty_prompt_embeds(bad)
+    with pytest.raises(ValueError, match="length: expected 1..77"):
+        sd.empty_prompt_embeds(1, 20.5)
     with pytest.raises(ValueError, match="latents: expected"):
         sd.sample(good, latents=np.zeros((1, 4, 4, 3), np.float32), num_steps=2)
+    with pytest.raises(ValueError, match=r"latents: expected \(1,h,w,4\), h and w >= 1"):  # gave empty images
+        sd.sample(good, latents=np.zeros((1, 0, 4, 4), np.float32), num_steps=2)
     with pytest.raises(ValueError, match="sampler: expected"):
         sd.sample(good, num_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="num_steps: expected"):

@@ -8,7 +8,7 @@ from absl import logging
 from flax import nnx
 
 from seed_jax import weights
-from seed_jax.api.checks import as_array, check_count, check_finite_number, seed_key
+from seed_jax.api.checks import as_array, check_count, check_finite_number, is_integer, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.precision import matmul_precision, model_dtype
 from seed_jax.command_line import user_path
@@ -101,6 +101,7 @@ class StableDiffusion:
         that is the first `length` rows of the full-length output."""
         if self.config.empty_prompt_ids is None or self.model.text_encoder is None:
             raise ValueError("this model has no text encoder or empty-prompt ids: pass negative_embeds")
+        batch = check_count("batch", batch, 1)
         if self._empty_prompt is None:  # the weights are fixed: encode once
             ids = np.asarray([self.config.empty_prompt_ids])
             _check_ids_in_vocabulary("empty_prompt_ids", ids, self.config.text_encoder.vocab_size,
@@ -108,7 +109,7 @@ class StableDiffusion:
                                           "pass negative_embeds")
             self._empty_prompt = self.encode_text(ids)
         full = self._empty_prompt.shape[1]
-        if length is not None and not 1 <= length <= full:
+        if length is not None and not (is_integer(length) and 1 <= length <= full):
             raise ValueError(f"length: expected 1..{full} (the empty prompt's ids), got {length}")
         return np.repeat(self._empty_prompt[:, :length], batch, axis=0)
 
@@ -137,8 +138,9 @@ class StableDiffusion:
                 negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
                                                      prompt_embeds.shape[1])
         latents = self.initial_noise(batch, seed) if latents is None else as_array("latents", latents, np.float32)
-        if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1]:
-            raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}) (default size "
+        if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1] \
+                or not latents.shape[1] * latents.shape[2]:
+            raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}), h and w >= 1 (default size "
                              f"{self.latent_shape[:2]}), got {latents.shape}")
         if not np.isfinite(latents).all():
             raise ValueError("latents: contains NaN or infinity")

@@ -1490,9 +1490,9 @@ def test_unknown_lora_targets_or_rank_fail_naming_them():
     that adapter, silently; an empty or string target list, or a negative rank, too."""
     base = dict(vocab_size=100, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64, lora_rank=4)
     for targets in [("query", "valu"), ("q_proj", "v_proj"), (), "query"]:
-        with pytest.raises(ValueError, match="lora targets: .*expected .*names from"):
+        with pytest.raises(ValueError, match=r"lora\.targets: .*expected .*names from"):
             OPTConfigOurs(**base, lora_targets=targets)
-    with pytest.raises(ValueError, match="lora rank: expected a positive integer, got -2"):
+    with pytest.raises(ValueError, match=r"lora\.rank: expected a positive integer, got -2"):
         OPTConfigOurs(**{**base, "lora_rank": -2})
     model = weights.build("opt", OPTConfigOurs(**base, lora_targets=("value", "fc2")))
     assert sorted(k for k in weights.flat_params(model) if "lora" in k) == [

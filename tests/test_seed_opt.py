@@ -1669,7 +1669,7 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(repo_root):
 @pytest.mark.parametrize("key, value, message", [
     ("dtype", "bf16", "dtype: expected one of"),
     ("image_embedding", "codebook", "image_embedding: expected 'rows' or 'codebook_projection'"),
-    ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj"), dropout=0.0), r"lora targets: \['q_proj'\]"),
+    ("lora", dict(rank=4, alpha=32.0, targets=("query", "q_proj"), dropout=0.0), r"lora\.targets: \['q_proj'\]"),
     ("keep_checkpoints", 0, "keep_checkpoints: expected an integer >= 1, got 0"),
     ("data", dict(get_config("tiny").data, max_text_tokens=0), "data.max_text_tokens: expected an integer >= 1"),
     ("prompts", dict(caption="A photo of", generate="Generate an image", question="Question: {question}"),

@@ -78,15 +78,15 @@ class LoRA:
     dropout: float = 0.0
 
     def __post_init__(self):
-        check_rate("lora dropout", self.dropout)
+        check_rate("lora.dropout", self.dropout)
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora rank: expected a positive integer, got {self.rank!r}")
+            raise ValueError(f"lora.rank: expected a positive integer, got {self.rank!r}")
         if isinstance(self.targets, str) or not self.targets:
-            raise ValueError(f"lora targets: expected a non-empty sequence of names from {LORA_TARGETS}, "
+            raise ValueError(f"lora.targets: expected a non-empty sequence of names from {LORA_TARGETS}, "
                              f"got {self.targets!r}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"lora targets: {unknown} are not adaptable projections; expected names from "
+            raise ValueError(f"lora.targets: {unknown} are not adaptable projections; expected names from "
                              f"{LORA_TARGETS}")
 
     @property

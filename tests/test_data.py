@@ -104,6 +104,20 @@ def test_a_train_split_with_no_records_for_some_process_fails_on_every_process(r
             sequences.packed_train_iterator([path], None, global_batch_size=4, seed=0)
 
 
+def test_a_shard_folder_that_is_a_file_or_missing_says_so(shards):
+    """A `data.train_dir` naming one of its shards gave "no shards in FILE", as an empty
+    folder does; a file, or a folder that does not exist, is now said to be one."""
+    directory, train = shards
+    with pytest.raises(FileNotFoundError, match=rf"^data.train_dir: no ArrayRecord shards named 'train-.*' in "
+                                                rf"'{re.escape(train[0])}': it is a file; give the folder that "
+                                                rf"holds the shards \('{re.escape(directory)}'\)$"):
+        records.shard_paths(train[0], "train", "data.train_dir")
+    with pytest.raises(FileNotFoundError, match=r"in '/no/shards': no such folder$"):
+        records.shard_paths("/no/shards", "train")
+    with pytest.raises(FileNotFoundError, match=r"'eval-\*-of-\*.array_record' in '.*'$"):  # a folder: no hint
+        records.shard_paths(directory, "eval")
+
+
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     good = [synthetic.make_example(i, 0, 32) for i in range(6)]
     path = str(tmp_path / "mixed.array_record")

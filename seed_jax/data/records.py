@@ -179,8 +179,10 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
     named = f"{field}: " if field else ""
     paths = existing_shards(directory, prefix)
     if not paths:
+        hint = (f": it is a file; give the folder that holds the shards ({os.path.dirname(directory) or '.'!r})"
+                if os.path.isfile(directory) else "" if os.path.isdir(directory) else ": no such folder")
         raise FileNotFoundError(
-            f"{named}no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}"
+            f"{named}no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}{hint}"
         )
     numbers = [re.fullmatch(r"-(\d{5})-of-(\d{5})", os.path.basename(p)[len(prefix):-len(_SHARD_SUFFIX)])
                for p in paths]

@@ -1306,6 +1306,11 @@ def test_a_misspelt_trainable_module_fails_before_anything_trains(tmp_path):
     offered = set(re.search(r"expected names from (\[.*\])", str(error.value)).group(1)[2:-2].split("', '"))
     assert {"blocks_text", "quantize", "visual_encoder", "temp"} <= offered
     assert not offered & {"config", "dtype", "_pytree__nodes"}
+    assert "quote" not in str(error.value)
+    # `--config.stage1.trainable=(qformer,ln_vision)` reads as this one name: the error says to quote
+    with pytest.raises(ValueError, match=r"^stage1.trainable: \['\(qformer,ln_vision\)'\] are not modules .*; on "
+                                         r"the command line, quote each name: --config.stage1.trainable=\"\('a','b'\)\"$"):
+        trainer.train(_tiny(**{"stage1.trainable": ("(qformer,ln_vision)",)}), str(tmp_path))
     assert not os.listdir(tmp_path)
     config = get_config("tiny")
     config.init.stage1, config.stage1.trainable = "/ckpt/stage1_export", ("no_such_module",)  # stage I does not run

@@ -151,8 +151,12 @@ def trainable_filter(model: nnx.Module, prefix: tuple[str, ...], names, field: s
                and tuple(str(k) for k in path[:len(prefix)]) == prefix}
     missing = [n for n in names if n not in present]
     if missing:
+        # the command line reads an unquoted `=(a,b)` as the one string "(a,b)"
+        unquoted = any(c in name for name in missing for c in "(),[]")
         raise ValueError(f"{field}: {missing} are not modules of the model under {'/'.join(prefix)}; "
-                         f"expected names from {sorted(present)}")
+                         f"expected names from {sorted(present)}"
+                         + (f"; on the command line, quote each name: --config.{field}=\"('a','b')\""
+                            if unquoted else ""))
 
     def accept(path, value):
         keys = tuple(str(k) for k in path)

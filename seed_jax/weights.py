@@ -94,7 +94,15 @@ def this_process_only() -> ocp.options.MultiprocessingOptions:
 
 
 def check_free(out: str) -> None:
-    """Raises if the directory `out` already holds an export."""
+    """Raises if `out` cannot be a new export directory: "" (which named the current
+    directory), a file at or above it, or an export already there."""
+    if not out:
+        raise ValueError("out is empty: expected a new export directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileExistsError(f"out: {existing} is a file, not a directory; choose a new directory")
     if os.path.exists(os.path.join(out, PARAMS_DIR)):
         raise FileExistsError(f"out: {os.path.abspath(out)} already holds an export; choose a new directory")
 

@@ -397,6 +397,17 @@ def test_an_out_that_holds_an_export_fails_before_reading(tmp_path, capsys):
     assert "already holds an export" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out", ["", "file", "file/sub"])
+def test_an_out_that_cannot_be_a_directory_fails_before_reading(out, tmp_path, capsys):
+    """--out= wrote the export into the current directory; a file at or above --out failed
+    only when writing, after the whole conversion, as "error: 17" (the errno)."""
+    (tmp_path / "file").write_text("")
+    assert convert_main(["hf_opt", f"--checkpoint={tmp_path / 'absent'}",
+                         f"--out={tmp_path / out if out else ''}"]) == 1
+    expected = f"out: {tmp_path / 'file'} is a file, not a directory" if out else "out is empty"
+    assert f"error: {expected}" in capsys.readouterr().err
+
+
 def _help_text(argv: list[str], capsys) -> str:
     """What `python -m seed_jax.convert ARGV --help` prints, on one line."""
     with pytest.raises(SystemExit):

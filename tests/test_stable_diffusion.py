@@ -337,6 +337,19 @@ def test_flags_of_the_other_layout_fail_naming_them(tmp_path):
         convert(["sd", f"--checkpoint={tmp_path / 'sd-v1-4.ckpt'}", f"--out={tmp_path / 'b'}", "--variant=fp16"])
 
 
+def test_an_sd2_compvis_file_is_named_as_such(tmp_path, capsys):
+    """SD 2's single files (v2-1_512-ema-pruned.safetensors) hold OpenCLIP's text encoder under
+    cond_stage_model.model.*: the conversion failed on a missing CLIP key, as if the file lacked it."""
+    from safetensors.numpy import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((32, 4, 3, 3), np.float16),
+               "cond_stage_model.model.token_embedding.weight": np.zeros((64, 32), np.float16)},
+              str(tmp_path / "v2-1_512.safetensors"))
+    assert convert_main(["sd", f"--checkpoint={tmp_path / 'v2-1_512.safetensors'}", f"--out={tmp_path / 'o'}"]) == 1
+    assert ("holds 'cond_stage_model.model.token_embedding.weight': an SD 2 CompVis checkpoint"
+            in capsys.readouterr().err)
+
+
 def test_a_variant_only_some_parts_have_is_read_for_those_as_diffusers_does(tmp_path, capsys):
     """SD v1.5's folder has `non_ema` weights for its UNet alone: diffusers'
     from_pretrained(variant="non_ema") reads them there and the main weights of the

@@ -121,7 +121,7 @@ LAYOUT_HELP = {
     "lavis_blip2": "LAVIS's BLIP-2 (blip2_pretrained.pth [+ eva_vit_g.pth])",
     "hf_blip2": "a transformers Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration folder",
     "hf_clip_text": "a transformers CLIP text encoder folder (e.g. SD's text_encoder/)",
-    "sd": "Stable Diffusion v1/v2: a diffusers pipeline folder or a CompVis .ckpt",
+    "sd": "Stable Diffusion v1/v2: a diffusers pipeline folder, or SD v1's CompVis .ckpt / .safetensors",
     "hf_opt": "a transformers OPTForCausalLM / OPTModel folder, or a Blip2ForConditionalGeneration one's OPT, "
               "with SEED's image tokens appended",
 }

@@ -27,6 +27,7 @@ from seed_jax.models.vae import VAEConfig
 
 PARTS = ("unet", "vae", "text_encoder")
 COMPVIS_UNET = "model.diffusion_model."
+COMPVIS_OPEN_CLIP = "cond_stage_model.model."  # SD 2's text encoder in a CompVis file
 # SD v1's text encoder (CLIP ViT-L/14's), for a CompVis checkpoint, which has no config.json
 SD_V1_TEXT_ENCODER = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 # CLIP ViT-L/14's tokenizer (what SD v1 used): <|startoftext|>, then <|endoftext|> as end and padding.
@@ -355,6 +356,10 @@ def compvis_to_diffusers(arrays: Mapping[str, np.ndarray], name: str, *, ema: bo
     unet_prefix, vae_prefix = COMPVIS_UNET, "first_stage_model."
     if f"{unet_prefix}input_blocks.0.0.weight" not in arrays:
         raise KeyError(f"{name}: missing key '{unet_prefix}input_blocks.0.0.weight' (not a CompVis SD checkpoint)")
+    if open_clip := next((k for k in arrays if k.startswith(COMPVIS_OPEN_CLIP)), None):
+        raise ValueError(f"{name}: holds {open_clip!r}: an SD 2 CompVis checkpoint (its text encoder is "
+                         "OpenCLIP's); of CompVis files only SD v1's (cond_stage_model.transformer.*) convert: "
+                         "convert SD 2's diffusers folder instead")
     ema_keys = compvis_ema_keys(arrays) if ema else {}
     if ema and (missing := [k for k in ema_keys if k not in arrays]):
         raise KeyError(f"{name}: --ema: missing key '{missing[0]}' ({len(missing)} of the UNet's {len(ema_keys)} "

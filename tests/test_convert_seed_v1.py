@@ -323,6 +323,18 @@ def test_vit_depth_is_the_references_39_or_the_main_checkpoints(tmp_path):
         convert(["seed_v1", f"--checkpoint={tmp_path / 'gap.pth'}", f"--out={tmp_path / 'c'}", *_heads(TINY)])
 
 
+@pytest.mark.parametrize("layout", ["seed_v1", "lavis_blip2"])
+def test_a_checkpoint_without_the_vit_fails_saying_to_give_vit(layout, tmp_path, capsys):
+    """A checkpoint without its frozen ViT (the training runner's, blip2_pretrained.pth) given
+    alone failed on a missing ViT key of a source named "(with --vit)", --vit not given."""
+    state, _, _ = _reference(TINY, batch=1)
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}},
+               tmp_path / "no_vit.pth")
+    assert convert_main([layout, f"--checkpoint={tmp_path / 'no_vit.pth'}", f"--out={tmp_path / 'o'}"]) == 1
+    assert (f"checkpoint {tmp_path / 'no_vit.pth'}: missing key 'visual_encoder.patch_embed.proj.weight' (no ViT): "
+            "give LAVIS's eva_vit_g.pth with --vit") in capsys.readouterr().err
+
+
 def test_missing_key_fails_naming_it_and_unused_keys_are_listed(tmp_path, capsys):
     state, _, _ = _reference(TINY, batch=1)
     state = dict(state)

@@ -30,13 +30,25 @@ from seed_jax.convert import stable_diffusion as sd
 from seed_jax.convert.rules import Source, apply
 
 
+def _merged(args, what: str, checkpoint, qformer, vit) -> tuple[Source, list[str]]:
+    """(--checkpoint with --qformer / --vit merged in, named by the files given; the keys
+    --checkpoint overrode): see `seed_v1.merge_sources`. One that lacks the ViT without
+    --vit fails saying to give it."""
+    merged, overridden = seed_v1.merge_sources(checkpoint, qformer, vit)
+    given = [f"--{name}" for name in ("qformer", "vit") if getattr(args, name, "")]
+    name = f"{what} {args.checkpoint}" + (f" (with {' and '.join(given)})" if given else "")
+    patch = f"{seed_v1.VIT}patch_embed.proj.weight"
+    if not vit and patch not in merged:
+        raise KeyError(f"{name}: missing key {patch!r} (no ViT): give LAVIS's eva_vit_g.pth with --vit")
+    return Source(merged, name), overridden
+
+
 def _seed_v1(args):
     checkpoint = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
     extra = {name: sources.read_file(path, allow_pickle=args.allow_pickle) if path else None
              for name, path in (("qformer", args.qformer), ("vit", args.vit))}
     depth = seed_v1.vit_depth(Source(checkpoint, args.checkpoint), args.vit_depth)
-    merged, overridden = seed_v1.merge_sources(checkpoint, extra["qformer"], extra["vit"])
-    source = Source(merged, "seed_v1 checkpoint (with --qformer / --vit)")
+    source, overridden = _merged(args, "seed_v1 checkpoint", checkpoint, extra["qformer"], extra["vit"])
     config = seed_v1.config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads,
                             blocks_heads=args.blocks_heads, vit_depth=depth)
     return "seed_tokenizer", config, seed_v1.table(config), source, {"overridden_by_checkpoint": overridden}
@@ -46,8 +58,7 @@ def _lavis_blip2(args):
     arrays = sources.read_file(args.checkpoint, allow_pickle=args.allow_pickle)
     vit = sources.read_file(args.vit, allow_pickle=args.allow_pickle) if args.vit else {}
     depth = seed_v1.vit_depth(Source(arrays, args.checkpoint), args.vit_depth)
-    merged, overridden = seed_v1.merge_sources(arrays, None, vit)
-    source = Source(merged, "LAVIS BLIP-2 checkpoint (with --vit)")
+    source, overridden = _merged(args, "LAVIS BLIP-2 checkpoint", arrays, None, vit)
     config = blip2.lavis_config(source, vit_heads=args.vit_heads, qformer_heads=args.qformer_heads,
                                 vit_depth=depth)
     return "blip2", config, blip2.lavis_table(config), source, {"overridden_by_checkpoint": overridden}

@@ -853,3 +853,21 @@ def test_the_empty_prompt_is_padded_as_the_pipeline_pads_it(tmp_path):
         embeddings = {f"{prefix}embeddings.{name}_embedding.weight": np.zeros((n, 4)) for name, n in
                       (("token", 64), ("position", 80))}
         assert sd_convert.text_positions(Source(embeddings, "folder")) == 80
+
+
+@pytest.mark.parametrize("kept", [["tokenizer_config.json"], ["vocab.json"], []])
+def test_a_tokenizer_folder_without_its_vocabulary_is_named(tmp_path, kept):
+    """transformers 5 loads such a folder as a tokenizer of its special tokens alone: the
+    empty prompt's ids were (0, 2, 2, ...), silently; with vocab.json alone its error
+    named no folder."""
+    from seed_jax.convert import stable_diffusion as sd_convert
+
+    tiny_tokenizer(str(tmp_path / "vocab")).save_pretrained(tmp_path / "saved")
+    (tmp_path / "tokenizer").mkdir()
+    for name in kept:
+        source = tmp_path / ("vocab" if name == "vocab.json" else "saved") / name
+        (tmp_path / "tokenizer" / name).write_bytes(source.read_bytes())
+    missing = "merges.txt" if kept == ["vocab.json"] else "vocab.json or merges.txt"
+    with pytest.raises(FileNotFoundError, match=f"tokenizer: no tokenizer.json, nor {missing}: the tokenizer's "
+                                                "vocabulary"):
+        sd_convert.empty_prompt_ids(str(tmp_path), 77)

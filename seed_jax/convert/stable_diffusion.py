@@ -272,6 +272,12 @@ def empty_prompt_ids(folder: str | None, max_length: int) -> tuple[int, ...]:
     if path and os.path.isdir(path):
         from transformers import CLIPTokenizer
 
+        # Without them transformers 5 builds a tokenizer of the special tokens alone: wrong ids, silently.
+        missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, f))]
+        if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise FileNotFoundError(f"{path}: no tokenizer.json, nor {' or '.join(missing)}: the tokenizer's "
+                                    "vocabulary, which the empty prompt's ids come from (a partial download?)")
+
         tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         return tuple(int(i) for i in tokenizer("", padding="max_length", truncation=True,
                                                max_length=min(max_length, tokenizer.model_max_length)).input_ids)

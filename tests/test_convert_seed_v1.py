@@ -420,6 +420,15 @@ def test_an_out_that_cannot_be_a_directory_fails_before_reading(out, tmp_path, c
     assert f"error: {expected}" in capsys.readouterr().err
 
 
+def test_an_os_error_while_converting_prints_its_text_and_path(tmp_path, capsys, monkeypatch):
+    """An OS error raised by a read printed only its errno ("error: 20")."""
+    def fail(args):
+        raise NotADirectoryError(20, "Not a directory", "/a/file/sub")
+    monkeypatch.setitem(convert_cli.CONVERTERS, "hf_opt", fail)
+    assert convert_main(["hf_opt", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'out'}"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 20] Not a directory: '/a/file/sub'\n"
+
+
 def _help_text(argv: list[str], capsys) -> str:
     """What `python -m seed_jax.convert ARGV --help` prints, on one line."""
     with pytest.raises(SystemExit):

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     try:
         report = convert(sys.argv[1:] if argv is None else argv)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        # a message alone, without KeyError's quotes; an OS error's (errno, text, path) whole
+        print(f"error: {e.args[0] if len(e.args) == 1 else e}", file=sys.stderr)
         return 1
     print(f"wrote {report['kind']} export ({report['num_params']:,} parameters) from {report['checkpoint']}")
     if report["unused_keys"]:

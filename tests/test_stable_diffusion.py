@@ -337,6 +337,20 @@ def test_flags_of_the_other_layout_fail_naming_them(tmp_path):
         convert(["sd", f"--checkpoint={tmp_path / 'sd-v1-4.ckpt'}", f"--out={tmp_path / 'b'}", "--variant=fp16"])
 
 
+def test_a_pipeline_folder_given_for_one_model_names_its_model_folders(tmp_path):
+    """`hf_clip_text` given SD's pipeline folder, not its text_encoder/, listed only the
+    weight files it lacks."""
+    for part in ("text_encoder", "unet", "vae"):
+        (tmp_path / part).mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"nor a sharded .index.json of one \(a diffusers pipeline folder: "
+                                                r"give the folder of one of its models, text_encoder, unet, vae;"):
+        convert(["hf_clip_text", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'out'}"])
+    (tmp_path / "model_index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"nor a sharded .index.json of one$"):  # not a pipeline: no hint
+        convert(["hf_clip_text", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'out'}"])
+
+
 def test_an_sd2_compvis_file_is_named_as_such(tmp_path, capsys):
     """SD 2's single files (v2-1_512-ema-pruned.safetensors) hold OpenCLIP's text encoder under
     cond_stage_model.model.*: the conversion failed on a missing CLIP key, as if the file lacked it."""

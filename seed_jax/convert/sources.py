@@ -112,7 +112,12 @@ def read_folder(folder: str, *, allow_pickle: bool = False, variant: str | None 
     files = _weight_files(folder, variant)
     if not files:
         wanted = [_variant_name(name, variant) for name in WEIGHT_NAMES]
-        raise FileNotFoundError(f"{folder}: no {' or '.join(wanted)}, nor a sharded .index.json of one")
+        pipeline = ""
+        if os.path.exists(os.path.join(folder, "model_index.json")):
+            parts = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+            pipeline = (f" (a diffusers pipeline folder: give the folder of one of its models, {', '.join(parts)}; "
+                        "the `sd` layout converts the whole pipeline)")
+        raise FileNotFoundError(f"{folder}: no {' or '.join(wanted)}, nor a sharded .index.json of one{pipeline}")
     return LazyArrays.merged(*(read_file(f, allow_pickle=allow_pickle) for f in files))
 
 

@@ -104,7 +104,11 @@ def check_free(out: str) -> None:
     if not os.path.isdir(existing):
         raise FileExistsError(f"out: {existing} is a file, not a directory; choose a new directory")
     if os.path.exists(os.path.join(out, PARAMS_DIR)):
-        raise FileExistsError(f"out: {os.path.abspath(out)} already holds an export; choose a new directory")
+        partial = not os.path.exists(os.path.join(out, CONFIG_FILE))  # written last: the writing stopped
+        raise FileExistsError(f"out: {os.path.abspath(out)} already holds "
+                              + (f"a partial export ({PARAMS_DIR}/ without {CONFIG_FILE}: its writing stopped); "
+                                 "remove it, or choose a new directory" if partial else
+                                 "an export; choose a new directory"))
 
 
 def model_shapes(kind: str, config) -> dict[str, tuple]:

@@ -405,8 +405,14 @@ def test_a_non_positive_count_or_scale_fails_naming_it_before_reading(layout, fl
 def test_an_out_that_holds_an_export_fails_before_reading(tmp_path, capsys):
     """It was found only when writing, after the whole conversion (minutes for ViT-g)."""
     (tmp_path / "out" / weights.PARAMS_DIR).mkdir(parents=True)
+    (tmp_path / "out" / weights.CONFIG_FILE).write_text("{}")
     assert convert_main(["hf_opt", f"--checkpoint={tmp_path / 'absent'}", f"--out={tmp_path / 'out'}"]) == 1
-    assert "already holds an export" in capsys.readouterr().err
+    assert "already holds an export; choose a new directory" in capsys.readouterr().err
+    # params/ alone: a conversion killed while writing (model.json is written last), not an export
+    (tmp_path / "out" / weights.CONFIG_FILE).unlink()
+    assert convert_main(["hf_opt", f"--checkpoint={tmp_path / 'absent'}", f"--out={tmp_path / 'out'}"]) == 1
+    assert (f"already holds a partial export ({weights.PARAMS_DIR}/ without {weights.CONFIG_FILE}: its writing "
+            "stopped); remove it, or choose a new directory") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("out", ["", "file", "file/sub"])

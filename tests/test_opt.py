@@ -796,6 +796,21 @@ def test_seed_opt_rejects_inputs_it_would_mishandle():
             _tiny_seed_opt(max_text_tokens=max_text_tokens)
 
 
+def test_unpadded_ids_masks_or_codes_fail_naming_them():
+    """Prompts' ids as lists of different lengths (not yet padded), and such a mask or
+    such codes, failed in numpy ("setting an array element with a sequence. The
+    requested array has an inhomogeneous shape"), naming no argument."""
+    lm = _tiny_seed_opt()
+    ragged = [[5, 6, 7], [5, 6]]
+    for call, name in [(lambda: lm.generate(ragged, 2), "input_ids"), (lambda: lm.logits(ragged), "input_ids"),
+                       (lambda: lm.generate([[5, 6, 7]] * 2, 2, attention_mask=[[1, 1, 1], [1, 1]]),
+                        "attention_mask"),
+                       (lambda: lm.caption_codes([[0] * 32, [0] * 31]), "codes"),
+                       (lambda: lm.answer_codes([[0] * 32, [0] * 31], ["a", "red"]), "codes")]:
+        with pytest.raises(ValueError, match=rf"^{name}: expected an array \(nested lists with rows of one length\)"):
+            call()
+
+
 def test_questions_and_prompts_that_are_not_strings_fail_naming_them():
     """format() wrote a question None as "Question: None Short answer." and a prompt 3
     as "Generate an image: 3", silently; a numpy array of prompts failed with "the truth

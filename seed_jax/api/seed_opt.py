@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from seed_jax import generation, parallel, weights
-from seed_jax.api.checks import check_count, check_finite_number, is_integer, seed_key
+from seed_jax.api.checks import as_array, check_count, check_finite_number, is_integer, seed_key
 from seed_jax.api.chunks import run_in_chunks
 from seed_jax.api.images import image_list
 from seed_jax.api.precision import matmul_precision, model_dtype
@@ -162,13 +162,13 @@ class SeedOPT:
     def _check_ids(self, input_ids, attention_mask, *, left_padded: bool):
         """(B,L) ids and their 0/1 mask (default all ones) -> int32 arrays; prompts to
         continue (`left_padded`) must end in a real token."""
-        ids = np.asarray(input_ids)
+        ids = as_array("input_ids", input_ids)  # prompts of other lengths: numpy's error named neither argument
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not ids.size:
             raise ValueError(f"input_ids: expected integer (B,L) with B, L >= 1, got {ids.dtype} {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.total_vocab_size:
             raise ValueError(f"input_ids: values must lie in [0, {self.config.total_vocab_size}), "
                              f"got [{ids.min()}, {ids.max()}]")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        mask = np.ones_like(ids) if attention_mask is None else as_array("attention_mask", attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: expected {ids.shape} like input_ids, got {mask.shape}")
         if not np.isin(mask, (0, 1)).all():
@@ -357,7 +357,7 @@ class SeedOPT:
         return "".join(pieces + [self.text_tokenizer.decode(text)])
 
     def _codes(self, codes) -> np.ndarray:
-        codes = np.asarray(codes)
+        codes = as_array("codes", codes)
         if (codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer) or not codes.size
                 or codes.shape[1] != self.num_queries):
             raise ValueError(f"codes: expected integer (B,{self.num_queries}), got {codes.dtype} {codes.shape}")

@@ -463,8 +463,13 @@ def test_an_evaluators_tokenizer_run_it_cannot_read_is_a_usage_error(module, fla
 @pytest.mark.parametrize("module, flag_values, message", [
     ("feature_probe", dict(intermediates=["codes"]), r"--intermediates: \['codes'\] are not among"),
     ("vit_from_labels", dict(steps=0, batch_size=1), "--steps: expected a positive integer, got 0"),
-    ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval"),
-     "--codes_dir: no ArrayRecord shards named 'eval-.*' in '/no/codes'"),
+    ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval", num_examples=256,
+                           max_new_tokens=24), "--codes_dir: no ArrayRecord shards named 'eval-.*' in '/no/codes'"),
+    # a count failed after the export loaded (minutes for a 2.7B SEED-OPT), in a traceback
+    ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval", num_examples=0,
+                           max_new_tokens=24), r"--num_examples: expected an integer >= 1 \(-1: all\), got 0"),
+    ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval", num_examples=256,
+                           max_new_tokens=0), "--max_new_tokens: expected an integer >= 1, got 0"),
     ("query_redundancy", dict(export="/no/export", data_dir="/no/data", prefix="train", num_examples=1),
      "--data_dir: no ArrayRecord shards named 'train-.*' in '/no/data'")])
 def test_an_evaluators_flag_it_cannot_take_is_a_usage_error(module, flag_values, message, monkeypatch):

@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from seed_jax import api, command_line
+from seed_jax.api.checks import check_count
 from seed_jax.data import pipeline, records, sequences
 from seed_jax.evaluators import shapes_captions
 from seed_jax.evaluators.retrieval import groups_in_order
@@ -87,7 +88,7 @@ def _define_flags():
     flags.DEFINE_string("export", None, "A SEED-OPT export (WORKDIR/export of configs/seed_opt.py).")
     flags.DEFINE_string("codes_dir", None, "Code-record shards (WORKDIR/codes, or configs/pretokenize.py's out_dir).")
     flags.DEFINE_string("split", "eval", "Shard prefix: `eval` (held out) or `train`.")
-    flags.DEFINE_integer("num_examples", 256, "Records captioned.")
+    flags.DEFINE_integer("num_examples", 256, "Records captioned (-1: all).")
     flags.DEFINE_integer("max_new_tokens", 24, "Longest caption, in tokens.")
     flags.mark_flags_as_required(["export", "codes_dir"])
 
@@ -95,7 +96,9 @@ def _define_flags():
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     export, codes_dir = command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.codes_dir)
-    with command_line.flag_checks():  # a mistyped folder fails before the export loads
+    with command_line.flag_checks():  # a count it cannot take or a mistyped folder fails before the export loads
+        sequences.check_num_examples("--num_examples", FLAGS.num_examples)
+        check_count("--max_new_tokens", FLAGS.max_new_tokens, 1)
         records.shard_paths(codes_dir, FLAGS.split, "--codes_dir")
     scores = score_split(api.SeedOPT.load(export), codes_dir, FLAGS.split,
                          num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)

@@ -235,9 +235,8 @@ def test_clip_bpe_reads_its_files_and_matches_transformers(tmp_path):
     assert ids[0, 2] == tokens.index("red</w>") and ids[2, -1] == tokens.index("<|endoftext|>")
 
 
-def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
-    """OPT's text tokenizer from a folder's vocab.json + merges.txt reads both files
-    (transformers 5 ignored the vocab_file/merges_file keywords: an empty vocabulary)."""
+def _opt_bpe_files(folder) -> list[str]:
+    """A small OPT vocab.json + merges.txt in `folder` ("red" one token); its tokens by id."""
     import json
 
     from tokenizers import pre_tokenizers
@@ -245,10 +244,19 @@ def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
     from seed_jax.data import opt_text
 
     tokens = list(opt_text.SPECIAL_TOKENS) + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġr", "Ġre", "Ġred"]
-    with open(tmp_path / "vocab.json", "w") as f:
+    with open(folder / "vocab.json", "w") as f:
         json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(tmp_path / "merges.txt", "w") as f:
+    with open(folder / "merges.txt", "w") as f:
         f.write("#version: 0.2\nĠ r\nĠr e\nĠre d\n")
+    return tokens
+
+
+def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
+    """OPT's text tokenizer from a folder's vocab.json + merges.txt reads both files
+    (transformers 5 ignored the vocab_file/merges_file keywords: an empty vocabulary)."""
+    from seed_jax.data import opt_text
+
+    tokens = _opt_bpe_files(tmp_path)
     tok = opt_text.OPTTextTokenizer(opt_text.gpt2_bpe(str(tmp_path)))
     assert tok.tokenizer.token_to_id("Ġred") == len(tokens) - 1 and (tok.bos_id, tok.pad_id) == (2, 1)
     assert tok.encode("a red") == [tokens.index("a"), tokens.index("Ġred")]
@@ -259,6 +267,32 @@ def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
     assert max(tok.encode("a <|endoftext|> red")) < len(tokens)
     assert tok.encode("a red</s>") == [tokens.index("a"), tokens.index("Ġred"), tok.eos_id]
 
+
+
+def test_gpt2_bpe_reads_a_folder_saved_by_transformers_5_from_its_tokenizer_json(tmp_path):
+    """transformers 5's save_pretrained writes tokenizer.json without vocab.json and
+    merges.txt: SeedOPT.load(text_tokenizer=) of such a folder (one `convert hf_opt`
+    reads) failed, "vocab.json does not exist". Its tokenizer.json reads as the files do."""
+    from transformers import GPT2TokenizerFast
+
+    from seed_jax.api.seed_opt import _load_text_tokenizer
+    from seed_jax.data import opt_text
+
+    _opt_bpe_files(tmp_path)
+    saved = tmp_path / "saved"
+    GPT2TokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"),
+                      **opt_text.OPT_SPECIAL_TOKENS).save_pretrained(str(saved))
+    for name in ("vocab.json", "merges.txt"):  # as transformers 5 saves it (4.x writes them too)
+        if (saved / name).exists():
+            (saved / name).unlink()
+    files, single = (_load_text_tokenizer(str(folder)) for folder in (tmp_path, saved))
+    for sample in ["a red dog", "red</s> <pad>x", "ünïcode red"]:
+        assert single.encode(sample) == files.encode(sample), sample
+        assert single.decode(single.encode(sample)) == files.decode(files.encode(sample)), sample
+    assert (single.vocab_size, single.eos_id, single.pad_id) == (files.vocab_size, files.eos_id, files.pad_id)
+    with pytest.raises(FileNotFoundError, match=r"'.*empty/vocab.json' does not exist \(OPT's GPT-2 BPE files, or a "
+                                                "tokenizer.json\)"):
+        opt_text.gpt2_bpe(str(tmp_path / "empty"))
 
 def test_processes_do_not_shuffle_their_slices_in_lockstep(shards, example, monkeypatch):
     """Process p of P reads records p, p+P, ...; with one shuffle seed on every process the

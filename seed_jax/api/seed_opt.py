@@ -115,10 +115,11 @@ class SeedOPT:
              mesh: jax.sharding.Mesh | None = None, axis_rules: parallel.Rules = parallel.DEFAULT_RULES) -> "SeedOPT":
         """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
-        or a folder with OPT's vocab.json + merges.txt) or the export's own
-        text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion`
-        for images, or a `SeedTokenizer`) enables the image methods; a tokenizer loaded
-        here runs `batch_size` rows at a time too. The prompts, the length their text
+        or a folder with OPT's vocab.json + merges.txt, or with its tokenizer.json alone,
+        as transformers 5 saves it) or the export's own text_tokenizer.json; `tokenizer`
+        (a SEED tokenizer export, with `diffusion` for images, or a `SeedTokenizer`)
+        enables the image methods; a tokenizer loaded here runs `batch_size` rows at a
+        time too. The prompts, the length their text
         is cut to and the codes an image are those SEED-OPT was trained with (the
         export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the
         SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
@@ -508,7 +509,7 @@ def _check_texts(name: str, texts, count: int | None = None) -> list[str]:
 
 
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:
-    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt."""
+    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt (else its tokenizer.json)."""
     if os.path.isdir(path):
         return OPTTextTokenizer(opt_text.gpt2_bpe(path))
     return OPTTextTokenizer.load(path)

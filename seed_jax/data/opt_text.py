@@ -2,10 +2,10 @@
 (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3; `</s>` starts every sequence and ends
 every answer, as transformers' OPT tokenizer does).
 
-Real runs read OPT's `vocab.json` + `merges.txt` from a local folder; the demo and
-tests build a small byte-level BPE whose merges spell out a closed word list, so
-every word of the shapes captions is one token and any other text still encodes
-(through the 256 byte symbols).
+Real runs read OPT's `vocab.json` + `merges.txt` (or its `tokenizer.json`) from a
+local folder; the demo and tests build a small byte-level BPE whose merges spell out
+a closed word list, so every word of the shapes captions is one token and any other
+text still encodes (through the 256 byte symbols).
 """
 
 from __future__ import annotations
@@ -63,12 +63,16 @@ class OPTTextTokenizer:
     def load(cls, path: str) -> "OPTTextTokenizer":
         if not os.path.exists(path):
             raise FileNotFoundError(f"text tokenizer: {path!r} does not exist")
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # the tokenizers library raises a bare Exception, naming no file
-            raise ValueError(f"text tokenizer: {path!r} is not a tokenizer.json of the tokenizers library ({e}); "
-                             "OPT's vocab.json and merges.txt are read from their folder") from e
-        return cls(tokenizer)
+        return cls(_tokenizer_file(path))
+
+
+def _tokenizer_file(path: str) -> tokenizers.Tokenizer:
+    """A tokenizers library's tokenizer.json, else a ValueError naming `path`."""
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception, naming no file
+        raise ValueError(f"text tokenizer: {path!r} is not a tokenizer.json of the tokenizers library ({e}); "
+                         "OPT's vocab.json and merges.txt are read from their folder") from e
 
 
 def _byte_level(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -97,11 +101,16 @@ def word_bpe(words: Sequence[str]) -> tokenizers.Tokenizer:
 
 
 def gpt2_bpe(folder: str) -> tokenizers.Tokenizer:
-    """OPT's tokenizer from a local folder holding its `vocab.json` and `merges.txt`."""
+    """OPT's tokenizer from a local folder holding its `vocab.json` and `merges.txt`, or
+    without them its `tokenizer.json` (transformers 5's `save_pretrained` writes that alone)."""
     from transformers import GPT2TokenizerFast
 
     paths = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
+    single = os.path.join(folder, "tokenizer.json")
+    if not all(os.path.exists(path) for path in paths) and os.path.exists(single):
+        return _tokenizer_file(single)
     for path in paths:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"text tokenizer folder: {path!r} does not exist (OPT's GPT-2 BPE files)")
+            raise FileNotFoundError(f"text tokenizer folder: {path!r} does not exist (OPT's GPT-2 BPE files, "
+                                    "or a tokenizer.json)")
     return read_bpe_files(GPT2TokenizerFast, paths[0], paths[1], "text tokenizer folder", **OPT_SPECIAL_TOKENS)

@@ -953,6 +953,23 @@ def test_a_finished_run_given_more_phase_1_steps_is_refused_before_training(seed
         seed_opt.train(config, workdir)
 
 
+def test_a_tokenizer_with_another_codebook_is_refused_before_the_model_loads(seed_opt_run, tokenizer_export,
+                                                                            monkeypatch):
+    """`SeedOPT.load` checked only the tokenizer's sizes: one of the same sizes with other
+    codes (the tokenizer run retrained in place) had its codes misread silently."""
+    export = os.path.join(seed_opt_run[0], "export")
+    tokenizer = api.SeedTokenizer.load(tokenizer_export)
+    assert weights.read_config(export)[2]["tokenizer_codebook"] == tokenizer.codebook_digest  # loads, as above
+    codebook = tokenizer.model.quantize.codebook
+    codebook.value = codebook.value + 1e-3
+    loaded = []
+    monkeypatch.setattr(weights, "load_model", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(ValueError, match=r"^tokenizer: its codebook \(digest [0-9a-f]{16}\) is not the one this "
+                                         r"SEED-OPT export was trained with \(digest [0-9a-f]{16}, of tokenizer_export"):
+        api.SeedOPT.load(export, tokenizer=tokenizer)
+    assert not loaded
+
+
 def test_t2i_retrieval_embeds_captions_as_the_tokenizers_training_cleaned_them():
     """A tokenizer trained on `blip_caption`-cleaned captions ("a red star") is scored on
     them: t2i retrieval embeds a record's raw "A red star." as its training wrote it."""

@@ -149,11 +149,13 @@ class SeedOPT:
             raise FileNotFoundError(f"text_tokenizer: {text_tokenizer!r} does not exist")
         own = os.path.join(path, opt_text.FILE_NAME)
         text = _load_text_tokenizer(text_tokenizer or own) if text_tokenizer or os.path.exists(own) else None
-        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt", mesh=mesh, rules=axis_rules)
-        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
-        if isinstance(tokenizer, str):
+        if isinstance(tokenizer, str):  # first: a tokenizer of other codes is refused before the model is read
             tokenizer = SeedTokenizer.load(tokenizer, diffusion=diffusion, dtype=dtype, batch_size=batch_size,
                                            mesh=mesh, axis_rules=axis_rules)
+        if tokenizer is not None:
+            _check_trained_codebook(tokenizer, info)
+        model, _, _ = weights.load_model(path, dtype=compute_dtype, kind="opt", mesh=mesh, rules=axis_rules)
+        ids = {k: info[k] for k in ("image_start_id", "image_end_id", "first_code_id") if k in info}
         prompts = sequences.Prompts(**info.get("prompts", {}))
         return cls(model, dtype=dtype, image_token_ids=ids, tokenizer=tokenizer, batch_size=batch_size, prompts=prompts,
                    max_text_tokens=info.get("max_text_tokens", sequences.MAX_TEXT_TOKENS),
@@ -506,6 +508,17 @@ def _check_texts(name: str, texts, count: int | None = None) -> list[str]:
         if not isinstance(text, str):
             raise ValueError(f"{name}[{i}]: expected a string, got {text!r}")
     return listed
+
+
+def _check_trained_codebook(tokenizer: SeedTokenizer, info: dict) -> None:
+    """A ValueError unless `tokenizer`'s codebook is the one the SEED-OPT export (its
+    model.json `info`) was trained with, where the export recorded it: another tokenizer
+    of the same sizes (say, one retrained in place) would have its codes misread silently."""
+    trained, given = info.get("tokenizer_codebook"), tokenizer.codebook_digest
+    if trained and given and given != trained:
+        raise ValueError(f"tokenizer: its codebook (digest {given}) is not the one this SEED-OPT export was trained "
+                         f"with (digest {trained}, of tokenizer_export {info.get('tokenizer_export')!r}): its codes "
+                         "would be misread; pass the SEED tokenizer the export was trained with")
 
 
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 
 import jax
@@ -40,6 +41,12 @@ def untrained_codebook(path: str, info: dict) -> str | None:
         return None
     return (f"{path} holds a tokenizer trained through stage I only (steps {steps}): its codebook and "
             "reverse Q-Former are as initialised, so its codes carry nothing of the image")
+
+
+def codebook_digest(codebook) -> str:
+    """The first 16 hex digits of the sha256 of a codebook's (K,C) float32 values: which
+    trained tokenizer's codes a SEED-OPT export reads and writes."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(codebook, np.float32)).tobytes()).hexdigest()[:16]
 
 
 def read_codes_export(field: str, path: str):
@@ -127,6 +134,12 @@ class SeedTokenizer:
                                          rules=axis_rules)
         sd = StableDiffusion.load(diffusion, dtype=dtype, batch_size=min(batch_size, 8)) if diffusion else None
         return cls(model, dtype=dtype, batch_size=batch_size, diffusion=sd, mesh=mesh, axis_rules=axis_rules)
+
+    @property
+    def codebook_digest(self) -> str | None:
+        """`codebook_digest` of this tokenizer's codebook; None where processes split it."""
+        codebook = self.model.quantize.codebook[...]
+        return codebook_digest(jax.device_get(codebook)) if codebook.is_fully_addressable else None
 
     @property
     def image_size(self) -> int:

@@ -35,7 +35,7 @@ from seed_jax import export as export_lib
 from seed_jax.api.checks import check_count, is_real
 from seed_jax.api import stable_diffusion
 from seed_jax.api.seed_opt import new_token_room
-from seed_jax.api.seed_tokenizer import read_codes_export
+from seed_jax.api.seed_tokenizer import codebook_digest, read_codes_export
 from seed_jax.data import opt_text, pipeline, records, sequences, synthetic
 from seed_jax.evaluators.caption_codes import caption_all, score_captions
 from seed_jax.evaluators.code_retrieval import CodeRetrieval
@@ -596,7 +596,7 @@ def train(config, workdir: str) -> bool:
             model.config, params, image_tokens, text, out,
             info={"workdir": workdir, "tokenizer_export": tok_export, "steps": steps,
                   "prompts": config.prompts.to_dict(), "max_text_tokens": config.data.max_text_tokens,
-                  "codes_per_image": codes_per_image}),
+                  "codes_per_image": codes_per_image, "tokenizer_codebook": codebook_digest(codebook)}),
         done={"export": out, "tokenizer_export": tok_export})
     return True
 

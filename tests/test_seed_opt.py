@@ -927,6 +927,10 @@ def test_run_writes_metrics_samples_and_a_loadable_export(seed_opt_run, tokenize
     assert model.max_text_tokens == config.data.max_text_tokens
     assert weights.read_config(os.path.join(workdir, "export"))[2]["codes_per_image"] == model.num_queries == 32
     assert model.tokenizer.batch_size == 2 and model.tokenizer.diffusion.batch_size == 2  # one memory setting
+    # the export's folder as text_tokenizer (it holds text_tokenizer.json) was refused for lacking vocab.json
+    named = api.SeedOPT.load(os.path.join(workdir, "export"), text_tokenizer=os.path.join(workdir, "export"))
+    text = "a small red star at the top"
+    assert named.text_tokenizer.encode(text) == model.text_tokenizer.encode(text) != []
     images = [synthetic.make_example(i, 9, 32) for i in range(3)]
     pixels = [np.asarray(preprocess.decode_image(e["image"])) for e in images]
     captions = model.caption(pixels, max_new_tokens=8)

@@ -116,7 +116,8 @@ class SeedOPT:
         """From an `opt` export (`python -m seed_jax.convert hf_opt`, or a SEED-OPT
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt, or with its tokenizer.json alone,
-        as transformers 5 saves it) or the export's own text_tokenizer.json; `tokenizer`
+        as transformers 5 saves it, or a SEED-OPT export's folder) or the export's own
+        text_tokenizer.json; `tokenizer`
         (a SEED tokenizer export, with `diffusion` for images, or a `SeedTokenizer`)
         enables the image methods; a tokenizer loaded here runs `batch_size` rows at a
         time too. The prompts, the length their text
@@ -522,7 +523,10 @@ def _check_trained_codebook(tokenizer: SeedTokenizer, info: dict) -> None:
 
 
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:
-    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt (else its tokenizer.json)."""
+    """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt (else its tokenizer.json),
+    or a SEED-OPT export's folder, holding its text_tokenizer.json."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, opt_text.FILE_NAME)):
+        return OPTTextTokenizer.load(os.path.join(path, opt_text.FILE_NAME))
     if os.path.isdir(path):
         return OPTTextTokenizer(opt_text.gpt2_bpe(path))
     return OPTTextTokenizer.load(path)

@@ -117,13 +117,13 @@ class SeedOPT:
         training export). The text tokenizer is `text_tokenizer` (a tokenizer.json,
         or a folder with OPT's vocab.json + merges.txt, or with its tokenizer.json alone,
         as transformers 5 saves it, or a SEED-OPT export's folder) or the export's own
-        text_tokenizer.json; `tokenizer`
-        (a SEED tokenizer export, with `diffusion` for images, or a `SeedTokenizer`)
-        enables the image methods; a tokenizer loaded here runs `batch_size` rows at a
-        time too. The prompts, the length their text
-        is cut to and the codes an image are those SEED-OPT was trained with (the
-        export's info), else `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the
-        SEED tokenizer's count (without one, SEED's 32). `generate` ends rows at the
+        text_tokenizer.json; `tokenizer` (a SEED tokenizer export, with `diffusion` for
+        images, or a `SeedTokenizer`) enables the image methods, refused where the
+        export recorded another codebook; a tokenizer loaded here runs `batch_size` rows
+        at a time too. The prompts, the length their text is cut to and the codes an
+        image are those SEED-OPT was trained with (the export's info), else
+        `sequences.Prompts()`, `sequences.MAX_TEXT_TOKENS` and the SEED tokenizer's
+        count (without one, SEED's 32). `generate` ends rows at the
         converted folder's eos_token_id and pads them with its pad_token_id (exports
         without them: no end token, padding 1). With `mesh`, each weight is read straight
         into its split over it by `axis_rules` (no device holds them all), and decoding

@@ -268,7 +268,6 @@ def test_gpt2_bpe_reads_opts_vocab_and_merges(tmp_path):
     assert tok.encode("a red</s>") == [tokens.index("a"), tokens.index("Ġred"), tok.eos_id]
 
 
-
 def test_gpt2_bpe_reads_a_folder_saved_by_transformers_5_from_its_tokenizer_json(tmp_path):
     """transformers 5's save_pretrained writes tokenizer.json without vocab.json and
     merges.txt: SeedOPT.load(text_tokenizer=) of such a folder (one `convert hf_opt`
@@ -291,8 +290,9 @@ def test_gpt2_bpe_reads_a_folder_saved_by_transformers_5_from_its_tokenizer_json
         assert single.decode(single.encode(sample)) == files.decode(files.encode(sample)), sample
     assert (single.vocab_size, single.eos_id, single.pad_id) == (files.vocab_size, files.eos_id, files.pad_id)
     with pytest.raises(FileNotFoundError, match=r"'.*empty/vocab.json' does not exist \(OPT's GPT-2 BPE files, or a "
-                                                "tokenizer.json\)"):
+                                                r"tokenizer.json\)"):
         opt_text.gpt2_bpe(str(tmp_path / "empty"))
+
 
 def test_processes_do_not_shuffle_their_slices_in_lockstep(shards, example, monkeypatch):
     """Process p of P reads records p, p+P, ...; with one shuffle seed on every process the

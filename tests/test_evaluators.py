@@ -408,7 +408,8 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
     import ml_collections
 
-    from seed_jax.evaluators import feature_probe
+    from seed_jax import weights
+    from seed_jax.evaluators import feature_probe, query_redundancy
 
     evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -429,6 +430,8 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
     monkeypatch.setattr(feature_probe, "check_run", check_run)
     monkeypatch.setattr(api.SeedOPT, "load", take)
+    monkeypatch.setattr(weights, "read_config_named", take)
+    monkeypatch.setattr(query_redundancy, "check_rows", take)
     monkeypatch.chdir(tmp_path)
     evaluator.main(["evaluator"])
     for path in expected:
@@ -438,9 +441,9 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
 
 @pytest.mark.parametrize("module, flag_values, missing", [
-    ("caption_swaps", dict(split="eval"), "eval"),
-    ("feature_probe", dict(intermediates=["quantized"], num_train=8), "eval"),
-    ("vit_from_labels", dict(steps=1, batch_size=1), "train")])
+    ("caption_swaps", dict(split="eval", num_examples=8), "eval"),
+    ("feature_probe", dict(intermediates=["quantized"], num_train=8, epochs=1), "eval"),
+    ("vit_from_labels", dict(steps=1, batch_size=1, lr=1e-3), "train")])
 def test_an_evaluators_tokenizer_run_it_cannot_read_is_a_usage_error(module, flag_values, missing, tmp_path,
                                                                       monkeypatch):
     """caption_swaps, feature_probe and vit_from_labels given a folder without a tokenizer
@@ -471,7 +474,21 @@ def test_an_evaluators_tokenizer_run_it_cannot_read_is_a_usage_error(module, fla
     ("caption_codes", dict(export="/no/export", codes_dir="/no/codes", split="eval", num_examples=256,
                            max_new_tokens=0), "--max_new_tokens: expected an integer >= 1, got 0"),
     ("query_redundancy", dict(export="/no/export", data_dir="/no/data", prefix="train", num_examples=1),
-     "--data_dir: no ArrayRecord shards named 'train-.*' in '/no/data'")])
+     "--data_dir: no ArrayRecord shards named 'train-.*' in '/no/data'"),
+    # counts that failed in a traceback once the export had loaded, or (epochs, lr, no intermediates)
+    # printed an untrained probe's scores, or none
+    ("caption_swaps", dict(tokenizer_workdir="/no/run", split="eval", num_examples=0),
+     "--num_examples: expected an integer >= 1, got 0"),
+    ("feature_probe", dict(tokenizer_workdir="/no/run", intermediates=["quantized"], num_train=0, epochs=1),
+     "--num_train: expected an integer >= 1, got 0"),
+    ("feature_probe", dict(tokenizer_workdir="/no/run", intermediates=["quantized"], num_train=8, epochs=0),
+     "--epochs: expected an integer >= 1, got 0"),
+    ("feature_probe", dict(tokenizer_workdir="/no/run", intermediates=[], num_train=8, epochs=1),
+     "--intermediates: expected one or more of .*, got none"),
+    ("vit_from_labels", dict(tokenizer_workdir="/no/run", steps=1, batch_size=1, lr=0.0),
+     "--lr: expected a positive learning rate, got 0.0"),
+    ("query_redundancy", dict(export="/no/export", data_dir="/no/data", prefix="train", num_examples=-1),
+     "--num_examples: expected an integer >= 1, got -1")])
 def test_an_evaluators_flag_it_cannot_take_is_a_usage_error(module, flag_values, message, monkeypatch):
     """Such a flag (or a folder holding no shards) raised a ValueError (FileNotFoundError),
     which absl's app.run prints at the end of a traceback; a UsageError it prints as the
@@ -484,3 +501,31 @@ def test_an_evaluators_flag_it_cannot_take_is_a_usage_error(module, flag_values,
     monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(**flag_values))
     with pytest.raises(app.UsageError, match=message):
         evaluator.main(["evaluator"])
+
+
+def test_an_evaluators_export_of_another_kind_or_too_few_images_is_a_usage_error(tiny_decoder_run, tmp_path,
+                                                                                 monkeypatch):
+    """caption_codes and query_redundancy given a workdir or another model's export for --export,
+    and query_redundancy given fewer images than its R^2 fit needs (more than the export's
+    Q-Former width + 1, in three quarters of them), failed in a traceback: the count after the
+    export had loaded and encoded them all. Each is now a UsageError, before the export loads."""
+    from absl import app
+
+    from seed_jax.evaluators import caption_codes, query_redundancy
+
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: pytest.fail("the export loaded"))
+    monkeypatch.setattr(api.SeedOPT, "load", lambda *args, **kwargs: pytest.fail("the export loaded"))
+    tokenizer = os.path.join(tiny_decoder_run, "tokenizer")
+    data = os.path.join(tokenizer, "data")
+    cases = [  # the tiny Q-Former is 32 wide: 46 images leave 34 to fit, 45 leave 33
+        (query_redundancy, dict(export=os.path.join(tokenizer, "export"), data_dir=data, prefix="eval",
+                                num_examples=45), r"--num_examples: 45 images, of 64 records in the shards: 45 rows"),
+        (query_redundancy, dict(export=tiny_decoder_run, data_dir=data, prefix="eval", num_examples=4096),
+         rf"--export: {tiny_decoder_run}: not an export \(model.json missing\); it holds one in .*/export"),
+        (caption_codes, dict(export=os.path.join(tokenizer, "export"), codes_dir=data, split="eval", num_examples=8,
+                             max_new_tokens=4), "--export: .*: holds a 'seed_tokenizer' model, expected 'opt'")]
+    for evaluator, flag_values, message in cases:
+        monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(out="", **flag_values))
+        with pytest.raises(app.UsageError, match=message):
+            evaluator.main(["evaluator"])
+    assert query_redundancy.too_few_rows(46, 32) is None

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from seed_jax import api, command_line
+from seed_jax import api, command_line, weights
 from seed_jax.api.checks import check_count
 from seed_jax.data import pipeline, records, sequences
 from seed_jax.evaluators import shapes_captions
@@ -96,10 +96,11 @@ def _define_flags():
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     export, codes_dir = command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.codes_dir)
-    with command_line.flag_checks():  # a count it cannot take or a mistyped folder fails before the export loads
+    with command_line.flag_checks():  # a count, folder or export it cannot take fails before the export loads
         sequences.check_num_examples("--num_examples", FLAGS.num_examples)
         check_count("--max_new_tokens", FLAGS.max_new_tokens, 1)
         records.shard_paths(codes_dir, FLAGS.split, "--codes_dir")
+        weights.read_config_named("--export", export, "opt")  # its model.json: a workdir or a tokenizer's is named
     scores = score_split(api.SeedOPT.load(export), codes_dir, FLAGS.split,
                          num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)

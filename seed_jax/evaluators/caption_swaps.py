@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from seed_jax import command_line
+from seed_jax.api.checks import check_count
 from seed_jax.data import synthetic
 from seed_jax.evaluators import code_retrieval, feature_probe
 from seed_jax.trainers import tokenizer as tokenizer_trainer
@@ -95,7 +96,8 @@ def _define_flags():
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
-    with command_line.flag_checks():  # the run, before any work
+    with command_line.flag_checks():  # the count and the run, before any work
+        check_count("--num_examples", FLAGS.num_examples, 1)
         feature_probe.check_run(tokenizer_workdir, "caption swaps", (FLAGS.split,))
     scores = score_run(tokenizer_workdir, num_examples=FLAGS.num_examples, split=FLAGS.split)
     json.dump(scores, sys.stdout, indent=1)

@@ -30,6 +30,7 @@ import optax
 from absl import app, flags, logging
 
 from seed_jax import api, command_line
+from seed_jax.api.checks import check_count
 from seed_jax.data import preprocess, records, synthetic
 from seed_jax.evaluators import shapes_captions
 from seed_jax.trainers import tokenizer as tokenizer_trainer
@@ -240,8 +241,12 @@ def main(argv):
     unknown = sorted(set(FLAGS.intermediates) - set(allowed))
     if unknown:
         raise app.UsageError(f"--intermediates: {unknown} are not among {allowed}")
+    if not FLAGS.intermediates:  # `--intermediates=` probed nothing and printed nothing
+        raise app.UsageError(f"--intermediates: expected one or more of {allowed}, got none")
     tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
-    with command_line.flag_checks():  # the run, before any work (its own training images where they suffice)
+    with command_line.flag_checks():  # counts and the run, before any work (its own training images where they suffice)
+        check_count("--num_train", FLAGS.num_train, 1)
+        check_count("--epochs", FLAGS.epochs, 1)
         if FLAGS.num_train <= check_run(tokenizer_workdir, "the probes", ("eval",)).data.synthetic.num_train:
             run_shards(tokenizer_workdir, "train")
     results = probe_run(tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train, epochs=FLAGS.epochs,

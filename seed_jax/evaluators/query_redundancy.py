@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import sys
 
+import grain
 import numpy as np
 from absl import app, flags
 
-from seed_jax import api, command_line
+from seed_jax import api, command_line, weights
+from seed_jax.api.checks import check_count
 from seed_jax.data import records
 from seed_jax.evaluators import feature_probe
 
@@ -30,16 +32,36 @@ def r2_from_query(features: np.ndarray, source: int = -1, train_fraction: float 
     linearly from query `source`'s, fitted on the first `train_fraction` of the rows."""
     features = np.asarray(features, np.float64)
     n, _, width = features.shape
+    problem = too_few_rows(n, width, train_fraction)
+    if problem:
+        raise ValueError(f"features: {problem}")
     num_fit = int(n * train_fraction)
-    if num_fit <= width + 1 or num_fit == n:
-        raise ValueError(f"features: {n} rows with train_fraction {train_fraction} leave {num_fit} to fit a map "
-                         f"from {width} features (need more than {width + 1}) and {n - num_fit} to score it")
     centred = features - features[:num_fit].mean(0)
     fit, held_out = centred[:num_fit], centred[num_fit:]
     design = lambda x: np.concatenate([x, np.ones((len(x), 1))], axis=1)  # noqa: E731
     weights, *_ = np.linalg.lstsq(design(fit[:, source]), fit.reshape(num_fit, -1), rcond=None)
     residual = (design(held_out[:, source]) @ weights).reshape(held_out.shape) - held_out
     return 1.0 - np.sum(residual ** 2, axis=(0, 2)) / np.sum(held_out ** 2, axis=(0, 2))
+
+
+def too_few_rows(n: int, width: int, train_fraction: float = 0.75) -> str | None:
+    """Why `n` rows are too few for `r2_from_query` on features `width` wide, else None."""
+    num_fit = int(n * train_fraction)
+    if num_fit <= width + 1 or num_fit == n:
+        return (f"{n} rows with train_fraction {train_fraction} leave {num_fit} to fit a map from {width} features "
+                f"(need more than {width + 1}) and {n - num_fit} to score it")
+    return None
+
+
+def check_rows(export: str, paths: list[str], num_examples: int, flag: str = "") -> None:
+    """Refuses, naming `export` or `num_examples` (after `flag`: "--" on the command line), an
+    export other than a tokenizer's, or a count of images (at most the records of `paths`) too
+    few for the R^2 of its causal embeddings: from its model.json, before it loads."""
+    _, config, _ = weights.read_config_named(f"{flag}export", command_line.user_path(export), "seed_tokenizer")
+    available = len(grain.sources.ArrayRecordDataSource(paths))
+    problem = too_few_rows(min(num_examples, available), config.qformer.width)
+    if problem:
+        raise ValueError(f"{flag}num_examples: {num_examples} images, of {available} records in the shards: {problem}")
 
 
 def code_sharing(codes: np.ndarray) -> dict:
@@ -57,6 +79,7 @@ def measure(export: str, data_dir: str, prefix: str, num_examples: int) -> dict:
     """Encodes the first `num_examples` images of the `prefix` shards in `data_dir` with
     the tokenizer `export`: {"num_examples", "r2_from_last", **code_sharing}."""
     paths = records.shard_paths(data_dir, prefix, "data_dir")  # a mistyped folder fails before the export loads
+    check_rows(export, paths, num_examples)
     tokenizer = api.SeedTokenizer.load(export, batch_size=256)
     features, _ = feature_probe.encode_split(tokenizer, paths, num_examples, ("causal_embeddings", "codes"))
     return {"num_examples": len(features["codes"]),
@@ -80,8 +103,10 @@ def _define_flags():
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     data_dir = command_line.user_path(FLAGS.data_dir)
-    with command_line.flag_checks():  # a mistyped folder fails before the export loads
-        records.shard_paths(data_dir, FLAGS.prefix, "--data_dir")
+    with command_line.flag_checks():  # a count, export or folder it cannot take fails before the export loads
+        check_count("--num_examples", FLAGS.num_examples, 1)
+        paths = records.shard_paths(data_dir, FLAGS.prefix, "--data_dir")
+        check_rows(command_line.user_path(FLAGS.export), paths, FLAGS.num_examples, "--")
     result = measure(command_line.user_path(FLAGS.export), data_dir, FLAGS.prefix, FLAGS.num_examples)
     print(f"{result['num_examples']} images")
     print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))

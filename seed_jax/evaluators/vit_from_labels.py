@@ -95,6 +95,8 @@ def main(argv):
     for name in ("steps", "batch_size"):
         if getattr(FLAGS, name) < 1:
             raise app.UsageError(f"--{name}: expected a positive integer, got {getattr(FLAGS, name)}")
+    if not FLAGS.lr > 0:  # 0 trains nothing, and a negative rate climbs the loss: either scores an untrained ViT
+        raise app.UsageError(f"--lr: expected a positive learning rate, got {FLAGS.lr}")
     tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
     with command_line.flag_checks():  # the run, before any work (its images and captions only)
         feature_probe.check_run(tokenizer_workdir, "the cell labels", ("train", "eval"), finished=False)

@@ -52,6 +52,23 @@ def user_path(path: str | None) -> str | None:
     return None if path is None else os.path.expanduser(path)
 
 
+def checked_out_file(flag: str, path: str) -> str:
+    """`path` (`user_path`; "" stays), the file a program writes its results to after its work,
+    with its folder made now: a ValueError naming `flag` where a folder stands at the path or
+    its folder cannot be made (a file in the way), before the work rather than after it."""
+    if not path:
+        return path
+    path = user_path(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a directory: give a file name for the results")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag}={path}: its folder {folder} cannot be made: {error}") from None
+    return path
+
+
 def expand_user_paths(config: ml_collections.ConfigDict) -> None:
     """Makes each setting of `config` (at any depth) that starts with `~` its user's home
     directory (`user_path`), in place: `--config.data.train_dir=~/data` names ~/data, not

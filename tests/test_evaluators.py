@@ -529,3 +529,43 @@ def test_an_evaluators_export_of_another_kind_or_too_few_images_is_a_usage_error
         with pytest.raises(app.UsageError, match=message):
             evaluator.main(["evaluator"])
     assert query_redundancy.too_few_rows(46, 32) is None
+
+
+@pytest.mark.parametrize("module, work, flag_values", [
+    ("feature_probe", "probe_run", dict(tokenizer_workdir="w", intermediates=["quantized"], num_train=1,
+                                        extra_data_dir="", epochs=1)),
+    ("query_redundancy", "measure", dict(export="e", data_dir="data", prefix="eval", num_examples=1)),
+    ("vit_from_labels", "run", dict(tokenizer_workdir="w", steps=1, batch_size=1, lr=1.0, seed=0))])
+def test_an_evaluators_results_file_it_cannot_write_is_a_usage_error_before_the_work(module, work, flag_values,
+                                                                                     tmp_path, monkeypatch):
+    """`--out` naming a folder, or a file under a file, failed once the probes had trained
+    (minutes), and `--out` in a folder not yet made too; the first two are now UsageErrors
+    before the work, and the folder is made."""
+    import importlib
+
+    import ml_collections
+    from absl import app
+
+    from seed_jax.evaluators import feature_probe, query_redundancy
+
+    evaluator = importlib.import_module(f"seed_jax.evaluators.{module}")
+    result = {"feature_probe": {"quantized": {"eval": {"exact_match": 0.5}}}, "vit_from_labels": {"eval": {}},
+              "query_redundancy": dict(num_examples=1, r2_from_last=[0.5], codes_used=[1],
+                                       positions_per_code={1: 1})}[module]
+    worked = []
+    monkeypatch.setattr(evaluator, work, lambda *args, **kwargs: worked.append(True) or result)
+    monkeypatch.setattr(records, "shard_paths", lambda *args, **kwargs: ["shard"])
+    monkeypatch.setattr(query_redundancy, "check_rows", lambda *args, **kwargs: None)
+    monkeypatch.setattr(feature_probe, "check_run", lambda *args, **kwargs: ml_collections.ConfigDict(
+        dict(data=dict(synthetic=dict(num_train=1)))))
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path, f"--out={tmp_path} is a directory"),
+                         (tmp_path / "file" / "r.json", "--out=.*/file/r.json: its folder .*/file cannot be made")]:
+        monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(out=str(out), **flag_values))
+        with pytest.raises(app.UsageError, match=message):
+            evaluator.main(["evaluator"])
+    assert not worked
+    out = tmp_path / "new" / "r.json"
+    monkeypatch.setattr(evaluator, "FLAGS", types.SimpleNamespace(out=str(out), **flag_values))
+    evaluator.main(["evaluator"])
+    assert worked and out.exists()

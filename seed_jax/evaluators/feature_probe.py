@@ -249,9 +249,10 @@ def main(argv):
         check_count("--epochs", FLAGS.epochs, 1)
         if FLAGS.num_train <= check_run(tokenizer_workdir, "the probes", ("eval",)).data.synthetic.num_train:
             run_shards(tokenizer_workdir, "train")
+        out = command_line.checked_out_file("--out", FLAGS.out)
     results = probe_run(tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train, epochs=FLAGS.epochs,
                         extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))
-    report(results, command_line.user_path(FLAGS.out))
+    report(results, out)
 
 
 if __name__ == "__main__":

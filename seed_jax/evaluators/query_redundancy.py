@@ -107,13 +107,14 @@ def main(argv):
         check_count("--num_examples", FLAGS.num_examples, 1)
         paths = records.shard_paths(data_dir, FLAGS.prefix, "--data_dir")
         check_rows(command_line.user_path(FLAGS.export), paths, FLAGS.num_examples, "--")
+        out = command_line.checked_out_file("--out", FLAGS.out)
     result = measure(command_line.user_path(FLAGS.export), data_dir, FLAGS.prefix, FLAGS.num_examples)
     print(f"{result['num_examples']} images")
     print("R^2 of each query from the last:", " ".join(f"{v:.2f}" for v in result["r2_from_last"]))
     print("codes used per position:", " ".join(str(v) for v in result["codes_used"]))
     print("used codes by how many positions choose them:", result["positions_per_code"])
-    if FLAGS.out:
-        with open(command_line.user_path(FLAGS.out), "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -98,10 +98,11 @@ def main(argv):
     if not FLAGS.lr > 0:  # 0 trains nothing, and a negative rate climbs the loss: either scores an untrained ViT
         raise app.UsageError(f"--lr: expected a positive learning rate, got {FLAGS.lr}")
     tokenizer_workdir = command_line.user_path(FLAGS.tokenizer_workdir)
-    with command_line.flag_checks():  # the run, before any work (its images and captions only)
+    with command_line.flag_checks():  # the run and the results file, before any work (its images and captions only)
         feature_probe.check_run(tokenizer_workdir, "the cell labels", ("train", "eval"), finished=False)
+        out = command_line.checked_out_file("--out", FLAGS.out)
     results = run(tokenizer_workdir, steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed)
-    feature_probe.report({"vit_from_labels": results}, command_line.user_path(FLAGS.out))
+    feature_probe.report({"vit_from_labels": results}, out)
 
 
 if __name__ == "__main__":

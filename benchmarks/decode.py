@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from sd_fixtures import diffusers_scheduler, randomize, tiny_tokenizer, write_sd_v1_scheduler  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
+from benchmarks.timing import count, median_seconds, torch_threads_as_xla  # noqa: E402
 from seed_jax.api import StableDiffusion  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 
@@ -75,11 +75,11 @@ def build_pipeline(size: str) -> StableDiffusionPipeline:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=count, default=2)
+    p.add_argument("--steps", type=count, default=20)
     p.add_argument("--sampler", choices=("plms", "ddim", "dpm++2m"), default="plms")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=count, default=3)
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     # float32 is float32 on both sides: ours runs at "highest" matmul precision, and on

@@ -19,14 +19,14 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 
 from flax import nnx  # noqa: E402
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import count, median_seconds  # noqa: E402
 from seed_jax.models import layers  # noqa: E402
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--iters", type=count, default=2)
     args = parser.parse_args()
     config = StableDiffusionConfig()
     for name, make_rngs in (("eager keys (seeded_rngs)", layers.seeded_rngs), ("traced keys (nnx.Rngs)", nnx.Rngs)):

@@ -25,6 +25,7 @@ import tracemalloc  # noqa: E402  (imports tokenize)
 
 import numpy as np  # noqa: E402
 
+from benchmarks.timing import count  # noqa: E402
 from seed_jax.evaluators import retrieval  # noqa: E402
 
 
@@ -42,9 +43,9 @@ def measure(images, texts, captions, names, chunk_rows: int) -> tuple[dict, floa
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--captions_per_image", type=int, default=5)
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--images", type=count, default=5000)
+    parser.add_argument("--captions_per_image", type=count, default=5)
+    parser.add_argument("--dim", type=count, default=256)
     args = parser.parse_args()
     n = args.images * args.captions_per_image
     rng = np.random.default_rng(0)

@@ -48,7 +48,7 @@ from sd_fixtures import randomize  # noqa: E402
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from benchmarks.flops import opt_lora_step_flops, peak_bf16_flops  # noqa: E402
-from benchmarks.timing import median_seconds, torch_threads_as_xla  # noqa: E402
+from benchmarks.timing import count, median_seconds, torch_threads_as_xla  # noqa: E402
 from seed_jax import weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
 from seed_jax.api.precision import matmul_precision  # noqa: E402
@@ -124,11 +124,11 @@ def ours_train_step(model, ids, dtype: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--prompt", type=int, default=40)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--batch", type=count, default=4)
+    parser.add_argument("--seq", type=count, default=128)
+    parser.add_argument("--prompt", type=count, default=40)
+    parser.add_argument("--new_tokens", type=count, default=32)
+    parser.add_argument("--iters", type=count, default=5)
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)

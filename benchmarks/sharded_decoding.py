@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.timing import print_rows_apart_against_left_split  # noqa: E402
+from benchmarks.timing import count, print_rows_apart_against_left_split  # noqa: E402
 from seed_jax import parallel, weights  # noqa: E402
 from seed_jax.api import SeedOPT  # noqa: E402
 from seed_jax.models.opt import OPT_PRESETS, OPTConfig  # noqa: E402
@@ -60,8 +60,8 @@ def mesh_axes(text: str) -> dict[str, int]:
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both sharded benchmarks take: --mesh, --cpu_devices, --iters, --bf16."""
     parser.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size pairs (parallel.MESH_AXES)")
-    parser.add_argument("--cpu_devices", type=int, default=8, help="stand-in devices when JAX runs on the CPU")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--cpu_devices", type=count, default=8, help="stand-in devices when JAX runs on the CPU")
+    parser.add_argument("--iters", type=count, default=5)
     parser.add_argument("--bf16", action="store_true")
 
 
@@ -79,9 +79,9 @@ def built_on_mesh(kind: str, config, args) -> tuple[nnx.Module, jax.sharding.Mes
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batch", type=count, default=8)
+    parser.add_argument("--prompt", type=count, default=16)
+    parser.add_argument("--new_tokens", type=count, default=32)
     add_mesh_arguments(parser)
     args = parser.parse_args()
     config = dataclasses.replace(SIZES[args.size], extra_tokens=8194)

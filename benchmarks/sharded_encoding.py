@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.sharded_decoding import add_mesh_arguments, built_on_mesh  # noqa: E402
-from benchmarks.timing import print_rows_apart_against_left_split  # noqa: E402
+from benchmarks.timing import count, print_rows_apart_against_left_split  # noqa: E402
 from configs.tokenizer import get_config  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.models.tokenizer import SeedTokenizerConfig  # noqa: E402
@@ -43,7 +43,7 @@ SIZES = ("tiny", "demo", "seed1")  # the tokenizers of configs/tokenizer.py's pr
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="demo", choices=SIZES)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=count, default=32)
     add_mesh_arguments(parser)
     args = parser.parse_args()
     config = SeedTokenizerConfig.from_dict(get_config(args.size).model.to_dict())

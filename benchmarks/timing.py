@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
 
 import numpy as np
+
+
+def count(text: str) -> int:
+    """argparse `type` of a count (--iters, --batch, --steps): an integer >= 1, else argparse's
+    usage error naming the flag, before the benchmark builds and converts its models
+    (`--iters=0` failed after them, in statistics.median)."""
+    value = int(text)  # argparse reports a ValueError as "invalid count value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def median_seconds(fn, iters: int) -> float:

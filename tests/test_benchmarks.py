@@ -3,8 +3,10 @@ actually trace: every dot_general in the jaxpr, a scanned body counted once per
 iteration."""
 
 import dataclasses
+import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -126,3 +128,24 @@ def test_the_benchmarks_leave_jax_no_preallocation_and_give_torch_xlas_cpu_threa
         preallocate, threads = result.stdout.split()[-2:]
         assert preallocate == "false", script
         assert int(threads) == len(os.sched_getaffinity(0)), script
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("model_build", ["--iters=0"], r"argument --iters: expected an integer >= 1, got 0"),
+    ("tokenize", ["--sizes=tiny", "--iters=0"], r"argument --iters: expected an integer >= 1, got 0"),
+    ("tokenize", ["--sizes=tiny,ful"], r"argument --sizes: \['ful'\] are not among \['full', 'tiny'\]"),
+    ("decode", ["--steps=0"], r"argument --steps: expected an integer >= 1, got 0"),
+    ("seed_opt", ["--batch=-1"], r"argument --batch: expected an integer >= 1, got -1"),
+    ("sharded_decoding", ["--size=tiny", "--new_tokens=0"], r"argument --new_tokens: expected an integer >= 1"),
+    ("sharded_encoding", ["--size=tiny", "--iters=x"], r"argument --iters: invalid count value: 'x'"),
+    ("retrieval_memory", ["--images=0"], r"argument --images: expected an integer >= 1, got 0")])
+def test_a_benchmarks_count_below_one_is_a_usage_error_before_it_builds_anything(script, argv, message, monkeypatch,
+                                                                                capsys):
+    """`--iters=0` failed in statistics.median once the models were built, converted and warmed
+    up; an unknown `--sizes` name in a KeyError once the sizes before it had run."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and re.search(message, err), err

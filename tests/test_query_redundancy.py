@@ -2,9 +2,11 @@
 
 import os
 
+import grain
 import numpy as np
 import pytest
 
+from seed_jax.data import records
 from seed_jax.evaluators import query_redundancy
 
 
@@ -34,3 +36,19 @@ def test_measures_a_tiny_run(tiny_decoder_run):
     assert result["r2_from_last"][-1] == pytest.approx(1.0)
     assert len(result["codes_used"]) == 32
     assert sum(k * v for k, v in result["positions_per_code"].items()) == sum(result["codes_used"])
+
+
+def test_an_image_of_several_caption_records_is_measured_once(tiny_decoder_run, tmp_path):
+    """A split with a record per caption (make_records' COCO shards: `id`, `id#1`, ...)
+    encoded each image once per caption, so held-out rows repeated fitted ones and R^2
+    read high; each image now counts once, as in a split of a record per image."""
+    tokenizer = os.path.join(tiny_decoder_run, "tokenizer")
+    data, export = os.path.join(tokenizer, "data"), os.path.join(tokenizer, "export")
+    source = grain.sources.ArrayRecordDataSource(records.shard_paths(data, "eval"))
+    by_caption = [{**record, "id": record["id"] + suffix, "caption": record["caption"] + suffix}
+                  for record in (records.decode_record(source[i]) for i in range(len(source)))
+                  for suffix in ("", "#1", "#2")]
+    records.write_array_record_shards(by_caption, str(tmp_path), "eval", 1)
+    once = query_redundancy.measure(export, data, "eval", num_examples=64)
+    assert query_redundancy.measure(export, str(tmp_path), "eval", num_examples=4096) == once
+    assert once["num_examples"] == 64

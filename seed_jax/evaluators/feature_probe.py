@@ -63,17 +63,20 @@ def labels_caption(labels: np.ndarray) -> str:
 
 def read_split(paths: Sequence[str], num_examples: int, image_size: int) -> tuple[np.ndarray, list[str]]:
     """The first `num_examples` decodable images of `paths` -> (pixels (N,S,S,3) float32,
-    CLIP-normalised, captions); undecodable records are skipped and their count logged."""
+    CLIP-normalised, captions); undecodable records are skipped and their count logged.
+    An image is read once, with the caption of its first record (`records.image_id`: COCO's
+    shards hold a record per caption, so 5 of each image)."""
     source = grain.sources.ArrayRecordDataSource(list(paths))
     pixels = np.zeros((min(num_examples, len(source)), image_size, image_size, 3), np.float32)
-    captions, skipped = [], 0
+    captions, skipped, images = [], 0, set()
     for i in range(len(source)):
         if len(captions) == len(pixels):
             break
         item = preprocess.eval_record(source[i], image_size)
         if item["pixels"] is None:
             skipped += 1
-        else:
+        elif records.image_id(item["id"]) not in images:
+            images.add(records.image_id(item["id"]))
             pixels[len(captions)] = item["pixels"]
             captions.append(item["caption"])
     if skipped:

@@ -1,6 +1,8 @@
 """How different a tokenizer's 32 causal queries, and so its 32 codes, are.
 
-Two numbers per query position, on images of any ArrayRecord split:
+Two numbers per query position, on images of any ArrayRecord split (each image once:
+with a record per caption, as COCO's shards, held-out copies of fitted images would
+inflate R^2):
 - `r2_from_last`: held-out R^2 of a least-squares map from the last query's causal
   embedding to this query's (each query centred on its mean over the images). Near 1
   means the query repeats what the last one says: its code adds little information.

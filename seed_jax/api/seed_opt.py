@@ -525,8 +525,7 @@ def _check_trained_codebook(tokenizer: SeedTokenizer, info: dict) -> None:
 def _load_text_tokenizer(path: str) -> OPTTextTokenizer:
     """A tokenizer.json file, or a folder with OPT's vocab.json + merges.txt (else its tokenizer.json),
     or a SEED-OPT export's folder, holding its text_tokenizer.json."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, opt_text.FILE_NAME)):
-        return OPTTextTokenizer.load(os.path.join(path, opt_text.FILE_NAME))
-    if os.path.isdir(path):
-        return OPTTextTokenizer(opt_text.gpt2_bpe(path))
-    return OPTTextTokenizer.load(path)
+    if not os.path.isdir(path):
+        return OPTTextTokenizer.load(path)
+    exported = os.path.join(path, opt_text.FILE_NAME)
+    return OPTTextTokenizer.load(exported) if os.path.exists(exported) else OPTTextTokenizer(opt_text.gpt2_bpe(path))

@@ -139,7 +139,7 @@ class StableDiffusion:
                                                      prompt_embeds.shape[1])
         latents = self.initial_noise(batch, seed) if latents is None else as_array("latents", latents, np.float32)
         if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1] \
-                or not latents.shape[1] * latents.shape[2]:
+                or 0 in latents.shape[1:3]:
             raise ValueError(f"latents: expected ({batch},h,w,{self.latent_shape[-1]}), h and w >= 1 (default size "
                              f"{self.latent_shape[:2]}), got {latents.shape}")
         if not np.isfinite(latents).all():

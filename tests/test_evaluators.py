@@ -389,7 +389,7 @@ def test_a_folder_without_shards_fails_before_the_export_loads(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("module, work, flag_values, expected", [
-    ("caption_codes", "score_split", dict(export="~/e", codes_dir="~/codes", split="eval", num_examples=1,
+    ("caption_codes", "score_records", dict(export="~/e", codes_dir="~/codes", split="eval", num_examples=1,
                                           max_new_tokens=1), ["~/e", "~/codes"]),
     ("caption_swaps", "score_run", dict(tokenizer_workdir="~/w", split="eval", num_examples=1), ["~/w"]),
     ("feature_probe", "probe_run", dict(tokenizer_workdir="~/w", intermediates=["quantized"], num_train=1,
@@ -424,6 +424,7 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
     monkeypatch.setattr(evaluator, work, take)
     monkeypatch.setattr(records, "shard_paths", take)
+
     def check_run(*args, **kwargs):  # a finished shapes-world run of one training image
         take(*args, **kwargs)
         return ml_collections.ConfigDict(dict(data=dict(synthetic=dict(num_train=1))))
@@ -432,6 +433,14 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
     monkeypatch.setattr(api.SeedOPT, "load", take)
     monkeypatch.setattr(weights, "read_config_named", take)
     monkeypatch.setattr(query_redundancy, "check_rows", take)
+    if module == "caption_codes":  # the loaded model checks its options, then reads the records it captions
+
+        def load(path):
+            take(path)
+            return types.SimpleNamespace(check_caption_options=lambda **options: None)
+
+        monkeypatch.setattr(api.SeedOPT, "load", load)
+        monkeypatch.setattr(evaluator, "read_split", lambda *args, **kwargs: (take(*args, **kwargs), None))
     monkeypatch.chdir(tmp_path)
     evaluator.main(["evaluator"])
     for path in expected:

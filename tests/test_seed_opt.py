@@ -1076,6 +1076,23 @@ def test_caption_scores_by_part_and_on_a_runs_splits(seed_opt_run):
         assert 0 <= scores["caption/exact_match"] <= 1 and 0 <= scores["caption/grammatical"] <= 1
 
 
+def test_caption_codes_counts_the_loaded_model_or_split_cannot_take_are_usage_errors(seed_opt_run, monkeypatch):
+    """`caption_codes --max_new_tokens` past the model's positions, or `--num_examples` past
+    the split's records, ended in a traceback (naming no flag for the count); both are now
+    usage errors once the export has loaded, before any caption is generated."""
+    from absl import app
+
+    workdir, _ = seed_opt_run
+    monkeypatch.setattr(caption_codes, "caption_all", lambda *args, **kwargs: pytest.fail("captions generated"))
+    flag_values = dict(export=os.path.join(workdir, "export"), codes_dir=os.path.join(workdir, "codes"),
+                       split="eval", num_examples=8, max_new_tokens=None)
+    for changed, message in [(dict(max_new_tokens=10 ** 6), r"max_new_tokens: expected an integer in 1\.\.\d+"),
+                             (dict(num_examples=10 ** 6), "--num_examples: 1000000 requested, .* hold \\d+ readable")]:
+        monkeypatch.setattr(caption_codes, "FLAGS", types.SimpleNamespace(**{**flag_values, **changed}))
+        with pytest.raises(app.UsageError, match=message):
+            caption_codes.main(["caption_codes"])
+
+
 def test_score_split_counts_any_caption_of_a_records_image(tmp_path):
     """On a split with a record per caption (COCO: 5 per image) an image's records give
     one greedy caption; it matches when it is any caption of the record's image."""

@@ -389,6 +389,13 @@ class SeedOPT:
         return self._answers(self._caption_prompts(self._codes(codes)), max_new_tokens, CAPTION_TOKENS, num_beams,
                              sampling)
 
+    def check_caption_options(self, *, max_new_tokens: int | None = None, num_beams: int = 1, **sampling) -> None:
+        """Checks `caption_codes`' options without generating: a ValueError (TypeError for
+        an unknown option) naming the one it cannot take, e.g. `max_new_tokens` past the
+        model's positions."""
+        self._check_answer_options(self._caption_prompts(self._placeholder_codes(1)), max_new_tokens,
+                                   CAPTION_TOKENS, num_beams, sampling)
+
     def answer_codes(self, codes, questions: Sequence[str], *, max_new_tokens: int | None = None,
                      num_beams: int = 1, **sampling) -> list[str]:
         """int codes (B,Q) (as `caption_codes`) and B questions -> short answers
@@ -425,8 +432,7 @@ class SeedOPT:
     def caption(self, images, *, max_new_tokens: int | None = None, num_beams: int = 1, **sampling) -> list[str]:
         """Images (as `SeedTokenizer.preprocess` takes them) -> captions (options as `caption_codes`)."""
         tokenizer = self._seed_tokenizer()  # it, and every option, checked before the images are encoded
-        self._check_answer_options(self._caption_prompts(self._placeholder_codes(1)), max_new_tokens,
-                                   CAPTION_TOKENS, num_beams, sampling)
+        self.check_caption_options(max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling)
         return self.caption_codes(tokenizer.encode_images(images), max_new_tokens=max_new_tokens, num_beams=num_beams,
                                   **sampling)
 

@@ -52,11 +52,11 @@ def score_captions(generated: Sequence[str], references: Sequence[str],
     return scores
 
 
-def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_new_tokens: int) -> list[str]:
+def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_new_tokens: int | None) -> list[str]:
     """Greedy captions of int codes (N,Q), Q = `model.num_queries`, `batch_size` rows at a
-    time. Rows with the same codes (the records of an image's several captions) are
-    captioned once, in order of their first row: greedy decoding gives them one caption
-    anyway."""
+    time (`max_new_tokens` None: `caption_codes`' default). Rows with the same codes (the
+    records of an image's several captions) are captioned once, in order of their first
+    row: greedy decoding gives them one caption anyway."""
     first, group = groups_in_order([row.tobytes() for row in np.ascontiguousarray(codes)])
     distinct = codes[first]
     captions = []
@@ -65,19 +65,35 @@ def caption_all(model: api.SeedOPT, codes: np.ndarray, *, batch_size: int, max_n
     return [captions[g] for g in group]
 
 
-def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
-                batch_size: int = 128, max_new_tokens: int = 24) -> dict[str, float]:
-    """Caption scores of `model` on the first `num_examples` readable records of
-    `codes_dir`'s `split` shards (corrupt records, those of other than the model's codes
-    per image and those of codes outside its codebook skipped and counted)."""
+def read_split(model: api.SeedOPT, codes_dir: str, split: str, num_examples: int,
+               name: str = "num_examples") -> tuple[list[dict], pipeline.SkipCounter]:
+    """The first `num_examples` readable records of `codes_dir`'s `split` shards (corrupt
+    records, those of other than the model's codes per image and those of codes outside its
+    codebook skipped and counted), and the counter of those skipped; errors about the count
+    name it `name`."""
     skipped = pipeline.SkipCounter()
     rows = sequences.read_code_records(records.shard_paths(codes_dir, split, "codes_dir"), num_examples, skipped,
-                                       codes_per_image=model.num_queries, num_codes=model.builder.image.num_codes)
+                                       codes_per_image=model.num_queries, num_codes=model.builder.image.num_codes,
+                                       name=name)
+    return rows, skipped
+
+
+def score_records(model: api.SeedOPT, rows: list[dict], skipped: pipeline.SkipCounter, *, batch_size: int = 128,
+                  max_new_tokens: int | None = None) -> dict[str, float]:
+    """Caption scores of `model` on `read_split`'s records, with their count and that of
+    the records skipped."""
     captions = caption_all(model, np.stack([r["codes"] for r in rows]), batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
     scores = score_captions(captions, [r["caption"] for r in rows], [records.image_id(r["id"]) for r in rows])
-    return {**scores, "num_examples": float(len(rows)),
-            "skipped_records": float(skipped.count)}
+    return {**scores, "num_examples": float(len(rows)), "skipped_records": float(skipped.count)}
+
+
+def score_split(model: api.SeedOPT, codes_dir: str, split: str, *, num_examples: int = 256,
+                batch_size: int = 128, max_new_tokens: int | None = None) -> dict[str, float]:
+    """Caption scores of `model` on the first `num_examples` readable records of
+    `codes_dir`'s `split` shards (`read_split`, `score_records`)."""
+    return score_records(model, *read_split(model, codes_dir, split, num_examples), batch_size=batch_size,
+                         max_new_tokens=max_new_tokens)
 
 
 FLAGS = flags.FLAGS
@@ -89,7 +105,8 @@ def _define_flags():
     flags.DEFINE_string("codes_dir", None, "Code-record shards (WORKDIR/codes, or configs/pretokenize.py's out_dir).")
     flags.DEFINE_string("split", "eval", "Shard prefix: `eval` (held out) or `train`.")
     flags.DEFINE_integer("num_examples", 256, "Records captioned (-1: all).")
-    flags.DEFINE_integer("max_new_tokens", 24, "Longest caption, in tokens.")
+    flags.DEFINE_integer("max_new_tokens", None, "Longest caption, in tokens (default: SeedOPT.caption_codes' "
+                         "30, or fewer where the model's positions end; the demo's training evaluation: 24).")
     flags.mark_flags_as_required(["export", "codes_dir"])
 
 
@@ -98,11 +115,15 @@ def main(argv):
     export, codes_dir = command_line.user_path(FLAGS.export), command_line.user_path(FLAGS.codes_dir)
     with command_line.flag_checks():  # a count, folder or export it cannot take fails before the export loads
         sequences.check_num_examples("--num_examples", FLAGS.num_examples)
-        check_count("--max_new_tokens", FLAGS.max_new_tokens, 1)
+        if FLAGS.max_new_tokens is not None:
+            check_count("--max_new_tokens", FLAGS.max_new_tokens, 1)
         records.shard_paths(codes_dir, FLAGS.split, "--codes_dir")
         weights.read_config_named("--export", export, "opt")  # its model.json: a workdir or a tokenizer's is named
-    scores = score_split(api.SeedOPT.load(export), codes_dir, FLAGS.split,
-                         num_examples=FLAGS.num_examples, max_new_tokens=FLAGS.max_new_tokens)
+    model = api.SeedOPT.load(export)
+    with command_line.flag_checks():  # what the loaded model bounds, before any caption is generated
+        model.check_caption_options(max_new_tokens=FLAGS.max_new_tokens)
+        rows, skipped = read_split(model, codes_dir, FLAGS.split, FLAGS.num_examples, name="--num_examples")
+    scores = score_records(model, rows, skipped, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)
     print()
 

@@ -1,9 +1,12 @@
 """grain pipelines: determinism, resumable iterator state, eval padding, corrupt records."""
 
+import json
+import os
 import re
 import struct
 import zlib
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -18,6 +21,23 @@ def shards(tmp_path_factory):
     train = synthetic.write_shapes_dataset(directory, split="train", num_examples=96, seed=0, image_size=32,
                                            num_shards=2, num_workers=1)
     return directory, train
+
+
+def test_shapes_shards_replace_their_own_but_not_other_shards(tmp_path):
+    """The shapes world regenerates a split whose settings changed, or whose writing was cut
+    short, but refuses to write over shards of the split it did not write (no marker)."""
+    directory = str(tmp_path)
+    write = lambda count: synthetic.write_shapes_dataset(directory, split="train", num_examples=count,  # noqa: E731
+                                                         seed=0, image_size=16, num_shards=1, num_workers=1)
+    write(2)
+    assert len(grain.sources.ArrayRecordDataSource(write(3))) == 3  # other settings: written again
+    marker = json.loads((tmp_path / "train.json").read_text())
+    assert marker["num_examples"] == 3 and "complete" not in marker
+    records.write_json(str(tmp_path / "train.json"), {"complete": False})  # a write cut short
+    assert len(grain.sources.ArrayRecordDataSource(write(3))) == 3
+    os.remove(tmp_path / "train.json")  # shards alone: not the shapes world's
+    with pytest.raises(ValueError, match="holds 'train' shards the shapes world did not write"):
+        write(3)
 
 
 @pytest.fixture(scope="module")

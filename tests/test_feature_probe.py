@@ -51,3 +51,36 @@ def test_a_vit_trained_on_the_labels_fits_its_training_images(tiny_decoder_run):
     assert all(0 <= v <= 1 for v in results["eval"].values())
     # The tiny ViT learns 256 images' captions from their labels in 200 steps (0.99 measured).
     assert results["train"]["exact_match"] > 0.9
+
+
+def test_more_training_images_are_not_written_over_the_runs_data_or_other_shards(tiny_decoder_run, tmp_path,
+                                                                                 monkeypatch):
+    """`--extra_data_dir` naming the run's own data folder rewrote its training split; naming
+    a folder of other `train` shards (real data) replaced them, deleting those its shard count
+    left over. Both are refused, naming the flag, before the run's export loads."""
+    import types
+
+    import pytest
+    from absl import app
+
+    from seed_jax import api
+
+    run = os.path.join(tiny_decoder_run, "tokenizer")
+    theirs = str(tmp_path / "theirs")
+    records.write_array_record_shards([{"image": b"x", "caption": "a real caption", "id": "a.jpg"}] * 3, theirs,
+                                      "train", 3)
+    before = {path: open(path, "rb").read() for path in records.existing_shards(theirs, "train")}
+    run_data = {path: os.path.getmtime(path) for path in records.existing_shards(os.path.join(run, "data"), "train")}
+    monkeypatch.setattr(api.SeedTokenizer, "load", lambda *args, **kwargs: pytest.fail("the export loaded"))
+    for folder, message in [(os.path.join(run, "data"), "is the run's own data folder"),
+                            (theirs, "holds 'train' shards the shapes world did not write")]:
+        with pytest.raises(ValueError, match=f"^extra_data_dir: .*{message}"):
+            feature_probe.training_shards(run, 300, folder)
+        monkeypatch.setattr(feature_probe, "FLAGS", types.SimpleNamespace(
+            tokenizer_workdir=run, intermediates=["quantized"], num_train=300, epochs=1, out="",
+            extra_data_dir=folder))
+        with pytest.raises(app.UsageError, match=f"^--extra_data_dir: .*{message}"):
+            feature_probe.main(["feature_probe"])
+    assert {path: open(path, "rb").read() for path in records.existing_shards(theirs, "train")} == before
+    assert {path: os.path.getmtime(path)
+            for path in records.existing_shards(os.path.join(run, "data"), "train")} == run_data

@@ -258,6 +258,15 @@ def _read_marker(path: str) -> dict | None:
         return None
 
 
+def check_can_write(directory: str, split: str) -> None:
+    """A ValueError naming `directory` where it holds `split` shards without the marker
+    `write_shapes_dataset` writes beside its own (e.g. real data), which writing the split
+    there would replace."""
+    if not os.path.exists(os.path.join(directory, f"{split}.json")) and records.existing_shards(directory, split):
+        raise ValueError(f"{directory}: holds {split!r} shards the shapes world did not write (no {split}.json "
+                         "beside them); writing its shards there would replace them: give another folder")
+
+
 def write_shapes_dataset(
     directory: str,
     *,
@@ -273,6 +282,8 @@ def write_shapes_dataset(
     Example ``i`` of the split is ``make_example(i, split_seed(seed, split),
     image_size)``. A marker ``{split}.json`` with the settings is written after
     the shards; when it matches and all shards exist, nothing is regenerated.
+    Shards of ``split`` without a marker (not written here, e.g. real data) are
+    not replaced: a ValueError names the directory.
     """
     settings = {
         "generator_version": GENERATOR_VERSION,
@@ -286,8 +297,9 @@ def write_shapes_dataset(
     expected = [records.shard_path(directory, split, i, num_shards) for i in range(num_shards)]
     if _read_marker(marker) == settings and all(os.path.exists(p) for p in expected):
         return expected
-    if os.path.exists(marker):
-        os.remove(marker)
+    check_can_write(directory, split)
+    os.makedirs(directory, exist_ok=True)
+    records.write_json(marker, {**settings, "complete": False})  # the shards are ours while they are replaced
     examples = generate_examples(num_examples, split_seed(seed, split), image_size, num_workers)
     paths = records.write_array_record_shards(examples, directory, split, num_shards)
     records.write_json(marker, settings)

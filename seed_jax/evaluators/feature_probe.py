@@ -183,6 +183,21 @@ def run_shards(tokenizer_workdir: str, split: str) -> list[str]:
     return records.shard_paths(os.path.join(tokenizer_workdir, "data"), split, "tokenizer_workdir")
 
 
+def extra_shards_dir(tokenizer_workdir: str, extra_data_dir: str = "", name: str = "extra_data_dir") -> str:
+    """The folder `training_shards` writes further images to: `extra_data_dir`, default
+    WORKDIR/probe_data; a ValueError naming it `name` where they would replace the run's
+    own training images or shards the shapes world did not write."""
+    folder = extra_data_dir or os.path.join(tokenizer_workdir, "probe_data")
+    if os.path.realpath(folder) == os.path.realpath(os.path.join(tokenizer_workdir, "data")):
+        raise ValueError(f"{name}: {folder} is the run's own data folder, whose training shards the probes' "
+                         "would replace: give another folder")
+    try:
+        synthetic.check_can_write(folder, "train")
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return folder
+
+
 def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str = "") -> list[str]:
     """The run's training shards; for more than its `data.synthetic.num_train` images,
     the shapes world's training split extended to `num_train` examples, written once to
@@ -190,9 +205,9 @@ def training_shards(tokenizer_workdir: str, num_train: int, extra_data_dir: str 
     world = shapes_run_config(tokenizer_workdir, "the probes").data.synthetic
     if num_train <= world.num_train:
         return run_shards(tokenizer_workdir, "train")
-    return synthetic.write_shapes_dataset(extra_data_dir or os.path.join(tokenizer_workdir, "probe_data"),
-                                          split="train", num_examples=num_train, seed=world.seed,
-                                          image_size=world.image_size, num_shards=world.num_shards)
+    return synthetic.write_shapes_dataset(extra_shards_dir(tokenizer_workdir, extra_data_dir), split="train",
+                                          num_examples=num_train, seed=world.seed, image_size=world.image_size,
+                                          num_shards=world.num_shards)
 
 
 def probe_run(tokenizer_workdir: str, intermediates: Sequence[str] = DEFAULT_INTERMEDIATES, *,
@@ -250,11 +265,14 @@ def main(argv):
     with command_line.flag_checks():  # counts and the run, before any work (its own training images where they suffice)
         check_count("--num_train", FLAGS.num_train, 1)
         check_count("--epochs", FLAGS.epochs, 1)
+        extra_data_dir = command_line.user_path(FLAGS.extra_data_dir)
         if FLAGS.num_train <= check_run(tokenizer_workdir, "the probes", ("eval",)).data.synthetic.num_train:
             run_shards(tokenizer_workdir, "train")
+        else:
+            extra_shards_dir(tokenizer_workdir, extra_data_dir, "--extra_data_dir")
         out = command_line.checked_out_file("--out", FLAGS.out)
     results = probe_run(tokenizer_workdir, FLAGS.intermediates, num_train=FLAGS.num_train, epochs=FLAGS.epochs,
-                        extra_data_dir=command_line.user_path(FLAGS.extra_data_dir))
+                        extra_data_dir=extra_data_dir)
     report(results, out)
 
 

@@ -138,6 +138,20 @@ def test_a_shard_folder_that_is_a_file_or_missing_says_so(shards):
         records.shard_paths(directory, "eval")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_array_record"])
+def test_a_shard_that_is_not_a_readable_array_record_file_is_named(shards, tmp_path, damage):
+    """A truncated copy of a shard failed at the run's first read, after the model was
+    built, as a bare RuntimeError from array_record naming no file."""
+    _, train = shards
+    data = {"truncated": open(train[1], "rb").read()[:-5000], "empty": b"", "not_array_record": b"x" * 70000}[damage]
+    for i, path in enumerate(train):
+        (tmp_path / path.rsplit("/", 1)[1]).write_bytes(data if i == 1 else open(path, "rb").read())
+    bad = records.shard_path(str(tmp_path), "train", 1, 2)
+    with pytest.raises(ValueError, match=rf"^data.train_dir: '{re.escape(bad)}' \({len(data)} bytes\) is not a "
+                                         "readable ArrayRecord shard"):
+        records.shard_paths(str(tmp_path), "train", "data.train_dir")
+
+
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     good = [synthetic.make_example(i, 0, 32) for i in range(6)]
     path = str(tmp_path / "mixed.array_record")

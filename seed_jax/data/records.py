@@ -195,4 +195,24 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
         missing = sorted(set(range(counts[0])) - set(indices))
         raise ValueError(f"{named}{directory!r}: the shards of {prefix!r} numbered {indices} are not the set "
                          f"0..{counts[0] - 1} (missing {missing})")
+    for path in paths:
+        _check_readable(path, named)
     return paths
+
+
+def _check_readable(path: str, named: str = "") -> None:
+    """Raises ValueError naming the shard `path` (after `named`) unless it opens as an
+    ArrayRecord file: a truncated copy or a file of another format failed at its first
+    read, after the model was built, as a RuntimeError naming no file (often no cause)."""
+    try:
+        reader = array_record_module.ArrayRecordReader(path)
+        readable = reader.ok()
+        reader.close()  # raises the status of a reader that is not ok, which may be empty
+        if readable:
+            return
+        why = ""
+    except RuntimeError as error:
+        why = str(error)
+    why = why or "its index does not read: truncated or corrupt"
+    raise ValueError(f"{named}{path!r} ({os.path.getsize(path)} bytes) is not a readable ArrayRecord shard ({why}): "
+                     "write it again")

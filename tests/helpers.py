@@ -39,6 +39,21 @@ TINY_DIFFUSION = StableDiffusionConfig(
     empty_prompt_ids=(8,) + (9,) * 76)
 
 
+def write_with_a_damaged_record(path: str, payloads: list[bytes], damaged: int) -> None:
+    """ArrayRecord file `path` of `payloads` (a chunk each, uncompressed) with one bit of
+    payload `damaged` flipped on disk: reading that record fails its chunk's checksum."""
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
+    for payload in payloads:
+        writer.write(payload)
+    writer.close()
+    data = bytearray(open(path, "rb").read())
+    data[data.index(payloads[damaged]) + len(payloads[damaged]) // 2] ^= 1
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def flat_arrays(tree, shardings) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.NamedSharding]]:
     """Dotted path -> (shape, sharding) of each parameter of `tree` (an nnx.State of
     shapes or arrays; `shardings` its NamedShardings, as `parallel.state_shardings` gives)."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+from helpers import write_with_a_damaged_record
 from seed_jax.data import pipeline, records, synthetic, text
 
 
@@ -150,6 +151,20 @@ def test_a_shard_that_is_not_a_readable_array_record_file_is_named(shards, tmp_p
     with pytest.raises(ValueError, match=rf"^data.train_dir: '{re.escape(bad)}' \({len(data)} bytes\) is not a "
                                          "readable ArrayRecord shard"):
         records.shard_paths(str(tmp_path), "train", "data.train_dir")
+
+
+def test_a_record_damaged_on_disk_is_skipped_and_counted(tmp_path, example):
+    """A record whose chunk fails its checksum raised a RuntimeError in grain's reading
+    thread, which ended the run; it is now a corrupt record like any other."""
+    path = str(tmp_path / "damaged.array_record")
+    write_with_a_damaged_record(path, [records.encode_record(synthetic.make_example(i, 0, 32)) for i in range(6)], 2)
+    ex = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    batch = next(pipeline.train_iterator([path], ex, global_batch_size=5, seed=0, num_threads=1))
+    assert sorted(batch["index"].tolist()) == [0, 1, 3, 4, 5] and ex.skipped.count >= 1
+    counted = pipeline.Example(32, example.text, example.clip_text, pipeline.SkipCounter())
+    batches = list(pipeline.eval_batches([path], counted, num_examples=6, global_batch_size=6, num_threads=1))
+    assert batches[0]["index"].tolist() == [0, 1, -1, 3, 4, 5] and counted.skipped.count == 1
+    assert [image is None for _, image in pipeline.read_labels([path], 6)] == [False, False, True, False, False, False]
 
 
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):

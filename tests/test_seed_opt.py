@@ -23,7 +23,7 @@ from helpers import (MAIN_WITH_A_SLOW_EXPORT, TWO_PROCESSES_ON_ONE_BATCH,
                      assert_compiles_without_full_rematerialization, assert_optimizer_state_split_as_params,
                      assert_same_gradients, assert_weights_split, checkpoint_params, collectives_in_loop_bodies,
                      decoder_with_text_encoder_changed, layout_mesh, run_two_processes, seed_opt_losses_on_one_batch,
-                     split_over_fsdp_and_tensor, stage_gradients)
+                     split_over_fsdp_and_tensor, stage_gradients, write_with_a_damaged_record)
 from seed_jax import api, command_line, parallel, weights
 from seed_jax.convert import opt as convert_opt
 from seed_jax.data import code_records, opt_text, pipeline, preprocess, records, sequences, synthetic
@@ -667,6 +667,24 @@ def _write_image_records(folder, good: list[bool]) -> list[str]:
         writer.write(records.encode_record(synthetic.make_example(i, 0, 16)) if is_good else b"bad")
     writer.close()
     return [path]
+
+
+def test_a_record_damaged_on_disk_is_skipped_by_pretokenize_and_the_code_readers(tmp_path):
+    """An image or code record whose chunk fails its checksum raised a RuntimeError from
+    the reader, which ended the run; it is now skipped and counted as a corrupt one."""
+    os.makedirs(tmp_path / "images")
+    images = [records.shard_path(str(tmp_path / "images"), "train", 0, 1)]
+    write_with_a_damaged_record(images[0], [records.encode_record(synthetic.make_example(i, 0, 16))
+                                            for i in range(4)], 1)
+    summary = pretokenize.tokenize_splits(_ZeroEncoder(), {"train": images}, str(tmp_path / "codes"), batch_size=2,
+                                          num_threads=1)["train"]
+    assert (summary["records"], summary["skipped_records"]) == (3, 1)
+    codes = str(tmp_path / "codes.array_record")
+    write_with_a_damaged_record(codes, [code_records.encode_code_record(f"r{i}", f"caption {i}", np.full(32, i))
+                                        for i in range(4)], 2)
+    skipped = pipeline.SkipCounter()
+    assert [r["id"] for r in sequences.read_code_records([codes], pipeline.ALL_RECORDS, skipped)] == ["r0", "r1", "r3"]
+    assert skipped.count == 1
 
 
 def test_pretokenizing_an_all_corrupt_split_fails_naming_it(tmp_path):

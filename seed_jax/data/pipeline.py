@@ -165,8 +165,33 @@ class PixelExample:
         return self._finish(image, record["caption"], item[0])
 
 
+class RecordSource:
+    """grain's ArrayRecordDataSource over the shards `paths`, but a record its shard cannot
+    give back (its chunk fails its checksum: the file damaged on disk) reads as b"", a
+    corrupt record to every decoder, skipped and counted (the first logged with why),
+    rather than a RuntimeError from the reading thread that ended the run."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        self._said_why = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self._source[index]
+        except RuntimeError as error:
+            if not self._said_why.is_set():
+                self._said_why.set()
+                logging.warning("record %d of %s...: unreadable, skipped as a corrupt record (this is said once): "
+                                "%s", index, self._paths[0], error)
+            return b""
+
+
 def _source(paths: Sequence[str]) -> grain.MapDataset:
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    return grain.MapDataset.source(RecordSource(paths))
 
 
 def _process_slice() -> tuple[int, int]:

@@ -232,7 +232,7 @@ def packed_train_iterator(paths: Sequence[str], example: CodeExample, *, global_
     index, count = jax.process_index(), jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"batch_size {global_batch_size} must divide by the process count {count}")
-    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    source = grain.MapDataset.source(pipeline.RecordSource(paths))
     pipeline.check_a_record_per_process(paths, len(source), count)
     source = source[index::count]
     seed = pipeline.process_seed(seed, index)
@@ -262,7 +262,7 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
     `CodeExample` skips them); `pipeline.ALL_RECORDS`: every decodable one. Errors name
     `num_examples` as `name` (a config key)."""
     num_examples = check_num_examples(name, num_examples)
-    source = grain.sources.ArrayRecordDataSource(list(paths))
+    source = pipeline.RecordSource(paths)
     out = []
     for i in range(len(source)):
         if len(out) == num_examples:

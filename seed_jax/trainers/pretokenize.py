@@ -33,7 +33,7 @@ from seed_jax import command_line, weights
 from seed_jax.api.checks import check_count
 from seed_jax.api.precision import matmul_precision
 from seed_jax.api.seed_tokenizer import read_codes_export
-from seed_jax.data import code_records, preprocess, records
+from seed_jax.data import code_records, pipeline, preprocess, records
 from seed_jax.models import layers
 from seed_jax.models.tokenizer import SeedTokenizer
 
@@ -78,7 +78,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     path, summary_path = _shard_files(out_dir, prefix)
     if index == 0:
         _remove_other_counts(out_dir, prefix, count)
-    source = grain.sources.ArrayRecordDataSource(list(in_paths))
+    source = pipeline.RecordSource(in_paths)
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
     inputs = _inputs(in_paths, start, stop)
     finished = _finished_summary(path, summary_path, tokenizer, inputs, f"pretokenize {prefix} shard {index}/{count}")

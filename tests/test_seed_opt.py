@@ -593,9 +593,10 @@ def test_pretokenize_killed_while_writing_a_summary_reruns_the_shard(tmp_path, m
     assert pretokenize.tokenize_split(Encoder(), paths, out, "train", batch_size=2, num_threads=1)["records"] == 3
 
 
-def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export(tmp_path):
+def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export_or_dtype(tmp_path):
     """A rerun after the tokenizer export was replaced (retrained, or resumed with more
-    steps) kept the finished shards, and SEED-OPT trained on the old export's codes."""
+    steps) kept the finished shards, and SEED-OPT trained on the old export's codes; so
+    did a rerun in float32 of a split encoded in bfloat16, whose codes differ."""
     paths = synthetic.write_shapes_dataset(str(tmp_path / "images"), split="train", num_examples=3, seed=0,
                                            image_size=16, num_shards=1, num_workers=1)
 
@@ -620,6 +621,11 @@ def test_pretokenize_writes_a_finished_shard_again_for_another_tokenizer_export(
     assert written_codes() == {1}
     assert run(Encoder(3), tokenizer="export-b")["tokenizer"] == "export-b"
     assert written_codes() == {3}
+    assert run(Encoder(4), tokenizer="export-b", dtype="bfloat16")["dtype"] == "bfloat16"
+    run(Encoder(5), tokenizer="export-b", dtype="bfloat16")
+    assert written_codes() == {4}
+    assert run(Encoder(6), tokenizer="export-b", dtype="float32")["dtype"] == "float32"
+    assert written_codes() == {6}
 
 
 def test_pretokenize_writes_a_finished_shard_again_for_other_input_records(tmp_path):

@@ -69,10 +69,11 @@ _SUMMARIES = "{}.summary-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + ".json"  # a p
 
 
 def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, prefix: str, *, batch_size: int,
-                   num_threads: int = 4, tokenizer: str | None = None) -> dict:
+                   num_threads: int = 4, tokenizer: str | None = None, dtype: str | None = None) -> dict:
     """Writes this process's shard of code records for one split; returns its summary.
-    `tokenizer`: the encoder's export fingerprint, kept in the summary with the shard's
-    inputs (`_inputs`); a finished shard whose summary holds another of either is written
+    `tokenizer`: the encoder's export fingerprint, and `dtype` its compute dtype (bfloat16
+    picks other codes than float32 for some images), kept in the summary with the shard's
+    inputs (`_inputs`); a finished shard whose summary holds another of any is written
     again. (`pretokenize` first checks that no split's input shards are named as its outputs.)"""
     index, count = jax.process_index(), jax.process_count()
     path, summary_path = _shard_files(out_dir, prefix)
@@ -81,7 +82,8 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
     source = pipeline.RecordSource(in_paths)
     start, stop = index * len(source) // count, (index + 1) * len(source) // count
     inputs = _inputs(in_paths, start, stop)
-    finished = _finished_summary(path, summary_path, tokenizer, inputs, f"pretokenize {prefix} shard {index}/{count}")
+    finished = _finished_summary(path, summary_path, tokenizer, dtype, inputs,
+                                 f"pretokenize {prefix} shard {index}/{count}")
     if finished is not None:
         return finished
     ds = grain.MapDataset.range(start, stop).map(lambda i: preprocess.eval_record(source[i], encoder.image_size))
@@ -109,7 +111,7 @@ def tokenize_split(encoder: LocalEncoder, in_paths: list[str], out_dir: str, pre
         writer.close()
     os.replace(path + ".partial", path)
     summary = {"records": written, "skipped_records": skipped, "first_skip_reason": first_skip_reason,
-               "source_records": stop - start, "tokenizer": tokenizer, "inputs": inputs}
+               "source_records": stop - start, "tokenizer": tokenizer, "dtype": dtype, "inputs": inputs}
     records.write_json(summary_path, summary)  # whole or not at all: a rerun takes a shard with one as done
     logging.info("pretokenize %s shard %d/%d: %s", prefix, index, count, summary)
     return summary
@@ -129,10 +131,11 @@ def _inputs(in_paths: list[str], start: int, stop: int) -> dict:
     return {"shards": [[os.path.basename(p), os.path.getsize(p)] for p in in_paths], "slice": [start, stop]}
 
 
-def _finished_summary(path: str, summary_path: str, tokenizer: str | None, inputs: dict, name: str) -> dict | None:
-    """The summary of the finished shard `path` when `tokenizer` wrote it from `inputs`,
-    else None (warning why it is written again). A summary from before inputs were kept
-    cannot tell, and passes."""
+def _finished_summary(path: str, summary_path: str, tokenizer: str | None, dtype: str | None, inputs: dict,
+                      name: str) -> dict | None:
+    """The summary of the finished shard `path` when `tokenizer` wrote it in `dtype` from
+    `inputs`, else None (warning why it is written again). A summary from before dtypes or
+    inputs were kept cannot tell, and passes."""
     if not (os.path.exists(path) and os.path.exists(summary_path)):
         return None
     with open(summary_path) as f:
@@ -140,6 +143,8 @@ def _finished_summary(path: str, summary_path: str, tokenizer: str | None, input
     if summary.get("tokenizer") != tokenizer:
         logging.warning("%s: written with another tokenizer export (fingerprint %s, now %s); writing it again", name,
                         summary.get("tokenizer"), tokenizer)
+    elif summary.get("dtype", dtype) != dtype:
+        logging.warning("%s: encoded in %s, now %s; writing it again", name, summary["dtype"], dtype)
     elif summary.get("inputs", inputs) != inputs:
         logging.warning("%s: written from other image records (%s, now %s); writing it again", name,
                         summary["inputs"], inputs)
@@ -204,18 +209,18 @@ def pretokenize(tokenizer_export: str, splits: dict[str, list[str]], out_dir: st
     _refuse_to_overwrite_inputs(splits, out_dir)  # before any split writes
     model, _, _ = weights.load_model(tokenizer_export, dtype=layers.compute_dtype(dtype), kind="seed_tokenizer")
     return tokenize_splits(LocalEncoder(model), splits, out_dir, batch_size=batch_size, num_threads=num_threads,
-                           tokenizer=weights.fingerprint(tokenizer_export))
+                           tokenizer=weights.fingerprint(tokenizer_export), dtype=dtype)
 
 
 def tokenize_splits(encoder: LocalEncoder, splits: dict[str, list[str]], out_dir: str, *, batch_size: int,
-                    num_threads: int = 4, tokenizer: str | None = None) -> dict[str, dict]:
+                    num_threads: int = 4, tokenizer: str | None = None, dtype: str | None = None) -> dict[str, dict]:
     """`tokenize_split` of every split (prefix -> image-record shard paths), each then
     checked to hold records (`check_records_written`); all processes take part. Returns
     {prefix: this process's summary}."""
     out = {}
     for prefix, paths in splits.items():
         out[prefix] = tokenize_split(encoder, paths, out_dir, prefix, batch_size=batch_size, num_threads=num_threads,
-                                     tokenizer=tokenizer)
+                                     tokenizer=tokenizer, dtype=dtype)
         check_records_written(prefix, paths, out_dir, out[prefix])
     multihost_utils.sync_global_devices("pretokenized")
     return out

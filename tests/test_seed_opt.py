@@ -651,6 +651,34 @@ def test_pretokenize_writes_a_finished_shard_again_for_other_input_records(tmp_p
         assert len(list(pipeline.read_records(records.shard_paths(out, "train"), pipeline.ALL_RECORDS))) == count
 
 
+def test_pretokenize_writes_a_finished_shard_again_for_its_split_rebuilt_at_the_same_size(tmp_path):
+    """A split rebuilt with other captions of the same images (make_records --overwrite)
+    has shards of the same names and sizes (here exactly; ArrayRecord pads files to 64 KiB
+    blocks, so mostly so at any change): the rerun kept the code records of the old
+    captions."""
+    folder, out = tmp_path / "images", str(tmp_path / "codes")
+    os.makedirs(folder)
+    path = records.shard_path(str(folder), "train", 0, 1)
+
+    def write(caption: str) -> int:
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        for i in range(3):
+            writer.write(records.encode_record({**synthetic.make_example(i, 0, 16), "caption": f"{caption} {i}"}))
+        writer.close()
+        return os.path.getsize(path)
+
+    def run() -> list[str]:
+        pretokenize.tokenize_split(_ZeroEncoder(), [path], out, "train", batch_size=2, num_threads=1)
+        return [code_records.decode_code_record(r)["caption"]
+                for r in pipeline.read_records(records.shard_paths(out, "train"), pipeline.ALL_RECORDS)]
+
+    size = write("a red circle")
+    assert run() == ["a red circle 0", "a red circle 1", "a red circle 2"]
+    assert write("a tan circle") == size
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # rebuilt a second later
+    assert run() == ["a tan circle 0", "a tan circle 1", "a tan circle 2"]
+
+
 class _ZeroEncoder:
     """Stands in for `pretokenize.LocalEncoder`: 16-px images -> codes of zeros; counts them."""
     image_size = 16

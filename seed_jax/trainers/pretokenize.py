@@ -6,8 +6,8 @@ and writes `{prefix}-{p:05d}-of-{P:05d}.array_record` of code records
 (`data/code_records.py`); its local devices split each batch. A finished shard
 (written under a temporary name, renamed at the end) is not redone, so a rerun
 resumes, unless its summary names another tokenizer export (`weights.fingerprint`:
-the export was replaced since) or other input shards (names and sizes: the split was
-rebuilt or another split given); a rerun on another number of processes first removes
+the export was replaced since) or other input shards (names, sizes and modification
+times: the split was rebuilt or another split given); a rerun on another number of processes first removes
 the shards (and summaries) of the earlier count. Undecodable records are skipped and counted in
 `{prefix}.summary-{p:05d}-of-{P:05d}.json` (with the first one's reason); a split of which
 no process wrote a record fails once every process has written its shard, and its empty
@@ -126,9 +126,12 @@ def _shard_files(out_dir: str, prefix: str) -> tuple[str, str]:
 
 def _inputs(in_paths: list[str], start: int, stop: int) -> dict:
     """What a shard is written from: the records [start, stop) of the image-record
-    shards `in_paths`, named by file name and size (a split rebuilt or moved elsewhere
-    keeps its names; rebuilt from other images, not its sizes)."""
-    return {"shards": [[os.path.basename(p), os.path.getsize(p)] for p in in_paths], "slice": [start, stop]}
+    shards `in_paths`, named by file name, size and modification time. A split moved
+    elsewhere (mv) keeps all three; one rebuilt (make_records --overwrite) gets new times,
+    and often keeps its sizes, ArrayRecord files being padded to 64 KiB blocks: other
+    captions of the same images kept the old ones' codes and captions."""
+    return {"shards": [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in in_paths],
+            "slice": [start, stop]}
 
 
 def _finished_summary(path: str, summary_path: str, tokenizer: str | None, dtype: str | None, inputs: dict,

@@ -125,7 +125,7 @@ def test_a_train_split_with_no_records_for_some_process_fails_on_every_process(r
             sequences.packed_train_iterator([path], None, global_batch_size=4, seed=0)
 
 
-def test_a_shard_folder_that_is_a_file_or_missing_says_so(shards):
+def test_a_shard_folder_that_is_a_file_or_missing_says_so(shards, tmp_path):
     """A `data.train_dir` naming one of its shards gave "no shards in FILE", as an empty
     folder does; a file, or a folder that does not exist, is now said to be one."""
     directory, train = shards
@@ -135,8 +135,12 @@ def test_a_shard_folder_that_is_a_file_or_missing_says_so(shards):
         records.shard_paths(train[0], "train", "data.train_dir")
     with pytest.raises(FileNotFoundError, match=r"in '/no/shards': no such folder$"):
         records.shard_paths("/no/shards", "train")
-    with pytest.raises(FileNotFoundError, match=r"'eval-\*-of-\*.array_record' in '.*'$"):  # a folder: no hint
+    # a folder holding shards of other prefixes names them (a split written as make_records' default "train")
+    with pytest.raises(FileNotFoundError, match=r"'eval-\*-of-\*.array_record' in '.*'; it holds shards of the "
+                                                r"prefixes \['train'\]$"):
         records.shard_paths(directory, "eval")
+    with pytest.raises(FileNotFoundError, match=r"'eval-\*-of-\*.array_record' in '.*'$"):  # none: no hint
+        records.shard_paths(str(tmp_path), "eval")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_array_record"])

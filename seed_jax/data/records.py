@@ -180,7 +180,8 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
     paths = existing_shards(directory, prefix)
     if not paths:
         hint = (f": it is a file; give the folder that holds the shards ({os.path.dirname(directory) or '.'!r})"
-                if os.path.isfile(directory) else "" if os.path.isdir(directory) else ": no such folder")
+                if os.path.isfile(directory) else _other_prefixes(directory) if os.path.isdir(directory)
+                else ": no such folder")
         raise FileNotFoundError(
             f"{named}no ArrayRecord shards named '{prefix}-*-of-*{_SHARD_SUFFIX}' in {directory!r}{hint}"
         )
@@ -198,6 +199,14 @@ def shard_paths(directory: str, prefix: str, field: str | None = None) -> list[s
     for path in paths:
         _check_readable(path, named)
     return paths
+
+
+def _other_prefixes(directory: str) -> str:
+    """A hint naming the prefixes of the shards `directory` holds ("" when none): e.g. a
+    split written with make_records' default --prefix=train read as "eval"."""
+    prefixes = sorted({m.group(1) for name in os.listdir(directory)
+                       if (m := re.fullmatch(rf"(.+)-\d{{5}}-of-\d{{5}}{re.escape(_SHARD_SUFFIX)}", name))})
+    return f"; it holds shards of the prefixes {prefixes}" if prefixes else ""
 
 
 def _check_readable(path: str, named: str = "") -> None:

@@ -5,6 +5,7 @@ import os
 import grain
 import numpy as np
 
+from helpers import write_with_a_damaged_record
 from seed_jax.data import records, synthetic
 from seed_jax.evaluators import feature_probe, vit_from_labels
 
@@ -84,3 +85,11 @@ def test_more_training_images_are_not_written_over_the_runs_data_or_other_shards
     assert {path: open(path, "rb").read() for path in records.existing_shards(theirs, "train")} == before
     assert {path: os.path.getmtime(path)
             for path in records.existing_shards(os.path.join(run, "data"), "train")} == run_data
+
+
+def test_read_split_skips_a_record_damaged_on_disk(tmp_path):
+    """A record whose chunk fails its checksum raised a RuntimeError that ended the probe."""
+    path = str(tmp_path / "damaged.array_record")
+    write_with_a_damaged_record(path, [records.encode_record(synthetic.make_example(i, 0, 16)) for i in range(3)], 1)
+    pixels, captions = feature_probe.read_split([path], 3, 16)
+    assert pixels.shape == (2, 16, 16, 3) and captions == [synthetic.make_example(i, 0, 16)["caption"] for i in (0, 2)]

@@ -21,7 +21,6 @@ import os
 import sys
 from typing import Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 
 from seed_jax import api, command_line
 from seed_jax.api.checks import check_count
-from seed_jax.data import preprocess, records, synthetic
+from seed_jax.data import pipeline, preprocess, records, synthetic
 from seed_jax.evaluators import shapes_captions
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -66,7 +65,7 @@ def read_split(paths: Sequence[str], num_examples: int, image_size: int) -> tupl
     CLIP-normalised, captions); undecodable records are skipped and their count logged.
     An image is read once, with the caption of its first record (`records.image_id`: COCO's
     shards hold a record per caption, so 5 of each image)."""
-    source = grain.sources.ArrayRecordDataSource(list(paths))
+    source = pipeline.RecordSource(paths)
     pixels = np.zeros((min(num_examples, len(source)), image_size, image_size, 3), np.float32)
     captions, skipped, images = [], 0, set()
     for i in range(len(source)):

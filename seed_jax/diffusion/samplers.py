@@ -10,10 +10,12 @@ branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
 Timesteps are spaced by the schedule's `timestep_spacing` ("leading" + steps_offset,
 "linspace" or "trailing", as each scheduler computes it), by default as each
 scheduler's default: "leading" for PLMS and DDIM, "linspace" for DPM-Solver++.
-A v-predicting model's output is turned into a noise estimate before DDIM and
-DPM-Solver++ see it (`schedule.noise_estimate`), as diffusers does; PLMS
-(`TAKES_MODEL_OUTPUT`) combines the raw outputs and converts the combination, as
-PNDMScheduler does.
+A v-predicting model's output is turned into a noise estimate before DDIM sees it
+(`schedule.noise_estimate`), as diffusers does; PLMS and DPM-Solver++
+(`TAKES_MODEL_OUTPUT`) take the raw outputs: PLMS converts their combination, as
+PNDMScheduler does, and DPM-Solver++ reads its data estimate at the step's own sigma
+(alpha x - sigma v), as DPMSolverMultistepScheduler does (a Karras step's sigma lies
+between those of the timesteps the model is called at).
 """
 
 from __future__ import annotations
@@ -190,9 +192,11 @@ class PLMS:
 class DPMSolverPP:
     """DPM-Solver++(2M) in data prediction: first order on the first and the final
     step (the final sigma is 0), second order (midpoint) in between; on Karras sigmas
-    when the schedule says `use_karras_sigmas`."""
+    when the schedule says `use_karras_sigmas`. The data estimate comes from the
+    model's output at the step's (alpha, sigma): (x - sigma eps) / alpha, or
+    alpha x - sigma v for a v-predicting model."""
 
-    TAKES_MODEL_OUTPUT = False
+    TAKES_MODEL_OUTPUT = True
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
@@ -218,6 +222,7 @@ class DPMSolverPP:
             rows["x_coef"].append(sigmas_t[i + 1] / sigmas_t[i])
             rows["m0_coef"].append(-alphas[i + 1] * decay * (1.0 if first_order else 1.0 + 0.5 / r))
             rows["m1_coef"].append(0.0 if first_order else 0.5 * alphas[i + 1] * decay / r)
+        rows["v_prediction"] = [schedule.prediction_type == "v_prediction"] * num_steps
         return {k: np.asarray(v) for k, v in rows.items()}
 
     @staticmethod
@@ -269,9 +274,10 @@ class DPMSolverPP:
         return carry["x"]
 
     @staticmethod
-    def update(carry, eps, step):
+    def update(carry, output, step):
         x = carry["x"]
-        data = (x - step["sigma_s"] * eps) / step["alpha_s"]
+        data = jnp.where(step["v_prediction"], step["alpha_s"] * x - step["sigma_s"] * output,
+                         (x - step["sigma_s"] * output) / step["alpha_s"])
         new_x = step["x_coef"] * x + step["m0_coef"] * data + step["m1_coef"] * carry["previous"]
         return {"x": new_x, "previous": data}
 

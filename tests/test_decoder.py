@@ -399,3 +399,32 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, key, value):
     node[leaf] = value
     with pytest.raises(ValueError, match=f"{key}: "):
         decoder.train(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(norm_groups=7), "unet: groups: 7 must divide the channel count 16"),
+    (dict(num_heads=(2, 3)), "unet: num_heads: 3 must divide width 32"),
+    (dict(block_channels=(16, 32, 64)), "unet: attention_levels: expected 3 entries"),
+    (dict(foo=1), "unet: .*unexpected keyword argument 'foo'"),
+    (dict(layers_per_block=0), "unet.layers_per_block: expected >= 1, got 0"),
+    (dict(sample_size=0), "unet.sample_size: expected >= 1, got 0"),
+    (dict(out_channels=4), r"unet.out_channels: expected unet.in_channels \(12: .* got 4"),
+    (dict(in_channels=4, out_channels=4), "unet.in_channels 4 != the latent channels 12"),
+    (dict(pixel_patch=0), "pixel_patch: expected >= 1, got 0")])
+def test_bad_unet_settings_fail_before_training(tmp_path, monkeypatch, settings, message):
+    """The UNet was first built after the tokenizer run it needs was trained: a bad
+    `unet.*` or `pixel_patch` cost that run, then failed as "groups: 7 must divide ...",
+    a TypeError, or (layers_per_block 0, out_channels other than in_channels, sample_size 0)
+    a broadcasting or grain error at the first training step."""
+    from seed_jax.trainers import tokenizer as tokenizer_trainer
+
+    def ensure_trained(*_):
+        raise AssertionError("reached training")
+
+    monkeypatch.setattr(tokenizer_trainer, "ensure_trained", ensure_trained)
+    config = get_config("tiny")
+    if "pixel_patch" in settings:
+        config.pixel_patch = settings.pop("pixel_patch")
+    config.unet.update(settings)
+    with pytest.raises(ValueError, match=message):
+        decoder.train(config, str(tmp_path))

@@ -27,7 +27,7 @@ from seed_jax.evaluators.reconstruction import image_grid, reconstruction_simila
 from seed_jax.models import layers
 from seed_jax.models.clip_text import CLIPTextConfig
 from seed_jax.models.stable_diffusion import StableDiffusion, StableDiffusionConfig
-from seed_jax.models.unet import UNetConfig
+from seed_jax.models.unet import UNet, UNetConfig
 from seed_jax.trainers import checkpointing, coordination, global_batches, loop, optim, reporting, run_config
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
@@ -152,14 +152,33 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- driver
+def check_unet(config) -> None:
+    """`pixel_patch` and `unet`: the UNet is built on shapes (with any context width: the
+    tokenizer run's CLIP width is read once that run is trained), a bad setting named."""
+    for key, value in (("pixel_patch", config.pixel_patch), ("unet.sample_size", config.unet.sample_size),
+                       ("unet.layers_per_block", config.unet.layers_per_block)):
+        if value < 1:
+            raise ValueError(f"{key}: expected >= 1, got {value}")
+    if config.unet.out_channels != config.unet.in_channels:  # the loss compares the output with the input's shape
+        raise ValueError(f"unet.out_channels: expected unet.in_channels ({config.unet.in_channels}: the UNet "
+                         f"predicts the noise or v of its input), got {config.unet.out_channels}")
+    try:
+        unet = UNetConfig.from_dict(config.unet.to_dict())
+        nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0)))
+    except (TypeError, ValueError) as error:  # "groups: 7 must divide ...", an unknown key, ...
+        raise ValueError(f"unet: {error}") from None
+    StableDiffusionConfig(unet=unet, vae=None, pixel_patch=config.pixel_patch, text_encoder=None)  # its channels
+
+
 def check_options(config) -> None:
-    """`dtype`, the loop's intervals and `keep_checkpoints`, `data.num_threads` and
+    """`dtype`, `pixel_patch` and `unet` (`check_unet`), the loop's intervals and `keep_checkpoints`, `data.num_threads` and
     `data.prefetch`, `train`'s schedule and AdamW settings (`optim.check_optimizer`),
     `train.trainable`, `uncond_probability`, `schedule`, the evaluation's options (first
     used at the end of training) and `train.batch_size` (it must split over the mesh's
     batch axes): checked before training (and before the tokenizer it needs is trained),
     naming the config key."""
     layers.compute_dtype(config.dtype)
+    check_unet(config)
     loop.check_loop_settings(config)
     loop.check_read_options(config.data)
     optim.check_optimizer(config.train, "train.")

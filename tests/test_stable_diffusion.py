@@ -437,6 +437,12 @@ def test_sample_rejects_bad_inputs(converted):
     # Both halves of guidance run as one UNet batch: their lengths must agree.
     with pytest.raises(ValueError, match=r"negative_embeds: expected \(1,77,"):
         sd.sample(good, np.zeros((1, 20, CONTEXT_WIDTH), np.float32), num_steps=2)
+    # unused without guidance, they were not looked at (StableDiffusionPipeline refuses them)
+    for scale in (1.0, 0.0):
+        with pytest.raises(ValueError, match=r"negative_embeds: expected \(1,77,"):
+            sd.sample(good, np.zeros((2, 77, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=scale)
+    with pytest.raises(ValueError, match="negative_embeds: contains NaN"):
+        sd.sample(good, np.full((1, 77, CONTEXT_WIDTH), np.nan, np.float32), num_steps=1, guidance_scale=1.0)
     with pytest.raises(ValueError, match="prompt_embeds: 78 tokens long, longer than the empty prompt's 77 ids"):
         sd.sample(np.zeros((1, 78, CONTEXT_WIDTH), np.float32), num_steps=2)
     assert sd.sample(np.zeros((1, 78, CONTEXT_WIDTH), np.float32), num_steps=1, guidance_scale=1.0).shape[0] == 1

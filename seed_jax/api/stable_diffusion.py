@@ -126,17 +126,15 @@ class StableDiffusion:
             raise ValueError(f"prompt_embeds: the batch is empty, got {prompt_embeds.shape}")
         scale, plan = self.check_sampling(num_steps, guidance_scale, sampler, seed)
         guided = scale > 1.0
-        if guided:
-            if negative_embeds is None:
-                self._warn_if_unconditional_is_untrained(scale)
-                length, full = prompt_embeds.shape[1], len(self.config.empty_prompt_ids or ())
-                if full and length > full:  # both halves share one UNet batch
-                    raise ValueError(f"prompt_embeds: {length} tokens long, longer than the empty prompt's {full} "
-                                     "ids (the default negative_embeds); pass negative_embeds of the same length")
-                negative_embeds = self.empty_prompt_embeds(batch, length)
-            else:
-                negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch,
-                                                     prompt_embeds.shape[1])
+        if negative_embeds is not None:  # also where no guidance uses them, as StableDiffusionPipeline checks them
+            negative_embeds = self._check_embeds("negative_embeds", negative_embeds, batch, prompt_embeds.shape[1])
+        elif guided:
+            self._warn_if_unconditional_is_untrained(scale)
+            length, full = prompt_embeds.shape[1], len(self.config.empty_prompt_ids or ())
+            if full and length > full:  # both halves share one UNet batch
+                raise ValueError(f"prompt_embeds: {length} tokens long, longer than the empty prompt's {full} "
+                                 "ids (the default negative_embeds); pass negative_embeds of the same length")
+            negative_embeds = self.empty_prompt_embeds(batch, length)
         latents = self.initial_noise(batch, seed) if latents is None else as_array("latents", latents, np.float32)
         if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_shape[-1] \
                 or 0 in latents.shape[1:3]:

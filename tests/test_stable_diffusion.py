@@ -19,7 +19,7 @@ from sd_fixtures import (CONTEXT_WIDTH, diffusers_scheduler, randomize, tiny_pip
                          tiny_tokenizer)
 from seed_jax import weights
 from seed_jax.api import StableDiffusion
-from seed_jax.diffusion.schedule import NoiseSchedule, noise_estimate
+from seed_jax.diffusion.schedule import NoiseSchedule
 from seed_jax.models.stable_diffusion import StableDiffusion as StableDiffusionModel
 from seed_jax.convert.__main__ import convert
 from seed_jax.convert.__main__ import main as convert_main
@@ -764,7 +764,11 @@ def _toy_model(x, t):
     ("dpm++2m", dict(use_karras_sigmas=True), 5), ("dpm++2m", dict(use_karras_sigmas=True), 50),
     ("dpm++2m", dict(use_karras_sigmas=True, prediction_type="v_prediction"), 7),
     ("dpm++2m", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                     timestep_spacing="trailing"), 3)])
+                     timestep_spacing="trailing"), 3),
+    ("ddim", dict(prediction_type="v_prediction"), 5),
+    ("ddim", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing"), 1),
+    ("ddim", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
+                  clip_sample=True), 3)])
 def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, steps):
     """Settings that a saved scheduler_config.json holds and our samplers ignored:
     PNDM's Runge-Kutta warm-up (skip_prk_steps False, PNDMScheduler's default: 8 model
@@ -776,7 +780,8 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
     dpm++2m ignored use_karras_sigmas (at 50 steps, rounding repeats timesteps near sigma_min),
     and read a v-predicting model's output at the alpha-bar of the rounded timestep, not at the
     Karras sigma (error 1e-4), and through a noise estimate, whose division by alpha loses
-    float32 precision where alpha-bar is tiny (the cosine schedule's last timestep: error 6e-4).
+    float32 precision where alpha-bar is tiny (the cosine schedule's last timestep: error 6e-4),
+    as DDIM did too (6e-4 at 1 step): now both read x0 from v, as their schedulers do.
     The samplers against the schedulers, stepped with the same toy model."""
     from seed_jax.diffusion import samplers
 
@@ -792,11 +797,7 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
     plan = method.plan(schedule, steps)
     assert len(plan["timestep"]) == len(reference.timesteps)
 
-    def denoise(latents, t):
-        output = _toy_model(latents, t)
-        return output if method.TAKES_MODEL_OUTPUT else noise_estimate(schedule, output, latents, t)
-
-    ours = jax.jit(lambda latents: samplers.run(method, plan, denoise, latents))(x)
+    ours = jax.jit(lambda latents: samplers.run(method, plan, _toy_model, latents))(x)
     assert relative_error(ours, ref.numpy()) <= 1e-5
 
 

@@ -7,18 +7,14 @@ import jax
 import jax.numpy as jnp
 
 from seed_jax.diffusion import samplers
-from seed_jax.diffusion.schedule import noise_estimate
 from seed_jax.models.stable_diffusion import StableDiffusion
 
 
 def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: jax.Array | None,
-                    guidance_scale: jax.Array, *, model_output: bool = False):
-    """denoise(x, t) = eps(x | negative) + g (eps(x | prompt) - eps(x | negative)),
-    both halves in one UNet call; without `negative_embeds`, the plain conditional
-    estimate. Embeddings (B,S,X). A v-predicting model's guided output becomes a
-    noise estimate (guidance and that conversion are both linear, so their order
-    does not matter), unless `model_output` (a sampler converting it itself)."""
-    schedule = model.config.schedule
+                    guidance_scale: jax.Array):
+    """denoise(x, t) = out(x | negative) + g (out(x | prompt) - out(x | negative)), the
+    UNet's output (noise or v), both halves in one UNet call; without `negative_embeds`,
+    the plain conditional output. Embeddings (B,S,X)."""
     context = None if negative_embeds is None else jnp.concatenate([negative_embeds, prompt_embeds])
 
     def denoise(x, t):
@@ -27,7 +23,7 @@ def guided_denoiser(model: StableDiffusion, prompt_embeds: jax.Array, negative_e
         else:
             unconditional, conditional = jnp.split(model.unet(jnp.concatenate([x, x]), t, context), 2)
             output = unconditional + guidance_scale * (conditional - unconditional)
-        return output if model_output else noise_estimate(schedule, output, x, t)
+        return output
 
     return denoise
 
@@ -36,7 +32,6 @@ def sample(model: StableDiffusion, prompt_embeds: jax.Array, negative_embeds: ja
            latents: jax.Array, guidance_scale: jax.Array, *, sampler: str, plan: samplers.Plan) -> jax.Array:
     """Initial noise latents (B,h,w,Z) -> images (B,H,W,3) clipped to [-1,1], float32."""
     method = samplers.get(sampler)
-    denoise = guided_denoiser(model, prompt_embeds, negative_embeds, guidance_scale,
-                              model_output=method.TAKES_MODEL_OUTPUT)
+    denoise = guided_denoiser(model, prompt_embeds, negative_embeds, guidance_scale)
     final = samplers.run(method, plan, denoise, latents.astype(jnp.float32))
     return jnp.clip(model.latents_to_images(final), -1.0, 1.0)

@@ -10,12 +10,13 @@ branch-free step, so the whole loop is one `lax.scan` over the plan (see `run`).
 Timesteps are spaced by the schedule's `timestep_spacing` ("leading" + steps_offset,
 "linspace" or "trailing", as each scheduler computes it), by default as each
 scheduler's default: "leading" for PLMS and DDIM, "linspace" for DPM-Solver++.
-A v-predicting model's output is turned into a noise estimate before DDIM sees it
-(`schedule.noise_estimate`), as diffusers does; PLMS and DPM-Solver++
-(`TAKES_MODEL_OUTPUT`) take the raw outputs: PLMS converts their combination, as
-PNDMScheduler does, and DPM-Solver++ reads its data estimate at the step's own sigma
-(alpha x - sigma v), as DPMSolverMultistepScheduler does (a Karras step's sigma lies
-between those of the timesteps the model is called at).
+Every sampler takes the model's raw (guided) output, noise or v, and reads it as its
+diffusers scheduler does: DDIM its x0 and noise estimates straight from v, PLMS the
+combination of raw outputs, converted as PNDMScheduler does, and DPM-Solver++ its data
+estimate at the step's own sigma (alpha x - sigma v), as DPMSolverMultistepScheduler
+does (a Karras step's sigma lies between those of the timesteps the model is called
+at). Going through a noise estimate first, (x - sqrt(1 - abar) eps) / sqrt(abar) loses
+float32 precision where abar is tiny.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ def _check_spaced(schedule: NoiseSchedule, num_steps: int, timesteps: np.ndarray
 
 
 class DDIM:
-    """x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t), clipped to [-c, c] with clip_sample;
-    x <- sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
-
-    TAKES_MODEL_OUTPUT = False
+    """x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t) (a v-predicting model's: sqrt(a_t) x -
+    sqrt(1-a_t) v, its eps sqrt(a_t) v + sqrt(1-a_t) x), clipped to [-c, c] with
+    clip_sample; x <- sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
@@ -77,7 +77,8 @@ class DDIM:
         a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], schedule.final_alpha_cumprod())
         no_clip = np.finfo(np.float32).max  # a finite plan: every value passes
         clip = np.full(num_steps, schedule.clip_sample_range if schedule.clip_sample else no_clip)
-        return {"timestep": timesteps, "a_t": a_t, "a_prev": a_prev, "clip": clip}
+        return {"timestep": timesteps, "a_t": a_t, "a_prev": a_prev, "clip": clip,
+                "v_prediction": np.full(num_steps, schedule.prediction_type == "v_prediction")}
 
     @staticmethod
     def init(x):
@@ -88,8 +89,12 @@ class DDIM:
         return carry
 
     @staticmethod
-    def update(x, eps, step):
-        x0 = jnp.clip((x - jnp.sqrt(1 - step["a_t"]) * eps) / jnp.sqrt(step["a_t"]), -step["clip"], step["clip"])
+    def update(x, output, step):
+        signal, noise = jnp.sqrt(step["a_t"]), jnp.sqrt(1 - step["a_t"])
+        v = step["v_prediction"]
+        eps = jnp.where(v, signal * output + noise * x, output)
+        x0 = jnp.where(v, signal * x - noise * output, (x - noise * output) / signal)
+        x0 = jnp.clip(x0, -step["clip"], step["clip"])
         return jnp.sqrt(step["a_prev"]) * x0 + jnp.sqrt(1 - step["a_prev"]) * eps
 
 
@@ -103,7 +108,6 @@ class PLMS:
     Estimates are the model's raw outputs: a v-prediction combination becomes a noise
     estimate at the step's start (`v_output` * combined + `v_start` * start)."""
 
-    TAKES_MODEL_OUTPUT = True
     HISTORY = 3
     WEIGHTS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
     RUNGE_KUTTA = {0: (1 / 6, 1.0, 0.0), 1: (1 / 3, 1.0, 0.0), 2: (1 / 3, 1.0, 0.0), 3: (0.0, 1 / 6, 1.0)}
@@ -195,8 +199,6 @@ class DPMSolverPP:
     when the schedule says `use_karras_sigmas`. The data estimate comes from the
     model's output at the step's (alpha, sigma): (x - sigma eps) / alpha, or
     alpha x - sigma v for a v-predicting model."""
-
-    TAKES_MODEL_OUTPUT = True
 
     @staticmethod
     def plan(schedule: NoiseSchedule, num_steps: int) -> Plan:
@@ -293,9 +295,9 @@ def get(name: str):
 
 def run(sampler, plan: Plan, denoise: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """Runs the whole loop as one lax.scan (call under jit). `denoise(x, timestep)`
-    gives the noise estimate for x (B,...) at a scalar timestep (the model's output
-    for a sampler that TAKES_MODEL_OUTPUT); x starts as the
-    initial noise. The plan's arrays are cast to float32."""
+    gives the model's output (noise or v, as the schedule's prediction_type) for x
+    (B,...) at a scalar timestep; x starts as the initial noise. The plan's arrays are
+    cast to float32."""
     steps = {k: jnp.asarray(v, jnp.int32 if k == "timestep" else
                             (jnp.bool_ if v.dtype == bool else jnp.float32)) for k, v in plan.items()}
 

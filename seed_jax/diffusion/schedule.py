@@ -119,12 +119,3 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, ti
         return noise
     abar = _abar(schedule, timesteps, x0.ndim)
     return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
-
-
-def noise_estimate(schedule: NoiseSchedule, output: jax.Array, x: jax.Array, timestep: jax.Array) -> jax.Array:
-    """The model's output at x_t -> its noise estimate (identity for epsilon models;
-    sqrt(abar) v + sqrt(1 - abar) x_t for v models)."""
-    if schedule.prediction_type == "epsilon":
-        return output
-    abar = _abar(schedule, timestep, x.ndim)
-    return jnp.sqrt(abar) * output + jnp.sqrt(1.0 - abar) * x

@@ -109,9 +109,10 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     (`app.parse_flags_with_usage`), except that a config file that does not exist and an
     override naming no field of the config (`--config.stage1.num_step=5`) are reported as
     absl reports a bad flag, naming the flag (and the fields nearest a misspelt one),
-    not as ml_collections' tracebacks; on the command line or in a `--flagfile`."""
+    not as ml_collections' tracebacks; so is a preset the config file refuses; on the
+    command line or in a `--flagfile`."""
     arguments = flag_arguments(argv)
-    problem = missing_config_file(arguments)
+    problem = config_file_problem(arguments)
     if problem is None:
         try:
             return app.parse_flags_with_usage(argv)
@@ -146,14 +147,19 @@ def config_flag_values(arguments: list[str]) -> list[str]:
     return values
 
 
-def missing_config_file(arguments: list[str]) -> str | None:
+def config_file_problem(arguments: list[str]) -> str | None:
     """What is wrong when the file of a `--config` among the flag `arguments`
-    (`flag_arguments`) does not exist, else None: ml_collections fails on any such, the
-    last or an earlier one."""
+    (`flag_arguments`) does not exist, or its `get_config` refuses the argument after
+    the colon (a ValueError: an unknown preset), else None: ml_collections fails on any
+    such, the last or an earlier one, the latter in a traceback of its own."""
     for value in config_flag_values(arguments):
         path = value.split(":", 1)[0]
         if not os.path.isfile(path):
             return f"flag --{CONFIG_FLAG}={value}: config file {path!r} does not exist"
+        try:
+            config_files.load(*value.split(":", 1))
+        except ValueError as error:
+            return f"flag --{CONFIG_FLAG}={value}: {error}"
     return None
 
 

@@ -104,7 +104,12 @@ def test_a_stray_argument_is_refused_naming_it(module, flags, repo_root, tmp_pat
     (["--config", "configs/seed_opt.py:tiny", "--config.tokenizer.stagee1.num_steps=5"],
      "flag --config.tokenizer.stagee1.num_steps=5: no config field tokenizer.stagee1; did you mean tokenizer.stage1"),
     (["--config=configs/decoder.py:tiny", "--config.zzz=1"], "flag --config.zzz=1: no config field zzz; the config has "
-                                                             "axis_rules, checkpoint_every_steps, data, dtype, eval,")])
+                                                             "axis_rules, checkpoint_every_steps, data, dtype, eval,"),
+    # an unknown preset was ml_collections' traceback of the config file's ValueError
+    (["--config=configs/tokenizer.py:Seed1,gpu8"], "flag --config=configs/tokenizer.py:Seed1,gpu8: config arg "
+                                                   "'Seed1,gpu8': expected one of ('demo', 'seed1', 'tiny')"),
+    (["--config=configs/decoder.py:tiny,cpu", "--config=configs/decoder.py:tiny"],
+     "flag --config=configs/decoder.py:tiny,cpu: config arg 'tiny,cpu': expected one of ('demo', 'tiny')")])
 def test_a_missing_config_file_or_field_fails_naming_the_flag(flags, message, repo_root, tmp_path):
     """A misspelt override ended in ml_collections' 55-line traceback and a missing
     config file in a 30-line one, the cause in their middle; each is now a flag error,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TPU VM / pod slice: run the same command on every worker, one ssh per worker.
-#   bash launch/tpu_vm.sh my-tpu us-central2-b configs/tokenizer.py:seed1,tpu_v4_32 /mnt/shared/seed1
+#   bash launch/tpu_vm.sh my-tpu us-central2-b configs/tokenizer.py:seed1,tpu_v4_32 /mnt/shared/seed1 [flags...]
+# Flags after the workdir (e.g. --config.data.train_dir=/mnt/data) go to every worker's training.
 # The workdir must be a filesystem path every worker sees (e.g. a Filestore / NFS mount).
 # Each worker runs the repository at ~/seed_jax (there, it installs it and jax[tpu]): copy or
 # clone it there on every worker first (e.g. `gcloud compute tpus tpu-vm scp --recurse --worker=all`).
@@ -28,10 +29,11 @@ stop_on_workers() { "${tpu_ssh[@]}" --worker=all --command="pkill -KILL -f 'seed
 
 workers=${WORKERS:-$(count_workers)}
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "expected a positive worker count (WORKERS or the TPU's networkEndpoints), got '$workers'" >&2; exit 2; }
-# The worker's shell parses the command: config and workdir quoted for it (%q), so that
-# each arrives as one argument, whatever spaces or parentheses it holds.
+# The worker's shell parses the command: config, workdir and flags quoted for it (%q), so
+# that each arrives as one argument, whatever spaces or parentheses it holds.
 printf -v train "cd ~/seed_jax && pip install -e . && pip install 'jax[tpu]' &&
   python -m seed_jax.main --config=%q --workdir=%q --distributed" "$config" "$workdir"
+if [[ $# -gt 4 ]]; then printf -v flags ' %q' "${@:5}" && train+=$flags; fi
 trap 'running=$(jobs -rp); [ -z "$running" ] || kill -KILL $running 2>/dev/null || true' EXIT
 for ((i = 0; i < workers; i++)); do
   "${tpu_ssh[@]}" --worker="$i" --command="$train" &

@@ -160,7 +160,8 @@ TPU_ARGS = ["my-tpu", "zone-b", "configs/tokenizer.py:seed1,tpu_v4_32", "/mnt/sh
 
 def _training_argv(tpu_args: list[str]) -> list[str]:
     """The arguments the training's `python` gets for tpu_vm.sh's `tpu_args`."""
-    return ["-m", "seed_jax.main", f"--config={tpu_args[2]}", f"--workdir={tpu_args[3]}", "--distributed"]
+    return ["-m", "seed_jax.main", f"--config={tpu_args[2]}", f"--workdir={tpu_args[3]}", "--distributed",
+            *tpu_args[4:]]
 
 
 # A worker's stand-ins: `pip` does nothing, `python` writes its arguments (NUL-separated) to $ARGV.
@@ -248,6 +249,16 @@ def test_tpu_vm_workers_get_the_config_and_workdir_as_given(tmp_path):
     assert _python_argv_on_a_worker(_worker_calls(calls)["0"], tmp_path) == _training_argv(tpu_args)
 
 
+def test_tpu_vm_workers_get_the_flags_after_the_workdir(tmp_path):
+    """Arguments after the workdir were dropped: a run given --config.data.train_dir=...
+    trained on the preset's data instead, without a word."""
+    tpu_args = [*TPU_ARGS, "--config.data.train_dir=/mnt/data (v2)", '--config.data.crop_scale=(0.8, 1.0)']
+    done, _, calls = _launch_tpu(tmp_path, tpu_args, WORKERS="2", EXIT_0="0", EXIT_1="0", WAITING="")
+    assert done.returncode == 0, done.stderr
+    for worker in "01":
+        assert _python_argv_on_a_worker(_worker_calls(calls)[worker], tmp_path) == _training_argv(tpu_args)
+
+
 def test_tpu_vm_without_endpoints_names_the_worker_count(tmp_path):
     done, _, calls = _launch_tpu(tmp_path, ENDPOINTS="", WAITING="")
     assert done.returncode == 2
@@ -266,9 +277,10 @@ exit "$SRUN_EXIT"
 SLURM_ARGS = ["configs/tokenizer.py:seed1,gpu8x8", "/ckpt/seed1"]
 
 
-def _launch_slurm(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, list[str], str]:
-    """Runs slurm_gpu.sbatch as the batch step (srun a stand-in). Returns its result,
-    srun's arguments and the JAX_LOCAL_DEVICE_IDS srun passed on ('unset' if none)."""
+def _launch_slurm(tmp_path, *flags: str, **env_vars) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """Runs slurm_gpu.sbatch as the batch step (srun a stand-in), with `flags` after its
+    arguments. Returns its result, srun's arguments and the JAX_LOCAL_DEVICE_IDS srun passed
+    on ('unset' if none)."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     for folder in (bin_dir, calls):
         folder.mkdir()
@@ -276,7 +288,7 @@ def _launch_slurm(tmp_path, **env_vars) -> tuple[subprocess.CompletedProcess, li
     (bin_dir / "srun").chmod(0o755)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "JAX_"))}
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), **env_vars)
-    done = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), *SLURM_ARGS], env=env,
+    done = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), *SLURM_ARGS, *flags], env=env,
                           capture_output=True, text=True, timeout=60)
     if not (calls / "srun_args").exists():
         return done, [], "unset"
@@ -311,6 +323,15 @@ def test_slurm_one_process_per_node_gets_all_of_the_nodes_gpus(tmp_path):
     assert args == ["--kill-on-bad-exit=1", "python", "-m", "seed_jax.main", f"--config={SLURM_ARGS[0]}",
                     f"--workdir={SLURM_ARGS[1]}", "--distributed"]
     assert _gpus_jax_gives_a_slurm_task(local_device_ids) == "0,1,2,3,4,5,6,7"
+
+
+def test_slurm_passes_the_flags_after_the_workdir_on(tmp_path):
+    """Arguments after the workdir were dropped: a run given --config.data.train_dir=...
+    trained on the preset's data instead, without a word."""
+    flags = ["--config.data.train_dir=/data/my shards", "--config.stage1.num_steps=10"]
+    done, args, _ = _launch_slurm(tmp_path, *flags, SLURM_GPUS_ON_NODE="8", SRUN_EXIT="0")
+    assert done.returncode == 0, done.stderr
+    assert args[-3:] == ["--distributed", *flags]
 
 
 def test_slurm_exits_with_sruns_status(tmp_path):

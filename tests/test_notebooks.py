@@ -28,14 +28,14 @@ def execute(name: str, parameters: dict) -> nbformat.NotebookNode:
     return notebook
 
 
-def run(notebook: nbformat.NotebookNode) -> None:
-    """Executes `notebook` in a Jupyter kernel started in notebooks/, which imports seed_jax
+def run(notebook: nbformat.NotebookNode, cwd: str = NOTEBOOKS) -> None:
+    """Executes `notebook` in a Jupyter kernel started in `cwd`, which imports seed_jax
     from this checkout: a relative PYTHONPATH (the usual '.') named notebooks/ there, and
     the kernel fell back on whichever seed_jax was installed (another checkout's)."""
     given = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + given))
     NotebookClient(notebook, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": NOTEBOOKS}}).execute(env=env)
+                   resources={"metadata": {"path": cwd}}).execute(env=env)
 
 
 def outputs(notebook: nbformat.NotebookNode) -> tuple[str, int]:
@@ -60,6 +60,19 @@ def test_the_kernel_imports_this_checkouts_seed_jax():
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import seed_jax\nprint(seed_jax.__file__)")])
     run(notebook)
     assert outputs(notebook)[0].strip() == os.path.join(REPO, "seed_jax", "__init__.py")
+
+
+def test_a_kernel_in_another_directory_finds_the_checkout(tmp_path):
+    """REPO was the kernel's working directory unless that was notebooks/: a kernel started
+    elsewhere (papermill run from another directory) looked for configs/ there and failed
+    ("config file '.../configs/tokenizer.py' does not exist"). It is now the checkout seed_jax
+    is imported from."""
+    for name in sorted(os.listdir(NOTEBOOKS)):
+        notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        parameters = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+        notebook.cells = [*parameters, nbformat.v4.new_code_cell("print(REPO)")]
+        run(notebook, cwd=str(tmp_path))
+        assert outputs(notebook)[0].strip() == REPO, name
 
 
 def test_colab_set_up_installs_the_clone_so_that_it_imports_at_once():

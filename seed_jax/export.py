@@ -23,8 +23,12 @@ from seed_jax import command_line, parallel, weights
 from seed_jax.trainers import checkpointing
 from seed_jax.trainers import tokenizer as tokenizer_trainer
 
+
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
+    if os.path.exists(os.path.join(workdir, weights.CONFIG_FILE)) and not os.path.exists(path):
+        raise FileNotFoundError(f"workdir {workdir}: an export ({weights.CONFIG_FILE}), not a training workdir: "
+                                "load it as it is")
     if not os.path.exists(path):
         raise FileNotFoundError(f"workdir {workdir}: no config.json (is it a training workdir?)")
     with open(path) as f:
@@ -38,7 +42,9 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
     with command_line.config_checks():
         config = read_workdir_config(workdir)
         if config.trainer != "tokenizer":
-            raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'")
+            raise ValueError(f"workdir {workdir}: trainer {config.trainer!r}, expected 'tokenizer'"
+                             + (f" (the {config.trainer} trainer exports to {os.path.join(workdir, 'export')} itself)"
+                                if config.trainer in ("decoder", "seed_opt") else ""))
         stages = tokenizer_trainer.stages_to_run(config)
         if last_stage not in stages:
             raise ValueError(f"stage: {last_stage!r} was not trained in workdir {workdir} (it trained {stages}, "

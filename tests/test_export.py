@@ -126,6 +126,26 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
 
 
+def test_an_export_of_another_trainers_workdir_or_of_an_export_says_what_it_is(tmp_path):
+    """A decoder or SEED-OPT workdir, which write their export themselves, and an export were
+    refused as a workdir of another trainer, or as no training workdir at all."""
+    for get_trainer_config, trainer_module in ((get_decoder_config, decoder_trainer),
+                                               (get_opt_config, seed_opt_trainer)):
+        config = get_trainer_config("tiny")
+        workdir = tmp_path / config.trainer
+        workdir.mkdir()
+        run_config.write(str(workdir), config, trainer_module.RUN_DEFINING)
+        with pytest.raises(ValueError, match=re.escape(f"trainer {config.trainer!r}, expected 'tokenizer' (the "
+                                                       f"{config.trainer} trainer exports to {workdir}/export itself)")):
+            export(str(workdir), str(tmp_path / "out"))
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / weights.CONFIG_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=f"workdir {exported}: an export \\(model.json\\), not a training workdir"):
+        export(str(exported), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def _save_a_checkpoint(workdir: str) -> None:
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "stage1")) as manager:
         manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))

@@ -60,6 +60,17 @@ def _quiet_libraries(record) -> bool:
     return record.levelno >= 30 or not any(part in record.pathname for part in noisy)
 
 
+def _check_trainer_is_the_files(trainer: str) -> None:
+    """A UsageError unless `trainer` (config.trainer) is the one the --config file sets:
+    `--config.trainer=decoder` on the tokenizer's config ran the decoder's trainer on it,
+    which failed on the first field it lacks, in ml_collections' traceback."""
+    path = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name]).split(":", 1)[0]
+    own = config_files.load_module(path).get_config().trainer
+    if trainer != own:
+        raise app.UsageError(f"config.trainer: {path} configures the {own!r} trainer, got {trainer!r}: give the "
+                             f"{trainer!r} trainer's config file instead (--config=configs/FILE.py)")
+
+
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     logging.get_absl_handler().addFilter(_quiet_libraries)
@@ -74,6 +85,7 @@ def main(argv):
     trainers = _trainers()
     if config.trainer not in trainers:
         raise app.UsageError(f"config.trainer: expected one of {sorted(trainers)}, got {config.trainer!r}")
+    _check_trainer_is_the_files(config.trainer)
     logging.info("workdir: %s", workdir)
     print(f"workdir: {workdir}", flush=True)
     try:

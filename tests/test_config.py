@@ -156,7 +156,11 @@ def test_a_missing_config_file_or_field_in_a_flagfile_fails_naming_the_flag(flag
     (["--config=configs/pretokenize.py"],
      "FATAL config error: config.tokenizer_export: the SEED tokenizer export to encode with is required"),
     (["--config=configs/tokenizer.py:tiny", "--config.trainer=bogus"],
-     "config.trainer: expected one of ['decoder', 'pretokenize', 'seed_opt', 'tokenizer'], got 'bogus'")])
+     "config.trainer: expected one of ['decoder', 'pretokenize', 'seed_opt', 'tokenizer'], got 'bogus'"),
+    # the decoder's trainer ran on the tokenizer's config: an AttributeError's traceback
+    (["--config=configs/tokenizer.py:tiny", "--config.trainer=decoder"],
+     "config.trainer: configs/tokenizer.py configures the 'tokenizer' trainer, got 'decoder': give the 'decoder' "
+     "trainer's config file instead (--config=configs/FILE.py)")])
 def test_a_setting_a_run_cannot_start_with_fails_with_its_message_alone(flags, message, repo_root, tmp_path):
     """Each trainer's checks of its settings named the field and what it expects, at the
     end of a traceback through main and the trainer; the message is now all there is."""

@@ -75,6 +75,22 @@ def test_a_kernel_in_another_directory_finds_the_checkout(tmp_path):
         assert outputs(notebook)[0].strip() == REPO, name
 
 
+def test_the_workdirs_follow_the_preset_set_in_the_parameter_cell():
+    """They were the demo's whatever PRESET: a notebook set to `tiny` trained into
+    workdirs/tokenizer_demo, which the command line's demos then reused or refused. They are
+    now workdirs/<trainer>_<preset>, as the command line's defaults."""
+    for name in sorted(os.listdir(NOTEBOOKS)):
+        notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        cell, = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+        assert cell.source.count('PRESET = "demo"') == 1, name
+        cell.source = cell.source.replace('PRESET = "demo"', 'PRESET = "tiny"')
+        printed = "import json\nprint(json.dumps({k: v for k, v in dict(globals()).items() if k.endswith('WORKDIR')}))"
+        notebook.cells = [cell, nbformat.v4.new_code_cell(printed)]
+        run(notebook)
+        workdirs = json.loads(outputs(notebook)[0])
+        assert workdirs and all(os.path.basename(w).endswith("_tiny") for w in workdirs.values()), (name, workdirs)
+
+
 def test_colab_set_up_installs_the_clone_so_that_it_imports_at_once():
     """The Colab set-up said `pip install -e`: an editable install is importable only after
     the runtime restarts, and until then `import seed_jax` found the clone's folder in

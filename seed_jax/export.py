@@ -64,6 +64,10 @@ def export(workdir: str, out: str, last_stage: str = "stage2") -> dict:
                 "with the config the run was trained with (that file as its training wrote it)") from None
     if all(step is None for step in restored.values()):
         raise command_line.ConfigError(f"workdir {workdir}: no checkpoints under checkpoints/{'|'.join(stages)}")
+    for name, step in restored.items():
+        if step is not None and step < config[name].num_steps:
+            logging.warning("workdir %s: %s trained %d of its %d steps (the run is unfinished): the export holds "
+                            "that step's parameters", workdir, name, step, config[name].num_steps)
     tokenizer = model.tokenizer
     weights.save(out, "seed_tokenizer", tokenizer.config, weights.flat_params(tokenizer),
                  info={"workdir": os.path.abspath(workdir), "steps": restored})

@@ -92,6 +92,24 @@ def test_an_export_of_a_checkpoint_that_does_not_fit_the_model_names_the_array(t
     assert "resume" not in message
 
 
+def test_an_export_of_an_unfinished_run_warns(trained_workdir, tmp_path, caplog):
+    """An export of a run stopped mid-stage (preempted, or resumed with more steps) said
+    "stage2 step N" alone, as for a finished run: nothing told the stage had steps to go."""
+    workdir = str(tmp_path / "trained")
+    shutil.copytree(trained_workdir, workdir)
+    path = os.path.join(workdir, "config.json")
+    config = json.load(open(path))
+    trained = config["stage2"]["num_steps"]
+    config["stage2"]["num_steps"] = trained + 4
+    json.dump(config, open(path, "w"))
+    with caplog.at_level("WARNING"):
+        restored = export(workdir, str(tmp_path / "out"))
+    assert restored["stage2"] == trained
+    assert (f"workdir {workdir}: stage2 trained {trained} of its {trained + 4} steps (the run is unfinished)"
+            in caplog.text)
+    assert "stage1 trained" not in caplog.text
+
+
 def test_a_rerun_in_a_trained_workdir_keeps_the_settings_it_was_trained_with(trained_workdir, tmp_path):
     """config.json is what exports and the trainers built on a finished run rebuild its
     models from. A rerun in the workdir with another seed (the frozen CLIP's draw) or

@@ -115,7 +115,7 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     problem = config_file_problem(arguments)
     if problem is None:
         try:
-            return app.parse_flags_with_usage(argv)
+            return app.parse_flags_with_usage(last_config_only(argv))
         except (AttributeError, KeyError):  # what ml_collections raises for an override of no field
             problem = unknown_override(arguments)
             if problem is None:
@@ -135,16 +135,41 @@ def flag_arguments(argv: list[str]) -> list[str]:
     return arguments[:arguments.index("--")] if "--" in arguments else arguments
 
 
+def config_flag_spans(arguments: list[str]) -> list[tuple[int, int]]:
+    """Where each `--config=VALUE` (or `--config VALUE`) stands among the flag `arguments`
+    (`flag_arguments`), in order: (first, last + 1) indices of its one or two arguments."""
+    spans, i = [], 0
+    while i < len(arguments):
+        if re.fullmatch(f"--?{CONFIG_FLAG}", arguments[i]) and i + 1 < len(arguments):
+            spans.append((i, i + 2))
+            i += 2
+            continue
+        if re.match(f"--?{CONFIG_FLAG}=", arguments[i]):
+            spans.append((i, i + 1))
+        i += 1
+    return spans
+
+
 def config_flag_values(arguments: list[str]) -> list[str]:
     """The values of each `--config=VALUE` (or `--config VALUE`) among the flag
     `arguments` (`flag_arguments`), in order: absl takes the last."""
-    values = []
-    for i, arg in enumerate(arguments):
-        if re.fullmatch(f"--?{CONFIG_FLAG}", arg) and i + 1 < len(arguments):
-            values.append(arguments[i + 1])
-        elif re.match(f"--?{CONFIG_FLAG}=", arg):
-            values.append(arg.split("=", 1)[1])
-    return values
+    return [arguments[stop - 1].split("=", 1)[1] if stop - start == 1 else arguments[stop - 1]
+            for start, stop in config_flag_spans(arguments)]
+
+
+def last_config_only(argv: list[str]) -> list[str]:
+    """`argv` without the `--config` flags before the last (its flagfiles read, as absl
+    reads them, where it has several): absl takes the last, but ml_collections applies
+    every override to each config it loads, so an override of a field only the last one
+    has failed on an earlier one (launch/local_multiprocess.sh gives its own `--config`
+    before the caller's flags, which may replace it)."""
+    arguments = flag_arguments(argv)
+    spans = config_flag_spans(arguments)
+    if len(spans) < 2:
+        return argv
+    dropped = {i for start, stop in spans[:-1] for i in range(start, stop)}
+    after_flags = argv[argv.index("--"):] if "--" in argv else []
+    return [argv[0]] + [a for i, a in enumerate(arguments) if i not in dropped] + after_flags
 
 
 def config_file_problem(arguments: list[str]) -> str | None:

@@ -146,6 +146,26 @@ def test_a_missing_config_file_or_field_in_a_flagfile_fails_naming_the_flag(flag
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize("flags, in_file", [
+    (["--config=configs/tokenizer.py:tiny", "--config", "configs/pretokenize.py"], []),
+    (["{flagfile}", "--config=configs/pretokenize.py"], ["--config=configs/tokenizer.py:tiny"])])
+def test_a_later_config_replaces_an_earlier_one_with_its_overrides(flags, in_file, repo_root, tmp_path):
+    """absl takes the last --config (launch/local_multiprocess.sh gives its own before the
+    caller's flags), but ml_collections applied every override to each config it loaded: one
+    of a field the earlier config lacks (pretokenize's splits.train.dir after the tokenizer's)
+    ended in its KeyError traceback. The run now starts on the last config, with the override."""
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text("\n".join(in_file) + "\n")
+    flags = [flag.format(flagfile=f"--flagfile={flagfile}") for flag in flags]
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", *flags, f"--config.splits.train.dir={tmp_path}/no",
+                             f"--config.tokenizer_export={tmp_path}/export", f"--workdir={tmp_path}/w"],
+                            cwd=repo_root, env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"FATAL config error: config.splits.train.dir: no ArrayRecord shards named 'train-*-of-*.array_record' " \
+           f"in '{tmp_path}/no': no such folder" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config=configs/tokenizer.py:tiny", "--config.itc_gradient=local"],
      "FATAL config error: itc_gradient: expected one of ('global', 'lavis'), got 'local'"),

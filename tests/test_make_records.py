@@ -528,6 +528,8 @@ def test_shards_feed_the_tokenizer_pipeline(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--source=folder"], "--input is required"),
     (["--source=folder", "--input={folder}", "--num_shards=0"], "--num_shards=0"),
+    # written as train-00000-of-100000.array_record, which no reader found
+    (["--source=folder", "--input={folder}", "--num_shards=100000"], "--num_shards=100000: expected at most 99999"),
     (["--source=folder", "--input={folder}", "--resize=-3"], "--resize=-3"),
     (["--source=folder", "--input={folder}", "--name=coco_captions"], "--name is a flag of --source=tfds"),
     (["--source=tfds", "--input={folder}", "--name=coco_captions"], "--input is a flag of --source=folder"),

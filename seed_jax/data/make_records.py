@@ -84,6 +84,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, minimum in (("num_shards", 1), ("resize", 0), ("num_workers", 0), ("quality", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag}={getattr(args, flag)}: expected an integer >= {minimum}")
+    if args.num_shards > records.MAX_SHARDS:  # written, but named with more digits than readers look for
+        raise ValueError(f"--num_shards={args.num_shards}: expected at most {records.MAX_SHARDS} (shard names hold "
+                         "5 digits)")
     if args.quality > 100:
         raise ValueError(f"--quality={args.quality}: expected a JPEG quality in 1..100")
     if not args.prefix or "/" in args.prefix or os.sep in args.prefix:

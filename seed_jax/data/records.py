@@ -125,6 +125,9 @@ def image_id(record_id: str) -> str:
     return base if sep and re.fullmatch(r"[1-9][0-9]*", k) else record_id
 
 
+MAX_SHARDS = 99_999  # shard names hold 5 digits, which `shard_paths` looks for
+
+
 def shard_path(directory: str, prefix: str, index: int, num_shards: int) -> str:
     """Path of shard ``index`` out of ``num_shards`` for ``prefix``."""
     return os.path.join(directory, f"{prefix}-{index:05d}-of-{num_shards:05d}{_SHARD_SUFFIX}")
@@ -146,8 +149,8 @@ def write_array_record_shards(
     are complete; older shards with the same prefix are then replaced.
     Returns the shard paths in shard order.
     """
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if not 1 <= num_shards <= MAX_SHARDS:
+        raise ValueError(f"num_shards: expected 1..{MAX_SHARDS} (shard names hold 5 digits), got {num_shards}")
     os.makedirs(directory, exist_ok=True)
     paths = [shard_path(directory, prefix, i, num_shards) for i in range(num_shards)]
     temp_paths = [path + ".partial" for path in paths]

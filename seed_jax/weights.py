@@ -233,6 +233,8 @@ def _read_meta(out: str) -> dict:
 
 def _why_no_export(out: str) -> str:
     """What to do about the folder `out`, which holds no export."""
+    if os.path.isfile(out):
+        return "a file, not a folder: an export is the folder holding model.json and params/"
     if not os.path.isdir(out):
         return "no such folder" + (" (Python does not expand ~: os.path.expanduser(path) does)"
                                    if out.startswith("~") else "")

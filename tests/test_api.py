@@ -332,6 +332,9 @@ def test_a_path_that_holds_no_export_says_where_one_is(tmp_path, export_dir):
         SeedTokenizer.load(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="write one with `python -m seed_jax.convert"):
         SeedTokenizer.load(str(tmp_path))
+    (tmp_path / "weights.safetensors").write_text("a file")  # said "no such folder"
+    with pytest.raises(FileNotFoundError, match=r"missing\); a file, not a folder: an export is the folder holding"):
+        SeedTokenizer.load(str(tmp_path / "weights.safetensors"))
 
 
 def test_load_paths_under_the_home_directory(tmp_path, export_dir, monkeypatch):

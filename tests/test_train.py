@@ -1407,6 +1407,30 @@ def test_shard_folders_given_to_the_shapes_world_fail_naming_them():
         trainer.check_config(config)
 
 
+def test_splits_that_share_their_shards_are_warned_of(tmp_path, caplog):
+    """Shards written with make_records' default --prefix=train, given as both splits (the
+    eval prefix set to train too, or one folder's shards through a link), trained on the
+    images the run is evaluated on, without a word."""
+    from seed_jax.data import records
+
+    paths = records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "a.jpg"}], str(tmp_path), "train",
+                                              2)
+    os.symlink(tmp_path, tmp_path.parent / "linked")
+    config = get_config("tiny")
+    config.data.update(dict(source="array_record", train_dir=str(tmp_path), train_prefix="train",
+                            eval_dir=str(tmp_path.parent / "linked"), eval_prefix="train"))
+    with caplog.at_level("WARNING"):
+        assert trainer.dataset_paths(config, str(tmp_path / "run"))[0] == paths
+    assert re.search(r"data.train_dir/train_prefix and data.eval_dir/eval_prefix share 2 of their shards .*: the "
+                     "run is evaluated on images it trains on", caplog.text)
+    caplog.clear()
+    records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "b.jpg"}], str(tmp_path), "eval", 1)
+    config.data.eval_prefix = "eval"
+    with caplog.at_level("WARNING"):
+        trainer.dataset_paths(config, str(tmp_path / "run"))
+    assert "evaluated on images it trains on" not in caplog.text
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"data.synthetic.seed": -1}, r"^data.synthetic.seed: expected an integer >= 0, got -1$"),
     ({"data.synthetic.num_train": 0}, r"^data.synthetic.num_train: expected an integer >= 1, got 0$"),

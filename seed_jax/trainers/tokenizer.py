@@ -360,8 +360,13 @@ def dataset_paths(config, workdir, prefix: str = "") -> tuple[list[str], list[st
         return records.shard_paths(directory, "train"), records.shard_paths(directory, "eval")
     with command_line.config_checks():
         check_data_source(d, prefix)
-        return (records.shard_paths(d.train_dir, d.train_prefix, f"{prefix}data.train_dir"),
-                records.shard_paths(d.eval_dir, d.eval_prefix, f"{prefix}data.eval_dir"))
+        train = records.shard_paths(d.train_dir, d.train_prefix, f"{prefix}data.train_dir")
+        evaluated = records.shard_paths(d.eval_dir, d.eval_prefix, f"{prefix}data.eval_dir")
+    shared = sorted({os.path.realpath(p) for p in train} & {os.path.realpath(p) for p in evaluated})
+    if shared:  # e.g. both splits left at make_records' default prefix, train
+        logging.warning("%sdata.train_dir/train_prefix and %sdata.eval_dir/eval_prefix share %d of their shards "
+                        "(%s...): the run is evaluated on images it trains on", prefix, prefix, len(shared), shared[0])
+    return train, evaluated
 
 
 def run_dataset_paths(config, workdir: str) -> tuple[list[str], list[str]]:

@@ -25,7 +25,10 @@ TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, n
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Norm scales near 1 and non-zero biases (HF initialises them to 1 and 0, which
-    would hide a swapped or dropped tensor), matrices and embeddings as initialised."""
+    would hide a swapped or dropped tensor), matrices and embeddings as initialised,
+    except near-zero matrices (BLIP-2's ViT: initializer_range 1e-10, which leaves its
+    blocks the identity plus biases and hides a wrong qkv split or activation): those
+    at 1/sqrt(fan-in)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim == 1 and "norm" in name.lower() and name.endswith("weight"):
@@ -34,6 +37,8 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             p.copy_(0.05 * torch.randn(p.shape, generator=g))
         elif "query_tokens" in name or "embedding" in name:
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        elif p.abs().max() < 1e-6:
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return model
 
 

@@ -342,3 +342,15 @@ def test_full_size_hf_blip2_matches_transformers(tmp_path):
     errors["text"] = relative_error(model.text_features(ids.numpy(), mask.numpy()), text_ref)
     assert errors["text"] <= INTERMEDIATE_TOLERANCE
     print("full-size hf_blip2 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
+
+
+@pytest.mark.parametrize("part", ["vision_config", "qformer_config"])
+def test_a_blip2_activation_other_than_gelu_is_refused_naming_the_key(part, tmp_path):
+    """Either part's hidden_act was ignored: quick_gelu in the ViT or relu in the
+    Q-Former converted, the image embeddings or the queries then off transformers' by
+    3e-3 or 2e-2."""
+    settings = {"vision_config": (dict(TINY_VISION, hidden_act="quick_gelu"), TINY_QFORMER),
+                "qformer_config": (TINY_VISION, dict(TINY_QFORMER, hidden_act="relu"))}[part]
+    Blip2ForImageTextRetrieval(_blip2_config(*settings)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=rf"config.json {part}.hidden_act='(quick_gelu|relu)': expected 'gelu'"):
+        convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])

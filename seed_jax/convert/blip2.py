@@ -7,7 +7,8 @@ the starting point of SEED's stage I.
 - Hugging Face `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration`
   folders: `vision_model.*` (its `post_layernorm` is LAVIS's `ln_vision`),
   `query_tokens`, `qformer.*`, and for retrieval `embeddings.*`,
-  `vision_projection`, `text_projection`. Heads and epsilons come from config.json.
+  `vision_projection`, `text_projection`. Heads and epsilons come from config.json
+  (an activation other than BLIP-2's gelu is refused).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def lavis_table(c: Blip2Config) -> dict:
 
 def hf_config(source: Source, hf: dict) -> Blip2Config:
     vision, qf = hf.get("vision_config", {}), hf.get("qformer_config", {})
+    for part, settings in (("vision_config", vision), ("qformer_config", qf)):
+        act = settings.get("hidden_act", "gelu")  # transformers' default, exact GELU
+        if act != "gelu":  # our ViT and Q-Former compute BLIP-2's exact GELU alone
+            raise ValueError(f"config.json {part}.hidden_act={act!r}: expected 'gelu' (BLIP-2's), which "
+                             "our model computes")
     vit_eps = vision.get("layer_norm_eps", 1e-6)
     vit = infer.vit_config(source, patch_weight=f"{HF_VIT}embeddings.patch_embedding.weight",
                            pos_embed=f"{HF_VIT}embeddings.position_embedding",

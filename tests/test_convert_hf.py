@@ -354,3 +354,14 @@ def test_a_blip2_activation_other_than_gelu_is_refused_naming_the_key(part, tmp_
     Blip2ForImageTextRetrieval(_blip2_config(*settings)).save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match=rf"config.json {part}.hidden_act='(quick_gelu|relu)': expected 'gelu'"):
         convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+
+
+def test_a_blip2_vit_without_qkv_biases_converts_to_transformers_features(tmp_path):
+    """vision_config.qkv_bias false (no qkv.bias stored) failed with a missing key; it
+    now converts with zero q and v biases, as transformers computes without them."""
+    hf = randomize(Blip2ForImageTextRetrieval(_blip2_config(dict(TINY_VISION, qkv_bias=False))), 5).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ref = _hf_reference(hf, batch=2)
+    convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
+    _, _, ours = _ours(tmp_path / "out", ref["pixels"])
+    _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))

@@ -74,8 +74,9 @@ def _folder_weights(args) -> tuple[sources.LazyArrays, dict]:
 def _hf_blip2(args):
     arrays, info = _folder_weights(args)
     source = Source(arrays, args.checkpoint)
-    config = blip2.hf_config(source, sources.read_hf_config(args.checkpoint))
-    return "blip2", config, blip2.hf_table(config), source, info
+    hf = sources.read_hf_config(args.checkpoint)
+    config = blip2.hf_config(source, hf)
+    return "blip2", config, blip2.hf_table(config, hf), source, info
 
 
 def _hf_clip_text(args):

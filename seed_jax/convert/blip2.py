@@ -74,8 +74,10 @@ def hf_config(source: Source, hf: dict) -> Blip2Config:
                        with_itc_heads=with_heads, with_temperature=False)
 
 
-def hf_table(c: Blip2Config) -> dict:
-    t = {**tables.eva_vit_hf("visual_encoder", HF_VIT, c.vit.depth, c.vit.num_heads),
+def hf_table(c: Blip2Config, hf: dict) -> dict:
+    """`hf`: config.json (its vision_config.qkv_bias, transformers' default true)."""
+    qkv_bias = hf.get("vision_config", {}).get("qkv_bias", True)
+    t = {**tables.eva_vit_hf("visual_encoder", HF_VIT, c.vit.depth, c.vit.num_heads, qkv_bias=qkv_bias),
          **tables.norm("ln_vision", f"{HF_VIT}post_layernorm"),
          **tables.qformer("qformer", HF_LAYER, c.qformer, names=tables.HF_BERT, query_tokens="query_tokens",
                           embed_norm="qformer.layernorm", word_embeddings="embeddings.word_embeddings.weight",

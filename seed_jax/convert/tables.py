@@ -4,6 +4,8 @@ Hugging Face names) and the CLIP text encoder. Each returns {our path: Rule}."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from seed_jax.convert.rules import (Rule, fused_part, heads_bias, heads_in, heads_out, linear, patch_conv, rule,
                                     squeeze_leading)
 from seed_jax.models.qformer import QFormerConfig
@@ -73,13 +75,22 @@ def eva_vit_lavis(target: str, src: str, depth: int, heads: int) -> dict[str, Ru
     }
 
 
-def eva_vit_hf(target: str, src: str, depth: int, heads: int) -> dict[str, Rule]:
+def eva_vit_hf(target: str, src: str, depth: int, heads: int, *, qkv_bias: bool = True) -> dict[str, Rule]:
     """transformers `Blip2VisionModel` names. Its fused qkv bias has a k part, which
-    no softmax can see (it adds the same q·b_k to every key's score), so it is dropped."""
+    no softmax can see (it adds the same q·b_k to every key's score), so it is dropped;
+    without one (config.json's vision_config.qkv_bias false) our q and v biases are zero."""
     layers = range(depth)
     b = f"{src}encoder.layers.{{i}}."
     blocks = f"{target}.blocks.blocks"
     bias = f"{b}self_attn.qkv.bias"
+
+    def qv_bias(part: int) -> Rule:
+        """The fused bias's q (0) or v (2) part; without one, zeros (N, H) sized by the weight (3*D, D)."""
+        if qkv_bias:
+            return rule(bias, hook=fused_part(part, heads_bias(heads)), layers=layers)
+        return rule(f"{b}self_attn.qkv.weight", hook=lambda w: np.zeros((heads, w.shape[0] // 3 // heads)),
+                    layers=layers)
+
     return {
         f"{target}.patch_kernel": rule(f"{src}embeddings.patch_embedding.weight", hook=patch_conv),
         f"{target}.patch_bias": rule(f"{src}embeddings.patch_embedding.bias"),
@@ -87,8 +98,7 @@ def eva_vit_hf(target: str, src: str, depth: int, heads: int) -> dict[str, Rule]
         f"{target}.pos_embed": rule(f"{src}embeddings.position_embedding"),
         **norm(f"{blocks}.norm1", f"{b}layer_norm1", layers),
         **fused_attention(f"{blocks}.attn", f"{b}self_attn.qkv.weight", f"{b}self_attn.projection", heads, layers,
-                          q_bias=rule(bias, hook=fused_part(0, heads_bias(heads)), layers=layers), k_bias=None,
-                          v_bias=rule(bias, hook=fused_part(2, heads_bias(heads)), layers=layers)),
+                          q_bias=qv_bias(0), k_bias=None, v_bias=qv_bias(2)),
         **norm(f"{blocks}.norm2", f"{b}layer_norm2", layers),
         **mlp(f"{blocks}.mlp", f"{b}mlp.fc1", f"{b}mlp.fc2", layers),
     }

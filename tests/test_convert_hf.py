@@ -365,3 +365,14 @@ def test_a_blip2_vit_without_qkv_biases_converts_to_transformers_features(tmp_pa
     convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
     _, _, ours = _ours(tmp_path / "out", ref["pixels"])
     _assert_close(ours, ref, ("vit_features", "image_embeds", "queries"))
+
+
+def test_a_qformer_depth_not_a_multiple_of_its_cross_attention_frequency_is_refused_naming_it(tmp_path):
+    """3 layers with cross_attention_frequency 2 (transformers builds them) failed with
+    QFormerConfig's "num_layers 3 must be a multiple of cross_attention_freq 2", naming
+    neither the folder nor the Q-Former."""
+    qformer = dict(TINY_QFORMER, num_hidden_layers=3, cross_attention_frequency=2)
+    Blip2ForImageTextRetrieval(_blip2_config(qformer=qformer)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"hf: a Q-Former of 3 layers with cross-attention every 2 \(on layers "
+                                         r"\[0, 2\]\): expected a multiple of 2 layers"):
+        convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])

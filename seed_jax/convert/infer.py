@@ -92,6 +92,10 @@ def qformer_config(source: Source, *, layer: str, query_tokens: str, self_key: s
     freq = cross[1] - cross[0] if len(cross) > 1 else num_layers
     if cross != list(range(0, num_layers, freq)):
         raise ValueError(f"{source.name}: cross-attention on layers {cross} is not every {freq}th layer from 0")
+    if num_layers % freq:  # else QFormerConfig's error, naming neither the checkpoint nor the Q-Former
+        raise ValueError(f"{source.name}: a Q-Former of {num_layers} layers with cross-attention every {freq} "
+                         f"(on layers {cross}): expected a multiple of {freq} layers, the groups our Q-Former "
+                         "scans")
     encoder_width = source.shape((layer + cross_key).format(i=0))[1]
     mlp_dim = need(source, (layer + "intermediate_query.dense.weight").format(i=0), "the query MLP width")[0]
     with_text = (word_embeddings is not None and word_embeddings in source

@@ -175,8 +175,8 @@ def last_config_only(argv: list[str]) -> list[str]:
 def config_file_problem(arguments: list[str]) -> str | None:
     """What is wrong when the file of a `--config` among the flag `arguments`
     (`flag_arguments`) does not exist, or its `get_config` refuses the argument after
-    the colon (a ValueError: an unknown preset), else None: ml_collections fails on any
-    such, the last or an earlier one, the latter in a traceback of its own."""
+    the colon (a ValueError: an unknown preset), else None: the last or an earlier one,
+    which the last replaces (`last_config_only`) but which names a mistake all the same."""
     for value in config_flag_values(arguments):
         path = value.split(":", 1)[0]
         if not os.path.isfile(path):

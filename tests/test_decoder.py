@@ -66,11 +66,13 @@ def test_decode_and_reconstruct_through_the_api(trained):
     codes = np.random.default_rng(0).integers(0, tokenizer.num_codes, (3, 32))
     images = tokenizer.decode(codes, num_steps=3, guidance_scale=2.0, sampler="ddim", seed=5)
     assert images.dtype == np.uint8 and images.shape == (3, size, size, 3)
-    # Image i depends on (seed, i) alone: the same codes give the same image in a smaller batch.
-    np.testing.assert_array_equal(tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim",
-                                                   seed=5), images[:1])
-    assert not np.array_equal(tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim", seed=6),
-                              images[:1])
+    # Image i depends on (seed, i) alone: the same codes give the same image in a smaller batch, up to
+    # XLA's float rounding, which differs with the batch's shape (2e-6 in [-1, 1] here: now and then a
+    # pixel value one apart); another seed gives another image.
+    alone = tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim", seed=5).astype(int)
+    assert np.abs(alone - images[:1]).max() <= 1 and np.mean(alone != images[:1]) < 0.01
+    reseeded = tokenizer.decode(codes[:1], num_steps=3, guidance_scale=2.0, sampler="ddim", seed=6).astype(int)
+    assert np.abs(reseeded - images[:1]).mean() > 10
     originals = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
     assert tokenizer.reconstruct(originals, num_steps=2, sampler="plms").shape == (2, size, size, 3)
 

@@ -82,6 +82,31 @@ def test_caption_and_generation_sequences_and_loss_masks(builder, text):
         builder.caption_prompt(np.asarray([64]))
 
 
+def test_a_caption_over_max_text_tokens_is_cut_without_its_end_token_and_said(text, caplog):
+    """A caption cut at max_text_tokens took </s> as a target after its last kept token,
+    silently: the model learnt to end captions mid-sentence. Cut, it takes no </s>; one
+    that fits takes it, and the training example says once that it cut one."""
+    image = sequences.ImageTokens.after_vocabulary(text.vocab_size, 64)
+    builder = sequences.SequenceBuilder(text, image, max_text_tokens=6)
+    codes, prompt = np.arange(32), len(builder.caption_prompt(np.arange(32)))
+    long, fits = "a small red star at the top left", "a small red star at the"
+    ids, mask = builder.caption_sequence(codes, long)
+    assert ids[prompt:] == text.encode(" " + long)[:6] and mask[prompt:] == [1] * 6
+    ids, mask = builder.caption_sequence(codes, fits)
+    assert ids[prompt:] == text.encode(" " + fits) + [text.eos_id] and mask[prompt:] == [1] * 7
+    assert builder.is_cut(long) and builder.is_cut(fits)  # "Generate an image: a small red star at the": 10 tokens
+    assert not sequences.SequenceBuilder(text, image, max_text_tokens=10).is_cut(fits)
+    example = sequences.CodeExample(builder, 0.0, 128, 80, pipeline.SkipCounter())
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        example(code_records.encode_code_record("fits", "a star", codes), rng)  # 6 tokens with the prompt
+        assert "cut a caption" not in caplog.text
+        for _ in range(2):
+            assert example(code_records.encode_code_record("long", long, codes), rng)["target_ids"][-1] != text.eos_id
+    assert caplog.text.count("cut a caption of 8 tokens where it, or prompts.generate with it, exceeds "
+                             "data.max_text_tokens 6") == 1
+
+
 def test_a_long_question_loses_its_end_not_the_prompts_short_answer(builder, text):
     """A question prompt longer than max_text_tokens was cut at its end, so a long
     question lost "Short answer.", the words the answer follows."""

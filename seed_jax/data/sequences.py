@@ -7,6 +7,9 @@ vocabulary (`ImageTokens`). Each sequence starts with `</s>` (OPT's BOS):
   text -> image:  </s> "Generate an image: {caption}" <img> CODES </img>  loss on the codes and </img>
   question:       </s> IMAGE "Question: {q} Short answer." " {answer}" </s>
 
+Text over `max_text_tokens` is cut: a prompt's caption or question loses its end, and a
+caption or answer that takes loss its end and its </s>.
+
 Training rows pack several sequences to a fixed length T (grain's first-fit packing):
 `inputs`, `segment_ids` (0 = padding) and `positions` (from 0 in each sequence), int32
 (T,) each; and the next-token targets that take loss, at most K per row: `target_ids`,
@@ -118,9 +121,6 @@ class SequenceBuilder:
                  max_text_tokens: int = MAX_TEXT_TOKENS):
         self.text, self.image, self.prompts, self.max_text_tokens = text, image, prompts, max_text_tokens
 
-    def _words(self, text: str) -> list[int]:
-        return self.text.encode(text)[:self.max_text_tokens]
-
     def _filled(self, template: str, field: str, value: str) -> list[int]:
         """`template` with its one {field} set to `value`, encoded, at most
         `max_text_tokens` ids: a longer text loses the value's end, not the template's
@@ -157,8 +157,19 @@ class SequenceBuilder:
         return prompt + image, [0] * len(prompt) + [1] * len(image)
 
     def _answered(self, prompt: list[int], answer: str) -> tuple[list[int], list[int]]:
-        answer_ids = self._words(answer) + [self.text.eos_id]
+        """`prompt` + the answer's ids + </s>, loss on the answer and </s>; an answer
+        longer than `max_text_tokens` is cut and takes no </s> (else training taught the
+        model to end captions where the cut fell; LAVIS's BLIP-2 OPT cuts so)."""
+        answer_ids = self.text.encode(answer)
+        cut = len(answer_ids) > self.max_text_tokens
+        answer_ids = answer_ids[:self.max_text_tokens] + ([] if cut else [self.text.eos_id])
         return prompt + answer_ids, [0] * len(prompt) + [1] * len(answer_ids)
+
+    def is_cut(self, caption: str) -> bool:
+        """Whether `caption`'s sequences hold its start only: it, or the generation prompt
+        with it, is longer than `max_text_tokens`."""
+        texts = (" " + caption, self.prompts.generate.format(caption=caption))
+        return any(len(ids) > self.max_text_tokens for ids in self.text.encode_batch(texts))
 
 
 def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarray]:
@@ -189,6 +200,7 @@ class CodeExample:
     skipped: SkipCounter
     codes_per_image: int = CODES_PER_IMAGE
     said_too_long: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False, repr=False)
+    said_cut: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False, repr=False)
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
         try:
@@ -200,6 +212,12 @@ class CodeExample:
         except ValueError as error:
             self.skipped.add(why=str(error))
             return None
+        if not self.said_cut.is_set() and self.builder.is_cut(record["caption"]):
+            self.said_cut.set()  # said once, as a cut caption trains on its start alone
+            logging.warning("cut a caption of %d tokens where it, or prompts.generate with it, exceeds "
+                            "data.max_text_tokens %d (image -> text sequences then take no </s>): %r",
+                            len(self.builder.text.encode(" " + record["caption"])), self.builder.max_text_tokens,
+                            record["caption"][:200])
         if len(ids) - 1 > self.max_length or sum(mask[1:]) > self.max_targets:
             # said once: were every sequence too long, grain's error would say only "skipped 100.00 %"
             if not self.said_too_long.is_set():

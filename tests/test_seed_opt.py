@@ -909,6 +909,24 @@ def test_a_folder_without_shards_is_named_by_its_config_field(tmp_path):
         pretokenize.split_paths(splits)
 
 
+def test_a_codes_dir_of_image_records_is_refused_saying_why_before_the_model_is_built(tiny_decoder_run, tmp_path,
+                                                                                      monkeypatch):
+    """data.codes_dir at image-caption shards (pretokenize's input, not its output) failed
+    once the model was built (a converted OPT loads for minutes) with "hold 0 readable
+    records", saying not why. It fails before, naming the first record's fault."""
+    config = get_config("tiny")
+    config.tokenizer_workdir = os.path.join(tiny_decoder_run, "tokenizer")
+    config.data.codes_dir = os.path.join(tiny_decoder_run, "tokenizer", "data")  # the tokenizer run's images
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(seed_opt, "create_model", built)
+    with pytest.raises(command_line.ConfigError, match=r"^eval.num_examples: 16 requested, .* hold 0 readable "
+                                                       r"records \(the first skipped: corrupt code record: "):
+        seed_opt.train(config, str(tmp_path / "run"))
+
+
 def _model_json_exports(folder) -> dict[str, str]:
     """kind -> an export of a default SEED tokenizer or OPT in `folder` holding model.json
     alone: what the config checks read."""

@@ -281,7 +281,7 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
     `num_examples` as `name` (a config key)."""
     num_examples = check_num_examples(name, num_examples)
     source = pipeline.RecordSource(paths)
-    out = []
+    out, first_skip = [], ""
     for i in range(len(source)):
         if len(out) == num_examples:
             break
@@ -289,6 +289,9 @@ def read_code_records(paths: Sequence[str], num_examples: int, skipped: SkipCoun
             out.append(decode_captioned(source[i], codes_per_image, num_codes))
         except ValueError as error:
             skipped.add(why=str(error))
+            first_skip = first_skip or str(error)
     if len(out) < num_examples or not out:
-        raise ValueError(f"{name}: {num_examples} requested, {paths[0]}... hold {len(out)} readable records")
+        # why they were skipped: e.g. image records, not code records, where code records were expected
+        why = f" (the first skipped: {first_skip})" if first_skip else ""
+        raise ValueError(f"{name}: {num_examples} requested, {paths[0]}... hold {len(out)} readable records{why}")
     return out

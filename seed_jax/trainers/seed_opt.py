@@ -549,19 +549,21 @@ def train(config, workdir: str) -> bool:
         decoder = paired_decoder(decoder, tokenizer_trainer.create_clip_text(tok_config, mesh), tok_dir,
                                  config.decoder_export_required)
     train_paths, eval_paths = code_paths(config, workdir, tok_dir, tok_export, tok_config)
+    codes_per_image = tokenizer_model.config.qformer.num_queries
+    skipped = pipeline.SkipCounter()
+    with command_line.config_checks():  # before the model is built (a converted OPT loads for minutes)
+        eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples,
+                                                   pipeline.counted_once(skipped), codes_per_image, num_codes,
+                                                   name="eval.num_examples")
     m_config = model_config(config, text.vocab_size, num_codes, codebook.shape[1])
     model = create_model(m_config, config, mesh, codebook)
     logging.info("SEED-OPT: %s", m_config)
-    codes_per_image = tokenizer_model.config.qformer.num_queries
     check_lengths(config, m_config.max_positions, codes_per_image)
     check_caption_tokens(config, m_config.max_positions, codes_per_image, text)
     image_tokens = sequences.ImageTokens.after_vocabulary(m_config.vocab_size, num_codes)
     builder = sequences.SequenceBuilder(text, image_tokens, sequences.Prompts(**config.prompts.to_dict()),
                                         config.data.max_text_tokens)
 
-    skipped = pipeline.SkipCounter()
-    eval_records = sequences.read_code_records(eval_paths, config.eval.num_examples, pipeline.counted_once(skipped),
-                                               codes_per_image, num_codes, name="eval.num_examples")
     with command_line.config_checks():  # else refused at the first evaluation, after phase 1 trained
         check_generation_prompts(config, [r["caption"] for r in eval_records], builder, m_config.max_positions,
                                  codes_per_image)

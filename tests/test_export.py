@@ -153,8 +153,9 @@ def test_an_export_of_another_trainers_workdir_or_of_an_export_says_what_it_is(t
         workdir = tmp_path / config.trainer
         workdir.mkdir()
         run_config.write(str(workdir), config, trainer_module.RUN_DEFINING)
+        exported_itself = f"{config.trainer} trainer exports to {workdir}/export itself)"
         with pytest.raises(ValueError, match=re.escape(f"trainer {config.trainer!r}, expected 'tokenizer' (the "
-                                                       f"{config.trainer} trainer exports to {workdir}/export itself)")):
+                                                       + exported_itself)):
             export(str(workdir), str(tmp_path / "out"))
     exported = tmp_path / "exported"
     exported.mkdir()

@@ -167,16 +167,17 @@ def check_unet(config) -> None:
         nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0)))
     except (TypeError, ValueError) as error:  # "groups: 7 must divide ...", an unknown key, ...
         raise ValueError(f"unet: {error}") from None
-    StableDiffusionConfig(unet=unet, vae=None, pixel_patch=config.pixel_patch, text_encoder=None)  # its channels
+    # its check of the UNet's channels against the pixel patches' (a ValueError naming both)
+    StableDiffusionConfig(unet=unet, vae=None, pixel_patch=config.pixel_patch, text_encoder=None)
 
 
 def check_options(config) -> None:
-    """`dtype`, `pixel_patch` and `unet` (`check_unet`), the loop's intervals and `keep_checkpoints`, `data.num_threads` and
-    `data.prefetch`, `train`'s schedule and AdamW settings (`optim.check_optimizer`),
-    `train.trainable`, `uncond_probability`, `schedule`, the evaluation's options (first
-    used at the end of training) and `train.batch_size` (it must split over the mesh's
-    batch axes): checked before training (and before the tokenizer it needs is trained),
-    naming the config key."""
+    """`dtype`, `pixel_patch` and `unet` (`check_unet`), the loop's intervals and
+    `keep_checkpoints`, `data.num_threads` and `data.prefetch`, `train`'s schedule and
+    AdamW settings (`optim.check_optimizer`), `train.trainable`, `uncond_probability`,
+    `schedule`, the evaluation's options (first used at the end of training) and
+    `train.batch_size` (it must split over the mesh's batch axes): checked before training
+    (and before the tokenizer it needs is trained), naming the config key."""
     layers.compute_dtype(config.dtype)
     check_unet(config)
     loop.check_loop_settings(config)

@@ -64,8 +64,8 @@ def _check_trainer_is_the_files(trainer: str) -> None:
     """A UsageError unless `trainer` (config.trainer) is the one the --config file sets:
     `--config.trainer=decoder` on the tokenizer's config ran the decoder's trainer on it,
     which failed on the first field it lacks, in ml_collections' traceback."""
-    path = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name]).split(":", 1)[0]
-    own = config_files.load_module(path).get_config().trainer
+    path, *arg = config_flags.get_config_filename(flags.FLAGS[_CONFIG.name]).split(":", 1)
+    own = config_files.load(path, *arg).trainer  # of the preset given, as a config file may need one
     if trainer != own:
         raise app.UsageError(f"config.trainer: {path} configures the {own!r} trainer, got {trainer!r}: give the "
                              f"{trainer!r} trainer's config file instead (--config=configs/FILE.py)")

@@ -191,6 +191,21 @@ def test_a_setting_a_run_cannot_start_with_fails_with_its_message_alone(flags, m
     assert "Traceback" not in result.stderr
 
 
+def test_a_config_file_whose_get_config_needs_its_argument_starts(repo_root, tmp_path):
+    """The check that config.trainer is the config file's called `get_config()` without
+    the argument after the colon: a user's file whose get_config needs one failed in a
+    TypeError traceback before any setting was looked at."""
+    own = tmp_path / "my_config.py"
+    own.write_text("from configs import tokenizer\n\n\ndef get_config(preset):\n"
+                   "    return tokenizer.get_config(preset)\n")
+    result = subprocess.run([sys.executable, "-m", "seed_jax.main", f"--config={own}:tiny",
+                             "--config.itc_gradient=local", f"--workdir={tmp_path}/w"], cwd=repo_root,
+                            env={**os.environ, "PYTHONPATH": repo_root}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.rstrip().endswith("FATAL config error: itc_gradient: expected one of ('global', 'lavis'), "
+                                           "got 'local'"), result.stderr
+
+
 def test_verbosity_1_shows_where_a_config_error_was_raised(repo_root, tmp_path):
     """The message alone hid the traceback of a ValueError that a bug inside the checks
     raises; `--verbosity=1` now logs it before the message."""

@@ -352,7 +352,8 @@ def test_a_blip2_activation_other_than_gelu_is_refused_naming_the_key(part, tmp_
     settings = {"vision_config": (dict(TINY_VISION, hidden_act="quick_gelu"), TINY_QFORMER),
                 "qformer_config": (TINY_VISION, dict(TINY_QFORMER, hidden_act="relu"))}[part]
     Blip2ForImageTextRetrieval(_blip2_config(*settings)).save_pretrained(tmp_path / "hf")
-    with pytest.raises(ValueError, match=rf"config.json {part}.hidden_act='(quick_gelu|relu)': expected 'gelu'"):
+    with pytest.raises(ValueError, match=rf"config.json {part}.hidden_act='(quick_gelu|relu)': expected one of "
+                                         r"\['gelu', 'gelu_python'\] \(BLIP-2's exact GELU\)"):
         convert(["hf_blip2", f"--checkpoint={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"])
 
 

@@ -171,6 +171,25 @@ def test_a_record_damaged_on_disk_is_skipped_and_counted(tmp_path, example):
     assert [image is None for _, image in pipeline.read_labels([path], 6)] == [False, False, True, False, False, False]
 
 
+def test_a_record_source_names_the_damaged_records_shard_and_raises_other_read_errors(tmp_path, caplog):
+    """Its warning named the first shard, whichever held the record, and every RuntimeError
+    read as a corrupt record: a shard cut short while read gave all its records as b"",
+    counted as corrupt ones, the run going on without them."""
+    paths = [str(tmp_path / f"train-0000{i}-of-00002.array_record") for i in range(2)]
+    write_with_a_damaged_record(paths[0], [b"first %d" % i for i in range(2)], 1)
+    write_with_a_damaged_record(paths[1], [b"second %d" % i for i in range(3)], 1)
+    source = pipeline.RecordSource(paths)
+    with caplog.at_level("WARNING"):
+        assert [source[i] for i in range(5)] == [b"first 0", b"", b"second 0", b"", b"second 2"]
+    assert f"record 1 of {paths[0]}: a record fails its checksum" in caplog.text
+    assert caplog.text.count("fails its checksum") == 1  # said once
+    second = pipeline.RecordSource(paths[1:])
+    with open(paths[1], "r+b") as f:  # cut short once the source is made
+        f.truncate(40)
+    with pytest.raises(RuntimeError):
+        second[0]
+
+
 def test_corrupt_records_are_skipped_and_counted(tmp_path, example):
     good = [synthetic.make_example(i, 0, 32) for i in range(6)]
     path = str(tmp_path / "mixed.array_record")

@@ -94,17 +94,26 @@ def test_a_caption_over_max_text_tokens_is_cut_without_its_end_token_and_said(te
     assert ids[prompt:] == text.encode(" " + long)[:6] and mask[prompt:] == [1] * 6
     ids, mask = builder.caption_sequence(codes, fits)
     assert ids[prompt:] == text.encode(" " + fits) + [text.eos_id] and mask[prompt:] == [1] * 7
-    assert builder.is_cut(long) and builder.is_cut(fits)  # "Generate an image: a small red star at the": 10 tokens
-    assert not sequences.SequenceBuilder(text, image, max_text_tokens=10).is_cut(fits)
-    example = sequences.CodeExample(builder, 0.0, 128, 80, pipeline.SkipCounter())
-    rng = np.random.default_rng(0)
-    with caplog.at_level("WARNING"):
-        example(code_records.encode_code_record("fits", "a star", codes), rng)  # 6 tokens with the prompt
-        assert "cut a caption" not in caplog.text
-        for _ in range(2):
-            assert example(code_records.encode_code_record("long", long, codes), rng)["target_ids"][-1] != text.eos_id
-    assert caplog.text.count("cut a caption of 8 tokens where it, or prompts.generate with it, exceeds "
-                             "data.max_text_tokens 6") == 1
+    assert builder.is_cut(builder.caption_sequence(codes, long)[0], long, to_image=False)
+    assert not builder.is_cut(builder.caption_sequence(codes, fits)[0], fits, to_image=False)
+    # "Generate an image: a star" is 6 tokens: as long as max_text_tokens, not cut
+    assert len(builder.generation_prompt("a star")) == 6 + 2  # and <s>, <img>
+    for caption, cut in ((fits, True), ("a star", False)):
+        assert builder.is_cut(builder.generation_sequence(caption, codes)[0], caption, to_image=True) == cut
+    ten = sequences.SequenceBuilder(text, image, max_text_tokens=10)  # "... a small red star at the": 10 tokens
+    assert not ten.is_cut(ten.generation_sequence(fits, codes)[0], fits, to_image=True)
+    for to_image, where in ((0.0, "in an image -> text sequence, which then takes no </s>"),
+                            (1.0, "in the text -> image prompt (prompts.generate with it)")):
+        example = sequences.CodeExample(builder, to_image, 128, 80, pipeline.SkipCounter())
+        rng = np.random.default_rng(0)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            example(code_records.encode_code_record("fits", "a star", codes), rng)
+            assert "cut a caption" not in caplog.text
+            for _ in range(2):
+                targets = example(code_records.encode_code_record("long", long, codes), rng)["target_ids"]
+                assert to_image or targets[-1] != text.eos_id
+        assert caplog.text.count(f"cut a caption at data.max_text_tokens 6 {where}") == 1
 
 
 def test_a_long_question_loses_its_end_not_the_prompts_short_answer(builder, text):
@@ -702,6 +711,14 @@ def test_pretokenize_writes_a_finished_shard_again_for_its_split_rebuilt_at_the_
     assert write("a tan circle") == size
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # rebuilt a second later
     assert run() == ["a tan circle 0", "a tan circle 1", "a tan circle 2"]
+    # a summary written before modification times were kept names shards by name and size: its shard
+    # is kept, not encoded again on the first rerun after the upgrade
+    summary_path = os.path.join(out, "train.summary-00000-of-00001.json")
+    summary = json.loads(open(summary_path).read())
+    summary["inputs"]["shards"] = [shard[:2] for shard in summary["inputs"]["shards"]]
+    records.write_json(summary_path, summary)
+    write("a red circle")
+    assert run() == ["a tan circle 0", "a tan circle 1", "a tan circle 2"]
 
 
 class _ZeroEncoder:
@@ -1181,7 +1198,7 @@ def test_caption_codes_counts_the_loaded_model_or_split_cannot_take_are_usage_er
     monkeypatch.setattr(caption_codes, "caption_all", lambda *args, **kwargs: pytest.fail("captions generated"))
     flag_values = dict(export=os.path.join(workdir, "export"), codes_dir=os.path.join(workdir, "codes"),
                        split="eval", num_examples=8, max_new_tokens=None)
-    for changed, message in [(dict(max_new_tokens=10 ** 6), r"max_new_tokens: expected an integer in 1\.\.\d+"),
+    for changed, message in [(dict(max_new_tokens=10 ** 6), r"^--max_new_tokens: expected an integer in 1\.\.\d+"),
                              (dict(num_examples=10 ** 6), "--num_examples: 1000000 requested, .* hold \\d+ readable")]:
         monkeypatch.setattr(caption_codes, "FLAGS", types.SimpleNamespace(**{**flag_values, **changed}))
         with pytest.raises(app.UsageError, match=message):

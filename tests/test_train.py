@@ -1413,18 +1413,19 @@ def test_splits_that_share_their_shards_are_warned_of(tmp_path, caplog):
     images the run is evaluated on, without a word."""
     from seed_jax.data import records
 
-    paths = records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "a.jpg"}], str(tmp_path), "train",
+    shards = tmp_path / "shards"
+    paths = records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "a.jpg"}], str(shards), "train",
                                               2)
-    os.symlink(tmp_path, tmp_path.parent / "linked")
+    os.symlink(shards, tmp_path / "linked")
     config = get_config("tiny")
-    config.data.update(dict(source="array_record", train_dir=str(tmp_path), train_prefix="train",
-                            eval_dir=str(tmp_path.parent / "linked"), eval_prefix="train"))
+    config.data.update(dict(source="array_record", train_dir=str(shards), train_prefix="train",
+                            eval_dir=str(tmp_path / "linked"), eval_prefix="train"))
     with caplog.at_level("WARNING"):
         assert trainer.dataset_paths(config, str(tmp_path / "run"))[0] == paths
     assert re.search(r"data.train_dir/train_prefix and data.eval_dir/eval_prefix share 2 of their shards .*: the "
                      "run is evaluated on images it trains on", caplog.text)
     caplog.clear()
-    records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "b.jpg"}], str(tmp_path), "eval", 1)
+    records.write_array_record_shards([{"image": b"x", "caption": "c", "id": "b.jpg"}], str(shards), "eval", 1)
     config.data.eval_prefix = "eval"
     with caplog.at_level("WARNING"):
         trainer.dataset_paths(config, str(tmp_path / "run"))

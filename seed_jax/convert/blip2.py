@@ -47,13 +47,16 @@ def lavis_table(c: Blip2Config) -> dict:
     return _heads(t, c, "vision_proj", "text_proj")
 
 
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of erf GELU
+
+
 def hf_config(source: Source, hf: dict) -> Blip2Config:
     vision, qf = hf.get("vision_config", {}), hf.get("qformer_config", {})
     for part, settings in (("vision_config", vision), ("qformer_config", qf)):
         act = settings.get("hidden_act", "gelu")  # transformers' default, exact GELU
-        if act != "gelu":  # our ViT and Q-Former compute BLIP-2's exact GELU alone
-            raise ValueError(f"config.json {part}.hidden_act={act!r}: expected 'gelu' (BLIP-2's), which "
-                             "our model computes")
+        if act not in EXACT_GELU:  # our ViT and Q-Former compute BLIP-2's exact GELU alone
+            raise ValueError(f"config.json {part}.hidden_act={act!r}: expected one of {sorted(EXACT_GELU)} "
+                             "(BLIP-2's exact GELU), which our model computes")
     vit_eps = vision.get("layer_norm_eps", 1e-6)
     vit = infer.vit_config(source, patch_weight=f"{HF_VIT}embeddings.patch_embedding.weight",
                            pos_embed=f"{HF_VIT}embeddings.position_embedding",

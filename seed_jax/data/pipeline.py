@@ -18,6 +18,7 @@ import grain.experimental
 import jax
 import numpy as np
 from absl import logging
+from array_record.python import array_record_module
 
 from seed_jax.data import preprocess, records
 from seed_jax.data.text import TextTokenizer
@@ -166,10 +167,11 @@ class PixelExample:
 
 
 class RecordSource:
-    """grain's ArrayRecordDataSource over the shards `paths`, but a record its shard cannot
-    give back (its chunk fails its checksum: the file damaged on disk) reads as b"", a
-    corrupt record to every decoder, skipped and counted (the first logged with why),
-    rather than a RuntimeError from the reading thread that ended the run."""
+    """grain's ArrayRecordDataSource over the shards `paths`, but a record whose chunk
+    fails its checksum (the file damaged on disk) reads as b"", a corrupt record to every
+    decoder, skipped and counted (the first logged, naming its shard), rather than a
+    RuntimeError from the reading thread that ended the run. Other read errors (a shard
+    gone or cut short while read, an I/O error) still raise."""
 
     def __init__(self, paths: Sequence[str]):
         self._paths = list(paths)
@@ -183,11 +185,24 @@ class RecordSource:
         try:
             return self._source[index]
         except RuntimeError as error:
+            if "Corrupted" not in str(error):  # riegeli's "Corrupted Riegeli/records file: ... hash mismatch"
+                raise
             if not self._said_why.is_set():
                 self._said_why.set()
-                logging.warning("record %d of %s...: unreadable, skipped as a corrupt record (this is said once): "
-                                "%s", index, self._paths[0], error)
+                logging.warning("%s: a record fails its checksum, skipped as a corrupt one (this is said once): %s",
+                                self._shard_of(index), error)
             return b""
+
+    def _shard_of(self, index: int) -> str:
+        """The shard holding record `index` (each shard's records counted again: said once)."""
+        for path in self._paths:
+            reader = array_record_module.ArrayRecordReader(path)
+            count = reader.num_records()
+            reader.close()
+            if index < count:
+                return f"record {index} of {path}"
+            index -= count
+        return f"a record of {self._paths}"
 
 
 def _source(paths: Sequence[str]) -> grain.MapDataset:

@@ -165,11 +165,16 @@ class SequenceBuilder:
         answer_ids = answer_ids[:self.max_text_tokens] + ([] if cut else [self.text.eos_id])
         return prompt + answer_ids, [0] * len(prompt) + [1] * len(answer_ids)
 
-    def is_cut(self, caption: str) -> bool:
-        """Whether `caption`'s sequences hold its start only: it, or the generation prompt
-        with it, is longer than `max_text_tokens`."""
-        texts = (" " + caption, self.prompts.generate.format(caption=caption))
-        return any(len(ids) > self.max_text_tokens for ids in self.text.encode_batch(texts))
+    def is_cut(self, ids: list[int], caption: str, to_image: bool) -> bool:
+        """Whether the sequence `ids` of `caption` (`generation_sequence`'s where `to_image`,
+        else `caption_sequence`'s) holds the caption's start only: a caption's then ends
+        without </s>; a text -> image prompt as long as `max_text_tokens` is encoded again
+        to tell (a longer one would have been cut)."""
+        if not to_image:
+            return ids[-1] != self.text.eos_id
+        prompt_text = ids.index(self.image.start) - 1  # between <s> and <img>
+        return prompt_text >= self.max_text_tokens and len(
+            self.text.encode(self.prompts.generate.format(caption=caption))) > self.max_text_tokens
 
 
 def shifted(ids: Sequence[int], loss_mask: Sequence[int]) -> dict[str, np.ndarray]:
@@ -205,18 +210,19 @@ class CodeExample:
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict | None:
         try:
             record = decode_captioned(raw, self.codes_per_image)
-            if rng.random() < self.text_to_image_fraction:
+            to_image = rng.random() < self.text_to_image_fraction
+            if to_image:
                 ids, mask = self.builder.generation_sequence(record["caption"], record["codes"])
             else:
                 ids, mask = self.builder.caption_sequence(record["codes"], record["caption"])
         except ValueError as error:
             self.skipped.add(why=str(error))
             return None
-        if not self.said_cut.is_set() and self.builder.is_cut(record["caption"]):
+        if not self.said_cut.is_set() and self.builder.is_cut(ids, record["caption"], to_image):
             self.said_cut.set()  # said once, as a cut caption trains on its start alone
-            logging.warning("cut a caption of %d tokens where it, or prompts.generate with it, exceeds "
-                            "data.max_text_tokens %d (image -> text sequences then take no </s>): %r",
-                            len(self.builder.text.encode(" " + record["caption"])), self.builder.max_text_tokens,
+            where = ("in the text -> image prompt (prompts.generate with it)" if to_image
+                     else "in an image -> text sequence, which then takes no </s>")
+            logging.warning("cut a caption at data.max_text_tokens %d %s: %r", self.builder.max_text_tokens, where,
                             record["caption"][:200])
         if len(ids) - 1 > self.max_length or sum(mask[1:]) > self.max_targets:
             # said once: were every sequence too long, grain's error would say only "skipped 100.00 %"

@@ -25,7 +25,7 @@ class NoiseSchedule:
     steps_offset: int = 1  # added to "leading" inference timesteps (SD v1's scheduler config)
     set_alpha_to_one: bool = False  # alpha-bar after the last step: 1, or that of timestep 0
     # What the model predicts: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0
-    # (better behaved at high noise; samplers turn it into the noise estimate).
+    # (better behaved at high noise; each sampler reads it as its diffusers scheduler does).
     prediction_type: str = "epsilon"
     # DDIM clips its x0 estimate to [-clip_sample_range, clip_sample_range] (DDIMScheduler's clip_sample)
     clip_sample: bool = False

@@ -121,7 +121,10 @@ def main(argv):
         weights.read_config_named("--export", export, "opt")  # its model.json: a workdir or a tokenizer's is named
     model = api.SeedOPT.load(export)
     with command_line.flag_checks():  # what the loaded model bounds, before any caption is generated
-        model.check_caption_options(max_new_tokens=FLAGS.max_new_tokens)
+        try:
+            model.check_caption_options(max_new_tokens=FLAGS.max_new_tokens)
+        except ValueError as error:  # "max_new_tokens: expected an integer in 1..N ...": the flag's
+            raise ValueError(f"--{error}") from None
         rows, skipped = read_split(model, codes_dir, FLAGS.split, FLAGS.num_examples, name="--num_examples")
     scores = score_records(model, rows, skipped, max_new_tokens=FLAGS.max_new_tokens)
     json.dump(scores, sys.stdout, indent=1)

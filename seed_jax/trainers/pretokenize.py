@@ -138,22 +138,31 @@ def _finished_summary(path: str, summary_path: str, tokenizer: str | None, dtype
                       name: str) -> dict | None:
     """The summary of the finished shard `path` when `tokenizer` wrote it in `dtype` from
     `inputs`, else None (warning why it is written again). A summary from before dtypes or
-    inputs were kept cannot tell, and passes."""
+    inputs were kept cannot tell, and passes; one from before modification times were kept
+    is compared by names and sizes (`_as_kept`), not written again whole."""
     if not (os.path.exists(path) and os.path.exists(summary_path)):
         return None
     with open(summary_path) as f:
         summary = json.load(f)
+    kept = summary.get("inputs", inputs)
     if summary.get("tokenizer") != tokenizer:
         logging.warning("%s: written with another tokenizer export (fingerprint %s, now %s); writing it again", name,
                         summary.get("tokenizer"), tokenizer)
     elif summary.get("dtype", dtype) != dtype:
         logging.warning("%s: encoded in %s, now %s; writing it again", name, summary["dtype"], dtype)
-    elif summary.get("inputs", inputs) != inputs:
-        logging.warning("%s: written from other image records (%s, now %s); writing it again", name,
-                        summary["inputs"], inputs)
+    elif kept != _as_kept(inputs, kept):
+        logging.warning("%s: written from other image records (%s, now %s); writing it again", name, kept, inputs)
     else:
         return summary
     return None
+
+
+def _as_kept(inputs: dict, kept: dict) -> dict:
+    """`inputs` (`_inputs`) as the summary's `kept` ones name their shards: by name and
+    size alone where it was written before modification times were kept."""
+    if any(len(shard) == 2 for shard in kept.get("shards", [])):
+        return {**inputs, "shards": [shard[:2] for shard in inputs["shards"]]}
+    return inputs
 
 
 def check_written_with(out_dir: str, prefixes: list[str], tokenizer_export: str) -> None:

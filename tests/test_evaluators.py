@@ -451,7 +451,7 @@ def test_an_evaluators_path_flags_take_the_home_directory(module, work, flag_val
 
 @pytest.mark.parametrize("module, flag_values, missing", [
     ("caption_swaps", dict(split="eval", num_examples=8), "eval"),
-    ("feature_probe", dict(intermediates=["quantized"], num_train=8, epochs=1), "eval"),
+    ("feature_probe", dict(intermediates=["quantized"], num_train=8, epochs=1, extra_data_dir=""), "eval"),
     ("vit_from_labels", dict(steps=1, batch_size=1, lr=1e-3), "train")])
 def test_an_evaluators_tokenizer_run_it_cannot_read_is_a_usage_error(module, flag_values, missing, tmp_path,
                                                                       monkeypatch):

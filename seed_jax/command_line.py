@@ -115,7 +115,7 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     problem = config_file_problem(arguments)
     if problem is None:
         try:
-            return app.parse_flags_with_usage(last_config_only(argv))
+            return app.parse_flags_with_usage(last_config_only(argv, arguments))
         except (AttributeError, KeyError):  # what ml_collections raises for an override of no field
             problem = unknown_override(arguments)
             if problem is None:
@@ -157,13 +157,12 @@ def config_flag_values(arguments: list[str]) -> list[str]:
             for start, stop in config_flag_spans(arguments)]
 
 
-def last_config_only(argv: list[str]) -> list[str]:
-    """`argv` without the `--config` flags before the last (its flagfiles read, as absl
-    reads them, where it has several): absl takes the last, but ml_collections applies
-    every override to each config it loads, so an override of a field only the last one
-    has failed on an earlier one (launch/local_multiprocess.sh gives its own `--config`
-    before the caller's flags, which may replace it)."""
-    arguments = flag_arguments(argv)
+def last_config_only(argv: list[str], arguments: list[str]) -> list[str]:
+    """`argv` without the `--config` flags before the last (`arguments`, its
+    `flag_arguments`, in its place where it has several): absl takes the last, but
+    ml_collections applies every override to each config it loads, so an override of a
+    field only the last one has failed on an earlier one (launch/local_multiprocess.sh
+    gives its own `--config` before the caller's flags, which may replace it)."""
     spans = config_flag_spans(arguments)
     if len(spans) < 2:
         return argv

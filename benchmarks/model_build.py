@@ -1,7 +1,7 @@
 """Seconds to build SD v1 abstractly (`nnx.eval_shape`, as converters, loaders and
-trainers do), side by side in one run: parameter keys drawn eagerly
-(`layers.seeded_rngs`, what `weights.build` uses) against a plain `nnx.Rngs`, whose
-draws are traced.
+trainers do), side by side in one run: parameter keys drawn by `layers.next_key`
+against flax's own `rngs.params()`, which compares the new count's sharding on every
+draw, and inside a trace that walks the trace so far.
 
   python benchmarks/model_build.py [--iters=2]
 """
@@ -29,10 +29,16 @@ def main():
     parser.add_argument("--iters", type=count, default=2)
     args = parser.parse_args()
     config = StableDiffusionConfig()
-    for name, make_rngs in (("eager keys (seeded_rngs)", layers.seeded_rngs), ("traced keys (nnx.Rngs)", nnx.Rngs)):
-        seconds = median_seconds(lambda: nnx.eval_shape(lambda: StableDiffusion(config, rngs=make_rngs(0))),
-                                 args.iters)
-        print(f"SD v1 abstract build, {name}: {seconds:.1f} s")
+
+    def build():
+        return nnx.eval_shape(lambda: StableDiffusion(config, rngs=nnx.Rngs(0)))
+
+    print(f"SD v1 abstract build, keys from layers.next_key: {median_seconds(build, args.iters):.1f} s")
+    ours, layers.next_key = layers.next_key, lambda rngs: rngs.params()
+    try:
+        print(f"SD v1 abstract build, keys from rngs.params(): {median_seconds(build, args.iters):.1f} s")
+    finally:
+        layers.next_key = ours
 
 
 if __name__ == "__main__":

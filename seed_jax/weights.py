@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from seed_jax import parallel
 from seed_jax.data import records
-from seed_jax.models import layers
 from seed_jax.models.blip2 import Blip2Config, Blip2QFormer
 from seed_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from seed_jax.models.opt import OPT, OPTConfig
@@ -56,7 +55,7 @@ def build(kind: str, config, *, dtype=jnp.float32, remat: bool = False, abstract
     """The model of `kind` (abstract: shapes only, no memory)."""
     cls = MODEL_KINDS[kind][1]
     kwargs = {"remat": remat} if kind in SCANNED_KINDS else {}
-    make = lambda: cls(config, dtype=dtype, rngs=layers.seeded_rngs(seed), **kwargs)  # noqa: E731
+    make = lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)  # noqa: E731
     return nnx.eval_shape(make) if abstract else make()
 
 

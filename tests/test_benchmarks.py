@@ -19,7 +19,6 @@ from jax.extend import core as jax_core
 
 from benchmarks import flops
 from helpers import TINY_TOKENIZER
-from seed_jax.models import layers
 from seed_jax.models.opt import OPT, OPTConfig
 from seed_jax.models.tokenizer import SeedTokenizer
 
@@ -49,7 +48,7 @@ def _inner_jaxprs(eqn):
 
 def lora_step_jaxpr(config: OPTConfig, batch: int, seq: int):
     """The gradient of benchmarks/seed_opt.py's loss with respect to the adapters."""
-    model = OPT(config, rngs=layers.seeded_rngs(0))
+    model = OPT(config, rngs=nnx.Rngs(0))
     graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
     def loss_fn(lora, ids):
@@ -82,7 +81,7 @@ def test_encode_flops_count_every_matmul_of_encode():
     vit = dataclasses.replace(TINY_TOKENIZER.vit, width=48, num_heads=4, mlp_dim=96)
     config = dataclasses.replace(TINY_TOKENIZER, vit=vit,
                                  qformer=dataclasses.replace(TINY_TOKENIZER.qformer, encoder_width=48))
-    graphdef, state = nnx.split(SeedTokenizer(config, rngs=layers.seeded_rngs(0)))
+    graphdef, state = nnx.split(SeedTokenizer(config, rngs=nnx.Rngs(0)))
     batch, size = 3, config.vit.image_size
     jaxpr = jax.make_jaxpr(lambda s, pixels: nnx.merge(graphdef, s).encode(pixels)["codes"])(
         state, jnp.zeros((batch, size, size, 3)))
@@ -103,7 +102,7 @@ def test_seed_opt_float32_train_step_multiplies_in_float32():
     on GPUs) against torch's float32 matmuls; its generation (the API) ran at "highest"."""
     from benchmarks import seed_opt
 
-    graphdef, lora, frozen = nnx.split(OPT(BASE, rngs=layers.seeded_rngs(0)), nnx.LoRAParam, ...)
+    graphdef, lora, frozen = nnx.split(OPT(BASE, rngs=nnx.Rngs(0)), nnx.LoRAParam, ...)
     tx = optax.adamw(1e-4)
     step = seed_opt.lora_train_step(graphdef, frozen, tx, "float32")
     text = step.lower(lora, tx.init(lora), jnp.zeros((2, 9), jnp.int32)).as_text()

@@ -39,21 +39,30 @@ def test_vit_rejects_wrong_image_size():
         vit(jnp.ones((1, 48, 48, 3)))
 
 
-def test_parameter_keys_drawn_inside_a_trace_stay_concrete_and_unchanged():
-    """Models built under jit / eval_shape draw their keys eagerly (the speed of an
-    abstract build depends on it), and draw the same keys as a traced stream."""
-    drawn = []
+def test_next_key_draws_the_keys_of_the_streams_own_draws_and_advances_it_alike():
+    """`next_key` sets the stream's count whole instead of `rngs.params()`'s `+= 1`
+    (whose sharding comparison walks the trace): the keys, and the count the stream
+    goes on from, are flax's own, eagerly, under jit and in the vmap of stacked layers."""
 
-    def draw(rngs):
-        keys = [layers.next_key(rngs) for _ in range(3)]
-        drawn.append(keys)
-        return [jax.random.key_data(k) for k in keys]
+    def keys_of(draw):
+        def drawn(rngs):
+            keys = [draw(rngs) for _ in range(3)] + [rngs.params()]  # the stream goes on from the same count
+            return jnp.stack([jax.random.key_data(k) for k in keys])
+        return drawn
 
-    eager = jax.jit(lambda: draw(layers.seeded_rngs(0)))()
-    traced = jax.jit(lambda: draw(nnx.Rngs(0)))()
-    assert not any(isinstance(k, jax.core.Tracer) for k in drawn[0])
-    assert all(isinstance(k, jax.core.Tracer) for k in drawn[1])  # the stream the check is against
-    np.testing.assert_array_equal(eager, traced)
+    ours, flax = keys_of(layers.next_key), keys_of(lambda rngs: rngs.params())
+    np.testing.assert_array_equal(ours(nnx.Rngs(3)), flax(nnx.Rngs(3)))
+    np.testing.assert_array_equal(jax.jit(lambda: ours(nnx.Rngs(3)))(), flax(nnx.Rngs(3)))
+
+    def stacked_keys(draw):
+        class Keys(nnx.Module):
+            def __init__(self, rngs):
+                self.keys = nnx.Param(keys_of(draw)(rngs))
+        return nnx.state(layers.stacked(Keys, 4, nnx.Rngs(params=5)))["keys"][...]
+
+    per_layer = stacked_keys(layers.next_key)
+    assert per_layer.shape[0] == 4 and len(np.unique(np.asarray(per_layer).reshape(4, -1), axis=0)) == 4
+    np.testing.assert_array_equal(per_layer, stacked_keys(lambda rngs: rngs.params()))
 
 
 def test_block_stack_scan_matches_a_python_loop():

@@ -80,7 +80,7 @@ def noise_schedule(config) -> NoiseSchedule:
 def create_model(sd_config: StableDiffusionConfig, tokenizer_config, mesh, rules, dtype, seed: int):
     """The diffusion model initialised into its shardings, with the tokenizer run's
     CLIP text encoder weights."""
-    create = lambda: StableDiffusion(sd_config, dtype=dtype, rngs=layers.seeded_rngs(seed))  # noqa: E731
+    create = lambda: StableDiffusion(sd_config, dtype=dtype, rngs=nnx.Rngs(seed))  # noqa: E731
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     shardings = parallel.state_shardings(abstract, mesh, rules)
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), out_shardings=shardings)())

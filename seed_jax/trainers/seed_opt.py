@@ -203,7 +203,7 @@ def model_builder(model_config: opt.OPTConfig, config) -> Callable[[], opt.OPT]:
     """() -> the trained model, initialised at random (`config`'s dtype, remat and seed);
     `nnx.eval_shape` of it is the model's shapes alone."""
     dtype = layers.compute_dtype(config.dtype)
-    return lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=layers.seeded_rngs(config.seed))
+    return lambda: opt.OPT(model_config, dtype=dtype, remat=config.remat, rngs=nnx.Rngs(config.seed))
 
 
 def create_model(model_config: opt.OPTConfig, config, mesh, codebook: np.ndarray | None = None) -> opt.OPT:

@@ -544,7 +544,7 @@ def build_model(config):
 
     def create():
         return TrainModel(tokenizer_config, clip_config, dtype=dtype, remat=config.remat,
-                          rngs=layers.seeded_rngs(config.seed))
+                          rngs=nnx.Rngs(config.seed))
 
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     return graphdef, abstract, create

@@ -12,6 +12,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
+        # 0.7.0's extension takes 0.75 s to load (0.6.0: 6 ms), in every process that imports
+        # jax: numpy compares each ufunc loop it adds with those already there
+        "ml_dtypes>=0.5,!=0.7.0",
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.14",  # PyTreeRestore(partial_restore=): exports read parameters alone

@@ -43,9 +43,10 @@ def repo_root() -> str:
 def tiny_decoder_run(tmp_path_factory) -> str:
     """Workdir of a tiny decoder run, which trains its tiny tokenizer first (in
     WORKDIR/tokenizer); shared by the decoder and SEED-OPT tests, which only read it
-    (a test that changes it works on a copy). Under pytest-xdist, trained once for all
-    workers, in the run's base temp folder: the first worker trains it, holding a file
-    lock, and the others wait for it. The run records its absolute paths, so it is
+    (a test that changes it works on a copy). Under pytest-xdist, its tests go to one
+    worker (`pytest_collection_modifyitems`, below); should another need it (another
+    `--dist` mode), it is trained once for all workers, in the run's base temp folder:
+    the first worker trains it, holding a file lock, and the others wait. The run records its absolute paths, so it is
     trained where it is used, and DONE marks it finished: a run that a killed worker
     left unmarked is trained again."""
     from configs.decoder import get_config
@@ -68,8 +69,17 @@ def tiny_decoder_run(tmp_path_factory) -> str:
     return str(workdir)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """`accelerator` tests run only where JAX sees a GPU or TPU."""
+    """Under pytest-xdist (`--dist loadgroup`, pytest.ini) the tests that read the shared
+    tiny run form one group, which one worker takes: it trains the run while the other
+    worker runs other tests instead of waiting for it, and builds the modules' fixtures
+    made from the run once. Long-running (`slow`) tests are taken first, so that none is
+    left to run alone at the end. `accelerator` tests run only where JAX sees a GPU or TPU."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        if "tiny_decoder_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_decoder_run"))
     if jax.default_backend() in ("gpu", "tpu"):
         return
     skip = pytest.mark.skip(reason="needs a GPU or TPU")

@@ -110,6 +110,7 @@ def test_seed_opt_float32_train_step_multiplies_in_float32():
     assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots)
 
 
+@pytest.mark.slow
 def test_the_benchmarks_leave_jax_no_preallocation_and_give_torch_xlas_cpu_threads(repo_root):
     """Each benchmark, imported alone (it sets both at import): JAX took 75% of the GPU's
     memory at its first use, leaving torch, timed in the same process, a quarter of it;

@@ -141,6 +141,7 @@ def _decoder_losses(mesh, num_steps=3):
     return losses, state
 
 
+@pytest.mark.slow
 def test_decoder_train_step_same_loss_on_1_and_8_devices():
     """The same losses and parameters, on a data x fsdp mesh and on one with data, fsdp
     and tensor all > 1 (one test, so the 1-device run is trained once whichever xdist

@@ -83,6 +83,7 @@ def _losses(config, mesh, stage_name, num_steps=3):
     return losses, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
 def test_train_step_same_loss_on_1_and_8_devices(stage_name):
     config = _tiny()
@@ -98,6 +99,7 @@ def test_train_step_same_loss_on_1_and_8_devices(stage_name):
     assert ({"ln_vision", "qformer"} <= trained) == (stage_name == "stage1"), trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
 def test_train_step_same_gradients_on_1_and_8_devices(stage_name):
     """Every trainable parameter's loss gradient on a data x fsdp and on a data x fsdp x
@@ -185,6 +187,7 @@ def _eval_lines(workdir):
         return [json.loads(line) for line in f if '"split": "eval"' in line]
 
 
+@pytest.mark.slow
 def test_preempted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     config = _tiny(**{"stage1.num_steps": 6, "stage2.num_steps": 6, "eval_every_steps": 6})
     assert trainer.train(config, str(tmp_path / "straight"))
@@ -1169,6 +1172,7 @@ def test_two_processes_on_loopback_train_both_stages_and_export(tmp_path, repo_r
     assert_export_holds_both_stages(str(workdir), str(tmp_path / "export"), repo_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("service, log_every", [(True, 100000), (False, 4)])
 def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(tmp_path, repo_root, service, log_every):
     """Two processes agreed on a SIGTERM only at log steps (a collective each), so a run
@@ -1317,6 +1321,7 @@ def test_a_misspelt_trainable_module_fails_before_anything_trains(tmp_path):
     trainer.check_config(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recon_head", [True, False], ids=["recon_head", "shared_head"])
 def test_each_loss_reaches_the_modules_check_trainable_counts_on(recon_head):
     """`trainer.stage_losses_reach`, by which a trainable module no loss reaches is

@@ -46,9 +46,9 @@ def tiny_decoder_run(tmp_path_factory) -> str:
     (a test that changes it works on a copy). Under pytest-xdist, its tests go to one
     worker (`pytest_collection_modifyitems`, below); should another need it (another
     `--dist` mode), it is trained once for all workers, in the run's base temp folder:
-    the first worker trains it, holding a file lock, and the others wait. The run records its absolute paths, so it is
-    trained where it is used, and DONE marks it finished: a run that a killed worker
-    left unmarked is trained again."""
+    the first worker trains it, holding a file lock, and the others wait. The run
+    records its absolute paths, so it is trained where it is used, and DONE marks it
+    finished: a run that a killed worker left unmarked is trained again."""
     from configs.decoder import get_config
     from seed_jax.trainers import decoder
 

@@ -158,11 +158,12 @@ def config_flag_values(arguments: list[str]) -> list[str]:
 
 
 def last_config_only(argv: list[str], arguments: list[str]) -> list[str]:
-    """`argv` without the `--config` flags before the last (`arguments`, its
-    `flag_arguments`, in its place where it has several): absl takes the last, but
-    ml_collections applies every override to each config it loads, so an override of a
-    field only the last one has failed on an earlier one (launch/local_multiprocess.sh
-    gives its own `--config` before the caller's flags, which may replace it)."""
+    """`argv` without the `--config` flags before the last. `arguments` are `argv`'s
+    `flag_arguments` (its flagfiles read), which stand in for its flags where it has
+    several `--config` flags. absl takes the last, but ml_collections applies every
+    override to each config it loads, so an override of a field only the last one has
+    failed on an earlier one (launch/local_multiprocess.sh gives its own `--config`
+    before the caller's flags, which may replace it)."""
     spans = config_flag_spans(arguments)
     if len(spans) < 2:
         return argv

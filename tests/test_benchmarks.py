@@ -138,7 +138,9 @@ def test_the_benchmarks_leave_jax_no_preallocation_and_give_torch_xlas_cpu_threa
     ("seed_opt", ["--batch=-1"], r"argument --batch: expected an integer >= 1, got -1"),
     ("sharded_decoding", ["--size=tiny", "--new_tokens=0"], r"argument --new_tokens: expected an integer >= 1"),
     ("sharded_encoding", ["--size=tiny", "--iters=x"], r"argument --iters: invalid count value: 'x'"),
-    ("retrieval_memory", ["--images=0"], r"argument --images: expected an integer >= 1, got 0")])
+    ("retrieval_memory", ["--images=0"], r"argument --images: expected an integer >= 1, got 0"),
+    ("allocator", ["--rounds=0"], r"argument --rounds: expected an integer >= 1, got 0"),
+    ("allocator", ["--steps=tokenizer_stage3"], r"argument --steps: \['tokenizer_stage3'\] are not among")])
 def test_a_benchmarks_count_below_one_is_a_usage_error_before_it_builds_anything(script, argv, message, monkeypatch,
                                                                                 capsys):
     """`--iters=0` failed in statistics.median once the models were built, converted and warmed

@@ -1,12 +1,12 @@
 """The demos' CPU train steps under glibc's malloc and under a preloaded allocator
 (tcmalloc by default), side by side in one run.
 
-  python benchmarks/allocator.py [--preload=libtcmalloc_minimal.so.4] [--iters=20] [--rounds=2]
+  python benchmarks/allocator.py [--preload=libtcmalloc_minimal.so.4] [--iters=20] [--rounds=2] [--steps=...]
 
 XLA:CPU allocates each step's temporary buffer afresh (267 MB for SEED-OPT's phase-1
 step); glibc maps a block that large anew at every step and the kernel zero-fills it
-page by page, which shows as system time. An allocator that keeps freed pages for
-reuse avoids that. Each step runs in a child process of its own (an allocator is
+page by page, which shows as system time. tcmalloc keeps freed pages for reuse and
+avoids that (jemalloc 5.3.0 did not, here). Each step runs in a child process of its own (an allocator is
 chosen when the process starts), once with glibc's and once with `--preload` in
 LD_PRELOAD, alternating which goes first over `--rounds` rounds. Steps: the tokenizer
 demo's stage I (128 images) and stage II (32), and the SEED-OPT demo's phase 1 (32
@@ -132,6 +132,8 @@ def main() -> None:
     unknown = [s for s in steps if s not in STEPS]
     if unknown or not steps:
         parser.error(f"argument --steps: {unknown or steps} are not among {list(STEPS)}")
+    if not args.preload:
+        parser.error("argument --preload: expected a shared library to preload, got ''")
     print(f"{'step':17s} {'allocator':26s} {'step ms':>8s} {'user ms':>8s} {'sys ms':>7s} {'peak RSS MB':>12s}")
     for step in steps:
         runs = {"": [], args.preload: []}

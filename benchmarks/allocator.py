@@ -3,7 +3,7 @@
 
   python benchmarks/allocator.py [--preload=libtcmalloc_minimal.so.4] [--iters=20] [--rounds=2] [--steps=...]
 
-XLA:CPU allocates each step's temporary buffer afresh (267 MB for SEED-OPT's phase-1
+XLA:CPU allocates each step's temporary buffer afresh (267 MiB for SEED-OPT's phase-1
 step); glibc maps a block that large anew at every step and the kernel zero-fills it
 page by page, which shows as system time. tcmalloc keeps freed pages for reuse and
 avoids that (jemalloc 5.3.0 did not, here). Each step runs in a child process of its own (an allocator is

@@ -35,7 +35,7 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.timing import count  # noqa: E402
+from benchmarks.timing import count, name_list  # noqa: E402
 from seed_jax import config_files, parallel  # noqa: E402
 from seed_jax.trainers import loop, seed_opt, tokenizer  # noqa: E402
 
@@ -122,20 +122,16 @@ def main() -> None:
                         help="the allocator's shared library, as LD_PRELOAD takes it")
     parser.add_argument("--iters", type=count, default=20)
     parser.add_argument("--rounds", type=count, default=2)
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from {STEPS}")
+    parser.add_argument("--steps", type=name_list(STEPS), default=",".join(STEPS), help=f"comma-separated, of {STEPS}")
     parser.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_time_steps(args.child, args.iters)))
         return
-    steps = [s for s in args.steps.split(",") if s]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown or not steps:
-        parser.error(f"argument --steps: {unknown or steps} are not among {list(STEPS)}")
     if not args.preload:
         parser.error("argument --preload: expected a shared library to preload, got ''")
     print(f"{'step':17s} {'allocator':26s} {'step ms':>8s} {'user ms':>8s} {'sys ms':>7s} {'peak RSS MB':>12s}")
-    for step in steps:
+    for step in args.steps:
         runs = {"": [], args.preload: []}
         for r in range(args.rounds):
             for preload in (("", args.preload) if r % 2 == 0 else (args.preload, "")):

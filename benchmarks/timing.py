@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks."""
+"""Timing, and argument types, shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -18,6 +19,20 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def name_list(allowed) -> Callable[[str], list[str]]:
+    """argparse `type` of a comma-separated list of names from `allowed` ("tiny,full" ->
+    ["tiny", "full"]); a name not among them is a usage error naming it, before the
+    benchmark runs the names before it."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{unknown} are not among {sorted(allowed)}")
+        return names
+
+    return parse
 
 
 def median_seconds(fn, iters: int) -> float:

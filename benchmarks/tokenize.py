@@ -34,23 +34,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.flops import encode_flops, peak_bf16_flops  # noqa: E402
-from benchmarks.timing import count, median_seconds, torch_threads_as_xla  # noqa: E402
+from benchmarks.timing import count, median_seconds, name_list, torch_threads_as_xla  # noqa: E402
 from seed_jax.api import SeedTokenizer  # noqa: E402
 from seed_jax.convert.__main__ import convert  # noqa: E402
 from seed_jax.torch_reference.seed_v1 import TINY, ReferenceConfig, SeedV1Reference, randomize  # noqa: E402
 
 THREADS = torch_threads_as_xla()  # on CPUs, both sides run this many threads
 SIZES = {"tiny": TINY, "full": ReferenceConfig()}
-
-
-def size_names(text: str) -> list[str]:
-    """argparse `type` of --sizes: "tiny,full" -> ["tiny", "full"]; a name not in SIZES is a
-    usage error (it failed in a KeyError once the sizes before it had run)."""
-    names = text.split(",")
-    unknown = [name for name in names if name not in SIZES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"{unknown} are not among {sorted(SIZES)}")
-    return names
 
 
 def torch_encode(model, pixels: np.ndarray, device: str, autocast: bool):
@@ -93,7 +83,7 @@ def bench(name: str, config: ReferenceConfig, batch: int, iters: int, bf16: bool
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=size_names, default="tiny,full", help=f"comma-separated, of {sorted(SIZES)}")
+    p.add_argument("--sizes", type=name_list(SIZES), default="tiny,full", help=f"comma-separated, of {sorted(SIZES)}")
     p.add_argument("--batch", type=count, default=8)
     p.add_argument("--iters", type=count, default=5)
     p.add_argument("--bf16", action="store_true", help="also bf16 compute (meant for GPUs)")

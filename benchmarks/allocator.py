@@ -53,10 +53,11 @@ def _tokenizer_step(stage: str):
                                mesh, post_update)
     rng = np.random.default_rng(0)
     b, size, text = tokenizer.stage_batch_size(config, stage), config.model.vit.image_size, config.data.max_text_length
+    clip_length = config.clip_text.max_length
     batch = {"image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
              "text_ids": rng.integers(1, config.model.qformer.vocab_size, (b, text)).astype(np.int32),
              "text_mask": np.ones((b, text), np.int32),
-             "clip_ids": rng.integers(1, config.clip_text.vocab_size, (b, 77)).astype(np.int32)}
+             "clip_ids": rng.integers(1, config.clip_text.vocab_size, (b, clip_length)).astype(np.int32)}
     return setup, batch
 
 

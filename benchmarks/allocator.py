@@ -1,19 +1,23 @@
-"""The demos' CPU train steps under glibc's malloc and under a preloaded allocator
-(tcmalloc by default), side by side in one run.
+"""The demos' CPU train steps under glibc's malloc, under glibc's malloc with 2 MiB pages,
+and under a preloaded allocator (tcmalloc by default), side by side in one run.
 
   python benchmarks/allocator.py [--preload=libtcmalloc_minimal.so.4] [--iters=20] [--rounds=2] [--steps=...]
 
 XLA:CPU allocates each step's temporary buffer afresh (267 MiB for SEED-OPT's phase-1
 step); glibc maps a block that large anew at every step and the kernel zero-fills it
-page by page, which shows as system time. tcmalloc keeps freed pages for reuse and
-avoids that (jemalloc 5.3.0 did not, here). Each step runs in a child process of its own (an allocator is
-chosen when the process starts), once with glibc's and once with `--preload` in
-LD_PRELOAD, alternating which goes first over `--rounds` rounds. Steps: the tokenizer
-demo's stage I (128 images) and stage II (32), and the SEED-OPT demo's phase 1 (32
-packed rows of 128 tokens), on random batches of the demos' shapes. A child reports
-the median wall time of `--iters` steps after two warm-up steps, their user and system
-CPU time per step and its peak resident memory; each figure is the median over rounds.
-On Debian or Ubuntu, `apt-get install libtcmalloc-minimal4` installs tcmalloc.
+page by page, which shows as system time. With the `glibc.malloc.hugetlb=1` tunable
+(glibc >= 2.35, the kernel's transparent huge pages in `madvise` mode), what `python -m
+seed_jax.main` restarts itself with (`seed_jax/host_memory.py`), the kernel backs those
+blocks with 2 MiB pages instead. tcmalloc keeps freed pages for reuse and avoids the
+faults altogether (jemalloc 5.3.0 did not, here). Each step runs in a child process of
+its own (an allocator and glibc's tunables are chosen when the process starts), once per
+allocator, rotating which goes first over `--rounds` rounds; `--preload=` leaves the
+preloaded allocator out. Steps: the tokenizer demo's stage I (128 images) and stage II
+(32), and the SEED-OPT demo's phase 1 (32 packed rows of 128 tokens), on random batches
+of the demos' shapes. A child reports the median wall time of `--iters` steps after two
+warm-up steps, their user and system CPU time per step and its peak resident memory;
+each figure is the median over rounds. On Debian or Ubuntu, `apt-get install
+libtcmalloc-minimal4` installs tcmalloc.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.timing import count, name_list  # noqa: E402
-from seed_jax import config_files, parallel  # noqa: E402
+from seed_jax import config_files, host_memory, parallel  # noqa: E402
 from seed_jax.trainers import loop, seed_opt, tokenizer  # noqa: E402
 
 STEPS = ("tokenizer_stage1", "tokenizer_stage2", "seed_opt_phase1")
@@ -98,15 +102,20 @@ def _time_steps(step: str, iters: int) -> dict:
             "mapped_files": sorted({line.split()[-1] for line in open("/proc/self/maps") if "/" in line})}
 
 
-def _child(step: str, iters: int, preload: str) -> dict:
-    """`step`'s figures from a fresh process, with `preload` in LD_PRELOAD ("" = glibc's malloc)."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    if preload:
-        env["LD_PRELOAD"] = preload
+GLIBC = "glibc malloc"
+GLIBC_HUGE_PAGES = "glibc malloc, 2 MiB pages"
+
+
+def _child(step: str, iters: int, preload: str = "", tunables: str = "") -> dict:
+    """`step`'s figures from a fresh process, with `preload` in LD_PRELOAD ("" = glibc's
+    malloc) and `tunables` as GLIBC_TUNABLES ("" = glibc's defaults)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    env.update({name: value for name, value in (("LD_PRELOAD", preload), ("GLIBC_TUNABLES", tunables)) if value})
     result = subprocess.run([sys.executable, __file__, f"--child={step}", f"--iters={iters}"], env=env,
                             capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"{step} with LD_PRELOAD={preload!r} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{step} with LD_PRELOAD={preload!r} GLIBC_TUNABLES={tunables!r} failed:\n"
+                           f"{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     # the dynamic loader only warns about a library it cannot find, and runs on without it
     # (as a file of that name, or one it links to: libtcmalloc_minimal.so.4 -> libtcmalloc_minimal.so.4.5.10)
@@ -117,10 +126,18 @@ def _child(step: str, iters: int, preload: str) -> dict:
     return figures
 
 
+def _allocators(preload: str) -> dict[str, dict[str, str]]:
+    """{label: `_child`'s keyword arguments} of each allocator compared."""
+    allocators = {GLIBC: {}, GLIBC_HUGE_PAGES: {"tunables": f"{host_memory.TUNABLE}=1"}}
+    if preload:
+        allocators[preload] = {"preload": preload}
+    return allocators
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preload", default="libtcmalloc_minimal.so.4",
-                        help="the allocator's shared library, as LD_PRELOAD takes it")
+                        help="the allocator's shared library, as LD_PRELOAD takes it ('' = none)")
     parser.add_argument("--iters", type=count, default=20)
     parser.add_argument("--rounds", type=count, default=2)
     parser.add_argument("--steps", type=name_list(STEPS), default=",".join(STEPS), help=f"comma-separated, of {STEPS}")
@@ -129,20 +146,23 @@ def main() -> None:
     if args.child:
         print(json.dumps(_time_steps(args.child, args.iters)))
         return
-    if not args.preload:
-        parser.error("argument --preload: expected a shared library to preload, got ''")
+    allocators = _allocators(args.preload)
+    print(f"glibc {host_memory.glibc_version()}, transparent huge pages: {host_memory.thp_mode()} "
+          f"(2 MiB pages need glibc >= 2.35 and madvise or always)")
     print(f"{'step':17s} {'allocator':26s} {'step ms':>8s} {'user ms':>8s} {'sys ms':>7s} {'peak RSS MB':>12s}")
     for step in args.steps:
-        runs = {"": [], args.preload: []}
+        runs = {label: [] for label in allocators}
         for r in range(args.rounds):
-            for preload in (("", args.preload) if r % 2 == 0 else (args.preload, "")):
-                runs[preload].append(_child(step, args.iters, preload))
-        medians = {p: {k: float(np.median([run[k] for run in rs])) for k in FIGURES} for p, rs in runs.items()}
-        for preload, m in medians.items():
-            print(f"{step:17s} {preload or 'glibc malloc':26s} {m['step_s'] * 1e3:8.1f} {m['user_s'] * 1e3:8.0f} "
+            order = list(allocators)[r % len(allocators):] + list(allocators)[:r % len(allocators)]
+            for label in order:
+                runs[label].append(_child(step, args.iters, **allocators[label]))
+        medians = {label: {k: float(np.median([run[k] for run in rs])) for k in FIGURES} for label, rs in runs.items()}
+        for label, m in medians.items():
+            print(f"{step:17s} {label:26s} {m['step_s'] * 1e3:8.1f} {m['user_s'] * 1e3:8.0f} "
                   f"{m['sys_s'] * 1e3:7.0f} {m['peak_rss_mb']:12.0f}")
-        print(f"{step:17s} steps/s with {args.preload} over glibc's: "
-              f"{medians['']['step_s'] / medians[args.preload]['step_s']:.2f}x")
+        for label in list(allocators)[1:]:
+            print(f"{step:17s} steps/s with {label} over glibc's defaults: "
+                  f"{medians[GLIBC]['step_s'] / medians[label]['step_s']:.2f}x")
 
 
 if __name__ == "__main__":

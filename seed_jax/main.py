@@ -18,11 +18,16 @@ from __future__ import annotations
 import os
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from seed_jax import host_memory
 
-from seed_jax import command_line, config_files
+if __name__ == "__main__":  # before JAX loads, so that the restart costs a fraction of a second
+    host_memory.restart_with_huge_pages()
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from seed_jax import command_line, config_files  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tokenizer.py:demo.",
                                           lock_config=True)
@@ -74,6 +79,8 @@ def _check_trainer_is_the_files(trainer: str) -> None:
 def main(argv):
     command_line.refuse_positional_arguments(argv)
     logging.get_absl_handler().addFilter(_quiet_libraries)
+    if "GLIBC_TUNABLES" in os.environ:  # set by host_memory.restart_with_huge_pages, or by the caller
+        logging.info("GLIBC_TUNABLES=%s", os.environ["GLIBC_TUNABLES"])
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value

@@ -792,7 +792,7 @@ def test_scheduler_settings_are_sampled_as_diffusers_does(sampler, settings, ste
     reference.set_timesteps(steps)
     ref = torch.from_numpy(x)
     for t in reference.timesteps:
-        ref = reference.step(torch.from_numpy(np.asarray(_toy_model(ref.numpy(), int(t)))), t, ref).prev_sample
+        ref = reference.step(torch.from_numpy(np.array(_toy_model(ref.numpy(), int(t)))), t, ref).prev_sample
     method = samplers.get(sampler)
     plan = method.plan(schedule, steps)
     assert len(plan["timestep"]) == len(reference.timesteps)

@@ -47,8 +47,8 @@ def test_the_glibc_version_is_the_one_this_python_runs_on():
 _PRINTS_ITS_PID_AND_TUNABLES = """
 from seed_jax import host_memory
 host_memory.restart_with_huge_pages()
-import os
-print(os.getpid(), os.environ.get("GLIBC_TUNABLES"))
+import os, sys
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), *sys.argv[1:])
 """
 
 
@@ -59,10 +59,10 @@ def test_a_process_restarts_as_itself_with_the_tunable_where_it_helps(repo_root,
     SIGTERM sees no change), its arguments and the rest of its environment."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update({"PYTHONPATH": repo_root, **({"GLIBC_TUNABLES": tunables} if tunables is not None else {})})
-    proc = subprocess.Popen([sys.executable, "-c", _PRINTS_ITS_PID_AND_TUNABLES], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _PRINTS_ITS_PID_AND_TUNABLES, "--an=argument"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     restarted = (host_memory.huge_page_tunables(env, host_memory.glibc_version(), host_memory.thp_mode())
                  if sys.platform == "linux" else None)
-    assert out.split() == [str(proc.pid), str(restarted or tunables)]
+    assert out.split() == [str(proc.pid), str(restarted or tunables), "--an=argument"]

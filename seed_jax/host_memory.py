@@ -5,7 +5,7 @@ demo's step). glibc maps a block that large anew with mmap at every step, and th
 faults it in and zero-fills it 4 KiB page by page: 133 ms of system time in a 354 ms
 SEED-OPT demo step. glibc 2.35 and later can advise the kernel to back such blocks with
 2 MiB pages (the `glibc.malloc.hugetlb=1` tunable): 44 ms in a 316 ms step
-(`python benchmarks/allocator.py`, README). glibc reads its tunables from GLIBC_TUNABLES when a
+(`python benchmarks/allocator.py`, docs/cpu_memory.md). glibc reads its tunables from GLIBC_TUNABLES when a
 process starts, so `python -m seed_jax.main` restarts itself once with it set, before
 JAX loads. It does so only where it helps: glibc >= 2.35 on a kernel whose transparent
 huge pages are in `madvise` mode (in `always` mode the kernel uses them unasked, in

@@ -5,10 +5,10 @@ vocabulary (`ImageTokens`). Each sequence starts with `</s>` (OPT's BOS):
 
   image -> text:  </s> IMAGE "A photo of" " {caption}" </s>            loss on the caption and </s>
   text -> image:  </s> "Generate an image: {caption}" <img> CODES </img>  loss on the codes and </img>
-  question:       </s> IMAGE "Question: {q} Short answer." " {answer}" </s>
+  question:       </s> IMAGE "Question: {q} Short answer."               a prompt only (answered zero-shot)
 
 Text over `max_text_tokens` is cut: a prompt's caption or question loses its end, and a
-caption or answer that takes loss its end and its </s>.
+caption that takes loss its end and its </s>.
 
 Training rows pack several sequences to a fixed length T (grain's first-fit packing):
 `inputs`, `segment_ids` (0 = padding) and `positions` (from 0 in each sequence), int32
@@ -147,9 +147,6 @@ class SequenceBuilder:
     # ---- training sequences: (ids, loss_mask) where loss_mask[i] = 1 if ids[i] is a target
     def caption_sequence(self, codes, caption: str) -> tuple[list[int], list[int]]:
         return self._answered(self.caption_prompt(codes), " " + caption)
-
-    def answer_sequence(self, codes, question: str, answer: str) -> tuple[list[int], list[int]]:
-        return self._answered(self.question_prompt(codes, question), " " + answer)
 
     def generation_sequence(self, caption: str, codes) -> tuple[list[int], list[int]]:
         prompt = self.generation_prompt(caption)

@@ -40,12 +40,6 @@ class VAEConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-VAE_PRESETS = {
-    "sd_v1": VAEConfig(),
-    "tiny": VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, latent_channels=4),
-}
-
-
 class MidBlock(nnx.Module):
     def __init__(self, channels: int, c: VAEConfig, *, dtype, rngs: nnx.Rngs):
         kw = dict(time_channels=None, groups=c.norm_groups, eps=c.norm_eps, dtype=dtype, rngs=rngs)

@@ -25,6 +25,7 @@ from seed_jax import api, generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.api import seed_opt as seed_opt_api
 from seed_jax.convert.__main__ import convert
+from seed_jax.models import opt as opt_model
 from seed_jax.data import opt_text
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
 from seed_jax.models.opt import OPT, merge_lora, train_all_filter, trainable_filter
@@ -1294,11 +1295,11 @@ def test_a_loop_step_keeps_frozen_weights_bit_identical_and_state_only_for_train
     assert {k for k in before if not np.array_equal(before[k], after[k])} == trained
 
 
-def _projected(rank=4, num_codes=12, code_dim=8):
+def _projected(rank=4, num_codes=12, code_dim=8, **fields):
     """A tiny OPT with LoRA whose code tokens go through the codebook projection,
     every parameter (code vectors included) set to non-zero random values."""
     config = OPTConfigOurs(vocab_size=100, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=64,
-                           extra_tokens=2 + num_codes, code_dim=code_dim, lora_rank=rank)
+                           extra_tokens=2 + num_codes, code_dim=code_dim, lora_rank=rank, **fields)
     model = weights.build("opt", config)
     rng = np.random.default_rng(5)
     weights.assign(model, {k: 0.05 * rng.standard_normal(v.shape).astype(np.float32)
@@ -1320,6 +1321,23 @@ def test_codebook_projection_embeds_codes_as_a_linear_map_of_the_codebook():
     assert logits.shape == (1, 5, 114)
     with pytest.raises(ValueError, match="code_dim: needs codes appended"):
         weights.build("opt", dataclasses.replace(config, extra_tokens=2))
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_few_rows_read_the_token_blocks_apart_as_many_rows_read_one_table(head):
+    """The token table is three blocks here (vocabulary, <img> and </img>, projected codes).
+    Ids at every block's edges look up the table's rows (an id past the end its last row),
+    and the logits of one row of 6 tokens (6 <= the width 32: each block's logits,
+    concatenated) are those of the same row among 8 (48 > 32: through the concatenated table)."""
+    model, config = _projected(tie_embeddings=head == "tied")
+    ids = np.asarray([[0, 99, 100, 101, 102, 113]])  # the vocabulary's first and last, <img>, </img>, codes 0 and 11
+    table = np.asarray(model.token_table())
+    looked_up = np.asarray(opt_model._look_up(model._token_blocks(), jnp.asarray(np.append(ids, [[114]], 1))))
+    np.testing.assert_array_equal(looked_up[0], table[[*ids[0], 113]])
+    few, _ = model(ids)
+    many, _ = model(np.tile(ids, (8, 1)))
+    assert few.shape == (1, 6, config.total_vocab_size)
+    np.testing.assert_allclose(few[0], many[3], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("split", ["lora", "train_all"])

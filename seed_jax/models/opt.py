@@ -242,13 +242,8 @@ class OPT(nnx.Module):
         mask = (key_index[None, :] <= query_index[:, None])[None, None] & key_mask[:, None, None, :]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        table = self.token_table()
-        # Both lookups read whole tables: a table split over `fsdp` along its width, looked up by
-        # ids split over the batch axes, made XLA's partitioner copy the looked-up (B,L,D) rows of
-        # the whole batch to every device on meshes with data > 1 ("involuntary full
-        # rematerialization", across hosts on gpu8x8); gathering a table whole stays within the
-        # devices that hold one batch shard (OPT-2.7B's token table: 0.6 GB in float32).
-        x = parallel.constrain(table, (None, None))[input_ids].astype(self.dtype)
+        blocks = self._token_blocks()
+        x = _look_up(blocks, input_ids).astype(self.dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         position_table = parallel.constrain(self.embed_positions[...], (None, None))
@@ -270,10 +265,22 @@ class OPT(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if self.project_out is not None:
             x = self.project_out(x)
-        # accumulated and returned in float32, not rounded to bfloat16 (a loss over ~50k logits needs them exact)
-        logits = jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), self._output_table(table).astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits, cache
+        return self._logits(x, blocks), cache
+
+    def _logits(self, x: jax.Array, blocks: list[jax.Array]) -> jax.Array:
+        """x (B,L,W) -> (B,L,V + extra) float32 through the output rows: the token `blocks`
+        (tied), or lm_head's rows then the appended blocks. Of the blocks' logits and the
+        blocks, the smaller is concatenated: a few rows (decoding) take each block's logits,
+        many (training) one table."""
+        head = blocks if self.lm_head is None else [self.lm_head[...]] + blocks[1:]
+
+        def product(table):  # float32, not rounded to bfloat16: a loss over ~50k logits needs them exact
+            return jnp.einsum("BLW,VW->BLV", x.astype(self.dtype), table.astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+
+        if len(head) > 1 and x.shape[0] * x.shape[1] <= x.shape[2]:
+            return jnp.concatenate([product(block) for block in head], -1)
+        return product(jnp.concatenate(head) if len(head) > 1 else head[0])
 
     def _layer_rngs(self, dropout_rng: jax.Array | None) -> jax.Array | None:
         """One key per layer (depth,), or None when nothing drops."""
@@ -281,21 +288,40 @@ class OPT(nnx.Module):
             return None
         return jax.random.split(dropout_rng, self.config.depth)
 
-    def _output_table(self, token_table: jax.Array) -> jax.Array:
-        """(V + extra, W): `token_table` (tied), or lm_head's rows then the appended ones."""
-        if self.lm_head is None:
-            return token_table
-        return jnp.concatenate([self.lm_head[...], token_table[self.config.vocab_size:]])
+    def _token_blocks(self) -> list[jax.Array]:
+        """The token table's row blocks in id order, each (rows, W) float32: the
+        vocabulary's, the appended rows, the projected codes (those the config has).
+        Kept apart where they can be: one table is a fresh copy of them all at each call
+        (60 MB for OPT with SEED's image tokens at width 256; most of a short prompt's
+        prefill on a CPU)."""
+        blocks = [self.embed_tokens[...]]
+        if self.embed_extra is not None:
+            blocks.append(self.embed_extra[...])
+        if self.code_projection is not None:
+            blocks.append(self.code_projection(self.code_vectors[...]))
+        return blocks
 
     def token_table(self) -> jax.Array:
         """(V + extra, W) float32: the vocabulary's rows then the appended ones (input and tied output)."""
-        parts = [self.embed_tokens[...]]
-        if self.embed_extra is not None:
-            parts.append(self.embed_extra[...])
-        if self.code_projection is not None:
-            parts.append(self.code_projection(self.code_vectors[...]))
-        return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        blocks = self._token_blocks()
+        return jnp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
+
+def _look_up(blocks: list[jax.Array], ids: jax.Array) -> jax.Array:
+    """ids (B,L) -> their rows (B,L,W) of the table the row `blocks` make in id order
+    (ids beyond it read its last row, as a gather from one table does).
+
+    Each lookup reads a whole block: a table split over `fsdp` along its width, looked up by
+    ids split over the batch axes, made XLA's partitioner copy the looked-up (B,L,D) rows of
+    the whole batch to every device on meshes with data > 1 ("involuntary full
+    rematerialization", across hosts on gpu8x8); gathering a table whole stays within the
+    devices that hold one batch shard (OPT-2.7B's token table: 0.6 GB in float32)."""
+    rows, start = None, 0
+    for block in blocks:
+        found = parallel.constrain(block, (None, None))[jnp.clip(ids - start, 0, len(block) - 1)]
+        rows = found if rows is None else jnp.where((ids >= start)[..., None], found, rows)
+        start += len(block)
+    return rows
 
 def rows_in_distribution(mean: np.ndarray, spread: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """(count,W) new token rows: `mean` (W,), the old rows' mean, plus normal noise at

@@ -25,8 +25,8 @@ from seed_jax import api, generation, parallel, weights
 from seed_jax.api import SeedOPT
 from seed_jax.api import seed_opt as seed_opt_api
 from seed_jax.convert.__main__ import convert
-from seed_jax.models import opt as opt_model
 from seed_jax.data import opt_text
+from seed_jax.models import opt as opt_model
 from seed_jax.models.opt import OPTConfig as OPTConfigOurs
 from seed_jax.models.opt import OPT, merge_lora, train_all_filter, trainable_filter
 from seed_jax.trainers import global_batches, loop

@@ -323,6 +323,7 @@ def _look_up(blocks: list[jax.Array], ids: jax.Array) -> jax.Array:
         start += len(block)
     return rows
 
+
 def rows_in_distribution(mean: np.ndarray, spread: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """(count,W) new token rows: `mean` (W,), the old rows' mean, plus normal noise at
     NEW_ROW_NOISE of their per-dimension `spread` (W,), so that they start distinct but
